@@ -1,0 +1,384 @@
+//! The configuration tree: serde types, documented defaults, loading and validation.
+//!
+//! It owns how a config file, `SWITCHYARD_*` environment variables and command-line flags
+//! merge into one [`Config`], and the [`Config::validate`] check that runs before anything
+//! binds. It must never open sockets or files other than the config file itself.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors found while loading or validating configuration. Each names the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this tree (unknown keys land here too).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file that was read.
+        path: PathBuf,
+        /// The parser's message, which names the offending key.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config value for `{field}`: {message}")]
+    Invalid {
+        /// Dotted path of the field, e.g. `limits.max_frame_bytes`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// How eagerly the store syncs acknowledged writes to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// fsync each publish batch of each partition on its own before acknowledging it.
+    Always,
+    /// Group commit: batches from all partitions that arrive while a sync runs share the
+    /// next sync; a publish is acknowledged after the sync that covers it.
+    #[default]
+    Batch,
+    /// Never fsync: writes reach the OS before the ack (they survive a process crash,
+    /// not a power loss).
+    Never,
+}
+
+/// The whole configuration of one router node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the one HTTP/WebSocket listener. Default `127.0.0.1:8000`.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store. Default `./data`.
+    pub data_dir: PathBuf,
+    /// Directory watched for `.wasm` policy plugins. Default `./plugins/dist`.
+    pub plugins_dir: PathBuf,
+    /// This node's id, shown to clients in `connect` and in `/api/v1/cluster`. Default `standalone`.
+    pub node_id: String,
+    /// Number of partitions P the channel space is hashed into. Default 64.
+    pub partitions: u32,
+    /// Store sync policy. Default `batch` (group commit).
+    pub fsync: FsyncPolicy,
+    /// How long a graceful shutdown may take before the process exits anyway. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Per-connection limits.
+    pub limits: Limits,
+    /// Publishing behaviour.
+    pub publish: PublishConfig,
+    /// Background retention and compaction.
+    pub maintenance: MaintenanceConfig,
+    /// Settings for channels whose namespace has no entry in `namespaces`.
+    pub defaults: NamespaceConfig,
+    /// Per-namespace settings; the namespace is the part of a channel name before the first `:`.
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted WebSocket frame (and HTTP publish body). Larger frames get
+    /// `too_large` and close 1009. Default 64 KiB.
+    pub max_frame_bytes: usize,
+    /// Most subscriptions one connection may hold. Default 1024.
+    pub max_subscriptions: usize,
+    /// Messages that may wait in one connection's outbound queue before it is a slow
+    /// consumer and is disconnected with 4008. Default 4096.
+    pub outbound_queue_messages: usize,
+    /// Bytes that may wait in one connection's outbound queue. Default 8 MiB.
+    pub outbound_queue_bytes: usize,
+}
+
+/// Publishing behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    /// How long an `idempotency_key` is remembered per channel. Default 2 minutes.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
+}
+
+/// Background retention and compaction.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// How often each partition's channels are checked. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+/// Retention and compaction settings of one namespace.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceConfig {
+    /// Most messages kept per channel; 0 means unlimited. Default 100 000.
+    pub history_size: u64,
+    /// Longest a message is kept; 0 means unlimited. Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub history_ttl: Duration,
+    /// Most stored bytes per channel; 0 means unlimited. Default 0.
+    pub history_bytes: u64,
+    /// Keyed compaction; absent means none.
+    pub compaction: Option<CompactionConfig>,
+}
+
+/// Keyed compaction: keep the latest value per key.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CompactionConfig {
+    /// A keyed message is removed when a newer one with the same key arrived within this
+    /// window of it. Absent means any newer one (Kafka's "latest value per key").
+    #[serde(default, with = "humantime_serde")]
+    pub window: Option<Duration>,
+    /// A tombstone (keyed message with `null` data) that is the latest for its key is
+    /// removed once it is this old. Default 1 minute.
+    #[serde(default = "default_tombstone_delay", with = "humantime_serde")]
+    pub tombstone_delay: Duration,
+}
+
+fn default_tombstone_delay() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8000".parse().expect("static address"),
+            data_dir: PathBuf::from("./data"),
+            plugins_dir: PathBuf::from("./plugins/dist"),
+            node_id: "standalone".into(),
+            partitions: 64,
+            fsync: FsyncPolicy::Batch,
+            shutdown_timeout: Duration::from_secs(10),
+            limits: Limits::default(),
+            publish: PublishConfig::default(),
+            maintenance: MaintenanceConfig::default(),
+            defaults: NamespaceConfig::default(),
+            namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            max_subscriptions: 1024,
+            outbound_queue_messages: 4096,
+            outbound_queue_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        Self { idempotency_window: Duration::from_secs(120) }
+    }
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(1) }
+    }
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        Self {
+            history_size: 100_000,
+            history_ttl: Duration::from_secs(7 * 24 * 3600),
+            history_bytes: 0,
+            compaction: None,
+        }
+    }
+}
+
+/// Values given on the command line or in the environment; they override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen` / `SWITCHYARD_LISTEN`.
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir` / `SWITCHYARD_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--plugins-dir` / `SWITCHYARD_PLUGINS_DIR`.
+    pub plugins_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Parses a TOML document (unknown keys are errors). `path` is only used in messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    }
+
+    /// Loads the file (if any), applies overrides and validates the result.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                Self::from_toml(&text, path)?
+            }
+            None => Self::default(),
+        };
+        if let Some(listen) = overrides.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = overrides.data_dir {
+            config.data_dir = dir;
+        }
+        if let Some(dir) = overrides.plugins_dir {
+            config.plugins_dir = dir;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects values the router cannot run with, naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: &str| {
+            Err(ConfigError::Invalid { field: field.into(), message: message.into() })
+        };
+        if self.partitions == 0 || self.partitions > 65_536 {
+            return invalid("partitions", "must be between 1 and 65536");
+        }
+        if self.node_id.is_empty() || !crate::channel::is_valid_name(&self.node_id) {
+            return invalid("node_id", "must be 1-255 characters of [A-Za-z0-9_:.@-]");
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty");
+        }
+        if self.shutdown_timeout.is_zero() {
+            return invalid("shutdown_timeout", "must be greater than zero");
+        }
+        let l = &self.limits;
+        if l.max_frame_bytes < 256 || l.max_frame_bytes > 16 * 1024 * 1024 {
+            return invalid("limits.max_frame_bytes", "must be between 256 and 16777216");
+        }
+        if l.max_subscriptions == 0 {
+            return invalid("limits.max_subscriptions", "must be at least 1");
+        }
+        if l.outbound_queue_messages == 0 {
+            return invalid("limits.outbound_queue_messages", "must be at least 1");
+        }
+        if l.outbound_queue_bytes < l.max_frame_bytes {
+            return invalid(
+                "limits.outbound_queue_bytes",
+                "must be at least limits.max_frame_bytes so one message always fits",
+            );
+        }
+        if self.maintenance.interval < Duration::from_millis(10) {
+            return invalid("maintenance.interval", "must be at least 10ms");
+        }
+        if self.publish.idempotency_window.is_zero() {
+            return invalid("publish.idempotency_window", "must be greater than zero");
+        }
+        let namespaces = std::iter::once(("defaults".to_string(), &self.defaults))
+            .chain(self.namespaces.iter().map(|(n, c)| (format!("namespaces.{n}"), c)));
+        for (path, ns) in namespaces {
+            if let Some(c) = &ns.compaction {
+                if c.window.is_some_and(|w| w.is_zero()) {
+                    return invalid(&format!("{path}.compaction.window"), "must be greater than zero");
+                }
+            }
+        }
+        for name in self.namespaces.keys() {
+            if name.is_empty() || name.contains(':') || !crate::channel::is_valid_name(name) {
+                return invalid(&format!("namespaces.{name}"), "namespace names are [A-Za-z0-9_.@-]+");
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings that apply to a channel, by its namespace.
+    pub fn namespace(&self, channel: &str) -> &NamespaceConfig {
+        crate::channel::namespace(channel)
+            .and_then(|ns| self.namespaces.get(ns))
+            .unwrap_or(&self.defaults)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c = Config::from_toml(text, Path::new("test.toml"))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse("").unwrap();
+        assert_eq!(c.partitions, 64);
+        assert_eq!(c.fsync, FsyncPolicy::Batch);
+        assert_eq!(c.limits.max_frame_bytes, 65536);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = parse(
+            r#"
+            listen = "127.0.0.1:9000"
+            fsync = "always"
+            [limits]
+            max_subscriptions = 10
+            [namespaces.chat]
+            history_size = 5
+            history_ttl = "1h"
+            compaction = { window = "10s" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.fsync, FsyncPolicy::Always);
+        let chat = c.namespace("chat:room1");
+        assert_eq!(chat.history_size, 5);
+        assert_eq!(chat.history_ttl, Duration::from_secs(3600));
+        let comp = chat.compaction.as_ref().unwrap();
+        assert_eq!(comp.window, Some(Duration::from_secs(10)));
+        assert_eq!(comp.tombstone_delay, Duration::from_secs(60));
+        assert_eq!(c.namespace("other:x"), &c.defaults);
+        assert_eq!(c.namespace("plain"), &c.defaults);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = parse("listen = \"127.0.0.1:1\"\nbogus_key = 1\n").unwrap_err().to_string();
+        assert!(err.contains("bogus_key"), "{err}");
+        let err = parse("[limits]\nmax_frame = 1\n").unwrap_err().to_string();
+        assert!(err.contains("max_frame"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        for (text, field) in [
+            ("partitions = 0", "partitions"),
+            ("[limits]\nmax_frame_bytes = 10", "limits.max_frame_bytes"),
+            ("[limits]\nmax_subscriptions = 0", "limits.max_subscriptions"),
+            ("[maintenance]\ninterval = \"1ms\"", "maintenance.interval"),
+            ("[namespaces.\"a:b\"]\nhistory_size = 1", "namespaces.a:b"),
+            ("[namespaces.x]\ncompaction = { window = \"0s\" }", "namespaces.x.compaction.window"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+        let err = parse("fsync = \"sometimes\"").unwrap_err().to_string();
+        assert!(err.contains("fsync"), "{err}");
+        let err = parse("shutdown_timeout = \"soon\"").unwrap_err().to_string();
+        assert!(err.contains("shutdown_timeout"), "{err}");
+    }
+}

@@ -1,0 +1,134 @@
+//! Background retention and compaction, one task per partition.
+//!
+//! It owns the rounds: every `maintenance.interval` it asks a partition's owner for its
+//! channels' counters, reads the needed message metadata from the store, asks the bound
+//! policy for a decision, validates it and sends the owner a `Trim`. It must never run on
+//! the publish path or write to the store itself: the owner applies every removal.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use switchyard_sdk::{CompactionInput, RetentionDecision, RetentionInput};
+use tokio::sync::oneshot;
+
+use crate::node::Node;
+use crate::owner::{now_ms, Command, Snapshot, TrimReason};
+use crate::partition::PartitionId;
+use crate::policy::{validate_compaction, validate_retention, Policies};
+
+/// Oldest messages shown to a retention policy per round.
+const RETENTION_SHOWN: usize = 1024;
+/// Most messages scanned for a compaction round.
+const COMPACTION_SCAN_MAX: usize = 100_000;
+
+/// Starts one maintenance task per partition.
+pub fn spawn(node: &Arc<Node>) {
+    let policies = Arc::new(Policies::from_config(&node.config));
+    for p in 0..node.config.partitions {
+        let node = Arc::downgrade(node);
+        let policies = policies.clone();
+        tokio::spawn(async move {
+            let interval = match node.upgrade() {
+                Some(n) => n.config.maintenance.interval,
+                None => return,
+            };
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut compacted: HashMap<Arc<str>, (u64, bool)> = HashMap::new();
+            loop {
+                ticker.tick().await;
+                let Some(node) = node.upgrade() else { return };
+                if *node.shutdown.borrow() {
+                    return;
+                }
+                round(&node, p, &policies, &mut compacted).await;
+            }
+        });
+    }
+}
+
+async fn ask_snapshot(node: &Node, p: PartitionId) -> Option<Vec<Snapshot>> {
+    let (tx, rx) = oneshot::channel();
+    node.send_to(p, Command::Snapshot(tx)).await.ok()?;
+    rx.await.ok()
+}
+
+async fn trim(node: &Node, p: PartitionId, channel: Arc<str>, first: Option<u64>, drops: Vec<(u64, u32)>, reason: TrimReason) {
+    let (reply, rx) = oneshot::channel();
+    if node.send_to(p, Command::Trim { channel, first, drops, reason, reply }).await.is_ok() {
+        let _ = rx.await;
+    }
+}
+
+/// One round over one partition. `compacted` remembers, per channel, the keyed generation
+/// last compacted and whether tombstones were still waiting.
+async fn round(node: &Node, p: PartitionId, policies: &Policies, compacted: &mut HashMap<Arc<str>, (u64, bool)>) {
+    let Some(snaps) = ask_snapshot(node, p).await else { return };
+    for snap in snaps {
+        let bound = policies.for_channel(&snap.channel).clone();
+        if let Some(policy) = &bound.retention {
+            if snap.stats.count > 0 {
+                retention(node, p, &snap, policy.as_ref()).await;
+            }
+        }
+        if let Some(policy) = &bound.compaction {
+            let last = compacted.get(&snap.channel).copied();
+            if snap.keyed_generation > 0 && last.is_none_or(|(generation, pending)| generation != snap.keyed_generation || pending) {
+                let pending = compaction(node, p, &snap, policy.as_ref()).await;
+                compacted.insert(snap.channel.clone(), (snap.keyed_generation, pending));
+            }
+        }
+    }
+}
+
+async fn retention(node: &Node, p: PartitionId, snap: &Snapshot, policy: &dyn crate::policy::RetentionPolicy) {
+    let stats = &snap.stats;
+    let oldest = match tokio::task::block_in_place(|| {
+        node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, RETENTION_SHOWN)
+    }) {
+        Ok(m) => m,
+        Err(e) => return tracing::warn!(channel = %snap.channel, error = %e, "retention: cannot read metadata"),
+    };
+    let input = RetentionInput { channel: snap.channel.to_string(), stats: stats.clone(), oldest, now_ms: now_ms() };
+    let decision = policy.decide(&input).and_then(|d| validate_retention(policy.name(), &input, &d).map(|()| d));
+    let below = match decision {
+        Ok(RetentionDecision::DropBelow(x)) if x > stats.first_offset => x,
+        Ok(_) => return,
+        Err(e) => return tracing::warn!(channel = %snap.channel, policy = policy.name(), error = %e, "retention round skipped"),
+    };
+    // Only what was shown can be removed this round; the rest follows next round.
+    let shown_end = input.oldest.last().map(|m| m.offset + 1).unwrap_or(stats.first_offset);
+    let below = if input.oldest.len() == RETENTION_SHOWN { below.min(shown_end) } else { below };
+    let drops = input.oldest.iter().filter(|m| m.offset < below).map(|m| (m.offset, m.size)).collect();
+    trim(node, p, snap.channel.clone(), Some(below), drops, TrimReason::Retention).await;
+}
+
+/// Returns true when tombstones are still waiting for their delay.
+async fn compaction(node: &Node, p: PartitionId, snap: &Snapshot, policy: &dyn crate::policy::CompactionPolicy) -> bool {
+    let stats = &snap.stats;
+    let metas = match tokio::task::block_in_place(|| {
+        node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, COMPACTION_SCAN_MAX)
+    }) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(channel = %snap.channel, error = %e, "compaction: cannot read metadata");
+            return true;
+        }
+    };
+    let window: Vec<_> = metas.into_iter().filter(|m| m.key.is_some()).collect();
+    let input = CompactionInput { channel: snap.channel.to_string(), window, now_ms: now_ms() };
+    let decision = match policy.decide(&input).and_then(|d| validate_compaction(policy.name(), &input, &d).map(|()| d)) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(channel = %snap.channel, policy = policy.name(), error = %e, "compaction round skipped");
+            return true;
+        }
+    };
+    let removed: std::collections::HashSet<u64> = decision.remove.iter().copied().collect();
+    let pending = input.window.iter().any(|m| m.tombstone && !removed.contains(&m.offset));
+    if !removed.is_empty() {
+        let drops = input.window.iter().filter(|m| removed.contains(&m.offset)).map(|m| (m.offset, m.size)).collect();
+        trim(node, p, snap.channel.clone(), None, drops, TrimReason::Compaction).await;
+    }
+    pending
+}

@@ -1,0 +1,110 @@
+//! Prometheus metrics of one router process, all named `switchyard_*`.
+//!
+//! It owns the metric handles and the text exposition for `GET /metrics`. Handles are
+//! lock-free atomics, so the hot path only increments. It must never use a channel name, a
+//! client id or any other unbounded value as a label.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the router exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// WebSocket connections accepted since start.
+    pub connections_total: IntCounter,
+    /// Active subscriptions over all connections.
+    pub subscriptions: IntGauge,
+    /// Messages accepted and stored (not counting idempotent repeats).
+    pub messages_published: IntCounter,
+    /// Message pushes written to client sockets.
+    pub messages_delivered: IntCounter,
+    /// Payload bytes accepted.
+    pub bytes_published: IntCounter,
+    /// Push bytes written to client sockets.
+    pub bytes_delivered: IntCounter,
+    /// Publishes answered from the idempotency window instead of being stored again.
+    pub publish_duplicates: IntCounter,
+    /// Connections closed with 4008 because their outbound queue overflowed.
+    pub slow_consumer_disconnects: IntCounter,
+    /// Duration of each group fsync.
+    pub store_sync_seconds: Histogram,
+    /// Group fsyncs performed.
+    pub store_syncs: IntCounter,
+    /// Channels held per partition.
+    pub partition_channels: IntGaugeVec,
+    /// Messages removed by retention.
+    pub retention_removed: IntCounter,
+    /// Messages removed by compaction.
+    pub compaction_removed: IntCounter,
+    /// Error replies sent, by code.
+    pub protocol_errors: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+            r.register(Box::new(m.clone())).expect("metric names are unique");
+            m
+        }
+        let counter = |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("valid metric"));
+        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid metric"));
+        Self {
+            connections: gauge("switchyard_connections", "Open WebSocket connections"),
+            connections_total: counter("switchyard_connections_total", "WebSocket connections accepted"),
+            subscriptions: gauge("switchyard_subscriptions", "Active subscriptions"),
+            messages_published: counter("switchyard_messages_published_total", "Messages stored"),
+            messages_delivered: counter("switchyard_messages_delivered_total", "Message pushes written to clients"),
+            bytes_published: counter("switchyard_bytes_published_total", "Payload bytes stored"),
+            bytes_delivered: counter("switchyard_bytes_delivered_total", "Push bytes written to clients"),
+            publish_duplicates: counter(
+                "switchyard_publish_duplicates_total",
+                "Publishes answered from the idempotency window",
+            ),
+            slow_consumer_disconnects: counter(
+                "switchyard_slow_consumer_disconnects_total",
+                "Connections closed with 4008 (outbound queue full)",
+            ),
+            store_sync_seconds: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("switchyard_store_sync_seconds", "Duration of one group fsync").buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            store_syncs: counter("switchyard_store_syncs_total", "Group fsyncs performed"),
+            partition_channels: reg(
+                &registry,
+                IntGaugeVec::new(Opts::new("switchyard_partition_channels", "Channels per partition"), &["partition"])
+                    .expect("valid metric"),
+            ),
+            retention_removed: counter("switchyard_retention_removed_total", "Messages removed by retention"),
+            compaction_removed: counter("switchyard_compaction_removed_total", "Messages removed by compaction"),
+            protocol_errors: reg(
+                &registry,
+                IntCounterVec::new(Opts::new("switchyard_protocol_errors_total", "Error replies by code"), &["code"])
+                    .expect("valid metric"),
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}

@@ -1,0 +1,264 @@
+//! One router node: the store, the partition owners, the partition map and the operations
+//! that sessions and the HTTP API share.
+//!
+//! It owns startup (open the store, recover every channel, start one owner per partition
+//! and the maintenance tasks) and the routing of each operation to its partition's owner
+//! through the in-memory [`PartitionMap`]. It must never parse wire frames or hold a lock
+//! across an await; the request path reads only memory.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::owner::{Command, Grant, Owner, PublishRequest, Start, View};
+use crate::partition::{partition_of, PartitionId, PartitionMap};
+use crate::protocol::{ErrorCode, MessageView, OpError, PublishOk};
+use crate::store::{Store, StoreError};
+
+/// Capacity of each owner's mailbox; a full mailbox makes senders wait (backpressure).
+const OWNER_MAILBOX: usize = 8192;
+
+/// A page of history, ready to serialize as a `history` reply.
+#[derive(Debug, Serialize)]
+pub struct HistoryPage {
+    /// Channel epoch.
+    pub epoch: String,
+    /// Channel top.
+    pub offset: u64,
+    /// Messages, oldest first.
+    pub messages: Vec<OwnedMessage>,
+}
+
+/// A stored message read back, in the protocol's message shape.
+#[derive(Debug)]
+pub struct OwnedMessage {
+    /// Channel.
+    pub channel: Arc<str>,
+    /// Channel epoch.
+    pub epoch: Arc<str>,
+    /// Offset.
+    pub offset: u64,
+    /// The stored message.
+    pub msg: crate::store::StoredMessage,
+    /// The payload, checked as JSON.
+    pub data: Box<RawValue>,
+}
+
+impl OwnedMessage {
+    /// The protocol view; `push` is `Some("message")` for a push frame.
+    pub fn view(&self, push: Option<&'static str>) -> MessageView<'_> {
+        MessageView {
+            push,
+            channel: &self.channel,
+            offset: self.offset,
+            epoch: &self.epoch,
+            ts: self.msg.ts,
+            key: self.msg.key.as_deref(),
+            from: self.msg.from.as_deref(),
+            data: &self.data,
+        }
+    }
+}
+
+impl Serialize for OwnedMessage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.view(None).serialize(s)
+    }
+}
+
+/// A running node.
+pub struct Node {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// The durable store.
+    pub store: Arc<Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Who owns which partition (static in standalone mode).
+    pub map: watch::Receiver<Arc<PartitionMap>>,
+    owners: Vec<mpsc::Sender<Command>>,
+    next_id: AtomicU64,
+    /// Flips to true when the node starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    shutdown_tx: watch::Sender<bool>,
+    _map_tx: watch::Sender<Arc<PartitionMap>>,
+    owner_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Opens the store, recovers every channel and starts the owners and maintenance.
+    pub fn start(config: Config) -> Result<Arc<Self>, StoreError> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Sync(format!("data dir: {e}")))?;
+        let store = Store::open(&config.data_dir, config.fsync, metrics.clone())?;
+        let p = config.partitions;
+        let mut recovered: Vec<Vec<(String, crate::store::ChannelMeta)>> = (0..p).map(|_| Vec::new()).collect();
+        let mut total = 0usize;
+        for (partition, name, meta) in store.all_channels()? {
+            // The stored partition is recomputed: a different P would move channels.
+            let now = partition_of(&name, p);
+            if now != partition {
+                tracing::warn!(channel = %name, stored = partition, now, "channel stored under another partition count");
+                continue;
+            }
+            recovered[partition as usize].push((name, meta));
+            total += 1;
+        }
+        tracing::info!(channels = total, partitions = p, data_dir = %config.data_dir.display(), "store recovered");
+        let mut owners = Vec::with_capacity(p as usize);
+        let mut tasks = Vec::with_capacity(p as usize);
+        for (partition, channels) in recovered.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel(OWNER_MAILBOX);
+            let owner = Owner::new(
+                partition as PartitionId,
+                store.clone(),
+                metrics.clone(),
+                config.publish.idempotency_window,
+                channels,
+                rx,
+            );
+            tasks.push(tokio::spawn(owner.run()));
+            owners.push(tx);
+        }
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let (map_tx, map) = watch::channel(Arc::new(PartitionMap::standalone(&config.node_id, p)));
+        let node = Arc::new(Self {
+            config,
+            store,
+            metrics,
+            map,
+            owners,
+            next_id: AtomicU64::new(1),
+            shutdown,
+            shutdown_tx,
+            _map_tx: map_tx,
+            owner_tasks: std::sync::Mutex::new(tasks),
+        });
+        crate::maintenance::spawn(&node);
+        Ok(node)
+    }
+
+    /// A process-unique id for a client or subscription.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The partition of `channel`.
+    pub fn partition(&self, channel: &str) -> PartitionId {
+        partition_of(channel, self.config.partitions)
+    }
+
+    /// Sends a command to the owner of `partition`, waiting only for mailbox space.
+    pub async fn send_to(&self, partition: PartitionId, cmd: Command) -> Result<(), OpError> {
+        self.owners[partition as usize]
+            .send(cmd)
+            .await
+            .map_err(|_| OpError::new(ErrorCode::Unavailable, "partition owner stopped"))
+    }
+
+    async fn send(&self, channel: &str, cmd: Command) -> Result<(), OpError> {
+        self.send_to(self.partition(channel), cmd).await
+    }
+
+    /// Enqueues a publish; the returned receiver yields the ack once the message is durable.
+    pub async fn publish(&self, req: PublishRequest) -> Result<oneshot::Receiver<Result<PublishOk, OpError>>, OpError> {
+        let (tx, rx) = oneshot::channel();
+        let channel = req.channel.clone();
+        self.send(&channel, Command::Publish(req, tx)).await?;
+        Ok(rx)
+    }
+
+    /// Enqueues a subscription; the receiver yields the grant.
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+        sub: u64,
+        outbox: Arc<crate::outbox::Outbox>,
+        start: Start,
+    ) -> Result<oneshot::Receiver<Result<Grant, OpError>>, OpError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(channel, Command::Subscribe { channel: channel.to_string(), sub, outbox, start, reply }).await?;
+        Ok(rx)
+    }
+
+    /// Forgets a subscription.
+    pub async fn unsubscribe(&self, channel: &str, sub: u64) {
+        let _ = self.send(channel, Command::Unsubscribe { channel: channel.to_string(), sub }).await;
+    }
+
+    /// Enqueues a commit; the receiver yields once it is durable.
+    pub async fn commit(
+        &self,
+        channel: &str,
+        consumer: String,
+        offset: u64,
+    ) -> Result<oneshot::Receiver<Result<(), OpError>>, OpError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(channel, Command::Commit { channel: channel.to_string(), consumer, offset, reply }).await?;
+        Ok(rx)
+    }
+
+    /// Enqueues a view request (epoch and acknowledged top) for history.
+    pub async fn view(&self, channel: &str) -> Result<oneshot::Receiver<View>, OpError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(channel, Command::View(channel.to_string(), tx)).await?;
+        Ok(rx)
+    }
+
+    /// Reads stored messages `after < offset <= upto`, at most `limit`.
+    pub fn read(&self, channel: &str, epoch: &Arc<str>, after: u64, upto: u64, limit: usize) -> Result<Vec<OwnedMessage>, OpError> {
+        let name: Arc<str> = channel.into();
+        let rows = self
+            .store
+            .read_messages(self.partition(channel), channel, after, upto, limit)
+            .map_err(|e| OpError::internal(e.to_string()))?;
+        rows.into_iter()
+            .map(|(offset, msg)| {
+                let data = RawValue::from_string(msg.data.clone()).map_err(|e| OpError::internal(format!("stored payload: {e}")))?;
+                Ok(OwnedMessage { channel: name.clone(), epoch: epoch.clone(), offset, msg, data })
+            })
+            .collect()
+    }
+
+    /// A history page: messages with offset > `since`, oldest first, at most `limit`.
+    pub async fn history(&self, channel: &str, since: u64, limit: u32) -> Result<HistoryPage, OpError> {
+        let view = self.view(channel).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?;
+        let messages = self.read(channel, &view.epoch, since, view.top, limit as usize)?;
+        Ok(HistoryPage { epoch: view.epoch.to_string(), offset: view.top, messages })
+    }
+
+    /// Publishes and waits for the ack (HTTP API).
+    pub async fn publish_and_wait(&self, req: PublishRequest) -> Result<PublishOk, OpError> {
+        self.publish(req).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?
+    }
+
+    /// Tells every session to go, then lets the owners finish their last batch and syncs.
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown_tx.send(true);
+    }
+
+    /// Called after sessions are gone: stops owners (after their queued work) and syncs.
+    pub async fn close(self: &Arc<Self>) {
+        // Owners stop when every sender is dropped; ours are dropped with the node, so
+        // instead wait until each mailbox is drained.
+        for tx in &self.owners {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(Command::Snapshot(reply)).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+        if let Err(e) = self.store.close() {
+            tracing::error!(error = %e, "final store sync failed");
+        }
+        let tasks = std::mem::take(&mut *self.owner_tasks.lock().expect("owner task list"));
+        for t in tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,606 @@
+//! The owner of one partition: a single task that assigns offsets, appends to the store,
+//! fans messages out and answers every question about its channels.
+//!
+//! It owns the in-memory state of its channels (epoch, offsets, subscribers, the idempotency
+//! window, committed consumer offsets) and is its only writer, so no lock guards it. Commands
+//! that arrive together form one batch: one store commit and one (group) fsync, after which
+//! publishes are acknowledged and fanned out, and only then are reads answered, so a client
+//! always reads its own acknowledged writes. It must never wait on anything but the store,
+//! and never on a subscriber: fan-out uses the non-blocking [`Outbox`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::value::RawValue;
+use switchyard_sdk::ChannelStats;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::config::FsyncPolicy;
+use crate::metrics::Metrics;
+use crate::outbox::{Delivery, Outbox, Pushed};
+use crate::partition::PartitionId;
+use crate::protocol::{self, MessageView, OpError, PublishOk, StartFrom};
+use crate::store::{ChannelMeta, Store, StoredMessage};
+
+/// Most commands folded into one batch.
+const MAX_BATCH: usize = 1024;
+/// Most stored messages scanned to rebuild a channel's idempotency window after a restart.
+const IDEMPOTENCY_SCAN_MAX: usize = 100_000;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A new random epoch name.
+pub fn new_epoch() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 8)
+}
+
+/// A message to store, from a client or the HTTP API.
+#[derive(Debug)]
+pub struct PublishRequest {
+    /// Channel.
+    pub channel: String,
+    /// Raw JSON payload.
+    pub data: Box<RawValue>,
+    /// Compaction key.
+    pub key: Option<String>,
+    /// Deduplication key.
+    pub idempotency_key: Option<String>,
+    /// Publisher's user id, when authenticated.
+    pub from: Option<String>,
+}
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// A `from` form.
+    From(StartFrom),
+    /// After a durable consumer's committed offset.
+    Consumer(String),
+}
+
+/// The owner's answer to a subscribe.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// Channel epoch.
+    pub epoch: Arc<str>,
+    /// Channel top at the moment the subscriber was registered; live pushes follow it.
+    pub top: u64,
+    /// For recovery requests: whether the stream continues exactly.
+    pub recovered: Option<bool>,
+    /// Retained messages with `after < offset <= top` to push before live ones, if any.
+    pub catch_up_after: Option<u64>,
+}
+
+/// A consistent view of a channel's acknowledged log.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// Channel epoch.
+    pub epoch: Arc<str>,
+    /// Highest acknowledged offset.
+    pub top: u64,
+}
+
+/// One channel's counters, for the maintenance task.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Channel name.
+    pub channel: Arc<str>,
+    /// Counters (last_offset = acknowledged top).
+    pub stats: ChannelStats,
+    /// Bumped by every keyed publish, so compaction runs only when something changed.
+    pub keyed_generation: u64,
+}
+
+/// Which background policy removed messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrimReason {
+    /// Retention.
+    Retention,
+    /// Compaction.
+    Compaction,
+}
+
+/// A command for a partition owner.
+pub enum Command {
+    /// Store and fan out a message.
+    Publish(PublishRequest, oneshot::Sender<Result<PublishOk, OpError>>),
+    /// Register a subscriber.
+    Subscribe {
+        /// Channel.
+        channel: String,
+        /// Globally unique subscription id.
+        sub: u64,
+        /// The connection's queue.
+        outbox: Arc<Outbox>,
+        /// Start position.
+        start: Start,
+        /// Answer.
+        reply: oneshot::Sender<Result<Grant, OpError>>,
+    },
+    /// Forget a subscriber.
+    Unsubscribe {
+        /// Channel.
+        channel: String,
+        /// Subscription id.
+        sub: u64,
+    },
+    /// Epoch and acknowledged top of a channel (for history).
+    View(String, oneshot::Sender<View>),
+    /// Store a consumer's offset.
+    Commit {
+        /// Channel.
+        channel: String,
+        /// Consumer name.
+        consumer: String,
+        /// Offset.
+        offset: u64,
+        /// Answer.
+        reply: oneshot::Sender<Result<(), OpError>>,
+    },
+    /// Counters of every channel (maintenance).
+    Snapshot(oneshot::Sender<Vec<Snapshot>>),
+    /// Remove messages (maintenance).
+    Trim {
+        /// Channel.
+        channel: Arc<str>,
+        /// New lowest offset, if retention moved it.
+        first: Option<u64>,
+        /// Messages to remove with their stored sizes.
+        drops: Vec<(u64, u32)>,
+        /// Why.
+        reason: TrimReason,
+        /// Answered once applied.
+        reply: oneshot::Sender<()>,
+    },
+}
+
+struct Subscriber {
+    sub: u64,
+    outbox: Arc<Outbox>,
+}
+
+/// Recently used idempotency keys of one channel.
+#[derive(Default)]
+struct IdempotencyWindow {
+    offsets: HashMap<String, u64>,
+    order: VecDeque<(u64, String)>,
+}
+
+impl IdempotencyWindow {
+    fn expire(&mut self, cutoff_ms: u64) {
+        while let Some((ts, _)) = self.order.front() {
+            if *ts >= cutoff_ms {
+                break;
+            }
+            let (_, key) = self.order.pop_front().expect("front exists");
+            self.offsets.remove(&key);
+        }
+    }
+
+    fn insert(&mut self, key: String, offset: u64, ts: u64) {
+        self.offsets.insert(key.clone(), offset);
+        self.order.push_back((ts, key));
+    }
+}
+
+struct ChannelState {
+    name: Arc<str>,
+    epoch: Arc<str>,
+    /// Highest offset assigned (acknowledged or in the current batch).
+    top: u64,
+    /// Highest acknowledged offset.
+    durable: u64,
+    first: u64,
+    count: u64,
+    bytes: u64,
+    keyed_generation: u64,
+    subscribers: Vec<Subscriber>,
+    idempotency: Option<IdempotencyWindow>,
+    consumers: HashMap<String, u64>,
+    /// Metadata must be written with the current batch.
+    dirty: bool,
+}
+
+impl ChannelState {
+    fn meta(&self) -> ChannelMeta {
+        ChannelMeta { epoch: self.epoch.to_string(), top: self.top, first: self.first, count: self.count, bytes: self.bytes }
+    }
+}
+
+/// What a batch must do once it is durable.
+#[derive(Default)]
+struct Work {
+    acks: Vec<(oneshot::Sender<Result<PublishOk, OpError>>, Result<PublishOk, OpError>)>,
+    commit_acks: Vec<(oneshot::Sender<Result<(), OpError>>, Result<(), OpError>)>,
+    fanout: Vec<(Arc<str>, u64, Utf8Bytes)>,
+    /// Reads answered after the batch, so they see its writes.
+    after: Vec<Command>,
+    publishes: usize,
+    needs_sync: bool,
+    /// Pre-batch state of channels touched, for rollback if the store fails.
+    undo: Vec<(Arc<str>, ChannelMeta)>,
+}
+
+/// The owner task of one partition.
+pub struct Owner {
+    partition: PartitionId,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    idempotency_window: Duration,
+    channels: HashMap<Arc<str>, ChannelState>,
+    rx: mpsc::Receiver<Command>,
+}
+
+impl Owner {
+    /// An owner for `partition`, loaded with the channels the store holds for it.
+    pub fn new(
+        partition: PartitionId,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        idempotency_window: Duration,
+        recovered: Vec<(String, ChannelMeta)>,
+        rx: mpsc::Receiver<Command>,
+    ) -> Self {
+        let channels: HashMap<Arc<str>, ChannelState> = recovered
+            .into_iter()
+            .map(|(name, m)| {
+                let name: Arc<str> = name.into();
+                let state = ChannelState {
+                    name: name.clone(),
+                    epoch: m.epoch.into(),
+                    top: m.top,
+                    durable: m.top,
+                    first: m.first,
+                    count: m.count,
+                    bytes: m.bytes,
+                    keyed_generation: 1,
+                    subscribers: Vec::new(),
+                    idempotency: None,
+                    consumers: HashMap::new(),
+                    dirty: false,
+                };
+                (name, state)
+            })
+            .collect();
+        metrics.partition_channels.with_label_values(&[&partition.to_string()]).set(channels.len() as i64);
+        Self { partition, store, metrics, idempotency_window, channels, rx }
+    }
+
+    /// Runs until every sender is gone, finishing the batch in hand.
+    pub async fn run(mut self) {
+        let one_publish_per_batch = self.store.policy() == FsyncPolicy::Always;
+        let store = self.store.clone();
+        while let Some(cmd) = self.rx.recv().await {
+            let mut batch = store.batch();
+            let mut work = Work::default();
+            self.handle(cmd, &mut batch, &mut work);
+            while work.after.len() + work.publishes < MAX_BATCH && !(one_publish_per_batch && work.publishes > 0) {
+                match self.rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd, &mut batch, &mut work),
+                    Err(_) => break,
+                }
+            }
+            self.finish(batch, work).await;
+        }
+    }
+
+    fn channel(&mut self, name: &str, work: &mut Work) -> &mut ChannelState {
+        if !self.channels.contains_key(name) {
+            let name: Arc<str> = name.into();
+            let state = ChannelState {
+                name: name.clone(),
+                epoch: new_epoch().into(),
+                top: 0,
+                durable: 0,
+                first: 1,
+                count: 0,
+                bytes: 0,
+                keyed_generation: 0,
+                subscribers: Vec::new(),
+                idempotency: Some(IdempotencyWindow::default()),
+                consumers: HashMap::new(),
+                dirty: false,
+            };
+            self.channels.insert(name.clone(), state);
+            self.metrics.partition_channels.with_label_values(&[&self.partition.to_string()]).inc();
+            let ch = self.channels.get_mut(&name).expect("just inserted");
+            ch.dirty = true;
+            work.needs_sync = true;
+            return ch;
+        }
+        let ch = self.channels.get_mut(name).expect("checked above");
+        if !ch.dirty {
+            work.undo.push((ch.name.clone(), ch.meta()));
+        }
+        ch
+    }
+
+    fn handle(&mut self, cmd: Command, batch: &mut crate::store::Batch<'_>, work: &mut Work) {
+        match cmd {
+            Command::Publish(req, reply) => {
+                let result = self.publish(req, batch, work);
+                work.acks.push((reply, result));
+            }
+            Command::Commit { channel, consumer, offset, reply } => {
+                let result = self.commit(&channel, consumer, offset, batch, work);
+                work.commit_acks.push((reply, result));
+            }
+            Command::Trim { channel, first, drops, reason, reply } => {
+                self.trim(&channel, first, &drops, reason, batch, work);
+                let _ = reply.send(());
+            }
+            Command::Subscribe { ref channel, .. } | Command::View(ref channel, _) => {
+                let channel = channel.clone();
+                self.channel(&channel, work);
+                work.after.push(cmd);
+            }
+            other => work.after.push(other),
+        }
+    }
+
+    fn publish(&mut self, req: PublishRequest, batch: &mut crate::store::Batch<'_>, work: &mut Work) -> Result<PublishOk, OpError> {
+        let now = now_ms();
+        let window_ms = self.idempotency_window.as_millis() as u64;
+        let partition = self.partition;
+        let store = self.store.clone();
+        let metrics = self.metrics.clone();
+        let ch = self.channel(&req.channel, work);
+        if let Some(key) = &req.idempotency_key {
+            let window = match &mut ch.idempotency {
+                Some(w) => w,
+                slot => slot.insert(load_idempotency(&store, partition, &ch.name, ch.top, now.saturating_sub(window_ms))),
+            };
+            window.expire(now.saturating_sub(window_ms));
+            if let Some(&offset) = window.offsets.get(key) {
+                metrics.publish_duplicates.inc();
+                return Ok(PublishOk { offset, epoch: ch.epoch.to_string() });
+            }
+        }
+        let msg = StoredMessage { ts: now, key: req.key, from: req.from, idem: req.idempotency_key, data: req.data.get().to_owned() };
+        let offset = ch.top + 1;
+        let size = batch.put_message(partition, &ch.name, offset, &msg);
+        ch.top = offset;
+        ch.count += 1;
+        ch.bytes += size as u64;
+        ch.dirty = true;
+        if msg.key.is_some() {
+            ch.keyed_generation += 1;
+        }
+        if let (Some(key), Some(window)) = (&msg.idem, &mut ch.idempotency) {
+            window.insert(key.clone(), offset, now);
+        }
+        let view = MessageView {
+            push: Some("message"),
+            channel: &ch.name,
+            offset,
+            epoch: &ch.epoch,
+            ts: now,
+            key: msg.key.as_deref(),
+            from: msg.from.as_deref(),
+            data: &req.data,
+        };
+        let frame = Utf8Bytes::try_from(protocol::to_frame(&view)).expect("JSON is UTF-8");
+        work.fanout.push((ch.name.clone(), offset, frame));
+        work.publishes += 1;
+        work.needs_sync = true;
+        metrics.bytes_published.inc_by(msg.data.len() as u64);
+        Ok(PublishOk { offset, epoch: ch.epoch.to_string() })
+    }
+
+    fn commit(
+        &mut self,
+        channel: &str,
+        consumer: String,
+        offset: u64,
+        batch: &mut crate::store::Batch<'_>,
+        work: &mut Work,
+    ) -> Result<(), OpError> {
+        let partition = self.partition;
+        let stored = self.consumer_offset(channel, &consumer, work)?;
+        let ch = self.channel(channel, work);
+        if offset > ch.top {
+            return Err(OpError::bad_request(format!("offset {offset} is beyond the channel top {}", ch.top)));
+        }
+        if offset > stored {
+            batch.put_consumer(partition, channel, &consumer, offset);
+            ch.consumers.insert(consumer, offset);
+            work.needs_sync = true;
+        }
+        Ok(())
+    }
+
+    fn consumer_offset(&mut self, channel: &str, consumer: &str, work: &mut Work) -> Result<u64, OpError> {
+        let partition = self.partition;
+        let store = self.store.clone();
+        let ch = self.channel(channel, work);
+        if let Some(&o) = ch.consumers.get(consumer) {
+            return Ok(o);
+        }
+        let o = store
+            .consumer_offset(partition, channel, consumer)
+            .map_err(|e| OpError::internal(e.to_string()))?
+            .unwrap_or(0);
+        ch.consumers.insert(consumer.to_string(), o);
+        Ok(o)
+    }
+
+    fn trim(
+        &mut self,
+        channel: &str,
+        first: Option<u64>,
+        drops: &[(u64, u32)],
+        reason: TrimReason,
+        batch: &mut crate::store::Batch<'_>,
+        work: &mut Work,
+    ) {
+        let partition = self.partition;
+        let Some(ch) = self.channels.get_mut(channel) else { return };
+        if !ch.dirty {
+            work.undo.push((ch.name.clone(), ch.meta()));
+        }
+        let mut removed = 0;
+        for &(offset, size) in drops {
+            if offset >= ch.first && offset <= ch.durable {
+                batch.remove_message(partition, channel, offset);
+                ch.count = ch.count.saturating_sub(1);
+                ch.bytes = ch.bytes.saturating_sub(size as u64);
+                removed += 1;
+            }
+        }
+        if let Some(f) = first {
+            ch.first = ch.first.max(f.min(ch.durable + 1));
+        }
+        ch.dirty = true;
+        match reason {
+            TrimReason::Retention => self.metrics.retention_removed.inc_by(removed),
+            TrimReason::Compaction => self.metrics.compaction_removed.inc_by(removed),
+        }
+    }
+
+    async fn finish(&mut self, mut batch: crate::store::Batch<'_>, mut work: Work) {
+        for ch in self.channels.values_mut().filter(|c| c.dirty) {
+            batch.put_meta(self.partition, &ch.name, &ch.meta());
+        }
+        let stored = match batch.commit() {
+            Ok(()) if work.needs_sync => self.store.sync().await,
+            other => other,
+        };
+        if let Err(e) = stored {
+            tracing::error!(partition = self.partition, error = %e, "store write failed; batch rejected");
+            self.rollback(&work.undo);
+            let err = OpError::internal("store write failed");
+            for (reply, _) in work.acks.drain(..) {
+                let _ = reply.send(Err(err.clone()));
+            }
+            for (reply, _) in work.commit_acks.drain(..) {
+                let _ = reply.send(Err(err.clone()));
+            }
+            work.fanout.clear();
+        }
+        self.fan_out(&work.fanout);
+        for ch in self.channels.values_mut().filter(|c| c.dirty) {
+            ch.durable = ch.top;
+            ch.dirty = false;
+        }
+        self.metrics.messages_published.inc_by(work.fanout.len() as u64);
+        for (reply, result) in work.acks {
+            let _ = reply.send(result);
+        }
+        for (reply, result) in work.commit_acks {
+            let _ = reply.send(result);
+        }
+        for cmd in work.after {
+            self.answer(cmd);
+        }
+    }
+
+    fn rollback(&mut self, undo: &[(Arc<str>, ChannelMeta)]) {
+        for (name, m) in undo {
+            if let Some(ch) = self.channels.get_mut(name) {
+                ch.top = m.top;
+                ch.first = m.first;
+                ch.count = m.count;
+                ch.bytes = m.bytes;
+                ch.idempotency = None;
+                ch.consumers.clear();
+            }
+        }
+    }
+
+    fn fan_out(&mut self, fanout: &[(Arc<str>, u64, Utf8Bytes)]) {
+        for (name, offset, frame) in fanout {
+            let Some(ch) = self.channels.get_mut(name) else { continue };
+            ch.subscribers.retain(|s| {
+                let pushed = s.outbox.push(Delivery { sub: s.sub, offset: *offset, frame: frame.clone() });
+                pushed != Pushed::Closed
+            });
+        }
+    }
+
+    /// Answers reads and registrations after the batch they arrived in is durable.
+    fn answer(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe { channel, sub, outbox, start, reply } => {
+                let grant = self.grant(&channel, &start);
+                if grant.is_ok() {
+                    if let Some(ch) = self.channels.get_mut(channel.as_str()) {
+                        ch.subscribers.push(Subscriber { sub, outbox });
+                    }
+                }
+                let _ = reply.send(grant);
+            }
+            Command::Unsubscribe { channel, sub } => {
+                if let Some(ch) = self.channels.get_mut(channel.as_str()) {
+                    ch.subscribers.retain(|s| s.sub != sub);
+                }
+            }
+            Command::View(channel, reply) => {
+                if let Some(ch) = self.channels.get(channel.as_str()) {
+                    let _ = reply.send(View { epoch: ch.epoch.clone(), top: ch.durable });
+                }
+            }
+            Command::Snapshot(reply) => {
+                let snaps = self
+                    .channels
+                    .values()
+                    .map(|ch| Snapshot {
+                        channel: ch.name.clone(),
+                        stats: ChannelStats { first_offset: ch.first, last_offset: ch.durable, count: ch.count, bytes: ch.bytes },
+                        keyed_generation: ch.keyed_generation,
+                    })
+                    .collect();
+                let _ = reply.send(snaps);
+            }
+            Command::Publish(..) | Command::Commit { .. } | Command::Trim { .. } => {
+                unreachable!("writes are handled in the batch")
+            }
+        }
+    }
+
+    fn grant(&mut self, channel: &str, start: &Start) -> Result<Grant, OpError> {
+        let committed = match start {
+            Start::Consumer(name) => Some(self.consumer_offset(channel, name, &mut Work::default())?),
+            Start::From(_) => None,
+        };
+        let ch = self.channels.get(channel).ok_or_else(|| OpError::internal("channel vanished"))?;
+        let (top, floor) = (ch.durable, ch.first.saturating_sub(1));
+        let mut grant = Grant { epoch: ch.epoch.clone(), top, recovered: None, catch_up_after: None };
+        let after = match (start, committed) {
+            (_, Some(c)) => Some(c.max(floor)),
+            (Start::From(StartFrom::Latest), _) => None,
+            (Start::From(StartFrom::Earliest), _) => Some(floor),
+            (Start::From(StartFrom::After(n)), _) => Some((*n).max(floor)),
+            (Start::From(StartFrom::Recover { offset, epoch }), _) => {
+                let exact = epoch.as_str() == &*ch.epoch && *offset >= floor && *offset <= top;
+                grant.recovered = Some(exact);
+                exact.then_some(*offset)
+            }
+            (Start::Consumer(_), None) => unreachable!("consumer offset looked up above"),
+        };
+        grant.catch_up_after = after.filter(|a| *a < top);
+        Ok(grant)
+    }
+}
+
+fn load_idempotency(store: &Store, partition: PartitionId, channel: &str, top: u64, cutoff_ms: u64) -> IdempotencyWindow {
+    let mut window = IdempotencyWindow::default();
+    let recent = match store.read_messages_rev(partition, channel, top, IDEMPOTENCY_SCAN_MAX) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(channel, error = %e, "could not rebuild idempotency window");
+            return window;
+        }
+    };
+    for (offset, m) in recent.into_iter().rev().filter(|(_, m)| m.ts >= cutoff_ms) {
+        if let Some(key) = m.idem {
+            window.insert(key, offset, m.ts);
+        }
+    }
+    window
+}

@@ -1,0 +1,80 @@
+//! Channel → partition hashing and the partition → owner map.
+//!
+//! It owns `partition = jump_consistent_hash(stable_hash64(channel), P)` and the in-memory
+//! [`PartitionMap`] that the request path reads. The hash must never change between
+//! releases: a fixed table in the tests pins it. It must never wait on I/O.
+
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Index of a partition, `0..P`.
+pub type PartitionId = u32;
+
+/// A hash of a channel name that is the same on every machine, build and release (XXH3-64,
+/// seed 0, over the name's UTF-8 bytes).
+pub fn stable_hash64(channel: &str) -> u64 {
+    xxh3_64(channel.as_bytes())
+}
+
+/// The partition a channel belongs to among `partitions`.
+pub fn partition_of(channel: &str, partitions: u32) -> PartitionId {
+    jump_consistent_hash::hash(stable_hash64(channel), partitions as usize)
+}
+
+/// Who owns which partition. In standalone mode one node owns every partition.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionMap {
+    /// Version of the map; 0 for the static standalone map.
+    pub epoch: u64,
+    /// Owner node id of each partition, indexed by partition.
+    pub owners: Vec<String>,
+}
+
+impl PartitionMap {
+    /// The standalone map: `node` owns all `partitions`.
+    pub fn standalone(node: &str, partitions: u32) -> Self {
+        Self { epoch: 0, owners: vec![node.to_string(); partitions as usize] }
+    }
+
+    /// Number of partitions.
+    pub fn partitions(&self) -> u32 {
+        self.owners.len() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pins the mapping: if this table changes, every deployed cluster's data moves.
+    #[test]
+    fn mapping_is_stable() {
+        let table: &[(&str, u32, PartitionId)] = &[
+            ("room:1", 64, 58),
+            ("room:2", 64, 63),
+            ("chat:lobby", 64, 0),
+            ("user:alice", 64, 47),
+            ("dialog:alice:bob", 64, 53),
+            ("a", 64, 14),
+            ("room:1", 8, 7),
+            ("room:1", 1, 0),
+        ];
+        let actual: Vec<_> = table.iter().map(|(c, p, _)| (*c, *p, partition_of(c, *p))).collect();
+        let expected: Vec<_> = table.to_vec();
+        assert_eq!(actual, expected);
+    }
+
+    #[test]
+    fn spreads_and_stays_in_range() {
+        let mut counts = vec![0u32; 64];
+        for i in 0..64_000 {
+            let p = partition_of(&format!("room:{i}"), 64);
+            counts[p as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+    }
+
+    #[test]
+    fn hash_is_xxh3() {
+        assert_eq!(stable_hash64(""), 0x2d06800538d394c2);
+    }
+}

@@ -1,0 +1,211 @@
+//! The one HTTP listener: WebSocket upgrades on `/ws`, the HTTP API, metrics and health.
+//!
+//! It owns accepting TCP connections (TCP_NODELAY on each), routing HTTP requests, the
+//! WebSocket handshake and handing upgraded sockets to [`crate::session`]. It must never
+//! hold protocol state itself: every operation goes through [`Node`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::node::Node;
+use crate::owner::PublishRequest;
+use crate::protocol::{self, ErrorCode, OpError};
+
+/// The subprotocol the server offers.
+pub const SUBPROTOCOL: &str = "switchyard.v1";
+
+type Body = Full<Bytes>;
+
+/// Accepts connections until the node shuts down. Every spawned connection task holds a
+/// clone of `alive`, so its receiver tells when all have ended.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::Sender<()>) {
+    let mut shutdown = node.shutdown.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let alive = alive.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let node = node.clone();
+                let alive = alive.clone();
+                async move { Ok::<_, Infallible>(route(node, req, alive).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "http connection ended with error");
+            }
+        });
+    }
+}
+
+fn json_response(status: u16, body: Bytes) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .expect("valid response")
+}
+
+fn error_response(e: &OpError) -> Response<Body> {
+    json_response(e.code.http_status(), protocol::to_frame(&serde_json::json!({ "error": e })))
+}
+
+fn result_response<T: serde::Serialize>(result: Result<T, OpError>) -> Response<Body> {
+    match result {
+        Ok(v) => json_response(200, protocol::to_frame(&v)),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/ws") => upgrade(node, req, alive),
+        (&Method::GET, "/healthz") => {
+            if *node.shutdown.borrow() {
+                json_response(503, Bytes::from_static(br#"{"status":"shutting_down"}"#))
+            } else {
+                json_response(200, Bytes::from_static(br#"{"status":"ok"}"#))
+            }
+        }
+        (&Method::GET, "/metrics") => Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(node.metrics.render())))
+            .expect("valid response"),
+        (&Method::GET, "/api/v1/cluster") => json_response(200, protocol::to_frame(&cluster(&node))),
+        (&Method::POST, "/api/v1/publish") => publish(node, req).await,
+        (&Method::GET, p) if p.starts_with("/api/v1/channels/") && p.ends_with("/history") => {
+            let channel = &p["/api/v1/channels/".len()..p.len() - "/history".len()];
+            history(node, channel, req.uri().query().unwrap_or("")).await
+        }
+        (&Method::GET, "/") => Response::builder()
+            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .body(Full::new(Bytes::from_static(include_bytes!("../web/index.html"))))
+            .expect("valid response"),
+        _ => error_response(&OpError::new(ErrorCode::BadRequest, format!("no route for {} {path}", req.method()))),
+    }
+}
+
+fn cluster(node: &Node) -> serde_json::Value {
+    let map = node.map.borrow().clone();
+    serde_json::json!({
+        "mode": "standalone",
+        "node": node.config.node_id,
+        "leader": node.config.node_id,
+        "epoch": map.epoch,
+        "partitions": map.partitions(),
+        "nodes": [{"id": node.config.node_id, "url": format!("http://{}", node.config.listen), "state": "serving"}],
+        "owners": map.owners,
+    })
+}
+
+async fn publish(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    let max = node.config.limits.max_frame_bytes;
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error_response(&OpError::new(ErrorCode::TooLarge, format!("body over {max} bytes"))),
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error_response(&OpError::bad_request("body must be UTF-8 JSON"));
+    };
+    let p = match protocol::parse_http_publish(text) {
+        Ok(p) => p,
+        Err(e) => return error_response(&e),
+    };
+    let req = PublishRequest { channel: p.channel, data: p.data, key: p.key, idempotency_key: p.idempotency_key, from: None };
+    result_response(node.publish_and_wait(req).await)
+}
+
+fn query_u64(query: &str, name: &str) -> Result<Option<u64>, OpError> {
+    for pair in query.split('&') {
+        if let Some((k, v)) = pair.split_once('=') {
+            if k == name && !v.is_empty() {
+                return v.parse().map(Some).map_err(|_| OpError::bad_request(format!("`{name}` must be an unsigned integer")));
+            }
+        }
+    }
+    Ok(None)
+}
+
+async fn history(node: Arc<Node>, channel: &str, query: &str) -> Response<Body> {
+    if !crate::channel::is_valid_name(channel) {
+        return error_response(&OpError::bad_request("invalid channel name"));
+    }
+    let page = async {
+        let since = query_u64(query, "since")?.unwrap_or(0);
+        let limit = query_u64(query, "limit")?.unwrap_or(protocol::HISTORY_DEFAULT_LIMIT as u64);
+        if limit == 0 {
+            return Err(OpError::bad_request("`limit` must be at least 1"));
+        }
+        node.history(channel, since, limit.min(protocol::HISTORY_MAX_LIMIT as u64) as u32).await
+    };
+    result_response(page.await)
+}
+
+fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>) -> Response<Body> {
+    let headers = req.headers();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).filter(|_| is_upgrade) else {
+        return error_response(&OpError::bad_request("expected a WebSocket upgrade"));
+    };
+    if *node.shutdown.borrow() {
+        return error_response(&OpError::new(ErrorCode::Unavailable, "node shutting down"));
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let offers_subprotocol = headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == SUBPROTOCOL));
+    let max = node.config.limits.max_frame_bytes;
+    tokio::spawn(async move {
+        let _alive = alive;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                // tungstenite's own limit is a backstop far above ours; frames between the
+                // two get a proper `too_large` reply from the session.
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(max * 4 + 4096))
+                    .max_frame_size(Some(max * 4 + 4096));
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                crate::session::run(node, ws).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Full::new(Bytes::new()))
+        .expect("valid response");
+    if offers_subprotocol {
+        resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    }
+    resp
+}

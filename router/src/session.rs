@@ -1,0 +1,482 @@
+//! One connected WebSocket client.
+//!
+//! It owns a connection's socket, its subscriptions and the order of what it writes: replies
+//! in command order (a `FuturesOrdered`), each subscription's reply before its messages, then
+//! catch-up from the store, then live pushes with no gap and no duplicate (tracked by
+//! offset). It turns an overflowing outbound queue into `disconnect` 4008, an oversized
+//! frame into `too_large` and close 1009, and shutdown into close 4100. It must never
+//! block an owner: owners only push into its [`Outbox`], and all waiting happens here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::node::Node;
+use crate::outbox::{outbox, Delivery, Inbox, Outbox};
+use crate::owner::{Grant, PublishRequest, Start};
+use crate::protocol::{self, close, Command, Empty, ErrorCode, OpError, SubscribeOk};
+
+/// Catch-up is read from the store in pages of this many messages.
+const CATCH_UP_PAGE: usize = 256;
+/// Deliveries written per wake-up before flushing the socket.
+const DRAIN_MAX: usize = 512;
+/// How long a closing connection may take to write its last frames.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a shutting-down connection waits for replies still in flight.
+const SHUTDOWN_REPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a session ends.
+#[derive(Debug)]
+enum Stop {
+    /// The peer closed or the socket failed.
+    Gone,
+    /// The outbound queue overflowed.
+    Slow,
+    /// The node is shutting down.
+    Shutdown,
+    /// A frame over the size limit.
+    TooLarge,
+}
+
+/// A finished command, ready to write in order.
+enum Output {
+    Frame(Bytes),
+    Subscribed { id: u64, sub: u64, channel: String, result: Result<Grant, OpError> },
+}
+
+enum Phase {
+    /// Waiting for the owner's grant; live messages are held.
+    Pending(Vec<Delivery>),
+    /// Delivering; `delivered` is the last offset written.
+    Live { delivered: u64 },
+}
+
+struct Sub {
+    channel: String,
+    phase: Phase,
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &node.config.limits;
+    let (outbox, inbox) = outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
+    let mut session = Session {
+        id: node.next_id(),
+        shutdown: node.shutdown.clone(),
+        node: node.clone(),
+        ws,
+        outbox,
+        inbox,
+        subs: HashMap::new(),
+        by_channel: HashMap::new(),
+        pending: FuturesOrdered::new(),
+        unflushed: false,
+        delivered: 0,
+        delivered_bytes: 0,
+    };
+    node.metrics.connections.inc();
+    node.metrics.connections_total.inc();
+    let stop = session.serve().await;
+    tracing::debug!(client = session.id, ?stop, "session ended");
+    session.finish(stop).await;
+    node.metrics.connections.dec();
+}
+
+struct Session<S> {
+    node: Arc<Node>,
+    id: u64,
+    ws: WebSocketStream<S>,
+    outbox: Arc<Outbox>,
+    inbox: Inbox,
+    shutdown: watch::Receiver<bool>,
+    subs: HashMap<u64, Sub>,
+    by_channel: HashMap<String, u64>,
+    pending: FuturesOrdered<BoxFuture<'static, Output>>,
+    unflushed: bool,
+    delivered: u64,
+    delivered_bytes: u64,
+}
+
+fn ready(frame: Bytes) -> BoxFuture<'static, Output> {
+    futures_util::future::ready(Output::Frame(frame)).boxed()
+}
+
+fn owner_gone() -> OpError {
+    OpError::new(ErrorCode::Unavailable, "partition owner stopped")
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn serve(&mut self) -> Stop {
+        loop {
+            if *self.shutdown.borrow() {
+                return Stop::Shutdown;
+            }
+            let step = tokio::select! {
+                biased;
+                _ = self.outbox.slow_signal.notified() => Err(Stop::Slow),
+                _ = self.shutdown.changed() => Err(Stop::Shutdown),
+                Some(out) = self.pending.next(), if !self.pending.is_empty() => self.on_output(out).await,
+                Some(d) = self.inbox.recv(&self.outbox) => self.on_deliveries(d).await,
+                frame = self.ws.next() => self.on_frame(frame).await,
+            };
+            if let Err(stop) = step {
+                return stop;
+            }
+            if let Err(stop) = self.flush().await {
+                return stop;
+            }
+        }
+    }
+
+    // === writing ===
+
+    /// Writes one text frame into the socket buffer, giving up if the connection turns slow
+    /// or the node shuts down while the socket is full.
+    async fn write(&mut self, frame: Utf8Bytes) -> Result<(), Stop> {
+        if self.outbox.is_slow() {
+            return Err(Stop::Slow);
+        }
+        self.unflushed = true;
+        tokio::select! {
+            biased;
+            r = self.ws.feed(Message::Text(frame)) => r.map_err(|_| Stop::Gone),
+            _ = self.outbox.slow_signal.notified() => Err(Stop::Slow),
+            _ = self.shutdown.changed() => Err(Stop::Shutdown),
+        }
+    }
+
+    async fn write_bytes(&mut self, frame: Bytes) -> Result<(), Stop> {
+        self.write(Utf8Bytes::try_from(frame).expect("frames are JSON text")).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if !self.unflushed {
+            return Ok(());
+        }
+        self.unflushed = false;
+        let metrics = &self.node.metrics;
+        metrics.messages_delivered.inc_by(std::mem::take(&mut self.delivered));
+        metrics.bytes_delivered.inc_by(std::mem::take(&mut self.delivered_bytes));
+        tokio::select! {
+            biased;
+            r = self.ws.flush() => r.map_err(|_| Stop::Gone),
+            _ = self.outbox.slow_signal.notified() => Err(Stop::Slow),
+            _ = self.shutdown.changed() => Err(Stop::Shutdown),
+        }
+    }
+
+    async fn push_message(&mut self, frame: Utf8Bytes) -> Result<(), Stop> {
+        self.delivered += 1;
+        self.delivered_bytes += frame.len() as u64;
+        self.write(frame).await
+    }
+
+    fn reply_error(&self, id: Option<u64>, error: &OpError) -> Bytes {
+        self.node.metrics.protocol_errors.with_label_values(&[error.code.as_str()]).inc();
+        protocol::error_reply(id, error)
+    }
+
+    /// Queues a reply behind the ones still in flight.
+    fn queue(&mut self, fut: BoxFuture<'static, Output>) {
+        self.pending.push_back(fut);
+    }
+
+    fn queue_result<T: serde::Serialize>(&mut self, id: u64, result: Result<T, OpError>) {
+        let frame = match &result {
+            Ok(ok) => protocol::ok_reply(id, ok),
+            Err(e) => self.reply_error(Some(id), e),
+        };
+        self.queue(ready(frame));
+    }
+
+    // === reading ===
+
+    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), Stop> {
+        let max = self.node.config.limits.max_frame_bytes;
+        match frame {
+            None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => Err(Stop::Gone),
+            Some(Err(WsError::Capacity(_))) => Err(Stop::TooLarge),
+            Some(Err(e)) => {
+                tracing::debug!(client = self.id, error = %e, "websocket protocol error");
+                Err(Stop::Gone)
+            }
+            Some(Ok(Message::Text(text))) if text.len() > max => Err(Stop::TooLarge),
+            Some(Ok(Message::Text(text))) => {
+                match protocol::parse_command(&text) {
+                    Ok((id, cmd)) => self.dispatch(id, cmd).await,
+                    Err(rejected) => {
+                        let frame = self.reply_error(rejected.id, &rejected.error);
+                        self.queue(ready(frame));
+                    }
+                }
+                Ok(())
+            }
+            Some(Ok(Message::Binary(data))) if data.len() > max => Err(Stop::TooLarge),
+            Some(Ok(Message::Binary(_))) => {
+                let frame = self.reply_error(None, &OpError::bad_request("binary frames are not supported; send JSON text"));
+                self.queue(ready(frame));
+                Ok(())
+            }
+            Some(Ok(Message::Close(_))) => Err(Stop::Gone),
+            Some(Ok(Message::Ping(_))) => {
+                self.unflushed = true; // let the automatic pong out
+                Ok(())
+            }
+            Some(Ok(Message::Pong(_) | Message::Frame(_))) => Ok(()),
+        }
+    }
+
+    async fn dispatch(&mut self, id: u64, cmd: Command) {
+        let node = self.node.clone();
+        match cmd {
+            Command::Connect { name, .. } => {
+                if let Some(name) = name {
+                    tracing::debug!(client = self.id, name, "client named itself");
+                }
+                let ok = serde_json::json!({"client": self.id.to_string(), "node": node.config.node_id, "version": protocol::VERSION});
+                self.queue_result(id, Ok(ok));
+            }
+            Command::Ping => self.queue_result(id, Ok(Empty {})),
+            Command::Subscribe { channel, from, consumer } => self.subscribe(id, channel, from, consumer).await,
+            Command::Unsubscribe { channel } => {
+                if let Some(sub) = self.by_channel.remove(&channel) {
+                    self.subs.remove(&sub);
+                    node.metrics.subscriptions.dec();
+                    node.unsubscribe(&channel, sub).await;
+                }
+                self.queue_result(id, Ok(Empty {}));
+            }
+            Command::Publish(p) => {
+                let req = PublishRequest {
+                    channel: p.channel,
+                    data: p.data,
+                    key: p.key,
+                    idempotency_key: p.idempotency_key,
+                    from: None,
+                };
+                match node.publish(req).await {
+                    Ok(rx) => {
+                        let metrics = node.metrics.clone();
+                        self.queue(
+                            async move {
+                                let result = rx.await.unwrap_or_else(|_| Err(owner_gone()));
+                                if let Err(e) = &result {
+                                    metrics.protocol_errors.with_label_values(&[e.code.as_str()]).inc();
+                                }
+                                Output::Frame(protocol::reply(id, &result))
+                            }
+                            .boxed(),
+                        );
+                    }
+                    Err(e) => self.queue_result::<Empty>(id, Err(e)),
+                }
+            }
+            Command::History { channel, since, limit } => match node.view(&channel).await {
+                Ok(rx) => self.queue(
+                    async move {
+                        let result = match rx.await {
+                            Ok(view) => node.read(&channel, &view.epoch, since, view.top, limit as usize).map(|messages| {
+                                crate::node::HistoryPage { epoch: view.epoch.to_string(), offset: view.top, messages }
+                            }),
+                            Err(_) => Err(owner_gone()),
+                        };
+                        Output::Frame(protocol::reply(id, &result))
+                    }
+                    .boxed(),
+                ),
+                Err(e) => self.queue_result::<Empty>(id, Err(e)),
+            },
+            Command::Commit { channel, consumer, offset } => match node.commit(&channel, consumer, offset).await {
+                Ok(rx) => self.queue(
+                    async move {
+                        let result = rx.await.unwrap_or_else(|_| Err(owner_gone())).map(|()| Empty {});
+                        Output::Frame(protocol::reply(id, &result))
+                    }
+                    .boxed(),
+                ),
+                Err(e) => self.queue_result::<Empty>(id, Err(e)),
+            },
+        }
+    }
+
+    async fn subscribe(&mut self, id: u64, channel: String, from: protocol::StartFrom, consumer: Option<String>) {
+        if self.by_channel.contains_key(&channel) {
+            return self.queue_result::<Empty>(id, Err(OpError::bad_request("already subscribed to this channel")));
+        }
+        if self.subs.len() >= self.node.config.limits.max_subscriptions {
+            return self.queue_result::<Empty>(
+                id,
+                Err(OpError::new(ErrorCode::LimitExceeded, "too many subscriptions on this connection")),
+            );
+        }
+        let sub = self.node.next_id();
+        let start = match consumer {
+            Some(c) => Start::Consumer(c),
+            None => Start::From(from),
+        };
+        match self.node.subscribe(&channel, sub, self.outbox.clone(), start).await {
+            Ok(rx) => {
+                self.subs.insert(sub, Sub { channel: channel.clone(), phase: Phase::Pending(Vec::new()) });
+                self.by_channel.insert(channel.clone(), sub);
+                self.node.metrics.subscriptions.inc();
+                self.queue(
+                    async move {
+                        let result = rx.await.unwrap_or_else(|_| Err(owner_gone()));
+                        Output::Subscribed { id, sub, channel, result }
+                    }
+                    .boxed(),
+                );
+            }
+            Err(e) => self.queue_result::<Empty>(id, Err(e)),
+        }
+    }
+
+    // === delivering ===
+
+    async fn on_output(&mut self, out: Output) -> Result<(), Stop> {
+        match out {
+            Output::Frame(frame) => self.write_bytes(frame).await,
+            Output::Subscribed { id, sub, channel, result } => match result {
+                Err(e) => {
+                    if self.subs.remove(&sub).is_some() {
+                        self.by_channel.remove(&channel);
+                        self.node.metrics.subscriptions.dec();
+                    }
+                    let frame = self.reply_error(Some(id), &e);
+                    self.write_bytes(frame).await
+                }
+                Ok(grant) => {
+                    let ok = SubscribeOk {
+                        channel: channel.clone(),
+                        epoch: grant.epoch.to_string(),
+                        offset: grant.top,
+                        recovered: grant.recovered,
+                    };
+                    self.write_bytes(protocol::ok_reply(id, &ok)).await?;
+                    if self.subs.contains_key(&sub) {
+                        self.go_live(sub, &channel, &grant).await?;
+                    }
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Pushes the catch-up range from the store, then the live messages held meanwhile.
+    async fn go_live(&mut self, sub: u64, channel: &str, grant: &Grant) -> Result<(), Stop> {
+        if let Some(mut after) = grant.catch_up_after {
+            while after < grant.top {
+                let page = match self.node.read(channel, &grant.epoch, after, grant.top, CATCH_UP_PAGE) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(client = self.id, channel, error = %e, "catch-up read failed");
+                        break;
+                    }
+                };
+                let Some(last) = page.last() else { break };
+                after = last.offset;
+                for m in &page {
+                    let frame = Utf8Bytes::try_from(protocol::to_frame(&m.view(Some("message")))).expect("JSON is UTF-8");
+                    self.push_message(frame).await?;
+                }
+            }
+        }
+        let held = match self.subs.get_mut(&sub) {
+            Some(s) => std::mem::replace(&mut s.phase, Phase::Live { delivered: grant.top }),
+            None => return Ok(()),
+        };
+        if let Phase::Pending(held) = held {
+            for d in held {
+                self.deliver(d).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_deliveries(&mut self, first: Delivery) -> Result<(), Stop> {
+        self.deliver(first).await?;
+        for _ in 0..DRAIN_MAX {
+            match self.inbox.try_recv(&self.outbox) {
+                Some(d) => self.deliver(d).await?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, d: Delivery) -> Result<(), Stop> {
+        let Some(sub) = self.subs.get_mut(&d.sub) else { return Ok(()) };
+        match &mut sub.phase {
+            Phase::Pending(held) => held.push(d),
+            Phase::Live { delivered } => {
+                if d.offset > *delivered {
+                    *delivered = d.offset;
+                    self.push_message(d.frame).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // === closing ===
+
+    async fn finish(&mut self, stop: Stop) {
+        let (code, reason) = match stop {
+            Stop::Gone => (None, ""),
+            Stop::Slow => {
+                self.node.metrics.slow_consumer_disconnects.inc();
+                tracing::info!(client = self.id, "slow consumer disconnected");
+                (Some(close::SLOW_CONSUMER), "slow consumer")
+            }
+            Stop::Shutdown => {
+                // Let replies already in flight (acknowledged publishes among them) out first.
+                let deadline = tokio::time::Instant::now() + SHUTDOWN_REPLY_WAIT;
+                while let Ok(Some(Output::Frame(frame))) = tokio::time::timeout_at(deadline, self.pending.next()).await {
+                    if self.ws.feed(Message::Text(Utf8Bytes::try_from(frame).expect("JSON text"))).await.is_err() {
+                        break;
+                    }
+                }
+                (Some(close::SHUTTING_DOWN), "node shutting down")
+            }
+            Stop::TooLarge => {
+                let e = OpError::new(ErrorCode::TooLarge, format!("frame over {} bytes", self.node.config.limits.max_frame_bytes));
+                let frame = self.reply_error(None, &e);
+                let _ = self.ws.feed(Message::Text(Utf8Bytes::try_from(frame).expect("JSON text"))).await;
+                (Some(close::TOO_BIG), "frame too large")
+            }
+        };
+        for (sub, s) in self.subs.drain() {
+            self.node.unsubscribe(&s.channel, sub).await;
+            self.node.metrics.subscriptions.dec();
+        }
+        if let Some(code) = code {
+            let ws = &mut self.ws;
+            let last_words = async {
+                if code != close::TOO_BIG {
+                    let push = Utf8Bytes::try_from(protocol::disconnect_push(code, reason)).expect("JSON text");
+                    ws.feed(Message::Text(push)).await?;
+                }
+                let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+                ws.send(Message::Close(Some(frame))).await
+            };
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, last_words).await;
+        }
+    }
+}

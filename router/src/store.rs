@@ -1,0 +1,338 @@
+//! The durable store: channel metadata, messages by offset and consumer offsets, in fjall.
+//!
+//! It owns the on-disk layout (three keyspaces, keys prefixed by partition so a partition's
+//! data is one key range) and the group-commit syncer that turns many writers' batches into
+//! one fsync. It must never decide offsets or policy: partition owners write, and the store
+//! only makes their batches durable and reads them back.
+
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch as WriteBatch, PersistMode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::config::FsyncPolicy;
+use crate::metrics::Metrics;
+use crate::partition::PartitionId;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// fjall failed (I/O, corruption, poisoned after a failed fsync).
+    #[error("store: {0}")]
+    Fjall(#[from] fjall::Error),
+    /// A stored value did not decode.
+    #[error("store: corrupt value: {0}")]
+    Decode(#[from] postcard::Error),
+    /// The syncer thread is gone (the process is stopping).
+    #[error("store: syncer stopped")]
+    SyncerGone,
+    /// fsync failed; the message names the cause.
+    #[error("store: sync failed: {0}")]
+    Sync(String),
+}
+
+/// Per-channel metadata, rewritten in the same batch as the messages it describes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelMeta {
+    /// The channel's current epoch.
+    pub epoch: String,
+    /// Highest offset assigned.
+    pub top: u64,
+    /// Lowest offset that may still be stored.
+    pub first: u64,
+    /// Stored messages.
+    pub count: u64,
+    /// Stored bytes.
+    pub bytes: u64,
+}
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Accept time, ms since the Unix epoch.
+    pub ts: u64,
+    /// Compaction key.
+    pub key: Option<String>,
+    /// Publisher's user id.
+    pub from: Option<String>,
+    /// Idempotency key, kept so the dedup window survives restarts.
+    pub idem: Option<String>,
+    /// Raw JSON payload.
+    pub data: String,
+}
+
+impl StoredMessage {
+    /// True for a keyed `null` payload.
+    pub fn is_tombstone(&self) -> bool {
+        self.data == "null"
+    }
+}
+
+/// The store: one fjall database with three keyspaces.
+pub struct Store {
+    db: Database,
+    meta: Keyspace,
+    messages: Keyspace,
+    consumers: Keyspace,
+    policy: FsyncPolicy,
+    sync_tx: std_mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+}
+
+fn channel_prefix(partition: PartitionId, channel: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + channel.len() + 8);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(channel.as_bytes());
+    k.push(0);
+    k
+}
+
+fn message_key(partition: PartitionId, channel: &str, offset: u64) -> Vec<u8> {
+    let mut k = channel_prefix(partition, channel);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn offset_of_key(key: &[u8]) -> u64 {
+    let tail: [u8; 8] = key[key.len() - 8..].try_into().expect("message keys end in 8 offset bytes");
+    u64::from_be_bytes(tail)
+}
+
+/// A set of writes that become visible together.
+pub struct Batch<'a> {
+    store: &'a Store,
+    inner: WriteBatch,
+}
+
+impl Batch<'_> {
+    /// Stores a message; returns its stored size.
+    pub fn put_message(&mut self, p: PartitionId, channel: &str, offset: u64, msg: &StoredMessage) -> u32 {
+        let value = postcard::to_stdvec(msg).expect("messages always encode");
+        let size = value.len() as u32;
+        self.inner.insert(&self.store.messages, message_key(p, channel, offset), value);
+        size
+    }
+
+    /// Removes a message.
+    pub fn remove_message(&mut self, p: PartitionId, channel: &str, offset: u64) {
+        self.inner.remove(&self.store.messages, message_key(p, channel, offset));
+    }
+
+    /// Writes a channel's metadata.
+    pub fn put_meta(&mut self, p: PartitionId, channel: &str, meta: &ChannelMeta) {
+        let value = postcard::to_stdvec(meta).expect("metadata always encodes");
+        self.inner.insert(&self.store.meta, channel_prefix(p, channel), value);
+    }
+
+    /// Stores a consumer's committed offset.
+    pub fn put_consumer(&mut self, p: PartitionId, channel: &str, consumer: &str, offset: u64) {
+        let mut k = channel_prefix(p, channel);
+        k.extend_from_slice(consumer.as_bytes());
+        self.inner.insert(&self.store.consumers, k, offset.to_be_bytes().to_vec());
+    }
+
+    /// Number of writes queued.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+
+    /// Writes the batch to the journal (visible at once, in the OS page cache, not yet fsync'd).
+    pub fn commit(self) -> Result<(), StoreError> {
+        Ok(self.inner.commit()?)
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir` and starts its syncer thread.
+    pub fn open(dir: &Path, policy: FsyncPolicy, metrics: Arc<Metrics>) -> Result<Arc<Self>, StoreError> {
+        let db = Database::builder(dir).open()?;
+        let meta = db.keyspace("channels", KeyspaceCreateOptions::default)?;
+        let messages = db.keyspace("messages", KeyspaceCreateOptions::default)?;
+        let consumers = db.keyspace("consumers", KeyspaceCreateOptions::default)?;
+        let (tx, rx) = std_mpsc::channel::<oneshot::Sender<Result<(), String>>>();
+        let syncer_db = db.clone();
+        std::thread::Builder::new()
+            .name("store-sync".into())
+            .spawn(move || sync_loop(syncer_db, rx, metrics))
+            .expect("spawn store syncer thread");
+        Ok(Arc::new(Self { db, meta, messages, consumers, policy, sync_tx: tx }))
+    }
+
+    /// The configured fsync policy.
+    pub fn policy(&self) -> FsyncPolicy {
+        self.policy
+    }
+
+    /// A new empty batch.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { store: self, inner: self.db.batch() }
+    }
+
+    /// Waits until everything committed so far is durable under the fsync policy. With
+    /// `always` and `batch` this joins the next group fsync; with `never` it returns at once.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        if self.policy == FsyncPolicy::Never {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.sync_tx.send(tx).map_err(|_| StoreError::SyncerGone)?;
+        rx.await.map_err(|_| StoreError::SyncerGone)?.map_err(StoreError::Sync)
+    }
+
+    /// Flushes and fsyncs everything. Used on shutdown; the syncer thread ends with the store.
+    pub fn close(&self) -> Result<(), StoreError> {
+        Ok(self.db.persist(PersistMode::SyncAll)?)
+    }
+
+    /// Every channel's metadata, for recovery at startup.
+    pub fn all_channels(&self) -> Result<Vec<(PartitionId, String, ChannelMeta)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.meta.iter() {
+            let (k, v) = guard.into_inner()?;
+            let p = PartitionId::from_be_bytes(k[..4].try_into().expect("meta keys start with a partition"));
+            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
+            out.push((p, name, postcard::from_bytes(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` messages with `after < offset <= upto`, oldest first.
+    pub fn read_messages(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        let mut out = Vec::new();
+        if after >= upto {
+            return Ok(out);
+        }
+        let range = message_key(p, channel, after + 1)..=message_key(p, channel, upto);
+        for guard in self.messages.range(range).take(limit) {
+            let (k, v) = guard.into_inner()?;
+            out.push((offset_of_key(&k), postcard::from_bytes(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` messages at or below `upto`, newest first (for rebuilding the dedup window).
+    pub fn read_messages_rev(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        let range = message_key(p, channel, 0)..=message_key(p, channel, upto);
+        let mut out = Vec::new();
+        for guard in self.messages.range(range).rev().take(limit) {
+            let (k, v) = guard.into_inner()?;
+            out.push((offset_of_key(&k), postcard::from_bytes(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Policy metadata of up to `limit` messages with offset >= `from`, oldest first.
+    pub fn read_metas(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        from: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<switchyard_sdk::MessageMeta>, StoreError> {
+        let mut out = Vec::new();
+        if from > upto {
+            return Ok(out);
+        }
+        let range = message_key(p, channel, from)..=message_key(p, channel, upto);
+        for guard in self.messages.range(range).take(limit) {
+            let (k, v) = guard.into_inner()?;
+            let m: StoredMessage = postcard::from_bytes(&v)?;
+            out.push(switchyard_sdk::MessageMeta {
+                offset: offset_of_key(&k),
+                ts: m.ts,
+                size: v.len() as u32,
+                tombstone: m.is_tombstone(),
+                key: m.key,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A consumer's committed offset.
+    pub fn consumer_offset(&self, p: PartitionId, channel: &str, consumer: &str) -> Result<Option<u64>, StoreError> {
+        let mut k = channel_prefix(p, channel);
+        k.extend_from_slice(consumer.as_bytes());
+        Ok(self.consumers.get(k)?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))))
+    }
+}
+
+/// The group-commit loop: takes every sync request queued while the previous fsync ran and
+/// answers them all with one fsync.
+fn sync_loop(db: Database, rx: std_mpsc::Receiver<oneshot::Sender<Result<(), String>>>, metrics: Arc<Metrics>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiters = vec![first];
+        waiters.extend(rx.try_iter());
+        let started = Instant::now();
+        let result = db.persist(PersistMode::SyncData).map_err(|e| e.to_string());
+        metrics.store_sync_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.store_syncs.inc();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, waiters = waiters.len(), "store fsync failed");
+        }
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(i: u64) -> StoredMessage {
+        StoredMessage { ts: i, key: None, from: None, idem: None, data: format!("{{\"i\":{i}}}") }
+    }
+
+    #[tokio::test]
+    async fn writes_read_back_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
+            let mut b = store.batch();
+            for i in 1..=5 {
+                b.put_message(3, "room:1", i, &msg(i));
+            }
+            b.put_message(3, "room:10", 1, &msg(99));
+            b.put_meta(3, "room:1", &ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 });
+            b.put_consumer(3, "room:1", "svc", 4);
+            b.commit().unwrap();
+            store.sync().await.unwrap();
+            let got = store.read_messages(3, "room:1", 1, 4, 100).unwrap();
+            assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![2, 3, 4]);
+            assert_eq!(got[0].1, msg(2));
+            let rev = store.read_messages_rev(3, "room:1", 5, 2).unwrap();
+            assert_eq!(rev.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![5, 4]);
+            let metas = store.read_metas(3, "room:1", 1, 5, 100).unwrap();
+            assert_eq!(metas.len(), 5);
+            store.close().unwrap();
+        }
+        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
+        let all = store.all_channels().unwrap();
+        assert_eq!(all, vec![(3, "room:1".to_string(), ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 })]);
+        assert_eq!(store.consumer_offset(3, "room:1", "svc").unwrap(), Some(4));
+        assert_eq!(store.consumer_offset(3, "room:1", "other").unwrap(), None);
+        assert_eq!(store.read_messages(3, "room:10", 0, 10, 10).unwrap().len(), 1);
+    }
+}
