@@ -222,7 +222,8 @@ struct RawFrame<'a> {
     from: Option<&'a RawValue>,
     #[serde(borrow, default)]
     consumer: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    /// Kept even when it is JSON `null` (a tombstone), unlike the other fields.
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     key: Option<&'a RawValue>,
@@ -238,6 +239,11 @@ struct RawFrame<'a> {
     token: Option<&'a RawValue>,
     #[serde(borrow, default)]
     name: Option<&'a RawValue>,
+}
+
+/// A field that is present is `Some`, even when its value is `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 fn field<T: serde::de::DeserializeOwned>(
@@ -501,6 +507,8 @@ mod tests {
         assert_eq!(p.data.get(), r#"{"a": [1, 2]}"#);
         assert_eq!(p.key.as_deref(), Some("k"));
         assert_eq!(p.idempotency_key.as_deref(), Some("i"));
+        let (_, c) = parse_command(r#"{"id":3,"op":"publish","channel":"x","data":null,"key":"k"}"#).unwrap();
+        assert!(matches!(c, Command::Publish(p) if p.data.get() == "null"));
         let (_, c) = parse_command(r#"{"id":4,"op":"history","channel":"x","since":5,"limit":5000}"#).unwrap();
         assert_eq!(c, Command::History { channel: "x".into(), since: 5, limit: 1000 });
         let (_, c) = parse_command(r#"{"id":5,"op":"commit","channel":"x","consumer":"c","offset":9}"#).unwrap();

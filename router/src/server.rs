@@ -26,6 +26,12 @@ use crate::protocol::{self, ErrorCode, OpError};
 /// The subprotocol the server offers.
 pub const SUBPROTOCOL: &str = "switchyard.v1";
 
+/// Initial read buffer of a WebSocket connection (tungstenite's default is 128 KiB).
+const READ_BUFFER: usize = 4 * 1024;
+/// Bytes buffered before tungstenite writes to the socket on its own (we also flush
+/// explicitly whenever a session runs out of work).
+const WRITE_BUFFER: usize = 32 * 1024;
+
 type Body = Full<Bytes>;
 
 /// Accepts connections until the node shuts down. Every spawned connection task holds a
@@ -46,6 +52,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::Sender<(
         let _ = stream.set_nodelay(true);
         let node = node.clone();
         let alive = alive.clone();
+        let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let node = node.clone();
@@ -53,7 +60,16 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::Sender<(
                 async move { Ok::<_, Infallible>(route(node, req, alive).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.changed() => {
+                    // Finish the request in hand, then close the keep-alive connection.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "http connection ended with error");
             }
         });
@@ -188,7 +204,10 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>) -> 
             Ok(upgraded) => {
                 // tungstenite's own limit is a backstop far above ours; frames between the
                 // two get a proper `too_large` reply from the session.
+                // Small buffers keep idle connections cheap; both grow when traffic needs it.
                 let config = WebSocketConfig::default()
+                    .read_buffer_size(READ_BUFFER)
+                    .write_buffer_size(WRITE_BUFFER)
                     .max_message_size(Some(max * 4 + 4096))
                     .max_frame_size(Some(max * 4 + 4096));
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;

@@ -115,6 +115,26 @@ fn ready(frame: Bytes) -> BoxFuture<'static, Output> {
     futures_util::future::ready(Output::Frame(frame)).boxed()
 }
 
+/// Drives a socket write. The common case (room in the buffer) completes on the first poll
+/// without registering any waiter; a blocked write is raced against the slow-consumer and
+/// shutdown signals so a stuck peer cannot hold the session.
+async fn until_stopped<F>(fut: F, outbox: &Outbox, shutdown: &mut watch::Receiver<bool>) -> Result<(), Stop>
+where
+    F: std::future::Future<Output = Result<(), WsError>>,
+{
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(r) = first {
+        return r.map_err(|_| Stop::Gone);
+    }
+    tokio::select! {
+        biased;
+        r = fut => r.map_err(|_| Stop::Gone),
+        _ = outbox.slow_signal.notified() => Err(Stop::Slow),
+        _ = shutdown.changed() => Err(Stop::Shutdown),
+    }
+}
+
 fn owner_gone() -> OpError {
     OpError::new(ErrorCode::Unavailable, "partition owner stopped")
 }
@@ -147,19 +167,15 @@ where
 
     // === writing ===
 
-    /// Writes one text frame into the socket buffer, giving up if the connection turns slow
-    /// or the node shuts down while the socket is full.
+    /// Writes one text frame into the socket buffer. Only when the socket is full does it
+    /// wait, and then it gives up if the connection turns slow or the node shuts down.
     async fn write(&mut self, frame: Utf8Bytes) -> Result<(), Stop> {
         if self.outbox.is_slow() {
             return Err(Stop::Slow);
         }
         self.unflushed = true;
-        tokio::select! {
-            biased;
-            r = self.ws.feed(Message::Text(frame)) => r.map_err(|_| Stop::Gone),
-            _ = self.outbox.slow_signal.notified() => Err(Stop::Slow),
-            _ = self.shutdown.changed() => Err(Stop::Shutdown),
-        }
+        let fut = self.ws.feed(Message::Text(frame));
+        until_stopped(fut, &self.outbox, &mut self.shutdown).await
     }
 
     async fn write_bytes(&mut self, frame: Bytes) -> Result<(), Stop> {
@@ -174,12 +190,8 @@ where
         let metrics = &self.node.metrics;
         metrics.messages_delivered.inc_by(std::mem::take(&mut self.delivered));
         metrics.bytes_delivered.inc_by(std::mem::take(&mut self.delivered_bytes));
-        tokio::select! {
-            biased;
-            r = self.ws.flush() => r.map_err(|_| Stop::Gone),
-            _ = self.outbox.slow_signal.notified() => Err(Stop::Slow),
-            _ = self.shutdown.changed() => Err(Stop::Shutdown),
-        }
+        let fut = self.ws.flush();
+        until_stopped(fut, &self.outbox, &mut self.shutdown).await
     }
 
     async fn push_message(&mut self, frame: Utf8Bytes) -> Result<(), Stop> {
