@@ -34,14 +34,14 @@ pub fn spawn(node: &Arc<Node>) {
             };
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut compacted: HashMap<Arc<str>, (u64, bool)> = HashMap::new();
+            let mut memory = Memory::default();
             loop {
                 ticker.tick().await;
                 let Some(node) = node.upgrade() else { return };
                 if *node.shutdown.borrow() {
                     return;
                 }
-                round(&node, p, &policies, &mut compacted).await;
+                round(&node, p, &policies, &mut memory).await;
             }
         });
     }
@@ -60,36 +60,70 @@ async fn trim(node: &Node, p: PartitionId, channel: Arc<str>, first: Option<u64>
     }
 }
 
-/// One round over one partition. `compacted` remembers, per channel, the keyed generation
-/// last compacted and whether tombstones were still waiting.
-async fn round(node: &Node, p: PartitionId, policies: &Policies, compacted: &mut HashMap<Arc<str>, (u64, bool)>) {
+/// What a partition's maintenance task remembers between rounds, so that quiet channels
+/// cost no store reads.
+#[derive(Default)]
+struct Memory {
+    /// Per channel: the keyed generation last compacted and whether tombstones were waiting.
+    compacted: HashMap<Arc<str>, (u64, bool)>,
+    /// Per channel: `(first_offset, ts of the oldest retained message)` when last read.
+    oldest_ts: HashMap<Arc<str>, (u64, u64)>,
+}
+
+/// One round over one partition.
+async fn round(node: &Node, p: PartitionId, policies: &Policies, memory: &mut Memory) {
     let Some(snaps) = ask_snapshot(node, p).await else { return };
     for snap in snaps {
         let bound = policies.for_channel(&snap.channel).clone();
         if let Some(policy) = &bound.retention {
             if snap.stats.count > 0 {
-                retention(node, p, &snap, policy.as_ref()).await;
+                retention(node, p, &snap, policy.as_ref(), &mut memory.oldest_ts).await;
             }
         }
         if let Some(policy) = &bound.compaction {
-            let last = compacted.get(&snap.channel).copied();
+            let last = memory.compacted.get(&snap.channel).copied();
             if snap.keyed_generation > 0 && last.is_none_or(|(generation, pending)| generation != snap.keyed_generation || pending) {
                 let pending = compaction(node, p, &snap, policy.as_ref()).await;
-                compacted.insert(snap.channel.clone(), (snap.keyed_generation, pending));
+                memory.compacted.insert(snap.channel.clone(), (snap.keyed_generation, pending));
             }
         }
     }
 }
 
-async fn retention(node: &Node, p: PartitionId, snap: &Snapshot, policy: &dyn crate::policy::RetentionPolicy) {
+/// The timestamp of a channel's oldest retained message, read only when `first` moved.
+fn oldest_ts(node: &Node, p: PartitionId, snap: &Snapshot, cache: &mut HashMap<Arc<str>, (u64, u64)>) -> Option<u64> {
     let stats = &snap.stats;
+    if let Some(&(first, ts)) = cache.get(&snap.channel) {
+        if first == stats.first_offset {
+            return Some(ts);
+        }
+    }
+    let oldest = tokio::task::block_in_place(|| node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, 1));
+    let ts = oldest.ok()?.first()?.ts;
+    cache.insert(snap.channel.clone(), (stats.first_offset, ts));
+    Some(ts)
+}
+
+async fn retention(
+    node: &Node,
+    p: PartitionId,
+    snap: &Snapshot,
+    policy: &dyn crate::policy::RetentionPolicy,
+    cache: &mut HashMap<Arc<str>, (u64, u64)>,
+) {
+    let stats = &snap.stats;
+    let now = now_ms();
+    let Some(oldest_ts) = oldest_ts(node, p, snap, cache) else { return };
+    if !policy.needs_round(stats, oldest_ts, now) {
+        return;
+    }
     let oldest = match tokio::task::block_in_place(|| {
         node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, RETENTION_SHOWN)
     }) {
         Ok(m) => m,
         Err(e) => return tracing::warn!(channel = %snap.channel, error = %e, "retention: cannot read metadata"),
     };
-    let input = RetentionInput { channel: snap.channel.to_string(), stats: stats.clone(), oldest, now_ms: now_ms() };
+    let input = RetentionInput { channel: snap.channel.to_string(), stats: stats.clone(), oldest, now_ms: now };
     let decision = policy.decide(&input).and_then(|d| validate_retention(policy.name(), &input, &d).map(|()| d));
     let below = match decision {
         Ok(RetentionDecision::DropBelow(x)) if x > stats.first_offset => x,

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_sdk::{CompactionDecision, CompactionInput, RetentionDecision, RetentionInput};
+use switchyard_sdk::{ChannelStats, CompactionDecision, CompactionInput, RetentionDecision, RetentionInput};
 
 use crate::config::{CompactionConfig, Config, NamespaceConfig};
 
@@ -32,6 +32,12 @@ pub trait RetentionPolicy: Send + Sync {
     fn name(&self) -> &str;
     /// One round for one channel.
     fn decide(&self, input: &RetentionInput) -> Result<RetentionDecision, PolicyError>;
+
+    /// A cheap pre-check from counters alone (and the oldest message's timestamp): false
+    /// means the round would certainly keep everything, so no metadata is read.
+    fn needs_round(&self, _stats: &ChannelStats, _oldest_ts: u64, _now_ms: u64) -> bool {
+        true
+    }
 }
 
 /// Decides which superseded keyed messages of a channel to remove.
@@ -75,6 +81,12 @@ impl LimitsRetention {
 impl RetentionPolicy for LimitsRetention {
     fn name(&self) -> &str {
         "builtin:limits"
+    }
+
+    fn needs_round(&self, stats: &ChannelStats, oldest_ts: u64, now_ms: u64) -> bool {
+        (self.size > 0 && stats.count > self.size)
+            || (self.bytes > 0 && stats.bytes > self.bytes)
+            || (self.ttl_ms > 0 && oldest_ts < now_ms.saturating_sub(self.ttl_ms))
     }
 
     fn decide(&self, input: &RetentionInput) -> Result<RetentionDecision, PolicyError> {
@@ -226,7 +238,7 @@ impl Policies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_sdk::{ChannelStats, MessageMeta};
+    use switchyard_sdk::MessageMeta;
 
     fn meta(offset: u64, ts: u64, size: u32, key: Option<&str>, tombstone: bool) -> MessageMeta {
         MessageMeta { offset, ts, size, key: key.map(String::from), tombstone }
@@ -253,7 +265,12 @@ mod tests {
         let by_bytes = LimitsRetention { size: 0, ttl_ms: 0, bytes: 25 };
         assert_eq!(by_bytes.decide(&input(1, 10, 0, msgs.clone())).unwrap(), RetentionDecision::DropBelow(9));
         let all = LimitsRetention { size: 20, ttl_ms: 10_000, bytes: 1000 };
-        assert_eq!(all.decide(&input(1, 10, 1000, msgs)).unwrap(), RetentionDecision::Keep);
+        let inp = input(1, 10, 1000, msgs);
+        assert_eq!(all.decide(&inp).unwrap(), RetentionDecision::Keep);
+        assert!(!all.needs_round(&inp.stats, 100, 1000));
+        assert!(by_count.needs_round(&inp.stats, 100, 1000));
+        assert!(by_age.needs_round(&inp.stats, 100, 1000));
+        assert!(!by_age.needs_round(&inp.stats, 600, 1000));
     }
 
     #[test]
