@@ -225,6 +225,16 @@ struct Work {
     needs_sync: bool,
     /// Pre-batch state of channels touched, for rollback if the store fails.
     undo: Vec<(Arc<str>, ChannelMeta)>,
+    /// Channels whose metadata this batch rewrites.
+    dirty: Vec<Arc<str>>,
+}
+
+/// Records that `ch`'s metadata must be written with the current batch.
+fn mark_dirty(ch: &mut ChannelState, work: &mut Work) {
+    if !ch.dirty {
+        ch.dirty = true;
+        work.dirty.push(ch.name.clone());
+    }
 }
 
 /// The owner task of one partition.
@@ -310,7 +320,7 @@ impl Owner {
             self.channels.insert(name.clone(), state);
             self.metrics.partition_channels.with_label_values(&[&self.partition.to_string()]).inc();
             let ch = self.channels.get_mut(&name).expect("just inserted");
-            ch.dirty = true;
+            mark_dirty(ch, work);
             work.needs_sync = true;
             return ch;
         }
@@ -368,7 +378,7 @@ impl Owner {
         ch.top = offset;
         ch.count += 1;
         ch.bytes += size as u64;
-        ch.dirty = true;
+        mark_dirty(ch, work);
         if msg.key.is_some() {
             ch.keyed_generation += 1;
         }
@@ -456,7 +466,7 @@ impl Owner {
         if let Some(f) = first {
             ch.first = ch.first.max(f.min(ch.durable + 1));
         }
-        ch.dirty = true;
+        mark_dirty(ch, work);
         match reason {
             TrimReason::Retention => self.metrics.retention_removed.inc_by(removed),
             TrimReason::Compaction => self.metrics.compaction_removed.inc_by(removed),
@@ -464,8 +474,10 @@ impl Owner {
     }
 
     async fn finish(&mut self, mut batch: crate::store::Batch<'_>, mut work: Work) {
-        for ch in self.channels.values_mut().filter(|c| c.dirty) {
-            batch.put_meta(self.partition, &ch.name, &ch.meta());
+        for name in &work.dirty {
+            if let Some(ch) = self.channels.get(name) {
+                batch.put_meta(self.partition, name, &ch.meta());
+            }
         }
         let stored = match batch.commit() {
             Ok(()) if work.needs_sync => self.store.sync().await,
@@ -484,9 +496,11 @@ impl Owner {
             work.fanout.clear();
         }
         self.fan_out(&work.fanout);
-        for ch in self.channels.values_mut().filter(|c| c.dirty) {
-            ch.durable = ch.top;
-            ch.dirty = false;
+        for name in &work.dirty {
+            if let Some(ch) = self.channels.get_mut(name) {
+                ch.durable = ch.top;
+                ch.dirty = false;
+            }
         }
         self.metrics.messages_published.inc_by(work.fanout.len() as u64);
         for (reply, result) in work.acks {
