@@ -204,6 +204,32 @@ impl Store {
         Ok(out)
     }
 
+    /// Decodes up to `limit` messages of `channel` with offsets in `from..=upto`, oldest
+    /// first (newest first when `newest_first`), each as `f(offset, stored size, message)`.
+    fn scan<T>(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        (from, upto): (u64, u64),
+        limit: usize,
+        newest_first: bool,
+        mut f: impl FnMut(u64, u32, StoredMessage) -> T,
+    ) -> Result<Vec<T>, StoreError> {
+        if from > upto {
+            return Ok(Vec::new());
+        }
+        let range = self.messages.range(message_key(p, channel, from)..=message_key(p, channel, upto));
+        let guards: Box<dyn Iterator<Item = fjall::Guard>> =
+            if newest_first { Box::new(range.rev()) } else { Box::new(range) };
+        guards
+            .take(limit)
+            .map(|guard| {
+                let (k, v) = guard.into_inner()?;
+                Ok(f(offset_of_key(&k), v.len() as u32, postcard::from_bytes(&v)?))
+            })
+            .collect()
+    }
+
     /// Up to `limit` messages with `after < offset <= upto`, oldest first.
     pub fn read_messages(
         &self,
@@ -213,16 +239,7 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
-        let mut out = Vec::new();
-        if after >= upto {
-            return Ok(out);
-        }
-        let range = message_key(p, channel, after + 1)..=message_key(p, channel, upto);
-        for guard in self.messages.range(range).take(limit) {
-            let (k, v) = guard.into_inner()?;
-            out.push((offset_of_key(&k), postcard::from_bytes(&v)?));
-        }
-        Ok(out)
+        self.scan(p, channel, (after.saturating_add(1), upto), limit, false, |offset, _, m| (offset, m))
     }
 
     /// Up to `limit` messages at or below `upto`, newest first (for rebuilding the dedup window).
@@ -233,16 +250,10 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
-        let range = message_key(p, channel, 0)..=message_key(p, channel, upto);
-        let mut out = Vec::new();
-        for guard in self.messages.range(range).rev().take(limit) {
-            let (k, v) = guard.into_inner()?;
-            out.push((offset_of_key(&k), postcard::from_bytes(&v)?));
-        }
-        Ok(out)
+        self.scan(p, channel, (0, upto), limit, true, |offset, _, m| (offset, m))
     }
 
-    /// Policy metadata of up to `limit` messages with offset >= `from`, oldest first.
+    /// Policy metadata of up to `limit` messages with `from <= offset <= upto`, oldest first.
     pub fn read_metas(
         &self,
         p: PartitionId,
@@ -251,23 +262,13 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<switchyard_sdk::MessageMeta>, StoreError> {
-        let mut out = Vec::new();
-        if from > upto {
-            return Ok(out);
-        }
-        let range = message_key(p, channel, from)..=message_key(p, channel, upto);
-        for guard in self.messages.range(range).take(limit) {
-            let (k, v) = guard.into_inner()?;
-            let m: StoredMessage = postcard::from_bytes(&v)?;
-            out.push(switchyard_sdk::MessageMeta {
-                offset: offset_of_key(&k),
-                ts: m.ts,
-                size: v.len() as u32,
-                tombstone: m.is_tombstone(),
-                key: m.key,
-            });
-        }
-        Ok(out)
+        self.scan(p, channel, (from, upto), limit, false, |offset, size, m| switchyard_sdk::MessageMeta {
+            offset,
+            ts: m.ts,
+            size,
+            tombstone: m.is_tombstone(),
+            key: m.key,
+        })
     }
 
     /// A consumer's committed offset.
@@ -324,6 +325,7 @@ mod tests {
             assert_eq!(got[0].1, msg(2));
             let rev = store.read_messages_rev(3, "room:1", 5, 2).unwrap();
             assert_eq!(rev.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![5, 4]);
+            assert!(store.read_messages(3, "room:1", u64::MAX, u64::MAX, 10).unwrap().is_empty());
             let metas = store.read_metas(3, "room:1", 1, 5, 100).unwrap();
             assert_eq!(metas.len(), 5);
             store.close().unwrap();
