@@ -479,10 +479,7 @@ impl Owner {
                 batch.put_meta(self.partition, name, &ch.meta());
             }
         }
-        let stored = match batch.commit() {
-            Ok(()) if work.needs_sync => self.store.sync().await,
-            other => other,
-        };
+        let stored = if batch.is_empty() { Ok(()) } else { batch.write(work.needs_sync).await };
         if let Err(e) = stored {
             tracing::error!(partition = self.partition, error = %e, "store write failed; batch rejected");
             self.rollback(&work.undo);

@@ -1,9 +1,11 @@
 //! The durable store: channel metadata, messages by offset and consumer offsets, in fjall.
 //!
 //! It owns the on-disk layout (three keyspaces, keys prefixed by partition so a partition's
-//! data is one key range) and the group-commit syncer that turns many writers' batches into
-//! one fsync. It must never decide offsets or policy: partition owners write, and the store
-//! only makes their batches durable and reads them back.
+//! data is one key range) and the log writer: one OS thread that commits every partition
+//! owner's batches and turns all the batches that queued during one fsync into the next
+//! fsync (group commit). fjall holds its journal lock while it fsyncs, so no async task ever
+//! commits itself. It must never decide offsets or policy: partition owners write, and the
+//! store only makes their batches durable and reads them back.
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
@@ -79,7 +81,15 @@ pub struct Store {
     messages: Keyspace,
     consumers: Keyspace,
     policy: FsyncPolicy,
-    sync_tx: std_mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    writer: std_mpsc::Sender<WriteJob>,
+}
+
+/// A batch on its way to the log writer.
+struct WriteJob {
+    batch: WriteBatch,
+    /// Whether the writes must be fsync'd (under the policy) before the answer.
+    durable: bool,
+    done: oneshot::Sender<Result<(), String>>,
 }
 
 fn channel_prefix(partition: PartitionId, channel: &str) -> Vec<u8> {
@@ -144,9 +154,13 @@ impl Batch<'_> {
         self.inner.is_empty()
     }
 
-    /// Writes the batch to the journal (visible at once, in the OS page cache, not yet fsync'd).
-    pub fn commit(self) -> Result<(), StoreError> {
-        Ok(self.inner.commit()?)
+    /// Hands the batch to the log writer and waits until it is committed and, when `durable`,
+    /// fsync'd as the policy says (`batch`: the next group fsync; `always`: its own fsync;
+    /// `never`: written to the OS only).
+    pub async fn write(self, durable: bool) -> Result<(), StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.store.writer.send(WriteJob { batch: self.inner, durable, done }).map_err(|_| StoreError::SyncerGone)?;
+        rx.await.map_err(|_| StoreError::SyncerGone)?.map_err(StoreError::Sync)
     }
 }
 
@@ -157,13 +171,13 @@ impl Store {
         let meta = db.keyspace("channels", KeyspaceCreateOptions::default)?;
         let messages = db.keyspace("messages", KeyspaceCreateOptions::default)?;
         let consumers = db.keyspace("consumers", KeyspaceCreateOptions::default)?;
-        let (tx, rx) = std_mpsc::channel::<oneshot::Sender<Result<(), String>>>();
-        let syncer_db = db.clone();
+        let (writer, jobs) = std_mpsc::channel::<WriteJob>();
+        let writer_db = db.clone();
         std::thread::Builder::new()
-            .name("store-sync".into())
-            .spawn(move || sync_loop(syncer_db, rx, metrics))
-            .expect("spawn store syncer thread");
-        Ok(Arc::new(Self { db, meta, messages, consumers, policy, sync_tx: tx }))
+            .name("store-writer".into())
+            .spawn(move || write_loop(writer_db, jobs, policy, metrics))
+            .expect("spawn store writer thread");
+        Ok(Arc::new(Self { db, meta, messages, consumers, policy, writer }))
     }
 
     /// The configured fsync policy.
@@ -176,18 +190,7 @@ impl Store {
         Batch { store: self, inner: self.db.batch() }
     }
 
-    /// Waits until everything committed so far is durable under the fsync policy. With
-    /// `always` and `batch` this joins the next group fsync; with `never` it returns at once.
-    pub async fn sync(&self) -> Result<(), StoreError> {
-        if self.policy == FsyncPolicy::Never {
-            return Ok(());
-        }
-        let (tx, rx) = oneshot::channel();
-        self.sync_tx.send(tx).map_err(|_| StoreError::SyncerGone)?;
-        rx.await.map_err(|_| StoreError::SyncerGone)?.map_err(StoreError::Sync)
-    }
-
-    /// Flushes and fsyncs everything. Used on shutdown; the syncer thread ends with the store.
+    /// Flushes and fsyncs everything. Used on shutdown; the writer thread ends with the store.
     pub fn close(&self) -> Result<(), StoreError> {
         Ok(self.db.persist(PersistMode::SyncAll)?)
     }
@@ -279,21 +282,37 @@ impl Store {
     }
 }
 
-/// The group-commit loop: takes every sync request queued while the previous fsync ran and
-/// answers them all with one fsync.
-fn sync_loop(db: Database, rx: std_mpsc::Receiver<oneshot::Sender<Result<(), String>>>, metrics: Arc<Metrics>) {
-    while let Ok(first) = rx.recv() {
-        let mut waiters = vec![first];
-        waiters.extend(rx.try_iter());
-        let started = Instant::now();
-        let result = db.persist(PersistMode::SyncData).map_err(|e| e.to_string());
-        metrics.store_sync_seconds.observe(started.elapsed().as_secs_f64());
-        metrics.store_syncs.inc();
-        if let Err(e) = &result {
-            tracing::error!(error = %e, waiters = waiters.len(), "store fsync failed");
+/// The log writer: commits each queued batch, then fsyncs once for all of them (group
+/// commit). With `always` every batch gets its own fsync; with `never` none does.
+fn write_loop(db: Database, jobs: std_mpsc::Receiver<WriteJob>, policy: FsyncPolicy, metrics: Arc<Metrics>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        if policy != FsyncPolicy::Always {
+            group.extend(jobs.try_iter());
         }
-        for w in waiters {
-            let _ = w.send(result.clone());
+        let mut must_sync = false;
+        let mut answers: Vec<_> = group
+            .into_iter()
+            .map(|WriteJob { batch, durable, done }| {
+                let r = batch.commit().map_err(|e| e.to_string());
+                must_sync |= durable && r.is_ok();
+                (done, durable, r)
+            })
+            .collect();
+        if must_sync && policy != FsyncPolicy::Never {
+            let started = Instant::now();
+            let synced = db.persist(PersistMode::SyncData).map_err(|e| e.to_string());
+            metrics.store_sync_seconds.observe(started.elapsed().as_secs_f64());
+            metrics.store_syncs.inc();
+            if let Err(e) = &synced {
+                tracing::error!(error = %e, batches = answers.len(), "store fsync failed");
+                for (_, _, r) in answers.iter_mut().filter(|(_, durable, _)| *durable) {
+                    *r = Err(e.clone());
+                }
+            }
+        }
+        for (done, _, r) in answers {
+            let _ = done.send(r);
         }
     }
 }
@@ -318,8 +337,7 @@ mod tests {
             b.put_message(3, "room:10", 1, &msg(99));
             b.put_meta(3, "room:1", &ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 });
             b.put_consumer(3, "room:1", "svc", 4);
-            b.commit().unwrap();
-            store.sync().await.unwrap();
+            b.write(true).await.unwrap();
             let got = store.read_messages(3, "room:1", 1, 4, 100).unwrap();
             assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![2, 3, 4]);
             assert_eq!(got[0].1, msg(2));

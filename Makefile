@@ -1,0 +1,64 @@
+# Switchyard developer entry points.
+#
+#   make run    install what is missing, build the router (release) and the
+#               plugins, start one standalone node on $(LISTEN)
+#   make test   install what is missing, build plugins and the workspace,
+#               run every test (cargo test --workspace)
+#   make bench  build release, measure latency / throughput / connections
+#
+# Override: make run LISTEN=127.0.0.1:9000 DATA_DIR=/tmp/sy
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+# rustup's cargo/rustc before Debian's /usr/bin/{cargo,rustc} (from rustc-web).
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+LISTEN      ?= 127.0.0.1:8000
+DATA_DIR    ?= ./data
+PLUGINS_DIR ?= plugins/dist
+CARGO       ?= cargo
+# extra args for the test binaries, e.g. make test TEST_ARGS='--test-threads=1'
+TEST_ARGS   ?=
+
+.PHONY: all setup plugins build build-release run test bench clean help
+.DEFAULT_GOAL := help
+
+help:
+	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
+
+setup:
+	scripts/setup.sh
+
+plugins:
+	scripts/build-plugins.sh
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+build-release:
+	$(CARGO) build --release -p switchyard-router --bin switchyard
+
+run:
+	scripts/setup.sh
+	scripts/build-plugins.sh
+	$(CARGO) build --release -p switchyard-router --bin switchyard
+	mkdir -p "$(DATA_DIR)" "$(PLUGINS_DIR)"
+	exec target/release/switchyard serve --listen "$(LISTEN)" --data-dir "$(DATA_DIR)" --plugins-dir "$(PLUGINS_DIR)"
+
+test:
+	scripts/setup.sh
+	scripts/build-plugins.sh
+	@echo "[test] cargo build --workspace --all-targets"
+	$(CARGO) build --workspace --all-targets
+	@echo "[test] cargo test --workspace"
+	$(CARGO) test --workspace --no-fail-fast -- $(TEST_ARGS)
+
+bench:
+	scripts/setup.sh
+	scripts/bench.sh
+
+all: test
+
+clean:
+	$(CARGO) clean
+	rm -rf plugins/dist plugins/*/target

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Idempotent installer for everything Switchyard's build and tests need on
+# Debian bookworm (run as root, or as a user with passwordless sudo):
+#
+#   protoc    <- protobuf-compiler  (etcd-client's build script runs protoc)
+#   etcd      <- etcd-server        (cluster tests start their own etcd)
+#   etcdctl   <- etcd-client
+#   wasm32    <- rustc-web cargo-web rust-web-src  (plugins are built with
+#                -Zbuild-std; skipped when rustup already has the
+#                wasm32-unknown-unknown target)
+#
+# Each item is skipped when its command/package is already present.
+# `apt-get update` runs only when something must be installed.
+#
+# Environment:
+#   SWITCHYARD_SKIP_WASM=1   do not install the wasm toolchain
+#   SWITCHYARD_SKIP_ETCD=1   do not install etcd
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+log() { echo "[setup] $*"; }
+
+start=$(date +%s)
+
+# rustup's cargo/rustc must come before Debian's /usr/bin ones.
+if [ -d "$HOME/.cargo/bin" ]; then
+    case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) export PATH="$HOME/.cargo/bin:$PATH" ;; esac
+fi
+
+SUDO=()
+if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo -n)
+    fi
+fi
+
+pkg_installed() {
+    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
+}
+
+missing=()
+want_cmd() { # want_cmd COMMAND PACKAGE
+    if command -v "$1" >/dev/null 2>&1; then
+        log "ok: $1 ($(command -v "$1"))"
+    elif pkg_installed "$2"; then
+        log "ok: package $2 is installed"
+    else
+        log "missing: $1 -> will install package $2"
+        missing+=("$2")
+    fi
+}
+
+want_pkg() { # want_pkg PACKAGE
+    if pkg_installed "$1"; then
+        log "ok: package $1"
+    else
+        log "missing: package $1 -> will install"
+        missing+=("$1")
+    fi
+}
+
+if ! command -v cargo >/dev/null 2>&1; then
+    log "WARNING: cargo not found. Install Rust with rustup (https://rustup.rs); this script does not."
+fi
+want_cmd cc gcc
+want_cmd protoc protobuf-compiler
+if [ "${SWITCHYARD_SKIP_ETCD:-0}" != 1 ]; then
+    want_cmd etcd etcd-server
+    want_cmd etcdctl etcd-client
+fi
+
+if [ "${SWITCHYARD_SKIP_WASM:-0}" = 1 ]; then
+    log "skip: wasm toolchain (SWITCHYARD_SKIP_WASM=1)"
+elif command -v rustup >/dev/null 2>&1 \
+    && rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+    log "ok: rustup target wasm32-unknown-unknown is installed; Debian's rustc-web is not needed"
+else
+    log "rustup has no wasm32-unknown-unknown target: plugins use Debian's rustc-web + build-std"
+    want_pkg rustc-web
+    want_pkg cargo-web
+    want_pkg rust-web-src
+fi
+
+if [ ${#missing[@]} -eq 0 ]; then
+    log "nothing to install ($(( $(date +%s) - start ))s)"
+    exit 0
+fi
+
+if [ "$(id -u)" != 0 ] && [ ${#SUDO[@]} -eq 0 ]; then
+    log "ERROR: need root (or sudo) to install: ${missing[*]}"
+    log "run:  apt-get update && apt-get install -y ${missing[*]}"
+    exit 1
+fi
+
+# Never start services from package scripts (there is no init system here, and
+# a stray etcd on :2379 would disturb the tests).
+policy_created=0
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+    "${SUDO[@]}" chmod +x /usr/sbin/policy-rc.d
+    policy_created=1
+fi
+cleanup() { if [ "$policy_created" = 1 ]; then "${SUDO[@]}" rm -f /usr/sbin/policy-rc.d; fi; }
+trap cleanup EXIT
+
+APT_OPTS=(-o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0)
+log "apt-get update"
+"${SUDO[@]}" apt-get "${APT_OPTS[@]}" update
+log "apt-get install -y ${missing[*]}"
+"${SUDO[@]}" apt-get "${APT_OPTS[@]}" install -y "${missing[@]}"
+
+for c in protoc etcd etcdctl; do
+    if command -v "$c" >/dev/null 2>&1; then log "now: $c -> $(command -v "$c")"; fi
+done
+if [ -x /usr/bin/rustc ]; then log "now: Debian rustc: $(/usr/bin/rustc --version)"; fi
+log "cargo on PATH: $(command -v cargo || echo none)"
+log "done in $(( $(date +%s) - start ))s"
