@@ -29,7 +29,7 @@ pub struct Outbox {
     max_messages: usize,
     max_bytes: usize,
     slow: AtomicBool,
-    /// Woken once when the connection becomes slow.
+    /// Wakes every registered waiter when the connection becomes slow.
     pub slow_signal: Notify,
 }
 
@@ -79,8 +79,10 @@ impl Outbox {
         if n > self.max_messages || b > self.max_bytes {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            if !self.slow.swap(true, Ordering::Relaxed) {
-                self.slow_signal.notify_one();
+            if !self.slow.swap(true, Ordering::SeqCst) {
+                // Every waiter (the session loop, a blocked write) enables itself before it
+                // checks `is_slow`, so waking the registered ones loses no signal.
+                self.slow_signal.notify_waiters();
             }
             return Pushed::Slow;
         }
@@ -92,7 +94,7 @@ impl Outbox {
 
     /// True once the connection overflowed.
     pub fn is_slow(&self) -> bool {
-        self.slow.load(Ordering::Relaxed)
+        self.slow.load(Ordering::SeqCst)
     }
 
     fn taken(&self, d: &Delivery) {

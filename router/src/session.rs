@@ -22,6 +22,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
+use xxhash_rust::xxh3::Xxh3DefaultBuilder as Xxh3Builder;
+
 use crate::node::Node;
 use crate::outbox::{outbox, Delivery, Inbox, Outbox};
 use crate::owner::{Grant, PublishRequest, Start};
@@ -81,7 +83,7 @@ where
         ws,
         outbox,
         inbox,
-        subs: HashMap::new(),
+        subs: HashMap::default(),
         by_channel: HashMap::new(),
         pending: FuturesOrdered::new(),
         unflushed: false,
@@ -103,7 +105,7 @@ struct Session<S> {
     outbox: Arc<Outbox>,
     inbox: Inbox,
     shutdown: watch::Receiver<bool>,
-    subs: HashMap<u64, Sub>,
+    subs: HashMap<u64, Sub, Xxh3Builder>,
     by_channel: HashMap<String, u64>,
     pending: FuturesOrdered<BoxFuture<'static, Output>>,
     unflushed: bool,
@@ -127,12 +129,22 @@ where
     if let std::task::Poll::Ready(r) = first {
         return r.map_err(|_| Stop::Gone);
     }
+    let mut slow = std::pin::pin!(outbox.slow_signal.notified());
+    slow.as_mut().enable();
+    if outbox.is_slow() {
+        return Err(Stop::Slow);
+    }
     tokio::select! {
         biased;
         r = fut => r.map_err(|_| Stop::Gone),
-        _ = outbox.slow_signal.notified() => Err(Stop::Slow),
-        _ = shutdown.changed() => Err(Stop::Shutdown),
+        _ = slow => Err(Stop::Slow),
+        _ = stopping(shutdown) => Err(Stop::Shutdown),
     }
+}
+
+/// Resolves once the node is shutting down (at once if it already is).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
 }
 
 fn owner_gone() -> OpError {
@@ -144,14 +156,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn serve(&mut self) -> Stop {
+        // The two stop signals are registered once, not on every wake-up of the loop.
+        let outbox = self.outbox.clone();
+        let mut slow = std::pin::pin!(outbox.slow_signal.notified());
+        slow.as_mut().enable();
+        let mut shutdown = self.shutdown.clone();
+        let mut shutdown = std::pin::pin!(stopping(&mut shutdown));
         loop {
-            if *self.shutdown.borrow() {
-                return Stop::Shutdown;
+            if self.outbox.is_slow() {
+                return Stop::Slow;
             }
             let step = tokio::select! {
                 biased;
-                _ = self.outbox.slow_signal.notified() => Err(Stop::Slow),
-                _ = self.shutdown.changed() => Err(Stop::Shutdown),
+                _ = &mut slow => Err(Stop::Slow),
+                _ = &mut shutdown => Err(Stop::Shutdown),
                 Some(out) = self.pending.next(), if !self.pending.is_empty() => self.on_output(out).await,
                 Some(d) = self.inbox.recv(&self.outbox) => self.on_deliveries(d).await,
                 frame = self.ws.next() => self.on_frame(frame).await,
