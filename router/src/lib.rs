@@ -21,8 +21,6 @@ pub mod server;
 pub mod session;
 pub mod store;
 
-use std::sync::Arc;
-
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -39,7 +37,7 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
     let server = tokio::spawn(server::serve(node.clone(), listener, alive_tx));
     wait_for_signal().await;
     tracing::info!("shutting down");
-    node.shutdown().await;
+    node.shutdown();
     let drained = tokio::time::timeout(timeout, async {
         let _ = server.await;
         while alive_rx.recv().await.is_some() {}
@@ -63,6 +61,3 @@ async fn wait_for_signal() {
         _ = int.recv() => {},
     }
 }
-
-/// Keeps `Arc` in the public API surface used by tests.
-pub type SharedNode = Arc<node::Node>;

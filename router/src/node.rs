@@ -95,7 +95,7 @@ impl Node {
     pub fn start(config: Config) -> Result<Arc<Self>, StoreError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Sync(format!("data dir: {e}")))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StoreError::DataDir { path: config.data_dir.clone(), source })?;
         let store = Store::open(&config.data_dir, config.fsync, metrics.clone())?;
         let p = config.partitions;
         let mut recovered: Vec<Vec<(String, crate::store::ChannelMeta)>> = (0..p).map(|_| Vec::new()).collect();
@@ -238,8 +238,8 @@ impl Node {
         self.publish(req).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?
     }
 
-    /// Tells every session to go, then lets the owners finish their last batch and syncs.
-    pub async fn shutdown(&self) {
+    /// Tells the listener and every session to stop.
+    pub fn shutdown(&self) {
         let _ = self.shutdown_tx.send(true);
     }
 

@@ -120,7 +120,10 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
             .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
             .body(Full::new(Bytes::from_static(include_bytes!("../web/index.html"))))
             .expect("valid response"),
-        _ => error_response(&OpError::new(ErrorCode::BadRequest, format!("no route for {} {path}", req.method()))),
+        _ => {
+            let e = OpError::bad_request(format!("no route for {} {path}", req.method()));
+            json_response(404, protocol::to_frame(&serde_json::json!({ "error": e })))
+        }
     }
 }
 

@@ -468,45 +468,37 @@ where
     // === closing ===
 
     async fn finish(&mut self, stop: Stop) {
-        let (code, reason) = match stop {
-            Stop::Gone => (None, ""),
-            Stop::Slow => {
-                self.node.metrics.slow_consumer_disconnects.inc();
-                tracing::info!(client = self.id, "slow consumer disconnected");
-                (Some(close::SLOW_CONSUMER), "slow consumer")
-            }
-            Stop::Shutdown => {
-                // Let replies already in flight (acknowledged publishes among them) out first.
-                let deadline = tokio::time::Instant::now() + SHUTDOWN_REPLY_WAIT;
-                while let Ok(Some(Output::Frame(frame))) = tokio::time::timeout_at(deadline, self.pending.next()).await {
-                    if self.ws.feed(Message::Text(Utf8Bytes::try_from(frame).expect("JSON text"))).await.is_err() {
-                        break;
-                    }
-                }
-                (Some(close::SHUTTING_DOWN), "node shutting down")
-            }
-            Stop::TooLarge => {
-                let e = OpError::new(ErrorCode::TooLarge, format!("frame over {} bytes", self.node.config.limits.max_frame_bytes));
-                let frame = self.reply_error(None, &e);
-                let _ = self.ws.feed(Message::Text(Utf8Bytes::try_from(frame).expect("JSON text"))).await;
-                (Some(close::TOO_BIG), "frame too large")
-            }
-        };
         for (sub, s) in self.subs.drain() {
             self.node.unsubscribe(&s.channel, sub).await;
             self.node.metrics.subscriptions.dec();
         }
-        if let Some(code) = code {
-            let ws = &mut self.ws;
-            let last_words = async {
-                if code != close::TOO_BIG {
-                    let push = Utf8Bytes::try_from(protocol::disconnect_push(code, reason)).expect("JSON text");
-                    ws.feed(Message::Text(push)).await?;
+        let (code, reason) = match stop {
+            Stop::Gone => return,
+            Stop::Slow => {
+                self.node.metrics.slow_consumer_disconnects.inc();
+                tracing::info!(client = self.id, "slow consumer disconnected");
+                (close::SLOW_CONSUMER, "slow consumer")
+            }
+            Stop::Shutdown => (close::SHUTTING_DOWN, "node shutting down"),
+            Stop::TooLarge => (close::TOO_BIG, "frame too large"),
+        };
+        let too_large = OpError::new(ErrorCode::TooLarge, format!("frame over {} bytes", self.node.config.limits.max_frame_bytes));
+        let too_large = (code == close::TOO_BIG).then(|| self.reply_error(None, &too_large));
+        let (ws, pending) = (&mut self.ws, &mut self.pending);
+        // Every last write shares one deadline, so a peer that stopped reading cannot hold us.
+        let last_words = async {
+            if code == close::SHUTTING_DOWN {
+                // Let replies already in flight (acknowledged publishes among them) out first.
+                let wait = tokio::time::Instant::now() + SHUTDOWN_REPLY_WAIT;
+                while let Ok(Some(Output::Frame(frame))) = tokio::time::timeout_at(wait, pending.next()).await {
+                    ws.feed(Message::Text(Utf8Bytes::try_from(frame).expect("JSON text"))).await?;
                 }
-                let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-                ws.send(Message::Close(Some(frame))).await
-            };
-            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, last_words).await;
-        }
+            }
+            let last = too_large.unwrap_or_else(|| protocol::disconnect_push(code, reason));
+            ws.feed(Message::Text(Utf8Bytes::try_from(last).expect("JSON text"))).await?;
+            let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+            ws.send(Message::Close(Some(frame))).await
+        };
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, last_words).await;
     }
 }

@@ -29,9 +29,17 @@ pub enum StoreError {
     /// A stored value did not decode.
     #[error("store: corrupt value: {0}")]
     Decode(#[from] postcard::Error),
-    /// The syncer thread is gone (the process is stopping).
-    #[error("store: syncer stopped")]
-    SyncerGone,
+    /// The data directory could not be created.
+    #[error("store: cannot create data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The writer thread is gone (the process is stopping).
+    #[error("store: writer stopped")]
+    WriterGone,
     /// fsync failed; the message names the cause.
     #[error("store: sync failed: {0}")]
     Sync(String),
@@ -159,8 +167,8 @@ impl Batch<'_> {
     /// `never`: written to the OS only).
     pub async fn write(self, durable: bool) -> Result<(), StoreError> {
         let (done, rx) = oneshot::channel();
-        self.store.writer.send(WriteJob { batch: self.inner, durable, done }).map_err(|_| StoreError::SyncerGone)?;
-        rx.await.map_err(|_| StoreError::SyncerGone)?.map_err(StoreError::Sync)
+        self.store.writer.send(WriteJob { batch: self.inner, durable, done }).map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?.map_err(StoreError::Sync)
     }
 }
 
