@@ -364,6 +364,21 @@ mod tests {
     }
 
     #[test]
+    fn overrides_beat_the_file() {
+        let dir = std::env::temp_dir().join(format!("sy-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:1111\"\ndata_dir = \"/from/file\"\n").unwrap();
+        let c = Config::load(Some(&file), Overrides::default()).unwrap();
+        assert_eq!((c.listen.port(), c.data_dir.as_path()), (1111, Path::new("/from/file")));
+        let o = Overrides { listen: Some("127.0.0.1:2222".parse().unwrap()), data_dir: Some("/flag".into()), plugins_dir: None };
+        let c = Config::load(Some(&file), o).unwrap();
+        assert_eq!((c.listen.port(), c.data_dir.as_path()), (2222, Path::new("/flag")));
+        assert!(Config::load(Some(&dir.join("missing.toml")), Overrides::default()).unwrap_err().to_string().contains("missing.toml"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn bad_values_name_the_field() {
         for (text, field) in [
             ("partitions = 0", "partitions"),
