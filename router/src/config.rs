@@ -220,8 +220,7 @@ pub struct Overrides {
 impl Config {
     /// Parses a TOML document (unknown keys are errors). `path` is only used in messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
     }
 
     /// Loads the file (if any), applies overrides and validates the result.
@@ -249,9 +248,8 @@ impl Config {
 
     /// Rejects values the router cannot run with, naming the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field: &str, message: &str| {
-            Err(ConfigError::Invalid { field: field.into(), message: message.into() })
-        };
+        let invalid =
+            |field: &str, message: &str| Err(ConfigError::Invalid { field: field.into(), message: message.into() });
         if self.partitions == 0 || self.partitions > 65_536 {
             return invalid("partitions", "must be between 1 and 65536");
         }
@@ -305,9 +303,7 @@ impl Config {
 
     /// The settings that apply to a channel, by its namespace.
     pub fn namespace(&self, channel: &str) -> &NamespaceConfig {
-        crate::channel::namespace(channel)
-            .and_then(|ns| self.namespaces.get(ns))
-            .unwrap_or(&self.defaults)
+        crate::channel::namespace(channel).and_then(|ns| self.namespaces.get(ns)).unwrap_or(&self.defaults)
     }
 }
 
@@ -371,10 +367,17 @@ mod tests {
         std::fs::write(&file, "listen = \"127.0.0.1:1111\"\ndata_dir = \"/from/file\"\n").unwrap();
         let c = Config::load(Some(&file), Overrides::default()).unwrap();
         assert_eq!((c.listen.port(), c.data_dir.as_path()), (1111, Path::new("/from/file")));
-        let o = Overrides { listen: Some("127.0.0.1:2222".parse().unwrap()), data_dir: Some("/flag".into()), plugins_dir: None };
+        let o = Overrides {
+            listen: Some("127.0.0.1:2222".parse().unwrap()),
+            data_dir: Some("/flag".into()),
+            plugins_dir: None,
+        };
         let c = Config::load(Some(&file), o).unwrap();
         assert_eq!((c.listen.port(), c.data_dir.as_path()), (2222, Path::new("/flag")));
-        assert!(Config::load(Some(&dir.join("missing.toml")), Overrides::default()).unwrap_err().to_string().contains("missing.toml"));
+        assert!(Config::load(Some(&dir.join("missing.toml")), Overrides::default())
+            .unwrap_err()
+            .to_string()
+            .contains("missing.toml"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -27,7 +27,9 @@ use tokio::sync::mpsc;
 /// Runs a node until SIGINT or SIGTERM, then shuts down gracefully: stop accepting, close
 /// every client with 4100 after its in-flight replies, drain the owners, sync the store.
 pub async fn run(config: config::Config) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let timeout = config.shutdown_timeout;
     let node = node::Node::start(config)?;

@@ -53,7 +53,14 @@ async fn ask_snapshot(node: &Node, p: PartitionId) -> Option<Vec<Snapshot>> {
     rx.await.ok()
 }
 
-async fn trim(node: &Node, p: PartitionId, channel: Arc<str>, first: Option<u64>, drops: Vec<(u64, u32)>, reason: TrimReason) {
+async fn trim(
+    node: &Node,
+    p: PartitionId,
+    channel: Arc<str>,
+    first: Option<u64>,
+    drops: Vec<(u64, u32)>,
+    reason: TrimReason,
+) {
     let (reply, rx) = oneshot::channel();
     if node.send_to(p, Command::Trim { channel, first, drops, reason, reply }).await.is_ok() {
         let _ = rx.await;
@@ -82,7 +89,9 @@ async fn round(node: &Node, p: PartitionId, policies: &Policies, memory: &mut Me
         }
         if let Some(policy) = &bound.compaction {
             let last = memory.compacted.get(&snap.channel).copied();
-            if snap.keyed_generation > 0 && last.is_none_or(|(generation, pending)| generation != snap.keyed_generation || pending) {
+            if snap.keyed_generation > 0
+                && last.is_none_or(|(generation, pending)| generation != snap.keyed_generation || pending)
+            {
                 let pending = compaction(node, p, &snap, policy.as_ref()).await;
                 memory.compacted.insert(snap.channel.clone(), (snap.keyed_generation, pending));
             }
@@ -98,7 +107,9 @@ fn oldest_ts(node: &Node, p: PartitionId, snap: &Snapshot, cache: &mut HashMap<A
             return Some(ts);
         }
     }
-    let oldest = tokio::task::block_in_place(|| node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, 1));
+    let oldest = tokio::task::block_in_place(|| {
+        node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, 1)
+    });
     let ts = oldest.ok()?.first()?.ts;
     cache.insert(snap.channel.clone(), (stats.first_offset, ts));
     Some(ts)
@@ -128,7 +139,9 @@ async fn retention(
     let below = match decision {
         Ok(RetentionDecision::DropBelow(x)) if x > stats.first_offset => x,
         Ok(_) => return,
-        Err(e) => return tracing::warn!(channel = %snap.channel, policy = policy.name(), error = %e, "retention round skipped"),
+        Err(e) => {
+            return tracing::warn!(channel = %snap.channel, policy = policy.name(), error = %e, "retention round skipped")
+        }
     };
     // Only what was shown can be removed this round; the rest follows next round.
     let shown_end = input.oldest.last().map(|m| m.offset + 1).unwrap_or(stats.first_offset);
@@ -138,7 +151,12 @@ async fn retention(
 }
 
 /// Returns true when tombstones are still waiting for their delay.
-async fn compaction(node: &Node, p: PartitionId, snap: &Snapshot, policy: &dyn crate::policy::CompactionPolicy) -> bool {
+async fn compaction(
+    node: &Node,
+    p: PartitionId,
+    snap: &Snapshot,
+    policy: &dyn crate::policy::CompactionPolicy,
+) -> bool {
     let stats = &snap.stats;
     let metas = match tokio::task::block_in_place(|| {
         node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, COMPACTION_SCAN_MAX)
@@ -151,7 +169,8 @@ async fn compaction(node: &Node, p: PartitionId, snap: &Snapshot, policy: &dyn c
     };
     let window: Vec<_> = metas.into_iter().filter(|m| m.key.is_some()).collect();
     let input = CompactionInput { channel: snap.channel.to_string(), window, now_ms: now_ms() };
-    let decision = match policy.decide(&input).and_then(|d| validate_compaction(policy.name(), &input, &d).map(|()| d)) {
+    let decision = match policy.decide(&input).and_then(|d| validate_compaction(policy.name(), &input, &d).map(|()| d))
+    {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(channel = %snap.channel, policy = policy.name(), error = %e, "compaction round skipped");

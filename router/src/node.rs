@@ -95,7 +95,8 @@ impl Node {
     pub fn start(config: Config) -> Result<Arc<Self>, StoreError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StoreError::DataDir { path: config.data_dir.clone(), source })?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| StoreError::DataDir { path: config.data_dir.clone(), source })?;
         let store = Store::open(&config.data_dir, config.fsync, metrics.clone())?;
         let p = config.partitions;
         let mut recovered: Vec<Vec<(String, crate::store::ChannelMeta)>> = (0..p).map(|_| Vec::new()).collect();
@@ -212,7 +213,14 @@ impl Node {
     }
 
     /// Reads stored messages `after < offset <= upto`, at most `limit`.
-    pub fn read(&self, channel: &str, epoch: &Arc<str>, after: u64, upto: u64, limit: usize) -> Result<Vec<OwnedMessage>, OpError> {
+    pub fn read(
+        &self,
+        channel: &str,
+        epoch: &Arc<str>,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<OwnedMessage>, OpError> {
         let name: Arc<str> = channel.into();
         let rows = self
             .store
@@ -220,7 +228,8 @@ impl Node {
             .map_err(|e| OpError::internal(e.to_string()))?;
         rows.into_iter()
             .map(|(offset, msg)| {
-                let data = RawValue::from_string(msg.data.clone()).map_err(|e| OpError::internal(format!("stored payload: {e}")))?;
+                let data = RawValue::from_string(msg.data.clone())
+                    .map_err(|e| OpError::internal(format!("stored payload: {e}")))?;
                 Ok(OwnedMessage { channel: name.clone(), epoch: epoch.clone(), offset, msg, data })
             })
             .collect()
@@ -228,7 +237,8 @@ impl Node {
 
     /// A history page: messages with offset > `since`, oldest first, at most `limit`.
     pub async fn history(&self, channel: &str, since: u64, limit: u32) -> Result<HistoryPage, OpError> {
-        let view = self.view(channel).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?;
+        let view =
+            self.view(channel).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?;
         let messages = self.read(channel, &view.epoch, since, view.top, limit as usize)?;
         Ok(HistoryPage { epoch: view.epoch.to_string(), offset: view.top, messages })
     }

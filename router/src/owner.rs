@@ -209,7 +209,13 @@ struct ChannelState {
 
 impl ChannelState {
     fn meta(&self) -> ChannelMeta {
-        ChannelMeta { epoch: self.epoch.to_string(), top: self.top, first: self.first, count: self.count, bytes: self.bytes }
+        ChannelMeta {
+            epoch: self.epoch.to_string(),
+            top: self.top,
+            first: self.first,
+            count: self.count,
+            bytes: self.bytes,
+        }
     }
 }
 
@@ -354,7 +360,12 @@ impl Owner {
         }
     }
 
-    fn publish(&mut self, req: PublishRequest, batch: &mut crate::store::Batch<'_>, work: &mut Work) -> Result<PublishOk, OpError> {
+    fn publish(
+        &mut self,
+        req: PublishRequest,
+        batch: &mut crate::store::Batch<'_>,
+        work: &mut Work,
+    ) -> Result<PublishOk, OpError> {
         let now = now_ms();
         let window_ms = self.idempotency_window.as_millis() as u64;
         let partition = self.partition;
@@ -364,7 +375,9 @@ impl Owner {
         if let Some(key) = &req.idempotency_key {
             let window = match &mut ch.idempotency {
                 Some(w) => w,
-                slot => slot.insert(load_idempotency(&store, partition, &ch.name, ch.top, now.saturating_sub(window_ms))),
+                slot => {
+                    slot.insert(load_idempotency(&store, partition, &ch.name, ch.top, now.saturating_sub(window_ms)))
+                }
             };
             window.expire(now.saturating_sub(window_ms));
             if let Some(&offset) = window.offsets.get(key) {
@@ -372,7 +385,13 @@ impl Owner {
                 return Ok(PublishOk { offset, epoch: ch.epoch.to_string() });
             }
         }
-        let msg = StoredMessage { ts: now, key: req.key, from: req.from, idem: req.idempotency_key, data: req.data.get().to_owned() };
+        let msg = StoredMessage {
+            ts: now,
+            key: req.key,
+            from: req.from,
+            idem: req.idempotency_key,
+            data: req.data.get().to_owned(),
+        };
         let offset = ch.top + 1;
         let size = batch.put_message(partition, &ch.name, offset, &msg);
         ch.top = offset;
@@ -562,7 +581,12 @@ impl Owner {
                     .values()
                     .map(|ch| Snapshot {
                         channel: ch.name.clone(),
-                        stats: ChannelStats { first_offset: ch.first, last_offset: ch.durable, count: ch.count, bytes: ch.bytes },
+                        stats: ChannelStats {
+                            first_offset: ch.first,
+                            last_offset: ch.durable,
+                            count: ch.count,
+                            bytes: ch.bytes,
+                        },
                         keyed_generation: ch.keyed_generation,
                     })
                     .collect();
@@ -599,7 +623,13 @@ impl Owner {
     }
 }
 
-fn load_idempotency(store: &Store, partition: PartitionId, channel: &str, top: u64, cutoff_ms: u64) -> IdempotencyWindow {
+fn load_idempotency(
+    store: &Store,
+    partition: PartitionId,
+    channel: &str,
+    top: u64,
+    cutoff_ms: u64,
+) -> IdempotencyWindow {
     let mut window = IdempotencyWindow::default();
     let recent = match store.read_messages_rev(partition, channel, top, IDEMPOTENCY_SCAN_MAX) {
         Ok(r) => r,

@@ -190,7 +190,10 @@ pub fn validate_retention(policy: &str, input: &RetentionInput, d: &RetentionDec
 pub fn validate_compaction(policy: &str, input: &CompactionInput, d: &CompactionDecision) -> Result<(), PolicyError> {
     let shown: std::collections::HashSet<u64> = input.window.iter().map(|m| m.offset).collect();
     if let Some(bad) = d.remove.iter().find(|o| !shown.contains(o)) {
-        return Err(PolicyError::Invalid { policy: policy.into(), message: format!("offset {bad} was not in the window") });
+        return Err(PolicyError::Invalid {
+            policy: policy.into(),
+            message: format!("offset {bad} was not in the window"),
+        });
     }
     Ok(())
 }
@@ -216,7 +219,10 @@ fn bind(ns: &NamespaceConfig) -> Bound {
     let limits = LimitsRetention::from_namespace(ns);
     Bound {
         retention: (!limits.is_unlimited()).then(|| Arc::new(limits) as Arc<dyn RetentionPolicy>),
-        compaction: ns.compaction.as_ref().map(|c| Arc::new(KeyedCompaction::from_config(c)) as Arc<dyn CompactionPolicy>),
+        compaction: ns
+            .compaction
+            .as_ref()
+            .map(|c| Arc::new(KeyedCompaction::from_config(c)) as Arc<dyn CompactionPolicy>),
     }
 }
 

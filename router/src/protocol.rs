@@ -246,11 +246,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&RawValue>::deserialize(d).map(Some)
 }
 
-fn field<T: serde::de::DeserializeOwned>(
-    raw: Option<&RawValue>,
-    name: &str,
-    what: &str,
-) -> Result<Option<T>, OpError> {
+fn field<T: serde::de::DeserializeOwned>(raw: Option<&RawValue>, name: &str, what: &str) -> Result<Option<T>, OpError> {
     match raw {
         None => Ok(None),
         Some(r) if r.get() == "null" => Ok(None),
@@ -332,11 +328,8 @@ fn parse_object(text: &str) -> Result<RawFrame<'_>, OpError> {
 pub fn parse_command(text: &str) -> Result<(u64, Command), Rejected> {
     let f = parse_object(text).map_err(|error| Rejected { id: None, error })?;
     let id: u64 = match field(f.id, "id", "an unsigned integer") {
-
         Ok(Some(id)) => id,
-        Ok(None) => {
-            return Err(Rejected { id: None, error: OpError::bad_request("field `id` is required") })
-        }
+        Ok(None) => return Err(Rejected { id: None, error: OpError::bad_request("field `id` is required") }),
         Err(error) => return Err(Rejected { id: None, error }),
     };
     command(&f).map(|c| (id, c)).map_err(|error| Rejected { id: Some(id), error })
@@ -345,10 +338,9 @@ pub fn parse_command(text: &str) -> Result<(u64, Command), Rejected> {
 fn command(f: &RawFrame<'_>) -> Result<Command, OpError> {
     let op: String = required(f.op, "op", "a string")?;
     Ok(match op.as_str() {
-        "connect" => Command::Connect {
-            token: field(f.token, "token", "a string")?,
-            name: field(f.name, "name", "a string")?,
-        },
+        "connect" => {
+            Command::Connect { token: field(f.token, "token", "a string")?, name: field(f.name, "name", "a string")? }
+        }
         "subscribe" => Command::Subscribe {
             channel: channel_field(f.channel)?,
             from: from_field(f.from)?,
@@ -486,13 +478,18 @@ mod tests {
 
     #[test]
     fn parses_every_command() {
-        let (id, c) = parse_command(r#"{"id":1,"op":"subscribe","channel":"a:b","from":{"offset":3,"epoch":"E"},"extra":true}"#).unwrap();
+        let (id, c) =
+            parse_command(r#"{"id":1,"op":"subscribe","channel":"a:b","from":{"offset":3,"epoch":"E"},"extra":true}"#)
+                .unwrap();
         assert_eq!(id, 1);
-        assert_eq!(c, Command::Subscribe {
-            channel: "a:b".into(),
-            from: StartFrom::Recover { offset: 3, epoch: "E".into() },
-            consumer: None
-        });
+        assert_eq!(
+            c,
+            Command::Subscribe {
+                channel: "a:b".into(),
+                from: StartFrom::Recover { offset: 3, epoch: "E".into() },
+                consumer: None
+            }
+        );
         for (from, want) in [
             ("", StartFrom::Latest),
             (r#","from":"latest""#, StartFrom::Latest),
@@ -502,7 +499,10 @@ mod tests {
             let (_, c) = parse_command(&format!(r#"{{"id":2,"op":"subscribe","channel":"x"{from}}}"#)).unwrap();
             assert!(matches!(c, Command::Subscribe { from, .. } if from == want));
         }
-        let (_, c) = parse_command(r#"{"id":3,"op":"publish","channel":"x","data":{"a": [1, 2]},"key":"k","idempotency_key":"i"}"#).unwrap();
+        let (_, c) = parse_command(
+            r#"{"id":3,"op":"publish","channel":"x","data":{"a": [1, 2]},"key":"k","idempotency_key":"i"}"#,
+        )
+        .unwrap();
         let Command::Publish(p) = c else { panic!() };
         assert_eq!(p.data.get(), r#"{"a": [1, 2]}"#);
         assert_eq!(p.key.as_deref(), Some("k"));

@@ -59,7 +59,9 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::Sender<(
                 let alive = alive.clone();
                 async move { Ok::<_, Infallible>(route(node, req, alive).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -153,7 +155,8 @@ async fn publish(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         Ok(p) => p,
         Err(e) => return error_response(&e),
     };
-    let req = PublishRequest { channel: p.channel, data: p.data, key: p.key, idempotency_key: p.idempotency_key, from: None };
+    let req =
+        PublishRequest { channel: p.channel, data: p.data, key: p.key, idempotency_key: p.idempotency_key, from: None };
     result_response(node.publish_and_wait(req).await)
 }
 
@@ -161,7 +164,10 @@ fn query_u64(query: &str, name: &str) -> Result<Option<u64>, OpError> {
     for pair in query.split('&') {
         if let Some((k, v)) = pair.split_once('=') {
             if k == name && !v.is_empty() {
-                return v.parse().map(Some).map_err(|_| OpError::bad_request(format!("`{name}` must be an unsigned integer")));
+                return v
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| OpError::bad_request(format!("`{name}` must be an unsigned integer")));
             }
         }
     }
@@ -185,10 +191,8 @@ async fn history(node: Arc<Node>, channel: &str, query: &str) -> Response<Body> 
 
 fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>) -> Response<Body> {
     let headers = req.headers();
-    let is_upgrade = headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let is_upgrade =
+        headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).filter(|_| is_upgrade) else {
         return error_response(&OpError::bad_request("expected a WebSocket upgrade"));
     };

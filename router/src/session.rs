@@ -260,7 +260,8 @@ where
             }
             Some(Ok(Message::Binary(data))) if data.len() > max => Err(Stop::TooLarge),
             Some(Ok(Message::Binary(_))) => {
-                let frame = self.reply_error(None, &OpError::bad_request("binary frames are not supported; send JSON text"));
+                let frame =
+                    self.reply_error(None, &OpError::bad_request("binary frames are not supported; send JSON text"));
                 self.queue(ready(frame));
                 Ok(())
             }
@@ -322,9 +323,15 @@ where
                 Ok(rx) => self.queue(
                     async move {
                         let result = match rx.await {
-                            Ok(view) => node.read(&channel, &view.epoch, since, view.top, limit as usize).map(|messages| {
-                                crate::node::HistoryPage { epoch: view.epoch.to_string(), offset: view.top, messages }
-                            }),
+                            Ok(view) => {
+                                node.read(&channel, &view.epoch, since, view.top, limit as usize).map(|messages| {
+                                    crate::node::HistoryPage {
+                                        epoch: view.epoch.to_string(),
+                                        offset: view.top,
+                                        messages,
+                                    }
+                                })
+                            }
                             Err(_) => Err(owner_gone()),
                         };
                         Output::Frame(protocol::reply(id, &result))
@@ -423,7 +430,8 @@ where
                 let Some(last) = page.last() else { break };
                 after = last.offset;
                 for m in &page {
-                    let frame = Utf8Bytes::try_from(protocol::to_frame(&m.view(Some("message")))).expect("JSON is UTF-8");
+                    let frame =
+                        Utf8Bytes::try_from(protocol::to_frame(&m.view(Some("message")))).expect("JSON is UTF-8");
                     self.push_message(frame).await?;
                 }
             }
@@ -482,7 +490,8 @@ where
             Stop::Shutdown => (close::SHUTTING_DOWN, "node shutting down"),
             Stop::TooLarge => (close::TOO_BIG, "frame too large"),
         };
-        let too_large = OpError::new(ErrorCode::TooLarge, format!("frame over {} bytes", self.node.config.limits.max_frame_bytes));
+        let too_large =
+            OpError::new(ErrorCode::TooLarge, format!("frame over {} bytes", self.node.config.limits.max_frame_bytes));
         let too_large = (code == close::TOO_BIG).then(|| self.reply_error(None, &too_large));
         let (ws, pending) = (&mut self.ws, &mut self.pending);
         // Every last write shares one deadline, so a peer that stopped reading cannot hold us.

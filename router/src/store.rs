@@ -358,7 +358,10 @@ mod tests {
         }
         let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
         let all = store.all_channels().unwrap();
-        assert_eq!(all, vec![(3, "room:1".to_string(), ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 })]);
+        assert_eq!(
+            all,
+            vec![(3, "room:1".to_string(), ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 })]
+        );
         assert_eq!(store.consumer_offset(3, "room:1", "svc").unwrap(), Some(4));
         assert_eq!(store.consumer_offset(3, "room:1", "other").unwrap(), None);
         assert_eq!(store.read_messages(3, "room:10", 0, 10, 10).unwrap().len(), 1);

@@ -35,10 +35,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 #[derive(Parser)]
-#[command(
-    name = "measure",
-    about = "Load measurer for the Switchyard WebSocket protocol"
-)]
+#[command(name = "measure", about = "Load measurer for the Switchyard WebSocket protocol")]
 struct Cli {
     #[command(subcommand)]
     mode: Mode,
@@ -127,19 +124,12 @@ enum Mode {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     raise_nofile_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.mode {
-            Mode::Latency {
-                common,
-                subscribers,
-                rate,
-                duration,
-                channel,
-                payload,
-            } => latency(common, subscribers, rate, duration, channel, payload).await,
+            Mode::Latency { common, subscribers, rate, duration, channel, payload } => {
+                latency(common, subscribers, rate, duration, channel, payload).await
+            }
             Mode::Throughput {
                 common,
                 subscribers,
@@ -150,27 +140,10 @@ fn main() -> Result<()> {
                 inflight,
                 payload,
                 prefix,
-            } => {
-                throughput(
-                    common,
-                    subscribers,
-                    channels,
-                    publishers,
-                    duration,
-                    rate,
-                    inflight,
-                    payload,
-                    prefix,
-                )
-                .await
+            } => throughput(common, subscribers, channels, publishers, duration, rate, inflight, payload, prefix).await,
+            Mode::Connections { common, count, channels, settle, verify } => {
+                connections(common, count, channels, settle, verify).await
             }
-            Mode::Connections {
-                common,
-                count,
-                channels,
-                settle,
-                verify,
-            } => connections(common, count, channels, settle, verify).await,
         }
     })
 }
@@ -178,19 +151,13 @@ fn main() -> Result<()> {
 // === helpers ===
 
 fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 fn raise_nofile_limit() {
     // SAFETY: plain libc calls on a stack value.
     unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             let old = lim.rlim_cur;
             lim.rlim_cur = lim.rlim_max;
@@ -216,13 +183,7 @@ fn proc_cpu_secs(pid: &str) -> Option<f64> {
 /// VmRSS of a process in KiB.
 fn proc_rss_kib(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn server_cpu(c: &Common) -> Option<f64> {
@@ -291,9 +252,7 @@ async fn connect_subscribed(url: &str, channel: &str) -> Result<Ws> {
 /// A JSON `data` object of roughly `size` bytes carrying the send time.
 fn payload(size: usize, seq: u64, warm: bool) -> Value {
     let t = now_micros();
-    let base = json!({"t": t, "w": warm, "s": seq, "p": ""})
-        .to_string()
-        .len();
+    let base = json!({"t": t, "w": warm, "s": seq, "p": ""}).to_string().len();
     json!({"t": t, "w": warm, "s": seq, "p": "x".repeat(size.saturating_sub(base))})
 }
 
@@ -316,6 +275,27 @@ fn new_hist() -> Histogram<u64> {
 
 fn ms(us: u64) -> String {
     format!("{:.3} ms", us as f64 / 1000.0)
+}
+
+/// A subscriber body that only counts message pushes (into `delivered`) until `stop`.
+fn counting_reader(
+    stop: watch::Receiver<bool>,
+    delivered: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+) -> impl Fn(usize, Ws) -> futures_util::future::BoxFuture<'static, Result<Histogram<u64>>> + Send + Sync + Clone + 'static
+{
+    move |_i: usize, ws: Ws| {
+        let (delivered, closed, stop) = (delivered.clone(), closed.clone(), stop.clone());
+        Box::pin(async move {
+            read_until_stop(ws, stop, closed, |text| {
+                if is_message_push(text) {
+                    delivered.fetch_add(1, Relaxed);
+                }
+            })
+            .await;
+            Ok(new_hist())
+        })
+    }
 }
 
 /// Open `n` connections subscribed to `channel_of(i)`, `concurrency` at a
@@ -383,10 +363,7 @@ where
     }
     while connectors.join_next().await.is_some() {}
     let (o, f) = (opened.load(Relaxed), failed.load(Relaxed));
-    println!(
-        "[{label}] {o}/{n} connections open and subscribed in {:.2}s ({f} failed)",
-        start.elapsed().as_secs_f64()
-    );
+    println!("[{label}] {o}/{n} connections open and subscribed in {:.2}s ({f} failed)", start.elapsed().as_secs_f64());
     if o == 0 {
         bail!("no connection could be opened to {url}");
     }
@@ -512,11 +489,7 @@ fn start_publisher(ws: Ws, stats: AckStats, permits: Option<Arc<Semaphore>>) -> 
             }
         }
     });
-    Publisher {
-        tx,
-        sent_at,
-        reader,
-    }
+    Publisher { tx, sent_at, reader }
 }
 
 fn publish_frame(id: u64, channel: &str, data: Value) -> Message {
@@ -549,8 +522,7 @@ async fn latency(
     let hold = {
         let (delivered, measured, closed) = (delivered.clone(), measured.clone(), closed.clone());
         move |_i: usize, ws: Ws| {
-            let (delivered, measured, closed) =
-                (delivered.clone(), measured.clone(), closed.clone());
+            let (delivered, measured, closed) = (delivered.clone(), measured.clone(), closed.clone());
             let stop = stop_rx.clone();
             async move {
                 let mut h = new_hist();
@@ -577,16 +549,9 @@ async fn latency(
         }
     };
     let ch = channel.clone();
-    let n = open_subscribers(
-        "latency",
-        &c.url,
-        subscribers,
-        c.connect_concurrency,
-        move |_| ch.clone(),
-        hold,
-        &mut subs,
-    )
-    .await?;
+    let n =
+        open_subscribers("latency", &c.url, subscribers, c.connect_concurrency, move |_| ch.clone(), hold, &mut subs)
+            .await?;
 
     let stats = AckStats::new();
     let (acked, errors) = (stats.acked.clone(), stats.errors.clone());
@@ -616,9 +581,7 @@ async fn latency(
             if !warm {
                 sent_measured += 1;
             }
-            publisher
-                .feed(publish_frame(sent, &channel, payload(size, sent, warm)))
-                .await?;
+            publisher.feed(publish_frame(sent, &channel, payload(size, sent, warm))).await?;
         }
         publisher.tx.flush().await?;
         if el >= next_report {
@@ -654,14 +617,17 @@ async fn latency(
     let got = hist.len();
     println!("== latency summary ==");
     println!("subscribers:        {n} (of {subscribers} requested), channel {channel}");
+    println!("offered rate:       {rate}/s publishes, {:.0}/s deliveries", rate * n as f64);
     println!(
-        "offered rate:       {rate}/s publishes, {:.0}/s deliveries",
-        rate * n as f64
+        "published:          {sent} total, {sent_measured} measured (after warm-up), acked {}, errors {}",
+        acked.load(Relaxed),
+        errors.load(Relaxed)
     );
-    println!("published:          {sent} total, {sent_measured} measured (after warm-up), acked {}, errors {}",
-        acked.load(Relaxed), errors.load(Relaxed));
-    println!("deliveries:         {got} measured of {expected} expected (missing {}), {} closed subscribers",
-        expected.saturating_sub(got), closed.load(Relaxed));
+    println!(
+        "deliveries:         {got} measured of {expected} expected (missing {}), {} closed subscribers",
+        expected.saturating_sub(got),
+        closed.load(Relaxed)
+    );
     if got > 0 {
         println!(
             "publish->deliver:   p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  mean {:.3} ms",
@@ -703,8 +669,7 @@ async fn throughput(
         "[throughput] {subscribers} subscribers over {channels} channels, {publishers} publishers \
          ({} in flight each), rate {}, payload ~{size} B, warm-up {:?}, measure {:?}, url {}",
         inflight,
-        rate.map(|r| format!("{r}/s"))
-            .unwrap_or_else(|| "unlimited".into()),
+        rate.map(|r| format!("{r}/s")).unwrap_or_else(|| "unlimited".into()),
         c.warmup,
         duration,
         c.url
@@ -713,22 +678,7 @@ async fn throughput(
     let delivered = Arc::new(AtomicU64::new(0));
     let closed = Arc::new(AtomicU64::new(0));
     let mut subs = JoinSet::new();
-    let hold = {
-        let (delivered, closed) = (delivered.clone(), closed.clone());
-        move |_i: usize, ws: Ws| {
-            let (delivered, closed) = (delivered.clone(), closed.clone());
-            let stop = stop_rx.clone();
-            async move {
-                read_until_stop(ws, stop, closed, |text| {
-                    if is_message_push(text) {
-                        delivered.fetch_add(1, Relaxed);
-                    }
-                })
-                .await;
-                Ok(new_hist())
-            }
-        }
-    };
+    let hold = counting_reader(stop_rx, delivered.clone(), closed.clone());
     let pfx = prefix.clone();
     let n = open_subscribers(
         "throughput",
@@ -758,12 +708,8 @@ async fn throughput(
         let ws = connect(&c.url).await?;
         let permits = Arc::new(Semaphore::new(inflight));
         let mut publisher = start_publisher(ws, stats.clone(), Some(permits.clone()));
-        let (running, sent, expected, per_channel) = (
-            running.clone(),
-            sent.clone(),
-            expected.clone(),
-            per_channel.clone(),
-        );
+        let (running, sent, expected, per_channel) =
+            (running.clone(), sent.clone(), expected.clone(), per_channel.clone());
         let prefix = prefix.clone();
         let per_pub_rate = rate.map(|r| r / publishers as f64);
         pubs.spawn(async move {
@@ -803,9 +749,7 @@ async fn throughput(
                     k += 1;
                     let ch = (p as u64 + k * publishers as u64) as usize % channels;
                     let channel = format!("{prefix}:{ch}");
-                    publisher
-                        .feed(publish_frame(k, &channel, payload(size, k, false)))
-                        .await?;
+                    publisher.feed(publish_frame(k, &channel, payload(size, k, false))).await?;
                     expected.fetch_add(per_channel[ch], Relaxed);
                 }
                 sent.fetch_add(batch, Relaxed);
@@ -824,13 +768,7 @@ async fn throughput(
 
     // progress + measurement window
     let snap = |label: &str| {
-        let s = (
-            Instant::now(),
-            acked.load(Relaxed),
-            delivered.load(Relaxed),
-            server_cpu(&c),
-            proc_cpu_secs("self"),
-        );
+        let s = (Instant::now(), acked.load(Relaxed), delivered.load(Relaxed), server_cpu(&c), proc_cpu_secs("self"));
         if !label.is_empty() {
             println!("[throughput] {label}");
         }
@@ -857,12 +795,9 @@ async fn throughput(
         }
         let (a, d) = (acked.load(Relaxed), delivered.load(Relaxed));
         let cpu = match (&begin, server_cpu(&c)) {
-            (Some(b), Some(now)) if b.0.elapsed() > Duration::from_millis(500) => b.3.map(|b3| {
-                format!(
-                    " server cpu {:.0}%",
-                    100.0 * (now - b3) / b.0.elapsed().as_secs_f64().max(1e-9)
-                )
-            }),
+            (Some(b), Some(now)) if b.0.elapsed() > Duration::from_millis(500) => {
+                b.3.map(|b3| format!(" server cpu {:.0}%", 100.0 * (now - b3) / b.0.elapsed().as_secs_f64().max(1e-9)))
+            }
             _ => None,
         };
         println!(
@@ -896,9 +831,7 @@ async fn throughput(
     let _ = stop_tx.send(true);
     while subs.join_next().await.is_some() {}
 
-    let Some(begin) = begin else {
-        bail!("run ended before the warm-up was over")
-    };
+    let Some(begin) = begin else { bail!("run ended before the warm-up was over") };
     let secs = end.0.duration_since(begin.0).as_secs_f64();
     let pubs_n = end.1 - begin.1;
     let deliv_n = end.2 - begin.2;
@@ -907,22 +840,15 @@ async fn throughput(
         n as f64 / channels as f64);
     println!(
         "offered:            {}",
-        rate.map(|r| format!("{r} publishes/s"))
-            .unwrap_or_else(|| "unlimited (pipelined on acks)".into())
+        rate.map(|r| format!("{r} publishes/s")).unwrap_or_else(|| "unlimited (pipelined on acks)".into())
     );
-    println!(
-        "window:             {secs:.2}s after {:?} warm-up",
-        c.warmup
-    );
+    println!("window:             {secs:.2}s after {:?} warm-up", c.warmup);
     println!(
         "publishes:          {pubs_n} acked in window = {:.0}/s (errors {} total)",
         pubs_n as f64 / secs,
         errors.load(Relaxed)
     );
-    println!(
-        "deliveries:         {deliv_n} in window = {:.0}/s",
-        deliv_n as f64 / secs
-    );
+    println!("deliveries:         {deliv_n} in window = {:.0}/s", deliv_n as f64 / secs);
     if let Some(l) = stats.rtt_line() {
         println!("publish->ack:       {l}");
     }
@@ -936,26 +862,19 @@ async fn throughput(
         sent.load(Relaxed), acked.load(Relaxed), exp.saturating_sub(final_delivered), closed.load(Relaxed));
     if let (Some(b), Some(e)) = (begin.3, end.3) {
         let cpu = e - b;
-        println!(
-            "server cpu:         {cpu:.2}s in window = {:.0}% of one core",
-            100.0 * cpu / secs
-        );
+        println!("server cpu:         {cpu:.2}s in window = {:.0}% of one core", 100.0 * cpu / secs);
         if deliv_n > 0 {
-            println!(
-                "server cpu/1M deliv: {:.3} s per million delivered",
-                cpu / (deliv_n as f64 / 1e6)
-            );
+            println!("server cpu/1M deliv: {:.3} s per million delivered", cpu / (deliv_n as f64 / 1e6));
         }
         if pubs_n > 0 {
-            println!(
-                "server cpu/1M pub:  {:.3} s per million published",
-                cpu / (pubs_n as f64 / 1e6)
-            );
+            println!("server cpu/1M pub:  {:.3} s per million published", cpu / (pubs_n as f64 / 1e6));
         }
     }
     if let (Some(b), Some(e)) = (begin.4, end.4) {
-        println!("measurer cpu:       {:.0}% of one core (near 100% means the generator, not the server, is the limit)",
-            100.0 * (e - b) / secs);
+        println!(
+            "measurer cpu:       {:.0}% of one core (near 100% means the generator, not the server, is the limit)",
+            100.0 * (e - b) / secs
+        );
     }
     if deliv_n == 0 {
         bail!("nothing was delivered in the measurement window");
@@ -965,13 +884,7 @@ async fn throughput(
 
 // === connections ===
 
-async fn connections(
-    c: Common,
-    count: usize,
-    channels: usize,
-    settle: Duration,
-    verify: bool,
-) -> Result<()> {
+async fn connections(c: Common, count: usize, channels: usize, settle: Duration, verify: bool) -> Result<()> {
     let channels = channels.max(1);
     READ_BUFFER.store(4096, Relaxed);
     println!(
@@ -988,22 +901,7 @@ async fn connections(
     let delivered = Arc::new(AtomicU64::new(0));
     let closed = Arc::new(AtomicU64::new(0));
     let mut holders = JoinSet::new();
-    let hold = {
-        let (delivered, closed) = (delivered.clone(), closed.clone());
-        move |_i: usize, ws: Ws| {
-            let (delivered, closed) = (delivered.clone(), closed.clone());
-            let stop = stop_rx.clone();
-            async move {
-                read_until_stop(ws, stop, closed, |text| {
-                    if is_message_push(text) {
-                        delivered.fetch_add(1, Relaxed);
-                    }
-                })
-                .await;
-                Ok(new_hist())
-            }
-        }
-    };
+    let hold = counting_reader(stop_rx, delivered.clone(), closed.clone());
     let start = Instant::now();
     let opened = open_subscribers(
         "connections",
@@ -1028,24 +926,14 @@ async fn connections(
         let mut p = start_publisher(connect(&c.url).await?, stats, None);
         let used = channels.min(count);
         for ch in 0..used {
-            p.feed(publish_frame(
-                ch as u64 + 1,
-                &format!("idle:{ch}"),
-                payload(32, 0, false),
-            ))
-            .await?;
+            p.feed(publish_frame(ch as u64 + 1, &format!("idle:{ch}"), payload(32, 0, false))).await?;
         }
         p.tx.flush().await?;
         let t0 = Instant::now();
-        while (delivered.load(Relaxed) as usize) < opened && t0.elapsed() < Duration::from_secs(10)
-        {
+        while (delivered.load(Relaxed) as usize) < opened && t0.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        verified = Some((
-            delivered.load(Relaxed),
-            acked.load(Relaxed),
-            errors.load(Relaxed),
-        ));
+        verified = Some((delivered.load(Relaxed), acked.load(Relaxed), errors.load(Relaxed)));
         let _ = p.tx.close().await;
         p.reader.abort();
     }
@@ -1069,10 +957,7 @@ async fn connections(
                 fmt_mib(a),
                 fmt_mib(a.saturating_sub(b))
             );
-            println!(
-                "per connection:     {:.2} KiB",
-                (a as f64 - b as f64) / opened as f64
-            );
+            println!("per connection:     {:.2} KiB", (a as f64 - b as f64) / opened as f64);
         }
         _ => println!("server RSS:         n/a (pass --server-pid)"),
     }
