@@ -62,6 +62,9 @@ pub enum Start {
     From(StartFrom),
     /// After a durable consumer's committed offset.
     Consumer(String),
+    /// `latest` as the owner saw it on arrival: the top then (set by the owner itself, so
+    /// publishes that follow the subscribe in the same batch are delivered).
+    LatestAt(u64),
 }
 
 /// The owner's answer to a subscribe.
@@ -69,12 +72,17 @@ pub enum Start {
 pub struct Grant {
     /// Channel epoch.
     pub epoch: Arc<str>,
-    /// Channel top at the moment the subscriber was registered; live pushes follow it.
+    /// The reply's `offset`: the channel top, or for `latest` the top when it arrived
+    /// (the subscriber's stream starts right after it).
+    pub offset: u64,
+    /// Channel top at the moment the subscriber was registered: catch-up ends here.
     pub top: u64,
     /// For recovery requests: whether the stream continues exactly.
     pub recovered: Option<bool>,
     /// Retained messages with `after < offset <= top` to push before live ones, if any.
     pub catch_up_after: Option<u64>,
+    /// Live messages are pushed only above this offset (`top`, or a `from` above it).
+    pub live_after: u64,
 }
 
 /// A consistent view of a channel's acknowledged log.
@@ -229,8 +237,9 @@ struct Work {
     after: Vec<Command>,
     publishes: usize,
     needs_sync: bool,
-    /// Pre-batch state of channels touched, for rollback if the store fails.
-    undo: Vec<(Arc<str>, ChannelMeta)>,
+    /// Pre-batch state of channels touched (None: created by this batch), for rollback if
+    /// the store fails.
+    undo: Vec<(Arc<str>, Option<ChannelMeta>)>,
     /// Channels whose metadata this batch rewrites.
     dirty: Vec<Arc<str>>,
 }
@@ -325,14 +334,17 @@ impl Owner {
             };
             self.channels.insert(name.clone(), state);
             self.metrics.partition_channels.with_label_values(&[&self.partition.to_string()]).inc();
+            // Created in this batch: a failed write removes it again. Its metadata rides
+            // along unsynced: if it is lost in a crash, the channel comes back under a new
+            // epoch, which is exactly what an epoch means.
+            work.undo.push((name.clone(), None));
             let ch = self.channels.get_mut(&name).expect("just inserted");
             mark_dirty(ch, work);
-            work.needs_sync = true;
             return ch;
         }
         let ch = self.channels.get_mut(name).expect("checked above");
         if !ch.dirty {
-            work.undo.push((ch.name.clone(), ch.meta()));
+            work.undo.push((ch.name.clone(), Some(ch.meta())));
         }
         ch
     }
@@ -351,7 +363,17 @@ impl Owner {
                 self.trim(&channel, first, &drops, reason, batch, work);
                 let _ = reply.send(());
             }
-            Command::Subscribe { ref channel, .. } | Command::View(ref channel, _) => {
+            Command::Subscribe { channel, sub, outbox, start, reply } => {
+                let ch = self.channel(&channel, work);
+                // Answered after the batch, but "latest" means latest when it arrived:
+                // publishes later in this batch belong to the subscriber.
+                let start = match start {
+                    Start::From(StartFrom::Latest) => Start::LatestAt(ch.top),
+                    other => other,
+                };
+                work.after.push(Command::Subscribe { channel, sub, outbox, start, reply });
+            }
+            Command::View(ref channel, _) => {
                 let channel = channel.clone();
                 self.channel(&channel, work);
                 work.after.push(cmd);
@@ -471,7 +493,7 @@ impl Owner {
         let partition = self.partition;
         let Some(ch) = self.channels.get_mut(channel) else { return };
         if !ch.dirty {
-            work.undo.push((ch.name.clone(), ch.meta()));
+            work.undo.push((ch.name.clone(), Some(ch.meta())));
         }
         let mut removed = 0;
         for &(offset, size) in drops {
@@ -530,15 +552,27 @@ impl Owner {
         }
     }
 
-    fn rollback(&mut self, undo: &[(Arc<str>, ChannelMeta)]) {
-        for (name, m) in undo {
-            if let Some(ch) = self.channels.get_mut(name) {
-                ch.top = m.top;
-                ch.first = m.first;
-                ch.count = m.count;
-                ch.bytes = m.bytes;
-                ch.idempotency = None;
-                ch.consumers.clear();
+    /// Restores the pre-batch state of every channel the failed batch touched. Windows and
+    /// caches that may hold the batch's effects are dropped and rebuilt from the store.
+    fn rollback(&mut self, undo: &[(Arc<str>, Option<ChannelMeta>)]) {
+        for (name, before) in undo {
+            match before {
+                None => {
+                    if self.channels.remove(name).is_some() {
+                        self.metrics.partition_channels.with_label_values(&[&self.partition.to_string()]).dec();
+                    }
+                }
+                Some(m) => {
+                    if let Some(ch) = self.channels.get_mut(name) {
+                        ch.top = m.top;
+                        ch.first = m.first;
+                        ch.count = m.count;
+                        ch.bytes = m.bytes;
+                        ch.idempotency = None;
+                        ch.consumers.clear();
+                        ch.dirty = false;
+                    }
+                }
             }
         }
     }
@@ -600,23 +634,31 @@ impl Owner {
 
     fn grant(&mut self, channel: &str, start: &Start) -> Result<Grant, OpError> {
         let committed = match start {
-            Start::Consumer(name) => Some(self.consumer_offset(channel, name, &mut Work::default())?),
-            Start::From(_) => None,
+            Start::Consumer(name) => self.consumer_offset(channel, name, &mut Work::default())?,
+            _ => 0,
         };
         let ch = self.channels.get(channel).ok_or_else(|| OpError::internal("channel vanished"))?;
         let (top, floor) = (ch.durable, ch.first.saturating_sub(1));
-        let mut grant = Grant { epoch: ch.epoch.clone(), top, recovered: None, catch_up_after: None };
-        let after = match (start, committed) {
-            (_, Some(c)) => Some(c.max(floor)),
-            (Start::From(StartFrom::Latest), _) => None,
-            (Start::From(StartFrom::Earliest), _) => Some(floor),
-            (Start::From(StartFrom::After(n)), _) => Some((*n).max(floor)),
-            (Start::From(StartFrom::Recover { offset, epoch }), _) => {
+        let mut grant =
+            Grant { epoch: ch.epoch.clone(), offset: top, top, recovered: None, catch_up_after: None, live_after: top };
+        // `after`: retained messages above it are pushed before live ones.
+        let after = match start {
+            Start::Consumer(_) => Some(committed.max(floor)),
+            Start::From(StartFrom::Latest) => None,
+            Start::LatestAt(at) => {
+                grant.offset = *at;
+                Some((*at).max(floor))
+            }
+            Start::From(StartFrom::Earliest) => Some(floor),
+            Start::From(StartFrom::After(n)) => {
+                grant.live_after = top.max(*n);
+                Some((*n).max(floor))
+            }
+            Start::From(StartFrom::Recover { offset, epoch }) => {
                 let exact = epoch.as_str() == &*ch.epoch && *offset >= floor && *offset <= top;
                 grant.recovered = Some(exact);
                 exact.then_some(*offset)
             }
-            (Start::Consumer(_), None) => unreachable!("consumer offset looked up above"),
         };
         grant.catch_up_after = after.filter(|a| *a < top);
         Ok(grant)
@@ -631,17 +673,13 @@ fn load_idempotency(
     cutoff_ms: u64,
 ) -> IdempotencyWindow {
     let mut window = IdempotencyWindow::default();
-    let recent = match store.read_messages_rev(partition, channel, top, IDEMPOTENCY_SCAN_MAX) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(channel, error = %e, "could not rebuild idempotency window");
-            return window;
+    match store.recent_idempotency_keys(partition, channel, top, cutoff_ms, IDEMPOTENCY_SCAN_MAX) {
+        Ok(keys) => {
+            for (offset, ts, key) in keys.into_iter().rev() {
+                window.insert(key, offset, ts);
+            }
         }
-    };
-    for (offset, m) in recent.into_iter().rev().filter(|(_, m)| m.ts >= cutoff_ms) {
-        if let Some(key) = m.idem {
-            window.insert(key, offset, m.ts);
-        }
+        Err(e) => tracing::warn!(channel, error = %e, "could not rebuild idempotency window"),
     }
     window
 }

@@ -441,6 +441,11 @@ pub fn disconnect_push(code: u16, reason: &str) -> Bytes {
     to_frame(&serde_json::json!({"push": "disconnect", "code": code, "reason": reason}))
 }
 
+/// `{"push": "unsubscribed", "channel", "code", "reason"}`: the server ended a subscription.
+pub fn unsubscribed_push(channel: &str, code: u16, reason: &str) -> Bytes {
+    to_frame(&serde_json::json!({"push": "unsubscribed", "channel": channel, "code": code, "reason": reason}))
+}
+
 /// The `ok` of a `subscribe`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SubscribeOk {

@@ -104,6 +104,8 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
         (&Method::GET, "/healthz") => {
             if *node.shutdown.borrow() {
                 json_response(503, Bytes::from_static(br#"{"status":"shutting_down"}"#))
+            } else if node.store.has_failed() {
+                json_response(503, Bytes::from_static(br#"{"status":"store_failed"}"#))
             } else {
                 json_response(200, Bytes::from_static(br#"{"status":"ok"}"#))
             }
@@ -114,8 +116,8 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
             .expect("valid response"),
         (&Method::GET, "/api/v1/cluster") => json_response(200, protocol::to_frame(&cluster(&node))),
         (&Method::POST, "/api/v1/publish") => publish(node, req).await,
-        (&Method::GET, p) if p.starts_with("/api/v1/channels/") && p.ends_with("/history") => {
-            let channel = &p["/api/v1/channels/".len()..p.len() - "/history".len()];
+        (&Method::GET, p) if history_channel(p).is_some() => {
+            let channel = history_channel(p).expect("matched above");
             history(node, channel, req.uri().query().unwrap_or("")).await
         }
         (&Method::GET, "/") => Response::builder()
@@ -127,6 +129,11 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
             json_response(404, protocol::to_frame(&serde_json::json!({ "error": e })))
         }
     }
+}
+
+/// The `{channel}` of `/api/v1/channels/{channel}/history`.
+fn history_channel(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/v1/channels/")?.strip_suffix("/history").filter(|c| !c.is_empty())
 }
 
 fn cluster(node: &Node) -> serde_json::Value {

@@ -35,7 +35,7 @@ const CATCH_UP_PAGE: usize = 256;
 const DRAIN_MAX: usize = 512;
 /// How long a closing connection may take to write its last frames.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a shutting-down connection waits for replies still in flight.
+/// How long a closing connection waits for replies still in flight.
 const SHUTDOWN_REPLY_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a session ends.
@@ -403,7 +403,7 @@ where
                     let ok = SubscribeOk {
                         channel: channel.clone(),
                         epoch: grant.epoch.to_string(),
-                        offset: grant.top,
+                        offset: grant.offset,
                         recovered: grant.recovered,
                     };
                     self.write_bytes(protocol::ok_reply(id, &ok)).await?;
@@ -417,6 +417,9 @@ where
     }
 
     /// Pushes the catch-up range from the store, then the live messages held meanwhile.
+    /// If retention trims part of the range before it is read (or a read fails), the
+    /// subscription ends with an `unsubscribed` push instead of going live over a hole:
+    /// the client subscribes again and recovery tells it what was lost.
     async fn go_live(&mut self, sub: u64, channel: &str, grant: &Grant) -> Result<(), Stop> {
         if let Some(mut after) = grant.catch_up_after {
             while after < grant.top {
@@ -424,9 +427,14 @@ where
                     Ok(page) => page,
                     Err(e) => {
                         tracing::warn!(client = self.id, channel, error = %e, "catch-up read failed");
-                        break;
+                        return self.end_subscription(sub, channel, "catch-up read failed; subscribe again").await;
                     }
                 };
+                let next = page.first().map_or(grant.top + 1, |m| m.offset);
+                if next > after + 1 && self.trimmed_past(channel, after) {
+                    let reason = "history trimmed during catch-up; subscribe again to recover";
+                    return self.end_subscription(sub, channel, reason).await;
+                }
                 let Some(last) = page.last() else { break };
                 after = last.offset;
                 for m in &page {
@@ -437,7 +445,7 @@ where
             }
         }
         let held = match self.subs.get_mut(&sub) {
-            Some(s) => std::mem::replace(&mut s.phase, Phase::Live { delivered: grant.top }),
+            Some(s) => std::mem::replace(&mut s.phase, Phase::Live { delivered: grant.live_after }),
             None => return Ok(()),
         };
         if let Phase::Pending(held) = held {
@@ -446,6 +454,25 @@ where
             }
         }
         Ok(())
+    }
+
+    /// True when retention (not compaction) removed messages just above `after`: the
+    /// channel's first retained offset has moved past them.
+    fn trimmed_past(&self, channel: &str, after: u64) -> bool {
+        match self.node.store.channel_meta(self.node.partition(channel), channel) {
+            Ok(Some(meta)) => meta.first > after + 1,
+            _ => true,
+        }
+    }
+
+    /// Ends one subscription from the server side with an `unsubscribed` push.
+    async fn end_subscription(&mut self, sub: u64, channel: &str, reason: &str) -> Result<(), Stop> {
+        if self.subs.remove(&sub).is_some() {
+            self.by_channel.remove(channel);
+            self.node.metrics.subscriptions.dec();
+            self.node.unsubscribe(channel, sub).await;
+        }
+        self.write_bytes(protocol::unsubscribed_push(channel, close::SLOW_CONSUMER, reason)).await
     }
 
     async fn on_deliveries(&mut self, first: Delivery) -> Result<(), Stop> {
@@ -462,7 +489,13 @@ where
     async fn deliver(&mut self, d: Delivery) -> Result<(), Stop> {
         let Some(sub) = self.subs.get_mut(&d.sub) else { return Ok(()) };
         match &mut sub.phase {
-            Phase::Pending(held) => held.push(d),
+            Phase::Pending(held) => {
+                // Held messages left the outbox's accounting: bound them by the same limit.
+                if held.len() >= self.node.config.limits.outbound_queue_messages {
+                    return Err(Stop::Slow);
+                }
+                held.push(d)
+            }
             Phase::Live { delivered } => {
                 if d.offset > *delivered {
                     *delivered = d.offset;
@@ -496,12 +529,23 @@ where
         let (ws, pending) = (&mut self.ws, &mut self.pending);
         // Every last write shares one deadline, so a peer that stopped reading cannot hold us.
         let last_words = async {
-            if code == close::SHUTTING_DOWN {
-                // Let replies already in flight (acknowledged publishes among them) out first.
-                let wait = tokio::time::Instant::now() + SHUTDOWN_REPLY_WAIT;
-                while let Ok(Some(Output::Frame(frame))) = tokio::time::timeout_at(wait, pending.next()).await {
-                    ws.feed(Message::Text(Utf8Bytes::try_from(frame).expect("JSON text"))).await?;
-                }
+            // Replies already in flight (acknowledged publishes among them) go out first,
+            // in order; a subscription granted meanwhile gets its reply but no messages.
+            let wait = tokio::time::Instant::now() + SHUTDOWN_REPLY_WAIT;
+            while let Ok(Some(out)) = tokio::time::timeout_at(wait, pending.next()).await {
+                let frame = match out {
+                    Output::Frame(frame) => frame,
+                    Output::Subscribed { id, channel, result, .. } => protocol::reply(
+                        id,
+                        &result.map(|g| SubscribeOk {
+                            channel,
+                            epoch: g.epoch.to_string(),
+                            offset: g.offset,
+                            recovered: g.recovered,
+                        }),
+                    ),
+                };
+                ws.feed(Message::Text(Utf8Bytes::try_from(frame).expect("JSON text"))).await?;
             }
             let last = too_large.unwrap_or_else(|| protocol::disconnect_push(code, reason));
             ws.feed(Message::Text(Utf8Bytes::try_from(last).expect("JSON text"))).await?;

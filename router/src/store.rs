@@ -90,6 +90,8 @@ pub struct Store {
     consumers: Keyspace,
     policy: FsyncPolicy,
     writer: std_mpsc::Sender<WriteJob>,
+    /// Set when a write or fsync failed: fjall refuses all writes after that.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A batch on its way to the log writer.
@@ -181,11 +183,18 @@ impl Store {
         let consumers = db.keyspace("consumers", KeyspaceCreateOptions::default)?;
         let (writer, jobs) = std_mpsc::channel::<WriteJob>();
         let writer_db = db.clone();
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer_failed = failed.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(writer_db, jobs, policy, metrics))
+            .spawn(move || write_loop(writer_db, jobs, policy, metrics, writer_failed))
             .expect("spawn store writer thread");
-        Ok(Arc::new(Self { db, meta, messages, consumers, policy, writer }))
+        Ok(Arc::new(Self { db, meta, messages, consumers, policy, writer, failed }))
+    }
+
+    /// True once a write or fsync failed; the node can no longer store anything.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The configured fsync policy.
@@ -216,23 +225,20 @@ impl Store {
     }
 
     /// Decodes up to `limit` messages of `channel` with offsets in `from..=upto`, oldest
-    /// first (newest first when `newest_first`), each as `f(offset, stored size, message)`.
+    /// first, each as `f(offset, stored size, message)`.
     fn scan<T>(
         &self,
         p: PartitionId,
         channel: &str,
         (from, upto): (u64, u64),
         limit: usize,
-        newest_first: bool,
         mut f: impl FnMut(u64, u32, StoredMessage) -> T,
     ) -> Result<Vec<T>, StoreError> {
         if from > upto {
             return Ok(Vec::new());
         }
-        let range = self.messages.range(message_key(p, channel, from)..=message_key(p, channel, upto));
-        let guards: Box<dyn Iterator<Item = fjall::Guard>> =
-            if newest_first { Box::new(range.rev()) } else { Box::new(range) };
-        guards
+        self.messages
+            .range(message_key(p, channel, from)..=message_key(p, channel, upto))
             .take(limit)
             .map(|guard| {
                 let (k, v) = guard.into_inner()?;
@@ -250,18 +256,40 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
-        self.scan(p, channel, (after.saturating_add(1), upto), limit, false, |offset, _, m| (offset, m))
+        self.scan(p, channel, (after.saturating_add(1), upto), limit, |offset, _, m| (offset, m))
     }
 
-    /// Up to `limit` messages at or below `upto`, newest first (for rebuilding the dedup window).
-    pub fn read_messages_rev(
+    /// `(offset, ts, idempotency key)` of the newest messages back to the first one older
+    /// than `cutoff_ms` (at most `limit`), newest first. Payloads are not decoded.
+    pub fn recent_idempotency_keys(
         &self,
         p: PartitionId,
         channel: &str,
         upto: u64,
+        cutoff_ms: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
-        self.scan(p, channel, (0, upto), limit, true, |offset, _, m| (offset, m))
+    ) -> Result<Vec<(u64, u64, String)>, StoreError> {
+        /// The leading fields of a [`StoredMessage`]; postcard stops before the payload.
+        #[derive(Deserialize)]
+        struct Head {
+            ts: u64,
+            _key: Option<String>,
+            _from: Option<String>,
+            idem: Option<String>,
+        }
+        let mut out = Vec::new();
+        let range = self.messages.range(message_key(p, channel, 0)..=message_key(p, channel, upto));
+        for guard in range.rev().take(limit) {
+            let (k, v) = guard.into_inner()?;
+            let (head, _) = postcard::take_from_bytes::<Head>(&v)?;
+            if head.ts < cutoff_ms {
+                break;
+            }
+            if let Some(key) = head.idem {
+                out.push((offset_of_key(&k), head.ts, key));
+            }
+        }
+        Ok(out)
     }
 
     /// Policy metadata of up to `limit` messages with `from <= offset <= upto`, oldest first.
@@ -273,13 +301,18 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<switchyard_sdk::MessageMeta>, StoreError> {
-        self.scan(p, channel, (from, upto), limit, false, |offset, size, m| switchyard_sdk::MessageMeta {
+        self.scan(p, channel, (from, upto), limit, |offset, size, m| switchyard_sdk::MessageMeta {
             offset,
             ts: m.ts,
             size,
             tombstone: m.is_tombstone(),
             key: m.key,
         })
+    }
+
+    /// The stored metadata of one channel.
+    pub fn channel_meta(&self, p: PartitionId, channel: &str) -> Result<Option<ChannelMeta>, StoreError> {
+        Ok(self.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?)
     }
 
     /// A consumer's committed offset.
@@ -292,7 +325,13 @@ impl Store {
 
 /// The log writer: commits each queued batch, then fsyncs once for all of them (group
 /// commit). With `always` every batch gets its own fsync; with `never` none does.
-fn write_loop(db: Database, jobs: std_mpsc::Receiver<WriteJob>, policy: FsyncPolicy, metrics: Arc<Metrics>) {
+fn write_loop(
+    db: Database,
+    jobs: std_mpsc::Receiver<WriteJob>,
+    policy: FsyncPolicy,
+    metrics: Arc<Metrics>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         if policy != FsyncPolicy::Always {
@@ -320,6 +359,9 @@ fn write_loop(db: Database, jobs: std_mpsc::Receiver<WriteJob>, policy: FsyncPol
             }
         }
         for (done, _, r) in answers {
+            if r.is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             let _ = done.send(r);
         }
     }
@@ -349,8 +391,11 @@ mod tests {
             let got = store.read_messages(3, "room:1", 1, 4, 100).unwrap();
             assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![2, 3, 4]);
             assert_eq!(got[0].1, msg(2));
-            let rev = store.read_messages_rev(3, "room:1", 5, 2).unwrap();
-            assert_eq!(rev.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![5, 4]);
+            let mut b = store.batch();
+            b.put_message(3, "room:1", 6, &StoredMessage { idem: Some("k6".into()), ..msg(6) });
+            b.write(true).await.unwrap();
+            let keys = store.recent_idempotency_keys(3, "room:1", 6, 4, 100).unwrap();
+            assert_eq!(keys, vec![(6, 6, "k6".to_string())], "stops at the first message older than the cutoff");
             assert!(store.read_messages(3, "room:1", u64::MAX, u64::MAX, 10).unwrap().is_empty());
             let metas = store.read_metas(3, "room:1", 1, 5, 100).unwrap();
             assert_eq!(metas.len(), 5);

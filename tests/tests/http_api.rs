@@ -158,3 +158,16 @@ async fn http_publish_accepts_null_data() -> anyhow::Result<()> {
     assert_eq!((status, &answer["offset"]), (200, &json!(1)), "{answer}");
     Ok(())
 }
+
+/// A path that only looks like the history route is refused, not a crash.
+#[tokio::test(flavor = "multi_thread")]
+async fn lookalike_history_path_is_404() -> anyhow::Result<()> {
+    let node = Node::start("");
+    for path in ["/api/v1/channels/history", "/api/v1/channels//history", "/api/v1/nothing"] {
+        let (status, body) = get_json(&node, path).await?;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+    let (status, _) = get_json(&node, "/healthz").await?;
+    assert_eq!(status, 200, "the node still serves");
+    Ok(())
+}
