@@ -84,6 +84,65 @@ pub struct Config {
     pub defaults: NamespaceConfig,
     /// Per-namespace settings; the namespace is the part of a channel name before the first `:`.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// The WASM plugin host.
+    pub plugins: PluginsConfig,
+    /// The balancing plugin the cluster leader uses (read once the cluster lands); absent
+    /// means the built-in even spread.
+    pub balancer: Option<PluginBinding>,
+}
+
+/// A policy plugin bound by name, with its params: `{ plugin = "keep-last", params = { count = 1000 } }`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginBinding {
+    /// The plugin's file stem in `plugins_dir`.
+    pub plugin: String,
+    /// Params handed to the plugin as a JSON object. Default `{}`.
+    #[serde(default = "empty_params")]
+    pub params: serde_json::Value,
+}
+
+fn empty_params() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+/// The WASM plugin host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Deadline of one plugin call. Default 50 ms.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+    /// Memory cap of one plugin instance. Default 32 MiB.
+    pub memory_limit_bytes: usize,
+    /// Consecutive failures that quarantine a plugin. Default 3.
+    pub quarantine_after: u32,
+    /// First quarantine period; doubles on each relapse. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub quarantine_min: Duration,
+    /// Longest quarantine period. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub quarantine_max: Duration,
+    /// A plugin without failures for this long starts over at `quarantine_min`. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub healthy_reset: Duration,
+    /// How long the folder must be quiet before a change is loaded. Default 200 ms.
+    #[serde(with = "humantime_serde")]
+    pub reload_debounce: Duration,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            call_timeout: Duration::from_millis(50),
+            memory_limit_bytes: 32 * 1024 * 1024,
+            quarantine_after: 3,
+            quarantine_min: Duration::from_secs(1),
+            quarantine_max: Duration::from_secs(30),
+            healthy_reset: Duration::from_secs(60),
+            reload_debounce: Duration::from_millis(200),
+        }
+    }
 }
 
 /// Per-connection limits.
@@ -133,6 +192,8 @@ pub struct NamespaceConfig {
     pub history_bytes: u64,
     /// Keyed compaction; absent means none.
     pub compaction: Option<CompactionConfig>,
+    /// A retention plugin; the limits above are its fallback.
+    pub retention: Option<PluginBinding>,
 }
 
 /// Keyed compaction: keep the latest value per key.
@@ -147,6 +208,12 @@ pub struct CompactionConfig {
     /// removed once it is this old. Default 1 minute.
     #[serde(default = "default_tombstone_delay", with = "humantime_serde")]
     pub tombstone_delay: Duration,
+    /// A compaction plugin (file stem); `window` and `tombstone_delay` are its fallback.
+    #[serde(default)]
+    pub plugin: Option<String>,
+    /// Params for the plugin. Default `{}`.
+    #[serde(default = "empty_params")]
+    pub params: serde_json::Value,
 }
 
 fn default_tombstone_delay() -> Duration {
@@ -168,6 +235,8 @@ impl Default for Config {
             maintenance: MaintenanceConfig::default(),
             defaults: NamespaceConfig::default(),
             namespaces: BTreeMap::new(),
+            plugins: PluginsConfig::default(),
+            balancer: None,
         }
     }
 }
@@ -202,6 +271,7 @@ impl Default for NamespaceConfig {
             history_ttl: Duration::from_secs(7 * 24 * 3600),
             history_bytes: 0,
             compaction: None,
+            retention: None,
         }
     }
 }
@@ -291,7 +361,29 @@ impl Config {
                 if c.window.is_some_and(|w| w.is_zero()) {
                     return invalid(&format!("{path}.compaction.window"), "must be greater than zero");
                 }
+                if let Some(plugin) = &c.plugin {
+                    check_binding(&format!("{path}.compaction"), plugin, &c.params)?;
+                }
             }
+            if let Some(b) = &ns.retention {
+                check_binding(&format!("{path}.retention"), &b.plugin, &b.params)?;
+            }
+        }
+        if let Some(b) = &self.balancer {
+            check_binding("balancer", &b.plugin, &b.params)?;
+        }
+        let pl = &self.plugins;
+        if pl.call_timeout < Duration::from_millis(1) || pl.call_timeout > Duration::from_secs(10) {
+            return invalid("plugins.call_timeout", "must be between 1ms and 10s");
+        }
+        if pl.memory_limit_bytes < 1024 * 1024 {
+            return invalid("plugins.memory_limit_bytes", "must be at least 1 MiB (16 wasm pages)");
+        }
+        if pl.quarantine_after == 0 {
+            return invalid("plugins.quarantine_after", "must be at least 1");
+        }
+        if pl.quarantine_min.is_zero() || pl.quarantine_max < pl.quarantine_min {
+            return invalid("plugins.quarantine_max", "must be at least plugins.quarantine_min, which must be > 0");
         }
         for name in self.namespaces.keys() {
             if name.is_empty() || name.contains(':') || !crate::channel::is_valid_name(name) {
@@ -302,9 +394,27 @@ impl Config {
     }
 
     /// The settings that apply to a channel, by its namespace.
+    /// The settings that apply to a channel, by its namespace.
     pub fn namespace(&self, channel: &str) -> &NamespaceConfig {
         crate::channel::namespace(channel).and_then(|ns| self.namespaces.get(ns)).unwrap_or(&self.defaults)
     }
+}
+
+/// A binding names a plugin by file stem and gives a params object.
+fn check_binding(path: &str, plugin: &str, params: &serde_json::Value) -> Result<(), ConfigError> {
+    let stem_ok = !plugin.is_empty()
+        && plugin.len() <= 128
+        && plugin.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !stem_ok {
+        return Err(ConfigError::Invalid {
+            field: format!("{path}.plugin"),
+            message: "must be a plugin file stem of [A-Za-z0-9_.-]".into(),
+        });
+    }
+    if !params.is_object() {
+        return Err(ConfigError::Invalid { field: format!("{path}.params"), message: "must be a table".into() });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -348,6 +458,14 @@ mod tests {
         assert_eq!(comp.window, Some(Duration::from_secs(10)));
         assert_eq!(comp.tombstone_delay, Duration::from_secs(60));
         assert_eq!(c.namespace("other:x"), &c.defaults);
+        let c = parse(
+            "[namespaces.chat]\nretention = { plugin = \"keep-last\", params = { count = 3 } }\n\
+             compaction = { plugin = \"latest-per-key\" }\n[plugins]\ncall_timeout = \"20ms\"\n",
+        )
+        .unwrap();
+        let b = c.namespace("chat:a").retention.as_ref().unwrap();
+        assert_eq!((b.plugin.as_str(), &b.params), ("keep-last", &serde_json::json!({"count": 3})));
+        assert_eq!(c.namespace("chat:a").compaction.as_ref().unwrap().params, serde_json::json!({}));
         assert_eq!(c.namespace("plain"), &c.defaults);
     }
 
@@ -390,6 +508,9 @@ mod tests {
             ("[maintenance]\ninterval = \"1ms\"", "maintenance.interval"),
             ("[namespaces.\"a:b\"]\nhistory_size = 1", "namespaces.a:b"),
             ("[namespaces.x]\ncompaction = { window = \"0s\" }", "namespaces.x.compaction.window"),
+            ("[namespaces.x]\nretention = { plugin = \"a/b\" }", "namespaces.x.retention.plugin"),
+            ("[namespaces.x]\nretention = { plugin = \"k\", params = 3 }", "namespaces.x.retention.params"),
+            ("[plugins]\ncall_timeout = \"0s\"", "plugins.call_timeout"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");

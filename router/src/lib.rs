@@ -4,7 +4,7 @@
 //! calls [`run`]. Module map: `config` (settings), `protocol` (wire format, no I/O),
 //! `channel` and `partition` (names, hashing, ownership), `store` (fjall), `owner` (one
 //! single-writer task per partition), `outbox` and `session` (one client), `server` (HTTP and
-//! WebSocket), `policy` and `maintenance` (retention and compaction), `metrics`, `node`
+//! WebSocket), `policy` and `maintenance` (retention and compaction), `plugin` (the WASM host), `metrics`, `node`
 //! (wiring).
 
 pub mod channel;
@@ -15,6 +15,7 @@ pub mod node;
 pub mod outbox;
 pub mod owner;
 pub mod partition;
+pub mod plugin;
 pub mod policy;
 pub mod protocol;
 pub mod server;

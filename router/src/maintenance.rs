@@ -23,7 +23,7 @@ const COMPACTION_SCAN_MAX: usize = 100_000;
 
 /// Starts one maintenance task per partition.
 pub fn spawn(node: &Arc<Node>) {
-    let policies = Arc::new(Policies::from_config(&node.config));
+    let policies = Arc::new(Policies::from_config(&node.config, Some(&node.plugins)));
     for p in 0..node.config.partitions {
         let node = Arc::downgrade(node);
         let policies = policies.clone();

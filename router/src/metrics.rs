@@ -41,6 +41,10 @@ pub struct Metrics {
     pub compaction_removed: IntCounter,
     /// Error replies sent, by code.
     pub protocol_errors: IntCounterVec,
+    /// Plugin calls, by plugin and kind (plugins are files an operator drops in: few).
+    pub plugin_calls: IntCounterVec,
+    /// Failed plugin calls, by plugin, kind and reason.
+    pub plugin_failures: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -96,6 +100,19 @@ impl Metrics {
                 &registry,
                 IntCounterVec::new(Opts::new("switchyard_protocol_errors_total", "Error replies by code"), &["code"])
                     .expect("valid metric"),
+            ),
+            plugin_calls: reg(
+                &registry,
+                IntCounterVec::new(Opts::new("switchyard_plugin_calls_total", "Plugin calls"), &["plugin", "kind"])
+                    .expect("valid metric"),
+            ),
+            plugin_failures: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("switchyard_plugin_failures_total", "Plugin calls that failed (built-in policy used)"),
+                    &["plugin", "kind", "reason"],
+                )
+                .expect("valid metric"),
             ),
             registry,
         }

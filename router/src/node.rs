@@ -71,6 +71,28 @@ impl Serialize for OwnedMessage {
     }
 }
 
+/// Builds the wasm host and loads the plugin folder (before any policy round runs).
+fn start_plugins(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<crate::plugin::registry::Registry>, StoreError> {
+    use crate::plugin::{host, registry};
+    let pc = &config.plugins;
+    std::fs::create_dir_all(&config.plugins_dir)
+        .map_err(|source| StoreError::DataDir { path: config.plugins_dir.clone(), source })?;
+    let host = host::Host::new(Some(config.data_dir.join("plugin-cache"))).map_err(|e| StoreError::DataDir {
+        path: config.plugins_dir.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let limits = host::CallLimits { timeout: pc.call_timeout, max_memory: pc.memory_limit_bytes };
+    let rules = registry::QuarantineRules {
+        after: pc.quarantine_after,
+        min: pc.quarantine_min,
+        max: pc.quarantine_max,
+        healthy_reset: pc.healthy_reset,
+    };
+    let plugins = registry::Registry::new(host, config.plugins_dir.clone(), limits, rules, metrics);
+    plugins.rescan();
+    Ok(plugins)
+}
+
 /// A running node.
 pub struct Node {
     /// Validated configuration.
@@ -79,6 +101,8 @@ pub struct Node {
     pub store: Arc<Store>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The policy plugins of `plugins_dir`.
+    pub plugins: Arc<crate::plugin::registry::Registry>,
     /// Who owns which partition (static in standalone mode).
     pub map: watch::Receiver<Arc<PartitionMap>>,
     owners: Vec<mpsc::Sender<Command>>,
@@ -127,12 +151,14 @@ impl Node {
             tasks.push(tokio::spawn(owner.run()));
             owners.push(tx);
         }
+        let plugins = start_plugins(&config, metrics.clone())?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (map_tx, map) = watch::channel(Arc::new(PartitionMap::standalone(&config.node_id, p)));
         let node = Arc::new(Self {
             config,
             store,
             metrics,
+            plugins,
             map,
             owners,
             next_id: AtomicU64::new(1),
@@ -141,6 +167,7 @@ impl Node {
             _map_tx: map_tx,
             owner_tasks: std::sync::Mutex::new(tasks),
         });
+        node.plugins.watch(node.config.plugins.reload_debounce, node.shutdown.clone());
         crate::maintenance::spawn(&node);
         Ok(node)
     }

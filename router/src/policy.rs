@@ -12,6 +12,8 @@ use std::time::Duration;
 use switchyard_sdk::{ChannelStats, CompactionDecision, CompactionInput, RetentionDecision, RetentionInput};
 
 use crate::config::{CompactionConfig, Config, NamespaceConfig};
+use crate::plugin::bound::{PluginCompaction, PluginRetention};
+use crate::plugin::registry::Registry;
 
 /// Why a policy produced no usable decision.
 #[derive(Debug, thiserror::Error)]
@@ -215,23 +217,41 @@ pub struct Policies {
     namespaces: std::collections::HashMap<String, Bound>,
 }
 
-fn bind(ns: &NamespaceConfig) -> Bound {
+/// The built-in policies of a namespace, wrapped by its plugin bindings when `plugins` is
+/// given. A bound plugin falls back to the built-in one on any failure.
+fn bind(ns: &NamespaceConfig, plugins: Option<&Arc<Registry>>) -> Bound {
     let limits = LimitsRetention::from_namespace(ns);
-    Bound {
-        retention: (!limits.is_unlimited()).then(|| Arc::new(limits) as Arc<dyn RetentionPolicy>),
-        compaction: ns
-            .compaction
-            .as_ref()
-            .map(|c| Arc::new(KeyedCompaction::from_config(c)) as Arc<dyn CompactionPolicy>),
-    }
+    let builtin_retention = (!limits.is_unlimited()).then(|| Arc::new(limits) as Arc<dyn RetentionPolicy>);
+    let retention = match (&ns.retention, plugins) {
+        (Some(b), Some(registry)) => Some(Arc::new(PluginRetention {
+            registry: registry.clone(),
+            plugin: b.plugin.clone(),
+            params: b.params.to_string(),
+            fallback: builtin_retention,
+        }) as Arc<dyn RetentionPolicy>),
+        _ => builtin_retention,
+    };
+    let compaction = ns.compaction.as_ref().map(|c| {
+        let builtin = Arc::new(KeyedCompaction::from_config(c)) as Arc<dyn CompactionPolicy>;
+        match (&c.plugin, plugins) {
+            (Some(plugin), Some(registry)) => Arc::new(PluginCompaction {
+                registry: registry.clone(),
+                plugin: plugin.clone(),
+                params: c.params.to_string(),
+                fallback: builtin,
+            }) as Arc<dyn CompactionPolicy>,
+            _ => builtin,
+        }
+    });
+    Bound { retention, compaction }
 }
 
 impl Policies {
-    /// Builds the bindings of every namespace in `config`.
-    pub fn from_config(config: &Config) -> Self {
+    /// Builds the bindings of every namespace in `config`, with plugins from `plugins`.
+    pub fn from_config(config: &Config, plugins: Option<&Arc<Registry>>) -> Self {
         Self {
-            defaults: bind(&config.defaults),
-            namespaces: config.namespaces.iter().map(|(n, ns)| (n.clone(), bind(ns))).collect(),
+            defaults: bind(&config.defaults, plugins),
+            namespaces: config.namespaces.iter().map(|(n, ns)| (n.clone(), bind(ns, plugins))).collect(),
         }
     }
 

@@ -115,6 +115,10 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
             .body(Full::new(Bytes::from(node.metrics.render())))
             .expect("valid response"),
         (&Method::GET, "/api/v1/cluster") => json_response(200, protocol::to_frame(&cluster(&node))),
+        (&Method::GET, "/api/v1/plugins") => json_response(
+            200,
+            protocol::to_frame(&serde_json::json!({ "dir": node.plugins.dir(), "plugins": node.plugins.list() })),
+        ),
         (&Method::POST, "/api/v1/publish") => publish(node, req).await,
         (&Method::GET, p) if history_channel(p).is_some() => {
             let channel = history_channel(p).expect("matched above");

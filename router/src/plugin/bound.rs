@@ -1,0 +1,83 @@
+//! Plugins bound to a namespace, as retention and compaction policies.
+//!
+//! It owns the adapters that implement [`RetentionPolicy`] and [`CompactionPolicy`] by
+//! calling a plugin through the [`Registry`], validating its decision with the same rules
+//! as the built-ins, and falling back to the namespace's built-in policy whenever the
+//! plugin is missing, quarantined or fails. It must never return an error for a plugin
+//! failure: the round always gets a decision.
+
+use std::sync::Arc;
+
+use switchyard_sdk::{CompactionDecision, CompactionInput, RetentionDecision, RetentionInput};
+
+use super::host::Kind;
+use super::registry::{Fallback, Registry};
+use crate::policy::{validate_compaction, validate_retention, CompactionPolicy, PolicyError, RetentionPolicy};
+
+/// A retention plugin with its params and the built-in fallback.
+pub struct PluginRetention {
+    /// The registry holding the plugin.
+    pub registry: Arc<Registry>,
+    /// Plugin name (file stem).
+    pub plugin: String,
+    /// Params as JSON text.
+    pub params: String,
+    /// Used when the plugin gives no decision (None: keep everything).
+    pub fallback: Option<Arc<dyn RetentionPolicy>>,
+}
+
+/// A compaction plugin with its params and the built-in fallback.
+pub struct PluginCompaction {
+    /// The registry holding the plugin.
+    pub registry: Arc<Registry>,
+    /// Plugin name (file stem).
+    pub plugin: String,
+    /// Params as JSON text.
+    pub params: String,
+    /// Used when the plugin gives no decision.
+    pub fallback: Arc<dyn CompactionPolicy>,
+}
+
+fn note(plugin: &str, kind: Kind, why: &Fallback) {
+    // Failures are logged and counted by the registry; a missing plugin is worth a debug line.
+    if matches!(why, Fallback::NotLoaded | Fallback::NoSuchKind) {
+        tracing::debug!(plugin, kind = kind.as_str(), ?why, "plugin not available; built-in policy used");
+    }
+}
+
+impl RetentionPolicy for PluginRetention {
+    fn name(&self) -> &str {
+        &self.plugin
+    }
+
+    fn decide(&self, input: &RetentionInput) -> Result<RetentionDecision, PolicyError> {
+        let check = |d: &RetentionDecision| validate_retention(&self.plugin, input, d).map_err(|e| e.to_string());
+        match self.registry.call(&self.plugin, Kind::Retention, &self.params, input, check) {
+            Ok(d) => Ok(d),
+            Err(why) => {
+                note(&self.plugin, Kind::Retention, &why);
+                match &self.fallback {
+                    Some(f) => f.decide(input),
+                    None => Ok(RetentionDecision::Keep),
+                }
+            }
+        }
+    }
+}
+
+impl CompactionPolicy for PluginCompaction {
+    fn name(&self) -> &str {
+        &self.plugin
+    }
+
+    fn decide(&self, input: &CompactionInput) -> Result<CompactionDecision, PolicyError> {
+        let check = |d: &CompactionDecision| validate_compaction(&self.plugin, input, d).map_err(|e| e.to_string());
+        match self.registry.call(&self.plugin, Kind::Compaction, &self.params, input, check) {
+            Ok(d) => Ok(d),
+            Err(why) => {
+                note(&self.plugin, Kind::Compaction, &why);
+                self.fallback.decide(input)
+            }
+        }
+    }
+}
