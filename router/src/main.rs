@@ -30,6 +30,26 @@ enum Cmd {
         #[arg(long, env = "SWITCHYARD_PLUGINS_DIR")]
         plugins_dir: Option<PathBuf>,
     },
+    /// Policy plugin tools.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCmd {
+    /// Validate a plugin, run it on sample input and print its kinds and per-call time.
+    Check {
+        /// The `.wasm` file.
+        file: PathBuf,
+        /// Params as a JSON object.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// Calls per sample size (the mean is printed).
+        #[arg(long, default_value_t = 20)]
+        calls: u32,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,7 +58,17 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let Cmd::Serve { config, listen, data_dir, plugins_dir } = Cli::parse().command;
+    let (config, listen, data_dir, plugins_dir) = match Cli::parse().command {
+        Cmd::Serve { config, listen, data_dir, plugins_dir } => (config, listen, data_dir, plugins_dir),
+        Cmd::Plugin { command: PluginCmd::Check { file, params, calls } } => {
+            let args = switchyard_router::plugin::check::CheckArgs { file: &file, params: &params, calls };
+            return if switchyard_router::plugin::check::run(args) {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            };
+        }
+    };
     let config = match Config::load(config.as_deref(), Overrides { listen, data_dir, plugins_dir }) {
         Ok(c) => c,
         Err(e) => {

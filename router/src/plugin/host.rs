@@ -378,26 +378,9 @@ pub fn load_file(host: &Host, path: &Path) -> Result<Compiled, LoadError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_modules::{module, GOOD};
     use super::*;
     use switchyard_sdk::{ChannelStats, RetentionDecision, RetentionInput};
-
-    /// A module skeleton: ABI marker, memory, a bump allocator, and `body` as the
-    /// retention entry point (params `$p $l`, result i64).
-    fn module(extra: &str, body: &str) -> Vec<u8> {
-        wat::parse_str(format!(
-            r#"(module
-                {extra}
-                (memory (export "memory") 1)
-                (global $bump (mut i32) (i32.const 1024))
-                (data (i32.const 16) "\00\01\05")
-                (func (export "switchyard_abi_v1"))
-                (func (export "switchyard_alloc") (param $n i32) (result i32)
-                  (local $p i32) (local.set $p (global.get $bump))
-                  (global.set $bump (i32.add (global.get $bump) (local.get $n))) (local.get $p))
-                (func (export "switchyard_retention") (param $p i32) (param $l i32) (result i64) {body}))"#
-        ))
-        .expect("valid wat")
-    }
 
     fn input() -> RetentionInput {
         RetentionInput {
@@ -414,9 +397,6 @@ mod tests {
         let limits = CallLimits { timeout: Duration::from_millis(50), max_memory: 2 * 1024 * 1024 };
         host.call(&Arc::from("t"), &compiled, Kind::Retention, "{}", &input(), limits)
     }
-
-    /// Output pointer 16, length 3: postcard `Ok(DropBelow(5))`.
-    const GOOD: &str = "(i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 3))";
 
     #[test]
     fn a_well_formed_answer_decodes() {

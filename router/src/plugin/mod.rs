@@ -17,3 +17,28 @@ use sha2::{Digest, Sha256};
 pub fn host_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Hand-written ABI v1 modules for the unit tests.
+#[cfg(test)]
+pub(crate) mod test_modules {
+    /// Output pointer 16, length 3: postcard `Ok(DropBelow(5))` from the data segment.
+    pub const GOOD: &str = "(i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 3))";
+
+    /// A module skeleton: ABI marker, memory, a bump allocator, and `body` as the
+    /// retention entry point (params `$p $l`, result i64); `extra` goes first (imports).
+    pub fn module(extra: &str, body: &str) -> Vec<u8> {
+        wat::parse_str(format!(
+            r#"(module
+                {extra}
+                (memory (export "memory") 1)
+                (global $bump (mut i32) (i32.const 1024))
+                (data (i32.const 16) "\00\01\05")
+                (func (export "switchyard_abi_v1"))
+                (func (export "switchyard_alloc") (param $n i32) (result i32)
+                  (local $p i32) (local.set $p (global.get $bump))
+                  (global.set $bump (i32.add (global.get $bump) (local.get $n))) (local.get $p))
+                (func (export "switchyard_retention") (param $p i32) (param $l i32) (result i64) {body}))"#
+        ))
+        .expect("valid wat")
+    }
+}

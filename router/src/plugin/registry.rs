@@ -331,3 +331,87 @@ impl Registry {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_modules::{module, GOOD};
+    use super::*;
+    use switchyard_sdk::{ChannelStats, RetentionDecision, RetentionInput};
+
+    fn registry(dir: &Path) -> Arc<Registry> {
+        let host = Host::new(None).unwrap();
+        let limits = CallLimits { timeout: Duration::from_millis(50), max_memory: 2 << 20 };
+        let rules = QuarantineRules {
+            after: 2,
+            min: Duration::from_secs(60),
+            max: Duration::from_secs(120),
+            healthy_reset: Duration::from_secs(600),
+        };
+        Registry::new(host, dir.to_path_buf(), limits, rules, Arc::new(Metrics::new()))
+    }
+
+    fn call(r: &Registry, name: &str) -> Outcome<RetentionDecision> {
+        let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
+        r.call(name, Kind::Retention, "{}", &input, |_| Ok(()))
+    }
+
+    fn state(r: &Registry, name: &str) -> (&'static str, Option<String>) {
+        let info = r.list().into_iter().find(|p| p.name == name).expect("listed");
+        (info.state, info.last_error)
+    }
+
+    #[test]
+    fn reload_keeps_the_last_good_version_and_removal_reverts() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.wasm");
+        let r = registry(dir.path());
+        assert!(matches!(call(&r, "p"), Err(Fallback::NotLoaded)));
+        std::fs::write(&file, module("", GOOD)).unwrap();
+        r.rescan();
+        assert_eq!(call(&r, "p").unwrap(), RetentionDecision::DropBelow(5));
+        std::fs::write(&file, b"garbage, not wasm").unwrap();
+        r.rescan();
+        assert_eq!(call(&r, "p").unwrap(), RetentionDecision::DropBelow(5), "last good version still serves");
+        let (st, err) = state(&r, "p");
+        assert_eq!(st, "active");
+        assert!(err.unwrap().contains("not a valid wasm module"));
+        std::fs::remove_file(&file).unwrap();
+        r.rescan();
+        assert!(matches!(call(&r, "p"), Err(Fallback::NotLoaded)));
+        std::fs::write(dir.path().join("bad.wasm"), b"nope").unwrap();
+        r.rescan();
+        assert!(matches!(call(&r, "bad"), Err(Fallback::Rejected)));
+        assert_eq!(state(&r, "bad").0, "rejected");
+    }
+
+    #[test]
+    fn repeated_failures_quarantine_the_plugin() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.wasm"), module("", "unreachable")).unwrap();
+        let r = registry(dir.path());
+        r.rescan();
+        assert!(matches!(call(&r, "t"), Err(Fallback::Failed(CallError::Trap(_)))));
+        assert!(matches!(call(&r, "t"), Err(Fallback::Failed(_))));
+        assert!(matches!(call(&r, "t"), Err(Fallback::Quarantined)));
+        let info = r.list().into_iter().next().unwrap();
+        assert_eq!((info.state, info.calls, info.failures), ("quarantined", 2, 2));
+        // A fixed file replaces the entry: a fresh start, counters carried over.
+        std::fs::write(dir.path().join("t.wasm"), module("", GOOD)).unwrap();
+        r.rescan();
+        assert!(call(&r, "t").is_ok());
+        let info = r.list().into_iter().next().unwrap();
+        assert_eq!((info.state, info.calls, info.failures), ("active", 3, 2));
+    }
+
+    #[test]
+    fn an_invalid_decision_is_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.wasm"), module("", GOOD)).unwrap();
+        let r = registry(dir.path());
+        r.rescan();
+        let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
+        let out = r.call::<_, RetentionDecision>("p", Kind::Retention, "{}", &input, |_| Err("above the top".into()));
+        assert!(matches!(out, Err(Fallback::Failed(CallError::Invalid(_)))));
+        assert_eq!(r.metrics.plugin_failures.with_label_values(&["p", "retention", "invalid_output"]).get(), 1);
+    }
+}
