@@ -14,6 +14,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 LISTEN      ?= 127.0.0.1:8000
+CONFIG      ?= router/config/dev.toml
 DATA_DIR    ?= ./data
 PLUGINS_DIR ?= plugins/dist
 CARGO       ?= cargo
@@ -43,7 +44,7 @@ run:
 	scripts/build-plugins.sh
 	$(CARGO) build --release -p switchyard-router --bin switchyard
 	mkdir -p "$(DATA_DIR)" "$(PLUGINS_DIR)"
-	exec target/release/switchyard serve --listen "$(LISTEN)" --data-dir "$(DATA_DIR)" --plugins-dir "$(PLUGINS_DIR)"
+	exec target/release/switchyard serve --config "$(CONFIG)" --listen "$(LISTEN)" --data-dir "$(DATA_DIR)" --plugins-dir "$(PLUGINS_DIR)"
 
 test:
 	scripts/setup.sh
