@@ -21,7 +21,7 @@ CARGO       ?= cargo
 # extra args for the test binaries, e.g. make test TEST_ARGS='--test-threads=1'
 TEST_ARGS   ?=
 
-.PHONY: all setup plugins build build-release run test bench clean help
+.PHONY: all setup plugins plugin-tests build build-release run test bench clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -32,6 +32,9 @@ setup:
 
 plugins:
 	scripts/build-plugins.sh
+
+plugin-tests:
+	scripts/test-plugins.sh
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -53,6 +56,7 @@ test:
 	$(CARGO) build --workspace --all-targets
 	@echo "[test] cargo test --workspace"
 	$(CARGO) test --workspace --no-fail-fast -- $(TEST_ARGS)
+	scripts/test-plugins.sh
 
 bench:
 	scripts/setup.sh

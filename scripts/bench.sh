@@ -12,6 +12,7 @@
 #   TP_FIXED_RATE   publishes/s for throughput-fixed (server CPU per 1M at a fixed load) [2000]
 #   CONN_COUNT [10000]  CONN_CHANNELS [1000]
 #   SWITCHYARD_BIN  router binary [target/release/switchyard]; BENCH_NO_BUILD=1 skips cargo build
+#   BENCH_CONFIG    a router config file for every run (e.g. plugins bound to the bench namespace)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -81,7 +82,9 @@ start_server() { # sets server_pid, url
     tmp="$(mktemp -d /tmp/switchyard-bench.XXXXXX)"
     local plugins="$root/plugins/dist"
     [ -d "$plugins" ] || { plugins="$tmp/plugins"; mkdir -p "$plugins"; }
-    RUST_LOG="${RUST_LOG:-warn}" "${server_pin[@]}" "$server_bin" serve --listen 127.0.0.1:0 \
+    local config=()
+    [ -n "${BENCH_CONFIG:-}" ] && config=(--config "$BENCH_CONFIG")
+    RUST_LOG="${RUST_LOG:-warn}" "${server_pin[@]}" "$server_bin" serve "${config[@]}" --listen 127.0.0.1:0 \
         --data-dir "$tmp/data" --plugins-dir "$plugins" >"$tmp/stdout" 2>"$tmp/stderr" &
     server_pid=$!
     local addr=""
