@@ -911,6 +911,203 @@ pub async fn wait_metric_at_least(node: &Node, name: &str, labels: &[(&str, &str
     .await
 }
 
+// === Plugins ===
+
+/// Where `scripts/build-plugins.sh` puts the example plugins: `<workspace>/plugins/dist`.
+pub fn plugins_dist() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist")
+}
+
+/// The bytes of example plugin `name` (`keep-last`, `max-age`, ...) from [`plugins_dist`];
+/// panics saying how to build it when the file is missing.
+pub fn example_plugin(name: &str) -> Vec<u8> {
+    let path = plugins_dist().join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "example plugin {} is not readable ({e}): build the plugins first with scripts/build-plugins.sh (`make test` does)",
+            path.display()
+        )
+    })
+}
+
+/// Lowercase hex sha256 of `bytes`, as `GET /api/v1/plugins` reports `sha256` and
+/// `file_sha256`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A plugin folder of its own for one node, removed when dropped. The node's config must
+/// start with [`PluginDir::config_line`] (before any `[table]`).
+pub struct PluginDir {
+    dir: tempfile::TempDir,
+}
+
+impl PluginDir {
+    /// An empty folder.
+    pub fn new() -> PluginDir {
+        let dir = tempfile::Builder::new().prefix("switchyard-plugins-").tempdir().expect("creating a plugin folder");
+        PluginDir { dir }
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `plugins_dir = "<absolute path>"` and a newline, for the top of a config file.
+    pub fn config_line(&self) -> String {
+        format!("plugins_dir = {:?}\n", self.path().display().to_string())
+    }
+
+    /// The path of plugin `name`: `<folder>/<name>.wasm`.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path().join(format!("{name}.wasm"))
+    }
+
+    /// Installs `bytes` as `<name>.wasm` in one step: written under a name the router
+    /// ignores, then renamed over the target, so the watcher never loads half a file.
+    pub fn install(&self, name: &str, bytes: &[u8]) {
+        let tmp = self.path().join(format!(".{name}.wasm.tmp"));
+        std::fs::write(&tmp, bytes).expect("writing a plugin file");
+        std::fs::rename(&tmp, self.file(name)).expect("renaming a plugin file into place");
+    }
+
+    /// Installs example plugin `example` (see [`example_plugin`]) as `<name>.wasm`;
+    /// returns its bytes.
+    pub fn install_example(&self, example: &str, name: &str) -> Vec<u8> {
+        let bytes = example_plugin(example);
+        self.install(name, &bytes);
+        bytes
+    }
+
+    /// Deletes `<name>.wasm`.
+    pub fn remove(&self, name: &str) {
+        std::fs::remove_file(self.file(name)).expect("removing a plugin file");
+    }
+}
+
+impl Default for PluginDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The row of plugin `name` in `GET /api/v1/plugins` (None: not listed).
+pub async fn plugin_row(node: &Node, name: &str) -> Result<Option<Value>> {
+    let (status, body) = get_json(node, "/api/v1/plugins").await?;
+    ensure!(status == 200, "GET /api/v1/plugins answered {status}: {body}");
+    let rows = body["plugins"].as_array().with_context(|| format!("no `plugins` array in {body}"))?;
+    Ok(rows.iter().find(|r| r["name"] == name).cloned())
+}
+
+/// Polls `GET /api/v1/plugins` until the row of `name` exists and satisfies `check`
+/// (described by `what`), within [`DEADLINE`]; returns the row.
+pub async fn wait_plugin_row(node: &Node, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Result<Value> {
+    poll_for(&format!("plugin {name} to be {what}"), DEADLINE, async || {
+        Ok(plugin_row(node, name).await?.filter(|row| check(row)))
+    })
+    .await
+}
+
+/// A client that keeps publishing `{"n": i}` to one channel in its own task, one
+/// acknowledged publish per `every`, until [`Publisher::stop`].
+pub struct Publisher {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<Vec<u64>>>,
+}
+
+impl Publisher {
+    /// Connects and starts publishing to `channel`.
+    pub async fn start(node: &Node, channel: &str, every: Duration) -> Result<Publisher> {
+        let mut client = Client::connect_to(node.addr()).await?;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let channel = channel.to_string();
+        let task = tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut pace = tokio::time::interval(every);
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => return Ok(acked),
+                    _ = pace.tick() => {}
+                }
+                let n = acked.len();
+                let (offset, _) = client
+                    .publish(&channel, json!({ "n": n }))
+                    .await
+                    .with_context(|| format!("publish #{n} to {channel}"))?;
+                acked.push(offset);
+            }
+        });
+        Ok(Publisher { stop, task })
+    }
+
+    /// Stops publishing and returns the acknowledged offsets, in order.
+    pub async fn stop(self) -> Result<Vec<u64>> {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(DEADLINE, self.task).await.context("publisher did not stop")?.context("publisher task")?
+    }
+}
+
+/// A client subscribed (live) to one channel that reads every push in its own task, so it
+/// never becomes a slow consumer; [`Subscriber::finish`] collects what it received.
+pub struct Subscriber {
+    until: tokio::sync::watch::Sender<Option<u64>>,
+    task: tokio::task::JoinHandle<Result<Vec<Value>>>,
+}
+
+impl Subscriber {
+    /// Connects and subscribes to `channel`; returns once the subscription is acknowledged.
+    pub async fn start(node: &Node, channel: &str) -> Result<Subscriber> {
+        let mut client = Client::connect_to(node.addr()).await?;
+        client.subscribe(channel, json!({})).await?;
+        let (until, mut target) = tokio::sync::watch::channel(None::<u64>);
+        let channel = channel.to_string();
+        let task = tokio::spawn(async move {
+            let mut received: Vec<Value> = client.take_pushes();
+            let mut give_up: Option<Instant> = None;
+            loop {
+                if let Some(last) = *target.borrow_and_update() {
+                    if received.last().and_then(|m| m["offset"].as_u64()).is_some_and(|o| o >= last) {
+                        return Ok(received);
+                    }
+                    let give_up = *give_up.get_or_insert_with(|| Instant::now() + DEADLINE);
+                    if Instant::now() >= give_up {
+                        bail!(
+                            "subscriber of {channel} did not receive offset {last} within {DEADLINE:?} (got {} messages, last {:?})",
+                            received.len(),
+                            received.last().map(|m| &m["offset"])
+                        );
+                    }
+                }
+                match client.next_event(Instant::now() + POLL_EVERY * 4).await {
+                    None | Some(Event::Reply(_)) => {}
+                    Some(Event::Push(push)) => {
+                        ensure!(
+                            push["push"] == "message" && push["channel"] == channel.as_str(),
+                            "subscriber of {channel} got an unexpected push: {push}"
+                        );
+                        received.push(push);
+                    }
+                    Some(other) => bail!("subscriber of {channel} stopped receiving: {other:?}"),
+                }
+            }
+        });
+        Ok(Subscriber { until, task })
+    }
+
+    /// Waits until the message with offset `last` arrived (within [`DEADLINE`]) and returns
+    /// every message push received, in order.
+    pub async fn finish(self, last: u64) -> Result<Vec<Value>> {
+        let _ = self.until.send(Some(last));
+        tokio::time::timeout(DEADLINE * 2, self.task)
+            .await
+            .context("subscriber did not finish")?
+            .context("subscriber task")?
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -243,12 +243,16 @@ impl Registry {
         entry.failures.fetch_add(1, Ordering::Relaxed);
         self.metrics.plugin_failures.with_label_values(&[&entry.name, kind.as_str(), e.reason()]).inc();
         let mut h = entry.health.lock().expect("health");
+        h.last_error = Some(e.to_string());
+        if h.quarantined_until.is_some_and(|t| Instant::now() < t) {
+            // A call that started before the quarantine: counted, but no new streak.
+            return;
+        }
         if h.last_failure.is_some_and(|t| t.elapsed() >= self.rules.healthy_reset) {
             h.backoff = self.rules.min;
         }
         h.consecutive += 1;
         h.last_failure = Some(Instant::now());
-        h.last_error = Some(e.to_string());
         tracing::warn!(plugin = %entry.name, kind = kind.as_str(), reason = e.reason(), error = %e, "plugin call failed; built-in policy used this round");
         if h.consecutive >= self.rules.after {
             let period = h.backoff;
