@@ -3,9 +3,10 @@
 # plugins/dist/.
 #
 # A plugin crate is a directory plugins/<name>/ with a Cargo.toml. Each one is
-# built on its own, with its own target dir (plugins/<name>/target), so the
-# wasm toolchain never shares the workspace's target/. With no plugin crates
-# this script does nothing and succeeds.
+# built on its own (it is its own workspace), into one target dir shared by all
+# plugin crates (plugins/target), so the wasm32 std is built once and the wasm
+# toolchain never shares the workspace's target/. With no plugin crates this
+# script does nothing and succeeds.
 #
 # Toolchain, first that works:
 #   1. rustup's wasm32-unknown-unknown target (if installed)
@@ -17,9 +18,9 @@
 #   PLUGINS_DIR   plugin source folder (default: <repo>/plugins)
 #   DIST_DIR      output folder        (default: $PLUGINS_DIR/dist)
 #   PLUGIN_PROFILE  cargo profile       (default: release)
-#   PLUGINS_TARGET_DIR  one target dir shared by all plugin crates (default:
-#                   unset = plugins/<name>/target each). Sharing builds std
-#                   for wasm32 once instead of once per crate (~1 min each).
+#   PLUGINS_TARGET_DIR  the target dir shared by all plugin crates (default:
+#                   $PLUGINS_DIR/target). Sharing builds std for wasm32 once
+#                   instead of once per crate (~1 min each).
 set -euo pipefail
 
 log() { echo "[plugins] $*"; }
@@ -28,6 +29,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 plugins_dir="${PLUGINS_DIR:-$root/plugins}"
 dist_dir="${DIST_DIR:-$plugins_dir/dist}"
 profile="${PLUGIN_PROFILE:-release}"
+target_dir="${PLUGINS_TARGET_DIR:-$plugins_dir/target}"
 target=wasm32-unknown-unknown
 
 # rustup's cargo/rustc first; Debian's live in /usr/bin.
@@ -96,7 +98,7 @@ for dir in "${crates[@]}"; do
     name="$(basename "$dir")"
     log "building $name ($mode, profile $profile)"
     t0=$(date +%s)
-    tdir="${PLUGINS_TARGET_DIR:-$dir/target}"
+    tdir="$target_dir"
     args=(build --manifest-path "$dir/Cargo.toml" --target "$target"
           --target-dir "$tdir" --profile "$profile")
     if [ "$mode" = build-std ]; then args+=("${build_std[@]}"); fi
@@ -108,13 +110,17 @@ for dir in "${crates[@]}"; do
         exit 1
     fi
     n=0
-    # only this crate's artifacts (the target dir may be shared)
-    lib="$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$dir/Cargo.toml" | head -n1 | tr - _)"
+    # Only this crate's artifact (the target dir is shared). cargo names it after
+    # the lib (keep_last.wasm); it is installed under the package name
+    # (keep-last.wasm), which is the plugin's name in config.
+    pkg="$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$dir/Cargo.toml" | head -n1)"
+    lib="$(printf '%s' "$pkg" | tr - _)"
     for wasm in "$tdir/$target/$profile_dir"/*.wasm; do
-        if [ -n "${PLUGINS_TARGET_DIR:-}" ] && [ "$(basename "$wasm" .wasm)" != "$lib" ]; then continue; fi
+        if [ "$(basename "$wasm" .wasm)" != "$lib" ]; then continue; fi
         [ -e "$wasm" ] || continue
-        cp -f "$wasm" "$dist_dir/"
-        log "  -> ${dist_dir#"$root"/}/$(basename "$wasm") ($(stat -c %s "$wasm") bytes)"
+        [ "$lib" != "$pkg" ] && rm -f "$dist_dir/$lib.wasm"   # stale copy under the lib name
+        cp -f "$wasm" "$dist_dir/$pkg.wasm"
+        log "  -> ${dist_dir#"$root"/}/$pkg.wasm ($(stat -c %s "$wasm") bytes)"
         n=$((n + 1))
     done
     if [ "$n" = 0 ]; then

@@ -10,6 +10,11 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod guest;
+pub mod log;
+
+pub use guest::NoParams;
+
 /// Metadata of one stored message, as a policy sees it (never the payload itself).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageMeta {
@@ -156,4 +161,169 @@ pub struct BalanceInput {
 pub struct BalanceDecision {
     /// `owners[i]` owns partition `i`; each must be a live node.
     pub owners: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeOwned;
+    use std::fmt::Debug;
+
+    fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) {
+        let bytes = postcard::to_stdvec(value).unwrap();
+        let back: T = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(&back, value);
+    }
+
+    fn meta(offset: u64, key: Option<&str>, tombstone: bool) -> MessageMeta {
+        MessageMeta { offset, ts: 1_700_000_000_000 + offset, size: 120, key: key.map(String::from), tombstone }
+    }
+
+    fn retention_input() -> RetentionInput {
+        RetentionInput {
+            channel: "chat.room1".into(),
+            stats: ChannelStats { first_offset: 3, last_offset: 99, count: 97, bytes: 97 * 120 },
+            oldest: vec![meta(3, None, false), meta(4, Some("k"), false), meta(5, Some("k"), true)],
+            now_ms: 1_700_000_123_456,
+        }
+    }
+
+    fn compaction_input() -> CompactionInput {
+        CompactionInput {
+            channel: "state.x".into(),
+            window: vec![meta(7, Some("a"), false), meta(9, Some("a"), true), meta(10, Some("é"), false)],
+            now_ms: 5,
+        }
+    }
+
+    fn balance_input() -> BalanceInput {
+        BalanceInput {
+            nodes: vec![
+                NodeInfo {
+                    id: "n1".into(),
+                    zone: "z1".into(),
+                    weight: 1.0,
+                    msg_rate: 12.5,
+                    bytes: 1 << 40,
+                    connections: 3,
+                },
+                NodeInfo { id: "n2".into(), zone: String::new(), weight: 0.5, msg_rate: 0.0, bytes: 0, connections: 0 },
+            ],
+            partitions: vec![
+                PartitionInfo { id: 0, owner: Some("n1".into()), msg_rate: 12.5, bytes: 10, connections: 3 },
+                PartitionInfo { id: 1, owner: None, msg_rate: 0.0, bytes: 0, connections: 0 },
+            ],
+            max_moves: 4,
+            now_ms: 42,
+        }
+    }
+
+    #[test]
+    fn abi_types_roundtrip_through_postcard() {
+        roundtrip(&Call { params: r#"{"count":1000}"#.to_string(), input: retention_input() });
+        roundtrip(&Call { params: "{}".to_string(), input: compaction_input() });
+        roundtrip(&Call { params: "{}".to_string(), input: balance_input() });
+        roundtrip(&Call { params: "{}".to_string(), input: RetentionInput { oldest: vec![], ..retention_input() } });
+        roundtrip::<GuestResult<RetentionDecision>>(&Ok(RetentionDecision::Keep));
+        roundtrip::<GuestResult<RetentionDecision>>(&Ok(RetentionDecision::DropBelow(u64::MAX)));
+        roundtrip::<GuestResult<CompactionDecision>>(&Ok(CompactionDecision { remove: vec![7, 9] }));
+        roundtrip::<GuestResult<BalanceDecision>>(&Ok(BalanceDecision { owners: vec!["n1".into(), "n2".into()] }));
+        roundtrip::<GuestResult<BalanceDecision>>(&Err("no live nodes".into()));
+    }
+
+    /// Pins the wire bytes of a few values, so an accidental change of a type's shape (which
+    /// would break plugins built against an older SDK) fails here.
+    #[test]
+    fn wire_format_is_stable() {
+        // Result: varint tag 0 = Ok, 1 = Err; enum: varint variant index; u64: varint.
+        assert_eq!(
+            postcard::to_stdvec::<GuestResult<RetentionDecision>>(&Ok(RetentionDecision::Keep)).unwrap(),
+            [0, 0]
+        );
+        assert_eq!(
+            postcard::to_stdvec::<GuestResult<RetentionDecision>>(&Ok(RetentionDecision::DropBelow(300))).unwrap(),
+            [0, 1, 0xac, 0x02]
+        );
+        assert_eq!(postcard::to_stdvec::<GuestResult<CompactionDecision>>(&Err("x".into())).unwrap(), [1, 1, b'x']);
+        let call = Call {
+            params: "{}".to_string(),
+            input: RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 1 },
+        };
+        assert_eq!(postcard::to_stdvec(&call).unwrap(), [2, b'{', b'}', 1, b'c', 0, 0, 0, 0, 0, 1]);
+    }
+
+    #[derive(Debug, Default, serde::Deserialize)]
+    #[serde(default)]
+    struct Optional {
+        count: u64,
+        ratio: Option<f64>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Required {
+        count: u64,
+    }
+
+    fn encoded(params: &str) -> Vec<u8> {
+        postcard::to_stdvec(&Call { params: params.to_string(), input: retention_input() }).unwrap()
+    }
+
+    #[test]
+    fn guest_call_parses_params_and_reports_errors() {
+        let keep_n = |i: &RetentionInput, p: &Optional| {
+            assert!(p.ratio.is_none());
+            RetentionDecision::DropBelow(i.stats.first_offset + p.count)
+        };
+        // Empty and `{}` params give the defaults.
+        assert_eq!(guest::call(&encoded("{}"), keep_n), Ok(RetentionDecision::DropBelow(3)));
+        assert_eq!(guest::call(&encoded(""), keep_n), Ok(RetentionDecision::DropBelow(3)));
+        assert_eq!(guest::call(&encoded(r#"{"count":2}"#), keep_n), Ok(RetentionDecision::DropBelow(5)));
+
+        let required = |_: &RetentionInput, p: &Required| RetentionDecision::DropBelow(p.count);
+        let err = guest::call(&encoded("{}"), required).unwrap_err();
+        assert!(err.contains("invalid params") && err.contains("count"), "{err}");
+        let err = guest::call(&encoded(r#"{"count":"x"}"#), required).unwrap_err();
+        assert!(err.contains("invalid params"), "{err}");
+
+        // No params at all.
+        let none = |_: &RetentionInput, _: &NoParams| RetentionDecision::Keep;
+        assert_eq!(guest::call(&encoded(r#"{"anything":[1,2]}"#), none), Ok(RetentionDecision::Keep));
+
+        // Undecodable input is an error, not a panic.
+        let err = guest::call::<RetentionInput, NoParams, RetentionDecision, _>(&[0xff, 0xff], none).unwrap_err();
+        assert!(err.contains("undecodable input"), "{err}");
+
+        // A policy may report its own failure.
+        let failing = |_: &RetentionInput, _: &NoParams| -> Result<RetentionDecision, String> { Err("nope".into()) };
+        assert_eq!(guest::call(&encoded("{}"), failing), Err("nope".to_string()));
+
+        // The answer encodes as the host decodes it.
+        let bytes = guest::encode(&guest::call(&encoded(r#"{"count":2}"#), keep_n)).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<GuestResult<RetentionDecision>>(&bytes).unwrap(),
+            Ok(RetentionDecision::DropBelow(5))
+        );
+    }
+
+    fn retention_fn(_: &RetentionInput, _: &Required) -> RetentionDecision {
+        RetentionDecision::Keep
+    }
+    fn compaction_fn(_: &CompactionInput, _: &NoParams) -> Result<CompactionDecision, String> {
+        Ok(CompactionDecision::default())
+    }
+    fn balance_fn(_: &BalanceInput, _: &Optional) -> BalanceDecision {
+        BalanceDecision::default()
+    }
+    // The macros expand natively to a signature check only.
+    crate::export_retention!(retention_fn);
+    crate::export_compaction!(compaction_fn);
+    crate::export_balance!(balance_fn);
+
+    #[test]
+    fn log_macro_prints_natively() {
+        crate::log!(info, "kept {} of {}", 3, 10);
+        crate::log!(error, "plain");
+        crate::log!(trace, "{:?}", Level::Trace);
+        use crate::log::Level;
+    }
 }
