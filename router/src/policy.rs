@@ -200,6 +200,34 @@ pub fn validate_compaction(policy: &str, input: &CompactionInput, d: &Compaction
     Ok(())
 }
 
+/// Checks a balancing decision: one live owner per partition, and at most `max_moves`
+/// partitions whose current owner is live get a new one (orphans must be placed and do
+/// not count as moves).
+pub fn validate_balance(
+    policy: &str,
+    input: &switchyard_sdk::BalanceInput,
+    d: &switchyard_sdk::BalanceDecision,
+) -> Result<(), PolicyError> {
+    let invalid = |message: String| Err(PolicyError::Invalid { policy: policy.into(), message });
+    if d.owners.len() != input.partitions.len() {
+        return invalid(format!("{} owners for {} partitions", d.owners.len(), input.partitions.len()));
+    }
+    let live: std::collections::HashSet<&str> = input.nodes.iter().map(|n| n.id.as_str()).collect();
+    if let Some((p, owner)) = d.owners.iter().enumerate().find(|(_, o)| !live.contains(o.as_str())) {
+        return invalid(format!("partition {p} given to {owner:?}, which is not a live node"));
+    }
+    let moves = input
+        .partitions
+        .iter()
+        .zip(&d.owners)
+        .filter(|(p, new)| p.owner.as_deref().is_some_and(|old| live.contains(old) && old != new.as_str()))
+        .count();
+    if moves > input.max_moves as usize {
+        return invalid(format!("{moves} partitions moved; the limit is {}", input.max_moves));
+    }
+    Ok(())
+}
+
 // === impl Policies ===
 
 /// The policies bound to one namespace.
@@ -318,6 +346,26 @@ mod tests {
         let c = KeyedCompaction { window_ms: Some(25), tombstone_delay_ms: 1000 };
         let inp = CompactionInput { channel: "c".into(), window: w, now_ms: 100 };
         assert_eq!(c.decide(&inp).unwrap().remove, Vec::<u64>::new());
+    }
+
+    #[test]
+    fn balance_validation() {
+        use switchyard_sdk::{BalanceDecision, BalanceInput, NodeInfo, PartitionInfo};
+        let node = |id: &str| NodeInfo { id: id.into(), weight: 1.0, ..Default::default() };
+        let part = |id: u32, owner: &str| PartitionInfo { id, owner: Some(owner.into()), ..Default::default() };
+        let input = BalanceInput {
+            nodes: vec![node("a"), node("b")],
+            partitions: vec![part(0, "a"), part(1, "a"), part(2, "gone")],
+            max_moves: 1,
+            now_ms: 0,
+        };
+        let ok = |owners: &[&str]| {
+            validate_balance("p", &input, &BalanceDecision { owners: owners.iter().map(|s| s.to_string()).collect() })
+        };
+        assert!(ok(&["a", "b", "b"]).is_ok(), "one move plus placing an orphan");
+        assert!(ok(&["b", "b", "a"]).is_err(), "two moves");
+        assert!(ok(&["a", "a", "gone"]).is_err(), "dead owner");
+        assert!(ok(&["a", "a"]).is_err(), "missing partition");
     }
 
     #[test]

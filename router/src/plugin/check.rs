@@ -155,6 +155,11 @@ pub fn run(args: CheckArgs<'_>) -> bool {
                     let (r, took) = time(args.calls, || {
                         host.call::<_, BalanceDecision>(&name, &compiled, *kind, args.params, &input, limits)
                     });
+                    let r = r.and_then(|d| {
+                        crate::policy::validate_balance(&name, &input, &d)
+                            .map(|()| d)
+                            .map_err(|e| super::host::CallError::Invalid(e.to_string()))
+                    });
                     r.map(|d| {
                         let moved = d
                             .owners

@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
 use switchyard_sdk as abi;
-use wasmtime::{Caller, Engine, ExternType, InstancePre, Linker, Module, ResourceLimiter, Store, Trap, ValType};
+use wasmtime::{
+    Caller, Engine, ExternType, InstancePre, Linker, Module, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
+    Trap, ValType,
+};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const TICK: Duration = Duration::from_millis(2);
@@ -115,25 +118,38 @@ impl CallError {
     }
 }
 
-/// Per-call store state: the memory cap and the log budget.
+/// Per-call store state: wasmtime's `StoreLimits` (memory cap, one instance, small
+/// tables, growth failures trap) plus a note of which limit was hit, and the log budget.
 struct CallState {
     plugin: Arc<str>,
+    limits: StoreLimits,
     max_memory: usize,
     memory_hit: bool,
     logs_left: u32,
 }
 
 impl ResourceLimiter for CallState {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.max_memory {
             self.memory_hit = true;
-            wasmtime::bail!("memory limit of {} bytes", self.max_memory);
         }
-        Ok(true)
+        self.limits.memory_growing(current, desired, maximum)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 10_000)
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
     }
 }
 
@@ -245,8 +261,17 @@ impl Host {
     ) -> Result<O, CallError> {
         let bytes = postcard::to_stdvec(&abi::Call { params: params.to_string(), input })
             .map_err(|e| CallError::Garbage(format!("cannot encode input: {e}")))?;
+        let store_limits = StoreLimitsBuilder::new()
+            .memory_size(limits.max_memory)
+            .table_elements(10_000)
+            .instances(1)
+            .tables(4)
+            .memories(1)
+            .trap_on_grow_failure(true)
+            .build();
         let state = CallState {
             plugin: plugin.clone(),
+            limits: store_limits,
             max_memory: limits.max_memory,
             memory_hit: false,
             logs_left: LOG_LINES_PER_CALL,
