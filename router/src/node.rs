@@ -43,7 +43,7 @@ pub struct OwnedMessage {
     pub epoch: Arc<str>,
     /// Offset.
     pub offset: u64,
-    /// The stored message.
+    /// The stored message (its `data` moved into [`OwnedMessage::data`]).
     pub msg: crate::store::StoredMessage,
     /// The payload, checked as JSON.
     pub data: Box<RawValue>,
@@ -254,8 +254,9 @@ impl Node {
             .read_messages(self.partition(channel), channel, after, upto, limit)
             .map_err(|e| OpError::internal(e.to_string()))?;
         rows.into_iter()
-            .map(|(offset, msg)| {
-                let data = RawValue::from_string(msg.data.clone())
+            .map(|(offset, mut msg)| {
+                // The payload moves into the checked RawValue; `view` reads it from there.
+                let data = RawValue::from_string(std::mem::take(&mut msg.data))
                     .map_err(|e| OpError::internal(format!("stored payload: {e}")))?;
                 Ok(OwnedMessage { channel: name.clone(), epoch: epoch.clone(), offset, msg, data })
             })

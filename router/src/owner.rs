@@ -404,7 +404,7 @@ impl Owner {
             window.expire(now.saturating_sub(window_ms));
             if let Some(&offset) = window.offsets.get(key) {
                 metrics.publish_duplicates.inc();
-                return Ok(PublishOk { offset, epoch: ch.epoch.to_string() });
+                return Ok(PublishOk { offset, epoch: ch.epoch.clone() });
             }
         }
         let msg = StoredMessage {
@@ -441,7 +441,7 @@ impl Owner {
         work.publishes += 1;
         work.needs_sync = true;
         metrics.bytes_published.inc_by(msg.data.len() as u64);
-        Ok(PublishOk { offset, epoch: ch.epoch.to_string() })
+        Ok(PublishOk { offset, epoch: ch.epoch.clone() })
     }
 
     fn commit(

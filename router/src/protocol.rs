@@ -465,8 +465,8 @@ pub struct SubscribeOk {
 pub struct PublishOk {
     /// Offset assigned (or the original one for a repeated idempotency key).
     pub offset: u64,
-    /// Channel epoch.
-    pub epoch: String,
+    /// Channel epoch (shared with the channel state: no allocation per publish).
+    pub epoch: std::sync::Arc<str>,
 }
 
 /// An empty `ok`.
