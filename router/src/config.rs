@@ -177,6 +177,10 @@ pub struct MaintenanceConfig {
     /// How often each partition's channels are checked. Default 1 s.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// A channel bound to a retention plugin whose counters did not change is called again
+    /// only after this long (time-based plugins such as max-age act within it). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_recheck: Duration,
 }
 
 /// Retention and compaction settings of one namespace.
@@ -260,7 +264,7 @@ impl Default for PublishConfig {
 
 impl Default for MaintenanceConfig {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(1) }
+        Self { interval: Duration::from_secs(1), idle_recheck: Duration::from_secs(10) }
     }
 }
 

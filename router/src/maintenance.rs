@@ -75,6 +75,22 @@ struct Memory {
     compacted: HashMap<Arc<str>, (u64, bool)>,
     /// Per channel: `(first_offset, ts of the oldest retained message)` when last read.
     oldest_ts: HashMap<Arc<str>, (u64, u64)>,
+    /// Per channel: counters and time of the last retention round of a costly (plugin)
+    /// policy; an unchanged channel is visited again only after `idle_recheck`.
+    retention_seen: HashMap<Arc<str>, (switchyard_sdk::ChannelStats, tokio::time::Instant)>,
+}
+
+/// Keys longer than this reach policies as a short hash: a publisher cannot make every
+/// policy call of its namespace heavy (keys may be as long as a frame).
+const POLICY_KEY_MAX: usize = 256;
+
+/// Replaces over-long keys with `#xxh3:<hex>` (distinct keys stay distinct).
+fn shorten_keys(metas: &mut [switchyard_sdk::MessageMeta]) {
+    for m in metas {
+        if let Some(k) = m.key.as_mut().filter(|k| k.len() > POLICY_KEY_MAX) {
+            *k = format!("#xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(k.as_bytes()));
+        }
+    }
 }
 
 /// One round over one partition.
@@ -83,8 +99,18 @@ async fn round(node: &Node, p: PartitionId, policies: &Policies, memory: &mut Me
     for snap in snaps {
         let bound = policies.for_channel(&snap.channel).clone();
         if let Some(policy) = &bound.retention {
-            if snap.stats.count > 0 {
+            let idle_recheck = node.config.maintenance.idle_recheck;
+            let recently = memory
+                .retention_seen
+                .get(&snap.channel)
+                .is_some_and(|(stats, at)| *stats == snap.stats && at.elapsed() < idle_recheck);
+            if snap.stats.count > 0 && !(policy.skips_idle_channels() && recently) {
                 retention(node, p, &snap, policy.as_ref(), &mut memory.oldest_ts).await;
+                if policy.skips_idle_channels() {
+                    memory
+                        .retention_seen
+                        .insert(snap.channel.clone(), (snap.stats.clone(), tokio::time::Instant::now()));
+                }
             }
         }
         if let Some(policy) = &bound.compaction {
@@ -128,14 +154,18 @@ async fn retention(
     if !policy.needs_round(stats, oldest_ts, now) {
         return;
     }
-    let oldest = match tokio::task::block_in_place(|| {
+    let mut oldest = match tokio::task::block_in_place(|| {
         node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, RETENTION_SHOWN)
     }) {
         Ok(m) => m,
         Err(e) => return tracing::warn!(channel = %snap.channel, error = %e, "retention: cannot read metadata"),
     };
+    shorten_keys(&mut oldest);
     let input = RetentionInput { channel: snap.channel.to_string(), stats: stats.clone(), oldest, now_ms: now };
-    let decision = policy.decide(&input).and_then(|d| validate_retention(policy.name(), &input, &d).map(|()| d));
+    // A policy call may run a plugin for up to its deadline: keep it off the async workers.
+    let decision = tokio::task::block_in_place(|| {
+        policy.decide(&input).and_then(|d| validate_retention(policy.name(), &input, &d).map(|()| d))
+    });
     let below = match decision {
         Ok(RetentionDecision::DropBelow(x)) if x > stats.first_offset => x,
         Ok(_) => return,
@@ -167,10 +197,14 @@ async fn compaction(
             return true;
         }
     };
-    let window: Vec<_> = metas.into_iter().filter(|m| m.key.is_some()).collect();
+    // The oldest keyed messages, as many as the policy takes in one round.
+    let mut window: Vec<_> = metas.into_iter().filter(|m| m.key.is_some()).take(policy.max_window()).collect();
+    shorten_keys(&mut window);
     let input = CompactionInput { channel: snap.channel.to_string(), window, now_ms: now_ms() };
-    let decision = match policy.decide(&input).and_then(|d| validate_compaction(policy.name(), &input, &d).map(|()| d))
-    {
+    let decided = tokio::task::block_in_place(|| {
+        policy.decide(&input).and_then(|d| validate_compaction(policy.name(), &input, &d).map(|()| d))
+    });
+    let decision = match decided {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(channel = %snap.channel, policy = policy.name(), error = %e, "compaction round skipped");
@@ -178,7 +212,17 @@ async fn compaction(
         }
     };
     let removed: std::collections::HashSet<u64> = decision.remove.iter().copied().collect();
-    let pending = input.window.iter().any(|m| m.tombstone && !removed.contains(&m.offset));
+    // Only a tombstone that is the latest for its key can still go (after its delay);
+    // superseded ones a window kept will never be removed and must not force rounds.
+    let mut latest: HashMap<&str, u64> = HashMap::new();
+    for m in &input.window {
+        if let Some(k) = m.key.as_deref() {
+            latest.insert(k, m.offset);
+        }
+    }
+    let pending = input.window.iter().any(|m| {
+        m.tombstone && !removed.contains(&m.offset) && m.key.as_deref().and_then(|k| latest.get(k)) == Some(&m.offset)
+    });
     if !removed.is_empty() {
         let drops = input.window.iter().filter(|m| removed.contains(&m.offset)).map(|m| (m.offset, m.size)).collect();
         trim(node, p, snap.channel.clone(), None, drops, TrimReason::Compaction).await;

@@ -40,6 +40,12 @@ pub trait RetentionPolicy: Send + Sync {
     fn needs_round(&self, _stats: &ChannelStats, _oldest_ts: u64, _now_ms: u64) -> bool {
         true
     }
+
+    /// True when a round costs enough (a plugin call) that a channel whose counters did not
+    /// change is visited only every `maintenance.idle_recheck`, not every interval.
+    fn skips_idle_channels(&self) -> bool {
+        false
+    }
 }
 
 /// Decides which superseded keyed messages of a channel to remove.
@@ -48,6 +54,11 @@ pub trait CompactionPolicy: Send + Sync {
     fn name(&self) -> &str;
     /// One round for one channel.
     fn decide(&self, input: &CompactionInput) -> Result<CompactionDecision, PolicyError>;
+
+    /// Most keyed messages shown in one round (a plugin must answer within its deadline).
+    fn max_window(&self) -> usize {
+        100_000
+    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -188,14 +199,21 @@ pub fn validate_retention(policy: &str, input: &RetentionInput, d: &RetentionDec
     Ok(())
 }
 
-/// Checks a compaction decision: every offset must be one that was shown.
+/// Checks a compaction decision: each offset at most once, and only offsets that were shown.
 pub fn validate_compaction(policy: &str, input: &CompactionInput, d: &CompactionDecision) -> Result<(), PolicyError> {
+    let invalid = |message: String| Err(PolicyError::Invalid { policy: policy.into(), message });
+    if d.remove.len() > input.window.len() {
+        return invalid(format!("{} removals for a window of {}", d.remove.len(), input.window.len()));
+    }
     let shown: std::collections::HashSet<u64> = input.window.iter().map(|m| m.offset).collect();
-    if let Some(bad) = d.remove.iter().find(|o| !shown.contains(o)) {
-        return Err(PolicyError::Invalid {
-            policy: policy.into(),
-            message: format!("offset {bad} was not in the window"),
-        });
+    let mut seen = std::collections::HashSet::with_capacity(d.remove.len());
+    for o in &d.remove {
+        if !shown.contains(o) {
+            return invalid(format!("offset {o} was not in the window"));
+        }
+        if !seen.insert(*o) {
+            return invalid(format!("offset {o} removed twice"));
+        }
     }
     Ok(())
 }
@@ -247,13 +265,14 @@ pub struct Policies {
 
 /// The built-in policies of a namespace, wrapped by its plugin bindings when `plugins` is
 /// given. A bound plugin falls back to the built-in one on any failure.
-fn bind(ns: &NamespaceConfig, plugins: Option<&Arc<Registry>>) -> Bound {
+fn bind(name: &str, ns: &NamespaceConfig, plugins: Option<&Arc<Registry>>) -> Bound {
     let limits = LimitsRetention::from_namespace(ns);
     let builtin_retention = (!limits.is_unlimited()).then(|| Arc::new(limits) as Arc<dyn RetentionPolicy>);
     let retention = match (&ns.retention, plugins) {
         (Some(b), Some(registry)) => Some(Arc::new(PluginRetention {
             registry: registry.clone(),
             plugin: b.plugin.clone(),
+            binding: format!("{name}/retention"),
             params: b.params.to_string(),
             fallback: builtin_retention,
         }) as Arc<dyn RetentionPolicy>),
@@ -265,6 +284,7 @@ fn bind(ns: &NamespaceConfig, plugins: Option<&Arc<Registry>>) -> Bound {
             (Some(plugin), Some(registry)) => Arc::new(PluginCompaction {
                 registry: registry.clone(),
                 plugin: plugin.clone(),
+                binding: format!("{name}/compaction"),
                 params: c.params.to_string(),
                 fallback: builtin,
             }) as Arc<dyn CompactionPolicy>,
@@ -278,8 +298,8 @@ impl Policies {
     /// Builds the bindings of every namespace in `config`, with plugins from `plugins`.
     pub fn from_config(config: &Config, plugins: Option<&Arc<Registry>>) -> Self {
         Self {
-            defaults: bind(&config.defaults, plugins),
-            namespaces: config.namespaces.iter().map(|(n, ns)| (n.clone(), bind(ns, plugins))).collect(),
+            defaults: bind("defaults", &config.defaults, plugins),
+            namespaces: config.namespaces.iter().map(|(n, ns)| (n.clone(), bind(n, ns, plugins))).collect(),
         }
     }
 
@@ -376,5 +396,6 @@ mod tests {
         let ci = CompactionInput { channel: "c".into(), window: vec![meta(2, 0, 1, Some("k"), false)], now_ms: 0 };
         assert!(validate_compaction("p", &ci, &CompactionDecision { remove: vec![2] }).is_ok());
         assert!(validate_compaction("p", &ci, &CompactionDecision { remove: vec![3] }).is_err());
+        assert!(validate_compaction("p", &ci, &CompactionDecision { remove: vec![2, 2] }).is_err());
     }
 }

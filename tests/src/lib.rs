@@ -36,7 +36,7 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A `[maintenance]` section that runs retention and compaction every 100 ms, for tests
 /// that watch them.
-pub const FAST_MAINTENANCE: &str = "[maintenance]\ninterval = \"100ms\"\n";
+pub const FAST_MAINTENANCE: &str = "[maintenance]\ninterval = \"100ms\"\nidle_recheck = \"200ms\"\n";
 
 /// How often [`wait_until`] and [`poll_for`] re-check their condition.
 const POLL_EVERY: Duration = Duration::from_millis(25);

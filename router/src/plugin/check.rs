@@ -114,7 +114,10 @@ pub fn run(args: CheckArgs<'_>) -> bool {
     let name: Arc<str> = args.file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").into();
     println!("plugin {name}: ABI v1, sha256 {}, compiled in {:?}", compiled.sha256, started.elapsed());
     println!("kinds: {}", compiled.kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "));
-    let limits = CallLimits { timeout: Duration::from_secs(2), max_memory: 256 * 1024 * 1024 };
+    // The router's default limits, so a plugin that passes here also fits there.
+    let defaults = crate::config::PluginsConfig::default();
+    let limits = CallLimits { timeout: defaults.call_timeout, max_memory: defaults.memory_limit_bytes };
+    println!("limits: {:?} per call, {} MiB memory (the router's defaults)", limits.timeout, limits.max_memory >> 20);
     let mut ok = true;
     for kind in &compiled.kinds {
         for n in SIZES {
@@ -123,6 +126,11 @@ pub fn run(args: CheckArgs<'_>) -> bool {
                     let input = retention_input(n);
                     let (r, took) = time(args.calls, || {
                         host.call::<_, RetentionDecision>(&name, &compiled, *kind, args.params, &input, limits)
+                    });
+                    let r = r.and_then(|d| {
+                        crate::policy::validate_retention(&name, &input, &d)
+                            .map(|()| d)
+                            .map_err(|e| super::host::CallError::Invalid(e.to_string()))
                     });
                     let native = LimitsRetention { size: n as u64 / 2, ttl_ms: 0, bytes: 0 };
                     let (_, native_took) = time(args.calls, || native.decide(&input));
@@ -138,6 +146,11 @@ pub fn run(args: CheckArgs<'_>) -> bool {
                     let input = compaction_input(n);
                     let (r, took) = time(args.calls, || {
                         host.call::<_, CompactionDecision>(&name, &compiled, *kind, args.params, &input, limits)
+                    });
+                    let r = r.and_then(|d| {
+                        crate::policy::validate_compaction(&name, &input, &d)
+                            .map(|()| d)
+                            .map_err(|e| super::host::CallError::Invalid(e.to_string()))
                     });
                     let native = KeyedCompaction { window_ms: None, tombstone_delay_ms: 0 };
                     let (_, native_took) = time(args.calls, || native.decide(&input));

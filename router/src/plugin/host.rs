@@ -118,6 +118,35 @@ impl CallError {
     }
 }
 
+/// The largest output a decision for this input can honestly need; anything longer is
+/// refused before it is decoded, so a guest cannot make the host decode gigabytes.
+pub trait OutputBound {
+    /// Maximum output length in bytes.
+    fn max_output(&self) -> usize;
+}
+
+/// Room for a guest error message on top of any decision.
+const ERROR_ROOM: usize = 1024;
+
+impl OutputBound for abi::RetentionInput {
+    fn max_output(&self) -> usize {
+        ERROR_ROOM + 16
+    }
+}
+
+impl OutputBound for abi::CompactionInput {
+    fn max_output(&self) -> usize {
+        ERROR_ROOM + 16 + 10 * self.window.len()
+    }
+}
+
+impl OutputBound for abi::BalanceInput {
+    fn max_output(&self) -> usize {
+        let longest_id = self.nodes.iter().map(|n| n.id.len()).max().unwrap_or(0);
+        ERROR_ROOM + 16 + self.partitions.len() * (longest_id + 5)
+    }
+}
+
 /// Per-call store state: wasmtime's `StoreLimits` (memory cap, one instance, small
 /// tables, growth failures trap) plus a note of which limit was hit, and the log budget.
 struct CallState {
@@ -250,7 +279,7 @@ impl Host {
     }
 
     /// Runs one ABI v1 call of `kind` on a fresh instance.
-    pub fn call<I: Serialize, O: DeserializeOwned>(
+    pub fn call<I: Serialize + OutputBound, O: DeserializeOwned>(
         &self,
         plugin: &Arc<str>,
         compiled: &Compiled,
@@ -293,6 +322,9 @@ impl Host {
             .map_err(|e| CallError::Garbage(format!("{e:#}")))?;
         let len = i32::try_from(bytes.len()).map_err(|_| CallError::Garbage("input over 2 GiB".into()))?;
         let ptr = alloc.call(&mut store, len).map_err(|e| trap(&store, e))?;
+        if ptr == 0 {
+            return Err(CallError::Memory(limits.max_memory));
+        }
         let start = usize::try_from(ptr as u32).expect("u32 fits usize");
         memory
             .write(&mut store, start, &bytes)
@@ -302,6 +334,12 @@ impl Host {
             return Err(CallError::Garbage(format!("guest returned status {r}")));
         }
         let (out_ptr, out_len) = ((r >> 32) as u32 as usize, (r & 0xffff_ffff) as u32 as usize);
+        if out_len > input.max_output() {
+            return Err(CallError::Garbage(format!(
+                "output of {out_len} bytes; at most {} can be valid",
+                input.max_output()
+            )));
+        }
         let data = memory.data(&store);
         let out = out_ptr.checked_add(out_len).and_then(|end| data.get(out_ptr..end)).ok_or_else(|| {
             CallError::OutOfBounds(format!("output [{out_ptr:#x}, +{out_len}) outside {} bytes", data.len()))
@@ -336,7 +374,8 @@ fn guest_log(caller: &mut Caller<'_, CallState>, level: i32, ptr: i32, len: i32)
     let (start, len) = (ptr as u32 as usize, (len as u32 as usize).min(LOG_LINE_MAX));
     let data = memory.data(&*caller);
     let Some(bytes) = start.checked_add(len).and_then(|end| data.get(start..end)) else { return };
-    let line = String::from_utf8_lossy(bytes);
+    // Control characters (newlines among them) could forge log lines: show them escaped.
+    let line: String = String::from_utf8_lossy(bytes).chars().flat_map(char::escape_default).collect();
     let plugin = caller.data().plugin.clone();
     match level {
         1 => tracing::error!(plugin = %plugin, "{line}"),

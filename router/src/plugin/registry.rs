@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::host::{CallError, CallLimits, Compiled, Host, Kind};
+use super::host::{CallError, CallLimits, Compiled, Host, Kind, OutputBound};
 use crate::metrics::Metrics;
 
 /// Quarantine rules.
@@ -32,14 +32,18 @@ pub struct QuarantineRules {
     pub healthy_reset: Duration,
 }
 
+/// Failure bookkeeping of one binding (plugin × namespace × kind): a misconfigured
+/// namespace quarantines only its own use of the plugin.
 #[derive(Debug)]
 struct Health {
     consecutive: u32,
     quarantined_until: Option<Instant>,
     backoff: Duration,
     last_failure: Option<Instant>,
-    last_error: Option<String>,
 }
+
+/// Largest plugin file read (a wasm module is far smaller; this refuses device files).
+const MAX_PLUGIN_FILE: u64 = 64 * 1024 * 1024;
 
 /// One plugin file and what became of it.
 pub struct Entry {
@@ -48,11 +52,12 @@ pub struct Entry {
     file_sha256: String,
     /// The version that serves calls, if any was ever valid.
     active: Option<Arc<Compiled>>,
-    /// Why the current file was refused, if it was.
-    rejected: Option<String>,
     calls: AtomicU64,
     failures: AtomicU64,
-    health: Mutex<Health>,
+    /// Per binding.
+    health: Mutex<std::collections::HashMap<String, Health>>,
+    /// The latest failure or refusal, for the listing.
+    last_error: Mutex<Option<String>>,
 }
 
 /// Why a call did not produce the plugin's decision.
@@ -144,6 +149,14 @@ impl Registry {
             else {
                 continue;
             };
+            // Regular files of sane size only: a FIFO or /dev/zero must not hang the reload.
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() && m.len() <= MAX_PLUGIN_FILE => {}
+                _ => {
+                    tracing::warn!(plugin = stem, "skipping: not a regular file under 64 MiB");
+                    continue;
+                }
+            }
             let Ok(bytes) = std::fs::read(&path) else { continue };
             let sha = super::host_sha256(&bytes);
             let old = current.get(stem);
@@ -173,30 +186,31 @@ impl Registry {
             }
         };
         let carry = |f: fn(&Entry) -> &AtomicU64| old.map_or(0, |o| f(o).load(Ordering::Relaxed));
-        let last_error =
-            rejected.clone().or_else(|| old.and_then(|o| o.health.lock().expect("health").last_error.clone()));
+        // A refused file keeps the serving version's health (quarantine included); a new
+        // good version starts healthy with no stale error.
+        let (health, last_error) = match (&rejected, old) {
+            (Some(why), Some(o)) => (std::mem::take(&mut *o.health.lock().expect("health")), Some(why.clone())),
+            (Some(why), None) => (Default::default(), Some(why.clone())),
+            (None, _) => (Default::default(), None),
+        };
         Entry {
             name: name.into(),
             file_sha256: sha,
             active,
-            rejected,
             calls: AtomicU64::new(carry(|e| &e.calls)),
             failures: AtomicU64::new(carry(|e| &e.failures)),
-            health: Mutex::new(Health {
-                consecutive: 0,
-                quarantined_until: None,
-                backoff: self.rules.min,
-                last_failure: None,
-                last_error,
-            }),
+            health: Mutex::new(health),
+            last_error: Mutex::new(last_error),
         }
     }
 
-    /// Calls plugin `name` as `kind`. `check` validates the decision against the input; a
-    /// refused decision counts as a failure like a trap does.
-    pub fn call<I: Serialize, O: DeserializeOwned>(
+    /// Calls plugin `name` as `kind` for `binding` (e.g. `chat/retention`: health is kept
+    /// per binding). `check` validates the decision against the input; a refused decision
+    /// counts as a failure like a trap does.
+    pub fn call<I: Serialize + OutputBound, O: DeserializeOwned>(
         &self,
         name: &str,
+        binding: &str,
         kind: Kind,
         params: &str,
         input: &I,
@@ -209,7 +223,8 @@ impl Registry {
         if !compiled.kinds.contains(&kind) {
             return Err(Fallback::NoSuchKind);
         }
-        if entry.health.lock().expect("health").quarantined_until.is_some_and(|t| Instant::now() < t) {
+        let quarantined = |h: &Health| h.quarantined_until.is_some_and(|t| Instant::now() < t);
+        if entry.health.lock().expect("health").get(binding).is_some_and(quarantined) {
             return Err(Fallback::Quarantined);
         }
         entry.calls.fetch_add(1, Ordering::Relaxed);
@@ -220,18 +235,26 @@ impl Registry {
             .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid));
         match result {
             Ok(d) => {
-                self.succeeded(&entry);
+                self.succeeded(&entry, binding);
                 Ok(d)
             }
             Err(e) => {
-                self.failed(&entry, kind, &e);
+                self.failed(&entry, binding, kind, &e);
                 Err(Fallback::Failed(e))
             }
         }
     }
 
-    fn succeeded(&self, entry: &Entry) {
-        let mut h = entry.health.lock().expect("health");
+    fn new_health(&self) -> Health {
+        Health { consecutive: 0, quarantined_until: None, backoff: self.rules.min, last_failure: None }
+    }
+
+    fn succeeded(&self, entry: &Entry, binding: &str) {
+        let mut all = entry.health.lock().expect("health");
+        let Some(h) = all.get_mut(binding) else { return };
+        if h.quarantined_until.is_some_and(|t| Instant::now() < t) {
+            return; // a call that started before the quarantine does not lift it
+        }
         h.consecutive = 0;
         h.quarantined_until = None;
         if h.last_failure.is_some_and(|t| t.elapsed() >= self.rules.healthy_reset) {
@@ -239,11 +262,12 @@ impl Registry {
         }
     }
 
-    fn failed(&self, entry: &Entry, kind: Kind, e: &CallError) {
+    fn failed(&self, entry: &Entry, binding: &str, kind: Kind, e: &CallError) {
         entry.failures.fetch_add(1, Ordering::Relaxed);
         self.metrics.plugin_failures.with_label_values(&[&entry.name, kind.as_str(), e.reason()]).inc();
-        let mut h = entry.health.lock().expect("health");
-        h.last_error = Some(e.to_string());
+        *entry.last_error.lock().expect("last error") = Some(format!("{binding}: {e}"));
+        let mut all = entry.health.lock().expect("health");
+        let h = all.entry(binding.to_string()).or_insert_with(|| self.new_health());
         if h.quarantined_until.is_some_and(|t| Instant::now() < t) {
             // A call that started before the quarantine: counted, but no new streak.
             return;
@@ -253,13 +277,13 @@ impl Registry {
         }
         h.consecutive += 1;
         h.last_failure = Some(Instant::now());
-        tracing::warn!(plugin = %entry.name, kind = kind.as_str(), reason = e.reason(), error = %e, "plugin call failed; built-in policy used this round");
+        tracing::warn!(plugin = %entry.name, binding, kind = kind.as_str(), reason = e.reason(), error = %e, "plugin call failed; built-in policy used this round");
         if h.consecutive >= self.rules.after {
             let period = h.backoff;
             h.quarantined_until = Some(Instant::now() + period);
             h.backoff = (h.backoff * 2).min(self.rules.max);
             h.consecutive = 0;
-            tracing::error!(plugin = %entry.name, ?period, failures = self.rules.after, "plugin quarantined");
+            tracing::error!(plugin = %entry.name, binding, ?period, failures = self.rules.after, "plugin quarantined for this binding");
         }
     }
 
@@ -270,10 +294,11 @@ impl Registry {
             .load()
             .values()
             .map(|e| {
-                let h = e.health.lock().expect("health");
-                let state = match (&e.active, h.quarantined_until) {
+                let quarantined =
+                    e.health.lock().expect("health").values().any(|h| h.quarantined_until.is_some_and(|t| now < t));
+                let state = match (&e.active, quarantined) {
                     (None, _) => "rejected",
-                    (Some(_), Some(t)) if now < t => "quarantined",
+                    (Some(_), true) => "quarantined",
                     _ => "active",
                 };
                 PluginInfo {
@@ -285,7 +310,7 @@ impl Registry {
                     state,
                     calls: e.calls.load(Ordering::Relaxed),
                     failures: e.failures.load(Ordering::Relaxed),
-                    last_error: e.rejected.clone().or_else(|| h.last_error.clone()),
+                    last_error: e.last_error.lock().expect("last error").clone(),
                 }
             })
             .collect()
@@ -356,7 +381,7 @@ mod tests {
 
     fn call(r: &Registry, name: &str) -> Outcome<RetentionDecision> {
         let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
-        r.call(name, Kind::Retention, "{}", &input, |_| Ok(()))
+        r.call(name, "ns/retention", Kind::Retention, "{}", &input, |_| Ok(()))
     }
 
     fn state(r: &Registry, name: &str) -> (&'static str, Option<String>) {
@@ -397,14 +422,18 @@ mod tests {
         assert!(matches!(call(&r, "t"), Err(Fallback::Failed(CallError::Trap(_)))));
         assert!(matches!(call(&r, "t"), Err(Fallback::Failed(_))));
         assert!(matches!(call(&r, "t"), Err(Fallback::Quarantined)));
+        // Another binding of the same plugin is not quarantined by this one's failures.
+        let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
+        let other = r.call::<_, RetentionDecision>("t", "other/retention", Kind::Retention, "{}", &input, |_| Ok(()));
+        assert!(matches!(other, Err(Fallback::Failed(_))));
         let info = r.list().into_iter().next().unwrap();
-        assert_eq!((info.state, info.calls, info.failures), ("quarantined", 2, 2));
+        assert_eq!((info.state, info.calls, info.failures), ("quarantined", 3, 3));
         // A fixed file replaces the entry: a fresh start, counters carried over.
         std::fs::write(dir.path().join("t.wasm"), module("", GOOD)).unwrap();
         r.rescan();
         assert!(call(&r, "t").is_ok());
         let info = r.list().into_iter().next().unwrap();
-        assert_eq!((info.state, info.calls, info.failures), ("active", 3, 2));
+        assert_eq!((info.state, info.calls, info.failures, info.last_error), ("active", 4, 3, None));
     }
 
     #[test]
@@ -414,7 +443,9 @@ mod tests {
         let r = registry(dir.path());
         r.rescan();
         let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
-        let out = r.call::<_, RetentionDecision>("p", Kind::Retention, "{}", &input, |_| Err("above the top".into()));
+        let out = r.call::<_, RetentionDecision>("p", "ns/retention", Kind::Retention, "{}", &input, |_| {
+            Err("above the top".into())
+        });
         assert!(matches!(out, Err(Fallback::Failed(CallError::Invalid(_)))));
         assert_eq!(r.metrics.plugin_failures.with_label_values(&["p", "retention", "invalid_output"]).get(), 1);
     }
