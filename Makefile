@@ -4,7 +4,8 @@
 #               plugins, start one standalone node on $(LISTEN)
 #   make test   install what is missing, build plugins and the workspace,
 #               run every test (cargo test --workspace)
-#   make bench  build release, measure latency / throughput / connections
+#   make bench  build release, run the bench scenarios against Switchyard and
+#               nats-server (installed if missing), print one comparison table
 #
 # Override: make run LISTEN=127.0.0.1:9000 DATA_DIR=/tmp/sy
 SHELL := /bin/bash
@@ -59,8 +60,8 @@ test:
 	scripts/test-plugins.sh
 
 bench:
-	scripts/setup.sh
-	scripts/bench.sh
+	scripts/setup.sh --bench
+	scripts/compare.sh
 
 all: test
 

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Build release, then for each measurement start a fresh router on a free
-# loopback port with a temporary data dir, run `measure` against it, stop it.
-# The server is pinned to CPU 0 and the measurer to CPU 1 (when there are 2+
-# CPUs and taskset exists). Results: target/bench/<time>/<mode>.txt.
+# Switchyard alone (scripts/compare.sh runs the same scenarios against
+# nats-server too; `make bench` runs that). Build release, then for each
+# measurement start a fresh router on a free loopback port with a temporary data
+# dir, run `switchyard bench` against it, stop it. The server is pinned to CPU 0
+# and the generator to CPU 1 (when there are 2+ CPUs and taskset exists).
+# Results: target/bench/<time>/<mode>.txt.
 #
 # Environment (defaults in brackets):
 #   BENCH_MODES      modes to run ["latency throughput throughput-fixed connections"]
 #   BENCH_DURATION   measured time per run [10s]     BENCH_WARMUP  warm-up [2s]
 #   LAT_SUBSCRIBERS [100]  LAT_RATE [1000]
-#   TP_SUBSCRIBERS [1000]  TP_CHANNELS [100]  TP_PUBLISHERS [4]  TP_INFLIGHT [64]
+#   TP_SUBSCRIBERS (total, split evenly over the channels) [1000]  TP_CHANNELS [100]  TP_PUBLISHERS [4]  TP_INFLIGHT [64]
 #   TP_FIXED_RATE   publishes/s for throughput-fixed (server CPU per 1M at a fixed load) [2000]
 #   CONN_COUNT [10000]  CONN_CHANNELS [1000]
 #   SWITCHYARD_BIN  router binary [target/release/switchyard]; BENCH_NO_BUILD=1 skips cargo build
@@ -34,23 +36,20 @@ CONN_CHANNELS="${CONN_CHANNELS:-1000}"
 log() { echo "[bench] $*"; }
 
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-    log "cargo build --release (switchyard, measure)"
-    cargo build --release -p switchyard-router -p switchyard-tests --bin switchyard --bin measure
+    log "cargo build --release (switchyard)"
+    cargo build --release -p switchyard-router --bin switchyard
 fi
 server_bin="${SWITCHYARD_BIN:-$root/target/release/switchyard}"
-measure_bin="$root/target/release/measure"
-for b in "$server_bin" "$measure_bin"; do
-    [ -x "$b" ] || { log "ERROR: $b not built"; exit 1; }
-done
+[ -x "$server_bin" ] || { log "ERROR: $server_bin not built"; exit 1; }
 
 server_pin=(); client_pin=()
 if command -v taskset >/dev/null 2>&1 && [ "$(nproc --all)" -ge 2 ]; then
     server_pin=(taskset -c 0); client_pin=(taskset -c 1)
-    log "pinning: server -> CPU 0, measurer -> CPU 1"
+    log "pinning: server -> CPU 0, generator -> CPU 1"
 else
     log "not pinning (need taskset and 2+ CPUs)"
 fi
-# More file descriptors for 10k connections (the measurer raises its own).
+# More file descriptors for 10k connections (the generator raises its own).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 load="$(cut -d' ' -f1 /proc/loadavg)"
@@ -101,12 +100,12 @@ start_server() { # sets server_pid, url
     log "router pid $server_pid listening on $addr (data dir $tmp/data)"
 }
 
-run() { # run NAME measure-args...
+run() { # run NAME bench-args...
     local name="$1"; shift
-    log "=== $name: measure $* ==="
+    log "=== $name: switchyard bench $* ==="
     start_server
     local status=0
-    "${client_pin[@]}" "$measure_bin" "$@" --url "$url" --server-pid "$server_pid" 2>&1 \
+    "${client_pin[@]}" "$server_bin" bench "$@" --url "$url" --server-pid "$server_pid" 2>&1 \
         | tee "$out_dir/$name.txt" || status=$?
     if ! kill -0 "$server_pid" 2>/dev/null; then
         log "WARNING: router died during $name"; tail -20 "$tmp/stderr" >&2 || true
@@ -123,11 +122,11 @@ for mode in $MODES; do
             run latency latency --subscribers "$LAT_SUBSCRIBERS" --rate "$LAT_RATE" \
                 --duration "$DURATION" --warmup "$WARMUP" ;;
         throughput)
-            run throughput throughput --subscribers "$TP_SUBSCRIBERS" --channels "$TP_CHANNELS" \
+            run throughput fanout --subscribers "$(( TP_SUBSCRIBERS / TP_CHANNELS ))" --channels "$TP_CHANNELS" \
                 --publishers "$TP_PUBLISHERS" --inflight "$TP_INFLIGHT" --duration "$DURATION" --warmup "$WARMUP" ;;
         throughput-fixed)
-            run throughput-fixed throughput --subscribers "$TP_SUBSCRIBERS" --channels "$TP_CHANNELS" \
-                --publishers "$TP_PUBLISHERS" --inflight "$TP_INFLIGHT" --rate "$TP_FIXED_RATE" \
+            run throughput-fixed fanout --label fanout-fixed --subscribers "$(( TP_SUBSCRIBERS / TP_CHANNELS ))" \
+                --channels "$TP_CHANNELS" --publishers "$TP_PUBLISHERS" --inflight "$TP_INFLIGHT" --rate "$TP_FIXED_RATE" \
                 --duration "$DURATION" --warmup "$WARMUP" ;;
         connections)
             run connections connections --count "$CONN_COUNT" --channels "$CONN_CHANNELS" ;;
@@ -141,6 +140,6 @@ for mode in $MODES; do
     f="$out_dir/$mode.txt"
     [ -f "$f" ] || continue
     echo "--- $mode"
-    sed -n '/^== .* summary ==$/,$p' "$f" | grep -v '^== '
+    sed -n '/^== .* summary .*==$/,$p' "$f" | grep -v '^== '
 done
 echo "(full logs: ${out_dir#"$root"/})"

@@ -15,10 +15,20 @@
 # Environment:
 #   SWITCHYARD_SKIP_WASM=1   do not install the wasm toolchain
 #   SWITCHYARD_SKIP_ETCD=1   do not install etcd
+#   SWITCHYARD_WITH_NATS=1   also install nats-server (the benchmark peer); same as
+#                            passing --bench. `make test` never needs it.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 log() { echo "[setup] $*"; }
+
+WITH_NATS="${SWITCHYARD_WITH_NATS:-0}"
+for arg in "$@"; do
+    case "$arg" in
+        --bench) WITH_NATS=1 ;;
+        *) log "unknown argument: $arg (the only one is --bench)"; exit 2 ;;
+    esac
+done
 
 start=$(date +%s)
 
@@ -69,6 +79,10 @@ if [ "${SWITCHYARD_SKIP_ETCD:-0}" != 1 ]; then
     want_cmd etcdctl etcd-client
 fi
 
+if [ "$WITH_NATS" = 1 ]; then
+    want_cmd nats-server nats-server
+fi
+
 if [ "${SWITCHYARD_SKIP_WASM:-0}" = 1 ]; then
     log "skip: wasm toolchain (SWITCHYARD_SKIP_WASM=1)"
 elif command -v rustup >/dev/null 2>&1 \
@@ -109,7 +123,7 @@ log "apt-get update"
 log "apt-get install -y ${missing[*]}"
 "${SUDO[@]}" apt-get "${APT_OPTS[@]}" install -y "${missing[@]}"
 
-for c in protoc etcd etcdctl; do
+for c in protoc etcd etcdctl nats-server; do
     if command -v "$c" >/dev/null 2>&1; then log "now: $c -> $(command -v "$c")"; fi
 done
 if [ -x /usr/bin/rustc ]; then log "now: Debian rustc: $(/usr/bin/rustc --version)"; fi

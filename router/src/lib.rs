@@ -7,6 +7,7 @@
 //! WebSocket), `policy` and `maintenance` (retention and compaction), `plugin` (the WASM host), `metrics`, `node`
 //! (wiring).
 
+pub mod bench;
 pub mod channel;
 pub mod config;
 pub mod maintenance;

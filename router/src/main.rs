@@ -30,6 +30,9 @@ enum Cmd {
         #[arg(long, env = "SWITCHYARD_PLUGINS_DIR")]
         plugins_dir: Option<PathBuf>,
     },
+    /// Load generator: fanout, latency, connections and cluster scenarios against
+    /// Switchyard or nats-server (`--target nats`); `table` compares saved `--json` runs.
+    Bench(Box<switchyard_router::bench::BenchArgs>),
     /// Policy plugin tools.
     Plugin {
         #[command(subcommand)]
@@ -60,6 +63,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let (config, listen, data_dir, plugins_dir) = match Cli::parse().command {
         Cmd::Serve { config, listen, data_dir, plugins_dir } => (config, listen, data_dir, plugins_dir),
+        Cmd::Bench(args) => return switchyard_router::bench::main(*args),
         Cmd::Plugin { command: PluginCmd::Check { file, params, calls } } => {
             let args = switchyard_router::plugin::check::CheckArgs { file: &file, params: &params, calls };
             return if switchyard_router::plugin::check::run(args) {
