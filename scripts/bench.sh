@@ -35,75 +35,15 @@ CONN_CHANNELS="${CONN_CHANNELS:-1000}"
 
 log() { echo "[bench] $*"; }
 
-if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-    log "cargo build --release (switchyard)"
-    cargo build --release -p switchyard-router --bin switchyard
-fi
-server_bin="${SWITCHYARD_BIN:-$root/target/release/switchyard}"
-[ -x "$server_bin" ] || { log "ERROR: $server_bin not built"; exit 1; }
-
-server_pin=(); client_pin=()
-if command -v taskset >/dev/null 2>&1 && [ "$(nproc --all)" -ge 2 ]; then
-    server_pin=(taskset -c 0); client_pin=(taskset -c 1)
-    log "pinning: server -> CPU 0, generator -> CPU 1"
-else
-    log "not pinning (need taskset and 2+ CPUs)"
-fi
-# More file descriptors for 10k connections (the generator raises its own).
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-load="$(cut -d' ' -f1 /proc/loadavg)"
-log "load average (1 min): $load"
-if awk -v l="$load" 'BEGIN { exit !(l > 0.5) }'; then
-    log "WARNING: the machine is busy (load $load): other processes share the 2 CPUs, figures will be noisy"
-fi
+# shellcheck source=scripts/bench-lib.sh
+source "$root/scripts/bench-lib.sh"
+bench_prepare
 out_dir="$root/target/bench/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out_dir"
-server_pid=""; tmp=""
-
-stop_server() {
-    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-        kill -TERM "$server_pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$server_pid" 2>/dev/null; then
-            log "server $server_pid did not stop on SIGTERM within 10s; killing it"
-            kill -KILL "$server_pid" 2>/dev/null || true
-        fi
-        wait "$server_pid" 2>/dev/null || true
-    fi
-    server_pid=""
-    if [ -n "$tmp" ]; then rm -rf "$tmp"; tmp=""; fi
-}
-trap stop_server EXIT
-trap 'exit 130' INT TERM
-
-start_server() { # sets server_pid, url
-    tmp="$(mktemp -d /tmp/switchyard-bench.XXXXXX)"
-    local plugins="$root/plugins/dist"
-    [ -d "$plugins" ] || { plugins="$tmp/plugins"; mkdir -p "$plugins"; }
-    local config=()
-    [ -n "${BENCH_CONFIG:-}" ] && config=(--config "$BENCH_CONFIG")
-    RUST_LOG="${RUST_LOG:-warn}" "${server_pin[@]}" "$server_bin" serve "${config[@]}" --listen 127.0.0.1:0 \
-        --data-dir "$tmp/data" --plugins-dir "$plugins" >"$tmp/stdout" 2>"$tmp/stderr" &
-    server_pid=$!
-    local addr=""
-    for _ in $(seq 1 300); do
-        addr="$(sed -n 's/^switchyard listening on //p' "$tmp/stdout" | head -n1)"
-        [ -n "$addr" ] && break
-        if ! kill -0 "$server_pid" 2>/dev/null; then
-            log "ERROR: router exited before listening:"; cat "$tmp/stderr" >&2; exit 1
-        fi
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { log "ERROR: router did not print its address within 30s"; cat "$tmp/stderr" >&2; exit 1; }
-    url="ws://$addr/ws"
-    log "router pid $server_pid listening on $addr (data dir $tmp/data)"
-}
-
 run() { # run NAME bench-args...
     local name="$1"; shift
     log "=== $name: switchyard bench $* ==="
-    start_server
+    start_switchyard
     local status=0
     "${client_pin[@]}" "$server_bin" bench "$@" --url "$url" --server-pid "$server_pid" 2>&1 \
         | tee "$out_dir/$name.txt" || status=$?
@@ -135,7 +75,7 @@ for mode in $MODES; do
 done
 
 echo
-echo "================ Switchyard bench results ($(date -u +%FT%TZ), $(nproc) CPUs, load at start $load) ================"
+echo "================ Switchyard bench results ($(date -u +%FT%TZ), $(nproc) CPUs, load at start $bench_load) ================"
 for mode in $MODES; do
     f="$out_dir/$mode.txt"
     [ -f "$f" ] || continue

@@ -44,48 +44,11 @@ if ! command -v nats-server >/dev/null 2>&1; then
     "$root/scripts/setup.sh" --bench
 fi
 nats_bin="$(command -v nats-server)" || { log "ERROR: nats-server not found after setup"; exit 1; }
-if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-    log "cargo build --release (switchyard)"
-    cargo build --release -p switchyard-router --bin switchyard
-fi
-bin="${SWITCHYARD_BIN:-$root/target/release/switchyard}"
-[ -x "$bin" ] || { log "ERROR: $bin not built"; exit 1; }
-
-server_pin=(); client_pin=()
-if command -v taskset >/dev/null 2>&1 && [ "$(nproc --all)" -ge 2 ]; then
-    server_pin=(taskset -c 0); client_pin=(taskset -c 1)
-    log "pinning: servers -> CPU 0, generator -> CPU 1"
-else
-    log "not pinning (need taskset and 2+ CPUs)"
-fi
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-log "open files: $(ulimit -n)"
-load="$(cut -d' ' -f1 /proc/loadavg)"
-log "load average (1 min): $load"
-if awk -v l="$load" 'BEGIN { exit !(l > 0.5) }'; then
-    log "WARNING: the machine is busy (load $load): figures will be noisy"
-fi
-
+# shellcheck source=scripts/bench-lib.sh
+source "$root/scripts/bench-lib.sh"
+bench_prepare
 out_dir="$root/target/bench/compare-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out_dir"
-server_pid=""; tmp=""; url=""
-
-stop_server() {
-    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-        kill -TERM "$server_pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$server_pid" 2>/dev/null; then
-            log "server $server_pid did not stop on SIGTERM within 10s; killing it"
-            kill -KILL "$server_pid" 2>/dev/null || true
-        fi
-        wait "$server_pid" 2>/dev/null || true
-    fi
-    server_pid=""
-    if [ -n "$tmp" ]; then rm -rf "$tmp"; tmp=""; fi
-}
-trap stop_server EXIT
-trap 'exit 130' INT TERM
-
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
     local p
@@ -94,36 +57,6 @@ free_port() {
         if port_free "$p"; then echo "$p"; return 0; fi
     done
     log "ERROR: no free port found"; return 1
-}
-
-start_switchyard() { # start_switchyard [never]: sets server_pid, url
-    tmp="$(mktemp -d /tmp/switchyard-compare.XXXXXX)"
-    mkdir -p "$tmp/plugins"
-    local plugins="$root/plugins/dist"
-    [ -d "$plugins" ] || plugins="$tmp/plugins"
-    local config=()
-    if [ "${1:-}" = never ]; then
-        if [ -n "${BENCH_CONFIG:-}" ]; then
-            { echo 'fsync = "never"'; grep -v '^[[:space:]]*fsync[[:space:]]*=' "$BENCH_CONFIG"; } >"$tmp/config.toml"
-        else
-            echo 'fsync = "never"' >"$tmp/config.toml"
-        fi
-        config=(--config "$tmp/config.toml")
-    elif [ -n "${BENCH_CONFIG:-}" ]; then
-        config=(--config "$BENCH_CONFIG")
-    fi
-    RUST_LOG="${RUST_LOG:-warn}" "${server_pin[@]}" "$bin" serve "${config[@]}" --listen 127.0.0.1:0 \
-        --data-dir "$tmp/data" --plugins-dir "$plugins" >"$tmp/stdout" 2>"$tmp/stderr" &
-    server_pid=$!
-    local addr=""
-    for _ in $(seq 1 300); do
-        addr="$(sed -n 's/^switchyard listening on //p' "$tmp/stdout" | head -n1)"
-        [ -n "$addr" ] && break
-        kill -0 "$server_pid" 2>/dev/null || { log "ERROR: router exited:"; cat "$tmp/stderr" >&2; exit 1; }
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { log "ERROR: router did not listen within 30s"; cat "$tmp/stderr" >&2; exit 1; }
-    url="ws://$addr/ws"
 }
 
 start_nats() { # sets server_pid, url
@@ -178,7 +111,7 @@ for sc in $SCENARIOS; do
         args=($(scenario_args "$sc" "$url"))
         log "=== $sc / $col (pid $server_pid): switchyard bench ${args[*]} --target $target"
         status=0
-        "${client_pin[@]}" "$bin" bench "${args[@]}" --target "$target" --server-pid "$server_pid" --json \
+        "${client_pin[@]}" "$server_bin" bench "${args[@]}" --target "$target" --server-pid "$server_pid" --json \
             >>"$out_dir/$col.jsonl" 2> >(tee "$out_dir/$sc-$col.log" >&2) || status=$?
         [ "$status" = 0 ] || log "WARNING: $sc / $col exited $status (counts did not add up, or it failed): see $out_dir/$sc-$col.log"
         if ! kill -0 "$server_pid" 2>/dev/null; then
@@ -192,9 +125,9 @@ table_args=(--column "Switchyard=$out_dir/switchyard.jsonl" --column "nats-serve
 [ "$WITH_NEVER" = 1 ] && table_args+=(--column "Switchyard fsync=never=$out_dir/switchyard-never.jsonl")
 {
     echo "Switchyard vs nats-server $("$nats_bin" --version 2>&1 | head -n1) over WebSocket on 127.0.0.1," \
-        "$(date -u +%FT%TZ), $(nproc --all) CPUs, load at start $load; servers on CPU 0, generator on CPU 1."
+        "$(date -u +%FT%TZ), $(nproc --all) CPUs, load at start $bench_load; servers on CPU 0, generator on CPU 1."
     echo
-    "$bin" bench table "${table_args[@]}"
+    "$server_bin" bench table "${table_args[@]}"
     echo
     echo "- Switchyard acknowledges a publish only after it is durable (group-commit fsync); NATS core"
     echo "  persists nothing and has no publish acknowledgement: its \"acknowledged\" publishes are those"

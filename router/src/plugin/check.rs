@@ -94,6 +94,11 @@ fn time<T>(calls: u32, mut f: impl FnMut() -> T) -> (T, Duration) {
     (last, started.elapsed())
 }
 
+/// A decision that passed the router's validation, or the failure it would count.
+fn checked<D>(valid: Result<(), crate::policy::PolicyError>, d: D) -> Result<D, super::host::CallError> {
+    valid.map(|()| d).map_err(|e| super::host::CallError::Invalid(e.to_string()))
+}
+
 /// Runs the check; returns false when the module is refused or any call fails.
 pub fn run(args: CheckArgs<'_>) -> bool {
     let host = match Host::new(None) {
@@ -127,11 +132,7 @@ pub fn run(args: CheckArgs<'_>) -> bool {
                     let (r, took) = time(args.calls, || {
                         host.call::<_, RetentionDecision>(&name, &compiled, *kind, args.params, &input, limits)
                     });
-                    let r = r.and_then(|d| {
-                        crate::policy::validate_retention(&name, &input, &d)
-                            .map(|()| d)
-                            .map_err(|e| super::host::CallError::Invalid(e.to_string()))
-                    });
+                    let r = r.and_then(|d| checked(crate::policy::validate_retention(&name, &input, &d), d));
                     let native = LimitsRetention { size: n as u64 / 2, ttl_ms: 0, bytes: 0 };
                     let (_, native_took) = time(args.calls, || native.decide(&input));
                     r.map(|d| {
@@ -147,11 +148,7 @@ pub fn run(args: CheckArgs<'_>) -> bool {
                     let (r, took) = time(args.calls, || {
                         host.call::<_, CompactionDecision>(&name, &compiled, *kind, args.params, &input, limits)
                     });
-                    let r = r.and_then(|d| {
-                        crate::policy::validate_compaction(&name, &input, &d)
-                            .map(|()| d)
-                            .map_err(|e| super::host::CallError::Invalid(e.to_string()))
-                    });
+                    let r = r.and_then(|d| checked(crate::policy::validate_compaction(&name, &input, &d), d));
                     let native = KeyedCompaction { window_ms: None, tombstone_delay_ms: 0 };
                     let (_, native_took) = time(args.calls, || native.decide(&input));
                     r.map(|d| {
@@ -168,11 +165,7 @@ pub fn run(args: CheckArgs<'_>) -> bool {
                     let (r, took) = time(args.calls, || {
                         host.call::<_, BalanceDecision>(&name, &compiled, *kind, args.params, &input, limits)
                     });
-                    let r = r.and_then(|d| {
-                        crate::policy::validate_balance(&name, &input, &d)
-                            .map(|()| d)
-                            .map_err(|e| super::host::CallError::Invalid(e.to_string()))
-                    });
+                    let r = r.and_then(|d| checked(crate::policy::validate_balance(&name, &input, &d), d));
                     r.map(|d| {
                         let moved = d
                             .owners
