@@ -2,14 +2,19 @@
 //!
 //! The library holds every part of a node; the `switchyard` binary only parses flags and
 //! calls [`run`]. Module map: `config` (settings), `protocol` (wire format, no I/O),
-//! `channel` and `partition` (names, hashing, ownership), `store` (fjall), `owner` (one
+//! `channel` and `partition` (names, hashing, ownership), `cluster` (etcd: membership,
+//! election, the partition map), `store` (fjall), `owner` (one
 //! single-writer task per partition), `outbox` and `session` (one client), `server` (HTTP and
 //! WebSocket), `policy` and `maintenance` (retention and compaction), `plugin` (the WASM host), `metrics`, `node`
 //! (wiring).
 
+pub mod access;
+pub mod auth;
 pub mod bench;
 pub mod channel;
+pub mod cluster;
 pub mod config;
+pub mod gate;
 pub mod maintenance;
 pub mod metrics;
 pub mod node;
@@ -18,10 +23,15 @@ pub mod owner;
 pub mod partition;
 pub mod plugin;
 pub mod policy;
+pub mod poll;
 pub mod protocol;
+pub mod ratelimit;
+pub mod rules;
 pub mod server;
 pub mod session;
+pub mod sessions;
 pub mod store;
+pub mod web;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -33,12 +43,19 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
+    // With port 0 the real port is known only now; the cluster advertises it.
+    let mut config = config;
+    config.listen = addr;
     let timeout = config.shutdown_timeout;
+    if config.cluster.enabled() {
+        cluster::preflight(&config).await?;
+    }
     let node = node::Node::start(config)?;
     println!("switchyard listening on {addr}");
     tracing::info!(%addr, node = %node.config.node_id, "serving");
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let server = tokio::spawn(server::serve(node.clone(), listener, alive_tx));
+    access::spawn_reload_on_sighup(node.clone());
     wait_for_signal().await;
     tracing::info!("shutting down");
     node.shutdown();

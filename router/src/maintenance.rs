@@ -23,10 +23,8 @@ const COMPACTION_SCAN_MAX: usize = 100_000;
 
 /// Starts one maintenance task per partition.
 pub fn spawn(node: &Arc<Node>) {
-    let policies = Arc::new(Policies::from_config(&node.config, Some(&node.plugins)));
     for p in 0..node.config.partitions {
         let node = Arc::downgrade(node);
-        let policies = policies.clone();
         tokio::spawn(async move {
             let interval = match node.upgrade() {
                 Some(n) => n.config.maintenance.interval,
@@ -41,6 +39,8 @@ pub fn spawn(node: &Arc<Node>) {
                 if *node.shutdown.borrow() {
                     return;
                 }
+                // Bindings change at run time (the cluster's dynamic retention defaults).
+                let policies = node.policies.load_full();
                 round(&node, p, &policies, &mut memory).await;
             }
         });

@@ -45,6 +45,24 @@ pub struct Metrics {
     pub plugin_calls: IntCounterVec,
     /// Failed plugin calls, by plugin, kind and reason.
     pub plugin_failures: IntCounterVec,
+    /// 1 while this node is the cluster leader.
+    pub cluster_is_leader: IntGauge,
+    /// 1 while the node's etcd session (lease and watches) is up.
+    pub cluster_etcd_up: IntGauge,
+    /// Epoch of the partition map this node routes by.
+    pub cluster_map_epoch: IntGauge,
+    /// Partitions this node owns in that map.
+    pub cluster_owned_partitions: IntGauge,
+    /// Coordination rounds run by this node as leader, by result.
+    pub cluster_rounds: IntCounterVec,
+    /// Map writes refused by the fencing compare (this node had been deposed).
+    pub cluster_fenced_writes: IntCounter,
+    /// etcd sessions started (the first, and each re-connect).
+    pub cluster_sessions: IntCounter,
+    /// Leases granted (the first, and each after one was lost).
+    pub cluster_lease_grants: IntCounter,
+    /// `config` values ignored because they did not parse or validate.
+    pub cluster_config_errors: IntCounter,
 }
 
 impl Default for Metrics {
@@ -113,6 +131,28 @@ impl Metrics {
                     &["plugin", "kind", "reason"],
                 )
                 .expect("valid metric"),
+            ),
+            cluster_is_leader: gauge("switchyard_cluster_is_leader", "1 while this node is the cluster leader"),
+            cluster_etcd_up: gauge("switchyard_cluster_etcd_up", "1 while the etcd session is up"),
+            cluster_map_epoch: gauge("switchyard_cluster_map_epoch", "Epoch of the partition map in use"),
+            cluster_owned_partitions: gauge("switchyard_cluster_owned_partitions", "Partitions this node owns"),
+            cluster_rounds: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("switchyard_cluster_rounds_total", "Coordination rounds run as leader, by result"),
+                    &["result"],
+                )
+                .expect("valid metric"),
+            ),
+            cluster_fenced_writes: counter(
+                "switchyard_cluster_fenced_writes_total",
+                "Map writes refused by the fencing compare (deposed leader)",
+            ),
+            cluster_sessions: counter("switchyard_cluster_sessions_total", "etcd sessions started"),
+            cluster_lease_grants: counter("switchyard_cluster_lease_grants_total", "etcd leases granted"),
+            cluster_config_errors: counter(
+                "switchyard_cluster_config_errors_total",
+                "Dynamic config values ignored as invalid",
             ),
             registry,
         }

@@ -103,6 +103,8 @@ pub struct Snapshot {
     pub stats: ChannelStats,
     /// Bumped by every keyed publish, so compaction runs only when something changed.
     pub keyed_generation: u64,
+    /// Live subscriptions (load reports).
+    pub subscribers: u64,
 }
 
 /// Which background policy removed messages.
@@ -622,6 +624,7 @@ impl Owner {
                             bytes: ch.bytes,
                         },
                         keyed_generation: ch.keyed_generation,
+                        subscribers: ch.subscribers.len() as u64,
                     })
                     .collect();
                 let _ = reply.send(snaps);

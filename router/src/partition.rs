@@ -35,9 +35,19 @@ impl PartitionMap {
         Self { epoch: 0, owners: vec![node.to_string(); partitions as usize] }
     }
 
+    /// A cluster node's map before the first one arrives: `partitions` with no owner.
+    pub fn unassigned(partitions: u32) -> Self {
+        Self { epoch: 0, owners: vec![String::new(); partitions as usize] }
+    }
+
     /// Number of partitions.
     pub fn partitions(&self) -> u32 {
         self.owners.len() as u32
+    }
+
+    /// The owner of `p`, if it has one.
+    pub fn owner(&self, p: PartitionId) -> Option<&str> {
+        self.owners.get(p as usize).map(String::as_str).filter(|o| !o.is_empty())
     }
 }
 

@@ -122,12 +122,27 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
         (&Method::POST, "/api/v1/publish") => publish(node, req).await,
         (&Method::GET, p) if history_channel(p).is_some() => {
             let channel = history_channel(p).expect("matched above");
+            if let Err(e) = node.access.check_api_key(req.headers()) {
+                return error_response(&e);
+            }
             history(node, channel, req.uri().query().unwrap_or("")).await
         }
-        (&Method::GET, "/") => Response::builder()
-            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-            .body(Full::new(Bytes::from_static(include_bytes!("../web/index.html"))))
-            .expect("valid response"),
+        (&Method::GET, "/api/v1/poll") => {
+            let query = req.uri().query().unwrap_or("").to_string();
+            result_response(crate::poll::poll(node, req.headers(), &query).await)
+        }
+        (&Method::GET, "/api/v1/auth") => json_response(200, protocol::to_frame(&crate::web::auth_info(&node))),
+        (&Method::POST, "/api/v1/dev/token") => match Limited::new(req.into_body(), 64 * 1024).collect().await {
+            Ok(body) => result_response(crate::web::dev_token(&node, &body.to_bytes())),
+            Err(_) => error_response(&OpError::new(ErrorCode::TooLarge, "body over 64 KiB")),
+        },
+        (&Method::GET, p) if crate::web::asset(p).is_some() => {
+            let (content_type, bytes) = crate::web::asset(p).expect("matched above");
+            Response::builder()
+                .header(header::CONTENT_TYPE, content_type)
+                .body(Full::new(Bytes::from_static(bytes)))
+                .expect("valid response")
+        }
         _ => {
             let e = OpError::bad_request(format!("no route for {} {path}", req.method()));
             json_response(404, protocol::to_frame(&serde_json::json!({ "error": e })))
@@ -141,19 +156,50 @@ fn history_channel(path: &str) -> Option<&str> {
 }
 
 fn cluster(node: &Node) -> serde_json::Value {
-    let map = node.map.borrow().clone();
+    let map = node.map.load_full();
+    let Some(state) = &node.cluster else {
+        return serde_json::json!({
+            "mode": "standalone",
+            "node": node.config.node_id,
+            "leader": node.config.node_id,
+            "epoch": map.epoch,
+            "partitions": map.partitions(),
+            "nodes": [{"id": node.config.node_id, "url": format!("http://{}", node.config.listen), "state": "serving"}],
+            "owners": map.owners,
+        });
+    };
+    let view = state.view();
+    let nodes: Vec<_> = view
+        .nodes
+        .values()
+        .map(|n| {
+            let owned = map.owners.iter().filter(|o| **o == n.id).count();
+            serde_json::json!({"id": n.id, "url": n.url, "version": n.version, "started_at": n.started_at,
+                "partitions": owned, "state": "serving"})
+        })
+        .collect();
     serde_json::json!({
-        "mode": "standalone",
+        "mode": "cluster",
+        "cluster": state.config.name,
         "node": node.config.node_id,
-        "leader": node.config.node_id,
+        "etcd_connected": view.etcd_connected,
+        "is_leader": view.is_leader,
+        "leader": view.leader.as_ref().map(|l| l.node.clone()),
+        "term": view.leader.as_ref().map(|l| l.term),
+        "leader_since": view.leader.as_ref().map(|l| l.since.clone()),
         "epoch": map.epoch,
         "partitions": map.partitions(),
-        "nodes": [{"id": node.config.node_id, "url": format!("http://{}", node.config.listen), "state": "serving"}],
+        "nodes": nodes,
         "owners": map.owners,
+        "config": view.config,
+        "last_error": view.last_error,
     })
 }
 
 async fn publish(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    if let Err(e) = node.access.check_api_key(req.headers()) {
+        return error_response(&e);
+    }
     let max = node.config.limits.max_frame_bytes;
     let body = match Limited::new(req.into_body(), max).collect().await {
         Ok(b) => b.to_bytes(),

@@ -4,10 +4,13 @@
 //! in command order (a `FuturesOrdered`), each subscription's reply before its messages, then
 //! catch-up from the store, then live pushes with no gap and no duplicate (tracked by
 //! offset). It turns an overflowing outbound queue into `disconnect` 4008, an oversized
-//! frame into `too_large` and close 1009, and shutdown into close 4100. It must never
+//! frame into `too_large` and close 1009, and shutdown into close 4100. It asks its
+//! [`Gate`] before each command (token, per-user cap, channel rules, rate limit) and pings
+//! the peer on the [`Heartbeat`] schedule, closing one that stops answering. It must never
 //! block an owner: owners only push into its [`Outbox`], and all waiting happens here.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +20,7 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -24,10 +28,12 @@ use tokio_tungstenite::WebSocketStream;
 
 use xxhash_rust::xxh3::Xxh3DefaultBuilder as Xxh3Builder;
 
+use crate::gate::{Gate, Refusal};
 use crate::node::Node;
 use crate::outbox::{outbox, Delivery, Inbox, Outbox};
 use crate::owner::{Grant, PublishRequest, Start};
 use crate::protocol::{self, close, Command, Empty, ErrorCode, OpError, SubscribeOk};
+use crate::sessions::{Beat, Heartbeat};
 
 /// Catch-up is read from the store in pages of this many messages.
 const CATCH_UP_PAGE: usize = 256;
@@ -49,6 +55,22 @@ enum Stop {
     Shutdown,
     /// A frame over the size limit.
     TooLarge,
+    /// Refused by the gate (4001 unauthorized, 4009 too many sessions, 4029 rate limited);
+    /// the error reply is already queued.
+    Refused {
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: &'static str,
+    },
+    /// The peer did not answer a ping in time.
+    Unresponsive,
+}
+
+impl From<Refusal> for Stop {
+    fn from(r: Refusal) -> Self {
+        Stop::Refused { code: r.code, reason: r.reason }
+    }
 }
 
 /// A finished command, ready to write in order.
@@ -76,7 +98,16 @@ where
 {
     let limits = &node.config.limits;
     let (outbox, inbox) = outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
+    let now = Instant::now();
+    let gate = Gate::new(now);
+    let heartbeat = Heartbeat::new(now);
+    let auth_deadline = gate.deadline(&node.access);
     let mut session = Session {
+        beat: Box::pin(tokio::time::sleep_until(heartbeat.deadline(&node.access.live().sessions))),
+        auth_timer: Box::pin(tokio::time::sleep_until(auth_deadline.unwrap_or(now))),
+        auth_deadline,
+        gate,
+        heartbeat,
         id: node.next_id(),
         shutdown: node.shutdown.clone(),
         node: node.clone(),
@@ -111,6 +142,15 @@ struct Session<S> {
     unflushed: bool,
     delivered: u64,
     delivered_bytes: u64,
+    /// Who the client is, its seat and its publish bucket.
+    gate: Gate,
+    /// When to ping, and whether the last ping was answered.
+    heartbeat: Heartbeat,
+    /// Fires at the heartbeat's deadline.
+    beat: Pin<Box<Sleep>>,
+    /// Fires at the gate's deadline (connect timeout, then token expiry), if any.
+    auth_timer: Pin<Box<Sleep>>,
+    auth_deadline: Option<Instant>,
 }
 
 fn ready(frame: Bytes) -> BoxFuture<'static, Output> {
@@ -173,6 +213,13 @@ where
                 Some(out) = self.pending.next(), if !self.pending.is_empty() => self.on_output(out).await,
                 Some(d) = self.inbox.recv(&self.outbox) => self.on_deliveries(d).await,
                 frame = self.ws.next() => self.on_frame(frame).await,
+                _ = &mut self.beat => self.on_beat().await,
+                _ = &mut self.auth_timer, if self.auth_deadline.is_some() => {
+                    let refusal = self.gate.deadline_refusal();
+                    let frame = self.reply_error(None, &refusal.error);
+                    self.queue(ready(frame));
+                    Err(refusal.into())
+                }
             };
             if let Err(stop) = step {
                 return stop;
@@ -248,16 +295,14 @@ where
                 Err(Stop::Gone)
             }
             Some(Ok(Message::Text(text))) if text.len() > max => Err(Stop::TooLarge),
-            Some(Ok(Message::Text(text))) => {
-                match protocol::parse_command(&text) {
-                    Ok((id, cmd)) => self.dispatch(id, cmd).await,
-                    Err(rejected) => {
-                        let frame = self.reply_error(rejected.id, &rejected.error);
-                        self.queue(ready(frame));
-                    }
+            Some(Ok(Message::Text(text))) => match protocol::parse_command(&text) {
+                Ok((id, cmd)) => self.dispatch(id, cmd).await,
+                Err(rejected) => {
+                    let frame = self.reply_error(rejected.id, &rejected.error);
+                    self.queue(ready(frame));
+                    Ok(())
                 }
-                Ok(())
-            }
+            },
             Some(Ok(Message::Binary(data))) if data.len() > max => Err(Stop::TooLarge),
             Some(Ok(Message::Binary(_))) => {
                 let frame =
@@ -270,18 +315,68 @@ where
                 self.unflushed = true; // let the automatic pong out
                 Ok(())
             }
-            Some(Ok(Message::Pong(_) | Message::Frame(_))) => Ok(()),
+            Some(Ok(Message::Pong(_))) => {
+                self.heartbeat.on_pong();
+                let next = self.heartbeat.deadline(&self.node.access.live().sessions);
+                self.beat.as_mut().reset(next);
+                Ok(())
+            }
+            Some(Ok(Message::Frame(_))) => Ok(()),
         }
     }
 
-    async fn dispatch(&mut self, id: u64, cmd: Command) {
+    /// The heartbeat's deadline passed: ping, or give up on a peer that did not answer.
+    async fn on_beat(&mut self) -> Result<(), Stop> {
+        let live = self.node.access.live();
+        let beat = self.heartbeat.on_deadline(&live.sessions, Instant::now());
+        self.beat.as_mut().reset(self.heartbeat.deadline(&live.sessions));
+        match beat {
+            Beat::Wait => Ok(()),
+            Beat::Dead => Err(Stop::Unresponsive),
+            Beat::Ping => {
+                self.unflushed = true;
+                let fut = self.ws.feed(Message::Ping(Bytes::new()));
+                until_stopped(fut, &self.outbox, &mut self.shutdown).await
+            }
+        }
+    }
+
+    /// Queues an error reply; when the gate also ends the connection, says so.
+    fn refuse(&mut self, id: u64, refused: Result<OpError, Refusal>) -> Result<(), Stop> {
+        match refused {
+            Ok(error) => {
+                self.queue_result::<Empty>(id, Err(error));
+                Ok(())
+            }
+            Err(refusal) => {
+                self.queue_result::<Empty>(id, Err(refusal.error.clone()));
+                Err(refusal.into())
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, id: u64, cmd: Command) -> Result<(), Stop> {
         let node = self.node.clone();
+        if let Err(e) = self.gate.admit(&node.access, &node.config, &cmd) {
+            self.queue_result::<Empty>(id, Err(e));
+            return Ok(());
+        }
         match cmd {
-            Command::Connect { name, .. } => {
+            Command::Connect { name, token } => {
                 if let Some(name) = name {
                     tracing::debug!(client = self.id, name, "client named itself");
                 }
-                let ok = serde_json::json!({"client": self.id.to_string(), "node": node.config.node_id, "version": protocol::VERSION});
+                if let Err(refused) = self.gate.connect(&node.access, token.as_deref()) {
+                    return self.refuse(id, refused);
+                }
+                self.auth_deadline = self.gate.deadline(&node.access);
+                if let Some(at) = self.auth_deadline {
+                    self.auth_timer.as_mut().reset(at);
+                }
+                let mut ok = serde_json::json!({"client": self.id.to_string(), "node": node.config.node_id, "version": protocol::VERSION});
+                if let Some(user) = self.gate.user() {
+                    ok["user"] = serde_json::json!(user);
+                }
                 self.queue_result(id, Ok(ok));
             }
             Command::Ping => self.queue_result(id, Ok(Empty {})),
@@ -295,12 +390,15 @@ where
                 self.queue_result(id, Ok(Empty {}));
             }
             Command::Publish(p) => {
+                if let Err(refused) = self.gate.take_publish(&node.access, Instant::now()) {
+                    return self.refuse(id, refused);
+                }
                 let req = PublishRequest {
                     channel: p.channel,
                     data: p.data,
                     key: p.key,
                     idempotency_key: p.idempotency_key,
-                    from: None,
+                    from: self.gate.user().map(|u| u.to_string()),
                 };
                 match node.publish(req).await {
                     Ok(rx) => {
@@ -351,6 +449,7 @@ where
                 Err(e) => self.queue_result::<Empty>(id, Err(e)),
             },
         }
+        Ok(())
     }
 
     async fn subscribe(&mut self, id: u64, channel: String, from: protocol::StartFrom, consumer: Option<String>) {
@@ -515,6 +614,12 @@ where
         }
         let (code, reason) = match stop {
             Stop::Gone => return,
+            Stop::Unresponsive => {
+                // Nobody reads this socket: no last words, just drop it (and its resources).
+                tracing::info!(client = self.id, "closing a connection that stopped answering pings");
+                return;
+            }
+            Stop::Refused { code, reason } => (code, reason),
             Stop::Slow => {
                 self.node.metrics.slow_consumer_disconnects.inc();
                 tracing::info!(client = self.id, "slow consumer disconnected");

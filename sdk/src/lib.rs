@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod balance;
 pub mod guest;
 pub mod log;
 

@@ -30,6 +30,9 @@ use tokio_tungstenite::WebSocketStream;
 
 pub use serde_json;
 
+pub mod auth;
+pub mod etcd;
+
 /// How long any single condition may take before a test gives up. Generous, because a
 /// loaded CI machine is slow; tests finish long before it when things work.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -121,6 +124,11 @@ impl Node {
     /// `ws://ADDR/ws`.
     pub fn ws_url(&self) -> String {
         format!("ws://{}/ws", self.addr)
+    }
+
+    /// The node's config file (rewrite it, then send SIGHUP, to test reloads).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join(CONFIG_FILE)
     }
 
     /// The node's data directory (kept across restarts).
@@ -791,6 +799,11 @@ async fn http_inner(addr: SocketAddr, method: &str, path: &str, body: Option<&Va
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
     parse_response(&raw)
+}
+
+/// Parses a raw HTTP/1.1 response (for helpers that write their own requests).
+pub fn parse_http_response(raw: &[u8]) -> Result<HttpResponse> {
+    parse_response(raw)
 }
 
 fn parse_response(raw: &[u8]) -> Result<HttpResponse> {

@@ -14,8 +14,6 @@
 //! - With no live nodes and at least one partition there is no valid answer: the plugin
 //!   returns an error (the host falls back to its built-in balancer for that round).
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 use switchyard_sdk::{BalanceDecision, BalanceInput};
 
@@ -27,71 +25,10 @@ pub struct Params {
     pub max_moves: Option<u32>,
 }
 
-/// Assigns every partition to a live node, evening out partition counts.
+/// Assigns every partition to a live node, evening out partition counts (the algorithm is
+/// [`switchyard_sdk::balance::even_spread`], which the router also runs as its built-in).
 pub fn policy(input: &BalanceInput, params: &Params) -> Result<BalanceDecision, String> {
-    let total = input.partitions.len();
-    if total == 0 {
-        return Ok(BalanceDecision::default());
-    }
-    let mut nodes: Vec<&str> = input.nodes.iter().map(|n| n.id.as_str()).collect();
-    nodes.sort_unstable();
-    nodes.dedup();
-    if nodes.is_empty() {
-        return Err(format!("no live nodes to place {total} partitions on"));
-    }
-    let index: BTreeMap<&str, usize> = nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-
-    // Current live owner of each partition (by position: partitions[i] is partition i).
-    let mut owner: Vec<Option<usize>> =
-        input.partitions.iter().map(|p| p.owner.as_deref().and_then(|o| index.get(o).copied())).collect();
-    let mut held: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
-    for (p, o) in owner.iter().enumerate() {
-        if let Some(n) = o {
-            held[*n].push(p);
-        }
-    }
-
-    // Shares: `base` each, one more for `extra` nodes, given to those holding the most
-    // now (ties: lowest id), which minimises the partitions that must move.
-    let (base, extra) = (total / nodes.len(), total % nodes.len());
-    let mut by_load: Vec<usize> = (0..nodes.len()).collect();
-    by_load.sort_by_key(|&n| (std::cmp::Reverse(held[n].len()), n));
-    let mut share = vec![base; nodes.len()];
-    for &n in by_load.iter().take(extra) {
-        share[n] += 1;
-    }
-
-    // Shed from overloaded nodes, the most overloaded first, within the budget.
-    let mut budget = input.max_moves.min(params.max_moves.unwrap_or(u32::MAX)) as usize;
-    let mut pool: Vec<usize> = (0..total).filter(|&p| owner[p].is_none()).collect();
-    while budget > 0 {
-        let Some(n) = (0..nodes.len())
-            .filter(|&n| held[n].len() > share[n])
-            .max_by_key(|&n| (held[n].len() - share[n], std::cmp::Reverse(n)))
-        else {
-            break;
-        };
-        // Highest-numbered partition first (held[n] is ascending).
-        let p = held[n].pop().expect("overloaded node holds partitions");
-        owner[p] = None;
-        pool.push(p);
-        budget -= 1;
-    }
-
-    // Place orphans and shed partitions on the nodes furthest below their share. The
-    // deficits add up to at least the pool size, so a node below its share always exists;
-    // the fallback to the least loaded node only guards against a logic error.
-    for p in pool {
-        let n = (0..nodes.len())
-            .max_by_key(|&n| (share[n] as i64 - held[n].len() as i64, std::cmp::Reverse(n)))
-            .expect("at least one node");
-        held[n].push(p);
-        owner[p] = Some(n);
-    }
-
-    Ok(BalanceDecision {
-        owners: owner.into_iter().map(|o| nodes[o.expect("every partition placed")].to_string()).collect(),
-    })
+    switchyard_sdk::balance::even_spread(input, input.max_moves.min(params.max_moves.unwrap_or(u32::MAX)))
 }
 
 switchyard_sdk::export_balance!(policy);
@@ -99,6 +36,7 @@ switchyard_sdk::export_balance!(policy);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use switchyard_sdk::{guest, NodeInfo, PartitionInfo};
 
     fn node(id: &str) -> NodeInfo {

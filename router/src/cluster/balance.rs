@@ -1,0 +1,122 @@
+//! The leader's balancing step: build the input, call the bound policy, validate, fall back.
+//!
+//! It owns turning live nodes, load reports and the current map into a
+//! [`BalanceInput`], running either the built-in even spread or the bound WASM plugin
+//! (through the registry, with the plugin issue's quarantine rules), and checking the
+//! answer with [`validate_balance`]. Any plugin failure or invalid answer falls back to the
+//! built-in for that round. It must never touch etcd: the leader does the I/O around it.
+
+use std::collections::BTreeMap;
+
+use switchyard_sdk::{BalanceDecision, BalanceInput, NodeInfo, PartitionInfo};
+
+use super::keys::{LoadRecord, NodeRecord};
+use crate::config::PluginBinding;
+use crate::plugin::host::Kind;
+use crate::plugin::registry::Registry;
+use crate::policy::validate_balance;
+
+/// Name of the built-in policy in logs.
+pub const BUILTIN: &str = "builtin:even-spread";
+
+/// The shown input: every partition with its current owner (None when the map has none)
+/// and load, every live node with its totals.
+pub fn input(
+    nodes: &BTreeMap<String, NodeRecord>,
+    loads: &BTreeMap<String, LoadRecord>,
+    owners: Option<&[String]>,
+    partitions: u32,
+    max_moves: u32,
+    now_ms: u64,
+) -> BalanceInput {
+    let nodes_info = nodes
+        .keys()
+        .map(|id| {
+            let load = loads.get(id);
+            NodeInfo {
+                id: id.clone(),
+                zone: String::new(),
+                weight: 1.0,
+                msg_rate: load.map_or(0.0, |l| l.msg_rate),
+                bytes: load.map_or(0, |l| l.bytes),
+                connections: load.map_or(0, |l| l.connections),
+            }
+        })
+        .collect();
+    let partitions = (0..partitions)
+        .map(|p| {
+            let owner = owners.and_then(|o| o.get(p as usize)).cloned();
+            let load = owner.as_ref().and_then(|o| loads.get(o)).and_then(|l| l.partitions.get(&p));
+            PartitionInfo {
+                id: p,
+                owner,
+                msg_rate: load.map_or(0.0, |l| l.msg_rate),
+                bytes: load.map_or(0, |l| l.bytes),
+                connections: load.map_or(0, |l| l.subscribers),
+            }
+        })
+        .collect();
+    BalanceInput { nodes: nodes_info, partitions, max_moves, now_ms }
+}
+
+/// The built-in: even spread within the move budget.
+pub fn builtin(input: &BalanceInput) -> Result<BalanceDecision, String> {
+    switchyard_sdk::balance::even_spread(input, input.max_moves)
+}
+
+/// Runs the bound plugin (or the built-in) and returns a valid decision and the name of
+/// the policy that made it. Errors only when even the built-in has no answer (no nodes).
+pub fn decide(
+    registry: &Registry,
+    binding: Option<&PluginBinding>,
+    input: &BalanceInput,
+) -> Result<(BalanceDecision, String), String> {
+    if let Some(b) = binding {
+        let check = |d: &BalanceDecision| validate_balance(&b.plugin, input, d).map_err(|e| e.to_string());
+        let params = b.params.to_string();
+        // A plugin call may take its whole deadline: keep it off the runtime's worker.
+        let result =
+            tokio::task::block_in_place(|| registry.call(&b.plugin, "balancer", Kind::Balance, &params, input, check));
+        match result {
+            Ok(d) => return Ok((d, b.plugin.clone())),
+            Err(why) => tracing::warn!(plugin = %b.plugin, ?why, "balancer plugin gave no decision; built-in used"),
+        }
+    }
+    let d = builtin(input)?;
+    validate_balance(BUILTIN, input, &d).map_err(|e| e.to_string())?;
+    Ok((d, BUILTIN.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str) -> (String, NodeRecord) {
+        let rec = NodeRecord {
+            id: id.into(),
+            url: String::new(),
+            peer_url: String::new(),
+            version: String::new(),
+            started_at: String::new(),
+            partitions: 8,
+        };
+        (id.to_string(), rec)
+    }
+
+    #[test]
+    fn input_carries_owners_and_load() {
+        let nodes: BTreeMap<_, _> = [node("a"), node("b")].into_iter().collect();
+        let mut load = LoadRecord { node: "a".into(), msg_rate: 5.0, connections: 3, ..Default::default() };
+        load.partitions.insert(1, super::super::keys::PartitionLoad { msg_rate: 5.0, bytes: 10, subscribers: 2 });
+        let loads: BTreeMap<_, _> = [("a".to_string(), load)].into_iter().collect();
+        let owners: Vec<String> = ["a", "a", "gone", "b"].iter().map(|s| s.to_string()).collect();
+        let inp = input(&nodes, &loads, Some(&owners), 4, 10, 1);
+        assert_eq!(inp.nodes.len(), 2);
+        assert_eq!(inp.nodes[0].connections, 3);
+        assert_eq!(inp.partitions[1].bytes, 10);
+        assert_eq!(inp.partitions[2].owner.as_deref(), Some("gone"));
+        let d = builtin(&inp).unwrap();
+        validate_balance(BUILTIN, &inp, &d).unwrap();
+        assert_eq!(d.owners[2], "b", "the orphan goes to the node below its share");
+    }
+}

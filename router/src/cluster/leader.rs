@@ -1,0 +1,196 @@
+//! Leader election and the leader's coordination rounds.
+//!
+//! It owns the campaign under `election` (etcd's election API, on the session's lease, so
+//! keepalive keeps running while it waits), the check before every leader action that the
+//! leader key still exists with its create revision (the term), stepping down by the node's
+//! own clock when the lease was not renewed in time, and each round: read the live nodes,
+//! their load and the current map, balance, validate, and publish `epoch + 1` in a
+//! transaction fenced on the leader key's create revision and the map's mod revision. It
+//! must never write the map outside that transaction: a deposed leader's write must fail.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+
+use super::keys::{self, LeaderRecord, LoadRecord, MapRecord, NodeRecord};
+use super::{balance, timed, Error, LeaseClock, State};
+use crate::node::Node;
+
+/// The leadership this node holds: the election key and its create revision.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    /// The election key (`election/<lease>`).
+    pub key: Vec<u8>,
+    /// Its create revision: the term.
+    pub term: i64,
+}
+
+/// Campaigns, then leads until leadership or the session is lost.
+pub(super) async fn run(
+    node: &Arc<Node>,
+    state: &Arc<State>,
+    client: Client,
+    lease: i64,
+    clock: LeaseClock,
+) -> Result<(), Error> {
+    let t = state.config.etcd_timeout;
+    let mut election = client.election_client();
+    // Blocks until elected; the session's keepalive runs meanwhile.
+    let resp = election
+        .campaign(state.keys.election(), serde_json::json!({ "node": state.node_id }).to_string(), lease)
+        .await?;
+    let leader = resp.leader().ok_or_else(|| Error::Deposed("campaign returned no leader key".into()))?;
+    let me = Leadership { key: leader.key().to_vec(), term: leader.rev() };
+    let mut kv = client.clone();
+    // `campaign` can return after our lease expired: check before acting.
+    verify(&mut kv, &me, t).await?;
+    if !clock.fresh() {
+        return Err(Error::Deposed("elected, but the lease was not renewed in time".into()));
+    }
+    let record = LeaderRecord { node: state.node_id.clone(), term: me.term, since: keys::timestamp(SystemTime::now()) };
+    let json = serde_json::to_string_pretty(&record).expect("leader record serializes");
+    let txn = Txn::new()
+        .when([Compare::create_revision(me.key.clone(), CompareOp::Equal, me.term)])
+        .and_then([TxnOp::put(state.keys.leader(), json, Some(PutOptions::new().with_lease(lease)))]);
+    if !timed("write leader", t, kv.txn(txn)).await?.succeeded() {
+        return Err(Error::Deposed("leader key changed before the leader record was written".into()));
+    }
+    tracing::info!(term = me.term, "elected leader");
+    node.metrics.cluster_is_leader.set(1);
+    state.update(|v| v.is_leader = true);
+    let result = lead(node, state, &mut kv, &me, &clock).await;
+    node.metrics.cluster_is_leader.set(0);
+    state.update(|v| v.is_leader = false);
+    tracing::warn!(term = me.term, "stepped down");
+    result
+}
+
+/// Checks that our election key still exists with our create revision.
+pub async fn verify(kv: &mut Client, me: &Leadership, limit: std::time::Duration) -> Result<(), Error> {
+    let resp = timed("check leader key", limit, kv.get(me.key.clone(), None)).await?;
+    match resp.kvs().first() {
+        Some(k) if k.create_revision() == me.term => Ok(()),
+        Some(_) => Err(Error::Deposed("leader key was re-created".into())),
+        None => Err(Error::Deposed("leader key is gone (lease expired)".into())),
+    }
+}
+
+async fn lead(
+    node: &Arc<Node>,
+    state: &Arc<State>,
+    kv: &mut Client,
+    me: &Leadership,
+    clock: &LeaseClock,
+) -> Result<(), Error> {
+    let mut dynamic = state.dynamic.subscribe();
+    loop {
+        round(node, state, kv, me, clock).await?;
+        let interval = state.dynamic().coordination_interval.unwrap_or(state.config.coordination_interval);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = state.membership.notified() => {}
+            _ = dynamic.changed() => {}
+        }
+    }
+}
+
+/// One coordination round.
+async fn round(
+    node: &Arc<Node>,
+    state: &Arc<State>,
+    kv: &mut Client,
+    me: &Leadership,
+    clock: &LeaseClock,
+) -> Result<(), Error> {
+    let t = state.config.etcd_timeout;
+    let rounds = &node.metrics.cluster_rounds;
+    if !clock.fresh() {
+        return Err(Error::Deposed("own clock: the lease was not renewed within its TTL".into()));
+    }
+    verify(kv, me, t).await?;
+    let prefix = Some(GetOptions::new().with_prefix());
+    let nodes: BTreeMap<String, NodeRecord> =
+        records(timed("list nodes", t, kv.get(state.keys.nodes(), prefix.clone())).await?.kvs());
+    let loads: BTreeMap<String, LoadRecord> =
+        records(timed("list loads", t, kv.get(state.keys.loads(), prefix)).await?.kvs());
+    let resp = timed("get map", t, kv.get(state.keys.map(), None)).await?;
+    let (current, map_rev) = match resp.kvs().first() {
+        Some(k) => (serde_json::from_slice::<MapRecord>(k.value()).ok(), k.mod_revision()),
+        None => (None, 0),
+    };
+    super::check_partitions(resp.kvs().first(), state.partitions)?;
+    if !nodes.contains_key(&state.node_id) {
+        return Err(Error::Deposed("this node's own record is gone (lease expired)".into()));
+    }
+    let dynamic = state.dynamic();
+    let max_moves = dynamic.max_moves.unwrap_or(state.config.max_moves);
+    let binding = dynamic.balancer.as_ref().or(node.config.balancer.as_ref());
+    let owners = current.as_ref().map(|m| m.owners.as_slice());
+    let input = balance::input(&nodes, &loads, owners, state.partitions, max_moves, super::now_ms());
+    let (decision, policy) = balance::decide(&node.plugins, binding, &input).map_err(Error::Deposed)?;
+    if owners == Some(decision.owners.as_slice()) {
+        rounds.with_label_values(&["unchanged"]).inc();
+        return Ok(());
+    }
+    let moved = match owners {
+        Some(o) => o.iter().zip(&decision.owners).filter(|(a, b)| a != b).count(),
+        None => decision.owners.len(),
+    };
+    let epoch = current.as_ref().map_or(0, |m| m.epoch) + 1;
+    let record = MapRecord {
+        epoch,
+        partitions: state.partitions,
+        leader: state.node_id.clone(),
+        term: me.term,
+        updated_at: keys::timestamp(SystemTime::now()),
+        counts: MapRecord::count(&decision.owners),
+        owners: decision.owners,
+    };
+    if publish_map(kv, me, &state.keys.map(), map_rev, &record, t).await? {
+        rounds.with_label_values(&["published"]).inc();
+        tracing::info!(epoch, moved, %policy, nodes = nodes.len(), "partition map published");
+        Ok(())
+    } else {
+        node.metrics.cluster_fenced_writes.inc();
+        rounds.with_label_values(&["fenced"]).inc();
+        Err(Error::Deposed(format!("map write for epoch {epoch} refused by the fencing compare")))
+    }
+}
+
+/// Writes `record` to `map_key` only if `me` still holds leadership (its election key has
+/// create revision `me.term`) and the map was not written since we read it at `map_rev`
+/// (0: absent). Returns false when the compare refused the write.
+pub async fn publish_map(
+    kv: &mut Client,
+    me: &Leadership,
+    map_key: &str,
+    map_rev: i64,
+    record: &MapRecord,
+    limit: std::time::Duration,
+) -> Result<bool, Error> {
+    let txn = Txn::new()
+        .when([
+            Compare::create_revision(me.key.clone(), CompareOp::Equal, me.term),
+            Compare::mod_revision(map_key, CompareOp::Equal, map_rev),
+        ])
+        .and_then([TxnOp::put(map_key, record.to_json(), None)]);
+    Ok(timed("write map", limit, kv.txn(txn)).await?.succeeded())
+}
+
+fn records<T: serde::de::DeserializeOwned>(kvs: &[etcd_client::KeyValue]) -> BTreeMap<String, T> {
+    kvs.iter()
+        .filter_map(|kv| {
+            let key = std::str::from_utf8(kv.key()).ok()?;
+            let id = key.rsplit('/').next()?.to_string();
+            match serde_json::from_slice(kv.value()) {
+                Ok(v) => Some((id, v)),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "ignoring an unreadable record");
+                    None
+                }
+            }
+        })
+        .collect()
+}

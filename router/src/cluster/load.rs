@@ -1,0 +1,61 @@
+//! The node's load report: `load/<id>` under its lease, every `cluster.load_interval`.
+//!
+//! It owns measuring, for each partition this node owns, the publish rate since the last
+//! report, the bytes stored and the live subscriptions (from the owners' snapshots), and
+//! writing them for the leader's balancer. It must never block an owner: a snapshot is one
+//! mailbox message per partition, answered between batches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use etcd_client::{Client, PutOptions};
+use tokio::sync::oneshot;
+
+use super::keys::{self, LoadRecord, PartitionLoad};
+use super::{timed, Error, State};
+use crate::node::Node;
+use crate::owner::Command;
+
+pub(super) async fn report(node: &Arc<Node>, state: &Arc<State>, mut client: Client, lease: i64) -> Result<(), Error> {
+    // Per partition: the sum of channel tops at the last report, to turn into a rate.
+    let mut last: HashMap<u32, u64> = HashMap::new();
+    let mut last_at = Instant::now();
+    loop {
+        let map = node.map.load_full();
+        let elapsed = last_at.elapsed().as_secs_f64().max(0.001);
+        last_at = Instant::now();
+        let mut rec = LoadRecord {
+            node: state.node_id.clone(),
+            at: keys::timestamp(SystemTime::now()),
+            connections: node.metrics.connections.get().max(0) as u64,
+            ..LoadRecord::default()
+        };
+        for (p, owner) in map.owners.iter().enumerate() {
+            if *owner != state.node_id {
+                continue;
+            }
+            let p = p as u32;
+            let (tx, rx) = oneshot::channel();
+            if node.send_to(p, Command::Snapshot(tx)).await.is_err() {
+                continue;
+            }
+            let Ok(snaps) = rx.await else { continue };
+            let tops: u64 = snaps.iter().map(|s| s.stats.last_offset).sum();
+            let before = last.insert(p, tops);
+            let load = PartitionLoad {
+                msg_rate: before.map_or(0.0, |b| tops.saturating_sub(b) as f64 / elapsed),
+                bytes: snaps.iter().map(|s| s.stats.bytes).sum(),
+                subscribers: snaps.iter().map(|s| s.subscribers).sum(),
+            };
+            rec.msg_rate += load.msg_rate;
+            rec.bytes += load.bytes;
+            rec.partitions.insert(p, load);
+        }
+        let json = serde_json::to_string_pretty(&rec).expect("load record serializes");
+        let key = state.keys.load(&state.node_id);
+        let put = client.put(key, json, Some(PutOptions::new().with_lease(lease)));
+        timed("write load", state.config.etcd_timeout, put).await?;
+        tokio::time::sleep(state.config.load_interval).await;
+    }
+}

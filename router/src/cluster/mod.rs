@@ -1,0 +1,491 @@
+//! Cluster mode: membership, leader election, the partition map and dynamic config in etcd.
+//!
+//! It owns the node's etcd session: connect with backoff, a lease kept alive every TTL/3
+//! (re-used after a reconnect while etcd still holds it, re-granted when lost), the
+//! `nodes/<id>` record under that lease, one prefix watch that keeps [`View`] and the
+//! node's in-memory partition map current, the load reporter and the election/leader
+//! loop (`leader.rs`). When anything in a session fails, the whole session is torn down and
+//! re-created, so watches and keepalives never silently stop. It must never be on the
+//! request path: commands read the map the watch stored in the node and never wait on etcd;
+//! with etcd down, nodes keep routing by the last map they saw.
+
+pub mod balance;
+pub mod keys;
+pub mod leader;
+mod load;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions};
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+use crate::config::{ClusterConfig, Config};
+use crate::node::Node;
+use crate::partition::PartitionMap;
+use keys::{DynamicConfig, Keys, LeaderRecord, MapRecord, NodeRecord};
+
+/// Why an etcd session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An etcd request failed.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// An etcd request took longer than `cluster.etcd_timeout`.
+    #[error("etcd request timed out: {0}")]
+    Timeout(&'static str),
+    /// The lease is gone (expired while etcd or this node was unreachable).
+    #[error("lease lost")]
+    LeaseLost,
+    /// A stream etcd should keep open ended.
+    #[error("etcd {0} stream ended")]
+    StreamEnded(&'static str),
+    /// This node is no longer the leader.
+    #[error("deposed: {0}")]
+    Deposed(String),
+    /// The cluster cannot be joined with this configuration.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Runs an etcd request with the session's deadline.
+pub(crate) async fn timed<T>(
+    what: &'static str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(Error::Timeout(what)),
+    }
+}
+
+/// What this node knows about the cluster, as `/api/v1/cluster` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct View {
+    /// True while the etcd session is up.
+    pub etcd_connected: bool,
+    /// True while this node leads.
+    pub is_leader: bool,
+    /// Live members, by id.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// The current leader record.
+    pub leader: Option<LeaderRecord>,
+    /// The last map seen.
+    pub map: Option<MapRecord>,
+    /// The dynamic config in force (last valid value of the `config` key).
+    pub config: DynamicConfig,
+    /// Why the last session ended, if it did.
+    pub last_error: Option<String>,
+}
+
+/// Lease freshness by this node's own clock: a leader stops acting once a whole TTL has
+/// passed since the last keepalive etcd confirmed (counted from when it was sent).
+#[derive(Clone)]
+pub struct LeaseClock {
+    ttl: Duration,
+    renewed: Arc<Mutex<Instant>>,
+}
+
+impl LeaseClock {
+    fn new(ttl: Duration, at: Instant) -> Self {
+        Self { ttl, renewed: Arc::new(Mutex::new(at)) }
+    }
+
+    fn renewed(&self, sent: Instant) {
+        *self.renewed.lock().expect("lease clock") = sent;
+    }
+
+    /// True while the lease is certainly still alive in etcd (with a margin of a tenth of
+    /// the TTL for clock-rate differences).
+    pub fn fresh(&self) -> bool {
+        self.renewed.lock().expect("lease clock").elapsed() < self.ttl - self.ttl / 10
+    }
+}
+
+/// The cluster side of a node, shared by its tasks and the HTTP API.
+pub struct State {
+    /// `[cluster]` settings.
+    pub config: ClusterConfig,
+    /// Key names.
+    pub keys: Keys,
+    node_id: String,
+    partitions: u32,
+    view: ArcSwap<View>,
+    dynamic: watch::Sender<Arc<DynamicConfig>>,
+    /// Signalled when the member set changes (the leader runs a round at once).
+    membership: Notify,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl State {
+    /// The state of a node configured with `config` (cluster mode).
+    pub fn new(config: &Config) -> Arc<Self> {
+        Arc::new(Self {
+            config: config.cluster.clone(),
+            keys: Keys::new(&config.cluster.name),
+            node_id: config.node_id.clone(),
+            partitions: config.partitions,
+            view: ArcSwap::from_pointee(View::default()),
+            dynamic: watch::Sender::new(Arc::new(DynamicConfig::default())),
+            membership: Notify::new(),
+            task: Mutex::new(None),
+        })
+    }
+
+    /// A snapshot of what this node knows.
+    pub fn view(&self) -> Arc<View> {
+        self.view.load_full()
+    }
+
+    /// The dynamic config in force.
+    pub fn dynamic(&self) -> Arc<DynamicConfig> {
+        self.dynamic.borrow().clone()
+    }
+
+    fn update(&self, f: impl Fn(&mut View)) {
+        self.view.rcu(|v| {
+            let mut v = View::clone(v);
+            f(&mut v);
+            v
+        });
+    }
+
+    /// Waits (bounded) for the session task to finish after shutdown began: it revokes the
+    /// lease, so the leader reassigns this node's partitions at once.
+    pub async fn stopped(&self, limit: Duration) {
+        let task = self.task.lock().expect("cluster task").take();
+        if let Some(t) = task {
+            if tokio::time::timeout(limit, t).await.is_err() {
+                tracing::warn!("cluster session did not stop in time");
+            }
+        }
+    }
+}
+
+/// Reads the map once before the node listens: a node configured with another partition
+/// count than the cluster's refuses to start. An unreachable etcd is not an error here (the
+/// session retries and repeats the check).
+pub async fn preflight(config: &Config) -> anyhow::Result<()> {
+    let c = &config.cluster;
+    let check = async {
+        let mut client = connect(c).await?;
+        let resp = timed("get partition-map", c.etcd_timeout, client.get(Keys::new(&c.name).map(), None)).await?;
+        check_partitions(resp.kvs().first(), config.partitions)
+    };
+    match check.await {
+        Err(Error::Fatal(msg)) => {
+            // The same exit status as a bad config file.
+            eprintln!("switchyard: {msg}");
+            std::process::exit(2);
+        }
+        Err(e) => tracing::warn!(error = %e, "etcd not reachable at startup; serving nothing until it is"),
+        Ok(()) => {}
+    }
+    Ok(())
+}
+
+fn check_partitions(map: Option<&KeyValue>, partitions: u32) -> Result<(), Error> {
+    let Some(kv) = map else { return Ok(()) };
+    match serde_json::from_slice::<MapRecord>(kv.value()) {
+        Ok(m) if m.partitions != partitions => Err(Error::Fatal(format!(
+            "this node is configured with partitions = {partitions}, but the cluster was created with {}; \
+             the partition count is fixed for the life of a cluster (set `partitions = {}`)",
+            m.partitions, m.partitions
+        ))),
+        _ => Ok(()),
+    }
+}
+
+async fn connect(c: &ClusterConfig) -> Result<Client, Error> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(c.etcd_timeout)
+        .with_keep_alive(c.lease_ttl / 3, c.etcd_timeout)
+        .with_keep_alive_while_idle(true);
+    timed("connect", c.etcd_timeout, Client::connect(&c.etcd, Some(opts))).await
+}
+
+/// Starts the session supervisor of a cluster-mode node.
+pub fn spawn(node: &Arc<Node>) {
+    let Some(state) = node.cluster.clone() else { return };
+    let task = tokio::spawn(supervise(node.clone(), state.clone()));
+    *state.task.lock().expect("cluster task") = Some(task);
+}
+
+async fn supervise(node: Arc<Node>, state: Arc<State>) {
+    let mut lease: Option<i64> = None;
+    let mut backoff = Duration::from_millis(100);
+    let mut shutdown = node.shutdown.clone();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        let result = session(&node, &state, &mut lease).await;
+        node.metrics.cluster_etcd_up.set(0);
+        node.metrics.cluster_is_leader.set(0);
+        let error = match result {
+            Ok(()) => return,
+            Err(Error::Fatal(msg)) => {
+                tracing::error!("{msg}");
+                eprintln!("switchyard: {msg}");
+                std::process::exit(2);
+            }
+            Err(e) => e,
+        };
+        if matches!(error, Error::LeaseLost) {
+            lease = None;
+        }
+        tracing::warn!(error = %error, retry_in = ?backoff, "etcd session ended; keeping the last map");
+        let message = error.to_string();
+        state.update(|v| {
+            v.etcd_connected = false;
+            v.is_leader = false;
+            v.last_error = Some(message.clone());
+        });
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One etcd session: lease, registration, watch, load reports and the election, until one
+/// of them fails (`Err`) or the node shuts down (`Ok`, after revoking the lease).
+async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i64>) -> Result<(), Error> {
+    let c = &state.config;
+    let t = c.etcd_timeout;
+    let mut client = connect(c).await?;
+    node.metrics.cluster_sessions.inc();
+    let resp = timed("get partition-map", t, client.get(state.keys.map(), None)).await?;
+    check_partitions(resp.kvs().first(), state.partitions)?;
+
+    // The lease: keep the old one if etcd still has it (a short outage), else a new one.
+    let ttl_secs = c.lease_ttl.as_secs().max(1) as i64;
+    let sent = Instant::now();
+    let reused = match *lease_slot {
+        Some(id) => match timed("lease keepalive", t, client.lease_keep_alive(id)).await {
+            Ok(_) => Some(id),
+            Err(Error::Etcd(etcd_client::Error::LeaseKeepAliveError(_))) => None,
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    let lease = match reused {
+        Some(id) => id,
+        None => {
+            let id = timed("lease grant", t, client.lease_grant(ttl_secs, None)).await?.id();
+            node.metrics.cluster_lease_grants.inc();
+            tracing::info!(lease = format!("{id:x}"), ttl = ttl_secs, "lease granted");
+            id
+        }
+    };
+    *lease_slot = Some(lease);
+    let clock = LeaseClock::new(c.lease_ttl, sent);
+
+    let record = NodeRecord {
+        id: state.node_id.clone(),
+        url: node.config.advertise_url(),
+        peer_url: node.config.advertise_url(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: keys::timestamp(node.started_at),
+        partitions: state.partitions,
+    };
+    let json = serde_json::to_string_pretty(&record).expect("node record serializes");
+    let put = client.put(state.keys.node(&state.node_id), json, Some(PutOptions::new().with_lease(lease)));
+    timed("register", t, put).await?;
+
+    // Current state, then every change after it.
+    let all = timed("list", t, client.get(state.keys.root(), Some(GetOptions::new().with_prefix()))).await?;
+    let revision = all.header().map_or(0, |h| h.revision());
+    let mut fresh = View { etcd_connected: true, ..View::default() };
+    let mut dynamic = None;
+    for kv in all.kvs() {
+        apply(node, state, &mut fresh, &mut dynamic, EventType::Put, kv);
+    }
+    let dynamic_now = dynamic.unwrap_or_default();
+    fresh.config = dynamic_now.clone();
+    state.view.store(Arc::new(fresh));
+    set_dynamic(node, state, dynamic_now);
+    state.membership.notify_one();
+    let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+    let watch = timed("watch", t, client.watch(state.keys.root(), Some(opts))).await?;
+    node.metrics.cluster_etcd_up.set(1);
+    tracing::info!(cluster = %c.name, node = %state.node_id, revision, "etcd session up");
+
+    let mut shutdown = node.shutdown.clone();
+    tokio::select! {
+        r = keepalive(client.clone(), lease, clock.clone(), c.lease_ttl, t) => r,
+        r = watch_loop(node, state, watch) => r,
+        r = load::report(node, state, client.clone(), lease) => r,
+        r = leader::run(node, state, client.clone(), lease, clock) => r,
+        _ = stopping(&mut shutdown) => {
+            // Revoking deletes the node, election, leader and load keys at once.
+            match timed("lease revoke", t, client.lease_revoke(lease)).await {
+                Ok(_) => tracing::info!("lease revoked; left the cluster"),
+                Err(e) => tracing::warn!(error = %e, "could not revoke the lease; it expires by itself"),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn keepalive(
+    mut client: Client,
+    lease: i64,
+    clock: LeaseClock,
+    ttl: Duration,
+    limit: Duration,
+) -> Result<(), Error> {
+    let (mut keeper, mut stream) = timed("lease keepalive", limit, client.lease_keep_alive(lease)).await?;
+    let period = ttl / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        let sent = Instant::now();
+        timed("lease keepalive", limit, keeper.keep_alive()).await?;
+        let resp = timed("lease keepalive", limit.min(period), stream.message())
+            .await?
+            .ok_or(Error::StreamEnded("keepalive"))?;
+        if resp.ttl() <= 0 {
+            return Err(Error::LeaseLost);
+        }
+        clock.renewed(sent);
+    }
+}
+
+async fn watch_loop(node: &Arc<Node>, state: &Arc<State>, mut stream: etcd_client::WatchStream) -> Result<(), Error> {
+    loop {
+        let resp = stream.message().await?.ok_or(Error::StreamEnded("watch"))?;
+        if resp.canceled() {
+            // Compacted past our revision, or etcd dropped the watch: list again.
+            return Err(Error::StreamEnded("watch (canceled)"));
+        }
+        let mut view = View::clone(&state.view());
+        let mut dynamic = None;
+        let members = view.nodes.len();
+        for event in resp.events() {
+            if let Some(kv) = event.kv() {
+                apply(node, state, &mut view, &mut dynamic, event.event_type(), kv);
+            }
+        }
+        let membership_changed =
+            resp.events().iter().any(|e| e.kv().is_some_and(|kv| kv.key().starts_with(state.keys.nodes().as_bytes())));
+        if let Some(d) = dynamic.clone() {
+            view.config = d;
+        }
+        state.view.store(Arc::new(view));
+        if let Some(d) = dynamic {
+            set_dynamic(node, state, d);
+        }
+        if membership_changed {
+            tracing::debug!(before = members, "membership changed");
+            state.membership.notify_one();
+        }
+    }
+}
+
+/// Applies one key to `view` (and the node's map). A `config` change lands in `dynamic`.
+fn apply(
+    node: &Node,
+    state: &State,
+    view: &mut View,
+    dynamic: &mut Option<DynamicConfig>,
+    kind: EventType,
+    kv: &KeyValue,
+) {
+    let keys = &state.keys;
+    let Ok(key) = std::str::from_utf8(kv.key()) else { return };
+    let put = kind == EventType::Put;
+    if let Some(id) = key.strip_prefix(&keys.nodes()) {
+        if !put {
+            tracing::info!(node = id, "member left");
+            view.nodes.remove(id);
+            return;
+        }
+        match serde_json::from_slice::<NodeRecord>(kv.value()) {
+            Ok(rec) => {
+                if !view.nodes.contains_key(id) {
+                    tracing::info!(node = id, url = %rec.url, "member joined");
+                }
+                view.nodes.insert(id.to_string(), rec);
+            }
+            Err(e) => tracing::warn!(key, error = %e, "ignoring an unreadable node record"),
+        }
+    } else if key == keys.leader() {
+        view.leader = if put { serde_json::from_slice(kv.value()).ok() } else { None };
+    } else if key == keys.map() {
+        if !put {
+            tracing::warn!("partition-map deleted; routing by the last map until a leader writes one");
+            return;
+        }
+        match serde_json::from_slice::<MapRecord>(kv.value()) {
+            Ok(m) if m.partitions == state.partitions && m.owners.len() == m.partitions as usize => {
+                install_map(node, state, &m);
+                view.map = Some(m);
+            }
+            Ok(m) => tracing::error!(
+                epoch = m.epoch,
+                partitions = m.partitions,
+                configured = state.partitions,
+                "ignoring a partition map for another partition count"
+            ),
+            Err(e) => tracing::error!(error = %e, "ignoring an unreadable partition map"),
+        }
+    } else if key == keys.config() {
+        if !put {
+            tracing::info!("dynamic config deleted; file values apply");
+            *dynamic = Some(DynamicConfig::default());
+            return;
+        }
+        match DynamicConfig::parse(kv.value()) {
+            Ok(c) => {
+                tracing::info!(config = %String::from_utf8_lossy(kv.value()), "dynamic config applied");
+                *dynamic = Some(c);
+            }
+            Err(e) => {
+                node.metrics.cluster_config_errors.inc();
+                tracing::warn!(error = %e, "invalid dynamic config ignored; keeping the last good value");
+            }
+        }
+    }
+}
+
+/// Makes `m` the map commands are routed by.
+fn install_map(node: &Node, state: &State, m: &MapRecord) {
+    let current = node.map.load();
+    if current.epoch == m.epoch && current.owners == m.owners {
+        return;
+    }
+    let owned = m.owners.iter().filter(|o| **o == state.node_id).count();
+    node.map.store(Arc::new(PartitionMap { epoch: m.epoch, owners: m.owners.clone() }));
+    node.metrics.cluster_map_epoch.set(m.epoch as i64);
+    node.metrics.cluster_owned_partitions.set(owned as i64);
+    tracing::info!(epoch = m.epoch, leader = %m.leader, owned, "partition map installed");
+}
+
+fn set_dynamic(node: &Node, state: &State, d: DynamicConfig) {
+    if *state.dynamic() == d {
+        return;
+    }
+    node.set_default_retention(d.retention.as_ref());
+    state.dynamic.send_replace(Arc::new(d));
+}
+
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
