@@ -87,9 +87,11 @@ pub struct Config {
     pub namespaces: BTreeMap<String, NamespaceConfig>,
     /// The WASM plugin host.
     pub plugins: PluginsConfig,
-    /// The balancing plugin the cluster leader uses (read once the cluster lands); absent
-    /// means the built-in even spread.
+    /// The balancing plugin the cluster leader uses; absent means the built-in even spread.
+    /// The `config` key in etcd overrides it at run time.
     pub balancer: Option<PluginBinding>,
+    /// Cluster mode (etcd); absent `etcd` endpoints mean standalone.
+    pub cluster: ClusterConfig,
     /// Client authentication (`[auth]`): JWT verification, API key, dev tokens.
     pub auth: crate::auth::AuthConfig,
     /// Per-user connection cap and server pings (`[sessions]`; reloadable).
@@ -101,8 +103,58 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
+/// Cluster mode: membership, election and the partition map in etcd.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// etcd endpoints, e.g. `["http://127.0.0.1:2379"]`. Empty (the default) = standalone.
+    pub etcd: Vec<String>,
+    /// Cluster name: every key lives under `/switchyard/<name>/`. Default `default`.
+    pub name: String,
+    /// The URL other nodes and clients reach this node at. Default `http://<listen>`.
+    pub advertise: Option<String>,
+    /// TTL of the node's lease; keepalive runs every third of it. Default 6 s.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often the leader runs a coordination round (the `config` key overrides it).
+    /// Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub coordination_interval: Duration,
+    /// Most partitions with a live owner that one round may move (the `config` key
+    /// overrides it). Default 64.
+    pub max_moves: u32,
+    /// How often the node writes its `load/<id>` report. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub load_interval: Duration,
+    /// Deadline of one etcd request. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub etcd_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            etcd: Vec::new(),
+            name: "default".into(),
+            advertise: None,
+            lease_ttl: Duration::from_secs(6),
+            coordination_interval: Duration::from_secs(5),
+            max_moves: 64,
+            load_interval: Duration::from_secs(2),
+            etcd_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// True when etcd endpoints are configured.
+    pub fn enabled(&self) -> bool {
+        !self.etcd.is_empty()
+    }
+}
+
 /// A policy plugin bound by name, with its params: `{ plugin = "keep-last", params = { count = 1000 } }`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginBinding {
     /// The plugin's file stem in `plugins_dir`.
@@ -255,6 +307,7 @@ impl Default for Config {
             namespaces: BTreeMap::new(),
             plugins: PluginsConfig::default(),
             balancer: None,
+            cluster: ClusterConfig::default(),
             auth: Default::default(),
             sessions: Default::default(),
             rate_limit: Default::default(),
@@ -308,6 +361,14 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--plugins-dir` / `SWITCHYARD_PLUGINS_DIR`.
     pub plugins_dir: Option<PathBuf>,
+    /// `--etcd` / `SWITCHYARD_ETCD`: comma-separated endpoints; turns on cluster mode.
+    pub etcd: Option<Vec<String>>,
+    /// `--cluster` / `SWITCHYARD_CLUSTER`.
+    pub cluster: Option<String>,
+    /// `--node-id` / `SWITCHYARD_NODE_ID`.
+    pub node_id: Option<String>,
+    /// `--advertise` / `SWITCHYARD_ADVERTISE`.
+    pub advertise: Option<String>,
 }
 
 impl Config {
@@ -337,6 +398,18 @@ impl Config {
         }
         if let Some(dir) = overrides.plugins_dir {
             config.plugins_dir = dir;
+        }
+        if let Some(etcd) = overrides.etcd {
+            config.cluster.etcd = etcd;
+        }
+        if let Some(name) = overrides.cluster {
+            config.cluster.name = name;
+        }
+        if let Some(id) = overrides.node_id {
+            config.node_id = id;
+        }
+        if let Some(url) = overrides.advertise {
+            config.cluster.advertise = Some(url);
         }
         config.validate()?;
         Ok(config)
@@ -398,6 +471,7 @@ impl Config {
         if let Some(b) = &self.balancer {
             check_binding("balancer", &b.plugin, &b.params)?;
         }
+        self.validate_cluster()?;
         let pl = &self.plugins;
         if pl.call_timeout < Duration::from_millis(1) || pl.call_timeout > Duration::from_secs(10) {
             return invalid("plugins.call_timeout", "must be between 1ms and 10s");
@@ -425,7 +499,50 @@ impl Config {
         Ok(())
     }
 
-    /// The settings that apply to a channel, by its namespace.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        let invalid =
+            |field: &str, message: &str| Err(ConfigError::Invalid { field: field.into(), message: message.into() });
+        if !c.enabled() {
+            return Ok(());
+        }
+        let key_safe = |s: &str| {
+            !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        };
+        if !key_safe(&c.name) {
+            return invalid("cluster.name", "must be 1-128 characters of [A-Za-z0-9_.-]");
+        }
+        if !key_safe(&self.node_id) {
+            return invalid("node_id", "in cluster mode must be 1-128 characters of [A-Za-z0-9_.-] (it is an etcd key)");
+        }
+        if let Some(e) = c.etcd.iter().find(|e| e.is_empty() || e.contains(char::is_whitespace)) {
+            return invalid("cluster.etcd", &format!("bad endpoint {e:?}"));
+        }
+        if let Some(a) = &c.advertise {
+            if !(a.starts_with("http://") || a.starts_with("https://")) {
+                return invalid("cluster.advertise", "must be an http:// or https:// URL");
+            }
+        }
+        if c.lease_ttl < Duration::from_secs(2) || c.lease_ttl > Duration::from_secs(300) {
+            return invalid("cluster.lease_ttl", "must be between 2s and 300s (etcd counts whole seconds)");
+        }
+        if c.coordination_interval < Duration::from_millis(100) {
+            return invalid("cluster.coordination_interval", "must be at least 100ms");
+        }
+        if c.load_interval < Duration::from_millis(100) {
+            return invalid("cluster.load_interval", "must be at least 100ms");
+        }
+        if c.etcd_timeout < Duration::from_millis(100) {
+            return invalid("cluster.etcd_timeout", "must be at least 100ms");
+        }
+        Ok(())
+    }
+
+    /// The URL this node advertises in cluster mode.
+    pub fn advertise_url(&self) -> String {
+        self.cluster.advertise.clone().unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
     /// The settings that apply to a channel, by its namespace.
     pub fn namespace(&self, channel: &str) -> &NamespaceConfig {
         crate::channel::namespace(channel).and_then(|ns| self.namespaces.get(ns)).unwrap_or(&self.defaults)
@@ -520,7 +637,7 @@ mod tests {
         let o = Overrides {
             listen: Some("127.0.0.1:2222".parse().unwrap()),
             data_dir: Some("/flag".into()),
-            plugins_dir: None,
+            ..Default::default()
         };
         let c = Config::load(Some(&file), o).unwrap();
         assert_eq!((c.listen.port(), c.data_dir.as_path()), (2222, Path::new("/flag")));
@@ -543,6 +660,10 @@ mod tests {
             ("[namespaces.x]\nretention = { plugin = \"a/b\" }", "namespaces.x.retention.plugin"),
             ("[namespaces.x]\nretention = { plugin = \"k\", params = 3 }", "namespaces.x.retention.params"),
             ("[plugins]\ncall_timeout = \"0s\"", "plugins.call_timeout"),
+            ("[cluster]\netcd = [\"http://x:1\"]\nlease_ttl = \"1s\"", "cluster.lease_ttl"),
+            ("[cluster]\netcd = [\"http://x:1\"]\nname = \"a/b\"", "cluster.name"),
+            ("node_id = \"a:b\"\n[cluster]\netcd = [\"http://x:1\"]", "node_id"),
+            ("[cluster]\netcd = [\"http://x:1\"]\nadvertise = \"x:1\"", "cluster.advertise"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");

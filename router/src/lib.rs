@@ -2,7 +2,8 @@
 //!
 //! The library holds every part of a node; the `switchyard` binary only parses flags and
 //! calls [`run`]. Module map: `config` (settings), `protocol` (wire format, no I/O),
-//! `channel` and `partition` (names, hashing, ownership), `store` (fjall), `owner` (one
+//! `channel` and `partition` (names, hashing, ownership), `cluster` (etcd: membership,
+//! election, the partition map), `store` (fjall), `owner` (one
 //! single-writer task per partition), `outbox` and `session` (one client), `server` (HTTP and
 //! WebSocket), `policy` and `maintenance` (retention and compaction), `plugin` (the WASM host), `metrics`, `node`
 //! (wiring).
@@ -11,6 +12,7 @@ pub mod access;
 pub mod auth;
 pub mod bench;
 pub mod channel;
+pub mod cluster;
 pub mod config;
 pub mod gate;
 pub mod maintenance;
@@ -41,7 +43,13 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
+    // With port 0 the real port is known only now; the cluster advertises it.
+    let mut config = config;
+    config.listen = addr;
     let timeout = config.shutdown_timeout;
+    if config.cluster.enabled() {
+        cluster::preflight(&config).await?;
+    }
     let node = node::Node::start(config)?;
     println!("switchyard listening on {addr}");
     tracing::info!(%addr, node = %node.config.node_id, "serving");

@@ -29,6 +29,18 @@ enum Cmd {
         /// Plugin directory (overrides the file).
         #[arg(long, env = "SWITCHYARD_PLUGINS_DIR")]
         plugins_dir: Option<PathBuf>,
+        /// etcd endpoints, comma-separated: turns on cluster mode (overrides `cluster.etcd`).
+        #[arg(long, env = "SWITCHYARD_ETCD", value_delimiter = ',')]
+        etcd: Option<Vec<String>>,
+        /// Cluster name: keys live under /switchyard/<NAME>/ (overrides `cluster.name`).
+        #[arg(long = "cluster", env = "SWITCHYARD_CLUSTER")]
+        cluster_name: Option<String>,
+        /// This node's id, unique in the cluster (overrides `node_id`).
+        #[arg(long, env = "SWITCHYARD_NODE_ID")]
+        node_id: Option<String>,
+        /// URL other nodes and clients reach this node at (overrides `cluster.advertise`).
+        #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+        advertise: Option<String>,
     },
     /// Load generator: fanout, latency, connections and cluster scenarios against
     /// Switchyard or nats-server (`--target nats`); `table` compares saved `--json` runs.
@@ -76,8 +88,10 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let (config, listen, data_dir, plugins_dir) = match Cli::parse().command {
-        Cmd::Serve { config, listen, data_dir, plugins_dir } => (config, listen, data_dir, plugins_dir),
+    let (config, overrides) = match Cli::parse().command {
+        Cmd::Serve { config, listen, data_dir, plugins_dir, etcd, cluster_name, node_id, advertise } => {
+            (config, Overrides { listen, data_dir, plugins_dir, etcd, cluster: cluster_name, node_id, advertise })
+        }
         Cmd::Bench(args) => return switchyard_router::bench::main(*args),
         Cmd::Token { user, ttl, channels, config } => {
             return switchyard_router::auth::token_command(&config, &user, ttl.into(), channels);
@@ -91,7 +105,7 @@ fn main() -> std::process::ExitCode {
             };
         }
     };
-    let config = match Config::load(config.as_deref(), Overrides { listen, data_dir, plugins_dir }) {
+    let config = match Config::load(config.as_deref(), overrides) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("switchyard: {e}");

@@ -9,6 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -17,6 +18,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::owner::{Command, Grant, Owner, PublishRequest, Start, View};
 use crate::partition::{partition_of, PartitionId, PartitionMap};
+use crate::policy::Policies;
 use crate::protocol::{ErrorCode, MessageView, OpError, PublishOk};
 use crate::store::{Store, StoreError};
 
@@ -103,8 +105,16 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// The policy plugins of `plugins_dir`.
     pub plugins: Arc<crate::plugin::registry::Registry>,
-    /// Who owns which partition (static in standalone mode).
-    pub map: watch::Receiver<Arc<PartitionMap>>,
+    /// Who owns which partition: static in standalone mode, installed by the cluster's
+    /// watch in cluster mode. The request path only loads it (lock-free).
+    pub map: ArcSwap<PartitionMap>,
+    /// Retention and compaction bindings; replaced when the cluster's dynamic config
+    /// changes the default retention limits.
+    pub policies: ArcSwap<Policies>,
+    /// Cluster mode state (None in standalone mode).
+    pub cluster: Option<Arc<crate::cluster::State>>,
+    /// When the node started.
+    pub started_at: std::time::SystemTime,
     /// Tokens, per-user sessions, the API key and the live (reloadable) limits.
     pub access: Arc<crate::access::Access>,
     owners: Vec<mpsc::Sender<Command>>,
@@ -112,7 +122,6 @@ pub struct Node {
     /// Flips to true when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
     shutdown_tx: watch::Sender<bool>,
-    _map_tx: watch::Sender<Arc<PartitionMap>>,
     owner_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -155,7 +164,13 @@ impl Node {
         }
         let plugins = start_plugins(&config, metrics.clone())?;
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let (map_tx, map) = watch::channel(Arc::new(PartitionMap::standalone(&config.node_id, p)));
+        // In cluster mode nothing is owned until the first map arrives from etcd.
+        let (map, cluster) = if config.cluster.enabled() {
+            (PartitionMap::unassigned(p), Some(crate::cluster::State::new(&config)))
+        } else {
+            (PartitionMap::standalone(&config.node_id, p), None)
+        };
+        let policies = ArcSwap::from_pointee(Policies::from_config(&config, Some(&plugins)));
         let access = Arc::new(crate::access::Access::new(&config));
         let node = Arc::new(Self {
             access,
@@ -163,16 +178,19 @@ impl Node {
             store,
             metrics,
             plugins,
-            map,
+            map: ArcSwap::from_pointee(map),
+            policies,
+            cluster,
+            started_at: std::time::SystemTime::now(),
             owners,
             next_id: AtomicU64::new(1),
             shutdown,
             shutdown_tx,
-            _map_tx: map_tx,
             owner_tasks: std::sync::Mutex::new(tasks),
         });
         node.plugins.watch(node.config.plugins.reload_debounce, node.shutdown.clone());
         crate::maintenance::spawn(&node);
+        crate::cluster::spawn(&node);
         Ok(node)
     }
 
@@ -194,8 +212,49 @@ impl Node {
             .map_err(|_| OpError::new(ErrorCode::Unavailable, "partition owner stopped"))
     }
 
+    /// The partition of `channel` if this node owns it in the current map; otherwise
+    /// `unavailable` naming the owner (until cross-node routing forwards it there).
+    pub fn route(&self, channel: &str) -> Result<PartitionId, OpError> {
+        let p = self.partition(channel);
+        let map = self.map.load();
+        match map.owner(p) {
+            Some(owner) if owner == self.config.node_id => Ok(p),
+            Some(owner) => {
+                let url = self
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.view().nodes.get(owner).map(|n| n.url.clone()))
+                    .map(|u| format!(" at {u}"))
+                    .unwrap_or_default();
+                Err(OpError::new(
+                    ErrorCode::Unavailable,
+                    format!("partition {p} is owned by node {owner}{url} (map epoch {}); connect there", map.epoch),
+                ))
+            }
+            None => Err(OpError::new(ErrorCode::Unavailable, "no partition map yet: the cluster is still forming")),
+        }
+    }
+
     async fn send(&self, channel: &str, cmd: Command) -> Result<(), OpError> {
-        self.send_to(self.partition(channel), cmd).await
+        self.send_to(self.route(channel)?, cmd).await
+    }
+
+    /// Rebuilds the policy bindings with the default namespace's retention limits
+    /// overridden (None: the file's values).
+    pub fn set_default_retention(&self, limits: Option<&crate::cluster::keys::RetentionLimits>) {
+        let mut config = Config::clone(&self.config);
+        if let Some(l) = limits {
+            if let Some(v) = l.history_size {
+                config.defaults.history_size = v;
+            }
+            if let Some(v) = l.history_ttl {
+                config.defaults.history_ttl = v;
+            }
+            if let Some(v) = l.history_bytes {
+                config.defaults.history_bytes = v;
+            }
+        }
+        self.policies.store(Arc::new(Policies::from_config(&config, Some(&self.plugins))));
     }
 
     /// Enqueues a publish; the returned receiver yields the ack once the message is durable.
@@ -219,9 +278,10 @@ impl Node {
         Ok(rx)
     }
 
-    /// Forgets a subscription.
+    /// Forgets a subscription (wherever the map now puts the channel: the old owner holds it).
     pub async fn unsubscribe(&self, channel: &str, sub: u64) {
-        let _ = self.send(channel, Command::Unsubscribe { channel: channel.to_string(), sub }).await;
+        let cmd = Command::Unsubscribe { channel: channel.to_string(), sub };
+        let _ = self.send_to(self.partition(channel), cmd).await;
     }
 
     /// Enqueues a commit; the receiver yields once it is durable.
@@ -287,6 +347,9 @@ impl Node {
 
     /// Called after sessions are gone: stops owners (after their queued work) and syncs.
     pub async fn close(self: &Arc<Self>) {
+        if let Some(cluster) = &self.cluster {
+            cluster.stopped(self.config.cluster.etcd_timeout * 2).await;
+        }
         // Owners stop when every sender is dropped; ours are dropped with the node, so
         // instead wait until each mailbox is drained.
         for tx in &self.owners {

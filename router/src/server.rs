@@ -156,15 +156,43 @@ fn history_channel(path: &str) -> Option<&str> {
 }
 
 fn cluster(node: &Node) -> serde_json::Value {
-    let map = node.map.borrow().clone();
+    let map = node.map.load_full();
+    let Some(state) = &node.cluster else {
+        return serde_json::json!({
+            "mode": "standalone",
+            "node": node.config.node_id,
+            "leader": node.config.node_id,
+            "epoch": map.epoch,
+            "partitions": map.partitions(),
+            "nodes": [{"id": node.config.node_id, "url": format!("http://{}", node.config.listen), "state": "serving"}],
+            "owners": map.owners,
+        });
+    };
+    let view = state.view();
+    let nodes: Vec<_> = view
+        .nodes
+        .values()
+        .map(|n| {
+            let owned = map.owners.iter().filter(|o| **o == n.id).count();
+            serde_json::json!({"id": n.id, "url": n.url, "version": n.version, "started_at": n.started_at,
+                "partitions": owned, "state": "serving"})
+        })
+        .collect();
     serde_json::json!({
-        "mode": "standalone",
+        "mode": "cluster",
+        "cluster": state.config.name,
         "node": node.config.node_id,
-        "leader": node.config.node_id,
+        "etcd_connected": view.etcd_connected,
+        "is_leader": view.is_leader,
+        "leader": view.leader.as_ref().map(|l| l.node.clone()),
+        "term": view.leader.as_ref().map(|l| l.term),
+        "leader_since": view.leader.as_ref().map(|l| l.since.clone()),
         "epoch": map.epoch,
         "partitions": map.partitions(),
-        "nodes": [{"id": node.config.node_id, "url": format!("http://{}", node.config.listen), "state": "serving"}],
+        "nodes": nodes,
         "owners": map.owners,
+        "config": view.config,
+        "last_error": view.last_error,
     })
 }
 

@@ -31,6 +31,7 @@ use tokio_tungstenite::WebSocketStream;
 pub use serde_json;
 
 pub mod auth;
+pub mod etcd;
 
 /// How long any single condition may take before a test gives up. Generous, because a
 /// loaded CI machine is slow; tests finish long before it when things work.
