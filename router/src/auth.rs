@@ -128,7 +128,10 @@ impl AuthConfig {
                 self.public_key_file.is_some()
             };
             if set {
-                return Err(invalid(field, "key files are read by Config::load; this config was not loaded from a file"));
+                return Err(invalid(
+                    field,
+                    "key files are read by Config::load; this config was not loaded from a file",
+                ));
             }
         }
         if let Some(secret) = &self.hs256_secret {
@@ -323,7 +326,12 @@ pub fn now_secs() -> u64 {
 }
 
 /// Signs `{sub, exp = now + ttl, channels?}` with an HS256 secret.
-pub fn mint_hs256(secret: &[u8], user: &str, ttl: Duration, channels: Option<Vec<String>>) -> Result<String, AuthError> {
+pub fn mint_hs256(
+    secret: &[u8],
+    user: &str,
+    ttl: Duration,
+    channels: Option<Vec<String>>,
+) -> Result<String, AuthError> {
     if !is_valid_user_id(user) {
         return Err(AuthError::BadSubject);
     }
@@ -340,7 +348,9 @@ pub fn mint_from_config(
     channels: Option<Vec<String>>,
 ) -> Result<String, AuthError> {
     if config.algorithm != TokenAlgorithm::Hs256 {
-        return Err(AuthError::Mint("the config uses a public key; sign RS256/ES256 tokens with your private key".into()));
+        return Err(AuthError::Mint(
+            "the config uses a public key; sign RS256/ES256 tokens with your private key".into(),
+        ));
     }
     let secret = config.hs256_secret.as_ref().ok_or_else(|| AuthError::Mint("auth.hs256_secret is not set".into()))?;
     mint_hs256(secret.as_bytes(), user, ttl, channels)
@@ -413,7 +423,8 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("auth.hs256_secret"));
         let c = AuthConfig { algorithm: TokenAlgorithm::Rs256, ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("auth.public_key_pem"));
-        let c = AuthConfig { algorithm: TokenAlgorithm::Es256, public_key_pem: Some("nope".into()), ..Default::default() };
+        let c =
+            AuthConfig { algorithm: TokenAlgorithm::Es256, public_key_pem: Some("nope".into()), ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("auth.public_key_pem"));
         let c = AuthConfig { hs256_secret: Some("short".into()), ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("auth.hs256_secret"));

@@ -137,7 +137,11 @@ impl Gate {
         let limited = || {
             OpError::new(
                 ErrorCode::RateLimited,
-                format!("over {} publishes per second (burst {})", live.rate_limit.publish_rate, live.rate_limit.burst()),
+                format!(
+                    "over {} publishes per second (burst {})",
+                    live.rate_limit.publish_rate,
+                    live.rate_limit.burst()
+                ),
             )
         };
         match self.bucket.take(&live.rate_limit, now) {

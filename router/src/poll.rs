@@ -59,7 +59,8 @@ pub fn percent_decode(v: &str) -> Result<String, OpError> {
 }
 
 fn parse_query(query: &str) -> Result<Query, OpError> {
-    let mut q = Query { channel: String::new(), since: 0, timeout: DEFAULT_TIMEOUT, limit: HISTORY_DEFAULT_LIMIT, token: None };
+    let mut q =
+        Query { channel: String::new(), since: 0, timeout: DEFAULT_TIMEOUT, limit: HISTORY_DEFAULT_LIMIT, token: None };
     let number = |name: &str, v: &str| {
         v.parse::<u64>().map_err(|_| OpError::bad_request(format!("`{name}` must be an unsigned integer")))
     };
@@ -115,6 +116,8 @@ pub async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> Result<H
     let gone = || OpError::new(ErrorCode::Unavailable, "partition owner stopped");
     let start = Start::From(StartFrom::After(q.since));
     let grant = node.subscribe(&q.channel, sub, outbox.clone(), start).await?.await.map_err(|_| gone())?;
+    // A waiting poll is a subscription like a session's (and shows in the same gauge).
+    node.metrics.subscriptions.inc();
     let result = match grant {
         Ok(grant) => {
             // A message published between the read and the subscribe is already there.
@@ -131,6 +134,7 @@ pub async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> Result<H
         Err(e) => Err(e),
     };
     node.unsubscribe(&q.channel, sub).await;
+    node.metrics.subscriptions.dec();
     result
 }
 
@@ -152,7 +156,15 @@ mod tests {
             }
         );
         assert_eq!(parse_query("channel=a&timeout=2").unwrap().timeout, Duration::from_secs(2));
-        for bad in ["", "since=1", "channel=a%20b", "channel=a&since=x", "channel=a&timeout=soon", "channel=a&timeout=999", "channel=%zz"] {
+        for bad in [
+            "",
+            "since=1",
+            "channel=a%20b",
+            "channel=a&since=x",
+            "channel=a&timeout=soon",
+            "channel=a&timeout=999",
+            "channel=%zz",
+        ] {
             assert_eq!(parse_query(bad).unwrap_err().code, ErrorCode::BadRequest, "{bad}");
         }
     }

@@ -63,6 +63,7 @@ pub fn dev_token(node: &Node, body: &[u8]) -> Result<serde_json::Value, OpError>
     if ttl.is_zero() || ttl > DEV_TOKEN_MAX_TTL {
         return Err(OpError::bad_request("`ttl` must be between 1s and 7d"));
     }
-    let token = node.access.verifier.mint_dev(&req.user, ttl, req.channels).map_err(|e| OpError::internal(e.to_string()))?;
+    let token =
+        node.access.verifier.mint_dev(&req.user, ttl, req.channels).map_err(|e| OpError::internal(e.to_string()))?;
     Ok(serde_json::json!({ "token": token, "user": req.user, "exp": crate::auth::now_secs() + ttl.as_secs() }))
 }

@@ -58,7 +58,11 @@ async fn commands_before_connect_are_unauthorized_and_the_socket_stays_open() ->
     }
     c.ok("connect", json!({ "token": token("alice", 3600, None) })).await?;
     c.ping().await?;
-    assert_eq!(c.err("connect", json!({ "token": token("alice", 3600, None) })).await?, "bad_request", "second connect");
+    assert_eq!(
+        c.err("connect", json!({ "token": token("alice", 3600, None) })).await?,
+        "bad_request",
+        "second connect"
+    );
     Ok(())
 }
 
@@ -99,7 +103,10 @@ async fn bad_auth_configs_are_rejected_naming_the_field() -> anyhow::Result<()> 
         ("[auth]\nmode = \"jwt\"\n", "auth.hs256_secret"),
         ("[auth]\nmode = \"jwt\"\nalgorithm = \"RS256\"\n", "auth.public_key_pem"),
         ("[auth]\nalgorithm = \"ES256\"\npublic_key_pem = \"junk\"\n", "auth.public_key_pem"),
-        ("[auth]\nmode = \"jwt\"\nalgorithm = \"ES256\"\npublic_key_file = \"/nonexistent.pem\"\n", "auth.public_key_file"),
+        (
+            "[auth]\nmode = \"jwt\"\nalgorithm = \"ES256\"\npublic_key_file = \"/nonexistent.pem\"\n",
+            "auth.public_key_file",
+        ),
         ("[auth]\nmode = \"sometimes\"\n", "mode"),
         ("[auth]\nhs256_secret = \"short\"\n", "auth.hs256_secret"),
         ("[auth]\napi_key = \"a b\"\n", "auth.api_key"),
