@@ -3,7 +3,7 @@
 #   make run    install what is missing, build the router (release) and the
 #               plugins, start one standalone node on $(LISTEN)
 #   make test   install what is missing, build plugins and the workspace,
-#               run every test (cargo test --workspace)
+#               run every test (cargo test --workspace), the browser test included
 #   make bench  build release, run the bench scenarios against Switchyard and
 #               nats-server (installed if missing), print one comparison table
 #
@@ -53,10 +53,12 @@ run:
 test:
 	scripts/setup.sh
 	scripts/build-plugins.sh
+	@echo "[test] npm ci (tests/browser: playwright-core for the chat page test)"
+	npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 	@echo "[test] cargo build --workspace --all-targets"
 	$(CARGO) build --workspace --all-targets
 	@echo "[test] cargo test --workspace"
-	$(CARGO) test --workspace --no-fail-fast -- $(TEST_ARGS)
+	SWITCHYARD_REQUIRE_BROWSER=1 $(CARGO) test --workspace --no-fail-fast -- $(TEST_ARGS)
 	scripts/test-plugins.sh
 
 bench:

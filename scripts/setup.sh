@@ -5,6 +5,8 @@
 #   protoc    <- protobuf-compiler  (etcd-client's build script runs protoc)
 #   etcd      <- etcd-server        (cluster tests start their own etcd)
 #   etcdctl   <- etcd-client
+#   chromium  <- chromium           (the chat page's browser test, headless)
+#   node, npm <- nodejs npm         (runs playwright-core for that test)
 #   wasm32    <- rustc-web cargo-web rust-web-src  (plugins are built with
 #                -Zbuild-std; skipped when rustup already has the
 #                wasm32-unknown-unknown target)
@@ -15,6 +17,8 @@
 # Environment:
 #   SWITCHYARD_SKIP_WASM=1   do not install the wasm toolchain
 #   SWITCHYARD_SKIP_ETCD=1   do not install etcd
+#   SWITCHYARD_SKIP_BROWSER=1 do not install chromium/node (the browser test then
+#                            fails under `make test`, and is skipped by plain cargo test)
 #   SWITCHYARD_WITH_NATS=1   also install nats-server (the benchmark peer); same as
 #                            passing --bench. `make test` never needs it.
 set -euo pipefail
@@ -79,6 +83,12 @@ if [ "${SWITCHYARD_SKIP_ETCD:-0}" != 1 ]; then
     want_cmd etcdctl etcd-client
 fi
 
+if [ "${SWITCHYARD_SKIP_BROWSER:-0}" != 1 ]; then
+    want_cmd chromium chromium
+    want_cmd node nodejs
+    want_cmd npm npm
+fi
+
 if [ "$WITH_NATS" = 1 ]; then
     want_cmd nats-server nats-server
 fi
@@ -123,7 +133,7 @@ log "apt-get update"
 log "apt-get install -y ${missing[*]}"
 "${SUDO[@]}" apt-get "${APT_OPTS[@]}" install -y "${missing[@]}"
 
-for c in protoc etcd etcdctl nats-server; do
+for c in protoc etcd etcdctl nats-server chromium node npm; do
     if command -v "$c" >/dev/null 2>&1; then log "now: $c -> $(command -v "$c")"; fi
 done
 if [ -x /usr/bin/rustc ]; then log "now: Debian rustc: $(/usr/bin/rustc --version)"; fi
