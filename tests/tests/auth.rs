@@ -207,6 +207,10 @@ async fn dev_tokens_need_the_flag_in_jwt_mode() -> anyhow::Result<()> {
     assert_eq!(ok["user"], "zoe");
     let (status, body) = post_json(&node, "/api/v1/dev/token", &json!({ "user": "zoe", "ttl": "30d" })).await?;
     assert_eq!(status, 400, "{body}");
+    for bad in [json!({ "name": "zoe" }), json!({ "user": "zoe", "ttl": "soon" }), json!([1])] {
+        let (status, body) = post_json(&node, "/api/v1/dev/token", &bad).await?;
+        assert_eq!((status, &body["error"]["code"]), (400, &json!("bad_request")), "{bad}: {body}");
+    }
     Ok(())
 }
 

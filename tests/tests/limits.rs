@@ -74,7 +74,8 @@ async fn the_rate_limit_trips_then_closes_with_4029() -> anyhow::Result<()> {
     assert!(matches!(ending.end, Event::Close(Some(4029))), "{:?}", ending.end);
     let oks = codes.iter().filter(|c| *c == "ok").count();
     let limited = codes.iter().filter(|c| *c == "rate_limited").count();
-    assert!((5..=6).contains(&oks), "burst of 5 (a token may refill meanwhile): {codes:?}");
+    // The burst of 5, plus a token or two refilled (5/s) if the machine is slow.
+    assert!((5..=8).contains(&oks), "burst of 5: {codes:?}");
     assert_eq!(limited, 10, "{codes:?}");
     assert!(ending.frames.iter().any(|f| f["push"] == "disconnect" && f["code"] == 4029), "{:?}", ending.frames);
     // Other connections are unaffected.
