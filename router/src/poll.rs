@@ -116,9 +116,8 @@ pub async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> Result<H
     let gone = || OpError::new(ErrorCode::Unavailable, "partition owner stopped");
     let start = Start::From(StartFrom::After(q.since));
     let grant = node.subscribe(&q.channel, sub, outbox.clone(), start).await?.await.map_err(|_| gone())?;
-    // A waiting poll is a subscription like a session's (and shows in the same gauge).
-    node.metrics.subscriptions.inc();
-    let result = match grant {
+    let _registered = Registered::new(&node, &q.channel, sub);
+    match grant {
         Ok(grant) => {
             // A message published between the read and the subscribe is already there.
             if grant.top <= q.since {
@@ -132,10 +131,33 @@ pub async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> Result<H
             node.history(&q.channel, q.since, q.limit).await
         }
         Err(e) => Err(e),
-    };
-    node.unsubscribe(&q.channel, sub).await;
-    node.metrics.subscriptions.dec();
-    result
+    }
+}
+
+/// A poll's subscription while it waits: counted in the subscriptions gauge like a
+/// session's, and removed from its owner however the request ends (answered, or dropped
+/// because the node shuts down).
+struct Registered {
+    node: Arc<Node>,
+    channel: String,
+    sub: u64,
+}
+
+impl Registered {
+    fn new(node: &Arc<Node>, channel: &str, sub: u64) -> Self {
+        node.metrics.subscriptions.inc();
+        Self { node: node.clone(), channel: channel.to_string(), sub }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.node.metrics.subscriptions.dec();
+        let (node, channel, sub) = (self.node.clone(), std::mem::take(&mut self.channel), self.sub);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { node.unsubscribe(&channel, sub).await });
+        }
+    }
 }
 
 #[cfg(test)]
