@@ -507,13 +507,18 @@ impl Config {
             return Ok(());
         }
         let key_safe = |s: &str| {
-            !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
         };
         if !key_safe(&c.name) {
             return invalid("cluster.name", "must be 1-128 characters of [A-Za-z0-9_.-]");
         }
         if !key_safe(&self.node_id) {
-            return invalid("node_id", "in cluster mode must be 1-128 characters of [A-Za-z0-9_.-] (it is an etcd key)");
+            return invalid(
+                "node_id",
+                "in cluster mode must be 1-128 characters of [A-Za-z0-9_.-] (it is an etcd key)",
+            );
         }
         if let Some(e) = c.etcd.iter().find(|e| e.is_empty() || e.contains(char::is_whitespace)) {
             return invalid("cluster.etcd", &format!("bad endpoint {e:?}"));

@@ -334,3 +334,40 @@ async fn a_node_with_another_partition_count_refuses_to_start() -> Result<()> {
     assert!(stderr.contains("partitions = 8") && stderr.contains("created with 16"), "{stderr}");
     Ok(())
 }
+
+/// A balancer plugin that never returns (bound in the file) and one that returns garbage
+/// (bound at run time): each round times out or fails, falls back to the built-in, and
+/// the map is still published and balanced.
+#[tokio::test]
+async fn a_hostile_balancer_falls_back_to_the_built_in() -> Result<()> {
+    let module = |body: &str| {
+        wat::parse_str(format!(
+            r#"(module
+                (memory (export "memory") 1)
+                (data (i32.const 64) "\07\ff\ff\ff\ff\ff\ff\ff\ff")
+                (func (export "switchyard_abi_v1"))
+                (func (export "switchyard_alloc") (param $n i32) (result i32) (i32.const 1024))
+                (func (export "switchyard_balance") (param $p i32) (param $l i32) (result i64) {body}))"#
+        ))
+        .expect("valid wat")
+    };
+    let etcd = Etcd::start().await;
+    let plugins = PluginDir::new();
+    plugins.install("spin", &module("(loop $l (br $l)) (i64.const 0)"));
+    // (ptr 64, len 9): bytes no `Result<BalanceDecision, String>` decodes from.
+    plugins.install("garbage", &module("(i64.const 274877906953)"));
+    let extra = format!("{}\nbalancer = {{ plugin = \"spin\" }}\n", plugins.config_line());
+    let (n1, n2) = (start(&etcd, "h", "n1", &extra), start(&etcd, "h", "n2", &extra));
+    wait_converged(&etcd, "h", &[&n1, &n2], &["n1", "n2"]).await?;
+    let leader = if one_leader(&[("n1", &n1), ("n2", &n2)]).await? == "n1" { &n1 } else { &n2 };
+    let timeout = [("plugin", "spin"), ("kind", "balance"), ("reason", "timeout")];
+    wait_metric_at_least(leader, "switchyard_plugin_failures_total", &timeout, 1.0).await?;
+
+    etcd.put("/switchyard/h/config", r#"{"balancer": {"plugin": "garbage"}}"#)?;
+    wait_metric_at_least(leader, "switchyard_plugin_failures_total", &[("plugin", "garbage"), ("kind", "balance")], 1.0)
+        .await?;
+    // A third node still gets its share from the built-in.
+    let n3 = start(&etcd, "h", "n3", &extra);
+    wait_converged(&etcd, "h", &[&n1, &n2, &n3], &["n1", "n2", "n3"]).await?;
+    Ok(())
+}
