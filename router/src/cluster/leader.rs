@@ -60,7 +60,7 @@ pub(super) async fn run(
     tracing::info!(term = me.term, "elected leader");
     node.metrics.cluster_is_leader.set(1);
     state.update(|v| v.is_leader = true);
-    let result = lead(node, state, &mut kv, &me, &clock).await;
+    let result = Leader { node, state, kv: &mut kv, me: &me, clock: &clock }.lead().await;
     node.metrics.cluster_is_leader.set(0);
     state.update(|v| v.is_leader = false);
     tracing::warn!(term = me.term, "stepped down");
@@ -77,85 +77,89 @@ pub async fn verify(kv: &mut Client, me: &Leadership, limit: std::time::Duration
     }
 }
 
-async fn lead(
-    node: &Arc<Node>,
-    state: &Arc<State>,
-    kv: &mut Client,
-    me: &Leadership,
-    clock: &LeaseClock,
-) -> Result<(), Error> {
-    let mut dynamic = state.dynamic.subscribe();
-    loop {
-        round(node, state, kv, me, clock).await?;
-        let interval = state.dynamic().coordination_interval.unwrap_or(state.config.coordination_interval);
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = state.membership.notified() => {}
-            _ = dynamic.changed() => {}
-        }
-    }
+/// A node while it leads: everything a round needs.
+struct Leader<'a> {
+    node: &'a Arc<Node>,
+    state: &'a Arc<State>,
+    kv: &'a mut Client,
+    me: &'a Leadership,
+    clock: &'a LeaseClock,
 }
 
-/// One coordination round.
-async fn round(
-    node: &Arc<Node>,
-    state: &Arc<State>,
-    kv: &mut Client,
-    me: &Leadership,
-    clock: &LeaseClock,
-) -> Result<(), Error> {
-    let t = state.config.etcd_timeout;
-    let rounds = &node.metrics.cluster_rounds;
-    if !clock.fresh() {
-        return Err(Error::Deposed("own clock: the lease was not renewed within its TTL".into()));
+impl Leader<'_> {
+    /// Rounds every interval, and at once on a membership or config change, until a
+    /// round finds leadership lost.
+    async fn lead(mut self) -> Result<(), Error> {
+        let mut dynamic = self.state.dynamic.subscribe();
+        loop {
+            self.round().await?;
+            let interval =
+                self.state.dynamic().coordination_interval.unwrap_or(self.state.config.coordination_interval);
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.state.membership.notified() => {}
+                _ = dynamic.changed() => {}
+            }
+        }
     }
-    verify(kv, me, t).await?;
-    let prefix = Some(GetOptions::new().with_prefix());
-    let nodes: BTreeMap<String, NodeRecord> =
-        records(timed("list nodes", t, kv.get(state.keys.nodes(), prefix.clone())).await?.kvs());
-    let loads: BTreeMap<String, LoadRecord> =
-        records(timed("list loads", t, kv.get(state.keys.loads(), prefix)).await?.kvs());
-    let resp = timed("get map", t, kv.get(state.keys.map(), None)).await?;
-    let (current, map_rev) = match resp.kvs().first() {
-        Some(k) => (serde_json::from_slice::<MapRecord>(k.value()).ok(), k.mod_revision()),
-        None => (None, 0),
-    };
-    super::check_partitions(resp.kvs().first(), state.partitions)?;
-    if !nodes.contains_key(&state.node_id) {
-        return Err(Error::Deposed("this node's own record is gone (lease expired)".into()));
-    }
-    let dynamic = state.dynamic();
-    let max_moves = dynamic.max_moves.unwrap_or(state.config.max_moves);
-    let binding = dynamic.balancer.as_ref().or(node.config.balancer.as_ref());
-    let owners = current.as_ref().map(|m| m.owners.as_slice());
-    let input = balance::input(&nodes, &loads, owners, state.partitions, max_moves, super::now_ms());
-    let (decision, policy) = balance::decide(&node.plugins, binding, &input).map_err(Error::Deposed)?;
-    if owners == Some(decision.owners.as_slice()) {
-        rounds.with_label_values(&["unchanged"]).inc();
-        return Ok(());
-    }
-    let moved = match owners {
-        Some(o) => o.iter().zip(&decision.owners).filter(|(a, b)| a != b).count(),
-        None => decision.owners.len(),
-    };
-    let epoch = current.as_ref().map_or(0, |m| m.epoch) + 1;
-    let record = MapRecord {
-        epoch,
-        partitions: state.partitions,
-        leader: state.node_id.clone(),
-        term: me.term,
-        updated_at: keys::timestamp(SystemTime::now()),
-        counts: MapRecord::count(&decision.owners),
-        owners: decision.owners,
-    };
-    if publish_map(kv, me, &state.keys.map(), map_rev, &record, t).await? {
-        rounds.with_label_values(&["published"]).inc();
-        tracing::info!(epoch, moved, %policy, nodes = nodes.len(), "partition map published");
-        Ok(())
-    } else {
-        node.metrics.cluster_fenced_writes.inc();
-        rounds.with_label_values(&["fenced"]).inc();
-        Err(Error::Deposed(format!("map write for epoch {epoch} refused by the fencing compare")))
+
+    /// One coordination round.
+    async fn round(&mut self) -> Result<(), Error> {
+        let (node, state, me, clock) = (self.node, self.state, self.me, self.clock);
+        let kv = &mut *self.kv;
+        let t = state.config.etcd_timeout;
+        let rounds = &node.metrics.cluster_rounds;
+        if !clock.fresh() {
+            return Err(Error::Deposed("own clock: the lease was not renewed within its TTL".into()));
+        }
+        verify(kv, me, t).await?;
+        let prefix = Some(GetOptions::new().with_prefix());
+        let nodes: BTreeMap<String, NodeRecord> =
+            records(timed("list nodes", t, kv.get(state.keys.nodes(), prefix.clone())).await?.kvs());
+        let loads: BTreeMap<String, LoadRecord> =
+            records(timed("list loads", t, kv.get(state.keys.loads(), prefix)).await?.kvs());
+        let resp = timed("get map", t, kv.get(state.keys.map(), None)).await?;
+        let (current, map_rev) = match resp.kvs().first() {
+            Some(k) => (serde_json::from_slice::<MapRecord>(k.value()).ok(), k.mod_revision()),
+            None => (None, 0),
+        };
+        super::check_partitions(resp.kvs().first(), state.partitions)?;
+        if !nodes.contains_key(&state.node_id) {
+            return Err(Error::Deposed("this node's own record is gone (lease expired)".into()));
+        }
+        let dynamic = state.dynamic();
+        let max_moves = dynamic.max_moves.unwrap_or(state.config.max_moves);
+        let binding = dynamic.balancer.as_ref().or(node.config.balancer.as_ref());
+        let owners = current.as_ref().map(|m| m.owners.as_slice());
+        let input = balance::input(&nodes, &loads, owners, state.partitions, max_moves, super::now_ms());
+        let (decision, policy) = balance::decide(&node.plugins, binding, &input).map_err(Error::Deposed)?;
+        if owners == Some(decision.owners.as_slice()) {
+            rounds.with_label_values(&["unchanged"]).inc();
+            return Ok(());
+        }
+        let moved = match owners {
+            Some(o) => o.iter().zip(&decision.owners).filter(|(a, b)| a != b).count(),
+            None => decision.owners.len(),
+        };
+        let epoch = current.as_ref().map_or(0, |m| m.epoch) + 1;
+        let record = MapRecord {
+            epoch,
+            partitions: state.partitions,
+            leader: state.node_id.clone(),
+            term: me.term,
+            updated_at: keys::timestamp(SystemTime::now()),
+            counts: MapRecord::count(&decision.owners),
+            owners: decision.owners,
+        };
+        if publish_map(kv, me, &state.keys.map(), map_rev, &record, t).await? {
+            rounds.with_label_values(&["published"]).inc();
+            tracing::info!(epoch, moved, %policy, nodes = nodes.len(), "partition map published");
+            Ok(())
+        } else {
+            node.metrics.cluster_fenced_writes.inc();
+            rounds.with_label_values(&["fenced"]).inc();
+            Err(Error::Deposed(format!("map write for epoch {epoch} refused by the fencing compare")))
+        }
     }
 }
 
