@@ -86,7 +86,9 @@ fi
 if [ "${SWITCHYARD_SKIP_BROWSER:-0}" != 1 ]; then
     want_cmd chromium chromium
     want_cmd node nodejs
-    want_cmd npm npm
+    # nodesource's nodejs ships npm and conflicts with Debian's npm package: ask for npm
+    # only when node is already there without it (else see the second pass below).
+    if command -v node >/dev/null 2>&1; then want_cmd npm npm; fi
 fi
 
 if [ "$WITH_NATS" = 1 ]; then
@@ -132,6 +134,11 @@ log "apt-get update"
 "${SUDO[@]}" apt-get "${APT_OPTS[@]}" update
 log "apt-get install -y ${missing[*]}"
 "${SUDO[@]}" apt-get "${APT_OPTS[@]}" install -y "${missing[@]}"
+
+if [ "${SWITCHYARD_SKIP_BROWSER:-0}" != 1 ] && ! command -v npm >/dev/null 2>&1; then
+    log "apt-get install -y npm (Debian's nodejs comes without it)"
+    "${SUDO[@]}" apt-get "${APT_OPTS[@]}" install -y npm
+fi
 
 for c in protoc etcd etcdctl nats-server chromium node npm; do
     if command -v "$c" >/dev/null 2>&1; then log "now: $c -> $(command -v "$c")"; fi

@@ -68,14 +68,28 @@ fn main() {
 
     let (steady, t) = round(&ids, Some(&initial), p, 64);
     let (lo, hi) = spread(&steady, &ids);
-    println!("{:<34} {:>12.0} {:>8} {:>8} {:>10}", "steady (nothing changed)", t, moved(&initial, &steady, &ids), 0, format!("{lo}..{hi}"));
+    println!(
+        "{:<34} {:>12.0} {:>8} {:>8} {:>10}",
+        "steady (nothing changed)",
+        t,
+        moved(&initial, &steady, &ids),
+        0,
+        format!("{lo}..{hi}")
+    );
 
     let mut joined_ids = ids.clone();
     joined_ids.push("node-new".into());
     let (joined, t) = round(&joined_ids, Some(&initial), p, u32::MAX);
     let (lo, hi) = spread(&joined, &joined_ids);
     let optimum = (p / (n + 1)) as usize;
-    println!("{:<34} {:>12.0} {:>8} {:>8} {:>10}", "one node joins", t, moved(&initial, &joined, &joined_ids), optimum, format!("{lo}..{hi}"));
+    println!(
+        "{:<34} {:>12.0} {:>8} {:>8} {:>10}",
+        "one node joins",
+        t,
+        moved(&initial, &joined, &joined_ids),
+        optimum,
+        format!("{lo}..{hi}")
+    );
 
     let left_ids: Vec<String> = ids[1..].to_vec();
     let (left, t) = round(&left_ids, Some(&initial), p, 64);

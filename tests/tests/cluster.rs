@@ -132,7 +132,8 @@ async fn leader_failover_follower_loss_and_join_move_only_what_they_must() -> Re
     assert!(after["epoch"].as_u64() > before["epoch"].as_u64());
     assert_ne!(after["leader"], leader.as_str());
     eprintln!("failover (leader kill -9 -> new map on every node): {failover:?}");
-    assert!(failover < TTL + ROUND + Duration::from_secs(4), "failover took {failover:?}");
+    // Generous for a loaded CI machine; BENCHMARKS.md has the measured figures.
+    assert!(failover < TTL + ROUND + Duration::from_secs(10), "failover took {failover:?}");
     // Only the dead leader's partitions moved.
     assert_eq!(moved(&before, &after), before["counts"][&leader].as_u64().unwrap() as usize);
 
@@ -216,6 +217,8 @@ async fn a_paused_leader_steps_down_and_rejoins() -> Result<()> {
     let old = one_leader(&named).await?;
     let old_term = serde_json::from_str::<Value>(&etcd.get("/switchyard/s/leader")?.unwrap())?["term"].clone();
     let paused = &nodes.iter().find(|(id, _)| *id == old).unwrap().1;
+    let published = |m: &Metrics| m.value("switchyard_cluster_rounds_total", &[("result", "published")]).unwrap_or(0.0);
+    let published_before = published(&metrics(paused).await?);
     paused.signal(libc::SIGSTOP);
     let others: Vec<&str> = nodes.iter().map(|(id, _)| *id).filter(|id| *id != old).collect();
     let running: Vec<&Node> = nodes.iter().filter(|(id, _)| *id != old).map(|(_, n)| n).collect();
@@ -231,13 +234,14 @@ async fn a_paused_leader_steps_down_and_rejoins() -> Result<()> {
     assert_eq!(map["term"], without["term"]);
     let m = metrics(paused).await?;
     assert_eq!(m.value("switchyard_cluster_is_leader", &[]), Some(0.0));
+    assert_eq!(published(&m), published_before, "the resumed old leader published nothing");
     assert!(m.value("switchyard_cluster_lease_grants_total", &[]).unwrap() >= 2.0, "a new lease after the old expired");
     Ok(())
 }
 
 #[tokio::test]
 async fn dynamic_config_applies_without_restart_and_bad_values_are_ignored() -> Result<()> {
-    let etcd = Etcd::start().await;
+    let mut etcd = Etcd::start().await;
     let plugins = PluginDir::new();
     plugins.install("even-spread", &example_plugin("even-spread"));
     let extra = format!("{}\n{FAST_MAINTENANCE}", plugins.config_line());
@@ -270,6 +274,12 @@ async fn dynamic_config_applies_without_restart_and_bad_values_are_ignored() -> 
     c.publish(&channel, json!("more")).await?;
     wait_until("still trimmed to 3", DEADLINE, async || Ok(c.history_all(&channel).await?.offsets() == [9, 10, 11]))
         .await?;
+    // A new session (etcd restarted) re-reads the invalid key: the last good value stays.
+    etcd.restart().await;
+    for n in [&n1, &n2] {
+        wait_until("node reconnects", DEADLINE, async || Ok(cluster_view(n).await?["etcd_connected"] == true)).await?;
+        assert_eq!(cluster_view(n).await?["config"]["retention"]["history_size"], 3);
+    }
 
     // The balancer plugin bound at run time is what the leader calls.
     etcd.put("/switchyard/d/config", r#"{"balancer": {"plugin": "even-spread", "params": {}}}"#)?;
@@ -321,6 +331,9 @@ async fn nodes_serve_through_an_etcd_outage_and_converge_after() -> Result<()> {
     one_leader(&[("n1", &n1), ("n2", &n2)]).await?;
     p1.publish(&ch1, json!("after")).await?;
     assert_eq!(datas(&s1.next_messages(&ch1, 1).await?), [json!("after")]);
+    // The leader runs rounds again: a joining node gets its share.
+    let n3 = start(&etcd, "o", "n3", "");
+    wait_converged(&etcd, "o", &[&n1, &n2, &n3], &["n1", "n2", "n3"]).await?;
     Ok(())
 }
 
@@ -364,10 +377,42 @@ async fn a_hostile_balancer_falls_back_to_the_built_in() -> Result<()> {
     wait_metric_at_least(leader, "switchyard_plugin_failures_total", &timeout, 1.0).await?;
 
     etcd.put("/switchyard/h/config", r#"{"balancer": {"plugin": "garbage"}}"#)?;
-    wait_metric_at_least(leader, "switchyard_plugin_failures_total", &[("plugin", "garbage"), ("kind", "balance")], 1.0)
-        .await?;
+    wait_metric_at_least(
+        leader,
+        "switchyard_plugin_failures_total",
+        &[("plugin", "garbage"), ("kind", "balance")],
+        1.0,
+    )
+    .await?;
     // A third node still gets its share from the built-in.
     let n3 = start(&etcd, "h", "n3", &extra);
     wait_converged(&etcd, "h", &[&n1, &n2, &n3], &["n1", "n2", "n3"]).await?;
+    Ok(())
+}
+
+/// A second process with a live node's id does not take over its record or its partitions:
+/// it waits, and registers once the first one has left.
+#[tokio::test]
+async fn a_duplicate_node_id_waits_for_the_live_one_to_leave() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let mut first = start(&etcd, "u", "n1", "");
+    wait_converged(&etcd, "u", &[&first], &["n1"]).await?;
+    let second = start(&etcd, "u", "n1", "");
+    wait_until("the duplicate reports the conflict", DEADLINE, async || {
+        Ok(cluster_view(&second).await?["last_error"].as_str().is_some_and(|e| e.contains("another live process")))
+    })
+    .await?;
+    let record: Value = serde_json::from_str(&etcd.get("/switchyard/u/nodes/n1")?.unwrap())?;
+    assert_eq!(record["url"], format!("http://{}", first.addr()));
+    assert_eq!(cluster_view(&second).await?["epoch"], 0, "the duplicate serves nothing");
+    // The first leaves gracefully (revoking its lease): the second takes the id.
+    assert!(first.terminate().success());
+    wait_until("the second registers", DEADLINE, async || {
+        let Some(text) = etcd.get("/switchyard/u/nodes/n1")? else { return Ok(false) };
+        let record: Value = serde_json::from_str(&text)?;
+        Ok(record["url"] == format!("http://{}", second.addr()))
+    })
+    .await?;
+    wait_converged(&etcd, "u", &[&second], &["n1"]).await?;
     Ok(())
 }

@@ -114,15 +114,37 @@ impl Leader<'_> {
         }
         verify(kv, me, t).await?;
         let prefix = Some(GetOptions::new().with_prefix());
-        let nodes: BTreeMap<String, NodeRecord> =
+        let mut nodes: BTreeMap<String, NodeRecord> =
             records(timed("list nodes", t, kv.get(state.keys.nodes(), prefix.clone())).await?.kvs());
+        // A member configured with another P could never serve what it is given.
+        nodes.retain(|id, n| {
+            let same = n.partitions == state.partitions;
+            if !same {
+                tracing::error!(node = %id, partitions = n.partitions, ours = state.partitions, "member with another partition count left out of the map");
+            }
+            same
+        });
         let loads: BTreeMap<String, LoadRecord> =
             records(timed("list loads", t, kv.get(state.keys.loads(), prefix)).await?.kvs());
         let resp = timed("get map", t, kv.get(state.keys.map(), None)).await?;
-        let (current, map_rev) = match resp.kvs().first() {
+        let (mut current, map_rev) = match resp.kvs().first() {
             Some(k) => (serde_json::from_slice::<MapRecord>(k.value()).ok(), k.mod_revision()),
             None => (None, 0),
         };
+        // A missing or unreadable key (deleted, hand-edited, restored from a backup) does not
+        // restart the epochs or reshuffle everything: the map in use is the starting point.
+        let in_use = node.map.load_full();
+        if current.as_ref().is_none_or(|m| m.epoch < in_use.epoch) && in_use.epoch > 0 {
+            current = Some(MapRecord {
+                epoch: in_use.epoch,
+                partitions: state.partitions,
+                leader: String::new(),
+                term: 0,
+                updated_at: String::new(),
+                counts: Default::default(),
+                owners: in_use.owners.clone(),
+            });
+        }
         super::check_partitions(resp.kvs().first(), state.partitions)?;
         if !nodes.contains_key(&state.node_id) {
             return Err(Error::Deposed("this node's own record is gone (lease expired)".into()));

@@ -31,6 +31,8 @@ pub(super) async fn report(node: &Arc<Node>, state: &Arc<State>, mut client: Cli
             connections: node.metrics.connections.get().max(0) as u64,
             ..LoadRecord::default()
         };
+        // Only partitions owned now: one that comes back starts its rate afresh.
+        let mut tops_now = HashMap::new();
         for (p, owner) in map.owners.iter().enumerate() {
             if *owner != state.node_id {
                 continue;
@@ -42,7 +44,8 @@ pub(super) async fn report(node: &Arc<Node>, state: &Arc<State>, mut client: Cli
             }
             let Ok(snaps) = rx.await else { continue };
             let tops: u64 = snaps.iter().map(|s| s.stats.last_offset).sum();
-            let before = last.insert(p, tops);
+            let before = last.get(&p).copied();
+            tops_now.insert(p, tops);
             let load = PartitionLoad {
                 msg_rate: before.map_or(0.0, |b| tops.saturating_sub(b) as f64 / elapsed),
                 bytes: snaps.iter().map(|s| s.stats.bytes).sum(),
@@ -52,6 +55,7 @@ pub(super) async fn report(node: &Arc<Node>, state: &Arc<State>, mut client: Cli
             rec.bytes += load.bytes;
             rec.partitions.insert(p, load);
         }
+        last = tops_now;
         let json = serde_json::to_string_pretty(&rec).expect("load record serializes");
         let key = state.keys.load(&state.node_id);
         let put = client.put(key, json, Some(PutOptions::new().with_lease(lease)));

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
@@ -49,6 +51,9 @@ pub enum Error {
     /// The cluster cannot be joined with this configuration.
     #[error("{0}")]
     Fatal(String),
+    /// The node id is taken by another live process.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Runs an etcd request with the session's deadline.
@@ -118,6 +123,8 @@ pub struct State {
     dynamic: watch::Sender<Arc<DynamicConfig>>,
     /// Signalled when the member set changes (the leader runs a round at once).
     membership: Notify,
+    /// Term of the leader that wrote the map in use.
+    term: std::sync::atomic::AtomicI64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -132,6 +139,7 @@ impl State {
             view: ArcSwap::from_pointee(View::default()),
             dynamic: watch::Sender::new(Arc::new(DynamicConfig::default())),
             membership: Notify::new(),
+            term: std::sync::atomic::AtomicI64::new(0),
             task: Mutex::new(None),
         })
     }
@@ -221,6 +229,12 @@ async fn supervise(node: Arc<Node>, state: Arc<State>) {
     let mut shutdown = node.shutdown.clone();
     loop {
         if *shutdown.borrow() {
+            // Shut down between sessions: still leave at once if etcd answers.
+            if let Some(id) = lease {
+                if let Ok(mut client) = connect(&state.config).await {
+                    let _ = timed("lease revoke", state.config.etcd_timeout, client.lease_revoke(id)).await;
+                }
+            }
             return;
         }
         let started = Instant::now();
@@ -232,6 +246,7 @@ async fn supervise(node: Arc<Node>, state: Arc<State>) {
             Err(Error::Fatal(msg)) => {
                 tracing::error!("{msg}");
                 eprintln!("switchyard: {msg}");
+                let _ = node.store.close();
                 std::process::exit(2);
             }
             Err(e) => e,
@@ -288,7 +303,9 @@ async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i
         }
     };
     *lease_slot = Some(lease);
-    let clock = LeaseClock::new(c.lease_ttl, sent);
+    // The clock counts the TTL etcd enforces (whole seconds), not the configured one.
+    let ttl = Duration::from_secs(ttl_secs as u64);
+    let clock = LeaseClock::new(ttl, sent);
 
     let record = NodeRecord {
         id: state.node_id.clone(),
@@ -298,9 +315,7 @@ async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i
         started_at: keys::timestamp(node.started_at),
         partitions: state.partitions,
     };
-    let json = serde_json::to_string_pretty(&record).expect("node record serializes");
-    let put = client.put(state.keys.node(&state.node_id), json, Some(PutOptions::new().with_lease(lease)));
-    timed("register", t, put).await?;
+    register(&mut client, state, &record, lease).await?;
 
     // Current state, then every change after it.
     let all = timed("list", t, client.get(state.keys.root(), Some(GetOptions::new().with_prefix()))).await?;
@@ -308,9 +323,15 @@ async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i
     let mut fresh = View { etcd_connected: true, ..View::default() };
     let mut dynamic = None;
     for kv in all.kvs() {
-        apply(node, state, &mut fresh, &mut dynamic, EventType::Put, kv);
+        apply(node, state, &mut fresh, &mut dynamic, EventType::Put, kv)?;
     }
-    let dynamic_now = dynamic.unwrap_or_default();
+    // No `config` key: file values. A key that did not validate: keep the last good value.
+    let config_present = all.kvs().iter().any(|kv| kv.key() == state.keys.config().as_bytes());
+    let dynamic_now = match dynamic {
+        Some(d) => d,
+        None if config_present => DynamicConfig::clone(&state.dynamic()),
+        None => DynamicConfig::default(),
+    };
     fresh.config = dynamic_now.clone();
     state.view.store(Arc::new(fresh));
     set_dynamic(node, state, dynamic_now);
@@ -321,8 +342,12 @@ async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i
     tracing::info!(cluster = %c.name, node = %state.node_id, revision, "etcd session up");
 
     let mut shutdown = node.shutdown.clone();
+    // Keepalive runs as its own task: a leader round that blocks its thread (a slow
+    // balancer plugin) must not starve the lease.
+    let mut keeper = tokio::spawn(keepalive(client.clone(), lease, clock.clone(), ttl, t));
+    let _abort = AbortOnDrop(keeper.abort_handle());
     tokio::select! {
-        r = keepalive(client.clone(), lease, clock.clone(), c.lease_ttl, t) => r,
+        r = &mut keeper => r.unwrap_or(Err(Error::StreamEnded("keepalive task"))),
         r = watch_loop(node, state, watch) => r,
         r = load::report(node, state, client.clone(), lease) => r,
         r = leader::run(node, state, client.clone(), lease, clock) => r,
@@ -334,6 +359,50 @@ async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i
             }
             Ok(())
         }
+    }
+}
+
+/// Aborts a task when the session that spawned it ends.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Writes `nodes/<id>` under `lease`, unless another live process holds that id.
+async fn register(client: &mut Client, state: &State, record: &NodeRecord, lease: i64) -> Result<(), Error> {
+    let key = state.keys.node(&state.node_id);
+    let json = serde_json::to_string_pretty(record).expect("node record serializes");
+    let put = || TxnOp::put(key.clone(), json.clone(), Some(PutOptions::new().with_lease(lease)));
+    let t = state.config.etcd_timeout;
+    // Free, or already ours (a re-used lease): write it.
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([put()])
+        .or_else([TxnOp::get(key.clone(), None)]);
+    let resp = timed("register", t, client.txn(txn)).await?;
+    if resp.succeeded() {
+        return Ok(());
+    }
+    let holder = resp.op_responses().into_iter().find_map(|r| match r {
+        etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.lease()),
+        _ => None,
+    });
+    match holder {
+        Some(l) if l == lease => {
+            let txn = Txn::new().when([Compare::lease(key.clone(), CompareOp::Equal, lease)]).and_then([put()]);
+            if timed("register", t, client.txn(txn)).await?.succeeded() {
+                return Ok(());
+            }
+            Err(Error::Conflict(format!("node id {} changed hands while registering", state.node_id)))
+        }
+        Some(l) => Err(Error::Conflict(format!(
+            "node id {} is registered by another live process (lease {l:x}); waiting for it to leave or expire",
+            state.node_id
+        ))),
+        None => Err(Error::Conflict(format!("node id {} vanished while registering; retrying", state.node_id))),
     }
 }
 
@@ -372,7 +441,7 @@ async fn watch_loop(node: &Arc<Node>, state: &Arc<State>, mut stream: etcd_clien
         let members = view.nodes.len();
         for event in resp.events() {
             if let Some(kv) = event.kv() {
-                apply(node, state, &mut view, &mut dynamic, event.event_type(), kv);
+                apply(node, state, &mut view, &mut dynamic, event.event_type(), kv)?;
             }
         }
         let membership_changed =
@@ -399,15 +468,15 @@ fn apply(
     dynamic: &mut Option<DynamicConfig>,
     kind: EventType,
     kv: &KeyValue,
-) {
+) -> Result<(), Error> {
     let keys = &state.keys;
-    let Ok(key) = std::str::from_utf8(kv.key()) else { return };
+    let Ok(key) = std::str::from_utf8(kv.key()) else { return Ok(()) };
     let put = kind == EventType::Put;
     if let Some(id) = key.strip_prefix(&keys.nodes()) {
         if !put {
             tracing::info!(node = id, "member left");
             view.nodes.remove(id);
-            return;
+            return Ok(());
         }
         match serde_json::from_slice::<NodeRecord>(kv.value()) {
             Ok(rec) => {
@@ -423,26 +492,23 @@ fn apply(
     } else if key == keys.map() {
         if !put {
             tracing::warn!("partition-map deleted; routing by the last map until a leader writes one");
-            return;
+            return Ok(());
         }
+        check_partitions(Some(kv), state.partitions)?;
         match serde_json::from_slice::<MapRecord>(kv.value()) {
-            Ok(m) if m.partitions == state.partitions && m.owners.len() == m.partitions as usize => {
-                install_map(node, state, &m);
-                view.map = Some(m);
+            Ok(m) if m.owners.len() == m.partitions as usize => {
+                if install_map(node, state, &m) {
+                    view.map = Some(m);
+                }
             }
-            Ok(m) => tracing::error!(
-                epoch = m.epoch,
-                partitions = m.partitions,
-                configured = state.partitions,
-                "ignoring a partition map for another partition count"
-            ),
+            Ok(m) => tracing::error!(epoch = m.epoch, owners = m.owners.len(), "ignoring a malformed partition map"),
             Err(e) => tracing::error!(error = %e, "ignoring an unreadable partition map"),
         }
     } else if key == keys.config() {
         if !put {
             tracing::info!("dynamic config deleted; file values apply");
             *dynamic = Some(DynamicConfig::default());
-            return;
+            return Ok(());
         }
         match DynamicConfig::parse(kv.value()) {
             Ok(c) => {
@@ -455,19 +521,28 @@ fn apply(
             }
         }
     }
+    Ok(())
 }
 
-/// Makes `m` the map commands are routed by.
-fn install_map(node: &Node, state: &State, m: &MapRecord) {
+/// Makes `m` the map commands are routed by, and returns true. A map older than the one
+/// in use is refused unless a newer leader wrote it (a restored or hand-edited etcd).
+fn install_map(node: &Node, state: &State, m: &MapRecord) -> bool {
     let current = node.map.load();
+    let term = state.term.load(std::sync::atomic::Ordering::Relaxed);
+    if m.epoch < current.epoch && m.term <= term {
+        tracing::warn!(epoch = m.epoch, term = m.term, current = current.epoch, "refusing an older partition map");
+        return false;
+    }
+    state.term.store(m.term, std::sync::atomic::Ordering::Relaxed);
     if current.epoch == m.epoch && current.owners == m.owners {
-        return;
+        return true;
     }
     let owned = m.owners.iter().filter(|o| **o == state.node_id).count();
     node.map.store(Arc::new(PartitionMap { epoch: m.epoch, owners: m.owners.clone() }));
     node.metrics.cluster_map_epoch.set(m.epoch as i64);
     node.metrics.cluster_owned_partitions.set(owned as i64);
     tracing::info!(epoch = m.epoch, leader = %m.leader, owned, "partition map installed");
+    true
 }
 
 fn set_dynamic(node: &Node, state: &State, d: DynamicConfig) {
