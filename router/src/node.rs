@@ -311,7 +311,10 @@ impl Node {
         self.publish_enqueue(req).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?
     }
 
-    async fn publish_enqueue(&self, req: PublishRequest) -> Result<oneshot::Receiver<Result<PublishOk, OpError>>, OpError> {
+    pub(crate) async fn publish_enqueue(
+        &self,
+        req: PublishRequest,
+    ) -> Result<oneshot::Receiver<Result<PublishOk, OpError>>, OpError> {
         let (tx, rx) = oneshot::channel();
         let channel = req.channel.clone();
         self.send(&channel, Command::Publish(req, tx)).await?;
@@ -364,7 +367,7 @@ impl Node {
         rx.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?
     }
 
-    async fn commit_enqueue(
+    pub(crate) async fn commit_enqueue(
         &self,
         channel: &str,
         consumer: String,

@@ -158,9 +158,12 @@ where
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
             Some(Ok(_)) => continue,
         };
+        // Writes enter the owner's mailbox here, in the order the link carried them;
+        // only the wait for durability runs concurrently.
+        let begun = begin(&node, epoch, op).await;
         let (node, tx) = (node.clone(), tx.clone());
         tokio::spawn(async move {
-            let result = answer(&node, epoch, op).await;
+            let result = begun.finish(&node).await;
             let _ = tx.send(wire::encode(&Frame::Reply { id, result })).await;
             drop(permit);
         });
@@ -170,12 +173,57 @@ where
     tracing::info!(%peer, "peer link closed");
 }
 
-async fn answer(node: &Arc<Node>, epoch: u64, op: Op) -> Result<Answer, WireError> {
-    match node.locate(op.channel()).map_err(|e| WireError::op(&e))? {
-        Route::Local(_) => execute(node, op).await.map_err(|e| WireError::op(&e)),
-        Route::Remote { owner, epoch: ours } => {
+/// A request accepted by the owner: its write (if any) is already in the mailbox.
+enum Begun {
+    Published(tokio::sync::oneshot::Receiver<Result<crate::protocol::PublishOk, OpError>>),
+    Committed(tokio::sync::oneshot::Receiver<Result<(), OpError>>),
+    History(String, u64, u32),
+    Done(Result<Answer, WireError>),
+}
+
+async fn begin(node: &Arc<Node>, epoch: u64, op: Op) -> Begun {
+    let err = |e: OpError| Begun::Done(Err(WireError::op(&e)));
+    match node.locate(op.channel()) {
+        Err(e) => return err(e),
+        Ok(Route::Remote { owner, epoch: ours }) => {
             let e = OpError::new(ErrorCode::Unavailable, format!("not the owner (map epoch {ours}, sender's {epoch})"));
-            Err(WireError { redirect: Some((owner, ours)), ..WireError::op(&e) })
+            return Begun::Done(Err(WireError { redirect: Some((owner, ours)), ..WireError::op(&e) }));
         }
+        Ok(Route::Local(_)) => {}
+    }
+    match op {
+        Op::Publish { channel, data, key, idempotency_key, from } => {
+            let data = match serde_json::value::RawValue::from_string(data) {
+                Ok(d) => d,
+                Err(e) => return err(OpError::bad_request(format!("data is not JSON: {e}"))),
+            };
+            match node.publish_enqueue(PublishRequest { channel, data, key, idempotency_key, from }).await {
+                Ok(rx) => Begun::Published(rx),
+                Err(e) => err(e),
+            }
+        }
+        Op::Commit { channel, consumer, offset } => match node.commit_enqueue(&channel, consumer, offset).await {
+            Ok(rx) => Begun::Committed(rx),
+            Err(e) => err(e),
+        },
+        Op::History { channel, since, limit } => Begun::History(channel, since, limit),
+    }
+}
+
+impl Begun {
+    async fn finish(self, node: &Arc<Node>) -> Result<Answer, WireError> {
+        let gone = || WireError::op(&OpError::new(ErrorCode::Unavailable, "owner stopped"));
+        let result = match self {
+            Begun::Done(r) => return r,
+            Begun::Published(rx) => rx
+                .await
+                .map_err(|_| gone())?
+                .map(|ok| Answer::Published { offset: ok.offset, epoch: ok.epoch.to_string() }),
+            Begun::Committed(rx) => rx.await.map_err(|_| gone())?.map(|()| Answer::Committed),
+            Begun::History(channel, since, limit) => {
+                node.history_local(&channel, since, limit).await.map(Answer::history)
+            }
+        };
+        result.map_err(|e| WireError::op(&e))
     }
 }

@@ -219,7 +219,11 @@ mod tests {
             Frame::Reply { id: 7, result: Ok(Answer::Published { offset: 9, epoch: "e".into() }) },
             Frame::Reply {
                 id: 8,
-                result: Err(WireError { code: "unavailable".into(), message: "m".into(), redirect: Some(("n2".into(), 4)) }),
+                result: Err(WireError {
+                    code: "unavailable".into(),
+                    message: "m".into(),
+                    redirect: Some(("n2".into(), 4)),
+                }),
             },
         ];
         for f in frames {
