@@ -129,6 +129,9 @@ pub struct ClusterConfig {
     /// Deadline of one etcd request. Default 2 s.
     #[serde(with = "humantime_serde")]
     pub etcd_timeout: Duration,
+    /// Shared secret of the peer links (at least 16 characters). Unset: no peer links, and
+    /// commands for channels owned elsewhere get `unavailable` naming the owner.
+    pub secret: Option<String>,
 }
 
 impl Default for ClusterConfig {
@@ -142,6 +145,7 @@ impl Default for ClusterConfig {
             max_moves: 64,
             load_interval: Duration::from_secs(2),
             etcd_timeout: Duration::from_secs(2),
+            secret: None,
         }
     }
 }
@@ -536,6 +540,9 @@ impl Config {
         }
         if c.load_interval < Duration::from_millis(100) {
             return invalid("cluster.load_interval", "must be at least 100ms");
+        }
+        if c.secret.as_ref().is_some_and(|s| s.len() < 16 || s.chars().any(|ch| ch.is_control())) {
+            return invalid("cluster.secret", "must be at least 16 printable characters");
         }
         if c.etcd_timeout < Duration::from_millis(100) {
             return invalid("cluster.etcd_timeout", "must be at least 100ms");

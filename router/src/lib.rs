@@ -21,6 +21,7 @@ pub mod node;
 pub mod outbox;
 pub mod owner;
 pub mod partition;
+pub mod peer;
 pub mod plugin;
 pub mod policy;
 pub mod poll;

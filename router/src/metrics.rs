@@ -63,6 +63,14 @@ pub struct Metrics {
     pub cluster_lease_grants: IntCounter,
     /// `config` values ignored because they did not parse or validate.
     pub cluster_config_errors: IntCounter,
+    /// Operations forwarded to their owner over a peer link, by op and result.
+    pub peer_forwarded: IntCounterVec,
+    /// Redirects received (the owner had changed).
+    pub peer_redirects: IntCounter,
+    /// 1 while the outgoing link to a peer is connected (by peer node id: few).
+    pub peer_link_up: IntGaugeVec,
+    /// Outgoing link connections made, by peer.
+    pub peer_connects: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -153,6 +161,25 @@ impl Metrics {
             cluster_config_errors: counter(
                 "switchyard_cluster_config_errors_total",
                 "Dynamic config values ignored as invalid",
+            ),
+            peer_forwarded: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("switchyard_peer_forwarded_total", "Operations forwarded to their owner, by op and result"),
+                    &["op", "result"],
+                )
+                .expect("valid metric"),
+            ),
+            peer_redirects: counter("switchyard_peer_redirects_total", "Redirects received from a former owner"),
+            peer_link_up: reg(
+                &registry,
+                IntGaugeVec::new(Opts::new("switchyard_peer_link_up", "1 while the link to a peer is up"), &["peer"])
+                    .expect("valid metric"),
+            ),
+            peer_connects: reg(
+                &registry,
+                IntCounterVec::new(Opts::new("switchyard_peer_connects_total", "Peer link connections made"), &["peer"])
+                    .expect("valid metric"),
             ),
             registry,
         }

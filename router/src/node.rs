@@ -95,6 +95,20 @@ fn start_plugins(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<crate::pl
     Ok(plugins)
 }
 
+/// Where a channel is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This node owns its partition.
+    Local(PartitionId),
+    /// `owner` does, in map `epoch`.
+    Remote {
+        /// Owner node id.
+        owner: String,
+        /// The map epoch that says so.
+        epoch: u64,
+    },
+}
+
 /// A running node.
 pub struct Node {
     /// Validated configuration.
@@ -111,6 +125,8 @@ pub struct Node {
     /// Retention and compaction bindings; replaced when the cluster's dynamic config
     /// changes the default retention limits.
     pub policies: ArcSwap<Policies>,
+    /// Outgoing peer links (cluster mode with `cluster.secret` set).
+    pub peers: Option<Arc<crate::peer::link::Links>>,
     /// Cluster mode state (None in standalone mode).
     pub cluster: Option<Arc<crate::cluster::State>>,
     /// When the node started.
@@ -172,7 +188,9 @@ impl Node {
         };
         let policies = ArcSwap::from_pointee(Policies::from_config(&config, Some(&plugins)));
         let access = Arc::new(crate::access::Access::new(&config));
-        let node = Arc::new(Self {
+        let secret = config.cluster.secret.clone().filter(|_| config.cluster.enabled());
+        let node = Arc::new_cyclic(|weak| Self {
+            peers: secret.map(|s| crate::peer::link::Links::new(weak.clone(), s)),
             access,
             config,
             store,
@@ -210,6 +228,18 @@ impl Node {
             .send(cmd)
             .await
             .map_err(|_| OpError::new(ErrorCode::Unavailable, "partition owner stopped"))
+    }
+
+    /// Where `channel` is served by the current map: here, or on `owner`. Errors only
+    /// when no map has assigned its partition yet.
+    pub fn locate(&self, channel: &str) -> Result<Route, OpError> {
+        let p = self.partition(channel);
+        let map = self.map.load();
+        match map.owner(p) {
+            Some(owner) if owner == self.config.node_id => Ok(Route::Local(p)),
+            Some(owner) => Ok(Route::Remote { owner: owner.to_string(), epoch: map.epoch }),
+            None => Err(OpError::new(ErrorCode::Unavailable, "no partition map yet: the cluster is still forming")),
+        }
     }
 
     /// The partition of `channel` if this node owns it in the current map; otherwise
@@ -257,8 +287,34 @@ impl Node {
         self.policies.store(Arc::new(Policies::from_config(&config, Some(&self.plugins))));
     }
 
-    /// Enqueues a publish; the returned receiver yields the ack once the message is durable.
-    pub async fn publish(&self, req: PublishRequest) -> Result<oneshot::Receiver<Result<PublishOk, OpError>>, OpError> {
+    /// Publishes wherever the channel's owner is; the receiver yields the ack once the
+    /// message is durable (locally, or on the owner over its peer link).
+    pub async fn publish(
+        self: &Arc<Self>,
+        req: PublishRequest,
+    ) -> Result<oneshot::Receiver<Result<PublishOk, OpError>>, OpError> {
+        if let Route::Remote { .. } = self.locate(&req.channel)? {
+            if self.peers.is_some() {
+                let (tx, rx) = oneshot::channel();
+                let started = crate::peer::start(self, crate::peer::wire::Op::publish(&req))?;
+                tokio::spawn(async move {
+                    let _ = tx.send(started.finish().await.and_then(|a| a.into_published()));
+                });
+                return Ok(rx);
+            }
+        }
+        self.publish_enqueue(req).await
+    }
+
+    /// Publishes here (the caller checked this node owns the channel) and waits for the ack.
+    pub async fn publish_local(&self, req: PublishRequest) -> Result<PublishOk, OpError> {
+        self.publish_enqueue(req).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?
+    }
+
+    pub(crate) async fn publish_enqueue(
+        &self,
+        req: PublishRequest,
+    ) -> Result<oneshot::Receiver<Result<PublishOk, OpError>>, OpError> {
         let (tx, rx) = oneshot::channel();
         let channel = req.channel.clone();
         self.send(&channel, Command::Publish(req, tx)).await?;
@@ -284,8 +340,34 @@ impl Node {
         let _ = self.send_to(self.partition(channel), cmd).await;
     }
 
-    /// Enqueues a commit; the receiver yields once it is durable.
+    /// Commits wherever the channel's owner is; the receiver yields once it is durable.
     pub async fn commit(
+        self: &Arc<Self>,
+        channel: &str,
+        consumer: String,
+        offset: u64,
+    ) -> Result<oneshot::Receiver<Result<(), OpError>>, OpError> {
+        if let Route::Remote { .. } = self.locate(channel)? {
+            if self.peers.is_some() {
+                let (tx, rx) = oneshot::channel();
+                let op = crate::peer::wire::Op::Commit { channel: channel.into(), consumer, offset };
+                let started = crate::peer::start(self, op)?;
+                tokio::spawn(async move {
+                    let _ = tx.send(started.finish().await.map(drop));
+                });
+                return Ok(rx);
+            }
+        }
+        self.commit_enqueue(channel, consumer, offset).await
+    }
+
+    /// Commits here and waits until it is durable.
+    pub async fn commit_local(&self, channel: &str, consumer: String, offset: u64) -> Result<(), OpError> {
+        let rx = self.commit_enqueue(channel, consumer, offset).await?;
+        rx.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?
+    }
+
+    pub(crate) async fn commit_enqueue(
         &self,
         channel: &str,
         consumer: String,
@@ -327,8 +409,19 @@ impl Node {
             .collect()
     }
 
+    /// A history page from wherever the channel's owner is.
+    pub async fn history(self: &Arc<Self>, channel: &str, since: u64, limit: u32) -> Result<HistoryPage, OpError> {
+        if let Route::Remote { .. } = self.locate(channel)? {
+            if self.peers.is_some() {
+                let op = crate::peer::wire::Op::History { channel: channel.into(), since, limit };
+                return crate::peer::call(self, op).await?.into_history(channel);
+            }
+        }
+        self.history_local(channel, since, limit).await
+    }
+
     /// A history page: messages with offset > `since`, oldest first, at most `limit`.
-    pub async fn history(&self, channel: &str, since: u64, limit: u32) -> Result<HistoryPage, OpError> {
+    pub async fn history_local(&self, channel: &str, since: u64, limit: u32) -> Result<HistoryPage, OpError> {
         let view =
             self.view(channel).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?;
         let messages = self.read(channel, &view.epoch, since, view.top, limit as usize)?;
@@ -336,7 +429,7 @@ impl Node {
     }
 
     /// Publishes and waits for the ack (HTTP API).
-    pub async fn publish_and_wait(&self, req: PublishRequest) -> Result<PublishOk, OpError> {
+    pub async fn publish_and_wait(self: &Arc<Self>, req: PublishRequest) -> Result<PublishOk, OpError> {
         self.publish(req).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?
     }
 

@@ -56,6 +56,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 9] = [
+        Self::BadRequest,
+        Self::UnknownOp,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::TooLarge,
+        Self::RateLimited,
+        Self::LimitExceeded,
+        Self::Unavailable,
+        Self::Internal,
+    ];
+
     /// The code as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {

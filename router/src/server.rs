@@ -100,7 +100,11 @@ fn result_response<T: serde::Serialize>(result: Result<T, OpError>) -> Response<
 async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>) -> Response<Body> {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/ws") => upgrade(node, req, alive),
+        (&Method::GET, "/ws") => upgrade(node, req, alive, Peer::Client),
+        (&Method::GET, "/peer") => match peer_auth(&node, &req) {
+            Ok(()) => upgrade(node, req, alive, Peer::Node),
+            Err(e) => error_response(&e),
+        },
         (&Method::GET, "/healthz") => {
             if *node.shutdown.borrow() {
                 json_response(503, Bytes::from_static(br#"{"status":"shutting_down"}"#))
@@ -246,7 +250,27 @@ async fn history(node: Arc<Node>, channel: &str, query: &str) -> Response<Body> 
     result_response(page.await)
 }
 
-fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>) -> Response<Body> {
+/// Who is upgrading: a client (`/ws`) or another node's peer link (`/peer`).
+enum Peer {
+    Client,
+    Node,
+}
+
+/// A peer link must carry the cluster secret (compared in constant time).
+fn peer_auth(node: &Node, req: &Request<Incoming>) -> Result<(), OpError> {
+    let Some(secret) = node.config.cluster.secret.as_deref().filter(|_| node.peers.is_some()) else {
+        return Err(OpError::new(ErrorCode::Forbidden, "peer links are off (no cluster.secret)"));
+    };
+    let given = req.headers().get(crate::peer::wire::SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    let same = given.len() == secret.len() && given.iter().zip(secret.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(OpError::new(ErrorCode::Unauthorized, "bad cluster secret"))
+    }
+}
+
+fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who: Peer) -> Response<Body> {
     let headers = req.headers();
     let is_upgrade =
         headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
@@ -275,7 +299,10 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>) -> 
                     .max_message_size(Some(max * 4 + 4096))
                     .max_frame_size(Some(max * 4 + 4096));
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                crate::session::run(node, ws).await;
+                match who {
+                    Peer::Client => crate::session::run(node, ws).await,
+                    Peer::Node => crate::peer::serve(node, ws, "peer".into()).await,
+                }
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }

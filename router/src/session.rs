@@ -417,27 +417,14 @@ where
                     Err(e) => self.queue_result::<Empty>(id, Err(e)),
                 }
             }
-            Command::History { channel, since, limit } => match node.view(&channel).await {
-                Ok(rx) => self.queue(
-                    async move {
-                        let result = match rx.await {
-                            Ok(view) => {
-                                node.read(&channel, &view.epoch, since, view.top, limit as usize).map(|messages| {
-                                    crate::node::HistoryPage {
-                                        epoch: view.epoch.to_string(),
-                                        offset: view.top,
-                                        messages,
-                                    }
-                                })
-                            }
-                            Err(_) => Err(owner_gone()),
-                        };
-                        Output::Frame(protocol::reply(id, &result))
-                    }
-                    .boxed(),
-                ),
-                Err(e) => self.queue_result::<Empty>(id, Err(e)),
-            },
+            Command::History { channel, since, limit } => {
+                // Wherever the owner is; the read starts when the future is first polled,
+                // after every command this connection sent before it.
+                self.queue(
+                    async move { Output::Frame(protocol::reply(id, &node.history(&channel, since, limit).await)) }
+                        .boxed(),
+                )
+            }
             Command::Commit { channel, consumer, offset } => match node.commit(&channel, consumer, offset).await {
                 Ok(rx) => self.queue(
                     async move {

@@ -1,0 +1,198 @@
+//! Outgoing peer links: one multiplexed WebSocket per remote node, reconnecting with backoff.
+//!
+//! It owns the connection to each peer's `/peer` endpoint (authenticated by the cluster
+//! secret), the bounded queue of requests waiting for the link, and the table of requests
+//! waiting for their reply. It must never block a caller on a full queue or a dead peer:
+//! a full queue is `unavailable` at once, and every request has a deadline.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::wire::{self, Answer, Frame, Op, WireError};
+use crate::node::Node;
+use crate::protocol::{ErrorCode, OpError};
+
+/// Requests that may wait for one link before callers get `unavailable`.
+const QUEUE: usize = 4096;
+
+type Waiter = oneshot::Sender<Result<Answer, WireError>>;
+
+/// One peer link.
+pub struct Link {
+    peer: String,
+    tx: mpsc::Sender<(u64, Vec<u8>)>,
+    pending: Mutex<HashMap<u64, Waiter>>,
+    next_id: AtomicU64,
+}
+
+/// Every outgoing link of a node, created on first use.
+pub struct Links {
+    node: Weak<Node>,
+    secret: String,
+    links: ArcSwap<HashMap<String, Arc<Link>>>,
+}
+
+fn unavailable(message: impl Into<String>) -> OpError {
+    OpError::new(ErrorCode::Unavailable, message)
+}
+
+impl Links {
+    /// Links of `node`, authenticated with `secret`.
+    pub fn new(node: Weak<Node>, secret: String) -> Arc<Self> {
+        Arc::new(Self { node, secret, links: ArcSwap::from_pointee(HashMap::new()) })
+    }
+
+    fn link(&self, peer: &str) -> Arc<Link> {
+        if let Some(l) = self.links.load().get(peer) {
+            return l.clone();
+        }
+        let mut created = None;
+        self.links.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            if !map.contains_key(peer) {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                let link = Arc::new(Link {
+                    peer: peer.to_string(),
+                    tx,
+                    pending: Mutex::new(HashMap::new()),
+                    next_id: AtomicU64::new(1),
+                });
+                created = Some((link.clone(), rx));
+                map.insert(peer.to_string(), link);
+            }
+            map
+        });
+        if let Some((link, rx)) = created {
+            tokio::spawn(run(self.node.clone(), self.secret.clone(), link, rx));
+        }
+        self.links.load().get(peer).cloned().expect("link just inserted")
+    }
+
+    /// Queues `op` for `peer` tagged with map `epoch` now (so requests from one caller keep
+    /// their order on the link); the returned [`Pending`] waits for the reply.
+    pub fn send(&self, peer: &str, epoch: u64, op: Op) -> Result<Pending, WireError> {
+        let link = self.link(peer);
+        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        link.pending.lock().expect("pending").insert(id, tx);
+        let bytes = wire::encode(&Frame::Request { id, epoch, op });
+        if link.tx.try_send((id, bytes)).is_err() {
+            link.pending.lock().expect("pending").remove(&id);
+            return Err(WireError::op(&unavailable(format!("peer link to {peer} is full"))));
+        }
+        Ok(Pending { link, id, rx })
+    }
+}
+
+/// A request on a link, waiting for its reply.
+pub struct Pending {
+    link: Arc<Link>,
+    id: u64,
+    rx: oneshot::Receiver<Result<Answer, WireError>>,
+}
+
+impl Pending {
+    /// Waits up to `limit` for the reply.
+    pub async fn wait(self, limit: Duration) -> Result<Answer, WireError> {
+        let peer = &self.link.peer;
+        match tokio::time::timeout(limit, self.rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(WireError::op(&unavailable(format!("peer link to {peer} lost; outcome unknown")))),
+            Err(_) => {
+                self.link.pending.lock().expect("pending").remove(&self.id);
+                Err(WireError::op(&unavailable(format!("no reply from {peer} within {limit:?}; outcome unknown"))))
+            }
+        }
+    }
+}
+
+impl Link {
+    fn fail_pending(&self, why: &str) {
+        let waiters: Vec<Waiter> = self.pending.lock().expect("pending").drain().map(|(_, w)| w).collect();
+        for w in waiters {
+            let _ = w.send(Err(WireError::op(&unavailable(format!("peer link to {} {why}", self.peer)))));
+        }
+    }
+}
+
+/// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
+async fn run(node: Weak<Node>, secret: String, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        if *n.shutdown.borrow() {
+            return;
+        }
+        let url = n.cluster.as_ref().and_then(|c| c.view().nodes.get(&link.peer).map(|r| r.peer_url.clone()));
+        let metrics = n.metrics.clone();
+        drop(n);
+        let result = match url {
+            Some(url) => pump(&url, &secret, &link, &mut rx, &metrics).await,
+            None => Err(format!("no address for node {}", link.peer)),
+        };
+        metrics.peer_link_up.with_label_values(&[&link.peer]).set(0);
+        if let Err(e) = result {
+            tracing::debug!(peer = %link.peer, error = %e, "peer link down");
+        }
+        link.fail_pending("lost; outcome unknown");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn pump(
+    url: &str,
+    secret: &str,
+    link: &Link,
+    rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
+    metrics: &crate::metrics::Metrics,
+) -> Result<(), String> {
+    let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
+    let mut req = ws_url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let h = req.headers_mut();
+    h.insert(wire::SECRET_HEADER, HeaderValue::from_str(secret).map_err(|e| e.to_string())?);
+    let connect = tokio_tungstenite::connect_async_with_config(req, None, true);
+    let (ws, _) = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
+    metrics.peer_connects.with_label_values(&[&link.peer]).inc();
+    tracing::info!(peer = %link.peer, %ws_url, "peer link up");
+    let (mut sink, mut stream) = ws.split();
+    loop {
+        tokio::select! {
+            out = rx.recv() => {
+                let Some((id, bytes)) = out else { return Ok(()) };
+                // A request whose caller gave up is not sent.
+                if !link.pending.lock().expect("pending").contains_key(&id) {
+                    continue;
+                }
+                sink.send(Message::Binary(bytes.into())).await.map_err(|e| e.to_string())?;
+            }
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
+                    Ok(Frame::Reply { id, result }) => {
+                        if let Some(w) = link.pending.lock().expect("pending").remove(&id) {
+                            let _ = w.send(result);
+                        }
+                    }
+                    Ok(Frame::Request { .. }) => return Err("peer sent a request on an outgoing link".into()),
+                    Err(e) => return Err(format!("undecodable frame: {e}")),
+                },
+                Some(Ok(Message::Close(_))) | None => return Err("closed".into()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+            }
+        }
+    }
+}

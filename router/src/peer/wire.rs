@@ -1,0 +1,239 @@
+//! The peer-link wire format: binary WebSocket frames, each one postcard-encoded [`Frame`].
+//!
+//! It owns the request and reply types that gateways send to partition owners and the
+//! conversions to and from the router's own types. It must never do I/O.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::node::{HistoryPage, OwnedMessage};
+use crate::owner::PublishRequest;
+use crate::protocol::{ErrorCode, OpError, PublishOk};
+use crate::store::StoredMessage;
+
+/// Header that carries the cluster secret on the `/peer` upgrade.
+pub const SECRET_HEADER: &str = "x-switchyard-cluster-secret";
+/// Header that names the connecting node.
+pub const NODE_HEADER: &str = "x-switchyard-node";
+
+/// One frame on a peer link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Gateway → owner.
+    Request {
+        /// Correlates the reply; unique per link.
+        id: u64,
+        /// The map epoch the gateway routed by.
+        epoch: u64,
+        /// What to do.
+        op: Op,
+    },
+    /// Owner → gateway.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The outcome.
+        result: Result<Answer, WireError>,
+    },
+}
+
+/// An operation forwarded to a partition's owner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// `publish`.
+    Publish {
+        /// Channel.
+        channel: String,
+        /// Raw JSON payload.
+        data: String,
+        /// Compaction key.
+        key: Option<String>,
+        /// Deduplication key.
+        idempotency_key: Option<String>,
+        /// Publisher's user id.
+        from: Option<String>,
+    },
+    /// `history`.
+    History {
+        /// Channel.
+        channel: String,
+        /// Messages after this offset.
+        since: u64,
+        /// At most this many.
+        limit: u32,
+    },
+    /// `commit`.
+    Commit {
+        /// Channel.
+        channel: String,
+        /// Consumer name.
+        consumer: String,
+        /// Offset.
+        offset: u64,
+    },
+}
+
+impl Op {
+    /// The channel the operation is for.
+    pub fn channel(&self) -> &str {
+        match self {
+            Op::Publish { channel, .. } | Op::History { channel, .. } | Op::Commit { channel, .. } => channel,
+        }
+    }
+
+    /// The op of a publish.
+    pub fn publish(req: &PublishRequest) -> Self {
+        Op::Publish {
+            channel: req.channel.clone(),
+            data: req.data.get().to_string(),
+            key: req.key.clone(),
+            idempotency_key: req.idempotency_key.clone(),
+            from: req.from.clone(),
+        }
+    }
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Answer {
+    /// A publish was stored.
+    Published {
+        /// Offset.
+        offset: u64,
+        /// Channel epoch.
+        epoch: String,
+    },
+    /// A history page.
+    History {
+        /// Channel epoch.
+        epoch: String,
+        /// Channel top.
+        offset: u64,
+        /// `(offset, message)`, oldest first.
+        messages: Vec<(u64, StoredMessage)>,
+    },
+    /// A commit is durable.
+    Committed,
+}
+
+/// A failed answer: a protocol error, or a redirect to the partition's current owner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireError {
+    /// Protocol error code (`unavailable`, `bad_request`, ...).
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+    /// Set when the receiver does not own the partition: `(owner, its map epoch)`.
+    pub redirect: Option<(String, u64)>,
+}
+
+impl WireError {
+    /// From a protocol error.
+    pub fn op(e: &OpError) -> Self {
+        Self { code: e.code.as_str().to_string(), message: e.message.clone(), redirect: None }
+    }
+
+    /// Back to a protocol error.
+    pub fn to_op(&self) -> OpError {
+        let code = ErrorCode::ALL.iter().copied().find(|c| c.as_str() == self.code).unwrap_or(ErrorCode::Internal);
+        OpError::new(code, self.message.clone())
+    }
+}
+
+impl Answer {
+    /// A history page as sent.
+    pub fn history(page: HistoryPage) -> Self {
+        Answer::History {
+            epoch: page.epoch,
+            offset: page.offset,
+            messages: page
+                .messages
+                .into_iter()
+                .map(|m| {
+                    let mut msg = m.msg;
+                    msg.data = m.data.get().to_string();
+                    (m.offset, msg)
+                })
+                .collect(),
+        }
+    }
+
+    /// The page back, for `channel`.
+    pub fn into_history(self, channel: &str) -> Result<HistoryPage, OpError> {
+        let Answer::History { epoch, offset, messages } = self else {
+            return Err(OpError::internal("peer answered history with another answer"));
+        };
+        let (name, ep): (std::sync::Arc<str>, std::sync::Arc<str>) = (channel.into(), epoch.as_str().into());
+        let messages = messages
+            .into_iter()
+            .map(|(offset, mut msg)| {
+                let data = RawValue::from_string(std::mem::take(&mut msg.data))
+                    .map_err(|e| OpError::internal(format!("peer sent a bad payload: {e}")))?;
+                Ok(OwnedMessage { channel: name.clone(), epoch: ep.clone(), offset, msg, data })
+            })
+            .collect::<Result<_, OpError>>()?;
+        Ok(HistoryPage { epoch, offset, messages })
+    }
+
+    /// A publish ack back.
+    pub fn into_published(self) -> Result<PublishOk, OpError> {
+        match self {
+            Answer::Published { offset, epoch } => Ok(PublishOk { offset, epoch: epoch.into() }),
+            _ => Err(OpError::internal("peer answered publish with another answer")),
+        }
+    }
+}
+
+/// Encodes a frame.
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    postcard::to_stdvec(frame).expect("peer frames serialize")
+}
+
+/// Decodes a frame; trailing bytes are an error.
+pub fn decode(bytes: &[u8]) -> Result<Frame, String> {
+    match postcard::take_from_bytes::<Frame>(bytes) {
+        Ok((f, [])) => Ok(f),
+        Ok((_, rest)) => Err(format!("{} trailing bytes", rest.len())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_an_error() {
+        let frames = [
+            Frame::Request {
+                id: 7,
+                epoch: 3,
+                op: Op::Publish {
+                    channel: "room:1".into(),
+                    data: r#"{"a":1}"#.into(),
+                    key: Some("k".into()),
+                    idempotency_key: None,
+                    from: Some("alice".into()),
+                },
+            },
+            Frame::Reply { id: 7, result: Ok(Answer::Published { offset: 9, epoch: "e".into() }) },
+            Frame::Reply {
+                id: 8,
+                result: Err(WireError {
+                    code: "unavailable".into(),
+                    message: "m".into(),
+                    redirect: Some(("n2".into(), 4)),
+                }),
+            },
+        ];
+        for f in frames {
+            assert_eq!(decode(&encode(&f)).unwrap(), f);
+        }
+        assert!(decode(&[0xff, 0xff, 0xff]).is_err());
+        let mut extra = encode(&Frame::Reply { id: 1, result: Ok(Answer::Committed) });
+        extra.push(0);
+        assert!(decode(&extra).is_err());
+        let e = WireError::op(&OpError::new(ErrorCode::Forbidden, "no"));
+        assert_eq!(e.to_op().code, ErrorCode::Forbidden);
+    }
+}
