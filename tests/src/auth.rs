@@ -12,8 +12,6 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 
 use crate::{Client, HttpResponse, Node, DEADLINE};
 
@@ -108,23 +106,7 @@ pub async fn http_with(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> Result<HttpResponse> {
-    let inner = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        for (name, value) in headers {
-            request.push_str(&format!("{name}: {value}\r\n"));
-        }
-        if !body.is_empty() || method == "POST" {
-            request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
-        }
-        request.push_str("\r\n");
-        request.push_str(&body);
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        crate::parse_http_response(&raw)
-    };
+    let inner = crate::http_request(addr, method, path, headers, body);
     tokio::time::timeout(DEADLINE + Duration::from_secs(120), inner)
         .await
         .with_context(|| format!("{method} {path} timed out"))?

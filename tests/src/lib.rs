@@ -787,9 +787,23 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Valu
 }
 
 async fn http_inner(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<HttpResponse> {
+    http_request(addr, method, path, &[], body).await
+}
+
+/// One HTTP/1.1 request with extra headers (`Connection: close`), without a deadline.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> Result<HttpResponse> {
     let mut stream = TcpStream::connect(addr).await?;
     let body = body.map(Value::to_string).unwrap_or_default();
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
     if !body.is_empty() || method == "POST" {
         request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
     }
@@ -799,11 +813,6 @@ async fn http_inner(addr: SocketAddr, method: &str, path: &str, body: Option<&Va
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
     parse_response(&raw)
-}
-
-/// Parses a raw HTTP/1.1 response (for helpers that write their own requests).
-pub fn parse_http_response(raw: &[u8]) -> Result<HttpResponse> {
-    parse_response(raw)
 }
 
 fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
