@@ -81,9 +81,19 @@ impl Access {
     }
 
     /// Checks the API key of an HTTP request (`Authorization: Bearer KEY` or
-    /// `X-Api-Key: KEY`); passes when no key is configured.
+    /// `X-Api-Key: KEY`). The key bypasses channel rules, so in `jwt` mode without a
+    /// configured key every request is refused (`unauthorized`); only in `off` mode does a
+    /// missing key leave the HTTP API open.
     pub fn check_api_key(&self, headers: &HeaderMap) -> Result<(), OpError> {
-        let Some(want) = &self.api_key else { return Ok(()) };
+        let Some(want) = &self.api_key else {
+            if self.enforced() {
+                return Err(OpError::new(
+                    ErrorCode::Unauthorized,
+                    "HTTP publish and history need an API key in auth.mode = \"jwt\", and auth.api_key is not set",
+                ));
+            }
+            return Ok(());
+        };
         let given = bearer(headers).or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
         match given {
             Some(key) if constant_time_eq(key.as_bytes(), want.as_bytes()) => Ok(()),
@@ -179,5 +189,14 @@ mod tests {
         h.insert("x-api-key", HeaderValue::from_static("k-123456"));
         assert!(access.check_api_key(&h).is_ok());
         assert!(Access::new(&Config::default()).check_api_key(&HeaderMap::new()).is_ok());
+        // jwt mode without a configured key: closed, whatever the request sends.
+        let mut config = Config::default();
+        config.auth.mode = crate::auth::AuthMode::Jwt;
+        config.auth.hs256_secret = Some("0123456789abcdef-secret".into());
+        let access = Access::new(&config);
+        assert_eq!(access.check_api_key(&HeaderMap::new()).unwrap_err().code, ErrorCode::Unauthorized);
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("anything"));
+        assert_eq!(access.check_api_key(&h).unwrap_err().code, ErrorCode::Unauthorized);
     }
 }

@@ -61,10 +61,13 @@ pub struct AuthConfig {
     /// A file holding the RS256/ES256 public key PEM; relative to the config file.
     pub public_key_file: Option<PathBuf>,
     /// When set, `POST /api/v1/publish` and the HTTP history endpoint need
-    /// `Authorization: Bearer <api_key>` (or `X-Api-Key: <api_key>`).
+    /// `Authorization: Bearer <api_key>` (or `X-Api-Key: <api_key>`). The key bypasses
+    /// channel rules. In `jwt` mode without it, both endpoints answer 401 `unauthorized`;
+    /// only in `off` mode are they open without a key.
     pub api_key: Option<String>,
-    /// Lets `POST /api/v1/dev/token` mint HS256 tokens in `jwt` mode too (never in
-    /// production). In `off` mode the endpoint is always on. Default false.
+    /// Lets `POST /api/v1/dev/token` mint tokens signed with `hs256_secret` (never in
+    /// production), in either mode. In `off` mode without a configured secret the endpoint
+    /// is always on and signs with a random per-process secret. Default false.
     pub dev_tokens: bool,
     /// Clock skew allowed on `exp`. Default 0 s.
     #[serde(with = "humantime_serde")]
@@ -263,15 +266,22 @@ fn decoding_key(
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
-    /// The HS256 secret dev tokens are signed with: the configured one, or in `off` mode
-    /// without one a random per-process secret. None when dev tokens are not allowed.
+    /// The HS256 secret dev tokens are signed with: the configured one only with
+    /// `dev_tokens = true`, or in `off` mode without a configured secret a random
+    /// per-process one (whose tokens no other node accepts). None when dev tokens are not
+    /// allowed.
     dev_secret: Option<Vec<u8>>,
 }
 
 impl Verifier {
     /// Builds the verifier of a validated `[auth]` section.
     pub fn new(config: &AuthConfig) -> Self {
-        let dev_allowed = config.mode == AuthMode::Off || config.dev_tokens;
+        // A configured secret is shared with other nodes (possibly in `jwt` mode): tokens
+        // signed with it are real credentials, so minting them needs the explicit flag.
+        let dev_allowed = match &config.hs256_secret {
+            Some(_) => config.dev_tokens,
+            None => config.mode == AuthMode::Off,
+        };
         let secret = config.hs256_secret.as_ref().map(|s| s.as_bytes().to_vec()).or_else(|| {
             (config.mode == AuthMode::Off && config.algorithm == TokenAlgorithm::Hs256).then(random_secret)
         });
@@ -415,6 +425,24 @@ mod tests {
         let v = Verifier::new(&AuthConfig::default());
         let t = v.mint_dev("bob", Duration::from_secs(60), None).unwrap();
         assert_eq!(&*v.verify(&t).unwrap().user, "bob");
+    }
+
+    #[test]
+    fn off_mode_with_a_configured_secret_mints_only_with_the_flag() {
+        // The secret may be shared with jwt nodes: a dev token signed with it would be a
+        // real credential there.
+        let secret = "0123456789abcdef-secret";
+        let off = AuthConfig { hs256_secret: Some(secret.into()), ..Default::default() };
+        let v = Verifier::new(&off);
+        assert!(!v.dev_tokens_enabled());
+        assert!(matches!(v.mint_dev("bob", Duration::from_secs(60), None), Err(AuthError::Mint(_))));
+        let on = AuthConfig { dev_tokens: true, ..off.clone() };
+        let t = Verifier::new(&on).mint_dev("bob", Duration::from_secs(60), None).unwrap();
+        assert_eq!(&*Verifier::new(&hs_config()).verify(&t).unwrap().user, "bob");
+        // Without a configured secret, off-mode dev tokens use a per-process secret that a
+        // jwt node refuses.
+        let t = Verifier::new(&AuthConfig::default()).mint_dev("bob", Duration::from_secs(60), None).unwrap();
+        assert_eq!(Verifier::new(&hs_config()).verify(&t).unwrap_err(), AuthError::BadSignature);
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub fn dev_token(node: &Node, body: &[u8]) -> Result<serde_json::Value, OpError>
     if !node.access.verifier.dev_tokens_enabled() {
         return Err(OpError::new(
             ErrorCode::Forbidden,
-            "dev tokens are off: auth.mode = \"jwt\" without auth.dev_tokens = true",
+            "dev tokens are off: auth.hs256_secret is set (or auth.mode = \"jwt\") without auth.dev_tokens = true",
         ));
     }
     let req: DevTokenRequest = serde_json::from_slice(body)

@@ -215,6 +215,32 @@ async fn dev_tokens_need_the_flag_in_jwt_mode() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn off_mode_with_a_configured_secret_mints_only_with_the_flag() -> anyhow::Result<()> {
+    // An off-mode node sharing the secret of a jwt node must not hand out tokens the jwt
+    // node accepts.
+    let jwt = Node::start(&jwt_config("", ""));
+    let off = Node::start(&format!("[auth]\nhs256_secret = \"{SECRET}\"\n"));
+    let (status, body) = post_json(&off, "/api/v1/dev/token", &json!({ "user": "mallory", "ttl": "7d" })).await?;
+    assert_eq!((status, &body["error"]["code"]), (403, &json!("forbidden")), "{body}");
+    let (_, info) = get_json(&off, "/api/v1/auth").await?;
+    assert_eq!(info, json!({ "mode": "off", "dev_tokens": false }));
+
+    let flagged = Node::start(&format!("[auth]\nhs256_secret = \"{SECRET}\"\ndev_tokens = true\n"));
+    let (status, body) = post_json(&flagged, "/api/v1/dev/token", &json!({ "user": "zoe" })).await?;
+    assert_eq!(status, 200, "{body}");
+    let (_, ok) = connect_with(&jwt, &str_field(&body, "token")?).await?;
+    assert_eq!(ok["user"], "zoe");
+
+    // Without a configured secret, off mode still mints, with a per-process secret that the
+    // jwt node refuses.
+    let open = Node::start("");
+    let (status, body) = post_json(&open, "/api/v1/dev/token", &json!({ "user": "zoe" })).await?;
+    assert_eq!(status, 200, "{body}");
+    expect_refused(&jwt, Some(&str_field(&body, "token")?), "unauthorized", 4001).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn switchyard_token_prints_a_token_the_server_accepts() -> anyhow::Result<()> {
     let node = Node::start(&jwt_config("", ""));
     let out = std::process::Command::new(router_bin())

@@ -126,9 +126,35 @@ async fn http_publish_and_history_need_the_api_key() -> anyhow::Result<()> {
     assert_eq!(r.status, 200, "{}", r.body);
     let r = http_with(node.addr(), "GET", "/api/v1/channels/room:h/history", &[("X-Api-Key", API_KEY)], None).await?;
     assert_eq!((r.status, parse_history(&r.json()?)?.offsets()), (200, vec![1, 2]));
-    // Without a configured key the HTTP API stays open (the default).
+    // Without a configured key the HTTP API stays open in `off` mode (the default).
     let open = Node::start("");
     let (status, _) = post_json(&open, "/api/v1/publish", &body).await?;
     assert_eq!(status, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_jwt_mode_without_an_api_key_http_publish_and_history_are_closed() -> anyhow::Result<()> {
+    // The key bypasses channel rules, so jwt mode without one must not leave the HTTP API
+    // open: the dialog and the inbox below stay out of reach.
+    let node = Node::start(&jwt_config("", ""));
+    let mut alice = connect_as(&node, "alice").await?;
+    alice.publish("dialog:alice:bob", json!("secret")).await?;
+    let bob_token = format!("Bearer {}", token("bob", 3600, None));
+    for headers in [
+        vec![],
+        vec![("X-Api-Key", "some-guessed-key")],
+        vec![("Authorization", "Bearer some-guessed-key")],
+        vec![("Authorization", bob_token.as_str())],
+    ] {
+        let r = http_with(node.addr(), "GET", "/api/v1/channels/dialog:alice:bob/history", &headers, None).await?;
+        assert_eq!((r.status, &r.json()?["error"]["code"]), (401, &json!("unauthorized")), "{headers:?}: {}", r.body);
+        assert!(!r.body.contains("secret"), "{}", r.body);
+        let body = json!({ "channel": "user:bob", "data": "spoof" });
+        let r = http_with(node.addr(), "POST", "/api/v1/publish", &headers, Some(&body)).await?;
+        assert_eq!((r.status, &r.json()?["error"]["code"]), (401, &json!("unauthorized")), "{headers:?}: {}", r.body);
+    }
+    let mut bob = connect_as(&node, "bob").await?;
+    assert!(bob.history_all("user:bob").await?.offsets().is_empty(), "nothing reached bob's inbox");
     Ok(())
 }
