@@ -166,6 +166,12 @@ impl AuthConfig {
                 decoding_key(self.algorithm, None, Some(pem)).map_err(|e| invalid("public_key_pem", e.to_string()))?;
             }
         }
+        if self.dev_tokens && self.algorithm != TokenAlgorithm::Hs256 {
+            return Err(invalid(
+                "dev_tokens",
+                "needs algorithm = \"HS256\": dev tokens are HS256 and this node verifies only its algorithm",
+            ));
+        }
         if self.dev_tokens && self.mode == AuthMode::Jwt && self.hs256_secret.is_none() {
             return Err(invalid("dev_tokens", "needs auth.hs256_secret to sign the tokens"));
         }
@@ -278,10 +284,12 @@ impl Verifier {
     pub fn new(config: &AuthConfig) -> Self {
         // A configured secret is shared with other nodes (possibly in `jwt` mode): tokens
         // signed with it are real credentials, so minting them needs the explicit flag.
-        let dev_allowed = match &config.hs256_secret {
-            Some(_) => config.dev_tokens,
-            None => config.mode == AuthMode::Off,
-        };
+        // Dev tokens are HS256: with another algorithm this node would refuse them.
+        let dev_allowed = config.algorithm == TokenAlgorithm::Hs256
+            && match &config.hs256_secret {
+                Some(_) => config.dev_tokens,
+                None => config.mode == AuthMode::Off,
+            };
         let secret = config.hs256_secret.as_ref().map(|s| s.as_bytes().to_vec()).or_else(|| {
             (config.mode == AuthMode::Off && config.algorithm == TokenAlgorithm::Hs256).then(random_secret)
         });
@@ -456,6 +464,15 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("auth.public_key_pem"));
         let c = AuthConfig { hs256_secret: Some("short".into()), ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("auth.hs256_secret"));
+        let pem = include_str!("../../tests/fixtures/jwt/es256-public.pem");
+        let es =
+            AuthConfig { algorithm: TokenAlgorithm::Es256, public_key_pem: Some(pem.into()), ..Default::default() };
+        assert!(es.validate().is_ok(), "{:?}", es.validate());
+        // Off mode with a public key: no dev tokens (the node could not verify them).
+        assert!(!Verifier::new(&es).dev_tokens_enabled());
+        let es_dev =
+            AuthConfig { dev_tokens: true, hs256_secret: Some("0123456789abcdef-secret".into()), ..es.clone() };
+        assert!(es_dev.validate().unwrap_err().to_string().contains("auth.dev_tokens"));
         assert!(hs_config().validate().is_ok());
     }
 }

@@ -241,6 +241,29 @@ async fn off_mode_with_a_configured_secret_mints_only_with_the_flag() -> anyhow:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn dev_tokens_need_hs256_and_are_reported_only_when_they_work() -> anyhow::Result<()> {
+    let es = format!(
+        "[auth]\nalgorithm = \"ES256\"\npublic_key_file = {:?}\n",
+        fixture("es256-public.pem").display().to_string()
+    );
+    // Asked for with a public-key algorithm: the config is refused, naming the field.
+    let (status, stderr) =
+        run_expecting_exit(&format!("{es}dev_tokens = true\nhs256_secret = \"0123456789abcdef-secret\"\n"))?;
+    assert!(!status.success());
+    assert!(stderr.contains("auth.dev_tokens"), "{stderr}");
+    // Off mode with a public key: the chat page must not be told to mint (its tokens would
+    // be refused, 4001 → mint → 4001).
+    let node = Node::start(&es);
+    let (_, info) = get_json(&node, "/api/v1/auth").await?;
+    assert_eq!(info, json!({ "mode": "off", "dev_tokens": false }));
+    let (status, body) = post_json(&node, "/api/v1/dev/token", &json!({ "user": "zoe" })).await?;
+    assert_eq!((status, &body["error"]["code"]), (403, &json!("forbidden")), "{body}");
+    let (_, ok) = connect_with(&node, &token_pem("es256", "dana", 3600)).await?;
+    assert_eq!(ok["user"], "dana");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn switchyard_token_prints_a_token_the_server_accepts() -> anyhow::Result<()> {
     let node = Node::start(&jwt_config("", ""));
     let out = std::process::Command::new(router_bin())
