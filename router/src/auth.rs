@@ -325,6 +325,11 @@ impl Verifier {
         mint_hs256(secret, user, ttl, channels)
     }
 
+    /// The clock skew allowed on `exp` (`auth.leeway`).
+    pub fn leeway(&self) -> Duration {
+        Duration::from_secs(self.validation.leeway)
+    }
+
     /// True when [`Verifier::mint_dev`] can succeed.
     pub fn dev_tokens_enabled(&self) -> bool {
         self.dev_secret.is_some()

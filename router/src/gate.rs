@@ -20,6 +20,10 @@ use crate::ratelimit::{Bucket, Verdict};
 use crate::rules::{self, Op};
 use crate::sessions::Seat;
 
+/// The longest a token's expiry is waited for; a later `exp` (any u64 is accepted) is
+/// treated as this far away, so the deadline never overflows an [`Instant`].
+pub const MAX_TOKEN_WAIT: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
 /// An error reply after which the connection is closed with `code`.
 #[derive(Debug)]
 pub struct Refusal {
@@ -88,12 +92,15 @@ impl Gate {
     }
 
     /// When the connection must be closed with 4001: the `connect` deadline in `jwt` mode
-    /// before `connect`, then the token's expiry. None: never.
+    /// before `connect`, then the token's expiry plus the validation leeway (the moment
+    /// `verify` would start refusing it). None: never (or not within [`MAX_TOKEN_WAIT`]
+    /// of an instant this platform can represent).
     pub fn deadline(&self, access: &Access) -> Option<Instant> {
         match &self.identity {
             Some(id) => {
-                let left = id.exp.saturating_sub(crate::auth::now_secs());
-                Some(Instant::now() + Duration::from_secs(left))
+                let leeway = access.verifier.leeway().as_secs();
+                let left = id.exp.saturating_add(leeway).saturating_sub(crate::auth::now_secs());
+                Instant::now().checked_add(Duration::from_secs(left).min(MAX_TOKEN_WAIT))
             }
             None if access.enforced() && !self.connected => Some(self.opened + access.connect_timeout),
             None => None,
@@ -151,5 +158,52 @@ impl Gate {
                 Err(Err(Refusal { error: limited(), code: close::RATE_LIMITED, reason: "rate limited too long" }))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{AuthMode, Claims};
+
+    const SECRET: &str = "0123456789abcdef-secret";
+
+    fn access(leeway: Duration) -> Access {
+        let mut config = Config::default();
+        config.auth.mode = AuthMode::Jwt;
+        config.auth.hs256_secret = Some(SECRET.into());
+        config.auth.leeway = leeway;
+        Access::new(&config)
+    }
+
+    fn token(exp: u64) -> String {
+        let claims = Claims { sub: "alice".into(), exp, channels: None };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_huge_exp_does_not_overflow_the_deadline() {
+        let access = access(Duration::from_secs(60));
+        let mut gate = Gate::new(Instant::now());
+        gate.connect(&access, Some(&token(u64::MAX))).unwrap();
+        let deadline = gate.deadline(&access).expect("a capped deadline");
+        assert!(deadline <= Instant::now() + MAX_TOKEN_WAIT);
+        assert!(deadline > Instant::now() + MAX_TOKEN_WAIT - Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn the_deadline_includes_the_leeway() {
+        let access = access(Duration::from_secs(120));
+        let mut gate = Gate::new(Instant::now());
+        // Expired 30 s ago but inside the leeway: accepted, and closed only when the leeway
+        // runs out (about 90 s from now), not at once.
+        gate.connect(&access, Some(&token(crate::auth::now_secs() - 30))).unwrap();
+        let left = gate.deadline(&access).unwrap() - Instant::now();
+        assert!(left > Duration::from_secs(85) && left <= Duration::from_secs(91), "{left:?}");
     }
 }
