@@ -115,8 +115,11 @@ pub async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> Result<H
     let sub = node.next_id();
     let gone = || OpError::new(ErrorCode::Unavailable, "partition owner stopped");
     let start = Start::From(StartFrom::After(q.since));
-    let grant = node.subscribe(&q.channel, sub, outbox.clone(), start).await?.await.map_err(|_| gone())?;
+    let granted = node.subscribe(&q.channel, sub, outbox.clone(), start).await?;
+    // The subscribe is sent: from here on the guard removes it from its owner however this
+    // future ends, even if it is dropped while waiting for the grant.
     let _registered = Registered::new(&node, &q.channel, sub);
+    let grant = granted.await.map_err(|_| gone())?;
     match grant {
         Ok(grant) => {
             // A message published between the read and the subscribe is already there.
