@@ -91,6 +91,12 @@ impl Gate {
         Ok(())
     }
 
+    /// Gives the seat under the per-user cap back (the connection is ending), so the user
+    /// may reconnect at once even while this socket's close is still being written.
+    pub fn release_seat(&mut self) {
+        self._seat = None;
+    }
+
     /// When the connection must be closed with 4001: the `connect` deadline in `jwt` mode
     /// before `connect`, then the token's expiry plus the validation leeway (the moment
     /// `verify` would start refusing it). None: never (or not within [`MAX_TOKEN_WAIT`]
@@ -194,6 +200,26 @@ mod tests {
         let deadline = gate.deadline(&access).expect("a capped deadline");
         assert!(deadline <= Instant::now() + MAX_TOKEN_WAIT);
         assert!(deadline > Instant::now() + MAX_TOKEN_WAIT - Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn release_seat_frees_the_cap_before_the_gate_is_dropped() {
+        let access = access(Duration::ZERO);
+        let max = access.live().sessions.max_per_user;
+        let t = token(crate::auth::now_secs() + 3600);
+        let mut held: Vec<Gate> = (0..max)
+            .map(|_| {
+                let mut g = Gate::new(Instant::now());
+                g.connect(&access, Some(&t)).unwrap();
+                g
+            })
+            .collect();
+        let mut next = Gate::new(Instant::now());
+        let refused = next.connect(&access, Some(&t)).unwrap_err().unwrap_err();
+        assert_eq!(refused.code, close::TOO_MANY_SESSIONS);
+        held[0].release_seat(); // still alive, as while its close is being written
+        let mut next = Gate::new(Instant::now());
+        next.connect(&access, Some(&t)).unwrap();
     }
 
     #[tokio::test]

@@ -595,6 +595,10 @@ where
     // === closing ===
 
     async fn finish(&mut self, stop: Stop) {
+        // The connection is over: its seat is free now, not after the (up to
+        // CLOSE_WRITE_TIMEOUT) close below, so a client reconnecting at once after 4029,
+        // 4001 or 4100 is not refused with 4009.
+        self.gate.release_seat();
         for (sub, s) in self.subs.drain() {
             self.node.unsubscribe(&s.channel, sub).await;
             self.node.metrics.subscriptions.dec();
