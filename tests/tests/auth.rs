@@ -154,7 +154,8 @@ async fn the_session_cap_is_configurable() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_is_closed_with_4001_when_its_token_expires() -> anyhow::Result<()> {
     let node = Node::start(&jwt_config("", ""));
-    let (mut c, _) = connect_with(&node, &token("alice", 2, None)).await?;
+    // 4 s: long enough that the token is still valid at `connect` on a slow machine.
+    let (mut c, _) = connect_with(&node, &token("alice", 4, None)).await?;
     let ending = c.read_to_end(DEADLINE).await?;
     assert!(matches!(ending.end, Event::Close(Some(4001))), "{ending:?}");
     assert!(

@@ -59,6 +59,22 @@ fn two_users_chat_in_headless_chromium() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawning node");
+    // Drain both pipes while it runs, so a chatty child never blocks on a full pipe.
+    // Collected with a bound, in case a killed child left a grandchild holding a pipe.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                use std::io::Read as _;
+                let _ = pipe.read_to_string(&mut text);
+            }
+            let _ = tx.send(text);
+        });
+        rx
+    };
+    let out_reader = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let err_reader = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
     let deadline = std::time::Instant::now() + BROWSER_DEADLINE;
     let status = loop {
         if let Some(status) = child.try_wait().expect("waiting for node") {
@@ -71,11 +87,8 @@ fn two_users_chat_in_headless_chromium() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut out = String::new();
-    let mut err = String::new();
-    use std::io::Read as _;
-    let _ = child.stdout.take().expect("piped").read_to_string(&mut out);
-    let _ = child.stderr.take().expect("piped").read_to_string(&mut err);
+    let out = out_reader.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    let err = err_reader.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
     println!("{out}");
     let status =
         status.unwrap_or_else(|| panic!("the browser test did not finish within {BROWSER_DEADLINE:?}:\n{out}\n{err}"));
