@@ -83,6 +83,21 @@ async fn direct_message_to_an_inbox_arrives_with_from_and_others_cannot_read_it(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_publish_cannot_choose_its_from() -> anyhow::Result<()> {
+    let node = Node::start(&chat_config());
+    let mut bob = connect_as(&node, "bob").await?;
+    bob.subscribe("user:bob", json!({})).await?;
+    let mut alice = connect_as(&node, "alice").await?;
+    // Alice claims to be bob (and sneaks `from` into the frame): the server ignores it.
+    alice.ok("publish", json!({ "channel": "user:bob", "data": { "text": "it's me, bob" }, "from": "bob" })).await?;
+    let m = bob.next_messages("user:bob", 1).await?;
+    assert_eq!((&m[0]["from"], &m[0]["data"]), (&json!("alice"), &json!({ "text": "it's me, bob" })), "{}", m[0]);
+    let h = bob.history("user:bob", None, None).await?;
+    assert_eq!(h.messages[0]["from"], "alice", "{}", h.messages[0]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_dialog_lists_100_messages_in_order_and_refuses_carol() -> anyhow::Result<()> {
     let node = Node::start(&chat_config());
     let dialog = "dialog:alice:bob";
