@@ -2,8 +2,9 @@
 #
 #   make run    install what is missing, build the router (release) and the
 #               plugins, start one standalone node on $(LISTEN)
-#   make test   install what is missing, build plugins and the workspace,
-#               run every test (cargo test --workspace), the browser test included
+#   make test   install what is missing (chromium/node/npm too), build plugins and
+#               the workspace, run every test, the browser test included
+#               (SWITCHYARD_SKIP_BROWSER=1: no browser install, npm ci nor browser test)
 #   make bench  build release, run the bench scenarios against Switchyard and
 #               nats-server (installed if missing), print one comparison table
 #
@@ -26,7 +27,7 @@ TEST_ARGS   ?=
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	scripts/setup.sh
@@ -51,14 +52,19 @@ run:
 	exec target/release/switchyard serve --config "$(CONFIG)" --listen "$(LISTEN)" --data-dir "$(DATA_DIR)" --plugins-dir "$(PLUGINS_DIR)"
 
 test:
-	scripts/setup.sh
+	scripts/setup.sh --browser
 	scripts/build-plugins.sh
-	@echo "[test] npm ci (tests/browser: playwright-core for the chat page test)"
-	npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+	if [ "$${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ]; then \
+	    echo "[test] skip: npm ci and the browser test (SWITCHYARD_SKIP_BROWSER=1)"; \
+	else \
+	    echo "[test] npm ci (tests/browser: playwright-core for the chat page test)"; \
+	    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error; \
+	fi
 	@echo "[test] cargo build --workspace --all-targets"
 	$(CARGO) build --workspace --all-targets
 	@echo "[test] cargo test --workspace"
-	SWITCHYARD_REQUIRE_BROWSER=1 $(CARGO) test --workspace --no-fail-fast -- $(TEST_ARGS)
+	if [ "$${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ]; then require=0; else require=1; fi; \
+	    SWITCHYARD_REQUIRE_BROWSER=$$require $(CARGO) test --workspace --no-fail-fast -- $(TEST_ARGS)
 	scripts/test-plugins.sh
 
 bench:

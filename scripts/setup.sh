@@ -5,8 +5,8 @@
 #   protoc    <- protobuf-compiler  (etcd-client's build script runs protoc)
 #   etcd      <- etcd-server        (cluster tests start their own etcd)
 #   etcdctl   <- etcd-client
-#   chromium  <- chromium           (the chat page's browser test, headless)
-#   node, npm <- nodejs npm         (runs playwright-core for that test)
+#   chromium  <- chromium           (the chat page's browser test, headless;
+#   node, npm <- nodejs npm          only with --browser, as `make test` asks)
 #   wasm32    <- rustc-web cargo-web rust-web-src  (plugins are built with
 #                -Zbuild-std; skipped when rustup already has the
 #                wasm32-unknown-unknown target)
@@ -17,8 +17,8 @@
 # Environment:
 #   SWITCHYARD_SKIP_WASM=1   do not install the wasm toolchain
 #   SWITCHYARD_SKIP_ETCD=1   do not install etcd
-#   SWITCHYARD_SKIP_BROWSER=1 do not install chromium/node (the browser test then
-#                            fails under `make test`, and is skipped by plain cargo test)
+#   SWITCHYARD_SKIP_BROWSER=1 do not install chromium/node/npm even with --browser
+#                            (`make test` then skips `npm ci` and the browser test)
 #   SWITCHYARD_WITH_NATS=1   also install nats-server (the benchmark peer); same as
 #                            passing --bench. `make test` never needs it.
 set -euo pipefail
@@ -27,12 +27,17 @@ export DEBIAN_FRONTEND=noninteractive
 log() { echo "[setup] $*"; }
 
 WITH_NATS="${SWITCHYARD_WITH_NATS:-0}"
+WITH_BROWSER=0
 for arg in "$@"; do
     case "$arg" in
         --bench) WITH_NATS=1 ;;
-        *) log "unknown argument: $arg (the only one is --bench)"; exit 2 ;;
+        --browser) WITH_BROWSER=1 ;;
+        *) log "unknown argument: $arg (known: --bench, --browser)"; exit 2 ;;
     esac
 done
+if [ "${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ]; then
+    WITH_BROWSER=0
+fi
 
 start=$(date +%s)
 
@@ -44,7 +49,8 @@ fi
 SUDO=()
 if [ "$(id -u)" != 0 ]; then
     if command -v sudo >/dev/null 2>&1; then
-        SUDO=(sudo -n)
+        # sudo resets the environment: pass DEBIAN_FRONTEND through explicitly.
+        SUDO=(sudo -n env DEBIAN_FRONTEND=noninteractive)
     fi
 fi
 
@@ -83,7 +89,7 @@ if [ "${SWITCHYARD_SKIP_ETCD:-0}" != 1 ]; then
     want_cmd etcdctl etcd-client
 fi
 
-if [ "${SWITCHYARD_SKIP_BROWSER:-0}" != 1 ]; then
+if [ "$WITH_BROWSER" = 1 ]; then
     want_cmd chromium chromium
     want_cmd node nodejs
     # nodesource's nodejs ships npm and conflicts with Debian's npm package: ask for npm
@@ -135,7 +141,7 @@ log "apt-get update"
 log "apt-get install -y ${missing[*]}"
 "${SUDO[@]}" apt-get "${APT_OPTS[@]}" install -y "${missing[@]}"
 
-if [ "${SWITCHYARD_SKIP_BROWSER:-0}" != 1 ] && ! command -v npm >/dev/null 2>&1; then
+if [ "$WITH_BROWSER" = 1 ] && ! command -v npm >/dev/null 2>&1; then
     log "apt-get install -y npm (Debian's nodejs comes without it)"
     "${SUDO[@]}" apt-get "${APT_OPTS[@]}" install -y npm
 fi
