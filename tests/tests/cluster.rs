@@ -405,8 +405,12 @@ async fn a_duplicate_node_id_waits_for_the_live_one_to_leave() -> Result<()> {
     let record: Value = serde_json::from_str(&etcd.get("/switchyard/u/nodes/n1")?.unwrap())?;
     assert_eq!(record["url"], format!("http://{}", first.addr()));
     assert_eq!(cluster_view(&second).await?["epoch"], 0, "the duplicate serves nothing");
-    // The first leaves gracefully (revoking its lease): the second takes the id.
+    // The first leaves gracefully, revoking its lease before it exits: the second takes the id.
+    let listed: Value = serde_json::from_str(&etcd.ctl(&["get", "/switchyard/u/nodes/n1", "-w", "json"])?)?;
+    let lease = listed["kvs"][0]["lease"].as_i64().expect("the record is under a lease");
     assert!(first.terminate().success());
+    let ttl = etcd.ctl(&["lease", "timetolive", &format!("{lease:x}")])?;
+    assert!(ttl.contains("already expired"), "lease still alive after a graceful exit: {ttl}");
     wait_until("the second registers", DEADLINE, async || {
         let Some(text) = etcd.get("/switchyard/u/nodes/n1")? else { return Ok(false) };
         let record: Value = serde_json::from_str(&text)?;
