@@ -19,6 +19,9 @@ pub struct Delivery {
     pub offset: u64,
     /// The shared, serialize-once push frame.
     pub frame: Utf8Bytes,
+    /// True when `frame` is an `unsubscribed` push that ends the subscription (the owner
+    /// has already forgotten it).
+    pub end: bool,
 }
 
 /// The sending side, held (behind an `Arc`) by every owner the connection subscribes through.
@@ -124,7 +127,7 @@ mod tests {
     use super::*;
 
     fn d(n: usize) -> Delivery {
-        Delivery { sub: 1, offset: 1, frame: Utf8Bytes::from("x".repeat(n)) }
+        Delivery { sub: 1, offset: 1, frame: Utf8Bytes::from("x".repeat(n)), end: false }
     }
 
     #[test]

@@ -155,6 +155,9 @@ pub enum Command {
     },
     /// Counters of every channel (maintenance).
     Snapshot(oneshot::Sender<Vec<Snapshot>>),
+    /// The partition moved to another node: end every subscription with an `unsubscribed`
+    /// push (code 4100, `reason`) so clients go to the new owner.
+    Release(String),
     /// Remove messages (maintenance).
     Trim {
         /// Channel.
@@ -583,7 +586,7 @@ impl Owner {
         for (name, offset, frame) in fanout {
             let Some(ch) = self.channels.get_mut(name) else { continue };
             ch.subscribers.retain(|s| {
-                let pushed = s.outbox.push(Delivery { sub: s.sub, offset: *offset, frame: frame.clone() });
+                let pushed = s.outbox.push(Delivery { sub: s.sub, offset: *offset, frame: frame.clone(), end: false });
                 pushed != Pushed::Closed
             });
         }
@@ -604,6 +607,19 @@ impl Owner {
             Command::Unsubscribe { channel, sub } => {
                 if let Some(ch) = self.channels.get_mut(channel.as_str()) {
                     ch.subscribers.retain(|s| s.sub != sub);
+                }
+            }
+            Command::Release(reason) => {
+                for ch in self.channels.values_mut() {
+                    if ch.subscribers.is_empty() {
+                        continue;
+                    }
+                    let push =
+                        crate::protocol::unsubscribed_push(&ch.name, crate::protocol::close::SHUTTING_DOWN, &reason);
+                    let frame = Utf8Bytes::try_from(push).expect("protocol frames are UTF-8");
+                    for s in ch.subscribers.drain(..) {
+                        s.outbox.push(Delivery { sub: s.sub, offset: ch.durable, frame: frame.clone(), end: true });
+                    }
                 }
             }
             Command::View(channel, reply) => {

@@ -573,6 +573,13 @@ where
     }
 
     async fn deliver(&mut self, d: Delivery) -> Result<(), Stop> {
+        if d.end {
+            // The owner ended it (its partition moved): it has forgotten the subscription.
+            let Some(sub) = self.subs.remove(&d.sub) else { return Ok(()) };
+            self.by_channel.remove(&sub.channel);
+            self.node.metrics.subscriptions.dec();
+            return self.write(d.frame).await;
+        }
         let Some(sub) = self.subs.get_mut(&d.sub) else { return Ok(()) };
         match &mut sub.phase {
             Phase::Pending(held) => {

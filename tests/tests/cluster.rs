@@ -137,6 +137,17 @@ async fn leader_failover_follower_loss_and_join_move_only_what_they_must() -> Re
     // Only the dead leader's partitions moved.
     assert_eq!(moved(&before, &after), before["counts"][&leader].as_u64().unwrap() as usize);
 
+    // Subscribers of every partition, on the node that owns it now.
+    let channel_of = |p: usize| (0..).map(|i| format!("sub:{i}")).find(|c| partition_of(c, P) as usize == p).unwrap();
+    let mut subscribers = Vec::new();
+    for (id, node) in &nodes {
+        let mut c = node.client().await;
+        for p in (0..P as usize).filter(|&p| after["owners"][p] == id.as_str()) {
+            c.subscribe(&channel_of(p), json!({})).await?;
+        }
+        subscribers.push((id.clone(), c));
+    }
+
     // A node joins: it takes about P/N and nothing else moves.
     nodes.push(("n4".into(), start(&etcd, "f", "n4", "")));
     let ids: Vec<&str> = nodes.iter().map(|(id, _)| id.as_str()).collect();
@@ -145,6 +156,28 @@ async fn leader_failover_follower_loss_and_join_move_only_what_they_must() -> Re
     let n4 = joined["counts"]["n4"].as_u64().unwrap() as usize;
     assert_eq!(n4, P as usize / 3, "{joined}");
     assert_eq!(moved(&after, &joined), n4, "only the new node's share moves");
+
+    // The subscriptions of the moved partitions end with 4100 naming the new owner; the
+    // others stay.
+    for (id, c) in &mut subscribers {
+        let lost: Vec<String> = (0..P as usize)
+            .filter(|&p| after["owners"][p] == id.as_str() && joined["owners"][p] == "n4")
+            .map(channel_of)
+            .collect();
+        let mut ended = Vec::new();
+        for _ in &lost {
+            let push = c.next_push(DEADLINE).await?;
+            assert_eq!((push["push"].as_str(), push["code"].as_u64()), (Some("unsubscribed"), Some(4100)), "{push}");
+            assert!(push["reason"].as_str().unwrap_or_default().contains("n4"), "{push}");
+            ended.push(push["channel"].as_str().unwrap().to_string());
+        }
+        ended.sort();
+        let mut expected = lost.clone();
+        expected.sort();
+        assert_eq!(ended, expected, "{id}");
+        c.ping().await?;
+        assert_eq!(c.buffered_pushes(), 0, "{id}: no other subscription ended");
+    }
 
     // kill -9 a follower: its partitions go to live nodes, nothing else moves.
     let new_leader = one_leader(&nodes.iter().map(|(id, n)| (id.as_str(), n)).collect::<Vec<_>>()).await?;

@@ -320,6 +320,7 @@ async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i
     // Current state, then every change after it.
     let all = timed("list", t, client.get(state.keys.root(), Some(GetOptions::new().with_prefix()))).await?;
     let revision = all.header().map_or(0, |h| h.revision());
+    let map_before = node.map.load_full();
     let mut fresh = View { etcd_connected: true, ..View::default() };
     let mut dynamic = None;
     for kv in all.kvs() {
@@ -334,6 +335,7 @@ async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i
     };
     fresh.config = dynamic_now.clone();
     state.view.store(Arc::new(fresh));
+    release_lost(node, state, &map_before).await;
     set_dynamic(node, state, dynamic_now);
     state.membership.notify_one();
     let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
@@ -439,6 +441,7 @@ async fn watch_loop(node: &Arc<Node>, state: &Arc<State>, mut stream: etcd_clien
         let mut view = View::clone(&state.view());
         let mut dynamic = None;
         let members = view.nodes.len();
+        let map_before = node.map.load_full();
         for event in resp.events() {
             if let Some(kv) = event.kv() {
                 apply(node, state, &mut view, &mut dynamic, event.event_type(), kv)?;
@@ -450,6 +453,7 @@ async fn watch_loop(node: &Arc<Node>, state: &Arc<State>, mut stream: etcd_clien
             view.config = d;
         }
         state.view.store(Arc::new(view));
+        release_lost(node, state, &map_before).await;
         if let Some(d) = dynamic {
             set_dynamic(node, state, d);
         }
@@ -543,6 +547,23 @@ fn install_map(node: &Node, state: &State, m: &MapRecord) -> bool {
     node.metrics.cluster_owned_partitions.set(owned as i64);
     tracing::info!(epoch = m.epoch, leader = %m.leader, owned, "partition map installed");
     true
+}
+
+/// Ends the subscriptions of partitions this node owned in `before` and does not own in
+/// the map now: their publishes go to the new owner, so the clients must follow (they get
+/// `unsubscribed` with code 4100 naming it, and recover there).
+async fn release_lost(node: &Node, state: &State, before: &PartitionMap) {
+    let after = node.map.load_full();
+    if after.epoch == before.epoch {
+        return;
+    }
+    for (p, was) in before.owners.iter().enumerate() {
+        let now = after.owner(p as u32).unwrap_or_default();
+        if *was == state.node_id && now != state.node_id {
+            let reason = format!("partition moved to node {now} (map epoch {}); subscribe there", after.epoch);
+            let _ = node.send_to(p as u32, crate::owner::Command::Release(reason)).await;
+        }
+    }
 }
 
 fn set_dynamic(node: &Node, state: &State, d: DynamicConfig) {
