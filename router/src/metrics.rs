@@ -165,7 +165,10 @@ impl Metrics {
             peer_forwarded: reg(
                 &registry,
                 IntCounterVec::new(
-                    Opts::new("switchyard_peer_forwarded_total", "Operations forwarded to their owner, by op and result"),
+                    Opts::new(
+                        "switchyard_peer_forwarded_total",
+                        "Operations forwarded to their owner, by op and result",
+                    ),
                     &["op", "result"],
                 )
                 .expect("valid metric"),
@@ -178,8 +181,11 @@ impl Metrics {
             ),
             peer_connects: reg(
                 &registry,
-                IntCounterVec::new(Opts::new("switchyard_peer_connects_total", "Peer link connections made"), &["peer"])
-                    .expect("valid metric"),
+                IntCounterVec::new(
+                    Opts::new("switchyard_peer_connects_total", "Peer link connections made"),
+                    &["peer"],
+                )
+                .expect("valid metric"),
             ),
             registry,
         }

@@ -262,7 +262,8 @@ fn peer_auth(node: &Node, req: &Request<Incoming>) -> Result<(), OpError> {
         return Err(OpError::new(ErrorCode::Forbidden, "peer links are off (no cluster.secret)"));
     };
     let given = req.headers().get(crate::peer::wire::SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
-    let same = given.len() == secret.len() && given.iter().zip(secret.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    let same =
+        given.len() == secret.len() && given.iter().zip(secret.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
     if same {
         Ok(())
     } else {
