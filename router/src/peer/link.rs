@@ -57,6 +57,8 @@ impl Links {
         }
         let mut created = None;
         self.links.rcu(|map| {
+            // rcu may run this more than once: only the last run's link is kept.
+            created = None;
             let mut map = HashMap::clone(map);
             if !map.contains_key(peer) {
                 let (tx, rx) = mpsc::channel(QUEUE);

@@ -13,8 +13,6 @@ use crate::store::StoredMessage;
 
 /// Header that carries the cluster secret on the `/peer` upgrade.
 pub const SECRET_HEADER: &str = "x-switchyard-cluster-secret";
-/// Header that names the connecting node.
-pub const NODE_HEADER: &str = "x-switchyard-node";
 
 /// One frame on a peer link.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
