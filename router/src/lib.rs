@@ -15,6 +15,7 @@ pub mod channel;
 pub mod cluster;
 pub mod config;
 pub mod gate;
+pub mod handover;
 pub mod maintenance;
 pub mod metrics;
 pub mod node;
@@ -57,7 +58,9 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let server = tokio::spawn(server::serve(node.clone(), listener, alive_tx));
     access::spawn_reload_on_sighup(node.clone());
-    wait_for_signal().await;
+    if wait_for_signal().await == Signal::Terminate {
+        drain(&node).await;
+    }
     tracing::info!("shutting down");
     node.shutdown();
     let drained = tokio::time::timeout(timeout, async {
@@ -74,12 +77,53 @@ pub async fn run(config: config::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+#[derive(PartialEq)]
+enum Signal {
+    Terminate,
+    Interrupt,
+}
+
+async fn wait_for_signal() -> Signal {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
     tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+        _ = term.recv() => Signal::Terminate,
+        _ = int.recv() => Signal::Interrupt,
+    }
+}
+
+/// How long a draining node waits for its partitions to be moved and handed over.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// SIGTERM in cluster mode with peer links: mark this node draining, wait until the leader
+/// has moved every partition away and each new owner has pulled its state, then return so
+/// the normal shutdown closes the clients with 4100. A second signal cuts it short.
+async fn drain(node: &std::sync::Arc<node::Node>) {
+    if node.cluster.is_none() || node.peers.is_none() {
+        return;
+    }
+    tracing::info!("draining: asking the leader to move this node's partitions away");
+    if let Err(e) = cluster::drain(node).await {
+        tracing::warn!(error = %e, "could not mark this node draining; shutting down without handover");
+        return;
+    }
+    let me = node.config.node_id.clone();
+    let started = std::time::Instant::now();
+    let done = async {
+        loop {
+            let owned = node.map.load().owners.iter().filter(|o| **o == me).count();
+            if owned == 0 && node.handovers.outstanding() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(DRAIN_LIMIT, done) => match r {
+            Ok(()) => tracing::info!(elapsed = ?started.elapsed(), "drained: every partition handed over"),
+            Err(_) => tracing::warn!(limit = ?DRAIN_LIMIT, "drain timed out; shutting down anyway"),
+        },
+        _ = wait_for_signal() => tracing::warn!("second signal: shutting down without finishing the drain"),
     }
 }

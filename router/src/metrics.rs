@@ -53,6 +53,8 @@ pub struct Metrics {
     pub cluster_map_epoch: IntGauge,
     /// Partitions this node owns in that map.
     pub cluster_owned_partitions: IntGauge,
+    /// 1 once this node is draining (shutting down; the leader moves its partitions away).
+    pub cluster_draining: IntGauge,
     /// Coordination rounds run by this node as leader, by result.
     pub cluster_rounds: IntCounterVec,
     /// Map writes refused by the fencing compare (this node had been deposed).
@@ -71,6 +73,16 @@ pub struct Metrics {
     pub peer_link_up: IntGaugeVec,
     /// Outgoing link connections made, by peer.
     pub peer_connects: IntCounterVec,
+    /// Upstream subscriptions this node (as a gateway) holds to channels owned elsewhere.
+    pub peer_upstreams: IntGauge,
+    /// Upstream subscriptions other nodes hold here (as owner): one per channel per gateway.
+    pub peer_subscriptions: IntGauge,
+    /// Partition handovers this node received, by result (`ok`, or `lost`: started afresh).
+    pub handovers: IntCounterVec,
+    /// Messages received by handovers.
+    pub handover_messages: IntCounter,
+    /// Duration of one handover on the receiving side.
+    pub handover_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -144,6 +156,10 @@ impl Metrics {
             cluster_etcd_up: gauge("switchyard_cluster_etcd_up", "1 while the etcd session is up"),
             cluster_map_epoch: gauge("switchyard_cluster_map_epoch", "Epoch of the partition map in use"),
             cluster_owned_partitions: gauge("switchyard_cluster_owned_partitions", "Partitions this node owns"),
+            cluster_draining: gauge(
+                "switchyard_cluster_draining",
+                "1 while this node is draining (its partitions are moved away)",
+            ),
             cluster_rounds: reg(
                 &registry,
                 IntCounterVec::new(
@@ -184,6 +200,28 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new("switchyard_peer_connects_total", "Peer link connections made"),
                     &["peer"],
+                )
+                .expect("valid metric"),
+            ),
+            peer_upstreams: gauge("switchyard_peer_upstreams", "Upstream subscriptions held to remote channels"),
+            peer_subscriptions: gauge(
+                "switchyard_peer_subscriptions",
+                "Upstream subscriptions other nodes hold on channels owned here",
+            ),
+            handovers: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("switchyard_handovers_total", "Partition handovers received"),
+                    &["result"],
+                )
+                .expect("valid metric"),
+            ),
+            handover_messages: counter("switchyard_handover_messages_total", "Messages received by handovers"),
+            handover_seconds: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("switchyard_handover_seconds", "Duration of one received handover")
+                        .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
                 )
                 .expect("valid metric"),
             ),

@@ -32,6 +32,10 @@ pub struct HistoryPage {
     pub epoch: String,
     /// Channel top.
     pub offset: u64,
+    /// First retained offset (not part of the reply: catch-up uses it to tell retention
+    /// from compaction).
+    #[serde(skip)]
+    pub first: u64,
     /// Messages, oldest first.
     pub messages: Vec<OwnedMessage>,
 }
@@ -127,6 +131,10 @@ pub struct Node {
     pub policies: ArcSwap<Policies>,
     /// Outgoing peer links (cluster mode with `cluster.secret` set).
     pub peers: Option<Arc<crate::peer::link::Links>>,
+    /// Partition handovers under way.
+    pub handovers: crate::handover::Handovers,
+    /// Upstream subscriptions to remote channels (with `peers`).
+    pub upstreams: Option<Arc<crate::peer::upstream::Upstreams>>,
     /// Cluster mode state (None in standalone mode).
     pub cluster: Option<Arc<crate::cluster::State>>,
     /// When the node started.
@@ -190,6 +198,8 @@ impl Node {
         let access = Arc::new(crate::access::Access::new(&config));
         let secret = config.cluster.secret.clone().filter(|_| config.cluster.enabled());
         let node = Arc::new_cyclic(|weak| Self {
+            handovers: Default::default(),
+            upstreams: secret.as_ref().map(|_| Arc::new(crate::peer::upstream::Upstreams::new(weak.clone()))),
             peers: secret.map(|s| crate::peer::link::Links::new(weak.clone(), s)),
             access,
             config,
@@ -228,6 +238,16 @@ impl Node {
             .send(cmd)
             .await
             .map_err(|_| OpError::new(ErrorCode::Unavailable, "partition owner stopped"))
+    }
+
+    /// Puts `cmd` in `partition`'s mailbox without waiting (a full mailbox hands it to a
+    /// task), for callers that must not await.
+    pub fn hold(&self, partition: PartitionId, cmd: Command) {
+        let tx = &self.owners[partition as usize];
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(cmd) {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.send(cmd).await });
+        }
     }
 
     /// Where `channel` is served by the current map: here, or on `owner`. Errors only
@@ -321,21 +341,40 @@ impl Node {
         Ok(rx)
     }
 
-    /// Enqueues a subscription; the receiver yields the grant.
+    /// Enqueues a subscription (at the owner here, or on the channel's upstream from its
+    /// owner elsewhere); the receiver yields the grant.
     pub async fn subscribe(
-        &self,
+        self: &Arc<Self>,
         channel: &str,
         sub: u64,
         outbox: Arc<crate::outbox::Outbox>,
         start: Start,
     ) -> Result<oneshot::Receiver<Result<Grant, OpError>>, OpError> {
         let (reply, rx) = oneshot::channel();
+        if let (Route::Remote { .. }, Some(ups)) = (self.locate(channel)?, &self.upstreams) {
+            let (node, ups, channel) = (self.clone(), ups.clone(), channel.to_string());
+            tokio::spawn(async move {
+                let _ = reply.send(ups.subscribe(&node, &channel, sub, outbox, start).await);
+            });
+            return Ok(rx);
+        }
         self.send(channel, Command::Subscribe { channel: channel.to_string(), sub, outbox, start, reply }).await?;
         Ok(rx)
     }
 
-    /// Forgets a subscription (wherever the map now puts the channel: the old owner holds it).
+    /// Channel facts for a gateway's grant (this node owns the channel).
+    pub async fn info_local(&self, channel: &str, consumer: Option<String>) -> Result<crate::owner::Facts, OpError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(channel, Command::Info { channel: channel.to_string(), consumer, reply }).await?;
+        rx.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?
+    }
+
+    /// Forgets a subscription: on the channel's upstream if it is one, else at the
+    /// partition's owner here (which still holds it even if the map moved the channel).
     pub async fn unsubscribe(&self, channel: &str, sub: u64) {
+        if self.upstreams.as_ref().is_some_and(|u| u.unsubscribe(channel, sub)) {
+            return;
+        }
         let cmd = Command::Unsubscribe { channel: channel.to_string(), sub };
         let _ = self.send_to(self.partition(channel), cmd).await;
     }
@@ -409,6 +448,35 @@ impl Node {
             .collect()
     }
 
+    /// Catch-up for a subscription: stored messages `after < offset <= upto` of `epoch`
+    /// (at most `limit`), from the store here or from the owner elsewhere, and the
+    /// channel's first retained offset.
+    pub async fn catch_up(
+        self: &Arc<Self>,
+        channel: &str,
+        epoch: &Arc<str>,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<(Vec<OwnedMessage>, u64), OpError> {
+        if let Route::Remote { .. } = self.locate(channel)? {
+            if self.peers.is_some() {
+                let mut page = self.history(channel, after, limit as u32).await?;
+                if *page.epoch != **epoch {
+                    return Err(OpError::new(ErrorCode::Unavailable, "the channel restarted under a new epoch"));
+                }
+                page.messages.retain(|m| m.offset <= upto);
+                return Ok((page.messages, page.first));
+            }
+        }
+        let messages = self.read(channel, epoch, after, upto, limit)?;
+        let first = match self.store.channel_meta(self.partition(channel), channel) {
+            Ok(Some(meta)) => meta.first,
+            _ => u64::MAX,
+        };
+        Ok((messages, first))
+    }
+
     /// A history page from wherever the channel's owner is.
     pub async fn history(self: &Arc<Self>, channel: &str, since: u64, limit: u32) -> Result<HistoryPage, OpError> {
         if let Route::Remote { .. } = self.locate(channel)? {
@@ -425,7 +493,7 @@ impl Node {
         let view =
             self.view(channel).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?;
         let messages = self.read(channel, &view.epoch, since, view.top, limit as usize)?;
-        Ok(HistoryPage { epoch: view.epoch.to_string(), offset: view.top, messages })
+        Ok(HistoryPage { epoch: view.epoch.to_string(), offset: view.top, first: view.first, messages })
     }
 
     /// Publishes and waits for the ack (HTTP API).

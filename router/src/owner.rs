@@ -85,6 +85,56 @@ pub struct Grant {
     pub live_after: u64,
 }
 
+/// What a gateway on another node needs to grant a local subscription to a channel.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    /// Channel epoch.
+    pub epoch: Arc<str>,
+    /// Acknowledged top.
+    pub top: u64,
+    /// First retained offset.
+    pub first: u64,
+    /// The consumer's committed offset (0 if none), when asked for.
+    pub committed: Option<u64>,
+}
+
+/// The message of errors for writes that reach a sealed partition: it moved, nothing was
+/// stored, and a retry (routed by the new map) is safe.
+pub const SEALED: &str = "partition sealed: it moved to another node; retry";
+
+/// Grants a subscription to a channel with `epoch`, acknowledged `top` and `first`
+/// retained offset. `committed` is the consumer's offset (for [`Start::Consumer`]).
+/// `known_top` may exceed `top` on a gateway whose upstream lags the owner: a recovery
+/// position up to it is still exact, and the stream resumes after it.
+pub fn grant_from(epoch: Arc<str>, top: u64, first: u64, committed: u64, start: &Start, known_top: u64) -> Grant {
+    let floor = first.saturating_sub(1);
+    let mut grant = Grant { offset: top, top, recovered: None, catch_up_after: None, live_after: top, epoch };
+    // `after`: retained messages above it are pushed before live ones.
+    let after = match start {
+        Start::Consumer(_) => Some(committed.max(floor)),
+        Start::From(StartFrom::Latest) => None,
+        Start::LatestAt(at) => {
+            grant.offset = *at;
+            Some((*at).max(floor))
+        }
+        Start::From(StartFrom::Earliest) => Some(floor),
+        Start::From(StartFrom::After(n)) => {
+            grant.live_after = top.max(*n);
+            Some((*n).max(floor))
+        }
+        Start::From(StartFrom::Recover { offset, epoch }) => {
+            let exact = epoch.as_str() == &*grant.epoch && *offset >= floor && *offset <= top.max(known_top);
+            grant.recovered = Some(exact);
+            if exact {
+                grant.live_after = top.max(*offset);
+            }
+            exact.then_some(*offset)
+        }
+    };
+    grant.catch_up_after = after.filter(|a| *a < top);
+    grant
+}
+
 /// A consistent view of a channel's acknowledged log.
 #[derive(Debug, Clone)]
 pub struct View {
@@ -92,6 +142,8 @@ pub struct View {
     pub epoch: Arc<str>,
     /// Highest acknowledged offset.
     pub top: u64,
+    /// First retained offset.
+    pub first: u64,
 }
 
 /// One channel's counters, for the maintenance task.
@@ -156,8 +208,21 @@ pub enum Command {
     /// Counters of every channel (maintenance).
     Snapshot(oneshot::Sender<Vec<Snapshot>>),
     /// The partition moved to another node: end every subscription with an `unsubscribed`
-    /// push (code 4100, `reason`) so clients go to the new owner.
-    Release(String),
+    /// push (code 4100, `reason`) so clients go to the new owner, forget the in-memory
+    /// state and refuse every later write with [`SEALED`]. Answered once done (idempotent).
+    Seal(String, Option<oneshot::Sender<()>>),
+    /// The partition moved here: wait (holding every later command in the mailbox) until
+    /// the receiver fires, when the store holds the partition's state, then load it.
+    Adopt(oneshot::Receiver<()>),
+    /// Channel facts for a gateway's local grant.
+    Info {
+        /// Channel.
+        channel: String,
+        /// Durable consumer name.
+        consumer: Option<String>,
+        /// Answer.
+        reply: oneshot::Sender<Result<Facts, OpError>>,
+    },
     /// Remove messages (maintenance).
     Trim {
         /// Channel.
@@ -221,6 +286,23 @@ struct ChannelState {
 }
 
 impl ChannelState {
+    fn recovered(name: Arc<str>, m: ChannelMeta) -> Self {
+        Self {
+            name,
+            epoch: m.epoch.into(),
+            top: m.top,
+            durable: m.top,
+            first: m.first,
+            count: m.count,
+            bytes: m.bytes,
+            keyed_generation: 1,
+            subscribers: Vec::new(),
+            idempotency: None,
+            consumers: HashMap::new(),
+            dirty: false,
+        }
+    }
+
     fn meta(&self) -> ChannelMeta {
         ChannelMeta {
             epoch: self.epoch.to_string(),
@@ -265,6 +347,8 @@ pub struct Owner {
     idempotency_window: Duration,
     channels: HashMap<Arc<str>, ChannelState>,
     rx: mpsc::Receiver<Command>,
+    /// The partition moved away: writes are refused until it is adopted again.
+    sealed: bool,
 }
 
 impl Owner {
@@ -281,25 +365,32 @@ impl Owner {
             .into_iter()
             .map(|(name, m)| {
                 let name: Arc<str> = name.into();
-                let state = ChannelState {
-                    name: name.clone(),
-                    epoch: m.epoch.into(),
-                    top: m.top,
-                    durable: m.top,
-                    first: m.first,
-                    count: m.count,
-                    bytes: m.bytes,
-                    keyed_generation: 1,
-                    subscribers: Vec::new(),
-                    idempotency: None,
-                    consumers: HashMap::new(),
-                    dirty: false,
-                };
-                (name, state)
+                (name.clone(), ChannelState::recovered(name, m))
             })
             .collect();
         metrics.partition_channels.with_label_values(&[&partition.to_string()]).set(channels.len() as i64);
-        Self { partition, store, metrics, idempotency_window, channels, rx }
+        Self { partition, store, metrics, idempotency_window, channels, rx, sealed: false }
+    }
+
+    /// Waits for a handover to land in the store, then serves the partition from it.
+    async fn adopt(&mut self, done: oneshot::Receiver<()>) {
+        let _ = done.await;
+        self.channels.clear();
+        match self.store.partition_channels(self.partition, None) {
+            Ok(list) => {
+                for (name, m) in list {
+                    let name: Arc<str> = name.into();
+                    self.channels.insert(name.clone(), ChannelState::recovered(name, m));
+                }
+            }
+            Err(e) => tracing::error!(partition = self.partition, error = %e, "reading an adopted partition failed"),
+        }
+        self.sealed = false;
+        self.metrics
+            .partition_channels
+            .with_label_values(&[&self.partition.to_string()])
+            .set(self.channels.len() as i64);
+        tracing::info!(partition = self.partition, channels = self.channels.len(), "partition adopted");
     }
 
     /// Runs until every sender is gone, finishing the batch in hand.
@@ -307,16 +398,28 @@ impl Owner {
         let one_publish_per_batch = self.store.policy() == FsyncPolicy::Always;
         let store = self.store.clone();
         while let Some(cmd) = self.rx.recv().await {
+            if let Command::Adopt(done) = cmd {
+                self.adopt(done).await;
+                continue;
+            }
             let mut batch = store.batch();
             let mut work = Work::default();
+            let mut adopt = None;
             self.handle(cmd, &mut batch, &mut work);
             while work.after.len() + work.publishes < MAX_BATCH && !(one_publish_per_batch && work.publishes > 0) {
                 match self.rx.try_recv() {
+                    Ok(Command::Adopt(done)) => {
+                        adopt = Some(done);
+                        break;
+                    }
                     Ok(cmd) => self.handle(cmd, &mut batch, &mut work),
                     Err(_) => break,
                 }
             }
             self.finish(batch, work).await;
+            if let Some(done) = adopt {
+                self.adopt(done).await;
+            }
         }
     }
 
@@ -355,6 +458,9 @@ impl Owner {
     }
 
     fn handle(&mut self, cmd: Command, batch: &mut crate::store::Batch<'_>, work: &mut Work) {
+        if self.sealed {
+            return self.refuse_sealed(cmd, work);
+        }
         match cmd {
             Command::Publish(req, reply) => {
                 let result = self.publish(req, batch, work);
@@ -383,7 +489,42 @@ impl Owner {
                 self.channel(&channel, work);
                 work.after.push(cmd);
             }
+            Command::Info { ref channel, .. } => {
+                let channel = channel.clone();
+                self.channel(&channel, work);
+                work.after.push(cmd);
+            }
             other => work.after.push(other),
+        }
+    }
+
+    /// A sealed partition stores nothing: writes and registrations get [`SEALED`].
+    fn refuse_sealed(&mut self, cmd: Command, work: &mut Work) {
+        let sealed = || OpError::new(crate::protocol::ErrorCode::Unavailable, SEALED);
+        match cmd {
+            Command::Publish(_, reply) => work.acks.push((reply, Err(sealed()))),
+            Command::Commit { reply, .. } => work.commit_acks.push((reply, Err(sealed()))),
+            Command::Subscribe { reply, .. } => {
+                let _ = reply.send(Err(sealed()));
+            }
+            Command::Info { reply, .. } => {
+                let _ = reply.send(Err(sealed()));
+            }
+            Command::Trim { reply, .. } => {
+                let _ = reply.send(());
+            }
+            // Dropping the reply tells the reader the owner is gone.
+            Command::View(..) => {}
+            Command::Snapshot(reply) => {
+                let _ = reply.send(Vec::new());
+            }
+            Command::Seal(_, reply) => {
+                if let Some(r) = reply {
+                    let _ = r.send(());
+                }
+            }
+            Command::Unsubscribe { .. } => {}
+            Command::Adopt(_) => unreachable!("adoption is handled by the run loop"),
         }
     }
 
@@ -609,7 +750,7 @@ impl Owner {
                     ch.subscribers.retain(|s| s.sub != sub);
                 }
             }
-            Command::Release(reason) => {
+            Command::Seal(reason, reply) => {
                 for ch in self.channels.values_mut() {
                     if ch.subscribers.is_empty() {
                         continue;
@@ -621,10 +762,37 @@ impl Owner {
                         s.outbox.push(Delivery { sub: s.sub, offset: ch.durable, frame: frame.clone(), end: true });
                     }
                 }
+                // The store keeps the state for the handover; memory is freed now.
+                self.channels.clear();
+                self.sealed = true;
+                self.metrics.partition_channels.with_label_values(&[&self.partition.to_string()]).set(0);
+                tracing::info!(partition = self.partition, "partition sealed");
+                if let Some(r) = reply {
+                    let _ = r.send(());
+                }
+            }
+            Command::Info { channel, consumer, reply } => {
+                let committed = match &consumer {
+                    Some(name) => match self.consumer_offset(&channel, name, &mut Work::default()) {
+                        Ok(o) => Some(o),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return;
+                        }
+                    },
+                    None => None,
+                };
+                let facts = self.channels.get(channel.as_str()).map(|ch| Facts {
+                    epoch: ch.epoch.clone(),
+                    top: ch.durable,
+                    first: ch.first,
+                    committed,
+                });
+                let _ = reply.send(facts.ok_or_else(|| OpError::internal("channel vanished")));
             }
             Command::View(channel, reply) => {
                 if let Some(ch) = self.channels.get(channel.as_str()) {
-                    let _ = reply.send(View { epoch: ch.epoch.clone(), top: ch.durable });
+                    let _ = reply.send(View { epoch: ch.epoch.clone(), top: ch.durable, first: ch.first });
                 }
             }
             Command::Snapshot(reply) => {
@@ -645,8 +813,8 @@ impl Owner {
                     .collect();
                 let _ = reply.send(snaps);
             }
-            Command::Publish(..) | Command::Commit { .. } | Command::Trim { .. } => {
-                unreachable!("writes are handled in the batch")
+            Command::Publish(..) | Command::Commit { .. } | Command::Trim { .. } | Command::Adopt(_) => {
+                unreachable!("writes are handled in the batch, adoption by the run loop")
             }
         }
     }
@@ -657,30 +825,7 @@ impl Owner {
             _ => 0,
         };
         let ch = self.channels.get(channel).ok_or_else(|| OpError::internal("channel vanished"))?;
-        let (top, floor) = (ch.durable, ch.first.saturating_sub(1));
-        let mut grant =
-            Grant { epoch: ch.epoch.clone(), offset: top, top, recovered: None, catch_up_after: None, live_after: top };
-        // `after`: retained messages above it are pushed before live ones.
-        let after = match start {
-            Start::Consumer(_) => Some(committed.max(floor)),
-            Start::From(StartFrom::Latest) => None,
-            Start::LatestAt(at) => {
-                grant.offset = *at;
-                Some((*at).max(floor))
-            }
-            Start::From(StartFrom::Earliest) => Some(floor),
-            Start::From(StartFrom::After(n)) => {
-                grant.live_after = top.max(*n);
-                Some((*n).max(floor))
-            }
-            Start::From(StartFrom::Recover { offset, epoch }) => {
-                let exact = epoch.as_str() == &*ch.epoch && *offset >= floor && *offset <= top;
-                grant.recovered = Some(exact);
-                exact.then_some(*offset)
-            }
-        };
-        grant.catch_up_after = after.filter(|a| *a < top);
-        Ok(grant)
+        Ok(grant_from(ch.epoch.clone(), ch.durable, ch.first, committed, start, ch.durable))
     }
 }
 

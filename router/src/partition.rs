@@ -4,6 +4,8 @@
 //! [`PartitionMap`] that the request path reads. The hash must never change between
 //! releases: a fixed table in the tests pins it. It must never wait on I/O.
 
+use std::collections::BTreeMap;
+
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Index of a partition, `0..P`.
@@ -20,6 +22,15 @@ pub fn partition_of(channel: &str, partitions: u32) -> PartitionId {
     jump_consistent_hash::hash(stable_hash64(channel), partitions as usize)
 }
 
+/// Where a partition came from when its owner last changed: the handover source.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Moved {
+    /// The previous owner's node id.
+    pub from: String,
+    /// The map epoch that made the change.
+    pub epoch: u64,
+}
+
 /// Who owns which partition. In standalone mode one node owns every partition.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PartitionMap {
@@ -27,17 +38,22 @@ pub struct PartitionMap {
     pub epoch: u64,
     /// Owner node id of each partition, indexed by partition.
     pub owners: Vec<String>,
+    /// For each partition, the last time its owner changed from one node to another: the
+    /// previous owner and the map epoch that made the change; the new owner pulls the
+    /// partition's state from `from` (which may have left the cluster since). Partitions
+    /// whose owner never changed that way (placed by the first map) have no entry.
+    pub moved: BTreeMap<PartitionId, Moved>,
 }
 
 impl PartitionMap {
     /// The standalone map: `node` owns all `partitions`.
     pub fn standalone(node: &str, partitions: u32) -> Self {
-        Self { epoch: 0, owners: vec![node.to_string(); partitions as usize] }
+        Self { epoch: 0, owners: vec![node.to_string(); partitions as usize], moved: BTreeMap::new() }
     }
 
     /// A cluster node's map before the first one arrives: `partitions` with no owner.
     pub fn unassigned(partitions: u32) -> Self {
-        Self { epoch: 0, owners: vec![String::new(); partitions as usize] }
+        Self { epoch: 0, owners: vec![String::new(); partitions as usize], moved: BTreeMap::new() }
     }
 
     /// Number of partitions.
@@ -48,6 +64,11 @@ impl PartitionMap {
     /// The owner of `p`, if it has one.
     pub fn owner(&self, p: PartitionId) -> Option<&str> {
         self.owners.get(p as usize).map(String::as_str).filter(|o| !o.is_empty())
+    }
+
+    /// Where `p` came from when its owner last changed (see [`PartitionMap::moved`]).
+    pub fn moved_from(&self, p: PartitionId) -> Option<&Moved> {
+        self.moved.get(&p)
     }
 }
 
@@ -81,6 +102,16 @@ mod tests {
             counts[p as usize] += 1;
         }
         assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+    }
+
+    #[test]
+    fn moved_from_reads_the_moves() {
+        let mut m = PartitionMap::standalone("a", 4);
+        assert!(m.moved.is_empty() && PartitionMap::unassigned(4).moved.is_empty());
+        assert_eq!(m.moved_from(1), None);
+        m.moved.insert(1, Moved { from: "b".into(), epoch: 7 });
+        assert_eq!(m.moved_from(1), Some(&Moved { from: "b".into(), epoch: 7 }));
+        assert_eq!(m.moved_from(2), None);
     }
 
     #[test]

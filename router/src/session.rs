@@ -509,15 +509,17 @@ where
     async fn go_live(&mut self, sub: u64, channel: &str, grant: &Grant) -> Result<(), Stop> {
         if let Some(mut after) = grant.catch_up_after {
             while after < grant.top {
-                let page = match self.node.read(channel, &grant.epoch, after, grant.top, CATCH_UP_PAGE) {
-                    Ok(page) => page,
-                    Err(e) => {
-                        tracing::warn!(client = self.id, channel, error = %e, "catch-up read failed");
-                        return self.end_subscription(sub, channel, "catch-up read failed; subscribe again").await;
-                    }
-                };
+                let (page, first) =
+                    match self.node.catch_up(channel, &grant.epoch, after, grant.top, CATCH_UP_PAGE).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            tracing::warn!(client = self.id, channel, error = %e, "catch-up read failed");
+                            return self.end_subscription(sub, channel, "catch-up read failed; subscribe again").await;
+                        }
+                    };
                 let next = page.first().map_or(grant.top + 1, |m| m.offset);
-                if next > after + 1 && self.trimmed_past(channel, after) {
+                // Retention (not compaction) removed messages just above `after`.
+                if next > after + 1 && first > after + 1 {
                     let reason = "history trimmed during catch-up; subscribe again to recover";
                     return self.end_subscription(sub, channel, reason).await;
                 }
@@ -540,15 +542,6 @@ where
             }
         }
         Ok(())
-    }
-
-    /// True when retention (not compaction) removed messages just above `after`: the
-    /// channel's first retained offset has moved past them.
-    fn trimmed_past(&self, channel: &str, after: u64) -> bool {
-        match self.node.store.channel_meta(self.node.partition(channel), channel) {
-            Ok(Some(meta)) => meta.first > after + 1,
-            _ => true,
-        }
     }
 
     /// Ends one subscription from the server side with an `unsubscribed` push.

@@ -88,6 +88,8 @@ pub struct Store {
     meta: Keyspace,
     messages: Keyspace,
     consumers: Keyspace,
+    /// Per partition: the map epoch of the move by which this node last adopted it.
+    adopted: Keyspace,
     policy: FsyncPolicy,
     writer: std_mpsc::Sender<WriteJob>,
     /// Set when a write or fsync failed: fjall refuses all writes after that.
@@ -154,6 +156,25 @@ impl Batch<'_> {
         self.inner.insert(&self.store.consumers, k, offset.to_be_bytes().to_vec());
     }
 
+    /// Records that this node adopted partition `p` by the move of map epoch `epoch`.
+    pub fn put_adopted(&mut self, p: PartitionId, epoch: u64) {
+        self.inner.insert(&self.store.adopted, p.to_be_bytes().to_vec(), epoch.to_be_bytes().to_vec());
+    }
+
+    /// Removes everything stored for partition `p`: metadata, messages and consumer offsets.
+    pub fn clear_partition(&mut self, p: PartitionId) -> Result<usize, StoreError> {
+        let prefix = p.to_be_bytes();
+        let mut n = 0;
+        for ks in [&self.store.meta, &self.store.messages, &self.store.consumers] {
+            for guard in ks.prefix(prefix) {
+                let (k, _) = guard.into_inner()?;
+                self.inner.remove(ks, k);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Number of writes queued.
     pub fn len(&self) -> usize {
         self.inner.len()
@@ -181,6 +202,7 @@ impl Store {
         let meta = db.keyspace("channels", KeyspaceCreateOptions::default)?;
         let messages = db.keyspace("messages", KeyspaceCreateOptions::default)?;
         let consumers = db.keyspace("consumers", KeyspaceCreateOptions::default)?;
+        let adopted = db.keyspace("adopted", KeyspaceCreateOptions::default)?;
         let (writer, jobs) = std_mpsc::channel::<WriteJob>();
         let writer_db = db.clone();
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -189,7 +211,7 @@ impl Store {
             .name("store-writer".into())
             .spawn(move || write_loop(writer_db, jobs, policy, metrics, writer_failed))
             .expect("spawn store writer thread");
-        Ok(Arc::new(Self { db, meta, messages, consumers, policy, writer, failed }))
+        Ok(Arc::new(Self { db, meta, messages, consumers, adopted, policy, writer, failed }))
     }
 
     /// True once a write or fsync failed; the node can no longer store anything.
@@ -313,6 +335,45 @@ impl Store {
     /// The stored metadata of one channel.
     pub fn channel_meta(&self, p: PartitionId, channel: &str) -> Result<Option<ChannelMeta>, StoreError> {
         Ok(self.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?)
+    }
+
+    /// The channels stored for partition `p` with names at or above `from` (all when
+    /// None), in name order.
+    pub fn partition_channels(
+        &self,
+        p: PartitionId,
+        from: Option<&str>,
+    ) -> Result<Vec<(String, ChannelMeta)>, StoreError> {
+        let mut out = Vec::new();
+        let start = match from {
+            Some(name) => channel_prefix(p, name),
+            None => p.to_be_bytes().to_vec(),
+        };
+        // P is at most a few thousand, so p + 1 never overflows.
+        let end = (p + 1).to_be_bytes().to_vec();
+        for guard in self.meta.range(start..end) {
+            let (k, v) = guard.into_inner()?;
+            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
+            out.push((name, postcard::from_bytes(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every consumer offset committed on `channel`.
+    pub fn consumers_of(&self, p: PartitionId, channel: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let prefix = channel_prefix(p, channel);
+        let mut out = Vec::new();
+        for guard in self.consumers.prefix(&prefix) {
+            let (k, v) = guard.into_inner()?;
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((name, u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))));
+        }
+        Ok(out)
+    }
+
+    /// The map epoch of the move by which this node last adopted partition `p`.
+    pub fn adopted(&self, p: PartitionId) -> Result<Option<u64>, StoreError> {
+        Ok(self.adopted.get(p.to_be_bytes())?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte epochs"))))
     }
 
     /// A consumer's committed offset.

@@ -26,6 +26,7 @@ fn nodes(ids: &[String]) -> BTreeMap<String, NodeRecord> {
                 version: String::new(),
                 started_at: String::new(),
                 partitions: 0,
+                draining: false,
             };
             (id.clone(), rec)
         })

@@ -209,6 +209,7 @@ async fn a_deposed_leaders_map_write_is_refused() -> Result<()> {
         updated_at: "now".into(),
         counts: Default::default(),
         owners: vec![leader.into(), leader.into()],
+        moved: Default::default(),
     };
     let mut campaign = async |name: &str| -> Result<(i64, Leadership)> {
         let lease = c.lease_grant(30, None).await?.id();

@@ -1,5 +1,6 @@
-//! Cross-node routing (issue #5), first slice: publish, history and commit for a channel
-//! owned by another node are forwarded over the peer link, with the owner's offsets.
+//! Cross-node routing (issue #5): publish, history and commit for a channel owned by
+//! another node are forwarded over the peer link, with the owner's offsets; subscribers on
+//! any node share one upstream subscription per gateway.
 
 use anyhow::Result;
 use switchyard_router::partition::partition_of;
@@ -28,14 +29,22 @@ async fn publish_history_and_commit_reach_the_owner_from_any_node() -> Result<()
     let map = wait_converged(&etcd, "x", &[&n1, &n2, &n3], &["n1", "n2", "n3"]).await?;
     let channel = channel_owned_by(&map, "n2");
 
-    let mut owner_sub = n2.client().await;
-    owner_sub.subscribe(&channel, json!({})).await?;
+    // A subscriber on every node: the owner's own, and two through upstreams.
+    let mut subs = Vec::new();
+    for node in [&n1, &n2, &n3] {
+        let mut c = node.client().await;
+        c.subscribe(&channel, json!({})).await?;
+        subs.push(c);
+    }
     let mut c1 = n1.client().await;
     // Pipelined: every publish is in flight before the first ack.
     let (acked, _epoch) = c1.publish_many(&channel, (0..50).map(|i| json!(i))).await?;
     assert_contiguous(&acked, 1)?;
-    let got = owner_sub.next_messages(&channel, 50).await?;
-    assert_eq!(datas(&got), (0..50).map(|i| json!(i)).collect::<Vec<_>>(), "forwarded in order");
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let got = sub.next_messages(&channel, 50).await?;
+        assert_eq!(datas(&got), (0..50).map(|i| json!(i)).collect::<Vec<_>>(), "subscriber on n{}", i + 1);
+        assert_contiguous(&offsets(&got), 1)?;
+    }
 
     // History from a third node, and over HTTP from the first.
     let mut c3 = n3.client().await;
@@ -56,6 +65,81 @@ async fn publish_history_and_commit_reach_the_owner_from_any_node() -> Result<()
     let m = metrics(&n1).await?;
     assert!(m.value("switchyard_peer_forwarded_total", &[("op", "publish"), ("result", "ok")]).unwrap_or(0.0) >= 50.0);
     assert_eq!(m.value("switchyard_peer_link_up", &[("peer", "n2")]), Some(1.0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_start_position_works_through_a_gateway() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let (n1, n2) = (start(&etcd, "f", "n1"), start(&etcd, "f", "n2"));
+    let map = wait_converged(&etcd, "f", &[&n1, &n2], &["n1", "n2"]).await?;
+    let channel = channel_owned_by(&map, "n2");
+    let mut publisher = n2.client().await;
+    let (acked, epoch) = publisher.publish_many(&channel, (1..=10).map(|i| json!(i))).await?;
+    assert_contiguous(&acked, 1)?;
+    publisher.ok("commit", json!({"channel": channel, "consumer": "w", "offset": 7})).await?;
+
+    let cases = [
+        (json!({"from": "earliest"}), (1..=10).collect::<Vec<u64>>(), None),
+        (json!({"from": 4}), (5..=10).collect(), None),
+        (json!({"from": {"offset": 8, "epoch": epoch}}), vec![9, 10], Some(true)),
+        (json!({"from": {"offset": 8, "epoch": "gone"}}), vec![], Some(false)),
+        (json!({"consumer": "w"}), vec![8, 9, 10], None),
+        (json!({}), vec![], None),
+    ];
+    let mut clients = Vec::new();
+    for (extra, want, recovered) in cases {
+        let mut c = n1.client().await;
+        let ok = c.subscribe(&channel, extra.clone()).await?;
+        assert_eq!(ok["epoch"], json!(epoch), "{extra}");
+        assert_eq!(ok.get("recovered").and_then(Value::as_bool), recovered, "{extra}: {ok}");
+        if !want.is_empty() {
+            let got = c.next_messages(&channel, want.len()).await?;
+            assert_eq!(offsets(&got), want, "{extra}");
+        }
+        clients.push(c);
+    }
+    // Then every one of them gets the next live message, once.
+    publisher.publish(&channel, json!("live")).await?;
+    for c in &mut clients {
+        let got = c.next_messages(&channel, 1).await?;
+        assert_eq!(offsets(&got), vec![11]);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_thousand_local_subscribers_cost_one_upstream() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let (n1, n2) = (start(&etcd, "k", "n1"), start(&etcd, "k", "n2"));
+    let map = wait_converged(&etcd, "k", &[&n1, &n2], &["n1", "n2"]).await?;
+    let channel = channel_owned_by(&map, "n2");
+    let mut clients = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let mut c = n1.client().await;
+        c.subscribe(&channel, json!({})).await?;
+        clients.push(c);
+    }
+    let owner = metrics(&n2).await?;
+    assert_eq!(owner.value("switchyard_peer_subscriptions", &[]), Some(1.0), "one upstream at the owner");
+    assert_eq!(owner.value("switchyard_subscriptions", &[]), Some(0.0), "no client subscribes on the owner");
+    assert_eq!(metrics(&n1).await?.value("switchyard_peer_upstreams", &[]), Some(1.0));
+    assert_eq!(metrics(&n1).await?.value("switchyard_subscriptions", &[]), Some(1000.0));
+
+    let mut publisher = n2.client().await;
+    publisher.publish(&channel, json!("hello")).await?;
+    for c in &mut clients {
+        let got = c.next_messages(&channel, 1).await?;
+        assert_eq!(datas(&got), vec![json!("hello")]);
+    }
+    // The last local subscriber to leave drops the upstream.
+    drop(clients);
+    wait_until("the upstream is dropped", DEADLINE, async || {
+        let (gw, owner) = (metrics(&n1).await?, metrics(&n2).await?);
+        Ok(gw.value("switchyard_peer_upstreams", &[]) == Some(0.0)
+            && owner.value("switchyard_peer_subscriptions", &[]) == Some(0.0))
+    })
+    .await?;
     Ok(())
 }
 

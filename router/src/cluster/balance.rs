@@ -21,6 +21,10 @@ pub const BUILTIN: &str = "builtin:even-spread";
 
 /// The shown input: every partition with its current owner (None when the map has none)
 /// and load, every live node with its totals.
+///
+/// Draining members are left out of the nodes, and the partitions they own are shown
+/// without an owner (their load figures kept): every policy must place them elsewhere, as
+/// orphans that do not count against `max_moves`.
 pub fn input(
     nodes: &BTreeMap<String, NodeRecord>,
     loads: &BTreeMap<String, LoadRecord>,
@@ -30,8 +34,9 @@ pub fn input(
     now_ms: u64,
 ) -> BalanceInput {
     let nodes_info = nodes
-        .keys()
-        .map(|id| {
+        .iter()
+        .filter(|(_, n)| !n.draining)
+        .map(|(id, _)| {
             let load = loads.get(id);
             NodeInfo {
                 id: id.clone(),
@@ -47,9 +52,10 @@ pub fn input(
         .map(|p| {
             let owner = owners.and_then(|o| o.get(p as usize)).cloned();
             let load = owner.as_ref().and_then(|o| loads.get(o)).and_then(|l| l.partitions.get(&p));
+            let draining = owner.as_ref().and_then(|o| nodes.get(o)).is_some_and(|n| n.draining);
             PartitionInfo {
                 id: p,
-                owner,
+                owner: if draining { None } else { owner },
                 msg_rate: load.map_or(0.0, |l| l.msg_rate),
                 bytes: load.map_or(0, |l| l.bytes),
                 connections: load.map_or(0, |l| l.subscribers),
@@ -99,8 +105,14 @@ mod tests {
             version: String::new(),
             started_at: String::new(),
             partitions: 8,
+            draining: false,
         };
         (id.to_string(), rec)
+    }
+
+    fn draining(id: &str) -> (String, NodeRecord) {
+        let (id, rec) = node(id);
+        (id, NodeRecord { draining: true, ..rec })
     }
 
     #[test]
@@ -118,5 +130,37 @@ mod tests {
         let d = builtin(&inp).unwrap();
         validate_balance(BUILTIN, &inp, &d).unwrap();
         assert_eq!(d.owners[2], "b", "the orphan goes to the node below its share");
+    }
+
+    #[test]
+    fn draining_nodes_get_nothing_and_lose_what_they_have() {
+        let nodes: BTreeMap<_, _> = [node("a"), draining("b"), node("c")].into_iter().collect();
+        let mut load = LoadRecord { node: "b".into(), ..Default::default() };
+        load.partitions.insert(1, super::super::keys::PartitionLoad { msg_rate: 2.0, bytes: 7, subscribers: 1 });
+        let loads: BTreeMap<_, _> = [("b".to_string(), load)].into_iter().collect();
+        let owners: Vec<String> = ["a", "b", "c", "b", "a", "c"].iter().map(|s| s.to_string()).collect();
+        // No moves allowed: the draining node's partitions still move (they are orphans).
+        let inp = input(&nodes, &loads, Some(&owners), 6, 0, 1);
+        assert_eq!(inp.nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(inp.partitions[1].owner, None);
+        assert_eq!(inp.partitions[3].owner, None);
+        assert_eq!(inp.partitions[1].bytes, 7, "the load of a draining owner's partition is kept");
+        assert_eq!(inp.partitions[0].owner.as_deref(), Some("a"));
+        let d = builtin(&inp).unwrap();
+        validate_balance(BUILTIN, &inp, &d).unwrap();
+        assert!(d.owners.iter().all(|o| o != "b"), "{:?}", d.owners);
+        for p in [0, 2, 4, 5] {
+            assert_eq!(d.owners[p], owners[p], "partition {p} of a serving node stays");
+        }
+        // A plugin's answer that keeps a partition on the draining node is invalid.
+        let mut keep = d.clone();
+        keep.owners[1] = "b".into();
+        assert!(validate_balance("plugin", &inp, &keep).is_err());
+
+        // Every member draining: nobody to place on, and the built-in says so.
+        let all: BTreeMap<_, _> = [draining("a"), draining("b")].into_iter().collect();
+        let inp = input(&all, &loads, Some(&owners), 6, 8, 1);
+        assert!(inp.nodes.is_empty());
+        assert!(builtin(&inp).is_err());
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, PluginBinding};
+pub use crate::partition::Moved;
 
 /// Key names of one cluster.
 #[derive(Debug, Clone)]
@@ -89,6 +90,10 @@ pub struct NodeRecord {
     pub started_at: String,
     /// Partition count the node is configured with.
     pub partitions: u32,
+    /// True once the node is shutting down: it stays a member until it exits, but the
+    /// leader gives it no partitions and moves the ones it has to the other members.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// `leader`: who leads and since when (under the leader's lease).
@@ -120,13 +125,18 @@ pub struct MapRecord {
     pub counts: BTreeMap<String, u32>,
     /// Owner node id of every partition, indexed by partition.
     pub owners: Vec<String>,
+    /// For each partition, by id, the last time its owner changed from one node to
+    /// another: the previous owner and the epoch of the map that made the change (see
+    /// [`crate::partition::PartitionMap::moved`]). Absent when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub moved: BTreeMap<u32, Moved>,
 }
 
 impl MapRecord {
-    /// Pretty JSON, as stored: one field per line, and the owners eight to a line so that
-    /// `etcdctl get` shows the whole map on one screen.
+    /// Pretty JSON, as stored: one field per line, the owners eight to a line so that
+    /// `etcdctl get` shows the whole map on one screen, and one `moved` entry per line.
     pub fn to_json(&self) -> String {
-        let head = Self { owners: Vec::new(), ..self.clone() };
+        let head = Self { owners: Vec::new(), moved: BTreeMap::new(), ..self.clone() };
         let text = serde_json::to_string_pretty(&head).expect("map serializes");
         let rows: Vec<String> = self
             .owners
@@ -138,7 +148,17 @@ impl MapRecord {
             })
             .collect();
         let owners = if rows.is_empty() { "[]".to_string() } else { format!("[\n{}\n  ]", rows.join(",\n")) };
-        text.replacen("\"owners\": []", &format!("\"owners\": {owners}"), 1)
+        let mut tail = format!("\"owners\": {owners}");
+        if !self.moved.is_empty() {
+            let rows: Vec<String> = self
+                .moved
+                .iter()
+                .map(|(p, m)| format!("    \"{p}\": {}", serde_json::to_string(m).expect("move serializes")))
+                .collect();
+            tail.push_str(&format!(",\n  \"moved\": {{\n{}\n  }}", rows.join(",\n")));
+        }
+        // `owners` is the last field `head` prints (`moved` is skipped when empty).
+        text.replacen("\"owners\": []", &tail, 1)
     }
 
     /// Partitions per owner.
@@ -284,7 +304,9 @@ mod tests {
             updated_at: timestamp(SystemTime::UNIX_EPOCH),
             counts: MapRecord::count(&owners),
             owners,
+            moved: BTreeMap::new(),
         };
+        assert!(!m.to_json().contains("moved"), "no moves, no field: {}", m.to_json());
         let v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
         assert_eq!(serde_json::from_value::<MapRecord>(v.clone()).unwrap(), m);
         let many = MapRecord { owners: vec!["n1".into(); 20], ..m.clone() };
@@ -295,5 +317,57 @@ mod tests {
         assert_eq!(v["counts"]["a"], 2);
         assert_eq!(v["owners"][1], "b");
         assert_eq!(v["updated_at"], "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn map_json_round_trips_with_moves() {
+        let owners: Vec<String> = (0..10).map(|i| format!("n{}", i % 3)).collect();
+        let mut moved = BTreeMap::new();
+        moved.insert(2, Moved { from: "n0".into(), epoch: 4 });
+        moved.insert(9, Moved { from: "old \"quoted\" node".into(), epoch: 5 });
+        let m = MapRecord {
+            epoch: 5,
+            partitions: 10,
+            leader: "n1".into(),
+            term: 7,
+            updated_at: timestamp(SystemTime::UNIX_EPOCH),
+            counts: MapRecord::count(&owners),
+            owners,
+            moved,
+        };
+        let text = m.to_json();
+        assert_eq!(serde_json::from_str::<MapRecord>(&text).unwrap(), m, "{text}");
+        // The same value serde itself writes, and the shape documented.
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v, serde_json::to_value(&m).unwrap());
+        assert_eq!(v["moved"]["2"], serde_json::json!({"from": "n0", "epoch": 4}));
+        // Owners still eight to a line, one move per line.
+        assert_eq!(text.lines().filter(|l| l.trim_start().starts_with("\"n0\", ")).count(), 2, "{text}");
+        assert!(text.lines().any(|l| l == r#"    "2": {"from":"n0","epoch":4},"#), "{text}");
+        assert!(text.trim_end().ends_with('}'));
+    }
+
+    #[test]
+    fn map_records_of_older_and_newer_writers_read() {
+        // Written before `moved` existed: no moves.
+        let old = r#"{"epoch":1,"partitions":1,"leader":"a","term":1,"updated_at":"","counts":{"a":1},"owners":["a"]}"#;
+        let m: MapRecord = serde_json::from_str(old).unwrap();
+        assert!(m.moved.is_empty());
+        // Fields a newer writer adds are ignored, as before.
+        let new = r#"{"epoch":1,"partitions":1,"leader":"a","term":1,"updated_at":"","counts":{},"owners":["a"],
+            "moved":{"0":{"from":"b","epoch":1}},"future":true}"#;
+        let m: MapRecord = serde_json::from_str(new).unwrap();
+        assert_eq!(m.moved[&0], Moved { from: "b".into(), epoch: 1 });
+    }
+
+    #[test]
+    fn node_record_draining_defaults_to_false() {
+        let text = r#"{"id":"a","url":"u","peer_url":"u","version":"1","started_at":"t","partitions":8}"#;
+        let n: NodeRecord = serde_json::from_str(text).unwrap();
+        assert!(!n.draining);
+        let n = NodeRecord { draining: true, ..n };
+        let v = serde_json::to_value(&n).unwrap();
+        assert_eq!(v["draining"], true);
+        assert_eq!(serde_json::from_value::<NodeRecord>(v).unwrap(), n);
     }
 }

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
-use super::keys::{self, LeaderRecord, LoadRecord, MapRecord, NodeRecord};
+use super::keys::{self, LeaderRecord, LoadRecord, MapRecord, Moved, NodeRecord};
 use super::{balance, timed, Error, LeaseClock, State};
 use crate::node::Node;
 
@@ -143,6 +143,7 @@ impl Leader<'_> {
                 updated_at: String::new(),
                 counts: Default::default(),
                 owners: in_use.owners.clone(),
+                moved: in_use.moved.clone(),
             });
         }
         super::check_partitions(resp.kvs().first(), state.partitions)?;
@@ -154,6 +155,12 @@ impl Leader<'_> {
         let binding = dynamic.balancer.as_ref().or(node.config.balancer.as_ref());
         let owners = current.as_ref().map(|m| m.owners.as_slice());
         let input = balance::input(&nodes, &loads, owners, state.partitions, max_moves, super::now_ms());
+        if input.nodes.is_empty() {
+            // Every member is draining: nowhere to move anything, keep the map.
+            tracing::debug!(nodes = nodes.len(), "every member is draining; map kept");
+            rounds.with_label_values(&["unchanged"]).inc();
+            return Ok(());
+        }
         let (decision, policy) = balance::decide(&node.plugins, binding, &input).map_err(Error::Deposed)?;
         if owners == Some(decision.owners.as_slice()) {
             rounds.with_label_values(&["unchanged"]).inc();
@@ -164,6 +171,8 @@ impl Leader<'_> {
             None => decision.owners.len(),
         };
         let epoch = current.as_ref().map_or(0, |m| m.epoch) + 1;
+        let moves = next_moved(owners, current.as_ref().map(|m| &m.moved), &decision.owners, epoch);
+        let draining = nodes.values().filter(|n| n.draining).count();
         let record = MapRecord {
             epoch,
             partitions: state.partitions,
@@ -172,10 +181,11 @@ impl Leader<'_> {
             updated_at: keys::timestamp(SystemTime::now()),
             counts: MapRecord::count(&decision.owners),
             owners: decision.owners,
+            moved: moves,
         };
         if publish_map(kv, me, &state.keys.map(), map_rev, &record, t).await? {
             rounds.with_label_values(&["published"]).inc();
-            tracing::info!(epoch, moved, %policy, nodes = nodes.len(), "partition map published");
+            tracing::info!(epoch, moved, %policy, nodes = nodes.len(), draining, "partition map published");
             Ok(())
         } else {
             node.metrics.cluster_fenced_writes.inc();
@@ -183,6 +193,32 @@ impl Leader<'_> {
             Err(Error::Deposed(format!("map write for epoch {epoch} refused by the fencing compare")))
         }
     }
+}
+
+/// The `moved` entries of the map with `new_owners` and epoch `new_epoch`, published after
+/// a map with `prev_owners` (None: there was none) and `prev_moved`: a partition whose owner
+/// changes from a node to another gets `{from: previous owner, epoch: new_epoch}`; one whose
+/// owner stays keeps its entry; one that had no owner before gets none.
+pub fn next_moved(
+    prev_owners: Option<&[String]>,
+    prev_moved: Option<&BTreeMap<u32, Moved>>,
+    new_owners: &[String],
+    new_epoch: u64,
+) -> BTreeMap<u32, Moved> {
+    let mut moved = BTreeMap::new();
+    for (p, new) in new_owners.iter().enumerate() {
+        let p = p as u32;
+        let prev = prev_owners.and_then(|o| o.get(p as usize)).map_or("", String::as_str);
+        if prev.is_empty() {
+            continue;
+        }
+        if prev != new {
+            moved.insert(p, Moved { from: prev.to_string(), epoch: new_epoch });
+        } else if let Some(m) = prev_moved.and_then(|m| m.get(&p)) {
+            moved.insert(p, m.clone());
+        }
+    }
+    moved
 }
 
 /// Writes `record` to `map_key` only if `me` still holds leadership (its election key has
@@ -219,4 +255,50 @@ fn records<T: serde::de::DeserializeOwned>(kvs: &[etcd_client::KeyValue]) -> BTr
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owners(s: &str) -> Vec<String> {
+        s.split(',').map(|o| o.trim().to_string()).collect()
+    }
+
+    fn mv(from: &str, epoch: u64) -> Moved {
+        Moved { from: from.into(), epoch }
+    }
+
+    #[test]
+    fn first_map_records_no_moves() {
+        assert!(next_moved(None, None, &owners("a,b,a"), 1).is_empty());
+        // A map of unassigned partitions (empty owners) counts as none.
+        assert!(next_moved(Some(&owners(",,")), None, &owners("a,b,a"), 1).is_empty());
+    }
+
+    #[test]
+    fn moves_are_recorded_and_carried_forward() {
+        let e1 = owners("a,a,a,a");
+        let e2 = owners("a,b,a,b");
+        let m2 = next_moved(Some(&e1), Some(&BTreeMap::new()), &e2, 2);
+        assert_eq!(m2, [(1, mv("a", 2)), (3, mv("a", 2))].into_iter().collect());
+        // Partition 3 moves again, 2 moves for the first time, 1 stays and keeps its entry.
+        let e3 = owners("a,b,c,c");
+        let m3 = next_moved(Some(&e2), Some(&m2), &e3, 3);
+        assert_eq!(m3, [(1, mv("a", 2)), (2, mv("a", 3)), (3, mv("b", 3))].into_iter().collect());
+        // Nothing changes: everything carried as it was.
+        assert_eq!(next_moved(Some(&e3), Some(&m3), &e3, 4), m3);
+        // An entry of a partition that moves back is replaced, not kept.
+        let e5 = owners("a,a,c,c");
+        let m5 = next_moved(Some(&e3), Some(&m3), &e5, 5);
+        assert_eq!(m5[&1], mv("b", 5));
+    }
+
+    #[test]
+    fn stray_entries_are_dropped() {
+        // An entry past the partition count, or of a partition that had no owner, goes.
+        let prev_moved = [(0, mv("x", 1)), (9, mv("x", 1))].into_iter().collect();
+        let m = next_moved(Some(&owners(",b")), Some(&prev_moved), &owners("a,b"), 2);
+        assert!(m.is_empty(), "{m:?}");
+    }
 }

@@ -15,6 +15,7 @@ pub mod leader;
 mod load;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -125,7 +126,21 @@ pub struct State {
     membership: Notify,
     /// Term of the leader that wrote the map in use.
     term: std::sync::atomic::AtomicI64,
+    /// Set by [`drain`]; every registration from then on writes `draining: true`.
+    draining: AtomicBool,
+    /// The registration of the session that is up (None between sessions). Held while
+    /// `nodes/<id>` is written, so a registration and [`drain`] never interleave.
+    registration: tokio::sync::Mutex<Option<Registration>>,
+    /// Counts registrations, so [`drain`] can wait for the next session.
+    registered: watch::Sender<u64>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// What a session registered `nodes/<id>` with.
+struct Registration {
+    client: Client,
+    lease: i64,
+    record: NodeRecord,
 }
 
 impl State {
@@ -140,6 +155,9 @@ impl State {
             dynamic: watch::Sender::new(Arc::new(DynamicConfig::default())),
             membership: Notify::new(),
             term: std::sync::atomic::AtomicI64::new(0),
+            draining: AtomicBool::new(false),
+            registration: tokio::sync::Mutex::new(None),
+            registered: watch::Sender::new(0),
             task: Mutex::new(None),
         })
     }
@@ -160,6 +178,11 @@ impl State {
             f(&mut v);
             v
         });
+    }
+
+    /// True once [`drain`] was called.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Waits (bounded) for the session task to finish after shutdown began: it revokes the
@@ -239,6 +262,7 @@ async fn supervise(node: Arc<Node>, state: Arc<State>) {
         }
         let started = Instant::now();
         let result = session(&node, &state, &mut lease).await;
+        *state.registration.lock().await = None;
         node.metrics.cluster_etcd_up.set(0);
         node.metrics.cluster_is_leader.set(0);
         let error = match result {
@@ -314,8 +338,9 @@ async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: keys::timestamp(node.started_at),
         partitions: state.partitions,
+        draining: false,
     };
-    register(&mut client, state, &record, lease).await?;
+    register(&mut client, state, record, lease).await?;
 
     // Current state, then every change after it.
     let all = timed("list", t, client.get(state.keys.root(), Some(GetOptions::new().with_prefix()))).await?;
@@ -373,8 +398,73 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Writes `nodes/<id>` under `lease`, unless another live process holds that id.
-async fn register(client: &mut Client, state: &State, record: &NodeRecord, lease: i64) -> Result<(), Error> {
+/// Writes `nodes/<id>` under `lease` (draining if [`drain`] was called), unless another
+/// live process holds that id, and makes it the registration [`drain`] rewrites.
+async fn register(client: &mut Client, state: &State, mut record: NodeRecord, lease: i64) -> Result<(), Error> {
+    let mut slot = state.registration.lock().await;
+    // Read under the lock: a `drain` either came before (and is seen here) or comes after
+    // (and rewrites what this writes).
+    record.draining = state.draining();
+    write_registration(client, state, &record, lease).await?;
+    *slot = Some(Registration { client: client.clone(), lease, record });
+    drop(slot);
+    state.registered.send_modify(|n| *n += 1);
+    Ok(())
+}
+
+/// Marks this node draining in etcd (rewrites nodes/<id> under the current lease with
+/// draining = true) so the leader moves its partitions away. Returns once etcd has the
+/// record, or an error after etcd_timeout.
+///
+/// Every later registration (after an etcd session restart) writes `draining: true` too.
+/// Without a session up, it waits (within the same bound) for the next one to register.
+/// Standalone nodes have nothing to drain: `Ok` at once.
+pub async fn drain(node: &Arc<Node>) -> Result<(), Error> {
+    let Some(state) = node.cluster.clone() else { return Ok(()) };
+    let first = !state.draining.swap(true, Ordering::SeqCst);
+    node.metrics.cluster_draining.set(1);
+    if first {
+        tracing::info!(node = %state.node_id, "draining: asking the leader to move this node's partitions away");
+    }
+    let t = state.config.etcd_timeout;
+    let mut registered = state.registered.subscribe();
+    let mut last: Option<Error> = None;
+    let attempt = async {
+        loop {
+            registered.borrow_and_update();
+            {
+                let mut slot = state.registration.lock().await;
+                if let Some(reg) = slot.as_mut() {
+                    if reg.record.draining {
+                        return;
+                    }
+                    let record = NodeRecord { draining: true, ..reg.record.clone() };
+                    match write_registration(&mut reg.client, &state, &record, reg.lease).await {
+                        Ok(()) => {
+                            reg.record = record;
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not mark this node draining; retrying with the next session");
+                            last = Some(e);
+                        }
+                    }
+                }
+            }
+            // No session, or this one failed: the next registration writes `draining`.
+            if registered.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    match tokio::time::timeout(t, attempt).await {
+        Ok(()) => Ok(()),
+        Err(_) => Err(last.unwrap_or(Error::Timeout("mark node draining"))),
+    }
+}
+
+/// Writes `record` as `nodes/<id>` under `lease`, unless another live process holds it.
+async fn write_registration(client: &mut Client, state: &State, record: &NodeRecord, lease: i64) -> Result<(), Error> {
     let key = state.keys.node(&state.node_id);
     let json = serde_json::to_string_pretty(record).expect("node record serializes");
     let put = || TxnOp::put(key.clone(), json.clone(), Some(PutOptions::new().with_lease(lease)));
@@ -538,11 +628,14 @@ fn install_map(node: &Node, state: &State, m: &MapRecord) -> bool {
         return false;
     }
     state.term.store(m.term, std::sync::atomic::Ordering::Relaxed);
-    if current.epoch == m.epoch && current.owners == m.owners {
+    // Entries of partitions that do not exist (a hand-edited map) are left out.
+    let moved: BTreeMap<_, _> =
+        m.moved.iter().filter(|(p, _)| **p < m.partitions).map(|(p, v)| (*p, v.clone())).collect();
+    if current.epoch == m.epoch && current.owners == m.owners && current.moved == moved {
         return true;
     }
     let owned = m.owners.iter().filter(|o| **o == state.node_id).count();
-    node.map.store(Arc::new(PartitionMap { epoch: m.epoch, owners: m.owners.clone() }));
+    node.map.store(Arc::new(PartitionMap { epoch: m.epoch, owners: m.owners.clone(), moved }));
     node.metrics.cluster_map_epoch.set(m.epoch as i64);
     node.metrics.cluster_owned_partitions.set(owned as i64);
     tracing::info!(epoch = m.epoch, leader = %m.leader, owned, "partition map installed");
@@ -561,7 +654,7 @@ async fn release_lost(node: &Node, state: &State, before: &PartitionMap) {
         let now = after.owner(p as u32).unwrap_or_default();
         if *was == state.node_id && now != state.node_id {
             let reason = format!("partition moved to node {now} (map epoch {}); subscribe there", after.epoch);
-            let _ = node.send_to(p as u32, crate::owner::Command::Release(reason)).await;
+            let _ = node.send_to(p as u32, crate::owner::Command::Seal(reason, None)).await;
         }
     }
 }

@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::upstream::Upstream;
 use super::wire::{self, Answer, Frame, Op, WireError};
 use crate::node::Node;
 use crate::protocol::{ErrorCode, OpError};
@@ -32,6 +33,11 @@ pub struct Link {
     tx: mpsc::Sender<(u64, Vec<u8>)>,
     pending: Mutex<HashMap<u64, Waiter>>,
     next_id: AtomicU64,
+    /// Upstream subscriptions whose pushes arrive on this link, by their id. Read for
+    /// every push (lock-free), replaced when one is added or removed.
+    subs: ArcSwap<HashMap<u64, Arc<Upstream>>>,
+    /// Bumped every time the connection drops: upstreams on it must resubscribe.
+    down: watch::Sender<u64>,
 }
 
 /// Every outgoing link of a node, created on first use.
@@ -51,7 +57,8 @@ impl Links {
         Arc::new(Self { node, secret, links: ArcSwap::from_pointee(HashMap::new()) })
     }
 
-    fn link(&self, peer: &str) -> Arc<Link> {
+    /// The link to `peer`, created (and its connection task started) on first use.
+    pub fn link(&self, peer: &str) -> Arc<Link> {
         if let Some(l) = self.links.load().get(peer) {
             return l.clone();
         }
@@ -67,6 +74,8 @@ impl Links {
                     tx,
                     pending: Mutex::new(HashMap::new()),
                     next_id: AtomicU64::new(1),
+                    subs: ArcSwap::from_pointee(HashMap::new()),
+                    down: watch::channel(0).0,
                 });
                 created = Some((link.clone(), rx));
                 map.insert(peer.to_string(), link);
@@ -82,7 +91,14 @@ impl Links {
     /// Queues `op` for `peer` tagged with map `epoch` now (so requests from one caller keep
     /// their order on the link); the returned [`Pending`] waits for the reply.
     pub fn send(&self, peer: &str, epoch: u64, op: Op) -> Result<Pending, WireError> {
-        let link = self.link(peer);
+        self.link(peer).send(epoch, op)
+    }
+}
+
+impl Link {
+    /// Queues `op` on this link; see [`Links::send`].
+    pub fn send(self: &Arc<Self>, epoch: u64, op: Op) -> Result<Pending, WireError> {
+        let (link, peer) = (self.clone(), &self.peer);
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         link.pending.lock().expect("pending").insert(id, tx);
@@ -118,6 +134,34 @@ impl Pending {
 }
 
 impl Link {
+    /// The peer's node id.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Routes pushes tagged `sub` to `upstream`.
+    pub fn register(&self, sub: u64, upstream: Arc<Upstream>) {
+        self.subs.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(sub, upstream.clone());
+            m
+        });
+    }
+
+    /// Stops routing pushes tagged `sub`.
+    pub fn unregister(&self, sub: u64) {
+        self.subs.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.remove(&sub);
+            m
+        });
+    }
+
+    /// Changes every time the connection drops.
+    pub fn downs(&self) -> watch::Receiver<u64> {
+        self.down.subscribe()
+    }
+
     fn fail_pending(&self, why: &str) {
         let waiters: Vec<Waiter> = self.pending.lock().expect("pending").drain().map(|(_, w)| w).collect();
         for w in waiters {
@@ -146,6 +190,7 @@ async fn run(node: Weak<Node>, secret: String, link: Arc<Link>, mut rx: mpsc::Re
             tracing::debug!(peer = %link.peer, error = %e, "peer link down");
         }
         link.fail_pending("lost; outcome unknown");
+        link.down.send_modify(|n| *n += 1);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
@@ -186,6 +231,11 @@ async fn pump(
                     Ok(Frame::Reply { id, result }) => {
                         if let Some(w) = link.pending.lock().expect("pending").remove(&id) {
                             let _ = w.send(result);
+                        }
+                    }
+                    Ok(Frame::Push { sub, offset, frame, end }) => {
+                        if let Some(up) = link.subs.load().get(&sub) {
+                            up.on_push(sub, offset, frame, end);
                         }
                     }
                     Ok(Frame::Request { .. }) => return Err("peer sent a request on an outgoing link".into()),

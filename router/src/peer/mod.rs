@@ -6,6 +6,7 @@
 //! in-memory map only, and every remote call has a deadline.
 
 pub mod link;
+pub mod upstream;
 pub mod wire;
 
 use std::sync::Arc;
@@ -17,7 +18,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::node::{Node, Route};
-use crate::owner::PublishRequest;
+use std::collections::HashMap;
+
+use crate::owner::{PublishRequest, Start};
+use crate::protocol::StartFrom;
 use crate::protocol::{ErrorCode, OpError};
 use wire::{Answer, Frame, Op, WireError};
 
@@ -27,14 +31,6 @@ const ATTEMPTS: usize = 5;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests one incoming link runs at once; beyond that it stops reading (backpressure).
 const IN_FLIGHT: usize = 1024;
-
-fn op_name(op: &Op) -> &'static str {
-    match op {
-        Op::Publish { .. } => "publish",
-        Op::History { .. } => "history",
-        Op::Commit { .. } => "commit",
-    }
-}
 
 /// Runs `op` on this node, which must own its channel.
 pub async fn execute(node: &Arc<Node>, op: Op) -> Result<Answer, OpError> {
@@ -49,6 +45,17 @@ pub async fn execute(node: &Arc<Node>, op: Op) -> Result<Answer, OpError> {
         Op::History { channel, since, limit } => node.history_local(&channel, since, limit).await.map(Answer::history),
         Op::Commit { channel, consumer, offset } => {
             node.commit_local(&channel, consumer, offset).await.map(|()| Answer::Committed)
+        }
+        Op::Info { channel, consumer } => node.info_local(&channel, consumer).await.map(|f| {
+            Answer::Info(wire::ChannelInfo {
+                epoch: f.epoch.to_string(),
+                top: f.top,
+                first: f.first,
+                committed: f.committed,
+            })
+        }),
+        Op::Subscribe { .. } | Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } => {
+            Err(OpError::internal(format!("{} is not run locally", op.name())))
         }
     }
 }
@@ -87,7 +94,7 @@ impl Started {
             Started::Local(node, op) => return execute(&node, op).await,
             Started::Remote(node, op, owner, epoch, pending) => (node, op, owner, epoch, pending),
         };
-        let name = op_name(&op);
+        let name = op.name();
         for _ in 0..ATTEMPTS {
             match pending.wait(REQUEST_TIMEOUT).await {
                 Ok(answer) => {
@@ -115,15 +122,27 @@ impl Started {
     }
 }
 
-async fn wait_for_epoch(node: &Node, epoch: u64) {
+/// Waits (at most a second) until this node's map reaches `epoch`.
+pub async fn wait_for_epoch(node: &Node, epoch: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     while node.map.load().epoch < epoch && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
+/// Pushes queued for one incoming link's upstream subscriptions before it counts as too
+/// slow and is closed (the gateway reconnects and catches up).
+const PUSH_QUEUE: usize = 65_536;
+/// The same bound in bytes.
+const PUSH_BYTES: usize = 256 << 20;
+
+/// The upstream subscriptions registered on one incoming link: the owner's id for each
+/// (what its outbox deliveries carry) → the gateway's id and the channel.
+type LinkSubs = Arc<std::sync::Mutex<HashMap<u64, (u64, String)>>>;
+
 /// Serves one incoming link: runs each request (if this node owns the channel; otherwise
-/// answers with a redirect) and writes the replies back, in completion order.
+/// answers with a redirect) and writes the replies back, in completion order, together
+/// with the pushes of the upstream subscriptions registered on it.
 pub async fn serve<S>(node: Arc<Node>, ws: WebSocketStream<S>, peer: String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -137,20 +156,32 @@ where
             }
         }
     });
+    let (outbox, inbox) = crate::outbox::outbox(PUSH_QUEUE, PUSH_BYTES);
+    let subs: LinkSubs = Arc::default();
+    let pusher = tokio::spawn(push_loop(node.clone(), inbox, outbox.clone(), subs.clone(), tx.clone()));
+    let link = Incoming { outbox: outbox.clone(), subs: subs.clone() };
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut shutdown = node.shutdown.clone();
+    let slow = outbox.slow_signal.notified();
+    tokio::pin!(slow);
+    slow.as_mut().enable();
     tracing::info!(%peer, "peer link accepted");
     loop {
         // At most IN_FLIGHT requests run; beyond that the peer's frames wait in TCP.
         let permit = permits.clone().acquire_owned().await.expect("semaphore open");
+        if outbox.is_slow() {
+            tracing::warn!(%peer, "peer link too slow for its pushes; closing it");
+            break;
+        }
         let msg = tokio::select! {
             m = stream.next() => m,
             _ = shutdown.changed() => break,
+            _ = &mut slow => continue,
         };
         let (id, epoch, op) = match msg {
             Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
                 Ok(Frame::Request { id, epoch, op }) => (id, epoch, op),
-                Ok(Frame::Reply { .. }) | Err(_) => {
+                Ok(Frame::Reply { .. } | Frame::Push { .. }) | Err(_) => {
                     tracing::warn!(%peer, "bad frame on a peer link; closing it");
                     break;
                 }
@@ -160,7 +191,7 @@ where
         };
         // Writes enter the owner's mailbox here, in the order the link carried them;
         // only the wait for durability runs concurrently.
-        let begun = begin(&node, epoch, op).await;
+        let begun = begin(&node, &link, epoch, op).await;
         let (node, tx) = (node.clone(), tx.clone());
         tokio::spawn(async move {
             let result = begun.finish(&node).await;
@@ -168,27 +199,86 @@ where
             drop(permit);
         });
     }
+    // The link's upstream subscriptions end with it: the gateway resubscribes.
+    pusher.abort();
+    let left: Vec<(u64, (u64, String))> = subs.lock().expect("link subs").drain().collect();
+    node.metrics.peer_subscriptions.sub(left.len() as i64);
+    for (local, (_, channel)) in left {
+        node.unsubscribe(&channel, local).await;
+    }
     drop(tx);
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, writer).await;
     tracing::info!(%peer, "peer link closed");
 }
 
+/// Turns the owners' deliveries for this link's upstream subscriptions into push frames.
+async fn push_loop(
+    node: Arc<Node>,
+    mut inbox: crate::outbox::Inbox,
+    outbox: Arc<crate::outbox::Outbox>,
+    subs: LinkSubs,
+    tx: mpsc::Sender<Vec<u8>>,
+) {
+    while let Some(d) = inbox.recv(&outbox).await {
+        let remote = {
+            let mut subs = subs.lock().expect("link subs");
+            let remote = subs.get(&d.sub).map(|(r, _)| *r);
+            if d.end && subs.remove(&d.sub).is_some() {
+                node.metrics.peer_subscriptions.dec();
+            }
+            remote
+        };
+        let Some(sub) = remote else { continue };
+        let frame = Frame::Push { sub, offset: d.offset, frame: d.frame.as_str().to_owned(), end: d.end };
+        if tx.send(wire::encode(&frame)).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// One incoming link's state that requests touch.
+struct Incoming {
+    outbox: Arc<crate::outbox::Outbox>,
+    subs: LinkSubs,
+}
+
 /// A request accepted by the owner: its write (if any) is already in the mailbox.
 enum Begun {
-    Published(tokio::sync::oneshot::Receiver<Result<crate::protocol::PublishOk, OpError>>),
-    Committed(tokio::sync::oneshot::Receiver<Result<(), OpError>>),
+    Published(String, tokio::sync::oneshot::Receiver<Result<crate::protocol::PublishOk, OpError>>),
+    Committed(String, tokio::sync::oneshot::Receiver<Result<(), OpError>>),
+    Subscribed(tokio::sync::oneshot::Receiver<Result<crate::owner::Grant, OpError>>),
     History(String, u64, u32),
+    Info(String, Option<String>),
+    Pull(u32, u64, Option<(String, u64)>),
+    Pulled(u32, u64),
     Done(Result<Answer, WireError>),
 }
 
-async fn begin(node: &Arc<Node>, epoch: u64, op: Op) -> Begun {
+async fn begin(node: &Arc<Node>, link: &Incoming, epoch: u64, op: Op) -> Begun {
     let err = |e: OpError| Begun::Done(Err(WireError::op(&e)));
+    match op {
+        Op::Pull { partition, moved_at, cursor } => return Begun::Pull(partition, moved_at, cursor),
+        Op::Pulled { partition, moved_at } => return Begun::Pulled(partition, moved_at),
+        Op::Unsubscribe { channel, sub } => {
+            // Wherever the map now puts the channel: the owner here still holds it.
+            let local = {
+                let mut subs = link.subs.lock().expect("link subs");
+                let local = subs.iter().find(|(_, (r, _))| *r == sub).map(|(l, _)| *l);
+                local.inspect(|l| {
+                    subs.remove(l);
+                })
+            };
+            if let Some(local) = local {
+                node.metrics.peer_subscriptions.dec();
+                node.unsubscribe(&channel, local).await;
+            }
+            return Begun::Done(Ok(Answer::Done));
+        }
+        _ => {}
+    }
     match node.locate(op.channel()) {
         Err(e) => return err(e),
-        Ok(Route::Remote { owner, epoch: ours }) => {
-            let e = OpError::new(ErrorCode::Unavailable, format!("not the owner (map epoch {ours}, sender's {epoch})"));
-            return Begun::Done(Err(WireError { redirect: Some((owner, ours)), ..WireError::op(&e) }));
-        }
+        Ok(Route::Remote { owner, epoch: ours }) => return redirect(owner, ours, epoch),
         Ok(Route::Local(_)) => {}
     }
     match op {
@@ -197,17 +287,38 @@ async fn begin(node: &Arc<Node>, epoch: u64, op: Op) -> Begun {
                 Ok(d) => d,
                 Err(e) => return err(OpError::bad_request(format!("data is not JSON: {e}"))),
             };
+            let name = channel.clone();
             match node.publish_enqueue(PublishRequest { channel, data, key, idempotency_key, from }).await {
-                Ok(rx) => Begun::Published(rx),
+                Ok(rx) => Begun::Published(name, rx),
                 Err(e) => err(e),
             }
         }
         Op::Commit { channel, consumer, offset } => match node.commit_enqueue(&channel, consumer, offset).await {
-            Ok(rx) => Begun::Committed(rx),
+            Ok(rx) => Begun::Committed(channel, rx),
             Err(e) => err(e),
         },
         Op::History { channel, since, limit } => Begun::History(channel, since, limit),
+        Op::Info { channel, consumer } => Begun::Info(channel, consumer),
+        Op::Subscribe { channel, sub } => {
+            let local = node.next_id();
+            link.subs.lock().expect("link subs").insert(local, (sub, channel.clone()));
+            let start = Start::From(StartFrom::Latest);
+            match node.subscribe(&channel, local, link.outbox.clone(), start).await {
+                Ok(rx) => Begun::Subscribed(rx),
+                Err(e) => {
+                    link.subs.lock().expect("link subs").remove(&local);
+                    err(e)
+                }
+            }
+        }
+        Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } => unreachable!("handled above"),
     }
+}
+
+/// "Not the owner": the owner by this node's map `ours`, for a sender that routed by `theirs`.
+fn redirect(owner: String, ours: u64, theirs: u64) -> Begun {
+    let e = OpError::new(ErrorCode::Unavailable, format!("not the owner (map epoch {ours}, sender's {theirs})"));
+    Begun::Done(Err(WireError { redirect: Some((owner, ours)), ..WireError::op(&e) }))
 }
 
 impl Begun {
@@ -215,15 +326,37 @@ impl Begun {
         let gone = || WireError::op(&OpError::new(ErrorCode::Unavailable, "owner stopped"));
         let result = match self {
             Begun::Done(r) => return r,
-            Begun::Published(rx) => rx
-                .await
-                .map_err(|_| gone())?
-                .map(|ok| Answer::Published { offset: ok.offset, epoch: ok.epoch.to_string() }),
-            Begun::Committed(rx) => rx.await.map_err(|_| gone())?.map(|()| Answer::Committed),
+            Begun::Published(channel, rx) => {
+                let ok = rx.await.map_err(|_| gone())?.map_err(|e| sealed(node, &channel, &e))?;
+                return Ok(Answer::Published { offset: ok.offset, epoch: ok.epoch.to_string() });
+            }
+            Begun::Committed(channel, rx) => {
+                rx.await.map_err(|_| gone())?.map_err(|e| sealed(node, &channel, &e))?;
+                return Ok(Answer::Committed);
+            }
+            Begun::Subscribed(rx) => rx.await.map_err(|_| gone())?.map(|g| {
+                node.metrics.peer_subscriptions.inc();
+                Answer::Subscribed { epoch: g.epoch.to_string(), top: g.top }
+            }),
             Begun::History(channel, since, limit) => {
                 node.history_local(&channel, since, limit).await.map(Answer::history)
             }
+            Begun::Info(channel, consumer) => execute(node, Op::Info { channel, consumer }).await,
+            Begun::Pull(p, moved_at, cursor) => crate::handover::serve_pull(node, p, moved_at, cursor).await,
+            Begun::Pulled(p, moved_at) => crate::handover::serve_pulled(node, p, moved_at).await.map(|()| Answer::Done),
         };
         result.map_err(|e| WireError::op(&e))
+    }
+}
+
+/// A write that met a sealed partition was not stored: the gateway is sent on to the
+/// owner the map now names, and retries there.
+fn sealed(node: &Node, channel: &str, e: &OpError) -> WireError {
+    let map = node.map.load();
+    match map.owner(node.partition(channel)) {
+        Some(owner) if e.message == crate::owner::SEALED && owner != node.config.node_id => {
+            WireError { redirect: Some((owner.to_string(), map.epoch)), ..WireError::op(e) }
+        }
+        _ => WireError::op(e),
     }
 }

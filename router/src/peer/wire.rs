@@ -33,6 +33,18 @@ pub enum Frame {
         /// The outcome.
         result: Result<Answer, WireError>,
     },
+    /// Owner → gateway: a message for an upstream subscription, as the owner serialized
+    /// it for its own clients (the gateway forwards the same text to every local subscriber).
+    Push {
+        /// The gateway's id for the upstream subscription.
+        sub: u64,
+        /// Message offset.
+        offset: u64,
+        /// The `message` push frame (JSON text), or the `unsubscribed` push when `end`.
+        frame: String,
+        /// The owner has ended the subscription (its partition moved).
+        end: bool,
+    },
 }
 
 /// An operation forwarded to a partition's owner.
@@ -69,13 +81,73 @@ pub enum Op {
         /// Offset.
         offset: u64,
     },
+    /// Register an upstream subscription: push every message above the current top to the
+    /// gateway as [`Frame::Push`] tagged `sub`.
+    Subscribe {
+        /// Channel.
+        channel: String,
+        /// The gateway's id for it (unique per gateway).
+        sub: u64,
+    },
+    /// Drop an upstream subscription.
+    Unsubscribe {
+        /// Channel.
+        channel: String,
+        /// The gateway's id for it.
+        sub: u64,
+    },
+    /// The channel's epoch, acknowledged top, first retained offset and, if asked, a
+    /// consumer's committed offset: what a gateway needs to grant a local subscription.
+    Info {
+        /// Channel.
+        channel: String,
+        /// Durable consumer name.
+        consumer: Option<String>,
+    },
+    /// Handover: the next chunk of a partition this node lost, for its new owner. The
+    /// first pull seals the partition here.
+    Pull {
+        /// The partition.
+        partition: u32,
+        /// The map epoch of the move.
+        moved_at: u64,
+        /// Resume after this `(channel, offset)`; None for the start.
+        cursor: Option<(String, u64)>,
+    },
+    /// Handover: the new owner has the partition durably; the old owner drops its copy.
+    Pulled {
+        /// The partition.
+        partition: u32,
+        /// The map epoch of the move.
+        moved_at: u64,
+    },
 }
 
 impl Op {
     /// The channel the operation is for.
     pub fn channel(&self) -> &str {
         match self {
-            Op::Publish { channel, .. } | Op::History { channel, .. } | Op::Commit { channel, .. } => channel,
+            Op::Publish { channel, .. }
+            | Op::History { channel, .. }
+            | Op::Commit { channel, .. }
+            | Op::Subscribe { channel, .. }
+            | Op::Unsubscribe { channel, .. }
+            | Op::Info { channel, .. } => channel,
+            Op::Pull { .. } | Op::Pulled { .. } => "",
+        }
+    }
+
+    /// The operation's name, for metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Publish { .. } => "publish",
+            Op::History { .. } => "history",
+            Op::Commit { .. } => "commit",
+            Op::Subscribe { .. } => "subscribe",
+            Op::Unsubscribe { .. } => "unsubscribe",
+            Op::Info { .. } => "info",
+            Op::Pull { .. } => "pull",
+            Op::Pulled { .. } => "pulled",
         }
     }
 
@@ -107,11 +179,51 @@ pub enum Answer {
         epoch: String,
         /// Channel top.
         offset: u64,
+        /// First retained offset.
+        first: u64,
         /// `(offset, message)`, oldest first.
         messages: Vec<(u64, StoredMessage)>,
     },
     /// A commit is durable.
     Committed,
+    /// An upstream subscription is registered; pushes follow for offsets above `top`.
+    Subscribed {
+        /// Channel epoch.
+        epoch: String,
+        /// Acknowledged top when it was registered.
+        top: u64,
+    },
+    /// Channel facts for a local grant.
+    Info(ChannelInfo),
+    /// A handover chunk.
+    Chunk(Chunk),
+    /// Nothing to say (unsubscribe, pulled).
+    Done,
+}
+
+/// What a gateway needs to know about a channel to grant a local subscription.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    /// Channel epoch.
+    pub epoch: String,
+    /// Acknowledged top.
+    pub top: u64,
+    /// First retained offset.
+    pub first: u64,
+    /// The consumer's committed offset (0 if none), when one was asked for.
+    pub committed: Option<u64>,
+}
+
+/// One step of a partition handover: whole channels' metadata and consumer offsets, and
+/// messages in `(channel, offset)` order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Channels whose transfer starts in this chunk: name, metadata, consumer offsets.
+    pub channels: Vec<(String, crate::store::ChannelMeta, Vec<(String, u64)>)>,
+    /// Messages: channel, offset, message.
+    pub messages: Vec<(String, u64, StoredMessage)>,
+    /// Where the next pull resumes; None when this was the last chunk.
+    pub next: Option<(String, u64)>,
 }
 
 /// A failed answer: a protocol error, or a redirect to the partition's current owner.
@@ -144,6 +256,7 @@ impl Answer {
         Answer::History {
             epoch: page.epoch,
             offset: page.offset,
+            first: page.first,
             messages: page
                 .messages
                 .into_iter()
@@ -158,7 +271,7 @@ impl Answer {
 
     /// The page back, for `channel`.
     pub fn into_history(self, channel: &str) -> Result<HistoryPage, OpError> {
-        let Answer::History { epoch, offset, messages } = self else {
+        let Answer::History { epoch, offset, first, messages } = self else {
             return Err(OpError::internal("peer answered history with another answer"));
         };
         let (name, ep): (std::sync::Arc<str>, std::sync::Arc<str>) = (channel.into(), epoch.as_str().into());
@@ -170,7 +283,7 @@ impl Answer {
                 Ok(OwnedMessage { channel: name.clone(), epoch: ep.clone(), offset, msg, data })
             })
             .collect::<Result<_, OpError>>()?;
-        Ok(HistoryPage { epoch, offset, messages })
+        Ok(HistoryPage { epoch, offset, first, messages })
     }
 
     /// A publish ack back.

@@ -1,0 +1,306 @@
+//! Partition handover: moving a partition's state to its new owner when the map moves it.
+//!
+//! It owns both sides. The old owner seals a partition it lost (its owner task ends every
+//! subscription with 4100, drops the in-memory state and refuses later writes, which
+//! gateways then retry at the new owner) and serves the sealed state from its store in
+//! chunks over the peer link. The new owner holds the partition's mailbox closed (every
+//! command for it waits) while it pulls the chunks, writes them to its own store and
+//! fsyncs, then opens the mailbox and tells the old owner, which drops its copy. If the
+//! old owner is gone (crashed), or cannot be reached before a deadline, the new owner
+//! starts the partition from what it has: nothing trustworthy, so its stale copy is
+//! cleared and channels restart under new epochs. It must never run on the message path:
+//! everything here happens once per partition move.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::node::Node;
+use crate::owner::Command;
+use crate::partition::{PartitionId, PartitionMap};
+use crate::peer::wire::{Answer, Chunk, Op};
+use crate::protocol::{ErrorCode, OpError};
+
+/// Messages per handover chunk.
+const CHUNK_MESSAGES: usize = 2000;
+/// Payload bytes per handover chunk (a chunk may exceed it by one message).
+const CHUNK_BYTES: usize = 4 << 20;
+/// Channels whose metadata one chunk carries.
+const CHUNK_CHANNELS: usize = 1000;
+/// Deadline of one pull.
+const PULL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new owner keeps trying to reach a live old owner before it starts the
+/// partition from what it has.
+const HANDOVER_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The handovers under way on this node.
+#[derive(Default)]
+pub struct Handovers {
+    /// Partitions being adopted here, with the map epoch of the move.
+    adopting: Mutex<HashMap<PartitionId, u64>>,
+    /// Partitions sealed here whose new owner has not confirmed the pull yet.
+    sealed: Mutex<HashSet<PartitionId>>,
+}
+
+impl Handovers {
+    /// Partitions sealed here and not yet taken by their new owner.
+    pub fn outstanding(&self) -> usize {
+        self.sealed.lock().expect("handovers").len()
+    }
+
+    /// Partitions being adopted here.
+    pub fn adopting(&self) -> usize {
+        self.adopting.lock().expect("handovers").len()
+    }
+}
+
+/// Called with a new map before it is installed: for every partition it moves here that
+/// was not adopted yet, closes the partition's mailbox (so nothing routed by the new map
+/// runs on stale state) and starts pulling it from its old owner.
+pub fn before_install(node: &Arc<Node>, new: &PartitionMap) {
+    let me = node.config.node_id.as_str();
+    for p in 0..new.partitions() {
+        if new.owner(p) != Some(me) {
+            continue;
+        }
+        // No move record: the first map gave it here; what the store holds is current.
+        let Some(moved) = new.moved_from(p) else { continue };
+        if moved.from == me || node.store.adopted(p).ok().flatten() == Some(moved.epoch) {
+            continue;
+        }
+        {
+            let mut adopting = node.handovers.adopting.lock().expect("handovers");
+            if adopting.get(&p) == Some(&moved.epoch) {
+                continue;
+            }
+            adopting.insert(p, moved.epoch);
+        }
+        let (done, rx) = oneshot::channel();
+        node.hold(p, Command::Adopt(rx));
+        tokio::spawn(adopt(node.clone(), p, moved.from.clone(), moved.epoch, done));
+    }
+}
+
+/// Called after a new map is installed: seals every partition this node owned in `before`
+/// and no longer owns, so its subscribers follow it and its writes go to the new owner.
+pub async fn after_install(node: &Arc<Node>, before: &PartitionMap) {
+    let after = node.map.load_full();
+    if after.epoch == before.epoch {
+        return;
+    }
+    let me = node.config.node_id.as_str();
+    for p in 0..before.partitions() {
+        if before.owner(p) == Some(me) && after.owner(p) != Some(me) {
+            let now = after.owner(p).unwrap_or_default();
+            let reason = format!("partition moved to node {now} (map epoch {}); subscribe again", after.epoch);
+            if node.peers.is_some() {
+                node.handovers.sealed.lock().expect("handovers").insert(p);
+            }
+            let _ = node.send_to(p, Command::Seal(reason, None)).await;
+        }
+    }
+}
+
+/// Pulls partition `p` from `from` into the store, then opens its mailbox.
+async fn adopt(node: Arc<Node>, p: PartitionId, from: String, moved_at: u64, done: oneshot::Sender<()>) {
+    let started = Instant::now();
+    let outcome = pull_all(&node, p, &from, moved_at).await;
+    let result = match outcome {
+        Ok(messages) => {
+            node.metrics.handover_messages.inc_by(messages);
+            tracing::info!(partition = p, %from, messages, elapsed = ?started.elapsed(), "partition handed over");
+            if let Some(links) = &node.peers {
+                let epoch = node.map.load().epoch;
+                if let Ok(pending) = links.send(&from, epoch, Op::Pulled { partition: p, moved_at }) {
+                    // The old owner's copy is only a leftover now; if this is lost, it
+                    // stays on its disk until the partition is adopted there again.
+                    tokio::spawn(async move {
+                        let _ = pending.wait(PULL_TIMEOUT).await;
+                    });
+                }
+            }
+            "ok"
+        }
+        Err(why) => {
+            tracing::warn!(partition = p, %from, %why, "no handover; starting the partition from what this node has (new epochs)");
+            if let Err(e) = start_fresh(&node, p, moved_at).await {
+                tracing::error!(partition = p, error = %e, "clearing a partition failed");
+            }
+            "lost"
+        }
+    };
+    node.metrics.handovers.with_label_values(&[result]).inc();
+    node.metrics.handover_seconds.observe(started.elapsed().as_secs_f64());
+    node.handovers.adopting.lock().expect("handovers").remove(&p);
+    let _ = done.send(());
+}
+
+/// Without the old owner, this node's copy of `p` (if any) is stale: clear it, so every
+/// channel restarts under a new epoch and recovering clients learn they missed messages.
+async fn start_fresh(node: &Node, p: PartitionId, moved_at: u64) -> Result<(), crate::store::StoreError> {
+    let mut batch = node.store.batch();
+    batch.clear_partition(p)?;
+    batch.write(false).await?;
+    let mut batch = node.store.batch();
+    batch.put_adopted(p, moved_at);
+    batch.write(true).await
+}
+
+/// Copies partition `p` from `from`; returns the number of messages moved.
+async fn pull_all(node: &Arc<Node>, p: PartitionId, from: &str, moved_at: u64) -> Result<u64, String> {
+    let links = node.peers.as_ref().ok_or("peer links are off (no cluster.secret)")?;
+    let deadline = Instant::now() + HANDOVER_DEADLINE;
+    let alive = |n: &Node| n.cluster.as_ref().is_some_and(|c| c.view().nodes.contains_key(from));
+    if !alive(node) {
+        return Err(format!("old owner {from} is not a member any more"));
+    }
+    let mut cursor = None;
+    let mut cleared = false;
+    let mut moved = 0u64;
+    loop {
+        let op = Op::Pull { partition: p, moved_at, cursor: cursor.clone() };
+        let answer = match links.send(from, node.map.load().epoch, op) {
+            Ok(pending) => pending.wait(PULL_TIMEOUT).await,
+            Err(e) => Err(e),
+        };
+        let chunk = match answer {
+            Ok(Answer::Chunk(c)) => c,
+            Ok(_) => return Err("old owner answered a pull with another answer".into()),
+            Err(e) => {
+                if Instant::now() > deadline || !alive(node) {
+                    return Err(format!("pulling from {from} failed: {}", e.message));
+                }
+                tracing::debug!(partition = p, %from, error = %e.message, "pull failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !cleared {
+            // A stale copy from an earlier ownership goes before the first chunk lands.
+            let mut batch = node.store.batch();
+            batch.clear_partition(p).map_err(|e| e.to_string())?;
+            batch.write(false).await.map_err(|e| e.to_string())?;
+            cleared = true;
+        }
+        moved += chunk.messages.len() as u64;
+        let next = chunk.next.clone();
+        let mut batch = node.store.batch();
+        for (name, meta, consumers) in &chunk.channels {
+            batch.put_meta(p, name, meta);
+            for (consumer, offset) in consumers {
+                batch.put_consumer(p, name, consumer, *offset);
+            }
+        }
+        for (name, offset, msg) in &chunk.messages {
+            batch.put_message(p, name, *offset, msg);
+        }
+        if next.is_none() {
+            batch.put_adopted(p, moved_at);
+        }
+        // Only the last batch needs the fsync: it covers every earlier one.
+        batch.write(next.is_none()).await.map_err(|e| e.to_string())?;
+        match next {
+            Some(c) => cursor = Some(c),
+            None => return Ok(moved),
+        }
+    }
+}
+
+/// The old owner's side of a pull: seals `p` (once every write it accepted is durable)
+/// and reads the next chunk from its store.
+pub async fn serve_pull(
+    node: &Arc<Node>,
+    p: PartitionId,
+    moved_at: u64,
+    cursor: Option<(String, u64)>,
+) -> Result<Answer, OpError> {
+    if p >= node.config.partitions {
+        return Err(OpError::bad_request(format!("no partition {p}")));
+    }
+    if node.map.load().epoch < moved_at {
+        crate::peer::wait_for_epoch(node, moved_at).await;
+    }
+    let map = node.map.load();
+    if map.epoch < moved_at {
+        return Err(OpError::new(ErrorCode::Unavailable, format!("map epoch {moved_at} not seen here yet")));
+    }
+    if map.owner(p) == Some(node.config.node_id.as_str()) {
+        return Err(OpError::new(ErrorCode::Unavailable, format!("partition {p} is owned here")));
+    }
+    if cursor.is_none() {
+        let (tx, rx) = oneshot::channel();
+        node.handovers.sealed.lock().expect("handovers").insert(p);
+        let reason = format!("partition moved (map epoch {moved_at}); subscribe again");
+        node.send_to(p, Command::Seal(reason, Some(tx))).await?;
+        rx.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?;
+    }
+    let store = node.store.clone();
+    tokio::task::spawn_blocking(move || read_chunk(&store, p, cursor))
+        .await
+        .map_err(|e| OpError::internal(e.to_string()))?
+        .map(Answer::Chunk)
+        .map_err(|e| OpError::internal(e.to_string()))
+}
+
+/// The next chunk of sealed partition `p` after `cursor`: `(channel, offset)` means the
+/// channel's metadata and its messages up to `offset` were sent.
+fn read_chunk(
+    store: &crate::store::Store,
+    p: PartitionId,
+    cursor: Option<(String, u64)>,
+) -> Result<Chunk, crate::store::StoreError> {
+    let mut chunk = Chunk { channels: Vec::new(), messages: Vec::new(), next: None };
+    let mut bytes = 0usize;
+    for (name, meta) in store.partition_channels(p, cursor.as_ref().map(|c| c.0.as_str()))? {
+        let mut after = match &cursor {
+            Some((c, o)) if *c == name => *o,
+            _ => {
+                if chunk.channels.len() >= CHUNK_CHANNELS {
+                    break;
+                }
+                let consumers = store.consumers_of(p, &name)?;
+                chunk.channels.push((name.clone(), meta.clone(), consumers));
+                0
+            }
+        };
+        loop {
+            let room = CHUNK_MESSAGES - chunk.messages.len();
+            let rows = store.read_messages(p, &name, after, meta.top, room)?;
+            let full = rows.len() == room;
+            for (offset, msg) in rows {
+                bytes += msg.data.len();
+                after = offset;
+                chunk.messages.push((name.clone(), offset, msg));
+            }
+            if chunk.messages.len() >= CHUNK_MESSAGES || bytes >= CHUNK_BYTES {
+                chunk.next = Some((name, after));
+                return Ok(chunk);
+            }
+            if !full {
+                break;
+            }
+        }
+        // This channel is complete.
+        chunk.next = Some((name, u64::MAX));
+    }
+    // Ran out of channels (or of room for metadata, which `next` then resumes after).
+    if chunk.channels.len() < CHUNK_CHANNELS {
+        chunk.next = None;
+    }
+    Ok(chunk)
+}
+
+/// The new owner has `p` durably: drop the copy here, unless the partition came back.
+pub async fn serve_pulled(node: &Arc<Node>, p: PartitionId, moved_at: u64) -> Result<(), OpError> {
+    let mine = node.map.load().owner(p) == Some(node.config.node_id.as_str());
+    if !mine && node.handovers.adopting.lock().expect("handovers").get(&p).is_none() {
+        let mut batch = node.store.batch();
+        batch.clear_partition(p).map_err(|e| OpError::internal(e.to_string()))?;
+        batch.write(false).await.map_err(|e| OpError::internal(e.to_string()))?;
+    }
+    node.handovers.sealed.lock().expect("handovers").remove(&p);
+    tracing::info!(partition = p, moved_at, "partition taken by its new owner; local copy dropped");
+    Ok(())
+}
