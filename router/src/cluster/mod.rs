@@ -2,7 +2,8 @@
 //!
 //! It owns the node's etcd session: connect with backoff, a lease kept alive every TTL/3
 //! (re-used after a reconnect while etcd still holds it, re-granted when lost), the
-//! `nodes/<id>` record under that lease, one prefix watch that keeps [`View`] and the
+//! `nodes/<id>` record under that lease (rewritten with `draining: true` by [`drain`] when
+//! the node shuts down, and kept so across sessions), one prefix watch that keeps [`View`] and the
 //! node's in-memory partition map current, the load reporter and the election/leader
 //! loop (`leader.rs`). When anything in a session fails, the whole session is torn down and
 //! re-created, so watches and keepalives never silently stop. It must never be on the
@@ -360,7 +361,7 @@ async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i
     };
     fresh.config = dynamic_now.clone();
     state.view.store(Arc::new(fresh));
-    release_lost(node, state, &map_before).await;
+    crate::handover::after_install(node, &map_before).await;
     set_dynamic(node, state, dynamic_now);
     state.membership.notify_one();
     let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
@@ -421,11 +422,8 @@ async fn register(client: &mut Client, state: &State, mut record: NodeRecord, le
 /// Standalone nodes have nothing to drain: `Ok` at once.
 pub async fn drain(node: &Arc<Node>) -> Result<(), Error> {
     let Some(state) = node.cluster.clone() else { return Ok(()) };
-    let first = !state.draining.swap(true, Ordering::SeqCst);
+    state.draining.store(true, Ordering::SeqCst);
     node.metrics.cluster_draining.set(1);
-    if first {
-        tracing::info!(node = %state.node_id, "draining: asking the leader to move this node's partitions away");
-    }
     let t = state.config.etcd_timeout;
     let mut registered = state.registered.subscribe();
     let mut last: Option<Error> = None;
@@ -436,13 +434,13 @@ pub async fn drain(node: &Arc<Node>) -> Result<(), Error> {
                 let mut slot = state.registration.lock().await;
                 if let Some(reg) = slot.as_mut() {
                     if reg.record.draining {
-                        return;
+                        return Ok(());
                     }
                     let record = NodeRecord { draining: true, ..reg.record.clone() };
                     match write_registration(&mut reg.client, &state, &record, reg.lease).await {
                         Ok(()) => {
                             reg.record = record;
-                            return;
+                            return Ok(());
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "could not mark this node draining; retrying with the next session");
@@ -453,12 +451,16 @@ pub async fn drain(node: &Arc<Node>) -> Result<(), Error> {
             }
             // No session, or this one failed: the next registration writes `draining`.
             if registered.changed().await.is_err() {
-                return;
+                return Err(Error::StreamEnded("registrations"));
             }
         }
     };
     match tokio::time::timeout(t, attempt).await {
-        Ok(()) => Ok(()),
+        Ok(Ok(())) => {
+            tracing::info!(node = %state.node_id, "node record marked draining");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(last.unwrap_or(Error::Timeout("mark node draining"))),
     }
 }
@@ -537,13 +539,15 @@ async fn watch_loop(node: &Arc<Node>, state: &Arc<State>, mut stream: etcd_clien
                 apply(node, state, &mut view, &mut dynamic, event.event_type(), kv)?;
             }
         }
+        // Any event under `nodes/`: a join or leave, and also a record rewritten in place (a
+        // member that turned draining), so the leader re-balances at once.
         let membership_changed =
             resp.events().iter().any(|e| e.kv().is_some_and(|kv| kv.key().starts_with(state.keys.nodes().as_bytes())));
         if let Some(d) = dynamic.clone() {
             view.config = d;
         }
         state.view.store(Arc::new(view));
-        release_lost(node, state, &map_before).await;
+        crate::handover::after_install(node, &map_before).await;
         if let Some(d) = dynamic {
             set_dynamic(node, state, d);
         }
@@ -556,7 +560,7 @@ async fn watch_loop(node: &Arc<Node>, state: &Arc<State>, mut stream: etcd_clien
 
 /// Applies one key to `view` (and the node's map). A `config` change lands in `dynamic`.
 fn apply(
-    node: &Node,
+    node: &Arc<Node>,
     state: &State,
     view: &mut View,
     dynamic: &mut Option<DynamicConfig>,
@@ -620,7 +624,7 @@ fn apply(
 
 /// Makes `m` the map commands are routed by, and returns true. A map older than the one
 /// in use is refused unless a newer leader wrote it (a restored or hand-edited etcd).
-fn install_map(node: &Node, state: &State, m: &MapRecord) -> bool {
+fn install_map(node: &Arc<Node>, state: &State, m: &MapRecord) -> bool {
     let current = node.map.load();
     let term = state.term.load(std::sync::atomic::Ordering::Relaxed);
     if m.epoch < current.epoch && m.term <= term {
@@ -635,28 +639,14 @@ fn install_map(node: &Node, state: &State, m: &MapRecord) -> bool {
         return true;
     }
     let owned = m.owners.iter().filter(|o| **o == state.node_id).count();
-    node.map.store(Arc::new(PartitionMap { epoch: m.epoch, owners: m.owners.clone(), moved }));
+    let map = PartitionMap { epoch: m.epoch, owners: m.owners.clone(), moved };
+    // Partitions moving here wait for their state before anything routed by this map runs.
+    crate::handover::before_install(node, &map);
+    node.map.store(Arc::new(map));
     node.metrics.cluster_map_epoch.set(m.epoch as i64);
     node.metrics.cluster_owned_partitions.set(owned as i64);
     tracing::info!(epoch = m.epoch, leader = %m.leader, owned, "partition map installed");
     true
-}
-
-/// Ends the subscriptions of partitions this node owned in `before` and does not own in
-/// the map now: their publishes go to the new owner, so the clients must follow (they get
-/// `unsubscribed` with code 4100 naming it, and recover there).
-async fn release_lost(node: &Node, state: &State, before: &PartitionMap) {
-    let after = node.map.load_full();
-    if after.epoch == before.epoch {
-        return;
-    }
-    for (p, was) in before.owners.iter().enumerate() {
-        let now = after.owner(p as u32).unwrap_or_default();
-        if *was == state.node_id && now != state.node_id {
-            let reason = format!("partition moved to node {now} (map epoch {}); subscribe there", after.epoch);
-            let _ = node.send_to(p as u32, crate::owner::Command::Seal(reason, None)).await;
-        }
-    }
 }
 
 fn set_dynamic(node: &Node, state: &State, d: DynamicConfig) {

@@ -1,0 +1,487 @@
+//! Cross-node routing under change (issue #5): partitions that move while publishers run,
+//! a drained node, a rolling restart, a crashed owner and a cut peer link. Real etcd, real
+//! router processes; publishers retry with idempotency keys (as a client library would),
+//! followers recover after `unsubscribed` or a close.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use switchyard_router::partition::partition_of;
+use switchyard_tests::etcd::{node_config, wait_converged, Etcd};
+use switchyard_tests::serde_json::{json, Value};
+use switchyard_tests::*;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+const P: u32 = 16;
+const SECRET: &str = "correct-horse-battery-staple";
+
+fn config(etcd: &Etcd, cluster: &str, id: &str, extra_cluster: &str) -> String {
+    format!("{}secret = \"{SECRET}\"\n{extra_cluster}", node_config(etcd, cluster, id, P, ""))
+}
+
+fn start(etcd: &Etcd, cluster: &str, id: &str) -> Node {
+    Node::start(&config(etcd, cluster, id, ""))
+}
+
+/// The addresses clients may connect to; tests update it as nodes restart.
+type Addrs = Arc<Mutex<Vec<SocketAddr>>>;
+
+fn addrs(nodes: &[&Node]) -> Addrs {
+    Arc::new(Mutex::new(nodes.iter().map(|n| n.addr()).collect()))
+}
+
+/// Connects to the first address in `addrs` (from `from` on, round robin) that answers.
+async fn connect_any(addrs: &Addrs, from: usize) -> Result<(Client, SocketAddr)> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut i = from;
+    loop {
+        let list = addrs.lock().unwrap().clone();
+        let addr = list[i % list.len()];
+        if let Ok(c) = Client::connect_to(addr).await {
+            return Ok((c, addr));
+        }
+        ensure!(Instant::now() < deadline, "no node accepted a connection within {DEADLINE:?}");
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One acknowledged publish.
+#[derive(Debug, Clone)]
+struct Acked {
+    n: u64,
+    offset: u64,
+    epoch: String,
+}
+
+/// Publishes `{"n": i}` to `channel` until told to stop, each with idempotency key
+/// `{tag}-{i}`, retrying a failed publish (same key) and reconnecting when the connection
+/// ends. Every reply must come within `answer_within`.
+fn steady_publisher(
+    addrs: Addrs,
+    home: usize,
+    channel: String,
+    tag: String,
+    answer_within: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Result<(Vec<Acked>, usize)>> {
+    tokio::spawn(async move {
+        let (mut client, _) = connect_any(&addrs, home).await?;
+        let mut acked = Vec::new();
+        let mut errors = 0;
+        let mut n = 0u64;
+        while !*stop.borrow_and_update() {
+            let give_up = Instant::now() + DEADLINE * 2;
+            loop {
+                ensure!(Instant::now() < give_up, "publish {tag}-{n} to {channel} never succeeded");
+                let fields = json!({"channel": channel, "data": {"n": n}, "idempotency_key": format!("{tag}-{n}")});
+                let sent = Instant::now();
+                let reply = match client.send_cmd("publish", fields).await {
+                    Ok(id) => tokio::time::timeout(answer_within, client.wait_reply(id)).await,
+                    Err(e) => Ok(Err(e)),
+                };
+                match reply {
+                    Err(_) => bail!("publish {tag}-{n} got no answer within {answer_within:?}"),
+                    Ok(Ok(r)) if r.get("ok").is_some() => {
+                        let ok = &r["ok"];
+                        acked.push(Acked { n, offset: u64_field(ok, "offset")?, epoch: str_field(ok, "epoch")? });
+                        break;
+                    }
+                    Ok(Ok(r)) => {
+                        // A definite error (unavailable while the partition moves): retry.
+                        errors += 1;
+                        ensure!(sent.elapsed() <= answer_within, "late error reply: {r}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok(Err(_)) => {
+                        // The connection ended (the node drained or died): reconnect.
+                        errors += 1;
+                        (client, _) = connect_any(&addrs, home + 1 + errors).await?;
+                    }
+                }
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok((acked, errors))
+    })
+}
+
+/// What a follower saw.
+#[derive(Debug, Default)]
+struct Followed {
+    /// `(offset, epoch, n)` of every message push, in order.
+    messages: Vec<(u64, String, u64)>,
+    /// `recovered` of every resubscription.
+    recoveries: Vec<bool>,
+    /// Reconnections after the connection ended.
+    reconnects: usize,
+}
+
+/// Follows `channel` from the node at `addrs[home]` (live from its current top) until it
+/// has received `until`: after an `unsubscribed` push it resubscribes with `recover` from
+/// the last message; after a close it reconnects to another node and recovers there.
+fn follower(
+    addrs: Addrs,
+    home: usize,
+    channel: String,
+    until: watch::Receiver<Option<(u64, String)>>,
+) -> tokio::task::JoinHandle<Result<Followed>> {
+    tokio::spawn(async move {
+        let mut seen = Followed::default();
+        let (mut client, _) = connect_any(&addrs, home).await?;
+        let ok = client.subscribe(&channel, json!({})).await?;
+        let mut position = (u64_field(&ok, "offset")?, str_field(&ok, "epoch")?);
+        let mut pending = client.take_pushes();
+        let mut give_up: Option<Instant> = None;
+        loop {
+            if let Some(target) = until.borrow().clone() {
+                if position == target || (position.1 == target.1 && position.0 >= target.0) {
+                    return Ok(seen);
+                }
+                let at = *give_up.get_or_insert_with(|| Instant::now() + DEADLINE * 2);
+                ensure!(Instant::now() < at, "follower of {channel} stuck at {position:?}, wanted {target:?}");
+            }
+            let event = match pending.is_empty() {
+                false => Some(Event::Push(pending.remove(0))),
+                true => client.next_event(Instant::now() + Duration::from_millis(200)).await,
+            };
+            let resubscribe = match event {
+                None | Some(Event::Reply(_)) => continue,
+                Some(Event::Push(p)) if p["push"] == "message" => {
+                    let (offset, epoch) = (u64_field(&p, "offset")?, str_field(&p, "epoch")?);
+                    seen.messages.push((offset, epoch.clone(), p["data"]["n"].as_u64().unwrap_or(u64::MAX)));
+                    position = (offset, epoch);
+                    continue;
+                }
+                Some(Event::Push(p)) if p["push"] == "unsubscribed" => false,
+                Some(Event::Push(p)) if p["push"] == "disconnect" => continue,
+                Some(Event::Push(p)) => bail!("unexpected push {p}"),
+                Some(Event::Other(t)) => bail!("unexpected frame {t}"),
+                Some(Event::Close(_) | Event::Ended(_)) => true,
+            };
+            if resubscribe {
+                seen.reconnects += 1;
+                (client, _) = connect_any(&addrs, home + seen.reconnects).await?;
+            }
+            // Resubscribe (retrying while the partition is still moving) and recover.
+            let from = json!({"from": {"offset": position.0, "epoch": position.1}});
+            let ok = loop {
+                let r = client.cmd("subscribe", merge_into(json!({"channel": channel}), from.clone())).await;
+                match r {
+                    Ok(r) if r.get("ok").is_some() => break r["ok"].clone(),
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(_) => {
+                        seen.reconnects += 1;
+                        (client, _) = connect_any(&addrs, home + seen.reconnects).await?;
+                    }
+                }
+            };
+            let recovered = ok["recovered"].as_bool().unwrap_or(false);
+            seen.recoveries.push(recovered);
+            if !recovered {
+                position = (u64_field(&ok, "offset")?, str_field(&ok, "epoch")?);
+            }
+            pending = client.take_pushes();
+        }
+    })
+}
+
+fn merge_into(mut a: Value, b: Value) -> Value {
+    merge(&mut a, b);
+    a
+}
+
+/// One channel in each partition.
+fn channel_per_partition() -> Vec<String> {
+    (0..P)
+        .map(|p| (0..).map(|i| format!("room:{i}")).find(|c| partition_of(c, P) == p).expect("a channel"))
+        .collect()
+}
+
+fn owner_of(map: &Value, channel: &str) -> String {
+    map["owners"][partition_of(channel, P) as usize].as_str().unwrap_or_default().to_string()
+}
+
+/// Checks one channel after the run: every acknowledged publish is in `history` exactly
+/// once, history is contiguous under one epoch, and every follower's stream is contiguous
+/// with no duplicate and ends at the top.
+fn check_channel(channel: &str, acked: &[Acked], history: &History, followers: &[Followed]) -> Result<()> {
+    let epochs: std::collections::BTreeSet<&str> = acked.iter().map(|a| a.epoch.as_str()).collect();
+    ensure!(epochs.len() == 1, "{channel}: acks under several epochs {epochs:?}");
+    ensure!(epochs.contains(history.epoch.as_str()), "{channel}: history epoch {} differs", history.epoch);
+    assert_contiguous(&history.offsets(), 1).with_context(|| format!("{channel}: history"))?;
+    let ns: Vec<u64> = history.messages.iter().map(|m| m["data"]["n"].as_u64().unwrap_or(u64::MAX)).collect();
+    let distinct: std::collections::BTreeSet<u64> = ns.iter().copied().collect();
+    ensure!(distinct.len() == ns.len(), "{channel}: a message is stored twice");
+    for a in acked {
+        let at = history.messages.iter().find(|m| m["offset"] == json!(a.offset));
+        ensure!(
+            at.is_some_and(|m| m["data"]["n"] == json!(a.n)),
+            "{channel}: acknowledged n={} at offset {} missing from history",
+            a.n,
+            a.offset
+        );
+    }
+    let top = history.offset;
+    for (i, f) in followers.iter().enumerate() {
+        let offsets: Vec<u64> = f.messages.iter().map(|m| m.0).collect();
+        let Some(&first) = offsets.first() else { bail!("{channel}: follower {i} got nothing") };
+        assert_contiguous(&offsets, first).with_context(|| format!("{channel}: follower {i}"))?;
+        ensure!(offsets.last() == Some(&top), "{channel}: follower {i} ended at {:?}, top {top}", offsets.last());
+        ensure!(f.recoveries.iter().all(|r| *r), "{channel}: follower {i} recovered: {:?}", f.recoveries);
+    }
+    Ok(())
+}
+
+/// Publishers and followers over `channels`, started together and stopped together.
+struct Load {
+    channels: Vec<String>,
+    stop: watch::Sender<bool>,
+    publishers: Vec<tokio::task::JoinHandle<Result<(Vec<Acked>, usize)>>>,
+    until: Vec<watch::Sender<Option<(u64, String)>>>,
+    followers: Vec<Vec<tokio::task::JoinHandle<Result<Followed>>>>,
+}
+
+impl Load {
+    async fn start(addrs: &Addrs, channels: Vec<String>, followers_per_channel: usize) -> Result<Load> {
+        let (stop, stopped) = watch::channel(false);
+        let nodes = addrs.lock().unwrap().len();
+        let mut load = Load { channels, stop, publishers: Vec::new(), until: Vec::new(), followers: Vec::new() };
+        for (i, ch) in load.channels.clone().iter().enumerate() {
+            let (until, target) = watch::channel(None);
+            let followers = (0..followers_per_channel)
+                .map(|k| follower(addrs.clone(), i + k, ch.clone(), target.clone()))
+                .collect();
+            load.until.push(until);
+            load.followers.push(followers);
+            let tag = format!("p{i}");
+            let answer = DEADLINE;
+            load.publishers.push(steady_publisher(addrs.clone(), i % nodes, ch.clone(), tag, answer, stopped.clone()));
+        }
+        Ok(load)
+    }
+
+    /// Waits until every channel's history top (read on `node`) has grown by `n`.
+    async fn progress(&self, node: &Node, n: u64) -> Result<()> {
+        let mut c = node.client().await;
+        let mut base = Vec::new();
+        for ch in &self.channels {
+            base.push(c.history(ch, None, Some(1)).await.map(|h| h.offset).unwrap_or(0));
+        }
+        wait_until("publishers make progress", DEADLINE * 2, async || {
+            for (ch, b) in self.channels.iter().zip(&base) {
+                let Ok(h) = c.history(ch, None, Some(1)).await else { return Ok(false) };
+                if h.offset < b + n {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Stops publishing, waits for the followers to reach each channel's top and checks
+    /// every channel against `node`'s history.
+    async fn finish(self, node: &Node) -> Result<Vec<Vec<Followed>>> {
+        let _ = self.stop.send(true);
+        let mut acked = Vec::new();
+        for p in self.publishers {
+            let (a, _errors) = p.await??;
+            acked.push(a);
+        }
+        let mut c = node.client().await;
+        let mut all = Vec::new();
+        for (i, ch) in self.channels.iter().enumerate() {
+            let h = c.history_all(ch).await?;
+            let _ = self.until[i].send(Some((h.offset, h.epoch.clone())));
+            all.push((ch.clone(), h));
+        }
+        let mut results = Vec::new();
+        for ((i, (ch, h)), fs) in all.into_iter().enumerate().zip(self.followers) {
+            let mut followed = Vec::new();
+            for f in fs {
+                followed.push(f.await??);
+            }
+            check_channel(&ch, &acked[i], &h, &followed)?;
+            results.push(followed);
+        }
+        Ok(results)
+    }
+}
+
+#[tokio::test]
+async fn partitions_move_under_load_without_gap_loss_or_duplicate() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let (n1, n2, n3) = (start(&etcd, "m", "n1"), start(&etcd, "m", "n2"), start(&etcd, "m", "n3"));
+    let before = wait_converged(&etcd, "m", &[&n1, &n2, &n3], &["n1", "n2", "n3"]).await?;
+    let addrs = addrs(&[&n1, &n2, &n3]);
+    let load = Load::start(&addrs, channel_per_partition(), 3).await?;
+    load.progress(&n1, 20).await?;
+
+    // A fourth node joins: the leader moves a share of the partitions to it while every
+    // channel is being published to and followed from all three nodes.
+    let n4 = start(&etcd, "m", "n4");
+    let after = wait_converged(&etcd, "m", &[&n1, &n2, &n3, &n4], &["n1", "n2", "n3", "n4"]).await?;
+    let moved = load.channels.iter().filter(|c| owner_of(&before, c) != owner_of(&after, c)).count();
+    ensure!(moved >= 3, "the join moved only {moved} partitions");
+    load.progress(&n1, 20).await?;
+    load.finish(&n2).await?;
+
+    let m = metrics(&n4).await?;
+    ensure!(m.value("switchyard_handovers_total", &[("result", "ok")]).unwrap_or(0.0) >= moved as f64, "handovers");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_drained_node_hands_over_and_a_rolling_restart_loses_nothing() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let mut nodes = [start(&etcd, "d", "n1"), start(&etcd, "d", "n2"), start(&etcd, "d", "n3")];
+    let ids = ["n1", "n2", "n3"];
+    {
+        let refs: Vec<&Node> = nodes.iter().collect();
+        wait_converged(&etcd, "d", &refs, &ids).await?;
+    }
+    let addrs = addrs(&nodes.iter().collect::<Vec<_>>());
+    let load = Load::start(&addrs, channel_per_partition(), 2).await?;
+    load.progress(&nodes[0], 10).await?;
+
+    // Restart every node in turn: SIGTERM drains it (its partitions are handed over and
+    // its clients closed with 4100), then it comes back and gets a share again.
+    for i in [2, 0, 1] {
+        let started = Instant::now();
+        nodes[i].sigterm();
+        let status = nodes[i].wait_exit(DEADLINE * 3);
+        ensure!(status.success(), "n{} exited with {status}", i + 1);
+        eprintln!("n{} drained and exited in {:?}", i + 1, started.elapsed());
+        load.progress(&nodes[(i + 1) % 3], 10).await?;
+        nodes[i].restart();
+        addrs.lock().unwrap()[i] = nodes[i].addr();
+        let refs: Vec<&Node> = nodes.iter().collect();
+        wait_converged(&etcd, "d", &refs, &ids).await?;
+        load.progress(&nodes[(i + 1) % 3], 10).await?;
+    }
+    let followed = load.finish(&nodes[0]).await?;
+    let reconnected: usize = followed.iter().flatten().map(|f| f.reconnects).sum();
+    ensure!(reconnected > 0, "no follower was moved by the drains");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_crashed_owner_gives_every_client_a_definite_answer() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let (n1, mut n2, n3) = (start(&etcd, "c", "n1"), start(&etcd, "c", "n2"), start(&etcd, "c", "n3"));
+    let map = wait_converged(&etcd, "c", &[&n1, &n2, &n3], &["n1", "n2", "n3"]).await?;
+    let channel = channel_per_partition().into_iter().find(|c| owner_of(&map, c) == "n2").expect("n2 owns one");
+    let addrs = addrs(&[&n1, &n3]);
+    let mut c = n1.client().await;
+    let (_, old_epoch) = c.publish(&channel, json!({"n": "before"})).await?;
+    let (until, target) = watch::channel(None);
+    let followers = vec![
+        follower(addrs.clone(), 0, channel.clone(), target.clone()),
+        follower(addrs.clone(), 1, channel.clone(), target.clone()),
+    ];
+    let (stop, stopped) = watch::channel(false);
+    // Every publish must be answered (ok or error) within 8 s even while the owner is dead.
+    let publisher = steady_publisher(addrs.clone(), 0, channel.clone(), "x".into(), Duration::from_secs(8), stopped);
+    wait_until("publishes flow", DEADLINE, async || Ok(c.history(&channel, None, Some(1)).await?.offset >= 10)).await?;
+
+    n2.kill9();
+    let after = wait_converged(&etcd, "c", &[&n1, &n3], &["n1", "n3"]).await?;
+    let new_owner = owner_of(&after, &channel);
+    // The new owner started the partition afresh: a new epoch, and publishes work again.
+    wait_until("publishes work under a new epoch", DEADLINE, async || {
+        let h = c.history(&channel, None, Some(1)).await?;
+        Ok(h.epoch != old_epoch && h.offset >= 5)
+    })
+    .await?;
+    let _ = stop.send(true);
+    let (acked, errors) = publisher.await??;
+    let h = c.history_all(&channel).await?;
+    let _ = until.send(Some((h.offset, h.epoch.clone())));
+    for f in followers {
+        let f = f.await??;
+        // Each follower was told: it resubscribed and learned it could not recover.
+        ensure!(f.recoveries.contains(&false), "follower recoveries {:?}", f.recoveries);
+        let last = f.messages.last().context("follower got messages")?;
+        ensure!(last.1 == h.epoch, "follower ended on the new epoch");
+    }
+    let new_acks: Vec<&Acked> = acked.iter().filter(|a| a.epoch == h.epoch).collect();
+    ensure!(!new_acks.is_empty(), "publishes succeed on the new owner {new_owner}");
+    for a in new_acks {
+        ensure!(h.messages.iter().any(|m| m["offset"] == json!(a.offset)), "acked {a:?} in history");
+    }
+    eprintln!("crash: {errors} publish attempts failed (definite errors) before {new_owner} took over");
+    Ok(())
+}
+
+/// A TCP proxy in front of a node's peer port that can cut every connection.
+struct Proxy {
+    addr: SocketAddr,
+    target: Arc<Mutex<Option<SocketAddr>>>,
+    open: watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start() -> Result<Proxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let target: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let (open, is_open) = watch::channel(true);
+        let t = target.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let to = *t.lock().unwrap();
+                let mut is_open = is_open.clone();
+                if !*is_open.borrow_and_update() {
+                    continue; // refused: dropped at once
+                }
+                let Some(to) = to else { continue };
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = is_open.wait_for(|o| !*o) => {}
+                    }
+                });
+            }
+        });
+        Ok(Proxy { addr, target, open })
+    }
+}
+
+#[tokio::test]
+async fn a_cut_peer_link_heals_and_loses_nothing_acknowledged() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let proxy = Proxy::start().await?;
+    let n1 = start(&etcd, "l", "n1");
+    let n2 = Node::start(&config(&etcd, "l", "n2", &format!("advertise = \"http://{}\"\n", proxy.addr)));
+    *proxy.target.lock().unwrap() = Some(n2.addr());
+    let map = wait_converged(&etcd, "l", &[&n1, &n2], &["n1", "n2"]).await?;
+    let channel = channel_per_partition().into_iter().find(|c| owner_of(&map, c) == "n2").expect("n2 owns one");
+
+    // Everything goes through n1, so through the proxied link to n2.
+    let load = Load::start(&addrs(&[&n1]), vec![channel.clone()], 2).await?;
+    load.progress(&n2, 20).await?;
+    wait_until("the link is up", DEADLINE, async || {
+        Ok(metrics(&n1).await?.value("switchyard_peer_link_up", &[("peer", "n2")]) == Some(1.0))
+    })
+    .await?;
+    let _ = proxy.open.send(false);
+    wait_until("n1 sees the link down", DEADLINE, async || {
+        Ok(metrics(&n1).await?.value("switchyard_peer_link_up", &[("peer", "n2")]) == Some(0.0))
+    })
+    .await?;
+    let _ = proxy.open.send(true);
+    wait_until("the link comes back", DEADLINE, async || {
+        Ok(metrics(&n1).await?.value("switchyard_peer_link_up", &[("peer", "n2")]) == Some(1.0))
+    })
+    .await?;
+    load.progress(&n2, 20).await?;
+    load.finish(&n2).await?;
+    ensure!(metrics(&n1).await?.value("switchyard_peer_connects_total", &[("peer", "n2")]).unwrap_or(0.0) >= 2.0);
+    Ok(())
+}
