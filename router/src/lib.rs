@@ -116,6 +116,12 @@ async fn drain(node: &std::sync::Arc<node::Node>) {
             if owned == 0 && node.handovers.outstanding() == 0 {
                 break;
             }
+            // Every member is leaving (the whole cluster is stopping): nobody can take over.
+            let view = node.cluster.as_ref().map(|c| c.view());
+            if view.is_some_and(|v| v.nodes.values().all(|n| n.draining)) {
+                tracing::info!("every member is draining; stopping without handover");
+                break;
+            }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     };

@@ -179,7 +179,7 @@ fn cluster(node: &Node) -> serde_json::Value {
         .map(|n| {
             let owned = map.owners.iter().filter(|o| **o == n.id).count();
             serde_json::json!({"id": n.id, "url": n.url, "version": n.version, "started_at": n.started_at,
-                "partitions": owned, "state": "serving"})
+                "partitions": owned, "draining": n.draining, "state": if n.draining { "draining" } else { "serving" }})
         })
         .collect();
     serde_json::json!({

@@ -197,9 +197,7 @@ fn merge_into(mut a: Value, b: Value) -> Value {
 
 /// One channel in each partition.
 fn channel_per_partition() -> Vec<String> {
-    (0..P)
-        .map(|p| (0..).map(|i| format!("room:{i}")).find(|c| partition_of(c, P) == p).expect("a channel"))
-        .collect()
+    (0..P).map(|p| (0..).map(|i| format!("room:{i}")).find(|c| partition_of(c, P) == p).expect("a channel")).collect()
 }
 
 fn owner_of(map: &Value, channel: &str) -> String {

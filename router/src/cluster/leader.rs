@@ -4,7 +4,9 @@
 //! keepalive keeps running while it waits), the check before every leader action that the
 //! leader key still exists with its create revision (the term), stepping down by the node's
 //! own clock when the lease was not renewed in time, and each round: read the live nodes,
-//! their load and the current map, balance, validate, and publish `epoch + 1` in a
+//! their load and the current map, balance (draining members get nothing and lose what they
+//! hold; with every member draining the map stays), validate, and publish `epoch + 1`, with
+//! the move record of every partition whose owner changed ([`next_moved`]), in a
 //! transaction fenced on the leader key's create revision and the map's mod revision. It
 //! must never write the map outside that transaction: a deposed leader's write must fail.
 

@@ -3,8 +3,8 @@
 //! It owns the node's etcd session: connect with backoff, a lease kept alive every TTL/3
 //! (re-used after a reconnect while etcd still holds it, re-granted when lost), the
 //! `nodes/<id>` record under that lease (rewritten with `draining: true` by [`drain`] when
-//! the node shuts down, and kept so across sessions), one prefix watch that keeps [`View`] and the
-//! node's in-memory partition map current, the load reporter and the election/leader
+//! the node shuts down, and kept so across sessions), one prefix watch that keeps [`View`]
+//! and the node's in-memory partition map current, the load reporter and the election/leader
 //! loop (`leader.rs`). When anything in a session fails, the whole session is torn down and
 //! re-created, so watches and keepalives never silently stop. It must never be on the
 //! request path: commands read the map the watch stored in the node and never wait on etcd;
@@ -413,9 +413,9 @@ async fn register(client: &mut Client, state: &State, mut record: NodeRecord, le
     Ok(())
 }
 
-/// Marks this node draining in etcd (rewrites nodes/<id> under the current lease with
-/// draining = true) so the leader moves its partitions away. Returns once etcd has the
-/// record, or an error after etcd_timeout.
+/// Marks this node draining in etcd (rewrites `nodes/<id>` under the current lease with
+/// `draining = true`) so the leader moves its partitions away. Returns once etcd has the
+/// record, or an error after `etcd_timeout`.
 ///
 /// Every later registration (after an etcd session restart) writes `draining: true` too.
 /// Without a session up, it waits (within the same bound) for the next one to register.

@@ -27,6 +27,16 @@ const QUEUE: usize = 4096;
 
 type Waiter = oneshot::Sender<Result<Answer, WireError>>;
 
+/// How the message of an error for a request whose reply never came ends: the owner may
+/// or may not have run it.
+const OUTCOME_UNKNOWN: &str = "outcome unknown";
+
+/// True for an error made here because the link failed before the reply came (the owner
+/// may or may not have run the request), as opposed to an answer from the owner.
+pub fn is_lost(e: &WireError) -> bool {
+    e.redirect.is_none() && e.message.ends_with(OUTCOME_UNKNOWN)
+}
+
 /// One peer link.
 pub struct Link {
     peer: String,
@@ -124,10 +134,10 @@ impl Pending {
         let peer = &self.link.peer;
         match tokio::time::timeout(limit, self.rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(WireError::op(&unavailable(format!("peer link to {peer} lost; outcome unknown")))),
+            Ok(Err(_)) => Err(WireError::op(&unavailable(format!("peer link to {peer} lost; {OUTCOME_UNKNOWN}")))),
             Err(_) => {
                 self.link.pending.lock().expect("pending").remove(&self.id);
-                Err(WireError::op(&unavailable(format!("no reply from {peer} within {limit:?}; outcome unknown"))))
+                Err(WireError::op(&unavailable(format!("no reply from {peer} within {limit:?}; {OUTCOME_UNKNOWN}"))))
             }
         }
     }
@@ -189,7 +199,7 @@ async fn run(node: Weak<Node>, secret: String, link: Arc<Link>, mut rx: mpsc::Re
         if let Err(e) = result {
             tracing::debug!(peer = %link.peer, error = %e, "peer link down");
         }
-        link.fail_pending("lost; outcome unknown");
+        link.fail_pending(&format!("lost; {OUTCOME_UNKNOWN}"));
         link.down.send_modify(|n| *n += 1);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));

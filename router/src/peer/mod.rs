@@ -95,6 +95,7 @@ impl Started {
             Started::Remote(node, op, owner, epoch, pending) => (node, op, owner, epoch, pending),
         };
         let name = op.name();
+        let began = std::time::Instant::now();
         for _ in 0..ATTEMPTS {
             match pending.wait(REQUEST_TIMEOUT).await {
                 Ok(answer) => {
@@ -107,6 +108,13 @@ impl Started {
                     // Wait (bounded) for our map to catch up with the owner's, then retry.
                     wait_for_epoch(&node, their_epoch.max(epoch + 1)).await;
                 }
+                // The link dropped with the request in flight. A keyed publish is
+                // deduplicated by the owner and a commit only ever raises an offset, so
+                // those are safe to send again; anything else reports the unknown outcome.
+                Err(e) if link::is_lost(&e) && op.retry_safe() && began.elapsed() < REQUEST_TIMEOUT => {
+                    tracing::debug!(channel = op.channel(), peer = %owner, error = %e.message, "retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(e) => {
                     node.metrics.peer_forwarded.with_label_values(&[name, "error"]).inc();
                     return Err(e.to_op());
@@ -118,7 +126,7 @@ impl Started {
             }
         }
         node.metrics.peer_forwarded.with_label_values(&[name, "error"]).inc();
-        Err(OpError::new(ErrorCode::Unavailable, format!("partition still moving after {ATTEMPTS} redirects")))
+        Err(OpError::new(ErrorCode::Unavailable, format!("partition still moving after {ATTEMPTS} attempts")))
     }
 }
 

@@ -151,6 +151,16 @@ impl Op {
         }
     }
 
+    /// Whether sending it twice has the effect of sending it once: a publish with an
+    /// idempotency key, a commit, a read.
+    pub fn retry_safe(&self) -> bool {
+        match self {
+            Op::Publish { idempotency_key, .. } => idempotency_key.is_some(),
+            Op::Commit { .. } | Op::History { .. } | Op::Info { .. } => true,
+            Op::Subscribe { .. } | Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } => false,
+        }
+    }
+
     /// The op of a publish.
     pub fn publish(req: &PublishRequest) -> Self {
         Op::Publish {
