@@ -35,16 +35,29 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(10);
 /// partition from what it has.
 const HANDOVER_DEADLINE: Duration = Duration::from_secs(30);
 
+/// The message of the error a node answers a pull with when its copy of the partition is
+/// not authoritative: it is still adopting it, or gave an adoption up half-way.
+pub const NOT_ADOPTED: &str = "partition not adopted here (yet)";
+
 /// The handovers under way on this node.
 #[derive(Default)]
 pub struct Handovers {
     /// Partitions being adopted here, with the map epoch of the move.
     adopting: Mutex<HashMap<PartitionId, u64>>,
-    /// Partitions sealed here whose new owner has not confirmed the pull yet.
+    /// Partitions sealed here whose new owner has not confirmed the pull yet: this node's
+    /// copy is the authoritative one until it does.
     sealed: Mutex<HashSet<PartitionId>>,
+    /// Partitions whose adoption was abandoned half-way (the map moved them back to their
+    /// source): what the store holds for them is not a copy to hand on.
+    incomplete: Mutex<HashSet<PartitionId>>,
 }
 
 impl Handovers {
+    /// True while `p` is being adopted here.
+    pub fn is_adopting(&self, p: PartitionId) -> bool {
+        self.adopting.lock().expect("handovers").contains_key(&p)
+    }
+
     /// Partitions sealed here and not yet taken by their new owner.
     pub fn outstanding(&self) -> usize {
         self.sealed.lock().expect("handovers").len()
@@ -71,21 +84,23 @@ pub fn before_install(node: &Arc<Node>, new: &PartitionMap) {
             continue;
         }
         {
+            // One adoption of a partition at a time: a newer move while one runs is picked
+            // up by the next map install after it ends (the map is re-read below).
             let mut adopting = node.handovers.adopting.lock().expect("handovers");
-            if adopting.get(&p) == Some(&moved.epoch) {
+            if adopting.contains_key(&p) {
                 continue;
             }
             adopting.insert(p, moved.epoch);
         }
         let (done, rx) = oneshot::channel();
         node.hold(p, Command::Adopt(rx));
-        tokio::spawn(adopt(node.clone(), p, moved.from.clone(), moved.epoch, done));
+        tokio::spawn(adopt(node.clone(), p, moved.from.clone(), moved.epoch, new.epoch, done));
     }
 }
 
 /// Called after a new map is installed: seals every partition this node owned in `before`
 /// and no longer owns, so its subscribers follow it and its writes go to the new owner.
-pub async fn after_install(node: &Arc<Node>, before: &PartitionMap) {
+pub fn after_install(node: &Arc<Node>, before: &PartitionMap) {
     let after = node.map.load_full();
     if after.epoch == before.epoch {
         return;
@@ -98,36 +113,40 @@ pub async fn after_install(node: &Arc<Node>, before: &PartitionMap) {
             if node.peers.is_some() {
                 node.handovers.sealed.lock().expect("handovers").insert(p);
             }
-            let _ = node.send_to(p, Command::Seal(reason, None)).await;
+            // Never wait here (this runs in the etcd watch loop): a held mailbox takes it later.
+            node.hold(p, Command::Seal(reason, None));
         }
     }
 }
 
 /// Pulls partition `p` from `from` into the store, then opens its mailbox.
-async fn adopt(node: Arc<Node>, p: PartitionId, from: String, moved_at: u64, done: oneshot::Sender<()>) {
+async fn adopt(node: Arc<Node>, p: PartitionId, from: String, moved_at: u64, map: u64, done: oneshot::Sender<()>) {
     let started = Instant::now();
-    let outcome = pull_all(&node, p, &from, moved_at).await;
+    let outcome = pull_all(&node, p, &from, moved_at, map).await;
     let result = match outcome {
-        Ok(messages) => {
+        Ok(Pulled::Moved(messages)) => {
             node.metrics.handover_messages.inc_by(messages);
+            node.handovers.incomplete.lock().expect("handovers").remove(&p);
             tracing::info!(partition = p, %from, messages, elapsed = ?started.elapsed(), "partition handed over");
-            if let Some(links) = &node.peers {
-                let epoch = node.map.load().epoch;
-                if let Ok(pending) = links.send(&from, epoch, Op::Pulled { partition: p, moved_at }) {
-                    // The old owner's copy is only a leftover now; if this is lost, it
-                    // stays on its disk until the partition is adopted there again.
-                    tokio::spawn(async move {
-                        let _ = pending.wait(PULL_TIMEOUT).await;
-                    });
-                }
-            }
+            tokio::spawn(confirm(node.clone(), p, from, moved_at));
             "ok"
+        }
+        Ok(Pulled::KeptOwn) => {
+            tracing::info!(partition = p, %from, "partition came back before its new owner took it; kept this node's copy");
+            "kept"
+        }
+        Ok(Pulled::Abandoned) => {
+            node.handovers.incomplete.lock().expect("handovers").insert(p);
+            tracing::info!(partition = p, %from, "partition moved back to its source mid-handover; adoption abandoned");
+            "abandoned"
         }
         Err(why) => {
             tracing::warn!(partition = p, %from, %why, "no handover; starting the partition from what this node has (new epochs)");
             if let Err(e) = start_fresh(&node, p, moved_at).await {
                 tracing::error!(partition = p, error = %e, "clearing a partition failed");
             }
+            node.handovers.incomplete.lock().expect("handovers").remove(&p);
+            node.handovers.sealed.lock().expect("handovers").remove(&p);
             "lost"
         }
     };
@@ -135,6 +154,36 @@ async fn adopt(node: Arc<Node>, p: PartitionId, from: String, moved_at: u64, don
     node.metrics.handover_seconds.observe(started.elapsed().as_secs_f64());
     node.handovers.adopting.lock().expect("handovers").remove(&p);
     let _ = done.send(());
+}
+
+/// Tells the old owner its copy can go, until it answers (or leaves, or the deadline).
+async fn confirm(node: Arc<Node>, p: PartitionId, from: String, moved_at: u64) {
+    let Some(links) = node.peers.clone() else { return };
+    let deadline = Instant::now() + HANDOVER_DEADLINE;
+    while Instant::now() < deadline {
+        let epoch = node.map.load().epoch;
+        if let Ok(pending) = links.send(&from, epoch, Op::Pulled { partition: p, moved_at }) {
+            if pending.wait(PULL_TIMEOUT).await.is_ok() {
+                return;
+            }
+        }
+        if !node.cluster.as_ref().is_some_and(|c| c.view().nodes.contains_key(&from)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How a pull ended (other than with a failure).
+enum Pulled {
+    /// The partition's state is here: this many messages came.
+    Moved(u64),
+    /// This node was the source, never saw the pull confirmed, and the partition came
+    /// back: its own copy is still the authoritative one and is kept.
+    KeptOwn,
+    /// The map moved the partition back to the source before the pull ended: nothing
+    /// written here counts.
+    Abandoned,
 }
 
 /// Without the old owner, this node's copy of `p` (if any) is stale: clear it, so every
@@ -149,9 +198,10 @@ async fn start_fresh(node: &Node, p: PartitionId, moved_at: u64) -> Result<(), c
 }
 
 /// Copies partition `p` from `from`; returns the number of messages moved.
-async fn pull_all(node: &Arc<Node>, p: PartitionId, from: &str, moved_at: u64) -> Result<u64, String> {
+/// `map` is the epoch of the map that gave `p` here (this runs before it is installed).
+async fn pull_all(node: &Arc<Node>, p: PartitionId, from: &str, moved_at: u64, map: u64) -> Result<Pulled, String> {
     let links = node.peers.as_ref().ok_or("peer links are off (no cluster.secret)")?;
-    let deadline = Instant::now() + HANDOVER_DEADLINE;
+    let mut deadline = Instant::now() + HANDOVER_DEADLINE;
     let alive = |n: &Node| n.cluster.as_ref().is_some_and(|c| c.view().nodes.contains_key(from));
     if !alive(node) {
         return Err(format!("old owner {from} is not a member any more"));
@@ -160,6 +210,12 @@ async fn pull_all(node: &Arc<Node>, p: PartitionId, from: &str, moved_at: u64) -
     let mut cleared = false;
     let mut moved = 0u64;
     loop {
+        let now = node.map.load();
+        if now.epoch > map && now.owner(p) == Some(from) {
+            // Moved back to its source before the pull ended: leave the store alone (the
+            // queued seal closes it again); the source still has everything.
+            return Ok(Pulled::Abandoned);
+        }
         let op = Op::Pull { partition: p, moved_at, cursor: cursor.clone() };
         let answer = match links.send(from, node.map.load().epoch, op) {
             Ok(pending) => pending.wait(PULL_TIMEOUT).await,
@@ -168,6 +224,24 @@ async fn pull_all(node: &Arc<Node>, p: PartitionId, from: &str, moved_at: u64) -
         let chunk = match answer {
             Ok(Answer::Chunk(c)) => c,
             Ok(_) => return Err("old owner answered a pull with another answer".into()),
+            Err(e) if e.message == NOT_ADOPTED && !cleared => {
+                if node.handovers.sealed.lock().expect("handovers").remove(&p) {
+                    // This node handed the partition out and it never arrived anywhere:
+                    // its own copy is complete.
+                    let mut batch = node.store.batch();
+                    batch.put_adopted(p, moved_at);
+                    batch.write(true).await.map_err(|e| e.to_string())?;
+                    return Ok(Pulled::KeptOwn);
+                }
+                // The old owner is itself still adopting it (a chained move): wait for it,
+                // without counting against the deadline while it is alive.
+                if !alive(node) {
+                    return Err(format!("old owner {from} left while adopting the partition"));
+                }
+                deadline = Instant::now() + HANDOVER_DEADLINE;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             Err(e) => {
                 if Instant::now() > deadline || !alive(node) {
                     return Err(format!("pulling from {from} failed: {}", e.message));
@@ -203,7 +277,10 @@ async fn pull_all(node: &Arc<Node>, p: PartitionId, from: &str, moved_at: u64) -
         batch.write(next.is_none()).await.map_err(|e| e.to_string())?;
         match next {
             Some(c) => cursor = Some(c),
-            None => return Ok(moved),
+            None => {
+                node.handovers.sealed.lock().expect("handovers").remove(&p);
+                return Ok(Pulled::Moved(moved));
+            }
         }
     }
 }
@@ -225,6 +302,10 @@ pub async fn serve_pull(
     let map = node.map.load();
     if map.epoch < moved_at {
         return Err(OpError::new(ErrorCode::Unavailable, format!("map epoch {moved_at} not seen here yet")));
+    }
+    let h = &node.handovers;
+    if h.is_adopting(p) || h.incomplete.lock().expect("handovers").contains(&p) {
+        return Err(OpError::new(ErrorCode::Unavailable, NOT_ADOPTED));
     }
     if map.owner(p) == Some(node.config.node_id.as_str()) {
         return Err(OpError::new(ErrorCode::Unavailable, format!("partition {p} is owned here")));
@@ -266,7 +347,8 @@ fn read_chunk(
             }
         };
         loop {
-            let room = CHUNK_MESSAGES - chunk.messages.len();
+            // Small reads, so the byte budget is kept to within a few messages.
+            let room = (CHUNK_MESSAGES - chunk.messages.len()).min(16);
             let rows = store.read_messages(p, &name, after, meta.top, room)?;
             let full = rows.len() == room;
             for (offset, msg) in rows {
@@ -295,7 +377,8 @@ fn read_chunk(
 /// The new owner has `p` durably: drop the copy here, unless the partition came back.
 pub async fn serve_pulled(node: &Arc<Node>, p: PartitionId, moved_at: u64) -> Result<(), OpError> {
     let mine = node.map.load().owner(p) == Some(node.config.node_id.as_str());
-    if !mine && node.handovers.adopting.lock().expect("handovers").get(&p).is_none() {
+    let sealed = node.handovers.sealed.lock().expect("handovers").contains(&p);
+    if sealed && !mine && !node.handovers.is_adopting(p) {
         let mut batch = node.store.batch();
         batch.clear_partition(p).map_err(|e| OpError::internal(e.to_string()))?;
         batch.write(false).await.map_err(|e| OpError::internal(e.to_string()))?;

@@ -469,12 +469,20 @@ impl Node {
                 return Ok((page.messages, page.first));
             }
         }
+        let p = self.partition(channel);
+        let moving = || OpError::new(ErrorCode::Unavailable, "the channel's partition is moving");
+        if self.handovers.is_adopting(p) {
+            return Err(moving());
+        }
         let messages = self.read(channel, epoch, after, upto, limit)?;
-        let first = match self.store.channel_meta(self.partition(channel), channel) {
-            Ok(Some(meta)) => meta.first,
-            _ => u64::MAX,
-        };
-        Ok((messages, first))
+        // Read the metadata after the messages: a partition adopted (or restarted) in
+        // between shows here as a busy partition or another epoch.
+        match self.store.channel_meta(p, channel) {
+            _ if self.handovers.is_adopting(p) => Err(moving()),
+            Ok(Some(meta)) if *meta.epoch == **epoch => Ok((messages, meta.first)),
+            Ok(Some(_)) => Err(OpError::new(ErrorCode::Unavailable, "the channel restarted under a new epoch")),
+            _ => Ok((messages, u64::MAX)),
+        }
     }
 
     /// A history page from wherever the channel's owner is.

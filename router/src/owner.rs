@@ -111,7 +111,11 @@ pub fn grant_from(epoch: Arc<str>, top: u64, first: u64, committed: u64, start: 
     let mut grant = Grant { offset: top, top, recovered: None, catch_up_after: None, live_after: top, epoch };
     // `after`: retained messages above it are pushed before live ones.
     let after = match start {
-        Start::Consumer(_) => Some(committed.max(floor)),
+        Start::Consumer(_) => {
+            // A gateway's `top` may lag the owner's: never repeat what was committed.
+            grant.live_after = top.max(committed);
+            Some(committed.max(floor))
+        }
         Start::From(StartFrom::Latest) => None,
         Start::LatestAt(at) => {
             grant.offset = *at;
@@ -374,7 +378,20 @@ impl Owner {
 
     /// Waits for a handover to land in the store, then serves the partition from it.
     async fn adopt(&mut self, done: oneshot::Receiver<()>) {
-        let _ = done.await;
+        if done.await.is_err() {
+            // The handover task died half-way: what the store holds is not a copy to serve
+            // under the old epochs. Start over (new epochs).
+            tracing::error!(partition = self.partition, "handover abandoned; starting the partition afresh");
+            let store = self.store.clone();
+            let mut batch = store.batch();
+            let cleared = match batch.clear_partition(self.partition) {
+                Ok(_) => batch.write(false).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = cleared {
+                tracing::error!(partition = self.partition, error = %e, "clearing the partition failed");
+            }
+        }
         self.channels.clear();
         match self.store.partition_channels(self.partition, None) {
             Ok(list) => {

@@ -294,11 +294,14 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
                 // tungstenite's own limit is a backstop far above ours; frames between the
                 // two get a proper `too_large` reply from the session.
                 // Small buffers keep idle connections cheap; both grow when traffic needs it.
-                let config = WebSocketConfig::default()
-                    .read_buffer_size(READ_BUFFER)
-                    .write_buffer_size(WRITE_BUFFER)
-                    .max_message_size(Some(max * 4 + 4096))
-                    .max_frame_size(Some(max * 4 + 4096));
+                let config = match who {
+                    Peer::Client => WebSocketConfig::default()
+                        .read_buffer_size(READ_BUFFER)
+                        .write_buffer_size(WRITE_BUFFER)
+                        .max_message_size(Some(max * 4 + 4096))
+                        .max_frame_size(Some(max * 4 + 4096)),
+                    Peer::Node => crate::peer::wire::ws_config(),
+                };
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
                 match who {
                     Peer::Client => crate::session::run(node, ws).await,

@@ -129,11 +129,13 @@ fn follower(
     home: usize,
     channel: String,
     until: watch::Receiver<Option<(u64, String)>>,
+    ready: tokio::sync::mpsc::Sender<()>,
 ) -> tokio::task::JoinHandle<Result<Followed>> {
     tokio::spawn(async move {
         let mut seen = Followed::default();
         let (mut client, _) = connect_any(&addrs, home).await?;
         let ok = client.subscribe(&channel, json!({})).await?;
+        let _ = ready.send(()).await;
         let mut position = (u64_field(&ok, "offset")?, str_field(&ok, "epoch")?);
         let mut pending = client.take_pushes();
         let mut give_up: Option<Instant> = None;
@@ -227,7 +229,9 @@ fn check_channel(channel: &str, acked: &[Acked], history: &History, followers: &
     let top = history.offset;
     for (i, f) in followers.iter().enumerate() {
         let offsets: Vec<u64> = f.messages.iter().map(|m| m.0).collect();
-        let Some(&first) = offsets.first() else { bail!("{channel}: follower {i} got nothing") };
+        let Some(&first) = offsets.first() else {
+            bail!("{channel}: follower {i} got nothing (recoveries {:?}, reconnects {})", f.recoveries, f.reconnects)
+        };
         assert_contiguous(&offsets, first).with_context(|| format!("{channel}: follower {i}"))?;
         ensure!(offsets.last() == Some(&top), "{channel}: follower {i} ended at {:?}, top {top}", offsets.last());
         ensure!(f.recoveries.iter().all(|r| *r), "{channel}: follower {i} recovered: {:?}", f.recoveries);
@@ -245,17 +249,24 @@ struct Load {
 }
 
 impl Load {
+    /// Starts the followers, and once every one is subscribed, the publishers.
     async fn start(addrs: &Addrs, channels: Vec<String>, followers_per_channel: usize) -> Result<Load> {
         let (stop, stopped) = watch::channel(false);
+        let (ready, mut subscribed) = tokio::sync::mpsc::channel(channels.len() * followers_per_channel + 1);
         let nodes = addrs.lock().unwrap().len();
         let mut load = Load { channels, stop, publishers: Vec::new(), until: Vec::new(), followers: Vec::new() };
         for (i, ch) in load.channels.clone().iter().enumerate() {
             let (until, target) = watch::channel(None);
             let followers = (0..followers_per_channel)
-                .map(|k| follower(addrs.clone(), i + k, ch.clone(), target.clone()))
+                .map(|k| follower(addrs.clone(), i + k, ch.clone(), target.clone(), ready.clone()))
                 .collect();
             load.until.push(until);
             load.followers.push(followers);
+        }
+        for _ in 0..load.channels.len() * followers_per_channel {
+            tokio::time::timeout(DEADLINE, subscribed.recv()).await.context("followers subscribe")?;
+        }
+        for (i, ch) in load.channels.clone().iter().enumerate() {
             let tag = format!("p{i}");
             let answer = DEADLINE;
             load.publishers.push(steady_publisher(addrs.clone(), i % nodes, ch.clone(), tag, answer, stopped.clone()));
@@ -378,10 +389,14 @@ async fn a_crashed_owner_gives_every_client_a_definite_answer() -> Result<()> {
     let mut c = n1.client().await;
     let (_, old_epoch) = c.publish(&channel, json!({"n": "before"})).await?;
     let (until, target) = watch::channel(None);
+    let (ready, mut subscribed) = tokio::sync::mpsc::channel(2);
     let followers = vec![
-        follower(addrs.clone(), 0, channel.clone(), target.clone()),
-        follower(addrs.clone(), 1, channel.clone(), target.clone()),
+        follower(addrs.clone(), 0, channel.clone(), target.clone(), ready.clone()),
+        follower(addrs.clone(), 1, channel.clone(), target.clone(), ready),
     ];
+    for _ in 0..2 {
+        tokio::time::timeout(DEADLINE, subscribed.recv()).await.context("followers subscribe")?;
+    }
     let (stop, stopped) = watch::channel(false);
     // Every publish must be answered (ok or error) within 8 s even while the owner is dead.
     let publisher = steady_publisher(addrs.clone(), 0, channel.clone(), "x".into(), Duration::from_secs(8), stopped);

@@ -361,7 +361,7 @@ async fn session(node: &Arc<Node>, state: &Arc<State>, lease_slot: &mut Option<i
     };
     fresh.config = dynamic_now.clone();
     state.view.store(Arc::new(fresh));
-    crate::handover::after_install(node, &map_before).await;
+    crate::handover::after_install(node, &map_before);
     set_dynamic(node, state, dynamic_now);
     state.membership.notify_one();
     let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
@@ -547,7 +547,7 @@ async fn watch_loop(node: &Arc<Node>, state: &Arc<State>, mut stream: etcd_clien
             view.config = d;
         }
         state.view.store(Arc::new(view));
-        crate::handover::after_install(node, &map_before).await;
+        crate::handover::after_install(node, &map_before);
         if let Some(d) = dynamic {
             set_dynamic(node, state, d);
         }

@@ -217,7 +217,7 @@ async fn pump(
     let mut req = ws_url.as_str().into_client_request().map_err(|e| e.to_string())?;
     let h = req.headers_mut();
     h.insert(wire::SECRET_HEADER, HeaderValue::from_str(secret).map_err(|e| e.to_string())?);
-    let connect = tokio_tungstenite::connect_async_with_config(req, None, true);
+    let connect = tokio_tungstenite::connect_async_with_config(req, Some(wire::ws_config()), true);
     let (ws, _) = tokio::time::timeout(Duration::from_secs(2), connect)
         .await
         .map_err(|_| "connect timed out".to_string())?

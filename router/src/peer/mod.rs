@@ -26,7 +26,11 @@ use crate::protocol::{ErrorCode, OpError};
 use wire::{Answer, Frame, Op, WireError};
 
 /// How many times a forwarded operation follows a redirect before giving up.
-const ATTEMPTS: usize = 5;
+const ATTEMPTS: usize = 50;
+/// How long a forwarded operation keeps following redirects and retrying.
+const RETRY_BUDGET: Duration = Duration::from_secs(10);
+/// Payload bytes one history reply carries over a link at most (fewer messages then).
+const HISTORY_REPLY_BYTES: usize = 8 << 20;
 /// Deadline of one forwarded request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests one incoming link runs at once; beyond that it stops reading (backpressure).
@@ -102,11 +106,16 @@ impl Started {
                     node.metrics.peer_forwarded.with_label_values(&[name, "ok"]).inc();
                     return Ok(answer);
                 }
-                Err(WireError { redirect: Some((to, their_epoch)), .. }) => {
+                Err(WireError { redirect: Some((to, their_epoch)), .. }) if began.elapsed() < RETRY_BUDGET => {
                     node.metrics.peer_redirects.inc();
                     tracing::debug!(channel = op.channel(), from = %owner, to = %to, their_epoch, "redirected");
-                    // Wait (bounded) for our map to catch up with the owner's, then retry.
-                    wait_for_epoch(&node, their_epoch.max(epoch + 1)).await;
+                    if to == owner {
+                        // The owner is still taking the partition over: ask again shortly.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    } else {
+                        // Wait (bounded) for our map to catch up with the owner's, then retry.
+                        wait_for_epoch(&node, their_epoch.max(epoch + 1)).await;
+                    }
                 }
                 // The link dropped with the request in flight. A keyed publish is
                 // deduplicated by the owner and a commit only ever raises an offset, so
@@ -254,7 +263,7 @@ struct Incoming {
 enum Begun {
     Published(String, tokio::sync::oneshot::Receiver<Result<crate::protocol::PublishOk, OpError>>),
     Committed(String, tokio::sync::oneshot::Receiver<Result<(), OpError>>),
-    Subscribed(tokio::sync::oneshot::Receiver<Result<crate::owner::Grant, OpError>>),
+    Subscribed(LinkSubs, u64, tokio::sync::oneshot::Receiver<Result<crate::owner::Grant, OpError>>),
     History(String, u64, u32),
     Info(String, Option<String>),
     Pull(u32, u64, Option<(String, u64)>),
@@ -287,6 +296,11 @@ async fn begin(node: &Arc<Node>, link: &Incoming, epoch: u64, op: Op) -> Begun {
     match node.locate(op.channel()) {
         Err(e) => return err(e),
         Ok(Route::Remote { owner, epoch: ours }) => return redirect(owner, ours, epoch),
+        // Taking the partition over: answer at once (the gateway asks again shortly)
+        // rather than park the request, which would hold up the whole link.
+        Ok(Route::Local(p)) if node.handovers.is_adopting(p) => {
+            return redirect(node.config.node_id.clone(), node.map.load().epoch, epoch);
+        }
         Ok(Route::Local(_)) => {}
     }
     match op {
@@ -312,7 +326,7 @@ async fn begin(node: &Arc<Node>, link: &Incoming, epoch: u64, op: Op) -> Begun {
             link.subs.lock().expect("link subs").insert(local, (sub, channel.clone()));
             let start = Start::From(StartFrom::Latest);
             match node.subscribe(&channel, local, link.outbox.clone(), start).await {
-                Ok(rx) => Begun::Subscribed(rx),
+                Ok(rx) => Begun::Subscribed(link.subs.clone(), local, rx),
                 Err(e) => {
                     link.subs.lock().expect("link subs").remove(&local);
                     err(e)
@@ -342,12 +356,35 @@ impl Begun {
                 rx.await.map_err(|_| gone())?.map_err(|e| sealed(node, &channel, &e))?;
                 return Ok(Answer::Committed);
             }
-            Begun::Subscribed(rx) => rx.await.map_err(|_| gone())?.map(|g| {
-                node.metrics.peer_subscriptions.inc();
-                Answer::Subscribed { epoch: g.epoch.to_string(), top: g.top }
-            }),
+            Begun::Subscribed(subs, local, rx) => {
+                let granted = rx.await.unwrap_or_else(|_| Err(OpError::new(ErrorCode::Unavailable, "owner stopped")));
+                match granted {
+                    Ok(g) => {
+                        node.metrics.peer_subscriptions.inc();
+                        Ok(Answer::Subscribed { epoch: g.epoch.to_string(), top: g.top })
+                    }
+                    Err(e) => {
+                        subs.lock().expect("link subs").remove(&local);
+                        Err(e)
+                    }
+                }
+            }
             Begun::History(channel, since, limit) => {
-                node.history_local(&channel, since, limit).await.map(Answer::history)
+                node.history_local(&channel, since, limit).await.map(|mut page| {
+                    // Keep the reply well inside the link's frame limit; the reader pages on.
+                    let mut bytes = 0;
+                    let keep = page
+                        .messages
+                        .iter()
+                        .take_while(|m| {
+                            bytes += m.data.get().len();
+                            bytes <= HISTORY_REPLY_BYTES
+                        })
+                        .count()
+                        .max(1);
+                    page.messages.truncate(keep);
+                    Answer::history(page)
+                })
             }
             Begun::Info(channel, consumer) => execute(node, Op::Info { channel, consumer }).await,
             Begun::Pull(p, moved_at, cursor) => crate::handover::serve_pull(node, p, moved_at, cursor).await,

@@ -58,6 +58,10 @@ struct Inner {
     locals: Vec<(u64, Arc<Outbox>)>,
     /// Local subscribes still being granted.
     joining: usize,
+    /// Ids of local subscriptions still being granted, and those of them that were
+    /// unsubscribed meanwhile (their grant must not add them).
+    joining_subs: Vec<u64>,
+    cancelled: Vec<u64>,
     /// Registered at the owner and caught up: pushes are fanned out as they arrive.
     live: bool,
     /// The channel epoch this upstream follows (set by the first registration).
@@ -134,10 +138,12 @@ impl Upstreams {
         outbox: Arc<Outbox>,
         start: Start,
     ) -> Result<Grant, OpError> {
-        let up = self.join(channel);
+        let up = self.join(channel, sub);
         let result = self.grant(node, &up, sub, outbox, start).await;
         let mut g = up.inner.lock().expect("upstream");
         g.joining -= 1;
+        g.joining_subs.retain(|s| *s != sub);
+        g.cancelled.retain(|s| *s != sub);
         let idle = g.idle();
         drop(g);
         if idle {
@@ -148,18 +154,19 @@ impl Upstreams {
 
     /// The upstream of `channel` with one more local subscribe joining (created, and its
     /// task started, if there is none).
-    fn join(&self, channel: &str) -> Arc<Upstream> {
+    fn join(&self, channel: &str, sub: u64) -> Arc<Upstream> {
         let mut map = self.map.lock().expect("upstreams");
         if let Some(up) = map.get(channel) {
             let mut g = up.inner.lock().expect("upstream");
             if !g.closed {
                 g.joining += 1;
+                g.joining_subs.push(sub);
                 return up.clone();
             }
         }
         let up = Arc::new(Upstream {
             channel: channel.into(),
-            inner: Mutex::new(Inner { joining: 1, ..Inner::default() }),
+            inner: Mutex::new(Inner { joining: 1, joining_subs: vec![sub], ..Inner::default() }),
             wake: Notify::new(),
             changes: watch::channel(0).0,
         });
@@ -198,6 +205,9 @@ impl Upstreams {
                 if g.closed {
                     return Err(OpError::new(ErrorCode::Unavailable, "the channel's upstream ended; subscribe again"));
                 }
+                if g.cancelled.contains(&sub) {
+                    return Err(OpError::bad_request("unsubscribed before the subscription was granted"));
+                }
                 if g.live {
                     if g.epoch.as_deref() != Some(epoch.as_str()) {
                         return Err(OpError::new(ErrorCode::Unavailable, "the channel is restarting; subscribe again"));
@@ -227,7 +237,12 @@ impl Upstreams {
         let mut g = up.inner.lock().expect("upstream");
         let before = g.locals.len();
         g.locals.retain(|(s, _)| *s != sub);
-        let found = g.locals.len() != before;
+        let mut found = g.locals.len() != before;
+        if !found && g.joining_subs.contains(&sub) {
+            // Still being granted: the grant sees this and does not add it.
+            g.cancelled.push(sub);
+            found = true;
+        }
         let idle = g.idle();
         drop(g);
         if idle {
@@ -380,7 +395,15 @@ async fn register(node: &Arc<Node>, up: &Arc<Upstream>) -> Result<watch::Receive
     {
         let mut g = up.inner.lock().expect("upstream");
         if let Some((old, old_link)) = g.reg.take() {
+            // Abandoned registration: drop it at its owner too (best effort; a dropped link
+            // has dropped it already).
             old_link.unregister(old);
+            let unsubscribe = Op::Unsubscribe { channel: up.channel.to_string(), sub: old };
+            if let Ok(p) = old_link.send(epoch, unsubscribe) {
+                tokio::spawn(async move {
+                    let _ = p.wait(REQUEST_TIMEOUT).await;
+                });
+            }
         }
         g.reg = Some((sub, link.clone()));
         g.live = false;
@@ -415,6 +438,9 @@ async fn register(node: &Arc<Node>, up: &Arc<Upstream>) -> Result<watch::Receive
                 "channel restarted under epoch {their_epoch} (its owner stopped without handing over); subscribe again to recover"
             )));
         }
+        Some(_) if top < last => {
+            return Err(Failed::End("channel went back to an older offset; subscribe again to recover".into()));
+        }
         Some(e) => {
             // Catch up on what the local subscribers missed while the upstream was down.
             while last < top {
@@ -425,9 +451,12 @@ async fn register(node: &Arc<Node>, up: &Arc<Upstream>) -> Result<watch::Receive
                 if *page.epoch != *e {
                     return Err(Failed::End("channel restarted under a new epoch; subscribe again".into()));
                 }
-                let Some(first) = page.messages.first() else { break };
-                if first.offset > last + 1 && page.first > last + 1 {
+                let next = page.messages.first().map_or(top + 1, |m| m.offset);
+                if next > last + 1 && page.first > last + 1 {
                     return Err(Failed::End("history trimmed while resubscribing; subscribe again to recover".into()));
+                }
+                if page.messages.is_empty() {
+                    break;
                 }
                 let mut g = up.inner.lock().expect("upstream");
                 for m in page.messages.iter().filter(|m| m.offset <= top) {

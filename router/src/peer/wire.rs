@@ -305,6 +305,17 @@ impl Answer {
     }
 }
 
+/// Largest frame (and message) on a peer link. Replies are kept far below it (history
+/// and handover chunks are cut by size), so only a broken peer reaches it.
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// The WebSocket settings of both ends of a peer link.
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME))
+        .max_frame_size(Some(MAX_FRAME))
+}
+
 /// Encodes a frame.
 pub fn encode(frame: &Frame) -> Vec<u8> {
     postcard::to_stdvec(frame).expect("peer frames serialize")
