@@ -93,7 +93,7 @@ pub fn before_install(node: &Arc<Node>, new: &PartitionMap) {
             adopting.insert(p, moved.epoch);
         }
         let (done, rx) = oneshot::channel();
-        node.hold(p, Command::Adopt(rx));
+        node.adopt(p, rx);
         tokio::spawn(adopt(node.clone(), p, moved.from.clone(), moved.epoch, new.epoch, done));
     }
 }
@@ -334,7 +334,9 @@ fn read_chunk(
 ) -> Result<Chunk, crate::store::StoreError> {
     let mut chunk = Chunk { channels: Vec::new(), messages: Vec::new(), next: None };
     let mut bytes = 0usize;
-    for (name, meta) in store.partition_channels(p, cursor.as_ref().map(|c| c.0.as_str()))? {
+    // One past the channels a chunk may start, plus the one being resumed.
+    let from = cursor.as_ref().map(|c| c.0.as_str());
+    for (name, meta) in store.partition_channels(p, from, CHUNK_CHANNELS + 2)? {
         let mut after = match &cursor {
             Some((c, o)) if *c == name => *o,
             _ => {
@@ -386,4 +388,77 @@ pub async fn serve_pulled(node: &Arc<Node>, p: PartitionId, moved_at: u64) -> Re
     node.handovers.sealed.lock().expect("handovers").remove(&p);
     tracing::info!(partition = p, moved_at, "partition taken by its new owner; local copy dropped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FsyncPolicy;
+    use crate::metrics::Metrics;
+    use crate::store::{ChannelMeta, Store, StoredMessage};
+
+    fn msg(i: u64, size: usize) -> StoredMessage {
+        StoredMessage { ts: i, key: None, from: None, idem: Some(format!("k{i}")), data: "7".repeat(size) }
+    }
+
+    /// Pulls every chunk of `p` the way a new owner does.
+    fn pull(store: &Store, p: PartitionId) -> (Vec<Chunk>, usize) {
+        let (mut cursor, mut chunks) = (None, Vec::new());
+        loop {
+            let c = read_chunk(store, p, cursor.clone()).unwrap();
+            cursor = c.next.clone();
+            chunks.push(c);
+            if cursor.is_none() {
+                let n = chunks.len();
+                return (chunks, n);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_carry_every_channel_message_and_consumer_once_within_the_size_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
+        let mut b = store.batch();
+        // One big channel (5,000 messages of 2 KiB: over the message and byte budgets), many
+        // small ones, and a neighbour partition that must not leak in.
+        for i in 1..=5000 {
+            b.put_message(4, "big", i, &msg(i, 2048));
+        }
+        b.put_meta(4, "big", &ChannelMeta { epoch: "E".into(), top: 5000, first: 1, count: 5000, bytes: 0 });
+        b.put_consumer(4, "big", "svc", 4000);
+        for c in 0..1500 {
+            let name = format!("small:{c:04}");
+            b.put_message(4, &name, 1, &msg(1, 10));
+            b.put_meta(4, &name, &ChannelMeta { epoch: "S".into(), top: 1, first: 1, count: 1, bytes: 0 });
+        }
+        b.put_message(5, "other", 1, &msg(1, 10));
+        b.put_meta(5, "other", &ChannelMeta { epoch: "O".into(), top: 1, first: 1, count: 1, bytes: 0 });
+        b.write(true).await.unwrap();
+
+        let (chunks, n) = pull(&store, 4);
+        assert!(n > 3, "split into several chunks: {n}");
+        for c in &chunks {
+            let bytes: usize = c.messages.iter().map(|m| m.2.data.len()).sum();
+            assert!(bytes <= CHUNK_BYTES + 16 * 2048, "chunk of {bytes} bytes");
+            assert!(c.messages.len() <= CHUNK_MESSAGES && c.channels.len() <= CHUNK_CHANNELS);
+        }
+        let channels: Vec<&String> = chunks.iter().flat_map(|c| c.channels.iter().map(|x| &x.0)).collect();
+        assert_eq!(channels.len(), 1501, "every channel's metadata once");
+        assert!(!channels.iter().any(|c| c.as_str() == "other"));
+        let big: Vec<u64> = chunks.iter().flat_map(|c| &c.messages).filter(|m| m.0 == "big").map(|m| m.1).collect();
+        assert_eq!(big, (1..=5000).collect::<Vec<_>>(), "every message once, in order");
+        let small = chunks.iter().flat_map(|c| &c.messages).filter(|m| m.0 != "big").count();
+        assert_eq!(small, 1500);
+        let consumers: Vec<_> = chunks.iter().flat_map(|c| &c.channels).flat_map(|x| x.2.clone()).collect();
+        assert_eq!(consumers, vec![("svc".to_string(), 4000)]);
+
+        // Clearing removes exactly the partition.
+        let mut b = store.batch();
+        b.clear_partition(4).unwrap();
+        b.write(true).await.unwrap();
+        assert!(store.partition_channels(4, None, usize::MAX).unwrap().is_empty());
+        assert_eq!(store.partition_channels(5, None, usize::MAX).unwrap().len(), 1);
+        assert!(store.read_messages(4, "big", 0, 5000, 10).unwrap().is_empty());
+    }
 }

@@ -142,6 +142,7 @@ pub struct Node {
     /// Tokens, per-user sessions, the API key and the live (reloadable) limits.
     pub access: Arc<crate::access::Access>,
     owners: Vec<mpsc::Sender<Command>>,
+    adoptions: Vec<mpsc::UnboundedSender<oneshot::Receiver<()>>>,
     next_id: AtomicU64,
     /// Flips to true when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
@@ -172,9 +173,11 @@ impl Node {
         }
         tracing::info!(channels = total, partitions = p, data_dir = %config.data_dir.display(), "store recovered");
         let mut owners = Vec::with_capacity(p as usize);
+        let mut adoptions = Vec::with_capacity(p as usize);
         let mut tasks = Vec::with_capacity(p as usize);
         for (partition, channels) in recovered.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(OWNER_MAILBOX);
+            let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
             let owner = Owner::new(
                 partition as PartitionId,
                 store.clone(),
@@ -182,9 +185,11 @@ impl Node {
                 config.publish.idempotency_window,
                 channels,
                 rx,
+                adopt_rx,
             );
             tasks.push(tokio::spawn(owner.run()));
             owners.push(tx);
+            adoptions.push(adopt_tx);
         }
         let plugins = start_plugins(&config, metrics.clone())?;
         let (shutdown_tx, shutdown) = watch::channel(false);
@@ -211,6 +216,7 @@ impl Node {
             cluster,
             started_at: std::time::SystemTime::now(),
             owners,
+            adoptions,
             next_id: AtomicU64::new(1),
             shutdown,
             shutdown_tx,
@@ -238,6 +244,12 @@ impl Node {
             .send(cmd)
             .await
             .map_err(|_| OpError::new(ErrorCode::Unavailable, "partition owner stopped"))
+    }
+
+    /// Makes `partition`'s owner wait for `done` (the handed-over state is in the store)
+    /// before it runs any command still queued or yet to come, then load the state.
+    pub fn adopt(&self, partition: PartitionId, done: oneshot::Receiver<()>) {
+        let _ = self.adoptions[partition as usize].send(done);
     }
 
     /// Puts `cmd` in `partition`'s mailbox without waiting (a full mailbox hands it to a

@@ -5,7 +5,8 @@
 //! window, committed consumer offsets) and is its only writer, so no lock guards it. Commands
 //! that arrive together form one batch: one store commit and one (group) fsync, after which
 //! publishes are acknowledged and fanned out, and only then are reads answered, so a client
-//! always reads its own acknowledged writes. It must never wait on anything but the store,
+//! always reads its own acknowledged writes. It must never wait on anything but the store
+//! (and, once per partition move, on the handover that fills the store before it serves),
 //! and never on a subscriber: fan-out uses the non-blocking [`Outbox`].
 
 use std::collections::{HashMap, VecDeque};
@@ -215,9 +216,6 @@ pub enum Command {
     /// push (code 4100, `reason`) so clients go to the new owner, forget the in-memory
     /// state and refuse every later write with [`SEALED`]. Answered once done (idempotent).
     Seal(String, Option<oneshot::Sender<()>>),
-    /// The partition moved here: wait (holding every later command in the mailbox) until
-    /// the receiver fires, when the store holds the partition's state, then load it.
-    Adopt(oneshot::Receiver<()>),
     /// Channel facts for a gateway's local grant.
     Info {
         /// Channel.
@@ -351,6 +349,9 @@ pub struct Owner {
     idempotency_window: Duration,
     channels: HashMap<Arc<str>, ChannelState>,
     rx: mpsc::Receiver<Command>,
+    /// Adoptions, ahead of the mailbox: each receiver fires when the store holds the
+    /// partition's handed-over state; until then every command waits.
+    adoptions: mpsc::UnboundedReceiver<oneshot::Receiver<()>>,
     /// The partition moved away: writes are refused until it is adopted again.
     sealed: bool,
 }
@@ -364,6 +365,7 @@ impl Owner {
         idempotency_window: Duration,
         recovered: Vec<(String, ChannelMeta)>,
         rx: mpsc::Receiver<Command>,
+        adoptions: mpsc::UnboundedReceiver<oneshot::Receiver<()>>,
     ) -> Self {
         let channels: HashMap<Arc<str>, ChannelState> = recovered
             .into_iter()
@@ -373,7 +375,7 @@ impl Owner {
             })
             .collect();
         metrics.partition_channels.with_label_values(&[&partition.to_string()]).set(channels.len() as i64);
-        Self { partition, store, metrics, idempotency_window, channels, rx, sealed: false }
+        Self { partition, store, metrics, idempotency_window, channels, rx, adoptions, sealed: false }
     }
 
     /// Waits for a handover to land in the store, then serves the partition from it.
@@ -393,7 +395,7 @@ impl Owner {
             }
         }
         self.channels.clear();
-        match self.store.partition_channels(self.partition, None) {
+        match self.store.partition_channels(self.partition, None, usize::MAX) {
             Ok(list) => {
                 for (name, m) in list {
                     let name: Arc<str> = name.into();
@@ -414,21 +416,28 @@ impl Owner {
     pub async fn run(mut self) {
         let one_publish_per_batch = self.store.policy() == FsyncPolicy::Always;
         let store = self.store.clone();
-        while let Some(cmd) = self.rx.recv().await {
-            if let Command::Adopt(done) = cmd {
-                self.adopt(done).await;
-                continue;
-            }
+        loop {
+            let cmd = tokio::select! {
+                biased;
+                Some(done) = self.adoptions.recv() => {
+                    self.adopt(done).await;
+                    continue;
+                }
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => break,
+                },
+            };
             let mut batch = store.batch();
             let mut work = Work::default();
             let mut adopt = None;
             self.handle(cmd, &mut batch, &mut work);
             while work.after.len() + work.publishes < MAX_BATCH && !(one_publish_per_batch && work.publishes > 0) {
+                if let Ok(done) = self.adoptions.try_recv() {
+                    adopt = Some(done);
+                    break;
+                }
                 match self.rx.try_recv() {
-                    Ok(Command::Adopt(done)) => {
-                        adopt = Some(done);
-                        break;
-                    }
                     Ok(cmd) => self.handle(cmd, &mut batch, &mut work),
                     Err(_) => break,
                 }
@@ -541,7 +550,6 @@ impl Owner {
                 }
             }
             Command::Unsubscribe { .. } => {}
-            Command::Adopt(_) => unreachable!("adoption is handled by the run loop"),
         }
     }
 
@@ -830,8 +838,8 @@ impl Owner {
                     .collect();
                 let _ = reply.send(snaps);
             }
-            Command::Publish(..) | Command::Commit { .. } | Command::Trim { .. } | Command::Adopt(_) => {
-                unreachable!("writes are handled in the batch, adoption by the run loop")
+            Command::Publish(..) | Command::Commit { .. } | Command::Trim { .. } => {
+                unreachable!("writes are handled in the batch")
             }
         }
     }

@@ -337,12 +337,13 @@ impl Store {
         Ok(self.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?)
     }
 
-    /// The channels stored for partition `p` with names at or above `from` (all when
-    /// None), in name order.
+    /// Up to `limit` channels stored for partition `p` with names at or above `from` (from
+    /// the first when None), in name order.
     pub fn partition_channels(
         &self,
         p: PartitionId,
         from: Option<&str>,
+        limit: usize,
     ) -> Result<Vec<(String, ChannelMeta)>, StoreError> {
         let mut out = Vec::new();
         let start = match from {
@@ -351,7 +352,7 @@ impl Store {
         };
         // P is at most a few thousand, so p + 1 never overflows.
         let end = (p + 1).to_be_bytes().to_vec();
-        for guard in self.meta.range(start..end) {
+        for guard in self.meta.range(start..end).take(limit) {
             let (k, v) = guard.into_inner()?;
             let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
             out.push((name, postcard::from_bytes(&v)?));
