@@ -3,7 +3,8 @@
 //! The library holds every part of a node; the `switchyard` binary only parses flags and
 //! calls [`run`]. Module map: `config` (settings), `protocol` (wire format, no I/O),
 //! `channel` and `partition` (names, hashing, ownership), `cluster` (etcd: membership,
-//! election, the partition map), `store` (fjall), `owner` (one
+//! election, the partition map), `peer` (links between nodes, forwarding, upstream
+//! subscriptions), `handover` (moving a partition's state), `store` (fjall), `owner` (one
 //! single-writer task per partition), `outbox` and `session` (one client), `server` (HTTP and
 //! WebSocket), `policy` and `maintenance` (retention and compaction), `plugin` (the WASM host), `metrics`, `node`
 //! (wiring).

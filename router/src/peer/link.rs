@@ -1,8 +1,9 @@
 //! Outgoing peer links: one multiplexed WebSocket per remote node, reconnecting with backoff.
 //!
 //! It owns the connection to each peer's `/peer` endpoint (authenticated by the cluster
-//! secret), the bounded queue of requests waiting for the link, and the table of requests
-//! waiting for their reply. It must never block a caller on a full queue or a dead peer:
+//! secret), the bounded queue of requests waiting for the link, the table of requests
+//! waiting for their reply, and the routing of pushes that arrive on it to their upstream
+//! subscriptions (noticing each drop, so those resubscribe). It must never block a caller on a full queue or a dead peer:
 //! a full queue is `unavailable` at once, and every request has a deadline.
 
 use std::collections::HashMap;

@@ -2,8 +2,10 @@
 //!
 //! It owns [`call`], which runs an operation where the map says it belongs (here, or on
 //! the owner over its link, following redirects while the map changes), and the `/peer`
-//! endpoint's side of a link ([`serve`]). It must never wait on etcd: routing reads the
-//! in-memory map only, and every remote call has a deadline.
+//! endpoint's side of a link ([`serve`]): running requests as the owner, registering
+//! gateways' upstream subscriptions and pushing their messages back on the same link. It
+//! must never wait on etcd: routing reads the in-memory map only, and every remote call
+//! has a deadline.
 
 pub mod link;
 pub mod upstream;
