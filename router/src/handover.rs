@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::node::Node;
-use crate::owner::Command;
+use crate::owner::{Command, Forward};
 use crate::partition::{PartitionId, PartitionMap};
 use crate::peer::wire::{Answer, Chunk, Op};
 use crate::protocol::{ErrorCode, OpError};
@@ -116,6 +116,40 @@ pub fn after_install(node: &Arc<Node>, before: &PartitionMap) {
             // Never wait here (this runs in the etcd watch loop): a held mailbox takes it later.
             node.hold(p, Command::Seal(reason, None));
         }
+    }
+}
+
+/// Forwards writes that reached a sealed partition (they raced the seal) to wherever the
+/// map now puts their channel, and answers them from there.
+pub async fn forward_sealed(node: std::sync::Weak<Node>, mut writes: tokio::sync::mpsc::UnboundedReceiver<Forward>) {
+    while let Some(write) = writes.recv().await {
+        let Some(node) = node.upgrade() else { return };
+        tokio::spawn(async move {
+            let sealed = || OpError::new(ErrorCode::Unavailable, crate::owner::SEALED);
+            match write {
+                Forward::Publish(req, reply) => {
+                    // Only ever onwards: a partition still local here would come back sealed.
+                    let result = match node.locate(&req.channel) {
+                        Ok(crate::node::Route::Remote { .. }) => match node.publish(req).await {
+                            Ok(rx) => rx.await.unwrap_or_else(|_| Err(sealed())),
+                            Err(e) => Err(e),
+                        },
+                        _ => Err(sealed()),
+                    };
+                    let _ = reply.send(result);
+                }
+                Forward::Commit { channel, consumer, offset, reply } => {
+                    let result = match node.locate(&channel) {
+                        Ok(crate::node::Route::Remote { .. }) => match node.commit(&channel, consumer, offset).await {
+                            Ok(rx) => rx.await.unwrap_or_else(|_| Err(sealed())),
+                            Err(e) => Err(e),
+                        },
+                        _ => Err(sealed()),
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+        });
     }
 }
 

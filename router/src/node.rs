@@ -174,6 +174,10 @@ impl Node {
         tracing::info!(channels = total, partitions = p, data_dir = %config.data_dir.display(), "store recovered");
         let mut owners = Vec::with_capacity(p as usize);
         let mut adoptions = Vec::with_capacity(p as usize);
+        // Writes that reach a sealed partition, forwarded to its new owner (cluster mode
+        // with peer links only).
+        let peered = config.cluster.enabled() && config.cluster.secret.is_some();
+        let (forward_tx, forward_rx) = mpsc::unbounded_channel();
         let mut tasks = Vec::with_capacity(p as usize);
         for (partition, channels) in recovered.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(OWNER_MAILBOX);
@@ -186,6 +190,7 @@ impl Node {
                 channels,
                 rx,
                 adopt_rx,
+                peered.then(|| forward_tx.clone()),
             );
             tasks.push(tokio::spawn(owner.run()));
             owners.push(tx);
@@ -225,6 +230,9 @@ impl Node {
         node.plugins.watch(node.config.plugins.reload_debounce, node.shutdown.clone());
         crate::maintenance::spawn(&node);
         crate::cluster::spawn(&node);
+        if peered {
+            tokio::spawn(crate::handover::forward_sealed(Arc::downgrade(&node), forward_rx));
+        }
         Ok(node)
     }
 

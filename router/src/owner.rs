@@ -99,6 +99,24 @@ pub struct Facts {
     pub committed: Option<u64>,
 }
 
+/// A write that reached a sealed partition, handed on with its reply to be forwarded to
+/// the partition's new owner.
+pub enum Forward {
+    /// A publish.
+    Publish(PublishRequest, oneshot::Sender<Result<PublishOk, OpError>>),
+    /// A commit.
+    Commit {
+        /// Channel.
+        channel: String,
+        /// Consumer name.
+        consumer: String,
+        /// Offset.
+        offset: u64,
+        /// Answer.
+        reply: oneshot::Sender<Result<(), OpError>>,
+    },
+}
+
 /// The message of errors for writes that reach a sealed partition: it moved, nothing was
 /// stored, and a retry (routed by the new map) is safe.
 pub const SEALED: &str = "partition sealed: it moved to another node; retry";
@@ -352,6 +370,8 @@ pub struct Owner {
     /// Adoptions, ahead of the mailbox: each receiver fires when the store holds the
     /// partition's handed-over state; until then every command waits.
     adoptions: mpsc::UnboundedReceiver<oneshot::Receiver<()>>,
+    /// Where writes that reach the sealed partition go (to be forwarded to the new owner).
+    forward: Option<mpsc::UnboundedSender<Forward>>,
     /// The partition moved away: writes are refused until it is adopted again.
     sealed: bool,
 }
@@ -366,6 +386,7 @@ impl Owner {
         recovered: Vec<(String, ChannelMeta)>,
         rx: mpsc::Receiver<Command>,
         adoptions: mpsc::UnboundedReceiver<oneshot::Receiver<()>>,
+        forward: Option<mpsc::UnboundedSender<Forward>>,
     ) -> Self {
         let channels: HashMap<Arc<str>, ChannelState> = recovered
             .into_iter()
@@ -375,7 +396,7 @@ impl Owner {
             })
             .collect();
         metrics.partition_channels.with_label_values(&[&partition.to_string()]).set(channels.len() as i64);
-        Self { partition, store, metrics, idempotency_window, channels, rx, adoptions, sealed: false }
+        Self { partition, store, metrics, idempotency_window, channels, rx, adoptions, forward, sealed: false }
     }
 
     /// Waits for a handover to land in the store, then serves the partition from it.
@@ -524,12 +545,31 @@ impl Owner {
         }
     }
 
-    /// A sealed partition stores nothing: writes and registrations get [`SEALED`].
+    /// A sealed partition stores nothing: writes are handed on to be forwarded to the new
+    /// owner (or get [`SEALED`]), registrations get [`SEALED`].
     fn refuse_sealed(&mut self, cmd: Command, work: &mut Work) {
         let sealed = || OpError::new(crate::protocol::ErrorCode::Unavailable, SEALED);
         match cmd {
-            Command::Publish(_, reply) => work.acks.push((reply, Err(sealed()))),
-            Command::Commit { reply, .. } => work.commit_acks.push((reply, Err(sealed()))),
+            Command::Publish(req, reply) => match &self.forward {
+                Some(fwd) => {
+                    if let Err(mpsc::error::SendError(Forward::Publish(_, reply))) =
+                        fwd.send(Forward::Publish(req, reply))
+                    {
+                        let _ = reply.send(Err(sealed()));
+                    }
+                }
+                None => work.acks.push((reply, Err(sealed()))),
+            },
+            Command::Commit { channel, consumer, offset, reply } => match &self.forward {
+                Some(fwd) => {
+                    if let Err(mpsc::error::SendError(Forward::Commit { reply, .. })) =
+                        fwd.send(Forward::Commit { channel, consumer, offset, reply })
+                    {
+                        let _ = reply.send(Err(sealed()));
+                    }
+                }
+                None => work.commit_acks.push((reply, Err(sealed()))),
+            },
             Command::Subscribe { reply, .. } => {
                 let _ = reply.send(Err(sealed()));
             }
@@ -871,4 +911,66 @@ fn load_idempotency(
         Err(e) => tracing::warn!(channel, error = %e, "could not rebuild idempotency window"),
     }
     window
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(channel: &str, data: &str) -> (Command, oneshot::Receiver<Result<PublishOk, OpError>>) {
+        let (tx, rx) = oneshot::channel();
+        let req = PublishRequest {
+            channel: channel.into(),
+            data: RawValue::from_string(data.into()).unwrap(),
+            key: None,
+            idempotency_key: None,
+            from: None,
+        };
+        (Command::Publish(req, tx), rx)
+    }
+
+    /// Seal, adopt and the hand-off of writes that race a seal, on a real store.
+    #[tokio::test]
+    async fn a_sealed_owner_hands_writes_on_and_an_adoption_reloads_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(dir.path(), FsyncPolicy::Batch, metrics.clone()).unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
+        let (fwd_tx, mut fwd_rx) = mpsc::unbounded_channel();
+        let owner =
+            Owner::new(3, store.clone(), metrics, Duration::from_secs(60), Vec::new(), rx, adopt_rx, Some(fwd_tx));
+        tokio::spawn(owner.run());
+
+        let (cmd, ack) = publish("room:1", "1");
+        tx.send(cmd).await.unwrap();
+        let first = ack.await.unwrap().unwrap();
+        assert_eq!(first.offset, 1);
+
+        let (done, sealed) = oneshot::channel();
+        tx.send(Command::Seal("moved".into(), Some(done))).await.unwrap();
+        sealed.await.unwrap();
+        // A write that arrives after the seal is not stored here: it is handed on.
+        let (cmd, _ack) = publish("room:1", "2");
+        tx.send(cmd).await.unwrap();
+        match fwd_rx.recv().await.unwrap() {
+            Forward::Publish(req, _) => assert_eq!(req.data.get(), "2"),
+            Forward::Commit { .. } => panic!("expected the publish"),
+        }
+        assert_eq!(store.read_messages(3, "room:1", 0, 10, 10).unwrap().len(), 1);
+
+        // An adoption waits for the store, then serves what it holds (same epoch, same top).
+        let (fill, filled) = oneshot::channel();
+        adopt_tx.send(filled).unwrap();
+        let (cmd, ack) = publish("room:1", "3");
+        tx.send(cmd).await.unwrap();
+        let mut b = store.batch();
+        b.put_message(3, "room:1", 2, &StoredMessage { ts: 1, key: None, from: None, idem: None, data: "9".into() });
+        let meta = ChannelMeta { epoch: first.epoch.to_string(), top: 2, first: 1, count: 2, bytes: 2 };
+        b.put_meta(3, "room:1", &meta);
+        b.write(true).await.unwrap();
+        fill.send(()).unwrap();
+        let third = ack.await.unwrap().unwrap();
+        assert_eq!((third.offset, third.epoch), (3, first.epoch), "the queued write runs on the adopted state");
+    }
 }
