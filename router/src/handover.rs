@@ -223,9 +223,7 @@ enum Pulled {
 /// Without the old owner, this node's copy of `p` (if any) is stale: clear it, so every
 /// channel restarts under a new epoch and recovering clients learn they missed messages.
 async fn start_fresh(node: &Node, p: PartitionId, moved_at: u64) -> Result<(), crate::store::StoreError> {
-    let mut batch = node.store.batch();
-    batch.clear_partition(p)?;
-    batch.write(false).await?;
+    node.store.clear_partition(p).await?;
     let mut batch = node.store.batch();
     batch.put_adopted(p, moved_at);
     batch.write(true).await
@@ -287,9 +285,7 @@ async fn pull_all(node: &Arc<Node>, p: PartitionId, from: &str, moved_at: u64, m
         };
         if !cleared {
             // A stale copy from an earlier ownership goes before the first chunk lands.
-            let mut batch = node.store.batch();
-            batch.clear_partition(p).map_err(|e| e.to_string())?;
-            batch.write(false).await.map_err(|e| e.to_string())?;
+            node.store.clear_partition(p).await.map_err(|e| e.to_string())?;
             cleared = true;
         }
         moved += chunk.messages.len() as u64;
@@ -415,9 +411,7 @@ pub async fn serve_pulled(node: &Arc<Node>, p: PartitionId, moved_at: u64) -> Re
     let mine = node.map.load().owner(p) == Some(node.config.node_id.as_str());
     let sealed = node.handovers.sealed.lock().expect("handovers").contains(&p);
     if sealed && !mine && !node.handovers.is_adopting(p) {
-        let mut batch = node.store.batch();
-        batch.clear_partition(p).map_err(|e| OpError::internal(e.to_string()))?;
-        batch.write(false).await.map_err(|e| OpError::internal(e.to_string()))?;
+        node.store.clear_partition(p).await.map_err(|e| OpError::internal(e.to_string()))?;
     }
     node.handovers.sealed.lock().expect("handovers").remove(&p);
     tracing::info!(partition = p, moved_at, "partition taken by its new owner; local copy dropped");
@@ -488,9 +482,7 @@ mod tests {
         assert_eq!(consumers, vec![("svc".to_string(), 4000)]);
 
         // Clearing removes exactly the partition.
-        let mut b = store.batch();
-        b.clear_partition(4).unwrap();
-        b.write(true).await.unwrap();
+        store.clear_partition(4).await.unwrap();
         assert!(store.partition_channels(4, None, usize::MAX).unwrap().is_empty());
         assert_eq!(store.partition_channels(5, None, usize::MAX).unwrap().len(), 1);
         assert!(store.read_messages(4, "big", 0, 5000, 10).unwrap().is_empty());

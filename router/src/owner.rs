@@ -405,13 +405,7 @@ impl Owner {
             // The handover task died half-way: what the store holds is not a copy to serve
             // under the old epochs. Start over (new epochs).
             tracing::error!(partition = self.partition, "handover abandoned; starting the partition afresh");
-            let store = self.store.clone();
-            let mut batch = store.batch();
-            let cleared = match batch.clear_partition(self.partition) {
-                Ok(_) => batch.write(false).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = cleared {
+            if let Err(e) = self.store.clone().clear_partition(self.partition).await {
                 tracing::error!(partition = self.partition, error = %e, "clearing the partition failed");
             }
         }

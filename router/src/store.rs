@@ -161,15 +161,20 @@ impl Batch<'_> {
         self.inner.insert(&self.store.adopted, p.to_be_bytes().to_vec(), epoch.to_be_bytes().to_vec());
     }
 
-    /// Removes everything stored for partition `p`: metadata, messages and consumer offsets.
-    pub fn clear_partition(&mut self, p: PartitionId) -> Result<usize, StoreError> {
+    /// Queues the removal of up to `limit` of the keys stored for partition `p` (metadata,
+    /// messages, consumer offsets; metadata last, so an interrupted clear never leaves
+    /// messages without their channel); returns how many. See [`Store::clear_partition`].
+    pub fn clear_partition(&mut self, p: PartitionId, limit: usize) -> Result<usize, StoreError> {
         let prefix = p.to_be_bytes();
         let mut n = 0;
-        for ks in [&self.store.meta, &self.store.messages, &self.store.consumers] {
-            for guard in ks.prefix(prefix) {
+        for ks in [&self.store.messages, &self.store.consumers, &self.store.meta] {
+            for guard in ks.prefix(prefix).take(limit - n) {
                 let (k, _) = guard.into_inner()?;
                 self.inner.remove(ks, k);
                 n += 1;
+            }
+            if n == limit {
+                break;
             }
         }
         Ok(n)
@@ -335,6 +340,23 @@ impl Store {
     /// The stored metadata of one channel.
     pub fn channel_meta(&self, p: PartitionId, channel: &str) -> Result<Option<ChannelMeta>, StoreError> {
         Ok(self.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?)
+    }
+
+    /// Removes everything stored for partition `p`, in batches of bounded size so other
+    /// partitions' commits are not held up behind one huge batch.
+    pub async fn clear_partition(&self, p: PartitionId) -> Result<(), StoreError> {
+        const STEP: usize = 10_000;
+        loop {
+            let mut batch = self.batch();
+            let n = batch.clear_partition(p, STEP)?;
+            if n == 0 {
+                return Ok(());
+            }
+            batch.write(false).await?;
+            if n < STEP {
+                return Ok(());
+            }
+        }
     }
 
     /// Up to `limit` channels stored for partition `p` with names at or above `from` (from
