@@ -44,9 +44,10 @@ pub const NOT_ADOPTED: &str = "partition not adopted here (yet)";
 pub struct Handovers {
     /// Partitions being adopted here, with the map epoch of the move.
     adopting: Mutex<HashMap<PartitionId, u64>>,
-    /// Partitions sealed here whose new owner has not confirmed the pull yet: this node's
-    /// copy is the authoritative one until it does.
-    sealed: Mutex<HashSet<PartitionId>>,
+    /// Partitions sealed here whose new owner has not confirmed the pull yet, with the map
+    /// epoch of the move that sealed them: this node's copy is the authoritative one until
+    /// that move's new owner confirms.
+    sealed: Mutex<HashMap<PartitionId, u64>>,
     /// Partitions whose adoption was abandoned half-way (the map moved them back to their
     /// source): what the store holds for them is not a copy to hand on.
     incomplete: Mutex<HashSet<PartitionId>>,
@@ -111,7 +112,8 @@ pub fn after_install(node: &Arc<Node>, before: &PartitionMap) {
             let now = after.owner(p).unwrap_or_default();
             let reason = format!("partition moved to node {now} (map epoch {}); subscribe again", after.epoch);
             if node.peers.is_some() {
-                node.handovers.sealed.lock().expect("handovers").insert(p);
+                let moved_at = after.moved_from(p).map_or(after.epoch, |m| m.epoch);
+                node.handovers.sealed.lock().expect("handovers").insert(p, moved_at);
             }
             // Never wait here (this runs in the etcd watch loop): a held mailbox takes it later.
             node.hold(p, Command::Seal(reason, None));
@@ -257,7 +259,7 @@ async fn pull_all(node: &Arc<Node>, p: PartitionId, from: &str, moved_at: u64, m
             Ok(Answer::Chunk(c)) => c,
             Ok(_) => return Err("old owner answered a pull with another answer".into()),
             Err(e) if e.message == NOT_ADOPTED && !cleared => {
-                if node.handovers.sealed.lock().expect("handovers").remove(&p) {
+                if node.handovers.sealed.lock().expect("handovers").remove(&p).is_some() {
                     // This node handed the partition out and it never arrived anywhere:
                     // its own copy is complete.
                     let mut batch = node.store.batch();
@@ -342,7 +344,7 @@ pub async fn serve_pull(
     }
     if cursor.is_none() {
         let (tx, rx) = oneshot::channel();
-        node.handovers.sealed.lock().expect("handovers").insert(p);
+        node.handovers.sealed.lock().expect("handovers").insert(p, moved_at);
         let reason = format!("partition moved (map epoch {moved_at}); subscribe again");
         node.send_to(p, Command::Seal(reason, Some(tx))).await?;
         rx.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?;
@@ -409,8 +411,13 @@ fn read_chunk(
 /// The new owner has `p` durably: drop the copy here, unless the partition came back.
 pub async fn serve_pulled(node: &Arc<Node>, p: PartitionId, moved_at: u64) -> Result<(), OpError> {
     let mine = node.map.load().owner(p) == Some(node.config.node_id.as_str());
-    let sealed = node.handovers.sealed.lock().expect("handovers").contains(&p);
-    if sealed && !mine && !node.handovers.is_adopting(p) {
+    // Only the confirmation of the move that sealed the copy here may drop it (a late one
+    // from an older move must not).
+    let sealed = node.handovers.sealed.lock().expect("handovers").get(&p) == Some(&moved_at);
+    if !sealed {
+        return Ok(());
+    }
+    if !mine && !node.handovers.is_adopting(p) {
         node.store.clear_partition(p).await.map_err(|e| OpError::internal(e.to_string()))?;
     }
     node.handovers.sealed.lock().expect("handovers").remove(&p);
