@@ -42,12 +42,12 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 build-release:
-	$(CARGO) build --release -p switchyard-router --bin switchyard
+	$(CARGO) build --release -p switchyard --bin switchyard
 
 run:
 	scripts/setup.sh
 	scripts/build-plugins.sh
-	$(CARGO) build --release -p switchyard-router --bin switchyard
+	$(CARGO) build --release -p switchyard --bin switchyard
 	mkdir -p "$(DATA_DIR)" "$(PLUGINS_DIR)"
 	exec target/release/switchyard serve --config "$(CONFIG)" --listen "$(LISTEN)" --data-dir "$(DATA_DIR)" --plugins-dir "$(PLUGINS_DIR)"
 

@@ -6,7 +6,7 @@
 bench_prepare() {
     if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
         log "cargo build --release (switchyard)"
-        cargo build --release -p switchyard-router --bin switchyard
+        cargo build --release -p switchyard --bin switchyard
     fi
     server_bin="${SWITCHYARD_BIN:-$root/target/release/switchyard}"
     [ -x "$server_bin" ] || { log "ERROR: $server_bin not built"; exit 1; }

@@ -10,9 +10,9 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use switchyard_router::cluster::balance::{builtin, input, BUILTIN};
-use switchyard_router::cluster::keys::{LoadRecord, NodeRecord};
-use switchyard_router::policy::validate_balance;
+use switchyard_cluster::balance::{builtin, input, BUILTIN};
+use switchyard_cluster::keys::{LoadRecord, NodeRecord};
+use switchyard_core::policy::validate_balance;
 
 const ROUNDS: u32 = 50;
 

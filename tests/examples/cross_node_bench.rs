@@ -3,7 +3,7 @@
 //! `cargo run --release -p switchyard-tests --example cross_node_bench`
 //!
 //! Uses `target/release/switchyard` unless SWITCHYARD_BIN is set (build it first with
-//! `cargo build --release -p switchyard-router`). One etcd and real router processes on
+//! `cargo build --release -p switchyard`). One etcd and real router processes on
 //! loopback, each with a temporary data dir; default durability (`fsync = "batch"`, group
 //! commit: a publish is acknowledged and delivered after the fsync that covers it); lease
 //! TTL 2 s, coordination round 1 s, P = 16. Progress goes to stderr, the figures to stdout.
@@ -30,7 +30,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
-use switchyard_router::partition::partition_of;
+use switchyard_proto::partition::partition_of;
 use switchyard_tests::etcd::{cluster_view, node_config, wait_converged, Etcd};
 use switchyard_tests::serde_json::{json, Value};
 use switchyard_tests::{metrics, reply_ok, wait_until, Client, Event, Metrics, Node, DEADLINE};
@@ -567,7 +567,7 @@ async fn handover(etcd: &Etcd, cluster: &str, a_leads: bool, out: &mut Handover)
 async fn run() -> Result<()> {
     now_us();
     let bin = switchyard_tests::router_bin();
-    ensure!(bin.exists(), "router binary {} not found: cargo build --release -p switchyard-router", bin.display());
+    ensure!(bin.exists(), "router binary {} not found: cargo build --release -p switchyard", bin.display());
     progress!(
         "router {}; {} CPUs; load average {}; fsync = batch (default); P = {P}",
         bin.display(),

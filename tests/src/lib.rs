@@ -7,7 +7,7 @@
 //! 127.0.0.1, and never leave a child process behind (a [`Node`] kills its child on drop).
 //!
 //! The router binary is not built by `cargo test -p switchyard-tests`: build it first with
-//! `cargo build -p switchyard-router`, or point `SWITCHYARD_BIN` at one.
+//! `cargo build -p switchyard`, or point `SWITCHYARD_BIN` at one.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -275,7 +275,7 @@ fn serve_command(dir: &Path) -> Result<Command> {
     let bin = router_bin();
     ensure!(
         bin.exists(),
-        "router binary {} not found: run `cargo build -p switchyard-router` or set SWITCHYARD_BIN",
+        "router binary {} not found: run `cargo build -p switchyard` or set SWITCHYARD_BIN",
         bin.display()
     );
     let mut cmd = Command::new(bin);

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use switchyard_router::partition::partition_of;
+use switchyard_proto::partition::partition_of;
 use switchyard_tests::etcd::{cluster_view, node_config, wait_converged, Etcd};
 use switchyard_tests::serde_json::{json, Value};
 use switchyard_tests::*;
@@ -195,8 +195,8 @@ async fn leader_failover_follower_loss_and_join_move_only_what_they_must() -> Re
 /// pause longer than its TTL): refused, while the new leader's write goes through.
 #[tokio::test]
 async fn a_deposed_leaders_map_write_is_refused() -> Result<()> {
-    use switchyard_router::cluster::keys::MapRecord;
-    use switchyard_router::cluster::leader::{publish_map, Leadership};
+    use switchyard_cluster::keys::MapRecord;
+    use switchyard_cluster::leader::{publish_map, Leadership};
     let etcd = Etcd::start().await;
     let mut c = etcd_client::Client::connect([etcd.endpoint()], None).await?;
     let (election, map_key) = ("/switchyard/x/election", "/switchyard/x/partition-map");

@@ -3,7 +3,7 @@
 //! any node share one upstream subscription per gateway.
 
 use anyhow::Result;
-use switchyard_router::partition::partition_of;
+use switchyard_proto::partition::partition_of;
 use switchyard_tests::etcd::{node_config, wait_converged, Etcd};
 use switchyard_tests::serde_json::{json, Value};
 use switchyard_tests::*;

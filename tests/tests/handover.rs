@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use switchyard_router::partition::partition_of;
+use switchyard_proto::partition::partition_of;
 use switchyard_tests::etcd::{node_config, wait_converged, Etcd};
 use switchyard_tests::serde_json::{json, Value};
 use switchyard_tests::*;

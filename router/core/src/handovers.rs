@@ -1,0 +1,52 @@
+//! Which partitions are being handed over, in either direction.
+//!
+//! It owns the bookkeeping that the peer layer's handover writes and the local read path
+//! checks: partitions being adopted here (their mailbox is held), partitions sealed here
+//! (their state waits to be pulled) and adoptions that did not finish. It must never do I/O
+//! or hold one of its locks across an await.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use switchyard_proto::partition::PartitionId;
+
+/// The handovers under way on this node.
+#[derive(Default)]
+pub struct Handovers {
+    /// Partitions being adopted here, with the map epoch of the move.
+    pub adopting: Mutex<HashMap<PartitionId, u64>>,
+    /// Partitions sealed here whose new owner has not confirmed the pull yet, with the map
+    /// epoch of the move that sealed them: this node's copy is the authoritative one until
+    /// that move's new owner confirms.
+    pub sealed: Mutex<HashMap<PartitionId, u64>>,
+    /// Partitions whose adoption was abandoned half-way (the map moved them back to their
+    /// source): what the store holds for them is not a copy to hand on.
+    pub incomplete: Mutex<HashSet<PartitionId>>,
+    /// Woken whenever a sealed partition is released (a drain waits on it).
+    pub released: tokio::sync::Notify,
+}
+
+impl Handovers {
+    /// True while `p` is being adopted here.
+    pub fn is_adopting(&self, p: PartitionId) -> bool {
+        self.adopting.lock().expect("handovers").contains_key(&p)
+    }
+
+    /// Forgets sealed partition `p` (its new owner has it, or it came back) and wakes the
+    /// waiters on [`Handovers::released`]; false when it was not sealed.
+    pub fn release(&self, p: PartitionId) -> bool {
+        let was = self.sealed.lock().expect("handovers").remove(&p).is_some();
+        self.released.notify_waiters();
+        was
+    }
+
+    /// Partitions sealed here and not yet taken by their new owner.
+    pub fn outstanding(&self) -> usize {
+        self.sealed.lock().expect("handovers").len()
+    }
+
+    /// Partitions being adopted here.
+    pub fn adopting(&self) -> usize {
+        self.adopting.lock().expect("handovers").len()
+    }
+}

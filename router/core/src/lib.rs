@@ -1,0 +1,21 @@
+//! The message path of one node: partition owners, outboxes, and the policies they apply.
+//!
+//! Module map:
+//! - [`partitions`]: the [`Partitions`] handle, startup recovery and the local operations;
+//! - [`owner`]: the single-writer task of one partition (offsets, fan-out, idempotency);
+//! - [`outbox`]: one connection's bounded outbound queue (the slow-consumer rule);
+//! - [`policy`]: the retention, compaction and balancer policy traits and the built-ins;
+//! - [`maintenance`]: background retention and compaction rounds;
+//! - [`handovers`]: which partitions are being adopted or sealed.
+//!
+//! This crate must never import etcd-client, wasmtime, hyper or tungstenite: the cluster,
+//! the plugin host and the sockets sit above it and reach it only through these types.
+
+pub mod handovers;
+pub mod maintenance;
+pub mod outbox;
+pub mod owner;
+pub mod partitions;
+pub mod policy;
+
+pub use partitions::{HistoryPage, OwnedMessage, Partitions};

@@ -1,0 +1,347 @@
+//! The [`Partitions`] handle: one owner task per partition, and the local operations on them.
+//!
+//! It owns startup (recover every channel from the store and start one owner per partition),
+//! the owners' mailboxes, the adoption queue that holds a partition's mailbox during a
+//! handover, and the operations a node runs on a partition it owns: publish, commit, view,
+//! history, catch-up reads, subscribe and unsubscribe. It must never decide whether this node
+//! owns a channel (the router does, from the map) and never hold a lock across an await.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use switchyard_metrics::Metrics;
+use switchyard_proto::partition::{partition_of, PartitionId};
+use switchyard_proto::protocol::{ErrorCode, MessageView, OpError, PublishOk};
+use switchyard_store::{ChannelMeta, Store, StoreError, StoredMessage};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::handovers::Handovers;
+use crate::outbox::Outbox;
+use crate::owner::{Command, Facts, Forward, Grant, Owner, PublishRequest, Start, View};
+
+/// Capacity of each owner's mailbox; a full mailbox makes senders wait (backpressure).
+const OWNER_MAILBOX: usize = 8192;
+
+/// A page of history, ready to serialize as a `history` reply.
+#[derive(Debug, Serialize)]
+pub struct HistoryPage {
+    /// Channel epoch.
+    pub epoch: String,
+    /// Channel top.
+    pub offset: u64,
+    /// First retained offset (not part of the reply: catch-up uses it to tell retention
+    /// from compaction).
+    #[serde(skip)]
+    pub first: u64,
+    /// Messages, oldest first.
+    pub messages: Vec<OwnedMessage>,
+}
+
+/// A stored message read back, in the protocol's message shape.
+#[derive(Debug)]
+pub struct OwnedMessage {
+    /// Channel.
+    pub channel: Arc<str>,
+    /// Channel epoch.
+    pub epoch: Arc<str>,
+    /// Offset.
+    pub offset: u64,
+    /// The stored message (its `data` moved into [`OwnedMessage::data`]).
+    pub msg: StoredMessage,
+    /// The payload, checked as JSON.
+    pub data: Box<RawValue>,
+}
+
+impl OwnedMessage {
+    /// The protocol view; `push` is `Some("message")` for a push frame.
+    pub fn view(&self, push: Option<&'static str>) -> MessageView<'_> {
+        MessageView {
+            push,
+            channel: &self.channel,
+            offset: self.offset,
+            epoch: &self.epoch,
+            ts: self.msg.ts,
+            key: self.msg.key.as_deref(),
+            from: self.msg.from.as_deref(),
+            data: &self.data,
+        }
+    }
+}
+
+impl Serialize for OwnedMessage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.view(None).serialize(s)
+    }
+}
+
+/// What the owners need to start.
+pub struct Settings {
+    /// Number of partitions P.
+    pub partitions: u32,
+    /// How long an idempotency key is remembered.
+    pub idempotency_window: Duration,
+    /// True when writes that reach a sealed partition are forwarded to its new owner
+    /// (cluster mode with peer links); the receiver half is returned by [`Partitions::start`].
+    pub forward_sealed: bool,
+}
+
+/// Every partition owner of this node, and the operations on a partition it owns.
+pub struct Partitions {
+    /// Number of partitions P.
+    partitions: u32,
+    /// The durable store every owner writes through.
+    pub store: Arc<Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Partition handovers under way (adoptions, sealed partitions).
+    pub handovers: Handovers,
+    owners: Vec<mpsc::Sender<Command>>,
+    adoptions: Vec<mpsc::UnboundedSender<oneshot::Receiver<()>>>,
+    next_id: AtomicU64,
+    owner_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// The owner stopped before it answered.
+fn stopped() -> OpError {
+    OpError::new(ErrorCode::Unavailable, "owner stopped")
+}
+
+impl Partitions {
+    /// Recovers every channel from `store` and starts one owner per partition. With
+    /// `forward_sealed`, the receiver yields the writes that reached a sealed partition.
+    pub fn start(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Result<(Arc<Self>, Option<mpsc::UnboundedReceiver<Forward>>), StoreError> {
+        let p = settings.partitions;
+        let mut recovered: Vec<Vec<(String, ChannelMeta)>> = (0..p).map(|_| Vec::new()).collect();
+        let mut total = 0usize;
+        for (partition, name, meta) in store.all_channels()? {
+            // The stored partition is recomputed: a different P would move channels.
+            let now = partition_of(&name, p);
+            if now != partition {
+                tracing::warn!(channel = %name, stored = partition, now, "channel stored under another partition count");
+                continue;
+            }
+            recovered[partition as usize].push((name, meta));
+            total += 1;
+        }
+        tracing::info!(channels = total, partitions = p, "store recovered");
+        let mut owners = Vec::with_capacity(p as usize);
+        let mut adoptions = Vec::with_capacity(p as usize);
+        let (forward_tx, forward_rx) = mpsc::unbounded_channel();
+        let mut tasks = Vec::with_capacity(p as usize);
+        for (partition, channels) in recovered.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel(OWNER_MAILBOX);
+            let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
+            let owner = Owner::new(
+                partition as PartitionId,
+                store.clone(),
+                metrics.clone(),
+                settings.idempotency_window,
+                channels,
+                rx,
+                adopt_rx,
+                settings.forward_sealed.then(|| forward_tx.clone()),
+            );
+            tasks.push(tokio::spawn(owner.run()));
+            owners.push(tx);
+            adoptions.push(adopt_tx);
+        }
+        let this = Arc::new(Self {
+            partitions: p,
+            store,
+            metrics,
+            handovers: Handovers::default(),
+            owners,
+            adoptions,
+            next_id: AtomicU64::new(1),
+            owner_tasks: std::sync::Mutex::new(tasks),
+        });
+        Ok((this, settings.forward_sealed.then_some(forward_rx)))
+    }
+
+    /// Number of partitions P.
+    pub fn count(&self) -> u32 {
+        self.partitions
+    }
+
+    /// A process-unique id for a client or subscription.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The partition of `channel`.
+    pub fn partition(&self, channel: &str) -> PartitionId {
+        partition_of(channel, self.partitions)
+    }
+
+    /// Sends a command to the owner of `partition`, waiting only for mailbox space.
+    pub async fn send_to(&self, partition: PartitionId, cmd: Command) -> Result<(), OpError> {
+        self.owners[partition as usize]
+            .send(cmd)
+            .await
+            .map_err(|_| OpError::new(ErrorCode::Unavailable, "partition owner stopped"))
+    }
+
+    /// Makes `partition`'s owner wait for `done` (the handed-over state is in the store)
+    /// before it runs any command still queued or yet to come, then load the state.
+    pub fn adopt(&self, partition: PartitionId, done: oneshot::Receiver<()>) {
+        let _ = self.adoptions[partition as usize].send(done);
+    }
+
+    /// Puts `cmd` in `partition`'s mailbox without waiting (a full mailbox hands it to a
+    /// task), for callers that must not await.
+    pub fn hold(&self, partition: PartitionId, cmd: Command) {
+        let tx = &self.owners[partition as usize];
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(cmd) {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.send(cmd).await });
+        }
+    }
+
+    /// Sends a command built around a reply channel and waits for the answer.
+    async fn ask<T>(&self, p: PartitionId, cmd: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, OpError> {
+        let (tx, rx) = oneshot::channel();
+        self.send_to(p, cmd(tx)).await?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// Enqueues a publish at `p`'s owner; the receiver yields the ack once it is durable.
+    pub async fn publish(
+        &self,
+        p: PartitionId,
+        req: PublishRequest,
+    ) -> Result<oneshot::Receiver<Result<PublishOk, OpError>>, OpError> {
+        let (tx, rx) = oneshot::channel();
+        self.send_to(p, Command::Publish(req, tx)).await?;
+        Ok(rx)
+    }
+
+    /// Enqueues a commit at `p`'s owner; the receiver yields once it is durable.
+    pub async fn commit(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        consumer: String,
+        offset: u64,
+    ) -> Result<oneshot::Receiver<Result<(), OpError>>, OpError> {
+        let (reply, rx) = oneshot::channel();
+        self.send_to(p, Command::Commit { channel: channel.to_string(), consumer, offset, reply }).await?;
+        Ok(rx)
+    }
+
+    /// Enqueues a subscription at `p`'s owner; the receiver yields the grant.
+    pub async fn subscribe(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        sub: u64,
+        outbox: Arc<Outbox>,
+        start: Start,
+    ) -> Result<oneshot::Receiver<Result<Grant, OpError>>, OpError> {
+        let (reply, rx) = oneshot::channel();
+        self.send_to(p, Command::Subscribe { channel: channel.to_string(), sub, outbox, start, reply }).await?;
+        Ok(rx)
+    }
+
+    /// Forgets a subscription at the owner of `channel`'s partition (which still holds it
+    /// even if the map moved the channel).
+    pub async fn unsubscribe(&self, channel: &str, sub: u64) {
+        let cmd = Command::Unsubscribe { channel: channel.to_string(), sub };
+        let _ = self.send_to(self.partition(channel), cmd).await;
+    }
+
+    /// Channel facts for a gateway's grant.
+    pub async fn info(&self, p: PartitionId, channel: &str, consumer: Option<String>) -> Result<Facts, OpError> {
+        self.ask(p, |reply| Command::Info { channel: channel.to_string(), consumer, reply }).await?
+    }
+
+    /// Epoch, acknowledged top and first retained offset of `channel`.
+    pub async fn view(&self, p: PartitionId, channel: &str) -> Result<View, OpError> {
+        self.ask(p, |tx| Command::View(channel.to_string(), tx)).await
+    }
+
+    /// A history page: messages with offset > `since`, oldest first, at most `limit`.
+    pub async fn history(&self, p: PartitionId, channel: &str, since: u64, limit: u32) -> Result<HistoryPage, OpError> {
+        let view = self.view(p, channel).await?;
+        let messages = self.read(channel, &view.epoch, since, view.top, limit as usize)?;
+        Ok(HistoryPage { epoch: view.epoch.to_string(), offset: view.top, first: view.first, messages })
+    }
+
+    /// Reads stored messages `after < offset <= upto`, at most `limit`.
+    pub fn read(
+        &self,
+        channel: &str,
+        epoch: &Arc<str>,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<OwnedMessage>, OpError> {
+        let name: Arc<str> = channel.into();
+        let rows = self
+            .store
+            .read_messages(self.partition(channel), channel, after, upto, limit)
+            .map_err(|e| OpError::internal(e.to_string()))?;
+        rows.into_iter()
+            .map(|(offset, mut msg)| {
+                // The payload moves into the checked RawValue; `view` reads it from there.
+                let data = RawValue::from_string(std::mem::take(&mut msg.data))
+                    .map_err(|e| OpError::internal(format!("stored payload: {e}")))?;
+                Ok(OwnedMessage { channel: name.clone(), epoch: epoch.clone(), offset, msg, data })
+            })
+            .collect()
+    }
+
+    /// Catch-up for a subscription on a channel owned here: stored messages
+    /// `after < offset <= upto` of `epoch` (at most `limit`) and the first retained offset.
+    pub fn catch_up(
+        &self,
+        channel: &str,
+        epoch: &Arc<str>,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<(Vec<OwnedMessage>, u64), OpError> {
+        let p = self.partition(channel);
+        let moving = || OpError::new(ErrorCode::Unavailable, "the channel's partition is moving");
+        if self.handovers.is_adopting(p) {
+            return Err(moving());
+        }
+        let messages = self.read(channel, epoch, after, upto, limit)?;
+        // Read the metadata after the messages: a partition adopted (or restarted) in
+        // between shows here as a busy partition or another epoch.
+        match self.store.channel_meta(p, channel) {
+            _ if self.handovers.is_adopting(p) => Err(moving()),
+            Ok(Some(meta)) if *meta.epoch == **epoch => Ok((messages, meta.first)),
+            Ok(Some(_)) => Err(OpError::new(ErrorCode::Unavailable, "the channel restarted under a new epoch")),
+            _ => Ok((messages, u64::MAX)),
+        }
+    }
+
+    /// The counters of every channel of `p` (None when its owner stopped).
+    pub async fn snapshot(&self, p: PartitionId) -> Option<Vec<crate::owner::Snapshot>> {
+        self.ask(p, Command::Snapshot).await.ok()
+    }
+
+    /// Called after sessions are gone: waits until each mailbox is drained, syncs the
+    /// store, then stops the owners.
+    pub async fn close(&self) {
+        // Owners stop when every sender is dropped; ours live as long as this handle, so
+        // instead wait until each mailbox is drained.
+        for p in 0..self.partitions {
+            let _ = self.snapshot(p).await;
+        }
+        if let Err(e) = self.store.close() {
+            tracing::error!(error = %e, "final store sync failed");
+        }
+        let tasks = std::mem::take(&mut *self.owner_tasks.lock().expect("owner task list"));
+        for t in tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Outgoing peer links: one multiplexed WebSocket per remote node, reconnecting with backoff.
+//!
+//! It owns the connection to each peer's `/peer` endpoint (authenticated by the cluster
+//! secret), the bounded queue of requests waiting for the link, the table of requests
+//! waiting for their reply, and the routing of pushes that arrive on it to their upstream
+//! subscriptions (noticing each drop, so those resubscribe). It must never block a caller on a full queue or a dead peer:
+//! a full queue is `unavailable` at once, and every request has a deadline.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::upstream::Upstream;
+use super::wire::{self, Answer, Frame, Op, WireError};
+use crate::router::Router;
+use switchyard_proto::protocol::{ErrorCode, OpError};
+
+/// Requests that may wait for one link before callers get `unavailable`.
+const QUEUE: usize = 4096;
+
+type Waiter = oneshot::Sender<Result<Answer, WireError>>;
+
+/// How the message of an error for a request whose reply never came ends: the owner may
+/// or may not have run it.
+const OUTCOME_UNKNOWN: &str = "outcome unknown";
+
+/// True for an error made here because the link failed before the reply came (the owner
+/// may or may not have run the request), as opposed to an answer from the owner.
+pub fn is_lost(e: &WireError) -> bool {
+    e.redirect.is_none() && e.message.ends_with(OUTCOME_UNKNOWN)
+}
+
+/// One peer link.
+pub struct Link {
+    peer: String,
+    tx: mpsc::Sender<(u64, Vec<u8>)>,
+    pending: Mutex<HashMap<u64, Waiter>>,
+    next_id: AtomicU64,
+    /// Upstream subscriptions whose pushes arrive on this link, by their id. Read for
+    /// every push (lock-free), replaced when one is added or removed.
+    subs: ArcSwap<HashMap<u64, Arc<Upstream>>>,
+    /// Bumped every time the connection drops: upstreams on it must resubscribe.
+    down: watch::Sender<u64>,
+}
+
+/// Every outgoing link of a node, created on first use.
+pub struct Links {
+    node: Weak<Router>,
+    secret: String,
+    links: ArcSwap<HashMap<String, Arc<Link>>>,
+}
+
+fn unavailable(message: impl Into<String>) -> OpError {
+    OpError::new(ErrorCode::Unavailable, message)
+}
+
+impl Links {
+    /// Links of `node`, authenticated with `secret`.
+    pub fn new(node: Weak<Router>, secret: String) -> Arc<Self> {
+        Arc::new(Self { node, secret, links: ArcSwap::from_pointee(HashMap::new()) })
+    }
+
+    /// The link to `peer`, created (and its connection task started) on first use.
+    pub fn link(&self, peer: &str) -> Arc<Link> {
+        if let Some(l) = self.links.load().get(peer) {
+            return l.clone();
+        }
+        let mut created = None;
+        self.links.rcu(|map| {
+            // rcu may run this more than once: only the last run's link is kept.
+            created = None;
+            let mut map = HashMap::clone(map);
+            if !map.contains_key(peer) {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                let link = Arc::new(Link {
+                    peer: peer.to_string(),
+                    tx,
+                    pending: Mutex::new(HashMap::new()),
+                    next_id: AtomicU64::new(1),
+                    subs: ArcSwap::from_pointee(HashMap::new()),
+                    down: watch::channel(0).0,
+                });
+                created = Some((link.clone(), rx));
+                map.insert(peer.to_string(), link);
+            }
+            map
+        });
+        if let Some((link, rx)) = created {
+            tokio::spawn(run(self.node.clone(), self.secret.clone(), link, rx));
+        }
+        self.links.load().get(peer).cloned().expect("link just inserted")
+    }
+
+    /// Queues `op` for `peer` tagged with map `epoch` now (so requests from one caller keep
+    /// their order on the link); the returned [`Pending`] waits for the reply.
+    pub fn send(&self, peer: &str, epoch: u64, op: Op) -> Result<Pending, WireError> {
+        self.link(peer).send(epoch, op)
+    }
+}
+
+impl Link {
+    /// Queues `op` on this link; see [`Links::send`].
+    pub fn send(self: &Arc<Self>, epoch: u64, op: Op) -> Result<Pending, WireError> {
+        let (link, peer) = (self.clone(), &self.peer);
+        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        link.pending.lock().expect("pending").insert(id, tx);
+        let bytes = wire::encode(&Frame::Request { id, epoch, op });
+        if link.tx.try_send((id, bytes)).is_err() {
+            link.pending.lock().expect("pending").remove(&id);
+            return Err(WireError::op(&unavailable(format!("peer link to {peer} is full"))));
+        }
+        Ok(Pending { link, id, rx })
+    }
+}
+
+/// A request on a link, waiting for its reply.
+pub struct Pending {
+    link: Arc<Link>,
+    id: u64,
+    rx: oneshot::Receiver<Result<Answer, WireError>>,
+}
+
+impl Pending {
+    /// Waits up to `limit` for the reply.
+    pub async fn wait(self, limit: Duration) -> Result<Answer, WireError> {
+        let peer = &self.link.peer;
+        match tokio::time::timeout(limit, self.rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(WireError::op(&unavailable(format!("peer link to {peer} lost; {OUTCOME_UNKNOWN}")))),
+            Err(_) => {
+                self.link.pending.lock().expect("pending").remove(&self.id);
+                Err(WireError::op(&unavailable(format!("no reply from {peer} within {limit:?}; {OUTCOME_UNKNOWN}"))))
+            }
+        }
+    }
+}
+
+impl Link {
+    /// Routes pushes tagged `sub` to `upstream`.
+    pub fn register(&self, sub: u64, upstream: Arc<Upstream>) {
+        self.subs.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(sub, upstream.clone());
+            m
+        });
+    }
+
+    /// Stops routing pushes tagged `sub`.
+    pub fn unregister(&self, sub: u64) {
+        self.subs.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.remove(&sub);
+            m
+        });
+    }
+
+    /// Changes every time the connection drops.
+    pub fn downs(&self) -> watch::Receiver<u64> {
+        self.down.subscribe()
+    }
+
+    fn fail_pending(&self, why: &str) {
+        let waiters: Vec<Waiter> = self.pending.lock().expect("pending").drain().map(|(_, w)| w).collect();
+        for w in waiters {
+            let _ = w.send(Err(WireError::op(&unavailable(format!("peer link to {} {why}", self.peer)))));
+        }
+    }
+}
+
+/// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
+async fn run(node: Weak<Router>, secret: String, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        if *n.shutdown.borrow() {
+            return;
+        }
+        let url = n.members().get(&link.peer).map(|m| m.peer_url.clone());
+        let metrics = n.metrics.clone();
+        drop(n);
+        let result = match url {
+            Some(url) => pump(&url, &secret, &link, &mut rx, &metrics).await,
+            None => Err(format!("no address for node {}", link.peer)),
+        };
+        metrics.peer_link_up.with_label_values(&[&link.peer]).set(0);
+        if let Err(e) = result {
+            tracing::debug!(peer = %link.peer, error = %e, "peer link down");
+        }
+        link.fail_pending(&format!("lost; {OUTCOME_UNKNOWN}"));
+        link.down.send_modify(|n| *n += 1);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn pump(
+    url: &str,
+    secret: &str,
+    link: &Link,
+    rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
+    metrics: &switchyard_metrics::Metrics,
+) -> Result<(), String> {
+    let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
+    let mut req = ws_url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let h = req.headers_mut();
+    h.insert(wire::SECRET_HEADER, HeaderValue::from_str(secret).map_err(|e| e.to_string())?);
+    let connect = tokio_tungstenite::connect_async_with_config(req, Some(wire::ws_config()), true);
+    let (ws, _) = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
+    metrics.peer_connects.with_label_values(&[&link.peer]).inc();
+    tracing::info!(peer = %link.peer, %ws_url, "peer link up");
+    let (mut sink, mut stream) = ws.split();
+    loop {
+        tokio::select! {
+            out = rx.recv() => {
+                let Some((id, bytes)) = out else { return Ok(()) };
+                // A request whose caller gave up is not sent.
+                if !link.pending.lock().expect("pending").contains_key(&id) {
+                    continue;
+                }
+                sink.send(Message::Binary(bytes.into())).await.map_err(|e| e.to_string())?;
+            }
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
+                    Ok(Frame::Reply { id, result }) => {
+                        if let Some(w) = link.pending.lock().expect("pending").remove(&id) {
+                            let _ = w.send(result);
+                        }
+                    }
+                    Ok(Frame::Push { sub, offset, frame, end }) => {
+                        if let Some(up) = link.subs.load().get(&sub) {
+                            up.on_push(sub, offset, frame, end);
+                        }
+                    }
+                    Ok(Frame::Request { .. }) => return Err("peer sent a request on an outgoing link".into()),
+                    Err(e) => return Err(format!("undecodable frame: {e}")),
+                },
+                Some(Ok(Message::Close(_))) | None => return Err("closed".into()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+            }
+        }
+    }
+}

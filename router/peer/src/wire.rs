@@ -1,0 +1,371 @@
+//! The peer-link wire format: binary WebSocket frames, each one postcard-encoded [`Frame`].
+//!
+//! It owns the request and reply types that gateways send to partition owners and the
+//! conversions to and from the router's own types. It must never do I/O.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use switchyard_core::{HistoryPage, OwnedMessage};
+use switchyard_core::owner::PublishRequest;
+use switchyard_proto::protocol::{ErrorCode, OpError, PublishOk};
+use switchyard_store::StoredMessage;
+
+/// Header that carries the cluster secret on the `/peer` upgrade.
+pub const SECRET_HEADER: &str = "x-switchyard-cluster-secret";
+
+/// One frame on a peer link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Gateway → owner.
+    Request {
+        /// Correlates the reply; unique per link.
+        id: u64,
+        /// The map epoch the gateway routed by.
+        epoch: u64,
+        /// What to do.
+        op: Op,
+    },
+    /// Owner → gateway.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The outcome.
+        result: Result<Answer, WireError>,
+    },
+    /// Owner → gateway: a message for an upstream subscription, as the owner serialized
+    /// it for its own clients (the gateway forwards the same text to every local subscriber).
+    Push {
+        /// The gateway's id for the upstream subscription.
+        sub: u64,
+        /// Message offset.
+        offset: u64,
+        /// The `message` push frame (JSON text), or the `unsubscribed` push when `end`.
+        frame: String,
+        /// The owner has ended the subscription (its partition moved).
+        end: bool,
+    },
+}
+
+/// An operation forwarded to a partition's owner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// `publish`.
+    Publish {
+        /// Channel.
+        channel: String,
+        /// Raw JSON payload.
+        data: String,
+        /// Compaction key.
+        key: Option<String>,
+        /// Deduplication key.
+        idempotency_key: Option<String>,
+        /// Publisher's user id.
+        from: Option<String>,
+    },
+    /// `history`.
+    History {
+        /// Channel.
+        channel: String,
+        /// Messages after this offset.
+        since: u64,
+        /// At most this many.
+        limit: u32,
+    },
+    /// `commit`.
+    Commit {
+        /// Channel.
+        channel: String,
+        /// Consumer name.
+        consumer: String,
+        /// Offset.
+        offset: u64,
+    },
+    /// Register an upstream subscription: push every message above the current top to the
+    /// gateway as [`Frame::Push`] tagged `sub`.
+    Subscribe {
+        /// Channel.
+        channel: String,
+        /// The gateway's id for it (unique per gateway).
+        sub: u64,
+    },
+    /// Drop an upstream subscription.
+    Unsubscribe {
+        /// Channel.
+        channel: String,
+        /// The gateway's id for it.
+        sub: u64,
+    },
+    /// The channel's epoch, acknowledged top, first retained offset and, if asked, a
+    /// consumer's committed offset: what a gateway needs to grant a local subscription.
+    Info {
+        /// Channel.
+        channel: String,
+        /// Durable consumer name.
+        consumer: Option<String>,
+    },
+    /// Handover: the next chunk of a partition this node lost, for its new owner. The
+    /// first pull seals the partition here.
+    Pull {
+        /// The partition.
+        partition: u32,
+        /// The map epoch of the move.
+        moved_at: u64,
+        /// Resume after this `(channel, offset)`; None for the start.
+        cursor: Option<(String, u64)>,
+    },
+    /// Handover: the new owner has the partition durably; the old owner drops its copy.
+    Pulled {
+        /// The partition.
+        partition: u32,
+        /// The map epoch of the move.
+        moved_at: u64,
+    },
+}
+
+impl Op {
+    /// The channel the operation is for.
+    pub fn channel(&self) -> &str {
+        match self {
+            Op::Publish { channel, .. }
+            | Op::History { channel, .. }
+            | Op::Commit { channel, .. }
+            | Op::Subscribe { channel, .. }
+            | Op::Unsubscribe { channel, .. }
+            | Op::Info { channel, .. } => channel,
+            Op::Pull { .. } | Op::Pulled { .. } => "",
+        }
+    }
+
+    /// The operation's name, for metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Publish { .. } => "publish",
+            Op::History { .. } => "history",
+            Op::Commit { .. } => "commit",
+            Op::Subscribe { .. } => "subscribe",
+            Op::Unsubscribe { .. } => "unsubscribe",
+            Op::Info { .. } => "info",
+            Op::Pull { .. } => "pull",
+            Op::Pulled { .. } => "pulled",
+        }
+    }
+
+    /// Whether sending it twice has the effect of sending it once: a publish with an
+    /// idempotency key, a commit, a read.
+    pub fn retry_safe(&self) -> bool {
+        match self {
+            Op::Publish { idempotency_key, .. } => idempotency_key.is_some(),
+            Op::Commit { .. } | Op::History { .. } | Op::Info { .. } => true,
+            Op::Subscribe { .. } | Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } => false,
+        }
+    }
+
+    /// The op of a publish.
+    pub fn publish(req: &PublishRequest) -> Self {
+        Op::Publish {
+            channel: req.channel.clone(),
+            data: req.data.get().to_string(),
+            key: req.key.clone(),
+            idempotency_key: req.idempotency_key.clone(),
+            from: req.from.clone(),
+        }
+    }
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Answer {
+    /// A publish was stored.
+    Published {
+        /// Offset.
+        offset: u64,
+        /// Channel epoch.
+        epoch: String,
+    },
+    /// A history page.
+    History {
+        /// Channel epoch.
+        epoch: String,
+        /// Channel top.
+        offset: u64,
+        /// First retained offset.
+        first: u64,
+        /// `(offset, message)`, oldest first.
+        messages: Vec<(u64, StoredMessage)>,
+    },
+    /// A commit is durable.
+    Committed,
+    /// An upstream subscription is registered; pushes follow for offsets above `top`.
+    Subscribed {
+        /// Channel epoch.
+        epoch: String,
+        /// Acknowledged top when it was registered.
+        top: u64,
+    },
+    /// Channel facts for a local grant.
+    Info(ChannelInfo),
+    /// A handover chunk.
+    Chunk(Chunk),
+    /// Nothing to say (unsubscribe, pulled).
+    Done,
+}
+
+/// What a gateway needs to know about a channel to grant a local subscription.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    /// Channel epoch.
+    pub epoch: String,
+    /// Acknowledged top.
+    pub top: u64,
+    /// First retained offset.
+    pub first: u64,
+    /// The consumer's committed offset (0 if none), when one was asked for.
+    pub committed: Option<u64>,
+}
+
+/// One step of a partition handover: whole channels' metadata and consumer offsets, and
+/// messages in `(channel, offset)` order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Channels whose transfer starts in this chunk: name, metadata, consumer offsets.
+    pub channels: Vec<(String, switchyard_store::ChannelMeta, Vec<(String, u64)>)>,
+    /// Messages: channel, offset, message.
+    pub messages: Vec<(String, u64, StoredMessage)>,
+    /// Where the next pull resumes; None when this was the last chunk.
+    pub next: Option<(String, u64)>,
+}
+
+/// A failed answer: a protocol error, or a redirect to the partition's current owner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireError {
+    /// Protocol error code (`unavailable`, `bad_request`, ...).
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+    /// Set when the receiver does not own the partition: `(owner, its map epoch)`.
+    pub redirect: Option<(String, u64)>,
+}
+
+impl WireError {
+    /// From a protocol error.
+    pub fn op(e: &OpError) -> Self {
+        Self { code: e.code.as_str().to_string(), message: e.message.clone(), redirect: None }
+    }
+
+    /// Back to a protocol error.
+    pub fn to_op(&self) -> OpError {
+        let code = ErrorCode::ALL.iter().copied().find(|c| c.as_str() == self.code).unwrap_or(ErrorCode::Internal);
+        OpError::new(code, self.message.clone())
+    }
+}
+
+impl Answer {
+    /// A history page as sent.
+    pub fn history(page: HistoryPage) -> Self {
+        Answer::History {
+            epoch: page.epoch,
+            offset: page.offset,
+            first: page.first,
+            messages: page
+                .messages
+                .into_iter()
+                .map(|m| {
+                    let mut msg = m.msg;
+                    msg.data = m.data.get().to_string();
+                    (m.offset, msg)
+                })
+                .collect(),
+        }
+    }
+
+    /// The page back, for `channel`.
+    pub fn into_history(self, channel: &str) -> Result<HistoryPage, OpError> {
+        let Answer::History { epoch, offset, first, messages } = self else {
+            return Err(OpError::internal("peer answered history with another answer"));
+        };
+        let (name, ep): (std::sync::Arc<str>, std::sync::Arc<str>) = (channel.into(), epoch.as_str().into());
+        let messages = messages
+            .into_iter()
+            .map(|(offset, mut msg)| {
+                let data = RawValue::from_string(std::mem::take(&mut msg.data))
+                    .map_err(|e| OpError::internal(format!("peer sent a bad payload: {e}")))?;
+                Ok(OwnedMessage { channel: name.clone(), epoch: ep.clone(), offset, msg, data })
+            })
+            .collect::<Result<_, OpError>>()?;
+        Ok(HistoryPage { epoch, offset, first, messages })
+    }
+
+    /// A publish ack back.
+    pub fn into_published(self) -> Result<PublishOk, OpError> {
+        match self {
+            Answer::Published { offset, epoch } => Ok(PublishOk { offset, epoch: epoch.into() }),
+            _ => Err(OpError::internal("peer answered publish with another answer")),
+        }
+    }
+}
+
+/// Largest frame (and message) on a peer link. Replies are kept far below it (history
+/// and handover chunks are cut by size), so only a broken peer reaches it.
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// The WebSocket settings of both ends of a peer link.
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME))
+        .max_frame_size(Some(MAX_FRAME))
+}
+
+/// Encodes a frame.
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    postcard::to_stdvec(frame).expect("peer frames serialize")
+}
+
+/// Decodes a frame; trailing bytes are an error.
+pub fn decode(bytes: &[u8]) -> Result<Frame, String> {
+    match postcard::take_from_bytes::<Frame>(bytes) {
+        Ok((f, [])) => Ok(f),
+        Ok((_, rest)) => Err(format!("{} trailing bytes", rest.len())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_an_error() {
+        let frames = [
+            Frame::Request {
+                id: 7,
+                epoch: 3,
+                op: Op::Publish {
+                    channel: "room:1".into(),
+                    data: r#"{"a":1}"#.into(),
+                    key: Some("k".into()),
+                    idempotency_key: None,
+                    from: Some("alice".into()),
+                },
+            },
+            Frame::Reply { id: 7, result: Ok(Answer::Published { offset: 9, epoch: "e".into() }) },
+            Frame::Reply {
+                id: 8,
+                result: Err(WireError {
+                    code: "unavailable".into(),
+                    message: "m".into(),
+                    redirect: Some(("n2".into(), 4)),
+                }),
+            },
+        ];
+        for f in frames {
+            assert_eq!(decode(&encode(&f)).unwrap(), f);
+        }
+        assert!(decode(&[0xff, 0xff, 0xff]).is_err());
+        let mut extra = encode(&Frame::Reply { id: 1, result: Ok(Answer::Committed) });
+        extra.push(0);
+        assert!(decode(&extra).is_err());
+        let e = WireError::op(&OpError::new(ErrorCode::Forbidden, "no"));
+        assert_eq!(e.to_op().code, ErrorCode::Forbidden);
+    }
+}

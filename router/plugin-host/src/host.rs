@@ -1,0 +1,534 @@
+//! The wasmtime sandbox: one engine, one linker, module validation and the ABI v1 call.
+//!
+//! It owns everything that touches wasmtime: compiling (with an on-disk cache keyed by
+//! the module's sha256 and the engine's compatibility hash), checking a module's imports
+//! and exports against ABI v1, and running one call in a fresh store with a memory cap
+//! and an epoch deadline, bounds-checking every pointer the guest hands back. It must never
+//! decide what a failure means for routing (the registry does) and never give a guest any
+//! import but `switchyard.log`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{de::DeserializeOwned, Serialize};
+use switchyard_sdk as abi;
+use wasmtime::{
+    Caller, Engine, ExternType, InstancePre, Linker, Module, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
+    Trap, ValType,
+};
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+const TICK: Duration = Duration::from_millis(2);
+/// Most log lines one call may emit (the rest are dropped).
+const LOG_LINES_PER_CALL: u32 = 50;
+/// Longest log line kept.
+const LOG_LINE_MAX: usize = 1024;
+
+/// The plugin kinds of ABI v1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// `switchyard_retention`.
+    Retention,
+    /// `switchyard_compaction`.
+    Compaction,
+    /// `switchyard_balance`.
+    Balance,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 3] = [Kind::Retention, Kind::Compaction, Kind::Balance];
+
+    /// The entry point's export name.
+    pub fn export(self) -> &'static str {
+        match self {
+            Kind::Retention => abi::RETENTION_EXPORT,
+            Kind::Compaction => abi::COMPACTION_EXPORT,
+            Kind::Balance => abi::BALANCE_EXPORT,
+        }
+    }
+
+    /// Label value for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Retention => "retention",
+            Kind::Compaction => "compaction",
+            Kind::Balance => "balance",
+        }
+    }
+}
+
+/// Why a module was refused at load time.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Not a valid wasm module, or cranelift refused it.
+    #[error("not a valid wasm module: {0}")]
+    Compile(String),
+    /// The ABI marker is missing or names another version.
+    #[error("unsupported ABI version: {0}")]
+    Abi(String),
+    /// A required export is missing or has the wrong type.
+    #[error("bad exports: {0}")]
+    Exports(String),
+    /// The module imports something the host does not give.
+    #[error("forbidden import: {0}")]
+    Import(String),
+}
+
+/// Why one call produced no decision. Each maps to a `reason` metric label.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The epoch deadline passed.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The guest tried to grow memory past the cap.
+    #[error("memory limit of {0} bytes hit")]
+    Memory(usize),
+    /// Any other trap.
+    #[error("trap: {0}")]
+    Trap(String),
+    /// A pointer or length outside the guest's memory.
+    #[error("out-of-bounds output: {0}")]
+    OutOfBounds(String),
+    /// Output that does not decode, or a negative status.
+    #[error("garbage output: {0}")]
+    Garbage(String),
+    /// The guest reported its own error.
+    #[error("plugin error: {0}")]
+    Guest(String),
+    /// The decision broke the host's rules.
+    #[error("invalid decision: {0}")]
+    Invalid(String),
+}
+
+impl CallError {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CallError::Timeout(_) => "timeout",
+            CallError::Memory(_) => "memory",
+            CallError::Trap(_) => "trap",
+            CallError::OutOfBounds(_) => "out_of_bounds",
+            CallError::Garbage(_) => "garbage",
+            CallError::Guest(_) => "guest_error",
+            CallError::Invalid(_) => "invalid_output",
+        }
+    }
+}
+
+/// The largest output a decision for this input can honestly need; anything longer is
+/// refused before it is decoded, so a guest cannot make the host decode gigabytes.
+pub trait OutputBound {
+    /// Maximum output length in bytes.
+    fn max_output(&self) -> usize;
+}
+
+/// Room for a guest error message on top of any decision.
+const ERROR_ROOM: usize = 1024;
+
+impl OutputBound for abi::RetentionInput {
+    fn max_output(&self) -> usize {
+        ERROR_ROOM + 16
+    }
+}
+
+impl OutputBound for abi::CompactionInput {
+    fn max_output(&self) -> usize {
+        ERROR_ROOM + 16 + 10 * self.window.len()
+    }
+}
+
+impl OutputBound for abi::BalanceInput {
+    fn max_output(&self) -> usize {
+        let longest_id = self.nodes.iter().map(|n| n.id.len()).max().unwrap_or(0);
+        ERROR_ROOM + 16 + self.partitions.len() * (longest_id + 5)
+    }
+}
+
+/// Per-call store state: wasmtime's `StoreLimits` (memory cap, one instance, small
+/// tables, growth failures trap) plus a note of which limit was hit, and the log budget.
+struct CallState {
+    plugin: Arc<str>,
+    limits: StoreLimits,
+    max_memory: usize,
+    memory_hit: bool,
+    logs_left: u32,
+}
+
+impl ResourceLimiter for CallState {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.memory_hit = true;
+        }
+        self.limits.memory_growing(current, desired, maximum)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+/// A compiled, validated module ready to instantiate.
+pub struct Compiled {
+    /// Lowercase hex sha256 of the file.
+    pub sha256: String,
+    /// Entry points it exports.
+    pub kinds: Vec<Kind>,
+    pre: InstancePre<CallState>,
+}
+
+/// Limits applied to every call.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    /// Deadline per call.
+    pub timeout: Duration,
+    /// Memory cap per instance, in bytes.
+    pub max_memory: usize,
+}
+
+impl Default for CallLimits {
+    /// The router's defaults (`plugins.call_timeout`, `plugins.memory_limit_bytes`).
+    fn default() -> Self {
+        Self { timeout: Duration::from_millis(50), max_memory: 32 * 1024 * 1024 }
+    }
+}
+
+/// The process's one wasm engine.
+pub struct Host {
+    engine: Engine,
+    linker: Linker<CallState>,
+    cache_dir: Option<PathBuf>,
+}
+
+impl Host {
+    /// Builds the engine, the linker (with `switchyard.log` only) and the epoch ticker.
+    pub fn new(cache_dir: Option<PathBuf>) -> wasmtime::Result<Arc<Self>> {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        linker.func_wrap(
+            abi::HOST_MODULE,
+            abi::LOG_IMPORT,
+            |mut caller: Caller<'_, CallState>, level: i32, ptr: i32, len: i32| {
+                guest_log(&mut caller, level, ptr, len);
+            },
+        )?;
+        if let Some(dir) = &cache_dir {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "plugin cache disabled");
+            }
+        }
+        // The ticker holds only a weak reference: it stops when the engine is dropped.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            })
+            .map_err(wasmtime::Error::from)?;
+        Ok(Arc::new(Self { engine, linker, cache_dir }))
+    }
+
+    fn cache_path(&self, sha256: &str) -> Option<PathBuf> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let dir = self.cache_dir.as_ref()?;
+        Some(dir.join(format!("{sha256}-{:016x}.cwasm", h.finish())))
+    }
+
+    /// Compiles (or loads from the cache) and validates a module against ABI v1.
+    pub fn load(&self, bytes: &[u8]) -> Result<Compiled, LoadError> {
+        let sha256 = crate::host_sha256(bytes);
+        let module = self.compile_cached(bytes, &sha256)?;
+        let kinds = validate(&module)?;
+        let pre = self.linker.instantiate_pre(&module).map_err(|e| LoadError::Import(format!("{e:#}")))?;
+        Ok(Compiled { sha256, kinds, pre })
+    }
+
+    // The one unsafe call of this crate: loading a precompiled module from the cache.
+    #[allow(unsafe_code)]
+    fn compile_cached(&self, bytes: &[u8], sha256: &str) -> Result<Module, LoadError> {
+        let cached = self.cache_path(sha256);
+        if let Some(path) = cached.as_ref().filter(|p| p.exists()) {
+            // SAFETY: the file was written by `Module::serialize` of this same engine
+            // configuration (the name carries its compatibility hash) into our own data dir.
+            match unsafe { Module::deserialize_file(&self.engine, path) } {
+                Ok(m) => return Ok(m),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring unusable plugin cache entry"),
+            }
+        }
+        let module = Module::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        if let (Some(path), Ok(serialized)) = (cached, module.serialize()) {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, serialized).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+                tracing::debug!(path = %path.display(), "could not write plugin cache entry");
+            }
+        }
+        Ok(module)
+    }
+
+    /// Runs one ABI v1 call of `kind` on a fresh instance.
+    pub fn call<I: Serialize + OutputBound, O: DeserializeOwned>(
+        &self,
+        plugin: &Arc<str>,
+        compiled: &Compiled,
+        kind: Kind,
+        params: &str,
+        input: &I,
+        limits: CallLimits,
+    ) -> Result<O, CallError> {
+        let bytes = postcard::to_stdvec(&abi::Call { params: params.to_string(), input })
+            .map_err(|e| CallError::Garbage(format!("cannot encode input: {e}")))?;
+        let store_limits = StoreLimitsBuilder::new()
+            .memory_size(limits.max_memory)
+            .table_elements(10_000)
+            .instances(1)
+            .tables(4)
+            .memories(1)
+            .trap_on_grow_failure(true)
+            .build();
+        let state = CallState {
+            plugin: plugin.clone(),
+            limits: store_limits,
+            max_memory: limits.max_memory,
+            memory_hit: false,
+            logs_left: LOG_LINES_PER_CALL,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        let ticks = (limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        let trap = |store: &Store<CallState>, e: wasmtime::Error| classify(store, e, limits);
+        let instance = compiled.pre.instantiate(&mut store).map_err(|e| trap(&store, e))?;
+        let memory =
+            instance.get_memory(&mut store, "memory").ok_or_else(|| CallError::Garbage("no memory export".into()))?;
+        let alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, abi::ALLOC_EXPORT)
+            .map_err(|e| CallError::Garbage(format!("{e:#}")))?;
+        let entry = instance
+            .get_typed_func::<(i32, i32), i64>(&mut store, kind.export())
+            .map_err(|e| CallError::Garbage(format!("{e:#}")))?;
+        let len = i32::try_from(bytes.len()).map_err(|_| CallError::Garbage("input over 2 GiB".into()))?;
+        let ptr = alloc.call(&mut store, len).map_err(|e| trap(&store, e))?;
+        if ptr == 0 {
+            return Err(CallError::Memory(limits.max_memory));
+        }
+        let start = usize::try_from(ptr as u32).expect("u32 fits usize");
+        memory
+            .write(&mut store, start, &bytes)
+            .map_err(|_| CallError::OutOfBounds(format!("alloc returned {ptr:#x} for {len} bytes")))?;
+        let r = entry.call(&mut store, (ptr, len)).map_err(|e| trap(&store, e))?;
+        if r < 0 {
+            return Err(CallError::Garbage(format!("guest returned status {r}")));
+        }
+        let (out_ptr, out_len) = ((r >> 32) as u32 as usize, (r & 0xffff_ffff) as u32 as usize);
+        if out_len > input.max_output() {
+            return Err(CallError::Garbage(format!(
+                "output of {out_len} bytes; at most {} can be valid",
+                input.max_output()
+            )));
+        }
+        let data = memory.data(&store);
+        let out = out_ptr.checked_add(out_len).and_then(|end| data.get(out_ptr..end)).ok_or_else(|| {
+            CallError::OutOfBounds(format!("output [{out_ptr:#x}, +{out_len}) outside {} bytes", data.len()))
+        })?;
+        // The whole buffer must be one value: trailing bytes mean the guest wrote garbage.
+        match postcard::take_from_bytes::<abi::GuestResult<O>>(out) {
+            Ok((Ok(decision), [])) => Ok(decision),
+            Ok((Err(message), [])) => Err(CallError::Guest(message.chars().take(512).collect())),
+            Ok((_, rest)) => Err(CallError::Garbage(format!("{} trailing bytes after the output value", rest.len()))),
+            Err(e) => Err(CallError::Garbage(format!("undecodable output ({out_len} bytes): {e}"))),
+        }
+    }
+}
+
+fn classify(store: &Store<CallState>, e: wasmtime::Error, limits: CallLimits) -> CallError {
+    if store.data().memory_hit {
+        return CallError::Memory(limits.max_memory);
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => CallError::Timeout(limits.timeout),
+        Some(t) => CallError::Trap(t.to_string()),
+        None => CallError::Trap(format!("{e:#}").chars().take(512).collect()),
+    }
+}
+
+fn guest_log(caller: &mut Caller<'_, CallState>, level: i32, ptr: i32, len: i32) {
+    if caller.data().logs_left == 0 {
+        return;
+    }
+    caller.data_mut().logs_left -= 1;
+    let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else { return };
+    let (start, len) = (ptr as u32 as usize, (len as u32 as usize).min(LOG_LINE_MAX));
+    let data = memory.data(&*caller);
+    let Some(bytes) = start.checked_add(len).and_then(|end| data.get(start..end)) else { return };
+    // Control characters (newlines among them) could forge log lines: show them escaped.
+    let line: String = String::from_utf8_lossy(bytes).chars().flat_map(char::escape_default).collect();
+    let plugin = caller.data().plugin.clone();
+    match level {
+        1 => tracing::error!(plugin = %plugin, "{line}"),
+        2 => tracing::warn!(plugin = %plugin, "{line}"),
+        3 => tracing::info!(plugin = %plugin, "{line}"),
+        4 => tracing::debug!(plugin = %plugin, "{line}"),
+        _ => tracing::trace!(plugin = %plugin, "{line}"),
+    }
+}
+
+fn func_is(ty: &ExternType, params: &[fn(&ValType) -> bool], results: &[fn(&ValType) -> bool]) -> bool {
+    let Some(f) = ty.func() else { return false };
+    f.params().len() == params.len()
+        && f.results().len() == results.len()
+        && f.params().zip(params).all(|(v, ok)| ok(&v))
+        && f.results().zip(results).all(|(v, ok)| ok(&v))
+}
+
+/// Checks ABI v1: the marker, memory, allocator, at least one well-typed entry point, and
+/// no import but `switchyard.log`. Returns the kinds.
+fn validate(module: &Module) -> Result<Vec<Kind>, LoadError> {
+    for import in module.imports() {
+        let ok = import.module() == abi::HOST_MODULE
+            && import.name() == abi::LOG_IMPORT
+            && func_is(&import.ty(), &[ValType::is_i32, ValType::is_i32, ValType::is_i32], &[]);
+        if !ok {
+            return Err(LoadError::Import(format!("{}.{}", import.module(), import.name())));
+        }
+    }
+    let exports: std::collections::HashMap<&str, ExternType> = module.exports().map(|e| (e.name(), e.ty())).collect();
+    if !exports.contains_key(abi::ABI_V1_MARKER) {
+        let other: Vec<&str> = exports.keys().copied().filter(|n| n.starts_with("switchyard_abi_v")).collect();
+        return Err(LoadError::Abi(match other.as_slice() {
+            [] => "no `switchyard_abi_v1` marker export".into(),
+            found => format!("module is {}; this router speaks switchyard_abi_v1", found.join(", ")),
+        }));
+    }
+    if !exports.get("memory").is_some_and(|t| t.memory().is_some()) {
+        return Err(LoadError::Exports("no `memory` export".into()));
+    }
+    if !exports.get(abi::ALLOC_EXPORT).is_some_and(|t| func_is(t, &[ValType::is_i32], &[ValType::is_i32])) {
+        return Err(LoadError::Exports(format!("`{}` must be (i32) -> i32", abi::ALLOC_EXPORT)));
+    }
+    let mut kinds = Vec::new();
+    for kind in Kind::ALL {
+        if let Some(ty) = exports.get(kind.export()) {
+            if !func_is(ty, &[ValType::is_i32, ValType::is_i32], &[ValType::is_i64]) {
+                return Err(LoadError::Exports(format!("`{}` must be (i32, i32) -> i64", kind.export())));
+            }
+            kinds.push(kind);
+        }
+    }
+    if kinds.is_empty() {
+        return Err(LoadError::Exports("no entry point (switchyard_retention, _compaction or _balance)".into()));
+    }
+    Ok(kinds)
+}
+
+/// Reads a file and loads it.
+pub fn load_file(host: &Host, path: &Path) -> Result<Compiled, LoadError> {
+    let bytes = std::fs::read(path).map_err(|e| LoadError::Compile(format!("cannot read {}: {e}", path.display())))?;
+    host.load(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_modules::{module, GOOD};
+    use super::*;
+    use switchyard_sdk::{ChannelStats, RetentionDecision, RetentionInput};
+
+    fn input() -> RetentionInput {
+        RetentionInput {
+            channel: "c".into(),
+            stats: ChannelStats { first_offset: 1, last_offset: 10, count: 10, bytes: 100 },
+            oldest: vec![],
+            now_ms: 0,
+        }
+    }
+
+    fn call(bytes: &[u8]) -> Result<RetentionDecision, CallError> {
+        let host = Host::new(None).unwrap();
+        let compiled = host.load(bytes).expect("loads");
+        let limits = CallLimits { timeout: Duration::from_millis(50), max_memory: 2 * 1024 * 1024 };
+        host.call(&Arc::from("t"), &compiled, Kind::Retention, "{}", &input(), limits)
+    }
+
+    #[test]
+    fn a_well_formed_answer_decodes() {
+        assert_eq!(call(&module("", GOOD)).unwrap(), RetentionDecision::DropBelow(5));
+    }
+
+    #[test]
+    fn hostile_modules_fail_with_the_right_reason() {
+        let cases = [
+            ("infinite loop", module("", "(loop $l (br $l)) (i64.const 0)"), "timeout"),
+            ("memory bomb", module("", "(drop (memory.grow (i32.const 1000))) (i64.const 0)"), "memory"),
+            ("trap", module("", "unreachable"), "trap"),
+            (
+                "out of bounds",
+                module("", "(i64.or (i64.shl (i64.const 0x7fff0000) (i64.const 32)) (i64.const 64))"),
+                "out_of_bounds",
+            ),
+            ("garbage", module("", "(i64.or (i64.shl (i64.const 0) (i64.const 32)) (i64.const 9))"), "garbage"),
+            ("negative status", module("", "(i64.const -3)"), "garbage"),
+        ];
+        for (what, bytes, reason) in cases {
+            let started = std::time::Instant::now();
+            let err = call(&bytes).expect_err(what);
+            assert_eq!(err.reason(), reason, "{what}: {err}");
+            assert!(started.elapsed() < Duration::from_secs(5), "{what} took {:?}", started.elapsed());
+        }
+    }
+
+    #[test]
+    fn bad_modules_are_refused_at_load() {
+        let host = Host::new(None).unwrap();
+        let no_marker = wat::parse_str(r#"(module (memory (export "memory") 1))"#).unwrap();
+        assert!(matches!(host.load(&no_marker), Err(LoadError::Abi(_))));
+        let v2 =
+            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "switchyard_abi_v2")))"#).unwrap();
+        let err = host.load(&v2).err().expect("refused").to_string();
+        assert!(err.contains("switchyard_abi_v2"), "{err}");
+        let wasi =
+            module(r#"(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))"#, GOOD);
+        assert!(matches!(host.load(&wasi), Err(LoadError::Import(_))));
+        let no_entry = wat::parse_str(
+            r#"(module (memory (export "memory") 1) (func (export "switchyard_abi_v1"))
+                 (func (export "switchyard_alloc") (param i32) (result i32) (i32.const 0)))"#,
+        )
+        .unwrap();
+        assert!(matches!(host.load(&no_entry), Err(LoadError::Exports(_))));
+        assert!(matches!(host.load(b"not wasm"), Err(LoadError::Compile(_))));
+        let logs = module(r#"(import "switchyard" "log" (func $log (param i32 i32 i32)))"#, GOOD);
+        assert_eq!(host.load(&logs).unwrap().kinds, vec![Kind::Retention]);
+    }
+
+    #[test]
+    fn compiled_modules_are_cached_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(Some(dir.path().to_path_buf())).unwrap();
+        let bytes = module("", GOOD);
+        host.load(&bytes).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let again = Host::new(Some(dir.path().to_path_buf())).unwrap();
+        assert_eq!(again.load(&bytes).unwrap().kinds, vec![Kind::Retention]);
+    }
+}

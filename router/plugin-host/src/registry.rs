@@ -1,0 +1,452 @@
+//! The plugin folder: which plugins are loaded, their health, and hot reload.
+//!
+//! It owns the map from plugin name (file stem) to its last good compiled version, swapped
+//! atomically (`ArcSwap`) so calls in flight finish on the version they started with; the
+//! failure bookkeeping (counts, consecutive failures, quarantine with exponential backoff);
+//! and the watcher that rescans the folder when files change. It must never be called from
+//! the publish path: policies run in background maintenance, and a missing, rejected or
+//! quarantined plugin is an answer (`Fallback`), not an error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::host::{CallError, CallLimits, Compiled, Host, Kind, OutputBound};
+use switchyard_metrics::Metrics;
+
+/// Quarantine rules.
+#[derive(Debug, Clone, Copy)]
+pub struct QuarantineRules {
+    /// Consecutive failures that put a plugin in quarantine.
+    pub after: u32,
+    /// First quarantine period; it doubles on each relapse.
+    pub min: Duration,
+    /// Longest quarantine period.
+    pub max: Duration,
+    /// A plugin with no failure for this long starts over at `min`.
+    pub healthy_reset: Duration,
+}
+
+/// Failure bookkeeping of one binding (plugin × namespace × kind): a misconfigured
+/// namespace quarantines only its own use of the plugin.
+#[derive(Debug)]
+struct Health {
+    consecutive: u32,
+    quarantined_until: Option<Instant>,
+    backoff: Duration,
+    last_failure: Option<Instant>,
+}
+
+/// Largest plugin file read (a wasm module is far smaller; this refuses device files).
+const MAX_PLUGIN_FILE: u64 = 64 * 1024 * 1024;
+
+/// One plugin file and what became of it.
+pub struct Entry {
+    name: Arc<str>,
+    /// sha256 of the file as last read (valid or not).
+    file_sha256: String,
+    /// The version that serves calls, if any was ever valid.
+    active: Option<Arc<Compiled>>,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    /// Per binding.
+    health: Mutex<std::collections::HashMap<String, Health>>,
+    /// The latest failure or refusal, for the listing.
+    last_error: Mutex<Option<String>>,
+}
+
+/// Why a call did not produce the plugin's decision.
+#[derive(Debug)]
+pub enum Fallback {
+    /// No such plugin file (or it was removed).
+    NotLoaded,
+    /// The file never produced a valid module.
+    Rejected,
+    /// The plugin does not export this kind.
+    NoSuchKind,
+    /// In quarantine for a while.
+    Quarantined,
+    /// This call failed.
+    Failed(CallError),
+}
+
+/// A plugin's answer, or the reason to use the built-in policy.
+pub type Outcome<O> = Result<O, Fallback>;
+
+/// One row of `GET /api/v1/plugins`.
+#[derive(Debug, Serialize)]
+pub struct PluginInfo {
+    /// File stem.
+    pub name: String,
+    /// Entry points of the serving version.
+    pub kinds: Vec<Kind>,
+    /// ABI version of the serving version.
+    pub abi_version: Option<u32>,
+    /// sha256 of the serving version.
+    pub sha256: Option<String>,
+    /// sha256 of the file on disk (differs from `sha256` when a newer file was refused).
+    pub file_sha256: String,
+    /// `active`, `quarantined` or `rejected`.
+    pub state: &'static str,
+    /// Calls made.
+    pub calls: u64,
+    /// Calls that failed.
+    pub failures: u64,
+    /// The latest failure or refusal.
+    pub last_error: Option<String>,
+}
+
+/// The set of loaded plugins.
+pub struct Registry {
+    host: Arc<Host>,
+    dir: PathBuf,
+    limits: CallLimits,
+    rules: QuarantineRules,
+    metrics: Arc<Metrics>,
+    plugins: ArcSwap<BTreeMap<String, Arc<Entry>>>,
+    rescan_lock: Mutex<()>,
+}
+
+impl Registry {
+    /// An empty registry over `dir`; call [`Registry::rescan`] to load it.
+    pub fn new(
+        host: Arc<Host>,
+        dir: PathBuf,
+        limits: CallLimits,
+        rules: QuarantineRules,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self { host, dir, limits, rules, metrics, plugins: ArcSwap::default(), rescan_lock: Mutex::new(()) })
+    }
+
+    /// The watched folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Rereads the folder: loads new and changed `.wasm` files (compiling off the hot path),
+    /// keeps the last good version when a new file is invalid, drops removed files, then
+    /// swaps the whole map in one step. Blocking; run it on a blocking thread.
+    pub fn rescan(&self) {
+        let _one_at_a_time = self.rescan_lock.lock().expect("rescan lock");
+        let current = self.plugins.load_full();
+        let mut next = BTreeMap::new();
+        let files = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read plugin folder");
+                Vec::new()
+            }
+        };
+        for path in files {
+            let (Some(stem), Some("wasm")) =
+                (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|e| e.to_str()))
+            else {
+                continue;
+            };
+            // Regular files of sane size only: a FIFO or /dev/zero must not hang the reload.
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() && m.len() <= MAX_PLUGIN_FILE => {}
+                _ => {
+                    tracing::warn!(plugin = stem, "skipping: not a regular file under 64 MiB");
+                    continue;
+                }
+            }
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let sha = crate::host_sha256(&bytes);
+            let old = current.get(stem);
+            if let Some(old) = old.filter(|o| o.file_sha256 == sha) {
+                next.insert(stem.to_string(), old.clone());
+                continue;
+            }
+            next.insert(stem.to_string(), Arc::new(self.load_entry(stem, &bytes, sha, old.map(|o| o.as_ref()))));
+        }
+        for name in current.keys().filter(|n| !next.contains_key(*n)) {
+            tracing::info!(plugin = %name, "plugin file removed; its bindings use the built-in policy");
+        }
+        self.plugins.store(Arc::new(next));
+    }
+
+    fn load_entry(&self, name: &str, bytes: &[u8], sha: String, old: Option<&Entry>) -> Entry {
+        let started = Instant::now();
+        let (active, rejected) = match self.host.load(bytes) {
+            Ok(compiled) => {
+                tracing::info!(plugin = name, sha256 = %compiled.sha256, kinds = ?compiled.kinds, took = ?started.elapsed(), "plugin loaded");
+                (Some(Arc::new(compiled)), None)
+            }
+            Err(e) => {
+                let kept = old.and_then(|o| o.active.clone());
+                tracing::warn!(plugin = name, error = %e, kept_previous = kept.is_some(), "plugin file refused");
+                (kept, Some(e.to_string()))
+            }
+        };
+        let carry = |f: fn(&Entry) -> &AtomicU64| old.map_or(0, |o| f(o).load(Ordering::Relaxed));
+        // A refused file keeps the serving version's health (quarantine included); a new
+        // good version starts healthy with no stale error.
+        let (health, last_error) = match (&rejected, old) {
+            (Some(why), Some(o)) => (std::mem::take(&mut *o.health.lock().expect("health")), Some(why.clone())),
+            (Some(why), None) => (Default::default(), Some(why.clone())),
+            (None, _) => (Default::default(), None),
+        };
+        Entry {
+            name: name.into(),
+            file_sha256: sha,
+            active,
+            calls: AtomicU64::new(carry(|e| &e.calls)),
+            failures: AtomicU64::new(carry(|e| &e.failures)),
+            health: Mutex::new(health),
+            last_error: Mutex::new(last_error),
+        }
+    }
+
+    /// Calls plugin `name` as `kind` for `binding` (e.g. `chat/retention`: health is kept
+    /// per binding). `check` validates the decision against the input; a refused decision
+    /// counts as a failure like a trap does.
+    pub fn call<I: Serialize + OutputBound, O: DeserializeOwned>(
+        &self,
+        name: &str,
+        binding: &str,
+        kind: Kind,
+        params: &str,
+        input: &I,
+        check: impl FnOnce(&O) -> Result<(), String>,
+    ) -> Outcome<O> {
+        let plugins = self.plugins.load();
+        let entry = plugins.get(name).ok_or(Fallback::NotLoaded)?.clone();
+        drop(plugins);
+        let compiled = entry.active.clone().ok_or(Fallback::Rejected)?;
+        if !compiled.kinds.contains(&kind) {
+            return Err(Fallback::NoSuchKind);
+        }
+        let quarantined = |h: &Health| h.quarantined_until.is_some_and(|t| Instant::now() < t);
+        if entry.health.lock().expect("health").get(binding).is_some_and(quarantined) {
+            return Err(Fallback::Quarantined);
+        }
+        entry.calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics.plugin_calls.with_label_values(&[name, kind.as_str()]).inc();
+        let result = self
+            .host
+            .call::<I, O>(&entry.name, &compiled, kind, params, input, self.limits)
+            .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid));
+        match result {
+            Ok(d) => {
+                self.succeeded(&entry, binding);
+                Ok(d)
+            }
+            Err(e) => {
+                self.failed(&entry, binding, kind, &e);
+                Err(Fallback::Failed(e))
+            }
+        }
+    }
+
+    fn new_health(&self) -> Health {
+        Health { consecutive: 0, quarantined_until: None, backoff: self.rules.min, last_failure: None }
+    }
+
+    fn succeeded(&self, entry: &Entry, binding: &str) {
+        let mut all = entry.health.lock().expect("health");
+        let Some(h) = all.get_mut(binding) else { return };
+        if h.quarantined_until.is_some_and(|t| Instant::now() < t) {
+            return; // a call that started before the quarantine does not lift it
+        }
+        h.consecutive = 0;
+        h.quarantined_until = None;
+        if h.last_failure.is_some_and(|t| t.elapsed() >= self.rules.healthy_reset) {
+            h.backoff = self.rules.min;
+        }
+    }
+
+    fn failed(&self, entry: &Entry, binding: &str, kind: Kind, e: &CallError) {
+        entry.failures.fetch_add(1, Ordering::Relaxed);
+        self.metrics.plugin_failures.with_label_values(&[&entry.name, kind.as_str(), e.reason()]).inc();
+        *entry.last_error.lock().expect("last error") = Some(format!("{binding}: {e}"));
+        let mut all = entry.health.lock().expect("health");
+        let h = all.entry(binding.to_string()).or_insert_with(|| self.new_health());
+        if h.quarantined_until.is_some_and(|t| Instant::now() < t) {
+            // A call that started before the quarantine: counted, but no new streak.
+            return;
+        }
+        if h.last_failure.is_some_and(|t| t.elapsed() >= self.rules.healthy_reset) {
+            h.backoff = self.rules.min;
+        }
+        h.consecutive += 1;
+        h.last_failure = Some(Instant::now());
+        tracing::warn!(plugin = %entry.name, binding, kind = kind.as_str(), reason = e.reason(), error = %e, "plugin call failed; built-in policy used this round");
+        if h.consecutive >= self.rules.after {
+            let period = h.backoff;
+            h.quarantined_until = Some(Instant::now() + period);
+            h.backoff = (h.backoff * 2).min(self.rules.max);
+            h.consecutive = 0;
+            tracing::error!(plugin = %entry.name, binding, ?period, failures = self.rules.after, "plugin quarantined for this binding");
+        }
+    }
+
+    /// Every plugin with its state, for `GET /api/v1/plugins`.
+    pub fn list(&self) -> Vec<PluginInfo> {
+        let now = Instant::now();
+        self.plugins
+            .load()
+            .values()
+            .map(|e| {
+                let quarantined =
+                    e.health.lock().expect("health").values().any(|h| h.quarantined_until.is_some_and(|t| now < t));
+                let state = match (&e.active, quarantined) {
+                    (None, _) => "rejected",
+                    (Some(_), true) => "quarantined",
+                    _ => "active",
+                };
+                PluginInfo {
+                    name: e.name.to_string(),
+                    kinds: e.active.as_ref().map(|c| c.kinds.clone()).unwrap_or_default(),
+                    abi_version: e.active.as_ref().map(|_| 1),
+                    sha256: e.active.as_ref().map(|c| c.sha256.clone()),
+                    file_sha256: e.file_sha256.clone(),
+                    state,
+                    calls: e.calls.load(Ordering::Relaxed),
+                    failures: e.failures.load(Ordering::Relaxed),
+                    last_error: e.last_error.lock().expect("last error").clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Watches the folder and rescans (debounced) on every change, plus a slow periodic
+    /// rescan as a safety net. Runs until `stop` flips.
+    pub fn watch(self: &Arc<Self>, debounce: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        use notify::Watcher;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = tx.send(());
+            }
+        })
+        .and_then(|mut w| w.watch(&self.dir, notify::RecursiveMode::NonRecursive).map(|()| w));
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch plugin folder; rescanning every 30s only");
+                None
+            }
+        };
+        let registry = self.clone();
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            let mut periodic = tokio::time::interval(Duration::from_secs(30));
+            periodic.tick().await;
+            loop {
+                tokio::select! {
+                    changed = stop.changed() => {
+                        if changed.is_err() || *stop.borrow() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Some(()) = rx.recv() => {
+                        // Debounce: a copy is many events; wait for the burst to end.
+                        tokio::time::sleep(debounce).await;
+                        while rx.try_recv().is_ok() {}
+                    }
+                    _ = periodic.tick() => {}
+                }
+                let r = registry.clone();
+                let _ = tokio::task::spawn_blocking(move || r.rescan()).await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_modules::{module, GOOD};
+    use super::*;
+    use switchyard_sdk::{ChannelStats, RetentionDecision, RetentionInput};
+
+    fn registry(dir: &Path) -> Arc<Registry> {
+        let host = Host::new(None).unwrap();
+        let limits = CallLimits { timeout: Duration::from_millis(50), max_memory: 2 << 20 };
+        let rules = QuarantineRules {
+            after: 2,
+            min: Duration::from_secs(60),
+            max: Duration::from_secs(120),
+            healthy_reset: Duration::from_secs(600),
+        };
+        Registry::new(host, dir.to_path_buf(), limits, rules, Arc::new(Metrics::new()))
+    }
+
+    fn call(r: &Registry, name: &str) -> Outcome<RetentionDecision> {
+        let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
+        r.call(name, "ns/retention", Kind::Retention, "{}", &input, |_| Ok(()))
+    }
+
+    fn state(r: &Registry, name: &str) -> (&'static str, Option<String>) {
+        let info = r.list().into_iter().find(|p| p.name == name).expect("listed");
+        (info.state, info.last_error)
+    }
+
+    #[test]
+    fn reload_keeps_the_last_good_version_and_removal_reverts() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.wasm");
+        let r = registry(dir.path());
+        assert!(matches!(call(&r, "p"), Err(Fallback::NotLoaded)));
+        std::fs::write(&file, module("", GOOD)).unwrap();
+        r.rescan();
+        assert_eq!(call(&r, "p").unwrap(), RetentionDecision::DropBelow(5));
+        std::fs::write(&file, b"garbage, not wasm").unwrap();
+        r.rescan();
+        assert_eq!(call(&r, "p").unwrap(), RetentionDecision::DropBelow(5), "last good version still serves");
+        let (st, err) = state(&r, "p");
+        assert_eq!(st, "active");
+        assert!(err.unwrap().contains("not a valid wasm module"));
+        std::fs::remove_file(&file).unwrap();
+        r.rescan();
+        assert!(matches!(call(&r, "p"), Err(Fallback::NotLoaded)));
+        std::fs::write(dir.path().join("bad.wasm"), b"nope").unwrap();
+        r.rescan();
+        assert!(matches!(call(&r, "bad"), Err(Fallback::Rejected)));
+        assert_eq!(state(&r, "bad").0, "rejected");
+    }
+
+    #[test]
+    fn repeated_failures_quarantine_the_plugin() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.wasm"), module("", "unreachable")).unwrap();
+        let r = registry(dir.path());
+        r.rescan();
+        assert!(matches!(call(&r, "t"), Err(Fallback::Failed(CallError::Trap(_)))));
+        assert!(matches!(call(&r, "t"), Err(Fallback::Failed(_))));
+        assert!(matches!(call(&r, "t"), Err(Fallback::Quarantined)));
+        // Another binding of the same plugin is not quarantined by this one's failures.
+        let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
+        let other = r.call::<_, RetentionDecision>("t", "other/retention", Kind::Retention, "{}", &input, |_| Ok(()));
+        assert!(matches!(other, Err(Fallback::Failed(_))));
+        let info = r.list().into_iter().next().unwrap();
+        assert_eq!((info.state, info.calls, info.failures), ("quarantined", 3, 3));
+        // A fixed file replaces the entry: a fresh start, counters carried over.
+        std::fs::write(dir.path().join("t.wasm"), module("", GOOD)).unwrap();
+        r.rescan();
+        assert!(call(&r, "t").is_ok());
+        let info = r.list().into_iter().next().unwrap();
+        assert_eq!((info.state, info.calls, info.failures, info.last_error), ("active", 4, 3, None));
+    }
+
+    #[test]
+    fn an_invalid_decision_is_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.wasm"), module("", GOOD)).unwrap();
+        let r = registry(dir.path());
+        r.rescan();
+        let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
+        let out = r.call::<_, RetentionDecision>("p", "ns/retention", Kind::Retention, "{}", &input, |_| {
+            Err("above the top".into())
+        });
+        assert!(matches!(out, Err(Fallback::Failed(CallError::Invalid(_)))));
+        assert_eq!(r.metrics.plugin_failures.with_label_values(&["p", "retention", "invalid_output"]).get(), 1);
+    }
+}

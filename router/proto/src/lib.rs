@@ -1,0 +1,13 @@
+//! The client protocol and the partition math: the vocabulary every other layer speaks.
+//!
+//! Module map: [`protocol`] (frames in and out, error codes, the serialize-once [`Text`]),
+//! [`channel`] (names and namespaces), [`partition`] (channel → partition hashing, the
+//! partition map and the member list the cluster publishes). This crate must never do I/O,
+//! spawn tasks or depend on tokio: it is plain data and pure functions.
+
+pub mod channel;
+pub mod partition;
+pub mod protocol;
+mod text;
+
+pub use text::Text;

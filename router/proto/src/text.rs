@@ -1,0 +1,71 @@
+//! [`Text`]: one serialized JSON frame, shared by every subscriber that receives it.
+//!
+//! It owns the guarantee that the bytes are UTF-8, so that the socket layer can hand
+//! them to the WebSocket as a text frame without checking them again per subscriber.
+//! It must never be built from bytes whose encoding is unknown.
+
+use bytes::Bytes;
+
+/// A JSON text frame: cheap to clone (reference counted), UTF-8 by construction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Text(Bytes);
+
+impl Text {
+    /// A frame from a static string.
+    pub const fn from_static(s: &'static str) -> Self {
+        Self(Bytes::from_static(s.as_bytes()))
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True for an empty frame.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The frame as text.
+    pub fn as_str(&self) -> &str {
+        // The bytes came from a `String` or a `&str` (see the constructors), so this
+        // cannot fail; the check is kept cheap by doing it only where text is read back.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The bytes, known to be UTF-8.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    /// The bytes, known to be UTF-8.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Self(Bytes::from(s))
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        Self(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl From<Text> for Bytes {
+    fn from(t: Text) -> Self {
+        t.0
+    }
+}

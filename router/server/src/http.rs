@@ -1,0 +1,335 @@
+//! The one HTTP listener: WebSocket upgrades on `/ws`, the HTTP API, metrics and health.
+//!
+//! It owns accepting TCP connections (TCP_NODELAY on each), routing HTTP requests, the
+//! WebSocket handshake and handing upgraded sockets to [`crate::session`]. It must never
+//! hold protocol state itself: every operation goes through [`Node`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::node::Node;
+use switchyard_core::owner::PublishRequest;
+use switchyard_proto::protocol::{self, ErrorCode, OpError};
+
+/// The subprotocol the server offers.
+pub const SUBPROTOCOL: &str = "switchyard.v1";
+
+/// Initial read buffer of a WebSocket connection (tungstenite's default is 128 KiB).
+const READ_BUFFER: usize = 4 * 1024;
+/// Bytes buffered before tungstenite writes to the socket on its own (we also flush
+/// explicitly whenever a session runs out of work).
+const WRITE_BUFFER: usize = 32 * 1024;
+
+type Body = Full<Bytes>;
+
+/// Accepts connections until the node shuts down. Every spawned connection task holds a
+/// clone of `alive`, so its receiver tells when all have ended.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::Sender<()>) {
+    let mut shutdown = node.shutdown.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let alive = alive.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let node = node.clone();
+                let alive = alive.clone();
+                async move { Ok::<_, Infallible>(route(node, req, alive).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.changed() => {
+                    // Finish the request in hand, then close the keep-alive connection.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "http connection ended with error");
+            }
+        });
+    }
+}
+
+fn json_response(status: u16, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+/// The value of header `name`, if it is text.
+pub(crate) fn header(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The HTTP API key check, from the `Authorization` and `X-Api-Key` headers.
+fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), OpError> {
+    node.access.check_api_key(header(headers, header::AUTHORIZATION), header(headers, "x-api-key"))
+}
+
+fn error_response(e: &OpError) -> Response<Body> {
+    json_response(e.code.http_status(), protocol::to_frame(&serde_json::json!({ "error": e })))
+}
+
+fn result_response<T: serde::Serialize>(result: Result<T, OpError>) -> Response<Body> {
+    match result {
+        Ok(v) => json_response(200, protocol::to_frame(&v)),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/ws") => upgrade(node, req, alive, Peer::Client),
+        (&Method::GET, "/peer") => match peer_auth(&node, &req) {
+            Ok(()) => upgrade(node, req, alive, Peer::Node),
+            Err(e) => error_response(&e),
+        },
+        (&Method::GET, "/healthz") => {
+            if *node.shutdown.borrow() {
+                json_response(503, Bytes::from_static(br#"{"status":"shutting_down"}"#))
+            } else if node.router.partitions.store.has_failed() {
+                json_response(503, Bytes::from_static(br#"{"status":"store_failed"}"#))
+            } else {
+                json_response(200, Bytes::from_static(br#"{"status":"ok"}"#))
+            }
+        }
+        (&Method::GET, "/metrics") => Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(node.metrics.render())))
+            .expect("valid response"),
+        (&Method::GET, "/api/v1/cluster") => json_response(200, protocol::to_frame(&cluster(&node))),
+        (&Method::GET, "/api/v1/plugins") => json_response(
+            200,
+            protocol::to_frame(&serde_json::json!({ "dir": node.plugins.dir(), "plugins": node.plugins.list() })),
+        ),
+        (&Method::POST, "/api/v1/publish") => publish(node, req).await,
+        (&Method::GET, p) if history_channel(p).is_some() => {
+            let channel = history_channel(p).expect("matched above");
+            if let Err(e) = check_api_key(&node, req.headers()) {
+                return error_response(&e);
+            }
+            history(node, channel, req.uri().query().unwrap_or("")).await
+        }
+        (&Method::GET, "/api/v1/poll") => {
+            let query = req.uri().query().unwrap_or("").to_string();
+            result_response(crate::poll::poll(node, req.headers(), &query).await)
+        }
+        (&Method::GET, "/api/v1/auth") => json_response(200, protocol::to_frame(&crate::web::auth_info(&node))),
+        (&Method::POST, "/api/v1/dev/token") => match Limited::new(req.into_body(), 64 * 1024).collect().await {
+            Ok(body) => result_response(crate::web::dev_token(&node, &body.to_bytes())),
+            Err(_) => error_response(&OpError::new(ErrorCode::TooLarge, "body over 64 KiB")),
+        },
+        (&Method::GET, p) if crate::web::asset(p).is_some() => {
+            let (content_type, bytes) = crate::web::asset(p).expect("matched above");
+            Response::builder()
+                .header(header::CONTENT_TYPE, content_type)
+                .body(Full::new(Bytes::from_static(bytes)))
+                .expect("valid response")
+        }
+        _ => {
+            let e = OpError::bad_request(format!("no route for {} {path}", req.method()));
+            json_response(404, protocol::to_frame(&serde_json::json!({ "error": e })))
+        }
+    }
+}
+
+/// The `{channel}` of `/api/v1/channels/{channel}/history`.
+fn history_channel(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/v1/channels/")?.strip_suffix("/history").filter(|c| !c.is_empty())
+}
+
+fn cluster(node: &Node) -> serde_json::Value {
+    let map = node.router.map();
+    let Some(state) = &node.cluster else {
+        return serde_json::json!({
+            "mode": "standalone",
+            "node": node.config.node_id,
+            "leader": node.config.node_id,
+            "epoch": map.epoch,
+            "partitions": map.partitions(),
+            "nodes": [{"id": node.config.node_id, "url": format!("http://{}", node.config.listen), "state": "serving"}],
+            "owners": map.owners,
+        });
+    };
+    let view = state.view();
+    let nodes: Vec<_> = view
+        .nodes
+        .values()
+        .map(|n| {
+            let owned = map.owners.iter().filter(|o| **o == n.id).count();
+            serde_json::json!({"id": n.id, "url": n.url, "version": n.version, "started_at": n.started_at,
+                "partitions": owned, "draining": n.draining, "state": if n.draining { "draining" } else { "serving" }})
+        })
+        .collect();
+    serde_json::json!({
+        "mode": "cluster",
+        "cluster": state.config.name,
+        "node": node.config.node_id,
+        "etcd_connected": view.etcd_connected,
+        "is_leader": view.is_leader,
+        "leader": view.leader.as_ref().map(|l| l.node.clone()),
+        "term": view.leader.as_ref().map(|l| l.term),
+        "leader_since": view.leader.as_ref().map(|l| l.since.clone()),
+        "epoch": map.epoch,
+        "partitions": map.partitions(),
+        "nodes": nodes,
+        "owners": map.owners,
+        "config": view.config,
+        "last_error": view.last_error,
+    })
+}
+
+async fn publish(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    if let Err(e) = check_api_key(&node, req.headers()) {
+        return error_response(&e);
+    }
+    let max = node.config.limits.max_frame_bytes;
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error_response(&OpError::new(ErrorCode::TooLarge, format!("body over {max} bytes"))),
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error_response(&OpError::bad_request("body must be UTF-8 JSON"));
+    };
+    let p = match protocol::parse_http_publish(text) {
+        Ok(p) => p,
+        Err(e) => return error_response(&e),
+    };
+    let req =
+        PublishRequest { channel: p.channel, data: p.data, key: p.key, idempotency_key: p.idempotency_key, from: None };
+    result_response(node.router.publish_and_wait(req).await)
+}
+
+fn query_u64(query: &str, name: &str) -> Result<Option<u64>, OpError> {
+    for pair in query.split('&') {
+        if let Some((k, v)) = pair.split_once('=') {
+            if k == name && !v.is_empty() {
+                return v
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| OpError::bad_request(format!("`{name}` must be an unsigned integer")));
+            }
+        }
+    }
+    Ok(None)
+}
+
+async fn history(node: Arc<Node>, channel: &str, query: &str) -> Response<Body> {
+    if !switchyard_proto::channel::is_valid_name(channel) {
+        return error_response(&OpError::bad_request("invalid channel name"));
+    }
+    let page = async {
+        let since = query_u64(query, "since")?.unwrap_or(0);
+        let limit = query_u64(query, "limit")?.unwrap_or(protocol::HISTORY_DEFAULT_LIMIT as u64);
+        if limit == 0 {
+            return Err(OpError::bad_request("`limit` must be at least 1"));
+        }
+        node.router.history(channel, since, limit.min(protocol::HISTORY_MAX_LIMIT as u64) as u32).await
+    };
+    result_response(page.await)
+}
+
+/// Who is upgrading: a client (`/ws`) or another node's peer link (`/peer`).
+enum Peer {
+    Client,
+    Node,
+}
+
+/// A peer link must carry the cluster secret (compared in constant time).
+fn peer_auth(node: &Node, req: &Request<Incoming>) -> Result<(), OpError> {
+    let Some(secret) = node.config.cluster.secret.as_deref().filter(|_| node.router.peers_enabled()) else {
+        return Err(OpError::new(ErrorCode::Forbidden, "peer links are off (no cluster.secret)"));
+    };
+    let given = req.headers().get(switchyard_peer::wire::SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    let same =
+        given.len() == secret.len() && given.iter().zip(secret.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(OpError::new(ErrorCode::Unauthorized, "bad cluster secret"))
+    }
+}
+
+fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who: Peer) -> Response<Body> {
+    let headers = req.headers();
+    let is_upgrade =
+        headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).filter(|_| is_upgrade) else {
+        return error_response(&OpError::bad_request("expected a WebSocket upgrade"));
+    };
+    if *node.shutdown.borrow() {
+        return error_response(&OpError::new(ErrorCode::Unavailable, "node shutting down"));
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let offers_subprotocol = headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == SUBPROTOCOL));
+    let max = node.config.limits.max_frame_bytes;
+    tokio::spawn(async move {
+        let _alive = alive;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                // tungstenite's own limit is a backstop far above ours; frames between the
+                // two get a proper `too_large` reply from the session.
+                // Small buffers keep idle connections cheap; both grow when traffic needs it.
+                let config = match who {
+                    Peer::Client => WebSocketConfig::default()
+                        .read_buffer_size(READ_BUFFER)
+                        .write_buffer_size(WRITE_BUFFER)
+                        .max_message_size(Some(max * 4 + 4096))
+                        .max_frame_size(Some(max * 4 + 4096)),
+                    Peer::Node => switchyard_peer::wire::ws_config(),
+                };
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                match who {
+                    Peer::Client => crate::session::run(node, ws).await,
+                    Peer::Node => switchyard_peer::serve(node.router.clone(), ws, "peer".into()).await,
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Full::new(Bytes::new()))
+        .expect("valid response");
+    if offers_subprotocol {
+        resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    }
+    resp
+}

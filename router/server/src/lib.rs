@@ -1,0 +1,226 @@
+//! The server layer: the config file, the sockets, and `run()`, which wires every layer
+//! into one running node.
+//!
+//! Module map: [`config`] (the whole config tree: loading, merging, validation; the only
+//! module that knows the file), `node` (startup in dependency order and the cluster's
+//! hooks), `http` (the HTTP API, health, metrics and the WebSocket and `/peer` upgrades),
+//! `session` (one WebSocket client), `poll` (HTTP long-poll), `web` (the demo page and its
+//! token endpoint), `policies` (namespace bindings to policies). It must never route a
+//! message itself (the peer layer's `Router` does) nor hold protocol state beyond one
+//! connection.
+
+pub mod config;
+mod http;
+mod node;
+mod policies;
+mod poll;
+mod session;
+mod web;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ConfigError, Overrides};
+use crate::node::Node;
+
+/// Why a node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address from the config.
+        addr: std::net::SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// The store (or the data or plugin folder) cannot be opened.
+    #[error(transparent)]
+    Store(#[from] switchyard_store::StoreError),
+    /// etcd holds a cluster this node cannot join as configured (exit status 2).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl ServerError {
+    /// The process exit status this error calls for: 2 for a configuration mismatch, 1
+    /// otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ServerError::Fatal(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs a node until SIGINT or SIGTERM, then shuts down gracefully: stop accepting, close
+/// every client with 4100 after its in-flight replies, drain the owners, sync the store.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    // With port 0 the real port is known only now; the cluster advertises it.
+    let mut config = config;
+    config.listen = addr;
+    let timeout = config.shutdown_timeout;
+    if config.cluster.enabled() {
+        match switchyard_cluster::preflight(&node::cluster_settings(&config)).await {
+            Err(switchyard_cluster::Error::Fatal(msg)) => return Err(ServerError::Fatal(msg)),
+            Err(e) => tracing::warn!(error = %e, "cluster preflight failed"),
+            Ok(()) => {}
+        }
+    }
+    let node = Node::start(config)?;
+    println!("switchyard listening on {addr}");
+    tracing::info!(%addr, node = %node.config.node_id, "serving");
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let server = tokio::spawn(http::serve(node.clone(), listener, alive_tx));
+    spawn_reload_on_sighup(node.clone());
+    if wait_for_signal().await == Signal::Terminate {
+        drain(&node).await;
+    }
+    tracing::info!("shutting down");
+    node.shutdown();
+    let drained = tokio::time::timeout(timeout, async {
+        let _ = server.await;
+        while alive_rx.recv().await.is_some() {}
+        node.close().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(?timeout, "shutdown timed out; syncing the store and exiting");
+        let _ = node.router.partitions.store.close();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[derive(PartialEq)]
+enum Signal {
+    Terminate,
+    Interrupt,
+}
+
+async fn wait_for_signal() -> Signal {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => Signal::Terminate,
+        _ = int.recv() => Signal::Interrupt,
+    }
+}
+
+/// How long a draining node waits for its partitions to be moved and handed over.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+/// SIGTERM in cluster mode with peer links: mark this node draining, wait until the leader
+/// has moved every partition away and each new owner has pulled its state, then return so
+/// the normal shutdown closes the clients with 4100. A second signal cuts it short.
+#[tracing::instrument(name = "drain", skip_all, fields(node = %node.config.node_id))]
+async fn drain(node: &Arc<Node>) {
+    let Some(cluster) = node.cluster.as_ref().filter(|_| node.router.peers_enabled()) else { return };
+    tracing::info!("draining: asking the leader to move this node's partitions away");
+    if let Err(e) = switchyard_cluster::drain(cluster, &node.metrics).await {
+        tracing::warn!(error = %e, "could not mark this node draining; shutting down without handover");
+        return;
+    }
+    let me = node.config.node_id.clone();
+    let router = &node.router;
+    let handovers = &router.partitions.handovers;
+    let started = tokio::time::Instant::now();
+    let (mut maps, mut members) = (router.map_changes(), router.member_changes());
+    let done = async {
+        loop {
+            // Register for the wake-up before reading what it would announce.
+            let released = handovers.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let owned = maps.borrow_and_update().owners.iter().filter(|o| **o == me).count();
+            if owned == 0 && handovers.outstanding() == 0 {
+                break;
+            }
+            // Every member is leaving (the whole cluster is stopping): nobody can take over.
+            let all_draining = {
+                let m = members.borrow_and_update();
+                !m.is_empty() && m.values().all(|m| m.draining)
+            };
+            if all_draining {
+                tracing::info!("every member is draining; stopping without handover");
+                break;
+            }
+            tokio::select! {
+                _ = maps.changed() => {}
+                _ = members.changed() => {}
+                _ = &mut released => {}
+            }
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(DRAIN_LIMIT, done) => match r {
+            Ok(()) => tracing::info!(elapsed = ?started.elapsed(), "drained: every partition handed over"),
+            Err(_) => tracing::warn!(limit = ?DRAIN_LIMIT, "drain timed out; shutting down anyway"),
+        },
+        _ = wait_for_signal() => tracing::warn!("second signal: shutting down without finishing the drain"),
+    }
+}
+
+/// Re-reads the config file and applies its live sections (sessions, rate limits).
+fn reload_from_file(node: &Node, path: &Path) -> Result<(), ConfigError> {
+    let config = Config::load(Some(path), Overrides::default())?;
+    node.access.apply(node::live_settings(&config));
+    Ok(())
+}
+
+/// SIGHUP reloads the config file's live sections, until shutdown.
+fn spawn_reload_on_sighup(node: Arc<Node>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Some(path) = node.config.source.clone() else { return };
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install the SIGHUP handler; reload is off");
+            return;
+        }
+    };
+    let mut shutdown = node.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            match reload_from_file(&node, &path) {
+                Ok(()) => tracing::info!(path = %path.display(), "config reloaded (sessions, rate_limit)"),
+                Err(e) => tracing::warn!(error = %e, "config reload failed; keeping the current settings"),
+            }
+        }
+    });
+}
+
+/// The `switchyard token` command: prints a token on stdout; errors go to stderr with exit
+/// status 2.
+pub fn token_command(
+    config: &Path,
+    user: &str,
+    ttl: Duration,
+    channels: Option<Vec<String>>,
+) -> std::process::ExitCode {
+    let minted = Config::load(Some(config), Default::default()).map_err(|e| e.to_string()).and_then(|c| {
+        switchyard_access::auth::mint_from_config(&c.auth, user, ttl, channels).map_err(|e| e.to_string())
+    });
+    match minted {
+        Ok(token) => {
+            println!("{token}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchyard token: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

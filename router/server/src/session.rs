@@ -1,0 +1,650 @@
+//! One connected WebSocket client.
+//!
+//! It owns a connection's socket, its subscriptions and the order of what it writes: replies
+//! in command order (a `FuturesOrdered`), each subscription's reply before its messages, then
+//! catch-up from the store, then live pushes with no gap and no duplicate (tracked by
+//! offset). It turns an overflowing outbound queue into `disconnect` 4008, an oversized
+//! frame into `too_large` and close 1009, and shutdown into close 4100. It asks its
+//! [`Gate`] before each command (token, per-user cap, channel rules, rate limit) and pings
+//! the peer on the [`Heartbeat`] schedule, closing one that stops answering. It must never
+//! block an owner: owners only push into its [`Outbox`], and all waiting happens here.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use switchyard_peer::ws::text;
+use switchyard_proto::Text;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use xxhash_rust::xxh3::Xxh3DefaultBuilder as Xxh3Builder;
+
+use switchyard_access::gate::{Gate, Refusal};
+use crate::node::Node;
+use switchyard_core::outbox::{outbox, Delivery, Inbox, Outbox};
+use switchyard_core::owner::{Grant, PublishRequest, Start};
+use switchyard_proto::protocol::{self, close, Command, Empty, ErrorCode, OpError, SubscribeOk};
+use switchyard_access::user_sessions::{Beat, Heartbeat};
+
+/// Catch-up is read from the store in pages of this many messages.
+const CATCH_UP_PAGE: usize = 256;
+/// Deliveries written per wake-up before flushing the socket.
+const DRAIN_MAX: usize = 512;
+/// How long a closing connection may take to write its last frames.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing connection waits for replies still in flight.
+const SHUTDOWN_REPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a session ends.
+#[derive(Debug)]
+enum Stop {
+    /// The peer closed or the socket failed.
+    Gone,
+    /// The outbound queue overflowed.
+    Slow,
+    /// The node is shutting down.
+    Shutdown,
+    /// A frame over the size limit.
+    TooLarge,
+    /// Refused by the gate (4001 unauthorized, 4009 too many sessions, 4029 rate limited);
+    /// the error reply is already queued.
+    Refused {
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: &'static str,
+    },
+    /// The peer did not answer a ping in time.
+    Unresponsive,
+}
+
+impl From<Refusal> for Stop {
+    fn from(r: Refusal) -> Self {
+        Stop::Refused { code: r.code, reason: r.reason }
+    }
+}
+
+/// A finished command, ready to write in order.
+enum Output {
+    Frame(Text),
+    Subscribed { id: u64, sub: u64, channel: String, result: Result<Grant, OpError> },
+}
+
+enum Phase {
+    /// Waiting for the owner's grant; live messages are held.
+    Pending(Vec<Delivery>),
+    /// Delivering; `delivered` is the last offset written.
+    Live { delivered: u64 },
+}
+
+struct Sub {
+    channel: String,
+    phase: Phase,
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &node.config.limits;
+    let (outbox, inbox) = outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
+    let now = Instant::now();
+    let gate = Gate::new(now);
+    let heartbeat = Heartbeat::new(now);
+    let auth_deadline = gate.deadline(&node.access);
+    let mut session = Session {
+        beat: Box::pin(tokio::time::sleep_until(heartbeat.deadline(&node.access.live().sessions))),
+        auth_timer: Box::pin(tokio::time::sleep_until(auth_deadline.unwrap_or(now))),
+        auth_deadline,
+        gate,
+        heartbeat,
+        id: node.router.next_id(),
+        shutdown: node.shutdown.clone(),
+        node: node.clone(),
+        ws,
+        outbox,
+        inbox,
+        subs: HashMap::default(),
+        by_channel: HashMap::new(),
+        pending: FuturesOrdered::new(),
+        unflushed: false,
+        delivered: 0,
+        delivered_bytes: 0,
+    };
+    node.metrics.connections.inc();
+    node.metrics.connections_total.inc();
+    let stop = session.serve().await;
+    tracing::debug!(client = session.id, ?stop, "session ended");
+    session.finish(stop).await;
+    node.metrics.connections.dec();
+}
+
+struct Session<S> {
+    node: Arc<Node>,
+    id: u64,
+    ws: WebSocketStream<S>,
+    outbox: Arc<Outbox>,
+    inbox: Inbox,
+    shutdown: watch::Receiver<bool>,
+    subs: HashMap<u64, Sub, Xxh3Builder>,
+    by_channel: HashMap<String, u64>,
+    pending: FuturesOrdered<BoxFuture<'static, Output>>,
+    unflushed: bool,
+    delivered: u64,
+    delivered_bytes: u64,
+    /// Who the client is, its seat and its publish bucket.
+    gate: Gate,
+    /// When to ping, and whether the last ping was answered.
+    heartbeat: Heartbeat,
+    /// Fires at the heartbeat's deadline.
+    beat: Pin<Box<Sleep>>,
+    /// Fires at the gate's deadline (connect timeout, then token expiry), if any.
+    auth_timer: Pin<Box<Sleep>>,
+    auth_deadline: Option<Instant>,
+}
+
+fn ready(frame: Text) -> BoxFuture<'static, Output> {
+    futures_util::future::ready(Output::Frame(frame)).boxed()
+}
+
+/// Drives a socket write. The common case (room in the buffer) completes on the first poll
+/// without registering any waiter; a blocked write is raced against the slow-consumer and
+/// shutdown signals so a stuck peer cannot hold the session.
+async fn until_stopped<F>(fut: F, outbox: &Outbox, shutdown: &mut watch::Receiver<bool>) -> Result<(), Stop>
+where
+    F: std::future::Future<Output = Result<(), WsError>>,
+{
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(r) = first {
+        return r.map_err(|_| Stop::Gone);
+    }
+    let mut slow = std::pin::pin!(outbox.slow_signal.notified());
+    slow.as_mut().enable();
+    if outbox.is_slow() {
+        return Err(Stop::Slow);
+    }
+    tokio::select! {
+        biased;
+        r = fut => r.map_err(|_| Stop::Gone),
+        _ = slow => Err(Stop::Slow),
+        _ = stopping(shutdown) => Err(Stop::Shutdown),
+    }
+}
+
+/// Resolves once the node is shutting down (at once if it already is).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+}
+
+fn owner_gone() -> OpError {
+    OpError::new(ErrorCode::Unavailable, "partition owner stopped")
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn serve(&mut self) -> Stop {
+        // The two stop signals are registered once, not on every wake-up of the loop.
+        let outbox = self.outbox.clone();
+        let mut slow = std::pin::pin!(outbox.slow_signal.notified());
+        slow.as_mut().enable();
+        let mut shutdown = self.shutdown.clone();
+        let mut shutdown = std::pin::pin!(stopping(&mut shutdown));
+        loop {
+            if self.outbox.is_slow() {
+                return Stop::Slow;
+            }
+            let step = tokio::select! {
+                biased;
+                _ = &mut slow => Err(Stop::Slow),
+                _ = &mut shutdown => Err(Stop::Shutdown),
+                Some(out) = self.pending.next(), if !self.pending.is_empty() => self.on_output(out).await,
+                Some(d) = self.inbox.recv(&self.outbox) => self.on_deliveries(d).await,
+                frame = self.ws.next() => self.on_frame(frame).await,
+                _ = &mut self.beat => self.on_beat().await,
+                _ = &mut self.auth_timer, if self.auth_deadline.is_some() => {
+                    let refusal = self.gate.deadline_refusal();
+                    let frame = self.reply_error(None, &refusal.error);
+                    self.queue(ready(frame));
+                    Err(refusal.into())
+                }
+            };
+            if let Err(stop) = step {
+                return stop;
+            }
+            if let Err(stop) = self.flush().await {
+                return stop;
+            }
+        }
+    }
+
+    // === writing ===
+
+    /// Writes one text frame into the socket buffer. Only when the socket is full does it
+    /// wait, and then it gives up if the connection turns slow or the node shuts down.
+    async fn write(&mut self, frame: Text) -> Result<(), Stop> {
+        if self.outbox.is_slow() {
+            return Err(Stop::Slow);
+        }
+        self.unflushed = true;
+        let fut = self.ws.feed(Message::Text(text(frame)));
+        until_stopped(fut, &self.outbox, &mut self.shutdown).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if !self.unflushed {
+            return Ok(());
+        }
+        self.unflushed = false;
+        let metrics = &self.node.metrics;
+        metrics.messages_delivered.inc_by(std::mem::take(&mut self.delivered));
+        metrics.bytes_delivered.inc_by(std::mem::take(&mut self.delivered_bytes));
+        let fut = self.ws.flush();
+        until_stopped(fut, &self.outbox, &mut self.shutdown).await
+    }
+
+    async fn push_message(&mut self, frame: Text) -> Result<(), Stop> {
+        self.delivered += 1;
+        self.delivered_bytes += frame.len() as u64;
+        self.write(frame).await
+    }
+
+    fn reply_error(&self, id: Option<u64>, error: &OpError) -> Text {
+        self.node.metrics.protocol_errors.with_label_values(&[error.code.as_str()]).inc();
+        protocol::error_reply(id, error)
+    }
+
+    /// Queues a reply behind the ones still in flight.
+    fn queue(&mut self, fut: BoxFuture<'static, Output>) {
+        self.pending.push_back(fut);
+    }
+
+    fn queue_result<T: serde::Serialize>(&mut self, id: u64, result: Result<T, OpError>) {
+        let frame = match &result {
+            Ok(ok) => protocol::ok_reply(id, ok),
+            Err(e) => self.reply_error(Some(id), e),
+        };
+        self.queue(ready(frame));
+    }
+
+    // === reading ===
+
+    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), Stop> {
+        let max = self.node.config.limits.max_frame_bytes;
+        match frame {
+            None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => Err(Stop::Gone),
+            Some(Err(WsError::Capacity(_))) => Err(Stop::TooLarge),
+            Some(Err(e)) => {
+                tracing::debug!(client = self.id, error = %e, "websocket protocol error");
+                Err(Stop::Gone)
+            }
+            Some(Ok(Message::Text(text))) if text.len() > max => Err(Stop::TooLarge),
+            Some(Ok(Message::Text(text))) => match protocol::parse_command(&text) {
+                Ok((id, cmd)) => self.dispatch(id, cmd).await,
+                Err(rejected) => {
+                    let frame = self.reply_error(rejected.id, &rejected.error);
+                    self.queue(ready(frame));
+                    Ok(())
+                }
+            },
+            Some(Ok(Message::Binary(data))) if data.len() > max => Err(Stop::TooLarge),
+            Some(Ok(Message::Binary(_))) => {
+                let frame =
+                    self.reply_error(None, &OpError::bad_request("binary frames are not supported; send JSON text"));
+                self.queue(ready(frame));
+                Ok(())
+            }
+            Some(Ok(Message::Close(_))) => Err(Stop::Gone),
+            Some(Ok(Message::Ping(_))) => {
+                self.unflushed = true; // let the automatic pong out
+                Ok(())
+            }
+            Some(Ok(Message::Pong(_))) => {
+                self.heartbeat.on_pong();
+                let next = self.heartbeat.deadline(&self.node.access.live().sessions);
+                self.beat.as_mut().reset(next);
+                Ok(())
+            }
+            Some(Ok(Message::Frame(_))) => Ok(()),
+        }
+    }
+
+    /// The heartbeat's deadline passed: ping, or give up on a peer that did not answer.
+    async fn on_beat(&mut self) -> Result<(), Stop> {
+        let live = self.node.access.live();
+        let beat = self.heartbeat.on_deadline(&live.sessions, Instant::now());
+        self.beat.as_mut().reset(self.heartbeat.deadline(&live.sessions));
+        match beat {
+            Beat::Wait => Ok(()),
+            Beat::Dead => Err(Stop::Unresponsive),
+            Beat::Ping => {
+                self.unflushed = true;
+                let fut = self.ws.feed(Message::Ping(Bytes::new()));
+                until_stopped(fut, &self.outbox, &mut self.shutdown).await
+            }
+        }
+    }
+
+    /// Queues an error reply; when the gate also ends the connection, says so.
+    fn refuse(&mut self, id: u64, refused: Result<OpError, Refusal>) -> Result<(), Stop> {
+        match refused {
+            Ok(error) => {
+                self.queue_result::<Empty>(id, Err(error));
+                Ok(())
+            }
+            Err(refusal) => {
+                self.queue_result::<Empty>(id, Err(refusal.error.clone()));
+                Err(refusal.into())
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, id: u64, cmd: Command) -> Result<(), Stop> {
+        let node = self.node.clone();
+        if let Err(e) = self.gate.admit(&node.access, &cmd) {
+            self.queue_result::<Empty>(id, Err(e));
+            return Ok(());
+        }
+        match cmd {
+            Command::Connect { name, token } => {
+                if let Some(name) = name {
+                    tracing::debug!(client = self.id, name, "client named itself");
+                }
+                if let Err(refused) = self.gate.connect(&node.access, token.as_deref()) {
+                    return self.refuse(id, refused);
+                }
+                self.auth_deadline = self.gate.deadline(&node.access);
+                if let Some(at) = self.auth_deadline {
+                    self.auth_timer.as_mut().reset(at);
+                }
+                let mut ok = serde_json::json!({"client": self.id.to_string(), "node": node.config.node_id, "version": protocol::VERSION});
+                if let Some(user) = self.gate.user() {
+                    ok["user"] = serde_json::json!(user);
+                }
+                self.queue_result(id, Ok(ok));
+            }
+            Command::Ping => self.queue_result(id, Ok(Empty {})),
+            Command::Subscribe { channel, from, consumer } => self.subscribe(id, channel, from, consumer).await,
+            Command::Unsubscribe { channel } => {
+                if let Some(sub) = self.by_channel.remove(&channel) {
+                    self.subs.remove(&sub);
+                    node.metrics.subscriptions.dec();
+                    node.router.unsubscribe(&channel, sub).await;
+                }
+                self.queue_result(id, Ok(Empty {}));
+            }
+            Command::Publish(p) => {
+                if let Err(refused) = self.gate.take_publish(&node.access, Instant::now()) {
+                    return self.refuse(id, refused);
+                }
+                let req = PublishRequest {
+                    channel: p.channel,
+                    data: p.data,
+                    key: p.key,
+                    idempotency_key: p.idempotency_key,
+                    from: self.gate.user().map(|u| u.to_string()),
+                };
+                match node.router.publish(req).await {
+                    Ok(rx) => {
+                        let metrics = node.metrics.clone();
+                        self.queue(
+                            async move {
+                                let result = rx.await.unwrap_or_else(|_| Err(owner_gone()));
+                                if let Err(e) = &result {
+                                    metrics.protocol_errors.with_label_values(&[e.code.as_str()]).inc();
+                                }
+                                Output::Frame(protocol::reply(id, &result))
+                            }
+                            .boxed(),
+                        );
+                    }
+                    Err(e) => self.queue_result::<Empty>(id, Err(e)),
+                }
+            }
+            Command::History { channel, since, limit } => {
+                // Wherever the owner is; the read starts when the future is first polled,
+                // after every command this connection sent before it.
+                self.queue(
+                    async move { Output::Frame(protocol::reply(id, &node.router.history(&channel, since, limit).await)) }
+                        .boxed(),
+                )
+            }
+            Command::Commit { channel, consumer, offset } => match node.router.commit(&channel, consumer, offset).await {
+                Ok(rx) => self.queue(
+                    async move {
+                        let result = rx.await.unwrap_or_else(|_| Err(owner_gone())).map(|()| Empty {});
+                        Output::Frame(protocol::reply(id, &result))
+                    }
+                    .boxed(),
+                ),
+                Err(e) => self.queue_result::<Empty>(id, Err(e)),
+            },
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, id: u64, channel: String, from: protocol::StartFrom, consumer: Option<String>) {
+        if self.by_channel.contains_key(&channel) {
+            return self.queue_result::<Empty>(id, Err(OpError::bad_request("already subscribed to this channel")));
+        }
+        if self.subs.len() >= self.node.config.limits.max_subscriptions {
+            return self.queue_result::<Empty>(
+                id,
+                Err(OpError::new(ErrorCode::LimitExceeded, "too many subscriptions on this connection")),
+            );
+        }
+        let sub = self.node.router.next_id();
+        let start = match consumer {
+            Some(c) => Start::Consumer(c),
+            None => Start::From(from),
+        };
+        match self.node.router.subscribe(&channel, sub, self.outbox.clone(), start).await {
+            Ok(rx) => {
+                self.subs.insert(sub, Sub { channel: channel.clone(), phase: Phase::Pending(Vec::new()) });
+                self.by_channel.insert(channel.clone(), sub);
+                self.node.metrics.subscriptions.inc();
+                self.queue(
+                    async move {
+                        let result = rx.await.unwrap_or_else(|_| Err(owner_gone()));
+                        Output::Subscribed { id, sub, channel, result }
+                    }
+                    .boxed(),
+                );
+            }
+            Err(e) => self.queue_result::<Empty>(id, Err(e)),
+        }
+    }
+
+    // === delivering ===
+
+    async fn on_output(&mut self, out: Output) -> Result<(), Stop> {
+        match out {
+            Output::Frame(frame) => self.write(frame).await,
+            Output::Subscribed { id, sub, channel, result } => match result {
+                Err(e) => {
+                    if self.subs.remove(&sub).is_some() {
+                        self.by_channel.remove(&channel);
+                        self.node.metrics.subscriptions.dec();
+                    }
+                    let frame = self.reply_error(Some(id), &e);
+                    self.write(frame).await
+                }
+                Ok(grant) => {
+                    let ok = SubscribeOk {
+                        channel: channel.clone(),
+                        epoch: grant.epoch.to_string(),
+                        offset: grant.offset,
+                        recovered: grant.recovered,
+                    };
+                    self.write(protocol::ok_reply(id, &ok)).await?;
+                    if self.subs.contains_key(&sub) {
+                        self.go_live(sub, &channel, &grant).await?;
+                    }
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Pushes the catch-up range from the store, then the live messages held meanwhile.
+    /// If retention trims part of the range before it is read (or a read fails), the
+    /// subscription ends with an `unsubscribed` push instead of going live over a hole:
+    /// the client subscribes again and recovery tells it what was lost.
+    async fn go_live(&mut self, sub: u64, channel: &str, grant: &Grant) -> Result<(), Stop> {
+        if let Some(mut after) = grant.catch_up_after {
+            while after < grant.top {
+                let (page, first) =
+                    match self.node.router.catch_up(channel, &grant.epoch, after, grant.top, CATCH_UP_PAGE).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            tracing::warn!(client = self.id, channel, error = %e, "catch-up read failed");
+                            return self.end_subscription(sub, channel, "catch-up read failed; subscribe again").await;
+                        }
+                    };
+                let next = page.first().map_or(grant.top + 1, |m| m.offset);
+                // Retention (not compaction) removed messages just above `after`.
+                if next > after + 1 && first > after + 1 {
+                    let reason = "history trimmed during catch-up; subscribe again to recover";
+                    return self.end_subscription(sub, channel, reason).await;
+                }
+                let Some(last) = page.last() else { break };
+                after = last.offset;
+                for m in &page {
+                    let frame = protocol::to_frame(&m.view(Some("message")));
+                    self.push_message(frame).await?;
+                }
+            }
+        }
+        let held = match self.subs.get_mut(&sub) {
+            Some(s) => std::mem::replace(&mut s.phase, Phase::Live { delivered: grant.live_after }),
+            None => return Ok(()),
+        };
+        if let Phase::Pending(held) = held {
+            for d in held {
+                self.deliver(d).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends one subscription from the server side with an `unsubscribed` push.
+    async fn end_subscription(&mut self, sub: u64, channel: &str, reason: &str) -> Result<(), Stop> {
+        if self.subs.remove(&sub).is_some() {
+            self.by_channel.remove(channel);
+            self.node.metrics.subscriptions.dec();
+            self.node.router.unsubscribe(channel, sub).await;
+        }
+        self.write(protocol::unsubscribed_push(channel, close::SLOW_CONSUMER, reason)).await
+    }
+
+    async fn on_deliveries(&mut self, first: Delivery) -> Result<(), Stop> {
+        self.deliver(first).await?;
+        for _ in 0..DRAIN_MAX {
+            match self.inbox.try_recv(&self.outbox) {
+                Some(d) => self.deliver(d).await?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, d: Delivery) -> Result<(), Stop> {
+        if d.end {
+            // The owner ended it (its partition moved): it has forgotten the subscription.
+            let Some(sub) = self.subs.remove(&d.sub) else { return Ok(()) };
+            self.by_channel.remove(&sub.channel);
+            self.node.metrics.subscriptions.dec();
+            return self.write(d.frame).await;
+        }
+        let Some(sub) = self.subs.get_mut(&d.sub) else { return Ok(()) };
+        match &mut sub.phase {
+            Phase::Pending(held) => {
+                // Held messages left the outbox's accounting: bound them by the same limit.
+                if held.len() >= self.node.config.limits.outbound_queue_messages {
+                    return Err(Stop::Slow);
+                }
+                held.push(d)
+            }
+            Phase::Live { delivered } => {
+                if d.offset > *delivered {
+                    *delivered = d.offset;
+                    self.push_message(d.frame).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // === closing ===
+
+    async fn finish(&mut self, stop: Stop) {
+        // The connection is over: its seat is free now, not after the (up to
+        // CLOSE_WRITE_TIMEOUT) close below, so a client reconnecting at once after 4029,
+        // 4001 or 4100 is not refused with 4009.
+        self.gate.release_seat();
+        for (sub, s) in self.subs.drain() {
+            self.node.router.unsubscribe(&s.channel, sub).await;
+            self.node.metrics.subscriptions.dec();
+        }
+        let (code, reason) = match stop {
+            Stop::Gone => return,
+            Stop::Unresponsive => {
+                // Nobody reads this socket: no last words, just drop it (and its resources).
+                tracing::info!(client = self.id, "closing a connection that stopped answering pings");
+                return;
+            }
+            Stop::Refused { code, reason } => (code, reason),
+            Stop::Slow => {
+                self.node.metrics.slow_consumer_disconnects.inc();
+                tracing::info!(client = self.id, "slow consumer disconnected");
+                (close::SLOW_CONSUMER, "slow consumer")
+            }
+            Stop::Shutdown => (close::SHUTTING_DOWN, "node shutting down"),
+            Stop::TooLarge => (close::TOO_BIG, "frame too large"),
+        };
+        let too_large =
+            OpError::new(ErrorCode::TooLarge, format!("frame over {} bytes", self.node.config.limits.max_frame_bytes));
+        let too_large = (code == close::TOO_BIG).then(|| self.reply_error(None, &too_large));
+        let (ws, pending) = (&mut self.ws, &mut self.pending);
+        // Every last write shares one deadline, so a peer that stopped reading cannot hold us.
+        let last_words = async {
+            // Replies already in flight (acknowledged publishes among them) go out first,
+            // in order; a subscription granted meanwhile gets its reply but no messages.
+            let wait = tokio::time::Instant::now() + SHUTDOWN_REPLY_WAIT;
+            while let Ok(Some(out)) = tokio::time::timeout_at(wait, pending.next()).await {
+                let frame = match out {
+                    Output::Frame(frame) => frame,
+                    Output::Subscribed { id, channel, result, .. } => protocol::reply(
+                        id,
+                        &result.map(|g| SubscribeOk {
+                            channel,
+                            epoch: g.epoch.to_string(),
+                            offset: g.offset,
+                            recovered: g.recovered,
+                        }),
+                    ),
+                };
+                ws.feed(Message::Text(text(frame))).await?;
+            }
+            let last = too_large.unwrap_or_else(|| protocol::disconnect_push(code, reason));
+            ws.feed(Message::Text(text(last))).await?;
+            let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+            ws.send(Message::Close(Some(frame))).await
+        };
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, last_words).await;
+    }
+}

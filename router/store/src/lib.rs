@@ -1,0 +1,512 @@
+//! The durable store: channel metadata, messages by offset and consumer offsets, in fjall.
+//!
+//! It owns the on-disk layout (three keyspaces, keys prefixed by partition so a partition's
+//! data is one key range) and the log writer: one OS thread that commits every partition
+//! owner's batches and turns all the batches that queued during one fsync into the next
+//! fsync (group commit). fjall holds its journal lock while it fsyncs, so no async task ever
+//! commits itself. It must never decide offsets or policy: partition owners write, and the
+//! store only makes their batches durable and reads them back.
+
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch as WriteBatch, PersistMode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use switchyard_metrics::Metrics;
+use switchyard_proto::partition::PartitionId;
+
+/// How eagerly the store syncs acknowledged writes to disk (`fsync` in the config file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// fsync each publish batch of each partition on its own before acknowledging it.
+    Always,
+    /// Group commit: batches from all partitions that arrive while a sync runs share the
+    /// next sync; a publish is acknowledged after the sync that covers it.
+    #[default]
+    Batch,
+    /// Never fsync: writes reach the OS before the ack (they survive a process crash,
+    /// not a power loss).
+    Never,
+}
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// fjall failed (I/O, corruption, poisoned after a failed fsync).
+    #[error("store: {0}")]
+    Fjall(#[from] fjall::Error),
+    /// A stored value did not decode.
+    #[error("store: corrupt value: {0}")]
+    Decode(#[from] postcard::Error),
+    /// The data directory could not be created.
+    #[error("store: cannot create data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The writer thread is gone (the process is stopping).
+    #[error("store: writer stopped")]
+    WriterGone,
+    /// fsync failed; the message names the cause.
+    #[error("store: sync failed: {0}")]
+    Sync(String),
+}
+
+/// Per-channel metadata, rewritten in the same batch as the messages it describes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelMeta {
+    /// The channel's current epoch.
+    pub epoch: String,
+    /// Highest offset assigned.
+    pub top: u64,
+    /// Lowest offset that may still be stored.
+    pub first: u64,
+    /// Stored messages.
+    pub count: u64,
+    /// Stored bytes.
+    pub bytes: u64,
+}
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Accept time, ms since the Unix epoch.
+    pub ts: u64,
+    /// Compaction key.
+    pub key: Option<String>,
+    /// Publisher's user id.
+    pub from: Option<String>,
+    /// Idempotency key, kept so the dedup window survives restarts.
+    pub idem: Option<String>,
+    /// Raw JSON payload.
+    pub data: String,
+}
+
+impl StoredMessage {
+    /// True for a keyed `null` payload.
+    pub fn is_tombstone(&self) -> bool {
+        self.data == "null"
+    }
+}
+
+/// The store: one fjall database with three keyspaces.
+pub struct Store {
+    db: Database,
+    meta: Keyspace,
+    messages: Keyspace,
+    consumers: Keyspace,
+    /// Per partition: the map epoch of the move by which this node last adopted it.
+    adopted: Keyspace,
+    policy: FsyncPolicy,
+    writer: std_mpsc::Sender<WriteJob>,
+    /// Set when a write or fsync failed: fjall refuses all writes after that.
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A batch on its way to the log writer.
+struct WriteJob {
+    batch: WriteBatch,
+    /// Whether the writes must be fsync'd (under the policy) before the answer.
+    durable: bool,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+fn channel_prefix(partition: PartitionId, channel: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + channel.len() + 8);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(channel.as_bytes());
+    k.push(0);
+    k
+}
+
+fn message_key(partition: PartitionId, channel: &str, offset: u64) -> Vec<u8> {
+    let mut k = channel_prefix(partition, channel);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn offset_of_key(key: &[u8]) -> u64 {
+    let tail: [u8; 8] = key[key.len() - 8..].try_into().expect("message keys end in 8 offset bytes");
+    u64::from_be_bytes(tail)
+}
+
+/// A set of writes that become visible together.
+pub struct Batch<'a> {
+    store: &'a Store,
+    inner: WriteBatch,
+}
+
+impl Batch<'_> {
+    /// Stores a message; returns its stored size.
+    pub fn put_message(&mut self, p: PartitionId, channel: &str, offset: u64, msg: &StoredMessage) -> u32 {
+        let value = postcard::to_stdvec(msg).expect("messages always encode");
+        let size = value.len() as u32;
+        self.inner.insert(&self.store.messages, message_key(p, channel, offset), value);
+        size
+    }
+
+    /// Removes a message.
+    pub fn remove_message(&mut self, p: PartitionId, channel: &str, offset: u64) {
+        self.inner.remove(&self.store.messages, message_key(p, channel, offset));
+    }
+
+    /// Writes a channel's metadata.
+    pub fn put_meta(&mut self, p: PartitionId, channel: &str, meta: &ChannelMeta) {
+        let value = postcard::to_stdvec(meta).expect("metadata always encodes");
+        self.inner.insert(&self.store.meta, channel_prefix(p, channel), value);
+    }
+
+    /// Stores a consumer's committed offset.
+    pub fn put_consumer(&mut self, p: PartitionId, channel: &str, consumer: &str, offset: u64) {
+        let mut k = channel_prefix(p, channel);
+        k.extend_from_slice(consumer.as_bytes());
+        self.inner.insert(&self.store.consumers, k, offset.to_be_bytes().to_vec());
+    }
+
+    /// Records that this node adopted partition `p` by the move of map epoch `epoch`.
+    pub fn put_adopted(&mut self, p: PartitionId, epoch: u64) {
+        self.inner.insert(&self.store.adopted, p.to_be_bytes().to_vec(), epoch.to_be_bytes().to_vec());
+    }
+
+    /// Queues the removal of up to `limit` of the keys stored for partition `p` (metadata,
+    /// messages, consumer offsets; metadata last, so an interrupted clear never leaves
+    /// messages without their channel); returns how many. See [`Store::clear_partition`].
+    pub fn clear_partition(&mut self, p: PartitionId, limit: usize) -> Result<usize, StoreError> {
+        let prefix = p.to_be_bytes();
+        let mut n = 0;
+        for ks in [&self.store.messages, &self.store.consumers, &self.store.meta] {
+            for guard in ks.prefix(prefix).take(limit - n) {
+                let (k, _) = guard.into_inner()?;
+                self.inner.remove(ks, k);
+                n += 1;
+            }
+            if n == limit {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Number of writes queued.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+
+    /// Hands the batch to the log writer and waits until it is committed and, when `durable`,
+    /// fsync'd as the policy says (`batch`: the next group fsync; `always`: its own fsync;
+    /// `never`: written to the OS only).
+    pub async fn write(self, durable: bool) -> Result<(), StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.store.writer.send(WriteJob { batch: self.inner, durable, done }).map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?.map_err(StoreError::Sync)
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir` and starts its syncer thread.
+    pub fn open(dir: &Path, policy: FsyncPolicy, metrics: Arc<Metrics>) -> Result<Arc<Self>, StoreError> {
+        let db = Database::builder(dir).open()?;
+        let meta = db.keyspace("channels", KeyspaceCreateOptions::default)?;
+        let messages = db.keyspace("messages", KeyspaceCreateOptions::default)?;
+        let consumers = db.keyspace("consumers", KeyspaceCreateOptions::default)?;
+        let adopted = db.keyspace("adopted", KeyspaceCreateOptions::default)?;
+        let (writer, jobs) = std_mpsc::channel::<WriteJob>();
+        let writer_db = db.clone();
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer_failed = failed.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_loop(writer_db, jobs, policy, metrics, writer_failed))
+            .expect("spawn store writer thread");
+        Ok(Arc::new(Self { db, meta, messages, consumers, adopted, policy, writer, failed }))
+    }
+
+    /// True once a write or fsync failed; the node can no longer store anything.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The configured fsync policy.
+    pub fn policy(&self) -> FsyncPolicy {
+        self.policy
+    }
+
+    /// A new empty batch.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { store: self, inner: self.db.batch() }
+    }
+
+    /// Flushes and fsyncs everything. Used on shutdown; the writer thread ends with the store.
+    pub fn close(&self) -> Result<(), StoreError> {
+        Ok(self.db.persist(PersistMode::SyncAll)?)
+    }
+
+    /// Every channel's metadata, for recovery at startup.
+    pub fn all_channels(&self) -> Result<Vec<(PartitionId, String, ChannelMeta)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.meta.iter() {
+            let (k, v) = guard.into_inner()?;
+            let p = PartitionId::from_be_bytes(k[..4].try_into().expect("meta keys start with a partition"));
+            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
+            out.push((p, name, postcard::from_bytes(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Decodes up to `limit` messages of `channel` with offsets in `from..=upto`, oldest
+    /// first, each as `f(offset, stored size, message)`.
+    fn scan<T>(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        (from, upto): (u64, u64),
+        limit: usize,
+        mut f: impl FnMut(u64, u32, StoredMessage) -> T,
+    ) -> Result<Vec<T>, StoreError> {
+        if from > upto {
+            return Ok(Vec::new());
+        }
+        self.messages
+            .range(message_key(p, channel, from)..=message_key(p, channel, upto))
+            .take(limit)
+            .map(|guard| {
+                let (k, v) = guard.into_inner()?;
+                Ok(f(offset_of_key(&k), v.len() as u32, postcard::from_bytes(&v)?))
+            })
+            .collect()
+    }
+
+    /// Up to `limit` messages with `after < offset <= upto`, oldest first.
+    pub fn read_messages(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        self.scan(p, channel, (after.saturating_add(1), upto), limit, |offset, _, m| (offset, m))
+    }
+
+    /// `(offset, ts, idempotency key)` of the newest messages back to the first one older
+    /// than `cutoff_ms` (at most `limit`), newest first. Payloads are not decoded.
+    pub fn recent_idempotency_keys(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        upto: u64,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, String)>, StoreError> {
+        /// The leading fields of a [`StoredMessage`]; postcard stops before the payload.
+        #[derive(Deserialize)]
+        struct Head {
+            ts: u64,
+            _key: Option<String>,
+            _from: Option<String>,
+            idem: Option<String>,
+        }
+        let mut out = Vec::new();
+        let range = self.messages.range(message_key(p, channel, 0)..=message_key(p, channel, upto));
+        for guard in range.rev().take(limit) {
+            let (k, v) = guard.into_inner()?;
+            let (head, _) = postcard::take_from_bytes::<Head>(&v)?;
+            if head.ts < cutoff_ms {
+                break;
+            }
+            if let Some(key) = head.idem {
+                out.push((offset_of_key(&k), head.ts, key));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Policy metadata of up to `limit` messages with `from <= offset <= upto`, oldest first.
+    pub fn read_metas(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        from: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<switchyard_sdk::MessageMeta>, StoreError> {
+        self.scan(p, channel, (from, upto), limit, |offset, size, m| switchyard_sdk::MessageMeta {
+            offset,
+            ts: m.ts,
+            size,
+            tombstone: m.is_tombstone(),
+            key: m.key,
+        })
+    }
+
+    /// The stored metadata of one channel.
+    pub fn channel_meta(&self, p: PartitionId, channel: &str) -> Result<Option<ChannelMeta>, StoreError> {
+        Ok(self.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?)
+    }
+
+    /// Removes everything stored for partition `p`, in batches of bounded size so other
+    /// partitions' commits are not held up behind one huge batch.
+    pub async fn clear_partition(&self, p: PartitionId) -> Result<(), StoreError> {
+        const STEP: usize = 10_000;
+        loop {
+            let mut batch = self.batch();
+            let n = batch.clear_partition(p, STEP)?;
+            if n == 0 {
+                return Ok(());
+            }
+            batch.write(false).await?;
+            if n < STEP {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Up to `limit` channels stored for partition `p` with names at or above `from` (from
+    /// the first when None), in name order.
+    pub fn partition_channels(
+        &self,
+        p: PartitionId,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, ChannelMeta)>, StoreError> {
+        let mut out = Vec::new();
+        let start = match from {
+            Some(name) => channel_prefix(p, name),
+            None => p.to_be_bytes().to_vec(),
+        };
+        // P is at most a few thousand, so p + 1 never overflows.
+        let end = (p + 1).to_be_bytes().to_vec();
+        for guard in self.meta.range(start..end).take(limit) {
+            let (k, v) = guard.into_inner()?;
+            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
+            out.push((name, postcard::from_bytes(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every consumer offset committed on `channel`.
+    pub fn consumers_of(&self, p: PartitionId, channel: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let prefix = channel_prefix(p, channel);
+        let mut out = Vec::new();
+        for guard in self.consumers.prefix(&prefix) {
+            let (k, v) = guard.into_inner()?;
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((name, u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))));
+        }
+        Ok(out)
+    }
+
+    /// The map epoch of the move by which this node last adopted partition `p`.
+    pub fn adopted(&self, p: PartitionId) -> Result<Option<u64>, StoreError> {
+        Ok(self.adopted.get(p.to_be_bytes())?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte epochs"))))
+    }
+
+    /// A consumer's committed offset.
+    pub fn consumer_offset(&self, p: PartitionId, channel: &str, consumer: &str) -> Result<Option<u64>, StoreError> {
+        let mut k = channel_prefix(p, channel);
+        k.extend_from_slice(consumer.as_bytes());
+        Ok(self.consumers.get(k)?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))))
+    }
+}
+
+/// The log writer: commits each queued batch, then fsyncs once for all of them (group
+/// commit). With `always` every batch gets its own fsync; with `never` none does.
+fn write_loop(
+    db: Database,
+    jobs: std_mpsc::Receiver<WriteJob>,
+    policy: FsyncPolicy,
+    metrics: Arc<Metrics>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        if policy != FsyncPolicy::Always {
+            group.extend(jobs.try_iter());
+        }
+        let mut must_sync = false;
+        let mut answers: Vec<_> = group
+            .into_iter()
+            .map(|WriteJob { batch, durable, done }| {
+                let r = batch.commit().map_err(|e| e.to_string());
+                must_sync |= durable && r.is_ok();
+                (done, durable, r)
+            })
+            .collect();
+        if must_sync && policy != FsyncPolicy::Never {
+            let started = Instant::now();
+            let synced = db.persist(PersistMode::SyncData).map_err(|e| e.to_string());
+            metrics.store_sync_seconds.observe(started.elapsed().as_secs_f64());
+            metrics.store_syncs.inc();
+            if let Err(e) = &synced {
+                tracing::error!(error = %e, batches = answers.len(), "store fsync failed");
+                for (_, _, r) in answers.iter_mut().filter(|(_, durable, _)| *durable) {
+                    *r = Err(e.clone());
+                }
+            }
+        }
+        for (done, _, r) in answers {
+            if r.is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            let _ = done.send(r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(i: u64) -> StoredMessage {
+        StoredMessage { ts: i, key: None, from: None, idem: None, data: format!("{{\"i\":{i}}}") }
+    }
+
+    #[tokio::test]
+    async fn writes_read_back_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
+            let mut b = store.batch();
+            for i in 1..=5 {
+                b.put_message(3, "room:1", i, &msg(i));
+            }
+            b.put_message(3, "room:10", 1, &msg(99));
+            b.put_meta(3, "room:1", &ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 });
+            b.put_consumer(3, "room:1", "svc", 4);
+            b.write(true).await.unwrap();
+            let got = store.read_messages(3, "room:1", 1, 4, 100).unwrap();
+            assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![2, 3, 4]);
+            assert_eq!(got[0].1, msg(2));
+            let mut b = store.batch();
+            b.put_message(3, "room:1", 6, &StoredMessage { idem: Some("k6".into()), ..msg(6) });
+            b.write(true).await.unwrap();
+            let keys = store.recent_idempotency_keys(3, "room:1", 6, 4, 100).unwrap();
+            assert_eq!(keys, vec![(6, 6, "k6".to_string())], "stops at the first message older than the cutoff");
+            assert!(store.read_messages(3, "room:1", u64::MAX, u64::MAX, 10).unwrap().is_empty());
+            let metas = store.read_metas(3, "room:1", 1, 5, 100).unwrap();
+            assert_eq!(metas.len(), 5);
+            store.close().unwrap();
+        }
+        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
+        let all = store.all_channels().unwrap();
+        assert_eq!(
+            all,
+            vec![(3, "room:1".to_string(), ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 })]
+        );
+        assert_eq!(store.consumer_offset(3, "room:1", "svc").unwrap(), Some(4));
+        assert_eq!(store.consumer_offset(3, "room:1", "other").unwrap(), None);
+        assert_eq!(store.read_messages(3, "room:10", 0, 10, 10).unwrap().len(), 1);
+    }
+}

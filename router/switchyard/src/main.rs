@@ -1,0 +1,135 @@
+//! The `switchyard` binary: parses flags and calls the library. Nothing else lives here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use switchyard_server::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "A WebAssembly-extensible message router")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a router node.
+    Serve {
+        /// TOML config file.
+        #[arg(long, env = "SWITCHYARD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Listen address for HTTP and WebSocket (overrides the file).
+        #[arg(long, env = "SWITCHYARD_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Store directory (overrides the file).
+        #[arg(long, env = "SWITCHYARD_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Plugin directory (overrides the file).
+        #[arg(long, env = "SWITCHYARD_PLUGINS_DIR")]
+        plugins_dir: Option<PathBuf>,
+        /// etcd endpoints, comma-separated: turns on cluster mode (overrides `cluster.etcd`).
+        #[arg(long, env = "SWITCHYARD_ETCD", value_delimiter = ',')]
+        etcd: Option<Vec<String>>,
+        /// Cluster name: keys live under /switchyard/<NAME>/ (overrides `cluster.name`).
+        #[arg(long = "cluster", env = "SWITCHYARD_CLUSTER")]
+        cluster_name: Option<String>,
+        /// This node's id, unique in the cluster (overrides `node_id`).
+        #[arg(long, env = "SWITCHYARD_NODE_ID")]
+        node_id: Option<String>,
+        /// URL other nodes and clients reach this node at (overrides `cluster.advertise`).
+        #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+        advertise: Option<String>,
+    },
+    /// Load generator: fanout, latency, connections and cluster scenarios against
+    /// Switchyard or nats-server (`--target nats`); `table` compares saved `--json` runs.
+    Bench(Box<switchyard_bench::BenchArgs>),
+    /// Print a token for a user, signed with the config's `auth.hs256_secret` (development).
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime, e.g. `1h`, `30m`, `7d`.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        /// Comma-separated `channels` allow-list claim (`prefix*` entries match by prefix).
+        #[arg(long, value_delimiter = ',')]
+        channels: Option<Vec<String>>,
+        /// TOML config file holding `[auth] hs256_secret` (or `hs256_secret_file`).
+        #[arg(long, env = "SWITCHYARD_CONFIG")]
+        config: PathBuf,
+    },
+    /// Policy plugin tools.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCmd {
+    /// Validate a plugin, run it on sample input and print its kinds and per-call time.
+    Check {
+        /// The `.wasm` file.
+        file: PathBuf,
+        /// Params as a JSON object.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// Calls per sample size (the mean is printed).
+        #[arg(long, default_value_t = 20)]
+        calls: u32,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let (config, overrides) = match Cli::parse().command {
+        Cmd::Serve { config, listen, data_dir, plugins_dir, etcd, cluster_name, node_id, advertise } => {
+            (
+            config,
+            Overrides {
+                listen,
+                data_dir,
+                plugins_dir,
+                etcd,
+                cluster: cluster_name,
+                node_id,
+                advertise,
+                cluster_secret: std::env::var("SWITCHYARD_CLUSTER_SECRET").ok(),
+            },
+        )
+        }
+        Cmd::Bench(args) => return switchyard_bench::main(*args),
+        Cmd::Token { user, ttl, channels, config } => {
+            return switchyard_server::token_command(&config, &user, ttl.into(), channels);
+        }
+        Cmd::Plugin { command: PluginCmd::Check { file, params, calls } } => {
+            let args = switchyard_plugin_host::check::CheckArgs { file: &file, params: &params, calls };
+            return if switchyard_plugin_host::check::run(args) {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            };
+        }
+    };
+    let config = match Config::load(config.as_deref(), overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(switchyard_server::run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            std::process::ExitCode::from(e.exit_code())
+        }
+    }
+}
