@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::Access;
 use crate::auth::{AuthError, Identity};
-use switchyard_proto::protocol::{close, Command, ErrorCode, OpError};
 use crate::ratelimit::{Bucket, Verdict};
-use crate::rules::{self, Op};
+use crate::rules::{self, Action};
 use crate::user_sessions::Seat;
+use crate::Access;
+use switchyard_proto::protocol::{close, Command, ErrorCode, OpError};
 
 /// The longest a token's expiry is waited for; a later `exp` (any u64 is accepted) is
 /// treated as this far away, so the deadline never overflows an [`Instant`].
@@ -136,9 +136,9 @@ impl Gate {
         };
         let (op, channel) = match cmd {
             Command::Connect { .. } | Command::Ping | Command::Unsubscribe { .. } => return Ok(()),
-            Command::Subscribe { channel, .. } | Command::Commit { channel, .. } => (Op::Subscribe, channel),
-            Command::Publish(p) => (Op::Publish, &p.channel),
-            Command::History { channel, .. } => (Op::History, channel),
+            Command::Subscribe { channel, .. } | Command::Commit { channel, .. } => (Action::Subscribe, channel),
+            Command::Publish(p) => (Action::Publish, &p.channel),
+            Command::History { channel, .. } => (Action::History, channel),
         };
         rules::check(access.rules.rule_of(channel), op, channel, who)
     }

@@ -29,7 +29,7 @@ pub enum Rule {
 
 /// What a client wants to do on a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub enum Action {
     /// `subscribe`, `commit` and long-poll.
     Subscribe,
     /// `publish`.
@@ -38,12 +38,12 @@ pub enum Op {
     History,
 }
 
-impl Op {
+impl Action {
     fn verb(self) -> &'static str {
         match self {
-            Op::Subscribe => "subscribe to",
-            Op::Publish => "publish to",
-            Op::History => "read the history of",
+            Action::Subscribe => "subscribe to",
+            Action::Publish => "publish to",
+            Action::History => "read the history of",
         }
     }
 }
@@ -79,13 +79,13 @@ pub fn dialog_name(ns: &str, a: &str, b: &str) -> String {
     format!("{ns}:{a}:{b}")
 }
 
-fn forbidden(op: Op, channel: &str, why: &str) -> OpError {
+fn forbidden(op: Action, channel: &str, why: &str) -> OpError {
     OpError::new(ErrorCode::Forbidden, format!("may not {} {channel}: {why}", op.verb()))
 }
 
 /// Checks `op` on `channel` for `who` under `rule`: `forbidden` when not allowed,
 /// `bad_request` when the name does not fit the rule (e.g. a non-canonical dialog).
-pub fn check(rule: Rule, op: Op, channel: &str, who: &Identity) -> Result<(), OpError> {
+pub fn check(rule: Rule, op: Action, channel: &str, who: &Identity) -> Result<(), OpError> {
     let rest = channel.split_once(':').map(|(_, rest)| rest);
     match rule {
         Rule::Public => Ok(()),
@@ -93,7 +93,7 @@ pub fn check(rule: Rule, op: Op, channel: &str, who: &Identity) -> Result<(), Op
             let id = rest.filter(|id| is_valid_user_id(id)).ok_or_else(|| {
                 OpError::bad_request(format!("{channel} is not an inbox name: expected NAMESPACE:{{user id}}"))
             })?;
-            if op == Op::Publish || id == &*who.user {
+            if op == Action::Publish || id == &*who.user {
                 Ok(())
             } else {
                 Err(forbidden(op, channel, "only the inbox's owner may read it"))
@@ -148,19 +148,19 @@ mod tests {
     fn inbox_rule() {
         let bob = who("bob", None);
         let carol = who("carol", None);
-        assert!(check(Rule::User, Op::Subscribe, "user:bob", &bob).is_ok());
-        assert!(check(Rule::User, Op::History, "user:bob", &bob).is_ok());
-        assert!(check(Rule::User, Op::Publish, "user:bob", &carol).is_ok());
-        assert_eq!(check(Rule::User, Op::Subscribe, "user:bob", &carol).unwrap_err().code, ErrorCode::Forbidden);
-        assert_eq!(check(Rule::User, Op::History, "user:bob", &carol).unwrap_err().code, ErrorCode::Forbidden);
-        assert_eq!(check(Rule::User, Op::Publish, "user:a:b", &carol).unwrap_err().code, ErrorCode::BadRequest);
-        assert_eq!(check(Rule::User, Op::Publish, "user", &carol).unwrap_err().code, ErrorCode::BadRequest);
+        assert!(check(Rule::User, Action::Subscribe, "user:bob", &bob).is_ok());
+        assert!(check(Rule::User, Action::History, "user:bob", &bob).is_ok());
+        assert!(check(Rule::User, Action::Publish, "user:bob", &carol).is_ok());
+        assert_eq!(check(Rule::User, Action::Subscribe, "user:bob", &carol).unwrap_err().code, ErrorCode::Forbidden);
+        assert_eq!(check(Rule::User, Action::History, "user:bob", &carol).unwrap_err().code, ErrorCode::Forbidden);
+        assert_eq!(check(Rule::User, Action::Publish, "user:a:b", &carol).unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(check(Rule::User, Action::Publish, "user", &carol).unwrap_err().code, ErrorCode::BadRequest);
     }
 
     #[test]
     fn dialog_rule() {
         let (a, b, c) = (who("alice", None), who("bob", None), who("carol", None));
-        for op in [Op::Subscribe, Op::Publish, Op::History] {
+        for op in [Action::Subscribe, Action::Publish, Action::History] {
             assert!(check(Rule::Dialog, op, "dialog:alice:bob", &a).is_ok());
             assert!(check(Rule::Dialog, op, "dialog:alice:bob", &b).is_ok());
             assert_eq!(check(Rule::Dialog, op, "dialog:alice:bob", &c).unwrap_err().code, ErrorCode::Forbidden);
@@ -169,7 +169,7 @@ mod tests {
             assert!(e.message.contains("dialog:alice:bob"), "{e:?}");
         }
         for bad in ["dialog:alice", "dialog:alice:alice", "dialog:a:b:c", "dialog::bob"] {
-            assert_eq!(check(Rule::Dialog, Op::Publish, bad, &a).unwrap_err().code, ErrorCode::BadRequest, "{bad}");
+            assert_eq!(check(Rule::Dialog, Action::Publish, bad, &a).unwrap_err().code, ErrorCode::BadRequest, "{bad}");
         }
         assert_eq!(dialog_name("dialog", "zed", "amy"), "dialog:amy:zed");
     }
@@ -177,11 +177,11 @@ mod tests {
     #[test]
     fn allowlist_and_public() {
         let a = who("alice", Some(&["news:1", "team:*"]));
-        assert!(check(Rule::Allowlist, Op::Subscribe, "news:1", &a).is_ok());
-        assert!(check(Rule::Allowlist, Op::Publish, "team:x", &a).is_ok());
-        assert!(check(Rule::Allowlist, Op::History, "news:2", &a).is_err());
-        assert!(check(Rule::Allowlist, Op::History, "news:1", &who("bob", None)).is_err());
-        assert!(check(Rule::Public, Op::Publish, "anything", &who("bob", None)).is_ok());
+        assert!(check(Rule::Allowlist, Action::Subscribe, "news:1", &a).is_ok());
+        assert!(check(Rule::Allowlist, Action::Publish, "team:x", &a).is_ok());
+        assert!(check(Rule::Allowlist, Action::History, "news:2", &a).is_err());
+        assert!(check(Rule::Allowlist, Action::History, "news:1", &who("bob", None)).is_err());
+        assert!(check(Rule::Public, Action::Publish, "anything", &who("bob", None)).is_ok());
     }
 
     #[test]

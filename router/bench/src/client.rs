@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::nats::{self, Op};
+use super::nats::{self, NatsOp};
 use super::report::new_hist;
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -96,14 +96,14 @@ async fn nats_handshake(ws: &mut Ws, parser: &mut nats::Parser, extra: &str) -> 
         loop {
             match parser.next()? {
                 None => break,
-                Some(Op::Info(_)) if !sent => {
+                Some(NatsOp::Info(_)) if !sent => {
                     let lines = format!("{}{extra}PING\r\n", nats::connect_line());
                     ws.send(Message::binary(lines.into_bytes())).await?;
                     sent = true;
                 }
-                Some(Op::Pong) if sent => return Ok(()),
-                Some(Op::Ping) => reply_pong = true,
-                Some(Op::Err(e)) => bail!("NATS -ERR {}", String::from_utf8_lossy(e)),
+                Some(NatsOp::Pong) if sent => return Ok(()),
+                Some(NatsOp::Ping) => reply_pong = true,
+                Some(NatsOp::Err(e)) => bail!("NATS -ERR {}", String::from_utf8_lossy(e)),
                 Some(_) => {}
             }
         }
@@ -173,9 +173,9 @@ pub async fn read_deliveries(
             loop {
                 match parser.next() {
                     Ok(None) => break,
-                    Ok(Some(Op::Msg { payload, .. })) => on_msg(payload),
-                    Ok(Some(Op::Ping)) => pong = true,
-                    Ok(Some(Op::Err(e))) => return Err(format!("-ERR {}", String::from_utf8_lossy(e))),
+                    Ok(Some(NatsOp::Msg { payload, .. })) => on_msg(payload),
+                    Ok(Some(NatsOp::Ping)) => pong = true,
+                    Ok(Some(NatsOp::Err(e))) => return Err(format!("-ERR {}", String::from_utf8_lossy(e))),
                     Ok(Some(_)) => {}
                     Err(e) => return Err(format!("{e:#}")),
                 }
@@ -371,9 +371,9 @@ impl Publisher {
                         loop {
                             match parser.next() {
                                 Ok(None) => break,
-                                Ok(Some(Op::Pong)) => settle(&mut queue_rx, &stats, &permits, true),
-                                Ok(Some(Op::Ping)) => owed.store(true, Relaxed),
-                                Ok(Some(Op::Err(e))) => {
+                                Ok(Some(NatsOp::Pong)) => settle(&mut queue_rx, &stats, &permits, true),
+                                Ok(Some(NatsOp::Ping)) => owed.store(true, Relaxed),
+                                Ok(Some(NatsOp::Err(e))) => {
                                     if stats.errors.fetch_add(1, Relaxed) < 5 {
                                         eprintln!("[bench] NATS -ERR {}", String::from_utf8_lossy(e));
                                     }
@@ -486,7 +486,7 @@ mod tests {
         let as_msg = [b"MSG bench.7 1 ".as_slice(), &frame[b"PUB bench.7 ".len()..]].concat();
         p.push(&as_msg);
         match p.next().unwrap().unwrap() {
-            Op::Msg { subject, payload, .. } => {
+            NatsOp::Msg { subject, payload, .. } => {
                 assert_eq!(subject, b"bench.7");
                 let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
                 assert_eq!(v["s"].as_u64(), Some(42));

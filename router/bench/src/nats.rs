@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 
 /// One server operation; `Msg` borrows its subject and payload from the parser.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Op<'a> {
+pub enum NatsOp<'a> {
     Info(&'a [u8]),
     Msg { subject: &'a [u8], sid: u64, payload: &'a [u8] },
     Ping,
@@ -44,7 +44,7 @@ impl Parser {
 
     /// The next complete operation, or None until more bytes arrive.
     #[allow(clippy::should_implement_trait)]
-    pub fn next(&mut self) -> Result<Option<Op<'_>>> {
+    pub fn next(&mut self) -> Result<Option<NatsOp<'_>>> {
         let rest = &self.buf[self.pos..];
         let Some(eol) = find_crlf(rest) else {
             if rest.len() > MAX_CONTROL_LINE {
@@ -78,7 +78,7 @@ impl Parser {
             }
             self.pos = after_line + size + 2;
             let subject_at = start + (subject.as_ptr() as usize - rest.as_ptr() as usize);
-            return Ok(Some(Op::Msg {
+            return Ok(Some(NatsOp::Msg {
                 subject: &self.buf[subject_at..subject_at + subject.len()],
                 sid,
                 payload: &self.buf[after_line..after_line + size],
@@ -101,11 +101,11 @@ impl Parser {
         };
         self.pos = after_line;
         Ok(Some(match op {
-            Kind::Ping => Op::Ping,
-            Kind::Pong => Op::Pong,
-            Kind::Ok => Op::Ok,
-            Kind::Err => Op::Err(&self.buf[args_range]),
-            Kind::Info => Op::Info(&self.buf[args_range]),
+            Kind::Ping => NatsOp::Ping,
+            Kind::Pong => NatsOp::Pong,
+            Kind::Ok => NatsOp::Ok,
+            Kind::Err => NatsOp::Err(&self.buf[args_range]),
+            Kind::Info => NatsOp::Info(&self.buf[args_range]),
         }))
     }
 }
@@ -180,15 +180,15 @@ mod tests {
         Err(String),
     }
 
-    fn own(op: Op<'_>) -> Owned {
+    fn own(op: NatsOp<'_>) -> Owned {
         let s = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
         match op {
-            Op::Info(b) => Owned::Info(s(b)),
-            Op::Msg { subject, sid, payload } => Owned::Msg(s(subject), sid, payload.to_vec()),
-            Op::Ping => Owned::Ping,
-            Op::Pong => Owned::Pong,
-            Op::Ok => Owned::Ok,
-            Op::Err(b) => Owned::Err(s(b)),
+            NatsOp::Info(b) => Owned::Info(s(b)),
+            NatsOp::Msg { subject, sid, payload } => Owned::Msg(s(subject), sid, payload.to_vec()),
+            NatsOp::Ping => Owned::Ping,
+            NatsOp::Pong => Owned::Pong,
+            NatsOp::Ok => Owned::Ok,
+            NatsOp::Err(b) => Owned::Err(s(b)),
         }
     }
 

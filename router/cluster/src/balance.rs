@@ -77,7 +77,7 @@ pub fn decide(
     if let Some(b) = binding {
         match plugins.balance(&b.plugin, &b.params.to_string(), input) {
             Ok(d) => return Ok((d, b.plugin.clone())),
-            Err(why) => tracing::warn!(plugin = %b.plugin, ?why, "balancer plugin gave no decision; built-in used"),
+            Err(why) => tracing::warn!(plugin = %b.plugin, %why, "balancer plugin gave no decision; built-in used"),
         }
     }
     let d = builtin(input)?;

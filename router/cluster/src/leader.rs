@@ -106,6 +106,7 @@ impl Leader<'_> {
     }
 
     /// One coordination round.
+    #[tracing::instrument(name = "leader_round", skip_all, fields(term = self.me.term))]
     async fn round(&mut self) -> Result<(), Error> {
         let (node, state, me, clock) = (self.node, self.state, self.me, self.clock);
         let kv = &mut *self.kv;

@@ -3,7 +3,7 @@
 //! It owns the node's etcd session: connect with backoff, a lease kept alive every TTL/3
 //! (re-used after a reconnect while etcd still holds it, re-granted when lost), the
 //! `nodes/<id>` record under that lease (rewritten with `draining: true` by [`drain`] when
-//! the node shuts down, and kept so across sessions), one prefix watch that keeps [`View`]
+//! the node shuts down, and kept so across sessions), one prefix watch that keeps [`ClusterView`]
 //! and the node's in-memory partition map current, the load reporter and the election/leader
 //! loop (`leader.rs`). When anything in a session fails, the whole session is torn down and
 //! re-created, so watches and keepalives never silently stop. It must never be on the
@@ -30,11 +30,11 @@ use etcd_client::{
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
+use keys::{DynamicConfig, Keys, LeaderRecord, MapRecord, NodeRecord};
 use switchyard_core::policy::BalancePlugins;
 use switchyard_core::Partitions;
 use switchyard_metrics::Metrics;
 use switchyard_proto::partition::{Member, Members, PartitionMap};
-use keys::{DynamicConfig, Keys, LeaderRecord, MapRecord, NodeRecord};
 
 /// What the cluster changes when etcd changes, implemented by the layer that wires the node
 /// together. Every method runs inside the etcd watch loop and must never wait.
@@ -110,7 +110,7 @@ pub(crate) async fn timed<T>(
 
 /// What this node knows about the cluster, as `/api/v1/cluster` shows it.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct View {
+pub struct ClusterView {
     /// True while the etcd session is up.
     pub etcd_connected: bool,
     /// True while this node leads.
@@ -159,7 +159,7 @@ pub struct State {
     pub keys: Keys,
     node_id: String,
     partitions: u32,
-    view: ArcSwap<View>,
+    view: ArcSwap<ClusterView>,
     dynamic: watch::Sender<Arc<DynamicConfig>>,
     /// Signalled when the member set changes (the leader runs a round at once).
     membership: Notify,
@@ -190,7 +190,7 @@ impl State {
             keys: Keys::new(&settings.config.name),
             node_id: settings.node_id.clone(),
             partitions: settings.partitions,
-            view: ArcSwap::from_pointee(View::default()),
+            view: ArcSwap::from_pointee(ClusterView::default()),
             dynamic: watch::Sender::new(Arc::new(DynamicConfig::default())),
             membership: Notify::new(),
             term: std::sync::atomic::AtomicI64::new(0),
@@ -202,7 +202,7 @@ impl State {
     }
 
     /// A snapshot of what this node knows.
-    pub fn view(&self) -> Arc<View> {
+    pub fn view(&self) -> Arc<ClusterView> {
         self.view.load_full()
     }
 
@@ -211,9 +211,9 @@ impl State {
         self.dynamic.borrow().clone()
     }
 
-    fn update(&self, f: impl Fn(&mut View)) {
+    fn update(&self, f: impl Fn(&mut ClusterView)) {
         self.view.rcu(|v| {
-            let mut v = View::clone(v);
+            let mut v = ClusterView::clone(v);
             f(&mut v);
             v
         });
@@ -382,7 +382,7 @@ async fn session(node: &Arc<Context>, state: &Arc<State>, lease_slot: &mut Optio
     let all = timed("list", t, client.get(state.keys.root(), Some(GetOptions::new().with_prefix()))).await?;
     let revision = all.header().map_or(0, |h| h.revision());
     let map_before = node.map.borrow().clone();
-    let mut fresh = View { etcd_connected: true, ..View::default() };
+    let mut fresh = ClusterView { etcd_connected: true, ..ClusterView::default() };
     let mut dynamic = None;
     for kv in all.kvs() {
         apply(node, state, &mut fresh, &mut dynamic, EventType::Put, kv)?;
@@ -558,14 +558,18 @@ async fn keepalive(
     }
 }
 
-async fn watch_loop(node: &Arc<Context>, state: &Arc<State>, mut stream: etcd_client::WatchStream) -> Result<(), Error> {
+async fn watch_loop(
+    node: &Arc<Context>,
+    state: &Arc<State>,
+    mut stream: etcd_client::WatchStream,
+) -> Result<(), Error> {
     loop {
         let resp = stream.message().await?.ok_or(Error::StreamEnded("watch"))?;
         if resp.canceled() {
             // Compacted past our revision, or etcd dropped the watch: list again.
             return Err(Error::StreamEnded("watch (canceled)"));
         }
-        let mut view = View::clone(&state.view());
+        let mut view = ClusterView::clone(&state.view());
         let mut dynamic = None;
         let members = view.nodes.len();
         let map_before = node.map.borrow().clone();
@@ -597,7 +601,7 @@ async fn watch_loop(node: &Arc<Context>, state: &Arc<State>, mut stream: etcd_cl
 fn apply(
     node: &Arc<Context>,
     state: &State,
-    view: &mut View,
+    view: &mut ClusterView,
     dynamic: &mut Option<DynamicConfig>,
     kind: EventType,
     kv: &KeyValue,
@@ -660,7 +664,7 @@ fn apply(
 /// Makes `m` the map commands are routed by, and returns true. A map older than the one
 /// in use is refused unless a newer leader wrote it (a restored or hand-edited etcd).
 /// Stores a new view and, when membership changed, the member list the peer layer reads.
-fn publish_view(node: &Context, state: &State, view: View) {
+fn publish_view(node: &Context, state: &State, view: ClusterView) {
     let members: Members = view
         .nodes
         .iter()

@@ -15,7 +15,12 @@ use super::keys::{self, LoadRecord, PartitionLoad};
 use super::{timed, Error, State};
 use crate::Context;
 
-pub(super) async fn report(node: &Arc<Context>, state: &Arc<State>, mut client: Client, lease: i64) -> Result<(), Error> {
+pub(super) async fn report(
+    node: &Arc<Context>,
+    state: &Arc<State>,
+    mut client: Client,
+    lease: i64,
+) -> Result<(), Error> {
     // Per partition: the sum of channel tops at the last report, to turn into a rate.
     let mut last: HashMap<u32, u64> = HashMap::new();
     let mut last_at = Instant::now();

@@ -67,7 +67,6 @@ impl ClusterConfig {
     }
 }
 
-
 /// What a node brings to the cluster.
 #[derive(Debug, Clone)]
 pub struct Settings {

@@ -22,8 +22,12 @@ pub struct Handovers {
     /// Partitions whose adoption was abandoned half-way (the map moved them back to their
     /// source): what the store holds for them is not a copy to hand on.
     pub incomplete: Mutex<HashSet<PartitionId>>,
-    /// Woken whenever a sealed partition is released (a drain waits on it).
-    pub released: tokio::sync::Notify,
+    /// The epoch of the last map whose seals are recorded in `sealed` (a map becomes
+    /// visible a moment before its seals are; a drain must not read that moment as done).
+    installed: std::sync::atomic::AtomicU64,
+    /// Woken whenever a sealed partition is released or a map's seals are recorded (a
+    /// drain waits on it).
+    pub changed: tokio::sync::Notify,
 }
 
 impl Handovers {
@@ -33,11 +37,22 @@ impl Handovers {
     }
 
     /// Forgets sealed partition `p` (its new owner has it, or it came back) and wakes the
-    /// waiters on [`Handovers::released`]; false when it was not sealed.
+    /// waiters on [`Handovers::changed`]; false when it was not sealed.
     pub fn release(&self, p: PartitionId) -> bool {
         let was = self.sealed.lock().expect("handovers").remove(&p).is_some();
-        self.released.notify_waiters();
+        self.changed.notify_waiters();
         was
+    }
+
+    /// Records that the seals of map `epoch` are in place.
+    pub fn installed(&self, epoch: u64) {
+        self.installed.fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// True when map `epoch`'s seals are recorded and every sealed partition was taken.
+    pub fn settled(&self, epoch: u64) -> bool {
+        self.installed.load(std::sync::atomic::Ordering::SeqCst) >= epoch && self.outstanding() == 0
     }
 
     /// Partitions sealed here and not yet taken by their new owner.

@@ -14,10 +14,10 @@ use tokio::sync::oneshot;
 
 use tokio::sync::watch;
 
+use crate::owner::{now_ms, OwnerCommand, Snapshot, TrimReason};
 use crate::partitions::Partitions;
-use crate::owner::{now_ms, Command, Snapshot, TrimReason};
-use switchyard_proto::partition::PartitionId;
 use crate::policy::{validate_compaction, validate_retention, Policies};
+use switchyard_proto::partition::PartitionId;
 
 /// Oldest messages shown to a retention policy per round.
 const RETENTION_SHOWN: usize = 1024;
@@ -73,7 +73,7 @@ async fn trim(
     reason: TrimReason,
 ) {
     let (reply, rx) = oneshot::channel();
-    if node.send_to(p, Command::Trim { channel, first, drops, reason, reply }).await.is_ok() {
+    if node.send_to(p, OwnerCommand::Trim { channel, first, drops, reason, reply }).await.is_ok() {
         let _ = rx.await;
     }
 }
@@ -136,7 +136,12 @@ async fn round(node: &Partitions, p: PartitionId, policies: &Policies, idle_rech
 }
 
 /// The timestamp of a channel's oldest retained message, read only when `first` moved.
-fn oldest_ts(node: &Partitions, p: PartitionId, snap: &Snapshot, cache: &mut HashMap<Arc<str>, (u64, u64)>) -> Option<u64> {
+fn oldest_ts(
+    node: &Partitions,
+    p: PartitionId,
+    snap: &Snapshot,
+    cache: &mut HashMap<Arc<str>, (u64, u64)>,
+) -> Option<u64> {
     let stats = &snap.stats;
     if let Some(&(first, ts)) = cache.get(&snap.channel) {
         if first == stats.first_offset {

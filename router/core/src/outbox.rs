@@ -7,8 +7,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use tokio::sync::{mpsc, Notify};
 use switchyard_proto::Text;
+use tokio::sync::{mpsc, Notify};
 
 /// One message for one subscription of the connection.
 #[derive(Debug, Clone)]

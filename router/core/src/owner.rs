@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
+use switchyard_proto::Text;
 use switchyard_sdk::ChannelStats;
 use tokio::sync::{mpsc, oneshot};
-use switchyard_proto::Text;
 
-use switchyard_metrics::Metrics;
 use crate::outbox::{Delivery, Outbox, Pushed};
+use switchyard_metrics::Metrics;
 use switchyard_proto::partition::PartitionId;
 use switchyard_proto::protocol::{self, MessageView, OpError, PublishOk, StartFrom};
 use switchyard_store::{ChannelMeta, Store, StoredMessage};
@@ -159,7 +159,7 @@ pub fn grant_from(epoch: Arc<str>, top: u64, first: u64, committed: u64, start: 
 
 /// A consistent view of a channel's acknowledged log.
 #[derive(Debug, Clone)]
-pub struct View {
+pub struct ChannelView {
     /// Channel epoch.
     pub epoch: Arc<str>,
     /// Highest acknowledged offset.
@@ -191,7 +191,7 @@ pub enum TrimReason {
 }
 
 /// A command for a partition owner.
-pub enum Command {
+pub enum OwnerCommand {
     /// Store and fan out a message.
     Publish(PublishRequest, oneshot::Sender<Result<PublishOk, OpError>>),
     /// Register a subscriber.
@@ -215,7 +215,7 @@ pub enum Command {
         sub: u64,
     },
     /// Epoch and acknowledged top of a channel (for history).
-    View(String, oneshot::Sender<View>),
+    View(String, oneshot::Sender<ChannelView>),
     /// Store a consumer's offset.
     Commit {
         /// Channel.
@@ -340,7 +340,7 @@ struct Work {
     commit_acks: Vec<(oneshot::Sender<Result<(), OpError>>, Result<(), OpError>)>,
     fanout: Vec<(Arc<str>, u64, Text)>,
     /// Reads answered after the batch, so they see its writes.
-    after: Vec<Command>,
+    after: Vec<OwnerCommand>,
     publishes: usize,
     needs_sync: bool,
     /// Pre-batch state of channels touched (None: created by this batch), for rollback if
@@ -365,7 +365,7 @@ pub struct Owner {
     metrics: Arc<Metrics>,
     idempotency_window: Duration,
     channels: HashMap<Arc<str>, ChannelState>,
-    rx: mpsc::Receiver<Command>,
+    rx: mpsc::Receiver<OwnerCommand>,
     /// Adoptions, ahead of the mailbox: each receiver fires when the store holds the
     /// partition's handed-over state; until then every command waits.
     adoptions: mpsc::UnboundedReceiver<oneshot::Receiver<()>>,
@@ -383,7 +383,7 @@ impl Owner {
         metrics: Arc<Metrics>,
         idempotency_window: Duration,
         recovered: Vec<(String, ChannelMeta)>,
-        rx: mpsc::Receiver<Command>,
+        rx: mpsc::Receiver<OwnerCommand>,
         adoptions: mpsc::UnboundedReceiver<oneshot::Receiver<()>>,
         forward: Option<mpsc::UnboundedSender<Forward>>,
     ) -> Self {
@@ -497,24 +497,24 @@ impl Owner {
         ch
     }
 
-    fn handle(&mut self, cmd: Command, batch: &mut switchyard_store::Batch<'_>, work: &mut Work) {
+    fn handle(&mut self, cmd: OwnerCommand, batch: &mut switchyard_store::Batch<'_>, work: &mut Work) {
         if self.sealed {
             return self.refuse_sealed(cmd, work);
         }
         match cmd {
-            Command::Publish(req, reply) => {
+            OwnerCommand::Publish(req, reply) => {
                 let result = self.publish(req, batch, work);
                 work.acks.push((reply, result));
             }
-            Command::Commit { channel, consumer, offset, reply } => {
+            OwnerCommand::Commit { channel, consumer, offset, reply } => {
                 let result = self.commit(&channel, consumer, offset, batch, work);
                 work.commit_acks.push((reply, result));
             }
-            Command::Trim { channel, first, drops, reason, reply } => {
+            OwnerCommand::Trim { channel, first, drops, reason, reply } => {
                 self.trim(&channel, first, &drops, reason, batch, work);
                 let _ = reply.send(());
             }
-            Command::Subscribe { channel, sub, outbox, start, reply } => {
+            OwnerCommand::Subscribe { channel, sub, outbox, start, reply } => {
                 let ch = self.channel(&channel, work);
                 // Answered after the batch, but "latest" means latest when it arrived:
                 // publishes later in this batch belong to the subscriber.
@@ -522,14 +522,14 @@ impl Owner {
                     Start::From(StartFrom::Latest) => Start::LatestAt(ch.top),
                     other => other,
                 };
-                work.after.push(Command::Subscribe { channel, sub, outbox, start, reply });
+                work.after.push(OwnerCommand::Subscribe { channel, sub, outbox, start, reply });
             }
-            Command::View(ref channel, _) => {
+            OwnerCommand::View(ref channel, _) => {
                 let channel = channel.clone();
                 self.channel(&channel, work);
                 work.after.push(cmd);
             }
-            Command::Info { ref channel, .. } => {
+            OwnerCommand::Info { ref channel, .. } => {
                 let channel = channel.clone();
                 self.channel(&channel, work);
                 work.after.push(cmd);
@@ -540,10 +540,10 @@ impl Owner {
 
     /// A sealed partition stores nothing: writes are handed on to be forwarded to the new
     /// owner (or get [`SEALED`]), registrations get [`SEALED`].
-    fn refuse_sealed(&mut self, cmd: Command, work: &mut Work) {
+    fn refuse_sealed(&mut self, cmd: OwnerCommand, work: &mut Work) {
         let sealed = || OpError::new(switchyard_proto::protocol::ErrorCode::Unavailable, SEALED);
         match cmd {
-            Command::Publish(req, reply) => match &self.forward {
+            OwnerCommand::Publish(req, reply) => match &self.forward {
                 Some(fwd) => {
                     if let Err(mpsc::error::SendError(Forward::Publish(_, reply))) =
                         fwd.send(Forward::Publish(req, reply))
@@ -553,7 +553,7 @@ impl Owner {
                 }
                 None => work.acks.push((reply, Err(sealed()))),
             },
-            Command::Commit { channel, consumer, offset, reply } => match &self.forward {
+            OwnerCommand::Commit { channel, consumer, offset, reply } => match &self.forward {
                 Some(fwd) => {
                     if let Err(mpsc::error::SendError(Forward::Commit { reply, .. })) =
                         fwd.send(Forward::Commit { channel, consumer, offset, reply })
@@ -563,26 +563,26 @@ impl Owner {
                 }
                 None => work.commit_acks.push((reply, Err(sealed()))),
             },
-            Command::Subscribe { reply, .. } => {
+            OwnerCommand::Subscribe { reply, .. } => {
                 let _ = reply.send(Err(sealed()));
             }
-            Command::Info { reply, .. } => {
+            OwnerCommand::Info { reply, .. } => {
                 let _ = reply.send(Err(sealed()));
             }
-            Command::Trim { reply, .. } => {
+            OwnerCommand::Trim { reply, .. } => {
                 let _ = reply.send(());
             }
             // Dropping the reply tells the reader the owner is gone.
-            Command::View(..) => {}
-            Command::Snapshot(reply) => {
+            OwnerCommand::View(..) => {}
+            OwnerCommand::Snapshot(reply) => {
                 let _ = reply.send(Vec::new());
             }
-            Command::Seal(_, reply) => {
+            OwnerCommand::Seal(_, reply) => {
                 if let Some(r) = reply {
                     let _ = r.send(());
                 }
             }
-            Command::Unsubscribe { .. } => {}
+            OwnerCommand::Unsubscribe { .. } => {}
         }
     }
 
@@ -792,9 +792,9 @@ impl Owner {
     }
 
     /// Answers reads and registrations after the batch they arrived in is durable.
-    fn answer(&mut self, cmd: Command) {
+    fn answer(&mut self, cmd: OwnerCommand) {
         match cmd {
-            Command::Subscribe { channel, sub, outbox, start, reply } => {
+            OwnerCommand::Subscribe { channel, sub, outbox, start, reply } => {
                 let grant = self.grant(&channel, &start);
                 if grant.is_ok() {
                     if let Some(ch) = self.channels.get_mut(channel.as_str()) {
@@ -803,18 +803,21 @@ impl Owner {
                 }
                 let _ = reply.send(grant);
             }
-            Command::Unsubscribe { channel, sub } => {
+            OwnerCommand::Unsubscribe { channel, sub } => {
                 if let Some(ch) = self.channels.get_mut(channel.as_str()) {
                     ch.subscribers.retain(|s| s.sub != sub);
                 }
             }
-            Command::Seal(reason, reply) => {
+            OwnerCommand::Seal(reason, reply) => {
                 for ch in self.channels.values_mut() {
                     if ch.subscribers.is_empty() {
                         continue;
                     }
-                    let push =
-                        switchyard_proto::protocol::unsubscribed_push(&ch.name, switchyard_proto::protocol::close::SHUTTING_DOWN, &reason);
+                    let push = switchyard_proto::protocol::unsubscribed_push(
+                        &ch.name,
+                        switchyard_proto::protocol::close::SHUTTING_DOWN,
+                        &reason,
+                    );
                     let frame = push;
                     for s in ch.subscribers.drain(..) {
                         s.outbox.push(Delivery { sub: s.sub, offset: ch.durable, frame: frame.clone(), end: true });
@@ -829,7 +832,7 @@ impl Owner {
                     let _ = r.send(());
                 }
             }
-            Command::Info { channel, consumer, reply } => {
+            OwnerCommand::Info { channel, consumer, reply } => {
                 let committed = match &consumer {
                     Some(name) => match self.consumer_offset(&channel, name, &mut Work::default()) {
                         Ok(o) => Some(o),
@@ -848,12 +851,12 @@ impl Owner {
                 });
                 let _ = reply.send(facts.ok_or_else(|| OpError::internal("channel vanished")));
             }
-            Command::View(channel, reply) => {
+            OwnerCommand::View(channel, reply) => {
                 if let Some(ch) = self.channels.get(channel.as_str()) {
-                    let _ = reply.send(View { epoch: ch.epoch.clone(), top: ch.durable, first: ch.first });
+                    let _ = reply.send(ChannelView { epoch: ch.epoch.clone(), top: ch.durable, first: ch.first });
                 }
             }
-            Command::Snapshot(reply) => {
+            OwnerCommand::Snapshot(reply) => {
                 let snaps = self
                     .channels
                     .values()
@@ -871,7 +874,7 @@ impl Owner {
                     .collect();
                 let _ = reply.send(snaps);
             }
-            Command::Publish(..) | Command::Commit { .. } | Command::Trim { .. } => {
+            OwnerCommand::Publish(..) | OwnerCommand::Commit { .. } | OwnerCommand::Trim { .. } => {
                 unreachable!("writes are handled in the batch")
             }
         }
@@ -910,7 +913,7 @@ fn load_idempotency(
 mod tests {
     use super::*;
 
-    fn publish(channel: &str, data: &str) -> (Command, oneshot::Receiver<Result<PublishOk, OpError>>) {
+    fn publish(channel: &str, data: &str) -> (OwnerCommand, oneshot::Receiver<Result<PublishOk, OpError>>) {
         let (tx, rx) = oneshot::channel();
         let req = PublishRequest {
             channel: channel.into(),
@@ -919,7 +922,7 @@ mod tests {
             idempotency_key: None,
             from: None,
         };
-        (Command::Publish(req, tx), rx)
+        (OwnerCommand::Publish(req, tx), rx)
     }
 
     /// Seal, adopt and the hand-off of writes that race a seal, on a real store.
@@ -941,7 +944,7 @@ mod tests {
         assert_eq!(first.offset, 1);
 
         let (done, sealed) = oneshot::channel();
-        tx.send(Command::Seal("moved".into(), Some(done))).await.unwrap();
+        tx.send(OwnerCommand::Seal("moved".into(), Some(done))).await.unwrap();
         sealed.await.unwrap();
         // A write that arrives after the seal is not stored here: it is handed on.
         let (cmd, _ack) = publish("room:1", "2");

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::handovers::Handovers;
 use crate::outbox::Outbox;
-use crate::owner::{Command, Facts, Forward, Grant, Owner, PublishRequest, Start, View};
+use crate::owner::{ChannelView, Facts, Forward, Grant, Owner, OwnerCommand, PublishRequest, Start};
 
 /// Capacity of each owner's mailbox; a full mailbox makes senders wait (backpressure).
 const OWNER_MAILBOX: usize = 8192;
@@ -98,7 +98,7 @@ pub struct Partitions {
     pub metrics: Arc<Metrics>,
     /// Partition handovers under way (adoptions, sealed partitions).
     pub handovers: Handovers,
-    owners: Vec<mpsc::Sender<Command>>,
+    owners: Vec<mpsc::Sender<OwnerCommand>>,
     adoptions: Vec<mpsc::UnboundedSender<oneshot::Receiver<()>>>,
     next_id: AtomicU64,
     owner_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -181,7 +181,7 @@ impl Partitions {
     }
 
     /// Sends a command to the owner of `partition`, waiting only for mailbox space.
-    pub async fn send_to(&self, partition: PartitionId, cmd: Command) -> Result<(), OpError> {
+    pub async fn send_to(&self, partition: PartitionId, cmd: OwnerCommand) -> Result<(), OpError> {
         self.owners[partition as usize]
             .send(cmd)
             .await
@@ -196,7 +196,7 @@ impl Partitions {
 
     /// Puts `cmd` in `partition`'s mailbox without waiting (a full mailbox hands it to a
     /// task), for callers that must not await.
-    pub fn hold(&self, partition: PartitionId, cmd: Command) {
+    pub fn hold(&self, partition: PartitionId, cmd: OwnerCommand) {
         let tx = &self.owners[partition as usize];
         if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(cmd) {
             let tx = tx.clone();
@@ -205,7 +205,7 @@ impl Partitions {
     }
 
     /// Sends a command built around a reply channel and waits for the answer.
-    async fn ask<T>(&self, p: PartitionId, cmd: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, OpError> {
+    async fn ask<T>(&self, p: PartitionId, cmd: impl FnOnce(oneshot::Sender<T>) -> OwnerCommand) -> Result<T, OpError> {
         let (tx, rx) = oneshot::channel();
         self.send_to(p, cmd(tx)).await?;
         rx.await.map_err(|_| stopped())
@@ -218,7 +218,7 @@ impl Partitions {
         req: PublishRequest,
     ) -> Result<oneshot::Receiver<Result<PublishOk, OpError>>, OpError> {
         let (tx, rx) = oneshot::channel();
-        self.send_to(p, Command::Publish(req, tx)).await?;
+        self.send_to(p, OwnerCommand::Publish(req, tx)).await?;
         Ok(rx)
     }
 
@@ -231,7 +231,7 @@ impl Partitions {
         offset: u64,
     ) -> Result<oneshot::Receiver<Result<(), OpError>>, OpError> {
         let (reply, rx) = oneshot::channel();
-        self.send_to(p, Command::Commit { channel: channel.to_string(), consumer, offset, reply }).await?;
+        self.send_to(p, OwnerCommand::Commit { channel: channel.to_string(), consumer, offset, reply }).await?;
         Ok(rx)
     }
 
@@ -245,25 +245,25 @@ impl Partitions {
         start: Start,
     ) -> Result<oneshot::Receiver<Result<Grant, OpError>>, OpError> {
         let (reply, rx) = oneshot::channel();
-        self.send_to(p, Command::Subscribe { channel: channel.to_string(), sub, outbox, start, reply }).await?;
+        self.send_to(p, OwnerCommand::Subscribe { channel: channel.to_string(), sub, outbox, start, reply }).await?;
         Ok(rx)
     }
 
     /// Forgets a subscription at the owner of `channel`'s partition (which still holds it
     /// even if the map moved the channel).
     pub async fn unsubscribe(&self, channel: &str, sub: u64) {
-        let cmd = Command::Unsubscribe { channel: channel.to_string(), sub };
+        let cmd = OwnerCommand::Unsubscribe { channel: channel.to_string(), sub };
         let _ = self.send_to(self.partition(channel), cmd).await;
     }
 
     /// Channel facts for a gateway's grant.
     pub async fn info(&self, p: PartitionId, channel: &str, consumer: Option<String>) -> Result<Facts, OpError> {
-        self.ask(p, |reply| Command::Info { channel: channel.to_string(), consumer, reply }).await?
+        self.ask(p, |reply| OwnerCommand::Info { channel: channel.to_string(), consumer, reply }).await?
     }
 
     /// Epoch, acknowledged top and first retained offset of `channel`.
-    pub async fn view(&self, p: PartitionId, channel: &str) -> Result<View, OpError> {
-        self.ask(p, |tx| Command::View(channel.to_string(), tx)).await
+    pub async fn view(&self, p: PartitionId, channel: &str) -> Result<ChannelView, OpError> {
+        self.ask(p, |tx| OwnerCommand::View(channel.to_string(), tx)).await
     }
 
     /// A history page: messages with offset > `since`, oldest first, at most `limit`.
@@ -325,7 +325,7 @@ impl Partitions {
 
     /// The counters of every channel of `p` (None when its owner stopped).
     pub async fn snapshot(&self, p: PartitionId) -> Option<Vec<crate::owner::Snapshot>> {
-        self.ask(p, Command::Snapshot).await.ok()
+        self.ask(p, OwnerCommand::Snapshot).await.ok()
     }
 
     /// Called after sessions are gone: waits until each mailbox is drained, syncs the
@@ -342,6 +342,138 @@ impl Partitions {
         let tasks = std::mem::take(&mut *self.owner_tasks.lock().expect("owner task list"));
         for t in tasks {
             t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The owner's contract through the [`Partitions`] handle, on a real fsync'd store.
+
+    use super::*;
+    use crate::outbox::{outbox, Inbox};
+    use switchyard_proto::protocol::StartFrom;
+
+    fn start(dir: &std::path::Path) -> Arc<Partitions> {
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(dir, switchyard_store::FsyncPolicy::Batch, metrics.clone()).unwrap();
+        let settings = Settings { partitions: 4, idempotency_window: Duration::from_secs(60), forward_sealed: false };
+        Partitions::start(store, metrics, settings).unwrap().0
+    }
+
+    fn req(channel: &str, data: &str, idem: Option<&str>) -> PublishRequest {
+        PublishRequest {
+            channel: channel.into(),
+            data: RawValue::from_string(data.into()).unwrap(),
+            key: None,
+            idempotency_key: idem.map(String::from),
+            from: None,
+        }
+    }
+
+    async fn publish(parts: &Partitions, channel: &str, data: &str, idem: Option<&str>) -> PublishOk {
+        let p = parts.partition(channel);
+        parts.publish(p, req(channel, data, idem)).await.unwrap().await.unwrap().unwrap()
+    }
+
+    async fn subscribe(parts: &Partitions, channel: &str, start: Start) -> (Grant, Arc<Outbox>, Inbox) {
+        let (out, inbox) = outbox(16, 1 << 20);
+        let p = parts.partition(channel);
+        let sub = parts.next_id();
+        let grant = parts.subscribe(p, channel, sub, out.clone(), start).await.unwrap().await.unwrap().unwrap();
+        (grant, out, inbox)
+    }
+
+    #[tokio::test]
+    async fn offsets_rise_by_one_and_each_message_is_pushed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let (grant, out, mut inbox) = subscribe(&parts, "room:1", Start::From(StartFrom::Latest)).await;
+        assert_eq!((grant.offset, grant.top), (0, 0));
+        let mut epochs = Vec::new();
+        for (i, data) in ["1", "2", "3"].iter().enumerate() {
+            let ok = publish(&parts, "room:1", data, None).await;
+            assert_eq!(ok.offset, i as u64 + 1);
+            epochs.push(ok.epoch.to_string());
+        }
+        assert!(epochs.iter().all(|e| *e == epochs[0]), "one epoch: {epochs:?}");
+        for offset in 1..=3 {
+            let d = inbox.recv(&out).await.unwrap();
+            assert_eq!(d.offset, offset);
+            let v: serde_json::Value = serde_json::from_slice(&d.frame).unwrap();
+            assert_eq!((v["push"].as_str(), v["offset"].as_u64()), (Some("message"), Some(offset)));
+        }
+        assert!(inbox.try_recv(&out).is_none(), "nothing pushed twice");
+        let page = parts.history(parts.partition("room:1"), "room:1", 1, 10).await.unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(page.offset, 3);
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_repeats_the_first_ack_and_stores_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let first = publish(&parts, "room:2", "{\"a\":1}", Some("k1")).await;
+        let again = publish(&parts, "room:2", "{\"a\":2}", Some("k1")).await;
+        assert_eq!((again.offset, &again.epoch), (first.offset, &first.epoch));
+        let other = publish(&parts, "room:2", "{\"a\":3}", Some("k2")).await;
+        assert_eq!(other.offset, 2);
+        let page = parts.history(parts.partition("room:2"), "room:2", 0, 10).await.unwrap();
+        let data: Vec<_> = page.messages.iter().map(|m| m.data.get().to_string()).collect();
+        assert_eq!(data, vec!["{\"a\":1}", "{\"a\":3}"]);
+    }
+
+    #[tokio::test]
+    async fn recovery_is_exact_only_in_the_same_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let mut epoch = String::new();
+        for data in ["1", "2", "3"] {
+            epoch = publish(&parts, "room:3", data, None).await.epoch.to_string();
+        }
+        let exact = Start::From(StartFrom::Recover { offset: 1, epoch: epoch.clone() });
+        let (grant, _, _) = subscribe(&parts, "room:3", exact).await;
+        assert_eq!((grant.recovered, grant.catch_up_after, grant.top), (Some(true), Some(1), 3));
+        let (msgs, first) = parts.catch_up("room:3", &grant.epoch, 1, grant.top, 10).unwrap();
+        assert_eq!(msgs.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(first, 1);
+        let stale = Start::From(StartFrom::Recover { offset: 1, epoch: "not-it".into() });
+        let (grant, _, _) = subscribe(&parts, "room:3", stale).await;
+        assert_eq!((grant.recovered, grant.catch_up_after), (Some(false), None));
+    }
+
+    #[tokio::test]
+    async fn a_durable_consumer_resumes_after_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        for data in ["1", "2", "3", "4"] {
+            publish(&parts, "jobs:a", data, None).await;
+        }
+        let p = parts.partition("jobs:a");
+        parts.commit(p, "jobs:a", "worker".into(), 2).await.unwrap().await.unwrap().unwrap();
+        let (grant, _, _) = subscribe(&parts, "jobs:a", Start::Consumer("worker".into())).await;
+        assert_eq!((grant.catch_up_after, grant.top), (Some(2), 4));
+        let facts = parts.info(p, "jobs:a", Some("worker".into())).await.unwrap();
+        assert_eq!((facts.committed, facts.top), (Some(2), 4));
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_marks_only_its_connection_slow() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let (slow_out, _slow_inbox) = outbox(2, 1 << 20);
+        let p = parts.partition("room:4");
+        let sub = parts.next_id();
+        let start = Start::From(StartFrom::Latest);
+        parts.subscribe(p, "room:4", sub, slow_out.clone(), start).await.unwrap().await.unwrap().unwrap();
+        let (_, ok_out, mut ok_inbox) = subscribe(&parts, "room:4", Start::From(StartFrom::Latest)).await;
+        for data in ["1", "2", "3"] {
+            publish(&parts, "room:4", data, None).await;
+        }
+        assert!(slow_out.is_slow(), "the third push overflows a 2-message queue");
+        assert!(!ok_out.is_slow());
+        for offset in 1..=3 {
+            assert_eq!(ok_inbox.recv(&ok_out).await.unwrap().offset, offset);
         }
     }
 }

@@ -24,6 +24,14 @@ pub enum PolicyError {
         /// What is wrong.
         message: String,
     },
+    /// The policy gave no decision (a plugin missing, quarantined, trapped or out of time).
+    #[error("no decision from {policy}: {reason}")]
+    NoDecision {
+        /// Policy name.
+        policy: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Decides which old messages of a channel to drop.
@@ -64,7 +72,7 @@ pub trait BalancePlugins: Send + Sync {
     /// Runs plugin `plugin` (with `params` as JSON text) on `input` and validates the
     /// answer with [`validate_balance`]; an error says why there is no usable decision, and
     /// the caller falls back to the built-in balancer.
-    fn balance(&self, plugin: &str, params: &str, input: &BalanceInput) -> Result<BalanceDecision, String>;
+    fn balance(&self, plugin: &str, params: &str, input: &BalanceInput) -> Result<BalanceDecision, PolicyError>;
 }
 
 /// A plugin bound to a role (a namespace's retention, the balancer), with its params.
@@ -281,7 +289,6 @@ impl Policies {
     pub fn new(defaults: Bound, namespaces: std::collections::HashMap<String, Bound>) -> Self {
         Self { defaults, namespaces }
     }
-
 
     /// The policies for `channel`.
     pub fn for_channel(&self, channel: &str) -> &Bound {

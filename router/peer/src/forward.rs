@@ -18,12 +18,12 @@ use tokio_tungstenite::WebSocketStream;
 use crate::router::{Route, Router};
 use std::collections::HashMap;
 
+use crate::link;
+use crate::wire::{self, Answer, Frame, Op, WireError};
 use switchyard_core::owner::{PublishRequest, Start};
 use switchyard_proto::partition::PartitionId;
 use switchyard_proto::protocol::StartFrom;
 use switchyard_proto::protocol::{ErrorCode, OpError};
-use crate::link;
-use crate::wire::{self, Answer, Frame, Op, WireError};
 
 /// How many times a forwarded operation follows a redirect before giving up.
 const ATTEMPTS: usize = 50;
@@ -60,14 +60,16 @@ pub async fn execute(node: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
             let rx = node.partitions.commit(p, &channel, consumer, offset).await?;
             rx.await.map_err(|_| stopped())?.map(|()| Answer::Committed)
         }
-        Op::Info { channel, consumer } => node.partitions.info(node.local(&channel)?, &channel, consumer).await.map(|f| {
-            Answer::Info(wire::ChannelInfo {
-                epoch: f.epoch.to_string(),
-                top: f.top,
-                first: f.first,
-                committed: f.committed,
+        Op::Info { channel, consumer } => {
+            node.partitions.info(node.local(&channel)?, &channel, consumer).await.map(|f| {
+                Answer::Info(wire::ChannelInfo {
+                    epoch: f.epoch.to_string(),
+                    top: f.top,
+                    first: f.first,
+                    committed: f.committed,
+                })
             })
-        }),
+        }
         Op::Subscribe { .. } | Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } => {
             Err(OpError::internal(format!("{} is not run locally", op.name())))
         }
@@ -149,7 +151,6 @@ impl Started {
     }
 }
 
-
 /// Pushes queued for one incoming link's upstream subscriptions before it counts as too
 /// slow and is closed (the gateway reconnects and catches up).
 const PUSH_QUEUE: usize = 65_536;
@@ -163,6 +164,7 @@ type LinkSubs = Arc<std::sync::Mutex<HashMap<u64, (u64, String)>>>;
 /// Serves one incoming link: runs each request (if this node owns the channel; otherwise
 /// answers with a redirect) and writes the replies back, in completion order, together
 /// with the pushes of the upstream subscriptions registered on it.
+#[tracing::instrument(name = "peer_link", skip_all, fields(peer = %peer, side = "accepted"))]
 pub async fn serve<S>(node: Arc<Router>, ws: WebSocketStream<S>, peer: String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -185,12 +187,12 @@ where
     let slow = outbox.slow_signal.notified();
     tokio::pin!(slow);
     slow.as_mut().enable();
-    tracing::info!(%peer, "peer link accepted");
+    tracing::info!("peer link accepted");
     loop {
         // At most IN_FLIGHT requests run; beyond that the peer's frames wait in TCP.
         let permit = permits.clone().acquire_owned().await.expect("semaphore open");
         if outbox.is_slow() {
-            tracing::warn!(%peer, "peer link too slow for its pushes; closing it");
+            tracing::warn!("peer link too slow for its pushes; closing it");
             break;
         }
         let msg = tokio::select! {
@@ -202,7 +204,7 @@ where
             Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
                 Ok(Frame::Request { id, epoch, op }) => (id, epoch, op),
                 Ok(Frame::Reply { .. } | Frame::Push { .. }) | Err(_) => {
-                    tracing::warn!(%peer, "bad frame on a peer link; closing it");
+                    tracing::warn!("bad frame on a peer link; closing it");
                     break;
                 }
             },
@@ -228,7 +230,7 @@ where
     }
     drop(tx);
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, writer).await;
-    tracing::info!(%peer, "peer link closed");
+    tracing::info!("peer link closed");
 }
 
 /// Turns the owners' deliveries for this link's upstream subscriptions into push frames.

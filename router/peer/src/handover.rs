@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::router::Router;
-use switchyard_core::owner::{Command, Forward};
-use switchyard_proto::partition::{PartitionId, PartitionMap};
 use crate::wire::{Answer, Chunk, Op};
+use switchyard_core::owner::{Forward, OwnerCommand};
+use switchyard_proto::partition::{PartitionId, PartitionMap};
 use switchyard_proto::protocol::{ErrorCode, OpError};
 
 /// Messages per handover chunk.
@@ -84,7 +84,7 @@ pub fn after_install(node: &Arc<Router>, before: &PartitionMap) {
                 node.partitions.handovers.sealed.lock().expect("handovers").insert(p, moved_at);
             }
             // Never wait here (this runs in the etcd watch loop): a held mailbox takes it later.
-            node.partitions.hold(p, Command::Seal(reason, None));
+            node.partitions.hold(p, OwnerCommand::Seal(reason, None));
         }
     }
 }
@@ -110,10 +110,12 @@ pub async fn forward_sealed(node: std::sync::Weak<Router>, mut writes: tokio::sy
                 }
                 Forward::Commit { channel, consumer, offset, reply } => {
                     let result = match node.locate(&channel) {
-                        Ok(crate::router::Route::Remote { .. }) => match node.commit(&channel, consumer, offset).await {
-                            Ok(rx) => rx.await.unwrap_or_else(|_| Err(sealed())),
-                            Err(e) => Err(e),
-                        },
+                        Ok(crate::router::Route::Remote { .. }) => {
+                            match node.commit(&channel, consumer, offset).await {
+                                Ok(rx) => rx.await.unwrap_or_else(|_| Err(sealed())),
+                                Err(e) => Err(e),
+                            }
+                        }
                         _ => Err(sealed()),
                     };
                     let _ = reply.send(result);
@@ -124,6 +126,7 @@ pub async fn forward_sealed(node: std::sync::Weak<Router>, mut writes: tokio::sy
 }
 
 /// Pulls partition `p` from `from` into the store, then opens its mailbox.
+#[tracing::instrument(name = "handover", skip_all, fields(partition = p, %from, moved_at))]
 async fn adopt(node: Arc<Router>, p: PartitionId, from: String, moved_at: u64, map: u64, done: oneshot::Sender<()>) {
     let started = Instant::now();
     let outcome = pull_all(&node, p, &from, moved_at, map).await;
@@ -131,23 +134,23 @@ async fn adopt(node: Arc<Router>, p: PartitionId, from: String, moved_at: u64, m
         Ok(Pulled::Moved(messages)) => {
             node.metrics.handover_messages.inc_by(messages);
             node.partitions.handovers.incomplete.lock().expect("handovers").remove(&p);
-            tracing::info!(partition = p, %from, messages, elapsed = ?started.elapsed(), "partition handed over");
+            tracing::info!(messages, elapsed = ?started.elapsed(), "partition handed over");
             tokio::spawn(confirm(node.clone(), p, from, moved_at));
             "ok"
         }
         Ok(Pulled::KeptOwn) => {
-            tracing::info!(partition = p, %from, "partition came back before its new owner took it; kept this node's copy");
+            tracing::info!("partition came back before its new owner took it; kept this node's copy");
             "kept"
         }
         Ok(Pulled::Abandoned) => {
             node.partitions.handovers.incomplete.lock().expect("handovers").insert(p);
-            tracing::info!(partition = p, %from, "partition moved back to its source mid-handover; adoption abandoned");
+            tracing::info!("partition moved back to its source mid-handover; adoption abandoned");
             "abandoned"
         }
         Err(why) => {
-            tracing::warn!(partition = p, %from, %why, "no handover; starting the partition from what this node has (new epochs)");
+            tracing::warn!(%why, "no handover; starting the partition from what this node has (new epochs)");
             if let Err(e) = start_fresh(&node, p, moved_at).await {
-                tracing::error!(partition = p, error = %e, "clearing a partition failed");
+                tracing::error!(error = %e, "clearing a partition failed");
             }
             node.partitions.handovers.incomplete.lock().expect("handovers").remove(&p);
             node.partitions.handovers.release(p);
@@ -314,7 +317,7 @@ pub async fn serve_pull(
         let (tx, rx) = oneshot::channel();
         node.partitions.handovers.sealed.lock().expect("handovers").insert(p, moved_at);
         let reason = format!("partition moved (map epoch {moved_at}); subscribe again");
-        node.partitions.send_to(p, Command::Seal(reason, Some(tx))).await?;
+        node.partitions.send_to(p, OwnerCommand::Seal(reason, Some(tx))).await?;
         rx.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?;
     }
     let store = node.partitions.store.clone();
@@ -396,8 +399,8 @@ pub async fn serve_pulled(node: &Arc<Router>, p: PartitionId, moved_at: u64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_store::FsyncPolicy;
     use switchyard_metrics::Metrics;
+    use switchyard_store::FsyncPolicy;
     use switchyard_store::{ChannelMeta, Store, StoredMessage};
 
     fn msg(i: u64, size: usize) -> StoredMessage {

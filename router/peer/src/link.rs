@@ -177,6 +177,7 @@ impl Link {
 }
 
 /// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
+#[tracing::instrument(name = "peer_link", skip_all, fields(peer = %link.peer, side = "dialed"))]
 async fn run(node: Weak<Router>, secret: String, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -193,7 +194,7 @@ async fn run(node: Weak<Router>, secret: String, link: Arc<Link>, mut rx: mpsc::
         };
         metrics.peer_link_up.with_label_values(&[&link.peer]).set(0);
         if let Err(e) = result {
-            tracing::debug!(peer = %link.peer, error = %e, "peer link down");
+            tracing::debug!(error = %e, "peer link down");
         }
         link.fail_pending(&format!("lost; {OUTCOME_UNKNOWN}"));
         link.down.send_modify(|n| *n += 1);
@@ -220,7 +221,7 @@ async fn pump(
         .map_err(|e| e.to_string())?;
     metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
     metrics.peer_connects.with_label_values(&[&link.peer]).inc();
-    tracing::info!(peer = %link.peer, %ws_url, "peer link up");
+    tracing::info!(%ws_url, "peer link up");
     let (mut sink, mut stream) = ws.split();
     loop {
         tokio::select! {

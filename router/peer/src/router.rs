@@ -99,7 +99,9 @@ impl Router {
 
     /// Called by the cluster after a map install: partitions that left this node are sealed.
     pub fn after_install(self: &Arc<Self>, before: &PartitionMap) {
+        let epoch = self.map().epoch;
         crate::handover::after_install(self, before);
+        self.partitions.handovers.installed(epoch);
     }
 
     /// Forwards the writes that reach a sealed partition to its new owner, until the

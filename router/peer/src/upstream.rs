@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
 use switchyard_proto::Text;
+use tokio::sync::{watch, Notify};
 
 use super::link::Link;
 use super::wire::{Answer, ChannelInfo, Op, WireError};

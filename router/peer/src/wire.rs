@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use switchyard_core::{HistoryPage, OwnedMessage};
 use switchyard_core::owner::PublishRequest;
+use switchyard_core::{HistoryPage, OwnedMessage};
 use switchyard_proto::protocol::{ErrorCode, OpError, PublishOk};
 use switchyard_store::StoredMessage;
 

@@ -104,10 +104,10 @@ impl CompactionPolicy for PluginCompaction {
 }
 
 impl BalancePlugins for Registry {
-    fn balance(&self, plugin: &str, params: &str, input: &BalanceInput) -> Result<BalanceDecision, String> {
+    fn balance(&self, plugin: &str, params: &str, input: &BalanceInput) -> Result<BalanceDecision, PolicyError> {
         let check = |d: &BalanceDecision| validate_balance(plugin, input, d).map_err(|e| e.to_string());
         // A plugin call may take its whole deadline: keep it off the runtime's worker.
         tokio::task::block_in_place(|| self.call(plugin, "balancer", Kind::Balance, params, input, check))
-            .map_err(|why| format!("{why:?}"))
+            .map_err(|why| PolicyError::NoDecision { policy: plugin.into(), reason: format!("{why:?}") })
     }
 }

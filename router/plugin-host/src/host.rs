@@ -451,8 +451,8 @@ pub fn load_file(host: &Host, path: &Path) -> Result<Compiled, LoadError> {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_modules::{module, GOOD};
     use super::*;
+    use crate::test_modules::{module, GOOD};
     use switchyard_sdk::{ChannelStats, RetentionDecision, RetentionInput};
 
     fn input() -> RetentionInput {

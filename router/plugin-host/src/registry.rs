@@ -363,8 +363,8 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_modules::{module, GOOD};
     use super::*;
+    use crate::test_modules::{module, GOOD};
     use switchyard_sdk::{ChannelStats, RetentionDecision, RetentionInput};
 
     fn registry(dir: &Path) -> Arc<Registry> {

@@ -148,7 +148,7 @@ pub enum StartFrom {
 pub enum Command {
     /// `connect`.
     Connect {
-        /// JWT (auth arrives in a later release; accepted and ignored now).
+        /// JWT; required when `auth.mode = "jwt"`, ignored otherwise.
         token: Option<String>,
         /// Client name for logs.
         name: Option<String>,

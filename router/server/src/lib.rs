@@ -137,11 +137,14 @@ async fn drain(node: &Arc<Node>) {
     let done = async {
         loop {
             // Register for the wake-up before reading what it would announce.
-            let released = handovers.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            let owned = maps.borrow_and_update().owners.iter().filter(|o| **o == me).count();
-            if owned == 0 && handovers.outstanding() == 0 {
+            let changed = handovers.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (owned, epoch) = {
+                let map = maps.borrow_and_update();
+                (map.owners.iter().filter(|o| **o == me).count(), map.epoch)
+            };
+            if owned == 0 && handovers.settled(epoch) {
                 break;
             }
             // Every member is leaving (the whole cluster is stopping): nobody can take over.
@@ -156,7 +159,7 @@ async fn drain(node: &Arc<Node>) {
             tokio::select! {
                 _ = maps.changed() => {}
                 _ = members.changed() => {}
-                _ = &mut released => {}
+                _ = &mut changed => {}
             }
         }
     };

@@ -123,7 +123,12 @@ impl Node {
         let cluster = config.cluster.enabled().then(|| {
             let settings = cluster_settings(&config);
             let state = switchyard_cluster::State::new(&settings);
-            let hooks = Hooks { router: router.clone(), policies: policies_tx, config: config.clone(), plugins: plugins.clone() };
+            let hooks = Hooks {
+                router: router.clone(),
+                policies: policies_tx,
+                config: config.clone(),
+                plugins: plugins.clone(),
+            };
             let context = switchyard_cluster::Context {
                 settings,
                 partitions: partitions.clone(),

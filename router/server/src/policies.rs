@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use switchyard_core::policy::{ms, Bound, CompactionPolicy, KeyedCompaction, LimitsRetention, Policies, RetentionPolicy};
+use switchyard_core::policy::{
+    ms, Bound, CompactionPolicy, KeyedCompaction, LimitsRetention, Policies, RetentionPolicy,
+};
 use switchyard_plugin_host::bound::{PluginCompaction, PluginRetention};
 use switchyard_plugin_host::registry::Registry;
 

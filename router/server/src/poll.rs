@@ -13,10 +13,10 @@ use std::time::Duration;
 use hyper::header::{HeaderMap, AUTHORIZATION};
 
 use crate::node::Node;
-use switchyard_core::HistoryPage;
+use switchyard_access::rules::{self, Action};
 use switchyard_core::owner::Start;
+use switchyard_core::HistoryPage;
 use switchyard_proto::protocol::{ErrorCode, OpError, StartFrom, HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT};
-use switchyard_access::rules::{self, Op};
 
 /// Default wait when `timeout` is absent.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -104,7 +104,7 @@ pub async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> Result<H
     let q = parse_query(query)?;
     let who = node.access.http_identity(crate::http::header(headers, AUTHORIZATION), q.token.as_deref())?;
     if let (true, Some(who)) = (node.access.enforced(), &who) {
-        rules::check(node.access.rules.rule_of(&q.channel), Op::Subscribe, &q.channel, who)?;
+        rules::check(node.access.rules.rule_of(&q.channel), Action::Subscribe, &q.channel, who)?;
     }
     let page = node.router.history(&q.channel, q.since, q.limit).await?;
     if !page.messages.is_empty() || page.offset != q.since || q.timeout.is_zero() {
@@ -112,7 +112,8 @@ pub async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> Result<H
     }
     // Nothing yet: subscribe, so the owner tells us about the next message.
     let limits = &node.config.limits;
-    let (outbox, mut inbox) = switchyard_core::outbox::outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
+    let (outbox, mut inbox) =
+        switchyard_core::outbox::outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
     let sub = node.router.next_id();
     let gone = || OpError::new(ErrorCode::Unavailable, "partition owner stopped");
     let start = Start::From(StartFrom::After(q.since));

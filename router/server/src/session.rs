@@ -18,24 +18,25 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use switchyard_peer::ws::text;
+use switchyard_proto::Text;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use switchyard_peer::ws::text;
-use switchyard_proto::Text;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
+use tracing::Instrument as _;
 
 use xxhash_rust::xxh3::Xxh3DefaultBuilder as Xxh3Builder;
 
-use switchyard_access::gate::{Gate, Refusal};
 use crate::node::Node;
+use switchyard_access::gate::{Gate, Refusal};
+use switchyard_access::user_sessions::{Beat, Heartbeat};
 use switchyard_core::outbox::{outbox, Delivery, Inbox, Outbox};
 use switchyard_core::owner::{Grant, PublishRequest, Start};
 use switchyard_proto::protocol::{self, close, Command, Empty, ErrorCode, OpError, SubscribeOk};
-use switchyard_access::user_sessions::{Beat, Heartbeat};
 
 /// Catch-up is read from the store in pages of this many messages.
 const CATCH_UP_PAGE: usize = 256;
@@ -98,6 +99,15 @@ pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let id = node.router.next_id();
+    // Every log line of this connection carries `client{id}`.
+    serve(node, ws, id).instrument(tracing::info_span!("client", id)).await;
+}
+
+async fn serve<S>(node: Arc<Node>, ws: WebSocketStream<S>, id: u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let limits = &node.config.limits;
     let (outbox, inbox) = outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
     let now = Instant::now();
@@ -110,7 +120,7 @@ where
         auth_deadline,
         gate,
         heartbeat,
-        id: node.router.next_id(),
+        id,
         shutdown: node.shutdown.clone(),
         node: node.clone(),
         ws,
@@ -126,7 +136,7 @@ where
     node.metrics.connections.inc();
     node.metrics.connections_total.inc();
     let stop = session.serve().await;
-    tracing::debug!(client = session.id, ?stop, "session ended");
+    tracing::debug!(?stop, "session ended");
     session.finish(stop).await;
     node.metrics.connections.dec();
 }
@@ -289,7 +299,7 @@ where
             None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => Err(Stop::Gone),
             Some(Err(WsError::Capacity(_))) => Err(Stop::TooLarge),
             Some(Err(e)) => {
-                tracing::debug!(client = self.id, error = %e, "websocket protocol error");
+                tracing::debug!(error = %e, "websocket protocol error");
                 Err(Stop::Gone)
             }
             Some(Ok(Message::Text(text))) if text.len() > max => Err(Stop::TooLarge),
@@ -362,7 +372,7 @@ where
         match cmd {
             Command::Connect { name, token } => {
                 if let Some(name) = name {
-                    tracing::debug!(client = self.id, name, "client named itself");
+                    tracing::debug!(name, "client named itself");
                 }
                 if let Err(refused) = self.gate.connect(&node.access, token.as_deref()) {
                     return self.refuse(id, refused);
@@ -423,7 +433,8 @@ where
                         .boxed(),
                 )
             }
-            Command::Commit { channel, consumer, offset } => match node.router.commit(&channel, consumer, offset).await {
+            Command::Commit { channel, consumer, offset } => match node.router.commit(&channel, consumer, offset).await
+            {
                 Ok(rx) => self.queue(
                     async move {
                         let result = rx.await.unwrap_or_else(|_| Err(owner_gone())).map(|()| Empty {});
@@ -511,7 +522,7 @@ where
                     match self.node.router.catch_up(channel, &grant.epoch, after, grant.top, CATCH_UP_PAGE).await {
                         Ok(page) => page,
                         Err(e) => {
-                            tracing::warn!(client = self.id, channel, error = %e, "catch-up read failed");
+                            tracing::warn!(channel, error = %e, "catch-up read failed");
                             return self.end_subscription(sub, channel, "catch-up read failed; subscribe again").await;
                         }
                     };
@@ -604,13 +615,13 @@ where
             Stop::Gone => return,
             Stop::Unresponsive => {
                 // Nobody reads this socket: no last words, just drop it (and its resources).
-                tracing::info!(client = self.id, "closing a connection that stopped answering pings");
+                tracing::info!("closing a connection that stopped answering pings");
                 return;
             }
             Stop::Refused { code, reason } => (code, reason),
             Stop::Slow => {
                 self.node.metrics.slow_consumer_disconnects.inc();
-                tracing::info!(client = self.id, "slow consumer disconnected");
+                tracing::info!("slow consumer disconnected");
                 (close::SLOW_CONSUMER, "slow consumer")
             }
             Stop::Shutdown => (close::SHUTTING_DOWN, "node shutting down"),

@@ -65,5 +65,7 @@ pub fn dev_token(node: &Node, body: &[u8]) -> Result<serde_json::Value, OpError>
     }
     let token =
         node.access.verifier.mint_dev(&req.user, ttl, req.channels).map_err(|e| OpError::internal(e.to_string()))?;
-    Ok(serde_json::json!({ "token": token, "user": req.user, "exp": switchyard_access::auth::now_secs() + ttl.as_secs() }))
+    Ok(
+        serde_json::json!({ "token": token, "user": req.user, "exp": switchyard_access::auth::now_secs() + ttl.as_secs() }),
+    )
 }

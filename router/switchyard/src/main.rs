@@ -89,8 +89,7 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let (config, overrides) = match Cli::parse().command {
-        Cmd::Serve { config, listen, data_dir, plugins_dir, etcd, cluster_name, node_id, advertise } => {
-            (
+        Cmd::Serve { config, listen, data_dir, plugins_dir, etcd, cluster_name, node_id, advertise } => (
             config,
             Overrides {
                 listen,
@@ -102,8 +101,7 @@ fn main() -> std::process::ExitCode {
                 advertise,
                 cluster_secret: std::env::var("SWITCHYARD_CLUSTER_SECRET").ok(),
             },
-        )
-        }
+        ),
         Cmd::Bench(args) => return switchyard_bench::main(*args),
         Cmd::Token { user, ttl, channels, config } => {
             return switchyard_server::token_command(&config, &user, ttl.into(), channels);
