@@ -3,7 +3,8 @@
 #   make run    install what is missing, build the router (release) and the
 #               plugins, start one standalone node on $(LISTEN)
 #   make test   install what is missing (chromium/node/npm too), build plugins and
-#               the workspace, run every test, the browser test included
+#               the workspace, check fmt and clippy (-D warnings), run every test,
+#               the browser test included
 #               (SWITCHYARD_SKIP_BROWSER=1: no browser install, npm ci nor browser test)
 #   make bench  build release, run the bench scenarios against Switchyard and
 #               nats-server (installed if missing), print one comparison table
@@ -23,11 +24,11 @@ CARGO       ?= cargo
 # extra args for the test binaries, e.g. make test TEST_ARGS='--test-threads=1'
 TEST_ARGS   ?=
 
-.PHONY: all setup plugins plugin-tests build build-release run test bench clean help
+.PHONY: all setup plugins plugin-tests build build-release run test lint bench clean help
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	scripts/setup.sh
@@ -60,12 +61,20 @@ test:
 	    echo "[test] npm ci (tests/browser: playwright-core for the chat page test)"; \
 	    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error; \
 	fi
+	@echo "[test] cargo fmt --all -- --check"
+	$(CARGO) fmt --all -- --check
 	@echo "[test] cargo build --workspace --all-targets"
 	$(CARGO) build --workspace --all-targets
+	@echo "[test] cargo clippy --workspace --all-targets -- -D warnings"
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@echo "[test] cargo test --workspace"
 	if [ "$${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ]; then require=0; else require=1; fi; \
 	    SWITCHYARD_REQUIRE_BROWSER=$$require $(CARGO) test --workspace --no-fail-fast -- $(TEST_ARGS)
 	scripts/test-plugins.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 bench:
 	scripts/setup.sh --bench

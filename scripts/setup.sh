@@ -82,6 +82,15 @@ want_pkg() { # want_pkg PACKAGE
 if ! command -v cargo >/dev/null 2>&1; then
     log "WARNING: cargo not found. Install Rust with rustup (https://rustup.rs); this script does not."
 fi
+# `make test` runs `cargo fmt --check` and `cargo clippy -D warnings`: both are rustup
+# components (part of the default profile). Add them when this toolchain lacks them.
+for comp in clippy rustfmt; do
+    sub=$([ "$comp" = clippy ] && echo clippy || echo fmt)
+    if command -v cargo >/dev/null 2>&1 && ! cargo "$sub" --version >/dev/null 2>&1; then
+        log "missing: cargo $sub -> rustup component add $comp"
+        timeout 300 rustup component add "$comp" || log "WARNING: could not add $comp; make test needs it"
+    fi
+done
 want_cmd cc gcc
 want_cmd protoc protobuf-compiler
 if [ "${SWITCHYARD_SKIP_ETCD:-0}" != 1 ]; then

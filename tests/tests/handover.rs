@@ -240,6 +240,7 @@ fn check_channel(channel: &str, acked: &[Acked], history: &History, followers: &
 }
 
 /// Publishers and followers over `channels`, started together and stopped together.
+#[allow(clippy::type_complexity)]
 struct Load {
     channels: Vec<String>,
     stop: watch::Sender<bool>,

@@ -29,7 +29,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use super::nats::{self, NatsOp};
 use super::report::new_hist;
 
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Which server protocol to speak.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -62,7 +62,7 @@ impl Target {
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a WebSocket with TCP_NODELAY; `read_buffer` lowers tungstenite's 128 KiB default.
-pub async fn connect(url: &str, read_buffer: Option<usize>) -> Result<Ws> {
+pub(crate) async fn connect(url: &str, read_buffer: Option<usize>) -> Result<Ws> {
     let config = read_buffer.map(|n| WebSocketConfig::default().read_buffer_size(n));
     let (ws, _resp) = tokio_tungstenite::connect_async_with_config(url, config, true)
         .await
@@ -71,7 +71,7 @@ pub async fn connect(url: &str, read_buffer: Option<usize>) -> Result<Ws> {
 }
 
 /// A connection after its handshake; NATS bytes that followed the handshake stay in `parser`.
-pub struct Conn {
+pub(crate) struct Conn {
     pub ws: Ws,
     pub parser: nats::Parser,
 }
@@ -122,7 +122,7 @@ async fn nats_handshake(ws: &mut Ws, parser: &mut nats::Parser, extra: &str) -> 
 }
 
 /// Opens a connection subscribed to `channel` (already mapped by [`Target::channel`]).
-pub async fn subscribe(target: Target, url: &str, channel: &str, read_buffer: Option<usize>) -> Result<Conn> {
+pub(crate) async fn subscribe(target: Target, url: &str, channel: &str, read_buffer: Option<usize>) -> Result<Conn> {
     match target {
         Target::Nats => open(target, url, read_buffer, &nats::sub_line(channel, 1)).await,
         Target::Switchyard => {
@@ -157,7 +157,7 @@ pub async fn subscribe(target: Target, url: &str, channel: &str, read_buffer: Op
 
 /// Reads a subscriber until `stop` changes; `on_msg` sees each delivery's bytes (the whole
 /// push for Switchyard, the payload for NATS). Returns why it ended early, if it did.
-pub async fn read_deliveries(
+pub(crate) async fn read_deliveries(
     target: Target,
     conn: Conn,
     mut stop: watch::Receiver<bool>,
@@ -214,7 +214,7 @@ pub async fn read_deliveries(
 }
 
 /// Naive substring search (frames are a few hundred bytes).
-pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
     find(hay, needle).is_some()
 }
 
@@ -223,7 +223,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The publish timestamp (µs) from a delivery: the number after `"t":` (spaces allowed).
-pub fn extract_timestamp(bytes: &[u8]) -> Option<u64> {
+pub(crate) fn extract_timestamp(bytes: &[u8]) -> Option<u64> {
     let at = find(bytes, b"\"t\":")? + 4;
     let digits = bytes[at..].iter().skip_while(|b| **b == b' ').take_while(|b| b.is_ascii_digit());
     let mut n: u64 = 0;
@@ -242,7 +242,7 @@ const FIELD: usize = 20;
 /// command id and `"s"`) and the timestamp `"t"`. Numbers are right-aligned in fixed-width
 /// fields padded with spaces, which JSON allows between tokens, so the length never changes.
 #[derive(Clone, Debug)]
-pub struct Template {
+pub(crate) struct Template {
     bytes: Vec<u8>,
     seq_at: Vec<usize>,
     t_at: usize,
@@ -250,7 +250,7 @@ pub struct Template {
 
 impl Template {
     /// `size`: approximate size of the payload (the JSON `data`) in bytes.
-    pub fn new(target: Target, channel: &str, size: usize) -> Template {
+    pub(crate) fn new(target: Target, channel: &str, size: usize) -> Template {
         let blank = " ".repeat(FIELD);
         let head = format!("{{\"t\":{blank},\"s\":{blank},\"p\":\"");
         let filler = "x".repeat(size.saturating_sub(head.len() + 2));
@@ -283,7 +283,7 @@ impl Template {
     }
 
     /// A copy of the frame with this sequence number and timestamp.
-    pub fn build(&self, seq: u64, t: u64) -> Vec<u8> {
+    pub(crate) fn build(&self, seq: u64, t: u64) -> Vec<u8> {
         let mut bytes = self.bytes.clone();
         for at in &self.seq_at {
             write_num(&mut bytes[*at..*at + FIELD], seq);
@@ -309,7 +309,7 @@ fn write_num(dst: &mut [u8], mut n: u64) {
 
 /// Acknowledgement counters shared by the publishers of one run.
 #[derive(Clone)]
-pub struct AckStats {
+pub(crate) struct AckStats {
     pub acked: Arc<AtomicU64>,
     pub errors: Arc<AtomicU64>,
     /// publish → ack round trip in µs, recorded while `measuring`
@@ -318,7 +318,7 @@ pub struct AckStats {
 }
 
 impl AckStats {
-    pub fn new() -> AckStats {
+    pub(crate) fn new() -> AckStats {
         AckStats {
             acked: Arc::new(AtomicU64::new(0)),
             errors: Arc::new(AtomicU64::new(0)),
@@ -336,7 +336,7 @@ impl Default for AckStats {
 
 /// A publisher connection: the write half, plus a task reading acknowledgements that
 /// returns one permit per acknowledged publish.
-pub struct Publisher {
+pub(crate) struct Publisher {
     target: Target,
     sink: SplitSink<Ws, Message>,
     /// (send instant, publishes covered) per expected acknowledgement, in order
@@ -349,7 +349,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub async fn open(target: Target, url: &str, stats: AckStats, permits: Arc<Semaphore>) -> Result<Publisher> {
+    pub(crate) async fn open(target: Target, url: &str, stats: AckStats, permits: Arc<Semaphore>) -> Result<Publisher> {
         let Conn { ws, mut parser } = open(target, url, None, "").await?;
         let (sink, mut rx) = ws.split();
         let (queue, mut queue_rx) = mpsc::unbounded_channel::<(Instant, u64)>();
@@ -405,7 +405,7 @@ impl Publisher {
     }
 
     /// Queues one publish frame (from [`Template::build`]) without flushing.
-    pub async fn feed(&mut self, frame: Vec<u8>) -> Result<()> {
+    pub(crate) async fn feed(&mut self, frame: Vec<u8>) -> Result<()> {
         match self.target {
             Target::Switchyard => {
                 let _ = self.queue.send((Instant::now(), 1));
@@ -421,7 +421,7 @@ impl Publisher {
     }
 
     /// Ends a batch: NATS sends the `PING` that acknowledges it. Then flushes.
-    pub async fn end_batch(&mut self) -> Result<()> {
+    pub(crate) async fn end_batch(&mut self) -> Result<()> {
         if self.target == Target::Nats {
             if self.pong_owed.swap(false, Relaxed) {
                 self.sink.feed(Message::binary(nats::PONG)).await?;
@@ -435,7 +435,7 @@ impl Publisher {
         Ok(())
     }
 
-    pub async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         let _ = self.sink.close().await;
         self.reader.abort();
     }

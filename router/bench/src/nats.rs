@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 
 /// One server operation; `Msg` borrows its subject and payload from the parser.
 #[derive(Debug, PartialEq, Eq)]
-pub enum NatsOp<'a> {
+pub(crate) enum NatsOp<'a> {
     Info(&'a [u8]),
     Msg { subject: &'a [u8], sid: u64, payload: &'a [u8] },
     Ping,
@@ -19,7 +19,7 @@ pub enum NatsOp<'a> {
 
 /// Buffers server bytes and yields complete operations.
 #[derive(Default)]
-pub struct Parser {
+pub(crate) struct Parser {
     buf: Vec<u8>,
     /// Bytes of `buf` already consumed.
     pos: usize,
@@ -29,12 +29,12 @@ pub struct Parser {
 const MAX_CONTROL_LINE: usize = 64 * 1024;
 
 impl Parser {
-    pub fn new() -> Parser {
+    pub(crate) fn new() -> Parser {
         Parser::default()
     }
 
     /// Appends a chunk (one WebSocket frame's payload, or any part of the stream).
-    pub fn push(&mut self, chunk: &[u8]) {
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
         if self.pos > 0 {
             self.buf.drain(..self.pos);
             self.pos = 0;
@@ -44,7 +44,7 @@ impl Parser {
 
     /// The next complete operation, or None until more bytes arrive.
     #[allow(clippy::should_implement_trait)]
-    pub fn next(&mut self) -> Result<Option<NatsOp<'_>>> {
+    pub(crate) fn next(&mut self) -> Result<Option<NatsOp<'_>>> {
         let rest = &self.buf[self.pos..];
         let Some(eol) = find_crlf(rest) else {
             if rest.len() > MAX_CONTROL_LINE {
@@ -140,12 +140,12 @@ fn parse_u64(b: &[u8]) -> Result<u64> {
 }
 
 /// Maps a Switchyard channel name to a NATS subject: `bench:3` → `bench.3`.
-pub fn subject(channel: &str) -> String {
+pub(crate) fn subject(channel: &str) -> String {
     channel.replace(':', ".")
 }
 
 /// The `CONNECT` line: no echo of our own messages, no `+OK` for every command.
-pub fn connect_line() -> String {
+pub(crate) fn connect_line() -> String {
     concat!(
         r#"CONNECT {"verbose":false,"pedantic":false,"tls_required":false,"name":"switchyard-bench","#,
         r#""lang":"rust","version":"0.1.0","protocol":1,"echo":false,"headers":false,"no_responders":false}"#,
@@ -154,17 +154,17 @@ pub fn connect_line() -> String {
     .to_string()
 }
 
-pub fn sub_line(subject: &str, sid: u64) -> String {
+pub(crate) fn sub_line(subject: &str, sid: u64) -> String {
     format!("SUB {subject} {sid}\r\n")
 }
 
 /// The header of a `PUB`; the payload and a CRLF follow it.
-pub fn pub_header(subject: &str, len: usize) -> String {
+pub(crate) fn pub_header(subject: &str, len: usize) -> String {
     format!("PUB {subject} {len}\r\n")
 }
 
-pub const PING: &[u8] = b"PING\r\n";
-pub const PONG: &[u8] = b"PONG\r\n";
+pub(crate) const PING: &[u8] = b"PING\r\n";
+pub(crate) const PONG: &[u8] = b"PONG\r\n";
 
 #[cfg(test)]
 mod tests {

@@ -10,16 +10,16 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 /// Highest latency the histograms track, in microseconds (60 s); larger values saturate.
-pub const MAX_LATENCY_US: u64 = 60_000_000;
+pub(crate) const MAX_LATENCY_US: u64 = 60_000_000;
 
 /// A latency histogram in microseconds, 3 significant digits.
-pub fn new_hist() -> Histogram<u64> {
+pub(crate) fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("histogram bounds")
 }
 
 /// Percentiles of a latency distribution, in microseconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LatencySummary {
+pub(crate) struct LatencySummary {
     pub count: u64,
     pub p50_us: u64,
     pub p90_us: u64,
@@ -31,7 +31,7 @@ pub struct LatencySummary {
 
 impl LatencySummary {
     /// None for an empty histogram.
-    pub fn from_hist(h: &Histogram<u64>) -> Option<LatencySummary> {
+    pub(crate) fn from_hist(h: &Histogram<u64>) -> Option<LatencySummary> {
         (!h.is_empty()).then(|| LatencySummary {
             count: h.len(),
             p50_us: h.value_at_quantile(0.50),
@@ -44,7 +44,7 @@ impl LatencySummary {
     }
 
     /// `p50 1.234 ms  p90 …` on one line.
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         format!(
             "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  mean {}  ({} samples)",
             ms(self.p50_us),
@@ -64,7 +64,7 @@ fn ms(us: u64) -> String {
 
 /// The load that was offered.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Params {
+pub(crate) struct Params {
     pub channels: usize,
     pub subscribers_per_channel: usize,
     pub publishers: usize,
@@ -78,7 +78,7 @@ pub struct Params {
 
 /// Counts over the whole run (warm-up included), after the drain: what "adds up" means.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Totals {
+pub(crate) struct Totals {
     /// Publishes written to the wire.
     pub sent: u64,
     /// Publishes acknowledged (Switchyard: a reply; NATS: covered by a PONG).
@@ -97,7 +97,7 @@ pub struct Totals {
 
 /// The connections scenario's figures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ConnReport {
+pub(crate) struct ConnReport {
     pub requested: usize,
     pub opened: usize,
     pub connect_secs: f64,
@@ -110,7 +110,7 @@ pub struct ConnReport {
 
 /// One run against one target: what `--json` prints.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// The scenario, or the `--label` given for it.
     pub scenario: String,
     /// `switchyard` or `nats`.
@@ -144,13 +144,13 @@ pub struct Report {
 
 impl Report {
     /// True when every expected delivery arrived and nothing failed.
-    pub fn adds_up(&self) -> bool {
+    pub(crate) fn adds_up(&self) -> bool {
         let t = &self.totals;
         t.missing == 0 && t.errors == 0 && t.closed_subscribers == 0 && t.delivered == t.expected_deliveries
     }
 
     /// The human summary printed on stdout without `--json`.
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = String::new();
         let p = &self.params;
         let _ = writeln!(s, "== {} summary ({}) ==", self.scenario, self.target);
@@ -220,7 +220,7 @@ impl Report {
     }
 
     /// The rows this report contributes to a comparison table: (metric, value).
-    pub fn metrics(&self) -> Vec<(Metric, Option<f64>)> {
+    pub(crate) fn metrics(&self) -> Vec<(Metric, Option<f64>)> {
         if let Some(c) = &self.connections {
             return vec![
                 (Metric::Count("connections opened"), Some(c.opened as f64)),
@@ -247,7 +247,7 @@ impl Report {
 
 /// A table row's metric, with how its value is printed.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Metric {
+pub(crate) enum Metric {
     Rate(&'static str),
     /// Microseconds, printed in ms.
     Latency(&'static str),
@@ -260,7 +260,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match *self {
             Metric::Rate(n)
             | Metric::Latency(n)
@@ -272,7 +272,7 @@ impl Metric {
         }
     }
 
-    pub fn format(&self, v: Option<f64>) -> String {
+    pub(crate) fn format(&self, v: Option<f64>) -> String {
         let Some(v) = v else { return "n/a".into() };
         match self {
             Metric::Rate(_) | Metric::Count(_) => thousands(v.round() as u64),
@@ -286,7 +286,7 @@ impl Metric {
 }
 
 /// `1234567` → `1,234,567`.
-pub fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
@@ -300,7 +300,7 @@ pub fn thousands(n: u64) -> String {
 }
 
 /// first / second, when both are there and the second is not zero.
-pub fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
         (Some(a), Some(b)) if a == 0.0 && b == 0.0 => "=".into(),
@@ -310,7 +310,7 @@ pub fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 /// A Markdown table: scenario | metric | one column per input | ratio of the first two.
 /// Scenarios appear in the order of the first column's reports (then any the others add).
-pub fn comparison_table(columns: &[(String, Vec<Report>)]) -> String {
+pub(crate) fn comparison_table(columns: &[(String, Vec<Report>)]) -> String {
     let mut scenarios: Vec<&str> = Vec::new();
     for (_, reports) in columns {
         for r in reports {
@@ -346,7 +346,7 @@ pub fn comparison_table(columns: &[(String, Vec<Report>)]) -> String {
 }
 
 /// Renders rows as an aligned Markdown table.
-pub fn markdown(header: &[String], rows: &[Vec<String>]) -> String {
+pub(crate) fn markdown(header: &[String], rows: &[Vec<String>]) -> String {
     let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -384,7 +384,7 @@ pub fn markdown(header: &[String], rows: &[Vec<String>]) -> String {
 }
 
 /// Parses a JSON-lines file of reports (blank lines ignored).
-pub fn parse_reports(text: &str) -> Result<Vec<Report>, serde_json::Error> {
+pub(crate) fn parse_reports(text: &str) -> Result<Vec<Report>, serde_json::Error> {
     text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect()
 }
 

@@ -184,7 +184,7 @@ struct Snap {
 }
 
 /// fanout, latency and cluster: the same run with different defaults and URLs.
-pub async fn fanout(a: &BenchArgs, load: Load) -> Result<Report> {
+pub(crate) async fn fanout(a: &BenchArgs, load: Load) -> Result<Report> {
     let target = a.target;
     let label = load.label.clone();
     let (channels, m, publishers) = (load.channels, load.subscribers, load.publishers);
@@ -447,7 +447,7 @@ pub async fn fanout(a: &BenchArgs, load: Load) -> Result<Report> {
 
 /// N idle connections, each subscribed to one of `channels`; then one publish per channel
 /// checks that every connection still receives.
-pub async fn connections(a: &BenchArgs) -> Result<Report> {
+pub(crate) async fn connections(a: &BenchArgs) -> Result<Report> {
     let target = a.target;
     let label = a.label.clone().unwrap_or_else(|| "connections".into());
     let channels = a.channels.unwrap_or(1000).clamp(1, a.count.max(1));

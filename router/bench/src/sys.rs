@@ -7,12 +7,12 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Microseconds since the Unix epoch (the publish timestamp carried in each payload).
-pub fn now_micros() -> u64 {
+pub(crate) fn now_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// utime+stime of a process in seconds (`/proc/PID/stat` fields 14 and 15).
-pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+pub(crate) fn proc_cpu_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat_cpu_ticks(&stat).map(|ticks| ticks / clock_ticks())
 }
@@ -38,19 +38,19 @@ fn clock_ticks() -> f64 {
 }
 
 /// VmRSS of a process in KiB.
-pub fn proc_rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn proc_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The generator's own VmRSS in KiB.
-pub fn self_rss_kib() -> Option<u64> {
+pub(crate) fn self_rss_kib() -> Option<u64> {
     proc_rss_kib(std::process::id())
 }
 
 /// CPU seconds (user + system) used by this process so far, from `getrusage`.
 #[allow(unsafe_code)]
-pub fn self_cpu_secs() -> f64 {
+pub(crate) fn self_cpu_secs() -> f64 {
     // SAFETY: getrusage writes into a zeroed struct on our stack.
     unsafe {
         let mut ru: libc::rusage = std::mem::zeroed();
@@ -64,7 +64,7 @@ pub fn self_cpu_secs() -> f64 {
 
 /// Raises the soft open-file limit to the hard one; returns (old, new) when it changed.
 #[allow(unsafe_code)]
-pub fn raise_nofile_limit() -> Option<(u64, u64)> {
+pub(crate) fn raise_nofile_limit() -> Option<(u64, u64)> {
     // SAFETY: plain libc calls on a stack value.
     unsafe {
         let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

@@ -333,11 +333,14 @@ impl ChannelState {
     }
 }
 
+/// A reply channel and the answer it gets once the batch is durable.
+type Ack<T> = (oneshot::Sender<Result<T, OpError>>, Result<T, OpError>);
+
 /// What a batch must do once it is durable.
 #[derive(Default)]
 struct Work {
-    acks: Vec<(oneshot::Sender<Result<PublishOk, OpError>>, Result<PublishOk, OpError>)>,
-    commit_acks: Vec<(oneshot::Sender<Result<(), OpError>>, Result<(), OpError>)>,
+    acks: Vec<Ack<PublishOk>>,
+    commit_acks: Vec<Ack<()>>,
     fanout: Vec<(Arc<str>, u64, Text)>,
     /// Reads answered after the batch, so they see its writes.
     after: Vec<OwnerCommand>,
@@ -375,6 +378,16 @@ pub struct Owner {
     sealed: bool,
 }
 
+/// What flows into an owner, and out of it when it is sealed.
+pub struct Mailbox {
+    /// Commands, in arrival order.
+    pub commands: mpsc::Receiver<OwnerCommand>,
+    /// Adoptions: each holds the mailbox until its handed-over state is in the store.
+    pub adoptions: mpsc::UnboundedReceiver<oneshot::Receiver<()>>,
+    /// Where writes that reach the sealed partition go (cluster mode with peer links).
+    pub forward: Option<mpsc::UnboundedSender<Forward>>,
+}
+
 impl Owner {
     /// An owner for `partition`, loaded with the channels the store holds for it.
     pub fn new(
@@ -383,10 +396,9 @@ impl Owner {
         metrics: Arc<Metrics>,
         idempotency_window: Duration,
         recovered: Vec<(String, ChannelMeta)>,
-        rx: mpsc::Receiver<OwnerCommand>,
-        adoptions: mpsc::UnboundedReceiver<oneshot::Receiver<()>>,
-        forward: Option<mpsc::UnboundedSender<Forward>>,
+        mailbox: Mailbox,
     ) -> Self {
+        let Mailbox { commands: rx, adoptions, forward } = mailbox;
         let channels: HashMap<Arc<str>, ChannelState> = recovered
             .into_iter()
             .map(|(name, m)| {
@@ -934,8 +946,14 @@ mod tests {
         let (tx, rx) = mpsc::channel(16);
         let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
         let (fwd_tx, mut fwd_rx) = mpsc::unbounded_channel();
-        let owner =
-            Owner::new(3, store.clone(), metrics, Duration::from_secs(60), Vec::new(), rx, adopt_rx, Some(fwd_tx));
+        let owner = Owner::new(
+            3,
+            store.clone(),
+            metrics,
+            Duration::from_secs(60),
+            Vec::new(),
+            Mailbox { commands: rx, adoptions: adopt_rx, forward: Some(fwd_tx) },
+        );
         tokio::spawn(owner.run());
 
         let (cmd, ack) = publish("room:1", "1");

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::handovers::Handovers;
 use crate::outbox::Outbox;
-use crate::owner::{ChannelView, Facts, Forward, Grant, Owner, OwnerCommand, PublishRequest, Start};
+use crate::owner::{ChannelView, Facts, Forward, Grant, Mailbox, Owner, OwnerCommand, PublishRequest, Start};
 
 /// Capacity of each owner's mailbox; a full mailbox makes senders wait (backpressure).
 const OWNER_MAILBOX: usize = 8192;
@@ -144,9 +144,11 @@ impl Partitions {
                 metrics.clone(),
                 settings.idempotency_window,
                 channels,
-                rx,
-                adopt_rx,
-                settings.forward_sealed.then(|| forward_tx.clone()),
+                Mailbox {
+                    commands: rx,
+                    adoptions: adopt_rx,
+                    forward: settings.forward_sealed.then(|| forward_tx.clone()),
+                },
             );
             tasks.push(tokio::spawn(owner.run()));
             owners.push(tx);

@@ -42,7 +42,7 @@ fn stopped() -> OpError {
 }
 
 /// Runs `op` on this node, which must own its channel.
-pub async fn execute(node: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
+pub(crate) async fn execute(node: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
     match op {
         Op::Publish { channel, data, key, idempotency_key, from } => {
             let data = serde_json::value::RawValue::from_string(data)
@@ -77,12 +77,12 @@ pub async fn execute(node: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
 }
 
 /// Runs `op` where the current map puts its channel, following redirects.
-pub async fn call(node: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
+pub(crate) async fn call(node: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
     start(node, op)?.finish().await
 }
 
 /// An operation under way: run here, or sent to its owner and waiting for the reply.
-pub enum Started {
+pub(crate) enum Started {
     /// This node owns the channel.
     Local(Arc<Router>, Op),
     /// Queued on the owner's link.
@@ -91,7 +91,7 @@ pub enum Started {
 
 /// Routes `op` and, for a remote owner, queues it on the link at once: operations started
 /// in order by one caller reach the owner in that order.
-pub fn start(node: &Arc<Router>, op: Op) -> Result<Started, OpError> {
+pub(crate) fn start(node: &Arc<Router>, op: Op) -> Result<Started, OpError> {
     let (owner, epoch) = match node.locate(op.channel())? {
         Route::Local(_) => return Ok(Started::Local(node.clone(), op)),
         Route::Remote { owner, epoch } => (owner, epoch),
@@ -105,7 +105,7 @@ pub fn start(node: &Arc<Router>, op: Op) -> Result<Started, OpError> {
 
 impl Started {
     /// Waits for the outcome, following redirects while the partition moves.
-    pub async fn finish(self) -> Result<Answer, OpError> {
+    pub(crate) async fn finish(self) -> Result<Answer, OpError> {
         let (node, op, mut owner, mut epoch, mut pending) = match self {
             Started::Local(node, op) => return execute(&node, op).await,
             Started::Remote(node, op, owner, epoch, pending) => (node, op, owner, epoch, pending),

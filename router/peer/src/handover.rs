@@ -36,12 +36,12 @@ const HANDOVER_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The message of the error a node answers a pull with when its copy of the partition is
 /// not authoritative: it is still adopting it, or gave an adoption up half-way.
-pub const NOT_ADOPTED: &str = "partition not adopted here (yet)";
+pub(crate) const NOT_ADOPTED: &str = "partition not adopted here (yet)";
 
 /// Called with a new map before it is installed: for every partition it moves here that
 /// was not adopted yet, closes the partition's mailbox (so nothing routed by the new map
 /// runs on stale state) and starts pulling it from its old owner.
-pub fn before_install(node: &Arc<Router>, new: &PartitionMap) {
+pub(crate) fn before_install(node: &Arc<Router>, new: &PartitionMap) {
     let me = node.node_id.as_str();
     for p in 0..new.partitions() {
         if new.owner(p) != Some(me) {
@@ -69,7 +69,7 @@ pub fn before_install(node: &Arc<Router>, new: &PartitionMap) {
 
 /// Called after a new map is installed: seals every partition this node owned in `before`
 /// and no longer owns, so its subscribers follow it and its writes go to the new owner.
-pub fn after_install(node: &Arc<Router>, before: &PartitionMap) {
+pub(crate) fn after_install(node: &Arc<Router>, before: &PartitionMap) {
     let after = node.map();
     if after.epoch == before.epoch {
         return;
@@ -91,7 +91,10 @@ pub fn after_install(node: &Arc<Router>, before: &PartitionMap) {
 
 /// Forwards writes that reached a sealed partition (they raced the seal) to wherever the
 /// map now puts their channel, and answers them from there.
-pub async fn forward_sealed(node: std::sync::Weak<Router>, mut writes: tokio::sync::mpsc::UnboundedReceiver<Forward>) {
+pub(crate) async fn forward_sealed(
+    node: std::sync::Weak<Router>,
+    mut writes: tokio::sync::mpsc::UnboundedReceiver<Forward>,
+) {
     while let Some(write) = writes.recv().await {
         let Some(node) = node.upgrade() else { return };
         tokio::spawn(async move {
@@ -290,7 +293,7 @@ async fn pull_all(node: &Arc<Router>, p: PartitionId, from: &str, moved_at: u64,
 
 /// The old owner's side of a pull: seals `p` (once every write it accepted is durable)
 /// and reads the next chunk from its store.
-pub async fn serve_pull(
+pub(crate) async fn serve_pull(
     node: &Arc<Router>,
     p: PartitionId,
     moved_at: u64,
@@ -380,7 +383,7 @@ fn read_chunk(
 }
 
 /// The new owner has `p` durably: drop the copy here, unless the partition came back.
-pub async fn serve_pulled(node: &Arc<Router>, p: PartitionId, moved_at: u64) -> Result<(), OpError> {
+pub(crate) async fn serve_pulled(node: &Arc<Router>, p: PartitionId, moved_at: u64) -> Result<(), OpError> {
     let mine = node.map().owner(p) == Some(node.node_id.as_str());
     // Only the confirmation of the move that sealed the copy here may drop it (a late one
     // from an older move must not).

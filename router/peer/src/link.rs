@@ -34,12 +34,12 @@ const OUTCOME_UNKNOWN: &str = "outcome unknown";
 
 /// True for an error made here because the link failed before the reply came (the owner
 /// may or may not have run the request), as opposed to an answer from the owner.
-pub fn is_lost(e: &WireError) -> bool {
+pub(crate) fn is_lost(e: &WireError) -> bool {
     e.redirect.is_none() && e.message.ends_with(OUTCOME_UNKNOWN)
 }
 
 /// One peer link.
-pub struct Link {
+pub(crate) struct Link {
     peer: String,
     tx: mpsc::Sender<(u64, Vec<u8>)>,
     pending: Mutex<HashMap<u64, Waiter>>,
@@ -52,7 +52,7 @@ pub struct Link {
 }
 
 /// Every outgoing link of a node, created on first use.
-pub struct Links {
+pub(crate) struct Links {
     node: Weak<Router>,
     secret: String,
     links: ArcSwap<HashMap<String, Arc<Link>>>,
@@ -64,12 +64,12 @@ fn unavailable(message: impl Into<String>) -> OpError {
 
 impl Links {
     /// Links of `node`, authenticated with `secret`.
-    pub fn new(node: Weak<Router>, secret: String) -> Arc<Self> {
+    pub(crate) fn new(node: Weak<Router>, secret: String) -> Arc<Self> {
         Arc::new(Self { node, secret, links: ArcSwap::from_pointee(HashMap::new()) })
     }
 
     /// The link to `peer`, created (and its connection task started) on first use.
-    pub fn link(&self, peer: &str) -> Arc<Link> {
+    pub(crate) fn link(&self, peer: &str) -> Arc<Link> {
         if let Some(l) = self.links.load().get(peer) {
             return l.clone();
         }
@@ -101,14 +101,14 @@ impl Links {
 
     /// Queues `op` for `peer` tagged with map `epoch` now (so requests from one caller keep
     /// their order on the link); the returned [`Pending`] waits for the reply.
-    pub fn send(&self, peer: &str, epoch: u64, op: Op) -> Result<Pending, WireError> {
+    pub(crate) fn send(&self, peer: &str, epoch: u64, op: Op) -> Result<Pending, WireError> {
         self.link(peer).send(epoch, op)
     }
 }
 
 impl Link {
     /// Queues `op` on this link; see [`Links::send`].
-    pub fn send(self: &Arc<Self>, epoch: u64, op: Op) -> Result<Pending, WireError> {
+    pub(crate) fn send(self: &Arc<Self>, epoch: u64, op: Op) -> Result<Pending, WireError> {
         let (link, peer) = (self.clone(), &self.peer);
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -123,7 +123,7 @@ impl Link {
 }
 
 /// A request on a link, waiting for its reply.
-pub struct Pending {
+pub(crate) struct Pending {
     link: Arc<Link>,
     id: u64,
     rx: oneshot::Receiver<Result<Answer, WireError>>,
@@ -131,7 +131,7 @@ pub struct Pending {
 
 impl Pending {
     /// Waits up to `limit` for the reply.
-    pub async fn wait(self, limit: Duration) -> Result<Answer, WireError> {
+    pub(crate) async fn wait(self, limit: Duration) -> Result<Answer, WireError> {
         let peer = &self.link.peer;
         match tokio::time::timeout(limit, self.rx).await {
             Ok(Ok(r)) => r,
@@ -146,7 +146,7 @@ impl Pending {
 
 impl Link {
     /// Routes pushes tagged `sub` to `upstream`.
-    pub fn register(&self, sub: u64, upstream: Arc<Upstream>) {
+    pub(crate) fn register(&self, sub: u64, upstream: Arc<Upstream>) {
         self.subs.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.insert(sub, upstream.clone());
@@ -155,7 +155,7 @@ impl Link {
     }
 
     /// Stops routing pushes tagged `sub`.
-    pub fn unregister(&self, sub: u64) {
+    pub(crate) fn unregister(&self, sub: u64) {
         self.subs.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.remove(&sub);
@@ -164,7 +164,7 @@ impl Link {
     }
 
     /// Changes every time the connection drops.
-    pub fn downs(&self) -> watch::Receiver<u64> {
+    pub(crate) fn downs(&self) -> watch::Receiver<u64> {
         self.down.subscribe()
     }
 

@@ -37,13 +37,13 @@ const HOLD_MAX: usize = 65_536;
 const CATCH_UP_PAGE: u32 = 1000;
 
 /// Every upstream subscription of a node, by channel.
-pub struct Upstreams {
+pub(crate) struct Upstreams {
     node: Weak<Router>,
     map: Mutex<HashMap<Arc<str>, Arc<Upstream>>>,
 }
 
 /// One channel's upstream subscription.
-pub struct Upstream {
+pub(crate) struct Upstream {
     channel: Arc<str>,
     inner: Mutex<Inner>,
     /// Wakes the maintaining task: trouble, or nobody is interested any more.
@@ -113,14 +113,14 @@ impl Inner {
 
 impl Upstreams {
     /// No upstreams yet.
-    pub fn new(node: Weak<Router>) -> Self {
+    pub(crate) fn new(node: Weak<Router>) -> Self {
         Self { node, map: Mutex::new(HashMap::new()) }
     }
 
     /// Grants local subscription `sub` of a remote channel, registering the channel's
     /// upstream first if it has none. Messages above the grant's `top` are queued to
     /// `outbox` as they arrive from the owner.
-    pub async fn subscribe(
+    pub(crate) async fn subscribe(
         &self,
         node: &Arc<Router>,
         channel: &str,
@@ -222,7 +222,7 @@ impl Upstreams {
 
     /// Forgets local subscription `sub`; true if it was one. The last one to leave drops
     /// the upstream.
-    pub fn unsubscribe(&self, channel: &str, sub: u64) -> bool {
+    pub(crate) fn unsubscribe(&self, channel: &str, sub: u64) -> bool {
         let Some(up) = self.map.lock().expect("upstreams").get(channel).cloned() else { return false };
         let mut g = up.inner.lock().expect("upstream");
         let before = g.locals.len();
@@ -260,7 +260,7 @@ impl Upstreams {
 
 impl Upstream {
     /// A push from the owner (called by the link reader).
-    pub fn on_push(&self, sub: u64, offset: u64, frame: String, end: bool) {
+    pub(crate) fn on_push(&self, sub: u64, offset: u64, frame: String, end: bool) {
         let mut g = self.inner.lock().expect("upstream");
         if g.reg.as_ref().map(|r| r.0) != Some(sub) || g.closed {
             return;

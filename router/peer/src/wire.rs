@@ -224,12 +224,15 @@ pub struct ChannelInfo {
     pub committed: Option<u64>,
 }
 
+/// A channel's metadata and its consumers' committed offsets, as a chunk carries them.
+pub type ChunkChannel = (String, switchyard_store::ChannelMeta, Vec<(String, u64)>);
+
 /// One step of a partition handover: whole channels' metadata and consumer offsets, and
 /// messages in `(channel, offset)` order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Chunk {
     /// Channels whose transfer starts in this chunk: name, metadata, consumer offsets.
-    pub channels: Vec<(String, switchyard_store::ChannelMeta, Vec<(String, u64)>)>,
+    pub channels: Vec<ChunkChannel>,
     /// Messages: channel, offset, message.
     pub messages: Vec<(String, u64, StoredMessage)>,
     /// Where the next pull resumes; None when this was the last chunk.

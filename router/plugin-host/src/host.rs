@@ -422,7 +422,7 @@ fn validate(module: &Module) -> Result<Vec<Kind>, LoadError> {
             found => format!("module is {}; this router speaks switchyard_abi_v1", found.join(", ")),
         }));
     }
-    if !exports.get("memory").is_some_and(|t| t.memory().is_some()) {
+    if exports.get("memory").and_then(|t| t.memory()).is_none() {
         return Err(LoadError::Exports("no `memory` export".into()));
     }
     if !exports.get(abi::ALLOC_EXPORT).is_some_and(|t| func_is(t, &[ValType::is_i32], &[ValType::is_i32])) {

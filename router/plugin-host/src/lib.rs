@@ -25,11 +25,11 @@ pub fn host_sha256(bytes: &[u8]) -> String {
 #[cfg(test)]
 pub(crate) mod test_modules {
     /// Output pointer 16, length 3: postcard `Ok(DropBelow(5))` from the data segment.
-    pub const GOOD: &str = "(i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 3))";
+    pub(crate) const GOOD: &str = "(i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 3))";
 
     /// A module skeleton: ABI marker, memory, a bump allocator, and `body` as the
     /// retention entry point (params `$p $l`, result i64); `extra` goes first (imports).
-    pub fn module(extra: &str, body: &str) -> Vec<u8> {
+    pub(crate) fn module(extra: &str, body: &str) -> Vec<u8> {
         wat::parse_str(format!(
             r#"(module
                 {extra}

@@ -24,7 +24,7 @@ use switchyard_core::owner::PublishRequest;
 use switchyard_proto::protocol::{self, ErrorCode, OpError};
 
 /// The subprotocol the server offers.
-pub const SUBPROTOCOL: &str = "switchyard.v1";
+pub(crate) const SUBPROTOCOL: &str = "switchyard.v1";
 
 /// Initial read buffer of a WebSocket connection (tungstenite's default is 128 KiB).
 const READ_BUFFER: usize = 4 * 1024;
@@ -36,7 +36,7 @@ type Body = Full<Bytes>;
 
 /// Accepts connections until the node shuts down. Every spawned connection task holds a
 /// clone of `alive`, so its receiver tells when all have ended.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::Sender<()>) {
+pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::Sender<()>) {
     let mut shutdown = node.shutdown.clone();
     loop {
         let (stream, peer) = tokio::select! {

@@ -19,9 +19,9 @@ use switchyard_core::HistoryPage;
 use switchyard_proto::protocol::{ErrorCode, OpError, StartFrom, HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT};
 
 /// Default wait when `timeout` is absent.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait a client may ask for.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The parsed query of one poll.
 #[derive(Debug, PartialEq)]
@@ -34,7 +34,7 @@ struct Query {
 }
 
 /// Decodes `%XX` escapes and `+` (as a space) of one query value.
-pub fn percent_decode(v: &str) -> Result<String, OpError> {
+pub(crate) fn percent_decode(v: &str) -> Result<String, OpError> {
     let bytes = v.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -100,7 +100,7 @@ fn parse_query(query: &str) -> Result<Query, OpError> {
 /// as soon as there is one, or an empty page at the timeout. A `since` above the channel's
 /// top (e.g. from an older epoch) answers at once, so the client can start over from the
 /// reply's `epoch` and `offset`.
-pub async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> Result<HistoryPage, OpError> {
+pub(crate) async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> Result<HistoryPage, OpError> {
     let q = parse_query(query)?;
     let who = node.access.http_identity(crate::http::header(headers, AUTHORIZATION), q.token.as_deref())?;
     if let (true, Some(who)) = (node.access.enforced(), &who) {

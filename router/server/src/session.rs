@@ -95,7 +95,7 @@ struct Sub {
 }
 
 /// Serves one upgraded WebSocket until it closes.
-pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>)
+pub(crate) async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -657,5 +657,123 @@ where
             ws.send(Message::Close(Some(frame))).await
         };
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, last_words).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! One session over an in-memory socket (`tokio::io::duplex`) against a real node: a
+    //! real store and owners, no TCP.
+
+    use std::time::Duration;
+
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use serde_json::{json, Value};
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+    use crate::config::Config;
+
+    type Client = WebSocketStream<DuplexStream>;
+
+    fn node(dir: &std::path::Path, edit: impl FnOnce(&mut Config)) -> Arc<Node> {
+        let mut config = Config::default();
+        config.data_dir = dir.join("data");
+        config.plugins_dir = dir.join("plugins");
+        edit(&mut config);
+        config.validate().unwrap();
+        Node::start(config).unwrap()
+    }
+
+    async fn connect(node: &Arc<Node>) -> Client {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let node = node.clone();
+        tokio::spawn(async move {
+            let ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+            run(node, ws).await;
+        });
+        WebSocketStream::from_raw_socket(client, Role::Client, None).await
+    }
+
+    async fn send(ws: &mut Client, v: Value) {
+        ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    /// The next JSON frame (pings are answered by tungstenite as they are read).
+    async fn next(ws: &mut Client) -> Value {
+        loop {
+            match ws.next().await.expect("open").expect("frame") {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Close(c) => panic!("closed: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_subscribe_publish_and_the_push_arrive_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), |_| {});
+        let mut ws = connect(&node).await;
+        send(&mut ws, json!({"id": 1, "op": "connect"})).await;
+        assert_eq!(next(&mut ws).await["id"], 1);
+        send(&mut ws, json!({"id": 2, "op": "subscribe", "channel": "room:1"})).await;
+        let sub = next(&mut ws).await;
+        assert_eq!((sub["id"].as_u64(), sub["ok"]["offset"].as_u64()), (Some(2), Some(0)), "{sub}");
+        send(&mut ws, json!({"id": 3, "op": "publish", "channel": "room:1", "data": {"t": "hi"}})).await;
+        // The ack and the push may come in either order; both must come.
+        let (a, b) = (next(&mut ws).await, next(&mut ws).await);
+        let (ack, push) = if a.get("push").is_some() { (b, a) } else { (a, b) };
+        assert_eq!((ack["id"].as_u64(), ack["ok"]["offset"].as_u64()), (Some(3), Some(1)), "{ack}");
+        assert_eq!((push["push"].as_str(), push["offset"].as_u64()), (Some("message"), Some(1)), "{push}");
+        assert_eq!(push["data"], json!({"t": "hi"}));
+        assert_eq!(push["epoch"], ack["ok"]["epoch"]);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_frame_gets_an_error_and_the_connection_stays_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), |_| {});
+        let mut ws = connect(&node).await;
+        ws.send(Message::text("{not json")).await.unwrap();
+        let err = next(&mut ws).await;
+        assert_eq!(err["error"]["code"], "bad_request", "{err}");
+        send(&mut ws, json!({"id": 7, "op": "explode", "channel": "room:1"})).await;
+        let err = next(&mut ws).await;
+        assert_eq!((err["id"].as_u64(), err["error"]["code"].as_str()), (Some(7), Some("unknown_op")), "{err}");
+        send(&mut ws, json!({"id": 8, "op": "ping"})).await;
+        assert_eq!(next(&mut ws).await["id"], 8);
+    }
+
+    /// A client that stops answering pings is closed once `ping_timeout` passes; with time
+    /// paused the test takes no wall-clock time.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_closed_after_the_ping_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), |c| {
+            c.sessions.ping_interval = Duration::from_secs(1);
+            c.sessions.ping_timeout = Duration::from_secs(3);
+        });
+        let mut ws = connect(&node).await;
+        send(&mut ws, json!({"id": 1, "op": "connect"})).await;
+        // Not reading means not answering pings (tungstenite answers them on read).
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // Reading now answers the ping too late: the server has closed (a close frame, or
+        // the pong meets a socket the server already dropped).
+        let mut pings = 0;
+        let ended = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Ping(_))) => pings += 1,
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the connection was still open a minute later");
+        assert!(pings >= 1, "the server pinged before giving up");
+        assert_eq!(node.metrics.connections.get(), 0);
     }
 }

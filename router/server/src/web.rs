@@ -19,7 +19,7 @@ const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 const DEV_TOKEN_MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The embedded file served at `path`: `(content type, bytes)`.
-pub fn asset(path: &str) -> Option<(&'static str, &'static [u8])> {
+pub(crate) fn asset(path: &str) -> Option<(&'static str, &'static [u8])> {
     Some(match path {
         "/" | "/index.html" => ("text/html; charset=utf-8", include_bytes!("../web/chat.html")),
         "/chat.js" => ("text/javascript; charset=utf-8", include_bytes!("../web/chat.js")),
@@ -30,7 +30,7 @@ pub fn asset(path: &str) -> Option<(&'static str, &'static [u8])> {
 }
 
 /// `GET /api/v1/auth`: the auth mode and whether dev tokens can be had.
-pub fn auth_info(node: &Node) -> serde_json::Value {
+pub(crate) fn auth_info(node: &Node) -> serde_json::Value {
     let mode = if node.access.enforced() { "jwt" } else { "off" };
     serde_json::json!({ "mode": mode, "dev_tokens": node.access.verifier.dev_tokens_enabled() })
 }
@@ -47,7 +47,7 @@ struct DevTokenRequest {
 
 /// `POST /api/v1/dev/token` with `{"user", "ttl"?: "1h", "channels"?: [...]}`: answers
 /// `{"token", "user", "exp"}`, or `forbidden` when dev tokens are off.
-pub fn dev_token(node: &Node, body: &[u8]) -> Result<serde_json::Value, OpError> {
+pub(crate) fn dev_token(node: &Node, body: &[u8]) -> Result<serde_json::Value, OpError> {
     if !node.access.verifier.dev_tokens_enabled() {
         return Err(OpError::new(
             ErrorCode::Forbidden,
