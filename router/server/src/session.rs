@@ -678,9 +678,7 @@ mod tests {
     type Client = WebSocketStream<DuplexStream>;
 
     fn node(dir: &std::path::Path, edit: impl FnOnce(&mut Config)) -> Arc<Node> {
-        let mut config = Config::default();
-        config.data_dir = dir.join("data");
-        config.plugins_dir = dir.join("plugins");
+        let mut config = Config { data_dir: dir.join("data"), plugins_dir: dir.join("plugins"), ..Config::default() };
         edit(&mut config);
         config.validate().unwrap();
         Node::start(config).unwrap()
