@@ -56,6 +56,12 @@ pub struct OwnedMessage {
 }
 
 impl OwnedMessage {
+    /// Bytes this message takes in a reply or a peer frame: payload, keys, channel and
+    /// epoch, and a fixed allowance for the rest. Reply budgets count this, not `data`.
+    pub fn encoded_len(&self) -> usize {
+        self.data.get().len() + self.msg.encoded_len() + self.channel.len() + self.epoch.len()
+    }
+
     /// The protocol view; `push` is `Some("message")` for a push frame.
     pub fn view(&self, push: Option<&'static str>) -> MessageView<'_> {
         MessageView {
@@ -86,12 +92,17 @@ pub struct Settings {
     /// True when writes that reach a sealed partition are forwarded to its new owner
     /// (cluster mode with peer links); the receiver half is returned by [`Partitions::start`].
     pub forward_sealed: bool,
+    /// Most message bytes one read (a history or catch-up page) returns; never fewer than
+    /// one message.
+    pub max_reply_bytes: usize,
 }
 
 /// Every partition owner of this node, and the operations on a partition it owns.
 pub struct Partitions {
     /// Number of partitions P.
     partitions: u32,
+    /// Most message bytes one read returns.
+    max_reply_bytes: usize,
     /// The durable store every owner writes through.
     pub store: Arc<Store>,
     /// Metrics.
@@ -156,6 +167,7 @@ impl Partitions {
         }
         let this = Arc::new(Self {
             partitions: p,
+            max_reply_bytes: settings.max_reply_bytes,
             store,
             metrics,
             handovers: Handovers::default(),
@@ -275,7 +287,9 @@ impl Partitions {
         Ok(HistoryPage { epoch: view.epoch.to_string(), offset: view.top, first: view.first, messages })
     }
 
-    /// Reads stored messages `after < offset <= upto`, at most `limit`.
+    /// Reads stored messages `after < offset <= upto`, at most `limit`, and at most
+    /// `max_reply_bytes` of them (counting keys and ids, never fewer than one message): a
+    /// short page is legal, and the reader pages on from its last offset.
     pub fn read(
         &self,
         channel: &str,
@@ -284,19 +298,33 @@ impl Partitions {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<OwnedMessage>, OpError> {
+        /// Messages read from the store at a time, so a page stops near its byte budget.
+        const STEP: usize = 64;
         let name: Arc<str> = channel.into();
-        let rows = self
-            .store
-            .read_messages(self.partition(channel), channel, after, upto, limit)
-            .map_err(|e| OpError::internal(e.to_string()))?;
-        rows.into_iter()
-            .map(|(offset, mut msg)| {
+        let p = self.partition(channel);
+        let (mut out, mut bytes, mut from) = (Vec::new(), 0usize, after);
+        while out.len() < limit {
+            let want = (limit - out.len()).min(STEP);
+            let rows =
+                self.store.read_messages(p, channel, from, upto, want).map_err(|e| OpError::internal(e.to_string()))?;
+            let last_step = rows.len() < want;
+            for (offset, mut msg) in rows {
                 // The payload moves into the checked RawValue; `view` reads it from there.
                 let data = RawValue::from_string(std::mem::take(&mut msg.data))
                     .map_err(|e| OpError::internal(format!("stored payload: {e}")))?;
-                Ok(OwnedMessage { channel: name.clone(), epoch: epoch.clone(), offset, msg, data })
-            })
-            .collect()
+                let m = OwnedMessage { channel: name.clone(), epoch: epoch.clone(), offset, msg, data };
+                bytes += m.encoded_len();
+                if bytes > self.max_reply_bytes && !out.is_empty() {
+                    return Ok(out);
+                }
+                from = offset;
+                out.push(m);
+            }
+            if last_step {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Catch-up for a subscription on a channel owned here: stored messages
@@ -477,5 +505,29 @@ mod tests {
         for offset in 1..=3 {
             assert_eq!(ok_inbox.recv(&ok_out).await.unwrap().offset, offset);
         }
+    }
+
+    #[tokio::test]
+    async fn a_history_page_stops_at_the_byte_budget_and_pages_to_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let payload = format!("\"{}\"", "x".repeat(100_000));
+        for _ in 0..30 {
+            publish(&parts, "big:1", &payload, None).await;
+        }
+        let p = parts.partition("big:1");
+        let (mut since, mut seen, mut pages) = (0, Vec::new(), 0);
+        loop {
+            let page = parts.history(p, "big:1", since, 1000).await.unwrap();
+            assert_eq!(page.offset, 30, "a short page still names the channel top");
+            let bytes: usize = page.messages.iter().map(OwnedMessage::encoded_len).sum();
+            assert!(bytes <= 1 << 20, "a page of {bytes} bytes");
+            let Some(last) = page.messages.last() else { break };
+            since = last.offset;
+            seen.extend(page.messages.iter().map(|m| m.offset));
+            pages += 1;
+        }
+        assert_eq!(seen, (1..=30).collect::<Vec<_>>());
+        assert!(pages >= 3, "{pages} pages");
     }
 }

@@ -29,7 +29,7 @@ use switchyard_proto::protocol::{ErrorCode, OpError};
 const ATTEMPTS: usize = 50;
 /// How long a forwarded operation keeps following redirects and retrying.
 const RETRY_BUDGET: Duration = Duration::from_secs(10);
-/// Payload bytes one history reply carries over a link at most (fewer messages then).
+/// Bytes (payload, keys, ids) one history reply carries over a link at most (fewer messages then).
 const HISTORY_REPLY_BYTES: usize = 8 << 20;
 /// Deadline of one forwarded request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -382,7 +382,7 @@ impl Begun {
                         .messages
                         .iter()
                         .take_while(|m| {
-                            bytes += m.data.get().len();
+                            bytes += m.encoded_len();
                             bytes <= HISTORY_REPLY_BYTES
                         })
                         .count()

@@ -350,6 +350,7 @@ fn read_chunk(
                     break;
                 }
                 let consumers = store.consumers_of(p, &name)?;
+                bytes += name.len() + 64 + consumers.iter().map(|(c, _)| c.len() + 16).sum::<usize>();
                 chunk.channels.push((name.clone(), meta.clone(), consumers));
                 0
             }
@@ -360,7 +361,8 @@ fn read_chunk(
             let rows = store.read_messages(p, &name, after, meta.top, room)?;
             let full = rows.len() == room;
             for (offset, msg) in rows {
-                bytes += msg.data.len();
+                // Every byte the frame carries: keys and ids can outweigh the payload.
+                bytes += msg.encoded_len() + name.len();
                 after = offset;
                 chunk.messages.push((name.clone(), offset, msg));
             }
@@ -424,6 +426,36 @@ mod tests {
         }
     }
 
+    /// Keys and idempotency keys count against the budget: 2,100 messages with 64 KB keys
+    /// (the size that once overflowed the 64 MiB peer frame and lost a partition) move in
+    /// chunks whose encoded frames stay far below the limit, and every message arrives.
+    #[tokio::test]
+    async fn large_keys_count_against_the_chunk_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
+        let mut b = store.batch();
+        let big = |i: u64| StoredMessage {
+            ts: i,
+            key: Some(format!("{i}:{}", "k".repeat(64_000))),
+            from: Some("alice".into()),
+            idem: Some(format!("{i}:{}", "i".repeat(64_000))),
+            data: "1".into(),
+        };
+        for i in 1..=2100 {
+            b.put_message(6, "keys", i, &big(i));
+        }
+        b.put_meta(6, "keys", &ChannelMeta { epoch: "K".into(), top: 2100, first: 1, count: 2100, bytes: 0 });
+        b.write(true).await.unwrap();
+        let (chunks, n) = pull(&store, 6);
+        assert!(n > 30, "split by bytes, not by message count: {n} chunks");
+        for c in &chunks {
+            let frame = crate::wire::encode(&crate::wire::Frame::Reply { id: 1, result: Ok(Answer::Chunk(c.clone())) });
+            assert!(frame.len() < CHUNK_BYTES * 2, "a chunk frame of {} bytes", frame.len());
+        }
+        let offsets: Vec<u64> = chunks.iter().flat_map(|c| &c.messages).map(|m| m.1).collect();
+        assert_eq!(offsets, (1..=2100).collect::<Vec<_>>());
+    }
+
     #[tokio::test]
     async fn chunks_carry_every_channel_message_and_consumer_once_within_the_size_budget() {
         let dir = tempfile::tempdir().unwrap();
@@ -448,7 +480,7 @@ mod tests {
         let (chunks, n) = pull(&store, 4);
         assert!(n > 3, "split into several chunks: {n}");
         for c in &chunks {
-            let bytes: usize = c.messages.iter().map(|m| m.2.data.len()).sum();
+            let bytes: usize = c.messages.iter().map(|m| m.2.encoded_len() + m.0.len()).sum();
             assert!(bytes <= CHUNK_BYTES + 16 * 2048, "chunk of {bytes} bytes");
             assert!(c.messages.len() <= CHUNK_MESSAGES && c.channels.len() <= CHUNK_CHANNELS);
         }

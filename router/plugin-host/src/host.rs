@@ -207,6 +207,47 @@ impl Default for CallLimits {
     }
 }
 
+/// The digest file beside a cache entry: sha256 of the artifact's bytes.
+fn digest_path(path: &Path) -> PathBuf {
+    path.with_extension("cwasm.sha256")
+}
+
+/// The artifact at `path` if it may be loaded as native code: a regular file, not group-
+/// or world-writable, whose bytes match the digest recorded when it was written. Anything
+/// else is ignored (and recompiled over).
+fn read_cache_entry(path: &Path) -> Option<Vec<u8>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_file() || meta.permissions().mode() & 0o022 != 0 {
+        tracing::warn!(path = %path.display(), "plugin cache entry is not a private regular file; recompiling");
+        return None;
+    }
+    let bytes = std::fs::read(path).ok()?;
+    let recorded = std::fs::read_to_string(digest_path(path)).ok()?;
+    if recorded.trim() != crate::host_sha256(&bytes) {
+        tracing::warn!(path = %path.display(), "plugin cache entry does not match its digest; recompiling");
+        return None;
+    }
+    Some(bytes)
+}
+
+/// Writes an artifact and its digest (each through a temporary file and a rename), private
+/// to this user.
+fn write_cache_entry(path: &Path, artifact: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let put = |path: &Path, bytes: &[u8]| {
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    put(&digest_path(path), crate::host_sha256(artifact).as_bytes())?;
+    put(path, artifact)
+}
+
 /// The process's one wasm engine.
 pub struct Host {
     engine: Engine,
@@ -229,7 +270,11 @@ impl Host {
             },
         )?;
         if let Some(dir) = &cache_dir {
-            if let Err(e) = std::fs::create_dir_all(dir) {
+            // Native code is loaded from here: only this user may write to it.
+            use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+            let made = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+            let private = made.and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)));
+            if let Err(e) = private {
                 tracing::warn!(dir = %dir.display(), error = %e, "plugin cache disabled");
             }
         }
@@ -269,19 +314,19 @@ impl Host {
     #[allow(unsafe_code)]
     fn compile_cached(&self, bytes: &[u8], sha256: &str) -> Result<Module, LoadError> {
         let cached = self.cache_path(sha256);
-        if let Some(path) = cached.as_ref().filter(|p| p.exists()) {
-            // SAFETY: the file was written by `Module::serialize` of this same engine
-            // configuration (the name carries its compatibility hash) into our own data dir.
-            match unsafe { Module::deserialize_file(&self.engine, path) } {
+        if let Some(artifact) = cached.as_deref().and_then(read_cache_entry) {
+            // SAFETY: the bytes were written by `Module::serialize` of this same engine
+            // configuration (the name carries its compatibility hash), into a directory only
+            // this user can write, and they still match the digest recorded beside them.
+            match unsafe { Module::deserialize(&self.engine, &artifact) } {
                 Ok(m) => return Ok(m),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring unusable plugin cache entry"),
+                Err(e) => tracing::warn!(error = %e, "ignoring unusable plugin cache entry"),
             }
         }
         let module = Module::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         if let (Some(path), Ok(serialized)) = (cached, module.serialize()) {
-            let tmp = path.with_extension("tmp");
-            if std::fs::write(&tmp, serialized).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
-                tracing::debug!(path = %path.display(), "could not write plugin cache entry");
+            if let Err(e) = write_cache_entry(&path, &serialized) {
+                tracing::debug!(path = %path.display(), error = %e, "could not write plugin cache entry");
             }
         }
         Ok(module)
@@ -527,8 +572,52 @@ mod tests {
         let host = Host::new(Some(dir.path().to_path_buf())).unwrap();
         let bytes = module("", GOOD);
         host.load(&bytes).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(artifacts(dir.path()).len(), 1, "one artifact (and its digest)");
         let again = Host::new(Some(dir.path().to_path_buf())).unwrap();
         assert_eq!(again.load(&bytes).unwrap().kinds, vec![Kind::Retention]);
+    }
+
+    fn artifacts(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A cache entry whose bytes no longer match their digest, or that others may write,
+    /// is never loaded as native code: the module is compiled again and the entry rewritten.
+    #[test]
+    fn a_tampered_or_shared_cache_entry_is_recompiled() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = module("", GOOD);
+        Host::new(Some(dir.path().to_path_buf())).unwrap().load(&bytes).unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "the cache directory is private");
+        let path = artifacts(dir.path()).pop().unwrap();
+        let good = std::fs::read(&path).unwrap();
+        assert!(read_cache_entry(&path).is_some());
+
+        // Flip one byte in the middle of the artifact: the digest check refuses it.
+        let mut bad = good.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0xff;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(read_cache_entry(&path).is_none(), "tampered bytes are not loaded");
+        let host = Host::new(Some(dir.path().to_path_buf())).unwrap();
+        let compiled = host.load(&bytes).unwrap();
+        assert_eq!(compiled.kinds, vec![Kind::Retention]);
+        assert!(read_cache_entry(&path).is_some(), "recompiled and rewritten");
+        let limits = CallLimits::default();
+        let d: RetentionDecision =
+            host.call(&Arc::from("t"), &compiled, Kind::Retention, "{}", &input(), limits).unwrap();
+        assert_eq!(d, RetentionDecision::DropBelow(5));
+
+        // A world-writable entry is refused even with a matching digest.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(read_cache_entry(&path).is_none(), "a shared-writable entry is not loaded");
     }
 }

@@ -45,6 +45,32 @@ struct Health {
 /// Largest plugin file read (a wasm module is far smaller; this refuses device files).
 const MAX_PLUGIN_FILE: u64 = 64 * 1024 * 1024;
 
+/// Reads a plugin file safely: opened without following a symlink and without blocking (a
+/// FIFO), checked to be a regular file on the opened descriptor (so nothing can be swapped
+/// in between the check and the read), and read through a hard cap of
+/// [`MAX_PLUGIN_FILE`] bytes.
+pub(crate) fn read_plugin_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::ELOOP) => "a symlink (plugin files must be regular files)".to_string(),
+                _ => format!("cannot open: {e}"),
+            },
+        )?;
+    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file (a FIFO, device or directory)".into());
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(MAX_PLUGIN_FILE) as usize);
+    file.take(MAX_PLUGIN_FILE + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_PLUGIN_FILE {
+        return Err(format!("over {MAX_PLUGIN_FILE} bytes"));
+    }
+    Ok(bytes)
+}
+
 /// One plugin file and what became of it.
 pub struct Entry {
     name: Arc<str>,
@@ -149,15 +175,13 @@ impl Registry {
             else {
                 continue;
             };
-            // Regular files of sane size only: a FIFO or /dev/zero must not hang the reload.
-            match std::fs::metadata(&path) {
-                Ok(m) if m.is_file() && m.len() <= MAX_PLUGIN_FILE => {}
-                _ => {
-                    tracing::warn!(plugin = stem, "skipping: not a regular file under 64 MiB");
+            let bytes = match read_plugin_file(&path) {
+                Ok(bytes) => bytes,
+                Err(why) => {
+                    tracing::warn!(plugin = stem, %why, "skipping plugin file");
                     continue;
                 }
-            }
-            let Ok(bytes) = std::fs::read(&path) else { continue };
+            };
             let sha = crate::host_sha256(&bytes);
             let old = current.get(stem);
             if let Some(old) = old.filter(|o| o.file_sha256 == sha) {
@@ -448,5 +472,25 @@ mod tests {
         });
         assert!(matches!(out, Err(Fallback::Failed(CallError::Invalid(_)))));
         assert_eq!(r.metrics.plugin_failures.with_label_values(&["p", "retention", "invalid_output"]).get(), 1);
+    }
+
+    /// Only regular files are plugins: a symlink (even to a good module) and a FIFO are
+    /// skipped without blocking the rescan, and a good file beside them still loads.
+    #[test]
+    fn symlinks_and_fifos_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.wasm");
+        std::fs::write(&good, module("", GOOD)).unwrap();
+        std::os::unix::fs::symlink(&good, dir.path().join("linked.wasm")).unwrap();
+        let fifo = dir.path().join("fifo.wasm");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success(), "mkfifo");
+        assert!(read_plugin_file(&fifo).unwrap_err().contains("not a regular file"));
+        assert!(read_plugin_file(&dir.path().join("linked.wasm")).unwrap_err().contains("symlink"));
+        let r = registry(dir.path());
+        r.rescan();
+        let names: Vec<String> = r.list().into_iter().map(|p| p.name).collect();
+        assert_eq!(names, vec!["good".to_string()], "only the regular file is a plugin");
+        assert!(call(&r, "good").is_ok());
     }
 }

@@ -152,6 +152,20 @@ pub struct Limits {
     pub outbound_queue_messages: usize,
     /// Bytes that may wait in one connection's outbound queue. Default 8 MiB.
     pub outbound_queue_bytes: usize,
+    /// Longest `key` and `idempotency_key` of a publish, in bytes; longer ones get
+    /// `too_large`. Default 256.
+    pub max_key_bytes: usize,
+    /// Most message bytes (payload, keys, ids) in one history, catch-up or long-poll page;
+    /// a page stops early (never below one message) and the client pages on from its last
+    /// offset. Default 8 MiB.
+    pub max_reply_bytes: usize,
+    /// Most client WebSocket connections this node holds; past it, upgrades get 503 with
+    /// `Retry-After`. Default 10,000.
+    pub max_connections: usize,
+    /// A connection whose socket accepts no bytes this long while a reply or push waits is
+    /// closed and its memory freed. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 /// Publishing behaviour.
@@ -254,6 +268,10 @@ impl Default for Limits {
             max_subscriptions: 1024,
             outbound_queue_messages: 4096,
             outbound_queue_bytes: 8 * 1024 * 1024,
+            max_key_bytes: 256,
+            max_reply_bytes: 8 * 1024 * 1024,
+            max_connections: 10_000,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -395,6 +413,21 @@ impl Config {
         if l.max_subscriptions == 0 {
             return invalid("limits.max_subscriptions", "must be at least 1");
         }
+        if l.write_timeout < Duration::from_millis(100) {
+            return invalid("limits.write_timeout", "must be at least 100ms");
+        }
+        if l.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if l.max_key_bytes == 0 || l.max_key_bytes > 65_536 {
+            return invalid("limits.max_key_bytes", "must be between 1 and 65536");
+        }
+        if l.max_reply_bytes < 64 * 1024 || l.max_reply_bytes > 32 * 1024 * 1024 {
+            return invalid(
+                "limits.max_reply_bytes",
+                "must be between 65536 and 33554432 (the peer frame limit is 64 MiB)",
+            );
+        }
         if l.outbound_queue_messages == 0 {
             return invalid("limits.outbound_queue_messages", "must be at least 1");
         }
@@ -506,6 +539,24 @@ impl Config {
     /// The URL this node advertises in cluster mode.
     pub fn advertise_url(&self) -> String {
         self.cluster.advertise.clone().unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
+    /// Refuses a publish whose `key` or `idempotency_key` is over `limits.max_key_bytes`.
+    pub fn check_keys(
+        &self,
+        key: Option<&str>,
+        idempotency_key: Option<&str>,
+    ) -> Result<(), switchyard_proto::protocol::OpError> {
+        let max = self.limits.max_key_bytes;
+        for (field, value) in [("key", key), ("idempotency_key", idempotency_key)] {
+            if let Some(v) = value.filter(|v| v.len() > max) {
+                return Err(switchyard_proto::protocol::OpError::new(
+                    switchyard_proto::protocol::ErrorCode::TooLarge,
+                    format!("{field} is {} bytes; limits.max_key_bytes is {max}", v.len()),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The settings that apply to a channel, by its namespace.

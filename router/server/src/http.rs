@@ -34,6 +34,16 @@ const WRITE_BUFFER: usize = 32 * 1024;
 
 type Body = Full<Bytes>;
 
+/// A request's headers must arrive within this (a half-sent request is dropped).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long shutdown waits for the request in hand on a keep-alive connection.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// Pause before accepting again when the process is out of file descriptors.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+/// `EMFILE` and `ENFILE` on Linux: out of file descriptors (process, system).
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
+
 /// Accepts connections until the node shuts down. Every spawned connection task holds a
 /// clone of `alive`, so its receiver tells when all have ended.
 pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::Sender<()>) {
@@ -43,6 +53,16 @@ pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::S
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
+                Err(e) if matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) => {
+                    // Out of file descriptors: the pending connection stays in the backlog,
+                    // so accepting again at once would spin. Back off until some close.
+                    tracing::warn!(error = %e, backoff = ?ACCEPT_BACKOFF, "out of file descriptors; accepting again shortly");
+                    tokio::select! {
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     continue;
@@ -60,15 +80,21 @@ pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::S
                 async move { Ok::<_, Infallible>(route(node, req, alive).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
                 _ = shutdown.changed() => {
-                    // Finish the request in hand, then close the keep-alive connection.
+                    // Finish the request in hand, then close the keep-alive connection; a
+                    // request still arriving (half-sent) does not hold the shutdown up.
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    match tokio::time::timeout(SHUTDOWN_GRACE, conn).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
+                    }
                 }
             };
             if let Err(e) = result {
@@ -211,6 +237,14 @@ fn cluster(node: &Node) -> serde_json::Value {
 }
 
 async fn publish(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    // A browser form can post cross-site without a preflight, but not as JSON.
+    let json = header(req.headers(), header::CONTENT_TYPE)
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        let e = OpError::bad_request("Content-Type must be application/json");
+        return json_response(415, protocol::to_frame(&serde_json::json!({ "error": e })));
+    }
     if let Err(e) = check_api_key(&node, req.headers()) {
         return error_response(&e);
     }
@@ -226,8 +260,13 @@ async fn publish(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         Ok(p) => p,
         Err(e) => return error_response(&e),
     };
-    let req =
-        PublishRequest { channel: p.channel, data: p.data, key: p.key, idempotency_key: p.idempotency_key, from: None };
+    if let Err(e) = node.config.check_keys(p.key.as_deref(), p.idempotency_key.as_deref()) {
+        return error_response(&e);
+    }
+    // With tokens on, the API key's holder has an idempotency namespace of its own (see
+    // the session's `scoped`); anonymous mode shares the channel-wide one.
+    let idempotency_key = p.idempotency_key.map(|k| if node.access.enforced() { format!("h/{k}") } else { k });
+    let req = PublishRequest { channel: p.channel, data: p.data, key: p.key, idempotency_key, from: None };
     result_response(node.router.publish_and_wait(req).await)
 }
 
@@ -290,6 +329,13 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
     };
     if *node.shutdown.borrow() {
         return error_response(&OpError::new(ErrorCode::Unavailable, "node shutting down"));
+    }
+    let max_connections = node.config.limits.max_connections;
+    if matches!(who, Peer::Client) && node.metrics.connections.get() >= max_connections as i64 {
+        let e = OpError::new(ErrorCode::Unavailable, format!("limits.max_connections ({max_connections}) reached"));
+        let mut response = error_response(&e);
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
     }
     let accept = derive_accept_key(key.as_bytes());
     let offers_subprotocol = headers

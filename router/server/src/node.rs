@@ -91,6 +91,7 @@ impl Node {
             partitions: config.partitions,
             idempotency_window: config.publish.idempotency_window,
             forward_sealed: secret.is_some(),
+            max_reply_bytes: config.limits.max_reply_bytes,
         };
         let (partitions, sealed_writes) = Partitions::start(store, metrics.clone(), settings)?;
         let plugins = start_plugins(&config, metrics.clone())?;

@@ -68,6 +68,8 @@ enum Stop {
     },
     /// The peer did not answer a ping in time.
     Unresponsive,
+    /// The socket accepted no bytes for `limits.write_timeout`.
+    WriteTimeout,
 }
 
 impl From<Refusal> for Stop {
@@ -172,7 +174,12 @@ fn ready(frame: Text) -> BoxFuture<'static, Output> {
 /// Drives a socket write. The common case (room in the buffer) completes on the first poll
 /// without registering any waiter; a blocked write is raced against the slow-consumer and
 /// shutdown signals so a stuck peer cannot hold the session.
-async fn until_stopped<F>(fut: F, outbox: &Outbox, shutdown: &mut watch::Receiver<bool>) -> Result<(), Stop>
+async fn until_stopped<F>(
+    fut: F,
+    outbox: &Outbox,
+    shutdown: &mut watch::Receiver<bool>,
+    write_timeout: std::time::Duration,
+) -> Result<(), Stop>
 where
     F: std::future::Future<Output = Result<(), WsError>>,
 {
@@ -191,6 +198,8 @@ where
         r = fut => r.map_err(|_| Stop::Gone),
         _ = slow => Err(Stop::Slow),
         _ = stopping(shutdown) => Err(Stop::Shutdown),
+        // The socket took no bytes for this long: the client stopped reading.
+        _ = tokio::time::sleep(write_timeout) => Err(Stop::WriteTimeout),
     }
 }
 
@@ -252,7 +261,7 @@ where
         }
         self.unflushed = true;
         let fut = self.ws.feed(Message::Text(text(frame)));
-        until_stopped(fut, &self.outbox, &mut self.shutdown).await
+        until_stopped(fut, &self.outbox, &mut self.shutdown, self.node.config.limits.write_timeout).await
     }
 
     async fn flush(&mut self) -> Result<(), Stop> {
@@ -264,7 +273,7 @@ where
         metrics.messages_delivered.inc_by(std::mem::take(&mut self.delivered));
         metrics.bytes_delivered.inc_by(std::mem::take(&mut self.delivered_bytes));
         let fut = self.ws.flush();
-        until_stopped(fut, &self.outbox, &mut self.shutdown).await
+        until_stopped(fut, &self.outbox, &mut self.shutdown, self.node.config.limits.write_timeout).await
     }
 
     async fn push_message(&mut self, frame: Text) -> Result<(), Stop> {
@@ -281,6 +290,17 @@ where
     /// Queues a reply behind the ones still in flight.
     fn queue(&mut self, fut: BoxFuture<'static, Output>) {
         self.pending.push_back(fut);
+    }
+
+    /// A durable consumer name or idempotency key in this client's own namespace: with a
+    /// token, `u/<sub>/<name>` (alice's `phone` is not bob's); anonymous clients share the
+    /// channel-wide namespace, so a retry after a reconnect is still recognised. `/` is in
+    /// neither user ids nor consumer names, so scoped and unscoped names never meet.
+    fn scoped(&self, name: String) -> String {
+        match self.gate.user() {
+            Some(user) => format!("u/{user}/{name}"),
+            None => name,
+        }
     }
 
     fn queue_result<T: serde::Serialize>(&mut self, id: u64, result: Result<T, OpError>) {
@@ -344,7 +364,7 @@ where
             Beat::Ping => {
                 self.unflushed = true;
                 let fut = self.ws.feed(Message::Ping(Bytes::new()));
-                until_stopped(fut, &self.outbox, &mut self.shutdown).await
+                until_stopped(fut, &self.outbox, &mut self.shutdown, self.node.config.limits.write_timeout).await
             }
         }
     }
@@ -401,11 +421,14 @@ where
                 if let Err(refused) = self.gate.take_publish(&node.access, Instant::now()) {
                     return self.refuse(id, refused);
                 }
+                if let Err(e) = node.config.check_keys(p.key.as_deref(), p.idempotency_key.as_deref()) {
+                    return self.refuse(id, Ok(e));
+                }
                 let req = PublishRequest {
                     channel: p.channel,
                     data: p.data,
                     key: p.key,
-                    idempotency_key: p.idempotency_key,
+                    idempotency_key: p.idempotency_key.map(|k| self.scoped(k)),
                     from: self.gate.user().map(|u| u.to_string()),
                 };
                 match node.router.publish(req).await {
@@ -433,17 +456,18 @@ where
                         .boxed(),
                 )
             }
-            Command::Commit { channel, consumer, offset } => match node.router.commit(&channel, consumer, offset).await
-            {
-                Ok(rx) => self.queue(
-                    async move {
-                        let result = rx.await.unwrap_or_else(|_| Err(owner_gone())).map(|()| Empty {});
-                        Output::Frame(protocol::reply(id, &result))
-                    }
-                    .boxed(),
-                ),
-                Err(e) => self.queue_result::<Empty>(id, Err(e)),
-            },
+            Command::Commit { channel, consumer, offset } => {
+                match node.router.commit(&channel, self.scoped(consumer), offset).await {
+                    Ok(rx) => self.queue(
+                        async move {
+                            let result = rx.await.unwrap_or_else(|_| Err(owner_gone())).map(|()| Empty {});
+                            Output::Frame(protocol::reply(id, &result))
+                        }
+                        .boxed(),
+                    ),
+                    Err(e) => self.queue_result::<Empty>(id, Err(e)),
+                }
+            }
         }
         Ok(())
     }
@@ -460,7 +484,7 @@ where
         }
         let sub = self.node.router.next_id();
         let start = match consumer {
-            Some(c) => Start::Consumer(c),
+            Some(c) => Start::Consumer(self.scoped(c)),
             None => Start::From(from),
         };
         match self.node.router.subscribe(&channel, sub, self.outbox.clone(), start).await {
@@ -616,6 +640,11 @@ where
             Stop::Unresponsive => {
                 // Nobody reads this socket: no last words, just drop it (and its resources).
                 tracing::info!("closing a connection that stopped answering pings");
+                return;
+            }
+            Stop::WriteTimeout => {
+                // Its socket is full and stays full: last words could not be written either.
+                tracing::info!(limit = ?self.node.config.limits.write_timeout, "closing a connection that stopped reading");
                 return;
             }
             Stop::Refused { code, reason } => (code, reason),

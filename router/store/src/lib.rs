@@ -90,6 +90,13 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
+    /// Bytes this message takes in any encoding that carries it whole (payload, keys, and
+    /// a fixed allowance for offsets, timestamps and framing): what byte budgets count.
+    pub fn encoded_len(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        self.data.len() + opt(&self.key) + opt(&self.from) + opt(&self.idem) + 32
+    }
+
     /// True for a keyed `null` payload.
     pub fn is_tombstone(&self) -> bool {
         self.data == "null"
