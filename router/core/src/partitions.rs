@@ -387,7 +387,12 @@ mod tests {
     fn start(dir: &std::path::Path) -> Arc<Partitions> {
         let metrics = Arc::new(Metrics::new());
         let store = Store::open(dir, switchyard_store::FsyncPolicy::Batch, metrics.clone()).unwrap();
-        let settings = Settings { partitions: 4, idempotency_window: Duration::from_secs(60), forward_sealed: false };
+        let settings = Settings {
+            partitions: 4,
+            idempotency_window: Duration::from_secs(60),
+            forward_sealed: false,
+            max_reply_bytes: 1 << 20,
+        };
         Partitions::start(store, metrics, settings).unwrap().0
     }
 
