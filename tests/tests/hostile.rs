@@ -127,7 +127,7 @@ async fn a_drained_partition_full_of_large_keys_loses_nothing() -> Result<()> {
     const P: u32 = 4;
     let limits = "[limits]\nmax_frame_bytes = 262144\nmax_key_bytes = 65536\n";
     let config = |etcd: &Etcd, id: &str| {
-        format!("{limits}{}secret = \"correct-horse-battery-staple\"\n", node_config(etcd, "big", id, P, ""))
+        format!("{}secret = \"correct-horse-battery-staple\"\n", node_config(etcd, "big", id, P, limits))
     };
     let etcd = Etcd::start().await;
     let (mut n1, n2) = (Node::start(&config(&etcd, "n1")), Node::start(&config(&etcd, "n2")));
