@@ -210,6 +210,54 @@ async fn a_client_that_stops_reading_its_replies_is_cut_after_the_write_timeout(
     Ok(())
 }
 
+/// Reads are free: 1,000 history probes of channels that do not exist (and subscriptions
+/// that come and go) leave the channel count and the data directory as they were, and a
+/// restart recovers only the channel that was written.
+#[tokio::test]
+async fn a_thousand_history_probes_leave_no_channels_and_no_disk_behind() -> Result<()> {
+    let mut node = Node::start("");
+    let mut c = node.client().await;
+    c.publish("room:real", json!("kept")).await?;
+    let channels = |m: &Metrics| m.sum("switchyard_partition_channels").unwrap_or(0.0);
+    let before = channels(&metrics(&node).await?);
+    let disk_before = dir_size(&node.data_dir());
+    for i in 0..1000 {
+        let h = c.history(&format!("probe:{i}"), None, None).await?;
+        ensure!(h.messages.is_empty() && h.offset == 0, "probe {i}: {h:?}");
+    }
+    for i in 0..100 {
+        let ch = format!("peek:{i}");
+        c.subscribe(&ch, json!({})).await?;
+        c.ok("unsubscribe", json!({"channel": ch})).await?;
+        let r = http(node.addr(), "GET", &format!("/api/v1/channels/http:{i}/history"), None).await?;
+        ensure!(r.status == 200, "HTTP probe {i}: {}", r.status);
+    }
+    let after = channels(&metrics(&node).await?);
+    ensure!(after == before, "channels in memory: {before} before the probes, {after} after");
+    let disk_after = dir_size(&node.data_dir());
+    ensure!(disk_after <= disk_before + 64 * 1024, "data dir grew from {disk_before} to {disk_after} bytes");
+    drop(c);
+    node.restart();
+    let mut c = node.client().await;
+    ensure!(channels(&metrics(&node).await?) == 1.0, "only room:real was recovered");
+    ensure!(c.history_all("room:real").await?.messages.len() == 1);
+    Ok(())
+}
+
+fn dir_size(path: &std::path::Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Sends raw bytes on a new connection and reads the whole answer as text.
 async fn raw_exchange(node: &Node, request: &[u8]) -> Result<String> {
     let mut s = TcpStream::connect(node.addr()).await?;

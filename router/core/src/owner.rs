@@ -40,6 +40,12 @@ pub fn new_epoch() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), 8)
 }
 
+/// True for an epoch string this server could have made (`new_epoch`): short and
+/// alphanumeric. Only such an epoch is taken from a client.
+fn is_epoch_like(epoch: &str) -> bool {
+    (1..=32).contains(&epoch.len()) && epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// A message to store, from a client or the HTTP API.
 #[derive(Debug)]
 pub struct PublishRequest {
@@ -476,11 +482,18 @@ impl Owner {
     }
 
     fn channel(&mut self, name: &str, work: &mut Work) -> &mut ChannelState {
+        self.channel_in(name, None, work)
+    }
+
+    /// The state of `name`, created in memory (with `epoch`, or a new one) if it has none.
+    /// Creating it persists nothing: a channel reaches the store with its first write, so
+    /// reads and subscriptions of channels that never see a message cost no disk.
+    fn channel_in(&mut self, name: &str, epoch: Option<Arc<str>>, work: &mut Work) -> &mut ChannelState {
         if !self.channels.contains_key(name) {
             let name: Arc<str> = name.into();
             let state = ChannelState {
                 name: name.clone(),
-                epoch: new_epoch().into(),
+                epoch: epoch.unwrap_or_else(|| new_epoch().into()),
                 top: 0,
                 durable: 0,
                 first: 1,
@@ -494,13 +507,12 @@ impl Owner {
             };
             self.channels.insert(name.clone(), state);
             self.metrics.partition_channels.with_label_values(&[&self.partition.to_string()]).inc();
-            // Created in this batch: a failed write removes it again. Its metadata rides
-            // along unsynced: if it is lost in a crash, the channel comes back under a new
-            // epoch, which is exactly what an epoch means.
+            // Created in this batch: a failed write removes it again. Its metadata is written
+            // with the first message, unsynced until that batch syncs: if it is lost in a
+            // crash, the channel comes back under a new epoch, which is exactly what an
+            // epoch means.
             work.undo.push((name.clone(), None));
-            let ch = self.channels.get_mut(&name).expect("just inserted");
-            mark_dirty(ch, work);
-            return ch;
+            return self.channels.get_mut(&name).expect("just inserted");
         }
         let ch = self.channels.get_mut(name).expect("checked above");
         if !ch.dirty {
@@ -527,7 +539,15 @@ impl Owner {
                 let _ = reply.send(());
             }
             OwnerCommand::Subscribe { channel, sub, outbox, start, reply } => {
-                let ch = self.channel(&channel, work);
+                // A client that saw this channel empty (offset 0) under some epoch finds it
+                // still empty under that epoch, even though nothing was stored for it.
+                let seen = match &start {
+                    Start::From(StartFrom::Recover { offset: 0, epoch }) if is_epoch_like(epoch) => {
+                        Some(Arc::from(epoch.as_str()))
+                    }
+                    _ => None,
+                };
+                let ch = self.channel_in(&channel, seen, work);
                 // Answered after the batch, but "latest" means latest when it arrived:
                 // publishes later in this batch belong to the subscriber.
                 let start = match start {
@@ -536,11 +556,8 @@ impl Owner {
                 };
                 work.after.push(OwnerCommand::Subscribe { channel, sub, outbox, start, reply });
             }
-            OwnerCommand::View(ref channel, _) => {
-                let channel = channel.clone();
-                self.channel(&channel, work);
-                work.after.push(cmd);
-            }
+            // A read of a channel with no state creates none (see `answer`).
+            OwnerCommand::View(..) => work.after.push(cmd),
             OwnerCommand::Info { ref channel, .. } => {
                 let channel = channel.clone();
                 self.channel(&channel, work);
@@ -803,6 +820,18 @@ impl Owner {
         }
     }
 
+    /// Forgets a channel that holds nothing worth keeping in memory: never written (no
+    /// message, no committed consumer) and nobody subscribed.
+    fn evict_if_idle(&mut self, channel: &str) {
+        let idle = self.channels.get(channel).is_some_and(|ch| {
+            ch.top == 0 && !ch.dirty && ch.subscribers.is_empty() && ch.consumers.values().all(|o| *o == 0)
+        });
+        if idle {
+            self.channels.remove(channel);
+            self.metrics.partition_channels.with_label_values(&[&self.partition.to_string()]).dec();
+        }
+    }
+
     /// Answers reads and registrations after the batch they arrived in is durable.
     fn answer(&mut self, cmd: OwnerCommand) {
         match cmd {
@@ -819,6 +848,7 @@ impl Owner {
                 if let Some(ch) = self.channels.get_mut(channel.as_str()) {
                     ch.subscribers.retain(|s| s.sub != sub);
                 }
+                self.evict_if_idle(&channel);
             }
             OwnerCommand::Seal(reason, reply) => {
                 for ch in self.channels.values_mut() {
@@ -864,9 +894,13 @@ impl Owner {
                 let _ = reply.send(facts.ok_or_else(|| OpError::internal("channel vanished")));
             }
             OwnerCommand::View(channel, reply) => {
-                if let Some(ch) = self.channels.get(channel.as_str()) {
-                    let _ = reply.send(ChannelView { epoch: ch.epoch.clone(), top: ch.durable, first: ch.first });
-                }
+                let view = match self.channels.get(channel.as_str()) {
+                    Some(ch) => ChannelView { epoch: ch.epoch.clone(), top: ch.durable, first: ch.first },
+                    // Never written: empty, under an epoch made up for this answer. A client
+                    // that recovers from offset 0 under it is told `recovered: true`.
+                    None => ChannelView { epoch: new_epoch().into(), top: 0, first: 1 },
+                };
+                let _ = reply.send(view);
             }
             OwnerCommand::Snapshot(reply) => {
                 let snaps = self

@@ -535,4 +535,33 @@ mod tests {
         assert_eq!(seen, (1..=30).collect::<Vec<_>>());
         assert!(pages >= 3, "{pages} pages");
     }
+
+    /// Reads are free: history, subscribe and unsubscribe of a channel that never sees a
+    /// message write nothing to the store and leave no state behind; the first publish
+    /// creates it.
+    #[tokio::test]
+    async fn reads_of_unknown_channels_store_nothing_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let p = parts.partition("ghost:1");
+        let page = parts.history(p, "ghost:1", 0, 100).await.unwrap();
+        assert!(page.messages.is_empty() && page.offset == 0);
+        let (grant, _out, _inbox) = subscribe(&parts, "ghost:1", Start::From(StartFrom::Latest)).await;
+        assert_eq!(grant.top, 0);
+        let sub = parts.next_id() - 1;
+        parts.unsubscribe("ghost:1", sub).await;
+        assert!(parts.snapshot(p).await.unwrap().iter().all(|s| &*s.channel != "ghost:1"), "evicted");
+        assert!(parts.store.channel_meta(p, "ghost:1").unwrap().is_none(), "nothing stored");
+        assert!(parts.store.all_channels().unwrap().is_empty());
+
+        // A client that saw the empty channel under an epoch recovers exactly from offset 0.
+        let seen = page.epoch.clone();
+        let recover = Start::From(StartFrom::Recover { offset: 0, epoch: seen.clone() });
+        let (grant, _out, _inbox) = subscribe(&parts, "ghost:1", recover).await;
+        assert_eq!((grant.recovered, &*grant.epoch), (Some(true), seen.as_str()));
+        // The first publish stores the channel, under that same epoch.
+        let ok = publish(&parts, "ghost:1", "1", None).await;
+        assert_eq!((ok.offset, &*ok.epoch), (1, seen.as_str()));
+        assert!(parts.store.channel_meta(p, "ghost:1").unwrap().is_some());
+    }
 }

@@ -320,12 +320,12 @@ pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig 
 }
 
 /// Encodes a frame.
-pub fn encode(frame: &Frame) -> Vec<u8> {
+pub(crate) fn encode(frame: &Frame) -> Vec<u8> {
     postcard::to_stdvec(frame).expect("peer frames serialize")
 }
 
 /// Decodes a frame; trailing bytes are an error.
-pub fn decode(bytes: &[u8]) -> Result<Frame, String> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, String> {
     match postcard::take_from_bytes::<Frame>(bytes) {
         Ok((f, [])) => Ok(f),
         Ok((_, rest)) => Err(format!("{} trailing bytes", rest.len())),
@@ -370,5 +370,20 @@ mod tests {
         assert!(decode(&extra).is_err());
         let e = WireError::op(&OpError::new(ErrorCode::Forbidden, "no"));
         assert_eq!(e.to_op().code, ErrorCode::Forbidden);
+    }
+
+    proptest::proptest! {
+        /// Fuzz-style: any bytes on a peer link decode to a frame or an error, never a panic.
+        #[test]
+        fn any_peer_bytes_decode_or_fail(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+        }
+
+        /// Every request frame survives an encode/decode round trip.
+        #[test]
+        fn requests_round_trip(id in 0u64.., epoch in 0u64.., channel in "[a-z:0-9]{1,30}", since in 0u64.., limit in 0u32..) {
+            let frame = Frame::Request { id, epoch, op: Op::History { channel, since, limit } };
+            proptest::prop_assert_eq!(decode(&encode(&frame)).unwrap(), frame);
+        }
     }
 }

@@ -151,6 +151,8 @@ impl OutputBound for abi::BalanceInput {
 /// tables, growth failures trap) plus a note of which limit was hit, and the log budget.
 struct CallState {
     plugin: Arc<str>,
+    /// The host's per-plugin log windows.
+    log_budget: Arc<LogBudget>,
     limits: StoreLimits,
     max_memory: usize,
     memory_hit: bool,
@@ -253,6 +255,8 @@ pub struct Host {
     engine: Engine,
     linker: Linker<CallState>,
     cache_dir: Option<PathBuf>,
+    /// Guest log lines per plugin per second.
+    log_budget: Arc<LogBudget>,
 }
 
 impl Host {
@@ -290,7 +294,7 @@ impl Host {
                 }
             })
             .map_err(wasmtime::Error::from)?;
-        Ok(Arc::new(Self { engine, linker, cache_dir }))
+        Ok(Arc::new(Self { engine, linker, cache_dir, log_budget: Arc::default() }))
     }
 
     fn cache_path(&self, sha256: &str) -> Option<PathBuf> {
@@ -358,6 +362,7 @@ impl Host {
             max_memory: limits.max_memory,
             memory_hit: false,
             logs_left: LOG_LINES_PER_CALL,
+            log_budget: self.log_budget.clone(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
@@ -398,12 +403,51 @@ impl Host {
         let out = out_ptr.checked_add(out_len).and_then(|end| data.get(out_ptr..end)).ok_or_else(|| {
             CallError::OutOfBounds(format!("output [{out_ptr:#x}, +{out_len}) outside {} bytes", data.len()))
         })?;
-        // The whole buffer must be one value: trailing bytes mean the guest wrote garbage.
-        match postcard::take_from_bytes::<abi::GuestResult<O>>(out) {
-            Ok((Ok(decision), [])) => Ok(decision),
-            Ok((Err(message), [])) => Err(CallError::Guest(message.chars().take(512).collect())),
-            Ok((_, rest)) => Err(CallError::Garbage(format!("{} trailing bytes after the output value", rest.len()))),
-            Err(e) => Err(CallError::Garbage(format!("undecodable output ({out_len} bytes): {e}"))),
+        decode_output(out)
+    }
+}
+
+/// Decodes a guest's output buffer: exactly one postcard `GuestResult`, nothing after it.
+/// Any other byte string is `Garbage` (never a panic, whatever the guest wrote).
+fn decode_output<O: DeserializeOwned>(out: &[u8]) -> Result<O, CallError> {
+    // The whole buffer must be one value: trailing bytes mean the guest wrote garbage.
+    match postcard::take_from_bytes::<abi::GuestResult<O>>(out) {
+        Ok((Ok(decision), [])) => Ok(decision),
+        Ok((Err(message), [])) => Err(CallError::Guest(message.chars().take(512).collect())),
+        Ok((_, rest)) => Err(CallError::Garbage(format!("{} trailing bytes after the output value", rest.len()))),
+        Err(e) => Err(CallError::Garbage(format!("undecodable output ({} bytes): {e}", out.len()))),
+    }
+}
+
+/// Guest log lines one plugin may write per second, over all its calls; the rest are
+/// counted and reported in one line when the next second starts.
+const LOG_LINES_PER_SECOND: u32 = 20;
+
+/// Per-plugin log windows (a plugin called thousands of times a second must not flood the
+/// node's log even though each call stays under its own line cap).
+#[derive(Default)]
+struct LogBudget {
+    windows: std::sync::Mutex<std::collections::HashMap<Arc<str>, (std::time::Instant, u32, u64)>>,
+}
+
+impl LogBudget {
+    /// True when `plugin` may log one more line now.
+    fn admit(&self, plugin: &Arc<str>) -> bool {
+        let now = std::time::Instant::now();
+        let mut windows = self.windows.lock().expect("log budget");
+        let w = windows.entry(plugin.clone()).or_insert((now, 0, 0));
+        if now.duration_since(w.0) >= Duration::from_secs(1) {
+            if w.2 > 0 {
+                tracing::warn!(plugin = %plugin, suppressed = w.2, "guest log lines over {LOG_LINES_PER_SECOND}/s dropped");
+            }
+            *w = (now, 0, 0);
+        }
+        if w.1 < LOG_LINES_PER_SECOND {
+            w.1 += 1;
+            true
+        } else {
+            w.2 += 1;
+            false
         }
     }
 }
@@ -424,6 +468,10 @@ fn guest_log(caller: &mut Caller<'_, CallState>, level: i32, ptr: i32, len: i32)
         return;
     }
     caller.data_mut().logs_left -= 1;
+    let (plugin, budget) = (caller.data().plugin.clone(), caller.data().log_budget.clone());
+    if !budget.admit(&plugin) {
+        return;
+    }
     let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else { return };
     let (start, len) = (ptr as u32 as usize, (len as u32 as usize).min(LOG_LINE_MAX));
     let data = memory.data(&*caller);
@@ -619,5 +667,29 @@ mod tests {
         // A world-writable entry is refused even with a matching digest.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         assert!(read_cache_entry(&path).is_none(), "a shared-writable entry is not loaded");
+    }
+
+    proptest::proptest! {
+        /// Fuzz-style: any bytes a guest leaves as its output decode to a decision or a
+        /// typed error, never a panic; a valid value with trailing bytes is refused.
+        #[test]
+        fn any_guest_output_decodes_or_is_garbage(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = decode_output::<RetentionDecision>(&bytes);
+            let _ = decode_output::<switchyard_sdk::CompactionDecision>(&bytes);
+            let _ = decode_output::<switchyard_sdk::BalanceDecision>(&bytes);
+            let mut valid = postcard::to_stdvec(&abi::GuestResult::<RetentionDecision>::Ok(RetentionDecision::DropBelow(3))).unwrap();
+            proptest::prop_assert!(decode_output::<RetentionDecision>(&valid).is_ok());
+            valid.push(0);
+            proptest::prop_assert!(matches!(decode_output::<RetentionDecision>(&valid), Err(CallError::Garbage(_))));
+        }
+    }
+
+    #[test]
+    fn guest_logs_are_rate_limited_per_plugin() {
+        let budget = LogBudget::default();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let admitted = (0..100).filter(|_| budget.admit(&a)).count();
+        assert_eq!(admitted, LOG_LINES_PER_SECOND as usize);
+        assert!(budget.admit(&b), "another plugin has its own window");
     }
 }

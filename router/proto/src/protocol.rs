@@ -587,4 +587,35 @@ mod tests {
             br#"{"push":"message","channel":"c","offset":2,"epoch":"E","ts":3,"from":"al","data":{"t":1}}"#
         );
     }
+
+    proptest::proptest! {
+        /// Fuzz-style: any text is either a command or a typed rejection, never a panic.
+        #[test]
+        fn any_text_parses_or_is_rejected(text in ".{0,300}") {
+            let _ = parse_command(&text);
+            let _ = parse_http_publish(&text);
+        }
+
+        /// JSON-shaped input with random fields and values: same promise.
+        #[test]
+        fn json_shaped_frames_parse_or_are_rejected(
+            id in proptest::option::of(0u64..1000),
+            op in "(publish|subscribe|history|commit|connect|ping|unsubscribe|[a-z]{0,8})",
+            channel in "[A-Za-z0-9_:.@ -]{0,20}",
+            extra in proptest::collection::vec(("[a-z_]{1,12}", "(null|true|1|-1|\"x\"|\\{\\}|\\[\\])"), 0..4),
+        ) {
+            let mut text = format!("{{\"op\":\"{op}\",\"channel\":\"{channel}\"");
+            if let Some(id) = id {
+                text.push_str(&format!(",\"id\":{id}"));
+            }
+            for (k, v) in extra {
+                text.push_str(&format!(",\"{k}\":{v}"));
+            }
+            text.push('}');
+            match parse_command(&text) {
+                Ok((got, _)) => proptest::prop_assert!(id.is_none_or(|id| id == got)),
+                Err(r) => proptest::prop_assert!(!r.error.message.is_empty()),
+            }
+        }
+    }
 }

@@ -689,4 +689,14 @@ mod tests {
         let err = parse("shutdown_timeout = \"soon\"").unwrap_err().to_string();
         assert!(err.contains("shutdown_timeout"), "{err}");
     }
+
+    proptest::proptest! {
+        /// Fuzz-style: any file text is a config or a typed error, never a panic.
+        #[test]
+        fn any_file_text_loads_or_is_refused(text in "(\\[[a-z_.]{1,12}\\]\n|[a-z_]{1,16} = (-?[0-9]{1,12}|\"[a-z0-9 ]{0,8}\"|true|\\[\\])\n|.{0,20}\n){0,12}") {
+            if let Ok(c) = Config::from_toml(&text, Path::new("fuzz.toml")) {
+                let _ = c.validate();
+            }
+        }
+    }
 }
