@@ -96,7 +96,8 @@ async fn past_max_connections_an_upgrade_gets_503_with_retry_after() -> Result<(
     a.publish("room:1", json!(1)).await?;
     drop(b);
     wait_until("a seat to free up", DEADLINE, async || {
-        let mut c = Client::connect_to(node.addr()).await?;
+        // Refused (503) until the server has seen b leave.
+        let Ok(mut c) = Client::connect_to(node.addr()).await else { return Ok(false) };
         Ok(c.ping().await.is_ok())
     })
     .await?;
@@ -256,6 +257,27 @@ fn dir_size(path: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Idempotency keys spread over many channels cannot grow a node's memory without bound:
+/// past `publish.idempotency_max_keys` new keys are not remembered (and counted), while
+/// keys already held keep deduplicating.
+#[tokio::test]
+async fn idempotency_keys_over_many_channels_stay_within_the_node_budget() -> Result<()> {
+    let node = Node::start("[publish]\nidempotency_max_keys = 10\n");
+    let mut c = node.client().await;
+    for i in 0..20 {
+        c.ok("publish", json!({"channel": format!("spread:{i}"), "data": i, "idempotency_key": "k"})).await?;
+    }
+    let m = metrics(&node).await?;
+    let unremembered = m.value("switchyard_idempotency_unremembered_total", &[]).unwrap_or(0.0);
+    ensure!(unremembered == 10.0, "10 keys over the budget, {unremembered} counted");
+    // Held keys still deduplicate; the ones past the budget do not.
+    let held = c.ok("publish", json!({"channel": "spread:3", "data": 3, "idempotency_key": "k"})).await?;
+    ensure!(held["offset"] == 1, "a held key deduplicates: {held}");
+    let past = c.ok("publish", json!({"channel": "spread:15", "data": 15, "idempotency_key": "k"})).await?;
+    ensure!(past["offset"] == 2, "a key past the budget was not remembered: {past}");
+    Ok(())
 }
 
 /// Sends raw bytes on a new connection and reads the whole answer as text.

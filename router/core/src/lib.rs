@@ -6,12 +6,14 @@
 //! - [`outbox`]: one connection's bounded outbound queue (the slow-consumer rule);
 //! - [`policy`]: the retention, compaction and balancer policy traits and the built-ins;
 //! - [`maintenance`]: background retention and compaction rounds;
-//! - [`handovers`]: which partitions are being adopted or sealed.
+//! - [`handovers`]: which partitions are being adopted or sealed;
+//! - [`idempotency`]: each channel's window of recent keys, within a node-wide budget.
 //!
 //! This crate must never import etcd-client, wasmtime, hyper or tungstenite: the cluster,
 //! the plugin host and the sockets sit above it and reach it only through these types.
 
 pub mod handovers;
+pub mod idempotency;
 pub mod maintenance;
 pub mod outbox;
 pub mod owner;

@@ -9,7 +9,7 @@
 //! (and, once per partition move, on the handover that fills the store before it serves),
 //! and never on a subscriber: fan-out uses the non-blocking [`Outbox`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,6 +18,7 @@ use switchyard_proto::Text;
 use switchyard_sdk::ChannelStats;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::idempotency::{Budget, Window};
 use crate::outbox::{Delivery, Outbox, Pushed};
 use switchyard_metrics::Metrics;
 use switchyard_proto::partition::PartitionId;
@@ -268,30 +269,6 @@ struct Subscriber {
     outbox: Arc<Outbox>,
 }
 
-/// Recently used idempotency keys of one channel.
-#[derive(Default)]
-struct IdempotencyWindow {
-    offsets: HashMap<String, u64>,
-    order: VecDeque<(u64, String)>,
-}
-
-impl IdempotencyWindow {
-    fn expire(&mut self, cutoff_ms: u64) {
-        while let Some((ts, _)) = self.order.front() {
-            if *ts >= cutoff_ms {
-                break;
-            }
-            let (_, key) = self.order.pop_front().expect("front exists");
-            self.offsets.remove(&key);
-        }
-    }
-
-    fn insert(&mut self, key: String, offset: u64, ts: u64) {
-        self.offsets.insert(key.clone(), offset);
-        self.order.push_back((ts, key));
-    }
-}
-
 struct ChannelState {
     name: Arc<str>,
     epoch: Arc<str>,
@@ -304,7 +281,7 @@ struct ChannelState {
     bytes: u64,
     keyed_generation: u64,
     subscribers: Vec<Subscriber>,
-    idempotency: Option<IdempotencyWindow>,
+    idempotency: Option<Window>,
     consumers: HashMap<String, u64>,
     /// Metadata must be written with the current batch.
     dirty: bool,
@@ -382,6 +359,8 @@ pub struct Owner {
     forward: Option<mpsc::UnboundedSender<Forward>>,
     /// The partition moved away: writes are refused until it is adopted again.
     sealed: bool,
+    /// The node-wide allowance of remembered idempotency keys.
+    idempotency_budget: Arc<Budget>,
 }
 
 /// What flows into an owner, and out of it when it is sealed.
@@ -401,6 +380,7 @@ impl Owner {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         idempotency_window: Duration,
+        idempotency_budget: Arc<Budget>,
         recovered: Vec<(String, ChannelMeta)>,
         mailbox: Mailbox,
     ) -> Self {
@@ -413,7 +393,18 @@ impl Owner {
             })
             .collect();
         metrics.partition_channels.with_label_values(&[&partition.to_string()]).set(channels.len() as i64);
-        Self { partition, store, metrics, idempotency_window, channels, rx, adoptions, forward, sealed: false }
+        Self {
+            partition,
+            store,
+            metrics,
+            idempotency_window,
+            channels,
+            rx,
+            adoptions,
+            forward,
+            sealed: false,
+            idempotency_budget,
+        }
     }
 
     /// Waits for a handover to land in the store, then serves the partition from it.
@@ -501,7 +492,7 @@ impl Owner {
                 bytes: 0,
                 keyed_generation: 0,
                 subscribers: Vec::new(),
-                idempotency: Some(IdempotencyWindow::default()),
+                idempotency: Some(Window::new(self.idempotency_budget.clone())),
                 consumers: HashMap::new(),
                 dirty: false,
             };
@@ -626,16 +617,22 @@ impl Owner {
         let partition = self.partition;
         let store = self.store.clone();
         let metrics = self.metrics.clone();
+        let budget = self.idempotency_budget.clone();
         let ch = self.channel(&req.channel, work);
         if let Some(key) = &req.idempotency_key {
             let window = match &mut ch.idempotency {
                 Some(w) => w,
-                slot => {
-                    slot.insert(load_idempotency(&store, partition, &ch.name, ch.top, now.saturating_sub(window_ms)))
-                }
+                slot => slot.insert(load_idempotency(
+                    &store,
+                    budget,
+                    partition,
+                    &ch.name,
+                    ch.top,
+                    now.saturating_sub(window_ms),
+                )),
             };
             window.expire(now.saturating_sub(window_ms));
-            if let Some(&offset) = window.offsets.get(key) {
+            if let Some(offset) = window.get(key) {
                 metrics.publish_duplicates.inc();
                 return Ok(PublishOk { offset, epoch: ch.epoch.clone() });
             }
@@ -657,7 +654,10 @@ impl Owner {
             ch.keyed_generation += 1;
         }
         if let (Some(key), Some(window)) = (&msg.idem, &mut ch.idempotency) {
-            window.insert(key.clone(), offset, now);
+            if !window.insert(key, offset, now) {
+                // The node's key budget is spent: this key will not deduplicate a retry.
+                metrics.idempotency_unremembered.inc();
+            }
         }
         let view = MessageView {
             push: Some("message"),
@@ -903,6 +903,12 @@ impl Owner {
                 let _ = reply.send(view);
             }
             OwnerCommand::Snapshot(reply) => {
+                // Maintenance asks every interval: keys expire on time even in channels
+                // that see no further keyed publish.
+                let cutoff = now_ms().saturating_sub(self.idempotency_window.as_millis() as u64);
+                for w in self.channels.values_mut().filter_map(|ch| ch.idempotency.as_mut()) {
+                    w.expire(cutoff);
+                }
                 let snaps = self
                     .channels
                     .values()
@@ -938,16 +944,17 @@ impl Owner {
 
 fn load_idempotency(
     store: &Store,
+    budget: Arc<Budget>,
     partition: PartitionId,
     channel: &str,
     top: u64,
     cutoff_ms: u64,
-) -> IdempotencyWindow {
-    let mut window = IdempotencyWindow::default();
+) -> Window {
+    let mut window = Window::new(budget);
     match store.recent_idempotency_keys(partition, channel, top, cutoff_ms, IDEMPOTENCY_SCAN_MAX) {
         Ok(keys) => {
             for (offset, ts, key) in keys.into_iter().rev() {
-                window.insert(key, offset, ts);
+                window.insert(&key, offset, ts);
             }
         }
         Err(e) => tracing::warn!(channel, error = %e, "could not rebuild idempotency window"),
@@ -985,6 +992,7 @@ mod tests {
             store.clone(),
             metrics,
             Duration::from_secs(60),
+            Budget::new(1000, 1 << 20),
             Vec::new(),
             Mailbox { commands: rx, adoptions: adopt_rx, forward: Some(fwd_tx) },
         );

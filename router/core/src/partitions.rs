@@ -19,6 +19,7 @@ use switchyard_store::{ChannelMeta, Store, StoreError, StoredMessage};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::handovers::Handovers;
+use crate::idempotency::Budget;
 use crate::outbox::Outbox;
 use crate::owner::{ChannelView, Facts, Forward, Grant, Mailbox, Owner, OwnerCommand, PublishRequest, Start};
 
@@ -95,6 +96,10 @@ pub struct Settings {
     /// Most message bytes one read (a history or catch-up page) returns; never fewer than
     /// one message.
     pub max_reply_bytes: usize,
+    /// Most idempotency keys this node remembers, over all channels.
+    pub idempotency_max_keys: usize,
+    /// Most bytes of idempotency keys this node remembers.
+    pub idempotency_max_bytes: usize,
 }
 
 /// Every partition owner of this node, and the operations on a partition it owns.
@@ -146,6 +151,7 @@ impl Partitions {
         let mut adoptions = Vec::with_capacity(p as usize);
         let (forward_tx, forward_rx) = mpsc::unbounded_channel();
         let mut tasks = Vec::with_capacity(p as usize);
+        let budget = Budget::new(settings.idempotency_max_keys, settings.idempotency_max_bytes);
         for (partition, channels) in recovered.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(OWNER_MAILBOX);
             let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
@@ -154,6 +160,7 @@ impl Partitions {
                 store.clone(),
                 metrics.clone(),
                 settings.idempotency_window,
+                budget.clone(),
                 channels,
                 Mailbox {
                     commands: rx,
@@ -392,6 +399,8 @@ mod tests {
             idempotency_window: Duration::from_secs(60),
             forward_sealed: false,
             max_reply_bytes: 1 << 20,
+            idempotency_max_keys: 100_000,
+            idempotency_max_bytes: 16 << 20,
         };
         Partitions::start(store, metrics, settings).unwrap().0
     }

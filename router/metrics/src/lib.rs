@@ -27,6 +27,8 @@ pub struct Metrics {
     pub bytes_delivered: IntCounter,
     /// Publishes answered from the idempotency window instead of being stored again.
     pub publish_duplicates: IntCounter,
+    /// Idempotency keys not remembered because the node's key budget was spent.
+    pub idempotency_unremembered: IntCounter,
     /// Connections closed with 4008 because their outbound queue overflowed.
     pub slow_consumer_disconnects: IntCounter,
     /// Duration of each group fsync.
@@ -112,6 +114,10 @@ impl Metrics {
             publish_duplicates: counter(
                 "switchyard_publish_duplicates_total",
                 "Publishes answered from the idempotency window",
+            ),
+            idempotency_unremembered: counter(
+                "switchyard_idempotency_unremembered_total",
+                "Idempotency keys not remembered: the node's key budget was spent",
             ),
             slow_consumer_disconnects: counter(
                 "switchyard_slow_consumer_disconnects_total",

@@ -160,7 +160,7 @@ pub struct Limits {
     /// offset. Default 8 MiB.
     pub max_reply_bytes: usize,
     /// Most client WebSocket connections this node holds; past it, upgrades get 503 with
-    /// `Retry-After`. Default 10,000.
+    /// `Retry-After`. Default 65,536 (as nats-server).
     pub max_connections: usize,
     /// A connection whose socket accepts no bytes this long while a reply or push waits is
     /// closed and its memory freed. Default 30 s.
@@ -175,6 +175,12 @@ pub struct PublishConfig {
     /// How long an `idempotency_key` is remembered per channel. Default 2 minutes.
     #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
+    /// Most idempotency keys the node remembers over all channels; past it a channel first
+    /// forgets its own oldest keys. Default 1,000,000.
+    pub idempotency_max_keys: usize,
+    /// Most bytes of remembered idempotency keys (key length plus 64 per key). Default
+    /// 128 MiB.
+    pub idempotency_max_bytes: usize,
 }
 
 /// Background retention and compaction.
@@ -270,7 +276,7 @@ impl Default for Limits {
             outbound_queue_bytes: 8 * 1024 * 1024,
             max_key_bytes: 256,
             max_reply_bytes: 8 * 1024 * 1024,
-            max_connections: 10_000,
+            max_connections: 65_536,
             write_timeout: Duration::from_secs(30),
         }
     }
@@ -278,7 +284,11 @@ impl Default for Limits {
 
 impl Default for PublishConfig {
     fn default() -> Self {
-        Self { idempotency_window: Duration::from_secs(120) }
+        Self {
+            idempotency_window: Duration::from_secs(120),
+            idempotency_max_keys: 1_000_000,
+            idempotency_max_bytes: 128 << 20,
+        }
     }
 }
 
@@ -439,6 +449,12 @@ impl Config {
         }
         if self.maintenance.interval < Duration::from_millis(10) {
             return invalid("maintenance.interval", "must be at least 10ms");
+        }
+        if self.publish.idempotency_max_keys == 0 || self.publish.idempotency_max_bytes < 64 * 1024 {
+            return invalid(
+                "publish.idempotency_max_keys",
+                "must be at least 1 (and idempotency_max_bytes at least 65536)",
+            );
         }
         if self.publish.idempotency_window.is_zero() {
             return invalid("publish.idempotency_window", "must be greater than zero");

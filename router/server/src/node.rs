@@ -92,6 +92,8 @@ impl Node {
             idempotency_window: config.publish.idempotency_window,
             forward_sealed: secret.is_some(),
             max_reply_bytes: config.limits.max_reply_bytes,
+            idempotency_max_keys: config.publish.idempotency_max_keys,
+            idempotency_max_bytes: config.publish.idempotency_max_bytes,
         };
         let (partitions, sealed_writes) = Partitions::start(store, metrics.clone(), settings)?;
         let plugins = start_plugins(&config, metrics.clone())?;
