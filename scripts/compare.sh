@@ -53,7 +53,9 @@ port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
     local p
     for _ in $(seq 1 200); do
-        p=$(( 20000 + RANDOM % 40000 ))
+        # Below the kernel's ephemeral range (32768+), which the generator's 10,000
+        # connections fill: a port free to connect to there may still be taken for bind.
+        p=$(( 10000 + RANDOM % 20000 ))
         if port_free "$p"; then echo "$p"; return 0; fi
     done
     log "ERROR: no free port found"; return 1
