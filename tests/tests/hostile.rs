@@ -280,6 +280,41 @@ async fn idempotency_keys_over_many_channels_stay_within_the_node_budget() -> Re
     Ok(())
 }
 
+/// With its file descriptors exhausted (`prlimit` on the running node), the accept loop
+/// backs off instead of spinning, and once connections go away it serves new clients.
+#[tokio::test]
+async fn out_of_file_descriptors_the_node_backs_off_and_serves_again() -> Result<()> {
+    let node = Node::start("");
+    let pid = node.pid().expect("running");
+    let limited = std::process::Command::new("prlimit").arg(format!("--pid={pid}")).arg("--nofile=128:128").status()?;
+    ensure!(limited.success(), "prlimit failed");
+    let mut client = node.client().await;
+    client.ping().await?;
+    // Idle TCP connections until the node runs out of descriptors (the rest wait in the
+    // listen backlog).
+    let mut held = Vec::new();
+    for _ in 0..250 {
+        if let Ok(s) = TcpStream::connect(node.addr()).await {
+            held.push(s);
+        }
+    }
+    let backoffs = |n: &Node| n.stderr().matches("out of file descriptors").count();
+    wait_until("the accept loop to hit EMFILE and back off", DEADLINE, async || Ok(backoffs(&node) >= 3)).await?;
+    // A spinning loop logs an error per attempt: thousands in the time a back-off logs a few.
+    let logged = backoffs(&node);
+    let spins = node.stderr().matches("accept failed").count();
+    ensure!(logged < 200 && spins == 0, "{logged} back-off lines and {spins} accept failures");
+    // The connection that was already in keeps working meanwhile.
+    client.publish("room:fd", json!(1)).await?;
+    drop(held);
+    wait_until("a new client to be served again", DEADLINE, async || {
+        let Ok(mut c) = Client::connect_to(node.addr()).await else { return Ok(false) };
+        Ok(c.ping().await.is_ok())
+    })
+    .await?;
+    Ok(())
+}
+
 /// Sends raw bytes on a new connection and reads the whole answer as text.
 async fn raw_exchange(node: &Node, request: &[u8]) -> Result<String> {
     let mut s = TcpStream::connect(node.addr()).await?;
