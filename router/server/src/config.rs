@@ -94,9 +94,22 @@ pub struct Config {
     pub sessions: SessionsConfig,
     /// Per-connection publish rate limit (`[rate_limit]`; reloadable).
     pub rate_limit: RateLimitConfig,
+    /// TLS on the client listener (`[tls]`): with it, clients use `wss://` and `https://`
+    /// on `listen`, and plaintext connections fail their handshake. Absent: plaintext.
+    pub tls: Option<TlsConfig>,
     /// The config file this was loaded from (set by [`Config::load`]; SIGHUP re-reads it).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `[tls]`: the certificate chain and key the client listener presents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first (relative to the config file's folder).
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1; relative to the config file's folder).
+    pub key_file: PathBuf,
 }
 
 /// The WASM plugin host.
@@ -262,6 +275,7 @@ impl Default for Config {
             auth: Default::default(),
             sessions: Default::default(),
             rate_limit: Default::default(),
+            tls: None,
             source: None,
         }
     }
@@ -367,6 +381,10 @@ impl Config {
                 let base = path.parent().unwrap_or(Path::new("."));
                 config.auth.load_files(base)?;
                 config.read_secret_file(base)?;
+                if let Some(tls) = &mut config.tls {
+                    tls.cert_file = base.join(&tls.cert_file);
+                    tls.key_file = base.join(&tls.key_file);
+                }
                 config.source = Some(path.to_owned());
                 config
             }

@@ -46,7 +46,12 @@ const ENFILE: i32 = 23;
 
 /// Accepts connections until the node shuts down. Every spawned connection task holds a
 /// clone of `alive`, so its receiver tells when all have ended.
-pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::Sender<()>) {
+pub(crate) async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    alive: mpsc::Sender<()>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let mut shutdown = node.shutdown.clone();
     loop {
         let (stream, peer) = tokio::select! {
@@ -70,37 +75,52 @@ pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, alive: mpsc::S
             },
         };
         let _ = stream.set_nodelay(true);
-        let node = node.clone();
-        let alive = alive.clone();
-        let mut shutdown = shutdown.clone();
+        let (node, alive, tls) = (node.clone(), alive.clone(), tls.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let node = node.clone();
-                let alive = alive.clone();
-                async move { Ok::<_, Infallible>(route(node, req, alive).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = shutdown.changed() => {
-                    // Finish the request in hand, then close the keep-alive connection; a
-                    // request still arriving (half-sent) does not hold the shutdown up.
-                    conn.as_mut().graceful_shutdown();
-                    match tokio::time::timeout(SHUTDOWN_GRACE, conn).await {
-                        Ok(r) => r,
-                        Err(_) => Ok(()),
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "http connection ended with error");
+            match tls {
+                None => serve_connection(node, TokioIo::new(stream), alive, peer).await,
+                // The handshake has the same deadline as a request's headers.
+                Some(tls) => match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_connection(node, TokioIo::new(stream), alive, peer).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
         });
+    }
+}
+
+/// Serves HTTP/1.1 (and WebSocket upgrades) on one accepted connection, plain or TLS.
+async fn serve_connection<I>(node: Arc<Node>, io: I, alive: mpsc::Sender<()>, peer: std::net::SocketAddr)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut shutdown = node.shutdown.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let node = node.clone();
+        let alive = alive.clone();
+        async move { Ok::<_, Infallible>(route(node, req, alive).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(io, service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.changed() => {
+            // Finish the request in hand, then close the keep-alive connection; a request
+            // still arriving (half-sent) does not hold the shutdown up.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(SHUTDOWN_GRACE, conn).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "http connection ended with error");
     }
 }
 

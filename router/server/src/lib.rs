@@ -5,7 +5,8 @@
 //! module that knows the file), `node` (startup in dependency order and the cluster's
 //! hooks), `http` (the HTTP API, health, metrics and the WebSocket and `/peer` upgrades),
 //! `session` (one WebSocket client), `poll` (HTTP long-poll), `web` (the demo page and its
-//! token endpoint), `policies` (namespace bindings to policies). It must never route a
+//! token endpoint), `policies` (namespace bindings to policies), `tls` (the listener's
+//! certificate). It must never route a
 //! message itself (the peer layer's `Router` does) nor hold protocol state beyond one
 //! connection.
 
@@ -15,6 +16,7 @@ mod node;
 mod policies;
 mod poll;
 mod session;
+mod tls;
 mod web;
 
 use std::path::Path;
@@ -41,6 +43,9 @@ pub enum ServerError {
     /// The store (or the data or plugin folder) cannot be opened.
     #[error(transparent)]
     Store(#[from] switchyard_store::StoreError),
+    /// The `[tls]` certificate or key cannot be used.
+    #[error("tls: {0}")]
+    Tls(String),
     /// etcd holds a cluster this node cannot join as configured (exit status 2).
     #[error("{0}")]
     Fatal(String),
@@ -51,7 +56,7 @@ impl ServerError {
     /// otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ServerError::Fatal(_) => 2,
+            ServerError::Fatal(_) | ServerError::Tls(_) => 2,
             _ => 1,
         }
     }
@@ -60,6 +65,10 @@ impl ServerError {
 /// Runs a node until SIGINT or SIGTERM, then shuts down gracefully: stop accepting, close
 /// every client with 4100 after its in-flight replies, drain the owners, sync the store.
 pub async fn run(config: Config) -> Result<(), ServerError> {
+    let tls = match &config.tls {
+        Some(t) => Some(tls::acceptor(&t.cert_file, &t.key_file).map_err(ServerError::Tls)?),
+        None => None,
+    };
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
@@ -78,7 +87,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     println!("switchyard listening on {addr}");
     tracing::info!(%addr, node = %node.config.node_id, "serving");
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-    let server = tokio::spawn(http::serve(node.clone(), listener, alive_tx));
+    if tls.is_some() {
+        tracing::info!("TLS on: clients connect with wss:// and https://");
+    }
+    let server = tokio::spawn(http::serve(node.clone(), listener, alive_tx, tls));
     spawn_reload_on_sighup(node.clone());
     if wait_for_signal().await == Signal::Terminate {
         drain(&node).await;
