@@ -530,6 +530,13 @@ impl Config {
         if !c.enabled() {
             return Ok(());
         }
+        if self.tls.is_some() && c.secret.is_some() {
+            return invalid(
+                "tls",
+                "peer links do not speak TLS yet: a [tls] node cannot serve /peer to its peers; \
+                 run this cluster without [tls] (on a trusted network) or without cluster.secret",
+            );
+        }
         let key_safe = |s: &str| {
             !s.is_empty()
                 && s.len() <= 128
