@@ -75,6 +75,10 @@ pub enum LoadError {
     /// The module imports something the host does not give.
     #[error("forbidden import: {0}")]
     Import(String),
+    /// Compiling took longer than its deadline, or earlier modules that did still occupy
+    /// the compiler.
+    #[error("compilation refused: {0}")]
+    TooSlow(String),
 }
 
 /// Why one call produced no decision. Each maps to a `reason` metric label.
@@ -209,6 +213,9 @@ impl Default for CallLimits {
     }
 }
 
+/// Compilations past their deadline that may still run before new ones are refused.
+pub const MAX_SLOW_COMPILES: usize = 2;
+
 /// The digest file beside a cache entry: sha256 of the artifact's bytes.
 fn digest_path(path: &Path) -> PathBuf {
     path.with_extension("cwasm.sha256")
@@ -257,6 +264,9 @@ pub struct Host {
     cache_dir: Option<PathBuf>,
     /// Guest log lines per plugin per second.
     log_budget: Arc<LogBudget>,
+    /// Compilations running on their own threads (a timed-out one keeps running: cranelift
+    /// cannot be interrupted).
+    compiling: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Host {
@@ -294,7 +304,7 @@ impl Host {
                 }
             })
             .map_err(wasmtime::Error::from)?;
-        Ok(Arc::new(Self { engine, linker, cache_dir, log_budget: Arc::default() }))
+        Ok(Arc::new(Self { engine, linker, cache_dir, log_budget: Arc::default(), compiling: Arc::default() }))
     }
 
     fn cache_path(&self, sha256: &str) -> Option<PathBuf> {
@@ -303,6 +313,31 @@ impl Host {
         self.engine.precompile_compatibility_hash().hash(&mut h);
         let dir = self.cache_dir.as_ref()?;
         Some(dir.join(format!("{sha256}-{:016x}.cwasm", h.finish())))
+    }
+
+    /// Like [`Host::load`], on a thread of its own and under a deadline, so that a module
+    /// built to be slow to compile cannot hold up the caller (the plugin folder's rescan).
+    /// Past the deadline the module is refused; its compilation finishes in the background,
+    /// and while [`MAX_SLOW_COMPILES`] of those still run, new modules are refused at once.
+    pub fn load_within(self: &Arc<Self>, bytes: &[u8], deadline: Duration) -> Result<Compiled, LoadError> {
+        use std::sync::atomic::Ordering;
+        if self.compiling.fetch_add(1, Ordering::SeqCst) >= MAX_SLOW_COMPILES {
+            self.compiling.fetch_sub(1, Ordering::SeqCst);
+            return Err(LoadError::TooSlow("earlier modules that ran over their deadline are still compiling".into()));
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (host, bytes) = (self.clone(), bytes.to_vec());
+        let spawned = std::thread::Builder::new().name("wasm-compile".into()).spawn(move || {
+            let r = host.load(&bytes);
+            host.compiling.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(r);
+        });
+        if let Err(e) = spawned {
+            self.compiling.fetch_sub(1, Ordering::SeqCst);
+            return Err(LoadError::TooSlow(format!("cannot start a compile thread: {e}")));
+        }
+        rx.recv_timeout(deadline)
+            .unwrap_or_else(|_| Err(LoadError::TooSlow(format!("compiling took over {deadline:?}"))))
     }
 
     /// Compiles (or loads from the cache) and validates a module against ABI v1.
@@ -691,5 +726,16 @@ mod tests {
         let admitted = (0..100).filter(|_| budget.admit(&a)).count();
         assert_eq!(admitted, LOG_LINES_PER_SECOND as usize);
         assert!(budget.admit(&b), "another plugin has its own window");
+    }
+
+    #[test]
+    fn a_compile_past_its_deadline_is_refused_without_waiting_for_it() {
+        let host = Host::new(None).unwrap();
+        let bytes = module("", GOOD);
+        let refused = host.load_within(&bytes, Duration::from_nanos(1));
+        assert!(matches!(refused, Err(LoadError::TooSlow(_))), "{:?}", refused.err());
+        // With time to finish, the same module loads.
+        let loaded = host.load_within(&bytes, Duration::from_secs(30)).unwrap();
+        assert_eq!(loaded.kinds, vec![Kind::Retention]);
     }
 }

@@ -45,6 +45,10 @@ struct Health {
 /// Largest plugin file read (a wasm module is far smaller; this refuses device files).
 const MAX_PLUGIN_FILE: u64 = 64 * 1024 * 1024;
 
+/// Longest a plugin module may take to compile before it is refused (the rescan does not
+/// wait for it longer).
+const COMPILE_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Reads a plugin file safely: opened without following a symlink and without blocking (a
 /// FIFO), checked to be a regular file on the opened descriptor (so nothing can be swapped
 /// in between the check and the read), and read through a hard cap of
@@ -198,7 +202,7 @@ impl Registry {
 
     fn load_entry(&self, name: &str, bytes: &[u8], sha: String, old: Option<&Entry>) -> Entry {
         let started = Instant::now();
-        let (active, rejected) = match self.host.load(bytes) {
+        let (active, rejected) = match self.host.load_within(bytes, COMPILE_DEADLINE) {
             Ok(compiled) => {
                 tracing::info!(plugin = name, sha256 = %compiled.sha256, kinds = ?compiled.kinds, took = ?started.elapsed(), "plugin loaded");
                 (Some(Arc::new(compiled)), None)
