@@ -47,7 +47,7 @@ const MAX_PLUGIN_FILE: u64 = 64 * 1024 * 1024;
 
 /// Longest a plugin module may take to compile before it is refused (the rescan does not
 /// wait for it longer).
-const COMPILE_DEADLINE: Duration = Duration::from_secs(10);
+const COMPILE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Reads a plugin file safely: opened without following a symlink and without blocking (a
 /// FIFO), checked to be a regular file on the opened descriptor (so nothing can be swapped
