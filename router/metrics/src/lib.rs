@@ -17,8 +17,6 @@ pub struct Metrics {
     pub connections_total: IntCounter,
     /// Active subscriptions over all connections.
     pub subscriptions: IntGauge,
-    /// Replies queued on client connections and not yet written.
-    pub replies_pending: IntGauge,
     /// Messages accepted and stored (not counting idempotent repeats).
     pub messages_published: IntCounter,
     /// Message pushes written to client sockets.
@@ -109,10 +107,6 @@ impl Metrics {
             connections: gauge("switchyard_connections", "Open WebSocket connections"),
             connections_total: counter("switchyard_connections_total", "WebSocket connections accepted"),
             subscriptions: gauge("switchyard_subscriptions", "Active subscriptions"),
-            replies_pending: gauge(
-                "switchyard_replies_pending",
-                "Replies queued on client connections, not yet written",
-            ),
             messages_published: counter("switchyard_messages_published_total", "Messages stored"),
             messages_delivered: counter("switchyard_messages_delivered_total", "Message pushes written to clients"),
             bytes_published: counter("switchyard_bytes_published_total", "Payload bytes stored"),

@@ -46,12 +46,6 @@ const DRAIN_MAX: usize = 512;
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for replies still in flight.
 const SHUTDOWN_REPLY_WAIT: Duration = Duration::from_secs(2);
-/// Replies one connection may have pending before the session stops reading its commands.
-const MAX_IN_FLIGHT: usize = 1024;
-/// History replies one connection may have pending (at most 8 MiB each by default): the
-/// memory a client that pipelines reads can make the node hold is a few pages, not one
-/// page per command it sends.
-const MAX_READS_IN_FLIGHT: usize = 4;
 
 /// Why a session ends.
 #[derive(Debug)]
@@ -87,14 +81,7 @@ impl From<Refusal> for Stop {
 /// A finished command, ready to write in order.
 enum Output {
     Frame(Text),
-    /// A history reply: up to `limits.max_reply_bytes`, so few may wait at once.
-    Read(Text),
-    Subscribed {
-        id: u64,
-        sub: u64,
-        channel: String,
-        result: Result<Grant, OpError>,
-    },
+    Subscribed { id: u64, sub: u64, channel: String, result: Result<Grant, OpError> },
 }
 
 enum Phase {
@@ -147,7 +134,6 @@ where
         unflushed: false,
         delivered: 0,
         delivered_bytes: 0,
-        reads_in_flight: 0,
     };
     node.metrics.connections.inc();
     node.metrics.connections_total.inc();
@@ -170,8 +156,6 @@ struct Session<S> {
     unflushed: bool,
     delivered: u64,
     delivered_bytes: u64,
-    /// History replies queued and not yet written (each up to `limits.max_reply_bytes`).
-    reads_in_flight: usize,
     /// Who the client is, its seat and its publish bucket.
     gate: Gate,
     /// When to ping, and whether the last ping was answered.
@@ -249,11 +233,7 @@ where
                 _ = &mut shutdown => Err(Stop::Shutdown),
                 Some(out) = self.pending.next(), if !self.pending.is_empty() => self.on_output(out).await,
                 Some(d) = self.inbox.recv(&self.outbox) => self.on_deliveries(d).await,
-                // Backpressure: with too many replies pending (or a few big history pages),
-                // stop reading; the client's commands wait in TCP until replies drain.
-                frame = self.ws.next(), if self.pending.len() < MAX_IN_FLIGHT && self.reads_in_flight < MAX_READS_IN_FLIGHT => {
-                    self.on_frame(frame).await
-                }
+                frame = self.ws.next() => self.on_frame(frame).await,
                 _ = &mut self.beat => self.on_beat().await,
                 _ = &mut self.auth_timer, if self.auth_deadline.is_some() => {
                     let refusal = self.gate.deadline_refusal();
@@ -309,7 +289,6 @@ where
 
     /// Queues a reply behind the ones still in flight.
     fn queue(&mut self, fut: BoxFuture<'static, Output>) {
-        self.node.metrics.replies_pending.inc();
         self.pending.push_back(fut);
     }
 
@@ -472,9 +451,8 @@ where
             Command::History { channel, since, limit } => {
                 // Wherever the owner is; the read starts when the future is first polled,
                 // after every command this connection sent before it.
-                self.reads_in_flight += 1;
                 self.queue(
-                    async move { Output::Read(protocol::reply(id, &node.router.history(&channel, since, limit).await)) }
+                    async move { Output::Frame(protocol::reply(id, &node.router.history(&channel, since, limit).await)) }
                         .boxed(),
                 )
             }
@@ -529,13 +507,8 @@ where
     // === delivering ===
 
     async fn on_output(&mut self, out: Output) -> Result<(), Stop> {
-        self.node.metrics.replies_pending.dec();
         match out {
             Output::Frame(frame) => self.write(frame).await,
-            Output::Read(frame) => {
-                self.reads_in_flight -= 1;
-                self.write(frame).await
-            }
             Output::Subscribed { id, sub, channel, result } => match result {
                 Err(e) => {
                     if self.subs.remove(&sub).is_some() {
@@ -658,8 +631,6 @@ where
         // CLOSE_WRITE_TIMEOUT) close below, so a client reconnecting at once after 4029,
         // 4001 or 4100 is not refused with 4009.
         self.gate.release_seat();
-        // Replies still pending are written as last words below, or dropped.
-        self.node.metrics.replies_pending.sub(self.pending.len() as i64);
         for (sub, s) in self.subs.drain() {
             self.node.router.unsubscribe(&s.channel, sub).await;
             self.node.metrics.subscriptions.dec();
@@ -696,7 +667,7 @@ where
             let wait = tokio::time::Instant::now() + SHUTDOWN_REPLY_WAIT;
             while let Ok(Some(out)) = tokio::time::timeout_at(wait, pending.next()).await {
                 let frame = match out {
-                    Output::Frame(frame) | Output::Read(frame) => frame,
+                    Output::Frame(frame) => frame,
                     Output::Subscribed { id, channel, result, .. } => protocol::reply(
                         id,
                         &result.map(|g| SubscribeOk {
@@ -831,29 +802,5 @@ mod tests {
         assert!(ended.is_ok(), "the connection was still open a minute later");
         assert!(pings >= 1, "the server pinged before giving up");
         assert_eq!(node.metrics.connections.get(), 0);
-    }
-
-    /// A client that pipelines history reads and never reads the replies gets at most a few
-    /// pages held for it: past them the session stops reading its commands (they wait in
-    /// the socket). Time is paused, so "settled" is the runtime going idle, not a guess.
-    #[tokio::test(start_paused = true)]
-    async fn pipelined_reads_are_bounded_by_backpressure() {
-        let dir = tempfile::tempdir().unwrap();
-        let node = node(dir.path(), |c| c.limits.write_timeout = Duration::from_secs(3600));
-        let mut ws = connect(&node).await;
-        let blob = "x".repeat(30_000);
-        for i in 0..20 {
-            send(&mut ws, json!({"id": i, "op": "publish", "channel": "big:1", "data": blob})).await;
-            next(&mut ws).await;
-        }
-        // 500 reads (each a 600 KB page), none of whose replies is read.
-        let request = json!({"id": 0, "op": "history", "channel": "big:1", "limit": 1000}).to_string();
-        for _ in 0..500 {
-            ws.feed(Message::text(request.clone())).await.unwrap();
-        }
-        ws.flush().await.unwrap();
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let pending = node.metrics.replies_pending.get();
-        assert!(pending <= MAX_READS_IN_FLIGHT as i64 + 1, "{pending} replies held for a client that reads none");
     }
 }
