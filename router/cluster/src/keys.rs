@@ -143,13 +143,31 @@ pub struct MapRecord {
     /// [`switchyard_proto::partition::PartitionMap::moved`]). Absent when empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub moved: BTreeMap<u32, Moved>,
+    /// Replicas of every partition, the leader (its owner) first. Absent when
+    /// `replicas = 1`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<Vec<String>>,
+    /// In-sync replicas of every partition, the leader first. Partition leaders change
+    /// their entry by a compare-and-swap of this key fenced by their leader epoch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isr: Vec<Vec<String>>,
+    /// Leader epoch of every partition: bumped by every change of its leader.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leader_epochs: Vec<u64>,
 }
 
 impl MapRecord {
     /// Pretty JSON, as stored: one field per line, the owners eight to a line so that
     /// `etcdctl get` shows the whole map on one screen, and one `moved` entry per line.
     pub fn to_json(&self) -> String {
-        let head = Self { owners: Vec::new(), moved: BTreeMap::new(), ..self.clone() };
+        let head = Self {
+            owners: Vec::new(),
+            moved: BTreeMap::new(),
+            replicas: Vec::new(),
+            isr: Vec::new(),
+            leader_epochs: Vec::new(),
+            ..self.clone()
+        };
         let text = serde_json::to_string_pretty(&head).expect("map serializes");
         let rows: Vec<String> = self
             .owners
@@ -169,6 +187,23 @@ impl MapRecord {
                 .map(|(p, m)| format!("    \"{p}\": {}", serde_json::to_string(m).expect("move serializes")))
                 .collect();
             tail.push_str(&format!(",\n  \"moved\": {{\n{}\n  }}", rows.join(",\n")));
+        }
+        // Replication: one row of eight partitions per line, like the owners.
+        fn table<T: Serialize>(name: &str, cells: &[T]) -> String {
+            let lines: Vec<String> = cells
+                .chunks(8)
+                .map(|row| {
+                    let row: Vec<String> =
+                        row.iter().map(|c| serde_json::to_string(c).expect("cells serialize")).collect();
+                    format!("    {}", row.join(", "))
+                })
+                .collect();
+            format!(",\n  \"{name}\": [\n{}\n  ]", lines.join(",\n"))
+        }
+        if !self.replicas.is_empty() {
+            tail.push_str(&table("replicas", &self.replicas));
+            tail.push_str(&table("isr", &self.isr));
+            tail.push_str(&table("leader_epochs", &self.leader_epochs));
         }
         // `owners` is the last field `head` prints (`moved` is skipped when empty).
         text.replacen("\"owners\": []", &tail, 1)

@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
 use super::keys::{self, LeaderRecord, LoadRecord, MapRecord, Moved, NodeRecord};
-use super::{balance, timed, Error, LeaseClock, State};
+use super::{balance, replicas, timed, Error, LeaseClock, State};
 use crate::Context;
 
 /// The leadership this node holds: the election key and its create revision.
@@ -147,6 +147,9 @@ impl Leader<'_> {
                 counts: Default::default(),
                 owners: in_use.owners.clone(),
                 moved: in_use.moved.clone(),
+                replicas: in_use.replicas.clone(),
+                isr: in_use.isr.clone(),
+                leader_epochs: in_use.leader_epochs.clone(),
             });
         }
         super::check_partitions(resp.kvs().first(), state.partitions)?;
@@ -156,7 +159,22 @@ impl Leader<'_> {
         let dynamic = state.dynamic();
         let max_moves = dynamic.max_moves.unwrap_or(state.config.max_moves);
         let binding = dynamic.balancer.as_ref().or(node.settings.balancer.as_ref());
-        let owners = current.as_ref().map(|m| m.owners.as_slice());
+        // Failovers first: a partition whose leader left goes to a live in-sync follower
+        // (which the balancer then sees as its owner), or waits for one.
+        let replicas = state.config.replicas.max(1) as usize;
+        let alive: std::collections::BTreeSet<&str> = nodes.keys().map(String::as_str).collect();
+        let failovers = match (&current, replicas > 1) {
+            (Some(m), true) => replicas::failovers(m, &alive, state.config.unclean_failover),
+            _ => replicas::Failovers::default(),
+        };
+        let effective: Option<Vec<String>> = current.as_ref().map(|m| {
+            let mut o = m.owners.clone();
+            for (p, n) in &failovers.promoted {
+                o[*p as usize] = n.clone();
+            }
+            o
+        });
+        let owners = effective.as_deref();
         let input = balance::input(&nodes, &loads, owners, state.partitions, max_moves, super::now_ms());
         if input.nodes.is_empty() {
             // Every member is draining: nowhere to move anything, keep the map.
@@ -164,8 +182,22 @@ impl Leader<'_> {
             rounds.with_label_values(&["unchanged"]).inc();
             return Ok(());
         }
-        let (decision, policy) = balance::decide(node.balancer.as_ref(), binding, &input).map_err(Error::Deposed)?;
-        if owners == Some(decision.owners.as_slice()) {
+        let (mut decision, policy) =
+            balance::decide(node.balancer.as_ref(), binding, &input).map_err(Error::Deposed)?;
+        // Partitions with no live in-sync replica stay on their departed leader.
+        for (p, owner) in &failovers.waiting {
+            decision.owners[*p as usize] = owner.clone();
+        }
+        let (replica_lists, isr, leader_epochs) = if replicas > 1 {
+            let eligible: Vec<String> = nodes.iter().filter(|(_, n)| !n.draining).map(|(id, _)| id.clone()).collect();
+            replicas::place(current.as_ref(), &decision.owners, &eligible, &alive, replicas, &failovers.waiting)
+        } else {
+            Default::default()
+        };
+        let unchanged = current.as_ref().is_some_and(|m| {
+            m.owners == decision.owners && m.replicas == replica_lists && m.isr == isr && m.leader_epochs == leader_epochs
+        });
+        if unchanged {
             rounds.with_label_values(&["unchanged"]).inc();
             return Ok(());
         }
@@ -174,7 +206,13 @@ impl Leader<'_> {
             None => decision.owners.len(),
         };
         let epoch = current.as_ref().map_or(0, |m| m.epoch) + 1;
-        let moves = next_moved(owners, current.as_ref().map(|m| &m.moved), &decision.owners, epoch);
+        let mut moves = next_moved(owners, current.as_ref().map(|m| &m.moved), &decision.owners, epoch);
+        // A promoted follower serves what it replicated: no handover from anyone.
+        for (p, n) in &failovers.promoted {
+            if decision.owners[*p as usize] == *n {
+                moves.remove(p);
+            }
+        }
         let draining = nodes.values().filter(|n| n.draining).count();
         let record = MapRecord {
             epoch,
@@ -185,10 +223,33 @@ impl Leader<'_> {
             counts: MapRecord::count(&decision.owners),
             owners: decision.owners,
             moved: moves,
+            replicas: replica_lists,
+            isr,
+            leader_epochs,
         };
         if publish_map(kv, me, &state.keys.map(), map_rev, &record, t).await? {
             rounds.with_label_values(&["published"]).inc();
-            tracing::info!(epoch, moved, %policy, nodes = nodes.len(), draining, "partition map published");
+            let elections = &node.metrics.leader_elections;
+            elections.with_label_values(&["failover"]).inc_by(failovers.promoted.len() as u64);
+            elections.with_label_values(&["unclean"]).inc_by(failovers.unclean.len() as u64);
+            node.metrics.unclean_failovers.inc_by(failovers.unclean.len() as u64);
+            elections.with_label_values(&["move"]).inc_by(moved.saturating_sub(failovers.promoted.len()) as u64);
+            tracing::info!(
+                epoch,
+                moved,
+                promoted = failovers.promoted.len(),
+                waiting = failovers.waiting.len(),
+                unclean = failovers.unclean.len(),
+                %policy,
+                nodes = nodes.len(),
+                draining,
+                "partition map published"
+            );
+            Ok(())
+        } else if verify(kv, me, t).await.is_ok() {
+            // A partition leader changed an ISR since we read the map: run again.
+            rounds.with_label_values(&["retried"]).inc();
+            state.membership.notify_one();
             Ok(())
         } else {
             node.metrics.cluster_fenced_writes.inc();

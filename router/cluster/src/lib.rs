@@ -12,8 +12,10 @@
 
 pub mod balance;
 pub mod keys;
+mod isr;
 pub mod leader;
 mod load;
+pub mod replicas;
 mod settings;
 
 pub use settings::{ClusterConfig, Settings};
@@ -278,7 +280,11 @@ async fn connect(c: &ClusterConfig) -> Result<Client, Error> {
 
 /// Starts the session supervisor of a cluster-mode node.
 pub fn spawn(state: &Arc<State>, node: Context) {
-    let task = tokio::spawn(supervise(Arc::new(node), state.clone()));
+    let node = Arc::new(node);
+    if let Some(changes) = node.partitions.replication.take_isr_changes() {
+        tokio::spawn(isr::run(node.clone(), state.clone(), changes));
+    }
+    let task = tokio::spawn(supervise(node, state.clone()));
     *state.task.lock().expect("cluster task") = Some(task);
 }
 
@@ -691,11 +697,29 @@ fn install_map(node: &Arc<Context>, state: &State, m: &MapRecord) -> bool {
     // Entries of partitions that do not exist (a hand-edited map) are left out.
     let moved: BTreeMap<_, _> =
         m.moved.iter().filter(|(p, _)| **p < m.partitions).map(|(p, v)| (*p, v.clone())).collect();
-    if current.epoch == m.epoch && current.owners == m.owners && current.moved == moved {
+    let owned = m.owners.iter().filter(|o| **o == state.node_id).count();
+    // Replication fields of another length than the owners (a hand-edited map) are ignored.
+    let n = m.owners.len();
+    let fits = m.replicas.len() == n && m.isr.len() == n && m.leader_epochs.len() == n;
+    if !fits && !(m.replicas.is_empty() && m.isr.is_empty() && m.leader_epochs.is_empty()) {
+        tracing::error!(epoch = m.epoch, "partition map with malformed replication fields; replication off for it");
+    }
+    let map = PartitionMap {
+        epoch: m.epoch,
+        owners: m.owners.clone(),
+        moved,
+        replicas: if fits { m.replicas.clone() } else { Vec::new() },
+        isr: if fits { m.isr.clone() } else { Vec::new() },
+        leader_epochs: if fits { m.leader_epochs.clone() } else { Vec::new() },
+    };
+    if current.epoch == map.epoch
+        && current.owners == map.owners
+        && current.moved == map.moved
+        && current.isr == map.isr
+        && current.replicas == map.replicas
+    {
         return true;
     }
-    let owned = m.owners.iter().filter(|o| **o == state.node_id).count();
-    let map = PartitionMap { epoch: m.epoch, owners: m.owners.clone(), moved };
     // Partitions moving here wait for their state before anything routed by this map runs.
     node.hooks.before_install(&map);
     node.map.send_replace(Arc::new(map));

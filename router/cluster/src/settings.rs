@@ -41,6 +41,19 @@ pub struct ClusterConfig {
     /// A file holding the secret (relative to the config file's folder), instead of
     /// `secret`; the environment variable `SWITCHYARD_CLUSTER_SECRET` overrides both.
     pub secret_file: Option<std::path::PathBuf>,
+    /// Copies of each partition, on distinct nodes (the leader included). Default 2;
+    /// 1 turns replication off. Fewer live nodes than this: partitions run
+    /// under-replicated (the `switchyard_under_replicated_partitions` gauge says so).
+    pub replicas: u32,
+    /// How long an in-sync follower may stay behind before its leader removes it from
+    /// the ISR (acknowledgements wait for it until then). Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub replica_lag_timeout: Duration,
+    /// When a partition's leader dies with no live in-sync follower: false (the default)
+    /// keeps the partition unavailable until an in-sync replica returns; true gives it to
+    /// another node at once, under new channel epochs (acknowledged messages the other
+    /// nodes lacked are lost, and clients see `recovered: false`).
+    pub unclean_failover: bool,
 }
 
 impl Default for ClusterConfig {
@@ -56,6 +69,9 @@ impl Default for ClusterConfig {
             etcd_timeout: Duration::from_secs(2),
             secret: None,
             secret_file: None,
+            replicas: 2,
+            replica_lag_timeout: Duration::from_secs(2),
+            unclean_failover: false,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`policy`]: the retention, compaction and balancer policy traits and the built-ins;
 //! - [`maintenance`]: background retention and compaction rounds;
 //! - [`handovers`]: which partitions are being adopted or sealed;
+//! - [`replication`]: the leader's log of store batches, the high watermark and the ISR rules;
 //! - [`idempotency`]: each channel's window of recent keys, within a node-wide budget.
 //!
 //! This crate must never import etcd-client, wasmtime, hyper or tungstenite: the cluster,
@@ -19,5 +20,6 @@ pub mod outbox;
 pub mod owner;
 pub mod partitions;
 pub mod policy;
+pub mod replication;
 
 pub use partitions::{HistoryPage, OwnedMessage, Partitions};

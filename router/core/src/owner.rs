@@ -9,17 +9,18 @@
 //! (and, once per partition move, on the handover that fills the store before it serves),
 //! and never on a subscriber: fan-out uses the non-blocking [`Outbox`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
 use switchyard_proto::Text;
 use switchyard_sdk::ChannelStats;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::idempotency::{Budget, Window};
 use crate::outbox::{Delivery, Outbox, Pushed};
+use crate::replication::{ReplOp, Replication};
 use switchyard_metrics::Metrics;
 use switchyard_proto::partition::PartitionId;
 use switchyard_proto::protocol::{self, MessageView, OpError, PublishOk, StartFrom};
@@ -334,6 +335,10 @@ struct Work {
     undo: Vec<(Arc<str>, Option<ChannelMeta>)>,
     /// Channels whose metadata this batch rewrites.
     dirty: Vec<Arc<str>>,
+    /// The batch's writes, for followers (when the partition is replicated).
+    ops: Option<Vec<ReplOp>>,
+    /// Each rewritten channel's top after this batch: acknowledged once it is released.
+    tops: Vec<(Arc<str>, u64)>,
 }
 
 /// Records that `ch`'s metadata must be written with the current batch.
@@ -361,6 +366,12 @@ pub struct Owner {
     sealed: bool,
     /// The node-wide allowance of remembered idempotency keys.
     idempotency_budget: Arc<Budget>,
+    /// Replication state: a leader's batches wait for the high watermark.
+    replication: Arc<Replication>,
+    /// The partition's high watermark.
+    hw: watch::Receiver<u64>,
+    /// Durable batches waiting for the followers, with their seq and leader epoch.
+    parked: VecDeque<(u64, u64, Work)>,
 }
 
 /// What flows into an owner, and out of it when it is sealed.
@@ -383,6 +394,7 @@ impl Owner {
         idempotency_budget: Arc<Budget>,
         recovered: Vec<(String, ChannelMeta)>,
         mailbox: Mailbox,
+        replication: Arc<Replication>,
     ) -> Self {
         let Mailbox { commands: rx, adoptions, forward } = mailbox;
         let channels: HashMap<Arc<str>, ChannelState> = recovered
@@ -404,6 +416,9 @@ impl Owner {
             forward,
             sealed: false,
             idempotency_budget,
+            hw: replication.hw_changes(partition),
+            replication,
+            parked: VecDeque::new(),
         }
     }
 
@@ -443,7 +458,12 @@ impl Owner {
             let cmd = tokio::select! {
                 biased;
                 Some(done) = self.adoptions.recv() => {
+                    self.fail_parked();
                     self.adopt(done).await;
+                    continue;
+                }
+                Ok(()) = self.hw.changed(), if !self.parked.is_empty() => {
+                    self.release_parked();
                     continue;
                 }
                 cmd = self.rx.recv() => match cmd {
@@ -453,6 +473,9 @@ impl Owner {
             };
             let mut batch = store.batch();
             let mut work = Work::default();
+            if self.replication.is_leading(self.partition) {
+                work.ops = Some(Vec::new());
+            }
             let mut adopt = None;
             self.handle(cmd, &mut batch, &mut work);
             while work.after.len() + work.publishes < MAX_BATCH && !(one_publish_per_batch && work.publishes > 0) {
@@ -467,6 +490,7 @@ impl Owner {
             }
             self.finish(batch, work).await;
             if let Some(done) = adopt {
+                self.fail_parked();
                 self.adopt(done).await;
             }
         }
@@ -513,7 +537,8 @@ impl Owner {
     }
 
     fn handle(&mut self, cmd: OwnerCommand, batch: &mut switchyard_store::Batch<'_>, work: &mut Work) {
-        if self.sealed {
+        // A follower's copy is written by replication only.
+        if self.sealed || self.replication.is_following(self.partition) {
             return self.refuse_sealed(cmd, work);
         }
         match cmd {
@@ -646,6 +671,9 @@ impl Owner {
         };
         let offset = ch.top + 1;
         let size = batch.put_message(partition, &ch.name, offset, &msg);
+        if let Some(ops) = &mut work.ops {
+            ops.push(ReplOp::Message(ch.name.to_string(), offset, msg.clone()));
+        }
         ch.top = offset;
         ch.count += 1;
         ch.bytes += size as u64;
@@ -693,6 +721,9 @@ impl Owner {
         }
         if offset > stored {
             batch.put_consumer(partition, channel, &consumer, offset);
+            if let Some(ops) = &mut work.ops {
+                ops.push(ReplOp::Consumer(channel.to_string(), consumer.clone(), offset));
+            }
             ch.consumers.insert(consumer, offset);
             work.needs_sync = true;
         }
@@ -732,6 +763,9 @@ impl Owner {
         for &(offset, size) in drops {
             if offset >= ch.first && offset <= ch.durable {
                 batch.remove_message(partition, channel, offset);
+                if let Some(ops) = &mut work.ops {
+                    ops.push(ReplOp::Remove(channel.to_string(), offset));
+                }
                 ch.count = ch.count.saturating_sub(1);
                 ch.bytes = ch.bytes.saturating_sub(size as u64);
                 removed += 1;
@@ -750,7 +784,11 @@ impl Owner {
     async fn finish(&mut self, mut batch: switchyard_store::Batch<'_>, mut work: Work) {
         for name in &work.dirty {
             if let Some(ch) = self.channels.get(name) {
-                batch.put_meta(self.partition, name, &ch.meta());
+                let meta = ch.meta();
+                batch.put_meta(self.partition, name, &meta);
+                if let Some(ops) = &mut work.ops {
+                    ops.push(ReplOp::Meta(name.to_string(), meta));
+                }
             }
         }
         let stored = if batch.is_empty() { Ok(()) } else { batch.write(work.needs_sync).await };
@@ -765,14 +803,83 @@ impl Owner {
                 let _ = reply.send(Err(err.clone()));
             }
             work.fanout.clear();
+            work.ops = None;
         }
-        self.fan_out(&work.fanout);
         for name in &work.dirty {
             if let Some(ch) = self.channels.get_mut(name) {
-                ch.durable = ch.top;
                 ch.dirty = false;
+                work.tops.push((name.clone(), ch.top));
             }
         }
+        match work.ops.take() {
+            // Replicated: acknowledged, fanned out and read only once the ISR has it.
+            Some(ops) if !ops.is_empty() => {
+                let data = bytes::Bytes::from(postcard::to_stdvec(&ops).expect("ops encode"));
+                let epoch = self.replication.leader_epoch(self.partition).unwrap_or(0);
+                let seq = self.replication.append(self.partition, data);
+                self.parked.push_back((seq, epoch, work));
+                self.release_parked();
+            }
+            // Nothing written: answered in order behind any parked batch.
+            _ if !self.parked.is_empty() => {
+                let seq = self.parked.back().map_or(0, |p| p.0);
+                let epoch = self.parked.back().map_or(0, |p| p.1);
+                self.parked.push_back((seq, epoch, work));
+                self.release_parked();
+            }
+            _ => self.release(work),
+        }
+    }
+
+    /// Releases the parked batches the high watermark passed, in order; fails them all if
+    /// the leadership they were written under ended.
+    fn release_parked(&mut self) {
+        let hw = *self.hw.borrow_and_update();
+        let epoch = self.replication.leader_epoch(self.partition);
+        while let Some((seq, e, _)) = self.parked.front() {
+            if epoch != Some(*e) {
+                return self.fail_parked();
+            }
+            if *seq >= hw {
+                return;
+            }
+            let (_, _, work) = self.parked.pop_front().expect("front exists");
+            self.release(work);
+        }
+    }
+
+    /// The leadership ended before the ISR had these batches: their writers get
+    /// `unavailable` (a retry with the same idempotency key is safe), and seals and
+    /// unsubscribes among their reads still run.
+    fn fail_parked(&mut self) {
+        let err = OpError::new(
+            switchyard_proto::protocol::ErrorCode::Unavailable,
+            "partition leadership changed before the write was replicated; retry",
+        );
+        while let Some((_, _, work)) = self.parked.pop_front() {
+            for (reply, _) in work.acks {
+                let _ = reply.send(Err(err.clone()));
+            }
+            for (reply, _) in work.commit_acks {
+                let _ = reply.send(Err(err.clone()));
+            }
+            for cmd in work.after {
+                if matches!(cmd, OwnerCommand::Seal(..) | OwnerCommand::Unsubscribe { .. }) {
+                    self.answer(cmd);
+                }
+            }
+        }
+    }
+
+    /// Acknowledges, fans out and answers the reads of a batch that is durable (and, when
+    /// replicated, in the ISR).
+    fn release(&mut self, work: Work) {
+        for (name, top) in &work.tops {
+            if let Some(ch) = self.channels.get_mut(name) {
+                ch.durable = ch.durable.max(*top).min(ch.top);
+            }
+        }
+        self.fan_out(&work.fanout);
         self.metrics.messages_published.inc_by(work.fanout.len() as u64);
         for (reply, result) in work.acks {
             let _ = reply.send(result);
@@ -995,6 +1102,7 @@ mod tests {
             Budget::new(1000, 1 << 20),
             Vec::new(),
             Mailbox { commands: rx, adoptions: adopt_rx, forward: Some(fwd_tx) },
+            crate::replication::Replication::new(8, Duration::from_secs(2), 1 << 20),
         );
         tokio::spawn(owner.run());
 

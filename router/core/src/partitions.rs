@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::handovers::Handovers;
 use crate::idempotency::Budget;
+use crate::replication::Replication;
 use crate::outbox::Outbox;
 use crate::owner::{ChannelView, Facts, Forward, Grant, Mailbox, Owner, OwnerCommand, PublishRequest, Start};
 
@@ -100,6 +101,8 @@ pub struct Settings {
     pub idempotency_max_keys: usize,
     /// Most bytes of idempotency keys this node remembers.
     pub idempotency_max_bytes: usize,
+    /// How long an in-sync follower may lag before its leader asks it out of the ISR.
+    pub replica_lag_timeout: Duration,
 }
 
 /// Every partition owner of this node, and the operations on a partition it owns.
@@ -114,6 +117,8 @@ pub struct Partitions {
     pub metrics: Arc<Metrics>,
     /// Partition handovers under way (adoptions, sealed partitions).
     pub handovers: Handovers,
+    /// Replication state of every partition.
+    pub replication: Arc<Replication>,
     owners: Vec<mpsc::Sender<OwnerCommand>>,
     adoptions: Vec<mpsc::UnboundedSender<oneshot::Receiver<()>>>,
     next_id: AtomicU64,
@@ -152,6 +157,8 @@ impl Partitions {
         let (forward_tx, forward_rx) = mpsc::unbounded_channel();
         let mut tasks = Vec::with_capacity(p as usize);
         let budget = Budget::new(settings.idempotency_max_keys, settings.idempotency_max_bytes);
+        // The leader keeps at most this many bytes of batches for lagging followers.
+        let replication = Replication::new(p, settings.replica_lag_timeout, 64 << 20);
         for (partition, channels) in recovered.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(OWNER_MAILBOX);
             let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
@@ -167,6 +174,7 @@ impl Partitions {
                     adoptions: adopt_rx,
                     forward: settings.forward_sealed.then(|| forward_tx.clone()),
                 },
+                replication.clone(),
             );
             tasks.push(tokio::spawn(owner.run()));
             owners.push(tx);
@@ -178,6 +186,7 @@ impl Partitions {
             store,
             metrics,
             handovers: Handovers::default(),
+            replication,
             owners,
             adoptions,
             next_id: AtomicU64::new(1),
@@ -401,6 +410,7 @@ mod tests {
             max_reply_bytes: 1 << 20,
             idempotency_max_keys: 100_000,
             idempotency_max_bytes: 16 << 20,
+            replica_lag_timeout: Duration::from_secs(2),
         };
         Partitions::start(store, metrics, settings).unwrap().0
     }

@@ -63,6 +63,21 @@ pub struct Metrics {
     pub cluster_fenced_writes: IntCounter,
     /// etcd sessions started (the first, and each re-connect).
     pub cluster_sessions: IntCounter,
+    /// Followers this node (as a partition leader) had removed from an ISR.
+    pub isr_shrinks: IntCounter,
+    /// Followers this node (as a partition leader) had added back to an ISR.
+    pub isr_expands: IntCounter,
+    /// Partitions this node leads whose ISR lacks an assigned follower.
+    pub under_replicated_partitions: IntGauge,
+    /// The most batches any follower of a partition led here is behind (over partitions).
+    pub replica_lag_batches: IntGauge,
+    /// Partition leader changes published by this node as cluster leader, by reason
+    /// (`failover`, `move`, `unclean`).
+    pub leader_elections: IntCounterVec,
+    /// Partitions given to a replica outside the ISR (`unclean_failover`): new channel epochs.
+    pub unclean_failovers: IntCounter,
+    /// Replica snapshots taken by this node as a follower.
+    pub replica_snapshots: IntCounter,
     /// Leases granted (the first, and each after one was lost).
     pub cluster_lease_grants: IntCounter,
     /// `config` values ignored because they did not parse or validate.
@@ -179,6 +194,37 @@ impl Metrics {
                 "Map writes refused by the fencing compare (deposed leader)",
             ),
             cluster_sessions: counter("switchyard_cluster_sessions_total", "etcd sessions started"),
+            isr_shrinks: counter("switchyard_isr_shrinks_total", "Followers removed from an ISR by this leader"),
+            isr_expands: counter("switchyard_isr_expands_total", "Followers added back to an ISR by this leader"),
+            under_replicated_partitions: reg(
+                &registry,
+                IntGauge::new(
+                    "switchyard_under_replicated_partitions",
+                    "Partitions led here whose ISR lacks an assigned follower",
+                )
+                .expect("valid metric"),
+            ),
+            replica_lag_batches: reg(
+                &registry,
+                IntGauge::new(
+                    "switchyard_replica_lag_messages",
+                    "Most store batches (messages, grouped) any follower of a partition led here is behind",
+                )
+                .expect("valid metric"),
+            ),
+            leader_elections: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("switchyard_leader_elections_total", "Partition leader changes published, by reason"),
+                    &["reason"],
+                )
+                .expect("valid metric"),
+            ),
+            unclean_failovers: counter(
+                "switchyard_unclean_failovers_total",
+                "Partitions given to a replica outside the ISR (new channel epochs)",
+            ),
+            replica_snapshots: counter("switchyard_replica_snapshots_total", "Replica snapshots taken as a follower"),
             cluster_lease_grants: counter("switchyard_cluster_lease_grants_total", "etcd leases granted"),
             cluster_config_errors: counter(
                 "switchyard_cluster_config_errors_total",

@@ -70,9 +70,12 @@ pub(crate) async fn execute(node: &Arc<Router>, op: Op) -> Result<Answer, OpErro
                 })
             })
         }
-        Op::Subscribe { .. } | Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } => {
-            Err(OpError::internal(format!("{} is not run locally", op.name())))
-        }
+        Op::Subscribe { .. }
+        | Op::Unsubscribe { .. }
+        | Op::Pull { .. }
+        | Op::Pulled { .. }
+        | Op::Fetch { .. }
+        | Op::Snapshot { .. } => Err(OpError::internal(format!("{} is not run locally", op.name()))),
     }
 }
 
@@ -273,6 +276,7 @@ enum Begun {
     Info(String, Option<String>),
     Pull(u32, u64, Option<(String, u64)>),
     Pulled(u32, u64),
+    Replica(Op),
     Done(Result<Answer, WireError>),
 }
 
@@ -281,6 +285,7 @@ async fn begin(node: &Arc<Router>, link: &Incoming, epoch: u64, op: Op) -> Begun
     match op {
         Op::Pull { partition, moved_at, cursor } => return Begun::Pull(partition, moved_at, cursor),
         Op::Pulled { partition, moved_at } => return Begun::Pulled(partition, moved_at),
+        op @ (Op::Fetch { .. } | Op::Snapshot { .. }) => return Begun::Replica(op),
         Op::Unsubscribe { channel, sub } => {
             // Wherever the map now puts the channel: the owner here still holds it.
             let local = {
@@ -338,7 +343,9 @@ async fn begin(node: &Arc<Router>, link: &Incoming, epoch: u64, op: Op) -> Begun
                 }
             }
         }
-        Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } => unreachable!("handled above"),
+        Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } | Op::Fetch { .. } | Op::Snapshot { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -394,6 +401,7 @@ impl Begun {
             Begun::Info(channel, consumer) => execute(node, Op::Info { channel, consumer }).await,
             Begun::Pull(p, moved_at, cursor) => crate::handover::serve_pull(node, p, moved_at, cursor).await,
             Begun::Pulled(p, moved_at) => crate::handover::serve_pulled(node, p, moved_at).await.map(|()| Answer::Done),
+            Begun::Replica(op) => crate::replica::serve(node, op).await,
         };
         result.map_err(|e| WireError::op(&e))
     }

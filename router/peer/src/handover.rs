@@ -132,6 +132,8 @@ pub(crate) async fn forward_sealed(
 #[tracing::instrument(name = "handover", skip_all, fields(partition = p, %from, moved_at))]
 async fn adopt(node: Arc<Router>, p: PartitionId, from: String, moved_at: u64, map: u64, done: oneshot::Sender<()>) {
     let started = Instant::now();
+    // No follower apply or snapshot may write the partition meanwhile.
+    let applying = node.partitions.replication.part(p).apply_lock.lock().await;
     let outcome = pull_all(&node, p, &from, moved_at, map).await;
     let result = match outcome {
         Ok(Pulled::Moved(messages)) => {
@@ -163,6 +165,7 @@ async fn adopt(node: Arc<Router>, p: PartitionId, from: String, moved_at: u64, m
     node.metrics.handovers.with_label_values(&[result]).inc();
     node.metrics.handover_seconds.observe(started.elapsed().as_secs_f64());
     node.partitions.handovers.adopting.lock().expect("handovers").remove(&p);
+    drop(applying);
     let _ = done.send(());
 }
 
@@ -333,7 +336,7 @@ pub(crate) async fn serve_pull(
 
 /// The next chunk of sealed partition `p` after `cursor`: `(channel, offset)` means the
 /// channel's metadata and its messages up to `offset` were sent.
-fn read_chunk(
+pub(crate) fn read_chunk(
     store: &switchyard_store::Store,
     p: PartitionId,
     cursor: Option<(String, u64)>,
@@ -393,7 +396,10 @@ pub(crate) async fn serve_pulled(node: &Arc<Router>, p: PartitionId, moved_at: u
     if !sealed {
         return Ok(());
     }
-    if !mine && !node.partitions.handovers.is_adopting(p) {
+    // A follower's copy belongs to replication now (it resyncs from the new leader).
+    let _applying = node.partitions.replication.part(p).apply_lock.lock().await;
+    let following = node.partitions.replication.is_following(p);
+    if !mine && !following && !node.partitions.handovers.is_adopting(p) {
         node.partitions.store.clear_partition(p).await.map_err(|e| OpError::internal(e.to_string()))?;
     }
     node.partitions.handovers.release(p);

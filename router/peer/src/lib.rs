@@ -12,6 +12,7 @@
 mod forward;
 mod handover;
 mod link;
+mod replica;
 pub mod router;
 mod upstream;
 pub mod wire;

@@ -79,21 +79,27 @@ impl Router {
         let metrics = partitions.metrics.clone();
         // Links and upstreams call back into the router (incoming pushes, resubscribes):
         // they hold it weakly, so dropping the router stops them.
-        Arc::new_cyclic(|weak| Self {
-            upstreams: settings.secret.as_ref().map(|_| Arc::new(Upstreams::new(weak.clone()))),
-            peers: settings.secret.map(|s| Links::new(weak.clone(), s)),
-            node_id: settings.node_id,
-            partitions,
-            metrics,
-            map,
-            members,
-            shutdown,
+        Arc::new_cyclic(|weak: &std::sync::Weak<Self>| {
+            if settings.secret.is_some() {
+                tokio::spawn(crate::replica::isr_checks(weak.clone()));
+            }
+            Self {
+                upstreams: settings.secret.as_ref().map(|_| Arc::new(Upstreams::new(weak.clone()))),
+                peers: settings.secret.map(|s| Links::new(weak.clone(), s)),
+                node_id: settings.node_id,
+                partitions,
+                metrics,
+                map,
+                members,
+                shutdown,
+            }
         })
     }
 
     /// Called by the cluster with a new map before it is installed: partitions moving here
     /// get their mailbox held and start being pulled from their old owner.
     pub fn before_install(self: &Arc<Self>, new: &PartitionMap) {
+        crate::replica::before_install(self, new);
         crate::handover::before_install(self, new);
     }
 
@@ -101,6 +107,7 @@ impl Router {
     pub fn after_install(self: &Arc<Self>, before: &PartitionMap) {
         let epoch = self.map().epoch;
         crate::handover::after_install(self, before);
+        crate::replica::after_install(self);
         self.partitions.handovers.installed(epoch);
     }
 

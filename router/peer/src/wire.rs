@@ -121,6 +121,27 @@ pub enum Op {
         /// The map epoch of the move.
         moved_at: u64,
     },
+    /// Replication: a follower fetches the leader's batches from seq `from` (it holds
+    /// every one below durably), or asks where a snapshot starts (`from: None`).
+    Fetch {
+        /// The partition.
+        partition: u32,
+        /// The leader epoch the follower follows.
+        leader_epoch: u64,
+        /// The follower's node id.
+        follower: String,
+        /// The next seq it needs.
+        from: Option<u64>,
+    },
+    /// Replication: the next chunk of a snapshot of a partition this node leads.
+    Snapshot {
+        /// The partition.
+        partition: u32,
+        /// The leader epoch the follower follows.
+        leader_epoch: u64,
+        /// Resume after this `(channel, offset)`; None for the start.
+        cursor: Option<(String, u64)>,
+    },
 }
 
 impl Op {
@@ -133,7 +154,7 @@ impl Op {
             | Op::Subscribe { channel, .. }
             | Op::Unsubscribe { channel, .. }
             | Op::Info { channel, .. } => channel,
-            Op::Pull { .. } | Op::Pulled { .. } => "",
+            Op::Pull { .. } | Op::Pulled { .. } | Op::Fetch { .. } | Op::Snapshot { .. } => "",
         }
     }
 
@@ -148,6 +169,8 @@ impl Op {
             Op::Info { .. } => "info",
             Op::Pull { .. } => "pull",
             Op::Pulled { .. } => "pulled",
+            Op::Fetch { .. } => "fetch",
+            Op::Snapshot { .. } => "snapshot",
         }
     }
 
@@ -157,7 +180,12 @@ impl Op {
         match self {
             Op::Publish { idempotency_key, .. } => idempotency_key.is_some(),
             Op::Commit { .. } | Op::History { .. } | Op::Info { .. } => true,
-            Op::Subscribe { .. } | Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } => false,
+            Op::Subscribe { .. }
+            | Op::Unsubscribe { .. }
+            | Op::Pull { .. }
+            | Op::Pulled { .. }
+            | Op::Fetch { .. }
+            | Op::Snapshot { .. } => false,
         }
     }
 
@@ -205,8 +233,12 @@ pub enum Answer {
     },
     /// Channel facts for a local grant.
     Info(ChannelInfo),
-    /// A handover chunk.
+    /// A handover or snapshot chunk.
     Chunk(Chunk),
+    /// Replicated batches `(seq, encoded ops)`, consecutive from the fetch's `from`.
+    Batches(Vec<(u64, bytes::Bytes)>),
+    /// A snapshot taken now starts after every batch below this seq.
+    SnapshotAt(u64),
     /// Nothing to say (unsubscribe, pulled).
     Done,
 }

@@ -43,17 +43,32 @@ pub struct PartitionMap {
     /// partition's state from `from` (which may have left the cluster since). Partitions
     /// whose owner never changed that way (placed by the first map) have no entry.
     pub moved: BTreeMap<PartitionId, Moved>,
+    /// Replication (empty when partitions have one copy): the replicas of each partition,
+    /// its owner (the leader) first.
+    pub replicas: Vec<Vec<String>>,
+    /// The in-sync replicas of each partition, leader first: the only ones a leader may
+    /// hand over to on a failover.
+    pub isr: Vec<Vec<String>>,
+    /// The leader epoch of each partition: bumped by every change of its leader.
+    pub leader_epochs: Vec<u64>,
 }
 
 impl PartitionMap {
     /// The standalone map: `node` owns all `partitions`.
     pub fn standalone(node: &str, partitions: u32) -> Self {
-        Self { epoch: 0, owners: vec![node.to_string(); partitions as usize], moved: BTreeMap::new() }
+        Self { owners: vec![node.to_string(); partitions as usize], ..Self::unassigned(partitions) }
     }
 
     /// A cluster node's map before the first one arrives: `partitions` with no owner.
     pub fn unassigned(partitions: u32) -> Self {
-        Self { epoch: 0, owners: vec![String::new(); partitions as usize], moved: BTreeMap::new() }
+        Self {
+            epoch: 0,
+            owners: vec![String::new(); partitions as usize],
+            moved: BTreeMap::new(),
+            replicas: Vec::new(),
+            isr: Vec::new(),
+            leader_epochs: Vec::new(),
+        }
     }
 
     /// Number of partitions.
@@ -64,6 +79,22 @@ impl PartitionMap {
     /// The owner of `p`, if it has one.
     pub fn owner(&self, p: PartitionId) -> Option<&str> {
         self.owners.get(p as usize).map(String::as_str).filter(|o| !o.is_empty())
+    }
+
+    /// The followers of `p` (its replicas other than the owner).
+    pub fn followers(&self, p: PartitionId) -> Vec<String> {
+        let owner = self.owner(p).unwrap_or_default();
+        self.replicas.get(p as usize).map_or_else(Vec::new, |r| r.iter().filter(|n| *n != owner).cloned().collect())
+    }
+
+    /// The in-sync replicas of `p`, leader first (empty when not replicated).
+    pub fn isr(&self, p: PartitionId) -> &[String] {
+        self.isr.get(p as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// The leader epoch of `p` (0 when not replicated).
+    pub fn leader_epoch(&self, p: PartitionId) -> u64 {
+        self.leader_epochs.get(p as usize).copied().unwrap_or(0)
     }
 
     /// Where `p` came from when its owner last changed (see [`PartitionMap::moved`]).

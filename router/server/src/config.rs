@@ -530,6 +530,12 @@ impl Config {
         if !c.enabled() {
             return Ok(());
         }
+        if c.replicas == 0 {
+            return invalid("cluster.replicas", "must be at least 1 (1 = no replication)");
+        }
+        if c.replica_lag_timeout < std::time::Duration::from_millis(100) {
+            return invalid("cluster.replica_lag_timeout", "must be at least 100ms");
+        }
         if self.tls.is_some() && c.secret.is_some() {
             return invalid(
                 "tls",

@@ -94,6 +94,7 @@ impl Node {
             max_reply_bytes: config.limits.max_reply_bytes,
             idempotency_max_keys: config.publish.idempotency_max_keys,
             idempotency_max_bytes: config.publish.idempotency_max_bytes,
+            replica_lag_timeout: config.cluster.replica_lag_timeout,
         };
         let (partitions, sealed_writes) = Partitions::start(store, metrics.clone(), settings)?;
         let plugins = start_plugins(&config, metrics.clone())?;
@@ -165,8 +166,14 @@ impl Node {
 
 /// What the cluster needs to know about this node.
 pub(crate) fn cluster_settings(config: &Config) -> switchyard_cluster::Settings {
+    let mut cluster = config.cluster.clone();
+    if cluster.replicas > 1 && cluster.secret.is_none() {
+        // Replication runs over the peer links, which need the secret.
+        tracing::warn!(replicas = cluster.replicas, "no cluster.secret, so no peer links: replication is off (replicas = 1)");
+        cluster.replicas = 1;
+    }
     switchyard_cluster::Settings {
-        config: config.cluster.clone(),
+        config: cluster,
         node_id: config.node_id.clone(),
         partitions: config.partitions,
         advertise_url: config.advertise_url(),

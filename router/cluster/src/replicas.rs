@@ -1,0 +1,233 @@
+//! The leader's replica decisions: failover promotions before balancing, and the replica
+//! lists, in-sync sets and leader epochs of the map it publishes.
+//!
+//! It owns the rules of the configuration manager of a primary-backup log: a partition
+//! whose leader left goes to a live member of its ISR (one write that bumps the leader
+//! epoch and keeps the channel epochs, since that member has every acknowledged batch);
+//! with no such member it waits (or, with `unclean_failover`, goes wherever the balancer
+//! puts it and restarts its channels); followers are spread evenly over distinct nodes;
+//! only the partition's leader may add a follower to the ISR. It must never touch etcd.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::keys::MapRecord;
+
+/// The failovers of one round.
+#[derive(Debug, Default, PartialEq)]
+pub struct Failovers {
+    /// Partitions whose leader left, promoted to this in-sync follower.
+    pub promoted: BTreeMap<u32, String>,
+    /// Partitions whose leader left with no live in-sync follower, kept on it
+    /// (unavailable) until one returns.
+    pub waiting: BTreeMap<u32, String>,
+    /// Partitions whose leader left with no live in-sync follower, given to the balancer
+    /// (`unclean_failover`).
+    pub unclean: BTreeSet<u32>,
+}
+
+/// The failovers `current` needs now that only `alive` nodes are members.
+pub fn failovers(current: &MapRecord, alive: &BTreeSet<&str>, unclean_failover: bool) -> Failovers {
+    let mut out = Failovers::default();
+    if current.isr.is_empty() {
+        return out;
+    }
+    for (p, owner) in current.owners.iter().enumerate() {
+        let p = p as u32;
+        if owner.is_empty() || alive.contains(owner.as_str()) {
+            continue;
+        }
+        let isr = current.isr.get(p as usize).map_or(&[][..], Vec::as_slice);
+        match isr.iter().find(|n| *n != owner && alive.contains(n.as_str())) {
+            Some(n) => {
+                out.promoted.insert(p, n.clone());
+            }
+            None if unclean_failover => {
+                out.unclean.insert(p);
+            }
+            None => {
+                out.waiting.insert(p, owner.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Replica lists, ISRs and leader epochs for the map with `owners`, after `prev`.
+///
+/// `nodes` are the members that may hold replicas (live, not draining), `alive` every
+/// live member. A partition keeps its followers while they stay eligible; when its leader
+/// changed by a planned move the old leader is its first candidate follower; the rest are
+/// filled from the nodes with the fewest replicas. The ISR of a partition whose leader
+/// stayed is the previous one without departed nodes; a new leader starts alone in it
+/// (its followers catch up from it and are added by it). Partitions `waiting` for a
+/// leader keep their entry.
+pub fn place(
+    prev: Option<&MapRecord>,
+    owners: &[String],
+    nodes: &[String],
+    alive: &BTreeSet<&str>,
+    replicas: usize,
+    waiting: &BTreeMap<u32, String>,
+) -> (Vec<Vec<String>>, Vec<Vec<String>>, Vec<u64>) {
+    let want = replicas.min(nodes.len().max(1)).max(1);
+    let n = owners.len();
+    let prev_of = |p: usize| -> (&str, &[String], &[String], u64) {
+        match prev {
+            Some(m) => (
+                m.owners.get(p).map_or("", String::as_str),
+                m.replicas.get(p).map_or(&[][..], Vec::as_slice),
+                m.isr.get(p).map_or(&[][..], Vec::as_slice),
+                m.leader_epochs.get(p).copied().unwrap_or(0),
+            ),
+            None => ("", &[][..], &[][..], 0),
+        }
+    };
+    let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.as_str(), 0)).collect();
+    for o in owners {
+        if let Some(c) = load.get_mut(o.as_str()) {
+            *c += 1;
+        }
+    }
+    let mut followers: Vec<Vec<String>> = vec![Vec::new(); n];
+    // First pass: keep what may stay.
+    for (p, owner) in owners.iter().enumerate() {
+        if waiting.contains_key(&(p as u32)) {
+            continue;
+        }
+        let (prev_owner, prev_replicas, _, _) = prev_of(p);
+        let mut candidates: Vec<&str> = prev_replicas.iter().map(String::as_str).collect();
+        if prev_owner != owner.as_str() {
+            candidates.insert(0, prev_owner);
+        }
+        for c in candidates {
+            if followers[p].len() + 1 >= want {
+                break;
+            }
+            if c != owner && load.contains_key(c) && !followers[p].iter().any(|f| f == c) {
+                followers[p].push(c.to_string());
+                *load.get_mut(c).expect("checked") += 1;
+            }
+        }
+    }
+    // Second pass: fill from the least loaded nodes.
+    for (p, owner) in owners.iter().enumerate() {
+        if waiting.contains_key(&(p as u32)) {
+            continue;
+        }
+        while followers[p].len() + 1 < want {
+            let pick = load
+                .iter()
+                .filter(|(id, _)| **id != owner.as_str() && !followers[p].iter().any(|f| f == *id))
+                .min_by_key(|(id, c)| (**c, **id))
+                .map(|(id, _)| id.to_string());
+            let Some(id) = pick else { break };
+            *load.get_mut(id.as_str()).expect("picked from it") += 1;
+            followers[p].push(id);
+        }
+    }
+    let mut all = Vec::with_capacity(n);
+    let mut isrs = Vec::with_capacity(n);
+    let mut epochs = Vec::with_capacity(n);
+    for (p, owner) in owners.iter().enumerate() {
+        let (prev_owner, prev_replicas, prev_isr, prev_epoch) = prev_of(p);
+        if waiting.contains_key(&(p as u32)) {
+            all.push(prev_replicas.to_vec());
+            isrs.push(prev_isr.to_vec());
+            epochs.push(prev_epoch);
+            continue;
+        }
+        let mut replicas = vec![owner.clone()];
+        replicas.extend(followers[p].iter().cloned());
+        let same_leader = prev_owner == owner.as_str() && !prev_isr.is_empty();
+        let isr: Vec<String> = if same_leader {
+            let mut isr = vec![owner.clone()];
+            isr.extend(
+                prev_isr.iter().filter(|m| *m != owner && replicas.contains(m) && alive.contains(m.as_str())).cloned(),
+            );
+            isr
+        } else {
+            vec![owner.clone()]
+        };
+        let epoch = if prev_owner == owner.as_str() && prev_epoch > 0 { prev_epoch } else { prev_epoch + 1 };
+        all.push(replicas);
+        isrs.push(isr);
+        epochs.push(epoch);
+    }
+    (all, isrs, epochs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    fn map(owners: &[&str], replicas: &[&[&str]], isr: &[&[&str]], epochs: &[u64]) -> MapRecord {
+        MapRecord {
+            epoch: 3,
+            partitions: owners.len() as u32,
+            leader: "a".into(),
+            term: 1,
+            updated_at: String::new(),
+            counts: BTreeMap::new(),
+            owners: s(owners),
+            moved: BTreeMap::new(),
+            replicas: replicas.iter().map(|r| s(r)).collect(),
+            isr: isr.iter().map(|r| s(r)).collect(),
+            leader_epochs: epochs.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_dead_leader_goes_to_a_live_isr_member_or_waits() {
+        let m = map(&["a", "a", "b"], &[&["a", "b"], &["a", "c"], &["b", "c"]], &[&["a", "b"], &["a"], &["b", "c"]], &[
+            1, 1, 1,
+        ]);
+        let alive: BTreeSet<&str> = ["b", "c"].into_iter().collect();
+        let f = failovers(&m, &alive, false);
+        assert_eq!(f.promoted, [(0, "b".to_string())].into_iter().collect());
+        assert_eq!(f.waiting, [(1, "a".to_string())].into_iter().collect(), "c was not in sync");
+        let f = failovers(&m, &alive, true);
+        assert_eq!(f.unclean, [1].into_iter().collect());
+        // Not replicated before: nothing to decide here (today's behaviour).
+        let plain = MapRecord { isr: Vec::new(), ..m };
+        assert_eq!(failovers(&plain, &alive, false), Failovers::default());
+    }
+
+    #[test]
+    fn replicas_sit_on_distinct_nodes_evenly_and_a_new_leader_starts_alone_in_sync() {
+        let nodes = s(&["a", "b", "c"]);
+        let alive: BTreeSet<&str> = ["a", "b", "c"].into_iter().collect();
+        let owners = s(&["a", "b", "c", "a", "b", "c"]);
+        let (replicas, isr, epochs) = place(None, &owners, &nodes, &alive, 2, &BTreeMap::new());
+        for (p, r) in replicas.iter().enumerate() {
+            assert_eq!(r.len(), 2);
+            assert_eq!(r[0], owners[p]);
+            assert_ne!(r[0], r[1]);
+        }
+        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in &replicas {
+            for n in r {
+                *count.entry(n).or_default() += 1;
+            }
+        }
+        assert!(count.values().all(|c| *c == 4), "even: {count:?}");
+        assert!(isr.iter().zip(&owners).all(|(i, o)| i == &vec![o.clone()]));
+        assert_eq!(epochs, vec![1; 6]);
+
+        // The leader keeps its ISR; a promoted follower starts alone with epoch + 1; the
+        // old leader of a planned move becomes a follower.
+        let prev = map(&["a", "b"], &[&["a", "b"], &["b", "c"]], &[&["a", "b"], &["b", "c"]], &[4, 2]);
+        let owners = s(&["a", "c"]);
+        let (replicas, isr, epochs) = place(Some(&prev), &owners, &nodes, &alive, 2, &BTreeMap::new());
+        assert_eq!(replicas, vec![s(&["a", "b"]), s(&["c", "b"])]);
+        assert_eq!(isr, vec![s(&["a", "b"]), s(&["c"])]);
+        assert_eq!(epochs, vec![4, 3]);
+        // Fewer nodes than replicas: as many as there are.
+        let one = s(&["a"]);
+        let (replicas, _, _) = place(None, &s(&["a"]), &one, &alive, 3, &BTreeMap::new());
+        assert_eq!(replicas, vec![s(&["a"])]);
+    }
+}

@@ -1,0 +1,558 @@
+//! Replication state of every partition on this node: the leader's log of committed store
+//! batches and its high watermark, and the follower's position.
+//!
+//! It owns the rules of primary-backup replication (Kafka's ISR model): a leader numbers
+//! each store batch of a partition with a sequence number and keeps the encoded batch in
+//! memory until every follower has fetched it; a follower's fetch from sequence `s` says it
+//! holds everything below `s` durably; the high watermark is the lowest such position over
+//! the in-sync followers, and a batch is acknowledged (and fanned out) by its owner only
+//! once the high watermark passes it. It decides when a follower leaves or rejoins the ISR
+//! but never writes that itself: it asks, through [`IsrChange`], and only a map from etcd
+//! that carries the change alters the set the high watermark counts. It must never do I/O
+//! or wait: owners and fetch handlers call it under a per-partition lock held for
+//! microseconds.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use switchyard_proto::partition::PartitionId;
+use switchyard_store::{ChannelMeta, StoredMessage};
+use tokio::sync::{mpsc, watch, Notify};
+
+/// One write of a replicated store batch, applied by followers exactly as the leader did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ReplOp {
+    /// A message stored at an offset.
+    Message(String, u64, StoredMessage),
+    /// A message removed (retention, compaction).
+    Remove(String, u64),
+    /// A channel's metadata (epoch, top, first, counters).
+    Meta(String, ChannelMeta),
+    /// A consumer's committed offset.
+    Consumer(String, String, u64),
+}
+
+/// Applies `ops` to a store batch of partition `p`.
+pub fn apply_ops(batch: &mut switchyard_store::Batch<'_>, p: PartitionId, ops: &[ReplOp]) {
+    for op in ops {
+        match op {
+            ReplOp::Message(ch, offset, msg) => {
+                batch.put_message(p, ch, *offset, msg);
+            }
+            ReplOp::Remove(ch, offset) => batch.remove_message(p, ch, *offset),
+            ReplOp::Meta(ch, meta) => batch.put_meta(p, ch, meta),
+            ReplOp::Consumer(ch, consumer, offset) => batch.put_consumer(p, ch, consumer, *offset),
+        }
+    }
+}
+
+/// A request to etcd's configuration manager: make `isr` the in-sync set of `partition`,
+/// if this node still leads it under `leader_epoch`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IsrChange {
+    /// The partition.
+    pub partition: PartitionId,
+    /// The leader epoch the leader holds (the write is fenced by it).
+    pub leader_epoch: u64,
+    /// The new in-sync set, leader first.
+    pub isr: Vec<String>,
+    /// True when the set grows (metrics).
+    pub expand: bool,
+}
+
+/// What this node is for a partition, by the installed map.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Role {
+    /// Neither leader nor follower.
+    None,
+    /// The leader, with its followers (not itself) and the in-sync followers among them.
+    Leader {
+        /// This node's id.
+        me: String,
+        /// Leader epoch.
+        leader_epoch: u64,
+        /// Assigned followers.
+        followers: Vec<String>,
+        /// Followers in the ISR.
+        isr: Vec<String>,
+    },
+    /// A follower of the leader under `leader_epoch`.
+    Follower {
+        /// Leader epoch.
+        leader_epoch: u64,
+    },
+}
+
+/// Why a fetch was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// This node does not lead the partition under the epoch the follower named.
+    #[error("not the leader of partition {0} under leader epoch {1} (here: {2:?})")]
+    NotLeader(PartitionId, u64, Option<u64>),
+    /// The follower is not an assigned replica.
+    #[error("{0} is not a follower of partition {1}")]
+    NotReplica(String, PartitionId),
+    /// The follower's position is not in the log: it must take a snapshot.
+    #[error("position {0} is outside the log; resync")]
+    Resync(u64),
+    /// The follower asked for a snapshot while counted in the ISR: it must leave it first.
+    #[error("in the ISR: leave it before a resync")]
+    InIsr,
+}
+
+/// A fetch answer: encoded batches from `from` on, in order.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    /// `(seq, encoded ops)` with consecutive seqs.
+    pub batches: Vec<(u64, Bytes)>,
+}
+
+struct FollowerPos {
+    /// Every batch below this seq is durable on the follower.
+    acked: u64,
+    /// The leader's next seq when the follower last fetched.
+    leo_at_fetch: u64,
+    /// Last time the follower had fetched everything the leader had at its previous fetch.
+    caught_up_at: Instant,
+    /// A snapshot is under way (or needed): never expand it before it fetches normally.
+    resyncing: bool,
+}
+
+struct Leading {
+    me: String,
+    leader_epoch: u64,
+    isr: Vec<String>,
+    followers: HashMap<String, FollowerPos>,
+    base_seq: u64,
+    next_seq: u64,
+    records: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+    /// An ISR change was asked for since the last map install.
+    asked: bool,
+}
+
+impl Leading {
+    fn hw(&self) -> u64 {
+        self.isr
+            .iter()
+            .map(|f| self.followers.get(f).map_or(self.base_seq, |p| p.acked))
+            .fold(self.next_seq, u64::min)
+    }
+
+    /// Drops batches every follower has, and the oldest ones beyond the byte cap (followers
+    /// that still need those will resync).
+    fn trim(&mut self, max_bytes: usize) {
+        let low = self.followers.values().filter(|f| !f.resyncing).map(|f| f.acked).fold(self.next_seq, u64::min);
+        while let Some((seq, b)) = self.records.front() {
+            if *seq >= low && self.bytes <= max_bytes {
+                break;
+            }
+            self.bytes -= b.len();
+            self.base_seq = seq + 1;
+            self.records.pop_front();
+        }
+        if self.records.is_empty() {
+            self.base_seq = self.next_seq;
+        }
+    }
+}
+
+#[derive(Default)]
+struct LogState {
+    leading: Option<Leading>,
+    /// As a follower: `(leader epoch, next seq to fetch)`; None until a snapshot set it.
+    following: Option<(u64, Option<u64>)>,
+    /// Seqs never repeat in this process, so an owner's parked batches are never released
+    /// by a high watermark of another leadership.
+    seq_counter: u64,
+}
+
+/// One partition's replication state.
+pub struct PartitionLog {
+    state: Mutex<LogState>,
+    appended: Notify,
+    hw: watch::Sender<u64>,
+    /// Held by whoever writes the partition's store outside its owner (a follower's apply,
+    /// a snapshot, a handover pull), so those never interleave.
+    pub apply_lock: tokio::sync::Mutex<()>,
+}
+
+/// Replication state of every partition, and the queue of ISR changes for etcd.
+pub struct Replication {
+    parts: Vec<PartitionLog>,
+    isr_tx: mpsc::UnboundedSender<IsrChange>,
+    isr_rx: Mutex<Option<mpsc::UnboundedReceiver<IsrChange>>>,
+    /// How long an in-sync follower may stay behind before it is dropped from the ISR.
+    pub lag_timeout: Duration,
+    max_log_bytes: usize,
+}
+
+impl Replication {
+    /// State for `partitions` partitions.
+    pub fn new(partitions: u32, lag_timeout: Duration, max_log_bytes: usize) -> Arc<Self> {
+        let (isr_tx, isr_rx) = mpsc::unbounded_channel();
+        let parts = (0..partitions)
+            .map(|_| PartitionLog {
+                state: Mutex::new(LogState::default()),
+                appended: Notify::new(),
+                hw: watch::channel(0).0,
+                apply_lock: tokio::sync::Mutex::new(()),
+            })
+            .collect();
+        Arc::new(Self { parts, isr_tx, isr_rx: Mutex::new(Some(isr_rx)), lag_timeout, max_log_bytes })
+    }
+
+    /// The ISR changes this node asks for (taken once, by the cluster layer).
+    pub fn take_isr_changes(&self) -> Option<mpsc::UnboundedReceiver<IsrChange>> {
+        self.isr_rx.lock().expect("isr queue").take()
+    }
+
+    /// One partition's state.
+    pub fn part(&self, p: PartitionId) -> &PartitionLog {
+        &self.parts[p as usize]
+    }
+
+    fn state(&self, p: PartitionId) -> std::sync::MutexGuard<'_, LogState> {
+        self.parts[p as usize].state.lock().expect("replication state")
+    }
+
+    /// The high watermark of `p`: its owner releases every batch below it.
+    pub fn hw_changes(&self, p: PartitionId) -> watch::Receiver<u64> {
+        self.parts[p as usize].hw.subscribe()
+    }
+
+    fn publish_hw(&self, p: PartitionId, st: &LogState) {
+        if let Some(l) = &st.leading {
+            let hw = l.hw();
+            self.parts[p as usize].hw.send_if_modified(|v| {
+                let up = hw > *v;
+                if up {
+                    *v = hw;
+                }
+                up
+            });
+        }
+    }
+
+    /// True when `p`'s store batches must be replicated before they are acknowledged.
+    pub fn is_leading(&self, p: PartitionId) -> bool {
+        self.state(p).leading.as_ref().is_some_and(|l| !l.followers.is_empty())
+    }
+
+    /// True when this node follows `p`: its owner must not write.
+    pub fn is_following(&self, p: PartitionId) -> bool {
+        self.state(p).following.is_some()
+    }
+
+    /// The leader epoch this node leads `p` under.
+    pub fn leader_epoch(&self, p: PartitionId) -> Option<u64> {
+        self.state(p).leading.as_ref().map(|l| l.leader_epoch)
+    }
+
+    /// Appends one committed store batch of `p`; returns its seq. The batch counts as
+    /// replicated once the high watermark passes the seq.
+    pub fn append(&self, p: PartitionId, data: Bytes) -> u64 {
+        let mut st = self.state(p);
+        let seq = st.seq_counter;
+        st.seq_counter += 1;
+        let max = self.max_log_bytes;
+        if let Some(l) = st.leading.as_mut() {
+            l.bytes += data.len();
+            l.records.push_back((seq, data));
+            l.next_seq = seq + 1;
+            l.trim(max);
+        }
+        self.publish_hw(p, &st);
+        drop(st);
+        self.parts[p as usize].appended.notify_waiters();
+        seq
+    }
+
+    /// Sets this node's role for `p` from a newly installed map.
+    pub fn set_role(&self, p: PartitionId, role: Role) {
+        let mut st = self.state(p);
+        let before = st.leading.as_ref().map(|l| l.leader_epoch);
+        match role {
+            Role::None => {
+                st.leading = None;
+                st.following = None;
+            }
+            Role::Follower { leader_epoch } => {
+                st.leading = None;
+                if st.following.is_none_or(|(e, _)| e != leader_epoch) {
+                    // A new leader: the position under the old one means nothing (resync).
+                    st.following = Some((leader_epoch, None));
+                }
+            }
+            Role::Leader { me, leader_epoch, followers, isr } => {
+                st.following = None;
+                let start = st.seq_counter;
+                let same = st.leading.as_ref().is_some_and(|l| l.leader_epoch == leader_epoch);
+                if !same {
+                    st.leading = Some(Leading {
+                        me,
+                        leader_epoch,
+                        isr: Vec::new(),
+                        followers: HashMap::new(),
+                        base_seq: start,
+                        next_seq: start,
+                        records: VecDeque::new(),
+                        bytes: 0,
+                        asked: false,
+                    });
+                }
+                let l = st.leading.as_mut().expect("set above");
+                let base = l.base_seq;
+                l.followers.retain(|f, _| followers.contains(f));
+                for f in &followers {
+                    l.followers.entry(f.clone()).or_insert(FollowerPos {
+                        acked: base,
+                        leo_at_fetch: base,
+                        caught_up_at: Instant::now(),
+                        // One the map counts in sync keeps its place until it lags.
+                        resyncing: !isr.contains(f),
+                    });
+                }
+                l.isr = isr.into_iter().filter(|f| l.followers.contains_key(f)).collect();
+                l.asked = false;
+                if l.followers.is_empty() {
+                    l.records.clear();
+                    l.bytes = 0;
+                    l.base_seq = l.next_seq;
+                }
+            }
+        }
+        let after = st.leading.as_ref().map(|l| l.leader_epoch);
+        self.publish_hw(p, &st);
+        if before.is_some() && before != after {
+            // The owner's parked batches belong to a leadership that ended: wake it.
+            self.parts[p as usize].hw.send_modify(|_| ());
+        }
+    }
+
+    /// A follower's fetch of `p` from seq `from` (None: it needs a snapshot first).
+    /// Records its position, and returns the batches from `from` on (at most `max_bytes`,
+    /// at least one), or a snapshot start seq for `None`.
+    pub fn fetch(
+        &self,
+        p: PartitionId,
+        follower: &str,
+        leader_epoch: u64,
+        from: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<Result<Fetched, u64>, FetchError> {
+        let mut st = self.state(p);
+        let max = self.max_log_bytes;
+        let Some(l) = st.leading.as_mut() else {
+            return Err(FetchError::NotLeader(p, leader_epoch, None));
+        };
+        if l.leader_epoch != leader_epoch {
+            return Err(FetchError::NotLeader(p, leader_epoch, Some(l.leader_epoch)));
+        }
+        let next = l.next_seq;
+        let in_isr = l.isr.iter().any(|f| f == follower);
+        let Some(pos) = l.followers.get_mut(follower) else {
+            return Err(FetchError::NotReplica(follower.to_string(), p));
+        };
+        let Some(from) = from else {
+            // It holds nothing it can vouch for: out of the ISR first (the next check asks).
+            pos.resyncing = true;
+            if in_isr {
+                return Err(FetchError::InIsr);
+            }
+            return Ok(Err(next));
+        };
+        if from < l.base_seq || from > next {
+            pos.resyncing = true;
+            return Err(FetchError::Resync(from));
+        }
+        let now = Instant::now();
+        if from >= pos.leo_at_fetch {
+            pos.caught_up_at = now;
+        }
+        pos.leo_at_fetch = next;
+        pos.acked = pos.acked.max(from);
+        pos.resyncing = false;
+        let mut out = Fetched::default();
+        let mut bytes = 0;
+        for (seq, b) in l.records.iter().filter(|(s, _)| *s >= from) {
+            if !out.batches.is_empty() && bytes + b.len() > max_bytes {
+                break;
+            }
+            bytes += b.len();
+            out.batches.push((*seq, b.clone()));
+        }
+        l.trim(max);
+        self.publish_hw(p, &st);
+        Ok(Ok(out))
+    }
+
+    /// Waits until `p` has a batch at or beyond `seq`, or `limit` passes.
+    pub async fn wait_for_append(&self, p: PartitionId, seq: u64, limit: Duration) {
+        let part = &self.parts[p as usize];
+        let notified = part.appended.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let ready = self.state(p).leading.as_ref().is_none_or(|l| l.next_seq > seq);
+        if !ready {
+            let _ = tokio::time::timeout(limit, notified).await;
+        }
+    }
+
+    /// The follower's position of `p` under `leader_epoch`, if it has one.
+    pub fn position(&self, p: PartitionId, leader_epoch: u64) -> Option<u64> {
+        match self.state(p).following {
+            Some((e, pos)) if e == leader_epoch => pos,
+            _ => None,
+        }
+    }
+
+    /// Forgets the follower's position of `p`: the next fetch asks for a snapshot.
+    pub fn forget_position(&self, p: PartitionId) {
+        if let Some((_, pos)) = self.state(p).following.as_mut() {
+            *pos = None;
+        }
+    }
+
+    /// Records that this follower holds every batch of `p` below `next` under `leader_epoch`.
+    pub fn set_position(&self, p: PartitionId, leader_epoch: u64, next: u64) -> bool {
+        let mut st = self.state(p);
+        match st.following.as_mut() {
+            Some((e, pos)) if *e == leader_epoch => {
+                *pos = Some(next);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The ISR changes the leader of `p` should ask for now: followers behind for longer
+    /// than the lag timeout leave, followers that caught up rejoin. At most one request per
+    /// map install.
+    pub fn isr_check(&self, p: PartitionId, now: Instant) -> Option<IsrChange> {
+        let mut st = self.state(p);
+        let l = st.leading.as_mut()?;
+        if l.asked {
+            return None;
+        }
+        let lag = self.lag_timeout;
+        let mut isr = l.isr.clone();
+        let before = isr.len();
+        isr.retain(|f| {
+            l.followers
+                .get(f)
+                .is_some_and(|pos| !pos.resyncing && (pos.acked >= l.next_seq || now.duration_since(pos.caught_up_at) <= lag))
+        });
+        let shrink = isr.len() < before;
+        let mut expand = false;
+        for (f, pos) in &l.followers {
+            if !isr.contains(f) && !shrink && !pos.resyncing && pos.acked >= l.next_seq {
+                isr.push(f.clone());
+                expand = true;
+            }
+        }
+        if !shrink && !expand {
+            return None;
+        }
+        l.asked = true;
+        let mut full = vec![l.me.clone()];
+        full.extend(isr);
+        Some(IsrChange { partition: p, leader_epoch: l.leader_epoch, isr: full, expand })
+    }
+
+    /// Queues an ISR change for the cluster layer.
+    pub fn ask(&self, change: IsrChange) {
+        let _ = self.isr_tx.send(change);
+    }
+
+    /// Replication lag of `p` in batches (the worst follower), for metrics.
+    pub fn lag(&self, p: PartitionId) -> Option<u64> {
+        let st = self.state(p);
+        let l = st.leading.as_ref()?;
+        l.followers.values().map(|f| l.next_seq.saturating_sub(f.acked)).max()
+    }
+
+    /// Partitions this node leads with fewer in-sync followers than assigned ones.
+    pub fn under_replicated(&self) -> usize {
+        (0..self.parts.len() as u32)
+            .filter(|p| self.state(*p).leading.as_ref().is_some_and(|l| l.isr.len() < l.followers.len()))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leader(r: &Replication, followers: &[&str], isr: &[&str], epoch: u64) {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect();
+        r.set_role(0, Role::Leader { me: "a".into(), leader_epoch: epoch, followers: v(followers), isr: v(isr) });
+    }
+
+    /// The high watermark is the lowest position over the ISR; followers outside the ISR
+    /// do not hold it back; a fetch from a position releases everything below it.
+    #[test]
+    fn the_high_watermark_is_the_lowest_isr_position() {
+        let r = Replication::new(1, Duration::from_secs(2), 1 << 20);
+        leader(&r, &["b", "c"], &["b"], 1);
+        let hw = r.hw_changes(0);
+        let s0 = r.append(0, Bytes::from_static(b"x"));
+        let s1 = r.append(0, Bytes::from_static(b"y"));
+        assert_eq!(*hw.borrow(), s0, "nothing replicated yet");
+        let got = r.fetch(0, "b", 1, Some(s0), 1 << 20).unwrap().unwrap();
+        assert_eq!(got.batches.iter().map(|b| b.0).collect::<Vec<_>>(), vec![s0, s1]);
+        assert_eq!(*hw.borrow(), s0, "a fetch from s0 acknowledges only what is below s0");
+        r.fetch(0, "b", 1, Some(s1 + 1), 1 << 20).unwrap().unwrap();
+        assert_eq!(*hw.borrow(), s1 + 1, "c is not in the ISR and does not hold the watermark");
+        // Fenced: a fetch under another leader epoch is refused.
+        assert!(matches!(r.fetch(0, "b", 2, Some(s1 + 1), 10), Err(FetchError::NotLeader(..))));
+        assert!(matches!(r.fetch(0, "z", 1, Some(0), 10), Err(FetchError::NotReplica(..))));
+        // An ISR member cannot ask for a snapshot; one outside it gets the next seq.
+        assert_eq!(r.fetch(0, "b", 1, None, 10), Err(FetchError::InIsr));
+        assert_eq!(r.fetch(0, "c", 1, None, 10).unwrap().unwrap_err(), s1 + 1);
+        // A position beyond the log is divergence: resync.
+        assert!(matches!(r.fetch(0, "c", 1, Some(s1 + 5), 10), Err(FetchError::Resync(_))));
+    }
+
+    /// A lagging ISR follower is asked out after the lag timeout; a caught-up follower
+    /// outside is asked in; nothing changes the ISR the watermark counts until a map does.
+    #[test]
+    fn isr_shrinks_on_lag_and_expands_on_catch_up() {
+        let r = Replication::new(1, Duration::from_millis(100), 1 << 20);
+        leader(&r, &["b", "c"], &["b"], 1);
+        let now = Instant::now();
+        let seq = r.append(0, Bytes::from_static(b"x"));
+        assert_eq!(r.isr_check(0, now), None, "within the lag timeout");
+        let later = now + Duration::from_millis(500);
+        let change = r.isr_check(0, later).unwrap();
+        assert_eq!(change.isr, vec!["a".to_string()]);
+        assert!(!change.expand);
+        assert_eq!(r.isr_check(0, later), None, "asked once per map");
+        assert_eq!(*r.hw_changes(0).borrow(), seq, "the watermark waits for the map");
+        // The map drops b; c fetches everything and is asked in.
+        leader(&r, &["b", "c"], &[], 1);
+        assert_eq!(*r.hw_changes(0).borrow(), seq + 1);
+        r.fetch(0, "c", 1, Some(seq + 1), 1 << 20).unwrap().unwrap();
+        let change = r.isr_check(0, Instant::now()).unwrap();
+        assert!(change.expand);
+        assert_eq!(change.isr, vec!["a".to_string(), "c".to_string()]);
+    }
+
+    /// Seqs never repeat across leaderships, and a new leadership starts with nothing owed.
+    #[test]
+    fn a_new_leadership_continues_the_seq_space() {
+        let r = Replication::new(1, Duration::from_secs(2), 1 << 20);
+        leader(&r, &["b"], &["b"], 1);
+        let s = r.append(0, Bytes::from_static(b"x"));
+        r.set_role(0, Role::Follower { leader_epoch: 2 });
+        assert!(r.is_following(0));
+        assert_eq!(r.position(0, 2), None, "a new leader means a snapshot first");
+        leader(&r, &["b"], &[], 3);
+        let t = r.append(0, Bytes::from_static(b"y"));
+        assert!(t > s);
+        assert_eq!(*r.hw_changes(0).borrow(), t + 1, "no in-sync follower: acknowledged at once");
+    }
+}

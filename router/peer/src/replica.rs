@@ -1,0 +1,323 @@
+//! Replication over the peer links: followers fetch their leaders' batches, leaders serve
+//! fetches and snapshots, and every node applies its roles when a map is installed.
+//!
+//! It owns the follower loop of each partition this node follows (fetch, apply to the
+//! store under the fsync policy, fetch again from the next seq, which tells the leader what
+//! is durable here), the snapshot that starts a follower (its stale copy is cleared first:
+//! anything the leader never acknowledged is truncated with it), the leader's side of both,
+//! the periodic ISR check and the role changes on a map install (promotion reloads the
+//! owner from what was replicated, without a handover and without new channel epochs). It
+//! must never run on the message path: an owner only appends to the in-memory log.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchyard_core::replication::{apply_ops, FetchError, ReplOp, Role};
+use switchyard_proto::partition::{PartitionId, PartitionMap};
+use switchyard_proto::protocol::{ErrorCode, OpError};
+use tokio::sync::oneshot;
+
+use crate::router::Router;
+use crate::wire::{Answer, Op};
+
+/// How long a leader holds a fetch that found nothing new.
+const LONG_POLL: Duration = Duration::from_millis(500);
+/// Deadline of one fetch or snapshot request.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most batch bytes one fetch answer carries.
+const FETCH_BYTES: usize = 4 << 20;
+/// How often a leader checks its followers against the lag timeout.
+const ISR_CHECK: Duration = Duration::from_millis(200);
+
+/// The role the map `m` gives this node for `p`.
+fn role(node: &Router, m: &PartitionMap, p: PartitionId) -> Role {
+    let me = node.node_id.as_str();
+    if m.replicas.is_empty() {
+        return Role::None;
+    }
+    if m.owner(p) == Some(me) {
+        let isr = m.isr(p).iter().filter(|n| *n != me).cloned().collect();
+        return Role::Leader { me: me.to_string(), leader_epoch: m.leader_epoch(p), followers: m.followers(p), isr };
+    }
+    if m.followers(p).iter().any(|f| f == me) {
+        return Role::Follower { leader_epoch: m.leader_epoch(p) };
+    }
+    Role::None
+}
+
+/// Before `new` is installed: partitions that become led here take their new role now (a
+/// follower loop stops applying), and a promoted follower's owner reloads the store once
+/// the last apply is done. Handovers (a move from a live leader) are started by the
+/// handover module.
+pub(crate) fn before_install(node: &Arc<Router>, new: &PartitionMap) {
+    let me = node.node_id.as_str();
+    let old = node.map();
+    for p in 0..new.partitions() {
+        if new.owner(p) != Some(me) || old.owner(p) == Some(me) {
+            continue;
+        }
+        let was_following = node.partitions.replication.is_following(p);
+        node.partitions.replication.set_role(p, role(node, new, p));
+        if new.moved_from(p).is_none() && was_following {
+            // Promoted: serve exactly what was replicated (same channel epochs).
+            let (done, rx) = oneshot::channel();
+            node.partitions.adopt(p, rx);
+            let node = node.clone();
+            tokio::spawn(async move {
+                let _applied = node.partitions.replication.part(p).apply_lock.lock().await;
+                tracing::info!(partition = p, "promoted to leader; serving the replicated copy");
+                let _ = done.send(());
+            });
+        }
+    }
+}
+
+/// After a map install: every partition's role, and a follower loop for each partition
+/// followed here.
+pub(crate) fn after_install(node: &Arc<Router>) {
+    let map = node.map();
+    let repl = &node.partitions.replication;
+    for p in 0..map.partitions() {
+        let role = role(node, &map, p);
+        let follow = matches!(role, Role::Follower { .. });
+        let was = repl.is_following(p);
+        repl.set_role(p, role);
+        if follow && !was {
+            tokio::spawn(follow_loop(node.clone(), p));
+        }
+    }
+    node.metrics.under_replicated_partitions.set(repl.under_replicated() as i64);
+}
+
+/// Runs the leader's ISR checks (and the replication gauges) until shutdown.
+pub(crate) async fn isr_checks(node: std::sync::Weak<Router>) {
+    loop {
+        tokio::time::sleep(ISR_CHECK).await;
+        let Some(node) = node.upgrade() else { return };
+        if *node.shutdown.borrow() {
+            return;
+        }
+        let repl = &node.partitions.replication;
+        let now = Instant::now();
+        let mut lag = 0;
+        for p in 0..node.partitions.count() {
+            if let Some(change) = repl.isr_check(p, now) {
+                repl.ask(change);
+            }
+            lag = lag.max(repl.lag(p).unwrap_or(0));
+        }
+        node.metrics.replica_lag_batches.set(lag as i64);
+        node.metrics.under_replicated_partitions.set(repl.under_replicated() as i64);
+    }
+}
+
+fn fetch_error(e: FetchError) -> OpError {
+    let code = match e {
+        FetchError::NotReplica(..) => ErrorCode::Forbidden,
+        _ => ErrorCode::Unavailable,
+    };
+    OpError::new(code, e.to_string())
+}
+
+/// The leader's side of [`Op::Fetch`] and [`Op::Snapshot`].
+pub(crate) async fn serve(node: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
+    let repl = &node.partitions.replication;
+    match op {
+        Op::Fetch { partition: p, leader_epoch, follower, from } => {
+            if p >= node.partitions.count() {
+                return Err(OpError::bad_request(format!("no partition {p}")));
+            }
+            if node.partitions.handovers.is_adopting(p) {
+                return Err(OpError::new(ErrorCode::Unavailable, "partition still being adopted here"));
+            }
+            let mut first = true;
+            loop {
+                match repl.fetch(p, &follower, leader_epoch, from, FETCH_BYTES).map_err(fetch_error)? {
+                    Err(start) => return Ok(Answer::SnapshotAt(start)),
+                    Ok(f) if !f.batches.is_empty() || !first => return Ok(Answer::Batches(f.batches)),
+                    Ok(_) => {
+                        first = false;
+                        repl.wait_for_append(p, from.unwrap_or(0), LONG_POLL).await;
+                    }
+                }
+            }
+        }
+        Op::Snapshot { partition: p, leader_epoch, cursor } => {
+            if p >= node.partitions.count() {
+                return Err(OpError::bad_request(format!("no partition {p}")));
+            }
+            if repl.leader_epoch(p) != Some(leader_epoch) || node.partitions.handovers.is_adopting(p) {
+                return Err(OpError::new(ErrorCode::Unavailable, "not the leader under that leader epoch"));
+            }
+            let store = node.partitions.store.clone();
+            tokio::task::spawn_blocking(move || crate::handover::read_chunk(&store, p, cursor))
+                .await
+                .map_err(|e| OpError::internal(e.to_string()))?
+                .map(Answer::Chunk)
+                .map_err(|e| OpError::internal(e.to_string()))
+        }
+        _ => Err(OpError::internal("not a replication op")),
+    }
+}
+
+/// Why a follower loop step stopped.
+enum Step {
+    /// Go on at once.
+    Again,
+    /// Wait a little, then go on.
+    Later,
+    /// This node no longer follows the partition.
+    Done,
+}
+
+/// Follows `p` while the map says so: snapshot first, then fetch and apply.
+#[tracing::instrument(name = "follow", skip(node))]
+async fn follow_loop(node: Arc<Router>, p: PartitionId) {
+    loop {
+        if *node.shutdown.borrow() {
+            return;
+        }
+        let step = follow_step(&node, p).await;
+        match step {
+            Step::Again => {}
+            Step::Later => tokio::time::sleep(Duration::from_millis(100)).await,
+            Step::Done => break,
+        }
+    }
+    // No longer a replica, nor the leader: the copy here is dropped (unless a handover
+    // took it over in between).
+    let repl = &node.partitions.replication;
+    let _applying = repl.part(p).apply_lock.lock().await;
+    let map = node.map();
+    let me = node.node_id.as_str();
+    if !repl.is_following(p) && map.owner(p) != Some(me) && !map.followers(p).iter().any(|f| f == me) {
+        let sealed_here = node.partitions.handovers.sealed.lock().expect("handovers").contains_key(&p);
+        if !sealed_here {
+            if let Err(e) = node.partitions.store.clear_partition(p).await {
+                tracing::warn!(partition = p, error = %e, "dropping a replica copy failed");
+            }
+        }
+    }
+}
+
+async fn follow_step(node: &Arc<Router>, p: PartitionId) -> Step {
+    let map = node.map();
+    let repl = &node.partitions.replication;
+    let Some(leader_epoch) = (match role(node, &map, p) {
+        Role::Follower { leader_epoch } if repl.is_following(p) => Some(leader_epoch),
+        _ => None,
+    }) else {
+        return Step::Done;
+    };
+    let Some(leader) = map.owner(p).map(str::to_string) else { return Step::Later };
+    let Some(links) = node.peers.clone() else { return Step::Done };
+    let from = repl.position(p, leader_epoch);
+    let op = Op::Fetch { partition: p, leader_epoch, follower: node.node_id.clone(), from };
+    let answer = match links.send(&leader, map.epoch, op) {
+        Ok(pending) => pending.wait(FETCH_TIMEOUT + LONG_POLL).await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(Answer::Batches(batches)) => {
+            let Some(from) = from else { return Step::Later };
+            if batches.is_empty() {
+                return Step::Again;
+            }
+            match apply(node, p, leader_epoch, from, &batches).await {
+                Ok(()) => Step::Again,
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "applying replicated batches failed");
+                    Step::Later
+                }
+            }
+        }
+        Ok(Answer::SnapshotAt(start)) => match snapshot(node, p, &leader, leader_epoch, start).await {
+            Ok(()) => Step::Again,
+            Err(e) => {
+                tracing::warn!(partition = p, %leader, error = %e, "replica snapshot failed; retrying");
+                Step::Later
+            }
+        },
+        Ok(_) => Step::Later,
+        Err(e) => {
+            if e.message.contains("resync") {
+                tracing::info!(partition = p, "position outside the leader's log; taking a snapshot");
+                repl.forget_position(p);
+            } else {
+                tracing::debug!(partition = p, %leader, error = %e.message, "fetch failed");
+            }
+            Step::Later
+        }
+    }
+}
+
+/// Applies consecutive batches from seq `from`, durably, then records the new position.
+async fn apply(
+    node: &Router,
+    p: PartitionId,
+    leader_epoch: u64,
+    from: u64,
+    batches: &[(u64, bytes::Bytes)],
+) -> Result<(), String> {
+    let repl = &node.partitions.replication;
+    let _applying = repl.part(p).apply_lock.lock().await;
+    if repl.position(p, leader_epoch) != Some(from) {
+        return Ok(());
+    }
+    let mut batch = node.partitions.store.batch();
+    let mut next = from;
+    for (seq, data) in batches {
+        if *seq != next {
+            return Err(format!("batch {seq} where {next} was due"));
+        }
+        let ops: Vec<ReplOp> = postcard::from_bytes(data).map_err(|e| e.to_string())?;
+        apply_ops(&mut batch, p, &ops);
+        next = seq + 1;
+    }
+    batch.write(true).await.map_err(|e| e.to_string())?;
+    repl.set_position(p, leader_epoch, next);
+    Ok(())
+}
+
+/// Replaces this node's copy of `p` with a snapshot of the leader's, taken after every
+/// batch below `start`; batches from `start` on are fetched (and re-applied) after it.
+async fn snapshot(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64, start: u64) -> Result<(), String> {
+    let links = node.peers.clone().ok_or("no peer links")?;
+    let repl = &node.partitions.replication;
+    let _applying = repl.part(p).apply_lock.lock().await;
+    let started = Instant::now();
+    node.partitions.store.clear_partition(p).await.map_err(|e| e.to_string())?;
+    let (mut cursor, mut messages) = (None, 0usize);
+    loop {
+        if !repl.is_following(p) || repl.position(p, leader_epoch).is_some() {
+            return Err("role changed during the snapshot".into());
+        }
+        let op = Op::Snapshot { partition: p, leader_epoch, cursor: cursor.clone() };
+        let chunk = match links.send(leader, node.map().epoch, op).map_err(|e| e.message)?.wait(FETCH_TIMEOUT).await {
+            Ok(Answer::Chunk(c)) => c,
+            Ok(_) => return Err("unexpected answer to a snapshot".into()),
+            Err(e) => return Err(e.message),
+        };
+        let mut batch = node.partitions.store.batch();
+        for (name, meta, consumers) in &chunk.channels {
+            batch.put_meta(p, name, meta);
+            for (consumer, offset) in consumers {
+                batch.put_consumer(p, name, consumer, *offset);
+            }
+        }
+        for (name, offset, msg) in &chunk.messages {
+            batch.put_message(p, name, *offset, msg);
+        }
+        messages += chunk.messages.len();
+        let last = chunk.next.is_none();
+        batch.write(last).await.map_err(|e| e.to_string())?;
+        match chunk.next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    repl.set_position(p, leader_epoch, start);
+    node.metrics.replica_snapshots.inc();
+    tracing::info!(partition = p, %leader, messages, elapsed = ?started.elapsed(), "replica snapshot taken");
+    Ok(())
+}
