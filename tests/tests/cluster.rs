@@ -210,6 +210,9 @@ async fn a_deposed_leaders_map_write_is_refused() -> Result<()> {
         counts: Default::default(),
         owners: vec![leader.into(), leader.into()],
         moved: Default::default(),
+        replicas: Vec::new(),
+        isr: Vec::new(),
+        leader_epochs: Vec::new(),
     };
     let mut campaign = async |name: &str| -> Result<(i64, Leadership)> {
         let lease = c.lease_grant(30, None).await?.id();

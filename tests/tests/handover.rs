@@ -489,6 +489,50 @@ async fn a_killed_leader_loses_no_acknowledged_message_and_keeps_the_epoch() -> 
     Ok(())
 }
 
+/// Replication (issue #13): `kill -9` of a follower. Writes go on once the leader drops it
+/// from the ISR, the remaining node becomes the new follower, catches up and joins the ISR;
+/// then the leader is killed too, and the new follower takes over with nothing lost.
+#[tokio::test]
+async fn a_killed_follower_is_replaced_and_a_later_leader_kill_loses_nothing() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let mut nodes = vec![start(&etcd, "f", "n1"), start(&etcd, "f", "n2"), start(&etcd, "f", "n3")];
+    let map = wait_converged(&etcd, "f", &[&nodes[0], &nodes[1], &nodes[2]], &["n1", "n2", "n3"]).await?;
+    let channel = channel_per_partition().into_iter().find(|c| owner_of(&map, c) == "n2").expect("n2 owns one");
+    let p = partition_of(&channel, P) as usize;
+    let map = wait_in_sync(&etcd, "f", p, 2).await?;
+    let follower_id = map["isr"][p][1].as_str().unwrap_or_default().to_string();
+    let idx = |id: &str| id.trim_start_matches('n').parse::<usize>().unwrap_or(1) - 1;
+    let other = ["n1", "n3"].into_iter().find(|n| *n != follower_id).expect("a third node").to_string();
+    let survivor = &nodes[idx(&other)];
+    let addrs = addrs(&[survivor]);
+    let load = Load::start(&addrs, vec![channel.clone()], 2).await?;
+    load.progress(survivor, 20).await?;
+    let epoch = survivor.client().await.history(&channel, None, Some(1)).await?.epoch;
+
+    nodes[idx(&follower_id)].kill9();
+    // Writes go on; the third node replaces the follower and joins the ISR.
+    load.progress(&nodes[idx(&other)], 20).await?;
+    wait_until("the replacement follower joins the ISR", DEADLINE, async || {
+        let Some(m) = etcd.map("f")? else { return Ok(false) };
+        Ok(m["isr"][p] == json!(["n2", other.clone()]))
+    })
+    .await?;
+    load.progress(&nodes[idx(&other)], 20).await?;
+
+    nodes[1].kill9();
+    wait_until("the replacement leads", DEADLINE, async || {
+        let Some(m) = etcd.map("f")? else { return Ok(false) };
+        Ok(m["owners"][p] == json!(other.clone()))
+    })
+    .await?;
+    let survivor = &nodes[idx(&other)];
+    load.progress(survivor, 20).await?;
+    let h = survivor.client().await.history(&channel, None, Some(1)).await?;
+    ensure!(h.epoch == epoch, "the channel epoch changed: {epoch} -> {}", h.epoch);
+    load.finish(survivor).await?;
+    Ok(())
+}
+
 /// A TCP proxy in front of a node's peer port that can cut every connection.
 struct Proxy {
     addr: SocketAddr,

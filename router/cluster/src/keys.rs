@@ -353,6 +353,9 @@ mod tests {
             counts: MapRecord::count(&owners),
             owners,
             moved: BTreeMap::new(),
+            replicas: Vec::new(),
+            isr: Vec::new(),
+            leader_epochs: Vec::new(),
         };
         assert!(!m.to_json().contains("moved"), "no moves, no field: {}", m.to_json());
         let v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
@@ -382,6 +385,9 @@ mod tests {
             counts: MapRecord::count(&owners),
             owners,
             moved,
+            replicas: Vec::new(),
+            isr: Vec::new(),
+            leader_epochs: Vec::new(),
         };
         let text = m.to_json();
         assert_eq!(serde_json::from_str::<MapRecord>(&text).unwrap(), m, "{text}");

@@ -19,7 +19,7 @@ pub struct ClusterConfig {
     pub name: String,
     /// The URL other nodes and clients reach this node at. Default `http://<listen>`.
     pub advertise: Option<String>,
-    /// TTL of the node's lease; keepalive runs every third of it. Default 6 s.
+    /// TTL of the node's lease; keepalive runs every third of it. Default 2 s.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
     /// How often the leader runs a coordination round (the `config` key overrides it).
@@ -62,7 +62,7 @@ impl Default for ClusterConfig {
             etcd: Vec::new(),
             name: "default".into(),
             advertise: None,
-            lease_ttl: Duration::from_secs(6),
+            lease_ttl: Duration::from_secs(2),
             coordination_interval: Duration::from_secs(5),
             max_moves: 64,
             load_interval: Duration::from_secs(2),

@@ -104,7 +104,7 @@ pub enum FetchError {
 }
 
 /// A fetch answer: encoded batches from `from` on, in order.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Fetched {
     /// `(seq, encoded ops)` with consecutive seqs.
     pub batches: Vec<(u64, Bytes)>,
