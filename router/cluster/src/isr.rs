@@ -38,7 +38,11 @@ pub(crate) async fn run(node: Arc<Context>, state: Arc<State>, mut changes: mpsc
         match write(kv, &state, &change).await {
             Ok(true) => {
                 let m = &node.metrics;
-                if change.expand { m.isr_expands.inc() } else { m.isr_shrinks.inc() }
+                if change.expand {
+                    m.isr_expands.inc()
+                } else {
+                    m.isr_shrinks.inc()
+                }
                 tracing::info!(partition = change.partition, isr = ?change.isr, "ISR changed");
             }
             Ok(false) => tracing::info!(partition = change.partition, "ISR change refused (fenced or stale)"),

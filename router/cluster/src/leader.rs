@@ -195,7 +195,10 @@ impl Leader<'_> {
             Default::default()
         };
         let unchanged = current.as_ref().is_some_and(|m| {
-            m.owners == decision.owners && m.replicas == replica_lists && m.isr == isr && m.leader_epochs == leader_epochs
+            m.owners == decision.owners
+                && m.replicas == replica_lists
+                && m.isr == isr
+                && m.leader_epochs == leader_epochs
         });
         if unchanged {
             rounds.with_label_values(&["unchanged"]).inc();

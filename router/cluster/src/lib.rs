@@ -11,8 +11,8 @@
 //! with etcd down, nodes keep routing by the last map they saw.
 
 pub mod balance;
-pub mod keys;
 mod isr;
+pub mod keys;
 pub mod leader;
 mod load;
 pub mod replicas;

@@ -182,9 +182,12 @@ mod tests {
 
     #[test]
     fn a_dead_leader_goes_to_a_live_isr_member_or_waits() {
-        let m = map(&["a", "a", "b"], &[&["a", "b"], &["a", "c"], &["b", "c"]], &[&["a", "b"], &["a"], &["b", "c"]], &[
-            1, 1, 1,
-        ]);
+        let m = map(
+            &["a", "a", "b"],
+            &[&["a", "b"], &["a", "c"], &["b", "c"]],
+            &[&["a", "b"], &["a"], &["b", "c"]],
+            &[1, 1, 1],
+        );
         let alive: BTreeSet<&str> = ["b", "c"].into_iter().collect();
         let f = failovers(&m, &alive, false);
         assert_eq!(f.promoted, [(0, "b".to_string())].into_iter().collect());

@@ -537,6 +537,10 @@ impl Owner {
     }
 
     fn handle(&mut self, cmd: OwnerCommand, batch: &mut switchyard_store::Batch<'_>, work: &mut Work) {
+        // A seal always ends the subscriptions, even once the partition is followed here.
+        if !self.sealed && matches!(cmd, OwnerCommand::Seal(..)) {
+            return work.after.push(cmd);
+        }
         // A follower's copy is written by replication only.
         if self.sealed || self.replication.is_following(self.partition) {
             return self.refuse_sealed(cmd, work);

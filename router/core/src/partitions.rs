@@ -20,9 +20,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::handovers::Handovers;
 use crate::idempotency::Budget;
-use crate::replication::Replication;
 use crate::outbox::Outbox;
 use crate::owner::{ChannelView, Facts, Forward, Grant, Mailbox, Owner, OwnerCommand, PublishRequest, Start};
+use crate::replication::Replication;
 
 /// Capacity of each owner's mailbox; a full mailbox makes senders wait (backpressure).
 const OWNER_MAILBOX: usize = 8192;

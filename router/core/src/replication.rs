@@ -136,10 +136,7 @@ struct Leading {
 
 impl Leading {
     fn hw(&self) -> u64 {
-        self.isr
-            .iter()
-            .map(|f| self.followers.get(f).map_or(self.base_seq, |p| p.acked))
-            .fold(self.next_seq, u64::min)
+        self.isr.iter().map(|f| self.followers.get(f).map_or(self.base_seq, |p| p.acked)).fold(self.next_seq, u64::min)
     }
 
     /// Drops batches every follower has, and the oldest ones beyond the byte cap (followers
@@ -442,9 +439,9 @@ impl Replication {
         let mut isr = l.isr.clone();
         let before = isr.len();
         isr.retain(|f| {
-            l.followers
-                .get(f)
-                .is_some_and(|pos| !pos.resyncing && (pos.acked >= l.next_seq || now.duration_since(pos.caught_up_at) <= lag))
+            l.followers.get(f).is_some_and(|pos| {
+                !pos.resyncing && (pos.acked >= l.next_seq || now.duration_since(pos.caught_up_at) <= lag)
+            })
         });
         let shrink = isr.len() < before;
         let mut expand = false;

@@ -169,7 +169,10 @@ pub(crate) fn cluster_settings(config: &Config) -> switchyard_cluster::Settings 
     let mut cluster = config.cluster.clone();
     if cluster.replicas > 1 && cluster.secret.is_none() {
         // Replication runs over the peer links, which need the secret.
-        tracing::warn!(replicas = cluster.replicas, "no cluster.secret, so no peer links: replication is off (replicas = 1)");
+        tracing::warn!(
+            replicas = cluster.replicas,
+            "no cluster.secret, so no peer links: replication is off (replicas = 1)"
+        );
         cluster.replicas = 1;
     }
     switchyard_cluster::Settings {

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The cost of replication: a two-node cluster (real etcd, release build) measured with
+# `switchyard bench` twice in one run, first with `replicas = 1`, then `replicas = 2`,
+# the same load against node 1 (channels spread over both nodes' partitions, so half of
+# the publishes are forwarded in both runs). Prints the figures of each run.
+#
+# Environment: BENCH_DURATION [10s], BENCH_WARMUP [2s], LAT_RATE [1000],
+# BENCH_NO_BUILD=1 (skip cargo build), SWITCHYARD_BIN (router binary).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin"
+log() { echo "[bench-replication] $*" >&2; }
+DURATION="${BENCH_DURATION:-10s}"; WARMUP="${BENCH_WARMUP:-2s}"; RATE="${LAT_RATE:-1000}"
+if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+    log "cargo build --release (switchyard)"
+    cargo build --release -p switchyard --bin switchyard
+fi
+bin="${SWITCHYARD_BIN:-$root/target/release/switchyard}"
+command -v etcd >/dev/null || { log "etcd missing: run scripts/setup.sh"; exit 1; }
+work="$(mktemp -d /tmp/switchyard-repl.XXXXXX)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() { local p; for _ in $(seq 1 200); do p=$(( 10000 + RANDOM % 20000 )); port_free "$p" && { echo "$p"; return; }; done; exit 1; }
+
+run() { # run REPLICAS
+    local r="$1" cport pport
+    cport="$(free_port)"; pport="$(free_port)"
+    etcd --data-dir "$work/etcd-$r" --listen-client-urls "http://127.0.0.1:$cport" \
+        --advertise-client-urls "http://127.0.0.1:$cport" --listen-peer-urls "http://127.0.0.1:$pport" \
+        >"$work/etcd-$r.log" 2>&1 &
+    pids+=($!)
+    local addrs=()
+    for n in 1 2; do
+        local port; port="$(free_port)"
+        cat >"$work/n$n-$r.toml" <<TOML
+node_id = "n$n"
+partitions = 16
+[cluster]
+etcd = ["http://127.0.0.1:$cport"]
+name = "bench"
+secret = "bench-secret-0123456789"
+replicas = $r
+coordination_interval = "1s"
+TOML
+        RUST_LOG=warn "$bin" serve --config "$work/n$n-$r.toml" --listen "127.0.0.1:$port" \
+            --data-dir "$work/data-n$n-$r" --plugins-dir "$work/plugins" >"$work/n$n-$r.log" 2>&1 &
+        pids+=($!)
+        addrs+=("127.0.0.1:$port")
+    done
+    log "replicas = $r: nodes ${addrs[*]}, etcd :$cport; waiting for the map (and a full ISR)"
+    for _ in $(seq 1 300); do
+        local map; map="$(ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$cport" get /switchyard/bench/partition-map --print-value-only 2>/dev/null || true)"
+        if [ -n "$map" ] && { [ "$r" = 1 ] || python3 -c 'import json,sys; m=json.loads(sys.argv[1]); sys.exit(0 if all(len(i)==2 for i in m.get("isr",[])) and m.get("isr") else 1)' "$map"; }; then
+            break
+        fi
+        sleep 0.2
+    done
+    log "replicas = $r: latency at $RATE publishes/s"
+    "$bin" bench latency --url "ws://${addrs[0]}/ws" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" --json >"$work/lat-$r.json"
+    log "replicas = $r: saturation (fanout, 100 channels x 10 subscribers, 4 publishers)"
+    "$bin" bench fanout --url "ws://${addrs[0]}/ws" --duration "$DURATION" --warmup "$WARMUP" --json >"$work/fan-$r.json"
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    pids=()
+    echo "replicas=$r latency: $(cat "$work/lat-$r.json")"
+    echo "replicas=$r fanout:  $(cat "$work/fan-$r.json")"
+}
+mkdir -p "$work/plugins"
+run 1
+run 2
