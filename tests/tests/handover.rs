@@ -495,7 +495,7 @@ async fn a_killed_leader_loses_no_acknowledged_message_and_keeps_the_epoch() -> 
 #[tokio::test]
 async fn a_killed_follower_is_replaced_and_a_later_leader_kill_loses_nothing() -> Result<()> {
     let etcd = Etcd::start().await;
-    let mut nodes = vec![start(&etcd, "f", "n1"), start(&etcd, "f", "n2"), start(&etcd, "f", "n3")];
+    let mut nodes = [start(&etcd, "f", "n1"), start(&etcd, "f", "n2"), start(&etcd, "f", "n3")];
     let map = wait_converged(&etcd, "f", &[&nodes[0], &nodes[1], &nodes[2]], &["n1", "n2", "n3"]).await?;
     let channel = channel_per_partition().into_iter().find(|c| owner_of(&map, c) == "n2").expect("n2 owns one");
     let p = partition_of(&channel, P) as usize;

@@ -701,7 +701,8 @@ fn install_map(node: &Arc<Context>, state: &State, m: &MapRecord) -> bool {
     // Replication fields of another length than the owners (a hand-edited map) are ignored.
     let n = m.owners.len();
     let fits = m.replicas.len() == n && m.isr.len() == n && m.leader_epochs.len() == n;
-    if !fits && !(m.replicas.is_empty() && m.isr.is_empty() && m.leader_epochs.is_empty()) {
+    let absent = m.replicas.is_empty() && m.isr.is_empty() && m.leader_epochs.is_empty();
+    if !fits && !absent {
         tracing::error!(epoch = m.epoch, "partition map with malformed replication fields; replication off for it");
     }
     let map = PartitionMap {

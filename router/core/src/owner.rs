@@ -382,6 +382,8 @@ pub struct Mailbox {
     pub adoptions: mpsc::UnboundedReceiver<oneshot::Receiver<()>>,
     /// Where writes that reach the sealed partition go (cluster mode with peer links).
     pub forward: Option<mpsc::UnboundedSender<Forward>>,
+    /// Replication state: the high watermark that releases a leader's batches.
+    pub replication: Arc<Replication>,
 }
 
 impl Owner {
@@ -394,9 +396,8 @@ impl Owner {
         idempotency_budget: Arc<Budget>,
         recovered: Vec<(String, ChannelMeta)>,
         mailbox: Mailbox,
-        replication: Arc<Replication>,
     ) -> Self {
-        let Mailbox { commands: rx, adoptions, forward } = mailbox;
+        let Mailbox { commands: rx, adoptions, forward, replication } = mailbox;
         let channels: HashMap<Arc<str>, ChannelState> = recovered
             .into_iter()
             .map(|(name, m)| {
@@ -1105,8 +1106,12 @@ mod tests {
             Duration::from_secs(60),
             Budget::new(1000, 1 << 20),
             Vec::new(),
-            Mailbox { commands: rx, adoptions: adopt_rx, forward: Some(fwd_tx) },
-            crate::replication::Replication::new(8, Duration::from_secs(2), 1 << 20),
+            Mailbox {
+                commands: rx,
+                adoptions: adopt_rx,
+                forward: Some(fwd_tx),
+                replication: crate::replication::Replication::new(8, Duration::from_secs(2), 1 << 20),
+            },
         );
         tokio::spawn(owner.run());
 

@@ -173,8 +173,8 @@ impl Partitions {
                     commands: rx,
                     adoptions: adopt_rx,
                     forward: settings.forward_sealed.then(|| forward_tx.clone()),
+                    replication: replication.clone(),
                 },
-                replication.clone(),
             );
             tasks.push(tokio::spawn(owner.run()));
             owners.push(tx);
