@@ -474,14 +474,27 @@ async fn a_killed_leader_loses_no_acknowledged_message_and_keeps_the_epoch() -> 
 
     let killed = std::time::Instant::now();
     n2.kill9();
-    // The follower takes over and acknowledges writes again under the same epoch.
+    // The first acknowledged write after the kill (one probe, retried with its key).
+    let probe = json!({"channel": channel, "data": {"n": "probe"}, "idempotency_key": "probe"});
+    loop {
+        if let Ok(r) = c.cmd("publish", probe.clone()).await {
+            if r.get("ok").is_some() {
+                break;
+            }
+        }
+        ensure!(killed.elapsed() < DEADLINE, "no write acknowledged within {DEADLINE:?} of the kill");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first_ack = killed.elapsed();
+    eprintln!("killed at {:?}", std::time::SystemTime::now() - first_ack);
+    // The follower leads and acknowledges writes under the same epoch.
     wait_until("the in-sync follower leads", DEADLINE, async || {
         let Some(m) = etcd.map("r")? else { return Ok(false) };
         Ok(m["owners"][p] == json!(follower_node))
     })
     .await?;
     load.progress(&n1, 30).await?;
-    eprintln!("failover: writes flow again {:?} after kill -9", killed.elapsed());
+    eprintln!("failover: first acknowledged write {first_ack:?} after kill -9");
     let h = c.history(&channel, None, Some(1)).await?;
     ensure!(h.epoch == epoch, "the channel epoch changed on a clean failover: {epoch} -> {}", h.epoch);
     // One epoch, contiguous, no duplicate, every ack present, every follower recovered.

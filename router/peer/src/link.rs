@@ -198,7 +198,23 @@ async fn run(node: Weak<Router>, secret: String, link: Arc<Link>, mut rx: mpsc::
         }
         link.fail_pending(&format!("lost; {OUTCOME_UNKNOWN}"));
         link.down.send_modify(|n| *n += 1);
-        tokio::time::sleep(backoff).await;
+        // While waiting to reconnect, requests queued for a peer that left the cluster fail
+        // at once: their callers re-route by the map that replaces it (a failover).
+        let Some(mut members) = node.upgrade().map(|n| n.member_changes()) else { return };
+        let wake = tokio::time::Instant::now() + backoff;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => break,
+                changed = members.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if !members.borrow_and_update().contains_key(&link.peer) {
+                        link.fail_pending(&format!("lost: {} left the cluster; {OUTCOME_UNKNOWN}", link.peer));
+                    }
+                }
+            }
+        }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
