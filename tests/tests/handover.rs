@@ -613,3 +613,92 @@ async fn a_cut_peer_link_heals_and_loses_nothing_acknowledged() -> Result<()> {
     ensure!(metrics(&n1).await?.value("switchyard_peer_connects_total", &[("peer", "n2")]).unwrap_or(0.0) >= 2.0);
     Ok(())
 }
+
+/// Replication (issue #13): SIGSTOP of a partition's leader past its lease. Its in-sync
+/// follower takes over; the stopped node, once continued, cannot acknowledge anything
+/// (its follower no longer fetches from it and its ISR writes are fenced), drops what it
+/// wrote that nobody acknowledged, and follows again (`replicas = 3`, so it is a replica
+/// of every partition). Then the new leader is killed, and whichever in-sync replica takes
+/// over has exactly the acknowledged history.
+#[tokio::test]
+async fn a_stopped_leader_is_fenced_truncates_and_follows() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let three = |id: &str| Node::start(&config(&etcd, "s", id, "replicas = 3\n"));
+    let mut nodes = [three("n1"), three("n2"), three("n3")];
+    let map = wait_converged(&etcd, "s", &[&nodes[0], &nodes[1], &nodes[2]], &["n1", "n2", "n3"]).await?;
+    let channel = channel_per_partition().into_iter().find(|c| owner_of(&map, c) == "n2").expect("n2 owns one");
+    let p = partition_of(&channel, P) as usize;
+    wait_in_sync(&etcd, "s", p, 3).await?;
+    let addrs = addrs(&[&nodes[0], &nodes[2]]);
+    let load = Load::start(&addrs, vec![channel.clone()], 2).await?;
+    load.progress(&nodes[0], 20).await?;
+    let epoch = nodes[0].client().await.history(&channel, None, Some(1)).await?.epoch;
+
+    nodes[1].signal(libc::SIGSTOP);
+    let mut leader = String::new();
+    wait_until("an in-sync follower leads", DEADLINE, async || {
+        let Some(m) = etcd.map("s")? else { return Ok(false) };
+        leader = m["owners"][p].as_str().unwrap_or_default().to_string();
+        Ok(leader == "n1" || leader == "n3")
+    })
+    .await?;
+    load.progress(&nodes[0], 20).await?;
+    nodes[1].signal(libc::SIGCONT);
+    // It comes back, resyncs from the new leader and rejoins the ISR.
+    wait_until("the stopped node rejoins the ISR", DEADLINE * 2, async || {
+        let Some(m) = etcd.map("s")? else { return Ok(false) };
+        let isr = m["isr"][p].as_array().cloned().unwrap_or_default();
+        Ok(isr.contains(&json!("n2")) && isr.len() == 3)
+    })
+    .await?;
+    load.progress(&nodes[0], 20).await?;
+    let idx = |id: &str| id.trim_start_matches('n').parse::<usize>().unwrap_or(1) - 1;
+    nodes[idx(&leader)].kill9();
+    let survivor = if leader == "n1" { &nodes[2] } else { &nodes[0] };
+    wait_until("an in-sync replica leads again", DEADLINE, async || {
+        let Some(m) = etcd.map("s")? else { return Ok(false) };
+        Ok(m["owners"][p] != json!(leader))
+    })
+    .await?;
+    load.progress(survivor, 20).await?;
+    let h = survivor.client().await.history(&channel, None, Some(1)).await?;
+    ensure!(h.epoch == epoch, "the channel epoch changed: {epoch} -> {}", h.epoch);
+    load.finish(survivor).await?;
+    Ok(())
+}
+
+/// Replication (issue #13): the link between a leader and its follower is cut. Writes to
+/// the leader go on once the follower is dropped from the ISR (after
+/// `replica_lag_timeout`); when the link heals the follower catches up from where it was
+/// and is added back; nothing acknowledged is lost.
+#[tokio::test]
+async fn a_cut_replication_link_shrinks_the_isr_and_heals() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let proxy = Proxy::start().await?;
+    let n1 = start(&etcd, "i", "n1");
+    let n2 = Node::start(&config(&etcd, "i", "n2", &format!("advertise = \"http://{}\"\n", proxy.addr)));
+    *proxy.target.lock().unwrap() = Some(n2.addr());
+    let map = wait_converged(&etcd, "i", &[&n1, &n2], &["n1", "n2"]).await?;
+    let channel = channel_per_partition().into_iter().find(|c| owner_of(&map, c) == "n2").expect("n2 owns one");
+    let p = partition_of(&channel, P) as usize;
+    wait_in_sync(&etcd, "i", p, 2).await?;
+    // Clients use the leader directly: only replication crosses the proxy.
+    let load = Load::start(&addrs(&[&n2]), vec![channel.clone()], 2).await?;
+    load.progress(&n2, 20).await?;
+
+    let _ = proxy.open.send(false);
+    wait_until("the leader drops the cut-off follower from the ISR", DEADLINE, async || {
+        let Some(m) = etcd.map("i")? else { return Ok(false) };
+        Ok(m["isr"][p] == json!(["n2"]))
+    })
+    .await?;
+    load.progress(&n2, 20).await?;
+    let _ = proxy.open.send(true);
+    wait_in_sync(&etcd, "i", p, 2).await?;
+    load.progress(&n2, 20).await?;
+    load.finish(&n2).await?;
+    let m = metrics(&n2).await?;
+    ensure!(m.value("switchyard_isr_shrinks_total", &[]).unwrap_or(0.0) >= 1.0, "shrink counted");
+    ensure!(m.value("switchyard_isr_expands_total", &[]).unwrap_or(0.0) >= 1.0, "expand counted");
+    Ok(())
+}
