@@ -22,6 +22,9 @@ use switchyard_proto::partition::PartitionId;
 use switchyard_store::{ChannelMeta, StoredMessage};
 use tokio::sync::{mpsc, watch, Notify};
 
+/// How long a leader waits for a map with the ISR change it asked for before asking again.
+const ASK_AGAIN: Duration = Duration::from_secs(1);
+
 /// One write of a replicated store batch, applied by followers exactly as the leader did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ReplOp {
@@ -130,8 +133,9 @@ struct Leading {
     next_seq: u64,
     records: VecDeque<(u64, Bytes)>,
     bytes: usize,
-    /// An ISR change was asked for since the last map install.
-    asked: bool,
+    /// When an ISR change was last asked for (since the last map install): asked again
+    /// after [`ASK_AGAIN`] if no map brought it (the write failed or was refused).
+    asked: Option<Instant>,
 }
 
 impl Leading {
@@ -298,7 +302,7 @@ impl Replication {
                         next_seq: start,
                         records: VecDeque::new(),
                         bytes: 0,
-                        asked: false,
+                        asked: None,
                     });
                 }
                 let l = st.leading.as_mut().expect("set above");
@@ -314,7 +318,7 @@ impl Replication {
                     });
                 }
                 l.isr = isr.into_iter().filter(|f| l.followers.contains_key(f)).collect();
-                l.asked = false;
+                l.asked = None;
                 if l.followers.is_empty() {
                     l.records.clear();
                     l.bytes = 0;
@@ -432,7 +436,7 @@ impl Replication {
     pub fn isr_check(&self, p: PartitionId, now: Instant) -> Option<IsrChange> {
         let mut st = self.state(p);
         let l = st.leading.as_mut()?;
-        if l.asked {
+        if l.asked.is_some_and(|t| now.saturating_duration_since(t) < ASK_AGAIN) {
             return None;
         }
         let lag = self.lag_timeout;
@@ -454,7 +458,7 @@ impl Replication {
         if !shrink && !expand {
             return None;
         }
-        l.asked = true;
+        l.asked = Some(now);
         let mut full = vec![l.me.clone()];
         full.extend(isr);
         Some(IsrChange { partition: p, leader_epoch: l.leader_epoch, isr: full, expand })
@@ -528,6 +532,8 @@ mod tests {
         assert_eq!(change.isr, vec!["a".to_string()]);
         assert!(!change.expand);
         assert_eq!(r.isr_check(0, later), None, "asked once per map");
+        let change = r.isr_check(0, later + Duration::from_secs(2)).expect("asked again when no map came");
+        assert_eq!(change.isr, vec!["a".to_string()]);
         assert_eq!(*r.hw_changes(0).borrow(), seq, "the watermark waits for the map");
         // The map drops b; c fetches everything and is asked in.
         leader(&r, &["b", "c"], &[], 1);

@@ -251,6 +251,9 @@ fn cluster(node: &Node) -> serde_json::Value {
         "partitions": map.partitions(),
         "nodes": nodes,
         "owners": map.owners,
+        "replicas": map.replicas,
+        "isr": map.isr,
+        "leader_epochs": map.leader_epochs,
         "config": view.config,
         "last_error": view.last_error,
     })
