@@ -146,7 +146,9 @@ impl Leading {
     /// Drops batches every follower has, and the oldest ones beyond the byte cap (followers
     /// that still need those will resync).
     fn trim(&mut self, max_bytes: usize) {
-        let low = self.followers.values().filter(|f| !f.resyncing).map(|f| f.acked).fold(self.next_seq, u64::min);
+        // Everything a follower may still fetch: from its position, or from where its
+        // snapshot started.
+        let low = self.followers.values().map(|f| f.acked).fold(self.next_seq, u64::min);
         while let Some((seq, b)) = self.records.front() {
             if *seq >= low && self.bytes <= max_bytes {
                 break;
@@ -179,6 +181,8 @@ pub struct PartitionLog {
     /// Held by whoever writes the partition's store outside its owner (a follower's apply,
     /// a snapshot, a handover pull), so those never interleave.
     pub apply_lock: tokio::sync::Mutex<()>,
+    /// True while a follower loop runs for the partition (at most one does).
+    pub follower_running: std::sync::atomic::AtomicBool,
 }
 
 /// Replication state of every partition, and the queue of ISR changes for etcd.
@@ -201,6 +205,7 @@ impl Replication {
                 appended: Notify::new(),
                 hw: watch::channel(0).0,
                 apply_lock: tokio::sync::Mutex::new(()),
+                follower_running: std::sync::atomic::AtomicBool::new(false),
             })
             .collect();
         Arc::new(Self { parts, isr_tx, isr_rx: Mutex::new(Some(isr_rx)), lag_timeout, max_log_bytes })
@@ -364,6 +369,8 @@ impl Replication {
             if in_isr {
                 return Err(FetchError::InIsr);
             }
+            // The log is kept from the snapshot's start for it (within the byte cap).
+            pos.acked = next;
             return Ok(Err(next));
         };
         if from < l.base_seq || from > next {
@@ -375,7 +382,7 @@ impl Replication {
             pos.caught_up_at = now;
         }
         pos.leo_at_fetch = next;
-        pos.acked = pos.acked.max(from);
+        pos.acked = from;
         pos.resyncing = false;
         let mut out = Fetched::default();
         let mut bytes = 0;

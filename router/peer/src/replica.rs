@@ -9,6 +9,7 @@
 //! owner from what was replicated, without a handover and without new channel epochs). It
 //! must never run on the message path: an owner only appends to the in-memory log.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -80,9 +81,8 @@ pub(crate) fn after_install(node: &Arc<Router>) {
     for p in 0..map.partitions() {
         let role = role(node, &map, p);
         let follow = matches!(role, Role::Follower { .. });
-        let was = repl.is_following(p);
         repl.set_role(p, role);
-        if follow && !was {
+        if follow && !repl.part(p).follower_running.swap(true, Ordering::AcqRel) {
             tokio::spawn(follow_loop(node.clone(), p));
         }
     }
@@ -173,15 +173,25 @@ enum Step {
 /// Follows `p` while the map says so: snapshot first, then fetch and apply.
 #[tracing::instrument(name = "follow", skip(node))]
 async fn follow_loop(node: Arc<Router>, p: PartitionId) {
+    let running = &node.partitions.replication.part(p).follower_running;
     loop {
         if *node.shutdown.borrow() {
+            running.store(false, Ordering::Release);
             return;
         }
         let step = follow_step(&node, p).await;
         match step {
             Step::Again => {}
             Step::Later => tokio::time::sleep(Duration::from_millis(100)).await,
-            Step::Done => break,
+            Step::Done => {
+                // A map that made this node a follower again meanwhile found this loop
+                // still running and started none: keep going.
+                running.store(false, Ordering::Release);
+                if node.partitions.replication.is_following(p) && !running.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                break;
+            }
         }
     }
     // No longer a replica, nor the leader: the copy here is dropped (unless a handover
@@ -285,6 +295,9 @@ async fn snapshot(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64
     let links = node.peers.clone().ok_or("no peer links")?;
     let repl = &node.partitions.replication;
     let _applying = repl.part(p).apply_lock.lock().await;
+    if !repl.is_following(p) || repl.position(p, leader_epoch).is_some() {
+        return Ok(());
+    }
     let started = Instant::now();
     node.partitions.store.clear_partition(p).await.map_err(|e| e.to_string())?;
     let (mut cursor, mut messages) = (None, 0usize);
