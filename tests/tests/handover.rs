@@ -765,7 +765,15 @@ async fn randomized_faults_lose_nothing_acknowledged() -> Result<()> {
         (seed.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
     };
     let etcd = Etcd::start().await;
-    let mut nodes = [start(&etcd, "x", "n1"), start(&etcd, "x", "n2"), start(&etcd, "x", "n3")];
+    // Every node's peers reach it through a proxy that a link-cut fault closes.
+    let proxies = [Proxy::start().await?, Proxy::start().await?, Proxy::start().await?];
+    let proxied = |id: &str, i: usize| {
+        Node::start(&config(&etcd, "x", id, &format!("advertise = \"http://{}\"\n", proxies[i].addr)))
+    };
+    let mut nodes = [proxied("n1", 0), proxied("n2", 1), proxied("n3", 2)];
+    for (proxy, node) in proxies.iter().zip(&nodes) {
+        *proxy.target.lock().unwrap() = Some(node.addr());
+    }
     wait_converged(&etcd, "x", &[&nodes[0], &nodes[1], &nodes[2]], &["n1", "n2", "n3"]).await?;
     let channels: Vec<String> = channel_per_partition().into_iter().take(3).collect();
     let parts: Vec<usize> = channels.iter().map(|c| partition_of(c, P) as usize).collect();
@@ -773,6 +781,7 @@ async fn randomized_faults_lose_nothing_acknowledged() -> Result<()> {
     let load = Load::start_with(&addrs, channels.clone(), 2, Some(Duration::from_secs(3))).await?;
     for round in 0..faults {
         // Full strength first: every member back, every watched partition in sync.
+        // (The cut's 3 s is a fault's duration, not a wait for a condition.)
         wait_until("all three members", DEADLINE * 2, async || {
             Ok(cluster_view(&nodes[0]).await.is_ok_and(|v| v["nodes"].as_array().is_some_and(|n| n.len() == 3)))
         })
@@ -783,7 +792,7 @@ async fn randomized_faults_lose_nothing_acknowledged() -> Result<()> {
         let reader = next(3);
         load.progress(&nodes[reader], 10).await?;
         let victim = next(3);
-        match next(2) {
+        match next(3) {
             0 => {
                 eprintln!("fault {round}: kill -9 n{} and restart it", victim + 1);
                 nodes[victim].kill9();
@@ -795,6 +804,13 @@ async fn randomized_faults_lose_nothing_acknowledged() -> Result<()> {
                 .await?;
                 load.progress(others[0], 10).await?;
                 nodes[victim].restart();
+                *proxies[victim].target.lock().unwrap() = Some(nodes[victim].addr());
+            }
+            1 => {
+                eprintln!("fault {round}: cut every peer link to n{} for 3 s", victim + 1);
+                let _ = proxies[victim].open.send(false);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let _ = proxies[victim].open.send(true);
             }
             _ => {
                 eprintln!("fault {round}: SIGSTOP n{} past its lease, then SIGCONT", victim + 1);
@@ -816,6 +832,77 @@ async fn randomized_faults_lose_nothing_acknowledged() -> Result<()> {
     })
     .await?;
     load.progress(&nodes[0], 10).await?;
+    load.finish(&nodes[0]).await?;
+    Ok(())
+}
+
+/// Replication (issue #13), a double failover in the style of KIP-279, on two nodes. The
+/// leader dies and its follower takes over; it returns, drops what it had, follows and
+/// gets back in sync; then the new leader dies and the old one takes over again, with
+/// nothing lost. Then a partition whose only in-sync replica is dead waits (writes get
+/// `unavailable` on the other node, nothing moves) until that replica returns.
+#[tokio::test]
+async fn a_double_failover_loses_nothing_and_a_partition_without_an_in_sync_replica_waits() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let mut nodes = [start(&etcd, "d", "n1"), start(&etcd, "d", "n2")];
+    let map = wait_converged(&etcd, "d", &[&nodes[0], &nodes[1]], &["n1", "n2"]).await?;
+    let channel = channel_per_partition().into_iter().find(|c| owner_of(&map, c) == "n1").expect("n1 owns one");
+    let p = partition_of(&channel, P) as usize;
+    wait_in_sync(&etcd, "d", p, 2).await?;
+    let addrs = addrs(&[&nodes[0], &nodes[1]]);
+    let load = Load::start_with(&addrs, vec![channel.clone()], 2, Some(Duration::from_secs(3))).await?;
+    load.progress(&nodes[1], 20).await?;
+    let epoch = nodes[1].client().await.history(&channel, None, Some(1)).await?.epoch;
+    let owner_is = async |who: &str| -> Result<()> {
+        wait_until("the partition's leader changes", DEADLINE, async || {
+            Ok(etcd.map("d")?.is_some_and(|m| m["owners"][p] == json!(who)))
+        })
+        .await
+    };
+    let restart = |nodes: &mut [Node; 2], i: usize| {
+        nodes[i].restart();
+        *addrs.lock().unwrap() = nodes.iter().map(|n| n.addr()).collect();
+    };
+
+    // A dies, B leads; A returns, resyncs and is back in sync; B dies, A leads.
+    nodes[0].kill9();
+    owner_is("n2").await?;
+    load.progress(&nodes[1], 20).await?;
+    restart(&mut nodes, 0);
+    wait_until("the old leader is back in sync", DEADLINE, async || {
+        Ok(etcd.map("d")?.is_some_and(|m| m["isr"][p] == json!(["n2", "n1"])))
+    })
+    .await?;
+    load.progress(&nodes[1], 20).await?;
+    nodes[1].kill9();
+    owner_is("n1").await?;
+    load.progress(&nodes[0], 20).await?;
+
+    // B returns and syncs; then B dies (A alone in sync), then A dies, and B comes back
+    // alone: the partition waits for A rather than restart empty on B.
+    restart(&mut nodes, 1);
+    wait_in_sync(&etcd, "d", p, 2).await?;
+    nodes[1].kill9();
+    wait_until("the dead follower leaves the ISR", DEADLINE, async || {
+        Ok(etcd.map("d")?.is_some_and(|m| m["isr"][p] == json!(["n1"])))
+    })
+    .await?;
+    load.progress(&nodes[0], 20).await?;
+    nodes[0].kill9();
+    restart(&mut nodes, 1);
+    let mut c = nodes[1].client().await;
+    wait_until("the partition waits on its dead in-sync replica", DEADLINE, async || {
+        let Some(m) = etcd.map("d")? else { return Ok(false) };
+        let members = cluster_view(&nodes[1]).await?["nodes"].as_array().map_or(0, Vec::len);
+        let refused = c.cmd("publish", json!({"channel": channel, "data": 1})).await?.get("error").is_some();
+        Ok(members == 1 && m["owners"][p] == json!("n1") && refused)
+    })
+    .await?;
+    restart(&mut nodes, 0);
+    owner_is("n1").await?;
+    load.progress(&nodes[0], 20).await?;
+    let h = nodes[0].client().await.history(&channel, None, Some(1)).await?;
+    ensure!(h.epoch == epoch, "the channel epoch changed: {epoch} -> {}", h.epoch);
     load.finish(&nodes[0]).await?;
     Ok(())
 }
