@@ -4,6 +4,11 @@
 # the same load against node 1 (channels spread over both nodes' partitions, so half of
 # the publishes are forwarded in both runs). Prints the figures of each run.
 #
+# Then the catch-up rate of a new follower: node 1 alone (replicas = 2, so running
+# under-replicated) is filled by `switchyard bench fanout` for CATCHUP_FILL [20s]; node 2
+# then joins, and the time from its start to a full ISR on every partition, and its
+# snapshot log lines, give messages/s and MB/s.
+#
 # Environment: BENCH_DURATION [10s], BENCH_WARMUP [2s], LAT_RATE [1000],
 # BENCH_NO_BUILD=1 (skip cargo build), SWITCHYARD_BIN (router binary).
 set -euo pipefail
@@ -68,6 +73,60 @@ TOML
     echo "replicas=$r latency: $(cat "$work/lat-$r.json")"
     echo "replicas=$r fanout:  $(cat "$work/fan-$r.json")"
 }
+start_etcd() { # start_etcd NAME: sets cport
+    cport="$(free_port)"; local pport; pport="$(free_port)"
+    etcd --data-dir "$work/etcd-$1" --listen-client-urls "http://127.0.0.1:$cport" \
+        --advertise-client-urls "http://127.0.0.1:$cport" --listen-peer-urls "http://127.0.0.1:$pport" \
+        >"$work/etcd-$1.log" 2>&1 &
+    pids+=($!)
+}
+start_node() { # start_node ID NAME: sets addr
+    local port; port="$(free_port)"
+    cat >"$work/$1-$2.toml" <<TOML
+node_id = "$1"
+partitions = 16
+[cluster]
+etcd = ["http://127.0.0.1:$cport"]
+name = "bench"
+secret = "bench-secret-0123456789"
+replicas = 2
+coordination_interval = "1s"
+TOML
+    RUST_LOG=info "$bin" serve --config "$work/$1-$2.toml" --listen "127.0.0.1:$port" \
+        --data-dir "$work/data-$1-$2" --plugins-dir "$work/plugins" >"$work/$1-$2.log" 2>&1 &
+    pids+=($!)
+    addr="127.0.0.1:$port"
+}
+catchup() {
+    start_etcd catchup
+    start_node n1 catchup; local a1="$addr"
+    sleep 3
+    log "catch-up: filling n1 alone for ${CATCHUP_FILL:-20s}"
+    "$bin" bench fanout --url "ws://$a1/ws" --channels 100 --subscribers 1 --duration "${CATCHUP_FILL:-20s}" --warmup 1s --json >"$work/fill.json"
+    local t0; t0="$(date +%s.%N)"
+    start_node n2 catchup
+    log "catch-up: n2 started; waiting for a full ISR"
+    for _ in $(seq 1 600); do
+        local map; map="$(ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$cport" get /switchyard/bench/partition-map --print-value-only 2>/dev/null || true)"
+        if [ -n "$map" ] && python3 -c 'import json,sys; m=json.loads(sys.argv[1]); sys.exit(0 if m.get("isr") and all(len(i)==2 for i in m["isr"]) else 1)' "$map"; then
+            break
+        fi
+        sleep 0.1
+    done
+    local t1; t1="$(date +%s.%N)"
+    python3 - "$work/n2-catchup.log" "$work/fill.json" "$t0" "$t1" <<'PY'
+import json, re, sys
+log, fill, t0, t1 = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+msgs = sum(int(m) for m in re.findall(r"replica snapshot taken .*?messages=(\d+)", open(log).read()))
+published = json.load(open(fill))["totals"]["acked"]
+wall = t1 - t0
+# 100-byte payloads; stored messages carry their idempotency-free JSON plus ~40 bytes of framing.
+mb = msgs * 140 / 1e6
+print(f"catch-up: {msgs} messages (of {published} published) copied by snapshot; "
+      f"n2 start to full ISR {wall:.2f} s: {msgs / wall:,.0f} messages/s, {mb / wall:.1f} MB/s (~140 B per message)")
+PY
+}
 mkdir -p "$work/plugins"
 run 1
 run 2
+catchup

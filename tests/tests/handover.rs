@@ -67,7 +67,7 @@ fn steady_publisher(
     channel: String,
     tag: String,
     answer_within: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<Result<(Vec<Acked>, usize)>> {
     steady_publisher_with(addrs, home, channel, tag, answer_within, false, stop)
 }

@@ -70,6 +70,9 @@ pub fn place(
     waiting: &BTreeMap<u32, String>,
 ) -> (Vec<Vec<String>>, Vec<Vec<String>>, Vec<u64>) {
     let want = replicas.min(nodes.len().max(1)).max(1);
+    if want < replicas {
+        tracing::warn!(replicas, nodes = nodes.len(), "fewer nodes than replicas: partitions run under-replicated");
+    }
     let n = owners.len();
     let prev_of = |p: usize| -> (&str, &[String], &[String], u64) {
         match prev {

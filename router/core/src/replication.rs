@@ -193,6 +193,8 @@ pub struct Replication {
     /// How long an in-sync follower may stay behind before it is dropped from the ISR.
     pub lag_timeout: Duration,
     max_log_bytes: usize,
+    /// Copies each partition should have (`cluster.replicas`).
+    wanted: std::sync::atomic::AtomicUsize,
 }
 
 impl Replication {
@@ -208,7 +210,13 @@ impl Replication {
                 follower_running: std::sync::atomic::AtomicBool::new(false),
             })
             .collect();
-        Arc::new(Self { parts, isr_tx, isr_rx: Mutex::new(Some(isr_rx)), lag_timeout, max_log_bytes })
+        let wanted = std::sync::atomic::AtomicUsize::new(1);
+        Arc::new(Self { parts, isr_tx, isr_rx: Mutex::new(Some(isr_rx)), lag_timeout, max_log_bytes, wanted })
+    }
+
+    /// Sets how many copies each partition should have (for the under-replicated count).
+    pub fn set_wanted(&self, replicas: usize) {
+        self.wanted.store(replicas.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The ISR changes this node asks for (taken once, by the cluster layer).
@@ -483,10 +491,12 @@ impl Replication {
         l.followers.values().map(|f| l.next_seq.saturating_sub(f.acked)).max()
     }
 
-    /// Partitions this node leads with fewer in-sync followers than assigned ones.
+    /// Partitions this node leads with fewer in-sync copies than wanted (followers out
+    /// of sync, or fewer live nodes than `replicas`).
     pub fn under_replicated(&self) -> usize {
+        let wanted = self.wanted.load(std::sync::atomic::Ordering::Relaxed);
         (0..self.parts.len() as u32)
-            .filter(|p| self.state(*p).leading.as_ref().is_some_and(|l| l.isr.len() < l.followers.len()))
+            .filter(|p| self.state(*p).leading.as_ref().is_some_and(|l| 1 + l.isr.len() < wanted))
             .count()
     }
 }

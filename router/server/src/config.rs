@@ -727,6 +727,9 @@ mod tests {
             ("[cluster]\netcd = [\"http://x:1\"]\nname = \"a/b\"", "cluster.name"),
             ("node_id = \"a:b\"\n[cluster]\netcd = [\"http://x:1\"]", "node_id"),
             ("[cluster]\netcd = [\"http://x:1\"]\nadvertise = \"x:1\"", "cluster.advertise"),
+            ("[cluster]\netcd = [\"http://x:1\"]\nreplicas = 0", "cluster.replicas"),
+            ("[cluster]\netcd = [\"http://x:1\"]\nreplica_lag_timeout = \"1ms\"", "cluster.replica_lag_timeout"),
+            ("[cluster]\netcd = [\"http://x:1\"]\nreplicas = -1", "replicas"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");

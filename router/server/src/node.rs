@@ -97,6 +97,9 @@ impl Node {
             replica_lag_timeout: config.cluster.replica_lag_timeout,
         };
         let (partitions, sealed_writes) = Partitions::start(store, metrics.clone(), settings)?;
+        if config.cluster.enabled() && secret.is_some() {
+            partitions.replication.set_wanted(config.cluster.replicas as usize);
+        }
         let plugins = start_plugins(&config, metrics.clone())?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         // In cluster mode nothing is owned until the first map arrives from etcd.
