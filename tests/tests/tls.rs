@@ -87,3 +87,86 @@ async fn an_unusable_certificate_stops_the_node_with_a_clear_error() -> Result<(
     ensure!(stderr.contains("tls:") && stderr.contains("key.pem"), "{stderr}");
     Ok(())
 }
+
+/// A `wss://` WebSocket to `node`, trusting `c`.
+async fn wss(
+    node: &Node,
+    c: &Cert,
+) -> Result<tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let stream = tls_stream(node, c).await?;
+    let url = format!("wss://127.0.0.1:{}/ws", node.addr().port());
+    Ok(tokio_tungstenite::client_async(url, stream).await?.0)
+}
+
+/// Sends one command and returns its reply (pushes are skipped).
+async fn command(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>,
+    cmd: Value,
+) -> Result<Value> {
+    let id = cmd["id"].clone();
+    ws.send(Message::text(cmd.to_string())).await?;
+    loop {
+        if let Message::Text(t) = tokio::time::timeout(DEADLINE, ws.next()).await?.context("closed")?? {
+            let v: Value = serde_json::from_str(&t)?;
+            if v["id"] == id {
+                return Ok(v);
+            }
+        }
+    }
+}
+
+/// Peer links over TLS (#14): two `[tls]` nodes with `allow_plaintext_peers = false` verify
+/// each other against the CA file, forward a publish to the channel's owner and replicate
+/// every partition (the ISR fills over the TLS links). A node that would send the secret
+/// over plaintext refuses to start.
+#[tokio::test]
+async fn a_tls_peer_cluster_forwards_and_replicates() -> Result<()> {
+    use switchyard_proto::partition::partition_of;
+    use switchyard_tests::etcd::{node_config, Etcd};
+    const P: u32 = 8;
+    let c = cert()?;
+    let etcd = Etcd::start().await;
+    let ca = c.dir.path().join("cert.pem").display().to_string();
+    let config = |id: &str| {
+        format!(
+            "{}secret = \"correct-horse-battery-staple\"\npeer_ca_file = \"{ca}\"\nallow_plaintext_peers = false\n",
+            node_config(&etcd, "tls", id, P, &tls_config(&c))
+        )
+    };
+    let (n1, n2) = (Node::start(&config("n1")), Node::start(&config("n2")));
+    wait_until("both nodes own partitions and every ISR is full", DEADLINE, async || {
+        let Some(m) = etcd.map("tls")? else { return Ok(false) };
+        let owners: Vec<&str> = m["owners"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let full = m["isr"].as_array().is_some_and(|i| i.iter().all(|x| x.as_array().is_some_and(|x| x.len() == 2)));
+        Ok(owners.contains(&"n1") && owners.contains(&"n2") && full)
+    })
+    .await?;
+    let map = etcd.map("tls")?.context("map")?;
+    let channel = (0..)
+        .map(|i| format!("room:{i}"))
+        .find(|ch| map["owners"][partition_of(ch, P) as usize] == "n2")
+        .expect("a channel owned by n2");
+    let mut ws = wss(&n1, &c).await?;
+    let publish = json!({"id": 1, "op": "publish", "channel": channel, "data": "over tls"});
+    let reply = loop {
+        let r = command(&mut ws, publish.clone()).await?;
+        if r.get("ok").is_some() {
+            break r;
+        }
+        ensure!(r["error"]["code"] == "unavailable", "publish forwarded over TLS: {r}");
+    };
+    ensure!(reply["ok"]["offset"] == 1, "{reply}");
+    let mut ws2 = wss(&n2, &c).await?;
+    let history = command(&mut ws2, json!({"id": 2, "op": "history", "channel": channel})).await?;
+    ensure!(history["ok"]["messages"][0]["data"] == "over tls", "{history}");
+
+    // Plaintext peers refused: a node without [tls] cannot join with the secret.
+    let plain = format!(
+        "{}secret = \"correct-horse-battery-staple\"\nallow_plaintext_peers = false\n",
+        node_config(&etcd, "tls", "n3", P, "")
+    );
+    let (status, stderr) = run_expecting_exit(&plain)?;
+    ensure!(status.code() == Some(2), "exit {status}: {stderr}");
+    ensure!(stderr.contains("cluster.allow_plaintext_peers"), "{stderr}");
+    Ok(())
+}

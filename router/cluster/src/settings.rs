@@ -54,6 +54,13 @@ pub struct ClusterConfig {
     /// another node at once, under new channel epochs (acknowledged messages the other
     /// nodes lacked are lost, and clients see `recovered: false`).
     pub unclean_failover: bool,
+    /// PEM file of the CA (or self-signed certificates) that peers' TLS certificates are
+    /// verified against, for peers whose URL is `https://` (relative to the config file's
+    /// folder).
+    pub peer_ca_file: Option<std::path::PathBuf>,
+    /// Whether the cluster secret may cross a plaintext (`http://`) peer link. Default true
+    /// (development); set false in production with `[tls]` and `https://` peer URLs.
+    pub allow_plaintext_peers: bool,
 }
 
 impl Default for ClusterConfig {
@@ -72,6 +79,8 @@ impl Default for ClusterConfig {
             replicas: 2,
             replica_lag_timeout: Duration::from_secs(2),
             unclean_failover: false,
+            peer_ca_file: None,
+            allow_plaintext_peers: true,
         }
     }
 }

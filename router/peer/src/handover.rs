@@ -79,7 +79,10 @@ pub(crate) fn after_install(node: &Arc<Router>, before: &PartitionMap) {
         if before.owner(p) == Some(me) && after.owner(p) != Some(me) {
             let now = after.owner(p).unwrap_or_default();
             let reason = format!("partition moved to node {now} (map epoch {}); subscribe again", after.epoch);
-            if node.peers.is_some() {
+            // This copy waits to be pulled only when the map moved the partition from here;
+            // a follower promoted elsewhere (a failover) pulls nothing.
+            let promoted = !after.replicas.is_empty() && after.moved_from(p).is_none_or(|m| m.from != me);
+            if node.peers.is_some() && !promoted {
                 let moved_at = after.moved_from(p).map_or(after.epoch, |m| m.epoch);
                 node.partitions.handovers.sealed.lock().expect("handovers").insert(p, moved_at);
             }

@@ -51,10 +51,24 @@ pub(crate) struct Link {
     down: watch::Sender<u64>,
 }
 
+/// How this node dials its peers.
+pub(crate) struct Dial {
+    /// The cluster secret, sent on every connect.
+    pub(crate) secret: String,
+    /// Verifies `https://` peers; None refuses them.
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    /// Whether the secret may cross a plaintext link.
+    pub(crate) allow_plaintext: bool,
+}
+
+/// Any byte stream a link runs over (plain TCP or TLS).
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// Every outgoing link of a node, created on first use.
 pub(crate) struct Links {
     node: Weak<Router>,
-    secret: String,
+    dial: Arc<Dial>,
     links: ArcSwap<HashMap<String, Arc<Link>>>,
 }
 
@@ -64,8 +78,8 @@ fn unavailable(message: impl Into<String>) -> OpError {
 
 impl Links {
     /// Links of `node`, authenticated with `secret`.
-    pub(crate) fn new(node: Weak<Router>, secret: String) -> Arc<Self> {
-        Arc::new(Self { node, secret, links: ArcSwap::from_pointee(HashMap::new()) })
+    pub(crate) fn new(node: Weak<Router>, dial: Dial) -> Arc<Self> {
+        Arc::new(Self { node, dial: Arc::new(dial), links: ArcSwap::from_pointee(HashMap::new()) })
     }
 
     /// The link to `peer`, created (and its connection task started) on first use.
@@ -94,7 +108,7 @@ impl Links {
             map
         });
         if let Some((link, rx)) = created {
-            tokio::spawn(run(self.node.clone(), self.secret.clone(), link, rx));
+            tokio::spawn(run(self.node.clone(), self.dial.clone(), link, rx));
         }
         self.links.load().get(peer).cloned().expect("link just inserted")
     }
@@ -178,7 +192,7 @@ impl Link {
 
 /// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
 #[tracing::instrument(name = "peer_link", skip_all, fields(peer = %link.peer, side = "dialed"))]
-async fn run(node: Weak<Router>, secret: String, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
+async fn run(node: Weak<Router>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(n) = node.upgrade() else { return };
@@ -189,7 +203,7 @@ async fn run(node: Weak<Router>, secret: String, link: Arc<Link>, mut rx: mpsc::
         let metrics = n.metrics.clone();
         drop(n);
         let result = match url {
-            Some(url) => pump(&url, &secret, &link, &mut rx, &metrics).await,
+            Some(url) => pump(&url, &dial, &link, &mut rx, &metrics).await,
             None => Err(format!("no address for node {}", link.peer)),
         };
         metrics.peer_link_up.with_label_values(&[&link.peer]).set(0);
@@ -219,22 +233,46 @@ async fn run(node: Weak<Router>, secret: String, link: Arc<Link>, mut rx: mpsc::
     }
 }
 
+/// Connects to `url` (`http://` or `https://`) and upgrades to the `/peer` WebSocket,
+/// sending the secret only over TLS unless plaintext peers are allowed.
+async fn connect(url: &str, dial: &Dial) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, String> {
+    let tls = url.starts_with("https://");
+    if !tls && !dial.allow_plaintext {
+        return Err(format!("refusing a plaintext link to {url} (cluster.allow_plaintext_peers = false)"));
+    }
+    let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
+    let mut req = ws_url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let h = req.headers_mut();
+    h.insert(wire::SECRET_HEADER, HeaderValue::from_str(&dial.secret).map_err(|e| e.to_string())?);
+    let host = req.uri().host().ok_or("peer URL has no host")?.trim_matches(['[', ']']).to_string();
+    let port = req.uri().port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let io: Box<dyn Io> = if tls {
+        let config = dial.tls.clone().ok_or("peer URL is https:// but cluster.peer_ca_file is not set")?;
+        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await;
+        Box::new(stream.map_err(|e| format!("TLS with the peer failed: {e}"))?)
+    } else {
+        Box::new(tcp)
+    };
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(wire::ws_config()))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
 async fn pump(
     url: &str,
-    secret: &str,
+    dial: &Dial,
     link: &Link,
     rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
     metrics: &switchyard_metrics::Metrics,
 ) -> Result<(), String> {
-    let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
-    let mut req = ws_url.as_str().into_client_request().map_err(|e| e.to_string())?;
-    let h = req.headers_mut();
-    h.insert(wire::SECRET_HEADER, HeaderValue::from_str(secret).map_err(|e| e.to_string())?);
-    let connect = tokio_tungstenite::connect_async_with_config(req, Some(wire::ws_config()), true);
-    let (ws, _) = tokio::time::timeout(Duration::from_secs(2), connect)
+    let ws = tokio::time::timeout(Duration::from_secs(2), connect(url, dial))
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| "connect timed out".to_string())??;
+    let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
     metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
     metrics.peer_connects.with_label_values(&[&link.peer]).inc();
     tracing::info!(%ws_url, "peer link up");

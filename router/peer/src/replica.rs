@@ -57,9 +57,14 @@ pub(crate) fn before_install(node: &Arc<Router>, new: &PartitionMap) {
         if new.owner(p) != Some(me) || old.owner(p) == Some(me) {
             continue;
         }
+        if new.moved_from(p).is_some_and(|m| m.from != me) {
+            // A handover: the role is set after the install, once the adoption is marked
+            // (no follower may snapshot the partition before it has arrived here).
+            continue;
+        }
         let was_following = node.partitions.replication.is_following(p);
         node.partitions.replication.set_role(p, role(node, new, p));
-        if new.moved_from(p).is_none() && was_following {
+        if was_following {
             // Promoted: serve exactly what was replicated (same channel epochs).
             let (done, rx) = oneshot::channel();
             node.partitions.adopt(p, rx);
@@ -297,6 +302,11 @@ async fn snapshot(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64
     let _applying = repl.part(p).apply_lock.lock().await;
     if !repl.is_following(p) || repl.position(p, leader_epoch).is_some() {
         return Ok(());
+    }
+    // The copy here is the source of a handover still under way (this node led the
+    // partition until the last move): it must stay until the new leader has it.
+    if node.partitions.handovers.sealed.lock().expect("handovers").contains_key(&p) {
+        return Err("this node's copy is still being handed over to the new leader".into());
     }
     let started = Instant::now();
     node.partitions.store.clear_partition(p).await.map_err(|e| e.to_string())?;

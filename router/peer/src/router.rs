@@ -45,6 +45,11 @@ pub struct Settings {
     pub node_id: String,
     /// The peer links' shared secret; None turns peer links off.
     pub secret: Option<String>,
+    /// How `https://` peers are verified (None: no CA configured, so such peers are
+    /// refused).
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Whether the secret may cross a plaintext (`http://`) link.
+    pub allow_plaintext_peers: bool,
 }
 
 /// Routes every operation to its partition's owner, here or on a peer.
@@ -85,7 +90,14 @@ impl Router {
             }
             Self {
                 upstreams: settings.secret.as_ref().map(|_| Arc::new(Upstreams::new(weak.clone()))),
-                peers: settings.secret.map(|s| Links::new(weak.clone(), s)),
+                peers: settings.secret.map(|secret| {
+                    let dial = crate::link::Dial {
+                        secret,
+                        tls: settings.peer_tls.clone(),
+                        allow_plaintext: settings.allow_plaintext_peers,
+                    };
+                    Links::new(weak.clone(), dial)
+                }),
                 node_id: settings.node_id,
                 partitions,
                 metrics,

@@ -385,6 +385,9 @@ impl Config {
                     tls.cert_file = base.join(&tls.cert_file);
                     tls.key_file = base.join(&tls.key_file);
                 }
+                if let Some(ca) = &mut config.cluster.peer_ca_file {
+                    *ca = base.join(&*ca);
+                }
                 config.source = Some(path.to_owned());
                 config
             }
@@ -536,12 +539,24 @@ impl Config {
         if c.replica_lag_timeout < std::time::Duration::from_millis(100) {
             return invalid("cluster.replica_lag_timeout", "must be at least 100ms");
         }
-        if self.tls.is_some() && c.secret.is_some() {
-            return invalid(
-                "tls",
-                "peer links do not speak TLS yet: a [tls] node cannot serve /peer to its peers; \
-                 run this cluster without [tls] (on a trusted network) or without cluster.secret",
-            );
+        if c.secret.is_some() {
+            let plaintext = !self.advertise_url().starts_with("https://");
+            if plaintext && !c.allow_plaintext_peers {
+                return invalid(
+                    "cluster.allow_plaintext_peers",
+                    "is false, but this node's peer URL is http://: set [tls] (the URL becomes https://) \
+                     or allow plaintext peers",
+                );
+            }
+            if !plaintext && self.tls.is_none() {
+                return invalid("cluster.advertise", "is https://, but this node has no [tls] to serve it");
+            }
+            if self.tls.is_some() && c.peer_ca_file.is_none() {
+                return invalid(
+                    "cluster.peer_ca_file",
+                    "peer links of a [tls] node verify their peers against a CA file: set it",
+                );
+            }
         }
         let key_safe = |s: &str| {
             !s.is_empty()
@@ -585,7 +600,8 @@ impl Config {
 
     /// The URL this node advertises in cluster mode.
     pub fn advertise_url(&self) -> String {
-        self.cluster.advertise.clone().unwrap_or_else(|| format!("http://{}", self.listen))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        self.cluster.advertise.clone().unwrap_or_else(|| format!("{scheme}://{}", self.listen))
     }
 
     /// Refuses a publish whose `key` or `idempotency_key` is over `limits.max_key_bytes`.

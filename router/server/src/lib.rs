@@ -69,6 +69,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         Some(t) => Some(tls::acceptor(&t.cert_file, &t.key_file).map_err(ServerError::Tls)?),
         None => None,
     };
+    let peer_tls = match &config.cluster.peer_ca_file {
+        Some(ca) if config.cluster.enabled() => {
+            Some(tls::peer_client(ca).map_err(|e| ServerError::Tls(format!("cluster.peer_ca_file: {e}")))?)
+        }
+        _ => None,
+    };
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
@@ -83,7 +89,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             Ok(()) => {}
         }
     }
-    let node = Node::start(config)?;
+    let node = Node::start(config, peer_tls)?;
     println!("switchyard listening on {addr}");
     tracing::info!(%addr, node = %node.config.node_id, "serving");
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);

@@ -77,7 +77,10 @@ fn rules(config: &Config) -> Rules {
 impl Node {
     /// Opens the store, recovers every channel and starts the owners, the plugin host, the
     /// router, maintenance and (in cluster mode) the etcd session.
-    pub(crate) fn start(config: Config) -> Result<Arc<Self>, StoreError> {
+    pub(crate) fn start(
+        config: Config,
+        peer_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    ) -> Result<Arc<Self>, StoreError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         std::fs::create_dir_all(&config.data_dir)
@@ -110,7 +113,12 @@ impl Node {
         let (map_tx, map_rx) = watch::channel(Arc::new(map));
         let (members_tx, members_rx) = watch::channel(Arc::new(Members::new()));
         let router = Router::new(
-            switchyard_peer::Settings { node_id: config.node_id.clone(), secret },
+            switchyard_peer::Settings {
+                node_id: config.node_id.clone(),
+                secret,
+                peer_tls,
+                allow_plaintext_peers: config.cluster.allow_plaintext_peers,
+            },
             partitions.clone(),
             map_rx,
             members_rx,

@@ -710,7 +710,7 @@ mod tests {
         let mut config = Config { data_dir: dir.join("data"), plugins_dir: dir.join("plugins"), ..Config::default() };
         edit(&mut config);
         config.validate().unwrap();
-        Node::start(config).unwrap()
+        Node::start(config, None).unwrap()
     }
 
     async fn connect(node: &Arc<Node>) -> Client {
