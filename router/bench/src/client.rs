@@ -24,12 +24,36 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::WebSocketStream;
 
 use super::nats::{self, NatsOp};
 use super::report::new_hist;
 
-pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// Any byte stream a connection runs over (plain TCP or TLS).
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+pub(crate) type Ws = WebSocketStream<Box<dyn Io>>;
+
+/// How `wss://` servers are verified (set once from `--tls-ca`).
+static TLS: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+
+/// Trusts the PEM certificates in `ca` for `wss://` URLs.
+pub(crate) fn trust(ca: &std::path::Path) -> Result<()> {
+    let file = std::fs::File::open(ca).with_context(|| format!("--tls-ca {}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let _ = TLS.set(std::sync::Arc::new(config));
+    Ok(())
+}
 
 /// Which server protocol to speak.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -64,9 +88,21 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Opens a WebSocket with TCP_NODELAY; `read_buffer` lowers tungstenite's 128 KiB default.
 pub(crate) async fn connect(url: &str, read_buffer: Option<usize>) -> Result<Ws> {
     let config = read_buffer.map(|n| WebSocketConfig::default().read_buffer_size(n));
-    let (ws, _resp) = tokio_tungstenite::connect_async_with_config(url, config, true)
-        .await
-        .with_context(|| format!("connect {url}"))?;
+    let req = url.into_client_request()?;
+    let tls = url.starts_with("wss://");
+    let host = req.uri().host().context("URL without a host")?.trim_matches(['[', ']']).to_string();
+    let port = req.uri().port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port)).await.with_context(|| format!("connect {url}"))?;
+    tcp.set_nodelay(true)?;
+    let io: Box<dyn Io> = if tls {
+        let tls_config = TLS.get().context("a wss:// URL needs --tls-ca")?.clone();
+        let name = rustls::pki_types::ServerName::try_from(host)?;
+        Box::new(tokio_rustls::TlsConnector::from(tls_config).connect(name, tcp).await?)
+    } else {
+        Box::new(tcp)
+    };
+    let (ws, _resp) =
+        tokio_tungstenite::client_async_with_config(req, io, config).await.with_context(|| format!("connect {url}"))?;
     Ok(ws)
 }
 

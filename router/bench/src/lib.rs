@@ -110,6 +110,10 @@ pub struct BenchArgs {
     /// repeat it; the first two columns are compared.
     #[arg(long)]
     pub column: Vec<String>,
+    /// PEM certificates that `wss://` servers are verified against (a CA, or the server's
+    /// self-signed certificate).
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// The resolved load of a fanout-like run.
@@ -181,6 +185,9 @@ fn run_main(args: BenchArgs) -> Result<bool> {
     if args.scenario == Scenario::Table {
         print!("{}", table(&args.column)?);
         return Ok(true);
+    }
+    if let Some(ca) = &args.tls_ca {
+        client::trust(ca)?;
     }
     if let Some((old, new)) = sys::raise_nofile_limit() {
         eprintln!("[bench] RLIMIT_NOFILE raised {old} -> {new}");
