@@ -906,3 +906,51 @@ async fn a_double_failover_loses_nothing_and_a_partition_without_an_in_sync_repl
     load.finish(&nodes[0]).await?;
     Ok(())
 }
+
+/// Replication (issue #13): what a promoted follower inherits besides messages. A consumer
+/// resumes exactly after its committed offset, a retried idempotency key gets the original
+/// offset (not a second copy), and the channel keeps its epoch.
+#[tokio::test]
+async fn a_promoted_follower_resumes_consumers_and_deduplicates_retries() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let (n1, mut n2, n3) = (start(&etcd, "c2", "n1"), start(&etcd, "c2", "n2"), start(&etcd, "c2", "n3"));
+    let map = wait_converged(&etcd, "c2", &[&n1, &n2, &n3], &["n1", "n2", "n3"]).await?;
+    let channel = channel_per_partition().into_iter().find(|c| owner_of(&map, c) == "n2").expect("n2 owns one");
+    let p = partition_of(&channel, P) as usize;
+    wait_in_sync(&etcd, "c2", p, 2).await?;
+    let mut c = n1.client().await;
+    let mut keyed = Vec::new();
+    for i in 1..=10 {
+        let ok = c.ok("publish", json!({"channel": channel, "data": {"n": i}, "idempotency_key": format!("k{i}")})).await?;
+        keyed.push((u64_field(&ok, "offset")?, str_field(&ok, "epoch")?));
+    }
+    c.ok("commit", json!({"channel": channel, "consumer": "workers", "offset": 6})).await?;
+
+    n2.kill9();
+    wait_until("the follower leads", DEADLINE, async || {
+        Ok(etcd.map("c2")?.is_some_and(|m| m["owners"][p] != json!("n2") && m["owners"][p] != json!("")))
+    })
+    .await?;
+    // A retry of k7 is answered with its first offset and epoch (the window replicated).
+    let retry = loop {
+        let r = c.cmd("publish", json!({"channel": channel, "data": {"n": 7}, "idempotency_key": "k7"})).await?;
+        if r.get("ok").is_some() {
+            break r["ok"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(
+        (u64_field(&retry, "offset")?, str_field(&retry, "epoch")?) == keyed[6],
+        "retry {retry} vs first {:?}",
+        keyed[6]
+    );
+    // The consumer resumes after its committed offset (the commit replicated).
+    let mut consumer = n3.client().await;
+    consumer.subscribe(&channel, json!({"consumer": "workers"})).await?;
+    let resumed = consumer.next_messages(&channel, 4).await?;
+    ensure!(offsets(&resumed) == vec![7, 8, 9, 10], "resumed at {:?}", offsets(&resumed));
+    let h = c.history_all(&channel).await?;
+    ensure!(h.offsets() == (1..=10).collect::<Vec<_>>(), "one copy of each: {:?}", h.offsets());
+    ensure!(h.epoch == keyed[0].1, "the epoch changed");
+    Ok(())
+}
