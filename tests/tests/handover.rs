@@ -921,7 +921,8 @@ async fn a_promoted_follower_resumes_consumers_and_deduplicates_retries() -> Res
     let mut c = n1.client().await;
     let mut keyed = Vec::new();
     for i in 1..=10 {
-        let ok = c.ok("publish", json!({"channel": channel, "data": {"n": i}, "idempotency_key": format!("k{i}")})).await?;
+        let ok =
+            c.ok("publish", json!({"channel": channel, "data": {"n": i}, "idempotency_key": format!("k{i}")})).await?;
         keyed.push((u64_field(&ok, "offset")?, str_field(&ok, "epoch")?));
     }
     c.ok("commit", json!({"channel": channel, "consumer": "workers", "offset": 6})).await?;

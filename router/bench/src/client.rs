@@ -22,9 +22,9 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::WebSocketStream;
 
 use super::nats::{self, NatsOp};
