@@ -287,3 +287,37 @@ async fn switchyard_token_prints_a_token_the_server_accepts() -> anyhow::Result<
     assert!(String::from_utf8_lossy(&out.stderr).contains("hs256_secret"), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
+
+/// `refresh` (#17): a new token for the same user replaces the connection's expiry without
+/// touching its subscriptions. A connection whose token expired at the same moment but was
+/// not refreshed is closed with 4001; the refreshed one keeps receiving. A token for
+/// another user gets `forbidden`, a bad one `unauthorized`, and neither changes anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refreshed_token_keeps_the_connection_and_its_subscriptions() -> anyhow::Result<()> {
+    let node = Node::start(&jwt_config("", ""));
+    let room: &[&str] = &["room:refresh"];
+    let expiring = token("alice", 4, Some(room));
+    let (mut kept, _) = connect_with(&node, &expiring).await?;
+    let (mut control, _) = connect_with(&node, &expiring).await?;
+    kept.subscribe("room:refresh", json!({})).await?;
+    assert_eq!(kept.err("refresh", json!({"token": token("bob", 3600, None)})).await?, "forbidden");
+    assert_eq!(kept.err("refresh", json!({"token": "not-a-jwt"})).await?, "unauthorized");
+    assert_eq!(kept.err("refresh", json!({})).await?, "bad_request");
+    kept.ok("refresh", json!({"token": token("alice", 3600, Some(room))})).await?;
+
+    // The first token's expiry closes the connection that did not refresh...
+    let ending = control.read_to_end(DEADLINE).await?;
+    assert!(matches!(ending.end, Event::Close(Some(4001))), "{ending:?}");
+    // ...and the refreshed one is still served, subscription included.
+    let (mut publisher, _) = connect_with(&node, &token("bob", 3600, Some(room))).await?;
+    publisher.publish("room:refresh", json!("after the old expiry")).await?;
+    let got = kept.next_messages("room:refresh", 1).await?;
+    assert_eq!(got[0]["data"], "after the old expiry");
+
+    // Without a token there is nothing to refresh.
+    let anon = Node::start("");
+    let mut c = anon.client().await;
+    c.ok("connect", json!({})).await?;
+    assert_eq!(c.err("refresh", json!({"token": token("alice", 3600, None)})).await?, "bad_request");
+    Ok(())
+}

@@ -90,6 +90,24 @@ impl Gate {
         Ok(())
     }
 
+    /// Handles `refresh`: replaces the connection's token (and so its expiry) with `token`,
+    /// which must be valid and name the same user; subscriptions are untouched. A refused
+    /// refresh changes nothing: the current token still expires when it would have.
+    pub fn refresh(&mut self, access: &Access, token: &str) -> Result<(), OpError> {
+        let Some(current) = &self.identity else {
+            return Err(OpError::bad_request("refresh needs a connection authenticated with a token"));
+        };
+        let fresh = access.verifier.verify(token).map_err(|e| unauthorized(e).error)?;
+        if fresh.user != current.user {
+            return Err(OpError::new(
+                ErrorCode::Forbidden,
+                format!("the new token is for {}, this connection is {}", fresh.user, current.user),
+            ));
+        }
+        self.identity = Some(fresh);
+        Ok(())
+    }
+
     /// Gives the seat under the per-user cap back (the connection is ending), so the user
     /// may reconnect at once even while this socket's close is still being written.
     pub fn release_seat(&mut self) {
@@ -135,7 +153,9 @@ impl Gate {
             return Err(OpError::new(ErrorCode::Unauthorized, "send `connect` with a token first"));
         };
         let (op, channel) = match cmd {
-            Command::Connect { .. } | Command::Ping | Command::Unsubscribe { .. } => return Ok(()),
+            Command::Connect { .. } | Command::Refresh { .. } | Command::Ping | Command::Unsubscribe { .. } => {
+                return Ok(())
+            }
             Command::Subscribe { channel, .. } | Command::Commit { channel, .. } => (Action::Subscribe, channel),
             Command::Publish(p) => (Action::Publish, &p.channel),
             Command::History { channel, .. } => (Action::History, channel),

@@ -153,6 +153,11 @@ pub enum Command {
         /// Client name for logs.
         name: Option<String>,
     },
+    /// `refresh`: a new token for the same user, before the current one expires.
+    Refresh {
+        /// JWT naming the connection's user.
+        token: String,
+    },
     /// `subscribe`.
     Subscribe {
         /// Channel.
@@ -377,6 +382,7 @@ fn command(f: &RawFrame<'_>) -> Result<Command, OpError> {
             offset: required(f.offset, "offset", "an unsigned integer")?,
         },
         "ping" => Command::Ping,
+        "refresh" => Command::Refresh { token: required(f.token, "token", "a string")? },
         other => {
             let shown: String = other.chars().take(64).collect();
             return Err(OpError::new(ErrorCode::UnknownOp, format!("unknown op `{shown}`")));
@@ -532,6 +538,11 @@ mod tests {
         let (_, c) = parse_command(r#"{"id":5,"op":"commit","channel":"x","consumer":"c","offset":9}"#).unwrap();
         assert_eq!(c, Command::Commit { channel: "x".into(), consumer: "c".into(), offset: 9 });
         assert_eq!(parse_command(r#"{"id":6,"op":"ping"}"#).unwrap().1, Command::Ping);
+        assert_eq!(
+            parse_command(r#"{"id":8,"op":"refresh","token":"t"}"#).unwrap().1,
+            Command::Refresh { token: "t".into() }
+        );
+        assert!(parse_command(r#"{"id":9,"op":"refresh"}"#).is_err(), "a refresh needs its token");
         assert!(matches!(parse_command(r#"{"id":7,"op":"connect","name":"n"}"#).unwrap().1, Command::Connect { .. }));
     }
 

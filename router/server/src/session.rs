@@ -407,6 +407,17 @@ where
                 }
                 self.queue_result(id, Ok(ok));
             }
+            Command::Refresh { token } => match self.gate.refresh(&node.access, &token) {
+                Ok(()) => {
+                    // The expiry close now waits for the new token's expiry.
+                    self.auth_deadline = self.gate.deadline(&node.access);
+                    if let Some(at) = self.auth_deadline {
+                        self.auth_timer.as_mut().reset(at);
+                    }
+                    self.queue_result(id, Ok(Empty {}));
+                }
+                Err(e) => self.queue_result::<Empty>(id, Err(e)),
+            },
             Command::Ping => self.queue_result(id, Ok(Empty {})),
             Command::Subscribe { channel, from, consumer } => self.subscribe(id, channel, from, consumer).await,
             Command::Unsubscribe { channel } => {
