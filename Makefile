@@ -8,6 +8,7 @@
 #               (SWITCHYARD_SKIP_BROWSER=1: no browser install, npm ci nor browser test)
 #   make bench  build release, run the bench scenarios against Switchyard and
 #               nats-server (installed if missing), print one comparison table
+#   make fuzz   the long run of the fuzz-style property targets (FUZZ_CASES each)
 #
 # Override: make run LISTEN=127.0.0.1:9000 DATA_DIR=/tmp/sy
 SHELL := /bin/bash
@@ -24,11 +25,11 @@ CARGO       ?= cargo
 # extra args for the test binaries, e.g. make test TEST_ARGS='--test-threads=1'
 TEST_ARGS   ?=
 
-.PHONY: all setup plugins plugin-tests build build-release run test lint bench clean help
+.PHONY: all setup plugins plugin-tests build build-release run test lint bench fuzz clean help
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	scripts/setup.sh
@@ -79,6 +80,16 @@ lint:
 bench:
 	scripts/setup.sh --bench
 	scripts/compare.sh
+
+# The long run of the fuzz-style property targets (`make test` runs each for 256 cases):
+# the client frame parser, the peer wire decoder, the plugin output decoder and the config
+# parser, FUZZ_CASES inputs each (cargo-fuzz needs a nightly toolchain; these stand in).
+FUZZ_CASES ?= 200000
+fuzz:
+	@echo "[fuzz] $(FUZZ_CASES) cases per target"
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p switchyard-proto -p switchyard-peer -p switchyard-server \
+	    -p switchyard-plugin-host --lib -- any_text_parses_or_is_rejected any_peer_bytes_decode_or_fail \
+	    any_guest_output_decodes_or_is_garbage any_file_text_loads_or_is_refused
 
 all: test
 
