@@ -92,6 +92,9 @@ pub fn place(
         }
     }
     let mut followers: Vec<Vec<String>> = vec![Vec::new(); n];
+    // No node holds more than its even share of copies (leaders included), so keeping a
+    // follower never beats spreading them.
+    let cap = (n * want).div_ceil(nodes.len().max(1));
     // First pass: keep what may stay.
     for (p, owner) in owners.iter().enumerate() {
         if waiting.contains_key(&(p as u32)) {
@@ -106,7 +109,7 @@ pub fn place(
             if followers[p].len() + 1 >= want {
                 break;
             }
-            if c != owner && load.contains_key(c) && !followers[p].iter().any(|f| f == c) {
+            if c != owner && load.get(c).is_some_and(|l| *l < cap) && !followers[p].iter().any(|f| f == c) {
                 followers[p].push(c.to_string());
                 *load.get_mut(c).expect("checked") += 1;
             }
@@ -127,6 +130,31 @@ pub fn place(
             *load.get_mut(id.as_str()).expect("picked from it") += 1;
             followers[p].push(id);
         }
+    }
+    // Even out: move a follower from the fullest node to the emptiest while they differ
+    // by more than one copy.
+    for _ in 0..n * want {
+        let (Some((&hi, &hi_c)), Some((&lo, &lo_c))) = (
+            load.iter().max_by_key(|(id, c)| (**c, std::cmp::Reverse(**id))),
+            load.iter().min_by_key(|(id, c)| (**c, **id)),
+        ) else {
+            break;
+        };
+        if hi_c <= lo_c + 1 {
+            break;
+        }
+        let movable = (0..n).find(|p| {
+            !waiting.contains_key(&(*p as u32))
+                && owners[*p] != lo
+                && followers[*p].iter().any(|f| f == hi)
+                && !followers[*p].iter().any(|f| f == lo)
+        });
+        let Some(p) = movable else { break };
+        for f in followers[p].iter_mut().filter(|f| *f == hi) {
+            *f = lo.to_string();
+        }
+        *load.get_mut(hi).expect("a node") -= 1;
+        *load.get_mut(lo).expect("a node") += 1;
     }
     let mut all = Vec::with_capacity(n);
     let mut isrs = Vec::with_capacity(n);
@@ -231,6 +259,18 @@ mod tests {
         assert_eq!(replicas, vec![s(&["a", "b"]), s(&["c", "b"])]);
         assert_eq!(isr, vec![s(&["a", "b"]), s(&["c"])]);
         assert_eq!(epochs, vec![4, 3]);
+        // The first map put everything on one node and the next spreads the leaders: the
+        // old leader does not keep a follower copy of every partition.
+        let all_a: Vec<&str> = vec!["a"; 6];
+        let ab: &[&str] = &["a", "b"];
+        let prev = map(&all_a, &[ab; 6], &[ab; 6], &[1; 6]);
+        let owners = s(&["a", "b", "c", "a", "b", "c"]);
+        let (replicas, _, _) = place(Some(&prev), &owners, &nodes, &alive, 2, &BTreeMap::new());
+        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+        for n in replicas.iter().flatten() {
+            *count.entry(n).or_default() += 1;
+        }
+        assert!(count.values().all(|c| *c == 4), "even after a spread: {count:?}");
         // Fewer nodes than replicas: as many as there are.
         let one = s(&["a"]);
         let (replicas, _, _) = place(None, &s(&["a"]), &one, &alive, 3, &BTreeMap::new());
