@@ -561,6 +561,46 @@ mod tests {
         assert_eq!(change.isr, vec!["a".to_string(), "c".to_string()]);
     }
 
+    proptest::proptest! {
+        /// The high watermark under any interleaving of appends and fetches: it never goes
+        /// down, never passes what was appended, equals the lowest position of the ISR
+        /// followers (a follower outside the ISR never holds it back), and a fetch returns
+        /// consecutive batches from exactly where it asked.
+        #[test]
+        fn the_high_watermark_follows_the_lowest_isr_position(
+            ops in proptest::collection::vec((0u8..3, 0u64..4), 1..200)
+        ) {
+            let r = Replication::new(1, Duration::from_secs(2), 1 << 20);
+            leader(&r, &["b", "c"], &["b"], 1);
+            let hw = r.hw_changes(0);
+            let (mut next, mut acked_b, mut acked_c, mut last_hw) = (0u64, 0u64, 0u64, 0u64);
+            for (kind, step) in ops {
+                match kind {
+                    0 => {
+                        let seq = r.append(0, Bytes::from_static(b"x"));
+                        proptest::prop_assert_eq!(seq, next);
+                        next += 1;
+                    }
+                    who => {
+                        let acked = if who == 1 { &mut acked_b } else { &mut acked_c };
+                        let from = (*acked + step).min(next);
+                        let f = if who == 1 { "b" } else { "c" };
+                        let got = r.fetch(0, f, 1, Some(from), 1 << 20).unwrap().unwrap();
+                        for (i, (seq, _)) in got.batches.iter().enumerate() {
+                            proptest::prop_assert_eq!(*seq, from + i as u64);
+                        }
+                        *acked = from;
+                    }
+                }
+                let now = *hw.borrow();
+                proptest::prop_assert!(now >= last_hw, "went down: {} -> {}", last_hw, now);
+                proptest::prop_assert!(now <= next);
+                proptest::prop_assert_eq!(now, acked_b.min(next));
+                last_hw = now;
+            }
+        }
+    }
+
     /// Seqs never repeat across leaderships, and a new leadership starts with nothing owed.
     #[test]
     fn a_new_leadership_continues_the_seq_space() {
