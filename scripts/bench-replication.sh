@@ -30,49 +30,6 @@ trap cleanup EXIT
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() { local p; for _ in $(seq 1 200); do p=$(( 10000 + RANDOM % 20000 )); port_free "$p" && { echo "$p"; return; }; done; exit 1; }
 
-run() { # run REPLICAS
-    local r="$1" cport pport
-    cport="$(free_port)"; pport="$(free_port)"
-    etcd --data-dir "$work/etcd-$r" --listen-client-urls "http://127.0.0.1:$cport" \
-        --advertise-client-urls "http://127.0.0.1:$cport" --listen-peer-urls "http://127.0.0.1:$pport" \
-        >"$work/etcd-$r.log" 2>&1 &
-    pids+=($!)
-    local addrs=()
-    for n in 1 2; do
-        local port; port="$(free_port)"
-        cat >"$work/n$n-$r.toml" <<TOML
-node_id = "n$n"
-partitions = 16
-[cluster]
-etcd = ["http://127.0.0.1:$cport"]
-name = "bench"
-secret = "bench-secret-0123456789"
-replicas = $r
-coordination_interval = "1s"
-TOML
-        RUST_LOG=warn "$bin" serve --config "$work/n$n-$r.toml" --listen "127.0.0.1:$port" \
-            --data-dir "$work/data-n$n-$r" --plugins-dir "$work/plugins" >"$work/n$n-$r.log" 2>&1 &
-        pids+=($!)
-        addrs+=("127.0.0.1:$port")
-    done
-    log "replicas = $r: nodes ${addrs[*]}, etcd :$cport; waiting for the map (and a full ISR)"
-    for _ in $(seq 1 300); do
-        local map; map="$(ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$cport" get /switchyard/bench/partition-map --print-value-only 2>/dev/null || true)"
-        if [ -n "$map" ] && { [ "$r" = 1 ] || python3 -c 'import json,sys; m=json.loads(sys.argv[1]); sys.exit(0 if all(len(i)==2 for i in m.get("isr",[])) and m.get("isr") else 1)' "$map"; }; then
-            break
-        fi
-        sleep 0.2
-    done
-    log "replicas = $r: latency at $RATE publishes/s"
-    "$bin" bench latency --url "ws://${addrs[0]}/ws" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" --json >"$work/lat-$r.json"
-    log "replicas = $r: saturation (fanout, 100 channels x 10 subscribers, 4 publishers)"
-    "$bin" bench fanout --url "ws://${addrs[0]}/ws" --duration "$DURATION" --warmup "$WARMUP" --json >"$work/fan-$r.json"
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    pids=()
-    echo "replicas=$r latency: $(cat "$work/lat-$r.json")"
-    echo "replicas=$r fanout:  $(cat "$work/fan-$r.json")"
-}
 start_etcd() { # start_etcd NAME: sets cport
     cport="$(free_port)"; local pport; pport="$(free_port)"
     etcd --data-dir "$work/etcd-$1" --listen-client-urls "http://127.0.0.1:$cport" \
@@ -80,7 +37,7 @@ start_etcd() { # start_etcd NAME: sets cport
         >"$work/etcd-$1.log" 2>&1 &
     pids+=($!)
 }
-start_node() { # start_node ID NAME: sets addr
+start_node() { # start_node ID NAME REPLICAS LOG_LEVEL: sets addr
     local port; port="$(free_port)"
     cat >"$work/$1-$2.toml" <<TOML
 node_id = "$1"
@@ -89,30 +46,47 @@ partitions = 16
 etcd = ["http://127.0.0.1:$cport"]
 name = "bench"
 secret = "bench-secret-0123456789"
-replicas = 2
+replicas = $3
 coordination_interval = "1s"
 TOML
-    RUST_LOG=info "$bin" serve --config "$work/$1-$2.toml" --listen "127.0.0.1:$port" \
+    RUST_LOG="$4" "$bin" serve --config "$work/$1-$2.toml" --listen "127.0.0.1:$port" \
         --data-dir "$work/data-$1-$2" --plugins-dir "$work/plugins" >"$work/$1-$2.log" 2>&1 &
     pids+=($!)
     addr="127.0.0.1:$port"
 }
+full_isr() { # full_isr REPLICAS: true once the map exists and (with 2) every ISR has both nodes
+    local map; map="$(ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$cport" get /switchyard/bench/partition-map --print-value-only 2>/dev/null || true)"
+    [ -n "$map" ] || return 1
+    [ "$1" = 1 ] && return 0
+    python3 -c 'import json,sys; m=json.loads(sys.argv[1]); sys.exit(0 if m.get("isr") and all(len(i)==2 for i in m["isr"]) else 1)' "$map"
+}
+run() { # run REPLICAS
+    local r="$1"
+    start_etcd "r$r"
+    start_node n1 "r$r" "$r" warn; local a1="$addr"
+    start_node n2 "r$r" "$r" warn
+    log "replicas = $r: nodes $a1 $addr, etcd :$cport; waiting for the map (and a full ISR)"
+    for _ in $(seq 1 300); do full_isr "$r" && break; sleep 0.2; done
+    log "replicas = $r: latency at $RATE publishes/s"
+    "$bin" bench latency --url "ws://$a1/ws" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" --json >"$work/lat-$r.json"
+    log "replicas = $r: saturation (fanout, 100 channels x 10 subscribers, 4 publishers)"
+    "$bin" bench fanout --url "ws://$a1/ws" --duration "$DURATION" --warmup "$WARMUP" --json >"$work/fan-$r.json"
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    pids=()
+    echo "replicas=$r latency: $(cat "$work/lat-$r.json")"
+    echo "replicas=$r fanout:  $(cat "$work/fan-$r.json")"
+}
 catchup() {
     start_etcd catchup
-    start_node n1 catchup; local a1="$addr"
-    sleep 3
+    start_node n1 catchup 2 info; local a1="$addr"
+    for _ in $(seq 1 300); do full_isr 1 && break; sleep 0.1; done
     log "catch-up: filling n1 alone for ${CATCHUP_FILL:-20s}"
     "$bin" bench fanout --url "ws://$a1/ws" --channels 100 --subscribers 1 --duration "${CATCHUP_FILL:-20s}" --warmup 1s --json >"$work/fill.json"
     local t0; t0="$(date +%s.%N)"
-    start_node n2 catchup
+    start_node n2 catchup 2 info
     log "catch-up: n2 started; waiting for a full ISR"
-    for _ in $(seq 1 600); do
-        local map; map="$(ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$cport" get /switchyard/bench/partition-map --print-value-only 2>/dev/null || true)"
-        if [ -n "$map" ] && python3 -c 'import json,sys; m=json.loads(sys.argv[1]); sys.exit(0 if m.get("isr") and all(len(i)==2 for i in m["isr"]) else 1)' "$map"; then
-            break
-        fi
-        sleep 0.1
-    done
+    for _ in $(seq 1 600); do full_isr 2 && break; sleep 0.1; done
     local t1; t1="$(date +%s.%N)"
     python3 - "$work/n2-catchup.log" "$work/fill.json" "$t0" "$t1" <<'PY'
 import json, re, sys

@@ -273,15 +273,7 @@ async fn pull_all(node: &Arc<Router>, p: PartitionId, from: &str, moved_at: u64,
         moved += chunk.messages.len() as u64;
         let next = chunk.next.clone();
         let mut batch = node.partitions.store.batch();
-        for (name, meta, consumers) in &chunk.channels {
-            batch.put_meta(p, name, meta);
-            for (consumer, offset) in consumers {
-                batch.put_consumer(p, name, consumer, *offset);
-            }
-        }
-        for (name, offset, msg) in &chunk.messages {
-            batch.put_message(p, name, *offset, msg);
-        }
+        stage_chunk(&mut batch, p, &chunk);
         if next.is_none() {
             batch.put_adopted(p, moved_at);
         }
@@ -294,6 +286,20 @@ async fn pull_all(node: &Arc<Router>, p: PartitionId, from: &str, moved_at: u64,
                 return Ok(Pulled::Moved(moved));
             }
         }
+    }
+}
+
+/// Adds one chunk of partition `p` (channel metadata, consumer offsets, messages) to a
+/// store batch: a handover pull and a replica snapshot store chunks the same way.
+pub(crate) fn stage_chunk(batch: &mut switchyard_store::Batch<'_>, p: PartitionId, chunk: &Chunk) {
+    for (name, meta, consumers) in &chunk.channels {
+        batch.put_meta(p, name, meta);
+        for (consumer, offset) in consumers {
+            batch.put_consumer(p, name, consumer, *offset);
+        }
+    }
+    for (name, offset, msg) in &chunk.messages {
+        batch.put_message(p, name, *offset, msg);
     }
 }
 

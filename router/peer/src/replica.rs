@@ -322,15 +322,7 @@ async fn snapshot(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64
             Err(e) => return Err(e.message),
         };
         let mut batch = node.partitions.store.batch();
-        for (name, meta, consumers) in &chunk.channels {
-            batch.put_meta(p, name, meta);
-            for (consumer, offset) in consumers {
-                batch.put_consumer(p, name, consumer, *offset);
-            }
-        }
-        for (name, offset, msg) in &chunk.messages {
-            batch.put_message(p, name, *offset, msg);
-        }
+        crate::handover::stage_chunk(&mut batch, p, &chunk);
         messages += chunk.messages.len();
         let last = chunk.next.is_none();
         batch.write(last).await.map_err(|e| e.to_string())?;
