@@ -117,6 +117,11 @@ impl Window {
         true
     }
 
+    /// True when it holds no key.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
     /// Keys held.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {

@@ -286,6 +286,8 @@ struct ChannelState {
     consumers: HashMap<String, u64>,
     /// Metadata must be written with the current batch.
     dirty: bool,
+    /// Used since the last maintenance snapshot; an idle channel sheds its caches.
+    touched: bool,
 }
 
 impl ChannelState {
@@ -303,6 +305,7 @@ impl ChannelState {
             idempotency: None,
             consumers: HashMap::new(),
             dirty: false,
+            touched: false,
         }
     }
 
@@ -520,6 +523,7 @@ impl Owner {
                 idempotency: Some(Window::new(self.idempotency_budget.clone())),
                 consumers: HashMap::new(),
                 dirty: false,
+                touched: true,
             };
             self.channels.insert(name.clone(), state);
             self.metrics.partition_channels.with_label_values(&[&self.partition.to_string()]).inc();
@@ -531,6 +535,7 @@ impl Owner {
             return self.channels.get_mut(&name).expect("just inserted");
         }
         let ch = self.channels.get_mut(name).expect("checked above");
+        ch.touched = true;
         if !ch.dirty {
             work.undo.push((ch.name.clone(), Some(ch.meta())));
         }
@@ -944,6 +949,35 @@ impl Owner {
         }
     }
 
+    /// Once per maintenance snapshot: a channel nobody used since the previous one, with no
+    /// subscriber and nothing in flight, sheds what it caches. Never written, it goes
+    /// altogether (a consumer lookup or a read left it); written, it keeps only its
+    /// counters (which retention needs) and drops its consumer cache and an idempotency
+    /// window that expiry emptied, both of which are read back from the store on demand.
+    fn shed_idle(&mut self) {
+        let before = self.channels.len();
+        self.channels.retain(|_, ch| {
+            if std::mem::take(&mut ch.touched) || !ch.subscribers.is_empty() || ch.dirty || ch.durable != ch.top {
+                return true;
+            }
+            if ch.top == 0 && ch.consumers.values().all(|o| *o == 0) {
+                return false;
+            }
+            ch.consumers = HashMap::new();
+            if ch.idempotency.as_ref().is_some_and(Window::is_empty) {
+                ch.idempotency = None;
+            }
+            ch.subscribers = Vec::new();
+            true
+        });
+        if self.channels.len() != before {
+            self.metrics
+                .partition_channels
+                .with_label_values(&[&self.partition.to_string()])
+                .set(self.channels.len() as i64);
+        }
+    }
+
     /// Answers reads and registrations after the batch they arrived in is durable.
     fn answer(&mut self, cmd: OwnerCommand) {
         match cmd {
@@ -1021,6 +1055,7 @@ impl Owner {
                 for w in self.channels.values_mut().filter_map(|ch| ch.idempotency.as_mut()) {
                     w.expire(cutoff);
                 }
+                self.shed_idle();
                 let snaps = self
                     .channels
                     .values()

@@ -463,6 +463,38 @@ mod tests {
         assert_eq!(page.offset, 3);
     }
 
+    /// Idle channels shed their state on the maintenance snapshots: a consumer lookup of a
+    /// channel that was never written leaves nothing behind, and a written channel keeps
+    /// only its counters; its committed consumer is read back from the store.
+    #[tokio::test]
+    async fn idle_channels_shed_their_state_and_read_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let channels = |parts: &Partitions, ch: &str| {
+            parts.metrics.partition_channels.with_label_values(&[&parts.partition(ch).to_string()]).get()
+        };
+        publish(&parts, "room:kept", "1", None).await;
+        publish(&parts, "room:kept", "2", None).await;
+        let p = parts.partition("room:kept");
+        parts.commit(p, "room:kept", "phone".into(), 1).await.unwrap().await.unwrap().unwrap();
+        let probe = "room:probe";
+        let q = parts.partition(probe);
+        let facts = parts.info(q, probe, Some("nobody".into())).await.unwrap();
+        assert_eq!((facts.top, facts.committed), (0, Some(0)));
+        let probed = channels(&parts, probe);
+        assert!(probed >= 1, "the lookup made a channel in memory");
+        // The first snapshot sees them used; the second finds them idle.
+        for _ in 0..2 {
+            parts.snapshot(q).await.unwrap();
+            parts.snapshot(p).await.unwrap();
+        }
+        assert_eq!(channels(&parts, probe), probed - 1 + i64::from(p == q), "the probed channel is gone");
+        let snap = parts.snapshot(p).await.unwrap();
+        assert!(snap.iter().any(|s| &*s.channel == "room:kept" && s.stats.last_offset == 2), "counters stay");
+        let (grant, _out, _inbox) = subscribe(&parts, "room:kept", Start::Consumer("phone".into())).await;
+        assert_eq!((grant.catch_up_after, grant.top), (Some(1), 2), "the consumer resumes from the store");
+    }
+
     #[tokio::test]
     async fn an_idempotency_key_repeats_the_first_ack_and_stores_once() {
         let dir = tempfile::tempdir().unwrap();

@@ -46,6 +46,9 @@ const DRAIN_MAX: usize = 512;
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for replies still in flight.
 const SHUTDOWN_REPLY_WAIT: Duration = Duration::from_secs(2);
+/// What a reply that carries no messages (an ack, an error, a subscribe grant) is counted
+/// as against the connection's reply budget.
+const SMALL_REPLY: usize = 1024;
 
 /// Why a session ends.
 #[derive(Debug)]
@@ -131,6 +134,9 @@ where
         subs: HashMap::default(),
         by_channel: HashMap::new(),
         pending: FuturesOrdered::new(),
+        reserved: std::collections::VecDeque::new(),
+        reply_bytes: 0,
+        held_bytes: 0,
         unflushed: false,
         delivered: 0,
         delivered_bytes: 0,
@@ -153,6 +159,13 @@ struct Session<S> {
     subs: HashMap<u64, Sub, Xxh3Builder>,
     by_channel: HashMap<String, u64>,
     pending: FuturesOrdered<BoxFuture<'static, Output>>,
+    /// What each reply in `pending` counts against the reply budget, in the same order.
+    reserved: std::collections::VecDeque<usize>,
+    /// The sum of `reserved`: while it is at `limits.outbound_queue_bytes` or more, no
+    /// further command is read (the client's own backpressure, not a disconnect).
+    reply_bytes: usize,
+    /// Bytes of live messages held while subscriptions catch up, bounded like the outbox.
+    held_bytes: usize,
     unflushed: bool,
     delivered: u64,
     delivered_bytes: u64,
@@ -231,9 +244,19 @@ where
                 biased;
                 _ = &mut slow => Err(Stop::Slow),
                 _ = &mut shutdown => Err(Stop::Shutdown),
-                Some(out) = self.pending.next(), if !self.pending.is_empty() => self.on_output(out).await,
+                Some(out) = self.pending.next(), if !self.pending.is_empty() => {
+                    let reserved = self.reserved.pop_front().unwrap_or_default();
+                    let written = self.on_output(out).await;
+                    self.reply_bytes -= reserved;
+                    written
+                }
                 Some(d) = self.inbox.recv(&self.outbox) => self.on_deliveries(d).await,
-                frame = self.ws.next() => self.on_frame(frame).await,
+                // Replies waiting to be written pause reading at the byte budget: a client
+                // that pipelines reads and stops reading the answers holds at most about
+                // one budget of them (the socket's write deadline then ends it).
+                frame = self.ws.next(), if self.reply_bytes < self.node.config.limits.outbound_queue_bytes => {
+                    self.on_frame(frame).await
+                }
                 _ = &mut self.beat => self.on_beat().await,
                 _ = &mut self.auth_timer, if self.auth_deadline.is_some() => {
                     let refusal = self.gate.deadline_refusal();
@@ -289,7 +312,14 @@ where
 
     /// Queues a reply behind the ones still in flight.
     fn queue(&mut self, fut: BoxFuture<'static, Output>) {
+        self.queue_sized(fut, SMALL_REPLY);
+    }
+
+    /// Queues a reply that may hold up to `bytes` until it is written.
+    fn queue_sized(&mut self, fut: BoxFuture<'static, Output>, bytes: usize) {
         self.pending.push_back(fut);
+        self.reserved.push_back(bytes);
+        self.reply_bytes += bytes;
     }
 
     /// A durable consumer name or idempotency key in this client's own namespace: with a
@@ -422,7 +452,7 @@ where
             Command::Subscribe { channel, from, consumer } => self.subscribe(id, channel, from, consumer).await,
             Command::Unsubscribe { channel } => {
                 if let Some(sub) = self.by_channel.remove(&channel) {
-                    self.subs.remove(&sub);
+                    self.remove_sub(sub);
                     node.metrics.subscriptions.dec();
                     node.router.unsubscribe(&channel, sub).await;
                 }
@@ -461,10 +491,13 @@ where
             }
             Command::History { channel, since, limit } => {
                 // Wherever the owner is; the read starts when the future is first polled,
-                // after every command this connection sent before it.
-                self.queue(
+                // after every command this connection sent before it. It may hold a full
+                // page until written.
+                let page = node.config.limits.max_reply_bytes;
+                self.queue_sized(
                     async move { Output::Frame(protocol::reply(id, &node.router.history(&channel, since, limit).await)) }
                         .boxed(),
+                    page,
                 )
             }
             Command::Commit { channel, consumer, offset } => {
@@ -522,7 +555,7 @@ where
             Output::Frame(frame) => self.write(frame).await,
             Output::Subscribed { id, sub, channel, result } => match result {
                 Err(e) => {
-                    if self.subs.remove(&sub).is_some() {
+                    if self.remove_sub(sub).is_some() {
                         self.by_channel.remove(&channel);
                         self.node.metrics.subscriptions.dec();
                     }
@@ -581,15 +614,25 @@ where
         };
         if let Phase::Pending(held) = held {
             for d in held {
+                self.held_bytes -= d.frame.len();
                 self.deliver(d).await?;
             }
         }
         Ok(())
     }
 
+    /// Forgets a subscription, and the live messages it held while catching up.
+    fn remove_sub(&mut self, sub: u64) -> Option<Sub> {
+        let s = self.subs.remove(&sub)?;
+        if let Phase::Pending(held) = &s.phase {
+            self.held_bytes -= held.iter().map(|d| d.frame.len()).sum::<usize>();
+        }
+        Some(s)
+    }
+
     /// Ends one subscription from the server side with an `unsubscribed` push.
     async fn end_subscription(&mut self, sub: u64, channel: &str, reason: &str) -> Result<(), Stop> {
-        if self.subs.remove(&sub).is_some() {
+        if self.remove_sub(sub).is_some() {
             self.by_channel.remove(channel);
             self.node.metrics.subscriptions.dec();
             self.node.router.unsubscribe(channel, sub).await;
@@ -611,7 +654,7 @@ where
     async fn deliver(&mut self, d: Delivery) -> Result<(), Stop> {
         if d.end {
             // The owner ended it (its partition moved): it has forgotten the subscription.
-            let Some(sub) = self.subs.remove(&d.sub) else { return Ok(()) };
+            let Some(sub) = self.remove_sub(d.sub) else { return Ok(()) };
             self.by_channel.remove(&sub.channel);
             self.node.metrics.subscriptions.dec();
             return self.write(d.frame).await;
@@ -619,10 +662,14 @@ where
         let Some(sub) = self.subs.get_mut(&d.sub) else { return Ok(()) };
         match &mut sub.phase {
             Phase::Pending(held) => {
-                // Held messages left the outbox's accounting: bound them by the same limit.
-                if held.len() >= self.node.config.limits.outbound_queue_messages {
+                // Held messages left the outbox's accounting: bound them by the same limits.
+                let limits = &self.node.config.limits;
+                if held.len() >= limits.outbound_queue_messages
+                    || self.held_bytes + d.frame.len() > limits.outbound_queue_bytes
+                {
                     return Err(Stop::Slow);
                 }
+                self.held_bytes += d.frame.len();
                 held.push(d)
             }
             Phase::Live { delivered } => {
@@ -813,5 +860,49 @@ mod tests {
         assert!(ended.is_ok(), "the connection was still open a minute later");
         assert!(pings >= 1, "the server pinged before giving up");
         assert_eq!(node.metrics.connections.get(), 0);
+    }
+
+    /// Pipelined history reads whose replies are not read stop the server from reading
+    /// further commands once the replies waiting reach the byte budget: the publish sent
+    /// after them is only read (and seen by a subscriber) once the client reads again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unread_replies_pause_reading_at_the_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), |c| {
+            c.limits.outbound_queue_bytes = 256 * 1024;
+            c.limits.max_reply_bytes = 64 * 1024;
+        });
+        let mut a = connect(&node).await;
+        send(&mut a, json!({"id": 1, "op": "connect"})).await;
+        assert_eq!(next(&mut a).await["id"], 1);
+        let blob = "x".repeat(4000);
+        for i in 0..40 {
+            send(&mut a, json!({"id": 100 + i, "op": "publish", "channel": "big", "data": blob})).await;
+        }
+        for _ in 0..40 {
+            assert!(next(&mut a).await.get("ok").is_some());
+        }
+        let mut b = connect(&node).await;
+        send(&mut b, json!({"id": 1, "op": "subscribe", "channel": "probe"})).await;
+        assert!(next(&mut b).await.get("ok").is_some());
+
+        const READS: u64 = 40;
+        for i in 0..READS {
+            send(&mut a, json!({"id": 1000 + i, "op": "history", "channel": "big", "since": 0, "limit": 1000})).await;
+        }
+        send(&mut a, json!({"id": 2000, "op": "publish", "channel": "probe", "data": 1})).await;
+        // Nothing to wait for but time: the probe must not be read while `a` reads nothing.
+        let early = tokio::time::timeout(Duration::from_millis(500), next(&mut b)).await;
+        assert!(early.is_err(), "the server read past its reply budget: {early:?}");
+
+        // Reading again: every reply arrives, in order and capped, then the probe goes out.
+        for i in 0..READS {
+            let r = next(&mut a).await;
+            assert_eq!(r["id"].as_u64(), Some(1000 + i), "{r}");
+            let n = r["ok"]["messages"].as_array().unwrap().len();
+            assert!((1..40).contains(&n), "a page is capped at max_reply_bytes: {n}");
+        }
+        let push = tokio::time::timeout(Duration::from_secs(10), next(&mut b)).await.expect("the probe arrives");
+        assert_eq!(push["data"], 1, "{push}");
     }
 }
