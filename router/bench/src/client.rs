@@ -39,6 +39,9 @@ pub(crate) type Ws = WebSocketStream<Box<dyn Io>>;
 /// How `wss://` servers are verified (set once from `--tls-ca`).
 static TLS: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
 
+/// Switchyard subscribers ask for packed pushes (set once from `--batch`).
+pub(crate) static PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Trusts the PEM certificates in `ca` for `wss://` URLs.
 pub(crate) fn trust(ca: &std::path::Path) -> Result<()> {
     let file = std::fs::File::open(ca).with_context(|| format!("--tls-ca {}", ca.display()))?;
@@ -163,6 +166,11 @@ pub(crate) async fn subscribe(target: Target, url: &str, channel: &str, read_buf
         Target::Nats => open(target, url, read_buffer, &nats::sub_line(channel, 1)).await,
         Target::Switchyard => {
             let mut conn = open(target, url, read_buffer, "").await?;
+            if PACKED.load(std::sync::atomic::Ordering::Relaxed) {
+                // Its reply comes before the subscribe's (id 1), which is all we wait for.
+                let cmd = json!({"id": 0, "op": "connect", "batch": true}).to_string();
+                conn.ws.feed(Message::text(cmd)).await?;
+            }
             let cmd = json!({"id": 1, "op": "subscribe", "channel": channel}).to_string();
             conn.ws.send(Message::text(cmd)).await?;
             tokio::time::timeout(SETUP_TIMEOUT, async {
@@ -226,11 +234,13 @@ pub(crate) async fn read_deliveries(
         };
         match m {
             Some(Ok(Message::Text(t))) if target == Target::Switchyard => {
-                let b = t.as_bytes();
-                if contains(b, b"\"push\":\"message\"") {
-                    on_msg(b);
-                } else if contains(b, b"\"push\":\"disconnect\"") {
-                    return Err(format!("server pushed {}", t.as_str()));
+                // One push per frame, or several as JSON lines when packed.
+                for b in t.as_bytes().split(|&c| c == b'\n') {
+                    if contains(b, b"\"push\":\"message\"") {
+                        on_msg(b);
+                    } else if contains(b, b"\"push\":\"disconnect\"") {
+                        return Err(format!("server pushed {}", String::from_utf8_lossy(b)));
+                    }
                 }
             }
             Some(Ok(Message::Text(t))) => {

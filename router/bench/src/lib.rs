@@ -114,6 +114,10 @@ pub struct BenchArgs {
     /// self-signed certificate).
     #[arg(long)]
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Switchyard subscribers connect with `batch: true`, so the server may pack several
+    /// pushes into one frame (JSON lines).
+    #[arg(long)]
+    pub batch: bool,
 }
 
 /// The resolved load of a fanout-like run.
@@ -189,6 +193,7 @@ fn run_main(args: BenchArgs) -> Result<bool> {
     if let Some(ca) = &args.tls_ca {
         client::trust(ca)?;
     }
+    client::PACKED.store(args.batch, std::sync::atomic::Ordering::Relaxed);
     if let Some((old, new)) = sys::raise_nofile_limit() {
         eprintln!("[bench] RLIMIT_NOFILE raised {old} -> {new}");
     }

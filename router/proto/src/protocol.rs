@@ -152,6 +152,9 @@ pub enum Command {
         token: Option<String>,
         /// Client name for logs.
         name: Option<String>,
+        /// `batch: true`: the server may pack several pushes into one text frame, one JSON
+        /// object per line.
+        batch: bool,
     },
     /// `refresh`: a new token for the same user, before the current one expires.
     Refresh {
@@ -257,6 +260,8 @@ struct RawFrame<'a> {
     token: Option<&'a RawValue>,
     #[serde(borrow, default)]
     name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    batch: Option<&'a RawValue>,
 }
 
 /// A field that is present is `Some`, even when its value is `null`.
@@ -356,9 +361,11 @@ pub fn parse_command(text: &str) -> Result<(u64, Command), Rejected> {
 fn command(f: &RawFrame<'_>) -> Result<Command, OpError> {
     let op: String = required(f.op, "op", "a string")?;
     Ok(match op.as_str() {
-        "connect" => {
-            Command::Connect { token: field(f.token, "token", "a string")?, name: field(f.name, "name", "a string")? }
-        }
+        "connect" => Command::Connect {
+            token: field(f.token, "token", "a string")?,
+            name: field(f.name, "name", "a string")?,
+            batch: field(f.batch, "batch", "a boolean")?.unwrap_or(false),
+        },
         "subscribe" => Command::Subscribe {
             channel: channel_field(f.channel)?,
             from: from_field(f.from)?,

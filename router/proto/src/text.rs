@@ -33,6 +33,19 @@ impl Text {
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
 
+    /// Several frames in one, one per line (JSON lines): valid UTF-8, since each part is.
+    pub fn join_lines(parts: &[Text]) -> Self {
+        let len = parts.iter().map(|p| p.len() + 1).sum::<usize>().saturating_sub(1);
+        let mut out = bytes::BytesMut::with_capacity(len);
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"\n");
+            }
+            out.extend_from_slice(p);
+        }
+        Self(out.freeze())
+    }
+
     /// The bytes, known to be UTF-8.
     pub fn into_bytes(self) -> Bytes {
         self.0

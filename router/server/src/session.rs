@@ -137,6 +137,9 @@ where
         reserved: std::collections::VecDeque::new(),
         reply_bytes: 0,
         held_bytes: 0,
+        pack: false,
+        packed: Vec::new(),
+        packed_bytes: 0,
         unflushed: false,
         delivered: 0,
         delivered_bytes: 0,
@@ -166,6 +169,11 @@ struct Session<S> {
     reply_bytes: usize,
     /// Bytes of live messages held while subscriptions catch up, bounded like the outbox.
     held_bytes: usize,
+    /// The client asked for packed pushes (`connect` with `batch: true`).
+    pack: bool,
+    /// Pushes waiting to go out as one frame of JSON lines, and their length so joined.
+    packed: Vec<Text>,
+    packed_bytes: usize,
     unflushed: bool,
     delivered: u64,
     delivered_bytes: u64,
@@ -276,9 +284,33 @@ where
 
     // === writing ===
 
+    /// Writes one text frame after any packed pushes before it.
+    async fn write(&mut self, frame: Text) -> Result<(), Stop> {
+        self.write_packed().await?;
+        self.write_frame(frame).await
+    }
+
+    /// Writes the packed pushes as one frame of JSON lines.
+    async fn write_packed(&mut self) -> Result<(), Stop> {
+        match self.packed.len() {
+            0 => Ok(()),
+            1 => {
+                let frame = self.packed.pop().expect("one");
+                self.packed_bytes = 0;
+                self.write_frame(frame).await
+            }
+            _ => {
+                let frame = Text::join_lines(&self.packed);
+                self.packed.clear();
+                self.packed_bytes = 0;
+                self.write_frame(frame).await
+            }
+        }
+    }
+
     /// Writes one text frame into the socket buffer. Only when the socket is full does it
     /// wait, and then it gives up if the connection turns slow or the node shuts down.
-    async fn write(&mut self, frame: Text) -> Result<(), Stop> {
+    async fn write_frame(&mut self, frame: Text) -> Result<(), Stop> {
         if self.outbox.is_slow() {
             return Err(Stop::Slow);
         }
@@ -288,6 +320,7 @@ where
     }
 
     async fn flush(&mut self) -> Result<(), Stop> {
+        self.write_packed().await?;
         if !self.unflushed {
             return Ok(());
         }
@@ -299,10 +332,21 @@ where
         until_stopped(fut, &self.outbox, &mut self.shutdown, self.node.config.limits.write_timeout).await
     }
 
+    /// Writes a push; with packing, adds it to the frame being packed instead, which goes
+    /// out before the next reply, at the end of the wake-up, or when one more push would
+    /// take it past `max_frame_bytes`.
     async fn push_message(&mut self, frame: Text) -> Result<(), Stop> {
         self.delivered += 1;
         self.delivered_bytes += frame.len() as u64;
-        self.write(frame).await
+        if !self.pack {
+            return self.write_frame(frame).await;
+        }
+        if self.packed_bytes + 1 + frame.len() > self.node.config.limits.max_frame_bytes {
+            self.write_packed().await?;
+        }
+        self.packed_bytes += frame.len() + usize::from(!self.packed.is_empty());
+        self.packed.push(frame);
+        Ok(())
     }
 
     fn reply_error(&self, id: Option<u64>, error: &OpError) -> Text {
@@ -420,7 +464,7 @@ where
             return Ok(());
         }
         match cmd {
-            Command::Connect { name, token } => {
+            Command::Connect { name, token, batch } => {
                 if let Some(name) = name {
                     tracing::debug!(name, "client named itself");
                 }
@@ -431,7 +475,11 @@ where
                 if let Some(at) = self.auth_deadline {
                     self.auth_timer.as_mut().reset(at);
                 }
+                self.pack = batch;
                 let mut ok = serde_json::json!({"client": self.id.to_string(), "node": node.config.node_id, "version": protocol::VERSION});
+                if batch {
+                    ok["batch"] = serde_json::json!(true);
+                }
                 if let Some(user) = self.gate.user() {
                     ok["user"] = serde_json::json!(user);
                 }
@@ -717,9 +765,13 @@ where
         let too_large =
             OpError::new(ErrorCode::TooLarge, format!("frame over {} bytes", self.node.config.limits.max_frame_bytes));
         let too_large = (code == close::TOO_BIG).then(|| self.reply_error(None, &too_large));
+        let packed = std::mem::take(&mut self.packed);
         let (ws, pending) = (&mut self.ws, &mut self.pending);
         // Every last write shares one deadline, so a peer that stopped reading cannot hold us.
         let last_words = async {
+            if !packed.is_empty() {
+                ws.feed(Message::Text(text(Text::join_lines(&packed)))).await?;
+            }
             // Replies already in flight (acknowledged publishes among them) go out first,
             // in order; a subscription granted meanwhile gets its reply but no messages.
             let wait = tokio::time::Instant::now() + SHUTDOWN_REPLY_WAIT;
@@ -904,5 +956,60 @@ mod tests {
         }
         let push = tokio::time::timeout(Duration::from_secs(10), next(&mut b)).await.expect("the probe arrives");
         assert_eq!(push["data"], 1, "{push}");
+    }
+
+    /// The raw text of the next text frame.
+    async fn next_text(ws: &mut Client) -> String {
+        loop {
+            match ws.next().await.expect("open").expect("frame") {
+                Message::Text(t) => return t.to_string(),
+                Message::Close(c) => panic!("closed: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// With `batch: true`, catch-up and live pushes come packed as JSON lines, every one of
+    /// them in order, no frame over `max_frame_bytes`; without it, one push per frame.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_client_gets_pushes_packed_as_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), |c| c.limits.max_frame_bytes = 4096);
+        let mut p = connect(&node).await;
+        for i in 0..100u64 {
+            send(
+                &mut p,
+                json!({"id": i, "op": "publish", "channel": "room:b", "data": {"n": i, "pad": "y".repeat(100)}}),
+            )
+            .await;
+        }
+        for _ in 0..100 {
+            assert!(next(&mut p).await.get("ok").is_some());
+        }
+        for batch in [true, false] {
+            let mut ws = connect(&node).await;
+            send(&mut ws, json!({"id": 1, "op": "connect", "batch": batch})).await;
+            let ok = next(&mut ws).await;
+            assert_eq!(ok["ok"]["batch"].as_bool(), batch.then_some(true), "{ok}");
+            send(&mut ws, json!({"id": 2, "op": "subscribe", "channel": "room:b", "from": "earliest"})).await;
+            assert!(next(&mut ws).await.get("ok").is_some());
+            let (mut offsets, mut frames) = (Vec::new(), 0);
+            while offsets.len() < 100 {
+                let frame = next_text(&mut ws).await;
+                assert!(frame.len() <= 4096, "a frame over max_frame_bytes: {}", frame.len());
+                frames += 1;
+                for line in frame.split('\n') {
+                    let v: Value = serde_json::from_str(line).unwrap();
+                    assert_eq!(v["push"], "message", "{v}");
+                    offsets.push(v["offset"].as_u64().unwrap());
+                }
+            }
+            assert_eq!(offsets, (1..=100).collect::<Vec<_>>(), "every push once, in order");
+            if batch {
+                assert!(frames < 100 / 10, "packed: {frames} frames for 100 pushes");
+            } else {
+                assert_eq!(frames, 100, "one push per frame unless asked");
+            }
+        }
     }
 }
