@@ -7,7 +7,9 @@
 # Results: target/bench/<time>/<mode>.txt.
 #
 # Environment (defaults in brackets):
-#   BENCH_MODES      modes to run ["latency throughput throughput-fixed connections"]
+#   BENCH_MODES      modes to run ["latency throughput throughput-fixed connections"];
+#                    throughput-batch and throughput-fixed-batch are the same loads with
+#                    subscribers that ask for packed pushes (connect batch:true)
 #   BENCH_DURATION   measured time per run [10s]     BENCH_WARMUP  warm-up [2s]
 #   LAT_SUBSCRIBERS [100]  LAT_RATE [1000]
 #   TP_SUBSCRIBERS (total, split evenly over the channels) [1000]  TP_CHANNELS [100]  TP_PUBLISHERS [4]  TP_INFLIGHT [64]
@@ -64,10 +66,18 @@ for mode in $MODES; do
         throughput)
             run throughput fanout --subscribers "$(( TP_SUBSCRIBERS / TP_CHANNELS ))" --channels "$TP_CHANNELS" \
                 --publishers "$TP_PUBLISHERS" --inflight "$TP_INFLIGHT" --duration "$DURATION" --warmup "$WARMUP" ;;
+        throughput-batch)
+            run throughput-batch fanout --label fanout-batch --batch --subscribers "$(( TP_SUBSCRIBERS / TP_CHANNELS ))" \
+                --channels "$TP_CHANNELS" --publishers "$TP_PUBLISHERS" --inflight "$TP_INFLIGHT" \
+                --duration "$DURATION" --warmup "$WARMUP" ;;
         throughput-fixed)
             run throughput-fixed fanout --label fanout-fixed --subscribers "$(( TP_SUBSCRIBERS / TP_CHANNELS ))" \
                 --channels "$TP_CHANNELS" --publishers "$TP_PUBLISHERS" --inflight "$TP_INFLIGHT" --rate "$TP_FIXED_RATE" \
                 --duration "$DURATION" --warmup "$WARMUP" ;;
+        throughput-fixed-batch)
+            run throughput-fixed-batch fanout --label fanout-fixed-batch --batch \
+                --subscribers "$(( TP_SUBSCRIBERS / TP_CHANNELS ))" --channels "$TP_CHANNELS" --publishers "$TP_PUBLISHERS" \
+                --inflight "$TP_INFLIGHT" --rate "$TP_FIXED_RATE" --duration "$DURATION" --warmup "$WARMUP" ;;
         connections)
             run connections connections --count "$CONN_COUNT" --channels "$CONN_CHANNELS" ;;
         *) log "unknown mode $mode"; exit 2 ;;

@@ -2,13 +2,16 @@
 //!
 //! It owns the slow-consumer rule: the queue is bounded in messages and bytes, a push that
 //! would overflow it marks the connection slow and wakes its session, and nothing ever
-//! waits on it. An owner's fan-out therefore never slows down for one stuck client. It must
-//! never block and never hold a lock.
+//! waits on it. An owner's fan-out therefore never slows down for one stuck client. The
+//! session takes everything queued in one go, and a burst wakes it once. It must never
+//! wait: its lock (one per connection) is held only to append or to take the queue.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use switchyard_proto::Text;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 /// One message for one subscription of the connection.
 #[derive(Debug, Clone)]
@@ -24,36 +27,46 @@ pub struct Delivery {
     pub end: bool,
 }
 
+/// What is queued: the deliveries and their frame bytes. An empty queue holds no
+/// allocation, so an idle connection costs only this struct.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Delivery>,
+    bytes: usize,
+}
+
 /// The sending side, held (behind an `Arc`) by every owner the connection subscribes through.
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Delivery>,
-    queued: AtomicUsize,
-    queued_bytes: AtomicUsize,
+    /// Locked only to append or to take everything; never across an await.
+    queue: Mutex<Queue>,
+    /// Wakes the inbox when the queue goes from empty to non-empty: once per burst.
+    ready: Notify,
     max_messages: usize,
     max_bytes: usize,
     slow: AtomicBool,
+    /// The inbox is gone: pushes are refused and owners forget the subscriber.
+    closed: AtomicBool,
     /// Wakes every registered waiter when the connection becomes slow.
     pub slow_signal: Notify,
 }
 
 /// The receiving side, owned by the session.
 pub struct Inbox {
-    rx: mpsc::UnboundedReceiver<Delivery>,
+    outbox: Arc<Outbox>,
 }
 
 /// A new queue bounded by `max_messages` and `max_bytes`.
-pub fn outbox(max_messages: usize, max_bytes: usize) -> (std::sync::Arc<Outbox>, Inbox) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let outbox = Outbox {
-        tx,
-        queued: AtomicUsize::new(0),
-        queued_bytes: AtomicUsize::new(0),
+pub fn outbox(max_messages: usize, max_bytes: usize) -> (Arc<Outbox>, Inbox) {
+    let outbox = Arc::new(Outbox {
+        queue: Mutex::default(),
+        ready: Notify::new(),
         max_messages,
         max_bytes,
         slow: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
         slow_signal: Notify::new(),
-    };
-    (std::sync::Arc::new(outbox), Inbox { rx })
+    });
+    (outbox.clone(), Inbox { outbox })
 }
 
 /// What happened to a push.
@@ -70,28 +83,38 @@ pub enum Pushed {
 impl Outbox {
     /// Queues `d` unless that would overflow the bounds; never waits.
     pub fn push(&self, d: Delivery) -> Pushed {
-        if self.tx.is_closed() {
+        if self.closed.load(Ordering::Acquire) {
             return Pushed::Closed;
         }
         if self.slow.load(Ordering::Relaxed) {
             return Pushed::Slow;
         }
         let len = d.frame.len();
-        let n = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
-        let b = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
-        if n > self.max_messages || b > self.max_bytes {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            if !self.slow.swap(true, Ordering::SeqCst) {
-                // Every waiter (the session loop, a blocked write) enables itself before it
-                // checks `is_slow`, so waking the registered ones loses no signal.
-                self.slow_signal.notify_waiters();
+        let was_empty = {
+            let mut q = self.queue.lock().expect("outbox queue");
+            if q.items.len() >= self.max_messages || q.bytes + len > self.max_bytes {
+                None
+            } else {
+                q.bytes += len;
+                q.items.push_back(d);
+                Some(q.items.len() == 1)
             }
-            return Pushed::Slow;
-        }
-        match self.tx.send(d) {
-            Ok(()) => Pushed::Queued,
-            Err(_) => Pushed::Closed,
+        };
+        match was_empty {
+            None => {
+                if !self.slow.swap(true, Ordering::SeqCst) {
+                    // Every waiter (the session loop, a blocked write) enables itself before
+                    // it checks `is_slow`, so waking the registered ones loses no signal.
+                    self.slow_signal.notify_waiters();
+                }
+                Pushed::Slow
+            }
+            Some(true) => {
+                // A permit is stored if the inbox is not waiting yet: no wake-up is lost.
+                self.ready.notify_one();
+                Pushed::Queued
+            }
+            Some(false) => Pushed::Queued,
         }
     }
 
@@ -99,26 +122,55 @@ impl Outbox {
     pub fn is_slow(&self) -> bool {
         self.slow.load(Ordering::SeqCst)
     }
-
-    fn taken(&self, d: &Delivery) {
-        self.queued.fetch_sub(1, Ordering::Relaxed);
-        self.queued_bytes.fetch_sub(d.frame.len(), Ordering::Relaxed);
-    }
 }
 
 impl Inbox {
-    /// Waits for the next delivery.
-    pub async fn recv(&mut self, outbox: &Outbox) -> Option<Delivery> {
-        let d = self.rx.recv().await?;
-        outbox.taken(&d);
-        Some(d)
+    /// Everything queued, oldest first, once there is something.
+    pub async fn recv_all(&mut self) -> VecDeque<Delivery> {
+        loop {
+            let all = self.try_recv_all();
+            if !all.is_empty() {
+                return all;
+            }
+            self.outbox.ready.notified().await;
+        }
+    }
+
+    /// Everything queued now (possibly nothing).
+    pub fn try_recv_all(&mut self) -> VecDeque<Delivery> {
+        let mut q = self.outbox.queue.lock().expect("outbox queue");
+        q.bytes = 0;
+        std::mem::take(&mut q.items)
+    }
+
+    /// The next delivery, waiting for one.
+    pub async fn recv(&mut self) -> Delivery {
+        loop {
+            if let Some(d) = self.try_recv() {
+                return d;
+            }
+            self.outbox.ready.notified().await;
+        }
     }
 
     /// The next delivery if one is queued.
-    pub fn try_recv(&mut self, outbox: &Outbox) -> Option<Delivery> {
-        let d = self.rx.try_recv().ok()?;
-        outbox.taken(&d);
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        let mut q = self.outbox.queue.lock().expect("outbox queue");
+        let d = q.items.pop_front()?;
+        q.bytes -= d.frame.len();
+        if !q.items.is_empty() {
+            // `recv` consumed the wake-up of this burst: keep one for what is left.
+            self.outbox.ready.notify_one();
+        }
         Some(d)
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.outbox.closed.store(true, Ordering::Release);
+        // Frames already queued are freed now, not when the last owner forgets the outbox.
+        let _ = std::mem::take(&mut *self.outbox.queue.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -137,7 +189,7 @@ mod tests {
         assert_eq!(o.push(d(1)), Pushed::Queued);
         assert_eq!(o.push(d(1)), Pushed::Slow);
         assert!(o.is_slow());
-        assert!(inbox.try_recv(&o).is_some());
+        assert!(inbox.try_recv().is_some());
         assert_eq!(o.push(d(1)), Pushed::Slow, "slow is final");
     }
 
@@ -145,11 +197,28 @@ mod tests {
     fn overflow_by_bytes_and_closed() {
         let (o, mut inbox) = outbox(100, 10);
         assert_eq!(o.push(d(6)), Pushed::Queued);
-        assert!(inbox.try_recv(&o).is_some());
+        assert!(inbox.try_recv().is_some());
         assert_eq!(o.push(d(6)), Pushed::Queued, "bytes are released on receive");
         assert_eq!(o.push(d(6)), Pushed::Slow);
         let (o, inbox) = outbox(100, 10);
         drop(inbox);
         assert_eq!(o.push(d(1)), Pushed::Closed);
+    }
+
+    /// A burst wakes the inbox once and comes out whole; a push after the take wakes it
+    /// again.
+    #[tokio::test]
+    async fn a_burst_comes_out_whole_and_in_order() {
+        let (o, mut inbox) = outbox(100, 1000);
+        for _ in 0..5 {
+            assert_eq!(o.push(d(1)), Pushed::Queued);
+        }
+        let all = inbox.recv_all().await;
+        assert_eq!(all.len(), 5);
+        assert!(inbox.try_recv_all().is_empty());
+        let waiter = tokio::spawn(async move { inbox.recv_all().await.len() });
+        tokio::task::yield_now().await;
+        assert_eq!(o.push(d(10)), Pushed::Queued);
+        assert_eq!(waiter.await.unwrap(), 1);
     }
 }

@@ -183,7 +183,7 @@ where
     });
     let (outbox, inbox) = switchyard_core::outbox::outbox(PUSH_QUEUE, PUSH_BYTES);
     let subs: LinkSubs = Arc::default();
-    let pusher = tokio::spawn(push_loop(node.clone(), inbox, outbox.clone(), subs.clone(), tx.clone()));
+    let pusher = tokio::spawn(push_loop(node.clone(), inbox, subs.clone(), tx.clone()));
     let link = Incoming { outbox: outbox.clone(), subs: subs.clone() };
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut shutdown = node.shutdown.clone();
@@ -240,11 +240,11 @@ where
 async fn push_loop(
     node: Arc<Router>,
     mut inbox: switchyard_core::outbox::Inbox,
-    outbox: Arc<switchyard_core::outbox::Outbox>,
     subs: LinkSubs,
     tx: mpsc::Sender<Vec<u8>>,
 ) {
-    while let Some(d) = inbox.recv(&outbox).await {
+    loop {
+        let d = inbox.recv().await;
         let remote = {
             let mut subs = subs.lock().expect("link subs");
             let remote = subs.get(&d.sub).map(|(r, _)| *r);

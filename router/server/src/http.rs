@@ -26,8 +26,10 @@ use switchyard_proto::protocol::{self, ErrorCode, OpError};
 /// The subprotocol the server offers.
 pub(crate) const SUBPROTOCOL: &str = "switchyard.v1";
 
-/// Initial read buffer of a WebSocket connection (tungstenite's default is 128 KiB).
-const READ_BUFFER: usize = 4 * 1024;
+/// Read buffer of a WebSocket connection, and the most one read takes (tungstenite's
+/// default is 128 KiB). Every connection holds it, idle or not, so it is small: a frame
+/// longer than this is read in several calls into a buffer reserved for its full length.
+const READ_BUFFER: usize = 1024;
 /// Bytes buffered before tungstenite writes to the socket on its own (we also flush
 /// explicitly whenever a session runs out of work).
 const WRITE_BUFFER: usize = 32 * 1024;
@@ -382,9 +384,11 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
                     Peer::Node => switchyard_peer::wire::ws_config(),
                 };
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                // Each side's future is allocated at its own size: the task itself stays
+                // small, whichever side is larger (an idle client costs its session only).
                 match who {
-                    Peer::Client => crate::session::run(node, ws).await,
-                    Peer::Node => switchyard_peer::serve(node.router.clone(), ws, "peer".into()).await,
+                    Peer::Client => Box::pin(crate::session::run(node, ws)).await,
+                    Peer::Node => Box::pin(switchyard_peer::serve(node.router.clone(), ws, "peer".into())).await,
                 }
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),

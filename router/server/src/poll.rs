@@ -130,7 +130,7 @@ pub(crate) async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> R
                 tokio::select! {
                     _ = tokio::time::sleep(q.timeout) => {}
                     _ = shutdown.wait_for(|s| *s) => {}
-                    _ = async { while inbox.recv(&outbox).await.is_some_and(|d| d.offset <= q.since) {} } => {}
+                    _ = async { while inbox.recv().await.offset <= q.since {} } => {}
                 }
             }
             node.router.history(&q.channel, q.since, q.limit).await

@@ -40,8 +40,6 @@ use switchyard_proto::protocol::{self, close, Command, Empty, ErrorCode, OpError
 
 /// Catch-up is read from the store in pages of this many messages.
 const CATCH_UP_PAGE: usize = 256;
-/// Deliveries written per wake-up before flushing the socket.
-const DRAIN_MAX: usize = 512;
 /// How long a closing connection may take to write its last frames.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for replies still in flight.
@@ -148,7 +146,8 @@ where
     node.metrics.connections_total.inc();
     let stop = session.serve().await;
     tracing::debug!(?stop, "session ended");
-    session.finish(stop).await;
+    // Closing is rare and its future large: boxed, it does not weigh on every idle session.
+    Box::pin(session.finish(stop)).await;
     node.metrics.connections.dec();
 }
 
@@ -258,7 +257,7 @@ where
                     self.reply_bytes -= reserved;
                     written
                 }
-                Some(d) = self.inbox.recv(&self.outbox) => self.on_deliveries(d).await,
+                batch = self.inbox.recv_all() => self.on_deliveries(batch).await,
                 // Replies waiting to be written pause reading at the byte budget: a client
                 // that pipelines reads and stops reading the answers holds at most about
                 // one budget of them (the socket's write deadline then ends it).
@@ -619,7 +618,9 @@ where
                     };
                     self.write(protocol::ok_reply(id, &ok)).await?;
                     if self.subs.contains_key(&sub) {
-                        self.go_live(sub, &channel, &grant).await?;
+                        // Catch-up's future is the largest of the loop's: boxed, idle
+                        // sessions do not carry its size.
+                        Box::pin(self.go_live(sub, &channel, &grant)).await?;
                     }
                     Ok(())
                 }
@@ -688,13 +689,11 @@ where
         self.write(protocol::unsubscribed_push(channel, close::SLOW_CONSUMER, reason)).await
     }
 
-    async fn on_deliveries(&mut self, first: Delivery) -> Result<(), Stop> {
-        self.deliver(first).await?;
-        for _ in 0..DRAIN_MAX {
-            match self.inbox.try_recv(&self.outbox) {
-                Some(d) => self.deliver(d).await?,
-                None => break,
-            }
+    /// Writes everything the owners queued since the last wake-up; the loop flushes once
+    /// after it.
+    async fn on_deliveries(&mut self, batch: std::collections::VecDeque<Delivery>) -> Result<(), Stop> {
+        for d in batch {
+            self.deliver(d).await?;
         }
         Ok(())
     }
