@@ -4,7 +4,7 @@
 #               plugins, start one standalone node on $(LISTEN)
 #   make test   install what is missing (chromium/node/npm too), build plugins and
 #               the workspace, check fmt and clippy (-D warnings), run every test,
-#               the browser test included
+#               the browser test and the client SDK tests (scripts/test-sdk.sh) included
 #               (SWITCHYARD_SKIP_BROWSER=1: no browser install, npm ci nor browser test)
 #   make bench  build release, run the bench scenarios against Switchyard and
 #               nats-server (installed if missing), print one comparison table
@@ -72,6 +72,12 @@ test:
 	if [ "$${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ]; then require=0; else require=1; fi; \
 	    SWITCHYARD_REQUIRE_BROWSER=$$require $(CARGO) test --workspace --no-fail-fast -- $(TEST_ARGS)
 	scripts/test-plugins.sh
+	if [ "$${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ] && ! command -v npm >/dev/null; then \
+	    echo "[test] skip: the client SDK tests (no npm, SWITCHYARD_SKIP_BROWSER=1)"; \
+	else \
+	    echo "[test] the client SDK (sdk/client): npm ci, tsc --noEmit, build, node --test"; \
+	    scripts/test-sdk.sh; \
+	fi
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -2,7 +2,7 @@
 //! background maintenance and observed only through the protocol, `/api/v1/plugins`,
 //! `/metrics` and the `switchyard plugin check` command.
 //!
-//! It owns four promises (sdk/README.md, plugins/README.md). First, each example plugin
+//! It owns four promises (sdk/plugin/README.md, plugins/README.md). First, each example plugin
 //! changes what `history` keeps exactly as its params say. Second, the plugin folder is hot:
 //! replacing a file changes behaviour without a restart, deleting it reverts to the
 //! namespace's built-in limits, and an invalid file keeps the last good version serving.

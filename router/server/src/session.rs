@@ -53,6 +53,8 @@ const SMALL_REPLY: usize = 1024;
 enum Stop {
     /// The peer closed or the socket failed.
     Gone,
+    /// The peer sent a close frame: the answering close goes out before the socket drops.
+    ClosedByPeer,
     /// The outbound queue overflowed.
     Slow,
     /// The node is shutting down.
@@ -411,7 +413,7 @@ where
                 self.queue(ready(frame));
                 Ok(())
             }
-            Some(Ok(Message::Close(_))) => Err(Stop::Gone),
+            Some(Ok(Message::Close(_))) => Err(Stop::ClosedByPeer),
             Some(Ok(Message::Ping(_))) => {
                 self.unflushed = true; // let the automatic pong out
                 Ok(())
@@ -742,6 +744,11 @@ where
         }
         let (code, reason) = match stop {
             Stop::Gone => return,
+            Stop::ClosedByPeer => {
+                // tungstenite queued the answering close frame; a clean close needs it sent.
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.ws.flush()).await;
+                return;
+            }
             Stop::Unresponsive => {
                 // Nobody reads this socket: no last words, just drop it (and its resources).
                 tracing::info!("closing a connection that stopped answering pings");
@@ -1010,5 +1017,18 @@ mod tests {
                 assert_eq!(frames, 100, "one push per frame unless asked");
             }
         }
+    }
+
+    /// A client's close frame is answered with one: the close handshake completes.
+    #[tokio::test]
+    async fn a_client_close_is_answered_with_a_close_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), |_| {});
+        let mut ws = connect(&node).await;
+        send(&mut ws, json!({"id": 1, "op": "ping"})).await;
+        assert_eq!(next(&mut ws).await["id"], 1);
+        ws.close(None).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("an answer in time");
+        assert!(matches!(answer, Some(Ok(Message::Close(_)))), "{answer:?}");
     }
 }
