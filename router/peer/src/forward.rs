@@ -102,7 +102,7 @@ pub(crate) fn start(node: &Arc<Router>, op: Op) -> Result<Started, OpError> {
     let Some(links) = &node.peers else {
         return Err(node.route(op.channel()).expect_err("remote channel"));
     };
-    let pending = links.send(&owner, epoch, op.clone()).map_err(|e| e.to_op())?;
+    let pending = links.send(&owner, epoch, &op).map_err(|e| e.to_op())?;
     Ok(Started::Remote(node.clone(), op, owner, epoch, pending))
 }
 
@@ -206,7 +206,7 @@ where
         let (id, epoch, op) = match msg {
             Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
                 Ok(Frame::Request { id, epoch, op }) => (id, epoch, op),
-                Ok(Frame::Reply { .. } | Frame::Push { .. }) | Err(_) => {
+                Ok(Frame::Reply { .. } | Frame::Pushes(_)) | Err(_) => {
                     tracing::warn!("bad frame on a peer link; closing it");
                     break;
                 }
@@ -236,7 +236,11 @@ where
     tracing::info!("peer link closed");
 }
 
-/// Turns the owners' deliveries for this link's upstream subscriptions into push frames.
+/// Push text carried by one frame at most; a larger burst goes out in several frames.
+const PUSH_FRAME_BYTES: usize = 1 << 20;
+
+/// Turns the owners' deliveries for this link's upstream subscriptions into push frames:
+/// everything queued at a wake-up goes out together, one frame per burst.
 async fn push_loop(
     node: Arc<Router>,
     mut inbox: switchyard_core::outbox::Inbox,
@@ -244,19 +248,32 @@ async fn push_loop(
     tx: mpsc::Sender<Vec<u8>>,
 ) {
     loop {
-        let d = inbox.recv().await;
-        let remote = {
+        let burst = inbox.recv_all().await;
+        let mut frames = Vec::new();
+        let (mut pushes, mut bytes) = (Vec::new(), 0);
+        {
             let mut subs = subs.lock().expect("link subs");
-            let remote = subs.get(&d.sub).map(|(r, _)| *r);
-            if d.end && subs.remove(&d.sub).is_some() {
-                node.metrics.peer_subscriptions.dec();
+            for d in burst {
+                let remote = subs.get(&d.sub).map(|(r, _)| *r);
+                if d.end && subs.remove(&d.sub).is_some() {
+                    node.metrics.peer_subscriptions.dec();
+                }
+                let Some(sub) = remote else { continue };
+                bytes += d.frame.len();
+                pushes.push(wire::Push { sub, offset: d.offset, frame: d.frame.as_str().to_owned(), end: d.end });
+                if bytes >= PUSH_FRAME_BYTES {
+                    frames.push(wire::encode(&Frame::Pushes(std::mem::take(&mut pushes))));
+                    bytes = 0;
+                }
             }
-            remote
-        };
-        let Some(sub) = remote else { continue };
-        let frame = Frame::Push { sub, offset: d.offset, frame: d.frame.as_str().to_owned(), end: d.end };
-        if tx.send(wire::encode(&frame)).await.is_err() {
-            break;
+        }
+        if !pushes.is_empty() {
+            frames.push(wire::encode(&Frame::Pushes(pushes)));
+        }
+        for frame in frames {
+            if tx.send(frame).await.is_err() {
+                return;
+            }
         }
     }
 }

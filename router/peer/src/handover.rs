@@ -107,7 +107,7 @@ pub(crate) async fn forward_sealed(
                     // Only ever onwards: a partition still local here would come back sealed.
                     let result = match node.locate(&req.channel) {
                         Ok(crate::router::Route::Remote { .. }) => match node.publish(req).await {
-                            Ok(rx) => rx.await.unwrap_or_else(|_| Err(sealed())),
+                            Ok(publishing) => publishing.acked().await,
                             Err(e) => Err(e),
                         },
                         _ => Err(sealed()),
@@ -178,7 +178,7 @@ async fn confirm(node: Arc<Router>, p: PartitionId, from: String, moved_at: u64)
     let deadline = Instant::now() + HANDOVER_DEADLINE;
     while Instant::now() < deadline {
         let epoch = node.map().epoch;
-        if let Ok(pending) = links.send(&from, epoch, Op::Pulled { partition: p, moved_at }) {
+        if let Ok(pending) = links.send(&from, epoch, &Op::Pulled { partition: p, moved_at }) {
             if pending.wait(PULL_TIMEOUT).await.is_ok() {
                 return;
             }
@@ -231,7 +231,7 @@ async fn pull_all(node: &Arc<Router>, p: PartitionId, from: &str, moved_at: u64,
             return Ok(Pulled::Abandoned);
         }
         let op = Op::Pull { partition: p, moved_at, cursor: cursor.clone() };
-        let answer = match links.send(from, node.map().epoch, op) {
+        let answer = match links.send(from, node.map().epoch, &op) {
             Ok(pending) => pending.wait(PULL_TIMEOUT).await,
             Err(e) => Err(e),
         };

@@ -115,19 +115,19 @@ impl Links {
 
     /// Queues `op` for `peer` tagged with map `epoch` now (so requests from one caller keep
     /// their order on the link); the returned [`Pending`] waits for the reply.
-    pub(crate) fn send(&self, peer: &str, epoch: u64, op: Op) -> Result<Pending, WireError> {
+    pub(crate) fn send(&self, peer: &str, epoch: u64, op: &Op) -> Result<Pending, WireError> {
         self.link(peer).send(epoch, op)
     }
 }
 
 impl Link {
     /// Queues `op` on this link; see [`Links::send`].
-    pub(crate) fn send(self: &Arc<Self>, epoch: u64, op: Op) -> Result<Pending, WireError> {
+    pub(crate) fn send(self: &Arc<Self>, epoch: u64, op: &Op) -> Result<Pending, WireError> {
         let (link, peer) = (self.clone(), &self.peer);
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         link.pending.lock().expect("pending").insert(id, tx);
-        let bytes = wire::encode(&Frame::Request { id, epoch, op });
+        let bytes = wire::encode_request(id, epoch, op);
         if link.tx.try_send((id, bytes)).is_err() {
             link.pending.lock().expect("pending").remove(&id);
             return Err(WireError::op(&unavailable(format!("peer link to {peer} is full"))));
@@ -294,9 +294,12 @@ async fn pump(
                             let _ = w.send(result);
                         }
                     }
-                    Ok(Frame::Push { sub, offset, frame, end }) => {
-                        if let Some(up) = link.subs.load().get(&sub) {
-                            up.on_push(sub, offset, frame, end);
+                    Ok(Frame::Pushes(pushes)) => {
+                        let subs = link.subs.load();
+                        for p in pushes {
+                            if let Some(up) = subs.get(&p.sub) {
+                                up.on_push(p.sub, p.offset, p.frame, p.end);
+                            }
                         }
                     }
                     Ok(Frame::Request { .. }) => return Err("peer sent a request on an outgoing link".into()),

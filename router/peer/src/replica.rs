@@ -228,7 +228,7 @@ async fn follow_step(node: &Arc<Router>, p: PartitionId) -> Step {
     let Some(links) = node.peers.clone() else { return Step::Done };
     let from = repl.position(p, leader_epoch);
     let op = Op::Fetch { partition: p, leader_epoch, follower: node.node_id.clone(), from };
-    let answer = match links.send(&leader, map.epoch, op) {
+    let answer = match links.send(&leader, map.epoch, &op) {
         Ok(pending) => pending.wait(FETCH_TIMEOUT + LONG_POLL).await,
         Err(e) => Err(e),
     };
@@ -316,7 +316,7 @@ async fn snapshot(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64
             return Err("role changed during the snapshot".into());
         }
         let op = Op::Snapshot { partition: p, leader_epoch, cursor: cursor.clone() };
-        let chunk = match links.send(leader, node.map().epoch, op).map_err(|e| e.message)?.wait(FETCH_TIMEOUT).await {
+        let chunk = match links.send(leader, node.map().epoch, &op).map_err(|e| e.message)?.wait(FETCH_TIMEOUT).await {
             Ok(Answer::Chunk(c)) => c,
             Ok(_) => return Err("unexpected answer to a snapshot".into()),
             Err(e) => return Err(e.message),

@@ -203,28 +203,19 @@ impl Router {
         )
     }
 
-    /// Publishes wherever the channel's owner is; the receiver yields the ack once the
-    /// message is durable (locally, or on the owner over its peer link).
-    pub async fn publish(
-        self: &Arc<Self>,
-        req: PublishRequest,
-    ) -> Result<oneshot::Receiver<Result<PublishOk, OpError>>, OpError> {
+    /// Publishes wherever the channel's owner is: once this returns, the write is in the
+    /// owner's mailbox here or queued on the owner's link, so publishes started in order
+    /// keep their order. [`Publishing::acked`] then waits for durability.
+    pub async fn publish(self: &Arc<Self>, req: PublishRequest) -> Result<Publishing, OpError> {
         match self.route(&req.channel)? {
-            Route::Local(p) => self.partitions.publish(p, req).await,
-            Route::Remote { .. } => {
-                let started = crate::forward::start(self, Op::publish(&req))?;
-                let (tx, rx) = oneshot::channel();
-                tokio::spawn(async move {
-                    let _ = tx.send(started.finish().await.and_then(|a| a.into_published()));
-                });
-                Ok(rx)
-            }
+            Route::Local(p) => Ok(Publishing(Pending::Local(self.partitions.publish(p, req).await?))),
+            Route::Remote { .. } => Ok(Publishing(Pending::Remote(crate::forward::start(self, Op::publish(&req))?))),
         }
     }
 
     /// Publishes and waits for the ack.
     pub async fn publish_and_wait(self: &Arc<Self>, req: PublishRequest) -> Result<PublishOk, OpError> {
-        self.publish(req).await?.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?
+        self.publish(req).await?.acked().await
     }
 
     /// Enqueues a subscription (at the owner here, or on the channel's upstream from its
@@ -317,6 +308,30 @@ impl Router {
                 page.messages.retain(|m| m.offset <= upto);
                 Ok((page.messages, page.first))
             }
+        }
+    }
+}
+
+/// A publish under way. The caller awaits it in place: no task is spawned per publish,
+/// local or forwarded.
+pub struct Publishing(Pending);
+
+enum Pending {
+    /// The owner here answers once the message is durable.
+    Local(oneshot::Receiver<Result<PublishOk, OpError>>),
+    /// Sent to the owner over its link; follows redirects until answered.
+    Remote(crate::forward::Started),
+}
+
+impl Publishing {
+    /// The acknowledgement: offset and epoch once the message is durable (on every in-sync
+    /// replica), or why it failed.
+    pub async fn acked(self) -> Result<PublishOk, OpError> {
+        match self.0 {
+            Pending::Local(rx) => {
+                rx.await.unwrap_or_else(|_| Err(OpError::new(ErrorCode::Unavailable, "owner stopped")))
+            }
+            Pending::Remote(started) => started.finish().await.and_then(|a| a.into_published()),
         }
     }
 }

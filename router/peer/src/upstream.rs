@@ -359,7 +359,7 @@ async fn maintain(node: Weak<Router>, up: Arc<Upstream>) {
         link.unregister(sub);
         if let Some(n) = node.upgrade() {
             let epoch = n.map().epoch;
-            if let Ok(p) = link.send(epoch, Op::Unsubscribe { channel: up.channel.to_string(), sub }) {
+            if let Ok(p) = link.send(epoch, &Op::Unsubscribe { channel: up.channel.to_string(), sub }) {
                 let _ = p.wait(REQUEST_TIMEOUT).await;
             }
         }
@@ -389,7 +389,7 @@ async fn register(node: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Recei
             // has dropped it already).
             old_link.unregister(old);
             let unsubscribe = Op::Unsubscribe { channel: up.channel.to_string(), sub: old };
-            if let Ok(p) = old_link.send(epoch, unsubscribe) {
+            if let Ok(p) = old_link.send(epoch, &unsubscribe) {
                 tokio::spawn(async move {
                     let _ = p.wait(REQUEST_TIMEOUT).await;
                 });
@@ -403,7 +403,7 @@ async fn register(node: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Recei
     link.register(sub, up.clone());
     let downs = link.downs();
     let op = Op::Subscribe { channel: up.channel.to_string(), sub };
-    let pending = link.send(epoch, op).map_err(|e| Failed::Retry(e.message))?;
+    let pending = link.send(epoch, &op).map_err(|e| Failed::Retry(e.message))?;
     let (their_epoch, top) = match pending.wait(REQUEST_TIMEOUT).await {
         Ok(Answer::Subscribed { epoch, top }) => (epoch, top),
         Ok(_) => return Err(Failed::Retry("peer answered subscribe with another answer".into())),
@@ -435,7 +435,7 @@ async fn register(node: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Recei
             // Catch up on what the local subscribers missed while the upstream was down.
             while last < top {
                 let op = Op::History { channel: up.channel.to_string(), since: last, limit: CATCH_UP_PAGE };
-                let pending = link.send(epoch, op).map_err(|e| Failed::Retry(e.message))?;
+                let pending = link.send(epoch, &op).map_err(|e| Failed::Retry(e.message))?;
                 let page = pending.wait(REQUEST_TIMEOUT).await.map_err(|e| Failed::Retry(e.message))?;
                 let page = page.into_history(&up.channel).map_err(|e| Failed::Retry(e.message))?;
                 if *page.epoch != *e {

@@ -33,18 +33,23 @@ pub enum Frame {
         /// The outcome.
         result: Result<Answer, WireError>,
     },
-    /// Owner → gateway: a message for an upstream subscription, as the owner serialized
-    /// it for its own clients (the gateway forwards the same text to every local subscriber).
-    Push {
-        /// The gateway's id for the upstream subscription.
-        sub: u64,
-        /// Message offset.
-        offset: u64,
-        /// The `message` push frame (JSON text), or the `unsubscribed` push when `end`.
-        frame: String,
-        /// The owner has ended the subscription (its partition moved).
-        end: bool,
-    },
+    /// Owner → gateway: the messages for upstream subscriptions that one wake-up of the
+    /// link's pusher found, in order (one frame per burst, not per message).
+    Pushes(Vec<Push>),
+}
+
+/// A message for an upstream subscription, as the owner serialized it for its own clients
+/// (the gateway forwards the same text to every local subscriber).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Push {
+    /// The gateway's id for the upstream subscription.
+    pub sub: u64,
+    /// Message offset.
+    pub offset: u64,
+    /// The `message` push frame (JSON text), or the `unsubscribed` push when `end`.
+    pub frame: String,
+    /// The owner has ended the subscription (its partition moved).
+    pub end: bool,
 }
 
 /// An operation forwarded to a partition's owner.
@@ -82,7 +87,7 @@ pub enum Op {
         offset: u64,
     },
     /// Register an upstream subscription: push every message above the current top to the
-    /// gateway as [`Frame::Push`] tagged `sub`.
+    /// gateway as [`Frame::Pushes`] tagged `sub`.
     Subscribe {
         /// Channel.
         channel: String,
@@ -356,6 +361,19 @@ pub(crate) fn encode(frame: &Frame) -> Vec<u8> {
     postcard::to_stdvec(frame).expect("peer frames serialize")
 }
 
+/// [`Frame::Request`] by reference, for encoding without a copy of the op (which the
+/// caller keeps for a redirect). Postcard writes an enum as its variant index and then its
+/// fields, so this first variant encodes exactly as `Frame::Request` does.
+#[derive(Serialize)]
+enum RequestRef<'a> {
+    Request { id: u64, epoch: u64, op: &'a Op },
+}
+
+/// Encodes `Frame::Request { id, epoch, op }` from a borrowed op.
+pub(crate) fn encode_request(id: u64, epoch: u64, op: &Op) -> Vec<u8> {
+    postcard::to_stdvec(&RequestRef::Request { id, epoch, op }).expect("peer frames serialize")
+}
+
 /// Decodes a frame; trailing bytes are an error.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, String> {
     match postcard::take_from_bytes::<Frame>(bytes) {
@@ -367,6 +385,21 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_borrowed_request_encodes_as_the_owned_one() {
+        let op = Op::Publish {
+            channel: "room:1".into(),
+            data: "{\"t\":1}".into(),
+            key: Some("k".into()),
+            idempotency_key: None,
+            from: Some("alice".into()),
+        };
+        let owned = encode(&Frame::Request { id: 7, epoch: 3, op: op.clone() });
+        assert_eq!(encode_request(7, 3, &op), owned);
+        assert_eq!(decode(&owned).unwrap(), Frame::Request { id: 7, epoch: 3, op });
+    }
+
     use super::*;
 
     #[test]

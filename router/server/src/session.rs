@@ -522,11 +522,11 @@ where
                     from: self.gate.user().map(|u| u.to_string()),
                 };
                 match node.router.publish(req).await {
-                    Ok(rx) => {
+                    Ok(publishing) => {
                         let metrics = node.metrics.clone();
                         self.queue(
                             async move {
-                                let result = rx.await.unwrap_or_else(|_| Err(owner_gone()));
+                                let result = publishing.acked().await;
                                 if let Err(e) = &result {
                                     metrics.protocol_errors.with_label_values(&[e.code.as_str()]).inc();
                                 }
