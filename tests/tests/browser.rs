@@ -1,28 +1,42 @@
-//! The chat page in a real browser: starts a router (auth on, dev tokens on, `room` public)
-//! and runs `tests/browser/chat.mjs`, which drives headless Chromium through
-//! `playwright-core` as two users (see that file for the steps).
+//! The chat page in a real browser. Each test starts routers and runs a script from
+//! `tests/browser/` that drives headless Chromium through `playwright-core`:
+//!
+//! - `two_users_chat_in_headless_chromium`: one router (auth on, dev tokens on, `room`
+//!   public) and `chat.mjs`: the SDK-based page as three users, a network drop, a router
+//!   restart on the same data dir (this test restarts it when the script asks), token
+//!   refreshes mid-conversation, a dialog, the standalone cluster picture, and a recovery
+//!   that fails (`tiny:*` keeps 3 messages; history trimmed meanwhile) and is announced.
+//! - `cluster_picture_of_three_node_clusters`: real etcd and two 3-node clusters (64 and
+//!   4,096 partitions, with a cluster secret, so two replicas each) and `cluster.mjs`:
+//!   screenshots of the cluster picture (kept under a temp dir, paths printed) and a check
+//!   of its canvas pixels: every partition cell in its owner's colour.
 //!
 //! Needs `node`, Debian's `chromium` (or `CHROMIUM=/path`) and `tests/browser/node_modules`
 //! (`npm ci --prefix tests/browser`); `make test` installs all three. When one is missing the
-//! test fails if `CI` or `SWITCHYARD_REQUIRE_BROWSER` is set (as under `make test`), and is
-//! skipped with a message otherwise.
+//! tests fail if `CI` or `SWITCHYARD_REQUIRE_BROWSER` is set (as under `make test`), and are
+//! skipped with a message otherwise. The cluster test also needs etcd (`scripts/setup.sh`).
 
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::{ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
+use switchyard_tests::etcd::{wait_converged, Etcd};
 use switchyard_tests::*;
 
 const CONFIG: &str = "[auth]\nmode = \"jwt\"\nhs256_secret = \"browser-test-secret-0123456789\"\ndev_tokens = true\n\
-                      [namespaces.room]\nrule = \"public\"\n";
+                      [namespaces.room]\nrule = \"public\"\n[namespaces.tiny]\nrule = \"public\"\nhistory_size = 3\n";
 /// The whole browser run (Chromium start-up included) must finish within this.
 const BROWSER_DEADLINE: Duration = Duration::from_secs(180);
+/// The cluster secret of the cluster test (peer links on: two replicas per partition).
+const SECRET: &str = "browser-cluster-secret-0123456789";
 
 fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
 }
 
-/// What is missing to run the browser test, if anything.
+/// What is missing to run the browser tests, if anything.
 fn missing() -> Vec<String> {
     let mut missing = Vec::new();
     if Command::new("node").arg("--version").stdout(Stdio::null()).status().map_or(true, |s| !s.success()) {
@@ -38,60 +52,167 @@ fn missing() -> Vec<String> {
     missing
 }
 
-#[test]
-fn two_users_chat_in_headless_chromium() {
+/// False (after saying why) when the browser tests cannot run here and need not.
+fn can_run(test: &str) -> bool {
     let missing = missing();
-    if !missing.is_empty() {
-        let required = ["CI", "SWITCHYARD_REQUIRE_BROWSER"]
-            .iter()
-            .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty() && s != "0" && s != "false"));
-        let what = missing.join(", ");
-        assert!(!required, "the browser test cannot run, missing: {what} (run `make test`, which installs them)");
-        eprintln!("SKIPPED two_users_chat_in_headless_chromium: missing {what}; `make test` installs them");
-        return;
+    if missing.is_empty() {
+        return true;
     }
-    let node = Node::start(CONFIG);
+    let required = ["CI", "SWITCHYARD_REQUIRE_BROWSER"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty() && s != "0" && s != "false"));
+    let what = missing.join(", ");
+    assert!(!required, "the browser test cannot run, missing: {what} (run `make test`, which installs them)");
+    eprintln!("SKIPPED {test}: missing {what}; `make test` installs them");
+    false
+}
+
+/// What a script printed and how it ended.
+struct Run {
+    status: ExitStatus,
+    out: String,
+    err: String,
+}
+
+/// Runs `node tests/browser/<script> ARGS...` within [`BROWSER_DEADLINE`] (killed after it),
+/// handing each stdout line to `on_line` with the script's stdin, for the scripts that ask
+/// the test to act (`@@...` lines). Every line is echoed as it comes.
+fn run_script(script: &str, args: &[String], mut on_line: impl FnMut(&str, &mut ChildStdin)) -> Run {
+    let started = Instant::now();
     let mut child = Command::new("node")
-        .arg(browser_dir().join("chat.mjs"))
-        .arg(format!("http://{}", node.addr()))
+        .arg(browser_dir().join(script))
+        .args(args)
         .current_dir(browser_dir())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawning node");
-    // Drain both pipes while it runs, so a chatty child never blocks on a full pipe.
-    // Collected with a bound, in case a killed child left a grandchild holding a pipe.
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut pipe) = pipe {
-                use std::io::Read as _;
-                let _ = pipe.read_to_string(&mut text);
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    // Both pipes are drained on threads, so a chatty child never blocks on a full pipe.
+    let (line_tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line_tx.send(line).is_err() {
+                break;
             }
-            let _ = tx.send(text);
-        });
-        rx
-    };
-    let out_reader = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
-    let err_reader = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
-    let deadline = std::time::Instant::now() + BROWSER_DEADLINE;
+        }
+    });
+    let (err_tx, err_rx) = mpsc::channel();
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        let _ = err_tx.send(text);
+    });
+    let deadline = started + BROWSER_DEADLINE;
+    let mut out = String::new();
     let status = loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => {
+                println!("{line}");
+                out.push_str(&line);
+                out.push('\n');
+                on_line(&line, &mut stdin);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        }
         if let Some(status) = child.try_wait().expect("waiting for node") {
+            // The rest of stdout, which the reader thread may still hold.
+            while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+                println!("{line}");
+                out.push_str(&line);
+                out.push('\n');
+            }
             break Some(status);
         }
-        if std::time::Instant::now() >= deadline {
+        if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
             break None;
         }
-        std::thread::sleep(Duration::from_millis(50));
     };
-    let out = out_reader.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
-    let err = err_reader.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
-    println!("{out}");
-    let status =
-        status.unwrap_or_else(|| panic!("the browser test did not finish within {BROWSER_DEADLINE:?}:\n{out}\n{err}"));
-    assert!(status.success(), "the browser test failed ({status}):\n{out}\n{err}");
-    assert!(out.contains("browser: 5 passed, 0 failed"), "unexpected browser output:\n{out}\n{err}");
+    // Bounded, in case a killed child left a grandchild (Chromium) holding the pipe.
+    let err = err_rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    println!("{script}: {:.1} s", started.elapsed().as_secs_f64());
+    let status = status.unwrap_or_else(|| panic!("{script} did not finish within {BROWSER_DEADLINE:?}:\n{out}\n{err}"));
+    Run { status, out, err }
+}
+
+fn check(run: &Run, script: &str, steps: usize) {
+    let Run { status, out, err } = run;
+    assert!(status.success(), "{script} failed ({status}):\n{out}\n{err}");
+    assert!(out.contains(&format!("browser: {steps} passed, 0 failed")), "unexpected {script} output:\n{out}\n{err}");
+}
+
+#[test]
+fn two_users_chat_in_headless_chromium() {
+    if !can_run("two_users_chat_in_headless_chromium") {
+        return;
+    }
+    let mut node = Node::start(&format!("{FAST_MAINTENANCE}{CONFIG}"));
+    let run = run_script("chat.mjs", &[node.addr().to_string()], |line, stdin| {
+        if line.trim() == "@@restart-router" {
+            // SIGTERM, wait for the exit, start again on the same config and data dir.
+            let before = node.addr();
+            node.restart();
+            println!("     router restarted: {before} -> {}", node.addr());
+            writeln!(stdin, "@@router {}", node.addr()).expect("writing to the script");
+            stdin.flush().expect("flushing the script's stdin");
+        }
+    });
+    check(&run, "chat.mjs", 9);
+}
+
+/// A cluster node with test timings (as `etcd::node_config`, but a 5 s lease: at 4,096
+/// partitions every ISR change rewrites the whole map key, and a loaded etcd can delay a
+/// 2 s lease's keepalive past its TTL), the peer secret (two replicas per partition), and
+/// no cap on moves per round: the first node takes every partition and the others get
+/// their share in one round.
+fn cluster_config(etcd: &Etcd, cluster: &str, id: &str, partitions: u32) -> String {
+    format!(
+        "node_id = \"{id}\"\npartitions = {partitions}\n[cluster]\netcd = [\"{}\"]\nname = \"{cluster}\"\n\
+         lease_ttl = \"5s\"\ncoordination_interval = \"1s\"\nload_interval = \"500ms\"\netcd_timeout = \"5s\"\n\
+         max_moves = {partitions}\nsecret = \"{SECRET}\"\n",
+        etcd.endpoint()
+    )
+}
+
+#[tokio::test]
+async fn cluster_picture_of_three_node_clusters() {
+    if !can_run("cluster_picture_of_three_node_clusters") {
+        return;
+    }
+    let etcd = Etcd::start().await;
+    let mut clusters = Vec::new();
+    for (name, partitions) in [("p64", 64), ("p4096", 4096)] {
+        let nodes: Vec<Node> =
+            ["n1", "n2", "n3"].iter().map(|id| Node::start(&cluster_config(&etcd, name, id, partitions))).collect();
+        clusters.push((name, nodes));
+    }
+    for (name, nodes) in &clusters {
+        let refs: Vec<&Node> = nodes.iter().collect();
+        let started = Instant::now();
+        // At 4,096 partitions with replicas a loaded machine may take longer than one
+        // DEADLINE (every ISR change rewrites the map key): up to three of them. The error
+        // names the last map seen; its first 2,000 characters are plenty.
+        for attempt in 1.. {
+            match wait_converged(&etcd, name, &refs, &["n1", "n2", "n3"]).await {
+                Ok(_) => break,
+                Err(_) if attempt < 3 => println!("{name}: not converged yet after {:.0?}", started.elapsed()),
+                Err(e) => panic!("{name}: {}", format!("{e:#}").chars().take(2000).collect::<String>()),
+            }
+        }
+        println!("{name}: converged in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    // Kept after the test, so the printed screenshot paths can be opened.
+    let shots = tempfile::Builder::new().prefix("switchyard-browser-").tempdir().expect("temp dir").keep();
+    let mut args = vec![shots.display().to_string()];
+    args.extend(clusters.iter().map(|(name, nodes)| format!("{name}={}", nodes[0].addr())));
+    let run = run_script("cluster.mjs", &args, |_, _| {});
+    check(&run, "cluster.mjs", 2 * clusters.len());
+    println!("screenshots in {}", shots.display());
 }

@@ -86,6 +86,10 @@ pub struct Metrics {
     pub peer_forwarded: IntCounterVec,
     /// Redirects received (the owner had changed).
     pub peer_redirects: IntCounter,
+    /// Connects whose seat holder could not be asked in time: the per-node cap applied.
+    pub seat_fallbacks: IntCounter,
+    /// Seats this node holds for users (as the holder of their `seats:<user>` partition).
+    pub seats_held: IntGauge,
     /// 1 while the outgoing link to a peer is connected (by peer node id: few).
     pub peer_link_up: IntGaugeVec,
     /// Outgoing link connections made, by peer.
@@ -242,6 +246,15 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             peer_redirects: counter("switchyard_peer_redirects_total", "Redirects received from a former owner"),
+            seat_fallbacks: counter(
+                "switchyard_seat_fallbacks_total",
+                "Connects that applied the per-node cap because the seat holder did not answer in time",
+            ),
+            seats_held: reg(
+                &registry,
+                IntGauge::new("switchyard_seats_held", "Session seats held here for the cluster-wide per-user cap")
+                    .expect("valid metric"),
+            ),
             peer_link_up: reg(
                 &registry,
                 IntGaugeVec::new(Opts::new("switchyard_peer_link_up", "1 while the link to a peer is up"), &["peer"])

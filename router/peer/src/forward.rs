@@ -70,6 +70,7 @@ pub(crate) async fn execute(node: &Arc<Router>, op: Op) -> Result<Answer, OpErro
                 })
             })
         }
+        op @ (Op::Seat { .. } | Op::Unseat { .. }) => Ok(node.serve_seat(op)),
         Op::Subscribe { .. }
         | Op::Unsubscribe { .. }
         | Op::Pull { .. }
@@ -360,6 +361,7 @@ async fn begin(node: &Arc<Router>, link: &Incoming, epoch: u64, op: Op) -> Begun
                 }
             }
         }
+        op @ (Op::Seat { .. } | Op::Unseat { .. }) => Begun::Done(Ok(node.serve_seat(op))),
         Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } | Op::Fetch { .. } | Op::Snapshot { .. } => {
             unreachable!("handled above")
         }

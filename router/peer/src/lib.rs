@@ -5,7 +5,8 @@
 //! [`wire`] (the binary frames of a peer link), `link` (outgoing links, one per peer, with
 //! reconnect), `forward` (running an operation at its owner, and the `/peer` endpoint's
 //! side of a link), `upstream` (one subscription per remote channel per gateway),
-//! `handover` (moving a partition's state when the map moves it), [`ws`] (the text-frame
+//! `handover` (moving a partition's state when the map moves it), [`seats`] (the
+//! cluster-wide per-user session cap), [`ws`] (the text-frame
 //! conversion shared with the server). It must never import etcd-client or read etcd: the
 //! map and the member list arrive on `watch` channels, and every remote call has a deadline.
 
@@ -14,6 +15,7 @@ mod handover;
 mod link;
 mod replica;
 pub mod router;
+pub mod seats;
 mod upstream;
 pub mod wire;
 pub mod ws;

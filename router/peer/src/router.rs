@@ -70,6 +70,10 @@ pub struct Router {
     pub(crate) upstreams: Option<Arc<Upstreams>>,
     /// Flips to true when the node starts shutting down.
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Seats held here as the holder of users' `seats:<user>` keys.
+    pub(crate) seat_table: crate::seats::SeatTable,
+    /// This node's connections that hold a seat elsewhere (or here): connection → user.
+    pub(crate) seats_mine: std::sync::Mutex<std::collections::HashMap<u64, String>>,
 }
 
 impl Router {
@@ -87,6 +91,7 @@ impl Router {
         Arc::new_cyclic(|weak: &std::sync::Weak<Self>| {
             if settings.secret.is_some() {
                 tokio::spawn(crate::replica::isr_checks(weak.clone()));
+                tokio::spawn(crate::seats::sweep_on_leave(weak.clone(), members.clone()));
             }
             Self {
                 upstreams: settings.secret.as_ref().map(|_| Arc::new(Upstreams::new(weak.clone()))),
@@ -104,6 +109,8 @@ impl Router {
                 map,
                 members,
                 shutdown,
+                seat_table: Default::default(),
+                seats_mine: Default::default(),
             }
         })
     }
@@ -120,6 +127,7 @@ impl Router {
         let epoch = self.map().epoch;
         crate::handover::after_install(self, before);
         crate::replica::after_install(self);
+        self.after_install_seats(before);
         self.partitions.handovers.installed(epoch);
     }
 

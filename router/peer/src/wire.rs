@@ -147,6 +147,33 @@ pub enum Op {
         /// Resume after this `(channel, offset)`; None for the start.
         cursor: Option<(String, u64)>,
     },
+    /// Take a seat under the cluster-wide per-user session cap, at the seat holder: the
+    /// owner of the partition of `key` (`seats:<user>`).
+    Seat {
+        /// Routing key, `seats:<user>`.
+        key: String,
+        /// The user.
+        user: String,
+        /// The node the connection is on.
+        node: String,
+        /// The connection's id on that node.
+        conn: u64,
+        /// The cap.
+        max: u32,
+        /// Take it even over the cap: a node re-registering seats it already granted.
+        force: bool,
+    },
+    /// Give a seat back: the connection ended.
+    Unseat {
+        /// Routing key, `seats:<user>`.
+        key: String,
+        /// The user.
+        user: String,
+        /// The node the connection was on.
+        node: String,
+        /// The connection's id on that node.
+        conn: u64,
+    },
 }
 
 impl Op {
@@ -159,6 +186,7 @@ impl Op {
             | Op::Subscribe { channel, .. }
             | Op::Unsubscribe { channel, .. }
             | Op::Info { channel, .. } => channel,
+            Op::Seat { key, .. } | Op::Unseat { key, .. } => key,
             Op::Pull { .. } | Op::Pulled { .. } | Op::Fetch { .. } | Op::Snapshot { .. } => "",
         }
     }
@@ -167,6 +195,8 @@ impl Op {
     pub fn name(&self) -> &'static str {
         match self {
             Op::Publish { .. } => "publish",
+            Op::Seat { .. } => "seat",
+            Op::Unseat { .. } => "unseat",
             Op::History { .. } => "history",
             Op::Commit { .. } => "commit",
             Op::Subscribe { .. } => "subscribe",
@@ -184,7 +214,8 @@ impl Op {
     pub fn retry_safe(&self) -> bool {
         match self {
             Op::Publish { idempotency_key, .. } => idempotency_key.is_some(),
-            Op::Commit { .. } | Op::History { .. } | Op::Info { .. } => true,
+            // Seats are keyed by (node, connection): asking twice holds one seat.
+            Op::Commit { .. } | Op::History { .. } | Op::Info { .. } | Op::Seat { .. } | Op::Unseat { .. } => true,
             Op::Subscribe { .. }
             | Op::Unsubscribe { .. }
             | Op::Pull { .. }
@@ -244,7 +275,9 @@ pub enum Answer {
     Batches(Vec<(u64, bytes::Bytes)>),
     /// A snapshot taken now starts after every batch below this seq.
     SnapshotAt(u64),
-    /// Nothing to say (unsubscribe, pulled).
+    /// Whether a seat was granted.
+    Seated(bool),
+    /// Nothing to say (unsubscribe, pulled, unseat).
     Done,
 }
 

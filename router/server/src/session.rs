@@ -36,6 +36,7 @@ use switchyard_access::gate::{Gate, Refusal};
 use switchyard_access::user_sessions::{Beat, Heartbeat};
 use switchyard_core::outbox::{outbox, Delivery, Inbox, Outbox};
 use switchyard_core::owner::{Grant, PublishRequest, Start};
+use switchyard_peer::seats::{ClusterSeat, Seating};
 use switchyard_proto::protocol::{self, close, Command, Empty, ErrorCode, OpError, SubscribeOk};
 
 /// Catch-up is read from the store in pages of this many messages.
@@ -124,6 +125,7 @@ where
         auth_timer: Box::pin(tokio::time::sleep_until(auth_deadline.unwrap_or(now))),
         auth_deadline,
         gate,
+        cluster_seat: None,
         heartbeat,
         id,
         shutdown: node.shutdown.clone(),
@@ -180,6 +182,8 @@ struct Session<S> {
     delivered_bytes: u64,
     /// Who the client is, its seat and its publish bucket.
     gate: Gate,
+    /// The seat under the cluster-wide per-user cap, held at the user's seat holder.
+    cluster_seat: Option<ClusterSeat>,
     /// When to ping, and whether the last ping was answered.
     heartbeat: Heartbeat,
     /// Fires at the heartbeat's deadline.
@@ -444,6 +448,33 @@ where
         }
     }
 
+    /// Under the cluster-wide cap: asks the user's seat holder for a seat (the gate already
+    /// took one under the same cap on this node). A full cap ends the connection with 4009;
+    /// a holder that does not answer in time leaves the per-node cap in force.
+    async fn take_cluster_seat(&mut self, id: u64, user: &str) -> Result<(), Stop> {
+        let max = self.node.access.live().sessions.max_per_user;
+        match self.node.router.take_seat(user, self.id, max).await {
+            Seating::Granted(seat) => self.cluster_seat = Some(seat),
+            Seating::NotClustered => {}
+            Seating::Full => {
+                let error = OpError::new(
+                    ErrorCode::LimitExceeded,
+                    format!("user {user} already holds {max} connections in the cluster"),
+                );
+                return self.refuse(
+                    id,
+                    Err(Refusal { error, code: close::TOO_MANY_SESSIONS, reason: "too many sessions for this user" }),
+                );
+            }
+            Seating::Unreachable { why, seat } => {
+                self.node.metrics.seat_fallbacks.inc();
+                tracing::warn!(user, why, "seat holder unreachable: the per-node session cap applies");
+                self.cluster_seat = Some(seat);
+            }
+        }
+        Ok(())
+    }
+
     /// Queues an error reply; when the gate also ends the connection, says so.
     fn refuse(&mut self, id: u64, refused: Result<OpError, Refusal>) -> Result<(), Stop> {
         match refused {
@@ -471,6 +502,9 @@ where
                 }
                 if let Err(refused) = self.gate.connect(&node.access, token.as_deref()) {
                     return self.refuse(id, refused);
+                }
+                if let Some(user) = self.gate.user().cloned() {
+                    self.take_cluster_seat(id, &user).await?;
                 }
                 self.auth_deadline = self.gate.deadline(&node.access);
                 if let Some(at) = self.auth_deadline {
@@ -738,6 +772,7 @@ where
         // CLOSE_WRITE_TIMEOUT) close below, so a client reconnecting at once after 4029,
         // 4001 or 4100 is not refused with 4009.
         self.gate.release_seat();
+        self.cluster_seat = None;
         for (sub, s) in self.subs.drain() {
             self.node.router.unsubscribe(&s.channel, sub).await;
             self.node.metrics.subscriptions.dec();

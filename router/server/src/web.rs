@@ -2,6 +2,10 @@
 //! endpoints it needs, `GET /api/v1/auth` (which login the page should offer) and
 //! `POST /api/v1/dev/token` (a dev token for a user name, only when dev tokens are on).
 //!
+//! The page's script `web/chat.js` is generated: `scripts/build-web.sh` bundles
+//! `web-src/*.ts` with the client SDK (`sdk/client/src`), and the result is committed so that
+//! building the router never needs node (`scripts/build-web.sh --check` finds a stale one).
+//!
 //! It owns which paths serve which embedded file and the dev-token request and answer
 //! shapes. It must never mint a token when [`switchyard_access::auth::Verifier::dev_tokens_enabled`]
 //! says no, and never read files at run time.

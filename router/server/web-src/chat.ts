@@ -45,8 +45,15 @@ interface Channel {
   error: string | undefined;
 }
 
+/** The last connection events (time, what), for diagnostics and tests. */
+const log: string[] = [];
+function note(what: string): void {
+  log.push(`${new Date().toISOString().slice(11, 23)} ${what}`);
+  if (log.length > 50) log.shift();
+}
+
 /** Counters for the status line and for tests. */
-const stats = { connects: 0, disconnects: 0, refreshes: 0, recoveryFailed: 0, pending: 0, lastClose: '' };
+const stats = { connects: 0, disconnects: 0, refreshes: 0, recovered: 0, recoveryFailed: 0, pending: 0, lastClose: '' };
 
 const state = {
   mode: 'off',
@@ -88,7 +95,7 @@ function recoveryNotice(ch: Channel, info: RecoveryFailed): void {
   const why = info.previous.epoch !== info.epoch ? `its epoch changed (${info.previous.epoch} → ${info.epoch})` : 'the missed messages were trimmed';
   $('recovery-text').textContent =
     `Recovery failed for ${ch.title}: ${why}. Messages after #${info.previous.offset} up to #${info.offset} may be missing; ` +
-    `the latest ${SHOWN} were reloaded.`;
+    `the latest ones (up to ${SHOWN}) were reloaded.`;
 }
 
 // === login and the client ===
@@ -135,7 +142,9 @@ function start(getToken: (() => Promise<string>) | undefined, user: string | und
   const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
   const client = new Switchyard(url, getToken ? { getToken, name: 'chat', maxBackoffMs: 5000 } : { name: 'chat', maxBackoffMs: 5000 });
   state.client = client;
+  client.on('connecting', (c) => note(`connecting ${c.url} attempt ${c.attempt}`));
   client.on('state', (s) => {
+    note(`state ${s}`);
     if (s === 'connected') setStatus('connected');
     else if (s === 'connecting') setStatus(state.everConnected ? 'reconnecting' : 'connecting', stats.lastClose || undefined);
     else setStatus('signed-out');
@@ -148,6 +157,7 @@ function start(getToken: (() => Promise<string>) | undefined, user: string | und
     renderConnInfo();
   });
   client.on('disconnected', (e) => {
+    note(`disconnected ${e.code} ${e.reason}${e.reconnect ? '' : ' (for good)'}`);
     stats.disconnects++;
     stats.lastClose = `${e.code}${e.reason ? ` ${e.reason}` : ''}`;
     if (e.code === 4009) notice('too many open sessions for this user; retrying');
@@ -163,7 +173,10 @@ function start(getToken: (() => Promise<string>) | undefined, user: string | und
     state.tokenExp = r.expiresAt;
     renderConnInfo();
   });
-  client.on('error', (e) => console.warn('switchyard:', e));
+  client.on('error', (e) => {
+    note(`error ${describe(e)}`);
+    console.warn('switchyard:', e);
+  });
   if (user) channel(`user:${user}`, 'inbox', 'Inbox');
   for (const r of DEFAULT_ROOMS) channel(r, 'room');
   if (!state.active) select(DEFAULT_ROOMS[0]!);
@@ -216,6 +229,9 @@ async function open(ch: Channel): Promise<void> {
     sub.on('recoveryFailed', (info) => {
       stats.recoveryFailed++;
       recoveryNotice(ch, info);
+    });
+    sub.on('subscribed', (e) => {
+      if (e.recovered) stats.recovered++;
     });
     sub.on('state', () => renderNav());
     sub.on('unsubscribed', (e) => {
@@ -398,25 +414,16 @@ function select(name: string): void {
 // === wiring ===
 
 async function init(): Promise<void> {
+  window.addEventListener('hashchange', () => location.reload());
   if (location.hash === '#cluster') {
     // The cluster picture alone, page-wide (no sign-in needed).
     document.body.classList.add('cluster-only');
     $('app').hidden = false;
+    setStatus('cluster view');
     cluster.start(CLUSTER_POLL_MS);
+    document.body.dataset.ready = 'true';
     return;
   }
-  try {
-    const info = (await (await fetch('/api/v1/auth')).json()) as { mode?: string; dev_tokens?: boolean };
-    state.mode = info.mode ?? 'off';
-    state.devTokens = info.dev_tokens === true;
-  } catch {
-    // keep the defaults: paste a token
-  }
-  $('dev-hint').textContent = state.devTokens
-    ? `dev tokens are on (auth mode: ${state.mode})`
-    : 'dev tokens are off on this server: paste a token';
-  $('dev-login').hidden = !state.devTokens;
-  $('anon-login').hidden = state.mode !== 'off';
   $('dev-login').onsubmit = async (e) => {
     e.preventDefault();
     const user = input('user').value.trim();
@@ -470,6 +477,21 @@ async function init(): Promise<void> {
     $('recovery').hidden = true;
   };
   cluster.start(CLUSTER_POLL_MS);
+  // The forms work from here on (a submit before this line would reload the page); what
+  // follows only tunes which login is offered.
+  try {
+    const info = (await (await fetch('/api/v1/auth')).json()) as { mode?: string; dev_tokens?: boolean };
+    state.mode = info.mode ?? 'off';
+    state.devTokens = info.dev_tokens === true;
+  } catch {
+    // keep the defaults: paste a token
+  }
+  $('dev-hint').textContent = state.devTokens
+    ? `dev tokens are on (auth mode: ${state.mode})`
+    : 'dev tokens are off on this server: paste a token';
+  $('dev-login').hidden = !state.devTokens;
+  $('anon-login').hidden = state.mode !== 'off';
+  document.body.dataset.ready = 'true';
 }
 
 const cluster = new ClusterView($('cluster'));
@@ -478,6 +500,7 @@ const cluster = new ClusterView($('cluster'));
 (window as unknown as { chatDebug: unknown }).chatDebug = {
   state,
   stats,
+  log,
   cluster,
   channel: (name: string) => {
     const ch = state.channels.get(name);

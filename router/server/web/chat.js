@@ -1022,7 +1022,12 @@
   var SHOWN = 50;
   var DEFAULT_ROOMS = ["room:lobby"];
   var CLUSTER_POLL_MS = 2e3;
-  var stats = { connects: 0, disconnects: 0, refreshes: 0, recoveryFailed: 0, pending: 0, lastClose: "" };
+  var log = [];
+  function note(what) {
+    log.push(`${(/* @__PURE__ */ new Date()).toISOString().slice(11, 23)} ${what}`);
+    if (log.length > 50) log.shift();
+  }
+  var stats = { connects: 0, disconnects: 0, refreshes: 0, recovered: 0, recoveryFailed: 0, pending: 0, lastClose: "" };
   var state = {
     mode: "off",
     devTokens: false,
@@ -1054,7 +1059,7 @@
     banner.hidden = false;
     banner.dataset.channel = ch.name;
     const why = info.previous.epoch !== info.epoch ? `its epoch changed (${info.previous.epoch} → ${info.epoch})` : "the missed messages were trimmed";
-    $("recovery-text").textContent = `Recovery failed for ${ch.title}: ${why}. Messages after #${info.previous.offset} up to #${info.offset} may be missing; the latest ${SHOWN} were reloaded.`;
+    $("recovery-text").textContent = `Recovery failed for ${ch.title}: ${why}. Messages after #${info.previous.offset} up to #${info.offset} may be missing; the latest ones (up to ${SHOWN}) were reloaded.`;
   }
   function devTtl() {
     return new URLSearchParams(location.search).get("ttl") ?? void 0;
@@ -1087,7 +1092,9 @@
     const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
     const client = new Switchyard(url, getToken ? { getToken, name: "chat", maxBackoffMs: 5e3 } : { name: "chat", maxBackoffMs: 5e3 });
     state.client = client;
+    client.on("connecting", (c) => note(`connecting ${c.url} attempt ${c.attempt}`));
     client.on("state", (s) => {
+      note(`state ${s}`);
       if (s === "connected") setStatus("connected");
       else if (s === "connecting") setStatus(state.everConnected ? "reconnecting" : "connecting", stats.lastClose || void 0);
       else setStatus("signed-out");
@@ -1100,6 +1107,7 @@
       renderConnInfo();
     });
     client.on("disconnected", (e) => {
+      note(`disconnected ${e.code} ${e.reason}${e.reconnect ? "" : " (for good)"}`);
       stats.disconnects++;
       stats.lastClose = `${e.code}${e.reason ? ` ${e.reason}` : ""}`;
       if (e.code === 4009) notice("too many open sessions for this user; retrying");
@@ -1115,7 +1123,10 @@
       state.tokenExp = r.expiresAt;
       renderConnInfo();
     });
-    client.on("error", (e) => console.warn("switchyard:", e));
+    client.on("error", (e) => {
+      note(`error ${describe(e)}`);
+      console.warn("switchyard:", e);
+    });
     if (user) channel(`user:${user}`, "inbox", "Inbox");
     for (const r of DEFAULT_ROOMS) channel(r, "room");
     if (!state.active) select(DEFAULT_ROOMS[0]);
@@ -1159,6 +1170,9 @@
       sub.on("recoveryFailed", (info) => {
         stats.recoveryFailed++;
         recoveryNotice(ch, info);
+      });
+      sub.on("subscribed", (e) => {
+        if (e.recovered) stats.recovered++;
       });
       sub.on("state", () => renderNav());
       sub.on("unsubscribed", (e) => {
@@ -1318,21 +1332,15 @@
     render();
   }
   async function init() {
+    window.addEventListener("hashchange", () => location.reload());
     if (location.hash === "#cluster") {
       document.body.classList.add("cluster-only");
       $("app").hidden = false;
+      setStatus("cluster view");
       cluster.start(CLUSTER_POLL_MS);
+      document.body.dataset.ready = "true";
       return;
     }
-    try {
-      const info = await (await fetch("/api/v1/auth")).json();
-      state.mode = info.mode ?? "off";
-      state.devTokens = info.dev_tokens === true;
-    } catch {
-    }
-    $("dev-hint").textContent = state.devTokens ? `dev tokens are on (auth mode: ${state.mode})` : "dev tokens are off on this server: paste a token";
-    $("dev-login").hidden = !state.devTokens;
-    $("anon-login").hidden = state.mode !== "off";
     $("dev-login").onsubmit = async (e) => {
       e.preventDefault();
       const user = input("user").value.trim();
@@ -1385,11 +1393,22 @@
       $("recovery").hidden = true;
     };
     cluster.start(CLUSTER_POLL_MS);
+    try {
+      const info = await (await fetch("/api/v1/auth")).json();
+      state.mode = info.mode ?? "off";
+      state.devTokens = info.dev_tokens === true;
+    } catch {
+    }
+    $("dev-hint").textContent = state.devTokens ? `dev tokens are on (auth mode: ${state.mode})` : "dev tokens are off on this server: paste a token";
+    $("dev-login").hidden = !state.devTokens;
+    $("anon-login").hidden = state.mode !== "off";
+    document.body.dataset.ready = "true";
   }
   var cluster = new ClusterView($("cluster"));
   window.chatDebug = {
     state,
     stats,
+    log,
     cluster,
     channel: (name) => {
       const ch = state.channels.get(name);
