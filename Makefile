@@ -62,6 +62,12 @@ test:
 	    echo "[test] npm ci (tests/browser: playwright-core for the chat page test)"; \
 	    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error; \
 	fi
+	if [ "$${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ] && ! command -v npm >/dev/null; then \
+	    echo "[test] skip: the chat page bundle check (no npm, SWITCHYARD_SKIP_BROWSER=1)"; \
+	else \
+	    echo "[test] the chat page bundle is current (scripts/build-web.sh --check)"; \
+	    scripts/build-web.sh --check; \
+	fi
 	@echo "[test] cargo fmt --all -- --check"
 	$(CARGO) fmt --all -- --check
 	@echo "[test] cargo build --workspace --all-targets"

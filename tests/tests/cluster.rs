@@ -90,6 +90,12 @@ async fn three_nodes_elect_one_leader_and_publish_a_readable_balanced_map() -> R
     assert_eq!(view["epoch"], map["epoch"]);
     assert_eq!(view["owners"], map["owners"]);
     assert_eq!(view["nodes"].as_array().unwrap().len(), 3);
+    // ... and every node's load, read back after each of its own reports.
+    wait_until("every node's load in /api/v1/cluster", DEADLINE, async || {
+        let loads = cluster_view(&n2).await?["loads"].clone();
+        Ok(["n1", "n2", "n3"].iter().all(|id| loads[id]["connections"].is_u64() && loads[id]["msg_rate"].is_number()))
+    })
+    .await?;
 
     // A node serves what it owns and names the owner of the rest.
     let mine = channel_owned_by(&map, "n1");

@@ -308,7 +308,7 @@ pub async fn publish_map(
     Ok(timed("write map", limit, kv.txn(txn)).await?.succeeded())
 }
 
-fn records<T: serde::de::DeserializeOwned>(kvs: &[etcd_client::KeyValue]) -> BTreeMap<String, T> {
+pub(crate) fn records<T: serde::de::DeserializeOwned>(kvs: &[etcd_client::KeyValue]) -> BTreeMap<String, T> {
     kvs.iter()
         .filter_map(|kv| {
             let key = std::str::from_utf8(kv.key()).ok()?;

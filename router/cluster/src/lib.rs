@@ -110,6 +110,17 @@ pub(crate) async fn timed<T>(
     }
 }
 
+/// One member's load report, summed over its partitions, as `/api/v1/cluster` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeLoad {
+    /// Client connections.
+    pub connections: u64,
+    /// Publishes per second over its partitions.
+    pub msg_rate: f64,
+    /// Bytes stored in its partitions.
+    pub bytes: u64,
+}
+
 /// What this node knows about the cluster, as `/api/v1/cluster` shows it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ClusterView {
@@ -162,6 +173,8 @@ pub struct State {
     node_id: String,
     partitions: u32,
     view: ArcSwap<ClusterView>,
+    /// Every member's last load report, as this node last read it (for the API).
+    loads: ArcSwap<BTreeMap<String, NodeLoad>>,
     dynamic: watch::Sender<Arc<DynamicConfig>>,
     /// Signalled when the member set changes (the leader runs a round at once).
     membership: Notify,
@@ -193,6 +206,7 @@ impl State {
             node_id: settings.node_id.clone(),
             partitions: settings.partitions,
             view: ArcSwap::from_pointee(ClusterView::default()),
+            loads: ArcSwap::from_pointee(BTreeMap::new()),
             dynamic: watch::Sender::new(Arc::new(DynamicConfig::default())),
             membership: Notify::new(),
             term: std::sync::atomic::AtomicI64::new(0),
@@ -206,6 +220,11 @@ impl State {
     /// A snapshot of what this node knows.
     pub fn view(&self) -> Arc<ClusterView> {
         self.view.load_full()
+    }
+
+    /// Every member's last load report (read after each of this node's own reports).
+    pub fn loads(&self) -> Arc<BTreeMap<String, NodeLoad>> {
+        self.loads.load_full()
     }
 
     /// The dynamic config in force.

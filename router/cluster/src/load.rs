@@ -2,7 +2,8 @@
 //!
 //! It owns measuring, for each partition this node owns, the publish rate since the last
 //! report, the bytes stored and the live subscriptions (from the owners' snapshots), and
-//! writing them for the leader's balancer. It must never block an owner: a snapshot is one
+//! writing them for the leader's balancer (then reading everyone's, for the API). It must
+//! never block an owner: a snapshot is one
 //! mailbox message per partition, answered between batches.
 
 use std::collections::HashMap;
@@ -59,6 +60,17 @@ pub(super) async fn report(
         let key = state.keys.load(&state.node_id);
         let put = client.put(key, json, Some(PutOptions::new().with_lease(lease)));
         timed("write load", state.config.etcd_timeout, put).await?;
+        // Everyone's reports, for the API's picture of the cluster; a failed read keeps the last.
+        let all = client.get(state.keys.loads(), Some(etcd_client::GetOptions::new().with_prefix()));
+        if let Ok(resp) = timed("list loads", state.config.etcd_timeout, all).await {
+            let loads = crate::leader::records::<LoadRecord>(resp.kvs())
+                .into_iter()
+                .map(|(id, l)| {
+                    (id, crate::NodeLoad { connections: l.connections, msg_rate: l.msg_rate, bytes: l.bytes })
+                })
+                .collect();
+            state.loads.store(Arc::new(loads));
+        }
         tokio::time::sleep(state.config.load_interval).await;
     }
 }

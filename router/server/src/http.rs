@@ -256,6 +256,7 @@ fn cluster(node: &Node) -> serde_json::Value {
         "replicas": map.replicas,
         "isr": map.isr,
         "leader_epochs": map.leader_epochs,
+        "loads": *state.loads(),
         "config": view.config,
         "last_error": view.last_error,
     })
