@@ -250,31 +250,29 @@ async fn push_loop(
 ) {
     loop {
         let burst = inbox.recv_all().await;
-        let mut frames = Vec::new();
         let (mut pushes, mut bytes) = (Vec::new(), 0);
-        {
-            let mut subs = subs.lock().expect("link subs");
-            for d in burst {
+        for d in burst {
+            let remote = {
+                let mut subs = subs.lock().expect("link subs");
                 let remote = subs.get(&d.sub).map(|(r, _)| *r);
                 if d.end && subs.remove(&d.sub).is_some() {
                     node.metrics.peer_subscriptions.dec();
                 }
-                let Some(sub) = remote else { continue };
-                bytes += d.frame.len();
-                pushes.push(wire::Push { sub, offset: d.offset, frame: d.frame.as_str().to_owned(), end: d.end });
-                if bytes >= PUSH_FRAME_BYTES {
-                    frames.push(wire::encode(&Frame::Pushes(std::mem::take(&mut pushes))));
-                    bytes = 0;
+                remote
+            };
+            let Some(sub) = remote else { continue };
+            bytes += d.frame.len();
+            pushes.push(wire::Push { sub, offset: d.offset, frame: d.frame.as_str().to_owned(), end: d.end });
+            // A large burst goes out frame by frame, never copied whole.
+            if bytes >= PUSH_FRAME_BYTES {
+                if tx.send(wire::encode(&Frame::Pushes(std::mem::take(&mut pushes)))).await.is_err() {
+                    return;
                 }
+                bytes = 0;
             }
         }
-        if !pushes.is_empty() {
-            frames.push(wire::encode(&Frame::Pushes(pushes)));
-        }
-        for frame in frames {
-            if tx.send(frame).await.is_err() {
-                return;
-            }
+        if !pushes.is_empty() && tx.send(wire::encode(&Frame::Pushes(pushes))).await.is_err() {
+            return;
         }
     }
 }

@@ -136,7 +136,8 @@ impl Link {
     }
 }
 
-/// A request on a link, waiting for its reply.
+/// A request on a link, waiting for its reply. Dropped unanswered (its caller gave up or
+/// went away), it leaves the link's table: no reply slot outlives its waiter.
 pub(crate) struct Pending {
     link: Arc<Link>,
     id: u64,
@@ -145,16 +146,21 @@ pub(crate) struct Pending {
 
 impl Pending {
     /// Waits up to `limit` for the reply.
-    pub(crate) async fn wait(self, limit: Duration) -> Result<Answer, WireError> {
-        let peer = &self.link.peer;
-        match tokio::time::timeout(limit, self.rx).await {
+    pub(crate) async fn wait(mut self, limit: Duration) -> Result<Answer, WireError> {
+        let peer = self.link.peer.clone();
+        match tokio::time::timeout(limit, &mut self.rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(WireError::op(&unavailable(format!("peer link to {peer} lost; {OUTCOME_UNKNOWN}")))),
             Err(_) => {
-                self.link.pending.lock().expect("pending").remove(&self.id);
                 Err(WireError::op(&unavailable(format!("no reply from {peer} within {limit:?}; {OUTCOME_UNKNOWN}"))))
             }
         }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.link.pending.lock().expect("pending").remove(&self.id);
     }
 }
 

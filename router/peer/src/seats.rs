@@ -20,8 +20,9 @@ use crate::wire::{Answer, Op};
 
 /// How long `connect` waits for the seat holder before it applies the per-node cap.
 const SEAT_DEADLINE: Duration = Duration::from_secs(1);
-/// How often a seat granted without its holder is offered to the holder again (once per
-/// [`SEAT_DEADLINE`]); a holder that moves gets it with the node's other seats anyway.
+/// How often a seat granted without its holder is offered to the holder again, or a seat
+/// given back is retried (once per [`SEAT_DEADLINE`]); a holder that moves gets a node's
+/// seats anyway.
 const REGISTER_ATTEMPTS: usize = 30;
 
 /// The routing key of a user's seats.
@@ -71,6 +72,12 @@ impl SeatTable {
         }
     }
 
+    /// Forgets the users whose seats this node no longer holds (their key moved away): the
+    /// new holder has them, and they must not come back stale if the key returns.
+    pub(crate) fn keep_only(&self, holds: &dyn Fn(&str) -> bool) {
+        self.users.lock().expect("seat table").retain(|user, _| holds(user));
+    }
+
     /// Drops the seats of nodes that are no longer live; returns how many seats remain.
     pub(crate) fn sweep(&self, live: &dyn Fn(&str) -> bool) -> usize {
         let mut users = self.users.lock().expect("seat table");
@@ -117,10 +124,17 @@ impl Drop for ClusterSeat {
             conn: self.conn,
         };
         let node = self.node.clone();
-        // Best effort: a seat that is not given back is dropped with its node's membership.
+        // Retried like a registration; a seat never given back goes with its node's membership.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = tokio::time::timeout(SEAT_DEADLINE, crate::forward::call(&node, op)).await;
+                for _ in 0..REGISTER_ATTEMPTS {
+                    if let Ok(Ok(_)) =
+                        tokio::time::timeout(SEAT_DEADLINE, crate::forward::call(&node, op.clone())).await
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(SEAT_DEADLINE).await;
+                }
             });
         }
     }
@@ -205,8 +219,11 @@ impl Router {
     /// that left are dropped here.
     pub(crate) fn after_install_seats(self: &Arc<Self>, before: &PartitionMap) {
         let live = liveness(self);
-        self.metrics.seats_held.set(self.seat_table.sweep(&live) as i64);
         let now = self.map();
+        let me = self.node_id.as_str();
+        let holder = |user: &str| now.owner(switchyard_proto::partition::partition_of(&key(user), now.partitions()));
+        self.seat_table.keep_only(&|user| holder(user) == Some(me));
+        self.metrics.seats_held.set(self.seat_table.sweep(&live) as i64);
         let moved: Vec<(u64, String)> = self
             .seats_mine
             .lock()
@@ -224,6 +241,10 @@ impl Router {
         let node = self.clone();
         tokio::spawn(async move {
             for (conn, user) in moved {
+                // A connection that ended meanwhile has given its seat back already.
+                if !node.seats_mine.lock().expect("own seats").contains_key(&conn) {
+                    continue;
+                }
                 let op =
                     Op::Seat { key: key(&user), user, node: node.node_id.clone(), conn, max: u32::MAX, force: true };
                 let _ = tokio::time::timeout(SEAT_DEADLINE, crate::forward::call(&node, op)).await;
@@ -263,5 +284,7 @@ mod tests {
         assert!(t.take(&without_n2, "alice", "n3", 10, 2, false), "a dead node's seat is free");
         assert!(t.take(&all, "alice", "n1", 11, 2, true), "a re-registered seat goes over the cap");
         assert_eq!(t.sweep(&|n: &str| n == "n3"), 3, "n3's seats remain: alice 9, 10 and bob 9");
+        t.keep_only(&|user: &str| user == "bob");
+        assert_eq!(t.sweep(&all), 1, "alice's key moved away: only bob's seat stays here");
     }
 }

@@ -431,7 +431,14 @@ pub struct MessageView<'a> {
 
 /// Serializes `value` into the bytes of one text frame.
 pub fn to_frame<T: Serialize>(value: &T) -> Text {
-    Text::from(serde_json::to_string(value).expect("protocol values always serialize"))
+    let mut text = serde_json::to_string(value).expect("protocol values always serialize");
+    // A raw payload keeps the publisher's whitespace, and a line break in it would split a
+    // packed (JSON-lines) frame. serde escapes them inside strings, so here they can only
+    // be whitespace between tokens, which a space replaces without changing the value.
+    if text.bytes().any(|b| b == b'\n' || b == b'\r') {
+        text = text.replace(['\n', '\r'], " ");
+    }
+    Text::from(text)
 }
 
 /// `{"id": id, "ok": ok}`.
@@ -501,6 +508,21 @@ pub struct Empty {}
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_frame_is_one_line_whatever_the_payload_whitespace() {
+        let data = RawValue::from_string("{\"a\":\r\n 1,\n\"b\": \"x\\ny\"}".to_string()).unwrap();
+        #[derive(Serialize)]
+        struct Push<'a> {
+            push: &'a str,
+            data: &'a RawValue,
+        }
+        let frame = to_frame(&Push { push: "message", data: &data });
+        assert!(!frame.as_str().contains(['\n', '\r']), "{}", frame.as_str());
+        let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+        assert_eq!(v["data"], serde_json::json!({"a": 1, "b": "x\ny"}));
+    }
+
     use super::*;
 
     fn rejected(text: &str) -> Rejected {
