@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# P=4096, 3 nodes, replicas 2, defaults otherwise: time to a full ISR everywhere and the map epoch then.
+# P=4096, 3 nodes, replicas 2, defaults otherwise: time from the nodes' start to a full
+# ISR on every partition, and the map epoch then (each ISR write bumps it).
+#   scripts/bench-isr-startup.sh [ROUTER_BIN]   (default target/release/switchyard; needs etcd)
+# Progress goes to stderr every 5 s; gives up after 120 s.
 set -u
 bin="${1:-target/release/switchyard}"; work="$(mktemp -d /tmp/switchyard-isr.XXXX)"; pids=()
 trap 'kill ${pids[@]} 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
@@ -29,6 +32,7 @@ for i in $(seq 1 240); do
       echo "full ISR on every partition after $(python3 -c "print(round($(date +%s.%N)-$start,1))") s: map epoch $1, map JSON $4 bytes"; exit 0
     fi
   fi
+  [ $((i % 10)) = 0 ] && echo "[isr] $((i / 2)) s: map epoch, owners, partitions with a full ISR, map bytes: ${r:-no map yet}" >&2
   sleep 0.5
 done
 echo "no full ISR within 120 s: last epoch/nodes/full/bytes: $r"; grep -ciE "lease|timeout|timed out" $work/n*.log | head
