@@ -267,7 +267,7 @@ where
                 // Replies waiting to be written pause reading at the byte budget: a client
                 // that pipelines reads and stops reading the answers holds at most about
                 // one budget of them (the socket's write deadline then ends it).
-                frame = self.ws.next(), if self.reply_bytes < self.node.config.limits.outbound_queue_bytes => {
+                frame = self.ws.next(), if !self.reading_paused() => {
                     self.on_frame(frame).await
                 }
                 _ = &mut self.beat => self.on_beat().await,
@@ -359,6 +359,12 @@ where
         protocol::error_reply(id, error)
     }
 
+    /// True while replies waiting to be written hold the connection's byte budget: no
+    /// further command is read until they are.
+    fn reading_paused(&self) -> bool {
+        self.reply_bytes >= self.node.config.limits.outbound_queue_bytes
+    }
+
     /// Queues a reply behind the ones still in flight.
     fn queue(&mut self, fut: BoxFuture<'static, Output>) {
         self.queue_sized(fut, SMALL_REPLY);
@@ -439,6 +445,12 @@ where
         self.beat.as_mut().reset(self.heartbeat.deadline(&live.sessions));
         match beat {
             Beat::Wait => Ok(()),
+            // Reading is paused at the reply budget, so its pong may be waiting unread: the
+            // writes' deadline (`write_timeout`) judges this client instead.
+            Beat::Dead if self.reading_paused() => {
+                self.heartbeat.on_pong();
+                Ok(())
+            }
             Beat::Dead => Err(Stop::Unresponsive),
             Beat::Ping => {
                 self.unflushed = true;
