@@ -75,11 +75,7 @@ pub(crate) async fn run(node: Arc<Context>, state: Arc<State>, mut changes: mpsc
 /// One fenced compare-and-swap of every change in `changes` that this node may make (it
 /// leads the partition under the change's leader epoch), retried while only the map's
 /// revision moved. Returns the partitions whose ISR the map now holds as asked.
-async fn write(
-    kv: &mut etcd_client::Client,
-    state: &State,
-    changes: &[IsrChange],
-) -> Result<Vec<u32>, crate::Error> {
+async fn write(kv: &mut etcd_client::Client, state: &State, changes: &[IsrChange]) -> Result<Vec<u32>, crate::Error> {
     let key = state.keys.map();
     let t = state.config.etcd_timeout;
     for _ in 0..5 {
