@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build every plugin crate under plugins/ to wasm32 and copy the modules to
-# plugins/dist/.
+# plugins/dist/; then the test fixture crates under tests/plugins/ (the ABI v1
+# builds kept to prove v1 still loads) to tests/plugins/dist/.
 #
 # A plugin crate is a directory plugins/<name>/ with a Cargo.toml. Each one is
 # built on its own (it is its own workspace), into one target dir shared by all
@@ -21,6 +22,8 @@
 #   PLUGINS_TARGET_DIR  the target dir shared by all plugin crates (default:
 #                   $PLUGINS_DIR/target). Sharing builds std for wasm32 once
 #                   instead of once per crate (~1 min each).
+#   FIXTURES_DIR  test fixture crates (default: <repo>/tests/plugins; built to
+#                 $FIXTURES_DIR/dist; set it empty to skip them)
 set -euo pipefail
 
 log() { echo "[plugins] $*"; }
@@ -31,6 +34,7 @@ dist_dir="${DIST_DIR:-$plugins_dir/dist}"
 profile="${PLUGIN_PROFILE:-release}"
 target_dir="${PLUGINS_TARGET_DIR:-$plugins_dir/target}"
 target=wasm32-unknown-unknown
+fixtures_dir="${FIXTURES_DIR-$root/tests/plugins}"
 
 # rustup's cargo/rustc first; Debian's live in /usr/bin.
 if [ -d "$HOME/.cargo/bin" ]; then
@@ -39,15 +43,21 @@ fi
 
 mkdir -p "$dist_dir"
 
+# crates[i] is built into dists[i].
 crates=()
-if [ -d "$plugins_dir" ]; then
-    for manifest in "$plugins_dir"/*/Cargo.toml; do
+dists=()
+add_crates() {  # <folder> <dist>
+    [ -n "$1" ] && [ -d "$1" ] || return 0
+    for manifest in "$1"/*/Cargo.toml; do
         [ -e "$manifest" ] || continue
         dir="$(dirname "$manifest")"
         case "$(basename "$dir")" in dist|target) continue ;; esac
         crates+=("$dir")
+        dists+=("$2")
     done
-fi
+}
+add_crates "$plugins_dir" "$dist_dir"
+[ -n "$fixtures_dir" ] && add_crates "$fixtures_dir" "$fixtures_dir/dist"
 
 if [ ${#crates[@]} -eq 0 ]; then
     log "no plugin crates in $plugins_dir; nothing to build"
@@ -94,7 +104,10 @@ fi
 profile_dir="$profile"; [ "$profile" = dev ] && profile_dir=debug
 start=$(date +%s)
 built=0
-for dir in "${crates[@]}"; do
+for i in "${!crates[@]}"; do
+    dir="${crates[$i]}"
+    dist_dir="${dists[$i]}"
+    mkdir -p "$dist_dir"
     name="$(basename "$dir")"
     log "building $name ($mode, profile $profile)"
     t0=$(date +%s)
@@ -129,4 +142,4 @@ for dir in "${crates[@]}"; do
     built=$((built + n))
     log "  $name done in $(( $(date +%s) - t0 ))s"
 done
-log "built $built module(s) from ${#crates[@]} crate(s) in $(( $(date +%s) - start ))s -> $dist_dir"
+log "built $built module(s) from ${#crates[@]} crate(s) in $(( $(date +%s) - start ))s"

@@ -8,8 +8,10 @@
 //! namespace's built-in limits, and an invalid file keeps the last good version serving.
 //! Third, a hostile module (endless loop, memory bomb, garbage or out-of-bounds output,
 //! trap) never costs a message: the round falls back to the built-in limits, the failure
-//! is counted with its reason, and the plugin is quarantined; a module that breaks ABI v1
-//! is refused at load. Fourth, `plugin check` accepts a good module and refuses a bad one.
+//! is counted with its reason, and the plugin is quarantined, whether it speaks ABI v1 or
+//! v2; a module that breaks its ABI is refused at load, and an ABI v1 build keeps working
+//! beside v2 ones. Fourth, `plugin check` accepts a good module (also as `--json`) and
+//! refuses a bad one, and `plugin new` makes crates that test green.
 //!
 //! Every node gets its own plugin folder ([`PluginDir`]) and runs maintenance every
 //! 100 ms; every check polls with a deadline. The example plugins come from `plugins/dist`
@@ -82,7 +84,7 @@ fn assert_nothing_lost(channel: &str, acked: &[u64], received: &[Value]) -> anyh
     assert_contiguous(&got, got[0])
 }
 
-// --- hand-written ABI v1 modules ---
+// --- hand-written ABI v1 modules (v2 ones below, at the hostile tests) ---
 
 /// A retention module: ABI marker, memory, a bump allocator, a data segment at 16
 /// (`Ok(Keep)`, postcard `00 00`) and at 64 (bytes no `Result` decodes from), and `body` as
@@ -284,7 +286,7 @@ compaction = { plugin = "latest-per-key", params = { tombstone_delay_ms = 0 } }
         let row = rows.iter().find(|r| r["name"] == *name).with_context(|| format!("{name} not listed: {body}"))?;
         assert_eq!(row["state"], "active", "{row}");
         assert_eq!(row["kinds"], json!([kind]), "{row}");
-        assert_eq!(row["abi_version"], 1, "{row}");
+        assert_eq!(row["abi_version"], 2, "the examples are ABI v2: {row}");
         assert_eq!(row["sha256"], json!(sha), "{row}");
         assert_eq!(row["file_sha256"], json!(sha), "{row}");
         assert!(row["calls"].as_u64().is_some_and(|n| n > 0), "{row}");
@@ -374,9 +376,14 @@ async fn replacing_deleting_and_corrupting_a_plugin_under_load() -> anyhow::Resu
 /// nothing is lost, the fallback is applied, the failure is counted with `reason`, and the
 /// plugin ends up quarantined.
 async fn hostile_retention_falls_back(body: &str, reason: &str) -> anyhow::Result<()> {
+    hostile_module_falls_back(&abi_module(body), &format!("hostile-{}", reason.replace('_', "-")), reason).await
+}
+
+/// [`hostile_retention_falls_back`] for any module bytes, installed as `name`.
+async fn hostile_module_falls_back(module: &[u8], name: &str, reason: &str) -> anyhow::Result<()> {
     let plugins = PluginDir::new();
-    let name = format!("hostile-{}", reason.replace('_', "-"));
-    plugins.install(&name, &abi_module(body));
+    let name = name.to_string();
+    plugins.install(&name, module);
     let node = Node::start(&config(
         &plugins,
         &format!(
@@ -454,18 +461,79 @@ async fn a_trap_is_a_failure() -> anyhow::Result<()> {
     hostile_retention_falls_back("unreachable", "trap").await
 }
 
+/// An ABI v2 retention module (8-aligned bump allocator, the `switchyard.key` import as
+/// `$key`) with `body` as its entry point; data at 16 is the v2 answer `Keep` (24 bytes).
+fn abi_v2_module(body: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+            (import "switchyard" "key" (func $key (param i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (global $bump (mut i32) (i32.const 1024))
+            (data (i32.const 16) "\00\00\00\00\01\00\00\00")
+            (func (export "switchyard_abi_v2"))
+            (func (export "switchyard_alloc") (param $n i32) (result i32)
+              (local $p i32) (local.set $p (global.get $bump))
+              (global.set $bump (i32.and (i32.add (i32.add (local.get $p) (local.get $n)) (i32.const 7)) (i32.const -8)))
+              (local.get $p))
+            (func (export "switchyard_retention") (param $p i32) (param $l i32) (result i64) {body}))"#
+    ))
+    .expect("valid wat")
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn modules_that_break_abi_v1_are_refused_at_load() -> anyhow::Result<()> {
+async fn a_v2_endless_loop_times_out() -> anyhow::Result<()> {
+    hostile_module_falls_back(&abi_v2_module("(loop $l (br $l)) (i64.const 0)"), "hostile-v2-loop", "timeout").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v2_key_index_out_of_range_is_refused() -> anyhow::Result<()> {
+    let body = format!("(drop (call $key (i32.const 1000000) (i32.const 512) (i32.const 16))) {}", output(16, 24));
+    hostile_module_falls_back(&abi_v2_module(&body), "hostile-v2-key", "out_of_bounds").await
+}
+
+/// The ABI v1 build of keep-last (`tests/plugins/dist/keep-last-v1.wasm`) keeps working
+/// beside v2 plugins, listed as ABI 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abi_v1_plugin_still_works() -> anyhow::Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist/keep-last-v1.wasm");
+    let v1 =
+        std::fs::read(&path).with_context(|| format!("{}: build it with scripts/build-plugins.sh", path.display()))?;
+    let plugins = PluginDir::new();
+    plugins.install("old", &v1);
+    plugins.install_example("keep-last", "new");
+    let node = Node::start(&config(
+        &plugins,
+        "[namespaces.a]\nretention = { plugin = \"old\", params = { count = 3 } }\n\
+         [namespaces.b]\nretention = { plugin = \"new\", params = { count = 2 } }\n",
+    ));
+    let mut c = node.client().await;
+    c.publish_many("a:x", (1..=10).map(|i| json!(i))).await?;
+    c.publish_many("b:x", (1..=10).map(|i| json!(i))).await?;
+    wait_for_offsets(&mut c, "a:x", &[8, 9, 10]).await?;
+    wait_for_offsets(&mut c, "b:x", &[9, 10]).await?;
+    for (name, abi) in [("old", 1), ("new", 2)] {
+        let row = plugin_row(&node, name).await?.context("listed")?;
+        assert_eq!(
+            (&row["abi_version"], &row["state"], &row["failures"]),
+            (&json!(abi), &json!("active"), &json!(0)),
+            "{row}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn modules_that_break_the_abi_are_refused_at_load() -> anyhow::Result<()> {
     let wat = |text: &str| wat::parse_str(text).expect("valid wat");
     let entry = r#"(func (export "switchyard_retention") (param i32 i32) (result i64) (i64.const 0))"#;
     let alloc = r#"(func (export "switchyard_alloc") (param i32) (result i32) (i32.const 1024))"#;
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
-            "abi-v2",
+            "abi-v3",
             wat(&format!(
-                r#"(module (memory (export "memory") 1) (func (export "switchyard_abi_v2")) {alloc} {entry})"#
+                r#"(module (memory (export "memory") 1) (func (export "switchyard_abi_v3")) {alloc} {entry})"#
             )),
-            "switchyard_abi_v2",
+            "switchyard_abi_v3",
         ),
         (
             "no-marker",
@@ -503,7 +571,7 @@ async fn modules_that_break_abi_v1_are_refused_at_load() -> anyhow::Result<()> {
     }
     let node = Node::start(&config(
         &plugins,
-        "[namespaces.v2]\nhistory_size = 5\nretention = { plugin = \"abi-v2\" }\n\
+        "[namespaces.v2]\nhistory_size = 5\nretention = { plugin = \"abi-v3\" }\n\
          [namespaces.ne]\nhistory_size = 5\nretention = { plugin = \"no-entry\" }\n",
     ));
     for (name, bytes, why) in &cases {
@@ -515,7 +583,7 @@ async fn modules_that_break_abi_v1_are_refused_at_load() -> anyhow::Result<()> {
         let err = row["last_error"].as_str().unwrap_or_default();
         assert!(err.contains(why), "{name}: last_error should mention {why:?}: {row}");
     }
-    let abi = plugin_row(&node, "abi-v2").await?.context("listed")?;
+    let abi = plugin_row(&node, "abi-v3").await?.context("listed")?;
     assert!(abi["last_error"].as_str().unwrap_or_default().contains("unsupported ABI version"), "{abi}");
     // Namespaces bound to a refused module use their built-in limits.
     let mut c = node.client().await;
@@ -560,5 +628,65 @@ fn plugin_check_accepts_a_good_module_and_refuses_a_bad_one() -> anyhow::Result<
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "check of a garbage file succeeded:\n{stdout}");
     assert!(stdout.contains("REFUSED"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+#[test]
+fn plugin_check_json_reports_every_size() -> anyhow::Result<()> {
+    let good = plugins_dist().join("latest-per-key.wasm");
+    example_plugin("latest-per-key");
+    let out = Command::new(router_bin())
+        .args(["plugin", "check"])
+        .arg(&good)
+        .args(["--params", r#"{"tombstone_delay_ms":0}"#, "--calls", "1", "--json"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(stdout.trim())?;
+    assert_eq!((&report["abi"], &report["kinds"]), (&json!(2), &json!(["compaction"])), "{report}");
+    assert_eq!(report["sha256"], sha256_hex(&std::fs::read(&good)?).as_str());
+    let calls = report["calls"].as_array().context("calls")?;
+    let sizes: Vec<u64> = calls.iter().filter_map(|c| c["n"].as_u64()).collect();
+    assert_eq!(sizes, vec![100, 1_000, 10_000], "{report}");
+    for c in calls {
+        assert_eq!(c["kind"], "compaction", "{c}");
+        assert!(c["wasm_ns"].as_u64().is_some_and(|n| n > 0) && c["native_ns"].is_u64(), "{c}");
+        assert!(c["decisions"].as_str().is_some_and(|d| d.starts_with("removes ")), "{c}");
+    }
+    Ok(())
+}
+
+/// `switchyard plugin new` makes a crate whose native tests pass out of the box, for each
+/// kind (built in the plugins' shared native target dir, offline: no new dependencies).
+#[test]
+fn plugin_new_scaffolds_crates_that_test_green() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins-native");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    for kind in ["retention", "compaction", "balance"] {
+        let crate_dir = dir.path().join(kind);
+        let out = Command::new(router_bin())
+            .args(["plugin", "new", &format!("my-{kind}"), "--kind", kind, "--dir"])
+            .arg(&crate_dir)
+            .output()?;
+        assert!(out.status.success(), "plugin new --kind {kind}: {}", String::from_utf8_lossy(&out.stderr));
+        let test = Command::new(&cargo)
+            .args(["test", "--offline", "--quiet"])
+            .current_dir(&crate_dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .output()?;
+        assert!(
+            test.status.success(),
+            "cargo test of the {kind} scaffold failed:\n{}\n{}",
+            String::from_utf8_lossy(&test.stdout),
+            String::from_utf8_lossy(&test.stderr)
+        );
+    }
+    // An existing, non-empty directory is never overwritten.
+    let again = Command::new(router_bin())
+        .args(["plugin", "new", "my-retention", "--kind", "retention", "--dir"])
+        .arg(dir.path().join("retention"))
+        .output()?;
+    assert!(!again.status.success());
     Ok(())
 }

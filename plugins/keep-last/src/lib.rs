@@ -6,7 +6,7 @@
 //! than the host showed in `oldest` (the rest go in later rounds).
 
 use serde::Deserialize;
-use switchyard_sdk::{RetentionDecision, RetentionInput};
+use switchyard_sdk::{ChannelView, RetentionDecision};
 
 /// Params of a `keep-last` binding.
 #[derive(Debug, Clone, Deserialize)]
@@ -17,17 +17,18 @@ pub struct Params {
 }
 
 /// Drops the oldest messages beyond the newest `count`.
-pub fn policy(input: &RetentionInput, params: &Params) -> RetentionDecision {
-    if params.count == 0 || input.stats.count <= params.count {
+pub fn policy(input: &ChannelView<'_>, params: &Params) -> RetentionDecision {
+    let (count, oldest) = (input.stats().count, input.messages());
+    if params.count == 0 || count <= params.count {
         return RetentionDecision::Keep;
     }
-    let excess = input.stats.count - params.count;
-    let drop = (excess.min(input.oldest.len() as u64)) as usize;
+    let excess = count - params.count;
+    let drop = (excess.min(oldest.len() as u64)) as usize;
     match drop {
         0 => RetentionDecision::Keep,
         n => {
-            switchyard_sdk::log!(debug, "{}: {} messages over {}, dropping {n}", input.channel, excess, params.count);
-            RetentionDecision::DropBelow(input.oldest[n - 1].offset + 1)
+            switchyard_sdk::log!(debug, "{}: {} messages over {}, dropping {n}", input.name(), excess, params.count);
+            RetentionDecision::DropBelow(oldest[n - 1].offset + 1)
         }
     }
 }
@@ -37,7 +38,12 @@ switchyard_sdk::export_retention!(policy);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_sdk::{guest, ChannelStats, MessageMeta};
+    use switchyard_sdk::{v2, ChannelStats, MessageMeta, RetentionInput};
+
+    /// The policy on a v1-style input (the view hashes keys natively).
+    fn run(input: &RetentionInput, params: &Params) -> RetentionDecision {
+        policy(&ChannelView::from_retention(input), params)
+    }
 
     fn input(offsets: impl IntoIterator<Item = u64>, count: u64, shown: usize) -> RetentionInput {
         let all: Vec<_> = offsets
@@ -57,30 +63,30 @@ mod tests {
     #[test]
     fn keeps_the_newest_count() {
         let p = Params { count: 3 };
-        assert_eq!(policy(&input(1..=10, 10, 10), &p), RetentionDecision::DropBelow(8));
-        assert_eq!(policy(&input(1..=3, 3, 3), &p), RetentionDecision::Keep);
-        assert_eq!(policy(&input(1..=2, 2, 2), &p), RetentionDecision::Keep);
-        assert_eq!(policy(&input(std::iter::empty(), 0, 0), &p), RetentionDecision::Keep);
+        assert_eq!(run(&input(1..=10, 10, 10), &p), RetentionDecision::DropBelow(8));
+        assert_eq!(run(&input(1..=3, 3, 3), &p), RetentionDecision::Keep);
+        assert_eq!(run(&input(1..=2, 2, 2), &p), RetentionDecision::Keep);
+        assert_eq!(run(&input(std::iter::empty(), 0, 0), &p), RetentionDecision::Keep);
         // Gaps left by compaction: count-based, not offset-based.
-        assert_eq!(policy(&input([2, 5, 6, 9, 12], 5, 5), &Params { count: 2 }), RetentionDecision::DropBelow(7));
+        assert_eq!(run(&input([2, 5, 6, 9, 12], 5, 5), &Params { count: 2 }), RetentionDecision::DropBelow(7));
     }
 
     #[test]
     fn drops_only_what_was_shown() {
         // 100 messages, 4 shown: only the shown ones go this round.
-        assert_eq!(policy(&input(1..=100, 100, 4), &Params { count: 10 }), RetentionDecision::DropBelow(5));
+        assert_eq!(run(&input(1..=100, 100, 4), &Params { count: 10 }), RetentionDecision::DropBelow(5));
         // Counters say more than shown but nothing shown: keep.
-        assert_eq!(policy(&input(1..=100, 100, 0), &Params { count: 10 }), RetentionDecision::Keep);
+        assert_eq!(run(&input(1..=100, 100, 0), &Params { count: 10 }), RetentionDecision::Keep);
     }
 
     #[test]
     fn zero_count_is_unlimited() {
-        assert_eq!(policy(&input(1..=10, 10, 10), &Params { count: 0 }), RetentionDecision::Keep);
+        assert_eq!(run(&input(1..=10, 10, 10), &Params { count: 0 }), RetentionDecision::Keep);
     }
 
     #[test]
     fn params_through_the_abi() {
-        let call = |params: &str| guest::call(&guest::encode_call(params, &input(1..=10, 10, 10)).unwrap(), policy);
+        let call = |params: &str| v2::call_retention(params, &input(1..=10, 10, 10), policy);
         assert_eq!(call(r#"{"count":4}"#), Ok(RetentionDecision::DropBelow(7)));
         assert!(call("{}").unwrap_err().contains("missing field `count`"));
         assert!(call(r#"{"cuont":4}"#).unwrap_err().contains("unknown field"));

@@ -8,11 +8,13 @@
 //! - a tombstone that is the latest for its key is removed once it is `tombstone_delay_ms`
 //!   old (default 60000, the built-in default of 1 minute);
 //! - unkeyed messages are never removed.
-
-use std::collections::BTreeMap;
+//!
+//! ABI v2: keys are compared by the 64-bit hash the host gives each message (keyed per
+//! router process, so publishers cannot make keys collide); the answer is a bitmap.
 
 use serde::Deserialize;
-use switchyard_sdk::{CompactionDecision, CompactionInput};
+use switchyard_sdk::fx::FxHashMap;
+use switchyard_sdk::{Bitmap, ChannelView, Removals};
 
 /// Params of a `latest-per-key` binding.
 #[derive(Debug, Clone, Deserialize)]
@@ -31,28 +33,29 @@ impl Default for Params {
 }
 
 /// Removes superseded keyed messages and expired latest tombstones.
-pub fn policy(input: &CompactionInput, params: &Params) -> CompactionDecision {
-    // Walk newest to oldest, remembering the ts of the next newer message per key.
-    let mut newer: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut remove = Vec::new();
-    for m in input.window.iter().rev() {
-        let Some(key) = m.key.as_deref() else { continue };
-        match newer.get(key) {
-            Some(&newer_ts) => {
+pub fn policy(input: &ChannelView<'_>, params: &Params) -> Removals {
+    let window = input.messages();
+    // Walk newest to oldest, remembering the ts of the next newer message per key hash.
+    let mut newer: FxHashMap<u64, u64> = FxHashMap::with_capacity_and_hasher(window.len(), Default::default());
+    let mut remove = Bitmap::new(window.len());
+    for (i, m) in window.iter().enumerate().rev() {
+        if !m.keyed() {
+            continue;
+        }
+        match newer.insert(m.key_hash, m.ts) {
+            Some(newer_ts) => {
                 if params.window_ms.is_none_or(|w| newer_ts.saturating_sub(m.ts) <= w) {
-                    remove.push(m.offset);
+                    remove.set(i);
                 }
             }
             None => {
-                if m.tombstone && input.now_ms.saturating_sub(m.ts) >= params.tombstone_delay_ms {
-                    remove.push(m.offset);
+                if m.tombstone() && input.now_ms().saturating_sub(m.ts) >= params.tombstone_delay_ms {
+                    remove.set(i);
                 }
             }
         }
-        newer.insert(key, m.ts);
     }
-    remove.reverse();
-    CompactionDecision { remove }
+    Removals::Bitmap(remove)
 }
 
 switchyard_sdk::export_compaction!(policy);
@@ -60,7 +63,13 @@ switchyard_sdk::export_compaction!(policy);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_sdk::{guest, MessageMeta};
+    use switchyard_sdk::{v2, CompactionInput, MessageMeta};
+
+    /// The policy on a v1-style input: the offsets it removes.
+    fn run(input: &CompactionInput, params: &Params) -> Vec<u64> {
+        let view = ChannelView::from_compaction(input);
+        policy(&view, params).offsets(view.messages())
+    }
 
     fn meta(offset: u64, ts: u64, key: Option<&str>, tombstone: bool) -> MessageMeta {
         MessageMeta { offset, ts, size: 1, key: key.map(String::from), tombstone }
@@ -84,34 +93,34 @@ mod tests {
     fn keeps_latest_per_key() {
         // The built-in policy's own test cases.
         let p = Params { window_ms: None, tombstone_delay_ms: 100 };
-        assert_eq!(policy(&input(100), &p).remove, vec![1, 2]);
+        assert_eq!(run(&input(100), &p), vec![1, 2]);
         // Later, the tombstone itself is old enough to go.
-        assert_eq!(policy(&input(140), &p).remove, vec![1, 2, 5]);
+        assert_eq!(run(&input(140), &p), vec![1, 2, 5]);
         let p = Params { window_ms: Some(25), tombstone_delay_ms: 1000 };
-        assert_eq!(policy(&input(100), &p).remove, Vec::<u64>::new());
+        assert_eq!(run(&input(100), &p), Vec::<u64>::new());
         let p = Params { window_ms: Some(30), tombstone_delay_ms: 1000 };
-        assert_eq!(policy(&input(100), &p).remove, vec![1, 2]);
+        assert_eq!(run(&input(100), &p), vec![1, 2]);
     }
 
     #[test]
     fn unkeyed_and_lone_messages_stay() {
         let w = vec![meta(1, 0, None, false), meta(2, 0, None, true), meta(3, 0, Some("x"), false)];
         let inp = CompactionInput { channel: "c".into(), window: w, now_ms: u64::MAX };
-        assert!(policy(&inp, &Params::default()).remove.is_empty());
+        assert!(run(&inp, &Params::default()).is_empty());
         let empty = CompactionInput { channel: "c".into(), window: vec![], now_ms: 0 };
-        assert!(policy(&empty, &Params::default()).remove.is_empty());
+        assert!(run(&empty, &Params::default()).is_empty());
     }
 
     #[test]
     fn many_versions_of_one_key() {
         let w: Vec<_> = (1..=6).map(|i| meta(i, i * 10, Some("k"), false)).collect();
         let inp = CompactionInput { channel: "c".into(), window: w, now_ms: 100 };
-        assert_eq!(policy(&inp, &Params::default()).remove, vec![1, 2, 3, 4, 5]);
+        assert_eq!(run(&inp, &Params::default()), vec![1, 2, 3, 4, 5]);
     }
 
     #[test]
     fn params_through_the_abi() {
-        let call = |params: &str| guest::call(&guest::encode_call(params, &input(100)).unwrap(), policy);
+        let call = |params: &str| v2::call_compaction(params, &input(100), policy);
         // Default tombstone delay (1 minute): the tombstone stays.
         assert_eq!(call("{}").unwrap().remove, vec![1, 2]);
         assert_eq!(call(r#"{"tombstone_delay_ms":60}"#).unwrap().remove, vec![1, 2, 5]);

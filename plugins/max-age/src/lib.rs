@@ -11,7 +11,7 @@
 //! in later rounds).
 
 use serde::Deserialize;
-use switchyard_sdk::{RetentionDecision, RetentionInput};
+use switchyard_sdk::{ChannelView, RetentionDecision};
 
 /// Params of a `max-age` binding, as written.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -69,16 +69,17 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
 }
 
 /// Drops the shown oldest messages older than the TTL.
-pub fn policy(input: &RetentionInput, params: &Params) -> Result<RetentionDecision, String> {
+pub fn policy(input: &ChannelView<'_>, params: &Params) -> Result<RetentionDecision, String> {
     let ttl_ms = params.ttl_ms()?;
     if ttl_ms == 0 {
         return Ok(RetentionDecision::Keep);
     }
-    let cutoff = input.now_ms.saturating_sub(ttl_ms);
-    let drop = input.oldest.iter().take_while(|m| m.ts < cutoff).count();
+    let cutoff = input.now_ms().saturating_sub(ttl_ms);
+    let oldest = input.messages();
+    let drop = oldest.iter().take_while(|m| m.ts < cutoff).count();
     Ok(match drop {
         0 => RetentionDecision::Keep,
-        n => RetentionDecision::DropBelow(input.oldest[n - 1].offset + 1),
+        n => RetentionDecision::DropBelow(oldest[n - 1].offset + 1),
     })
 }
 
@@ -87,7 +88,12 @@ switchyard_sdk::export_retention!(policy);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_sdk::{guest, ChannelStats, MessageMeta};
+    use switchyard_sdk::{v2, ChannelStats, MessageMeta, RetentionInput};
+
+    /// The policy on a v1-style input.
+    fn run(input: &RetentionInput, params: &Params) -> Result<RetentionDecision, String> {
+        policy(&ChannelView::from_retention(input), params)
+    }
 
     fn input(now_ms: u64) -> RetentionInput {
         let oldest: Vec<_> =
@@ -107,13 +113,13 @@ mod tests {
     #[test]
     fn drops_older_than_ttl() {
         // now 1000, cutoff 500: offsets 1..=4 (ts < 500) go, as the built-in policy does.
-        assert_eq!(policy(&input(1000), &ms(500)), Ok(RetentionDecision::DropBelow(5)));
-        assert_eq!(policy(&input(1000), &ms(10_000)), Ok(RetentionDecision::Keep));
-        assert_eq!(policy(&input(100_000), &ms(10)), Ok(RetentionDecision::DropBelow(11)));
-        assert_eq!(policy(&input(0), &ms(10)), Ok(RetentionDecision::Keep));
-        assert_eq!(policy(&input(1000), &ms(0)), Ok(RetentionDecision::Keep));
+        assert_eq!(run(&input(1000), &ms(500)), Ok(RetentionDecision::DropBelow(5)));
+        assert_eq!(run(&input(1000), &ms(10_000)), Ok(RetentionDecision::Keep));
+        assert_eq!(run(&input(100_000), &ms(10)), Ok(RetentionDecision::DropBelow(11)));
+        assert_eq!(run(&input(0), &ms(10)), Ok(RetentionDecision::Keep));
+        assert_eq!(run(&input(1000), &ms(0)), Ok(RetentionDecision::Keep));
         let empty = RetentionInput { oldest: vec![], ..input(1000) };
-        assert_eq!(policy(&empty, &ms(1)), Ok(RetentionDecision::Keep));
+        assert_eq!(run(&empty, &ms(1)), Ok(RetentionDecision::Keep));
     }
 
     #[test]
@@ -121,7 +127,7 @@ mod tests {
         // Timestamps need not be monotonic; only the old prefix goes.
         let mut inp = input(1000);
         inp.oldest[2].ts = 900;
-        assert_eq!(policy(&inp, &ms(500)), Ok(RetentionDecision::DropBelow(3)));
+        assert_eq!(run(&inp, &ms(500)), Ok(RetentionDecision::DropBelow(3)));
     }
 
     #[test]
@@ -145,7 +151,7 @@ mod tests {
 
     #[test]
     fn params_through_the_abi() {
-        let call = |params: &str| guest::call(&guest::encode_call(params, &input(1000)).unwrap(), policy);
+        let call = |params: &str| v2::call_retention(params, &input(1000), policy);
         assert_eq!(call(r#"{"ttl_ms":500}"#), Ok(RetentionDecision::DropBelow(5)));
         assert_eq!(call(r#"{"ttl":"1s"}"#), Ok(RetentionDecision::Keep));
         assert_eq!(call(r#"{"ttl":"300ms"}"#), Ok(RetentionDecision::DropBelow(7)));

@@ -1,8 +1,10 @@
 //! Background retention and compaction, one task per partition.
 //!
 //! It owns the rounds: every `maintenance.interval` it asks a partition's owner for its
-//! channels' counters, reads the needed message metadata from the store, asks the bound
-//! policy for a decision, validates it and sends the owner a `Trim`. It must never run on
+//! channels' counters, reads the needed message metadata from the store, asks each bound
+//! policy for the decisions of all its channels of the round at once (a plugin policy
+//! then makes one call per round, not one per channel), validates each and sends the
+//! owner a `Trim`. It must never run on
 //! the publish path or write to the store itself: the owner applies every removal.
 
 use std::collections::HashMap;
@@ -16,11 +18,14 @@ use tokio::sync::watch;
 
 use crate::owner::{now_ms, OwnerCommand, Snapshot, TrimReason};
 use crate::partitions::Partitions;
-use crate::policy::{validate_compaction, validate_retention, Policies};
+use crate::policy::{validate_compaction, validate_retention, CompactionPolicy, Policies, RetentionPolicy};
 use switchyard_proto::partition::PartitionId;
 
 /// Oldest messages shown to a retention policy per round.
 const RETENTION_SHOWN: usize = 1024;
+/// Most messages of a round's inputs held at once: the channels collected so far are
+/// decided (and trimmed) before more metadata is read.
+const ROUND_HELD_MAX: usize = 20_000;
 /// Most messages scanned for a compaction round.
 const COMPACTION_SCAN_MAX: usize = 100_000;
 
@@ -104,10 +109,32 @@ fn shorten_keys(metas: &mut [switchyard_sdk::MessageMeta]) {
     }
 }
 
-/// One round over one partition.
+/// Channels of one round bound to the same policy object, decided together.
+struct Group<P: ?Sized, I> {
+    policy: Arc<P>,
+    /// Per channel: its snapshot's index and its input.
+    items: Vec<(usize, I)>,
+}
+
+/// Adds `input` to the group of `policy` (by identity), keeping first-seen order.
+fn group<P: ?Sized, I>(groups: &mut Vec<Group<P, I>>, policy: &Arc<P>, item: (usize, I)) {
+    let same = |g: &&mut Group<P, I>| std::ptr::addr_eq(Arc::as_ptr(&g.policy), Arc::as_ptr(policy));
+    match groups.iter_mut().find(same) {
+        Some(g) => g.items.push(item),
+        None => groups.push(Group { policy: policy.clone(), items: vec![item] }),
+    }
+}
+
+/// One round over one partition: every due channel's retention input first, then each
+/// policy's decisions for all its channels in one `decide_many`, then the trims; then the
+/// same for compaction.
 async fn round(node: &Partitions, p: PartitionId, policies: &Policies, idle_recheck: Duration, memory: &mut Memory) {
     let Some(snaps) = node.snapshot(p).await else { return };
-    for snap in snaps {
+    let mut retentions: Vec<Group<dyn RetentionPolicy, RetentionInput>> = Vec::new();
+    let mut compactions: Vec<Group<dyn CompactionPolicy, CompactionInput>> = Vec::new();
+    // Messages held in inputs not yet decided: past ROUND_HELD_MAX they are decided first.
+    let mut held = 0usize;
+    for (index, snap) in snaps.iter().enumerate() {
         let bound = policies.for_channel(&snap.channel).clone();
         if let Some(policy) = &bound.retention {
             let recently = memory
@@ -115,7 +142,10 @@ async fn round(node: &Partitions, p: PartitionId, policies: &Policies, idle_rech
                 .get(&snap.channel)
                 .is_some_and(|(stats, at)| *stats == snap.stats && at.elapsed() < idle_recheck);
             if snap.stats.count > 0 && !(policy.skips_idle_channels() && recently) {
-                retention(node, p, &snap, policy.as_ref(), &mut memory.oldest_ts).await;
+                if let Some(input) = retention_input(node, p, snap, policy.as_ref(), &mut memory.oldest_ts) {
+                    held += input.oldest.len();
+                    group(&mut retentions, policy, (index, input));
+                }
                 if policy.skips_idle_channels() {
                     memory
                         .retention_seen
@@ -123,14 +153,72 @@ async fn round(node: &Partitions, p: PartitionId, policies: &Policies, idle_rech
                 }
             }
         }
-        if let Some(policy) = &bound.compaction {
+        if held >= ROUND_HELD_MAX {
+            decide_retention(node, p, &snaps, std::mem::take(&mut retentions)).await;
+            held = 0;
+        }
+    }
+    decide_retention(node, p, &snaps, retentions).await;
+    held = 0;
+    // Compaction reads the metadata after retention trimmed (as a channel's round always did).
+    for (index, snap) in snaps.iter().enumerate() {
+        if let Some(policy) = &policies.for_channel(&snap.channel).compaction {
             let last = memory.compacted.get(&snap.channel).copied();
             if snap.keyed_generation > 0
                 && last.is_none_or(|(generation, pending)| generation != snap.keyed_generation || pending)
             {
-                let pending = compaction(node, p, &snap, policy.as_ref()).await;
-                memory.compacted.insert(snap.channel.clone(), (snap.keyed_generation, pending));
+                match compaction_input(node, p, snap, policy.as_ref()) {
+                    Some(input) => {
+                        held += input.window.len();
+                        group(&mut compactions, policy, (index, input));
+                    }
+                    None => {
+                        memory.compacted.insert(snap.channel.clone(), (snap.keyed_generation, true));
+                    }
+                }
             }
+        }
+        if held >= ROUND_HELD_MAX {
+            decide_compaction(node, p, &snaps, std::mem::take(&mut compactions), memory).await;
+            held = 0;
+        }
+    }
+    decide_compaction(node, p, &snaps, compactions, memory).await;
+}
+
+/// Decides each group's channels at once and applies the decisions.
+async fn decide_retention(
+    node: &Partitions,
+    p: PartitionId,
+    snaps: &[Snapshot],
+    groups: Vec<Group<dyn RetentionPolicy, RetentionInput>>,
+) {
+    for g in groups {
+        let (indices, inputs): (Vec<usize>, Vec<RetentionInput>) = g.items.into_iter().unzip();
+        // A policy call may run a plugin for up to its deadline: keep it off the async workers.
+        let decisions = tokio::task::block_in_place(|| g.policy.decide_many(&inputs));
+        for ((index, input), decision) in indices.into_iter().zip(&inputs).zip(decisions) {
+            apply_retention(node, p, &snaps[index], g.policy.as_ref(), input, decision).await;
+        }
+    }
+}
+
+/// Decides each group's channels at once, applies the decisions and notes which channels
+/// still wait on tombstones.
+async fn decide_compaction(
+    node: &Partitions,
+    p: PartitionId,
+    snaps: &[Snapshot],
+    groups: Vec<Group<dyn CompactionPolicy, CompactionInput>>,
+    memory: &mut Memory,
+) {
+    for g in groups {
+        let (indices, inputs): (Vec<usize>, Vec<CompactionInput>) = g.items.into_iter().unzip();
+        let decisions = tokio::task::block_in_place(|| g.policy.decide_many(&inputs));
+        for ((index, input), decision) in indices.into_iter().zip(&inputs).zip(decisions) {
+            let snap = &snaps[index];
+            let pending = apply_compaction(node, p, snap, g.policy.as_ref(), input, decision).await;
+            memory.compacted.insert(snap.channel.clone(), (snap.keyed_generation, pending));
         }
     }
 }
@@ -156,31 +244,45 @@ fn oldest_ts(
     Some(ts)
 }
 
-async fn retention(
+/// The retention input of a channel that needs a round, or None (nothing to do, or the
+/// metadata cannot be read).
+fn retention_input(
     node: &Partitions,
     p: PartitionId,
     snap: &Snapshot,
-    policy: &dyn crate::policy::RetentionPolicy,
+    policy: &dyn RetentionPolicy,
     cache: &mut HashMap<Arc<str>, (u64, u64)>,
-) {
+) -> Option<RetentionInput> {
     let stats = &snap.stats;
     let now = now_ms();
-    let Some(oldest_ts) = oldest_ts(node, p, snap, cache) else { return };
+    let oldest_ts = oldest_ts(node, p, snap, cache)?;
     if !policy.needs_round(stats, oldest_ts, now) {
-        return;
+        return None;
     }
     let mut oldest = match tokio::task::block_in_place(|| {
         node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, RETENTION_SHOWN)
     }) {
         Ok(m) => m,
-        Err(e) => return tracing::warn!(channel = %snap.channel, error = %e, "retention: cannot read metadata"),
+        Err(e) => {
+            tracing::warn!(channel = %snap.channel, error = %e, "retention: cannot read metadata");
+            return None;
+        }
     };
     shorten_keys(&mut oldest);
-    let input = RetentionInput { channel: snap.channel.to_string(), stats: stats.clone(), oldest, now_ms: now };
-    // A policy call may run a plugin for up to its deadline: keep it off the async workers.
-    let decision = tokio::task::block_in_place(|| {
-        policy.decide(&input).and_then(|d| validate_retention(policy.name(), &input, &d).map(|()| d))
-    });
+    Some(RetentionInput { channel: snap.channel.to_string(), stats: stats.clone(), oldest, now_ms: now })
+}
+
+/// Validates a retention decision and sends the owner its trim.
+async fn apply_retention(
+    node: &Partitions,
+    p: PartitionId,
+    snap: &Snapshot,
+    policy: &dyn RetentionPolicy,
+    input: &RetentionInput,
+    decision: Result<RetentionDecision, crate::policy::PolicyError>,
+) {
+    let stats = &snap.stats;
+    let decision = decision.and_then(|d| validate_retention(policy.name(), input, &d).map(|()| d));
     let below = match decision {
         Ok(RetentionDecision::DropBelow(x)) if x > stats.first_offset => x,
         Ok(_) => return,
@@ -195,13 +297,13 @@ async fn retention(
     trim(node, p, snap.channel.clone(), Some(below), drops, TrimReason::Retention).await;
 }
 
-/// Returns true when tombstones are still waiting for their delay.
-async fn compaction(
+/// The compaction input of a channel, or None when its metadata cannot be read.
+fn compaction_input(
     node: &Partitions,
     p: PartitionId,
     snap: &Snapshot,
-    policy: &dyn crate::policy::CompactionPolicy,
-) -> bool {
+    policy: &dyn CompactionPolicy,
+) -> Option<CompactionInput> {
     let stats = &snap.stats;
     let metas = match tokio::task::block_in_place(|| {
         node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, COMPACTION_SCAN_MAX)
@@ -209,16 +311,26 @@ async fn compaction(
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(channel = %snap.channel, error = %e, "compaction: cannot read metadata");
-            return true;
+            return None;
         }
     };
     // The oldest keyed messages, as many as the policy takes in one round.
     let mut window: Vec<_> = metas.into_iter().filter(|m| m.key.is_some()).take(policy.max_window()).collect();
     shorten_keys(&mut window);
-    let input = CompactionInput { channel: snap.channel.to_string(), window, now_ms: now_ms() };
-    let decided = tokio::task::block_in_place(|| {
-        policy.decide(&input).and_then(|d| validate_compaction(policy.name(), &input, &d).map(|()| d))
-    });
+    Some(CompactionInput { channel: snap.channel.to_string(), window, now_ms: now_ms() })
+}
+
+/// Validates a compaction decision and sends the owner its trim. Returns true when
+/// tombstones are still waiting for their delay (or the round failed).
+async fn apply_compaction(
+    node: &Partitions,
+    p: PartitionId,
+    snap: &Snapshot,
+    policy: &dyn CompactionPolicy,
+    input: &CompactionInput,
+    decided: Result<switchyard_sdk::CompactionDecision, crate::policy::PolicyError>,
+) -> bool {
+    let decided = decided.and_then(|d| validate_compaction(policy.name(), input, &d).map(|()| d));
     let decision = match decided {
         Ok(d) => d,
         Err(e) => {

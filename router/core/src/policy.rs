@@ -41,6 +41,12 @@ pub trait RetentionPolicy: Send + Sync {
     /// One round for one channel.
     fn decide(&self, input: &RetentionInput) -> Result<RetentionDecision, PolicyError>;
 
+    /// One round for several channels, one answer per input in order. By default each is
+    /// decided on its own; a plugin decides them in as few calls as it can.
+    fn decide_many(&self, inputs: &[RetentionInput]) -> Vec<Result<RetentionDecision, PolicyError>> {
+        inputs.iter().map(|i| self.decide(i)).collect()
+    }
+
     /// A cheap pre-check from counters alone (and the oldest message's timestamp): false
     /// means the round would certainly keep everything, so no metadata is read.
     fn needs_round(&self, _stats: &ChannelStats, _oldest_ts: u64, _now_ms: u64) -> bool {
@@ -60,6 +66,12 @@ pub trait CompactionPolicy: Send + Sync {
     fn name(&self) -> &str;
     /// One round for one channel.
     fn decide(&self, input: &CompactionInput) -> Result<CompactionDecision, PolicyError>;
+
+    /// One round for several channels, one answer per input in order. By default each is
+    /// decided on its own; a plugin decides them in as few calls as it can.
+    fn decide_many(&self, inputs: &[CompactionInput]) -> Vec<Result<CompactionDecision, PolicyError>> {
+        inputs.iter().map(|i| self.decide(i)).collect()
+    }
 
     /// Most keyed messages shown in one round (a plugin must answer within its deadline).
     fn max_window(&self) -> usize {

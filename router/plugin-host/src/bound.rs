@@ -54,6 +54,31 @@ fn note(plugin: &str, kind: Kind, why: &Fallback) {
     }
 }
 
+/// Most messages in one batched plugin call, over all its channels: the channels of one
+/// round go to a (v2) plugin in as few calls as fit under it, so a call stays well within
+/// the deadline and the memory cap.
+const BATCH_MESSAGES: usize = 20_000;
+/// Most channels in one batched plugin call.
+const BATCH_CHANNELS: usize = 1_024;
+
+/// Consecutive ranges of `inputs`, each within [`BATCH_MESSAGES`] (a lone bigger input gets
+/// a range of its own) and [`BATCH_CHANNELS`].
+fn batches<T>(inputs: &[T], messages: impl Fn(&T) -> usize) -> Vec<std::ops::Range<usize>> {
+    let (mut ranges, mut start, mut total) = (Vec::new(), 0, 0);
+    for (i, input) in inputs.iter().enumerate() {
+        let n = messages(input);
+        if i > start && (total + n > BATCH_MESSAGES || i - start == BATCH_CHANNELS) {
+            ranges.push(start..i);
+            (start, total) = (i, 0);
+        }
+        total += n;
+    }
+    if start < inputs.len() {
+        ranges.push(start..inputs.len());
+    }
+    ranges
+}
+
 /// Keyed messages a compaction plugin is shown per round: a window the default 50 ms
 /// deadline can handle (about 15 ms for 10,000 with the example plugin).
 const PLUGIN_COMPACTION_WINDOW: usize = 20_000;
@@ -71,13 +96,31 @@ impl RetentionPolicy for PluginRetention {
         let check = |d: &RetentionDecision| validate_retention(&self.plugin, input, d).map_err(|e| e.to_string());
         match self.registry.call(&self.plugin, &self.binding, Kind::Retention, &self.params, input, check) {
             Ok(d) => Ok(d),
-            Err(why) => {
-                note(&self.plugin, Kind::Retention, &why);
-                match &self.fallback {
-                    Some(f) => f.decide(input),
-                    None => Ok(RetentionDecision::Keep),
-                }
-            }
+            Err(why) => self.fall_back(input, &why),
+        }
+    }
+
+    fn decide_many(&self, inputs: &[RetentionInput]) -> Vec<Result<RetentionDecision, PolicyError>> {
+        let check = |i: &RetentionInput, d: &RetentionDecision| {
+            validate_retention(&self.plugin, i, d).map_err(|e| e.to_string())
+        };
+        let mut out = Vec::with_capacity(inputs.len());
+        for range in batches(inputs, |i| i.oldest.len()) {
+            let batch: Vec<&RetentionInput> = inputs[range].iter().collect();
+            let answers =
+                self.registry.call_many(&self.plugin, &self.binding, Kind::Retention, &self.params, &batch, check);
+            out.extend(batch.iter().zip(answers).map(|(input, r)| r.or_else(|why| self.fall_back(input, &why))));
+        }
+        out
+    }
+}
+
+impl PluginRetention {
+    fn fall_back(&self, input: &RetentionInput, why: &Fallback) -> Result<RetentionDecision, PolicyError> {
+        note(&self.plugin, Kind::Retention, why);
+        match &self.fallback {
+            Some(f) => f.decide(input),
+            None => Ok(RetentionDecision::Keep),
         }
     }
 }
@@ -101,6 +144,25 @@ impl CompactionPolicy for PluginCompaction {
             }
         }
     }
+
+    fn decide_many(&self, inputs: &[CompactionInput]) -> Vec<Result<CompactionDecision, PolicyError>> {
+        let check = |i: &CompactionInput, d: &CompactionDecision| {
+            validate_compaction(&self.plugin, i, d).map_err(|e| e.to_string())
+        };
+        let mut out = Vec::with_capacity(inputs.len());
+        for range in batches(inputs, |i| i.window.len()) {
+            let batch: Vec<&CompactionInput> = inputs[range].iter().collect();
+            let answers =
+                self.registry.call_many(&self.plugin, &self.binding, Kind::Compaction, &self.params, &batch, check);
+            out.extend(batch.iter().zip(answers).map(|(input, r)| {
+                r.or_else(|why| {
+                    note(&self.plugin, Kind::Compaction, &why);
+                    self.fallback.decide(input)
+                })
+            }));
+        }
+        out
+    }
 }
 
 impl BalancePlugins for Registry {
@@ -109,5 +171,19 @@ impl BalancePlugins for Registry {
         // A plugin call may take its whole deadline: keep it off the runtime's worker.
         tokio::task::block_in_place(|| self.call(plugin, "balancer", Kind::Balance, params, input, check))
             .map_err(|why| PolicyError::NoDecision { policy: plugin.into(), reason: format!("{why:?}") })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn batches_stay_within_the_message_and_channel_caps() {
+        let sizes = [10_000, 9_000, 2_000, 30_000, 0, 5];
+        let ranges = super::batches(&sizes, |n| *n);
+        assert_eq!(ranges, vec![0..2, 2..3, 3..4, 4..6]);
+        let many = vec![1usize; 2_500];
+        let ranges = super::batches(&many, |n| *n);
+        assert_eq!(ranges, vec![0..1024, 1024..2048, 2048..2500]);
+        assert!(super::batches::<usize>(&[], |n| *n).is_empty());
     }
 }

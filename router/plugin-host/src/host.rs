@@ -1,11 +1,13 @@
-//! The wasmtime sandbox: one engine, one linker, module validation and the ABI v1 call.
+//! The wasmtime sandbox: one engine, one linker, module validation and the ABI v1 and v2
+//! calls.
 //!
 //! It owns everything that touches wasmtime: compiling (with an on-disk cache keyed by
 //! the module's sha256 and the engine's compatibility hash), checking a module's imports
-//! and exports against ABI v1, and running one call in a fresh store with a memory cap
-//! and an epoch deadline, bounds-checking every pointer the guest hands back. It must never
-//! decide what a failure means for routing (the registry does) and never give a guest any
-//! import but `switchyard.log`.
+//! and exports against its ABI (the version marker selects v1 or v2), and running one call
+//! in a fresh store with a memory cap and an epoch deadline, bounds-checking every pointer
+//! and index the guest hands back. It must never decide what a failure means for routing
+//! (the registry does) and never give a guest any import but `switchyard.log` and, to v2
+//! modules, `switchyard.key`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
 use switchyard_sdk as abi;
+use switchyard_sdk::v2;
 use wasmtime::{
     Caller, Engine, ExternType, InstancePre, Linker, Module, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
     Trap, ValType,
@@ -25,7 +28,7 @@ const LOG_LINES_PER_CALL: u32 = 50;
 /// Longest log line kept.
 const LOG_LINE_MAX: usize = 1024;
 
-/// The plugin kinds of ABI v1.
+/// The plugin kinds (the same in ABI v1 and v2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
@@ -129,6 +132,68 @@ pub trait OutputBound {
     fn max_output(&self) -> usize;
 }
 
+/// One channel of a v2 call: the record kind, `now_ms` and the channel.
+pub struct V2Call<'a> {
+    /// [`v2::KIND_RETENTION`] or [`v2::KIND_COMPACTION`].
+    pub kind: u32,
+    /// Current time.
+    pub now_ms: u64,
+    /// The channel.
+    pub channel: v2::ChannelIn<'a>,
+}
+
+/// An input the host can send to a plugin: postcard (ABI v1, and balance in v2) or v2
+/// records, with the decision type it answers.
+pub trait PolicyInput: Serialize + OutputBound {
+    /// The decision.
+    type Output: DeserializeOwned;
+    /// The v2 record form of this input; None when the kind keeps postcard in v2 (balance).
+    fn v2(&self) -> Option<V2Call<'_>>;
+    /// The decision from a v2 answer for this input.
+    fn decision_from_v2(&self, answer: v2::Answer) -> Result<Self::Output, CallError>;
+}
+
+/// Compaction inputs carry no counters: v2 sends zeros.
+static ZERO_STATS: abi::ChannelStats = abi::ChannelStats { first_offset: 0, last_offset: 0, count: 0, bytes: 0 };
+
+impl PolicyInput for abi::RetentionInput {
+    type Output = abi::RetentionDecision;
+    fn v2(&self) -> Option<V2Call<'_>> {
+        let channel = v2::ChannelIn { name: &self.channel, stats: &self.stats, messages: &self.oldest };
+        Some(V2Call { kind: v2::KIND_RETENTION, now_ms: self.now_ms, channel })
+    }
+    fn decision_from_v2(&self, answer: v2::Answer) -> Result<Self::Output, CallError> {
+        match answer {
+            v2::Answer::Retention(d) => Ok(d),
+            v2::Answer::Compaction(_) => Err(CallError::Garbage("a compaction answer to a retention call".into())),
+        }
+    }
+}
+
+impl PolicyInput for abi::CompactionInput {
+    type Output = abi::CompactionDecision;
+    fn v2(&self) -> Option<V2Call<'_>> {
+        let channel = v2::ChannelIn { name: &self.channel, stats: &ZERO_STATS, messages: &self.window };
+        Some(V2Call { kind: v2::KIND_COMPACTION, now_ms: self.now_ms, channel })
+    }
+    fn decision_from_v2(&self, answer: v2::Answer) -> Result<Self::Output, CallError> {
+        match answer {
+            v2::Answer::Compaction(r) => Ok(v2::removals_to_decision(&r, &self.window)),
+            v2::Answer::Retention(_) => Err(CallError::Garbage("a retention answer to a compaction call".into())),
+        }
+    }
+}
+
+impl PolicyInput for abi::BalanceInput {
+    type Output = abi::BalanceDecision;
+    fn v2(&self) -> Option<V2Call<'_>> {
+        None
+    }
+    fn decision_from_v2(&self, _: v2::Answer) -> Result<Self::Output, CallError> {
+        Err(CallError::Garbage("balance answers are postcard".into()))
+    }
+}
+
 /// Room for a guest error message on top of any decision.
 const ERROR_ROOM: usize = 1024;
 
@@ -161,6 +226,18 @@ struct CallState {
     max_memory: usize,
     memory_hit: bool,
     logs_left: u32,
+    /// v2: the keys of this call's messages, for `switchyard.key`.
+    keys: KeyTable,
+    /// A host import refused the guest's arguments (an index or pointer out of range).
+    fault: Option<String>,
+}
+
+/// The keys of one v2 call's messages, by message index: one buffer and a span each.
+#[derive(Default)]
+struct KeyTable {
+    bytes: Vec<u8>,
+    /// `(start, len)` in `bytes`; `len == u32::MAX` for an unkeyed message.
+    spans: Vec<(u32, u32)>,
 }
 
 impl ResourceLimiter for CallState {
@@ -194,6 +271,8 @@ pub struct Compiled {
     pub sha256: String,
     /// Entry points it exports.
     pub kinds: Vec<Kind>,
+    /// ABI version (1 or 2), from its marker export.
+    pub abi: u32,
     pre: InstancePre<CallState>,
 }
 
@@ -212,6 +291,13 @@ impl Default for CallLimits {
         Self { timeout: Duration::from_millis(50), max_memory: 32 * 1024 * 1024 }
     }
 }
+
+/// Instance slots of the pooling allocator: the most plugin calls that run at once (more
+/// wait for a slot; see [`Host::call`]).
+const POOL_SLOTS: u32 = 64;
+
+/// Bytes of each pooled memory (and table) kept resident between calls.
+const KEEP_RESIDENT: usize = 512 << 10;
 
 /// Compilations past their deadline that may still run before new ones are refused.
 pub const MAX_SLOW_COMPILES: usize = 2;
@@ -267,6 +353,38 @@ pub struct Host {
     /// Compilations running on their own threads (a timed-out one keeps running: cranelift
     /// cannot be interrupted).
     compiling: Arc<std::sync::atomic::AtomicUsize>,
+    /// v2 key hashes: SipHash-1-3 under a key random per process, so a publisher cannot
+    /// choose keys whose hashes collide.
+    key_hasher: std::collections::hash_map::RandomState,
+    /// Free instance slots of the pool: a call waits for one rather than fail.
+    slots: Slots,
+}
+
+/// A counting semaphore over the pooling allocator's instance slots.
+struct Slots {
+    free: std::sync::Mutex<u32>,
+    freed: std::sync::Condvar,
+}
+
+impl Slots {
+    fn take(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock().expect("slots");
+        while *free == 0 {
+            free = self.freed.wait(free).expect("slots");
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+/// Gives its slot back on drop (after the call's store is gone).
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().expect("slots") += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 impl Host {
@@ -274,6 +392,14 @@ impl Host {
     pub fn new(cache_dir: Option<PathBuf>) -> wasmtime::Result<Arc<Self>> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
+        // Instances come from a pool of preallocated slots: no mmap/munmap per call. The
+        // per-call memory cap is the store limiter's; a slot only bounds the address space.
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_core_instances(POOL_SLOTS).total_memories(POOL_SLOTS).total_tables(POOL_SLOTS);
+        // Reset a slot's first pages with memset rather than giving them back to the kernel
+        // (which makes the next call fault them in again).
+        pool.linear_memory_keep_resident(KEEP_RESIDENT).table_keep_resident(KEEP_RESIDENT);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         linker.func_wrap(
@@ -282,6 +408,11 @@ impl Host {
             |mut caller: Caller<'_, CallState>, level: i32, ptr: i32, len: i32| {
                 guest_log(&mut caller, level, ptr, len);
             },
+        )?;
+        linker.func_wrap(
+            abi::HOST_MODULE,
+            abi::KEY_IMPORT,
+            |mut caller: Caller<'_, CallState>, index: i32, ptr: i32, cap: i32| guest_key(&mut caller, index, ptr, cap),
         )?;
         if let Some(dir) = &cache_dir {
             // Native code is loaded from here: only this user may write to it.
@@ -304,7 +435,15 @@ impl Host {
                 }
             })
             .map_err(wasmtime::Error::from)?;
-        Ok(Arc::new(Self { engine, linker, cache_dir, log_budget: Arc::default(), compiling: Arc::default() }))
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            cache_dir,
+            log_budget: Arc::default(),
+            compiling: Arc::default(),
+            key_hasher: Default::default(),
+            slots: Slots { free: std::sync::Mutex::new(POOL_SLOTS), freed: std::sync::Condvar::new() },
+        }))
     }
 
     fn cache_path(&self, sha256: &str) -> Option<PathBuf> {
@@ -340,13 +479,13 @@ impl Host {
             .unwrap_or_else(|_| Err(LoadError::TooSlow(format!("compiling took over {deadline:?}"))))
     }
 
-    /// Compiles (or loads from the cache) and validates a module against ABI v1.
+    /// Compiles (or loads from the cache) and validates a module against its ABI (v1 or v2).
     pub fn load(&self, bytes: &[u8]) -> Result<Compiled, LoadError> {
         let sha256 = crate::host_sha256(bytes);
         let module = self.compile_cached(bytes, &sha256)?;
-        let kinds = validate(&module)?;
+        let (abi, kinds) = validate(&module)?;
         let pre = self.linker.instantiate_pre(&module).map_err(|e| LoadError::Import(format!("{e:#}")))?;
-        Ok(Compiled { sha256, kinds, pre })
+        Ok(Compiled { sha256, kinds, abi, pre })
     }
 
     // The one unsafe call of this crate: loading a precompiled module from the cache.
@@ -371,8 +510,9 @@ impl Host {
         Ok(module)
     }
 
-    /// Runs one ABI v1 call of `kind` on a fresh instance.
-    pub fn call<I: Serialize + OutputBound, O: DeserializeOwned>(
+    /// Runs one call of `kind` on a fresh instance: postcard for an ABI v1 module (and for
+    /// balance), records for retention and compaction in an ABI v2 module.
+    pub fn call<I: PolicyInput>(
         &self,
         plugin: &Arc<str>,
         compiled: &Compiled,
@@ -380,9 +520,36 @@ impl Host {
         params: &str,
         input: &I,
         limits: CallLimits,
-    ) -> Result<O, CallError> {
-        let bytes = postcard::to_stdvec(&abi::Call { params: params.to_string(), input })
-            .map_err(|e| CallError::Garbage(format!("cannot encode input: {e}")))?;
+    ) -> Result<I::Output, CallError> {
+        let mut out = self.call_many(plugin, compiled, kind, params, &[input], limits)?;
+        out.pop().ok_or_else(|| CallError::Garbage("no answer".into()))
+    }
+
+    /// True when one call of this module can take several inputs (channels): ABI v2, for
+    /// inputs that have a v2 record form.
+    pub fn batches<I: PolicyInput>(compiled: &Compiled, input: &I) -> bool {
+        compiled.abi == 2 && input.v2().is_some()
+    }
+
+    /// Runs one call of `kind` on a fresh instance for all `inputs` at once (one decision
+    /// each, in order). Several inputs need [`Host::batches`]; the v2 header's `now_ms` is
+    /// the latest of the inputs'.
+    pub fn call_many<I: PolicyInput>(
+        &self,
+        plugin: &Arc<str>,
+        compiled: &Compiled,
+        kind: Kind,
+        params: &str,
+        inputs: &[&I],
+        limits: CallLimits,
+    ) -> Result<Vec<I::Output>, CallError> {
+        let v2_calls: Option<Vec<V2Call<'_>>> =
+            if compiled.abi == 2 { inputs.iter().map(|i| i.v2()).collect() } else { None };
+        let single = match (&v2_calls, inputs) {
+            (Some(_), _) => None,
+            (None, [one]) => Some(*one),
+            (None, _) => return Err(CallError::Garbage(format!("{} inputs for a one-input call", inputs.len()))),
+        };
         let store_limits = StoreLimitsBuilder::new()
             .memory_size(limits.max_memory)
             .table_elements(10_000)
@@ -398,7 +565,11 @@ impl Host {
             memory_hit: false,
             logs_left: LOG_LINES_PER_CALL,
             log_budget: self.log_budget.clone(),
+            keys: KeyTable::default(),
+            fault: None,
         };
+        // Declared before the store, so it is released after the store (and its slot) is dropped.
+        let _slot = self.slots.take();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
         let ticks = (limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64 + 1;
@@ -414,31 +585,127 @@ impl Host {
         let entry = instance
             .get_typed_func::<(i32, i32), i64>(&mut store, kind.export())
             .map_err(|e| CallError::Garbage(format!("{e:#}")))?;
-        let len = i32::try_from(bytes.len()).map_err(|_| CallError::Garbage("input over 2 GiB".into()))?;
-        let ptr = alloc.call(&mut store, len).map_err(|e| trap(&store, e))?;
-        if ptr == 0 {
-            return Err(CallError::Memory(limits.max_memory));
-        }
-        let start = usize::try_from(ptr as u32).expect("u32 fits usize");
-        memory
-            .write(&mut store, start, &bytes)
-            .map_err(|_| CallError::OutOfBounds(format!("alloc returned {ptr:#x} for {len} bytes")))?;
+        let channels: Vec<v2::ChannelIn<'_>> = v2_calls.iter().flatten().map(|c| c.channel).collect();
+        let counts: Vec<usize> = channels.iter().map(|c| c.messages.len()).collect();
+        let v2_kind = v2_calls.as_ref().and_then(|c| c.first()).map_or(0, |c| c.kind);
+
+        // The input: postcard bytes, or v2 records written straight into the guest's buffer.
+        let (ptr, len) = match (&v2_calls, single) {
+            (None, Some(input)) => {
+                let bytes = postcard::to_stdvec(&abi::Call { params: params.to_string(), input })
+                    .map_err(|e| CallError::Garbage(format!("cannot encode input: {e}")))?;
+                let len = i32::try_from(bytes.len()).map_err(|_| CallError::Garbage("input over 2 GiB".into()))?;
+                let ptr = alloc.call(&mut store, len).map_err(|e| trap(&store, e))?;
+                if ptr == 0 {
+                    return Err(CallError::Memory(limits.max_memory));
+                }
+                memory
+                    .write(&mut store, ptr as u32 as usize, &bytes)
+                    .map_err(|_| CallError::OutOfBounds(format!("alloc returned {ptr:#x} for {len} bytes")))?;
+                (ptr, len)
+            }
+            (None, None) => return Err(CallError::Garbage("no input".into())),
+            (Some(calls), _) => {
+                let now_ms = calls.iter().map(|c| c.now_ms).max().unwrap_or(0);
+                let size = v2::input_len(params, &channels);
+                let len = i32::try_from(size).map_err(|_| CallError::Garbage("input over 2 GiB".into()))?;
+                let ptr = alloc.call(&mut store, len).map_err(|e| trap(&store, e))?;
+                if ptr == 0 {
+                    return Err(CallError::Memory(limits.max_memory));
+                }
+                if ptr % 8 != 0 {
+                    return Err(CallError::Garbage(format!("alloc returned {ptr:#x}, not 8-aligned")));
+                }
+                let start = ptr as u32 as usize;
+                let buf = start
+                    .checked_add(size)
+                    .and_then(|end| memory.data_mut(&mut store).get_mut(start..end))
+                    .ok_or_else(|| CallError::OutOfBounds(format!("alloc returned {ptr:#x} for {len} bytes")))?;
+                let hasher = &self.key_hasher;
+                v2::encode_input(buf, v2_kind, now_ms, params, &channels, |k| {
+                    std::hash::BuildHasher::hash_one(hasher, k)
+                });
+                store.data_mut().keys = key_table(&channels);
+                (ptr, len)
+            }
+        };
+
         let r = entry.call(&mut store, (ptr, len)).map_err(|e| trap(&store, e))?;
         if r < 0 {
             return Err(CallError::Garbage(format!("guest returned status {r}")));
         }
         let (out_ptr, out_len) = ((r >> 32) as u32 as usize, (r & 0xffff_ffff) as u32 as usize);
-        if out_len > input.max_output() {
-            return Err(CallError::Garbage(format!(
-                "output of {out_len} bytes; at most {} can be valid",
-                input.max_output()
-            )));
+        let max = match single {
+            Some(input) => input.max_output(),
+            None => ERROR_ROOM + v2::max_output(v2_kind, &counts),
+        };
+        if out_len > max {
+            return Err(CallError::Garbage(format!("output of {out_len} bytes; at most {max} can be valid")));
         }
         let data = memory.data(&store);
         let out = out_ptr.checked_add(out_len).and_then(|end| data.get(out_ptr..end)).ok_or_else(|| {
             CallError::OutOfBounds(format!("output [{out_ptr:#x}, +{out_len}) outside {} bytes", data.len()))
         })?;
-        decode_output(out)
+        if single.is_some() {
+            return decode_output(out).map(|d| vec![d]);
+        }
+        let answers = v2::decode_output(out, v2_kind, &counts).map_err(|e| match e {
+            v2::OutputError::Garbage(m) => CallError::Garbage(m),
+            v2::OutputError::Invalid(m) => CallError::Invalid(m),
+            v2::OutputError::Guest(m) => CallError::Guest(m),
+        })?;
+        inputs.iter().zip(answers).map(|(input, answer)| input.decision_from_v2(answer)).collect()
+    }
+}
+
+/// The key table of a v2 call's messages (index = position in the message table).
+fn key_table(channels: &[v2::ChannelIn<'_>]) -> KeyTable {
+    let total = channels.iter().map(|c| c.messages.len()).sum();
+    let mut t = KeyTable { bytes: Vec::new(), spans: Vec::with_capacity(total) };
+    for m in channels.iter().flat_map(|c| c.messages) {
+        match &m.key {
+            Some(k) => {
+                t.spans.push((t.bytes.len() as u32, k.len() as u32));
+                t.bytes.extend_from_slice(k.as_bytes());
+            }
+            None => t.spans.push((0, u32::MAX)),
+        }
+    }
+    t
+}
+
+/// `switchyard.key(index, ptr, cap) -> len`: copies up to `cap` bytes of message `index`'s
+/// key to `[ptr, ptr+cap)` and returns the key's full length, or -1 for an unkeyed message.
+/// An index out of range, a negative `cap` or a destination outside memory is a fault: the
+/// call traps and fails as `out_of_bounds`.
+fn guest_key(caller: &mut Caller<'_, CallState>, index: i32, ptr: i32, cap: i32) -> wasmtime::Result<i32> {
+    let fault = |caller: &mut Caller<'_, CallState>, why: String| {
+        caller.data_mut().fault = Some(why.clone());
+        Err(wasmtime::Error::msg(why))
+    };
+    let count = caller.data().keys.spans.len();
+    let Some(&(start, len)) = usize::try_from(index).ok().and_then(|i| caller.data().keys.spans.get(i)) else {
+        return fault(caller, format!("switchyard.key index {index} out of range ({count} messages)"));
+    };
+    if len == u32::MAX {
+        return Ok(-1);
+    }
+    if cap < 0 {
+        return fault(caller, format!("switchyard.key cap {cap}"));
+    }
+    let n = (len as usize).min(cap as usize);
+    let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+        return fault(caller, "no memory export".into());
+    };
+    let (data, state) = memory.data_and_store_mut(&mut *caller);
+    let dest = (ptr as u32 as usize).checked_add(n).and_then(|end| data.get_mut(ptr as u32 as usize..end));
+    match dest {
+        Some(dest) => {
+            let s = start as usize;
+            dest.copy_from_slice(&state.keys.bytes[s..s + n]);
+            Ok(len as i32)
+        }
+        None => fault(caller, format!("switchyard.key destination [{ptr:#x}, +{n}) outside memory")),
     }
 }
 
@@ -488,6 +755,9 @@ impl LogBudget {
 }
 
 fn classify(store: &Store<CallState>, e: wasmtime::Error, limits: CallLimits) -> CallError {
+    if let Some(why) = &store.data().fault {
+        return CallError::OutOfBounds(why.clone());
+    }
     if store.data().memory_hit {
         return CallError::Memory(limits.max_memory);
     }
@@ -531,24 +801,33 @@ fn func_is(ty: &ExternType, params: &[fn(&ValType) -> bool], results: &[fn(&ValT
         && f.results().zip(results).all(|(v, ok)| ok(&v))
 }
 
-/// Checks ABI v1: the marker, memory, allocator, at least one well-typed entry point, and
-/// no import but `switchyard.log`. Returns the kinds.
-fn validate(module: &Module) -> Result<Vec<Kind>, LoadError> {
+/// Checks a module against its ABI: the marker (`switchyard_abi_v1` or `_v2`, exactly
+/// one), memory, allocator, at least one well-typed entry point, and no import but
+/// `switchyard.log` (and, for v2, `switchyard.key`). Returns the ABI version and the kinds.
+fn validate(module: &Module) -> Result<(u32, Vec<Kind>), LoadError> {
+    let exports: std::collections::HashMap<&str, ExternType> = module.exports().map(|e| (e.name(), e.ty())).collect();
+    let markers: Vec<&str> = exports.keys().copied().filter(|n| n.starts_with("switchyard_abi_v")).collect();
+    let abi = match markers.as_slice() {
+        [m] if *m == abi::ABI_V1_MARKER => 1,
+        [m] if *m == abi::ABI_V2_MARKER => 2,
+        [] => return Err(LoadError::Abi("no `switchyard_abi_v1` or `switchyard_abi_v2` marker export".into())),
+        found => {
+            let mut found = found.to_vec();
+            found.sort_unstable();
+            return Err(LoadError::Abi(format!(
+                "module is {}; this router speaks switchyard_abi_v1 and switchyard_abi_v2 (one marker)",
+                found.join(", ")
+            )));
+        }
+    };
     for import in module.imports() {
+        let i32s: [fn(&ValType) -> bool; 3] = [ValType::is_i32, ValType::is_i32, ValType::is_i32];
         let ok = import.module() == abi::HOST_MODULE
-            && import.name() == abi::LOG_IMPORT
-            && func_is(&import.ty(), &[ValType::is_i32, ValType::is_i32, ValType::is_i32], &[]);
+            && ((import.name() == abi::LOG_IMPORT && func_is(&import.ty(), &i32s, &[]))
+                || (abi == 2 && import.name() == abi::KEY_IMPORT && func_is(&import.ty(), &i32s, &[ValType::is_i32])));
         if !ok {
             return Err(LoadError::Import(format!("{}.{}", import.module(), import.name())));
         }
-    }
-    let exports: std::collections::HashMap<&str, ExternType> = module.exports().map(|e| (e.name(), e.ty())).collect();
-    if !exports.contains_key(abi::ABI_V1_MARKER) {
-        let other: Vec<&str> = exports.keys().copied().filter(|n| n.starts_with("switchyard_abi_v")).collect();
-        return Err(LoadError::Abi(match other.as_slice() {
-            [] => "no `switchyard_abi_v1` marker export".into(),
-            found => format!("module is {}; this router speaks switchyard_abi_v1", found.join(", ")),
-        }));
     }
     if exports.get("memory").and_then(|t| t.memory()).is_none() {
         return Err(LoadError::Exports("no `memory` export".into()));
@@ -568,7 +847,7 @@ fn validate(module: &Module) -> Result<Vec<Kind>, LoadError> {
     if kinds.is_empty() {
         return Err(LoadError::Exports("no entry point (switchyard_retention, _compaction or _balance)".into()));
     }
-    Ok(kinds)
+    Ok((abi, kinds))
 }
 
 /// Reads a file and loads it.
@@ -631,10 +910,18 @@ mod tests {
         let host = Host::new(None).unwrap();
         let no_marker = wat::parse_str(r#"(module (memory (export "memory") 1))"#).unwrap();
         assert!(matches!(host.load(&no_marker), Err(LoadError::Abi(_))));
-        let v2 =
-            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "switchyard_abi_v2")))"#).unwrap();
-        let err = host.load(&v2).err().expect("refused").to_string();
-        assert!(err.contains("switchyard_abi_v2"), "{err}");
+        let v3 =
+            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "switchyard_abi_v3")))"#).unwrap();
+        let err = host.load(&v3).err().expect("refused").to_string();
+        assert!(err.contains("switchyard_abi_v3") && err.contains("unsupported ABI version"), "{err}");
+        let both = wat::parse_str(
+            r#"(module (memory (export "memory") 1) (func (export "switchyard_abi_v1")) (func (export "switchyard_abi_v2")))"#,
+        )
+        .unwrap();
+        assert!(matches!(host.load(&both), Err(LoadError::Abi(_))), "two markers");
+        // `switchyard.key` is a v2 import only.
+        let key_v1 = module(r#"(import "switchyard" "key" (func (param i32 i32 i32) (result i32)))"#, GOOD);
+        assert!(matches!(host.load(&key_v1), Err(LoadError::Import(_))));
         let wasi =
             module(r#"(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))"#, GOOD);
         assert!(matches!(host.load(&wasi), Err(LoadError::Import(_))));
@@ -726,6 +1013,30 @@ mod tests {
         let admitted = (0..100).filter(|_| budget.admit(&a)).count();
         assert_eq!(admitted, LOG_LINES_PER_SECOND as usize);
         assert!(budget.admit(&b), "another plugin has its own window");
+    }
+
+    /// More calls at once than the pool has slots: the extra ones wait, none fails.
+    #[test]
+    fn calls_beyond_the_pool_slots_wait_for_one() {
+        let host = Host::new(None).unwrap();
+        // About a million loop iterations, then the good answer.
+        let body = format!(
+            "(local $i i32) (loop $l (local.set $i (i32.add (local.get $i) (i32.const 1))) \
+             (br_if $l (i32.lt_u (local.get $i) (i32.const 1000000)))) {GOOD}"
+        );
+        let compiled = Arc::new(host.load(&module("", &body)).unwrap());
+        let threads: Vec<_> = (0..POOL_SLOTS * 2)
+            .map(|_| {
+                let (host, compiled) = (host.clone(), compiled.clone());
+                std::thread::spawn(move || {
+                    let limits = CallLimits { timeout: Duration::from_secs(20), max_memory: 2 << 20 };
+                    host.call(&Arc::from("t"), &compiled, Kind::Retention, "{}", &input(), limits)
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap().unwrap(), RetentionDecision::DropBelow(5));
+        }
     }
 
     #[test]

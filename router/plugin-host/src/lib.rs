@@ -3,7 +3,7 @@
 //! Module map: [`host`] (the sandbox: one engine, cached `InstancePre`, limits per call),
 //! [`registry`] (the hot-reloaded plugin folder, health and quarantine), [`bound`] (the
 //! adapters that make a bound plugin one of the core layer's policy traits, and the
-//! balancer), [`check`] (`switchyard plugin check`).
+//! balancer), [`check`] (`switchyard plugin check`), [`scaffold`] (`switchyard plugin new`).
 //!
 //! It owns everything between a `.wasm` file in the plugin folder and a policy decision.
 //! It must never run on the publish path; every failure falls back to the built-in policy
@@ -13,6 +13,7 @@ pub mod bound;
 pub mod check;
 pub mod host;
 pub mod registry;
+pub mod scaffold;
 
 use sha2::{Digest, Sha256};
 

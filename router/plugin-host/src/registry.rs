@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use serde::{de::DeserializeOwned, Serialize};
+use serde::Serialize;
 
-use crate::host::{CallError, CallLimits, Compiled, Host, Kind, OutputBound};
+use crate::host::{CallError, CallLimits, Compiled, Host, Kind, PolicyInput};
 use switchyard_metrics::Metrics;
 
 /// Quarantine rules.
@@ -91,7 +91,7 @@ pub struct Entry {
 }
 
 /// Why a call did not produce the plugin's decision.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Fallback {
     /// No such plugin file (or it was removed).
     NotLoaded,
@@ -235,15 +235,36 @@ impl Registry {
     /// Calls plugin `name` as `kind` for `binding` (e.g. `chat/retention`: health is kept
     /// per binding). `check` validates the decision against the input; a refused decision
     /// counts as a failure like a trap does.
-    pub fn call<I: Serialize + OutputBound, O: DeserializeOwned>(
+    pub fn call<I: PolicyInput>(
         &self,
         name: &str,
         binding: &str,
         kind: Kind,
         params: &str,
         input: &I,
-        check: impl FnOnce(&O) -> Result<(), String>,
-    ) -> Outcome<O> {
+        check: impl FnOnce(&I::Output) -> Result<(), String>,
+    ) -> Outcome<I::Output> {
+        let (entry, compiled) = self.ready(name, binding, kind)?;
+        entry.calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics.plugin_calls.with_label_values(&[name, kind.as_str()]).inc();
+        let result = self
+            .host
+            .call::<I>(&entry.name, &compiled, kind, params, input, self.limits)
+            .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid));
+        match result {
+            Ok(d) => {
+                self.succeeded(&entry, binding);
+                Ok(d)
+            }
+            Err(e) => {
+                self.failed(&entry, binding, kind, &e);
+                Err(Fallback::Failed(e))
+            }
+        }
+    }
+
+    /// The serving version of `name` if it may be called as `kind` for `binding` now.
+    fn ready(&self, name: &str, binding: &str, kind: Kind) -> Result<(Arc<Entry>, Arc<Compiled>), Fallback> {
         let plugins = self.plugins.load();
         let entry = plugins.get(name).ok_or(Fallback::NotLoaded)?.clone();
         drop(plugins);
@@ -255,20 +276,50 @@ impl Registry {
         if entry.health.lock().expect("health").get(binding).is_some_and(quarantined) {
             return Err(Fallback::Quarantined);
         }
+        Ok((entry, compiled))
+    }
+
+    /// Calls plugin `name` once for all `inputs` (the channels of one round) when its ABI
+    /// allows (v2); a v1 module is called once per input. `check` validates each decision
+    /// against its input. One call is one success or one failure for the binding's health:
+    /// a refused decision for any input fails the whole call, and every input of a failed
+    /// call gets the same `Fallback`.
+    pub fn call_many<I: PolicyInput>(
+        &self,
+        name: &str,
+        binding: &str,
+        kind: Kind,
+        params: &str,
+        inputs: &[&I],
+        check: impl Fn(&I, &I::Output) -> Result<(), String>,
+    ) -> Vec<Outcome<I::Output>> {
+        let all = |why: Fallback| inputs.iter().map(|_| Err(why.clone())).collect();
+        let (entry, compiled) = match self.ready(name, binding, kind) {
+            Ok(ready) => ready,
+            Err(why) => return all(why),
+        };
+        if inputs.is_empty() {
+            return Vec::new();
+        }
+        if inputs.len() == 1 || !Host::batches(&compiled, inputs[0]) {
+            return inputs.iter().map(|i| self.call(name, binding, kind, params, *i, |d| check(i, d))).collect();
+        }
         entry.calls.fetch_add(1, Ordering::Relaxed);
         self.metrics.plugin_calls.with_label_values(&[name, kind.as_str()]).inc();
-        let result = self
-            .host
-            .call::<I, O>(&entry.name, &compiled, kind, params, input, self.limits)
-            .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid));
+        let result = self.host.call_many(&entry.name, &compiled, kind, params, inputs, self.limits).and_then(|ds| {
+            for (i, (input, d)) in inputs.iter().zip(&ds).enumerate() {
+                check(input, d).map_err(|e| CallError::Invalid(format!("channel {i} of {}: {e}", inputs.len())))?;
+            }
+            Ok(ds)
+        });
         match result {
-            Ok(d) => {
+            Ok(ds) => {
                 self.succeeded(&entry, binding);
-                Ok(d)
+                ds.into_iter().map(Ok).collect()
             }
             Err(e) => {
                 self.failed(&entry, binding, kind, &e);
-                Err(Fallback::Failed(e))
+                all(Fallback::Failed(e))
             }
         }
     }
@@ -332,7 +383,7 @@ impl Registry {
                 PluginInfo {
                     name: e.name.to_string(),
                     kinds: e.active.as_ref().map(|c| c.kinds.clone()).unwrap_or_default(),
-                    abi_version: e.active.as_ref().map(|_| 1),
+                    abi_version: e.active.as_ref().map(|c| c.abi),
                     sha256: e.active.as_ref().map(|c| c.sha256.clone()),
                     file_sha256: e.file_sha256.clone(),
                     state,
@@ -452,7 +503,7 @@ mod tests {
         assert!(matches!(call(&r, "t"), Err(Fallback::Quarantined)));
         // Another binding of the same plugin is not quarantined by this one's failures.
         let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
-        let other = r.call::<_, RetentionDecision>("t", "other/retention", Kind::Retention, "{}", &input, |_| Ok(()));
+        let other = r.call::<RetentionInput>("t", "other/retention", Kind::Retention, "{}", &input, |_| Ok(()));
         assert!(matches!(other, Err(Fallback::Failed(_))));
         let info = r.list().into_iter().next().unwrap();
         assert_eq!((info.state, info.calls, info.failures), ("quarantined", 3, 3));
@@ -471,7 +522,7 @@ mod tests {
         let r = registry(dir.path());
         r.rescan();
         let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
-        let out = r.call::<_, RetentionDecision>("p", "ns/retention", Kind::Retention, "{}", &input, |_| {
+        let out = r.call::<RetentionInput>("p", "ns/retention", Kind::Retention, "{}", &input, |_| {
             Err("above the top".into())
         });
         assert!(matches!(out, Err(Fallback::Failed(CallError::Invalid(_)))));

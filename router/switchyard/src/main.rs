@@ -76,9 +76,26 @@ enum PluginCmd {
         /// Params as a JSON object.
         #[arg(long, default_value = "{}")]
         params: String,
-        /// Calls per sample size (the mean is printed).
+        /// Calls per sample size (the median is reported).
         #[arg(long, default_value_t = 20)]
         calls: u32,
+        /// Print one JSON object: {abi, kinds, sha256, fixed, calls: [{kind, n, wasm_ns, native_ns, decisions}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a plugin crate (ABI v2) that builds and tests out of the box.
+    New {
+        /// Plugin (package) name: lowercase letters, digits and '-'.
+        name: String,
+        /// The kind of its policy function.
+        #[arg(long, value_parser = ["retention", "compaction", "balance"])]
+        kind: String,
+        /// Directory to create (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The switchyard-sdk crate directory (default: this binary's source tree's sdk/plugin).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
 }
 
@@ -106,8 +123,36 @@ fn main() -> std::process::ExitCode {
         Cmd::Token { user, ttl, channels, config } => {
             return switchyard_server::token_command(&config, &user, ttl.into(), channels);
         }
-        Cmd::Plugin { command: PluginCmd::Check { file, params, calls } } => {
-            let args = switchyard_plugin_host::check::CheckArgs { file: &file, params: &params, calls };
+        Cmd::Plugin { command: PluginCmd::New { name, kind, dir, sdk } } => {
+            use switchyard_plugin_host::{host::Kind, scaffold};
+            let kind = match kind.as_str() {
+                "retention" => Kind::Retention,
+                "compaction" => Kind::Compaction,
+                _ => Kind::Balance,
+            };
+            let Some(sdk) = sdk.or_else(scaffold::default_sdk) else {
+                eprintln!(
+                    "switchyard: cannot find the switchyard-sdk crate; give --sdk DIR (sdk/plugin in the repository)"
+                );
+                return std::process::ExitCode::from(2);
+            };
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            return match scaffold::create(&scaffold::NewArgs { name: &name, kind, dir: &dir, sdk: &sdk }) {
+                Ok(files) => {
+                    for f in files {
+                        println!("created {}", f.display());
+                    }
+                    println!("next: cd {} && cargo test", dir.display());
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("switchyard: {e}");
+                    std::process::ExitCode::from(2)
+                }
+            };
+        }
+        Cmd::Plugin { command: PluginCmd::Check { file, params, calls, json } } => {
+            let args = switchyard_plugin_host::check::CheckArgs { file: &file, params: &params, calls, json };
             return if switchyard_plugin_host::check::run(args) {
                 std::process::ExitCode::SUCCESS
             } else {

@@ -1,4 +1,5 @@
-//! Guest-side glue: turning a plain Rust policy function into an ABI v1 entry point.
+//! Guest-side glue of the postcard entry points: ABI v1 (all kinds) and the balance kind of
+//! ABI v2. The v2 record glue of retention and compaction is in [`crate::v2`].
 //!
 //! Plugin authors normally use only the macros [`export_retention!`](crate::export_retention),
 //! [`export_compaction!`](crate::export_compaction), [`export_balance!`](crate::export_balance)
@@ -136,12 +137,13 @@ where
             Err(_) => return codes::ENCODE_FAILED,
         },
     };
-    pack(out.leak())
+    pack_out(out.leak())
 }
 
 /// Packs a leaked output buffer as the entry point's return value.
 #[cfg(target_arch = "wasm32")]
-fn pack(out: &'static mut [u8]) -> i64 {
+#[doc(hidden)]
+pub fn pack_out(out: &'static mut [u8]) -> i64 {
     let (addr, len) = (out.as_ptr() as usize as u64, out.len() as u64);
     if addr > i32::MAX as u64 || len > u32::MAX as u64 {
         return codes::OUT_OF_RANGE;
@@ -149,26 +151,29 @@ fn pack(out: &'static mut [u8]) -> i64 {
     ((addr << 32) | len) as i64
 }
 
-/// The ABI v1 marker export. The host only checks that it exists; it never calls it.
-#[cfg(target_arch = "wasm32")]
+/// The ABI v1 marker export (only with the SDK's `abi-v1` feature; without it the module
+/// is ABI v2). The host only checks that it exists; it never calls it.
+#[cfg(all(target_arch = "wasm32", feature = "abi-v1"))]
 #[unsafe(no_mangle)]
 pub extern "C" fn switchyard_abi_v1() {}
 
-/// The allocator export: the address of `len` writable bytes, or 0 when `len < 0` or the
-/// memory cannot grow. The buffer is never freed (the instance is discarded after a call).
+/// Referenced by the v1 export macros: they need the `abi-v1` feature (the marker).
+#[cfg(feature = "abi-v1")]
+#[doc(hidden)]
+pub const fn abi_v1_enabled() {}
+
+/// The allocator export: the address of `len` writable bytes, 8-aligned (ABI v2 requires
+/// it), or 0 when `len < 0` or the memory cannot grow. The buffer is never freed (the
+/// instance is discarded after a call).
 #[cfg(target_arch = "wasm32")]
 #[unsafe(no_mangle)]
 pub extern "C" fn switchyard_alloc(len: i32) -> i32 {
     if len < 0 {
         return 0;
     }
-    let len = len as usize;
-    let mut buf: Vec<u8> = Vec::new();
-    if buf.try_reserve_exact(len).is_err() {
-        return 0;
-    }
-    buf.resize(len, 0);
-    buf.leak().as_mut_ptr() as usize as i32
+    let Ok(layout) = std::alloc::Layout::from_size_align((len as usize).max(8), 8) else { return 0 };
+    // SAFETY: the layout has a non-zero size; a null result (out of memory) is returned as 0.
+    unsafe { std::alloc::alloc_zeroed(layout) as usize as i32 }
 }
 
 /// Type check used by [`export_retention!`](crate::export_retention) on non-wasm targets.
@@ -189,18 +194,21 @@ pub fn check_compaction<P: DeserializeOwned, R: IntoGuestResult<CompactionDecisi
 #[doc(hidden)]
 pub fn check_balance<P: DeserializeOwned, R: IntoGuestResult<BalanceDecision>>(_: impl Fn(&BalanceInput, &P) -> R) {}
 
-/// Exports `$f: fn(&RetentionInput, &P) -> RetentionDecision` (or `-> Result<RetentionDecision,
-/// E: Display>`) as `switchyard_retention`, where `P: DeserializeOwned` is the params type.
+/// ABI v1 (needs the SDK's `abi-v1` feature): exports `$f: fn(&RetentionInput, &P) ->
+/// RetentionDecision` (or `-> Result<RetentionDecision, E: Display>`) as the postcard entry
+/// point `switchyard_retention`, where `P: DeserializeOwned` is the params type. New
+/// plugins use the v2 [`export_retention!`](crate::export_retention).
 ///
 /// On wasm32 it defines `#[no_mangle] extern "C" fn switchyard_retention(ptr: i32, len: i32)
 /// -> i64`; elsewhere it only checks `$f`'s signature, so `cargo test` tests `$f` directly.
 /// Use it once per crate, at module level.
 #[macro_export]
-macro_rules! export_retention {
+macro_rules! export_retention_v1 {
     ($f:path) => {
         #[cfg(target_arch = "wasm32")]
         #[unsafe(no_mangle)]
         pub extern "C" fn switchyard_retention(ptr: i32, len: i32) -> i64 {
+            const _: () = $crate::guest::abi_v1_enabled();
             $crate::guest::run::<$crate::RetentionInput, _, $crate::RetentionDecision, _>(ptr, len, $f)
         }
         #[cfg(not(target_arch = "wasm32"))]
@@ -213,14 +221,16 @@ macro_rules! export_retention {
     };
 }
 
-/// Exports `$f: fn(&CompactionInput, &P) -> CompactionDecision` (or `-> Result<...>`) as
-/// `switchyard_compaction`. See [`export_retention!`](crate::export_retention).
+/// ABI v1 (needs the `abi-v1` feature): exports `$f: fn(&CompactionInput, &P) ->
+/// CompactionDecision` (or `-> Result<...>`) as `switchyard_compaction`. See
+/// [`export_retention_v1!`](crate::export_retention_v1).
 #[macro_export]
-macro_rules! export_compaction {
+macro_rules! export_compaction_v1 {
     ($f:path) => {
         #[cfg(target_arch = "wasm32")]
         #[unsafe(no_mangle)]
         pub extern "C" fn switchyard_compaction(ptr: i32, len: i32) -> i64 {
+            const _: () = $crate::guest::abi_v1_enabled();
             $crate::guest::run::<$crate::CompactionInput, _, $crate::CompactionDecision, _>(ptr, len, $f)
         }
         #[cfg(not(target_arch = "wasm32"))]
@@ -234,7 +244,8 @@ macro_rules! export_compaction {
 }
 
 /// Exports `$f: fn(&BalanceInput, &P) -> BalanceDecision` (or `-> Result<...>`) as
-/// `switchyard_balance`. See [`export_retention!`](crate::export_retention).
+/// `switchyard_balance`: the postcard glue, the same in ABI v1 and v2 (v2 changes only
+/// retention and compaction). See [`export_retention_v1!`](crate::export_retention_v1).
 #[macro_export]
 macro_rules! export_balance {
     ($f:path) => {

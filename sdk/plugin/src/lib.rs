@@ -1,4 +1,4 @@
-//! Switchyard policy ABI v1: the types shared by the router (host) and policy plugins
+//! Switchyard policy ABI (v1 and v2): the types shared by the router (host) and policy plugins
 //! (guest), and the guest-side glue that exports plain Rust functions.
 //!
 //! This crate owns the data that crosses the policy boundary: what a retention, compaction
@@ -11,10 +11,13 @@
 use serde::{Deserialize, Serialize};
 
 pub mod balance;
+pub mod fx;
 pub mod guest;
 pub mod log;
+pub mod v2;
 
 pub use guest::NoParams;
+pub use v2::{Bitmap, ChannelView, Message, Removals};
 
 /// Metadata of one stored message, as a policy sees it (never the payload itself).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +89,10 @@ pub struct CompactionDecision {
 
 /// The name of the export that marks a module as ABI v1.
 pub const ABI_V1_MARKER: &str = "switchyard_abi_v1";
+/// The name of the export that marks a module as ABI v2.
+pub const ABI_V2_MARKER: &str = "switchyard_abi_v2";
+/// The v2 host import that reads a message's key: `(index: i32, ptr: i32, cap: i32) -> i32`.
+pub const KEY_IMPORT: &str = "key";
 /// The guest allocator export: `(len: i32) -> i32`.
 pub const ALLOC_EXPORT: &str = "switchyard_alloc";
 /// The retention entry point: `(ptr: i32, len: i32) -> i64`.
@@ -315,10 +322,21 @@ mod tests {
     fn balance_fn(_: &BalanceInput, _: &Optional) -> BalanceDecision {
         BalanceDecision::default()
     }
+    fn retention_v2(_: &ChannelView<'_>, _: &Required) -> RetentionDecision {
+        RetentionDecision::Keep
+    }
+    fn compaction_v2(_: &ChannelView<'_>, _: &NoParams) -> Result<Removals, String> {
+        Ok(Removals::Offsets(vec![]))
+    }
     // The macros expand natively to a signature check only.
-    crate::export_retention!(retention_fn);
-    crate::export_compaction!(compaction_fn);
+    crate::export_retention_v1!(retention_fn);
+    crate::export_compaction_v1!(compaction_fn);
     crate::export_balance!(balance_fn);
+    mod v2_exports {
+        use super::*;
+        crate::export_retention!(retention_v2);
+        crate::export_compaction!(compaction_v2);
+    }
 
     #[test]
     fn log_macro_prints_natively() {
