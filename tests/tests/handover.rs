@@ -709,6 +709,85 @@ async fn a_stopped_leader_is_fenced_truncates_and_follows() -> Result<()> {
     Ok(())
 }
 
+/// Replication (issue #13, KIP-101): a leader writes batches its follower never gets (the
+/// replication link is cut), then is deposed (SIGSTOP past its lease). When it returns it
+/// reconciles with the new leader by leader epoch and truncates exactly that tail,
+/// re-copying only the channel the tail touched, with no full snapshot of any partition.
+/// Then the new leader dies and the old one leads again: every acknowledged message is
+/// there once, none of the unacknowledged ones is, and the channel keeps its epoch.
+#[tokio::test]
+async fn a_deposed_leader_truncates_its_unacknowledged_tail_without_a_snapshot() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let proxy = Proxy::start().await?;
+    // A long lag timeout: the leader must not drop its cut-off follower from the ISR (and
+    // acknowledge alone) before it is stopped.
+    let lag = "replica_lag_timeout = \"20s\"\n";
+    let mut n1 = Node::start(&config(&etcd, "t", "n1", lag));
+    let n2 = Node::start(&config(&etcd, "t", "n2", &format!("{lag}advertise = \"http://{}\"\n", proxy.addr)));
+    *proxy.target.lock().unwrap() = Some(n2.addr());
+    let map = wait_converged(&etcd, "t", &[&n1, &n2], &["n1", "n2"]).await?;
+    let channel = channel_per_partition().into_iter().find(|c| owner_of(&map, c) == "n2").expect("n2 owns one");
+    let p = partition_of(&channel, P) as usize;
+    wait_in_sync(&etcd, "t", p, 2).await?;
+    // No balancing moves from now on: the returning node must come back as a follower,
+    // not take partitions back by handover.
+    etcd.put("/switchyard/t/config", r#"{"max_moves": 0}"#)?;
+    for n in [&n1, &n2] {
+        wait_until("max_moves applied", DEADLINE, async || Ok(cluster_view(n).await?["config"]["max_moves"] == 0))
+            .await?;
+    }
+    let mut c = n2.client().await;
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        acked.push(c.publish(&channel, json!({"n": i})).await?.0);
+    }
+    let epoch = c.history(&channel, None, Some(1)).await?.epoch;
+
+    // Cut n1 off from n2: three publishes are stored on n2 and wait for n1 forever.
+    let _ = proxy.open.send(false);
+    for i in 100..103 {
+        c.send_cmd("publish", json!({"channel": channel, "data": {"n": i}})).await?;
+    }
+    wait_until("n2 holds batches n1 has not fetched", DEADLINE, async || {
+        Ok(metrics(&n2).await?.value("switchyard_replica_lag_messages", &[]).unwrap_or(0.0) >= 1.0)
+    })
+    .await?;
+    n2.signal(libc::SIGSTOP);
+    wait_until("n1 leads the partition", DEADLINE, async || {
+        Ok(etcd.map("t")?.is_some_and(|m| m["owners"][p] == json!("n1")))
+    })
+    .await?;
+    let h = n1.client().await.history_all(&channel).await?;
+    ensure!(h.offsets() == acked, "n1 has exactly the acknowledged messages: {:?}", h.offsets());
+    n2.signal(libc::SIGCONT);
+    let _ = proxy.open.send(true);
+    wait_in_sync(&etcd, "t", p, 2).await?;
+    let m = metrics(&n2).await?;
+    ensure!(m.value("switchyard_replica_truncations_total", &[]).unwrap_or(0.0) >= 1.0, "n2 truncated its tail");
+    // (Partitions n2 only followed were reassigned while it was gone, so it snapshots
+    // those: the map dropped it from their replicas.)
+    let log = n2.stderr();
+    ensure!(log.contains(&format!("truncated the tail the leader never had partition={p} ")), "p truncated");
+    ensure!(!log.contains(&format!("replica snapshot taken partition={p} ")), "p reconciled without a snapshot");
+
+    // n2 leads again: it has exactly what was acknowledged, under the same channel epoch.
+    n1.kill9();
+    wait_until("n2 leads the partition again", DEADLINE, async || {
+        Ok(etcd.map("t")?.is_some_and(|m| m["owners"][p] == json!("n2")))
+    })
+    .await?;
+    let mut c = n2.client().await;
+    let (offset, _) =
+        poll_for("a write on n2", DEADLINE, async || Ok(c.publish(&channel, json!({"n": 10})).await.ok())).await?;
+    acked.push(offset);
+    let h = c.history_all(&channel).await?;
+    ensure!(h.epoch == epoch, "the channel epoch changed: {epoch} -> {}", h.epoch);
+    ensure!(h.offsets() == acked, "acknowledged {acked:?}, history {:?}", h.offsets());
+    let data: Vec<i64> = h.messages.iter().map(|m| m["data"]["n"].as_i64().unwrap_or(-1)).collect();
+    ensure!(data == (0..=10).collect::<Vec<_>>(), "history holds {data:?}");
+    Ok(())
+}
+
 /// Replication (issue #13): the link between a leader and its follower is cut. Writes to
 /// the leader go on once the follower is dropped from the ISR (after
 /// `replica_lag_timeout`); when the link heals the follower catches up from where it was

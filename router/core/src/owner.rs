@@ -477,7 +477,7 @@ impl Owner {
             };
             let mut batch = store.batch();
             let mut work = Work::default();
-            if self.replication.is_leading(self.partition) {
+            if self.replication.is_leader(self.partition) {
                 work.ops = Some(Vec::new());
             }
             let mut adopt = None;
@@ -801,11 +801,33 @@ impl Owner {
                 }
             }
         }
-        let stored = if batch.is_empty() { Ok(()) } else { batch.write(work.needs_sync).await };
-        if let Err(e) = stored {
-            tracing::error!(partition = self.partition, error = %e, "store write failed; batch rejected");
+        // A replicated batch is stamped with its seq and written with this replica's log
+        // position, under the apply lock: no follower apply, truncation or snapshot of the
+        // partition interleaves, and a node no longer leading never writes.
+        let repl = self.replication.clone();
+        let mut applying = None;
+        let mut stamped = None;
+        if let Some(ops) = work.ops.as_ref().filter(|ops| !ops.is_empty()) {
+            applying = Some(repl.part(self.partition).apply_lock.lock().await);
+            let (store, p) = (self.store.clone(), self.partition);
+            if let Some((seq, epoch, meta)) = repl.stamp(p, || store.repl_meta(p).ok().flatten()) {
+                batch.put_repl_batch(p, seq, &crate::replication::touched(ops), &meta);
+                stamped = Some((seq, epoch));
+            }
+        }
+        let stored = match (&work.ops, stamped) {
+            (Some(ops), None) if !ops.is_empty() => Err(OpError::new(
+                switchyard_proto::protocol::ErrorCode::Unavailable,
+                "partition leadership changed before the write; retry",
+            )),
+            _ if batch.is_empty() => Ok(()),
+            _ => batch.write(work.needs_sync).await.map_err(|e| {
+                tracing::error!(partition = self.partition, error = %e, "store write failed; batch rejected");
+                OpError::internal("store write failed")
+            }),
+        };
+        if let Err(err) = stored {
             self.rollback(&work.undo);
-            let err = OpError::internal("store write failed");
             for (reply, _) in work.acks.drain(..) {
                 let _ = reply.send(Err(err.clone()));
             }
@@ -821,12 +843,13 @@ impl Owner {
                 work.tops.push((name.clone(), ch.top));
             }
         }
-        match work.ops.take() {
+        match (work.ops.take(), stamped) {
             // Replicated: acknowledged, fanned out and read only once the ISR has it.
-            Some(ops) if !ops.is_empty() => {
+            (Some(ops), Some((stamped, epoch))) if !ops.is_empty() => {
                 let data = bytes::Bytes::from(postcard::to_stdvec(&ops).expect("ops encode"));
-                let epoch = self.replication.leader_epoch(self.partition).unwrap_or(0);
-                let seq = self.replication.append(self.partition, data);
+                let seq = repl.append(self.partition, data);
+                drop(applying);
+                debug_assert_eq!(seq, stamped, "only the owner appends, under the apply lock");
                 self.parked.push_back((seq, epoch, work));
                 self.release_parked();
             }

@@ -159,6 +159,9 @@ impl Partitions {
         let budget = Budget::new(settings.idempotency_max_keys, settings.idempotency_max_bytes);
         // The leader keeps at most this many bytes of batches for lagging followers.
         let replication = Replication::new(p, settings.replica_lag_timeout, 16 << 20);
+        for partition in 0..p {
+            replication.load(partition, store.repl_meta(partition)?.as_ref());
+        }
         for (partition, channels) in recovered.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(OWNER_MAILBOX);
             let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();

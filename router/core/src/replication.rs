@@ -11,6 +11,12 @@
 //! that carries the change alters the set the high watermark counts. It must never do I/O
 //! or wait: owners and fetch handlers call it under a per-partition lock held for
 //! microseconds.
+//!
+//! Seqs are a partition's durable log positions, the same on every replica (Kafka's
+//! offsets): each replica stores, with every batch it writes, its next seq and its
+//! leader-epoch history ([`ReplLogMeta`]). A replica that follows a new leader first asks
+//! it where its own last leader epoch ended ([`Replication::epoch_end`]) and truncates
+//! what the leader never had ([`truncation_point`]): the KIP-101/KIP-279 rule.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -19,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use switchyard_proto::partition::PartitionId;
-use switchyard_store::{ChannelMeta, StoredMessage};
+use switchyard_store::{ChannelMeta, ReplLogMeta, StoredMessage};
 use tokio::sync::{mpsc, watch, Notify};
 
 /// How long a leader waits for a map with the ISR change it asked for before asking again.
@@ -36,6 +42,58 @@ pub enum ReplOp {
     Meta(String, ChannelMeta),
     /// A consumer's committed offset.
     Consumer(String, String, u64),
+}
+
+/// Most leader-epoch history entries a replica keeps (older epochs: a snapshot instead).
+const MAX_EPOCHS: usize = 64;
+
+impl ReplOp {
+    fn channel(&self) -> &str {
+        match self {
+            ReplOp::Message(ch, ..) | ReplOp::Remove(ch, _) | ReplOp::Meta(ch, _) | ReplOp::Consumer(ch, ..) => ch,
+        }
+    }
+}
+
+/// The channels `ops` touch, each once.
+pub fn touched(ops: &[ReplOp]) -> Vec<&str> {
+    let mut out: Vec<&str> = ops.iter().map(ReplOp::channel).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// `history` with `(epoch, start)` appended unless its last entry is already `epoch`
+/// (bounded to the newest [`MAX_EPOCHS`]).
+pub fn with_epoch(mut history: Vec<(u64, u64)>, epoch: u64, start: u64) -> Vec<(u64, u64)> {
+    if history.last().is_none_or(|(e, _)| *e != epoch) {
+        history.push((epoch, start));
+    }
+    if history.len() > MAX_EPOCHS {
+        history.drain(..history.len() - MAX_EPOCHS);
+    }
+    history
+}
+
+/// Where leader epoch `last` ended in `history` of a log whose next seq is `leo`: the
+/// largest epoch at or below `last` the history knows, and the first seq after it (KIP-279's
+/// answer to OffsetsForLeaderEpoch). None when the history has no such epoch.
+pub fn epoch_end_in(history: &[(u64, u64)], leo: u64, last: u64) -> Option<(u64, u64)> {
+    let i = history.iter().rposition(|(e, _)| *e <= last)?;
+    let end = history.get(i + 1).map_or(leo, |(_, start)| *start);
+    Some((history[i].0, end))
+}
+
+/// Where a replica with `own` position must truncate its log before it follows a leader
+/// that answered `answer` ([`epoch_end_in`] for the replica's last epoch): everything from
+/// the returned seq on may differ from the leader's log. None means a snapshot: the
+/// replica holds no position, the leader does not know its epochs, or the replica's own
+/// history lacks the epoch the leader matched (its prefix cannot be vouched for).
+pub fn truncation_point(own: &ReplLogMeta, answer: Option<(u64, u64)>) -> Option<u64> {
+    let (epoch, end) = answer?;
+    let i = own.epochs.iter().position(|(e, _)| *e == epoch)?;
+    let own_end = own.epochs.get(i + 1).map_or(own.leo, |(_, start)| *start);
+    Some(end.min(own_end).min(own.leo))
 }
 
 /// Applies `ops` to a store batch of partition `p`.
@@ -106,6 +164,17 @@ pub enum FetchError {
     InIsr,
 }
 
+/// A follower's position under the leader it follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pos {
+    /// Not yet reconciled with this leader: ask where its last epoch ended, truncate.
+    Reconcile,
+    /// Nothing it holds can be vouched for: take a snapshot.
+    Snapshot,
+    /// Every batch below this seq is applied here.
+    At(u64),
+}
+
 /// A fetch answer: encoded batches from `from` on, in order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Fetched {
@@ -127,6 +196,11 @@ struct FollowerPos {
 struct Leading {
     me: String,
     leader_epoch: u64,
+    /// The seq this leadership started at.
+    start: u64,
+    /// This replica's leader-epoch history, this leadership included (loaded from the store
+    /// when the first batch is stamped).
+    epochs: Option<Vec<(u64, u64)>>,
     isr: Vec<String>,
     followers: HashMap<String, FollowerPos>,
     base_seq: u64,
@@ -166,11 +240,15 @@ impl Leading {
 #[derive(Default)]
 struct LogState {
     leading: Option<Leading>,
-    /// As a follower: `(leader epoch, next seq to fetch)`; None until a snapshot set it.
-    following: Option<(u64, Option<u64>)>,
-    /// Seqs never repeat in this process, so an owner's parked batches are never released
-    /// by a high watermark of another leadership.
+    /// As a follower: the leader epoch followed and the position under it.
+    following: Option<(u64, Pos)>,
+    /// The next seq: this replica holds every batch below it (its log end). Loaded from the
+    /// store at startup, advanced by the leader's appends and the follower's applies.
     seq_counter: u64,
+    /// As a follower: the batches it applied most recently (consecutive, ending at
+    /// `seq_counter`), so that, promoted, it can serve in-sync followers a little behind it.
+    tail: VecDeque<(u64, Bytes)>,
+    tail_bytes: usize,
 }
 
 /// One partition's replication state.
@@ -256,6 +334,57 @@ impl Replication {
         self.state(p).leading.as_ref().is_some_and(|l| !l.followers.is_empty())
     }
 
+    /// True when this node leads `p` under a replicated map (with or without followers):
+    /// its store batches are stamped with seqs.
+    pub fn is_leader(&self, p: PartitionId) -> bool {
+        self.state(p).leading.is_some()
+    }
+
+    /// Sets `p`'s log end from its durable position (startup).
+    pub fn load(&self, p: PartitionId, meta: Option<&ReplLogMeta>) {
+        self.state(p).seq_counter = meta.map_or(0, |m| m.leo);
+    }
+
+    /// The seq the next batch of `p` gets, its leader epoch, and the position to store with
+    /// it; None when this node does not lead `p`. `load` reads the stored position (once
+    /// per leadership). The caller writes the batch and then [`Self::append`]s it, with
+    /// `p`'s apply lock held throughout.
+    pub fn stamp(&self, p: PartitionId, load: impl FnOnce() -> Option<ReplLogMeta>) -> Option<(u64, u64, ReplLogMeta)> {
+        let mut st = self.state(p);
+        let seq = st.seq_counter;
+        let l = st.leading.as_mut()?;
+        if l.epochs.is_none() {
+            let stored = load().map(|m| m.epochs).unwrap_or_default();
+            l.epochs = Some(with_epoch(stored, l.leader_epoch, l.start));
+        }
+        let epochs = l.epochs.clone().unwrap_or_default();
+        Some((seq, l.leader_epoch, ReplLogMeta { leo: seq + 1, epochs }))
+    }
+
+    /// The leader's answer to a follower whose last leader epoch is `last`: see
+    /// [`epoch_end_in`]. `load` reads the stored history when no batch was stamped yet.
+    pub fn epoch_end(
+        &self,
+        p: PartitionId,
+        leader_epoch: u64,
+        last: u64,
+        load: impl FnOnce() -> Option<ReplLogMeta>,
+    ) -> Result<Option<(u64, u64)>, FetchError> {
+        let mut st = self.state(p);
+        let leo = st.seq_counter;
+        let Some(l) = st.leading.as_mut() else {
+            return Err(FetchError::NotLeader(p, leader_epoch, None));
+        };
+        if l.leader_epoch != leader_epoch {
+            return Err(FetchError::NotLeader(p, leader_epoch, Some(l.leader_epoch)));
+        }
+        let history = match &l.epochs {
+            Some(h) => h.clone(),
+            None => with_epoch(load().map(|m| m.epochs).unwrap_or_default(), l.leader_epoch, l.start),
+        };
+        Ok(epoch_end_in(&history, leo, last))
+    }
+
     /// True when this node follows `p`: its owner must not write.
     pub fn is_following(&self, p: PartitionId) -> bool {
         self.state(p).following.is_some()
@@ -266,8 +395,8 @@ impl Replication {
         self.state(p).leading.as_ref().map(|l| l.leader_epoch)
     }
 
-    /// Appends one committed store batch of `p`; returns its seq. The batch counts as
-    /// replicated once the high watermark passes the seq.
+    /// Appends one committed store batch of `p` (stamped by [`Self::stamp`]); returns its
+    /// seq. The batch counts as replicated once the high watermark passes the seq.
     pub fn append(&self, p: PartitionId, data: Bytes) -> u64 {
         let mut st = self.state(p);
         let seq = st.seq_counter;
@@ -293,28 +422,44 @@ impl Replication {
             Role::None => {
                 st.leading = None;
                 st.following = None;
+                st.tail.clear();
+                st.tail_bytes = 0;
             }
             Role::Follower { leader_epoch } => {
-                st.leading = None;
+                if st.leading.take().is_some() {
+                    st.tail.clear();
+                    st.tail_bytes = 0;
+                }
                 if st.following.is_none_or(|(e, _)| e != leader_epoch) {
-                    // A new leader: the position under the old one means nothing (resync).
-                    st.following = Some((leader_epoch, None));
+                    // A new leader: reconcile with it (truncate what it never had) first.
+                    st.following = Some((leader_epoch, Pos::Reconcile));
                 }
             }
             Role::Leader { me, leader_epoch, followers, isr } => {
-                st.following = None;
+                let promoted = st.following.take().is_some();
                 let start = st.seq_counter;
                 let same = st.leading.as_ref().is_some_and(|l| l.leader_epoch == leader_epoch);
                 if !same {
+                    // A promoted follower serves the batches it applied last, so in-sync
+                    // followers a little behind it need no snapshot.
+                    let mut records = std::mem::take(&mut st.tail);
+                    let mut bytes = std::mem::replace(&mut st.tail_bytes, 0);
+                    if !promoted {
+                        records.clear();
+                        bytes = 0;
+                    }
+                    let base_seq = records.front().map_or(start, |r| r.0);
                     st.leading = Some(Leading {
                         me,
                         leader_epoch,
+                        start,
+                        epochs: None,
                         isr: Vec::new(),
                         followers: HashMap::new(),
-                        base_seq: start,
+                        base_seq,
                         next_seq: start,
-                        records: VecDeque::new(),
-                        bytes: 0,
+                        records,
+                        bytes,
                         asked: None,
                     });
                 }
@@ -340,7 +485,14 @@ impl Replication {
             }
         }
         let after = st.leading.as_ref().map(|l| l.leader_epoch);
-        self.publish_hw(p, &st);
+        match &st.leading {
+            // A new leadership starts its watermark afresh: seqs may have gone back (a
+            // truncation), and a stale watermark must never release its batches.
+            Some(l) if before != after => {
+                self.parts[p as usize].hw.send_replace(l.hw());
+            }
+            _ => self.publish_hw(p, &st),
+        }
         if before.is_some() && before != after {
             // The owner's parked batches belong to a leadership that ended: wake it.
             self.parts[p as usize].hw.send_modify(|_| ());
@@ -421,28 +573,58 @@ impl Replication {
     /// The follower's position of `p` under `leader_epoch`, if it has one.
     pub fn position(&self, p: PartitionId, leader_epoch: u64) -> Option<u64> {
         match self.state(p).following {
-            Some((e, pos)) if e == leader_epoch => pos,
+            Some((e, Pos::At(n))) if e == leader_epoch => Some(n),
             _ => None,
         }
     }
 
-    /// Forgets the follower's position of `p`: the next fetch asks for a snapshot.
-    pub fn forget_position(&self, p: PartitionId) {
-        if let Some((_, pos)) = self.state(p).following.as_mut() {
-            *pos = None;
-        }
+    /// True when the follower of `p` under `leader_epoch` has yet to reconcile its log
+    /// with the leader's.
+    pub fn must_reconcile(&self, p: PartitionId, leader_epoch: u64) -> bool {
+        matches!(self.state(p).following, Some((e, Pos::Reconcile)) if e == leader_epoch)
     }
 
-    /// Records that this follower holds every batch of `p` below `next` under `leader_epoch`.
-    pub fn set_position(&self, p: PartitionId, leader_epoch: u64, next: u64) -> bool {
+    /// Forgets the follower's position of `p`: the next fetch asks for a snapshot.
+    pub fn forget_position(&self, p: PartitionId) {
+        let mut st = self.state(p);
+        if let Some((_, pos)) = st.following.as_mut() {
+            *pos = Pos::Snapshot;
+        }
+        st.tail.clear();
+        st.tail_bytes = 0;
+    }
+
+    /// Records that this follower holds every batch of `p` below `next` under
+    /// `leader_epoch`, having just applied `applied` (consecutive, ending below `next`).
+    pub fn set_position(&self, p: PartitionId, leader_epoch: u64, next: u64, applied: &[(u64, Bytes)]) -> bool {
         let mut st = self.state(p);
         match st.following.as_mut() {
-            Some((e, pos)) if *e == leader_epoch => {
-                *pos = Some(next);
-                true
-            }
-            _ => false,
+            Some((e, pos)) if *e == leader_epoch => *pos = Pos::At(next),
+            _ => return false,
         }
+        st.seq_counter = next;
+        let contiguous = match (st.tail.back(), applied.first()) {
+            (Some(last), Some(first)) => last.0 + 1 == first.0,
+            (None, _) => true,
+            (Some(last), None) => last.0 + 1 == next,
+        };
+        if !contiguous {
+            st.tail.clear();
+            st.tail_bytes = 0;
+        }
+        for (seq, data) in applied {
+            st.tail_bytes += data.len();
+            st.tail.push_back((*seq, data.clone()));
+        }
+        while st.tail_bytes > self.max_log_bytes {
+            let Some((_, b)) = st.tail.pop_front() else { break };
+            st.tail_bytes -= b.len();
+        }
+        if st.tail.back().is_some_and(|last| last.0 + 1 != next) {
+            st.tail.clear();
+            st.tail_bytes = 0;
+        }
+        true
     }
 
     /// The ISR changes the leader of `p` should ask for now: followers behind for longer
@@ -599,6 +781,78 @@ mod tests {
                 last_hw = now;
             }
         }
+    }
+
+    /// KIP-101/279: the leader answers where the follower's last epoch ended in its own
+    /// history, and the follower truncates to the lower of that and its own end of the
+    /// matched epoch; a follower that cannot vouch for its prefix takes a snapshot.
+    #[test]
+    fn truncation_follows_the_leader_epoch_histories() {
+        let own = |leo, epochs: &[(u64, u64)]| ReplLogMeta { leo, epochs: epochs.to_vec() };
+        // The leader of epoch 5 wrote 100..120; its follower had 115 when it took over
+        // as the leader of epoch 6.
+        let leader = [(3, 0), (5, 100), (6, 115)];
+        assert_eq!(epoch_end_in(&leader, 130, 5), Some((5, 115)));
+        assert_eq!(epoch_end_in(&leader, 130, 6), Some((6, 130)));
+        assert_eq!(epoch_end_in(&leader, 130, 4), Some((3, 100)), "largest epoch at or below");
+        assert_eq!(epoch_end_in(&leader, 130, 2), None);
+        // The deposed leader returns with 120 under epoch 5: it truncates to 115.
+        let deposed = own(120, &[(3, 0), (5, 100)]);
+        assert_eq!(truncation_point(&deposed, epoch_end_in(&leader, 130, 5)), Some(115));
+        // A follower that had only 110 keeps everything.
+        let behind = own(110, &[(3, 0), (5, 100)]);
+        assert_eq!(truncation_point(&behind, epoch_end_in(&leader, 130, 5)), Some(110));
+        // A replica that led epoch 4, which nobody else saw, truncates to where epoch 3
+        // ended in the leader's log or in its own, whichever is lower.
+        let lone = own(140, &[(3, 0), (4, 90)]);
+        assert_eq!(truncation_point(&lone, epoch_end_in(&leader, 130, 4)), Some(90));
+        // A follower of the current epoch that restarted fetches on from its end.
+        let same = own(125, &[(3, 0), (5, 100), (6, 115)]);
+        assert_eq!(truncation_point(&same, epoch_end_in(&leader, 130, 6)), Some(125));
+        // No common epoch, or no history at all: a snapshot.
+        let snapshotted = own(200, &[(7, 150)]);
+        assert_eq!(truncation_point(&snapshotted, epoch_end_in(&leader, 130, 7)), None);
+        assert_eq!(truncation_point(&own(0, &[]), Some((6, 130))), None);
+        // The history is bounded and never repeats its last epoch.
+        let mut h = Vec::new();
+        for e in 0..100 {
+            h = with_epoch(h, e, e * 10);
+            h = with_epoch(h, e, e * 10 + 5);
+        }
+        assert_eq!(h.len(), MAX_EPOCHS);
+        assert_eq!(h.last(), Some(&(99, 990)));
+    }
+
+    /// A leader stamps each batch with the next seq and a history that includes its own
+    /// epoch; a promoted follower continues the seq space from what it applied and serves
+    /// the batches it applied last to followers a little behind it.
+    #[test]
+    fn a_promoted_follower_continues_the_log_it_applied() {
+        let r = Replication::new(1, Duration::from_secs(2), 1 << 20);
+        r.load(0, Some(&ReplLogMeta { leo: 40, epochs: vec![(2, 0)] }));
+        r.set_role(0, Role::Follower { leader_epoch: 3 });
+        assert!(r.must_reconcile(0, 3));
+        assert_eq!(r.position(0, 3), None);
+        assert!(r.set_position(0, 3, 40, &[]));
+        let applied: Vec<(u64, Bytes)> = (40..45).map(|s| (s, Bytes::from_static(b"b"))).collect();
+        assert!(r.set_position(0, 3, 45, &applied));
+        leader(&r, &["b"], &["b"], 4);
+        let (seq, epoch, meta) = r.stamp(0, || Some(ReplLogMeta { leo: 45, epochs: vec![(2, 0), (3, 40)] })).unwrap();
+        assert_eq!((seq, epoch), (45, 4));
+        assert_eq!(meta, ReplLogMeta { leo: 46, epochs: vec![(2, 0), (3, 40), (4, 45)] });
+        assert_eq!(r.append(0, Bytes::from_static(b"x")), 45);
+        // b, in sync but two batches behind when the leader changed, fetches from 43.
+        let got = r.fetch(0, "b", 4, Some(43), 1 << 20).unwrap().unwrap();
+        assert_eq!(got.batches.iter().map(|b| b.0).collect::<Vec<_>>(), vec![43, 44, 45]);
+        assert_eq!(r.epoch_end(0, 4, 3, || None), Ok(Some((3, 45))));
+        assert!(matches!(r.epoch_end(0, 5, 3, || None), Err(FetchError::NotLeader(..))));
+        // A truncation moves the log end back; the next leadership's watermark starts
+        // afresh, so a stale watermark never releases the new batches.
+        r.set_role(0, Role::Follower { leader_epoch: 6 });
+        assert!(r.set_position(0, 6, 44, &[]));
+        leader(&r, &["b"], &["b"], 7);
+        assert_eq!(*r.hw_changes(0).borrow(), 44);
+        assert_eq!(r.stamp(0, || None).unwrap().0, 44);
     }
 
     /// Seqs never repeat across leaderships, and a new leadership starts with nothing owed.

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub unclean_failovers: IntCounter,
     /// Replica snapshots taken by this node as a follower.
     pub replica_snapshots: IntCounter,
+    /// Tails truncated by this node as a follower (channels re-copied from a new leader).
+    pub replica_truncations: IntCounter,
     /// Leases granted (the first, and each after one was lost).
     pub cluster_lease_grants: IntCounter,
     /// `config` values ignored because they did not parse or validate.
@@ -229,6 +231,10 @@ impl Metrics {
                 "Partitions given to a replica outside the ISR (new channel epochs)",
             ),
             replica_snapshots: counter("switchyard_replica_snapshots_total", "Replica snapshots taken as a follower"),
+            replica_truncations: counter(
+                "switchyard_replica_truncations_total",
+                "Log tails a new leader never had, truncated by this node as a follower",
+            ),
             cluster_lease_grants: counter("switchyard_cluster_lease_grants_total", "etcd leases granted"),
             cluster_config_errors: counter(
                 "switchyard_cluster_config_errors_total",

@@ -76,7 +76,8 @@ pub(crate) async fn execute(node: &Arc<Router>, op: Op) -> Result<Answer, OpErro
         | Op::Pull { .. }
         | Op::Pulled { .. }
         | Op::Fetch { .. }
-        | Op::Snapshot { .. } => Err(OpError::internal(format!("{} is not run locally", op.name()))),
+        | Op::Snapshot { .. }
+        | Op::EpochEnd { .. } => Err(OpError::internal(format!("{} is not run locally", op.name()))),
     }
 }
 
@@ -301,7 +302,7 @@ async fn begin(node: &Arc<Router>, link: &Incoming, epoch: u64, op: Op) -> Begun
     match op {
         Op::Pull { partition, moved_at, cursor } => return Begun::Pull(partition, moved_at, cursor),
         Op::Pulled { partition, moved_at } => return Begun::Pulled(partition, moved_at),
-        op @ (Op::Fetch { .. } | Op::Snapshot { .. }) => return Begun::Replica(op),
+        op @ (Op::Fetch { .. } | Op::Snapshot { .. } | Op::EpochEnd { .. }) => return Begun::Replica(op),
         Op::Unsubscribe { channel, sub } => {
             // Wherever the map now puts the channel: the owner here still holds it.
             let local = {
@@ -360,7 +361,12 @@ async fn begin(node: &Arc<Router>, link: &Incoming, epoch: u64, op: Op) -> Begun
             }
         }
         op @ (Op::Seat { .. } | Op::Unseat { .. }) => Begun::Done(Ok(node.serve_seat(op))),
-        Op::Unsubscribe { .. } | Op::Pull { .. } | Op::Pulled { .. } | Op::Fetch { .. } | Op::Snapshot { .. } => {
+        Op::Unsubscribe { .. }
+        | Op::Pull { .. }
+        | Op::Pulled { .. }
+        | Op::Fetch { .. }
+        | Op::Snapshot { .. }
+        | Op::EpochEnd { .. } => {
             unreachable!("handled above")
         }
     }

@@ -336,7 +336,7 @@ pub(crate) async fn serve_pull(
         rx.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?;
     }
     let store = node.partitions.store.clone();
-    tokio::task::spawn_blocking(move || read_chunk(&store, p, cursor))
+    tokio::task::spawn_blocking(move || read_chunk(&store, p, cursor, None))
         .await
         .map_err(|e| OpError::internal(e.to_string()))?
         .map(Answer::Chunk)
@@ -344,17 +344,34 @@ pub(crate) async fn serve_pull(
 }
 
 /// The next chunk of sealed partition `p` after `cursor`: `(channel, offset)` means the
-/// channel's metadata and its messages up to `offset` were sent.
+/// channel's metadata and its messages up to `offset` were sent. With `only` (sorted),
+/// just those of the named channels the store holds.
 pub(crate) fn read_chunk(
     store: &switchyard_store::Store,
     p: PartitionId,
     cursor: Option<(String, u64)>,
+    only: Option<&[String]>,
 ) -> Result<Chunk, switchyard_store::StoreError> {
     let mut chunk = Chunk { channels: Vec::new(), messages: Vec::new(), next: None };
     let mut bytes = 0usize;
     // One past the channels a chunk may start, plus the one being resumed.
     let from = cursor.as_ref().map(|c| c.0.as_str());
-    for (name, meta) in store.partition_channels(p, from, CHUNK_CHANNELS + 2)? {
+    let listed = match only {
+        None => store.partition_channels(p, from, CHUNK_CHANNELS + 2)?,
+        Some(names) => {
+            let mut out = Vec::new();
+            for name in names.iter().filter(|n| from.is_none_or(|f| n.as_str() >= f)) {
+                if out.len() == CHUNK_CHANNELS + 2 {
+                    break;
+                }
+                if let Some(meta) = store.channel_meta(p, name)? {
+                    out.push((name.clone(), meta));
+                }
+            }
+            out
+        }
+    };
+    for (name, meta) in listed {
         let mut after = match &cursor {
             Some((c, o)) if *c == name => *o,
             _ => {
@@ -431,7 +448,7 @@ mod tests {
     fn pull(store: &Store, p: PartitionId) -> (Vec<Chunk>, usize) {
         let (mut cursor, mut chunks) = (None, Vec::new());
         loop {
-            let c = read_chunk(store, p, cursor.clone()).unwrap();
+            let c = read_chunk(store, p, cursor.clone(), None).unwrap();
             cursor = c.next.clone();
             chunks.push(c);
             if cursor.is_none() {

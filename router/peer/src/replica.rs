@@ -2,9 +2,12 @@
 //! fetches and snapshots, and every node applies its roles when a map is installed.
 //!
 //! It owns the follower loop of each partition this node follows (fetch, apply to the
-//! store under the fsync policy, fetch again from the next seq, which tells the leader what
-//! is durable here), the snapshot that starts a follower (its stale copy is cleared first:
-//! anything the leader never acknowledged is truncated with it), the leader's side of both,
+//! store under the fsync policy with this replica's log position and leader-epoch history,
+//! fetch again from the next seq, which tells the leader what is durable here), the
+//! reconciliation with a new leader (ask where the replica's last leader epoch ended,
+//! truncate the tail the leader never had by re-copying just the channels that tail
+//! touched: KIP-101), the snapshot that starts a follower with no usable position (its
+//! stale copy is cleared first), the leader's side of all three,
 //! the periodic ISR check and the role changes on a map install (promotion reloads the
 //! owner from what was replicated, without a handover and without new channel epochs). It
 //! must never run on the message path: an owner only appends to the in-memory log.
@@ -13,9 +16,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard_core::replication::{apply_ops, FetchError, ReplOp, Role};
+use switchyard_core::replication::{apply_ops, touched, truncation_point, with_epoch, FetchError, ReplOp, Role};
 use switchyard_proto::partition::{PartitionId, PartitionMap};
 use switchyard_proto::protocol::{ErrorCode, OpError};
+use switchyard_store::ReplLogMeta;
 use tokio::sync::oneshot;
 
 use crate::router::Router;
@@ -124,7 +128,7 @@ fn fetch_error(e: FetchError) -> OpError {
     OpError::new(code, e.to_string())
 }
 
-/// The leader's side of [`Op::Fetch`] and [`Op::Snapshot`].
+/// The leader's side of [`Op::Fetch`], [`Op::Snapshot`] and [`Op::EpochEnd`].
 pub(crate) async fn serve(node: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
     let repl = &node.partitions.replication;
     match op {
@@ -147,7 +151,19 @@ pub(crate) async fn serve(node: &Arc<Router>, op: Op) -> Result<Answer, OpError>
                 }
             }
         }
-        Op::Snapshot { partition: p, leader_epoch, cursor } => {
+        Op::EpochEnd { partition: p, leader_epoch, last_epoch } => {
+            if p >= node.partitions.count() {
+                return Err(OpError::bad_request(format!("no partition {p}")));
+            }
+            if node.partitions.handovers.is_adopting(p) {
+                return Err(OpError::new(ErrorCode::Unavailable, "partition still being adopted here"));
+            }
+            let store = &node.partitions.store;
+            repl.epoch_end(p, leader_epoch, last_epoch, || store.repl_meta(p).ok().flatten())
+                .map(Answer::EpochEnd)
+                .map_err(fetch_error)
+        }
+        Op::Snapshot { partition: p, leader_epoch, cursor, channels } => {
             if p >= node.partitions.count() {
                 return Err(OpError::bad_request(format!("no partition {p}")));
             }
@@ -155,7 +171,7 @@ pub(crate) async fn serve(node: &Arc<Router>, op: Op) -> Result<Answer, OpError>
                 return Err(OpError::new(ErrorCode::Unavailable, "not the leader under that leader epoch"));
             }
             let store = node.partitions.store.clone();
-            tokio::task::spawn_blocking(move || crate::handover::read_chunk(&store, p, cursor))
+            tokio::task::spawn_blocking(move || crate::handover::read_chunk(&store, p, cursor, channels.as_deref()))
                 .await
                 .map_err(|e| OpError::internal(e.to_string()))?
                 .map(Answer::Chunk)
@@ -226,6 +242,15 @@ async fn follow_step(node: &Arc<Router>, p: PartitionId) -> Step {
     };
     let Some(leader) = map.owner(p).map(str::to_string) else { return Step::Later };
     let Some(links) = node.peers.clone() else { return Step::Done };
+    if repl.must_reconcile(p, leader_epoch) {
+        return match reconcile(node, p, &leader, leader_epoch).await {
+            Ok(()) => Step::Again,
+            Err(e) => {
+                tracing::warn!(partition = p, %leader, error = %e, "reconciling with the leader failed; retrying");
+                Step::Later
+            }
+        };
+    }
     let from = repl.position(p, leader_epoch);
     let op = Op::Fetch { partition: p, leader_epoch, follower: node.node_id.clone(), from };
     let answer = match links.send(&leader, map.epoch, &op) {
@@ -279,7 +304,11 @@ async fn apply(
     if repl.position(p, leader_epoch) != Some(from) {
         return Ok(());
     }
-    let mut batch = node.partitions.store.batch();
+    let store = &node.partitions.store;
+    let own = store.repl_meta(p).map_err(|e| e.to_string())?.unwrap_or_default();
+    // Every batch fetched from this leader was written under its leader epoch.
+    let mut meta = ReplLogMeta { leo: from, epochs: with_epoch(own.epochs, leader_epoch, from) };
+    let mut batch = store.batch();
     let mut next = from;
     for (seq, data) in batches {
         if *seq != next {
@@ -288,16 +317,17 @@ async fn apply(
         let ops: Vec<ReplOp> = postcard::from_bytes(data).map_err(|e| e.to_string())?;
         apply_ops(&mut batch, p, &ops);
         next = seq + 1;
+        meta.leo = next;
+        batch.put_repl_batch(p, *seq, &touched(&ops), &meta);
     }
     batch.write(true).await.map_err(|e| e.to_string())?;
-    repl.set_position(p, leader_epoch, next);
+    repl.set_position(p, leader_epoch, next, batches);
     Ok(())
 }
 
 /// Replaces this node's copy of `p` with a snapshot of the leader's, taken after every
 /// batch below `start`; batches from `start` on are fetched (and re-applied) after it.
 async fn snapshot(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64, start: u64) -> Result<(), String> {
-    let links = node.peers.clone().ok_or("no peer links")?;
     let repl = &node.partitions.replication;
     let _applying = repl.part(p).apply_lock.lock().await;
     if !repl.is_following(p) || repl.position(p, leader_epoch).is_some() {
@@ -310,29 +340,127 @@ async fn snapshot(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64
     }
     let started = Instant::now();
     node.partitions.store.clear_partition(p).await.map_err(|e| e.to_string())?;
-    let (mut cursor, mut messages) = (None, 0usize);
+    // From here on the batches from `start` are this leader's.
+    let meta = ReplLogMeta { leo: start, epochs: vec![(leader_epoch, start)] };
+    let messages = copy_channels(node, p, leader, leader_epoch, None, &meta).await?;
+    repl.set_position(p, leader_epoch, start, &[]);
+    node.metrics.replica_snapshots.inc();
+    tracing::info!(partition = p, %leader, messages, elapsed = ?started.elapsed(), "replica snapshot taken");
+    Ok(())
+}
+
+/// Copies the leader's state of `p` (of only the `only` channels, sorted, which are
+/// cleared here first) into this node's store, chunk by chunk; the last chunk's write also
+/// stores `meta` and is fsync'd. Returns the messages copied. The caller holds the apply
+/// lock.
+async fn copy_channels(
+    node: &Router,
+    p: PartitionId,
+    leader: &str,
+    leader_epoch: u64,
+    only: Option<Vec<String>>,
+    meta: &ReplLogMeta,
+) -> Result<usize, String> {
+    let links = node.peers.clone().ok_or("no peer links")?;
+    let repl = &node.partitions.replication;
+    let store = &node.partitions.store;
+    let (mut cursor, mut messages, mut first) = (None, 0usize, true);
     loop {
         if !repl.is_following(p) || repl.position(p, leader_epoch).is_some() {
-            return Err("role changed during the snapshot".into());
+            return Err("role changed during the copy".into());
         }
-        let op = Op::Snapshot { partition: p, leader_epoch, cursor: cursor.clone() };
+        let op = Op::Snapshot { partition: p, leader_epoch, cursor: cursor.clone(), channels: only.clone() };
         let chunk = match links.send(leader, node.map().epoch, &op).map_err(|e| e.message)?.wait(FETCH_TIMEOUT).await {
             Ok(Answer::Chunk(c)) => c,
             Ok(_) => return Err("unexpected answer to a snapshot".into()),
             Err(e) => return Err(e.message),
         };
-        let mut batch = node.partitions.store.batch();
+        let mut batch = store.batch();
+        if first {
+            // The tail being truncated goes in the same write as the leader's copy.
+            for name in only.iter().flatten() {
+                batch.clear_channel(p, name).map_err(|e| e.to_string())?;
+            }
+            first = false;
+        }
         crate::handover::stage_chunk(&mut batch, p, &chunk);
         messages += chunk.messages.len();
         let last = chunk.next.is_none();
+        if last {
+            batch.put_repl_meta(p, meta);
+        }
         batch.write(last).await.map_err(|e| e.to_string())?;
         match chunk.next {
             Some(c) => cursor = Some(c),
-            None => break,
+            None => return Ok(messages),
         }
     }
-    repl.set_position(p, leader_epoch, start);
-    node.metrics.replica_snapshots.inc();
-    tracing::info!(partition = p, %leader, messages, elapsed = ?started.elapsed(), "replica snapshot taken");
+}
+
+/// Reconciles this replica's log of `p` with the new leader's (KIP-101, KIP-279): asks
+/// where its last leader epoch ended in the leader's log, and truncates everything from
+/// there, re-copying from the leader just the channels that the truncated batches touched
+/// (a store cannot undo a batch, so each such channel is replaced by the leader's copy,
+/// and the leader's batches from the truncation point are then re-applied over it, which
+/// leaves the channel exactly as the leader has it). A replica with no usable position,
+/// or a tail older than the touched-channel window, takes a full snapshot instead.
+async fn reconcile(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64) -> Result<(), String> {
+    let links = node.peers.clone().ok_or("no peer links")?;
+    let repl = &node.partitions.replication;
+    let store = &node.partitions.store;
+    let _applying = repl.part(p).apply_lock.lock().await;
+    if !repl.must_reconcile(p, leader_epoch) {
+        return Ok(());
+    }
+    // The copy here is the source of a handover still under way: it stays as it is.
+    if node.partitions.handovers.sealed.lock().expect("handovers").contains_key(&p) {
+        return Err("this node's copy is still being handed over to the new leader".into());
+    }
+    let own = store.repl_meta(p).map_err(|e| e.to_string())?;
+    let Some(own) = own.filter(|m| !m.epochs.is_empty()) else {
+        repl.forget_position(p);
+        return Ok(());
+    };
+    let last_epoch = own.epochs.last().map_or(0, |e| e.0);
+    let op = Op::EpochEnd { partition: p, leader_epoch, last_epoch };
+    let answer = match links.send(leader, node.map().epoch, &op).map_err(|e| e.message)?.wait(FETCH_TIMEOUT).await {
+        Ok(Answer::EpochEnd(a)) => a,
+        Ok(_) => return Err("unexpected answer to an epoch-end request".into()),
+        Err(e) => return Err(e.message),
+    };
+    let Some(to) = truncation_point(&own, answer) else {
+        tracing::info!(partition = p, last_epoch, ?answer, "no common leader epoch with the leader; taking a snapshot");
+        repl.forget_position(p);
+        return Ok(());
+    };
+    if to < own.leo {
+        let Some(touched) = store.repl_touched(p, to, own.leo).map_err(|e| e.to_string())? else {
+            tracing::info!(
+                partition = p,
+                to,
+                leo = own.leo,
+                "truncated tail is older than its records; taking a snapshot"
+            );
+            repl.forget_position(p);
+            return Ok(());
+        };
+        let started = Instant::now();
+        let epochs = own.epochs.iter().copied().filter(|(_, start)| *start < to).collect();
+        let meta = ReplLogMeta { leo: to, epochs };
+        let channels = touched.len();
+        let messages = copy_channels(node, p, leader, leader_epoch, Some(touched.into_iter().collect()), &meta).await?;
+        node.metrics.replica_truncations.inc();
+        tracing::info!(
+            partition = p,
+            %leader,
+            from = to,
+            batches = own.leo - to,
+            channels,
+            messages,
+            elapsed = ?started.elapsed(),
+            "truncated the tail the leader never had"
+        );
+    }
+    repl.set_position(p, leader_epoch, to, &[]);
     Ok(())
 }

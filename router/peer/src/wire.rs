@@ -138,7 +138,8 @@ pub enum Op {
         /// The next seq it needs.
         from: Option<u64>,
     },
-    /// Replication: the next chunk of a snapshot of a partition this node leads.
+    /// Replication: the next chunk of a snapshot of a partition this node leads (of only
+    /// the named channels, sorted, when a follower truncates).
     Snapshot {
         /// The partition.
         partition: u32,
@@ -146,6 +147,18 @@ pub enum Op {
         leader_epoch: u64,
         /// Resume after this `(channel, offset)`; None for the start.
         cursor: Option<(String, u64)>,
+        /// Only these channels (sorted); None for the whole partition.
+        channels: Option<Vec<String>>,
+    },
+    /// Replication: where the leader's log ended the follower's last leader epoch
+    /// (KIP-101's OffsetsForLeaderEpoch), so the follower truncates what it never had.
+    EpochEnd {
+        /// The partition.
+        partition: u32,
+        /// The leader epoch the follower follows.
+        leader_epoch: u64,
+        /// The last leader epoch in the follower's history.
+        last_epoch: u64,
     },
     /// Take a seat under the cluster-wide per-user session cap, at the seat holder: the
     /// owner of the partition of `key` (`seats:<user>`).
@@ -187,7 +200,7 @@ impl Op {
             | Op::Unsubscribe { channel, .. }
             | Op::Info { channel, .. } => channel,
             Op::Seat { key, .. } | Op::Unseat { key, .. } => key,
-            Op::Pull { .. } | Op::Pulled { .. } | Op::Fetch { .. } | Op::Snapshot { .. } => "",
+            Op::Pull { .. } | Op::Pulled { .. } | Op::Fetch { .. } | Op::Snapshot { .. } | Op::EpochEnd { .. } => "",
         }
     }
 
@@ -206,6 +219,7 @@ impl Op {
             Op::Pulled { .. } => "pulled",
             Op::Fetch { .. } => "fetch",
             Op::Snapshot { .. } => "snapshot",
+            Op::EpochEnd { .. } => "epoch_end",
         }
     }
 
@@ -221,7 +235,8 @@ impl Op {
             | Op::Pull { .. }
             | Op::Pulled { .. }
             | Op::Fetch { .. }
-            | Op::Snapshot { .. } => false,
+            | Op::Snapshot { .. }
+            | Op::EpochEnd { .. } => false,
         }
     }
 
@@ -275,6 +290,9 @@ pub enum Answer {
     Batches(Vec<(u64, bytes::Bytes)>),
     /// A snapshot taken now starts after every batch below this seq.
     SnapshotAt(u64),
+    /// The largest leader epoch at or below the one asked about that the leader's
+    /// history knows, and the seq where it ended; None when it knows none.
+    EpochEnd(Option<(u64, u64)>),
     /// Whether a seat was granted.
     Seated(bool),
     /// Nothing to say (unsubscribe, pulled, unseat).

@@ -1,7 +1,8 @@
 //! The durable store: channel metadata, messages by offset and consumer offsets, in fjall.
 //!
-//! It owns the on-disk layout (three keyspaces, keys prefixed by partition so a partition's
-//! data is one key range) and the log writer: one OS thread that commits every partition
+//! It owns the on-disk layout (keyspaces for channel metadata, messages, consumer offsets,
+//! adoptions and the replication log's bookkeeping, keys prefixed by partition so a
+//! partition's data is one key range) and the log writer: one OS thread that commits every partition
 //! owner's batches and turns all the batches that queued during one fsync into the next
 //! fsync (group commit). fjall holds its journal lock while it fsyncs, so no async task ever
 //! commits itself. It must never decide offsets or policy: partition owners write, and the
@@ -74,6 +75,22 @@ pub struct ChannelMeta {
     pub bytes: u64,
 }
 
+/// A replica's durable replication position of one partition: every replicated store
+/// batch below `leo` is applied here, and the leader-epoch history says under which leader
+/// epoch each run of batches was written (`(leader epoch, first seq)`, oldest first; the
+/// KIP-101 leader-epoch cache). Written in the same store batch as the batches it counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplLogMeta {
+    /// The next seq: every batch below it is applied here.
+    pub leo: u64,
+    /// `(leader epoch, first seq written under it)`, oldest first.
+    pub epochs: Vec<(u64, u64)>,
+}
+
+/// How many batches back a replica keeps the names of the channels each batch touched:
+/// a truncation deeper than this takes a full snapshot instead of re-copying channels.
+pub const REPL_TOUCHED_WINDOW: u64 = 100_000;
+
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredMessage {
@@ -103,12 +120,15 @@ impl StoredMessage {
     }
 }
 
-/// The store: one fjall database with three keyspaces.
+/// The store: one fjall database with five keyspaces.
 pub struct Store {
     db: Database,
     meta: Keyspace,
     messages: Keyspace,
     consumers: Keyspace,
+    /// Per partition: its [`ReplLogMeta`] (key `p, 0`) and, per replicated batch, the
+    /// channels it touched (key `p, 1, seq`).
+    replog: Keyspace,
     /// Per partition: the map epoch of the move by which this node last adopted it.
     adopted: Keyspace,
     policy: FsyncPolicy,
@@ -136,6 +156,19 @@ fn channel_prefix(partition: PartitionId, channel: &str) -> Vec<u8> {
 fn message_key(partition: PartitionId, channel: &str, offset: u64) -> Vec<u8> {
     let mut k = channel_prefix(partition, channel);
     k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn replog_meta_key(partition: PartitionId) -> Vec<u8> {
+    let mut k = partition.to_be_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn replog_touched_key(partition: PartitionId, seq: u64) -> Vec<u8> {
+    let mut k = partition.to_be_bytes().to_vec();
+    k.push(1);
+    k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
@@ -177,18 +210,50 @@ impl Batch<'_> {
         self.inner.insert(&self.store.consumers, k, offset.to_be_bytes().to_vec());
     }
 
+    /// Records replicated batch `seq` of `p`: the channels it touched, and the replica's
+    /// position after it. The record `REPL_TOUCHED_WINDOW` batches back is dropped.
+    pub fn put_repl_batch(&mut self, p: PartitionId, seq: u64, touched: &[&str], meta: &ReplLogMeta) {
+        let value = postcard::to_stdvec(touched).expect("names always encode");
+        self.inner.insert(&self.store.replog, replog_touched_key(p, seq), value);
+        if let Some(old) = seq.checked_sub(REPL_TOUCHED_WINDOW) {
+            self.inner.remove(&self.store.replog, replog_touched_key(p, old));
+        }
+        self.put_repl_meta(p, meta);
+    }
+
+    /// Writes the replica's position and leader-epoch history of `p`.
+    pub fn put_repl_meta(&mut self, p: PartitionId, meta: &ReplLogMeta) {
+        let value = postcard::to_stdvec(meta).expect("positions always encode");
+        self.inner.insert(&self.store.replog, replog_meta_key(p), value);
+    }
+
+    /// Queues the removal of everything stored for one channel (metadata last).
+    pub fn clear_channel(&mut self, p: PartitionId, channel: &str) -> Result<(), StoreError> {
+        let prefix = channel_prefix(p, channel);
+        for ks in [&self.store.messages, &self.store.consumers] {
+            for guard in ks.prefix(&prefix) {
+                let (k, _) = guard.into_inner()?;
+                self.inner.remove(ks, k);
+            }
+        }
+        self.inner.remove(&self.store.meta, prefix);
+        Ok(())
+    }
+
     /// Records that this node adopted partition `p` by the move of map epoch `epoch`.
     pub fn put_adopted(&mut self, p: PartitionId, epoch: u64) {
         self.inner.insert(&self.store.adopted, p.to_be_bytes().to_vec(), epoch.to_be_bytes().to_vec());
     }
 
-    /// Queues the removal of up to `limit` of the keys stored for partition `p` (metadata,
-    /// messages, consumer offsets; metadata last, so an interrupted clear never leaves
-    /// messages without their channel); returns how many. See [`Store::clear_partition`].
+    /// Queues the removal of up to `limit` of the keys stored for partition `p`
+    /// (replication position first, so a copy being cleared never claims a log position;
+    /// then messages, consumer offsets, and metadata last, so an interrupted clear never
+    /// leaves messages without their channel); returns how many. See
+    /// [`Store::clear_partition`].
     pub fn clear_partition(&mut self, p: PartitionId, limit: usize) -> Result<usize, StoreError> {
         let prefix = p.to_be_bytes();
         let mut n = 0;
-        for ks in [&self.store.messages, &self.store.consumers, &self.store.meta] {
+        for ks in [&self.store.replog, &self.store.messages, &self.store.consumers, &self.store.meta] {
             for guard in ks.prefix(prefix).take(limit - n) {
                 let (k, _) = guard.into_inner()?;
                 self.inner.remove(ks, k);
@@ -229,6 +294,7 @@ impl Store {
         let messages = db.keyspace("messages", KeyspaceCreateOptions::default)?;
         let consumers = db.keyspace("consumers", KeyspaceCreateOptions::default)?;
         let adopted = db.keyspace("adopted", KeyspaceCreateOptions::default)?;
+        let replog = db.keyspace("replog", KeyspaceCreateOptions::default)?;
         let (writer, jobs) = std_mpsc::channel::<WriteJob>();
         let writer_db = db.clone();
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -237,7 +303,7 @@ impl Store {
             .name("store-writer".into())
             .spawn(move || write_loop(writer_db, jobs, policy, metrics, writer_failed))
             .expect("spawn store writer thread");
-        Ok(Arc::new(Self { db, meta, messages, consumers, adopted, policy, writer, failed }))
+        Ok(Arc::new(Self { db, meta, messages, consumers, replog, adopted, policy, writer, failed }))
     }
 
     /// True once a write or fsync failed; the node can no longer store anything.
@@ -415,6 +481,37 @@ impl Store {
         Ok(out)
     }
 
+    /// This replica's replication position and leader-epoch history of `p` (None when it
+    /// holds no replicated copy: never replicated, or cleared since).
+    pub fn repl_meta(&self, p: PartitionId) -> Result<Option<ReplLogMeta>, StoreError> {
+        Ok(self.replog.get(replog_meta_key(p))?.map(|v| postcard::from_bytes(&v)).transpose()?)
+    }
+
+    /// The channels touched by replicated batches `from..to` of `p`; None when a record is
+    /// missing (older than the window, or the copy was replaced since).
+    pub fn repl_touched(
+        &self,
+        p: PartitionId,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<std::collections::BTreeSet<String>>, StoreError> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut next = from;
+        if from >= to {
+            return Ok(Some(out));
+        }
+        for guard in self.replog.range(replog_touched_key(p, from)..replog_touched_key(p, to)) {
+            let (k, v) = guard.into_inner()?;
+            let seq = offset_of_key(&k);
+            if seq != next {
+                return Ok(None);
+            }
+            next += 1;
+            out.extend(postcard::from_bytes::<Vec<String>>(&v)?);
+        }
+        Ok((next == to).then_some(out))
+    }
+
     /// The map epoch of the move by which this node last adopted partition `p`.
     pub fn adopted(&self, p: PartitionId) -> Result<Option<u64>, StoreError> {
         Ok(self.adopted.get(p.to_be_bytes())?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte epochs"))))
@@ -515,5 +612,43 @@ mod tests {
         assert_eq!(store.consumer_offset(3, "room:1", "svc").unwrap(), Some(4));
         assert_eq!(store.consumer_offset(3, "room:1", "other").unwrap(), None);
         assert_eq!(store.read_messages(3, "room:10", 0, 10, 10).unwrap().len(), 1);
+    }
+
+    /// A replica's position is stored with its batches; the channels a run of batches
+    /// touched read back only when every record of the run is there; clearing a channel
+    /// or a partition removes what they hold.
+    #[tokio::test]
+    async fn replication_positions_and_touched_channels() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
+        assert_eq!(store.repl_meta(2).unwrap(), None);
+        let mut b = store.batch();
+        for seq in 10..14 {
+            let meta = ReplLogMeta { leo: seq + 1, epochs: vec![(1, 10)] };
+            let name = format!("c{}", seq % 2);
+            b.put_repl_batch(2, seq, &[name.as_str(), "all"], &meta);
+        }
+        b.put_message(2, "c0", 1, &msg(1));
+        b.put_meta(2, "c0", &ChannelMeta { epoch: "E".into(), top: 1, first: 1, count: 1, bytes: 10 });
+        b.put_consumer(2, "c0", "svc", 1);
+        b.put_message(2, "c1", 1, &msg(1));
+        b.write(true).await.unwrap();
+        assert_eq!(store.repl_meta(2).unwrap(), Some(ReplLogMeta { leo: 14, epochs: vec![(1, 10)] }));
+        let names = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<_>>());
+        assert_eq!(store.repl_touched(2, 12, 14).unwrap(), names(&["all", "c0", "c1"]));
+        assert_eq!(store.repl_touched(2, 13, 14).unwrap(), names(&["all", "c1"]));
+        assert_eq!(store.repl_touched(2, 14, 14).unwrap(), names(&[]));
+        assert_eq!(store.repl_touched(2, 8, 14).unwrap(), None, "records 8 and 9 are missing");
+        assert_eq!(store.repl_touched(2, 12, 16).unwrap(), None, "records 14 and 15 are missing");
+        let mut b = store.batch();
+        b.clear_channel(2, "c0").unwrap();
+        b.write(true).await.unwrap();
+        assert_eq!(store.channel_meta(2, "c0").unwrap(), None);
+        assert!(store.read_messages(2, "c0", 0, 10, 10).unwrap().is_empty());
+        assert_eq!(store.consumer_offset(2, "c0", "svc").unwrap(), None);
+        assert_eq!(store.read_messages(2, "c1", 0, 10, 10).unwrap().len(), 1);
+        store.clear_partition(2).await.unwrap();
+        assert_eq!(store.repl_meta(2).unwrap(), None);
+        assert_eq!(store.repl_touched(2, 13, 14).unwrap(), None);
     }
 }
