@@ -24,12 +24,15 @@
 //!   partition id.
 //! - With no live nodes and at least one partition there is no valid answer: the plugin
 //!   returns an error (the host falls back to its built-in balancer for that round).
+//! - It places no followers: the router places them with its built-in placement.
+//!
+//! ABI v2: the policy reads node and partition records in place and answers node indices.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use switchyard_sdk::{BalanceDecision, BalanceInput, PartitionInfo};
+use switchyard_sdk::balance_v2::Partition;
+use switchyard_sdk::{BalanceView, Placement};
 
 /// Params of a `load-aware` binding.
 #[derive(Debug, Clone, Deserialize)]
@@ -66,7 +69,7 @@ impl Params {
     }
 
     /// The load of one partition.
-    pub fn score(&self, p: &PartitionInfo) -> f64 {
+    pub fn score(&self, p: &Partition) -> f64 {
         self.partition_cost + finite(p.msg_rate) + self.connection_weight * p.connections as f64
     }
 }
@@ -80,32 +83,26 @@ fn finite(x: f64) -> f64 {
 }
 
 /// Assigns every partition to a live node, evening out weighted load.
-pub fn policy(input: &BalanceInput, params: &Params) -> Result<BalanceDecision, String> {
+pub fn policy(input: &BalanceView<'_>, params: &Params) -> Result<Placement, String> {
     params.check()?;
-    let total = input.partitions.len();
+    let total = input.partitions().len();
     if total == 0 {
-        return Ok(BalanceDecision::default());
+        return Ok(Placement::default());
     }
-    // Sorted, deduplicated nodes with their weights (first report of an id wins).
-    let mut nodes: BTreeMap<&str, f64> = BTreeMap::new();
-    for n in &input.nodes {
-        let w = if n.weight.is_finite() && n.weight > 0.0 { n.weight } else { 1.0 };
-        nodes.entry(n.id.as_str()).or_insert(w);
-    }
-    if nodes.is_empty() {
+    // Nodes come sorted by id and unique (the first report of an id wins).
+    let nodes = input.nodes().len();
+    if nodes == 0 {
         return Err(format!("no live nodes to place {total} partitions on"));
     }
-    let ids: Vec<&str> = nodes.keys().copied().collect();
-    let weight: Vec<f64> = nodes.values().copied().collect();
-    let index: BTreeMap<&str, usize> = ids.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let score: Vec<f64> = input.partitions.iter().map(|p| params.score(p)).collect();
+    let weight: Vec<f64> =
+        input.nodes().iter().map(|n| if n.weight.is_finite() && n.weight > 0.0 { n.weight } else { 1.0 }).collect();
+    let score: Vec<f64> = input.partitions().iter().map(|p| params.score(p)).collect();
 
-    let mut owner: Vec<Option<usize>> =
-        input.partitions.iter().map(|p| p.owner.as_deref().and_then(|o| index.get(o).copied())).collect();
+    let mut owner: Vec<Option<usize>> = input.partitions().iter().map(|p| p.owner().filter(|&o| o < nodes)).collect();
     // Partitions that may still move this round: those on a live owner, not moved yet.
     let mut movable: Vec<bool> = owner.iter().map(Option::is_some).collect();
-    let mut load = vec![0.0f64; ids.len()];
-    let mut count = vec![0usize; ids.len()];
+    let mut load = vec![0.0f64; nodes];
+    let mut count = vec![0usize; nodes];
     for (p, o) in owner.iter().enumerate() {
         if let Some(n) = *o {
             load[n] += score[p];
@@ -117,13 +114,10 @@ pub fn policy(input: &BalanceInput, params: &Params) -> Result<BalanceDecision, 
     let mut orphans: Vec<usize> = (0..total).filter(|&p| owner[p].is_none()).collect();
     orphans.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
     for p in orphans {
-        let n = (0..ids.len())
-            .min_by(|&a, &b| {
-                ((load[a] + score[p]) / weight[a])
-                    .total_cmp(&((load[b] + score[p]) / weight[b]))
-                    .then(count[a].cmp(&count[b]))
-                    .then(a.cmp(&b))
-            })
+        // Each node's key computed once (not once per comparison).
+        let (_, _, n) = (0..nodes)
+            .map(|n| ((load[n] + score[p]) / weight[n], count[n], n))
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)))
             .expect("at least one node");
         owner[p] = Some(n);
         load[n] += score[p];
@@ -133,12 +127,12 @@ pub fn policy(input: &BalanceInput, params: &Params) -> Result<BalanceDecision, 
     // Moves from the most to the least loaded node while they are worth it.
     let mean = load.iter().sum::<f64>() / weight.iter().sum::<f64>();
     let threshold = params.hysteresis * mean;
-    let mut budget = input.max_moves.min(params.max_moves.unwrap_or(u32::MAX));
+    let mut budget = input.max_moves().min(params.max_moves.unwrap_or(u32::MAX));
     while budget > 0 {
         let norm = |n: usize| load[n] / weight[n];
         let by_norm = |a: &usize, b: &usize| norm(*a).total_cmp(&norm(*b)).then(b.cmp(a));
-        let hot = (0..ids.len()).max_by(by_norm).expect("at least one node");
-        let cold = (0..ids.len()).min_by(|a, b| norm(*a).total_cmp(&norm(*b)).then(a.cmp(b))).expect("node");
+        let hot = (0..nodes).max_by(by_norm).expect("at least one node");
+        let cold = (0..nodes).min_by(|a, b| norm(*a).total_cmp(&norm(*b)).then(a.cmp(b))).expect("node");
         let gap = norm(hot) - norm(cold);
         if hot == cold || gap <= threshold {
             break;
@@ -164,12 +158,13 @@ pub fn policy(input: &BalanceInput, params: &Params) -> Result<BalanceDecision, 
         budget -= 1;
     }
 
-    let moved = input.max_moves.min(params.max_moves.unwrap_or(u32::MAX)) - budget;
+    let moved = input.max_moves().min(params.max_moves.unwrap_or(u32::MAX)) - budget;
     if moved > 0 {
         switchyard_sdk::log!(debug, "moved {moved} partitions; mean load {mean:.1}");
     }
-    Ok(BalanceDecision {
-        owners: owner.into_iter().map(|o| ids[o.expect("every partition placed")].to_string()).collect(),
+    Ok(Placement {
+        owners: owner.into_iter().map(|o| o.expect("every partition placed") as u32).collect(),
+        followers: None,
     })
 }
 
@@ -178,7 +173,23 @@ switchyard_sdk::export_balance!(policy);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_sdk::{guest, NodeInfo};
+    use std::collections::BTreeMap;
+    use switchyard_sdk::balance_v2::call_balance;
+    use switchyard_sdk::{BalanceDecision, BalanceInput, NoParams, NodeInfo, PartitionInfo, ReplicaInput};
+
+    fn one() -> ReplicaInput {
+        ReplicaInput { replicas: 1, followers: Vec::new() }
+    }
+
+    /// The policy through the whole v2 byte path.
+    fn run(inp: &BalanceInput, params: &Params) -> Result<BalanceDecision, String> {
+        call_balance("{}", inp, &one(), |v: &BalanceView<'_>, _: &NoParams| policy(v, params)).map(|p| p.decision)
+    }
+
+    /// The load of a v1 partition, as the policy scores its v2 record.
+    fn score(p: &Params, part: &PartitionInfo) -> f64 {
+        p.partition_cost + finite(part.msg_rate) + p.connection_weight * part.connections as f64
+    }
 
     fn node(id: &str, weight: f64) -> NodeInfo {
         NodeInfo { id: id.into(), weight, ..Default::default() }
@@ -204,7 +215,7 @@ mod tests {
     fn loads(inp: &BalanceInput, d: &BalanceDecision, p: &Params) -> BTreeMap<String, f64> {
         let mut l: BTreeMap<String, f64> = inp.nodes.iter().map(|n| (n.id.clone(), 0.0)).collect();
         for (part, o) in inp.partitions.iter().zip(&d.owners) {
-            *l.get_mut(o).expect("live owner") += p.score(part);
+            *l.get_mut(o).expect("live owner") += score(p, part);
         }
         l
     }
@@ -222,7 +233,7 @@ mod tests {
         parts.extend((1..9).map(|i| part(i, None, 0.0, 0)));
         let inp = input(vec![node("b", 1.0), node("a", 1.0)], parts, 0);
         let p = Params::default();
-        let d = policy(&inp, &p).unwrap();
+        let d = run(&inp, &p).unwrap();
         check_valid(&inp, &d);
         assert_eq!(d.owners[0], "a");
         assert!(d.owners[1..].iter().all(|o| o == "b"));
@@ -232,7 +243,7 @@ mod tests {
             (0..9).map(|i| part(i, None, 0.0, 0)).collect(),
             0,
         );
-        let l = loads(&inp, &policy(&inp, &p).unwrap(), &p);
+        let l = loads(&inp, &run(&inp, &p).unwrap(), &p);
         assert!(l.values().all(|&x| x == 3.0), "{l:?}");
     }
 
@@ -242,7 +253,7 @@ mod tests {
             (0..8).map(|i| part(i, Some(if i < 4 { "a" } else { "b" }), 10.0 * (i + 1) as f64, 2)).collect();
         let inp = input(vec![node("a", 1.0), node("b", 1.0), node("c", 1.0)], parts, 8);
         let p = Params::default();
-        let d = policy(&inp, &p).unwrap();
+        let d = run(&inp, &p).unwrap();
         check_valid(&inp, &d);
         let before = loads(
             &inp,
@@ -256,7 +267,7 @@ mod tests {
         assert!(spread(&after) < spread(&before) / 2.0, "{before:?} -> {after:?}");
         assert!(after["c"] > 0.0);
         // Deterministic.
-        assert_eq!(policy(&inp, &p).unwrap(), d);
+        assert_eq!(run(&inp, &p).unwrap(), d);
     }
 
     #[test]
@@ -269,10 +280,10 @@ mod tests {
             part(3, Some("b"), 0.0, 0),
         ];
         let inp = input(vec![node("a", 1.0), node("b", 1.0)], parts, 10);
-        let d = policy(&inp, &Params::default()).unwrap();
+        let d = run(&inp, &Params::default()).unwrap();
         assert_eq!(moves(&inp, &d), 0);
         // Without hysteresis the 1 msg/s partition moves (gap 4 -> 0).
-        let d = policy(&inp, &Params { hysteresis: 0.0, ..Params::default() }).unwrap();
+        let d = run(&inp, &Params { hysteresis: 0.0, ..Params::default() }).unwrap();
         assert_eq!(d.owners, ["a", "b", "b", "b"]);
     }
 
@@ -283,16 +294,16 @@ mod tests {
         parts.push(part(11, None, 5.0, 1));
         let nodes = vec![node("a", 1.0), node("b", 1.0), node("c", 1.0)];
         let inp = input(nodes.clone(), parts.clone(), 0);
-        let d = policy(&inp, &Params::default()).unwrap();
+        let d = run(&inp, &Params::default()).unwrap();
         check_valid(&inp, &d);
         assert_eq!(moves(&inp, &d), 0);
         assert!(d.owners[..10].iter().all(|o| o == "a"));
         assert!(d.owners[10] != "a" && d.owners[11] != "a");
 
         let inp = input(nodes.clone(), parts.clone(), 5);
-        let d = policy(&inp, &Params { max_moves: Some(2), ..Params::default() }).unwrap();
+        let d = run(&inp, &Params { max_moves: Some(2), ..Params::default() }).unwrap();
         assert_eq!(moves(&inp, &d), 2);
-        let d = policy(&inp, &Params::default()).unwrap();
+        let d = run(&inp, &Params::default()).unwrap();
         check_valid(&inp, &d);
         assert_eq!(moves(&inp, &d), 5);
     }
@@ -302,7 +313,7 @@ mod tests {
         let parts: Vec<_> = (0..12).map(|i| part(i, None, 10.0, 0)).collect();
         let inp = input(vec![node("big", 2.0), node("small", 1.0)], parts, 0);
         let p = Params::default();
-        let l = loads(&inp, &policy(&inp, &p).unwrap(), &p);
+        let l = loads(&inp, &run(&inp, &p).unwrap(), &p);
         assert_eq!(l["big"], 88.0);
         assert_eq!(l["small"], 44.0);
     }
@@ -312,18 +323,18 @@ mod tests {
         let parts =
             vec![part(0, Some("a"), f64::NAN, 0), part(1, Some("a"), f64::INFINITY, u64::MAX), part(2, None, -5.0, 0)];
         let inp = input(vec![node("a", f64::NAN), node("a", 3.0), node("b", -1.0)], parts, u32::MAX);
-        let d = policy(&inp, &Params::default()).unwrap();
+        let d = run(&inp, &Params::default()).unwrap();
         check_valid(&inp, &d);
-        assert_eq!(policy(&input(vec![], vec![], 1), &Params::default()), Ok(BalanceDecision::default()));
-        assert!(policy(&input(vec![], vec![part(0, None, 0.0, 0)], 1), &Params::default()).is_err());
-        assert!(policy(&inp, &Params { hysteresis: -1.0, ..Params::default() }).is_err());
+        assert_eq!(run(&input(vec![], vec![], 1), &Params::default()), Ok(BalanceDecision::default()));
+        assert!(run(&input(vec![], vec![part(0, None, 0.0, 0)], 1), &Params::default()).is_err());
+        assert!(run(&inp, &Params { hysteresis: -1.0, ..Params::default() }).is_err());
     }
 
     #[test]
     fn params_through_the_abi() {
         let parts: Vec<_> = (0..4).map(|i| part(i, Some("a"), 10.0, 0)).collect();
         let inp = input(vec![node("a", 1.0), node("b", 1.0)], parts, 4);
-        let call = |params: &str| guest::call(&guest::encode_call(params, &inp).unwrap(), policy);
+        let call = |params: &str| call_balance(params, &inp, &one(), policy).map(|p| p.decision);
         // Ties go to the lowest partition id.
         assert_eq!(call("{}").unwrap().owners, ["b", "b", "a", "a"]);
         assert_eq!(call(r#"{"max_moves":1}"#).unwrap().owners, ["b", "a", "a", "a"]);

@@ -1,16 +1,19 @@
 //! The leader's balancing step: build the input, call the bound policy, validate, fall back.
 //!
 //! It owns turning live nodes, load reports and the current map into a
-//! [`BalanceInput`], running either the built-in even spread or the bound WASM plugin
-//! (through [`BalancePlugins`], which the plugin host implements with its quarantine rules), and checking the
-//! answer with [`validate_balance`]. Any plugin failure or invalid answer falls back to the
-//! built-in for that round. It must never touch etcd: the leader does the I/O around it.
+//! [`BalanceInput`] (and, for ABI v2 plugins, a [`ReplicaInput`]: the wanted copies and
+//! each partition's current followers), running either the built-in even spread or the
+//! bound WASM plugin (through [`BalancePlugins`], which the plugin host implements with its
+//! quarantine rules), and checking the answer with [`validate_balance`] (the plugin host
+//! also checks a plugin's followers). Any plugin failure or invalid answer falls back to
+//! the built-in for that round: even-spread owners, and followers placed by
+//! [`crate::replicas::place`]. It must never touch etcd: the leader does the I/O around it.
 
 use std::collections::BTreeMap;
 
-use switchyard_sdk::{BalanceDecision, BalanceInput, NodeInfo, PartitionInfo};
+use switchyard_sdk::{BalanceDecision, BalanceInput, NodeInfo, PartitionInfo, ReplicaInput};
 
-use super::keys::{LoadRecord, NodeRecord};
+use super::keys::{LoadRecord, MapRecord, NodeRecord};
 use switchyard_core::policy::{validate_balance, BalancePlugins, PluginBinding};
 
 /// Name of the built-in policy in logs.
@@ -62,27 +65,62 @@ pub fn input(
     BalanceInput { nodes: nodes_info, partitions, max_moves, now_ms }
 }
 
+/// What an ABI v2 balancer is shown of the replicas: `replicas` copies per partition
+/// (capped at the live nodes of `input`), and each partition's current followers: its
+/// replicas in `current` other than its shown owner.
+pub(crate) fn replica_input(current: Option<&MapRecord>, input: &BalanceInput, replicas: usize) -> ReplicaInput {
+    let want = replicas.clamp(1, input.nodes.len().max(1)) as u32;
+    if want == 1 {
+        return ReplicaInput { replicas: 1, followers: Vec::new() };
+    }
+    let followers = input
+        .partitions
+        .iter()
+        .enumerate()
+        .map(|(p, info)| {
+            let listed = current.and_then(|m| m.replicas.get(p)).map_or(&[][..], Vec::as_slice);
+            listed.iter().filter(|r| Some(r.as_str()) != info.owner.as_deref()).cloned().collect()
+        })
+        .collect();
+    ReplicaInput { replicas: want, followers }
+}
+
 /// The built-in: even spread within the move budget.
 pub fn builtin(input: &BalanceInput) -> Result<BalanceDecision, String> {
     switchyard_sdk::balance::even_spread(input, input.max_moves)
 }
 
-/// Runs the bound plugin (or the built-in) and returns a valid decision and the name of
-/// the policy that made it. Errors only when even the built-in has no answer (no nodes).
+/// One round's decision: the owners, the followers when the plugin placed them (None: the
+/// built-in [`crate::replicas::place`] places them), and the policy that decided.
+#[derive(Debug)]
+pub struct Decided {
+    /// The owner of every partition (validated).
+    pub decision: BalanceDecision,
+    /// The plugin's followers per partition (validated), if it placed them.
+    pub followers: Option<Vec<Vec<String>>>,
+    /// The policy's name, for logs.
+    pub policy: String,
+}
+
+/// Runs the bound plugin (or the built-in) and returns a valid decision. Errors only when
+/// even the built-in has no answer (no nodes).
 pub fn decide(
     plugins: &dyn BalancePlugins,
     binding: Option<&PluginBinding>,
     input: &BalanceInput,
-) -> Result<(BalanceDecision, String), String> {
+    replicas: &ReplicaInput,
+) -> Result<Decided, String> {
     if let Some(b) = binding {
-        match plugins.balance(&b.plugin, &b.params.to_string(), input) {
-            Ok(d) => return Ok((d, b.plugin.clone())),
+        match plugins.balance(&b.plugin, &b.params.to_string(), input, replicas) {
+            Ok(plan) => {
+                return Ok(Decided { decision: plan.decision, followers: plan.followers, policy: b.plugin.clone() })
+            }
             Err(why) => tracing::warn!(plugin = %b.plugin, %why, "balancer plugin gave no decision; built-in used"),
         }
     }
     let d = builtin(input)?;
     validate_balance(BUILTIN, input, &d).map_err(|e| e.to_string())?;
-    Ok((d, BUILTIN.to_string()))
+    Ok(Decided { decision: d, followers: None, policy: BUILTIN.to_string() })
 }
 
 #[cfg(test)]
@@ -154,5 +192,59 @@ mod tests {
         let inp = input(&all, &loads, Some(&owners), 6, 8, 1);
         assert!(inp.nodes.is_empty());
         assert!(builtin(&inp).is_err());
+    }
+
+    /// A balancer plugin that answers a fixed plan, or fails.
+    struct Fixed(Result<switchyard_sdk::BalancePlan, String>);
+
+    impl BalancePlugins for Fixed {
+        fn balance(
+            &self,
+            plugin: &str,
+            _: &str,
+            _: &BalanceInput,
+            _: &ReplicaInput,
+        ) -> Result<switchyard_sdk::BalancePlan, switchyard_core::policy::PolicyError> {
+            self.0
+                .clone()
+                .map_err(|reason| switchyard_core::policy::PolicyError::NoDecision { policy: plugin.into(), reason })
+        }
+    }
+
+    #[test]
+    fn replicas_shown_and_a_plugins_followers_passed_on() {
+        let nodes: BTreeMap<_, _> = [node("a"), node("b")].into_iter().collect();
+        let owners: Vec<String> = ["a", "b", "gone"].iter().map(|s| s.to_string()).collect();
+        let inp = input(&nodes, &BTreeMap::new(), Some(&owners), 3, 8, 1);
+        let map = MapRecord {
+            epoch: 1,
+            partitions: 3,
+            leader: "a".into(),
+            term: 1,
+            updated_at: String::new(),
+            counts: BTreeMap::new(),
+            owners: owners.clone(),
+            moved: BTreeMap::new(),
+            replicas: vec![vec!["a".into(), "b".into()], vec!["b".into()], vec!["gone".into(), "a".into()]],
+            isr: Vec::new(),
+            leader_epochs: vec![1, 1, 1],
+        };
+        // Three copies wanted of two nodes: two; each partition's followers are its replicas
+        // other than its shown owner (the host drops those that are not live).
+        let shown = replica_input(Some(&map), &inp, 3);
+        assert_eq!(shown.replicas, 2);
+        assert_eq!(shown.followers, vec![vec!["b".to_string()], vec![], vec!["a".to_string()]]);
+        assert_eq!(replica_input(Some(&map), &inp, 1), ReplicaInput { replicas: 1, followers: vec![] });
+
+        let binding = PluginBinding { plugin: "p".into(), params: switchyard_core::policy::empty_params() };
+        let plan = switchyard_sdk::BalancePlan {
+            decision: BalanceDecision { owners: vec!["a".into(), "b".into(), "a".into()] },
+            followers: Some(vec![vec!["b".into()], vec!["a".into()], vec!["b".into()]]),
+        };
+        let d = decide(&Fixed(Ok(plan.clone())), Some(&binding), &inp, &shown).unwrap();
+        assert_eq!((d.decision, d.followers, d.policy.as_str()), (plan.decision, plan.followers, "p"));
+        // A plugin without an answer: the built-in owners, and followers left to `replicas::place`.
+        let d = decide(&Fixed(Err("trap".into())), Some(&binding), &inp, &shown).unwrap();
+        assert_eq!((d.followers, d.policy.as_str()), (None, BUILTIN));
     }
 }

@@ -182,15 +182,17 @@ impl Leader<'_> {
             rounds.with_label_values(&["unchanged"]).inc();
             return Ok(());
         }
-        let (mut decision, policy) =
-            balance::decide(node.balancer.as_ref(), binding, &input).map_err(Error::Deposed)?;
+        let shown = balance::replica_input(current.as_ref(), &input, replicas);
+        let balance::Decided { mut decision, followers: given, policy } =
+            balance::decide(node.balancer.as_ref(), binding, &input, &shown).map_err(Error::Deposed)?;
         // Partitions with no live in-sync replica stay on their departed leader.
         for (p, owner) in &failovers.waiting {
             decision.owners[*p as usize] = owner.clone();
         }
         let (replica_lists, isr, leader_epochs) = if replicas > 1 {
             let eligible: Vec<String> = nodes.iter().filter(|(_, n)| !n.draining).map(|(id, _)| id.clone()).collect();
-            replicas::place(current.as_ref(), &decision.owners, &eligible, &alive, replicas, &failovers.waiting)
+            let given = given.as_deref();
+            replicas::place(current.as_ref(), &decision.owners, &eligible, &alive, replicas, &failovers.waiting, given)
         } else {
             Default::default()
         };

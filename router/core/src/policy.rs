@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use switchyard_sdk::{ChannelStats, CompactionDecision, CompactionInput, RetentionDecision, RetentionInput};
 
-use switchyard_sdk::{BalanceDecision, BalanceInput};
+use switchyard_sdk::{BalanceInput, BalancePlan, ReplicaInput};
 
 /// Why a policy produced no usable decision.
 #[derive(Debug, thiserror::Error)]
@@ -81,10 +81,18 @@ pub trait CompactionPolicy: Send + Sync {
 
 /// Runs balancer plugins: implemented by the plugin host, called by the cluster's leader.
 pub trait BalancePlugins: Send + Sync {
-    /// Runs plugin `plugin` (with `params` as JSON text) on `input` and validates the
-    /// answer with [`validate_balance`]; an error says why there is no usable decision, and
-    /// the caller falls back to the built-in balancer.
-    fn balance(&self, plugin: &str, params: &str, input: &BalanceInput) -> Result<BalanceDecision, PolicyError>;
+    /// Runs plugin `plugin` (with `params` as JSON text) on `input` (an ABI v2 plugin also
+    /// sees `replicas`) and validates the answer with [`validate_balance`] and, when it
+    /// placed followers, [`validate_followers`]; an error says why there is no usable
+    /// decision, and the caller falls back to the built-in balancer (owners and followers)
+    /// for the round.
+    fn balance(
+        &self,
+        plugin: &str,
+        params: &str,
+        input: &BalanceInput,
+        replicas: &ReplicaInput,
+    ) -> Result<BalancePlan, PolicyError>;
 }
 
 /// A plugin bound to a role (a namespace's retention, the balancer), with its params.
@@ -277,6 +285,41 @@ pub fn validate_balance(
     Ok(())
 }
 
+/// Checks a balancer's followers: one list per partition, of `replicas.replicas - 1` live
+/// nodes (fewer copies when there are fewer live nodes: at most one per node), distinct,
+/// none of them the partition's owner.
+pub fn validate_followers(
+    policy: &str,
+    input: &BalanceInput,
+    replicas: &ReplicaInput,
+    owners: &[String],
+    followers: &[Vec<String>],
+) -> Result<(), PolicyError> {
+    let invalid = |message: String| Err(PolicyError::Invalid { policy: policy.into(), message });
+    if followers.len() != owners.len() {
+        return invalid(format!("followers for {} partitions; there are {}", followers.len(), owners.len()));
+    }
+    let live: std::collections::HashSet<&str> = input.nodes.iter().map(|n| n.id.as_str()).collect();
+    let want = (replicas.replicas as usize).clamp(1, live.len().max(1)) - 1;
+    for (p, (row, owner)) in followers.iter().zip(owners).enumerate() {
+        if row.len() != want {
+            return invalid(format!("partition {p} has {} followers; it needs {want}", row.len()));
+        }
+        for (k, f) in row.iter().enumerate() {
+            if !live.contains(f.as_str()) {
+                return invalid(format!("partition {p}: follower {f:?} is not a live node"));
+            }
+            if f == owner {
+                return invalid(format!("partition {p}: follower {f:?} is its owner"));
+            }
+            if row[..k].contains(f) {
+                return invalid(format!("partition {p}: follower {f:?} given twice"));
+            }
+        }
+    }
+    Ok(())
+}
+
 // === impl Policies ===
 
 /// The policies bound to one namespace.
@@ -369,7 +412,7 @@ mod tests {
 
     #[test]
     fn balance_validation() {
-        use switchyard_sdk::{BalanceDecision, BalanceInput, NodeInfo, PartitionInfo};
+        use switchyard_sdk::{BalanceDecision, NodeInfo, PartitionInfo};
         let node = |id: &str| NodeInfo { id: id.into(), weight: 1.0, ..Default::default() };
         let part = |id: u32, owner: &str| PartitionInfo { id, owner: Some(owner.into()), ..Default::default() };
         let input = BalanceInput {
@@ -385,6 +428,24 @@ mod tests {
         assert!(ok(&["b", "b", "a"]).is_err(), "two moves");
         assert!(ok(&["a", "a", "gone"]).is_err(), "dead owner");
         assert!(ok(&["a", "a"]).is_err(), "missing partition");
+
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let owners = s(&["a", "b", "b"]);
+        let two = ReplicaInput { replicas: 2, followers: vec![] };
+        let fol = |rows: &[&[&str]]| {
+            let rows: Vec<Vec<String>> = rows.iter().map(|r| s(r)).collect();
+            validate_followers("p", &input, &two, &owners, &rows)
+        };
+        assert!(fol(&[&["b"], &["a"], &["a"]]).is_ok());
+        assert!(fol(&[&["b"], &["a"]]).is_err(), "a partition without followers");
+        assert!(fol(&[&["a"], &["a"], &["a"]]).is_err(), "the owner as its own follower");
+        assert!(fol(&[&["gone"], &["a"], &["a"]]).is_err(), "not a live node");
+        assert!(fol(&[&["b", "b"], &["a"], &["a"]]).is_err(), "too many (and twice)");
+        assert!(fol(&[&[], &["a"], &["a"]]).is_err(), "too few");
+        // Three copies wanted of two nodes: one follower each.
+        let three = ReplicaInput { replicas: 3, followers: vec![] };
+        let rows = vec![s(&["b"]), s(&["a"]), s(&["a"])];
+        assert!(validate_followers("p", &input, &three, &owners, &rows).is_ok());
     }
 
     #[test]

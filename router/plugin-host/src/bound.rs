@@ -11,10 +11,10 @@ use std::sync::Arc;
 use switchyard_sdk::{CompactionDecision, CompactionInput, RetentionDecision, RetentionInput};
 
 use switchyard_core::policy::{
-    validate_balance, validate_compaction, validate_retention, BalancePlugins, CompactionPolicy, PolicyError,
-    RetentionPolicy,
+    validate_balance, validate_compaction, validate_followers, validate_retention, BalancePlugins, CompactionPolicy,
+    PolicyError, RetentionPolicy,
 };
-use switchyard_sdk::{BalanceDecision, BalanceInput};
+use switchyard_sdk::{BalanceInput, BalancePlan, ReplicaInput};
 
 use crate::host::Kind;
 use crate::registry::{Fallback, Registry};
@@ -166,11 +166,31 @@ impl CompactionPolicy for PluginCompaction {
 }
 
 impl BalancePlugins for Registry {
-    fn balance(&self, plugin: &str, params: &str, input: &BalanceInput) -> Result<BalanceDecision, PolicyError> {
-        let check = |d: &BalanceDecision| validate_balance(plugin, input, d).map_err(|e| e.to_string());
+    fn balance(
+        &self,
+        plugin: &str,
+        params: &str,
+        input: &BalanceInput,
+        replicas: &ReplicaInput,
+    ) -> Result<BalancePlan, PolicyError> {
+        // Invalid followers make the whole answer invalid (one failure of the binding): the
+        // round falls back to the built-in owners and followers, as for any bad answer.
+        let check = |plan: &BalancePlan| {
+            validate_balance(plugin, input, &plan.decision).map_err(|e| e.to_string())?;
+            match &plan.followers {
+                Some(f) => {
+                    validate_followers(plugin, input, replicas, &plan.decision.owners, f).map_err(|e| e.to_string())
+                }
+                None => Ok(()),
+            }
+        };
         // A plugin call may take its whole deadline: keep it off the runtime's worker.
-        tokio::task::block_in_place(|| self.call(plugin, "balancer", Kind::Balance, params, input, check))
-            .map_err(|why| PolicyError::NoDecision { policy: plugin.into(), reason: format!("{why:?}") })
+        let run = || self.call_balance(plugin, "balancer", params, input, replicas, check);
+        let outcome = match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(run),
+            Err(_) => run(),
+        };
+        outcome.map_err(|why| PolicyError::NoDecision { policy: plugin.into(), reason: format!("{why:?}") })
     }
 }
 

@@ -15,18 +15,23 @@ use std::time::Instant;
 
 use serde::Serialize;
 use switchyard_sdk::{
-    BalanceInput, ChannelStats, CompactionInput, MessageMeta, NodeInfo, PartitionInfo, RetentionDecision,
+    BalanceInput, ChannelStats, CompactionInput, MessageMeta, NodeInfo, PartitionInfo, ReplicaInput, RetentionDecision,
     RetentionInput,
 };
 
 use crate::host::{load_file, CallError, CallLimits, Compiled, Host, Kind};
 use switchyard_core::policy::{
-    validate_balance, validate_compaction, validate_retention, CompactionPolicy, KeyedCompaction, LimitsRetention,
-    PolicyError, RetentionPolicy,
+    validate_balance, validate_compaction, validate_followers, validate_retention, CompactionPolicy, KeyedCompaction,
+    LimitsRetention, PolicyError, RetentionPolicy,
 };
 
 /// Sample sizes the check runs with.
 pub const SIZES: [usize; 3] = [100, 1_000, 10_000];
+
+/// Live nodes in the balance samples.
+pub const BALANCE_NODES: usize = 100;
+/// Most partitions in a balance sample (the router's largest partition count).
+pub const BALANCE_PARTITIONS: usize = 4_096;
 
 /// What to check.
 pub struct CheckArgs<'a> {
@@ -107,6 +112,14 @@ pub struct CallRow {
     pub wasm_ns: u64,
     /// Median ns of the native built-in policy on the same input.
     pub native_ns: u64,
+    /// Balance with ABI v2: median ns per call when the input is encoded from scratch (the
+    /// first round, or after the nodes changed); `wasm_ns` is a round whose input did not
+    /// change since the previous one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold_ns: Option<u64>,
+    /// Balance: copies per partition shown (1: owners only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
     /// The decision, summarised; or why it failed.
     pub decisions: String,
     /// The failure reason (a metric label), when the call failed.
@@ -145,15 +158,21 @@ fn compaction_input(n: usize) -> CompactionInput {
     }
 }
 
-fn balance_input(partitions: usize) -> BalanceInput {
-    let nodes: Vec<NodeInfo> = (1..=3)
-        .map(|i| NodeInfo { id: format!("node-{i}"), zone: String::new(), weight: 1.0, ..Default::default() })
+/// [`BALANCE_NODES`] live nodes; every fifth partition's owner is gone, the others sit on
+/// node `id % 100` (so the even spread has orphans to place and nothing to shed).
+pub(crate) fn balance_input(partitions: usize) -> BalanceInput {
+    let nodes: Vec<NodeInfo> = (0..BALANCE_NODES)
+        .map(|i| NodeInfo { id: format!("node-{i:03}"), zone: String::new(), weight: 1.0, ..Default::default() })
         .collect();
     BalanceInput {
         partitions: (0..partitions as u32)
             .map(|id| PartitionInfo {
                 id,
-                owner: Some(if id % 5 == 0 { "node-gone".into() } else { "node-1".into() }),
+                owner: Some(if id % 5 == 0 {
+                    "node-gone".into()
+                } else {
+                    format!("node-{:03}", id as usize % BALANCE_NODES)
+                }),
                 msg_rate: (id % 7) as f64 * 10.0,
                 ..Default::default()
             })
@@ -164,8 +183,25 @@ fn balance_input(partitions: usize) -> BalanceInput {
     }
 }
 
+/// `replicas` copies per partition; the current follower of each is the next node after
+/// its owner (none for a partition whose owner is gone).
+pub(crate) fn replica_input(input: &BalanceInput, replicas: u32) -> ReplicaInput {
+    if replicas <= 1 {
+        return ReplicaInput { replicas: 1, followers: Vec::new() };
+    }
+    let followers = input
+        .partitions
+        .iter()
+        .map(|p| {
+            let owner = p.owner.as_deref().and_then(|o| o.strip_prefix("node-")).and_then(|n| n.parse::<usize>().ok());
+            owner.map(|o| vec![format!("node-{:03}", (o + 1) % BALANCE_NODES)]).unwrap_or_default()
+        })
+        .collect();
+    ReplicaInput { replicas, followers }
+}
+
 /// Runs `f` `calls` times (at least once); its last result and the median ns per call.
-fn time<T>(calls: u32, mut f: impl FnMut() -> T) -> (T, u64) {
+pub(crate) fn time<T>(calls: u32, mut f: impl FnMut() -> T) -> (T, u64) {
     let mut samples = Vec::with_capacity(calls.max(1) as usize);
     let mut last = None;
     for _ in 0..calls.max(1) {
@@ -201,14 +237,88 @@ fn native_compaction(params: &serde_json::Value) -> KeyedCompaction {
 }
 
 fn row(kind: Kind, n: usize, wasm_ns: u64, native_ns: u64, r: Result<String, CallError>) -> CallRow {
-    match r {
-        Ok(decisions) => CallRow { kind, n, wasm_ns, native_ns, decisions, failed: None },
-        Err(e) => CallRow { kind, n, wasm_ns, native_ns, decisions: e.to_string(), failed: Some(e.reason()) },
-    }
+    let (decisions, failed) = match r {
+        Ok(decisions) => (decisions, None),
+        Err(e) => (e.to_string(), Some(e.reason())),
+    };
+    CallRow { kind, n, wasm_ns, native_ns, cold_ns: None, replicas: None, decisions, failed }
+}
+
+/// Times a balance call on `partitions` partitions of [`BALANCE_NODES`] nodes with
+/// `replicas` copies each, as the leader makes it ([`Host::balance`]), against the native
+/// built-in (the even spread, plus the follower placement when `replicas > 1`).
+pub(crate) fn balance_row(
+    host: &Host,
+    name: &Arc<str>,
+    compiled: &Compiled,
+    args: &CheckArgs<'_>,
+    partitions: usize,
+    replicas: u32,
+) -> CallRow {
+    let limits = CallLimits::default();
+    let input = balance_input(partitions);
+    let shown = replica_input(&input, replicas);
+    let (r, wasm) = time(args.calls, || host.balance(name, compiled, args.params, &input, &shown, limits));
+    let cold = (compiled.abi == 2).then(|| {
+        time(args.calls, || {
+            compiled.forget_balance_input();
+            host.balance(name, compiled, args.params, &input, &shown, limits)
+        })
+        .1
+    });
+    let (_, native_ns) = time(args.calls, || {
+        let d = switchyard_sdk::balance::even_spread(&input, input.max_moves).ok()?;
+        (replicas > 1).then(|| native_followers(&input, &shown, &d.owners))
+    });
+    let r = r.and_then(|plan| {
+        checked(validate_balance(name, &input, &plan.decision), ())?;
+        if let Some(f) = &plan.followers {
+            checked(validate_followers(name, &input, &shown, &plan.decision.owners, f), ())?;
+        }
+        Ok(plan)
+    });
+    let summary = |plan: switchyard_sdk::BalancePlan| {
+        let d = plan.decision;
+        let moved = d.owners.iter().zip(&input.partitions).filter(|(o, p)| p.owner.as_ref() != Some(*o)).count();
+        let followers = match plan.followers {
+            Some(f) => format!(", {} followers placed", f.iter().map(Vec::len).sum::<usize>()),
+            None if replicas > 1 => ", followers left to the router".to_string(),
+            None => String::new(),
+        };
+        format!("{} owners, {moved} changed{followers}", d.owners.len())
+    };
+    let mut row = row(Kind::Balance, input.partitions.len(), wasm, native_ns, r.map(summary));
+    row.cold_ns = cold;
+    row.replicas = Some(replicas);
+    row
+}
+
+/// The router's built-in follower placement over the sample (index space, as the leader's
+/// `replicas::place` runs it).
+fn native_followers(input: &BalanceInput, shown: &ReplicaInput, owners: &[String]) -> Vec<u32> {
+    use switchyard_sdk::balance::{place_followers, NONE};
+    let index: std::collections::HashMap<&str, u32> =
+        input.nodes.iter().enumerate().map(|(i, n)| (n.id.as_str(), i as u32)).collect();
+    let at = |id: &str| index.get(id).copied().unwrap_or(NONE);
+    let new: Vec<u32> = owners.iter().map(|o| at(o)).collect();
+    let candidates = |p: usize| {
+        let old = input.partitions[p].owner.as_deref().map_or(NONE, at);
+        let moved = (old != new[p]).then_some(old);
+        let current = shown.followers.get(p).into_iter().flatten().map(|f| at(f));
+        moved.into_iter().chain(current).collect::<Vec<u32>>()
+    };
+    place_followers(input.nodes.len(), &new, shown.replicas as usize, candidates, |_| false)
 }
 
 /// Times one kind at size `n`.
-fn measure(host: &Host, name: &Arc<str>, compiled: &Compiled, kind: Kind, args: &CheckArgs<'_>, n: usize) -> CallRow {
+pub(crate) fn measure(
+    host: &Host,
+    name: &Arc<str>,
+    compiled: &Compiled,
+    kind: Kind,
+    args: &CheckArgs<'_>,
+    n: usize,
+) -> CallRow {
     let limits = CallLimits::default();
     let params: serde_json::Value = serde_json::from_str(args.params).unwrap_or_default();
     match kind {
@@ -228,23 +338,18 @@ fn measure(host: &Host, name: &Arc<str>, compiled: &Compiled, kind: Kind, args: 
             let r = r.and_then(|d| checked(validate_compaction(name, &input, &d), d));
             row(kind, n, wasm, native_ns, r.map(|d| format!("removes {} of {n}", d.remove.len())))
         }
-        Kind::Balance => {
-            let input = balance_input(n.min(4096));
-            let (r, wasm) = time(args.calls, || host.call(name, compiled, kind, args.params, &input, limits));
-            let (_, native_ns) = time(args.calls, || switchyard_sdk::balance::even_spread(&input, input.max_moves));
-            let r = r.and_then(|d| checked(validate_balance(name, &input, &d), d));
-            let summary = |d: switchyard_sdk::BalanceDecision| {
-                let moved =
-                    d.owners.iter().zip(&input.partitions).filter(|(o, p)| p.owner.as_ref() != Some(*o)).count();
-                format!("{} owners, {moved} changed", d.owners.len())
-            };
-            row(kind, input.partitions.len(), wasm, native_ns, r.map(summary))
-        }
+        Kind::Balance => balance_row(host, name, compiled, args, n.min(BALANCE_PARTITIONS), 1),
     }
 }
 
 /// Times one round of [`ROUND_CHANNELS`] channels (None for balance or a failed call).
-fn round(host: &Host, name: &Arc<str>, compiled: &Compiled, kind: Kind, args: &CheckArgs<'_>) -> Option<RoundRow> {
+pub(crate) fn round(
+    host: &Host,
+    name: &Arc<str>,
+    compiled: &Compiled,
+    kind: Kind,
+    args: &CheckArgs<'_>,
+) -> Option<RoundRow> {
     let limits = CallLimits::default();
     let params: serde_json::Value = serde_json::from_str(args.params).unwrap_or_default();
     fn run<I: crate::host::PolicyInput>(
@@ -293,7 +398,7 @@ fn round(host: &Host, name: &Arc<str>, compiled: &Compiled, kind: Kind, args: &C
 }
 
 /// Median ns of a call of `kind` on an empty input.
-fn fixed(host: &Host, name: &Arc<str>, compiled: &Compiled, kind: Kind, args: &CheckArgs<'_>) -> u64 {
+pub(crate) fn fixed(host: &Host, name: &Arc<str>, compiled: &Compiled, kind: Kind, args: &CheckArgs<'_>) -> u64 {
     let limits = CallLimits::default();
     match kind {
         Kind::Retention => {
@@ -302,11 +407,14 @@ fn fixed(host: &Host, name: &Arc<str>, compiled: &Compiled, kind: Kind, args: &C
         Kind::Compaction => {
             time(args.calls, || host.call(name, compiled, kind, args.params, &compaction_input(0), limits)).1
         }
-        Kind::Balance => time(args.calls, || host.call(name, compiled, kind, args.params, &balance_input(0), limits)).1,
+        Kind::Balance => {
+            let (input, one) = (balance_input(0), ReplicaInput { replicas: 1, followers: Vec::new() });
+            time(args.calls, || host.balance(name, compiled, args.params, &input, &one, limits)).1
+        }
     }
 }
 
-fn us(ns: u64) -> String {
+pub(crate) fn us(ns: u64) -> String {
     format!("{:.1} µs", ns as f64 / 1e3)
 }
 
@@ -369,11 +477,13 @@ pub fn run(args: CheckArgs<'_>) -> bool {
             if !args.json {
                 match r.failed {
                     None => println!(
-                        "  {} n={}: {}; {} per call (native built-in: {})",
+                        "  {} n={}{}: {}; {} per call{} (native built-in: {})",
                         kind.as_str(),
                         r.n,
+                        if kind == Kind::Balance { format!(" x {BALANCE_NODES} nodes") } else { String::new() },
                         r.decisions,
                         us(r.wasm_ns),
+                        r.cold_ns.map(|c| format!(", {} encoded from scratch", us(c))).unwrap_or_default(),
                         us(r.native_ns)
                     ),
                     Some(reason) => println!("  {} n={}: FAILED ({reason}): {}", kind.as_str(), r.n, r.decisions),

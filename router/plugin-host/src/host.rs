@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
 use switchyard_sdk as abi;
+use switchyard_sdk::balance_v2 as v2b;
 use switchyard_sdk::v2;
 use wasmtime::{
     Caller, Engine, ExternType, InstancePre, Linker, Module, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
@@ -274,6 +275,18 @@ pub struct Compiled {
     /// ABI version (1 or 2), from its marker export.
     pub abi: u32,
     pre: InstancePre<CallState>,
+    /// ABI v2 balance: the last input encoded for this module, updated where it changed.
+    balance_cache: std::sync::Mutex<v2b::BalanceEncoder>,
+}
+
+impl Compiled {
+    /// Drops the cached ABI v2 balance input, so the next balance call encodes from
+    /// scratch (for `plugin check`'s cold figure).
+    pub(crate) fn forget_balance_input(&self) {
+        if let Ok(mut enc) = self.balance_cache.lock() {
+            *enc = v2b::BalanceEncoder::default();
+        }
+    }
 }
 
 /// Limits applied to every call.
@@ -485,7 +498,7 @@ impl Host {
         let module = self.compile_cached(bytes, &sha256)?;
         let (abi, kinds) = validate(&module)?;
         let pre = self.linker.instantiate_pre(&module).map_err(|e| LoadError::Import(format!("{e:#}")))?;
-        Ok(Compiled { sha256, kinds, abi, pre })
+        Ok(Compiled { sha256, kinds, abi, pre, balance_cache: Default::default() })
     }
 
     // The one unsafe call of this crate: loading a precompiled module from the cache.
@@ -543,6 +556,9 @@ impl Host {
         inputs: &[&I],
         limits: CallLimits,
     ) -> Result<Vec<I::Output>, CallError> {
+        if compiled.abi == 2 && kind == Kind::Balance {
+            return Err(CallError::Garbage("an ABI v2 balance call goes through Host::balance".into()));
+        }
         let v2_calls: Option<Vec<V2Call<'_>>> =
             if compiled.abi == 2 { inputs.iter().map(|i| i.v2()).collect() } else { None };
         let single = match (&v2_calls, inputs) {
@@ -550,41 +566,10 @@ impl Host {
             (None, [one]) => Some(*one),
             (None, _) => return Err(CallError::Garbage(format!("{} inputs for a one-input call", inputs.len()))),
         };
-        let store_limits = StoreLimitsBuilder::new()
-            .memory_size(limits.max_memory)
-            .table_elements(10_000)
-            .instances(1)
-            .tables(4)
-            .memories(1)
-            .trap_on_grow_failure(true)
-            .build();
-        let state = CallState {
-            plugin: plugin.clone(),
-            limits: store_limits,
-            max_memory: limits.max_memory,
-            memory_hit: false,
-            logs_left: LOG_LINES_PER_CALL,
-            log_budget: self.log_budget.clone(),
-            keys: KeyTable::default(),
-            fault: None,
-        };
-        // Declared before the store, so it is released after the store (and its slot) is dropped.
+        // Taken before the store, so it is released after the store (and its pool slot) is dropped.
         let _slot = self.slots.take();
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| s as &mut dyn ResourceLimiter);
-        let ticks = (limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64 + 1;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        let Running { mut store, memory, alloc, entry } = self.start(plugin, compiled, kind, limits)?;
         let trap = |store: &Store<CallState>, e: wasmtime::Error| classify(store, e, limits);
-        let instance = compiled.pre.instantiate(&mut store).map_err(|e| trap(&store, e))?;
-        let memory =
-            instance.get_memory(&mut store, "memory").ok_or_else(|| CallError::Garbage("no memory export".into()))?;
-        let alloc = instance
-            .get_typed_func::<i32, i32>(&mut store, abi::ALLOC_EXPORT)
-            .map_err(|e| CallError::Garbage(format!("{e:#}")))?;
-        let entry = instance
-            .get_typed_func::<(i32, i32), i64>(&mut store, kind.export())
-            .map_err(|e| CallError::Garbage(format!("{e:#}")))?;
         let channels: Vec<v2::ChannelIn<'_>> = v2_calls.iter().flatten().map(|c| c.channel).collect();
         let counts: Vec<usize> = channels.iter().map(|c| c.messages.len()).collect();
         let v2_kind = v2_calls.as_ref().and_then(|c| c.first()).map_or(0, |c| c.kind);
@@ -655,6 +640,126 @@ impl Host {
             v2::OutputError::Guest(m) => CallError::Guest(m),
         })?;
         inputs.iter().zip(answers).map(|(input, answer)| input.decision_from_v2(answer)).collect()
+    }
+}
+
+/// One call's instance: its store (with limits and deadline), memory, allocator and entry
+/// point. The caller holds a pool slot ([`Slots::take`]) from before it until after it.
+struct Running {
+    store: Store<CallState>,
+    memory: wasmtime::Memory,
+    alloc: wasmtime::TypedFunc<i32, i32>,
+    entry: wasmtime::TypedFunc<(i32, i32), i64>,
+}
+
+impl Host {
+    /// A fresh instance of `compiled` for one call of `kind`, with the memory cap and the
+    /// epoch deadline set.
+    fn start(
+        &self,
+        plugin: &Arc<str>,
+        compiled: &Compiled,
+        kind: Kind,
+        limits: CallLimits,
+    ) -> Result<Running, CallError> {
+        let store_limits = StoreLimitsBuilder::new()
+            .memory_size(limits.max_memory)
+            .table_elements(10_000)
+            .instances(1)
+            .tables(4)
+            .memories(1)
+            .trap_on_grow_failure(true)
+            .build();
+        let state = CallState {
+            plugin: plugin.clone(),
+            limits: store_limits,
+            max_memory: limits.max_memory,
+            memory_hit: false,
+            logs_left: LOG_LINES_PER_CALL,
+            log_budget: self.log_budget.clone(),
+            keys: KeyTable::default(),
+            fault: None,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        let ticks = (limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        let instance = compiled.pre.instantiate(&mut store).map_err(|e| classify(&store, e, limits))?;
+        let memory =
+            instance.get_memory(&mut store, "memory").ok_or_else(|| CallError::Garbage("no memory export".into()))?;
+        let alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, abi::ALLOC_EXPORT)
+            .map_err(|e| CallError::Garbage(format!("{e:#}")))?;
+        let entry = instance
+            .get_typed_func::<(i32, i32), i64>(&mut store, kind.export())
+            .map_err(|e| CallError::Garbage(format!("{e:#}")))?;
+        Ok(Running { store, memory, alloc, entry })
+    }
+
+    /// Runs one balancing call: postcard for an ABI v1 module (which never sees
+    /// `replicas` and places no followers), the v2 balance records for an ABI v2 module.
+    /// The v2 input comes from the module's [`v2b::BalanceEncoder`], which rewrites only
+    /// what changed since the previous round; the answer is checked (live owners, the move
+    /// budget, followers on distinct live nodes other than the owner) before it is turned
+    /// back into node ids.
+    pub fn balance(
+        &self,
+        plugin: &Arc<str>,
+        compiled: &Compiled,
+        params: &str,
+        input: &abi::BalanceInput,
+        replicas: &abi::ReplicaInput,
+        limits: CallLimits,
+    ) -> Result<abi::BalancePlan, CallError> {
+        if compiled.abi == 1 {
+            let decision = self.call(plugin, compiled, Kind::Balance, params, input, limits)?;
+            return Ok(abi::BalancePlan { decision, followers: None });
+        }
+        // One encoder per module version; a concurrent caller (rare: one leader) encodes
+        // from scratch rather than wait.
+        let mut own = v2b::BalanceEncoder::default();
+        let mut shared = compiled.balance_cache.try_lock();
+        let enc = match shared.as_deref_mut() {
+            Ok(enc) => enc,
+            Err(_) => &mut own,
+        };
+        let bytes = enc.encode(params, input, replicas);
+        let _slot = self.slots.take();
+        let Running { mut store, memory, alloc, entry } = self.start(plugin, compiled, Kind::Balance, limits)?;
+        let trap = |store: &Store<CallState>, e: wasmtime::Error| classify(store, e, limits);
+        let len = i32::try_from(bytes.len()).map_err(|_| CallError::Garbage("input over 2 GiB".into()))?;
+        let ptr = alloc.call(&mut store, len).map_err(|e| trap(&store, e))?;
+        if ptr == 0 {
+            return Err(CallError::Memory(limits.max_memory));
+        }
+        if ptr % 8 != 0 {
+            return Err(CallError::Garbage(format!("alloc returned {ptr:#x}, not 8-aligned")));
+        }
+        memory
+            .write(&mut store, ptr as u32 as usize, bytes)
+            .map_err(|_| CallError::OutOfBounds(format!("alloc returned {ptr:#x} for {len} bytes")))?;
+        let r = entry.call(&mut store, (ptr, len)).map_err(|e| trap(&store, e))?;
+        if r < 0 {
+            return Err(CallError::Garbage(format!("guest returned status {r}")));
+        }
+        let (out_ptr, out_len) = ((r >> 32) as u32 as usize, (r & 0xffff_ffff) as u32 as usize);
+        let max = ERROR_ROOM + v2b::max_output(input.partitions.len(), enc.follower_slots());
+        if out_len > max {
+            return Err(CallError::Garbage(format!("output of {out_len} bytes; at most {max} can be valid")));
+        }
+        let data = memory.data(&store);
+        let out = out_ptr.checked_add(out_len).and_then(|end| data.get(out_ptr..end)).ok_or_else(|| {
+            CallError::OutOfBounds(format!("output [{out_ptr:#x}, +{out_len}) outside {} bytes", data.len()))
+        })?;
+        let current: Vec<u32> = enc.owner_indices().collect();
+        let answer = v2b::decode_output(out, enc.node_ids().len(), &current, enc.follower_slots(), input.max_moves)
+            .map_err(|e| match e {
+                v2::OutputError::Garbage(m) => CallError::Garbage(m),
+                v2::OutputError::Invalid(m) => CallError::Invalid(m),
+                v2::OutputError::Guest(m) => CallError::Guest(m),
+            })?;
+        Ok(v2b::answer_to_plan(&answer, enc.node_ids()))
     }
 }
 

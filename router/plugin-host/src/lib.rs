@@ -3,12 +3,14 @@
 //! Module map: [`host`] (the sandbox: one engine, cached `InstancePre`, limits per call),
 //! [`registry`] (the hot-reloaded plugin folder, health and quarantine), [`bound`] (the
 //! adapters that make a bound plugin one of the core layer's policy traits, and the
-//! balancer), [`check`] (`switchyard plugin check`), [`scaffold`] (`switchyard plugin new`).
+//! balancer), [`check`] (`switchyard plugin check`), [`bench`](mod@bench) (`switchyard plugin bench`),
+//! [`scaffold`] (`switchyard plugin new`).
 //!
 //! It owns everything between a `.wasm` file in the plugin folder and a policy decision.
 //! It must never run on the publish path; every failure falls back to the built-in policy
 //! for that round.
 
+pub mod bench;
 pub mod bound;
 pub mod check;
 pub mod host;

@@ -263,6 +263,38 @@ impl Registry {
         }
     }
 
+    /// Calls balancer plugin `name` for `binding` through [`Host::balance`] (postcard for ABI
+    /// v1, the v2 balance records for v2), with the same health bookkeeping as
+    /// [`Registry::call`].
+    pub(crate) fn call_balance(
+        &self,
+        name: &str,
+        binding: &str,
+        params: &str,
+        input: &switchyard_sdk::BalanceInput,
+        replicas: &switchyard_sdk::ReplicaInput,
+        check: impl FnOnce(&switchyard_sdk::BalancePlan) -> Result<(), String>,
+    ) -> Outcome<switchyard_sdk::BalancePlan> {
+        let kind = Kind::Balance;
+        let (entry, compiled) = self.ready(name, binding, kind)?;
+        entry.calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics.plugin_calls.with_label_values(&[name, kind.as_str()]).inc();
+        let result = self
+            .host
+            .balance(&entry.name, &compiled, params, input, replicas, self.limits)
+            .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid));
+        match result {
+            Ok(d) => {
+                self.succeeded(&entry, binding);
+                Ok(d)
+            }
+            Err(e) => {
+                self.failed(&entry, binding, kind, &e);
+                Err(Fallback::Failed(e))
+            }
+        }
+    }
+
     /// The serving version of `name` if it may be called as `kind` for `binding` now.
     fn ready(&self, name: &str, binding: &str, kind: Kind) -> Result<(Arc<Entry>, Arc<Compiled>), Fallback> {
         let plugins = self.plugins.load();

@@ -267,10 +267,11 @@ mod tests {
 
 const BALANCE: &str = r##"//!
 //! Params: `{ "max_moves": N }` (optional): spread partitions evenly over the live nodes,
-//! moving at most `min(N, the router's max_moves)` partitions per round.
+//! moving at most `min(N, the router's max_moves)` partitions per round, and place the
+//! followers as the router's built-in does.
 
 use serde::Deserialize;
-use switchyard_sdk::{BalanceDecision, BalanceInput};
+use switchyard_sdk::{BalanceView, Placement};
 
 /// Params of a binding.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -280,9 +281,14 @@ pub struct Params {
     pub max_moves: Option<u32>,
 }
 
-/// Every live node ends with an even share of the partitions.
-pub fn policy(input: &BalanceInput, params: &Params) -> Result<BalanceDecision, String> {
-    switchyard_sdk::balance::even_spread(input, input.max_moves.min(params.max_moves.unwrap_or(u32::MAX)))
+/// Every live node ends with an even share of the partitions (node indices: the nodes come
+/// sorted by id).
+pub fn policy(input: &BalanceView<'_>, params: &Params) -> Result<Placement, String> {
+    let budget = input.max_moves().min(params.max_moves.unwrap_or(u32::MAX));
+    let owners = switchyard_sdk::balance::spread(input.nodes().len(), &input.owners(), budget)?;
+    // None would leave the followers to the router.
+    let followers = input.place_followers(&owners);
+    Ok(Placement { owners, followers })
 }
 
 switchyard_sdk::export_balance!(policy);
@@ -290,7 +296,8 @@ switchyard_sdk::export_balance!(policy);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_sdk::{guest, NodeInfo, PartitionInfo};
+    use switchyard_sdk::balance_v2::call_balance;
+    use switchyard_sdk::{BalanceInput, NodeInfo, PartitionInfo, ReplicaInput};
 
     fn input() -> BalanceInput {
         BalanceInput {
@@ -301,17 +308,22 @@ mod tests {
         }
     }
 
+    fn replicas(n: u32) -> ReplicaInput {
+        ReplicaInput { replicas: n, followers: Vec::new() }
+    }
+
     #[test]
     fn spreads_evenly() {
-        let d = policy(&input(), &Params::default()).unwrap();
-        assert_eq!(d.owners.iter().filter(|o| *o == "b").count(), 2);
+        let plan = call_balance("{}", &input(), &replicas(1), policy).unwrap();
+        assert_eq!(plan.decision.owners.iter().filter(|o| *o == "b").count(), 2);
     }
 
     #[test]
     fn through_the_abi() {
-        let bytes = guest::encode_call(r#"{"max_moves":1}"#, &input()).unwrap();
-        let d = guest::call(&bytes, policy).unwrap();
-        assert_eq!(d.owners.iter().filter(|o| *o == "b").count(), 1);
+        let plan = call_balance(r#"{"max_moves":1}"#, &input(), &replicas(2), policy).unwrap();
+        assert_eq!(plan.decision.owners.iter().filter(|o| *o == "b").count(), 1);
+        let followers = plan.followers.unwrap();
+        assert!(followers.iter().zip(&plan.decision.owners).all(|(f, o)| f.len() == 1 && &f[0] != o));
     }
 }
 "##;

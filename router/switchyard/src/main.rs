@@ -83,6 +83,23 @@ enum PluginCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Compare the ABI v1 and v2 builds of one policy on the same generated inputs (n = 100,
+    /// 1,000, 10,000; balance at up to 4,096 partitions of 100 nodes) and print a table.
+    Bench {
+        /// The ABI v1 build (`.wasm`).
+        v1: PathBuf,
+        /// The ABI v2 build of the same policy (`.wasm`).
+        v2: PathBuf,
+        /// Params as a JSON object (both builds get them).
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// Calls per case (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        calls: u32,
+        /// Print one JSON object: {v1, v2, calls, rows: [{kind, case, v1_ns, v2_ns, v2_cold_ns, native_ns, speedup, same_decisions}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a plugin crate (ABI v2) that builds and tests out of the box.
     New {
         /// Plugin (package) name: lowercase letters, digits and '-'.
@@ -149,6 +166,14 @@ fn main() -> std::process::ExitCode {
                     eprintln!("switchyard: {e}");
                     std::process::ExitCode::from(2)
                 }
+            };
+        }
+        Cmd::Plugin { command: PluginCmd::Bench { v1, v2, params, calls, json } } => {
+            let args = switchyard_plugin_host::bench::BenchArgs { v1: &v1, v2: &v2, params: &params, calls, json };
+            return if switchyard_plugin_host::bench::run(args) {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
             };
         }
         Cmd::Plugin { command: PluginCmd::Check { file, params, calls, json } } => {

@@ -1,9 +1,12 @@
-//! The even-spread balancing algorithm, shared by the router's built-in balancer and the
-//! `even-spread` example plugin so that both give the same answer.
+//! The balancing algorithms shared by the router's built-ins and the example plugins, so
+//! that both give the same answer: [`even_spread`] (owners) and [`place_followers`]
+//! (replica placement), each over node indices ([`spread`], [`place_followers`]) with a
+//! node-id wrapper for ABI v1 inputs.
 //!
-//! It owns only the pure function [`even_spread`]; it must never do I/O or depend on anything
-//! but the ABI types.
+//! It owns only pure functions; it must never do I/O or depend on anything but the ABI
+//! types.
 //!
+//! Even spread:
 //! - Every live node ends with `P / N` or `P / N + 1` partitions (P partitions, N live
 //!   nodes), once the move budget allows. Node weights are ignored.
 //! - Partitions whose owner is live stay put unless their owner has more than its share;
@@ -11,13 +14,17 @@
 //!   one round evens out over several rounds.
 //! - Partitions without a live owner are always placed, on the nodes furthest below their
 //!   share, and do not count as moves.
-//! - Deterministic: node ids are sorted, ties go to the lowest node id, an overloaded node
-//!   gives up its highest-numbered partitions first.
+//! - Deterministic: node ids are sorted (index order is id order), ties go to the lowest
+//!   node, an overloaded node gives up its highest-numbered partitions first.
 //! - With no live nodes and at least one partition there is no valid answer: an error.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 
 use crate::{BalanceDecision, BalanceInput};
+
+/// No node: an empty follower slot, or a partition without a live owner.
+pub const NONE: u32 = u32::MAX;
 
 /// Assigns every partition to a live node, evening out partition counts, moving at most
 /// `budget` partitions whose owner is live.
@@ -32,12 +39,29 @@ pub fn even_spread(input: &BalanceInput, budget: u32) -> Result<BalanceDecision,
     if nodes.is_empty() {
         return Err(format!("no live nodes to place {total} partitions on"));
     }
-    let index: BTreeMap<&str, usize> = nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let index: BTreeMap<&str, u32> = nodes.iter().enumerate().map(|(i, &n)| (n, i as u32)).collect();
+    let current: Vec<u32> = input
+        .partitions
+        .iter()
+        .map(|p| p.owner.as_deref().and_then(|o| index.get(o).copied()).unwrap_or(NONE))
+        .collect();
+    let owners = spread(nodes.len(), &current, budget)?;
+    Ok(BalanceDecision { owners: owners.into_iter().map(|o| nodes[o as usize].to_string()).collect() })
+}
 
-    // Current live owner of each partition (by position: partitions[i] is partition i).
-    let mut owner: Vec<Option<usize>> =
-        input.partitions.iter().map(|p| p.owner.as_deref().and_then(|o| index.get(o).copied())).collect();
-    let mut held: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+/// [`even_spread`] over node indices: `current[p]` is partition p's live owner (`< nodes`)
+/// or [`NONE`]; the answer is an owner index per partition. Node `i` sorts before node
+/// `i + 1` (ties go to the lower index).
+pub fn spread(nodes: usize, current: &[u32], budget: u32) -> Result<Vec<u32>, String> {
+    let total = current.len();
+    if total == 0 {
+        return Ok(Vec::new());
+    }
+    if nodes == 0 {
+        return Err(format!("no live nodes to place {total} partitions on"));
+    }
+    let mut owner: Vec<Option<usize>> = current.iter().map(|&o| ((o as usize) < nodes).then_some(o as usize)).collect();
+    let mut held: Vec<Vec<usize>> = vec![Vec::new(); nodes];
     for (p, o) in owner.iter().enumerate() {
         if let Some(n) = o {
             held[*n].push(p);
@@ -45,46 +69,164 @@ pub fn even_spread(input: &BalanceInput, budget: u32) -> Result<BalanceDecision,
     }
 
     // Shares: `base` each, one more for `extra` nodes, given to those holding the most
-    // now (ties: lowest id), which minimises the partitions that must move.
-    let (base, extra) = (total / nodes.len(), total % nodes.len());
-    let mut by_load: Vec<usize> = (0..nodes.len()).collect();
-    by_load.sort_by_key(|&n| (std::cmp::Reverse(held[n].len()), n));
-    let mut share = vec![base; nodes.len()];
+    // now (ties: lowest index), which minimises the partitions that must move.
+    let (base, extra) = (total / nodes, total % nodes);
+    let mut by_load: Vec<usize> = (0..nodes).collect();
+    by_load.sort_by_key(|&n| (Reverse(held[n].len()), n));
+    let mut share = vec![base; nodes];
     for &n in by_load.iter().take(extra) {
         share[n] += 1;
     }
 
-    // Shed from overloaded nodes, the most overloaded first, within the budget.
+    // Shed from overloaded nodes, the most overloaded first (ties: lowest index), within
+    // the budget.
     let mut budget = budget as usize;
     let mut pool: Vec<usize> = (0..total).filter(|&p| owner[p].is_none()).collect();
+    let mut over: BinaryHeap<(usize, Reverse<usize>)> =
+        (0..nodes).filter(|&n| held[n].len() > share[n]).map(|n| (held[n].len() - share[n], Reverse(n))).collect();
     while budget > 0 {
-        let Some(n) = (0..nodes.len())
-            .filter(|&n| held[n].len() > share[n])
-            .max_by_key(|&n| (held[n].len() - share[n], std::cmp::Reverse(n)))
-        else {
-            break;
-        };
+        let Some((_, Reverse(n))) = over.pop() else { break };
         // Highest-numbered partition first (held[n] is ascending).
         let p = held[n].pop().expect("overloaded node holds partitions");
         owner[p] = None;
         pool.push(p);
         budget -= 1;
+        if held[n].len() > share[n] {
+            over.push((held[n].len() - share[n], Reverse(n)));
+        }
     }
 
-    // Place orphans and shed partitions on the nodes furthest below their share. The
-    // deficits add up to at least the pool size, so a node below its share always exists;
-    // the fallback to the least loaded node only guards against a logic error.
+    // Place orphans and shed partitions on the nodes furthest below their share (ties:
+    // lowest index). The deficits add up to at least the pool size, so a node below its
+    // share always exists; going below zero only guards against a logic error.
+    let mut below: BinaryHeap<(i64, Reverse<usize>)> =
+        (0..nodes).map(|n| (share[n] as i64 - held[n].len() as i64, Reverse(n))).collect();
     for p in pool {
-        let n = (0..nodes.len())
-            .max_by_key(|&n| (share[n] as i64 - held[n].len() as i64, std::cmp::Reverse(n)))
-            .expect("at least one node");
+        let (deficit, Reverse(n)) = below.pop().expect("at least one node");
         held[n].push(p);
         owner[p] = Some(n);
+        below.push((deficit - 1, Reverse(n)));
     }
+    Ok(owner.into_iter().map(|o| o.expect("every partition placed") as u32).collect())
+}
 
-    Ok(BalanceDecision {
-        owners: owner.into_iter().map(|o| nodes[o.expect("every partition placed")].to_string()).collect(),
-    })
+/// Followers for every partition, `want - 1` per partition (flattened: partition p's are
+/// at `[p * (want - 1), (p + 1) * (want - 1))`), on distinct nodes other than its owner,
+/// evenly: no node holds more than its even share of copies, leaders included.
+///
+/// - `owners[p]` is partition p's (new) owner, a node index `< nodes` ([`NONE`] or
+///   `skip(p)`: the partition is left alone and its slots are [`NONE`]).
+/// - `candidates(p)` are the nodes that already hold a copy of p, most preferred first
+///   (the old owner after a planned move, then the current followers): each is kept while
+///   it is not the owner and holds fewer than its share. Indices `>= nodes` are ignored.
+/// - The rest are filled from the nodes with the fewest copies (ties: lowest index), then
+///   followers move from the fullest node to the emptiest while they differ by more than
+///   one copy.
+/// - Slots stay [`NONE`] only when fewer than `want` nodes exist.
+pub fn place_followers<C: IntoIterator<Item = u32>>(
+    nodes: usize,
+    owners: &[u32],
+    want: usize,
+    candidates: impl Fn(usize) -> C,
+    skip: impl Fn(usize) -> bool,
+) -> Vec<u32> {
+    let n = owners.len();
+    let slots = want.saturating_sub(1);
+    let mut followers: Vec<u32> = vec![NONE; n * slots];
+    if slots == 0 || nodes == 0 {
+        return followers;
+    }
+    let skipped = |p: usize| skip(p) || owners[p] as usize >= nodes;
+    let mut load = vec![0usize; nodes];
+    for &o in owners {
+        if (o as usize) < nodes {
+            load[o as usize] += 1;
+        }
+    }
+    let mut filled = vec![0usize; n];
+    // No node holds more than its even share of copies (leaders included), so keeping a
+    // follower never beats spreading them.
+    let cap = (n * want).div_ceil(nodes);
+    let has = |f: &[u32], c: u32| f.contains(&c);
+    // First pass: keep what may stay.
+    for p in 0..n {
+        if skipped(p) {
+            continue;
+        }
+        for c in candidates(p) {
+            if filled[p] >= slots {
+                break;
+            }
+            let mine = &followers[p * slots..p * slots + filled[p]];
+            if (c as usize) < nodes && c != owners[p] && load[c as usize] < cap && !has(mine, c) {
+                followers[p * slots + filled[p]] = c;
+                filled[p] += 1;
+                load[c as usize] += 1;
+            }
+        }
+    }
+    // Second pass: fill from the least loaded nodes (ties: lowest index). The heap holds
+    // every node once, with its current load.
+    let mut least: BinaryHeap<Reverse<(usize, usize)>> = (0..nodes).map(|c| Reverse((load[c], c))).collect();
+    let mut passed = Vec::new();
+    for p in 0..n {
+        if skipped(p) {
+            continue;
+        }
+        while filled[p] < slots {
+            let mine = &followers[p * slots..p * slots + filled[p]];
+            let mut pick = None;
+            while let Some(Reverse((l, c))) = least.pop() {
+                if c as u32 != owners[p] && !has(mine, c as u32) {
+                    pick = Some((l, c));
+                    break;
+                }
+                passed.push(Reverse((l, c)));
+            }
+            least.extend(passed.drain(..));
+            let Some((l, c)) = pick else { break };
+            followers[p * slots + filled[p]] = c as u32;
+            filled[p] += 1;
+            load[c] += 1;
+            least.push(Reverse((l + 1, c)));
+        }
+    }
+    // Even out: move a follower from the fullest node to the emptiest while they differ
+    // by more than one copy, taking the lowest-numbered partition that can move.
+    // `holds[c]`: the partitions node c is a follower of, ascending (built on the first
+    // move: an even placement needs none).
+    let mut holds: Option<Vec<Vec<usize>>> = None;
+    for _ in 0..n * want {
+        let hi = (0..nodes).max_by_key(|&c| (load[c], Reverse(c))).expect("nodes");
+        let lo = (0..nodes).min_by_key(|&c| (load[c], c)).expect("nodes");
+        if load[hi] <= load[lo] + 1 {
+            break;
+        }
+        let holds = holds.get_or_insert_with(|| {
+            let mut holds = vec![Vec::new(); nodes];
+            for p in (0..n).filter(|&p| !skipped(p)) {
+                for &f in followers[p * slots..(p + 1) * slots].iter().filter(|&&f| f != NONE) {
+                    holds[f as usize].push(p);
+                }
+            }
+            holds
+        });
+        let (hi32, lo32) = (hi as u32, lo as u32);
+        let movable = holds[hi].iter().position(|&p| {
+            let mine = &followers[p * slots..(p + 1) * slots];
+            owners[p] != lo32 && !has(mine, lo32)
+        });
+        let Some(at) = movable else { break };
+        let p = holds[hi].remove(at);
+        let to = holds[lo].partition_point(|&q| q < p);
+        holds[lo].insert(to, p);
+        for f in followers[p * slots..(p + 1) * slots].iter_mut().filter(|f| **f == hi32) {
+            *f = lo32;
+        }
+        load[hi] -= 1;
+        load[lo] += 1;
+    }
+    followers
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
-//! Guest-side glue of the postcard entry points: ABI v1 (all kinds) and the balance kind of
-//! ABI v2. The v2 record glue of retention and compaction is in [`crate::v2`].
+//! Guest-side glue of the postcard entry points of ABI v1 (all kinds). The v2 record glue
+//! is in [`crate::v2`] (retention, compaction) and [`crate::balance_v2`] (balance).
 //!
-//! Plugin authors normally use only the macros [`export_retention!`](crate::export_retention),
+//! Plugin authors normally use only the v2 macros [`export_retention!`](crate::export_retention),
 //! [`export_compaction!`](crate::export_compaction), [`export_balance!`](crate::export_balance)
-//! and [`log!`](macro@crate::log). This module holds what they expand to:
+//! and [`log!`](macro@crate::log). This module holds what the v1 macros expand to:
 //!
 //! - [`call`]: the target-independent part of one call (decode the postcard [`Call`], parse
 //!   the params JSON, run the policy, wrap its answer in a [`GuestResult`]). It is plain
@@ -190,7 +190,7 @@ pub fn check_compaction<P: DeserializeOwned, R: IntoGuestResult<CompactionDecisi
 ) {
 }
 
-/// Type check used by [`export_balance!`](crate::export_balance) on non-wasm targets.
+/// Type check used by [`export_balance_v1!`](crate::export_balance_v1) on non-wasm targets.
 #[doc(hidden)]
 pub fn check_balance<P: DeserializeOwned, R: IntoGuestResult<BalanceDecision>>(_: impl Fn(&BalanceInput, &P) -> R) {}
 
@@ -243,15 +243,17 @@ macro_rules! export_compaction_v1 {
     };
 }
 
-/// Exports `$f: fn(&BalanceInput, &P) -> BalanceDecision` (or `-> Result<...>`) as
-/// `switchyard_balance`: the postcard glue, the same in ABI v1 and v2 (v2 changes only
-/// retention and compaction). See [`export_retention_v1!`](crate::export_retention_v1).
+/// ABI v1 (needs the `abi-v1` feature): exports `$f: fn(&BalanceInput, &P) ->
+/// BalanceDecision` (or `-> Result<...>`) as the postcard entry point `switchyard_balance`.
+/// New plugins use the v2 [`export_balance!`](crate::export_balance). See
+/// [`export_retention_v1!`](crate::export_retention_v1).
 #[macro_export]
-macro_rules! export_balance {
+macro_rules! export_balance_v1 {
     ($f:path) => {
         #[cfg(target_arch = "wasm32")]
         #[unsafe(no_mangle)]
         pub extern "C" fn switchyard_balance(ptr: i32, len: i32) -> i64 {
+            const _: () = $crate::guest::abi_v1_enabled();
             $crate::guest::run::<$crate::BalanceInput, _, $crate::BalanceDecision, _>(ptr, len, $f)
         }
         #[cfg(not(target_arch = "wasm32"))]

@@ -11,11 +11,13 @@
 use serde::{Deserialize, Serialize};
 
 pub mod balance;
+pub mod balance_v2;
 pub mod fx;
 pub mod guest;
 pub mod log;
 pub mod v2;
 
+pub use balance_v2::{BalanceView, Placement};
 pub use guest::NoParams;
 pub use v2::{Bitmap, ChannelView, Message, Removals};
 
@@ -169,6 +171,28 @@ pub struct BalanceInput {
 pub struct BalanceDecision {
     /// `owners[i]` owns partition `i`; each must be a live node.
     pub owners: Vec<String>,
+}
+
+/// Replica placement shown to a balancer with its [`BalanceInput`]: ABI v2 only (a v1
+/// plugin never sees it, and the router places its followers itself). Host side; not part
+/// of the v1 postcard wire.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaInput {
+    /// Copies each partition should have, leader included (1: no followers).
+    pub replicas: u32,
+    /// `followers[i]`: partition i's current followers (node ids, in the map's order; they
+    /// may name nodes that are no longer live).
+    pub followers: Vec<Vec<String>>,
+}
+
+/// A balancer's whole answer as the router uses it: the owners and, when the policy placed
+/// them (ABI v2 only), the followers. Host side; not part of the v1 postcard wire.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BalancePlan {
+    /// The owner of every partition.
+    pub decision: BalanceDecision,
+    /// `followers[i]`: partition i's followers; None when the router places them.
+    pub followers: Option<Vec<Vec<String>>>,
 }
 
 #[cfg(test)]
@@ -331,9 +355,13 @@ mod tests {
     // The macros expand natively to a signature check only.
     crate::export_retention_v1!(retention_fn);
     crate::export_compaction_v1!(compaction_fn);
-    crate::export_balance!(balance_fn);
+    crate::export_balance_v1!(balance_fn);
     mod v2_exports {
         use super::*;
+        fn balance_v2(_: &BalanceView<'_>, _: &NoParams) -> Placement {
+            Placement::default()
+        }
+        crate::export_balance!(balance_v2);
         crate::export_retention!(retention_v2);
         crate::export_compaction!(compaction_v2);
     }
