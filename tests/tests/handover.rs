@@ -365,26 +365,36 @@ impl Load {
     }
 }
 
+/// Partitions move under load when a fourth node joins: without replication by handover
+/// (the new owner pulls each partition from the old), with `replicas = 2` as replica moves
+/// (the new node follows first and leads once in sync; nothing is handed over).
 #[tokio::test]
 async fn partitions_move_under_load_without_gap_loss_or_duplicate() -> Result<()> {
-    let etcd = Etcd::start().await;
-    let (n1, n2, n3) = (start(&etcd, "m", "n1"), start(&etcd, "m", "n2"), start(&etcd, "m", "n3"));
-    let before = wait_converged(&etcd, "m", &[&n1, &n2, &n3], &["n1", "n2", "n3"]).await?;
-    let addrs = addrs(&[&n1, &n2, &n3]);
-    let load = Load::start(&addrs, channel_per_partition(), 3).await?;
-    load.progress(&n1, 20).await?;
+    for (cluster, extra, handovers) in [("m1", "replicas = 1\n", true), ("m2", "", false)] {
+        let etcd = Etcd::start().await;
+        let node = |id: &str| Node::start(&config(&etcd, cluster, id, extra));
+        let (n1, n2, n3) = (node("n1"), node("n2"), node("n3"));
+        let before = wait_converged(&etcd, cluster, &[&n1, &n2, &n3], &["n1", "n2", "n3"]).await?;
+        let addrs = addrs(&[&n1, &n2, &n3]);
+        let load = Load::start(&addrs, channel_per_partition(), 3).await?;
+        load.progress(&n1, 20).await?;
 
-    // A fourth node joins: the leader moves a share of the partitions to it while every
-    // channel is being published to and followed from all three nodes.
-    let n4 = start(&etcd, "m", "n4");
-    let after = wait_converged(&etcd, "m", &[&n1, &n2, &n3, &n4], &["n1", "n2", "n3", "n4"]).await?;
-    let moved = load.channels.iter().filter(|c| owner_of(&before, c) != owner_of(&after, c)).count();
-    ensure!(moved >= 3, "the join moved only {moved} partitions");
-    load.progress(&n1, 20).await?;
-    load.finish(&n2).await?;
+        // A fourth node joins: the leader moves a share of the partitions to it while every
+        // channel is being published to and followed from all three nodes.
+        let n4 = node("n4");
+        let after = wait_converged(&etcd, cluster, &[&n1, &n2, &n3, &n4], &["n1", "n2", "n3", "n4"]).await?;
+        let moved = load.channels.iter().filter(|c| owner_of(&before, c) != owner_of(&after, c)).count();
+        ensure!(moved >= 3, "{cluster}: the join moved only {moved} partitions");
+        load.progress(&n1, 20).await?;
+        load.finish(&n2).await?;
 
-    let m = metrics(&n4).await?;
-    ensure!(m.value("switchyard_handovers_total", &[("result", "ok")]).unwrap_or(0.0) >= moved as f64, "handovers");
+        let pulled = metrics(&n4).await?.value("switchyard_handovers_total", &[("result", "ok")]).unwrap_or(0.0);
+        if handovers {
+            ensure!(pulled >= moved as f64, "{cluster}: {pulled} handovers for {moved} moves");
+        } else {
+            ensure!(pulled == 0.0, "{cluster}: {pulled} handovers, where replica moves were due");
+        }
+    }
     Ok(())
 }
 
@@ -419,6 +429,56 @@ async fn a_drained_node_hands_over_and_a_rolling_restart_loses_nothing() -> Resu
     let followed = load.finish(&nodes[0]).await?;
     let reconnected: usize = followed.iter().flatten().map(|f| f.reconnects).sum();
     ensure!(reconnected > 0, "no follower was moved by the drains");
+    Ok(())
+}
+
+/// Replication (issue #13): a drain is a replica move. Each partition of the draining node
+/// first gains the replicas of its new placement as followers, and its leadership and
+/// replicas move only once those are in sync: nothing is handed over, and no map while the
+/// drain runs gives any partition fewer than two in-sync replicas. Nothing acknowledged is
+/// lost, and the channels keep their epochs.
+#[tokio::test]
+async fn a_drain_moves_replicas_and_never_runs_under_replicated() -> Result<()> {
+    let etcd = Etcd::start().await;
+    let mut nodes = [start(&etcd, "r", "n1"), start(&etcd, "r", "n2"), start(&etcd, "r", "n3")];
+    wait_converged(&etcd, "r", &[&nodes[0], &nodes[1], &nodes[2]], &["n1", "n2", "n3"]).await?;
+    for p in 0..P as usize {
+        wait_in_sync(&etcd, "r", p, 2).await?;
+    }
+    let channels = channel_per_partition();
+    let load = Load::start(&addrs(&[&nodes[1], &nodes[2]]), channels.clone(), 2).await?;
+    load.progress(&nodes[1], 10).await?;
+    let mut c = nodes[1].client().await;
+    let mut epochs = Vec::new();
+    for ch in &channels {
+        epochs.push(c.history(ch, None, Some(1)).await?.epoch);
+    }
+
+    nodes[0].sigterm();
+    let mut thin = Vec::new();
+    wait_until("the drained node holds no replica", DEADLINE * 2, async || {
+        let Some(m) = etcd.map("r")? else { return Ok(false) };
+        for (p, isr) in m["isr"].as_array().into_iter().flatten().enumerate() {
+            if isr.as_array().map_or(0, Vec::len) < 2 {
+                thin.push((m["epoch"].clone(), p, isr.clone()));
+            }
+        }
+        let lists = m["replicas"].as_array().cloned().unwrap_or_default();
+        Ok(!lists.is_empty() && lists.iter().all(|r| !r.as_array().into_iter().flatten().any(|n| n == "n1")))
+    })
+    .await?;
+    ensure!(thin.is_empty(), "maps with fewer than two in-sync replicas: {thin:?}");
+    let status = nodes[0].wait_exit(DEADLINE);
+    ensure!(status.success(), "n1 exited with {status}");
+    load.progress(&nodes[1], 10).await?;
+    for n in &nodes[1..] {
+        ensure!(!n.stderr().contains("partition handed over"), "a partition was handed over");
+    }
+    for (ch, epoch) in channels.iter().zip(&epochs) {
+        let now = c.history(ch, None, Some(1)).await?.epoch;
+        ensure!(&now == epoch, "{ch}: the channel epoch changed: {epoch} -> {now}");
+    }
+    load.finish(&nodes[1]).await?;
     Ok(())
 }
 
@@ -742,6 +802,9 @@ async fn a_deposed_leader_truncates_its_unacknowledged_tail_without_a_snapshot()
         acked.push(c.publish(&channel, json!({"n": i})).await?.0);
     }
     let epoch = c.history(&channel, None, Some(1)).await?.epoch;
+    // n2 joined p as a new follower (a snapshot) before the balancer made it the leader.
+    let snapshots_of_p = |log: &str| log.matches(&format!("replica snapshot taken partition={p} ")).count();
+    let snapshots_before = snapshots_of_p(&n2.stderr());
 
     // Cut n1 off from n2: three publishes are stored on n2 and wait for n1 forever.
     let _ = proxy.open.send(false);
@@ -768,7 +831,7 @@ async fn a_deposed_leader_truncates_its_unacknowledged_tail_without_a_snapshot()
     // those: the map dropped it from their replicas.)
     let log = n2.stderr();
     ensure!(log.contains(&format!("truncated the tail the leader never had partition={p} ")), "p truncated");
-    ensure!(!log.contains(&format!("replica snapshot taken partition={p} ")), "p reconciled without a snapshot");
+    ensure!(snapshots_of_p(&log) == snapshots_before, "p reconciled without a snapshot");
 
     // n2 leads again: it has exactly what was acknowledged, under the same channel epoch.
     n1.kill9();

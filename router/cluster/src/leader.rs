@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
 use super::keys::{self, LeaderRecord, LoadRecord, MapRecord, Moved, NodeRecord};
-use super::{balance, replicas, timed, Error, LeaseClock, State};
+use super::{balance, moves, replicas, timed, Error, LeaseClock, State};
 use crate::Context;
 
 /// The leadership this node holds: the election key and its create revision.
@@ -189,13 +189,31 @@ impl Leader<'_> {
         for (p, owner) in &failovers.waiting {
             decision.owners[*p as usize] = owner.clone();
         }
-        let (replica_lists, isr, leader_epochs) = if replicas > 1 {
+        // Replicated: place the replicas for the decided owners, then turn planned moves
+        // into replica moves (a move waits until its new replicas are in sync) and keep
+        // departed replicas that no live node replaced.
+        let reassigned = if replicas > 1 {
             let eligible: Vec<String> = nodes.iter().filter(|(_, n)| !n.draining).map(|(id, _)| id.clone()).collect();
             let given = given.as_deref();
-            replicas::place(current.as_ref(), &decision.owners, &eligible, &alive, replicas, &failovers.waiting, given)
+            let (lists, isr, epochs) = replicas::place(
+                current.as_ref(),
+                &decision.owners,
+                &eligible,
+                &alive,
+                replicas,
+                &failovers.waiting,
+                given,
+            );
+            let mut out = moves::reassign(current.as_ref(), &alive, decision.owners.clone(), lists, isr, epochs);
+            moves::keep_departed(current.as_ref(), &alive, replicas, &mut out);
+            out
         } else {
-            Default::default()
+            moves::Reassigned { owners: decision.owners.clone(), ..Default::default() }
         };
+        state.pending_moves.store(!reassigned.pending.is_empty(), std::sync::atomic::Ordering::Relaxed);
+        let moves::Reassigned { owners: decided, replicas: replica_lists, isr, leader_epochs, switched, pending } =
+            reassigned;
+        decision.owners = decided;
         let unchanged = current.as_ref().is_some_and(|m| {
             m.owners == decision.owners
                 && m.replicas == replica_lists
@@ -212,11 +230,15 @@ impl Leader<'_> {
         };
         let epoch = current.as_ref().map_or(0, |m| m.epoch) + 1;
         let mut moves = next_moved(owners, current.as_ref().map(|m| &m.moved), &decision.owners, epoch);
-        // A promoted follower serves what it replicated: no handover from anyone.
+        // A promoted follower serves what it replicated: no handover from anyone; nor does
+        // an in-sync follower that a planned move made the leader.
         for (p, n) in &failovers.promoted {
             if decision.owners[*p as usize] == *n {
                 moves.remove(p);
             }
+        }
+        for p in &switched {
+            moves.remove(p);
         }
         let draining = nodes.values().filter(|n| n.draining).count();
         let record = MapRecord {
@@ -243,6 +265,8 @@ impl Leader<'_> {
                 epoch,
                 moved,
                 promoted = failovers.promoted.len(),
+                switched = switched.len(),
+                pending = pending.len(),
                 waiting = failovers.waiting.len(),
                 unclean = failovers.unclean.len(),
                 %policy,

@@ -15,6 +15,7 @@ mod isr;
 pub mod keys;
 pub mod leader;
 mod load;
+pub mod moves;
 pub mod replicas;
 mod settings;
 
@@ -178,6 +179,9 @@ pub struct State {
     dynamic: watch::Sender<Arc<DynamicConfig>>,
     /// Signalled when the member set changes (the leader runs a round at once).
     membership: Notify,
+    /// Set by the leader while a planned move waits for its new replicas to be in sync:
+    /// then every map change (an ISR grew) runs a round at once.
+    pending_moves: AtomicBool,
     /// Term of the leader that wrote the map in use.
     term: std::sync::atomic::AtomicI64,
     /// Set by [`drain`]; every registration from then on writes `draining: true`.
@@ -209,6 +213,7 @@ impl State {
             loads: ArcSwap::from_pointee(BTreeMap::new()),
             dynamic: watch::Sender::new(Arc::new(DynamicConfig::default())),
             membership: Notify::new(),
+            pending_moves: AtomicBool::new(false),
             term: std::sync::atomic::AtomicI64::new(0),
             draining: AtomicBool::new(false),
             registration: tokio::sync::Mutex::new(None),
@@ -607,6 +612,10 @@ async fn watch_loop(
         // member that turned draining), so the leader re-balances at once.
         let membership_changed =
             resp.events().iter().any(|e| e.kv().is_some_and(|kv| kv.key().starts_with(state.keys.nodes().as_bytes())));
+        // A map change while a move waits on its followers: maybe the ISR it waits for.
+        let map_changed =
+            resp.events().iter().any(|e| e.kv().is_some_and(|kv| kv.key() == state.keys.map().as_bytes()));
+        let membership_changed = membership_changed || (map_changed && state.pending_moves.load(Ordering::Relaxed));
         if let Some(d) = dynamic.clone() {
             view.config = d;
         }

@@ -189,6 +189,9 @@ struct FollowerPos {
     leo_at_fetch: u64,
     /// Last time the follower had fetched everything the leader had at its previous fetch.
     caught_up_at: Instant,
+    /// Last time the follower fetched at all: one that stopped fetching is not in sync,
+    /// even when no write since has left it behind.
+    fetched_at: Instant,
     /// A snapshot is under way (or needed): never expand it before it fetches normally.
     resyncing: bool,
 }
@@ -361,6 +364,26 @@ impl Replication {
         Some((seq, l.leader_epoch, ReplLogMeta { leo: seq + 1, epochs }))
     }
 
+    /// True when this node leads `p` and has not yet recorded this leadership's epoch in
+    /// its history (no batch stamped, no [`Self::leadership_start`] taken).
+    pub fn leadership_unrecorded(&self, p: PartitionId) -> bool {
+        self.state(p).leading.as_ref().is_some_and(|l| l.epochs.is_none())
+    }
+
+    /// The position to store when leadership of `p` starts, before any batch: the log end
+    /// and the history with this leadership's epoch (so that, deposed before writing
+    /// anything, this replica still reconciles by epoch instead of taking a snapshot).
+    /// None when not leading or already recorded. The caller holds `p`'s apply lock
+    /// until it is written.
+    pub fn leadership_start(&self, p: PartitionId, load: impl FnOnce() -> Option<ReplLogMeta>) -> Option<ReplLogMeta> {
+        let mut st = self.state(p);
+        let leo = st.seq_counter;
+        let l = st.leading.as_mut().filter(|l| l.epochs.is_none())?;
+        let epochs = with_epoch(load().map(|m| m.epochs).unwrap_or_default(), l.leader_epoch, l.start);
+        l.epochs = Some(epochs.clone());
+        Some(ReplLogMeta { leo, epochs })
+    }
+
     /// The leader's answer to a follower whose last leader epoch is `last`: see
     /// [`epoch_end_in`]. `load` reads the stored history when no batch was stamped yet.
     pub fn epoch_end(
@@ -471,6 +494,7 @@ impl Replication {
                         acked: base,
                         leo_at_fetch: base,
                         caught_up_at: Instant::now(),
+                        fetched_at: Instant::now(),
                         // One the map counts in sync keeps its place until it lags.
                         resyncing: !isr.contains(f),
                     });
@@ -523,6 +547,7 @@ impl Replication {
         let Some(pos) = l.followers.get_mut(follower) else {
             return Err(FetchError::NotReplica(follower.to_string(), p));
         };
+        pos.fetched_at = Instant::now();
         let Some(from) = from else {
             // It holds nothing it can vouch for: out of the ISR first (the next check asks).
             pos.resyncing = true;
@@ -639,15 +664,18 @@ impl Replication {
         let lag = self.lag_timeout;
         let mut isr = l.isr.clone();
         let before = isr.len();
+        let fetching = |pos: &FollowerPos| now.saturating_duration_since(pos.fetched_at) <= lag;
         isr.retain(|f| {
             l.followers.get(f).is_some_and(|pos| {
-                !pos.resyncing && (pos.acked >= l.next_seq || now.duration_since(pos.caught_up_at) <= lag)
+                !pos.resyncing
+                    && fetching(pos)
+                    && (pos.acked >= l.next_seq || now.saturating_duration_since(pos.caught_up_at) <= lag)
             })
         });
         let shrink = isr.len() < before;
         let mut expand = false;
         for (f, pos) in &l.followers {
-            if !isr.contains(f) && !shrink && !pos.resyncing && pos.acked >= l.next_seq {
+            if !isr.contains(f) && !shrink && !pos.resyncing && fetching(pos) && pos.acked >= l.next_seq {
                 isr.push(f.clone());
                 expand = true;
             }
@@ -741,6 +769,20 @@ mod tests {
         let change = r.isr_check(0, Instant::now()).unwrap();
         assert!(change.expand);
         assert_eq!(change.isr, vec!["a".to_string(), "c".to_string()]);
+    }
+
+    /// A follower that stopped fetching (a dead node) leaves the ISR even when no write
+    /// left it behind, and is not asked back in until it fetches again.
+    #[test]
+    fn a_follower_that_stops_fetching_is_not_in_sync() {
+        let r = Replication::new(1, Duration::from_millis(100), 1 << 20);
+        leader(&r, &["b"], &["b"], 1);
+        let later = Instant::now() + Duration::from_millis(500);
+        assert_eq!(r.isr_check(0, later).map(|c| c.isr), Some(vec!["a".to_string()]));
+        leader(&r, &["b"], &[], 1);
+        assert_eq!(r.isr_check(0, later + Duration::from_secs(2)), None, "caught up, but silent");
+        r.fetch(0, "b", 1, Some(0), 1 << 20).unwrap().unwrap();
+        assert!(r.isr_check(0, Instant::now()).is_some_and(|c| c.expand));
     }
 
     proptest::proptest! {

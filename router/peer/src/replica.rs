@@ -87,6 +87,7 @@ pub(crate) fn before_install(node: &Arc<Router>, new: &PartitionMap) {
 pub(crate) fn after_install(node: &Arc<Router>) {
     let map = node.map();
     let repl = &node.partitions.replication;
+    let mut started = Vec::new();
     for p in 0..map.partitions() {
         let role = role(node, &map, p);
         let follow = matches!(role, Role::Follower { .. });
@@ -94,8 +95,34 @@ pub(crate) fn after_install(node: &Arc<Router>) {
         if follow && !repl.part(p).follower_running.swap(true, Ordering::AcqRel) {
             tokio::spawn(follow_loop(node.clone(), p));
         }
+        if repl.leadership_unrecorded(p) {
+            started.push(p);
+        }
+    }
+    if !started.is_empty() {
+        tokio::spawn(record_leadership_starts(node.clone(), started));
     }
     node.metrics.under_replicated_partitions.set(repl.under_replicated() as i64);
+}
+
+/// Stores, in one write, the leader-epoch history of each partition in `parts` whose
+/// leadership here started and wrote nothing yet (see `Replication::leadership_start`).
+async fn record_leadership_starts(node: Arc<Router>, parts: Vec<PartitionId>) {
+    let (repl, store) = (&node.partitions.replication, &node.partitions.store);
+    let mut held = Vec::new();
+    let mut batch = store.batch();
+    for p in parts {
+        let applying = repl.part(p).apply_lock.lock().await;
+        if let Some(meta) = repl.leadership_start(p, || store.repl_meta(p).ok().flatten()) {
+            batch.put_repl_meta(p, &meta);
+            held.push(applying);
+        }
+    }
+    if !batch.is_empty() {
+        if let Err(e) = batch.write(true).await {
+            tracing::warn!(error = %e, "recording leadership starts failed");
+        }
+    }
 }
 
 /// Runs the leader's ISR checks (and the replication gauges) until shutdown.
