@@ -411,8 +411,9 @@ async fn a_drained_node_hands_over_and_a_rolling_restart_loses_nothing() -> Resu
     let load = Load::start(&addrs, channel_per_partition(), 2).await?;
     load.progress(&nodes[0], 10).await?;
 
-    // Restart every node in turn: SIGTERM drains it (its partitions are handed over and
-    // its clients closed with 4100), then it comes back and gets a share again.
+    // Restart every node in turn: SIGTERM drains it (its partitions move to their new
+    // replicas once those are in sync, and its clients are closed with 4100), then it comes
+    // back and gets a share again.
     for i in [2, 0, 1] {
         let started = Instant::now();
         nodes[i].sigterm();
