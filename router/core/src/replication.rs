@@ -44,6 +44,11 @@ pub enum ReplOp {
     Consumer(String, String, u64),
 }
 
+/// How long a leader keeps batches for a follower that stopped fetching (a dead node kept
+/// in the replica list): it catches up from them if it returns within this time; after
+/// it, its batches go and it will take a snapshot. Bounds the memory a dead node pins.
+const SILENT_PIN: Duration = Duration::from_secs(60);
+
 /// Most leader-epoch history entries a replica keeps (older epochs: a snapshot instead).
 const MAX_EPOCHS: usize = 64;
 
@@ -221,11 +226,17 @@ impl Leading {
     }
 
     /// Drops batches every follower has, and the oldest ones beyond the byte cap (followers
-    /// that still need those will resync).
-    fn trim(&mut self, max_bytes: usize) {
+    /// that still need those will resync), and those only followers silent for longer than
+    /// [`SILENT_PIN`] still need.
+    fn trim(&mut self, max_bytes: usize, now: Instant) {
         // Everything a follower may still fetch: from its position, or from where its
         // snapshot started.
-        let low = self.followers.values().map(|f| f.acked).fold(self.next_seq, u64::min);
+        let low = self
+            .followers
+            .values()
+            .filter(|f| now.saturating_duration_since(f.fetched_at) <= SILENT_PIN)
+            .map(|f| f.acked)
+            .fold(self.next_seq, u64::min);
         while let Some((seq, b)) = self.records.front() {
             if *seq >= low && self.bytes <= max_bytes {
                 break;
@@ -429,7 +440,7 @@ impl Replication {
             l.bytes += data.len();
             l.records.push_back((seq, data));
             l.next_seq = seq + 1;
-            l.trim(max);
+            l.trim(max, Instant::now());
         }
         self.publish_hw(p, &st);
         drop(st);
@@ -578,7 +589,7 @@ impl Replication {
             bytes += b.len();
             out.batches.push((*seq, b.clone()));
         }
-        l.trim(max);
+        l.trim(max, Instant::now());
         self.publish_hw(p, &st);
         Ok(Ok(out))
     }
@@ -895,6 +906,22 @@ mod tests {
         leader(&r, &["b"], &["b"], 7);
         assert_eq!(*r.hw_changes(0).borrow(), 44);
         assert_eq!(r.stamp(0, || None).unwrap().0, 44);
+    }
+
+    /// A follower that stopped fetching pins the leader's batches for a while (it may come
+    /// back and catch up from them), then no longer.
+    #[test]
+    fn a_silent_follower_pins_batches_only_for_a_while() {
+        let r = Replication::new(1, Duration::from_secs(2), 1 << 20);
+        leader(&r, &["b"], &[], 1);
+        let first = r.append(0, Bytes::from_static(b"x"));
+        r.append(0, Bytes::from_static(b"y"));
+        let mut st = r.state(0);
+        let l = st.leading.as_mut().unwrap();
+        l.trim(1 << 20, Instant::now() + Duration::from_secs(10));
+        assert_eq!(l.records.front().map(|r| r.0), Some(first), "kept for b");
+        l.trim(1 << 20, Instant::now() + SILENT_PIN + Duration::from_secs(1));
+        assert!(l.records.is_empty(), "b has been silent too long");
     }
 
     /// Seqs never repeat across leaderships, and a new leadership starts with nothing owed.

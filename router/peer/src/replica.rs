@@ -107,12 +107,14 @@ pub(crate) fn after_install(node: &Arc<Router>) {
 
 /// Stores, in one write, the leader-epoch history of each partition in `parts` whose
 /// leadership here started and wrote nothing yet (see `Replication::leadership_start`).
+/// A partition whose apply lock is busy (a follower step still ending, the owner writing)
+/// is skipped: its first batch records the history, or the next map install retries.
 async fn record_leadership_starts(node: Arc<Router>, parts: Vec<PartitionId>) {
     let (repl, store) = (&node.partitions.replication, &node.partitions.store);
     let mut held = Vec::new();
     let mut batch = store.batch();
     for p in parts {
-        let applying = repl.part(p).apply_lock.lock().await;
+        let Ok(applying) = repl.part(p).apply_lock.try_lock() else { continue };
         if let Some(meta) = repl.leadership_start(p, || store.repl_meta(p).ok().flatten()) {
             batch.put_repl_meta(p, &meta);
             held.push(applying);
