@@ -395,6 +395,22 @@ impl Replication {
         Some(ReplLogMeta { leo, epochs })
     }
 
+    /// The leader-epoch history of `p` as its leader sees it (this leadership included);
+    /// None when this node does not lead `p`. `load` reads the stored history when no
+    /// batch was stamped yet.
+    pub fn leader_history(
+        &self,
+        p: PartitionId,
+        load: impl FnOnce() -> Option<ReplLogMeta>,
+    ) -> Option<Vec<(u64, u64)>> {
+        let st = self.state(p);
+        let l = st.leading.as_ref()?;
+        Some(match &l.epochs {
+            Some(h) => h.clone(),
+            None => with_epoch(load().map(|m| m.epochs).unwrap_or_default(), l.leader_epoch, l.start),
+        })
+    }
+
     /// The leader's answer to a follower whose last leader epoch is `last`: see
     /// [`epoch_end_in`]. `load` reads the stored history when no batch was stamped yet.
     pub fn epoch_end(

@@ -171,7 +171,11 @@ pub(crate) async fn serve(node: &Arc<Router>, op: Op) -> Result<Answer, OpError>
             let mut first = true;
             loop {
                 match repl.fetch(p, &follower, leader_epoch, from, FETCH_BYTES).map_err(fetch_error)? {
-                    Err(start) => return Ok(Answer::SnapshotAt(start)),
+                    Err(start) => {
+                        let store = &node.partitions.store;
+                        let history = repl.leader_history(p, || store.repl_meta(p).ok().flatten()).unwrap_or_default();
+                        return Ok(Answer::SnapshotAt(start, history));
+                    }
                     Ok(f) if !f.batches.is_empty() || !first => return Ok(Answer::Batches(f.batches)),
                     Ok(_) => {
                         first = false;
@@ -300,17 +304,19 @@ async fn follow_step(node: &Arc<Router>, p: PartitionId) -> Step {
                 }
             }
         }
-        Ok(Answer::SnapshotAt(start)) => match snapshot(node, p, &leader, leader_epoch, start).await {
-            Ok(()) => Step::Again,
-            Err(e) => {
-                tracing::warn!(partition = p, %leader, error = %e, "replica snapshot failed; retrying");
-                Step::Later
+        Ok(Answer::SnapshotAt(start, history)) => {
+            match snapshot(node, p, &leader, leader_epoch, start, history).await {
+                Ok(()) => Step::Again,
+                Err(e) => {
+                    tracing::warn!(partition = p, %leader, error = %e, "replica snapshot failed; retrying");
+                    Step::Later
+                }
             }
-        },
+        }
         Ok(_) => Step::Later,
         Err(e) => {
             if e.message.contains("resync") {
-                tracing::info!(partition = p, "position outside the leader's log; taking a snapshot");
+                tracing::info!(partition = p, error = %e.message, "position outside the leader's log; taking a snapshot");
                 repl.forget_position(p);
             } else {
                 tracing::debug!(partition = p, %leader, error = %e.message, "fetch failed");
@@ -355,8 +361,17 @@ async fn apply(
 }
 
 /// Replaces this node's copy of `p` with a snapshot of the leader's, taken after every
-/// batch below `start`; batches from `start` on are fetched (and re-applied) after it.
-async fn snapshot(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64, start: u64) -> Result<(), String> {
+/// batch below `start`; batches from `start` on are fetched (and re-applied) after it. The
+/// copy holds the leader's log below `start`, so it inherits the leader's leader-epoch
+/// `history` up to there.
+async fn snapshot(
+    node: &Router,
+    p: PartitionId,
+    leader: &str,
+    leader_epoch: u64,
+    start: u64,
+    history: Vec<(u64, u64)>,
+) -> Result<(), String> {
     let repl = &node.partitions.replication;
     let _applying = repl.part(p).apply_lock.lock().await;
     if !repl.is_following(p) || repl.position(p, leader_epoch).is_some() {
@@ -370,7 +385,8 @@ async fn snapshot(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64
     let started = Instant::now();
     node.partitions.store.clear_partition(p).await.map_err(|e| e.to_string())?;
     // From here on the batches from `start` are this leader's.
-    let meta = ReplLogMeta { leo: start, epochs: vec![(leader_epoch, start)] };
+    let inherited = history.into_iter().filter(|(_, s)| *s <= start).collect();
+    let meta = ReplLogMeta { leo: start, epochs: with_epoch(inherited, leader_epoch, start) };
     let messages = copy_channels(node, p, leader, leader_epoch, None, &meta).await?;
     repl.set_position(p, leader_epoch, start, &[]);
     node.metrics.replica_snapshots.inc();
@@ -474,8 +490,8 @@ async fn reconcile(node: &Router, p: PartitionId, leader: &str, leader_epoch: u6
             return Ok(());
         };
         let started = Instant::now();
-        let epochs = own.epochs.iter().copied().filter(|(_, start)| *start < to).collect();
-        let meta = ReplLogMeta { leo: to, epochs };
+        let kept = own.epochs.iter().copied().filter(|(_, start)| *start < to).collect();
+        let meta = ReplLogMeta { leo: to, epochs: with_epoch(kept, leader_epoch, to) };
         let channels = touched.len();
         let messages = copy_channels(node, p, leader, leader_epoch, Some(touched.into_iter().collect()), &meta).await?;
         node.metrics.replica_truncations.inc();
@@ -489,6 +505,13 @@ async fn reconcile(node: &Router, p: PartitionId, leader: &str, leader_epoch: u6
             elapsed = ?started.elapsed(),
             "truncated the tail the leader never had"
         );
+    }
+    if to == own.leo && own.epochs.last().is_none_or(|(e, _)| *e != leader_epoch) {
+        // What this replica applies from `to` on is this leader's: say so now, so that it
+        // reconciles by this epoch even if nothing is written under it.
+        let mut batch = store.batch();
+        batch.put_repl_meta(p, &ReplLogMeta { leo: to, epochs: with_epoch(own.epochs, leader_epoch, to) });
+        batch.write(true).await.map_err(|e| e.to_string())?;
     }
     repl.set_position(p, leader_epoch, to, &[]);
     Ok(())

@@ -288,8 +288,9 @@ pub enum Answer {
     Chunk(Chunk),
     /// Replicated batches `(seq, encoded ops)`, consecutive from the fetch's `from`.
     Batches(Vec<(u64, bytes::Bytes)>),
-    /// A snapshot taken now starts after every batch below this seq.
-    SnapshotAt(u64),
+    /// A snapshot taken now starts after every batch below this seq; the leader's
+    /// leader-epoch history, which the copy inherits.
+    SnapshotAt(u64, Vec<(u64, u64)>),
     /// The largest leader epoch at or below the one asked about that the leader's
     /// history knows, and the seq where it ended; None when it knows none.
     EpochEnd(Option<(u64, u64)>),

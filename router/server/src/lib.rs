@@ -158,11 +158,14 @@ async fn drain(node: &Arc<Node>) {
             let changed = handovers.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let (owned, epoch) = {
+            // Done when this node leads nothing and holds no replica: a partition moving
+            // off it keeps it as an in-sync replica until its new replicas are in sync.
+            let (owned, held, epoch) = {
                 let map = maps.borrow_and_update();
-                (map.owners.iter().filter(|o| **o == me).count(), map.epoch)
+                let held = map.replicas.iter().filter(|r| r.iter().any(|n| *n == me)).count();
+                (map.owners.iter().filter(|o| **o == me).count(), held, map.epoch)
             };
-            if owned == 0 && handovers.settled(epoch) {
+            if owned == 0 && held == 0 && handovers.settled(epoch) {
                 break;
             }
             // Every member is leaving (the whole cluster is stopping): nobody can take over.
@@ -183,7 +186,7 @@ async fn drain(node: &Arc<Node>) {
     };
     tokio::select! {
         r = tokio::time::timeout(DRAIN_LIMIT, done) => match r {
-            Ok(()) => tracing::info!(elapsed = ?started.elapsed(), "drained: every partition handed over"),
+            Ok(()) => tracing::info!(elapsed = ?started.elapsed(), "drained: every partition moved off this node"),
             Err(_) => tracing::warn!(limit = ?DRAIN_LIMIT, "drain timed out; shutting down anyway"),
         },
         _ = wait_for_signal() => tracing::warn!("second signal: shutting down without finishing the drain"),
