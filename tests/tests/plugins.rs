@@ -690,3 +690,28 @@ fn plugin_new_scaffolds_crates_that_test_green() -> anyhow::Result<()> {
     assert!(!again.status.success());
     Ok(())
 }
+
+/// A v2 retention module that reads a payload by an index past the call's messages
+/// (`switchyard.payload`, the lazy payload read) faults like an out-of-range key read: the
+/// built-in decides, the failure counts as `out_of_bounds` toward quarantine, and clients
+/// publish and receive without loss meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v2_payload_index_out_of_range_is_refused() -> anyhow::Result<()> {
+    let module = wat::parse_str(format!(
+        r#"(module
+            (import "switchyard" "payload" (func $payload (param i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (global $bump (mut i32) (i32.const 1024))
+            (data (i32.const 16) "\00\00\00\00\01\00\00\00")
+            (func (export "switchyard_abi_v2"))
+            (func (export "switchyard_alloc") (param $n i32) (result i32)
+              (local $p i32) (local.set $p (global.get $bump))
+              (global.set $bump (i32.and (i32.add (i32.add (local.get $p) (local.get $n)) (i32.const 7)) (i32.const -8)))
+              (local.get $p))
+            (func (export "switchyard_retention") (param $p i32) (param $l i32) (result i64)
+              (drop (call $payload (i32.const 1000000) (i32.const 512) (i32.const 16))) {}))"#,
+        output(16, 24)
+    ))
+    .expect("valid wat");
+    hostile_module_falls_back(&module, "hostile-v2-payload", "out_of_bounds").await
+}

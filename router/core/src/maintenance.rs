@@ -4,8 +4,10 @@
 //! channels' counters, reads the needed message metadata from the store, asks each bound
 //! policy for the decisions of all its channels of the round at once (a plugin policy
 //! then makes one call per round, not one per channel), validates each and sends the
-//! owner a `Trim`. It must never run on
-//! the publish path or write to the store itself: the owner applies every removal.
+//! owner a `Trim`. While a policy decides, it may read payloads on demand through a
+//! [`StorePayloads`] (one store read per payload asked for; nothing is copied up front). It
+//! must never run on the publish path or write to the store itself: the owner applies
+//! every removal.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::owner::{now_ms, OwnerCommand, Snapshot, TrimReason};
 use crate::partitions::Partitions;
-use crate::policy::{validate_compaction, validate_retention, CompactionPolicy, Policies, RetentionPolicy};
+use crate::policy::{validate_compaction, validate_retention, CompactionPolicy, Payloads, Policies, RetentionPolicy};
 use switchyard_proto::partition::PartitionId;
 
 /// Oldest messages shown to a retention policy per round.
@@ -109,6 +111,28 @@ fn shorten_keys(metas: &mut [switchyard_sdk::MessageMeta]) {
     }
 }
 
+/// The payloads of one partition's messages, read from the store when a policy asks (the
+/// message as stored now: None once retention or compaction removed it).
+pub(crate) struct StorePayloads {
+    /// The store the partition's owner writes through.
+    store: Arc<switchyard_store::Store>,
+    /// The partition whose channels are being decided.
+    partition: PartitionId,
+}
+
+impl Payloads for StorePayloads {
+    fn payload(&self, channel: &str, offset: u64) -> Option<String> {
+        let after = offset.checked_sub(1)?;
+        match self.store.read_messages(self.partition, channel, after, offset, 1) {
+            Ok(found) => found.into_iter().find(|(o, _)| *o == offset).map(|(_, m)| m.data),
+            Err(e) => {
+                tracing::debug!(channel, offset, error = %e, "policy payload read failed");
+                None
+            }
+        }
+    }
+}
+
 /// Channels of one round bound to the same policy object, decided together.
 struct Group<P: ?Sized, I> {
     policy: Arc<P>,
@@ -186,6 +210,11 @@ async fn round(node: &Partitions, p: PartitionId, policies: &Policies, idle_rech
     decide_compaction(node, p, &snaps, compactions, memory).await;
 }
 
+/// What a policy of partition `p` reads payloads through.
+fn payloads(node: &Partitions, p: PartitionId) -> Arc<dyn Payloads> {
+    Arc::new(StorePayloads { store: node.store.clone(), partition: p })
+}
+
 /// Decides each group's channels at once and applies the decisions.
 async fn decide_retention(
     node: &Partitions,
@@ -196,7 +225,8 @@ async fn decide_retention(
     for g in groups {
         let (indices, inputs): (Vec<usize>, Vec<RetentionInput>) = g.items.into_iter().unzip();
         // A policy call may run a plugin for up to its deadline: keep it off the async workers.
-        let decisions = tokio::task::block_in_place(|| g.policy.decide_many(&inputs));
+        let payloads = payloads(node, p);
+        let decisions = tokio::task::block_in_place(|| g.policy.decide_many_with(&inputs, &payloads));
         for ((index, input), decision) in indices.into_iter().zip(&inputs).zip(decisions) {
             apply_retention(node, p, &snaps[index], g.policy.as_ref(), input, decision).await;
         }
@@ -214,7 +244,8 @@ async fn decide_compaction(
 ) {
     for g in groups {
         let (indices, inputs): (Vec<usize>, Vec<CompactionInput>) = g.items.into_iter().unzip();
-        let decisions = tokio::task::block_in_place(|| g.policy.decide_many(&inputs));
+        let payloads = payloads(node, p);
+        let decisions = tokio::task::block_in_place(|| g.policy.decide_many_with(&inputs, &payloads));
         for ((index, input), decision) in indices.into_iter().zip(&inputs).zip(decisions) {
             let snap = &snaps[index];
             let pending = apply_compaction(node, p, snap, g.policy.as_ref(), input, decision).await;
@@ -355,4 +386,120 @@ async fn apply_compaction(
         trim(node, p, snap.channel.clone(), None, drops, TrimReason::Compaction).await;
     }
     pending
+}
+
+#[cfg(test)]
+mod tests {
+    //! Payloads a round's policies read, on a real store.
+
+    use super::*;
+    use crate::owner::PublishRequest;
+    use crate::partitions::Settings as PartitionSettings;
+    use crate::policy::{Bound, PolicyError};
+    use switchyard_metrics::Metrics;
+    use switchyard_sdk::RetentionDecision;
+
+    fn start(dir: &std::path::Path) -> Arc<Partitions> {
+        let metrics = Arc::new(Metrics::new());
+        let store = switchyard_store::Store::open(dir, switchyard_store::FsyncPolicy::Batch, metrics.clone()).unwrap();
+        let settings = PartitionSettings {
+            partitions: 4,
+            idempotency_window: Duration::from_secs(60),
+            forward_sealed: false,
+            max_reply_bytes: 1 << 20,
+            idempotency_max_keys: 100_000,
+            idempotency_max_bytes: 16 << 20,
+            replica_lag_timeout: Duration::from_secs(2),
+        };
+        Partitions::start(store, metrics, settings).unwrap().0
+    }
+
+    async fn publish_all(parts: &Partitions, channel: &str, payloads: &[&str]) {
+        let p = parts.partition(channel);
+        for data in payloads {
+            let req = PublishRequest {
+                channel: channel.into(),
+                data: serde_json::value::RawValue::from_string(data.to_string()).unwrap(),
+                key: None,
+                idempotency_key: None,
+                from: None,
+            };
+            parts.publish(p, req).await.unwrap().await.unwrap().unwrap();
+        }
+    }
+
+    /// Polls `done` until it holds (a trim is acknowledged before its batch is written).
+    async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done().await {
+            assert!(tokio::time::Instant::now() < deadline, "{what}: not within 10 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn payloads_are_read_from_the_store_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        publish_all(&parts, "room:1", &["1", r#""DROP""#, r#"{"n":3}"#]).await;
+        let p = parts.partition("room:1");
+        let source = payloads(&parts, p);
+        assert_eq!(source.payload("room:1", 2).as_deref(), Some(r#""DROP""#));
+        assert_eq!(source.payload("room:1", 3).as_deref(), Some(r#"{"n":3}"#));
+        for (channel, offset) in [("room:1", 0), ("room:1", 4), ("room:2", 1)] {
+            assert_eq!(source.payload(channel, offset), None, "{channel} {offset}");
+        }
+        let metas = parts.store.read_metas(p, "room:1", 1, 3, 10).unwrap();
+        let drops = metas.iter().take(2).map(|m| (m.offset, m.size)).collect();
+        trim(&parts, p, Arc::from("room:1"), Some(3), drops, TrimReason::Retention).await;
+        eventually("removed by retention", async || source.payload("room:1", 2).is_none()).await;
+        assert_eq!(source.payload("room:1", 3).as_deref(), Some(r#"{"n":3}"#));
+    }
+
+    /// Drops everything up to the newest shown message whose payload says `DROP`.
+    struct DropMarked;
+
+    impl RetentionPolicy for DropMarked {
+        fn name(&self) -> &str {
+            "test:drop-marked"
+        }
+
+        fn decide(&self, _: &RetentionInput) -> Result<RetentionDecision, PolicyError> {
+            Ok(RetentionDecision::Keep)
+        }
+
+        fn decide_many_with(
+            &self,
+            inputs: &[RetentionInput],
+            payloads: &Arc<dyn Payloads>,
+        ) -> Vec<Result<RetentionDecision, PolicyError>> {
+            let marked = |i: &RetentionInput, offset: u64| {
+                payloads.payload(&i.channel, offset).is_some_and(|p| p.contains("DROP"))
+            };
+            inputs
+                .iter()
+                .map(|i| {
+                    let last = i.oldest.iter().map(|m| m.offset).filter(|&o| marked(i, o)).max();
+                    Ok(last.map_or(RetentionDecision::Keep, |o| RetentionDecision::DropBelow(o + 1)))
+                })
+                .collect()
+        }
+    }
+
+    /// A round hands its policies the partition's stored payloads.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_round_gives_its_policies_the_stored_payloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        publish_all(&parts, "room:1", &["1", r#"{"say":"DROP"}"#, "3", "4"]).await;
+        let policies = Policies::new(Bound { retention: Some(Arc::new(DropMarked)), compaction: None }, HashMap::new());
+        let p = parts.partition("room:1");
+        round(&parts, p, &policies, Duration::from_secs(60), &mut Memory::default()).await;
+        eventually("dropped below the marked message", async || {
+            let page = parts.history(p, "room:1", 0, 10).await.unwrap();
+            let stored = parts.store.read_metas(p, "room:1", 1, 4, 10).unwrap();
+            page.messages.iter().map(|m| m.offset).collect::<Vec<_>>() == vec![3, 4] && stored.len() == 2
+        })
+        .await;
+    }
 }

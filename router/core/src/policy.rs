@@ -3,8 +3,10 @@
 //! It owns the [`RetentionPolicy`] and [`CompactionPolicy`] traits that both the built-in
 //! policies and the WASM plugin host implement, over the shared `switchyard-sdk` types, and
 //! [`Policies::for_channel`], which picks the policies bound to a channel's namespace. It also
-//! owns the host-side validation of a policy's answer. It must never touch the store or a
-//! partition owner: the maintenance task feeds it inputs and applies its decisions.
+//! owns the host-side validation of a policy's answer, and the [`Payloads`] interface through
+//! which a policy reads a message's payload on demand. It must never touch the store or a
+//! partition owner: the maintenance task feeds it inputs (and a [`Payloads`] over the store)
+//! and applies its decisions.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +36,16 @@ pub enum PolicyError {
     },
 }
 
+/// Reads a stored message's payload on demand while a policy decides: the maintenance
+/// task hands one to [`RetentionPolicy::decide_many_with`] and
+/// [`CompactionPolicy::decide_many_with`], and a plugin policy reads through it only the
+/// payloads its guest asks for (ABI v2's `switchyard.payload`). It is read-only.
+pub trait Payloads: Send + Sync {
+    /// The JSON payload of message `offset` of `channel`, or None when that message is no
+    /// longer stored (retention or compaction removed it) or cannot be read.
+    fn payload(&self, channel: &str, offset: u64) -> Option<String>;
+}
+
 /// Decides which old messages of a channel to drop.
 pub trait RetentionPolicy: Send + Sync {
     /// Name for logs and metrics.
@@ -45,6 +57,18 @@ pub trait RetentionPolicy: Send + Sync {
     /// decided on its own; a plugin decides them in as few calls as it can.
     fn decide_many(&self, inputs: &[RetentionInput]) -> Vec<Result<RetentionDecision, PolicyError>> {
         inputs.iter().map(|i| self.decide(i)).collect()
+    }
+
+    /// [`decide_many`](Self::decide_many) for a policy that may read payloads through
+    /// `payloads` while it decides (a v2 plugin does, on its guest's demand). By default
+    /// the payloads are not read.
+    fn decide_many_with(
+        &self,
+        inputs: &[RetentionInput],
+        payloads: &Arc<dyn Payloads>,
+    ) -> Vec<Result<RetentionDecision, PolicyError>> {
+        let _ = payloads;
+        self.decide_many(inputs)
     }
 
     /// A cheap pre-check from counters alone (and the oldest message's timestamp): false
@@ -71,6 +95,18 @@ pub trait CompactionPolicy: Send + Sync {
     /// decided on its own; a plugin decides them in as few calls as it can.
     fn decide_many(&self, inputs: &[CompactionInput]) -> Vec<Result<CompactionDecision, PolicyError>> {
         inputs.iter().map(|i| self.decide(i)).collect()
+    }
+
+    /// [`decide_many`](Self::decide_many) for a policy that may read payloads through
+    /// `payloads` while it decides (a v2 plugin does, on its guest's demand). By default
+    /// the payloads are not read.
+    fn decide_many_with(
+        &self,
+        inputs: &[CompactionInput],
+        payloads: &Arc<dyn Payloads>,
+    ) -> Vec<Result<CompactionDecision, PolicyError>> {
+        let _ = payloads;
+        self.decide_many(inputs)
     }
 
     /// Most keyed messages shown in one round (a plugin must answer within its deadline).

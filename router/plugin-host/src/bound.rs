@@ -3,8 +3,9 @@
 //! It owns the adapters that implement [`RetentionPolicy`] and [`CompactionPolicy`] by
 //! calling a plugin through the [`Registry`], validating its decision with the same rules
 //! as the built-ins, and falling back (for the balancer, the caller falls back) to the namespace's built-in policy whenever the
-//! plugin is missing, quarantined or fails. It must never return an error for a plugin
-//! failure: the round always gets a decision.
+//! plugin is missing, quarantined or fails. A round's payload source (from
+//! `decide_many_with`) is passed to the call, for a v2 guest's `switchyard.payload`. It must
+//! never return an error for a plugin failure: the round always gets a decision.
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use switchyard_sdk::{CompactionDecision, CompactionInput, RetentionDecision, Ret
 
 use switchyard_core::policy::{
     validate_balance, validate_compaction, validate_followers, validate_retention, BalancePlugins, CompactionPolicy,
-    PolicyError, RetentionPolicy,
+    Payloads, PolicyError, RetentionPolicy,
 };
 use switchyard_sdk::{BalanceInput, BalancePlan, ReplicaInput};
 
@@ -101,21 +102,40 @@ impl RetentionPolicy for PluginRetention {
     }
 
     fn decide_many(&self, inputs: &[RetentionInput]) -> Vec<Result<RetentionDecision, PolicyError>> {
-        let check = |i: &RetentionInput, d: &RetentionDecision| {
-            validate_retention(&self.plugin, i, d).map_err(|e| e.to_string())
-        };
-        let mut out = Vec::with_capacity(inputs.len());
-        for range in batches(inputs, |i| i.oldest.len()) {
-            let batch: Vec<&RetentionInput> = inputs[range].iter().collect();
-            let answers =
-                self.registry.call_many(&self.plugin, &self.binding, Kind::Retention, &self.params, &batch, check);
-            out.extend(batch.iter().zip(answers).map(|(input, r)| r.or_else(|why| self.fall_back(input, &why))));
-        }
-        out
+        self.decide_batches(inputs, None)
+    }
+
+    fn decide_many_with(
+        &self,
+        inputs: &[RetentionInput],
+        payloads: &Arc<dyn Payloads>,
+    ) -> Vec<Result<RetentionDecision, PolicyError>> {
+        self.decide_batches(inputs, Some(payloads))
     }
 }
 
 impl PluginRetention {
+    /// One round's channels in as few calls as fit; a v2 guest reads payloads through
+    /// `payloads` when given.
+    fn decide_batches(
+        &self,
+        inputs: &[RetentionInput],
+        payloads: Option<&Arc<dyn Payloads>>,
+    ) -> Vec<Result<RetentionDecision, PolicyError>> {
+        let check = |i: &RetentionInput, d: &RetentionDecision| {
+            validate_retention(&self.plugin, i, d).map_err(|e| e.to_string())
+        };
+        let (plugin, binding, params) = (&self.plugin, &self.binding, &self.params);
+        let mut out = Vec::with_capacity(inputs.len());
+        for range in batches(inputs, |i| i.oldest.len()) {
+            let batch: Vec<&RetentionInput> = inputs[range].iter().collect();
+            let answers =
+                self.registry.call_many_with(plugin, binding, Kind::Retention, params, &batch, payloads, check);
+            out.extend(batch.iter().zip(answers).map(|(input, r)| r.or_else(|why| self.fall_back(input, &why))));
+        }
+        out
+    }
+
     fn fall_back(&self, input: &RetentionInput, why: &Fallback) -> Result<RetentionDecision, PolicyError> {
         note(&self.plugin, Kind::Retention, why);
         match &self.fallback {
@@ -146,14 +166,35 @@ impl CompactionPolicy for PluginCompaction {
     }
 
     fn decide_many(&self, inputs: &[CompactionInput]) -> Vec<Result<CompactionDecision, PolicyError>> {
+        self.decide_batches(inputs, None)
+    }
+
+    fn decide_many_with(
+        &self,
+        inputs: &[CompactionInput],
+        payloads: &Arc<dyn Payloads>,
+    ) -> Vec<Result<CompactionDecision, PolicyError>> {
+        self.decide_batches(inputs, Some(payloads))
+    }
+}
+
+impl PluginCompaction {
+    /// One round's channels in as few calls as fit; a v2 guest reads payloads through
+    /// `payloads` when given.
+    fn decide_batches(
+        &self,
+        inputs: &[CompactionInput],
+        payloads: Option<&Arc<dyn Payloads>>,
+    ) -> Vec<Result<CompactionDecision, PolicyError>> {
         let check = |i: &CompactionInput, d: &CompactionDecision| {
             validate_compaction(&self.plugin, i, d).map_err(|e| e.to_string())
         };
+        let (plugin, binding, params) = (&self.plugin, &self.binding, &self.params);
         let mut out = Vec::with_capacity(inputs.len());
         for range in batches(inputs, |i| i.window.len()) {
             let batch: Vec<&CompactionInput> = inputs[range].iter().collect();
             let answers =
-                self.registry.call_many(&self.plugin, &self.binding, Kind::Compaction, &self.params, &batch, check);
+                self.registry.call_many_with(plugin, binding, Kind::Compaction, params, &batch, payloads, check);
             out.extend(batch.iter().zip(answers).map(|(input, r)| {
                 r.or_else(|why| {
                     note(&self.plugin, Kind::Compaction, &why);

@@ -7,13 +7,15 @@
 //! in a fresh store with a memory cap and an epoch deadline, bounds-checking every pointer
 //! and index the guest hands back. It must never decide what a failure means for routing
 //! (the registry does) and never give a guest any import but `switchyard.log` and, to v2
-//! modules, `switchyard.key`.
+//! modules, `switchyard.key` and `switchyard.payload` (which reads a payload from the
+//! caller's [`Payloads`] only when the guest asks, never up front).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
+use switchyard_core::policy::Payloads;
 use switchyard_sdk as abi;
 use switchyard_sdk::balance_v2 as v2b;
 use switchyard_sdk::v2;
@@ -229,6 +231,9 @@ struct CallState {
     logs_left: u32,
     /// v2: the keys of this call's messages, for `switchyard.key`.
     keys: KeyTable,
+    /// v2: where `switchyard.payload` reads this call's messages from (None: the caller
+    /// gave no payload source, and every in-range read answers -1).
+    payloads: Option<PayloadTable>,
     /// A host import refused the guest's arguments (an index or pointer out of range).
     fault: Option<String>,
 }
@@ -239,6 +244,47 @@ struct KeyTable {
     bytes: Vec<u8>,
     /// `(start, len)` in `bytes`; `len == u32::MAX` for an unkeyed message.
     spans: Vec<(u32, u32)>,
+}
+
+/// The messages of one v2 call, by message index, as `switchyard.payload` reads them: the
+/// caller's payload source and what it needs to name each message (owned: the store keeps
+/// it for the whole call).
+struct PayloadTable {
+    /// Reads a payload from the store at the moment the guest asks.
+    source: Arc<dyn Payloads>,
+    /// Per channel, ascending: the index of its first message and its name.
+    channels: Vec<(u32, Arc<str>)>,
+    /// Per message index: its offset.
+    offsets: Vec<u64>,
+    /// The last read, `(index, payload)`: a guest that asks again with a larger buffer gets
+    /// the same bytes, without a second store read.
+    last: Option<(u32, Option<String>)>,
+}
+
+impl PayloadTable {
+    /// The table of a v2 call's channels (index = position in the message table).
+    fn new(source: &Arc<dyn Payloads>, channels: &[v2::ChannelIn<'_>]) -> Self {
+        let total = channels.iter().map(|c| c.messages.len()).sum();
+        let mut t = PayloadTable {
+            source: source.clone(),
+            channels: Vec::with_capacity(channels.len()),
+            offsets: Vec::with_capacity(total),
+            last: None,
+        };
+        for c in channels {
+            t.channels.push((t.offsets.len() as u32, Arc::from(c.name)));
+            t.offsets.extend(c.messages.iter().map(|m| m.offset));
+        }
+        t
+    }
+
+    /// Channel name and offset of message `index` (None past the end).
+    fn locate(&self, index: u32) -> Option<(Arc<str>, u64)> {
+        let offset = *self.offsets.get(index as usize)?;
+        // The last channel starting at or before `index` (empty channels share a start).
+        let c = self.channels.partition_point(|(start, _)| *start <= index).checked_sub(1)?;
+        Some((self.channels[c].1.clone(), offset))
+    }
 }
 
 impl ResourceLimiter for CallState {
@@ -427,6 +473,13 @@ impl Host {
             abi::KEY_IMPORT,
             |mut caller: Caller<'_, CallState>, index: i32, ptr: i32, cap: i32| guest_key(&mut caller, index, ptr, cap),
         )?;
+        linker.func_wrap(
+            abi::HOST_MODULE,
+            abi::PAYLOAD_IMPORT,
+            |mut caller: Caller<'_, CallState>, index: i32, ptr: i32, cap: i32| {
+                guest_payload(&mut caller, index, ptr, cap)
+            },
+        )?;
         if let Some(dir) = &cache_dir {
             // Native code is loaded from here: only this user may write to it.
             use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
@@ -546,7 +599,8 @@ impl Host {
 
     /// Runs one call of `kind` on a fresh instance for all `inputs` at once (one decision
     /// each, in order). Several inputs need [`Host::batches`]; the v2 header's `now_ms` is
-    /// the latest of the inputs'.
+    /// the latest of the inputs'. A v2 guest's `switchyard.payload` answers -1 (use
+    /// [`Host::call_many_with`] to give it payloads).
     pub fn call_many<I: PolicyInput>(
         &self,
         plugin: &Arc<str>,
@@ -555,6 +609,23 @@ impl Host {
         params: &str,
         inputs: &[&I],
         limits: CallLimits,
+    ) -> Result<Vec<I::Output>, CallError> {
+        self.call_many_with(plugin, compiled, kind, params, inputs, limits, None)
+    }
+
+    /// [`Host::call_many`] where a v2 guest's `switchyard.payload` reads through `payloads`
+    /// (each payload when the guest asks for it, by the input's channel name and the
+    /// message's offset).
+    #[allow(clippy::too_many_arguments)]
+    pub fn call_many_with<I: PolicyInput>(
+        &self,
+        plugin: &Arc<str>,
+        compiled: &Compiled,
+        kind: Kind,
+        params: &str,
+        inputs: &[&I],
+        limits: CallLimits,
+        payloads: Option<&Arc<dyn Payloads>>,
     ) -> Result<Vec<I::Output>, CallError> {
         if compiled.abi == 2 && kind == Kind::Balance {
             return Err(CallError::Garbage("an ABI v2 balance call goes through Host::balance".into()));
@@ -611,6 +682,7 @@ impl Host {
                     std::hash::BuildHasher::hash_one(hasher, k)
                 });
                 store.data_mut().keys = key_table(&channels);
+                store.data_mut().payloads = payloads.map(|source| PayloadTable::new(source, &channels));
                 (ptr, len)
             }
         };
@@ -678,6 +750,7 @@ impl Host {
             logs_left: LOG_LINES_PER_CALL,
             log_budget: self.log_budget.clone(),
             keys: KeyTable::default(),
+            payloads: None,
             fault: None,
         };
         let mut store = Store::new(&self.engine, state);
@@ -814,6 +887,54 @@ fn guest_key(caller: &mut Caller<'_, CallState>, index: i32, ptr: i32, cap: i32)
     }
 }
 
+/// `switchyard.payload(index, ptr, cap) -> len`: copies up to `cap` bytes of message
+/// `index`'s stored JSON payload to `[ptr, ptr+cap)` and returns the payload's full length,
+/// or -1 when the message is no longer stored (or cannot be read, or the caller gave no
+/// payload source). The payload is read from the store now, at the guest's demand. An index
+/// out of range, a negative `cap` or a destination outside memory is a fault, as for
+/// [`guest_key`]: the call traps and fails as `out_of_bounds`.
+fn guest_payload(caller: &mut Caller<'_, CallState>, index: i32, ptr: i32, cap: i32) -> wasmtime::Result<i32> {
+    let fault = |caller: &mut Caller<'_, CallState>, why: String| {
+        caller.data_mut().fault = Some(why.clone());
+        Err(wasmtime::Error::msg(why))
+    };
+    // The message table is the one `switchyard.key` indexes, whether or not payloads exist.
+    let count = caller.data().keys.spans.len();
+    let Some(index) = u32::try_from(index).ok().filter(|&i| (i as usize) < count) else {
+        return fault(caller, format!("switchyard.payload index {index} out of range ({count} messages)"));
+    };
+    if cap < 0 {
+        return fault(caller, format!("switchyard.payload cap {cap}"));
+    }
+    let Some(table) = caller.data().payloads.as_ref() else { return Ok(-1) };
+    if table.last.as_ref().is_none_or(|(i, _)| *i != index) {
+        let (source, at) = (table.source.clone(), table.locate(index));
+        let payload = at.and_then(|(channel, offset)| source.payload(&channel, offset));
+        if let Some(table) = caller.data_mut().payloads.as_mut() {
+            table.last = Some((index, payload));
+        }
+    }
+    let len = match caller.data().payloads.as_ref().and_then(|t| t.last.as_ref()).and_then(|(_, p)| p.as_ref()) {
+        Some(p) => p.len(),
+        None => return Ok(-1),
+    };
+    let Ok(full) = i32::try_from(len) else { return Ok(-1) };
+    let n = len.min(cap as usize);
+    let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+        return fault(caller, "no memory export".into());
+    };
+    let (data, state) = memory.data_and_store_mut(&mut *caller);
+    let dest = (ptr as u32 as usize).checked_add(n).and_then(|end| data.get_mut(ptr as u32 as usize..end));
+    let src = state.payloads.as_ref().and_then(|t| t.last.as_ref()).and_then(|(_, p)| p.as_deref());
+    match (dest, src) {
+        (Some(dest), Some(src)) => {
+            dest.copy_from_slice(&src.as_bytes()[..n]);
+            Ok(full)
+        }
+        _ => fault(caller, format!("switchyard.payload destination [{ptr:#x}, +{n}) outside memory")),
+    }
+}
+
 /// Decodes a guest's output buffer: exactly one postcard `GuestResult`, nothing after it.
 /// Any other byte string is `Garbage` (never a panic, whatever the guest wrote).
 fn decode_output<O: DeserializeOwned>(out: &[u8]) -> Result<O, CallError> {
@@ -908,7 +1029,8 @@ fn func_is(ty: &ExternType, params: &[fn(&ValType) -> bool], results: &[fn(&ValT
 
 /// Checks a module against its ABI: the marker (`switchyard_abi_v1` or `_v2`, exactly
 /// one), memory, allocator, at least one well-typed entry point, and no import but
-/// `switchyard.log` (and, for v2, `switchyard.key`). Returns the ABI version and the kinds.
+/// `switchyard.log` (and, for v2, `switchyard.key` and `switchyard.payload`). Returns the
+/// ABI version and the kinds.
 fn validate(module: &Module) -> Result<(u32, Vec<Kind>), LoadError> {
     let exports: std::collections::HashMap<&str, ExternType> = module.exports().map(|e| (e.name(), e.ty())).collect();
     let markers: Vec<&str> = exports.keys().copied().filter(|n| n.starts_with("switchyard_abi_v")).collect();
@@ -929,7 +1051,9 @@ fn validate(module: &Module) -> Result<(u32, Vec<Kind>), LoadError> {
         let i32s: [fn(&ValType) -> bool; 3] = [ValType::is_i32, ValType::is_i32, ValType::is_i32];
         let ok = import.module() == abi::HOST_MODULE
             && ((import.name() == abi::LOG_IMPORT && func_is(&import.ty(), &i32s, &[]))
-                || (abi == 2 && import.name() == abi::KEY_IMPORT && func_is(&import.ty(), &i32s, &[ValType::is_i32])));
+                || (abi == 2
+                    && (import.name() == abi::KEY_IMPORT || import.name() == abi::PAYLOAD_IMPORT)
+                    && func_is(&import.ty(), &i32s, &[ValType::is_i32])));
         if !ok {
             return Err(LoadError::Import(format!("{}.{}", import.module(), import.name())));
         }
@@ -1024,9 +1148,11 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(host.load(&both), Err(LoadError::Abi(_))), "two markers");
-        // `switchyard.key` is a v2 import only.
+        // `switchyard.key` and `switchyard.payload` are v2 imports only.
         let key_v1 = module(r#"(import "switchyard" "key" (func (param i32 i32 i32) (result i32)))"#, GOOD);
         assert!(matches!(host.load(&key_v1), Err(LoadError::Import(_))));
+        let payload_v1 = module(r#"(import "switchyard" "payload" (func (param i32 i32 i32) (result i32)))"#, GOOD);
+        assert!(matches!(host.load(&payload_v1), Err(LoadError::Import(_))));
         let wasi =
             module(r#"(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))"#, GOOD);
         assert!(matches!(host.load(&wasi), Err(LoadError::Import(_))));

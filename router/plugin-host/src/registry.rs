@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::host::{CallError, CallLimits, Compiled, Host, Kind, PolicyInput};
+use switchyard_core::policy::Payloads;
 use switchyard_metrics::Metrics;
 
 /// Quarantine rules.
@@ -244,12 +245,28 @@ impl Registry {
         input: &I,
         check: impl FnOnce(&I::Output) -> Result<(), String>,
     ) -> Outcome<I::Output> {
+        self.call_one(name, binding, kind, params, input, None, check)
+    }
+
+    /// [`Registry::call`], with the payload source a v2 guest's `switchyard.payload` reads.
+    #[allow(clippy::too_many_arguments)]
+    fn call_one<I: PolicyInput>(
+        &self,
+        name: &str,
+        binding: &str,
+        kind: Kind,
+        params: &str,
+        input: &I,
+        payloads: Option<&Arc<dyn Payloads>>,
+        check: impl FnOnce(&I::Output) -> Result<(), String>,
+    ) -> Outcome<I::Output> {
         let (entry, compiled) = self.ready(name, binding, kind)?;
         entry.calls.fetch_add(1, Ordering::Relaxed);
         self.metrics.plugin_calls.with_label_values(&[name, kind.as_str()]).inc();
         let result = self
             .host
-            .call::<I>(&entry.name, &compiled, kind, params, input, self.limits)
+            .call_many_with::<I>(&entry.name, &compiled, kind, params, &[input], self.limits, payloads)
+            .and_then(|mut ds| ds.pop().ok_or_else(|| CallError::Garbage("no answer".into())))
             .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid));
         match result {
             Ok(d) => {
@@ -325,6 +342,22 @@ impl Registry {
         inputs: &[&I],
         check: impl Fn(&I, &I::Output) -> Result<(), String>,
     ) -> Vec<Outcome<I::Output>> {
+        self.call_many_with(name, binding, kind, params, inputs, None, check)
+    }
+
+    /// [`Registry::call_many`] where a v2 guest's `switchyard.payload` reads through
+    /// `payloads` (only the payloads it asks for, when it asks).
+    #[allow(clippy::too_many_arguments)]
+    pub fn call_many_with<I: PolicyInput>(
+        &self,
+        name: &str,
+        binding: &str,
+        kind: Kind,
+        params: &str,
+        inputs: &[&I],
+        payloads: Option<&Arc<dyn Payloads>>,
+        check: impl Fn(&I, &I::Output) -> Result<(), String>,
+    ) -> Vec<Outcome<I::Output>> {
         let all = |why: Fallback| inputs.iter().map(|_| Err(why.clone())).collect();
         let (entry, compiled) = match self.ready(name, binding, kind) {
             Ok(ready) => ready,
@@ -334,11 +367,15 @@ impl Registry {
             return Vec::new();
         }
         if inputs.len() == 1 || !Host::batches(&compiled, inputs[0]) {
-            return inputs.iter().map(|i| self.call(name, binding, kind, params, *i, |d| check(i, d))).collect();
+            return inputs
+                .iter()
+                .map(|i| self.call_one(name, binding, kind, params, *i, payloads, |d| check(i, d)))
+                .collect();
         }
         entry.calls.fetch_add(1, Ordering::Relaxed);
         self.metrics.plugin_calls.with_label_values(&[name, kind.as_str()]).inc();
-        let result = self.host.call_many(&entry.name, &compiled, kind, params, inputs, self.limits).and_then(|ds| {
+        let called = self.host.call_many_with(&entry.name, &compiled, kind, params, inputs, self.limits, payloads);
+        let result = called.and_then(|ds| {
             for (i, (input, d)) in inputs.iter().zip(&ds).enumerate() {
                 check(input, d).map_err(|e| CallError::Invalid(format!("channel {i} of {}: {e}", inputs.len())))?;
             }

@@ -21,7 +21,8 @@ pub use balance_v2::{BalanceView, Placement};
 pub use guest::NoParams;
 pub use v2::{Bitmap, ChannelView, Message, Removals};
 
-/// Metadata of one stored message, as a policy sees it (never the payload itself).
+/// Metadata of one stored message, as a policy sees it up front (never the payload itself:
+/// a v2 policy reads that on demand with [`ChannelView::payload`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageMeta {
     /// Offset of the message in its channel (starts at 1, rises by 1).
@@ -95,6 +96,9 @@ pub const ABI_V1_MARKER: &str = "switchyard_abi_v1";
 pub const ABI_V2_MARKER: &str = "switchyard_abi_v2";
 /// The v2 host import that reads a message's key: `(index: i32, ptr: i32, cap: i32) -> i32`.
 pub const KEY_IMPORT: &str = "key";
+/// The v2 host import that reads a message's stored JSON payload: `(index: i32, ptr: i32,
+/// cap: i32) -> i32`.
+pub const PAYLOAD_IMPORT: &str = "payload";
 /// The guest allocator export: `(len: i32) -> i32`.
 pub const ALLOC_EXPORT: &str = "switchyard_alloc";
 /// The retention entry point: `(ptr: i32, len: i32) -> i64`.

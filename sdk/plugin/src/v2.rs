@@ -12,9 +12,10 @@
 //!   byte path (encode, view, run, answer, decode), for plugin unit tests.
 //!
 //! A policy sees a [`ChannelView`]: the channel's name and counters and its messages'
-//! records (offset, ts, size, a 64-bit key hash, flags). A key string is read only when
-//! asked for, with [`ChannelView::key`] (on wasm32 through the host import `switchyard.key`).
-//! It must never do I/O: it is compiled for wasm32 too.
+//! records (offset, ts, size, a 64-bit key hash, flags). A key string or a payload is read
+//! only when asked for, with [`ChannelView::key`] and [`ChannelView::payload`] (on wasm32
+//! through the host imports `switchyard.key` and `switchyard.payload`). It must never do
+//! I/O: it is compiled for wasm32 too.
 
 use std::borrow::Cow;
 
@@ -96,14 +97,15 @@ impl Message {
     }
 }
 
-/// Where [`ChannelView::key`] reads key strings from.
+/// Where [`ChannelView::key`] and [`ChannelView::payload`] read from.
 #[derive(Debug, Clone)]
-enum Keys<'a> {
-    /// The host import `switchyard.key` (wasm32).
+enum Lazy<'a> {
+    /// The host imports `switchyard.key` and `switchyard.payload` (wasm32).
     #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
     Host,
-    /// Native: the v1 input's keys, one per message of this channel.
-    Local(Vec<Option<&'a str>>),
+    /// Native: the v1 input's keys, one per message of this channel, and the payloads a
+    /// test gave with [`ChannelView::with_payloads`] (none by default).
+    Local { keys: Vec<Option<&'a str>>, payloads: Vec<Option<&'a str>> },
 }
 
 /// What a v2 retention or compaction policy sees of one channel.
@@ -115,7 +117,7 @@ pub struct ChannelView<'a> {
     now_ms: u64,
     /// Index of this channel's first message in the call's message table.
     base: u32,
-    keys: Keys<'a>,
+    lazy: Lazy<'a>,
 }
 
 impl<'a> ChannelView<'a> {
@@ -146,10 +148,34 @@ impl<'a> ChannelView<'a> {
         if i >= self.messages.len() || !self.messages[i].keyed() {
             return None;
         }
-        match &self.keys {
-            Keys::Local(keys) => keys.get(i).copied().flatten().map(String::from),
-            Keys::Host => host_key(self.base + i as u32),
+        match &self.lazy {
+            Lazy::Local { keys, .. } => keys.get(i).copied().flatten().map(String::from),
+            Lazy::Host => host_key(self.base + i as u32),
         }
+    }
+
+    /// The stored JSON payload of `messages()[i]`, read from the store now: None when that
+    /// message is no longer stored (retention or compaction removed it since the round's
+    /// input was built), or `i` is out of range. Costs a host call and a store read on
+    /// wasm32: decide from the records unless the payload itself matters. Natively, the
+    /// payloads given with [`ChannelView::with_payloads`] (None without).
+    pub fn payload(&self, i: usize) -> Option<String> {
+        if i >= self.messages.len() {
+            return None;
+        }
+        match &self.lazy {
+            Lazy::Local { payloads, .. } => payloads.get(i).copied().flatten().map(String::from),
+            Lazy::Host => host_payload(self.base + i as u32, self.messages[i].size),
+        }
+    }
+
+    /// Native tests: this view with `payloads[i]` as the payload of `messages()[i]` (None
+    /// for a message no longer stored). A view of a wasm32 call is returned unchanged.
+    pub fn with_payloads(mut self, payloads: &[Option<&'a str>]) -> Self {
+        if let Lazy::Local { payloads: mine, .. } = &mut self.lazy {
+            *mine = payloads.to_vec();
+        }
+        self
     }
 
     /// A view of a v1 retention input (native tests), key hashes by [`crate::fx::hash_bytes`].
@@ -164,8 +190,8 @@ impl<'a> ChannelView<'a> {
 
     fn local(name: &'a str, stats: ChannelStats, metas: &'a [MessageMeta], now_ms: u64) -> Self {
         let messages = metas.iter().map(|m| Message::from_meta(m, |k| crate::fx::hash_bytes(k.as_bytes()))).collect();
-        let keys = Keys::Local(metas.iter().map(|m| m.key.as_deref()).collect());
-        ChannelView { name, stats, messages: Cow::Owned(messages), now_ms, base: 0, keys }
+        let lazy = Lazy::Local { keys: metas.iter().map(|m| m.key.as_deref()).collect(), payloads: Vec::new() };
+        ChannelView { name, stats, messages: Cow::Owned(messages), now_ms, base: 0, lazy }
     }
 }
 
@@ -194,6 +220,41 @@ fn host_key(index: u32) -> Option<String> {
 
 #[cfg(not(target_arch = "wasm32"))]
 fn host_key(_index: u32) -> Option<String> {
+    None
+}
+
+/// Reads message `index`'s payload through `switchyard.payload`, first into a buffer of
+/// `hint` bytes (the stored size, which holds the payload), again at its full length if it
+/// was longer.
+#[cfg(target_arch = "wasm32")]
+fn host_payload(index: u32, hint: u32) -> Option<String> {
+    #[link(wasm_import_module = "switchyard")]
+    unsafe extern "C" {
+        #[link_name = "payload"]
+        fn switchyard_payload(index: i32, ptr: i32, cap: i32) -> i32;
+    }
+    let mut buf = vec![0u8; (hint as usize).clamp(16, 1 << 20)];
+    // SAFETY: the host writes at most `cap` bytes at `ptr`, inside `buf`.
+    let len = unsafe { switchyard_payload(index as i32, buf.as_mut_ptr() as usize as i32, buf.len() as i32) };
+    if len < 0 {
+        return None;
+    }
+    let len = len as usize;
+    if len > buf.len() {
+        buf = vec![0u8; len];
+        // SAFETY: as above, with a buffer of the payload's full length. The host answers
+        // the same bytes (it keeps the last payload read), or -1.
+        let again = unsafe { switchyard_payload(index as i32, buf.as_mut_ptr() as usize as i32, buf.len() as i32) };
+        if again as usize != len {
+            return None;
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).ok()
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn host_payload(_index: u32, _hint: u32) -> Option<String> {
     None
 }
 
@@ -416,7 +477,7 @@ pub fn parse_input(buf: &[u8]) -> Result<Input<'_>, String> {
             Cow::Borrowed(s) => Cow::Borrowed(&s[start..end]),
             Cow::Owned(v) => Cow::Owned(v[start..end].to_vec()),
         };
-        channels.push(ChannelView { name, stats, messages, now_ms, base: start as u32, keys: Keys::Host });
+        channels.push(ChannelView { name, stats, messages, now_ms, base: start as u32, lazy: Lazy::Host });
     }
     Ok(Input { kind, params, channels })
 }
@@ -708,7 +769,8 @@ pub fn call_compaction<P: DeserializeOwned, R: IntoGuestResult<Removals>>(
 
 fn with_keys<'a>(c: &ChannelView<'a>, keys: &[Option<&'a str>]) -> ChannelView<'a> {
     let start = c.base as usize;
-    ChannelView { keys: Keys::Local(keys[start..start + c.messages.len()].to_vec()), ..c.clone() }
+    let lazy = Lazy::Local { keys: keys[start..start + c.messages.len()].to_vec(), payloads: Vec::new() };
+    ChannelView { lazy, ..c.clone() }
 }
 
 // === wasm32 glue ===
@@ -951,5 +1013,30 @@ mod tests {
         assert_eq!(call_retention("{}", &r, keys), Err("Some(\"b\") at 77".into()));
         let bad = call_retention("{", &r, |_: &ChannelView<'_>, _: &crate::NoParams| RetentionDecision::Keep);
         assert!(bad.unwrap_err().contains("invalid params"));
+    }
+
+    /// Natively a view has no payloads unless a test gives them; out-of-range is None.
+    #[test]
+    fn payloads_are_read_by_index_from_what_a_test_gives() {
+        let input = CompactionInput {
+            channel: "c".into(),
+            window: vec![meta(1, 0, Some("a"), false), meta(2, 0, Some("b"), false), meta(3, 0, Some("a"), false)],
+            now_ms: 5,
+        };
+        let view = ChannelView::from_compaction(&input);
+        assert_eq!(view.payload(0), None, "no payloads given");
+        let view = view.with_payloads(&[Some(r#"{"drop":true}"#), None, Some("1")]);
+        assert_eq!(view.payload(0).as_deref(), Some(r#"{"drop":true}"#));
+        assert_eq!(view.payload(1), None, "a message no longer stored");
+        assert_eq!(view.payload(2).as_deref(), Some("1"));
+        assert_eq!(view.payload(3), None, "out of range");
+        let marked = |c: &ChannelView<'_>, _: &crate::NoParams| {
+            let mut bm = Bitmap::new(c.messages().len());
+            (0..c.messages().len())
+                .filter(|&i| c.payload(i).is_some_and(|p| p.contains("drop")))
+                .for_each(|i| bm.set(i));
+            Removals::Bitmap(bm)
+        };
+        assert_eq!(marked(&view, &crate::NoParams {}).offsets(view.messages()), vec![1]);
     }
 }
