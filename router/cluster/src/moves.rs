@@ -114,24 +114,10 @@ pub fn keep_departed(current: Option<&MapRecord>, alive: &BTreeSet<&str>, replic
 mod tests {
     use super::*;
 
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
-    }
+    use crate::replicas::tests::{map, s};
 
     fn current(owners: &[&str], replicas: &[&[&str]], isr: &[&[&str]]) -> MapRecord {
-        MapRecord {
-            epoch: 7,
-            partitions: owners.len() as u32,
-            leader: "a".into(),
-            term: 1,
-            updated_at: String::new(),
-            counts: BTreeMap::new(),
-            owners: s(owners),
-            moved: BTreeMap::new(),
-            replicas: replicas.iter().map(|r| s(r)).collect(),
-            isr: isr.iter().map(|r| s(r)).collect(),
-            leader_epochs: vec![3; owners.len()],
-        }
+        map(owners, replicas, isr, &vec![3; owners.len()])
     }
 
     /// A move to an in-sync follower switches at once and keeps every in-sync copy of the

@@ -162,14 +162,16 @@ fn spread_followers<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn s(v: &[&str]) -> Vec<String> {
+    /// Owned strings.
+    pub(crate) fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
     }
 
-    fn map(owners: &[&str], replicas: &[&[&str]], isr: &[&[&str]], epochs: &[u64]) -> MapRecord {
+    /// A map record (epoch 3) with these owners, replica lists, ISRs and leader epochs.
+    pub(crate) fn map(owners: &[&str], replicas: &[&[&str]], isr: &[&[&str]], epochs: &[u64]) -> MapRecord {
         MapRecord {
             epoch: 3,
             partitions: owners.len() as u32,

@@ -261,23 +261,13 @@ impl Registry {
         check: impl FnOnce(&I::Output) -> Result<(), String>,
     ) -> Outcome<I::Output> {
         let (entry, compiled) = self.ready(name, binding, kind)?;
-        entry.calls.fetch_add(1, Ordering::Relaxed);
-        self.metrics.plugin_calls.with_label_values(&[name, kind.as_str()]).inc();
-        let result = self
-            .host
-            .call_many_with::<I>(&entry.name, &compiled, kind, params, &[input], self.limits, payloads)
-            .and_then(|mut ds| ds.pop().ok_or_else(|| CallError::Garbage("no answer".into())))
-            .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid));
-        match result {
-            Ok(d) => {
-                self.succeeded(&entry, binding);
-                Ok(d)
-            }
-            Err(e) => {
-                self.failed(&entry, binding, kind, &e);
-                Err(Fallback::Failed(e))
-            }
-        }
+        self.counted(&entry, binding, kind, || {
+            self.host
+                .call_many_with::<I>(&entry.name, &compiled, kind, params, &[input], self.limits, payloads)
+                .and_then(|mut ds| ds.pop().ok_or_else(|| CallError::Garbage("no answer".into())))
+                .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid))
+        })
+        .map_err(Fallback::Failed)
     }
 
     /// Calls balancer plugin `name` for `binding` through [`Host::balance`] (postcard for ABI
@@ -294,22 +284,12 @@ impl Registry {
     ) -> Outcome<switchyard_sdk::BalancePlan> {
         let kind = Kind::Balance;
         let (entry, compiled) = self.ready(name, binding, kind)?;
-        entry.calls.fetch_add(1, Ordering::Relaxed);
-        self.metrics.plugin_calls.with_label_values(&[name, kind.as_str()]).inc();
-        let result = self
-            .host
-            .balance(&entry.name, &compiled, params, input, replicas, self.limits)
-            .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid));
-        match result {
-            Ok(d) => {
-                self.succeeded(&entry, binding);
-                Ok(d)
-            }
-            Err(e) => {
-                self.failed(&entry, binding, kind, &e);
-                Err(Fallback::Failed(e))
-            }
-        }
+        self.counted(&entry, binding, kind, || {
+            self.host
+                .balance(&entry.name, &compiled, params, input, replicas, self.limits)
+                .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid))
+        })
+        .map_err(Fallback::Failed)
     }
 
     /// The serving version of `name` if it may be called as `kind` for `binding` now.
@@ -372,25 +352,36 @@ impl Registry {
                 .map(|i| self.call_one(name, binding, kind, params, *i, payloads, |d| check(i, d)))
                 .collect();
         }
-        entry.calls.fetch_add(1, Ordering::Relaxed);
-        self.metrics.plugin_calls.with_label_values(&[name, kind.as_str()]).inc();
-        let called = self.host.call_many_with(&entry.name, &compiled, kind, params, inputs, self.limits, payloads);
-        let result = called.and_then(|ds| {
+        let result = self.counted(&entry, binding, kind, || {
+            let ds = self.host.call_many_with(&entry.name, &compiled, kind, params, inputs, self.limits, payloads)?;
             for (i, (input, d)) in inputs.iter().zip(&ds).enumerate() {
                 check(input, d).map_err(|e| CallError::Invalid(format!("channel {i} of {}: {e}", inputs.len())))?;
             }
             Ok(ds)
         });
         match result {
-            Ok(ds) => {
-                self.succeeded(&entry, binding);
-                ds.into_iter().map(Ok).collect()
-            }
-            Err(e) => {
-                self.failed(&entry, binding, kind, &e);
-                all(Fallback::Failed(e))
-            }
+            Ok(ds) => ds.into_iter().map(Ok).collect(),
+            Err(e) => all(Fallback::Failed(e)),
         }
+    }
+
+    /// Runs one call of `entry` for `binding` and keeps the books: counts the call, and
+    /// records its success or failure in the binding's health (quarantine included).
+    fn counted<T>(
+        &self,
+        entry: &Entry,
+        binding: &str,
+        kind: Kind,
+        call: impl FnOnce() -> Result<T, CallError>,
+    ) -> Result<T, CallError> {
+        entry.calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics.plugin_calls.with_label_values(&[&entry.name, kind.as_str()]).inc();
+        let result = call();
+        match &result {
+            Ok(_) => self.succeeded(entry, binding),
+            Err(e) => self.failed(entry, binding, kind, e),
+        }
+        result
     }
 
     fn new_health(&self) -> Health {
