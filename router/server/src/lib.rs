@@ -162,7 +162,7 @@ async fn drain(node: &Arc<Node>) {
             // off it keeps it as an in-sync replica until its new replicas are in sync.
             let (owned, held, epoch) = {
                 let map = maps.borrow_and_update();
-                let held = map.replicas.iter().filter(|r| r.iter().any(|n| *n == me)).count();
+                let held = map.replicas.iter().filter(|r| r.contains(&me)).count();
                 (map.owners.iter().filter(|o| **o == me).count(), held, map.epoch)
             };
             if owned == 0 && held == 0 && handovers.settled(epoch) {
