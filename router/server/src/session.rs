@@ -409,7 +409,10 @@ where
             }
             Some(Ok(Message::Text(text))) if text.len() > max => Err(Stop::TooLarge),
             Some(Ok(Message::Text(text))) => match protocol::parse_command(&text) {
-                Ok((id, cmd)) => self.dispatch(id, cmd).await,
+                // Boxed: a command's await states (a forwarded publish, a seat asked of
+                // another node, a subscription) live only while it runs, not in every idle
+                // session's future.
+                Ok((id, cmd)) => Box::pin(self.dispatch(id, cmd)).await,
                 Err(rejected) => {
                     let frame = self.reply_error(rejected.id, &rejected.error);
                     self.queue(ready(frame));
