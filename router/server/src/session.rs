@@ -143,6 +143,7 @@ where
         packed: Vec::new(),
         packed_bytes: 0,
         unflushed: false,
+        cork: None,
         delivered: 0,
         delivered_bytes: 0,
     };
@@ -178,6 +179,10 @@ struct Session<S> {
     packed: Vec<Text>,
     packed_bytes: usize,
     unflushed: bool,
+    /// Set while written frames wait for their flush: resolves once every other task that
+    /// was ready has run (`yield_now` defers its task until then), like a cork that
+    /// uWebSockets lifts once per loop iteration.
+    cork: Option<BoxFuture<'static, ()>>,
     delivered: u64,
     delivered_bytes: u64,
     /// Who the client is, its seat and its publish bucket.
@@ -229,6 +234,14 @@ where
     }
 }
 
+/// Resolves when the cork, if any, lifts; never without one.
+async fn corked(cork: &mut Option<BoxFuture<'static, ()>>) {
+    match cork {
+        Some(lifted) => lifted.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Resolves once the node is shutting down (at once if it already is).
 async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stopping| *stopping).await;
@@ -263,7 +276,10 @@ where
                     self.reply_bytes -= reserved;
                     written
                 }
-                batch = self.inbox.recv_all() => self.on_deliveries(batch).await,
+                // Pushes are corked in place (no second pass through this loop). While a
+                // reply's cork is on, they wait for it: the uncork takes them all, and a
+                // burst of owner pushes costs no wake-up of this session.
+                batch = self.inbox.recv_all(), if self.cork.is_none() => self.on_pushes(batch).await,
                 // Replies waiting to be written pause reading at the byte budget: a client
                 // that pipelines reads and stops reading the answers holds at most about
                 // one budget of them (the socket's write deadline then ends it).
@@ -271,6 +287,9 @@ where
                     self.on_frame(frame).await
                 }
                 _ = &mut self.beat => self.on_beat().await,
+                // Last: written frames wait for the end of the pass, so the commands still
+                // waiting to be read and the owners' pushes still to come share the flush.
+                () = corked(&mut self.cork) => self.uncork().await,
                 _ = &mut self.auth_timer, if self.auth_deadline.is_some() => {
                     let refusal = self.gate.deadline_refusal();
                     let frame = self.reply_error(None, &refusal.error);
@@ -281,8 +300,8 @@ where
             if let Err(stop) = step {
                 return stop;
             }
-            if let Err(stop) = self.flush().await {
-                return stop;
+            if self.cork.is_none() && (self.unflushed || !self.packed.is_empty()) {
+                self.cork = Some(Box::pin(tokio::task::yield_now()));
             }
         }
     }
@@ -322,6 +341,15 @@ where
         self.unflushed = true;
         let fut = self.ws.feed(Message::Text(text(frame)));
         until_stopped(fut, &self.outbox, &mut self.shutdown, self.node.config.limits.write_timeout).await
+    }
+
+    /// The end of the runtime pass in which frames were written: writes what the owners
+    /// queued meanwhile, then flushes everything in one go.
+    async fn uncork(&mut self) -> Result<(), Stop> {
+        self.cork = None;
+        let more = self.inbox.try_recv_all();
+        self.on_deliveries(more).await?;
+        self.flush().await
     }
 
     async fn flush(&mut self) -> Result<(), Stop> {
@@ -738,6 +766,14 @@ where
             self.node.router.unsubscribe(channel, sub).await;
         }
         self.write(protocol::unsubscribed_push(channel, close::SLOW_CONSUMER, reason)).await
+    }
+
+    /// Writes a wake-up's pushes, then, at the end of the runtime pass, what the owners
+    /// queued meanwhile, and flushes once.
+    async fn on_pushes(&mut self, batch: std::collections::VecDeque<Delivery>) -> Result<(), Stop> {
+        self.on_deliveries(batch).await?;
+        tokio::task::yield_now().await;
+        self.uncork().await
     }
 
     /// Writes everything the owners queued since the last wake-up; the loop flushes once

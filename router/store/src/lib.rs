@@ -5,7 +5,9 @@
 //! partition's data is one key range) and the log writer: one OS thread that commits every partition
 //! owner's batches and turns all the batches that queued during one fsync into the next
 //! fsync (group commit). fjall holds its journal lock while it fsyncs, so no async task ever
-//! commits itself. It must never decide offsets or policy: partition owners write, and the
+//! commits itself. Batches written during one pass of the async runtime reach the writer
+//! together, at the end of the pass ([`Round`]), so one burst of publishes across many
+//! partitions becomes one commit group instead of a first tiny group and the rest. It must never decide offsets or policy: partition owners write, and the
 //! store only makes their batches durable and reads them back.
 
 use std::path::Path;
@@ -132,7 +134,9 @@ pub struct Store {
     /// Per partition: the map epoch of the move by which this node last adopted it.
     adopted: Keyspace,
     policy: FsyncPolicy,
-    writer: std_mpsc::Sender<WriteJob>,
+    writer: std_mpsc::Sender<Vec<WriteJob>>,
+    /// The batches written during the current runtime pass, not yet handed to the writer.
+    round: Round,
     /// Set when a write or fsync failed: fjall refuses all writes after that.
     failed: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -281,8 +285,47 @@ impl Batch<'_> {
     /// `never`: written to the OS only).
     pub async fn write(self, durable: bool) -> Result<(), StoreError> {
         let (done, rx) = oneshot::channel();
-        self.store.writer.send(WriteJob { batch: self.inner, durable, done }).map_err(|_| StoreError::WriterGone)?;
+        let store = self.store;
+        if store.round.add(WriteJob { batch: self.inner, durable, done }) {
+            // The first batch of this pass hands the whole pass over once every other task
+            // that is ready has run (and queued its batch); dropped early, it hands it over
+            // at once.
+            let handover = Handover(store);
+            tokio::task::yield_now().await;
+            drop(handover);
+        }
         rx.await.map_err(|_| StoreError::WriterGone)?.map_err(StoreError::Sync)
+    }
+}
+
+/// The batches written since the last handover to the log writer. Its lock is held only to
+/// append or to take them all.
+#[derive(Default)]
+struct Round(std::sync::Mutex<Vec<WriteJob>>);
+
+impl Round {
+    /// Queues `job`; true when it is the first of a new round (its writer must hand over).
+    fn add(&self, job: WriteJob) -> bool {
+        let mut jobs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.push(job);
+        jobs.len() == 1
+    }
+
+    fn take(&self) -> Vec<WriteJob> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Hands the current round to the log writer when dropped. A send fails only once the
+/// writer is gone; the jobs' answer channels then close and their writers see `WriterGone`.
+struct Handover<'a>(&'a Store);
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        let jobs = self.0.round.take();
+        if !jobs.is_empty() {
+            let _ = self.0.writer.send(jobs);
+        }
     }
 }
 
@@ -295,7 +338,7 @@ impl Store {
         let consumers = db.keyspace("consumers", KeyspaceCreateOptions::default)?;
         let adopted = db.keyspace("adopted", KeyspaceCreateOptions::default)?;
         let replog = db.keyspace("replog", KeyspaceCreateOptions::default)?;
-        let (writer, jobs) = std_mpsc::channel::<WriteJob>();
+        let (writer, jobs) = std_mpsc::channel::<Vec<WriteJob>>();
         let writer_db = db.clone();
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer_failed = failed.clone();
@@ -303,7 +346,18 @@ impl Store {
             .name("store-writer".into())
             .spawn(move || write_loop(writer_db, jobs, policy, metrics, writer_failed))
             .expect("spawn store writer thread");
-        Ok(Arc::new(Self { db, meta, messages, consumers, replog, adopted, policy, writer, failed }))
+        Ok(Arc::new(Self {
+            db,
+            meta,
+            messages,
+            consumers,
+            replog,
+            adopted,
+            policy,
+            writer,
+            round: Round::default(),
+            failed,
+        }))
     }
 
     /// True once a write or fsync failed; the node can no longer store anything.
@@ -529,43 +583,56 @@ impl Store {
 /// commit). With `always` every batch gets its own fsync; with `never` none does.
 fn write_loop(
     db: Database,
-    jobs: std_mpsc::Receiver<WriteJob>,
+    jobs: std_mpsc::Receiver<Vec<WriteJob>>,
     policy: FsyncPolicy,
     metrics: Arc<Metrics>,
     failed: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    while let Ok(first) = jobs.recv() {
-        let mut group = vec![first];
-        if policy != FsyncPolicy::Always {
-            group.extend(jobs.try_iter());
+    let commit = |group: Vec<WriteJob>| commit_group(&db, group, policy, &metrics, &failed);
+    while let Ok(mut group) = jobs.recv() {
+        if policy == FsyncPolicy::Always {
+            group.into_iter().for_each(|job| commit(vec![job]));
+            continue;
         }
-        let mut must_sync = false;
-        let mut answers: Vec<_> = group
-            .into_iter()
-            .map(|WriteJob { batch, durable, done }| {
-                let r = batch.commit().map_err(|e| e.to_string());
-                must_sync |= durable && r.is_ok();
-                (done, durable, r)
-            })
-            .collect();
-        if must_sync && policy != FsyncPolicy::Never {
-            let started = Instant::now();
-            let synced = db.persist(PersistMode::SyncData).map_err(|e| e.to_string());
-            metrics.store_sync_seconds.observe(started.elapsed().as_secs_f64());
-            metrics.store_syncs.inc();
-            if let Err(e) = &synced {
-                tracing::error!(error = %e, batches = answers.len(), "store fsync failed");
-                for (_, _, r) in answers.iter_mut().filter(|(_, durable, _)| *durable) {
-                    *r = Err(e.clone());
-                }
+        group.extend(jobs.try_iter().flatten());
+        commit(group);
+    }
+}
+
+/// Commits `group`, fsyncs once if any of it must be durable, and answers every batch.
+fn commit_group(
+    db: &Database,
+    group: Vec<WriteJob>,
+    policy: FsyncPolicy,
+    metrics: &Metrics,
+    failed: &std::sync::atomic::AtomicBool,
+) {
+    let mut must_sync = false;
+    let mut answers: Vec<_> = group
+        .into_iter()
+        .map(|WriteJob { batch, durable, done }| {
+            let r = batch.commit().map_err(|e| e.to_string());
+            must_sync |= durable && r.is_ok();
+            (done, durable, r)
+        })
+        .collect();
+    if must_sync && policy != FsyncPolicy::Never {
+        let started = Instant::now();
+        let synced = db.persist(PersistMode::SyncData).map_err(|e| e.to_string());
+        metrics.store_sync_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.store_syncs.inc();
+        if let Err(e) = &synced {
+            tracing::error!(error = %e, batches = answers.len(), "store fsync failed");
+            for (_, _, r) in answers.iter_mut().filter(|(_, durable, _)| *durable) {
+                *r = Err(e.clone());
             }
         }
-        for (done, _, r) in answers {
-            if r.is_err() {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            let _ = done.send(r);
+    }
+    for (done, _, r) in answers {
+        if r.is_err() {
+            failed.store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        let _ = done.send(r);
     }
 }
 
@@ -575,6 +642,63 @@ mod tests {
 
     fn msg(i: u64) -> StoredMessage {
         StoredMessage { ts: i, key: None, from: None, idem: None, data: format!("{{\"i\":{i}}}") }
+    }
+
+    fn one_message(store: &Store, p: PartitionId, offset: u64) -> Batch<'_> {
+        let mut b = store.batch();
+        b.put_message(p, "room:1", offset, &msg(offset));
+        b
+    }
+
+    /// Batches written in one pass of the runtime reach the writer together: one fsync,
+    /// even when the pass is long enough for the writer to have synced the first alone.
+    #[tokio::test]
+    async fn batches_of_one_runtime_pass_share_one_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(dir.path(), FsyncPolicy::Batch, metrics.clone()).unwrap();
+        let writers: Vec<_> = (1..=4)
+            .map(|p| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    // A busy pass: each task computes for a while before it writes.
+                    let until = std::time::Instant::now() + std::time::Duration::from_millis(20);
+                    while std::time::Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                    one_message(&store, p, 1).write(true).await
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(metrics.store_syncs.get(), 1, "four batches of one pass, one group fsync");
+        for p in 1..=4 {
+            assert_eq!(store.read_messages(p, "room:1", 0, u64::MAX, 10).unwrap().len(), 1);
+        }
+    }
+
+    /// The batch that opened a round hands the round over even when its writer stops
+    /// waiting: the batches that joined it are still committed and answered.
+    #[tokio::test]
+    async fn a_dropped_first_writer_still_hands_its_round_over() {
+        use std::future::Future;
+        use std::task::Poll;
+        async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+            std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut *f).poll(cx))).await
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
+        let mut first = Box::pin(one_message(&store, 1, 1).write(true));
+        assert!(poll_once(&mut first).await.is_pending(), "the first batch waits for the end of the pass");
+        let mut second = Box::pin(one_message(&store, 2, 1).write(true));
+        assert!(poll_once(&mut second).await.is_pending(), "the second joins the round");
+        drop(first);
+        second.await.unwrap();
+        for p in 1..=2 {
+            assert_eq!(store.read_messages(p, "room:1", 0, u64::MAX, 10).unwrap().len(), 1, "partition {p}");
+        }
     }
 
     #[tokio::test]
