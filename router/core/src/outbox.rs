@@ -53,7 +53,14 @@ pub struct Outbox {
 /// The receiving side, owned by the session.
 pub struct Inbox {
     outbox: Arc<Outbox>,
+    /// An emptied queue handed back by [`Inbox::recycle`]: the next burst is queued into
+    /// its room, so a busy connection allocates no queue per burst.
+    spare: VecDeque<Delivery>,
 }
+
+/// Most slots an emptied queue may keep for reuse: a connection that once took a large
+/// burst does not hold its room while idle.
+const SPARE_SLOTS: usize = 16;
 
 /// A new queue bounded by `max_messages` and `max_bytes`.
 pub fn outbox(max_messages: usize, max_bytes: usize) -> (Arc<Outbox>, Inbox) {
@@ -66,7 +73,7 @@ pub fn outbox(max_messages: usize, max_bytes: usize) -> (Arc<Outbox>, Inbox) {
         closed: AtomicBool::new(false),
         slow_signal: Notify::new(),
     });
-    (outbox.clone(), Inbox { outbox })
+    (outbox.clone(), Inbox { outbox, spare: VecDeque::new() })
 }
 
 /// What happened to a push.
@@ -139,8 +146,19 @@ impl Inbox {
     /// Everything queued now (possibly nothing).
     pub fn try_recv_all(&mut self) -> VecDeque<Delivery> {
         let mut q = self.outbox.queue.lock().expect("outbox queue");
+        if q.items.is_empty() {
+            return VecDeque::new();
+        }
         q.bytes = 0;
-        std::mem::take(&mut q.items)
+        std::mem::replace(&mut q.items, std::mem::take(&mut self.spare))
+    }
+
+    /// Hands back a queue taken by `recv_all` once it is drained, for the next burst.
+    pub fn recycle(&mut self, mut used: VecDeque<Delivery>) {
+        used.clear();
+        if used.capacity() <= SPARE_SLOTS && used.capacity() > self.spare.capacity() {
+            self.spare = used;
+        }
     }
 
     /// The next delivery, waiting for one.
@@ -220,5 +238,26 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(o.push(d(10)), Pushed::Queued);
         assert_eq!(waiter.await.unwrap(), 1);
+    }
+
+    /// Drained queues handed back take the following bursts: after the first two, no burst
+    /// allocates. A large queue is not kept, and the byte bound counts from zero.
+    #[test]
+    fn recycled_queues_take_the_next_bursts() {
+        let (o, mut inbox) = outbox(100, 1000);
+        let mut burst = |n: usize| {
+            for _ in 0..n {
+                assert_eq!(o.push(d(1)), Pushed::Queued);
+            }
+            let q = inbox.try_recv_all();
+            let at = q.as_slices().0.as_ptr();
+            inbox.recycle(q);
+            at
+        };
+        let (a, b) = (burst(3), burst(3));
+        assert_eq!((burst(3), burst(3), burst(3)), (a, b, a), "two queues take turns");
+        burst(SPARE_SLOTS * 2);
+        assert!(inbox.spare.capacity() <= SPARE_SLOTS, "a large queue is not kept");
+        assert_eq!(o.push(d(900)), Pushed::Queued, "bytes counted from zero after a take");
     }
 }

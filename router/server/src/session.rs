@@ -778,10 +778,11 @@ where
 
     /// Writes everything the owners queued since the last wake-up; the loop flushes once
     /// after it.
-    async fn on_deliveries(&mut self, batch: std::collections::VecDeque<Delivery>) -> Result<(), Stop> {
-        for d in batch {
+    async fn on_deliveries(&mut self, mut batch: std::collections::VecDeque<Delivery>) -> Result<(), Stop> {
+        while let Some(d) = batch.pop_front() {
             self.deliver(d).await?;
         }
+        self.inbox.recycle(batch);
         Ok(())
     }
 
