@@ -419,10 +419,19 @@ pub struct Host {
     slots: Slots,
 }
 
-/// A counting semaphore over the pooling allocator's instance slots.
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.slots.ticker.stopped.store(true, std::sync::atomic::Ordering::Release);
+        self.slots.ticker.wake();
+    }
+}
+
+/// A counting semaphore over the pooling allocator's instance slots. Every call holds one,
+/// so the epoch ticker runs only while some slot is taken.
 struct Slots {
     free: std::sync::Mutex<u32>,
     freed: std::sync::Condvar,
+    ticker: Arc<Ticker>,
 }
 
 impl Slots {
@@ -432,6 +441,8 @@ impl Slots {
             free = self.freed.wait(free).expect("slots");
         }
         *free -= 1;
+        drop(free);
+        self.ticker.call_started();
         SlotGuard(self)
     }
 }
@@ -441,8 +452,53 @@ struct SlotGuard<'a>(&'a Slots);
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
+        self.0.ticker.calls.fetch_sub(1, std::sync::atomic::Ordering::Release);
         *self.0.free.lock().expect("slots") += 1;
         self.0.freed.notify_one();
+    }
+}
+
+/// The epoch ticker's thread and what it needs to know: it advances the engine's epoch
+/// every [`TICK`] while any call runs and sleeps (parked, no wake-ups) while none does, so
+/// an idle node, and the routing threads it shares a core with, pay nothing for it.
+struct Ticker {
+    calls: std::sync::atomic::AtomicUsize,
+    stopped: std::sync::atomic::AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Ticker {
+    fn call_started(&self) {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::AcqRel) == 0 {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
+    /// The ticker thread's loop; `park` keeps a pending unpark, so no call start is missed.
+    fn run(&self, engine: wasmtime::EngineWeak) {
+        use std::sync::atomic::Ordering;
+        loop {
+            if self.calls.load(Ordering::Acquire) == 0 {
+                std::thread::park();
+            }
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            if self.calls.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            std::thread::sleep(TICK);
+            match engine.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        }
     }
 }
 
@@ -489,18 +545,16 @@ impl Host {
                 tracing::warn!(dir = %dir.display(), error = %e, "plugin cache disabled");
             }
         }
-        // The ticker holds only a weak reference: it stops when the engine is dropped.
+        // The ticker holds only a weak reference to the engine; the host stops it on drop.
         let weak = engine.weak();
-        std::thread::Builder::new()
+        let ticker =
+            Arc::new(Ticker { calls: Default::default(), stopped: Default::default(), thread: Default::default() });
+        let ticking = ticker.clone();
+        let thread = std::thread::Builder::new()
             .name("wasm-epoch".into())
-            .spawn(move || loop {
-                std::thread::sleep(TICK);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => return,
-                }
-            })
+            .spawn(move || ticking.run(weak))
             .map_err(wasmtime::Error::from)?;
+        let _ = ticker.thread.set(thread.thread().clone());
         Ok(Arc::new(Self {
             engine,
             linker,
@@ -508,7 +562,7 @@ impl Host {
             log_budget: Arc::default(),
             compiling: Arc::default(),
             key_hasher: Default::default(),
-            slots: Slots { free: std::sync::Mutex::new(POOL_SLOTS), freed: std::sync::Condvar::new() },
+            slots: Slots { free: std::sync::Mutex::new(POOL_SLOTS), freed: std::sync::Condvar::new(), ticker },
         }))
     }
 
@@ -1132,6 +1186,22 @@ mod tests {
             assert_eq!(err.reason(), reason, "{what}: {err}");
             assert!(started.elapsed() < Duration::from_secs(5), "{what} took {:?}", started.elapsed());
         }
+    }
+
+    /// The epoch ticker sleeps between calls and wakes for each: an endless loop is stopped
+    /// on a host whose ticker parked after earlier calls, every time.
+    #[test]
+    fn the_epoch_ticker_wakes_for_every_call() {
+        let host = Host::new(None).unwrap();
+        let endless = host.load(&module("", "(loop $l (br $l)) (i64.const 0)")).expect("loads");
+        let good = host.load(&module("", GOOD)).expect("loads");
+        let limits = CallLimits { timeout: Duration::from_millis(20), max_memory: 2 * 1024 * 1024 };
+        let call = |compiled: &Compiled| host.call(&Arc::from("t"), compiled, Kind::Retention, "{}", &input(), limits);
+        for round in 0..3 {
+            assert_eq!(call(&endless).expect_err("endless").reason(), "timeout", "round {round}");
+            assert!(call(&good).is_ok(), "round {round}");
+        }
+        assert_eq!(host.slots.ticker.calls.load(std::sync::atomic::Ordering::Acquire), 0, "no call counted as running");
     }
 
     #[test]
