@@ -114,39 +114,7 @@ async fn serve<S>(node: Arc<Node>, ws: WebSocketStream<S>, id: u64)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = &node.config.limits;
-    let (outbox, inbox) = outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
-    let now = Instant::now();
-    let gate = Gate::new(now);
-    let heartbeat = Heartbeat::new(now);
-    let auth_deadline = gate.deadline(&node.access);
-    let mut session = Session {
-        beat: Box::pin(tokio::time::sleep_until(heartbeat.deadline(&node.access.live().sessions))),
-        auth_timer: Box::pin(tokio::time::sleep_until(auth_deadline.unwrap_or(now))),
-        auth_deadline,
-        gate,
-        cluster_seat: None,
-        heartbeat,
-        id,
-        shutdown: node.shutdown.clone(),
-        node: node.clone(),
-        ws,
-        outbox,
-        inbox,
-        subs: HashMap::default(),
-        by_channel: HashMap::new(),
-        pending: FuturesOrdered::new(),
-        reserved: std::collections::VecDeque::new(),
-        reply_bytes: 0,
-        held_bytes: 0,
-        pack: false,
-        packed: Vec::new(),
-        packed_bytes: 0,
-        unflushed: false,
-        cork: None,
-        delivered: 0,
-        delivered_bytes: 0,
-    };
+    let mut session = Session::new(node.clone(), ws, id);
     node.metrics.connections.inc();
     node.metrics.connections_total.inc();
     let stop = session.serve().await;
@@ -255,6 +223,42 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    fn new(node: Arc<Node>, ws: WebSocketStream<S>, id: u64) -> Self {
+        let limits = &node.config.limits;
+        let (outbox, inbox) = outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
+        let now = Instant::now();
+        let gate = Gate::new(now);
+        let heartbeat = Heartbeat::new(now);
+        let auth_deadline = gate.deadline(&node.access);
+        Session {
+            beat: Box::pin(tokio::time::sleep_until(heartbeat.deadline(&node.access.live().sessions))),
+            auth_timer: Box::pin(tokio::time::sleep_until(auth_deadline.unwrap_or(now))),
+            auth_deadline,
+            gate,
+            cluster_seat: None,
+            heartbeat,
+            id,
+            shutdown: node.shutdown.clone(),
+            node: node.clone(),
+            ws,
+            outbox,
+            inbox,
+            subs: HashMap::default(),
+            by_channel: HashMap::new(),
+            pending: FuturesOrdered::new(),
+            reserved: std::collections::VecDeque::new(),
+            reply_bytes: 0,
+            held_bytes: 0,
+            pack: false,
+            packed: Vec::new(),
+            packed_bytes: 0,
+            unflushed: false,
+            cork: None,
+            delivered: 0,
+            delivered_bytes: 0,
+        }
+    }
+
     async fn serve(&mut self) -> Stop {
         // The two stop signals are registered once, not on every wake-up of the loop.
         let outbox = self.outbox.clone();
@@ -276,10 +280,12 @@ where
                     self.reply_bytes -= reserved;
                     written
                 }
-                // Pushes are corked in place (no second pass through this loop). While a
-                // reply's cork is on, they wait for it: the uncork takes them all, and a
-                // burst of owner pushes costs no wake-up of this session.
-                batch = self.inbox.recv_all(), if self.cork.is_none() => self.on_pushes(batch).await,
+                // Pushes are corked in place (no second pass through this loop); while a
+                // reply's cork is on, they are written and the uncork flushes them.
+                batch = self.inbox.recv_all() => match self.cork {
+                    None => self.on_pushes(batch).await,
+                    Some(_) => self.on_deliveries(batch).await,
+                },
                 // Replies waiting to be written pause reading at the byte budget: a client
                 // that pipelines reads and stops reading the answers holds at most about
                 // one budget of them (the socket's write deadline then ends it).
@@ -789,6 +795,13 @@ where
     async fn deliver(&mut self, d: Delivery) -> Result<(), Stop> {
         if d.end {
             // The owner ended it (its partition moved): it has forgotten the subscription.
+            // Before the subscribe reply is written, the end waits behind it with the held
+            // messages: the client never sees a subscription end before it began.
+            if let Some(Sub { phase: Phase::Pending(held), .. }) = self.subs.get_mut(&d.sub) {
+                self.held_bytes += d.frame.len();
+                held.push(d);
+                return Ok(());
+            }
             let Some(sub) = self.remove_sub(d.sub) else { return Ok(()) };
             self.by_channel.remove(&sub.channel);
             self.node.metrics.subscriptions.dec();
@@ -939,6 +952,33 @@ mod tests {
                 _ => continue,
             }
         }
+    }
+
+    /// An owner can end a subscription (its partition moved) before the session has
+    /// written the subscribe reply: the `unsubscribed` push then waits behind the reply.
+    #[tokio::test]
+    async fn an_end_before_the_subscribe_reply_comes_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), |_| {});
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let server = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        let mut session = Session::new(node.clone(), server, 1);
+        session.subs.insert(7, Sub { channel: "room:1".into(), phase: Phase::Pending(Vec::new()) });
+        session.by_channel.insert("room:1".into(), 7);
+        let end = protocol::unsubscribed_push("room:1", protocol::close::SHUTTING_DOWN, "partition moved");
+        session.deliver(Delivery { sub: 7, offset: 0, frame: end, end: true }).await.unwrap();
+        assert!(session.subs.contains_key(&7), "the subscription lives until its reply is out");
+        let grant =
+            Grant { epoch: "E".into(), offset: 0, top: 0, recovered: None, catch_up_after: None, live_after: 0 };
+        let reply = Output::Subscribed { id: 3, sub: 7, channel: "room:1".into(), result: Ok(grant) };
+        session.on_output(reply).await.unwrap();
+        session.flush().await.unwrap();
+        assert!(session.subs.is_empty() && session.held_bytes == 0);
+        let first = next(&mut client).await;
+        assert_eq!((first["id"].as_u64(), first["ok"]["channel"].as_str()), (Some(3), Some("room:1")), "{first}");
+        let second = next(&mut client).await;
+        assert_eq!(second["push"], "unsubscribed", "{second}");
     }
 
     #[tokio::test]

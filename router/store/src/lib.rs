@@ -286,7 +286,11 @@ impl Batch<'_> {
     pub async fn write(self, durable: bool) -> Result<(), StoreError> {
         let (done, rx) = oneshot::channel();
         let store = self.store;
-        if store.round.add(WriteJob { batch: self.inner, durable, done }) {
+        let job = WriteJob { batch: self.inner, durable, done };
+        if store.policy == FsyncPolicy::Always {
+            // Every batch gets its own fsync: nothing to gather.
+            store.writer.send(vec![job]).map_err(|_| StoreError::WriterGone)?;
+        } else if store.round.add(job, &store.writer) {
             // The first batch of this pass hands the whole pass over once every other task
             // that is ready has run (and queued its batch); dropped early, it hands it over
             // at once.
@@ -299,33 +303,63 @@ impl Batch<'_> {
 }
 
 /// The batches written since the last handover to the log writer. Its lock is held only to
-/// append or to take them all.
+/// append, or to take them all and send them (so rounds reach the writer in order).
 #[derive(Default)]
-struct Round(std::sync::Mutex<Vec<WriteJob>>);
+struct Round(std::sync::Mutex<RoundState>);
+
+#[derive(Default)]
+struct RoundState {
+    jobs: Vec<WriteJob>,
+    /// When the round's first batch was queued, and on which thread (worker).
+    opened: Option<(Instant, std::thread::ThreadId)>,
+}
+
+/// Longest a round waits for its first writer's pass to end. That writer's task runs on one
+/// worker, and a long synchronous step there (a large history read) must not hold up the
+/// batches other workers queue: the first of those to find the round older than this hands
+/// it over itself. (A batch queued on the first writer's own thread means that worker is
+/// not stuck: it leaves the round to the end of the pass.)
+const ROUND_WAIT: std::time::Duration = std::time::Duration::from_micros(500);
 
 impl Round {
     /// Queues `job`; true when it is the first of a new round (its writer must hand over).
-    fn add(&self, job: WriteJob) -> bool {
-        let mut jobs = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        jobs.push(job);
-        jobs.len() == 1
+    fn add(&self, job: WriteJob, writer: &std_mpsc::Sender<Vec<WriteJob>>) -> bool {
+        let mut round = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        round.jobs.push(job);
+        if round.jobs.len() == 1 {
+            round.opened = Some((Instant::now(), std::thread::current().id()));
+            return true;
+        }
+        let held_up = |(at, thread): (Instant, std::thread::ThreadId)| {
+            at.elapsed() >= ROUND_WAIT && thread != std::thread::current().id()
+        };
+        if round.opened.is_some_and(held_up) {
+            Self::send(&mut round, writer);
+        }
+        false
     }
 
-    fn take(&self) -> Vec<WriteJob> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Sends the round to the log writer, if it holds anything.
+    fn hand_over(&self, writer: &std_mpsc::Sender<Vec<WriteJob>>) {
+        Self::send(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()), writer);
+    }
+
+    /// A send fails only once the writer is gone; the jobs' answer channels then close and
+    /// their writers see `WriterGone`.
+    fn send(round: &mut RoundState, writer: &std_mpsc::Sender<Vec<WriteJob>>) {
+        round.opened = None;
+        if !round.jobs.is_empty() {
+            let _ = writer.send(std::mem::take(&mut round.jobs));
+        }
     }
 }
 
-/// Hands the current round to the log writer when dropped. A send fails only once the
-/// writer is gone; the jobs' answer channels then close and their writers see `WriterGone`.
+/// Hands the current round to the log writer when dropped.
 struct Handover<'a>(&'a Store);
 
 impl Drop for Handover<'_> {
     fn drop(&mut self) {
-        let jobs = self.0.round.take();
-        if !jobs.is_empty() {
-            let _ = self.0.writer.send(jobs);
-        }
+        self.0.round.hand_over(&self.0.writer);
     }
 }
 
@@ -677,6 +711,35 @@ mod tests {
         for p in 1..=4 {
             assert_eq!(store.read_messages(p, "room:1", 0, u64::MAX, 10).unwrap().len(), 1);
         }
+    }
+
+    /// A round whose first writer is held up (its worker busy with a long synchronous
+    /// step) is handed over by a batch from another thread once it is older than
+    /// `ROUND_WAIT`.
+    #[tokio::test]
+    async fn a_held_up_round_is_handed_over_by_a_later_batch() {
+        use std::future::Future;
+        use std::task::Poll;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
+        let mut first = Box::pin(one_message(&store, 1, 1).write(true));
+        let polled = std::future::poll_fn(|cx| Poll::Ready(first.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "the first batch waits for the end of the pass");
+        // The first writer is never polled again; the round only grows older.
+        let opened = std::time::Instant::now();
+        while opened.elapsed() < ROUND_WAIT {
+            std::hint::spin_loop();
+        }
+        let other = store.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(one_message(&other, 2, 1).write(true))
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        assert_eq!(store.read_messages(1, "room:1", 0, u64::MAX, 10).unwrap().len(), 1, "the first batch too");
+        first.await.unwrap();
     }
 
     /// The batch that opened a round hands the round over even when its writer stops
