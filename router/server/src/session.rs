@@ -6,8 +6,10 @@
 //! offset). It turns an overflowing outbound queue into `disconnect` 4008, an oversized
 //! frame into `too_large` and close 1009, and shutdown into close 4100. It asks its
 //! [`Gate`] before each command (token, per-user cap, channel rules, rate limit) and pings
-//! the peer on the [`Heartbeat`] schedule, closing one that stops answering. It must never
-//! block an owner: owners only push into its [`Outbox`], and all waiting happens here.
+//! the peer on the [`Heartbeat`] schedule, closing one that stops answering. What it writes
+//! during one pass of the runtime goes out in one flush at the end of the pass (the cork).
+//! It must never block an owner: owners only push into its [`Outbox`], and all waiting
+//! happens here.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -293,8 +295,8 @@ where
                     self.on_frame(frame).await
                 }
                 _ = &mut self.beat => self.on_beat().await,
-                // Last: written frames wait for the end of the pass, so the commands still
-                // waiting to be read and the owners' pushes still to come share the flush.
+                // After the branches that carry work: written frames wait for the end of the
+                // pass, so commands still to be read and pushes still to come share the flush.
                 () = corked(&mut self.cork) => self.uncork().await,
                 _ = &mut self.auth_timer, if self.auth_deadline.is_some() => {
                     let refusal = self.gate.deadline_refusal();

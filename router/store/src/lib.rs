@@ -7,8 +7,9 @@
 //! fsync (group commit). fjall holds its journal lock while it fsyncs, so no async task ever
 //! commits itself. Batches written during one pass of the async runtime reach the writer
 //! together, at the end of the pass ([`Round`]), so one burst of publishes across many
-//! partitions becomes one commit group instead of a first tiny group and the rest. It must never decide offsets or policy: partition owners write, and the
-//! store only makes their batches durable and reads them back.
+//! partitions becomes one commit group instead of a first tiny group and the rest. It must
+//! never decide offsets or policy: partition owners write, and the store only makes their
+//! batches durable and reads them back.
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
