@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::node::Node;
+use crate::socket::Socket;
 use switchyard_core::owner::PublishRequest;
 use switchyard_proto::protocol::{self, ErrorCode, OpError};
 
@@ -30,8 +31,8 @@ pub(crate) const SUBPROTOCOL: &str = "switchyard.v1";
 /// default is 128 KiB). Every connection holds it, idle or not, so it is small: a frame
 /// longer than this is read in several calls into a buffer reserved for its full length.
 const READ_BUFFER: usize = 1024;
-/// Bytes buffered before tungstenite writes to the socket on its own (we also flush
-/// explicitly whenever a session runs out of work).
+/// Bytes tungstenite buffers before it writes to the socket on its own: only its own
+/// frames (pings, pongs, the close, last words); sessions queue theirs on the [`Socket`].
 const WRITE_BUFFER: usize = 32 * 1024;
 
 type Body = Full<Bytes>;
@@ -376,20 +377,24 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
                 // tungstenite's own limit is a backstop far above ours; frames between the
                 // two get a proper `too_large` reply from the session.
                 // Small buffers keep idle connections cheap; both grow when traffic needs it.
-                let config = match who {
-                    Peer::Client => WebSocketConfig::default()
-                        .read_buffer_size(READ_BUFFER)
-                        .write_buffer_size(WRITE_BUFFER)
-                        .max_message_size(Some(max * 4 + 4096))
-                        .max_frame_size(Some(max * 4 + 4096)),
-                    Peer::Node => switchyard_peer::wire::ws_config(),
-                };
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
                 // Each side's future is allocated at its own size: the task itself stays
                 // small, whichever side is larger (an idle client costs its session only).
+                let io = TokioIo::new(upgraded);
                 match who {
-                    Peer::Client => Box::pin(crate::session::run(node, ws)).await,
-                    Peer::Node => Box::pin(switchyard_peer::serve(node.router.clone(), ws, "peer".into())).await,
+                    Peer::Client => {
+                        let config = WebSocketConfig::default()
+                            .read_buffer_size(READ_BUFFER)
+                            .write_buffer_size(WRITE_BUFFER)
+                            .max_message_size(Some(max * 4 + 4096))
+                            .max_frame_size(Some(max * 4 + 4096));
+                        let ws = WebSocketStream::from_raw_socket(Socket::new(io), Role::Server, Some(config)).await;
+                        Box::pin(crate::session::run(node, ws)).await
+                    }
+                    Peer::Node => {
+                        let config = switchyard_peer::wire::ws_config();
+                        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                        Box::pin(switchyard_peer::serve(node.router.clone(), ws, "peer".into())).await
+                    }
                 }
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),

@@ -4,7 +4,8 @@
 //! Module map: [`config`] (the whole config tree: loading, merging, validation; the only
 //! module that knows the file), `node` (startup in dependency order and the cluster's
 //! hooks), `http` (the HTTP API, health, metrics and the WebSocket and `/peer` upgrades),
-//! `session` (one WebSocket client), `poll` (HTTP long-poll), `web` (the demo page and its
+//! `session` (one WebSocket client), `socket` (a client's socket: the frames queued for it,
+//! written without copying, and whether it may be read), `poll` (HTTP long-poll), `web` (the demo page and its
 //! token endpoint), `policies` (namespace bindings to policies), `tls` (the listener's
 //! certificate). It must never route a
 //! message itself (the peer layer's `Router` does) nor hold protocol state beyond one
@@ -16,6 +17,7 @@ mod node;
 mod policies;
 mod poll;
 mod session;
+mod socket;
 mod tls;
 mod web;
 

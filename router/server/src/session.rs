@@ -34,6 +34,7 @@ use tracing::Instrument as _;
 use xxhash_rust::xxh3::Xxh3DefaultBuilder as Xxh3Builder;
 
 use crate::node::Node;
+use crate::socket::Socket;
 use switchyard_access::gate::{Gate, Refusal};
 use switchyard_access::user_sessions::{Beat, Heartbeat};
 use switchyard_core::outbox::{outbox, Delivery, Inbox, Outbox};
@@ -50,6 +51,8 @@ const SHUTDOWN_REPLY_WAIT: Duration = Duration::from_secs(2);
 /// What a reply that carries no messages (an ack, an error, a subscribe grant) is counted
 /// as against the connection's reply budget.
 const SMALL_REPLY: usize = 1024;
+/// Bytes a session queues on its socket before writing them out ahead of its flush.
+const WRITE_BUFFER: usize = 32 * 1024;
 
 /// Why a session ends.
 #[derive(Debug)]
@@ -103,7 +106,7 @@ struct Sub {
 }
 
 /// Serves one upgraded WebSocket until it closes.
-pub(crate) async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>)
+pub(crate) async fn run<S>(node: Arc<Node>, ws: WebSocketStream<Socket<S>>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -112,7 +115,7 @@ where
     serve(node, ws, id).instrument(tracing::info_span!("client", id)).await;
 }
 
-async fn serve<S>(node: Arc<Node>, ws: WebSocketStream<S>, id: u64)
+async fn serve<S>(node: Arc<Node>, ws: WebSocketStream<Socket<S>>, id: u64)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -129,7 +132,7 @@ where
 struct Session<S> {
     node: Arc<Node>,
     id: u64,
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Socket<S>>,
     outbox: Arc<Outbox>,
     inbox: Inbox,
     shutdown: watch::Receiver<bool>,
@@ -175,14 +178,14 @@ fn ready(frame: Text) -> BoxFuture<'static, Output> {
 /// Drives a socket write. The common case (room in the buffer) completes on the first poll
 /// without registering any waiter; a blocked write is raced against the slow-consumer and
 /// shutdown signals so a stuck peer cannot hold the session.
-async fn until_stopped<F>(
+async fn until_stopped<F, E>(
     fut: F,
     outbox: &Outbox,
     shutdown: &mut watch::Receiver<bool>,
     write_timeout: std::time::Duration,
 ) -> Result<(), Stop>
 where
-    F: std::future::Future<Output = Result<(), WsError>>,
+    F: std::future::Future<Output = Result<(), E>>,
 {
     let mut fut = std::pin::pin!(fut);
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
@@ -202,6 +205,30 @@ where
         // The socket took no bytes for this long: the client stopped reading.
         _ = tokio::time::sleep(write_timeout) => Err(Stop::WriteTimeout),
     }
+}
+
+/// The next frame from the client. The read side is polled only when the socket may have
+/// bytes: a wake-up for pushes alone does not go through tungstenite's read path.
+async fn next_frame<S>(ws: &mut WebSocketStream<Socket<S>>) -> Option<Result<Message, WsError>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    std::future::poll_fn(|cx| {
+        if !ws.get_ref().may_read() {
+            return std::task::Poll::Pending;
+        }
+        ws.poll_next_unpin(cx)
+    })
+    .await
+}
+
+/// Writes out everything queued on the socket. tungstenite stops short of its flush once a
+/// close handshake is over: its last frame is queued, but only this writes it.
+async fn drain<S>(ws: &mut WebSocketStream<Socket<S>>) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    std::future::poll_fn(|cx| Pin::new(ws.get_mut()).poll_flush(cx)).await
 }
 
 /// Resolves when the cork, if any, lifts; never without one.
@@ -225,7 +252,7 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    fn new(node: Arc<Node>, ws: WebSocketStream<S>, id: u64) -> Self {
+    fn new(node: Arc<Node>, ws: WebSocketStream<Socket<S>>, id: u64) -> Self {
         let limits = &node.config.limits;
         let (outbox, inbox) = outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
         let now = Instant::now();
@@ -269,13 +296,17 @@ where
         let mut shutdown = self.shutdown.clone();
         let mut shutdown = std::pin::pin!(stopping(&mut shutdown));
         loop {
+            // Checked on every turn, so the two signals' branches can come last: a wake-up
+            // for work does not poll them (`biased` stops at the first ready branch), and
+            // before the loop sleeps every branch has been polled and registered.
             if self.outbox.is_slow() {
                 return Stop::Slow;
             }
+            if *self.shutdown.borrow() {
+                return Stop::Shutdown;
+            }
             let step = tokio::select! {
                 biased;
-                _ = &mut slow => Err(Stop::Slow),
-                _ = &mut shutdown => Err(Stop::Shutdown),
                 Some(out) = self.pending.next(), if !self.pending.is_empty() => {
                     let reserved = self.reserved.pop_front().unwrap_or_default();
                     let written = self.on_output(out).await;
@@ -291,7 +322,7 @@ where
                 // Replies waiting to be written pause reading at the byte budget: a client
                 // that pipelines reads and stops reading the answers holds at most about
                 // one budget of them (the socket's write deadline then ends it).
-                frame = self.ws.next(), if !self.reading_paused() => {
+                frame = next_frame(&mut self.ws), if !self.reading_paused() => {
                     self.on_frame(frame).await
                 }
                 _ = &mut self.beat => self.on_beat().await,
@@ -304,6 +335,8 @@ where
                     self.queue(ready(frame));
                     Err(refusal.into())
                 }
+                _ = &mut slow => Err(Stop::Slow),
+                _ = &mut shutdown => Err(Stop::Shutdown),
             };
             if let Err(stop) = step {
                 return stop;
@@ -340,14 +373,20 @@ where
         }
     }
 
-    /// Writes one text frame into the socket buffer. Only when the socket is full does it
-    /// wait, and then it gives up if the connection turns slow or the node shuts down.
+    /// Queues one text frame on the socket, its payload shared, not copied. Past
+    /// [`WRITE_BUFFER`] queued bytes it writes them out, and only when the socket is full
+    /// does it wait, giving up if the connection turns slow or the node shuts down.
     async fn write_frame(&mut self, frame: Text) -> Result<(), Stop> {
         if self.outbox.is_slow() {
             return Err(Stop::Slow);
         }
         self.unflushed = true;
-        let fut = self.ws.feed(Message::Text(text(frame)));
+        let socket = self.ws.get_mut();
+        socket.push_text(frame.into_bytes());
+        if socket.queued() <= WRITE_BUFFER {
+            return Ok(());
+        }
+        let fut = std::future::poll_fn(|cx| socket.poll_drain(cx, 0));
         until_stopped(fut, &self.outbox, &mut self.shutdown, self.node.config.limits.write_timeout).await
     }
 
@@ -848,7 +887,12 @@ where
             Stop::Gone => return,
             Stop::ClosedByPeer => {
                 // tungstenite queued the answering close frame; a clean close needs it sent.
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.ws.flush()).await;
+                let ws = &mut self.ws;
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+                    let _ = ws.flush().await;
+                    drain(ws).await
+                })
+                .await;
                 return;
             }
             Stop::Unresponsive => {
@@ -901,7 +945,8 @@ where
             let last = too_large.unwrap_or_else(|| protocol::disconnect_push(code, reason));
             ws.feed(Message::Text(text(last))).await?;
             let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-            ws.send(Message::Close(Some(frame))).await
+            let _ = ws.send(Message::Close(Some(frame))).await;
+            drain(ws).await.map_err(WsError::Io)
         };
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, last_words).await;
     }
@@ -935,7 +980,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(1 << 16);
         let node = node.clone();
         tokio::spawn(async move {
-            let ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+            let ws = WebSocketStream::from_raw_socket(Socket::new(server), Role::Server, None).await;
             run(node, ws).await;
         });
         WebSocketStream::from_raw_socket(client, Role::Client, None).await
@@ -963,7 +1008,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let node = node(dir.path(), |_| {});
         let (client, server) = tokio::io::duplex(1 << 16);
-        let server = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        let server = WebSocketStream::from_raw_socket(Socket::new(server), Role::Server, None).await;
         let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
         let mut session = Session::new(node.clone(), server, 1);
         session.subs.insert(7, Sub { channel: "room:1".into(), phase: Phase::Pending(Vec::new()) });

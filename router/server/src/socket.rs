@@ -1,0 +1,367 @@
+//! A client connection's socket, under tungstenite.
+//!
+//! It owns the bytes waiting to be written and what is known of the read side. A session's
+//! frames are framed here: a text frame's header, then its payload, the very bytes the
+//! owner serialized once for every subscriber (tungstenite would copy each frame into its
+//! own buffer first). At the next flush, what is queued is joined into one per-thread buffer
+//! and goes out in as few `send`s as it fills. What tungstenite writes itself (pings, pongs,
+//! the close) joins the same queue, in order. It also remembers whether the socket may have
+//! bytes to read, so that a session woken only for pushes does not poll its read side for
+//! nothing. It never blocks, never drops a queued byte, and never decides how much may
+//! wait: bounding the queue is the session's job ([`Socket::queued`]).
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Queued frames are joined into writes of up to this many bytes...
+const JOINED_WRITE: usize = 64 * 1024;
+/// ...except a body at least this long at the front of the queue, written without a copy.
+const DIRECT_WRITE: usize = 16 * 1024;
+/// A drained queue keeps at most this many slots.
+const KEPT_SLOTS: usize = 64;
+
+thread_local! {
+    /// Where frames are joined for a write: one buffer per runtime thread, not per connection.
+    static JOINED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One frame's worth of bytes: a header of up to 10 bytes kept inline, then a shared body.
+struct Chunk {
+    head: [u8; 10],
+    head_len: u8,
+    body: Bytes,
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        self.head_len as usize + self.body.len()
+    }
+
+    /// The unwritten parts of the chunk when its first `done` bytes are written.
+    fn parts(&self, done: usize) -> (&[u8], &[u8]) {
+        let head = &self.head[..self.head_len as usize];
+        if done < head.len() {
+            (&head[done..], &self.body)
+        } else {
+            (&[], &self.body[done - head.len()..])
+        }
+    }
+}
+
+/// Set when the socket reports that it may be read, forwarding the wake-up to the reader.
+#[derive(Default)]
+struct ReadReady {
+    woken: AtomicBool,
+    reader: AtomicWaker,
+}
+
+impl Wake for ReadReady {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.reader.wake();
+    }
+}
+
+/// The socket of one client connection: `S` with a queue of outgoing frames in front of
+/// its write side and a readiness flag on its read side.
+pub(crate) struct Socket<S> {
+    io: S,
+    queue: VecDeque<Chunk>,
+    /// Bytes in `queue` not yet written.
+    queued: usize,
+    /// Bytes of the front chunk already written.
+    front_done: usize,
+    ready: Arc<ReadReady>,
+    /// `ready` as a waker, made once.
+    ready_waker: Waker,
+    /// The last read found nothing: until `ready` is woken, another would find nothing too.
+    read_idle: bool,
+}
+
+impl<S> Socket<S> {
+    pub(crate) fn new(io: S) -> Self {
+        let ready = Arc::new(ReadReady::default());
+        Socket {
+            io,
+            queue: VecDeque::new(),
+            queued: 0,
+            front_done: 0,
+            ready_waker: Waker::from(ready.clone()),
+            ready,
+            read_idle: false,
+        }
+    }
+
+    /// Queues a text frame (server frames are not masked) whose payload is `body`.
+    pub(crate) fn push_text(&mut self, body: Bytes) {
+        let mut head = [0u8; 10];
+        head[0] = 0x81; // FIN, text
+        let len = body.len();
+        let head_len = if len < 126 {
+            head[1] = len as u8;
+            2
+        } else if len <= u16::MAX as usize {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        } else {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        };
+        self.push(Chunk { head, head_len, body });
+    }
+
+    fn push(&mut self, chunk: Chunk) {
+        self.queued += chunk.len();
+        self.queue.push_back(chunk);
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// False only when the last read found nothing and the socket has not signalled since:
+    /// polling the read side again could only return `Pending`. The reader that read is
+    /// still registered then (only the signal takes it), so it will be woken.
+    pub(crate) fn may_read(&self) -> bool {
+        !self.read_idle || self.ready.woken.load(Ordering::Acquire)
+    }
+
+    /// Marks the first `n` queued bytes written.
+    fn consume(&mut self, mut n: usize) {
+        self.queued -= n;
+        while n > 0 {
+            let front = self.queue.front().expect("written bytes were queued");
+            let left = front.len() - self.front_done;
+            if n < left {
+                self.front_done += n;
+                return;
+            }
+            n -= left;
+            self.front_done = 0;
+            self.queue.pop_front();
+        }
+        if self.queue.is_empty() && self.queue.capacity() > KEPT_SLOTS {
+            // A burst is over: an idle connection does not keep its queue's peak size.
+            self.queue = VecDeque::new();
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Socket<S> {
+    /// Writes queued bytes until at most `keep` are left. Frames are joined into one
+    /// buffer per write (one plain `send`, which costs the kernel less than a vectored
+    /// write of the same small frames); a large frame's body is written from where it is.
+    pub(crate) fn poll_drain(&mut self, cx: &mut Context<'_>, keep: usize) -> Poll<io::Result<()>> {
+        while self.queued > keep {
+            let (head, body) = self.queue.front().expect("queued bytes").parts(self.front_done);
+            let written = if head.is_empty() && body.len() >= DIRECT_WRITE {
+                Pin::new(&mut self.io).poll_write(cx, body)
+            } else {
+                JOINED.with_borrow_mut(|joined| {
+                    joined.clear();
+                    let mut done = self.front_done;
+                    for chunk in &self.queue {
+                        let (head, body) = chunk.parts(done);
+                        done = 0;
+                        joined.extend_from_slice(head);
+                        let room = JOINED_WRITE.saturating_sub(joined.len());
+                        joined.extend_from_slice(&body[..body.len().min(room)]);
+                        if joined.len() >= JOINED_WRITE {
+                            break;
+                        }
+                    }
+                    let written = Pin::new(&mut self.io).poll_write(cx, joined);
+                    if joined.capacity() > JOINED_WRITE * 2 {
+                        *joined = Vec::new();
+                    }
+                    written
+                })
+            };
+            match written {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.consume(n),
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Socket<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.ready.reader.register(cx.waker());
+        // Cleared before the read: a signal that comes during or after it is kept.
+        this.ready.woken.store(false, Ordering::Release);
+        let read = Pin::new(&mut this.io).poll_read(&mut Context::from_waker(&this.ready_waker), buf);
+        this.read_idle = read.is_pending();
+        read
+    }
+}
+
+/// tungstenite's own writes (control frames, and whatever a session sends through it)
+/// are copied into the queue behind the frames already there.
+impl<S: AsyncWrite + Unpin> AsyncWrite for Socket<S> {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.push(Chunk { head: [0; 10], head_len: 0, body: Bytes::copy_from_slice(buf) });
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx, 0))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx, 0))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use futures_util::StreamExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
+
+    use super::*;
+
+    /// A writer that takes at most `step` bytes per call.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.step);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Frames of every header size, written in pieces that cut through headers and bodies,
+    /// come out byte for byte as tungstenite would frame them, in order, with tungstenite's
+    /// own writes in between.
+    #[tokio::test]
+    async fn frames_come_out_whole_and_in_order_through_partial_writes() {
+        let bodies: Vec<Bytes> = [0usize, 1, 125, 126, 65_535, 65_536, 300]
+            .iter()
+            .map(|&n| Bytes::from((0..n).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>()))
+            .collect();
+        for step in [1, 7, 20_000, 100_000, 1 << 20] {
+            let mut socket = Socket::new(Trickle { out: Vec::new(), step });
+            for (i, body) in bodies.iter().enumerate() {
+                socket.push_text(body.clone());
+                if i == 2 {
+                    Pin::new(&mut socket).poll_write(&mut Context::from_waker(Waker::noop()), b"ctl").is_ready();
+                }
+            }
+            poll_fn(|cx| Pin::new(&mut socket).poll_flush(cx)).await.unwrap();
+            assert_eq!((socket.queued(), socket.queue.len()), (0, 0));
+
+            // What tungstenite itself would have written for the same frames.
+            let (mut a, b) = tokio::io::duplex(1 << 20);
+            let mut ws = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+            let mut expected = Vec::new();
+            for (i, body) in bodies.iter().enumerate() {
+                futures_util::SinkExt::send(&mut ws, Message::text(String::from_utf8(body.to_vec()).unwrap()))
+                    .await
+                    .unwrap();
+                let mut frame = vec![0; 10 + body.len()];
+                let n = read_frame(&mut a, &mut frame).await;
+                expected.extend_from_slice(&frame[..n]);
+                if i == 2 {
+                    expected.extend_from_slice(b"ctl");
+                }
+            }
+            assert!(socket.io.out == expected, "step {step}");
+        }
+    }
+
+    /// Reads exactly one server frame (unmasked) into `buf`, returning its length.
+    async fn read_frame(r: &mut tokio::io::DuplexStream, buf: &mut [u8]) -> usize {
+        r.read_exact(&mut buf[..2]).await.unwrap();
+        let (ext, len) = match buf[1] {
+            126 => (2, None),
+            127 => (8, None),
+            n => (0, Some(n as usize)),
+        };
+        r.read_exact(&mut buf[2..2 + ext]).await.unwrap();
+        let len = len.unwrap_or_else(|| {
+            let mut n = [0u8; 8];
+            n[8 - ext..].copy_from_slice(&buf[2..2 + ext]);
+            u64::from_be_bytes(n) as usize
+        });
+        r.read_exact(&mut buf[2 + ext..2 + ext + len]).await.unwrap();
+        2 + ext + len
+    }
+
+    /// Once a read finds nothing, the read side is not worth polling until the socket
+    /// signals; the signal (bytes arriving) makes it so again, and wakes the reader.
+    #[tokio::test]
+    async fn the_read_side_is_skipped_until_the_socket_signals() {
+        let (mut peer, io) = tokio::io::duplex(1024);
+        let mut ws = WebSocketStream::from_raw_socket(Socket::new(io), Role::Server, None).await;
+        let flag = Arc::new(Flag::default());
+        let waker = Waker::from(flag.clone());
+        let cx = &mut Context::from_waker(&waker);
+        assert!(ws.get_ref().may_read(), "a new socket may hold bytes already");
+        assert!(ws.poll_next_unpin(cx).is_pending());
+        assert!(!ws.get_ref().may_read(), "nothing came since the read found nothing");
+
+        // A masked client frame: "hi".
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | 2];
+        frame.extend_from_slice(&mask);
+        frame.extend(b"hi".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        peer.write_all(&frame).await.unwrap();
+        assert!(flag.0.load(Ordering::Acquire), "the reader was woken");
+        assert!(ws.get_ref().may_read());
+        match ws.next().await.unwrap().unwrap() {
+            Message::Text(t) => assert_eq!(t.as_str(), "hi"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[derive(Default)]
+    struct Flag(AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
