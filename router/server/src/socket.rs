@@ -5,7 +5,7 @@
 //! owner serialized once for every subscriber (tungstenite would copy each frame into its
 //! own buffer first). At the next flush, what is queued is joined into one per-thread buffer
 //! and goes out in as few `send`s as it fills. What tungstenite writes itself (pings, pongs,
-//! the close) joins the same queue, in order. It also remembers whether the socket may have
+//! the close) joins the same queue when tungstenite writes them out. It also remembers whether the socket may have
 //! bytes to read, so that a session woken only for pushes does not poll its read side for
 //! nothing. It never blocks, never drops a queued byte, and never decides how much may
 //! wait: bounding the queue is the session's job ([`Socket::queued`]).
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -33,11 +33,29 @@ thread_local! {
     static JOINED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// One frame's worth of bytes: a header of up to 10 bytes kept inline, then a shared body.
+/// One frame's worth of bytes: a header of up to 10 bytes kept inline, then its body.
 struct Chunk {
     head: [u8; 10],
     head_len: u8,
-    body: Bytes,
+    body: Body,
+}
+
+/// A chunk's body: a payload shared with every subscriber, or tungstenite's own bytes, to
+/// which its next writes are appended (a flood of pongs grows one buffer, not the queue).
+enum Body {
+    Shared(Bytes),
+    Own(BytesMut),
+}
+
+impl std::ops::Deref for Body {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Body::Shared(b) => b,
+            Body::Own(b) => b,
+        }
+    }
 }
 
 impl Chunk {
@@ -88,6 +106,9 @@ pub(crate) struct Socket<S> {
     ready_waker: Waker,
     /// The last read found nothing: until `ready` is woken, another would find nothing too.
     read_idle: bool,
+    /// The last write found the socket full: the next attempt offers only the front piece,
+    /// so a socket that stays full costs no joining per attempt.
+    write_full: bool,
 }
 
 impl<S> Socket<S> {
@@ -101,6 +122,7 @@ impl<S> Socket<S> {
             ready_waker: Waker::from(ready.clone()),
             ready,
             read_idle: false,
+            write_full: false,
         }
     }
 
@@ -121,12 +143,8 @@ impl<S> Socket<S> {
             head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
             10
         };
-        self.push(Chunk { head, head_len, body });
-    }
-
-    fn push(&mut self, chunk: Chunk) {
-        self.queued += chunk.len();
-        self.queue.push_back(chunk);
+        self.queued += head_len as usize + len;
+        self.queue.push_back(Chunk { head, head_len, body: Body::Shared(body) });
     }
 
     /// Bytes queued and not yet written.
@@ -169,8 +187,9 @@ impl<S: AsyncWrite + Unpin> Socket<S> {
     pub(crate) fn poll_drain(&mut self, cx: &mut Context<'_>, keep: usize) -> Poll<io::Result<()>> {
         while self.queued > keep {
             let (head, body) = self.queue.front().expect("queued bytes").parts(self.front_done);
-            let written = if head.is_empty() && body.len() >= DIRECT_WRITE {
-                Pin::new(&mut self.io).poll_write(cx, body)
+            let written = if self.write_full || (head.is_empty() && body.len() >= DIRECT_WRITE) {
+                let piece = if head.is_empty() { body } else { head };
+                Pin::new(&mut self.io).poll_write(cx, piece)
             } else {
                 JOINED.with_borrow_mut(|joined| {
                     joined.clear();
@@ -194,10 +213,16 @@ impl<S: AsyncWrite + Unpin> Socket<S> {
             };
             match written {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => self.consume(n),
+                Poll::Ready(Ok(n)) => {
+                    self.write_full = false;
+                    self.consume(n);
+                }
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.write_full = true;
+                    return Poll::Pending;
+                }
             }
         }
         Poll::Ready(Ok(()))
@@ -216,12 +241,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for Socket<S> {
     }
 }
 
-/// tungstenite's own writes (control frames, and whatever a session sends through it)
-/// are copied into the queue behind the frames already there.
+/// tungstenite's own writes (control frames, and whatever a session sends through it) are
+/// copied into the queue behind the frames already there when tungstenite writes them out,
+/// which is at its flush: a ping fed before later pushes may follow them (control frames
+/// may come between any two frames).
 impl<S: AsyncWrite + Unpin> AsyncWrite for Socket<S> {
     fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.push(Chunk { head: [0; 10], head_len: 0, body: Bytes::copy_from_slice(buf) });
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        match this.queue.back_mut() {
+            // Appending is safe even to a partly written chunk: only its start was written.
+            Some(Chunk { body: Body::Own(own), .. }) => own.extend_from_slice(buf),
+            _ => this.queue.push_back(Chunk { head: [0; 10], head_len: 0, body: Body::Own(BytesMut::from(buf)) }),
+        }
+        this.queued += buf.len();
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -354,6 +389,68 @@ mod tests {
             Message::Text(t) => assert_eq!(t.as_str(), "hi"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A socket whose peer stopped reading, until `open`.
+    #[derive(Default)]
+    struct Full {
+        open: bool,
+        attempts: Vec<usize>,
+        out: Vec<u8>,
+    }
+
+    impl AsyncWrite for Full {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.attempts.push(buf.len());
+            if !self.open {
+                return Poll::Pending;
+            }
+            self.out.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A client that stops reading and floods pings: tungstenite's pongs grow one buffer,
+    /// not the queue, and while the socket stays full each attempt offers only the front
+    /// piece instead of joining the whole queue again. Once it drains, every byte comes out
+    /// in order.
+    #[test]
+    fn a_full_socket_is_probed_and_a_pong_flood_grows_one_buffer() {
+        let cx = &mut Context::from_waker(Waker::noop());
+        let mut socket = Socket::new(Full::default());
+        let body = Bytes::from(vec![b'x'; 300]);
+        for _ in 0..3 {
+            socket.push_text(body.clone());
+        }
+        assert!(socket.poll_drain(cx, 0).is_pending());
+        assert_eq!(socket.io.attempts, [3 * 304], "the first attempt joins the queue");
+        for _ in 0..1000 {
+            assert!(matches!(Pin::new(&mut socket).poll_write(cx, &[0x8a, 0]), Poll::Ready(Ok(2))));
+            assert!(socket.poll_drain(cx, 0).is_pending());
+        }
+        assert_eq!((socket.queue.len(), socket.queued()), (4, 3 * 304 + 2000));
+        assert!(socket.io.attempts[1..].iter().all(|&n| n == 4), "only the front header is offered while full");
+
+        socket.io.open = true;
+        assert!(socket.poll_drain(cx, 0).is_ready());
+        let mut expected = Vec::new();
+        for _ in 0..3 {
+            expected.extend_from_slice(&[0x81, 126, 1, 44]);
+            expected.extend_from_slice(&body);
+        }
+        for _ in 0..1000 {
+            expected.extend_from_slice(&[0x8a, 0]);
+        }
+        assert!(socket.io.out == expected);
+        assert_eq!((socket.queue.len(), socket.queued()), (0, 0));
     }
 
     #[derive(Default)]
