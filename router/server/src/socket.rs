@@ -25,8 +25,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const JOINED_WRITE: usize = 64 * 1024;
 /// ...except a body at least this long at the front of the queue, written without a copy.
 const DIRECT_WRITE: usize = 16 * 1024;
-/// A drained queue keeps at most this many slots.
-const KEPT_SLOTS: usize = 64;
 
 thread_local! {
     /// Where frames are joined for a write: one buffer per runtime thread, not per connection.
@@ -173,8 +171,9 @@ impl<S> Socket<S> {
             self.front_done = 0;
             self.queue.pop_front();
         }
-        if self.queue.is_empty() && self.queue.capacity() > KEPT_SLOTS {
-            // A burst is over: an idle connection does not keep its queue's peak size.
+        if self.queue.is_empty() {
+            // Everything is out: an idle connection keeps no queue (the next burst's one
+            // allocation is cheaper than every idle connection holding slots).
             self.queue = VecDeque::new();
         }
     }
