@@ -134,6 +134,9 @@ table_args=(--column "Switchyard=$out_dir/switchyard.jsonl" --column "nats-serve
     echo "- Switchyard acknowledges a publish only after it is durable (group-commit fsync); NATS core"
     echo "  persists nothing and has no publish acknowledgement: its \"acknowledged\" publishes are those"
     echo "  covered by a PING/PONG round trip after each window. The fsync=never column removes the fsync."
+    echo "- Flow control is the same for both: a publisher sends as many publishes as it has permits"
+    echo "  (the window), as one batch, and gets a batch's permits back when the whole batch is"
+    echo "  acknowledged (Switchyard: its last reply; NATS: the PONG). \`switchyard bench --flow each\` returns a permit per Switchyard reply instead."
     echo "- fanout: $FANOUT_CHANNELS channels x $FANOUT_SUBSCRIBERS subscribers, $FANOUT_PUBLISHERS publishers x" \
         "$FANOUT_INFLIGHT in flight, as fast as acknowledged; fanout-fixed: the same at $FIXED_RATE publishes/s;" \
         "latency: 1 channel x $LAT_SUBSCRIBERS subscribers at $LAT_RATE publishes/s; connections: $CONN_COUNT idle" \

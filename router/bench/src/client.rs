@@ -9,7 +9,10 @@
 //! Flow control: Switchyard acknowledges each publish with a reply (after the durable
 //! write). NATS core has no publish acknowledgement, so a NATS publisher sends a `PING`
 //! after each batch of publishes and counts the batch as acknowledged when the `PONG`
-//! comes back: the server has then read and routed every publish before it.
+//! comes back: the server has then read and routed every publish before it. With
+//! [`Flow::Batch`] (the default) a Switchyard publisher follows the same rule: a batch's
+//! permits come back when its last reply has, so both targets see the same load shape.
+//! [`Flow::Each`] returns a permit per reply (Switchyard only).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -83,6 +86,16 @@ impl Target {
             Target::Nats => nats::subject(&format!("{prefix}:{i}")),
         }
     }
+}
+
+/// When a publisher's permits come back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Flow {
+    /// When the whole batch is acknowledged: the last reply (Switchyard) or the `PONG`
+    /// (NATS). The same rule for both targets.
+    Batch,
+    /// One permit per acknowledged publish (Switchyard only; NATS is always `batch`).
+    Each,
 }
 
 /// How long a handshake or subscribe may take.
@@ -390,6 +403,7 @@ impl Default for AckStats {
 /// returns one permit per acknowledged publish.
 pub(crate) struct Publisher {
     target: Target,
+    flow: Flow,
     sink: SplitSink<Ws, Message>,
     /// (send instant, publishes covered) per expected acknowledgement, in order
     queue: mpsc::UnboundedSender<(Instant, u64)>,
@@ -401,29 +415,37 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    pub(crate) async fn open(target: Target, url: &str, stats: AckStats, permits: Arc<Semaphore>) -> Result<Publisher> {
+    pub(crate) async fn open(
+        target: Target,
+        flow: Flow,
+        url: &str,
+        stats: AckStats,
+        permits: Arc<Semaphore>,
+    ) -> Result<Publisher> {
+        let flow = if target == Target::Nats { Flow::Batch } else { flow };
         let Conn { ws, mut parser } = open(target, url, None, "").await?;
         let (sink, mut rx) = ws.split();
-        let (queue, mut queue_rx) = mpsc::unbounded_channel::<(Instant, u64)>();
+        let (queue, queue_rx) = mpsc::unbounded_channel::<(Instant, u64)>();
         let pong_owed = Arc::new(AtomicBool::new(false));
         let owed = pong_owed.clone();
         let reader = tokio::spawn(async move {
+            let mut unacked = Unacked { queue: queue_rx, front: None, replies: 0, failed: 0 };
             while let Some(m) = rx.next().await {
                 match m {
                     Ok(Message::Text(t)) if target == Target::Switchyard => {
                         let b = t.as_bytes();
-                        let failed = contains(b, b"\"error\"") && !contains(b, b"\"ok\"");
-                        if failed && stats.errors.load(Relaxed) < 5 {
+                        let error = contains(b, b"\"error\"") && !contains(b, b"\"ok\"");
+                        if error && stats.errors.load(Relaxed) < 5 {
                             eprintln!("[bench] publish error: {}", t.as_str());
                         }
-                        settle(&mut queue_rx, &stats, &permits, !failed);
+                        unacked.reply(error, &stats, &permits);
                     }
                     Ok(Message::Binary(b)) if target == Target::Nats => {
                         parser.push(&b);
                         loop {
                             match parser.next() {
                                 Ok(None) => break,
-                                Ok(Some(NatsOp::Pong)) => settle(&mut queue_rx, &stats, &permits, true),
+                                Ok(Some(NatsOp::Pong)) => unacked.pong(&stats, &permits),
                                 Ok(Some(NatsOp::Ping)) => owed.store(true, Relaxed),
                                 Ok(Some(NatsOp::Err(e))) => {
                                     if stats.errors.fetch_add(1, Relaxed) < 5 {
@@ -453,14 +475,25 @@ impl Publisher {
                 }
             }
         });
-        Ok(Publisher { target, sink, queue, reader, pong_owed, unacked: 0 })
+        Ok(Publisher { target, flow, sink, queue, reader, pong_owed, unacked: 0 })
+    }
+
+    /// Starts a batch of `n` publishes: with [`Flow::Batch`], a Switchyard publisher
+    /// expects `n` replies for it (queued before any publish goes out, so no reply can
+    /// come before its batch is known).
+    pub(crate) fn begin_batch(&mut self, n: u64) {
+        if self.target == Target::Switchyard && self.flow == Flow::Batch && n > 0 {
+            let _ = self.queue.send((Instant::now(), n));
+        }
     }
 
     /// Queues one publish frame (from [`Template::build`]) without flushing.
     pub(crate) async fn feed(&mut self, frame: Vec<u8>) -> Result<()> {
         match self.target {
             Target::Switchyard => {
-                let _ = self.queue.send((Instant::now(), 1));
+                if self.flow == Flow::Each {
+                    let _ = self.queue.send((Instant::now(), 1));
+                }
                 let text = String::from_utf8(frame).context("publish frame is not UTF-8")?;
                 self.sink.feed(Message::text(text)).await?;
             }
@@ -493,20 +526,49 @@ impl Publisher {
     }
 }
 
-/// One acknowledgement (or error reply) arrived: pop what it covers, count it, and return
-/// its permits.
-fn settle(queue: &mut mpsc::UnboundedReceiver<(Instant, u64)>, stats: &AckStats, permits: &Semaphore, ok: bool) {
-    let Ok((at, n)) = queue.try_recv() else { return };
-    if ok {
-        stats.acked.fetch_add(n, Relaxed);
-        if stats.measuring.load(Relaxed) {
+/// A publisher's batches sent and not yet acknowledged (send instant, publishes), oldest
+/// first, and the replies so far to the oldest.
+struct Unacked {
+    queue: mpsc::UnboundedReceiver<(Instant, u64)>,
+    front: Option<(Instant, u64)>,
+    replies: u64,
+    failed: u64,
+}
+
+impl Unacked {
+    /// A Switchyard reply: the oldest batch is acknowledged with its last reply.
+    fn reply(&mut self, error: bool, stats: &AckStats, permits: &Semaphore) {
+        self.replies += 1;
+        self.failed += error as u64;
+        if self.front.is_none() {
+            self.front = self.queue.try_recv().ok();
+        }
+        if matches!(self.front, Some((_, n)) if self.replies >= n) {
+            self.settle(stats, permits);
+        }
+    }
+
+    /// A NATS `PONG`: the oldest batch is acknowledged.
+    fn pong(&mut self, stats: &AckStats, permits: &Semaphore) {
+        if self.front.is_none() {
+            self.front = self.queue.try_recv().ok();
+        }
+        self.settle(stats, permits);
+    }
+
+    /// Counts the oldest batch and returns its permits.
+    fn settle(&mut self, stats: &AckStats, permits: &Semaphore) {
+        let Some((at, n)) = self.front.take() else { return };
+        let failed = std::mem::take(&mut self.failed).min(n);
+        self.replies = 0;
+        stats.acked.fetch_add(n - failed, Relaxed);
+        stats.errors.fetch_add(failed, Relaxed);
+        if failed == 0 && stats.measuring.load(Relaxed) {
             let us = at.elapsed().as_micros() as u64;
             stats.rtt.lock().unwrap().saturating_record(us.max(1));
         }
-    } else {
-        stats.errors.fetch_add(n, Relaxed);
+        permits.add_permits(n as usize);
     }
-    permits.add_permits(n as usize);
 }
 
 #[cfg(test)]
@@ -566,5 +628,26 @@ mod tests {
     fn channel_names_per_target() {
         assert_eq!(Target::Switchyard.channel("bench", 3), "bench:3");
         assert_eq!(Target::Nats.channel("bench", 3), "bench.3");
+    }
+
+    #[test]
+    fn a_batch_returns_its_permits_with_its_last_reply() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut unacked = Unacked { queue: rx, front: None, replies: 0, failed: 0 };
+        let (stats, permits) = (AckStats::new(), Semaphore::new(0));
+        tx.send((Instant::now(), 3)).unwrap();
+        tx.send((Instant::now(), 1)).unwrap();
+        unacked.reply(false, &stats, &permits);
+        unacked.reply(true, &stats, &permits);
+        assert_eq!(permits.available_permits(), 0, "two replies of three return nothing");
+        unacked.reply(false, &stats, &permits);
+        assert_eq!(permits.available_permits(), 3);
+        assert_eq!((stats.acked.load(Relaxed), stats.errors.load(Relaxed)), (2, 1));
+        unacked.reply(false, &stats, &permits); // a batch of one (`--flow each`)
+        assert_eq!(permits.available_permits(), 4);
+        tx.send((Instant::now(), 64)).unwrap();
+        unacked.pong(&stats, &permits); // NATS: the PONG covers the whole batch
+        assert_eq!(permits.available_permits(), 68);
+        assert_eq!(stats.acked.load(Relaxed), 67);
     }
 }

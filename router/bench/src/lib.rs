@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
-pub use client::Target;
+pub use client::{Flow, Target};
 use report::{comparison_table, parse_reports, Report};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -91,6 +91,11 @@ pub struct BenchArgs {
     /// Unacknowledged publishes per publisher (NATS: PUBs per PING/PONG window).
     #[arg(long, default_value_t = 64)]
     pub inflight: usize,
+    /// When a publisher's permits come back: `batch` when a whole batch is acknowledged
+    /// (the rule NATS core imposes, so the default: both targets get the same load), or
+    /// `each` per acknowledged publish (Switchyard only).
+    #[arg(long, value_enum, default_value = "batch")]
+    pub flow: Flow,
     /// Payload (the JSON `data`) size in bytes; at least 58.
     #[arg(long, default_value_t = 100)]
     pub payload: usize,

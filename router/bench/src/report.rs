@@ -69,6 +69,9 @@ pub(crate) struct Params {
     pub subscribers_per_channel: usize,
     pub publishers: usize,
     pub inflight: usize,
+    /// When permits come back: `batch` or `each` (empty in reports from before the flag).
+    #[serde(default)]
+    pub flow: String,
     /// Total publishes/s over all publishers; None = as fast as acknowledged.
     pub rate: Option<f64>,
     pub payload_bytes: usize,
@@ -180,11 +183,12 @@ impl Report {
         } else {
             let _ = writeln!(
                 s,
-                "setup:              {} channels x {} subscribers, {} publishers x {} in flight, payload {} B, {}",
+                "setup:              {} channels x {} subscribers, {} publishers x {} in flight (acked per {}), payload {} B, {}",
                 p.channels,
                 p.subscribers_per_channel,
                 p.publishers,
                 p.inflight,
+                if p.flow == "each" { "publish" } else { "batch" },
                 p.payload_bytes,
                 p.rate.map(|r| format!("{r} publishes/s")).unwrap_or_else(|| "as fast as acknowledged".into())
             );

@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::client::{self, extract_timestamp, AckStats, Conn, Publisher, Target, Template};
+use super::client::{self, extract_timestamp, AckStats, Conn, Flow, Publisher, Target, Template};
 use super::report::{new_hist, ConnReport, LatencySummary, Params, Report, Totals};
 use super::sys::{self, now_micros};
 use super::{BenchArgs, Load};
@@ -224,7 +224,7 @@ pub(crate) async fn fanout(a: &BenchArgs, load: Load) -> Result<Report> {
     let mut pubs = Vec::new();
     for p in 0..publishers {
         let permits = Arc::new(Semaphore::new(a.inflight));
-        let mut publisher = Publisher::open(target, &load.pub_url, stats.clone(), permits.clone()).await?;
+        let mut publisher = Publisher::open(target, a.flow, &load.pub_url, stats.clone(), permits.clone()).await?;
         let templates: Vec<Template> =
             (0..channels).map(|ch| Template::new(target, &target.channel(&a.prefix, ch), a.payload)).collect();
         let (running, sent, expected, per_channel) =
@@ -266,6 +266,7 @@ pub(crate) async fn fanout(a: &BenchArgs, load: Load) -> Result<Report> {
                             Err(_) => break,
                         }
                     }
+                    publisher.begin_batch(batch);
                     for _ in 0..batch {
                         k += 1;
                         let ch = (p as u64 + k * publishers as u64) as usize % channels;
@@ -410,6 +411,10 @@ pub(crate) async fn fanout(a: &BenchArgs, load: Load) -> Result<Report> {
             subscribers_per_channel: m,
             publishers,
             inflight: a.inflight,
+            flow: match (target, a.flow) {
+                (Target::Switchyard, Flow::Each) => "each".into(),
+                _ => "batch".into(),
+            },
             rate: load.rate,
             payload_bytes: a.payload,
             connections: 0,
@@ -484,8 +489,9 @@ pub(crate) async fn connections(a: &BenchArgs) -> Result<Report> {
     // verify: one publish per channel reaches every connection
     let stats = AckStats::new();
     let permits = Arc::new(Semaphore::new(channels));
-    let mut publisher = Publisher::open(target, &a.url, stats.clone(), permits.clone()).await?;
+    let mut publisher = Publisher::open(target, a.flow, &a.url, stats.clone(), permits.clone()).await?;
     let mut expected = 0;
+    publisher.begin_batch(channels as u64);
     for ch in 0..channels {
         publisher
             .feed(Template::new(target, &target.channel(&a.prefix, ch), a.payload).build(ch as u64 + 1, 0))
