@@ -6,6 +6,13 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use switchyard_server::config::{Config, Overrides};
 
+/// mimalloc: per-thread free lists and size-class pages instead of glibc's arenas, which
+/// took about 4% of a fan-out run's samples (`_int_malloc`, `malloc_consolidate`,
+/// `unlink_chunk`). Built with `no_thp`: on transparent huge pages its arenas kept the
+/// memory freed after start-up (compiling the plugins) resident, 70 MB instead of 34 MB.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "A WebAssembly-extensible message router")]
 struct Cli {
