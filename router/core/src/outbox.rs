@@ -115,9 +115,11 @@ impl Outbox {
         match was_empty {
             None => {
                 if !self.slow.swap(true, Ordering::SeqCst) {
-                    // Every waiter (the session loop, a blocked write) enables itself before
-                    // it checks `is_slow`, so waking the registered ones loses no signal.
+                    // Every waiter (a blocked write) enables itself before it checks
+                    // `is_slow`, so waking the registered ones loses no signal; a waiting
+                    // `recv_all` returns.
                     self.slow_signal.notify_waiters();
+                    self.ready.wake();
                 }
                 Pushed::Slow
             }
@@ -136,12 +138,14 @@ impl Outbox {
 }
 
 impl Inbox {
-    /// Everything queued, oldest first, once there is something.
+    /// Everything queued, oldest first, once there is something; or nothing once the
+    /// connection is slow, so that a waiting session learns it without a second signal
+    /// to wait on. (It is then returned at once on every call: stop calling it.)
     pub async fn recv_all(&mut self) -> VecDeque<Delivery> {
         std::future::poll_fn(|cx| {
             self.outbox.ready.register(cx.waker());
             let all = self.try_recv_all();
-            if all.is_empty() {
+            if all.is_empty() && !self.outbox.is_slow() {
                 Poll::Pending
             } else {
                 Poll::Ready(all)
@@ -214,6 +218,17 @@ mod tests {
         assert!(o.is_slow());
         assert!(inbox.try_recv().is_some());
         assert_eq!(o.push(d(1)), Pushed::Slow, "slow is final");
+    }
+
+    /// A session waiting for pushes learns that its connection turned slow.
+    #[tokio::test]
+    async fn a_waiting_inbox_returns_when_the_connection_turns_slow() {
+        let (o, mut inbox) = outbox(10, 5);
+        let waiter = tokio::spawn(async move { inbox.recv_all().await.len() });
+        tokio::task::yield_now().await;
+        assert_eq!(o.push(d(6)), Pushed::Slow, "too large for the byte bound");
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await;
+        assert_eq!(got.expect("woken").unwrap(), 0, "nothing was queued");
     }
 
     #[test]

@@ -251,6 +251,9 @@ async fn push_loop(
 ) {
     loop {
         let burst = inbox.recv_all().await;
+        if burst.is_empty() {
+            return; // the link is too slow for its pushes: it is closing
+        }
         let (mut pushes, mut bytes) = (Vec::new(), 0);
         for d in burst {
             let remote = {

@@ -289,16 +289,14 @@ where
     }
 
     async fn serve(&mut self) -> Stop {
-        // The two stop signals are registered once, not on every wake-up of the loop.
-        let outbox = self.outbox.clone();
-        let mut slow = std::pin::pin!(outbox.slow_signal.notified());
-        slow.as_mut().enable();
+        // The shutdown signal is registered once, not on every wake-up of the loop. A slow
+        // connection ends `recv_all`'s wait.
         let mut shutdown = self.shutdown.clone();
         let mut shutdown = std::pin::pin!(stopping(&mut shutdown));
         loop {
-            // Checked on every turn, so the two signals' branches can come last: a wake-up
-            // for work does not poll them (`biased` stops at the first ready branch), and
-            // before the loop sleeps every branch has been polled and registered.
+            // Checked on every turn, so the shutdown branch can come last: a wake-up for
+            // work does not poll it (`biased` stops at the first ready branch), and before
+            // the loop sleeps every branch has been polled and registered.
             if self.outbox.is_slow() {
                 return Stop::Slow;
             }
@@ -315,7 +313,9 @@ where
                 }
                 // Pushes are corked in place (no second pass through this loop); while a
                 // reply's cork is on, they are written and the uncork flushes them.
+                // Nothing: the connection turned slow (the loop's top says so).
                 batch = self.inbox.recv_all() => match self.cork {
+                    _ if batch.is_empty() => Ok(()),
                     None => self.on_pushes(batch).await,
                     Some(_) => self.on_deliveries(batch).await,
                 },
@@ -335,7 +335,6 @@ where
                     self.queue(ready(frame));
                     Err(refusal.into())
                 }
-                _ = &mut slow => Err(Stop::Slow),
                 _ = &mut shutdown => Err(Stop::Shutdown),
             };
             if let Err(stop) = step {
