@@ -9,7 +9,6 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;

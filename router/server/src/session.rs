@@ -312,12 +312,12 @@ where
                     written
                 }
                 // Pushes are corked in place (no second pass through this loop); while a
-                // reply's cork is on, they are written and the uncork flushes them.
-                // Nothing: the connection turned slow (the loop's top says so).
-                batch = self.inbox.recv_all() => match self.cork {
-                    _ if batch.is_empty() => Ok(()),
-                    None => self.on_pushes(batch).await,
-                    Some(_) => self.on_deliveries(batch).await,
+                // reply's cork is on, they are written and the uncork flushes them. An
+                // empty batch: the connection turned slow (the loop's top ends it).
+                batch = self.inbox.recv_all() => match (batch.is_empty(), &self.cork) {
+                    (true, _) => Ok(()),
+                    (false, None) => self.on_pushes(batch).await,
+                    (false, Some(_)) => self.on_deliveries(batch).await,
                 },
                 // Replies waiting to be written pause reading at the byte budget: a client
                 // that pipelines reads and stops reading the answers holds at most about
