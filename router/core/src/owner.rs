@@ -547,8 +547,9 @@ impl Owner {
         if !self.sealed && matches!(cmd, OwnerCommand::Seal(..)) {
             return work.after.push(cmd);
         }
-        // A follower's copy is written by replication only.
-        if self.sealed || self.replication.is_following(self.partition) {
+        // A follower's copy is written by replication only, and a node that is no replica
+        // of a replicated partition (a deposed leader before its seal) writes nothing.
+        if self.sealed || self.replication.written_elsewhere(self.partition) {
             return self.refuse_sealed(cmd, work);
         }
         match cmd {

@@ -546,6 +546,21 @@ mod tests {
         assert_eq!((facts.committed, facts.top), (Some(2), 4));
     }
 
+    /// A node that is no replica of a replicated partition (a deposed leader before its
+    /// seal) acknowledges no write: written here, unreplicated, it would be lost.
+    #[tokio::test]
+    async fn a_node_outside_a_replicated_partition_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let p = parts.partition("room:4");
+        publish(&parts, "room:4", "1", None).await;
+        parts.replication.set_role(p, crate::replication::Role::Outside);
+        let refused = parts.publish(p, req("room:4", "2", None)).await.unwrap().await.unwrap();
+        assert_eq!(refused.unwrap_err().code, switchyard_proto::protocol::ErrorCode::Unavailable);
+        parts.replication.set_role(p, crate::replication::Role::None);
+        assert_eq!(publish(&parts, "room:4", "3", None).await.offset, 2, "single-copy mode writes");
+    }
+
     #[tokio::test]
     async fn a_full_outbox_marks_only_its_connection_slow() {
         let dir = tempfile::tempdir().unwrap();

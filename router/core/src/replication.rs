@@ -132,8 +132,13 @@ pub struct IsrChange {
 /// What this node is for a partition, by the installed map.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Role {
-    /// Neither leader nor follower.
+    /// Neither leader nor follower, in a map without replication (single-copy mode): the
+    /// partition's owner writes it unreplicated.
     None,
+    /// The map replicates the partition and this node is no replica of it: it must not
+    /// write it. (A deposed leader's owner may still hold queued writes until its seal;
+    /// written unreplicated, acknowledged and then lost, they would break the promise.)
+    Outside,
     /// The leader, with its followers (not itself) and the in-sync followers among them.
     Leader {
         /// This node's id.
@@ -256,6 +261,8 @@ struct LogState {
     leading: Option<Leading>,
     /// As a follower: the leader epoch followed and the position under it.
     following: Option<(u64, Pos)>,
+    /// [`Role::Outside`]: replicated elsewhere; nothing may be written here.
+    outside: bool,
     /// The next seq: this replica holds every batch below it (its log end). Loaded from the
     /// store at startup, advanced by the leader's appends and the follower's applies.
     seq_counter: u64,
@@ -440,6 +447,13 @@ impl Replication {
         self.state(p).following.is_some()
     }
 
+    /// True when `p` must not be written here: this node follows it, or the map
+    /// replicates it on other nodes only ([`Role::Outside`]).
+    pub fn written_elsewhere(&self, p: PartitionId) -> bool {
+        let st = self.state(p);
+        st.following.is_some() || st.outside
+    }
+
     /// The leader epoch this node leads `p` under.
     pub fn leader_epoch(&self, p: PartitionId) -> Option<u64> {
         self.state(p).leading.as_ref().map(|l| l.leader_epoch)
@@ -468,8 +482,9 @@ impl Replication {
     pub fn set_role(&self, p: PartitionId, role: Role) {
         let mut st = self.state(p);
         let before = st.leading.as_ref().map(|l| l.leader_epoch);
+        st.outside = role == Role::Outside;
         match role {
-            Role::None => {
+            Role::None | Role::Outside => {
                 st.leading = None;
                 st.following = None;
                 st.tail.clear();

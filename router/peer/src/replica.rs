@@ -47,7 +47,7 @@ fn role(node: &Router, m: &PartitionMap, p: PartitionId) -> Role {
     if m.followers(p).iter().any(|f| f == me) {
         return Role::Follower { leader_epoch: m.leader_epoch(p) };
     }
-    Role::None
+    Role::Outside
 }
 
 /// Before `new` is installed: partitions that become led here take their new role now (a
