@@ -25,6 +25,9 @@ pub struct Metrics {
     pub bytes_published: IntCounter,
     /// Push bytes written to client sockets.
     pub bytes_delivered: IntCounter,
+    /// Of `messages_delivered`, the pushes partition owners framed straight into a socket
+    /// its session had lent them (the direct path), with no session wake-up.
+    pub messages_delivered_direct: IntCounter,
     /// Publishes answered from the idempotency window instead of being stored again.
     pub publish_duplicates: IntCounter,
     /// Idempotency keys not remembered because the node's key budget was spent.
@@ -132,6 +135,10 @@ impl Metrics {
             messages_delivered: counter("switchyard_messages_delivered_total", "Message pushes written to clients"),
             bytes_published: counter("switchyard_bytes_published_total", "Payload bytes stored"),
             bytes_delivered: counter("switchyard_bytes_delivered_total", "Push bytes written to clients"),
+            messages_delivered_direct: counter(
+                "switchyard_messages_delivered_direct_total",
+                "Message pushes written by partition owners into sockets lent by their sessions",
+            ),
             publish_duplicates: counter(
                 "switchyard_publish_duplicates_total",
                 "Publishes answered from the idempotency window",

@@ -10,4 +10,4 @@ pub mod partition;
 pub mod protocol;
 mod text;
 
-pub use text::Text;
+pub use text::{ws_text_head, Text};

@@ -57,6 +57,26 @@ impl Text {
     }
 }
 
+/// The header of a server-to-client WebSocket text frame (FIN set, not masked) whose
+/// payload is `len` bytes: the buffer and how many of its bytes the header takes.
+pub fn ws_text_head(len: usize) -> ([u8; 10], usize) {
+    let mut head = [0u8; 10];
+    head[0] = 0x81; // FIN, text
+    let head_len = if len < 126 {
+        head[1] = len as u8;
+        2
+    } else if len <= u16::MAX as usize {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (head, head_len)
+}
+
 impl std::ops::Deref for Text {
     type Target = [u8];
 

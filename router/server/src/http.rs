@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::node::Node;
-use crate::socket::Socket;
+use crate::socket::{SharedTcp, Socket};
 use switchyard_core::owner::PublishRequest;
 use switchyard_proto::protocol::{self, ErrorCode, OpError};
 
@@ -379,7 +379,6 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
                 // Small buffers keep idle connections cheap; both grow when traffic needs it.
                 // Each side's future is allocated at its own size: the task itself stays
                 // small, whichever side is larger (an idle client costs its session only).
-                let io = TokioIo::new(upgraded);
                 match who {
                     Peer::Client => {
                         let config = WebSocketConfig::default()
@@ -387,12 +386,26 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
                             .write_buffer_size(WRITE_BUFFER)
                             .max_message_size(Some(max * 4 + 4096))
                             .max_frame_size(Some(max * 4 + 4096));
-                        let ws = WebSocketStream::from_raw_socket(Socket::new(io), Role::Server, Some(config)).await;
-                        Box::pin(crate::session::run(node, ws)).await
+                        // A plain TCP client's stream is shared, so that its session can
+                        // lend the write side to the owners (the outbox's direct path).
+                        match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+                            Ok(parts) => {
+                                let (io, sink) = SharedTcp::new(parts.io.into_inner(), parts.read_buf);
+                                let socket = Socket::with_sink(io, sink);
+                                let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(config)).await;
+                                Box::pin(crate::session::run(node, ws)).await
+                            }
+                            Err(upgraded) => {
+                                let socket = Socket::new(TokioIo::new(upgraded));
+                                let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(config)).await;
+                                Box::pin(crate::session::run(node, ws)).await
+                            }
+                        }
                     }
                     Peer::Node => {
                         let config = switchyard_peer::wire::ws_config();
-                        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                        let ws =
+                            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
                         Box::pin(switchyard_peer::serve(node.router.clone(), ws, "peer".into())).await
                     }
                 }

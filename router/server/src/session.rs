@@ -9,7 +9,9 @@
 //! the peer on the [`Heartbeat`] schedule, closing one that stops answering. What it writes
 //! during one pass of the runtime goes out in one flush at the end of the pass (the cork).
 //! It must never block an owner: owners only push into its [`Outbox`], and all waiting
-//! happens here.
+//! happens here. While it has nothing of its own to write and every subscription is live,
+//! it lends its socket's write side to the owners (the outbox's direct path), so a burst of
+//! pushes costs it no wake-up; anything that wakes it takes the socket back first.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -37,7 +39,7 @@ use crate::node::Node;
 use crate::socket::Socket;
 use switchyard_access::gate::{Gate, Refusal};
 use switchyard_access::user_sessions::{Beat, Heartbeat};
-use switchyard_core::outbox::{outbox, Delivery, Inbox, Outbox};
+use switchyard_core::outbox::{outbox, Delivery, DirectSink, Inbox, Outbox};
 use switchyard_core::owner::{Grant, PublishRequest, Start};
 use switchyard_peer::seats::{ClusterSeat, Seating};
 use switchyard_proto::protocol::{self, close, Command, Empty, ErrorCode, OpError, SubscribeOk};
@@ -158,6 +160,10 @@ struct Session<S> {
     cork: Option<BoxFuture<'static, ()>>,
     delivered: u64,
     delivered_bytes: u64,
+    /// The socket's write side, when it can be lent to the owners (plain TCP).
+    sink: Option<Arc<dyn DirectSink>>,
+    /// The write side is lent: owners write pushes themselves until it is taken back.
+    lent: bool,
     /// Who the client is, its seat and its publish bucket.
     gate: Gate,
     /// The seat under the cluster-wide per-user cap, held at the user's seat holder.
@@ -259,6 +265,7 @@ where
         let gate = Gate::new(now);
         let heartbeat = Heartbeat::new(now);
         let auth_deadline = gate.deadline(&node.access);
+        let sink = ws.get_ref().sink();
         Session {
             beat: Box::pin(tokio::time::sleep_until(heartbeat.deadline(&node.access.live().sessions))),
             auth_timer: Box::pin(tokio::time::sleep_until(auth_deadline.unwrap_or(now))),
@@ -285,6 +292,8 @@ where
             cork: None,
             delivered: 0,
             delivered_bytes: 0,
+            sink,
+            lent: false,
         }
     }
 
@@ -306,6 +315,7 @@ where
             let step = tokio::select! {
                 biased;
                 Some(out) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.take_socket_back();
                     let reserved = self.reserved.pop_front().unwrap_or_default();
                     let written = self.on_output(out).await;
                     self.reply_bytes -= reserved;
@@ -314,22 +324,31 @@ where
                 // Pushes are corked in place (no second pass through this loop); while a
                 // reply's cork is on, they are written and the uncork flushes them. An
                 // empty batch: the connection turned slow (the loop's top ends it).
-                batch = self.inbox.recv_all() => match (batch.is_empty(), &self.cork) {
-                    (true, _) => Ok(()),
-                    (false, None) => self.on_pushes(batch).await,
-                    (false, Some(_)) => self.on_deliveries(batch).await,
-                },
+                // The socket handed back by the direct path also ends the wait.
+                batch = self.inbox.recv_all() => {
+                    self.take_socket_back();
+                    match (batch.is_empty(), &self.cork) {
+                        (true, _) => Ok(()),
+                        (false, None) => self.on_pushes(batch).await,
+                        (false, Some(_)) => self.on_deliveries(batch).await,
+                    }
+                }
                 // Replies waiting to be written pause reading at the byte budget: a client
                 // that pipelines reads and stops reading the answers holds at most about
                 // one budget of them (the socket's write deadline then ends it).
                 frame = next_frame(&mut self.ws), if !self.reading_paused() => {
+                    self.take_socket_back();
                     self.on_frame(frame).await
                 }
-                _ = &mut self.beat => self.on_beat().await,
+                _ = &mut self.beat => {
+                    self.take_socket_back();
+                    self.on_beat().await
+                }
                 // After the branches that carry work: written frames wait for the end of the
                 // pass, so commands still to be read and pushes still to come share the flush.
                 () = corked(&mut self.cork) => self.uncork().await,
                 _ = &mut self.auth_timer, if self.auth_deadline.is_some() => {
+                    self.take_socket_back();
                     let refusal = self.gate.deadline_refusal();
                     let frame = self.reply_error(None, &refusal.error);
                     self.queue(ready(frame));
@@ -342,7 +361,62 @@ where
             }
             if self.cork.is_none() && (self.unflushed || !self.packed.is_empty()) {
                 self.cork = Some(Box::pin(tokio::task::yield_now()));
+            } else if self.cork.is_none() {
+                self.lend_socket();
             }
+        }
+    }
+
+    // === the direct path ===
+
+    /// Lends the socket's write side to the owners when the session has nothing of its
+    /// own in flight: no reply, nothing queued or held, and every subscription live (so
+    /// an owner's push needs nothing but its offset checked).
+    fn lend_socket(&mut self) {
+        let Some(sink) = &self.sink else { return };
+        if self.lent
+            || self.pack
+            || self.subs.is_empty()
+            || !self.pending.is_empty()
+            || self.held_bytes > 0
+            || self.ws.get_ref().queued() > 0
+            || *self.shutdown.borrow()
+        {
+            return;
+        }
+        let mut live = Vec::with_capacity(self.subs.len());
+        for (&sub, s) in &self.subs {
+            match s.phase {
+                Phase::Live { delivered } => live.push((sub, delivered)),
+                Phase::Pending(_) => return,
+            }
+        }
+        if self.inbox.enter_direct(sink.clone(), live) {
+            self.lent = true;
+            self.ws.get_mut().set_lent(true);
+        }
+    }
+
+    /// Takes the socket back from the owners: the offsets they wrote, and the bytes they
+    /// framed that the socket did not take yet, which go out before anything else.
+    fn take_socket_back(&mut self) {
+        if !std::mem::take(&mut self.lent) {
+            return;
+        }
+        let socket = self.ws.get_mut();
+        socket.set_lent(false);
+        if let Some(back) = self.inbox.leave_direct() {
+            for (sub, written) in back.subs {
+                if let Some(Sub { phase: Phase::Live { delivered }, .. }) = self.subs.get_mut(&sub) {
+                    *delivered = (*delivered).max(written);
+                }
+            }
+            socket.unshift_raw(back.unwritten);
+        }
+        // Those bytes, and whatever tungstenite queued meanwhile (a pong), go out with
+        // the next flush.
+        if socket.queued() > 0 {
+            self.unflushed = true;
         }
     }
 
@@ -873,6 +947,7 @@ where
     // === closing ===
 
     async fn finish(&mut self, stop: Stop) {
+        self.take_socket_back();
         // The connection is over: its seat is free now, not after the (up to
         // CLOSE_WRITE_TIMEOUT) close below, so a client reconnecting at once after 4029,
         // 4001 or 4100 is not refused with 4009.
@@ -985,12 +1060,12 @@ mod tests {
         WebSocketStream::from_raw_socket(client, Role::Client, None).await
     }
 
-    async fn send(ws: &mut Client, v: Value) {
+    async fn send<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, v: Value) {
         ws.send(Message::text(v.to_string())).await.unwrap();
     }
 
     /// The next JSON frame (pings are answered by tungstenite as they are read).
-    async fn next(ws: &mut Client) -> Value {
+    async fn next<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Value {
         loop {
             match ws.next().await.expect("open").expect("frame") {
                 Message::Text(t) => return serde_json::from_str(&t).unwrap(),
@@ -1045,6 +1120,54 @@ mod tests {
         assert_eq!((push["push"].as_str(), push["offset"].as_u64()), (Some("message"), Some(1)), "{push}");
         assert_eq!(push["data"], json!({"t": "hi"}));
         assert_eq!(push["epoch"], ack["ok"]["epoch"]);
+    }
+
+    /// Over real TCP an idle subscriber's session lends its socket's write side to the
+    /// owner, which writes the pushes itself; commands from the subscriber take the socket
+    /// back in between, and every message still arrives once and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lent_tcp_socket_delivers_every_push_once_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), |_| {});
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_node = node.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (io, sink) = crate::socket::SharedTcp::new(stream, Bytes::new());
+            let ws = WebSocketStream::from_raw_socket(Socket::with_sink(io, sink), Role::Server, None).await;
+            run(server_node, ws).await;
+        });
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut sub = WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+        send(&mut sub, json!({"id": 1, "op": "subscribe", "channel": "room:1"})).await;
+        assert_eq!(next(&mut sub).await["id"], 1);
+        let mut publisher = connect(&node).await;
+        const N: u64 = 300;
+        let read_all = async {
+            let (mut offsets, mut replies) = (Vec::new(), 0);
+            for i in 1..=N {
+                send(&mut publisher, json!({"id": i, "op": "publish", "channel": "room:1", "data": i})).await;
+                assert_eq!(next(&mut publisher).await["id"], i, "acknowledged");
+                if i % 25 == 0 {
+                    // A command: the session takes its socket back to answer it.
+                    send(&mut sub, json!({"id": 1000 + i, "op": "ping"})).await;
+                }
+            }
+            while offsets.len() < N as usize {
+                let v = next(&mut sub).await;
+                match v["push"].as_str() {
+                    Some("message") => offsets.push(v["offset"].as_u64().unwrap()),
+                    _ => replies += 1,
+                }
+            }
+            (offsets, replies)
+        };
+        let (offsets, replies) = tokio::time::timeout(Duration::from_secs(30), read_all).await.expect("in time");
+        assert_eq!(offsets, (1..=N).collect::<Vec<_>>(), "every push once, in order");
+        let direct = node.metrics.messages_delivered_direct.get();
+        assert!(direct > 0 && direct <= N, "the owner wrote pushes itself: {direct}");
+        assert!(replies <= N / 25, "{replies} replies");
     }
 
     #[tokio::test]

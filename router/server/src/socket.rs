@@ -9,6 +9,11 @@
 //! bytes to read, so that a session woken only for pushes does not poll its read side for
 //! nothing. It never blocks, never drops a queued byte, and never decides how much may
 //! wait: bounding the queue is the session's job ([`Socket::queued`]).
+//!
+//! A plain TCP connection is held as a [`SharedTcp`], so that its session can lend the
+//! stream's write side to the partition owners ([`Socket::sink`], the outbox's direct
+//! path). While it is lent ([`Socket::set_lent`]) the socket writes nothing itself: what
+//! tungstenite writes meanwhile waits in the queue, behind the bytes the session takes back.
 
 use std::collections::VecDeque;
 use std::io;
@@ -17,9 +22,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
+use switchyard_core::outbox::DirectSink;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 /// Queued frames are joined into writes of up to this many bytes...
 const JOINED_WRITE: usize = 64 * 1024;
@@ -107,6 +114,10 @@ pub(crate) struct Socket<S> {
     /// The last write found the socket full: the next attempt offers only the front piece,
     /// so a socket that stays full costs no joining per attempt.
     write_full: bool,
+    /// The write side, for the outbox's direct path (plain TCP only).
+    sink: Option<Arc<dyn DirectSink>>,
+    /// The write side is lent to the direct path: nothing is written from here.
+    lent: bool,
 }
 
 impl<S> Socket<S> {
@@ -121,28 +132,42 @@ impl<S> Socket<S> {
             ready,
             read_idle: false,
             write_full: false,
+            sink: None,
+            lent: false,
         }
+    }
+
+    /// The socket over `io`, whose write side `sink` may be lent to the direct path.
+    pub(crate) fn with_sink(io: S, sink: Arc<dyn DirectSink>) -> Self {
+        Socket { sink: Some(sink), ..Socket::new(io) }
+    }
+
+    /// The write side to lend, if this socket has one.
+    pub(crate) fn sink(&self) -> Option<Arc<dyn DirectSink>> {
+        self.sink.clone()
+    }
+
+    /// Marks the write side lent (nothing is written from here) or taken back.
+    pub(crate) fn set_lent(&mut self, lent: bool) {
+        self.lent = lent;
+    }
+
+    /// Puts bytes the direct path framed but did not write in front of everything queued:
+    /// they are the stream's next bytes (perhaps the rest of a frame it started).
+    pub(crate) fn unshift_raw(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        debug_assert_eq!(self.front_done, 0, "a lent socket writes nothing of its own");
+        self.queued += bytes.len();
+        self.queue.push_front(Chunk { head: [0; 10], head_len: 0, body: Body::Shared(bytes) });
     }
 
     /// Queues a text frame (server frames are not masked) whose payload is `body`.
     pub(crate) fn push_text(&mut self, body: Bytes) {
-        let mut head = [0u8; 10];
-        head[0] = 0x81; // FIN, text
-        let len = body.len();
-        let head_len = if len < 126 {
-            head[1] = len as u8;
-            2
-        } else if len <= u16::MAX as usize {
-            head[1] = 126;
-            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            4
-        } else {
-            head[1] = 127;
-            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-            10
-        };
-        self.queued += head_len as usize + len;
-        self.queue.push_back(Chunk { head, head_len, body: Body::Shared(body) });
+        let (head, head_len) = switchyard_proto::ws_text_head(body.len());
+        self.queued += head_len + body.len();
+        self.queue.push_back(Chunk { head, head_len: head_len as u8, body: Body::Shared(body) });
     }
 
     /// Bytes queued and not yet written.
@@ -261,6 +286,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Socket<S> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.lent {
+            // Written once the session takes the socket back (it flushes then).
+            return Poll::Ready(Ok(()));
+        }
         std::task::ready!(this.poll_drain(cx, 0))?;
         Pin::new(&mut this.io).poll_flush(cx)
     }
@@ -269,6 +298,75 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Socket<S> {
         let this = self.get_mut();
         std::task::ready!(this.poll_drain(cx, 0))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// A plain TCP stream shared between its session (reads, and writes while not lent) and the
+/// direct path ([`DirectSink`]). Bytes the HTTP layer read past the upgrade request come
+/// first.
+pub(crate) struct SharedTcp {
+    stream: Arc<TcpStream>,
+    early: Bytes,
+}
+
+impl SharedTcp {
+    /// The stream, after `early` (bytes already read from it).
+    pub(crate) fn new(stream: TcpStream, early: Bytes) -> (Self, Arc<dyn DirectSink>) {
+        let stream = Arc::new(stream);
+        (SharedTcp { stream: stream.clone(), early }, Arc::new(TcpSink(stream)))
+    }
+}
+
+/// The write side of a [`SharedTcp`], as lent to the direct path.
+struct TcpSink(Arc<TcpStream>);
+
+impl DirectSink for TcpSink {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+}
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early[..n]);
+            this.early.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            std::task::ready!(this.stream.poll_read_ready(cx))?;
+            match this.stream.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // What tokio's own stream does (a FIN), through a shared reference.
+        Poll::Ready(socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write))
     }
 }
 
