@@ -466,7 +466,7 @@ impl Owner {
             // Pushes framed into lent sockets go out before the owner waits again. (Deferring
             // the `send`s to the end of the runtime pass, a cork, halved the fan-out rate:
             // the deferred owners ran only once the worker had nothing else to do.)
-            self.flush_direct();
+            crate::outbox::flush_lent(&mut self.to_flush, &self.metrics);
             let cmd = tokio::select! {
                 biased;
                 Some(done) = self.adoptions.recv() => {
@@ -975,22 +975,6 @@ impl Owner {
                 }
             });
         }
-    }
-
-    /// Writes the pushes framed into lent sockets since the last flush, one `send` each.
-    fn flush_direct(&mut self) {
-        if self.to_flush.is_empty() {
-            return;
-        }
-        let (mut messages, mut bytes) = (0, 0);
-        for outbox in self.to_flush.drain(..) {
-            let flushed = outbox.flush_direct();
-            messages += flushed.messages;
-            bytes += flushed.bytes;
-        }
-        self.metrics.messages_delivered.inc_by(messages);
-        self.metrics.messages_delivered_direct.inc_by(messages);
-        self.metrics.bytes_delivered.inc_by(bytes);
     }
 
     /// Forgets a channel that holds nothing worth keeping in memory: never written (no

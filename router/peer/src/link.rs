@@ -302,11 +302,13 @@ async fn pump(
                     }
                     Ok(Frame::Pushes(pushes)) => {
                         let subs = link.subs.load();
+                        let mut lent = Vec::new();
                         for p in pushes {
                             if let Some(up) = subs.get(&p.sub) {
-                                up.on_push(p.sub, p.offset, p.frame, p.end);
+                                up.on_push(p.sub, p.offset, p.frame, p.end, &mut lent);
                             }
                         }
+                        switchyard_core::outbox::flush_lent(&mut lent, metrics);
                     }
                     Ok(Frame::Request { .. }) => return Err("peer sent a request on an outgoing link".into()),
                     Err(e) => return Err(format!("undecodable frame: {e}")),

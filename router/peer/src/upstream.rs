@@ -23,7 +23,7 @@ use tokio::sync::{watch, Notify};
 use super::link::Link;
 use super::wire::{Answer, ChannelInfo, Op, WireError};
 use crate::router::{Route, Router};
-use switchyard_core::outbox::{Delivery, Outbox, Pushed};
+use switchyard_core::outbox::{flush_lent, Delivery, Outbox, Pushed};
 use switchyard_core::owner::{grant_from, Grant, Start};
 use switchyard_proto::protocol::{self, close, ErrorCode, OpError};
 
@@ -92,8 +92,10 @@ impl Inner {
         self.locals.is_empty() && self.joining == 0
     }
 
-    /// Fans one pushed message out to every local subscriber, in offset order.
-    fn deliver(&mut self, offset: u64, frame: &Text) {
+    /// Fans one pushed message out to every local subscriber, in offset order. Sockets lent
+    /// by idle sessions take it directly and are added to `lent`, which the caller flushes
+    /// ([`flush_lent`]) once the lock is released.
+    fn deliver(&mut self, offset: u64, frame: &Text, lent: &mut Vec<Arc<Outbox>>) {
         if offset <= self.last {
             return;
         }
@@ -105,7 +107,14 @@ impl Inner {
         }
         // A closed outbox is a session (or long poll) that went away without unsubscribing.
         self.locals.retain(|(sub, outbox)| {
-            outbox.push(Delivery { sub: *sub, offset, frame: frame.clone(), end: false }) != Pushed::Closed
+            match outbox.push_direct(Delivery { sub: *sub, offset, frame: frame.clone(), end: false }) {
+                Pushed::Closed => false,
+                Pushed::Direct => {
+                    lent.push(outbox.clone());
+                    true
+                }
+                Pushed::Queued | Pushed::Slow => true,
+            }
         });
         self.last = offset;
     }
@@ -259,8 +268,9 @@ impl Upstreams {
 }
 
 impl Upstream {
-    /// A push from the owner (called by the link reader).
-    pub(crate) fn on_push(&self, sub: u64, offset: u64, frame: String, end: bool) {
+    /// A push from the owner (called by the link reader, which flushes `lent` after the
+    /// frame's last push).
+    pub(crate) fn on_push(&self, sub: u64, offset: u64, frame: String, end: bool, lent: &mut Vec<Arc<Outbox>>) {
         let mut g = self.inner.lock().expect("upstream");
         if g.reg.as_ref().map(|r| r.0) != Some(sub) || g.closed {
             return;
@@ -276,7 +286,7 @@ impl Upstream {
             g.held.clear();
             g.trouble = true;
         } else {
-            g.deliver(offset, &Text::from(frame));
+            g.deliver(offset, &Text::from(frame), lent);
             if !g.trouble && !g.idle() {
                 return;
             }
@@ -449,14 +459,17 @@ async fn register(node: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Recei
                     break;
                 }
                 let mut g = up.inner.lock().expect("upstream");
+                let mut lent = Vec::new();
                 for m in page.messages.iter().filter(|m| m.offset <= top) {
                     let frame = protocol::to_frame(&m.view(Some("message")));
                     // Compaction may leave holes: step over them.
                     g.last = g.last.max(m.offset - 1);
-                    g.deliver(m.offset, &frame);
+                    g.deliver(m.offset, &frame, &mut lent);
                 }
                 last = g.last.max(page.messages.last().map_or(last, |m| m.offset.min(top)));
                 g.last = last;
+                drop(g);
+                flush_lent(&mut lent, &node.metrics);
             }
         }
     }
@@ -464,10 +477,12 @@ async fn register(node: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Recei
     g.last = g.last.max(top);
     let held = std::mem::take(&mut g.held);
     g.live = true;
+    let mut lent = Vec::new();
     for (offset, frame) in &held {
-        g.deliver(*offset, frame);
+        g.deliver(*offset, frame, &mut lent);
     }
     drop(g);
+    flush_lent(&mut lent, &node.metrics);
     up.changes.send_modify(|n| *n += 1);
     Ok(downs)
 }
