@@ -312,6 +312,9 @@ pub(crate) struct SharedTcp {
 impl SharedTcp {
     /// The stream, after `early` (bytes already read from it).
     pub(crate) fn new(stream: TcpStream, early: Bytes) -> (Self, Arc<dyn DirectSink>) {
+        // `early` is a view into the HTTP layer's read buffer: kept as it is, it would
+        // keep that whole buffer alive for as long as the connection lasts.
+        let early = if early.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&early) };
         let stream = Arc::new(stream);
         (SharedTcp { stream: stream.clone(), early }, Arc::new(TcpSink(stream)))
     }
