@@ -605,7 +605,7 @@ impl Owner {
     /// A sealed partition stores nothing: writes are handed on to be forwarded to the new
     /// owner (or get [`SEALED`]), registrations get [`SEALED`].
     fn refuse_sealed(&mut self, cmd: OwnerCommand, work: &mut Work) {
-        let sealed = || OpError::new(switchyard_proto::protocol::ErrorCode::Unavailable, SEALED);
+        let sealed = || OpError::refused(switchyard_proto::refusal::Refusal::Sealed, SEALED);
         match cmd {
             OwnerCommand::Publish(req, reply) => match &self.forward {
                 Some(fwd) => {

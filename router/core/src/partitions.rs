@@ -214,7 +214,7 @@ impl Partitions {
     }
 
     /// Sends a command to the owner of `partition`, waiting only for mailbox space.
-    pub async fn send_to(&self, partition: PartitionId, cmd: OwnerCommand) -> Result<(), OpError> {
+    pub(crate) async fn send_to(&self, partition: PartitionId, cmd: OwnerCommand) -> Result<(), OpError> {
         self.owners[partition as usize]
             .send(cmd)
             .await
@@ -227,9 +227,24 @@ impl Partitions {
         let _ = self.adoptions[partition as usize].send(done);
     }
 
+    /// Seals `partition` (it moved away): its owner ends every subscription with 4100 and
+    /// `reason`, drops its in-memory state and refuses later writes with
+    /// [`Refusal::Sealed`](switchyard_proto::refusal::Refusal::Sealed). Returns once every
+    /// write it accepted before is durable and the seal is done.
+    pub async fn seal(&self, partition: PartitionId, reason: String) -> Result<(), OpError> {
+        self.ask(partition, |done| OwnerCommand::Seal(reason, Some(done))).await
+    }
+
+    /// [`Partitions::seal`] without waiting, for callers that must not await (the map
+    /// install runs in the etcd watch loop): the seal is queued behind what is in the
+    /// mailbox.
+    pub fn seal_later(&self, partition: PartitionId, reason: String) {
+        self.hold(partition, OwnerCommand::Seal(reason, None));
+    }
+
     /// Puts `cmd` in `partition`'s mailbox without waiting (a full mailbox hands it to a
     /// task), for callers that must not await.
-    pub fn hold(&self, partition: PartitionId, cmd: OwnerCommand) {
+    pub(crate) fn hold(&self, partition: PartitionId, cmd: OwnerCommand) {
         let tx = &self.owners[partition as usize];
         if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(cmd) {
             let tx = tx.clone();

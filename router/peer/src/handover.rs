@@ -16,27 +16,25 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::chunks;
 use crate::router::Router;
-use crate::wire::{Answer, Chunk, Op};
-use switchyard_core::owner::{Forward, OwnerCommand};
+use crate::wire::{Answer, Op, WireError};
+use switchyard_core::owner::Forward;
 use switchyard_proto::partition::{PartitionId, PartitionMap};
 use switchyard_proto::protocol::{ErrorCode, OpError};
+use switchyard_proto::refusal::Refusal;
 
-/// Messages per handover chunk.
-const CHUNK_MESSAGES: usize = 2000;
-/// Payload bytes per handover chunk (a chunk may exceed it by one message).
-const CHUNK_BYTES: usize = 4 << 20;
-/// Channels whose metadata one chunk carries.
-const CHUNK_CHANNELS: usize = 1000;
 /// Deadline of one pull.
 const PULL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the new owner keeps trying to reach a live old owner before it starts the
 /// partition from what it has.
 const HANDOVER_DEADLINE: Duration = Duration::from_secs(30);
 
-/// The message of the error a node answers a pull with when its copy of the partition is
-/// not authoritative: it is still adopting it, or gave an adoption up half-way.
-pub(crate) const NOT_ADOPTED: &str = "partition not adopted here (yet)";
+/// The error a node answers a pull with when its copy of the partition is not
+/// authoritative: it is still adopting it, or gave an adoption up half-way.
+fn not_adopted() -> OpError {
+    OpError::refused(Refusal::NotAdopted, "partition not adopted here (yet)")
+}
 
 /// Called with a new map before it is installed: for every partition it moves here that
 /// was not adopted yet, closes the partition's mailbox (so nothing routed by the new map
@@ -87,7 +85,7 @@ pub(crate) fn after_install(node: &Arc<Router>, before: &PartitionMap) {
                 node.partitions.handovers.sealed.lock().expect("handovers").insert(p, moved_at);
             }
             // Never wait here (this runs in the etcd watch loop): a held mailbox takes it later.
-            node.partitions.hold(p, OwnerCommand::Seal(reason, None));
+            node.partitions.seal_later(p, reason);
         }
     }
 }
@@ -101,7 +99,7 @@ pub(crate) async fn forward_sealed(
     while let Some(write) = writes.recv().await {
         let Some(node) = node.upgrade() else { return };
         tokio::spawn(async move {
-            let sealed = || OpError::new(ErrorCode::Unavailable, switchyard_core::owner::SEALED);
+            let sealed = || OpError::refused(Refusal::Sealed, switchyard_core::owner::SEALED);
             match write {
                 Forward::Publish(req, reply) => {
                     // Only ever onwards: a partition still local here would come back sealed.
@@ -211,14 +209,48 @@ async fn start_fresh(node: &Router, p: PartitionId, moved_at: u64) -> Result<(),
     batch.write(true).await
 }
 
+/// Why a new owner gave up pulling a partition (it then starts it from what it has).
+#[derive(Debug, thiserror::Error)]
+enum PullError {
+    /// Peer links are off (no `cluster.secret`).
+    #[error("peer links are off (no cluster.secret)")]
+    NoLinks,
+    /// The old owner is not a member any more.
+    #[error("old owner {0} is not a member any more")]
+    Gone(String),
+    /// The old owner left while it was adopting the partition itself.
+    #[error("old owner {0} left while adopting the partition")]
+    LeftAdopting(String),
+    /// The old owner answered a pull with another answer.
+    #[error("old owner answered a pull with another answer")]
+    WrongAnswer,
+    /// Pulls kept failing until the deadline, or the old owner left.
+    #[error("pulling from {from} failed: {message}")]
+    Failed {
+        /// The old owner.
+        from: String,
+        /// The last failure.
+        message: String,
+    },
+    /// Writing here failed.
+    #[error(transparent)]
+    Store(#[from] switchyard_store::StoreError),
+}
+
 /// Copies partition `p` from `from`; returns the number of messages moved.
 /// `map` is the epoch of the map that gave `p` here (this runs before it is installed).
-async fn pull_all(node: &Arc<Router>, p: PartitionId, from: &str, moved_at: u64, map: u64) -> Result<Pulled, String> {
-    let links = node.peers.as_ref().ok_or("peer links are off (no cluster.secret)")?;
+async fn pull_all(
+    node: &Arc<Router>,
+    p: PartitionId,
+    from: &str,
+    moved_at: u64,
+    map: u64,
+) -> Result<Pulled, PullError> {
+    let links = node.peers.as_ref().ok_or(PullError::NoLinks)?;
     let mut deadline = Instant::now() + HANDOVER_DEADLINE;
     let alive = |n: &Router| n.members().contains_key(from);
     if !alive(node) {
-        return Err(format!("old owner {from} is not a member any more"));
+        return Err(PullError::Gone(from.to_string()));
     }
     let mut cursor = None;
     let mut cleared = false;
@@ -237,20 +269,20 @@ async fn pull_all(node: &Arc<Router>, p: PartitionId, from: &str, moved_at: u64,
         };
         let chunk = match answer {
             Ok(Answer::Chunk(c)) => c,
-            Ok(_) => return Err("old owner answered a pull with another answer".into()),
-            Err(e) if e.message == NOT_ADOPTED && !cleared => {
+            Ok(_) => return Err(PullError::WrongAnswer),
+            Err(WireError { refusal: Some(Refusal::NotAdopted), .. }) if !cleared => {
                 if node.partitions.handovers.release(p) {
                     // This node handed the partition out and it never arrived anywhere:
                     // its own copy is complete.
                     let mut batch = node.partitions.store.batch();
                     batch.put_adopted(p, moved_at);
-                    batch.write(true).await.map_err(|e| e.to_string())?;
+                    batch.write(true).await?;
                     return Ok(Pulled::KeptOwn);
                 }
                 // The old owner is itself still adopting it (a chained move): wait for it,
                 // without counting against the deadline while it is alive.
                 if !alive(node) {
-                    return Err(format!("old owner {from} left while adopting the partition"));
+                    return Err(PullError::LeftAdopting(from.to_string()));
                 }
                 deadline = Instant::now() + HANDOVER_DEADLINE;
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -258,7 +290,7 @@ async fn pull_all(node: &Arc<Router>, p: PartitionId, from: &str, moved_at: u64,
             }
             Err(e) => {
                 if Instant::now() > deadline || !alive(node) {
-                    return Err(format!("pulling from {from} failed: {}", e.message));
+                    return Err(PullError::Failed { from: from.to_string(), message: e.message });
                 }
                 tracing::debug!(partition = p, %from, error = %e.message, "pull failed; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -267,18 +299,18 @@ async fn pull_all(node: &Arc<Router>, p: PartitionId, from: &str, moved_at: u64,
         };
         if !cleared {
             // A stale copy from an earlier ownership goes before the first chunk lands.
-            node.partitions.store.clear_partition(p).await.map_err(|e| e.to_string())?;
+            node.partitions.store.clear_partition(p).await?;
             cleared = true;
         }
         moved += chunk.messages.len() as u64;
         let next = chunk.next.clone();
         let mut batch = node.partitions.store.batch();
-        stage_chunk(&mut batch, p, &chunk);
+        chunks::stage(&mut batch, p, &chunk);
         if next.is_none() {
             batch.put_adopted(p, moved_at);
         }
         // Only the last batch needs the fsync: it covers every earlier one.
-        batch.write(next.is_none()).await.map_err(|e| e.to_string())?;
+        batch.write(next.is_none()).await?;
         match next {
             Some(c) => cursor = Some(c),
             None => {
@@ -286,20 +318,6 @@ async fn pull_all(node: &Arc<Router>, p: PartitionId, from: &str, moved_at: u64,
                 return Ok(Pulled::Moved(moved));
             }
         }
-    }
-}
-
-/// Adds one chunk of partition `p` (channel metadata, consumer offsets, messages) to a
-/// store batch: a handover pull and a replica snapshot store chunks the same way.
-pub(crate) fn stage_chunk(batch: &mut switchyard_store::Batch<'_>, p: PartitionId, chunk: &Chunk) {
-    for (name, meta, consumers) in &chunk.channels {
-        batch.put_meta(p, name, meta);
-        for (consumer, offset) in consumers {
-            batch.put_consumer(p, name, consumer, *offset);
-        }
-    }
-    for (name, offset, msg) in &chunk.messages {
-        batch.put_message(p, name, *offset, msg);
     }
 }
 
@@ -323,94 +341,17 @@ pub(crate) async fn serve_pull(
     }
     let h = &node.partitions.handovers;
     if h.is_adopting(p) || h.incomplete.lock().expect("handovers").contains(&p) {
-        return Err(OpError::new(ErrorCode::Unavailable, NOT_ADOPTED));
+        return Err(not_adopted());
     }
     if map.owner(p) == Some(node.node_id.as_str()) {
         return Err(OpError::new(ErrorCode::Unavailable, format!("partition {p} is owned here")));
     }
     if cursor.is_none() {
-        let (tx, rx) = oneshot::channel();
         node.partitions.handovers.sealed.lock().expect("handovers").insert(p, moved_at);
         let reason = format!("partition moved (map epoch {moved_at}); subscribe again");
-        node.partitions.send_to(p, OwnerCommand::Seal(reason, Some(tx))).await?;
-        rx.await.map_err(|_| OpError::new(ErrorCode::Unavailable, "owner stopped"))?;
+        node.partitions.seal(p, reason).await?;
     }
-    let store = node.partitions.store.clone();
-    tokio::task::spawn_blocking(move || read_chunk(&store, p, cursor, None))
-        .await
-        .map_err(|e| OpError::internal(e.to_string()))?
-        .map(Answer::Chunk)
-        .map_err(|e| OpError::internal(e.to_string()))
-}
-
-/// The next chunk of sealed partition `p` after `cursor`: `(channel, offset)` means the
-/// channel's metadata and its messages up to `offset` were sent. With `only` (sorted),
-/// just those of the named channels the store holds.
-pub(crate) fn read_chunk(
-    store: &switchyard_store::Store,
-    p: PartitionId,
-    cursor: Option<(String, u64)>,
-    only: Option<&[String]>,
-) -> Result<Chunk, switchyard_store::StoreError> {
-    let mut chunk = Chunk { channels: Vec::new(), messages: Vec::new(), next: None };
-    let mut bytes = 0usize;
-    // One past the channels a chunk may start, plus the one being resumed.
-    let from = cursor.as_ref().map(|c| c.0.as_str());
-    let listed = match only {
-        None => store.partition_channels(p, from, CHUNK_CHANNELS + 2)?,
-        Some(names) => {
-            let mut out = Vec::new();
-            for name in names.iter().filter(|n| from.is_none_or(|f| n.as_str() >= f)) {
-                if out.len() == CHUNK_CHANNELS + 2 {
-                    break;
-                }
-                if let Some(meta) = store.channel_meta(p, name)? {
-                    out.push((name.clone(), meta));
-                }
-            }
-            out
-        }
-    };
-    for (name, meta) in listed {
-        let mut after = match &cursor {
-            Some((c, o)) if *c == name => *o,
-            _ => {
-                if chunk.channels.len() >= CHUNK_CHANNELS {
-                    break;
-                }
-                let consumers = store.consumers_of(p, &name)?;
-                bytes += name.len() + 64 + consumers.iter().map(|(c, _)| c.len() + 16).sum::<usize>();
-                chunk.channels.push((name.clone(), meta.clone(), consumers));
-                0
-            }
-        };
-        loop {
-            // Small reads, so the byte budget is kept to within a few messages.
-            let room = (CHUNK_MESSAGES - chunk.messages.len()).min(16);
-            let rows = store.read_messages(p, &name, after, meta.top, room)?;
-            let full = rows.len() == room;
-            for (offset, msg) in rows {
-                // Every byte the frame carries: keys and ids can outweigh the payload.
-                bytes += msg.encoded_len() + name.len();
-                after = offset;
-                chunk.messages.push((name.clone(), offset, msg));
-            }
-            if chunk.messages.len() >= CHUNK_MESSAGES || bytes >= CHUNK_BYTES {
-                chunk.next = Some((name, after));
-                return Ok(chunk);
-            }
-            if !full {
-                break;
-            }
-        }
-        // This channel is complete.
-        chunk.next = Some((name, u64::MAX));
-    }
-    // Ran out of channels (or of room for metadata, which `next` then resumes after).
-    if chunk.channels.len() < CHUNK_CHANNELS {
-        chunk.next = None;
-    }
-    Ok(chunk)
+    chunks::read_blocking(&node.partitions.store, p, cursor, None).await.map(Answer::Chunk)
 }
 
 /// The new owner has `p` durably: drop the copy here, unless the partition came back.
@@ -431,105 +372,4 @@ pub(crate) async fn serve_pulled(node: &Arc<Router>, p: PartitionId, moved_at: u
     node.partitions.handovers.release(p);
     tracing::info!(partition = p, moved_at, "partition taken by its new owner; local copy dropped");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use switchyard_metrics::Metrics;
-    use switchyard_store::FsyncPolicy;
-    use switchyard_store::{ChannelMeta, Store, StoredMessage};
-
-    fn msg(i: u64, size: usize) -> StoredMessage {
-        StoredMessage { ts: i, key: None, from: None, idem: Some(format!("k{i}")), data: "7".repeat(size) }
-    }
-
-    /// Pulls every chunk of `p` the way a new owner does.
-    fn pull(store: &Store, p: PartitionId) -> (Vec<Chunk>, usize) {
-        let (mut cursor, mut chunks) = (None, Vec::new());
-        loop {
-            let c = read_chunk(store, p, cursor.clone(), None).unwrap();
-            cursor = c.next.clone();
-            chunks.push(c);
-            if cursor.is_none() {
-                let n = chunks.len();
-                return (chunks, n);
-            }
-        }
-    }
-
-    /// Keys and idempotency keys count against the budget: 2,100 messages with 64 KB keys
-    /// (the size that once overflowed the 64 MiB peer frame and lost a partition) move in
-    /// chunks whose encoded frames stay far below the limit, and every message arrives.
-    #[tokio::test]
-    async fn large_keys_count_against_the_chunk_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
-        let mut b = store.batch();
-        let big = |i: u64| StoredMessage {
-            ts: i,
-            key: Some(format!("{i}:{}", "k".repeat(64_000))),
-            from: Some("alice".into()),
-            idem: Some(format!("{i}:{}", "i".repeat(64_000))),
-            data: "1".into(),
-        };
-        for i in 1..=2100 {
-            b.put_message(6, "keys", i, &big(i));
-        }
-        b.put_meta(6, "keys", &ChannelMeta { epoch: "K".into(), top: 2100, first: 1, count: 2100, bytes: 0 });
-        b.write(true).await.unwrap();
-        let (chunks, n) = pull(&store, 6);
-        assert!(n > 30, "split by bytes, not by message count: {n} chunks");
-        for c in &chunks {
-            let frame = crate::wire::encode(&crate::wire::Frame::Reply { id: 1, result: Ok(Answer::Chunk(c.clone())) });
-            assert!(frame.len() < CHUNK_BYTES * 2, "a chunk frame of {} bytes", frame.len());
-        }
-        let offsets: Vec<u64> = chunks.iter().flat_map(|c| &c.messages).map(|m| m.1).collect();
-        assert_eq!(offsets, (1..=2100).collect::<Vec<_>>());
-    }
-
-    #[tokio::test]
-    async fn chunks_carry_every_channel_message_and_consumer_once_within_the_size_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
-        let mut b = store.batch();
-        // One big channel (5,000 messages of 2 KiB: over the message and byte budgets), many
-        // small ones, and a neighbour partition that must not leak in.
-        for i in 1..=5000 {
-            b.put_message(4, "big", i, &msg(i, 2048));
-        }
-        b.put_meta(4, "big", &ChannelMeta { epoch: "E".into(), top: 5000, first: 1, count: 5000, bytes: 0 });
-        b.put_consumer(4, "big", "svc", 4000);
-        for c in 0..1500 {
-            let name = format!("small:{c:04}");
-            b.put_message(4, &name, 1, &msg(1, 10));
-            b.put_meta(4, &name, &ChannelMeta { epoch: "S".into(), top: 1, first: 1, count: 1, bytes: 0 });
-        }
-        b.put_message(5, "other", 1, &msg(1, 10));
-        b.put_meta(5, "other", &ChannelMeta { epoch: "O".into(), top: 1, first: 1, count: 1, bytes: 0 });
-        b.write(true).await.unwrap();
-
-        let (chunks, n) = pull(&store, 4);
-        assert!(n > 3, "split into several chunks: {n}");
-        for c in &chunks {
-            let bytes: usize = c.messages.iter().map(|m| m.2.encoded_len() + m.0.len()).sum();
-            assert!(bytes <= CHUNK_BYTES + 16 * 2048, "chunk of {bytes} bytes");
-            assert!(c.messages.len() <= CHUNK_MESSAGES && c.channels.len() <= CHUNK_CHANNELS);
-        }
-        let channels: Vec<&String> = chunks.iter().flat_map(|c| c.channels.iter().map(|x| &x.0)).collect();
-        assert_eq!(channels.len(), 1501, "every channel's metadata once");
-        assert!(!channels.iter().any(|c| c.as_str() == "other"));
-        let big: Vec<u64> = chunks.iter().flat_map(|c| &c.messages).filter(|m| m.0 == "big").map(|m| m.1).collect();
-        assert_eq!(big, (1..=5000).collect::<Vec<_>>(), "every message once, in order");
-        let small = chunks.iter().flat_map(|c| &c.messages).filter(|m| m.0 != "big").count();
-        assert_eq!(small, 1500);
-        let consumers: Vec<_> = chunks.iter().flat_map(|c| &c.channels).flat_map(|x| x.2.clone()).collect();
-        assert_eq!(consumers, vec![("svc".to_string(), 4000)]);
-
-        // Clearing removes exactly the partition.
-        store.clear_partition(4).await.unwrap();
-        assert!(store.partition_channels(4, None, usize::MAX).unwrap().is_empty());
-        assert_eq!(store.partition_channels(5, None, usize::MAX).unwrap().len(), 1);
-        assert!(store.read_messages(4, "big", 0, 5000, 10).unwrap().is_empty());
-    }
 }

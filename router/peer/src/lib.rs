@@ -10,7 +10,10 @@
 //! conversion shared with the server). It must never import etcd-client or read etcd: the
 //! map and the member list arrive on `watch` channels, and every remote call has a deadline.
 
-mod forward;
+mod call;
+mod chunks;
+mod dispatch;
+mod endpoint;
 mod handover;
 mod link;
 mod replica;
@@ -20,5 +23,5 @@ mod upstream;
 pub mod wire;
 pub mod ws;
 
-pub use forward::serve;
+pub use endpoint::serve;
 pub use router::{Route, Router, Settings};

@@ -21,7 +21,8 @@ use tokio_tungstenite::tungstenite::Message;
 use super::upstream::Upstream;
 use super::wire::{self, Answer, Frame, Op, WireError};
 use crate::router::Router;
-use switchyard_proto::protocol::{ErrorCode, OpError};
+use switchyard_proto::protocol::OpError;
+use switchyard_proto::refusal::Refusal;
 
 /// Requests that may wait for one link before callers get `unavailable`.
 const QUEUE: usize = 4096;
@@ -29,13 +30,13 @@ const QUEUE: usize = 4096;
 type Waiter = oneshot::Sender<Result<Answer, WireError>>;
 
 /// How the message of an error for a request whose reply never came ends: the owner may
-/// or may not have run it.
+/// or may not have run it (for people: the caller acts on [`Refusal::Lost`]).
 const OUTCOME_UNKNOWN: &str = "outcome unknown";
 
-/// True for an error made here because the link failed before the reply came (the owner
-/// may or may not have run the request), as opposed to an answer from the owner.
-pub(crate) fn is_lost(e: &WireError) -> bool {
-    e.redirect.is_none() && e.message.ends_with(OUTCOME_UNKNOWN)
+/// An error made here because the link failed before the reply came (the owner may or
+/// may not have run the request), as opposed to an answer from the owner.
+fn lost(message: String) -> WireError {
+    WireError::op(&OpError::refused(Refusal::Lost, message))
 }
 
 /// One peer link.
@@ -70,10 +71,6 @@ pub(crate) struct Links {
     node: Weak<Router>,
     dial: Arc<Dial>,
     links: ArcSwap<HashMap<String, Arc<Link>>>,
-}
-
-fn unavailable(message: impl Into<String>) -> OpError {
-    OpError::new(ErrorCode::Unavailable, message)
 }
 
 impl Links {
@@ -130,7 +127,7 @@ impl Link {
         let bytes = wire::encode_request(id, epoch, op);
         if link.tx.try_send((id, bytes)).is_err() {
             link.pending.lock().expect("pending").remove(&id);
-            return Err(WireError::op(&unavailable(format!("peer link to {peer} is full"))));
+            return Err(WireError::op(&OpError::refused(Refusal::Unavailable, format!("peer link to {peer} is full"))));
         }
         Ok(Pending { link, id, rx })
     }
@@ -150,10 +147,8 @@ impl Pending {
         let peer = self.link.peer.clone();
         match tokio::time::timeout(limit, &mut self.rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(WireError::op(&unavailable(format!("peer link to {peer} lost; {OUTCOME_UNKNOWN}")))),
-            Err(_) => {
-                Err(WireError::op(&unavailable(format!("no reply from {peer} within {limit:?}; {OUTCOME_UNKNOWN}"))))
-            }
+            Ok(Err(_)) => Err(lost(format!("peer link to {peer} lost; {OUTCOME_UNKNOWN}"))),
+            Err(_) => Err(lost(format!("no reply from {peer} within {limit:?}; {OUTCOME_UNKNOWN}"))),
         }
     }
 }
@@ -191,9 +186,47 @@ impl Link {
     fn fail_pending(&self, why: &str) {
         let waiters: Vec<Waiter> = self.pending.lock().expect("pending").drain().map(|(_, w)| w).collect();
         for w in waiters {
-            let _ = w.send(Err(WireError::op(&unavailable(format!("peer link to {} {why}", self.peer)))));
+            let _ = w.send(Err(lost(format!("peer link to {} {why}", self.peer))));
         }
     }
+}
+
+/// Why a link's connection failed or ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkError {
+    /// The peer's URL is `http://` and plaintext links are off.
+    #[error("refusing a plaintext link to {0} (cluster.allow_plaintext_peers = false)")]
+    Plaintext(String),
+    /// The peer's URL is `https://` and no CA verifies it.
+    #[error("peer URL is https:// but cluster.peer_ca_file is not set")]
+    NoCa,
+    /// The member list has no address for the peer.
+    #[error("no address for node {0}")]
+    NoAddress(String),
+    /// The peer's URL or the secret cannot go into an upgrade request.
+    #[error("bad peer request: {0}")]
+    Request(String),
+    /// Connecting (TCP, TLS) failed.
+    #[error("connecting failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The TLS handshake with the peer failed.
+    #[error("TLS with the peer failed: {0}")]
+    Tls(std::io::Error),
+    /// The WebSocket upgrade or the connection failed.
+    #[error("peer WebSocket failed: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The connect took longer than its deadline.
+    #[error("connect timed out")]
+    Timeout,
+    /// The peer sent what this side never accepts.
+    #[error("peer sent a request on an outgoing link")]
+    Unexpected,
+    /// The peer sent bytes that are no frame.
+    #[error("undecodable frame: {0}")]
+    Decode(#[from] wire::DecodeError),
+    /// The peer closed the link.
+    #[error("closed")]
+    Closed,
 }
 
 /// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
@@ -210,7 +243,7 @@ async fn run(node: Weak<Router>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
         drop(n);
         let result = match url {
             Some(url) => pump(&url, &dial, &link, &mut rx, &metrics).await,
-            None => Err(format!("no address for node {}", link.peer)),
+            None => Err(LinkError::NoAddress(link.peer.clone())),
         };
         metrics.peer_link_up.with_label_values(&[&link.peer]).set(0);
         if let Err(e) = result {
@@ -241,30 +274,30 @@ async fn run(node: Weak<Router>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
 
 /// Connects to `url` (`http://` or `https://`) and upgrades to the `/peer` WebSocket,
 /// sending the secret only over TLS unless plaintext peers are allowed.
-async fn connect(url: &str, dial: &Dial) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, String> {
+async fn connect(url: &str, dial: &Dial) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, LinkError> {
     let tls = url.starts_with("https://");
     if !tls && !dial.allow_plaintext {
-        return Err(format!("refusing a plaintext link to {url} (cluster.allow_plaintext_peers = false)"));
+        return Err(LinkError::Plaintext(url.to_string()));
     }
     let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
-    let mut req = ws_url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let mut req = ws_url.as_str().into_client_request()?;
     let h = req.headers_mut();
-    h.insert(wire::SECRET_HEADER, HeaderValue::from_str(&dial.secret).map_err(|e| e.to_string())?);
-    let host = req.uri().host().ok_or("peer URL has no host")?.trim_matches(['[', ']']).to_string();
+    let secret = HeaderValue::from_str(&dial.secret).map_err(|e| LinkError::Request(e.to_string()))?;
+    h.insert(wire::SECRET_HEADER, secret);
+    h.insert(wire::WIRE_HEADER, HeaderValue::from(wire::WIRE_VERSION));
+    let host = req.uri().host().ok_or_else(|| LinkError::Request("peer URL has no host".into()))?;
+    let host = host.trim_matches(['[', ']']).to_string();
     let port = req.uri().port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
     let io: Box<dyn Io> = if tls {
-        let config = dial.tls.clone().ok_or("peer URL is https:// but cluster.peer_ca_file is not set")?;
-        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
-        let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await;
-        Box::new(stream.map_err(|e| format!("TLS with the peer failed: {e}"))?)
+        let config = dial.tls.clone().ok_or(LinkError::NoCa)?;
+        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| LinkError::Request(e.to_string()))?;
+        Box::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(LinkError::Tls)?)
     } else {
         Box::new(tcp)
     };
-    let (ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(wire::ws_config()))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(wire::ws_config())).await?;
     Ok(ws)
 }
 
@@ -274,10 +307,9 @@ async fn pump(
     link: &Link,
     rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
     metrics: &switchyard_metrics::Metrics,
-) -> Result<(), String> {
-    let ws = tokio::time::timeout(Duration::from_secs(2), connect(url, dial))
-        .await
-        .map_err(|_| "connect timed out".to_string())??;
+) -> Result<(), LinkError> {
+    let ws =
+        tokio::time::timeout(Duration::from_secs(2), connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
     let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
     metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
     metrics.peer_connects.with_label_values(&[&link.peer]).inc();
@@ -291,7 +323,7 @@ async fn pump(
                 if !link.pending.lock().expect("pending").contains_key(&id) {
                     continue;
                 }
-                sink.send(Message::Binary(bytes.into())).await.map_err(|e| e.to_string())?;
+                sink.send(Message::Binary(bytes.into())).await?;
             }
             msg = stream.next() => match msg {
                 Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
@@ -310,12 +342,12 @@ async fn pump(
                         }
                         switchyard_core::outbox::flush_lent(&mut lent, metrics);
                     }
-                    Ok(Frame::Request { .. }) => return Err("peer sent a request on an outgoing link".into()),
-                    Err(e) => return Err(format!("undecodable frame: {e}")),
+                    Ok(Frame::Request { .. }) => return Err(LinkError::Unexpected),
+                    Err(e) => return Err(e.into()),
                 },
-                Some(Ok(Message::Close(_))) | None => return Err("closed".into()),
+                Some(Ok(Message::Close(_))) | None => return Err(LinkError::Closed),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.to_string()),
+                Some(Err(e)) => return Err(e.into()),
             }
         }
     }

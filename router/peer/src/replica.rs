@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use switchyard_core::replication::{apply_ops, touched, truncation_point, with_epoch, FetchError, ReplOp, Role};
 use switchyard_proto::partition::{PartitionId, PartitionMap};
 use switchyard_proto::protocol::{ErrorCode, OpError};
+use switchyard_proto::refusal::Refusal;
 use switchyard_store::ReplLogMeta;
 use tokio::sync::oneshot;
 
@@ -149,12 +150,14 @@ pub(crate) async fn isr_checks(node: std::sync::Weak<Router>) {
     }
 }
 
+/// A refused fetch as the follower acts on it.
 fn fetch_error(e: FetchError) -> OpError {
-    let code = match e {
-        FetchError::NotReplica(..) => ErrorCode::Forbidden,
-        _ => ErrorCode::Unavailable,
-    };
-    OpError::new(code, e.to_string())
+    match e {
+        FetchError::NotReplica(..) => OpError::new(ErrorCode::Forbidden, e.to_string()),
+        FetchError::Resync(from) => OpError::refused(Refusal::Resync { from }, e.to_string()),
+        FetchError::NotLeader(..) => OpError::refused(Refusal::NotLeader, e.to_string()),
+        FetchError::InIsr => OpError::refused(Refusal::Unavailable, e.to_string()),
+    }
 }
 
 /// The leader's side of [`Op::Fetch`], [`Op::Snapshot`] and [`Op::EpochEnd`].
@@ -166,7 +169,7 @@ pub(crate) async fn serve(node: &Arc<Router>, op: Op) -> Result<Answer, OpError>
                 return Err(OpError::bad_request(format!("no partition {p}")));
             }
             if node.partitions.handovers.is_adopting(p) {
-                return Err(OpError::new(ErrorCode::Unavailable, "partition still being adopted here"));
+                return Err(OpError::refused(Refusal::NotAdopted, "partition still being adopted here"));
             }
             let mut first = true;
             loop {
@@ -189,7 +192,7 @@ pub(crate) async fn serve(node: &Arc<Router>, op: Op) -> Result<Answer, OpError>
                 return Err(OpError::bad_request(format!("no partition {p}")));
             }
             if node.partitions.handovers.is_adopting(p) {
-                return Err(OpError::new(ErrorCode::Unavailable, "partition still being adopted here"));
+                return Err(OpError::refused(Refusal::NotAdopted, "partition still being adopted here"));
             }
             let store = &node.partitions.store;
             repl.epoch_end(p, leader_epoch, last_epoch, || store.repl_meta(p).ok().flatten())
@@ -201,14 +204,9 @@ pub(crate) async fn serve(node: &Arc<Router>, op: Op) -> Result<Answer, OpError>
                 return Err(OpError::bad_request(format!("no partition {p}")));
             }
             if repl.leader_epoch(p) != Some(leader_epoch) || node.partitions.handovers.is_adopting(p) {
-                return Err(OpError::new(ErrorCode::Unavailable, "not the leader under that leader epoch"));
+                return Err(OpError::refused(Refusal::NotLeader, "not the leader under that leader epoch"));
             }
-            let store = node.partitions.store.clone();
-            tokio::task::spawn_blocking(move || crate::handover::read_chunk(&store, p, cursor, channels.as_deref()))
-                .await
-                .map_err(|e| OpError::internal(e.to_string()))?
-                .map(Answer::Chunk)
-                .map_err(|e| OpError::internal(e.to_string()))
+            crate::chunks::read_blocking(&node.partitions.store, p, cursor, channels).await.map(Answer::Chunk)
         }
         _ => Err(OpError::internal("not a replication op")),
     }
@@ -315,7 +313,7 @@ async fn follow_step(node: &Arc<Router>, p: PartitionId) -> Step {
         }
         Ok(_) => Step::Later,
         Err(e) => {
-            if e.message.contains("resync") {
+            if matches!(e.refusal, Some(Refusal::Resync { .. })) {
                 tracing::info!(partition = p, error = %e.message, "position outside the leader's log; taking a snapshot");
                 repl.forget_position(p);
             } else {
@@ -326,6 +324,46 @@ async fn follow_step(node: &Arc<Router>, p: PartitionId) -> Step {
     }
 }
 
+/// Why a follower step failed (it is retried shortly).
+#[derive(Debug, thiserror::Error)]
+enum FollowError {
+    /// Peer links are off.
+    #[error("no peer links")]
+    NoLinks,
+    /// The leader sent a batch out of order.
+    #[error("batch {seq} where {due} was due")]
+    OutOfOrder {
+        /// The batch's seq.
+        seq: u64,
+        /// The seq expected.
+        due: u64,
+    },
+    /// A batch's ops do not decode.
+    #[error("undecodable batch: {0}")]
+    Batch(#[from] postcard::Error),
+    /// The leader refused or the link failed.
+    #[error("{0}")]
+    Peer(String),
+    /// The leader answered with another answer.
+    #[error("unexpected answer to {0}")]
+    WrongAnswer(&'static str),
+    /// This node's copy is the source of a handover still under way.
+    #[error("this node's copy is still being handed over to the new leader")]
+    HandingOver,
+    /// The map changed this node's role during a copy.
+    #[error("role changed during the copy")]
+    RoleChanged,
+    /// Writing here failed.
+    #[error(transparent)]
+    Store(#[from] switchyard_store::StoreError),
+}
+
+impl From<crate::wire::WireError> for FollowError {
+    fn from(e: crate::wire::WireError) -> Self {
+        Self::Peer(e.message)
+    }
+}
+
 /// Applies consecutive batches from seq `from`, durably, then records the new position.
 async fn apply(
     node: &Router,
@@ -333,29 +371,29 @@ async fn apply(
     leader_epoch: u64,
     from: u64,
     batches: &[(u64, bytes::Bytes)],
-) -> Result<(), String> {
+) -> Result<(), FollowError> {
     let repl = &node.partitions.replication;
     let _applying = repl.part(p).apply_lock.lock().await;
     if repl.position(p, leader_epoch) != Some(from) {
         return Ok(());
     }
     let store = &node.partitions.store;
-    let own = store.repl_meta(p).map_err(|e| e.to_string())?.unwrap_or_default();
+    let own = store.repl_meta(p)?.unwrap_or_default();
     // Every batch fetched from this leader was written under its leader epoch.
     let mut meta = ReplLogMeta { leo: from, epochs: with_epoch(own.epochs, leader_epoch, from) };
     let mut batch = store.batch();
     let mut next = from;
     for (seq, data) in batches {
         if *seq != next {
-            return Err(format!("batch {seq} where {next} was due"));
+            return Err(FollowError::OutOfOrder { seq: *seq, due: next });
         }
-        let ops: Vec<ReplOp> = postcard::from_bytes(data).map_err(|e| e.to_string())?;
+        let ops: Vec<ReplOp> = postcard::from_bytes(data)?;
         apply_ops(&mut batch, p, &ops);
         next = seq + 1;
         meta.leo = next;
         batch.put_repl_batch(p, *seq, &touched(&ops), &meta);
     }
-    batch.write(true).await.map_err(|e| e.to_string())?;
+    batch.write(true).await?;
     repl.set_position(p, leader_epoch, next, batches);
     Ok(())
 }
@@ -371,7 +409,7 @@ async fn snapshot(
     leader_epoch: u64,
     start: u64,
     history: Vec<(u64, u64)>,
-) -> Result<(), String> {
+) -> Result<(), FollowError> {
     let repl = &node.partitions.replication;
     let _applying = repl.part(p).apply_lock.lock().await;
     if !repl.is_following(p) || repl.position(p, leader_epoch).is_some() {
@@ -380,10 +418,10 @@ async fn snapshot(
     // The copy here is the source of a handover still under way (this node led the
     // partition until the last move): it must stay until the new leader has it.
     if node.partitions.handovers.sealed.lock().expect("handovers").contains_key(&p) {
-        return Err("this node's copy is still being handed over to the new leader".into());
+        return Err(FollowError::HandingOver);
     }
     let started = Instant::now();
-    node.partitions.store.clear_partition(p).await.map_err(|e| e.to_string())?;
+    node.partitions.store.clear_partition(p).await?;
     // From here on the batches from `start` are this leader's.
     let inherited = history.into_iter().filter(|(_, s)| *s <= start).collect();
     let meta = ReplLogMeta { leo: start, epochs: with_epoch(inherited, leader_epoch, start) };
@@ -405,36 +443,36 @@ async fn copy_channels(
     leader_epoch: u64,
     only: Option<Vec<String>>,
     meta: &ReplLogMeta,
-) -> Result<usize, String> {
-    let links = node.peers.clone().ok_or("no peer links")?;
+) -> Result<usize, FollowError> {
+    let links = node.peers.clone().ok_or(FollowError::NoLinks)?;
     let repl = &node.partitions.replication;
     let store = &node.partitions.store;
     let (mut cursor, mut messages, mut first) = (None, 0usize, true);
     loop {
         if !repl.is_following(p) || repl.position(p, leader_epoch).is_some() {
-            return Err("role changed during the copy".into());
+            return Err(FollowError::RoleChanged);
         }
         let op = Op::Snapshot { partition: p, leader_epoch, cursor: cursor.clone(), channels: only.clone() };
-        let chunk = match links.send(leader, node.map().epoch, &op).map_err(|e| e.message)?.wait(FETCH_TIMEOUT).await {
+        let chunk = match links.send(leader, node.map().epoch, &op)?.wait(FETCH_TIMEOUT).await {
             Ok(Answer::Chunk(c)) => c,
-            Ok(_) => return Err("unexpected answer to a snapshot".into()),
-            Err(e) => return Err(e.message),
+            Ok(_) => return Err(FollowError::WrongAnswer("a snapshot")),
+            Err(e) => return Err(e.into()),
         };
         let mut batch = store.batch();
         if first {
             // The tail being truncated goes in the same write as the leader's copy.
             for name in only.iter().flatten() {
-                batch.clear_channel(p, name).map_err(|e| e.to_string())?;
+                batch.clear_channel(p, name)?;
             }
             first = false;
         }
-        crate::handover::stage_chunk(&mut batch, p, &chunk);
+        crate::chunks::stage(&mut batch, p, &chunk);
         messages += chunk.messages.len();
         let last = chunk.next.is_none();
         if last {
             batch.put_repl_meta(p, meta);
         }
-        batch.write(last).await.map_err(|e| e.to_string())?;
+        batch.write(last).await?;
         match chunk.next {
             Some(c) => cursor = Some(c),
             None => return Ok(messages),
@@ -449,8 +487,8 @@ async fn copy_channels(
 /// and the leader's batches from the truncation point are then re-applied over it, which
 /// leaves the channel exactly as the leader has it). A replica with no usable position,
 /// or a tail older than the touched-channel window, takes a full snapshot instead.
-async fn reconcile(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64) -> Result<(), String> {
-    let links = node.peers.clone().ok_or("no peer links")?;
+async fn reconcile(node: &Router, p: PartitionId, leader: &str, leader_epoch: u64) -> Result<(), FollowError> {
+    let links = node.peers.clone().ok_or(FollowError::NoLinks)?;
     let repl = &node.partitions.replication;
     let store = &node.partitions.store;
     let _applying = repl.part(p).apply_lock.lock().await;
@@ -459,19 +497,19 @@ async fn reconcile(node: &Router, p: PartitionId, leader: &str, leader_epoch: u6
     }
     // The copy here is the source of a handover still under way: it stays as it is.
     if node.partitions.handovers.sealed.lock().expect("handovers").contains_key(&p) {
-        return Err("this node's copy is still being handed over to the new leader".into());
+        return Err(FollowError::HandingOver);
     }
-    let own = store.repl_meta(p).map_err(|e| e.to_string())?;
+    let own = store.repl_meta(p)?;
     let Some(own) = own.filter(|m| !m.epochs.is_empty()) else {
         repl.forget_position(p);
         return Ok(());
     };
     let last_epoch = own.epochs.last().map_or(0, |e| e.0);
     let op = Op::EpochEnd { partition: p, leader_epoch, last_epoch };
-    let answer = match links.send(leader, node.map().epoch, &op).map_err(|e| e.message)?.wait(FETCH_TIMEOUT).await {
+    let answer = match links.send(leader, node.map().epoch, &op)?.wait(FETCH_TIMEOUT).await {
         Ok(Answer::EpochEnd(a)) => a,
-        Ok(_) => return Err("unexpected answer to an epoch-end request".into()),
-        Err(e) => return Err(e.message),
+        Ok(_) => return Err(FollowError::WrongAnswer("an epoch-end request")),
+        Err(e) => return Err(e.into()),
     };
     let Some(to) = truncation_point(&own, answer) else {
         tracing::info!(partition = p, last_epoch, ?answer, "no common leader epoch with the leader; taking a snapshot");
@@ -479,7 +517,7 @@ async fn reconcile(node: &Router, p: PartitionId, leader: &str, leader_epoch: u6
         return Ok(());
     };
     if to < own.leo {
-        let Some(touched) = store.repl_touched(p, to, own.leo).map_err(|e| e.to_string())? else {
+        let Some(touched) = store.repl_touched(p, to, own.leo)? else {
             tracing::info!(
                 partition = p,
                 to,
@@ -511,7 +549,7 @@ async fn reconcile(node: &Router, p: PartitionId, leader: &str, leader_epoch: u6
         // reconciles by this epoch even if nothing is written under it.
         let mut batch = store.batch();
         batch.put_repl_meta(p, &ReplLogMeta { leo: to, epochs: with_epoch(own.epochs, leader_epoch, to) });
-        batch.write(true).await.map_err(|e| e.to_string())?;
+        batch.write(true).await?;
     }
     repl.set_position(p, leader_epoch, to, &[]);
     Ok(())

@@ -217,7 +217,7 @@ impl Router {
     pub async fn publish(self: &Arc<Self>, req: PublishRequest) -> Result<Publishing, OpError> {
         match self.route(&req.channel)? {
             Route::Local(p) => Ok(Publishing(Pending::Local(self.partitions.publish(p, req).await?))),
-            Route::Remote { .. } => Ok(Publishing(Pending::Remote(crate::forward::start(self, Op::publish(&req))?))),
+            Route::Remote { .. } => Ok(Publishing(Pending::Remote(crate::call::start(self, Op::publish(&req))?))),
         }
     }
 
@@ -274,7 +274,7 @@ impl Router {
             Route::Local(p) => self.partitions.commit(p, channel, consumer, offset).await,
             Route::Remote { .. } => {
                 let op = Op::Commit { channel: channel.into(), consumer, offset };
-                let started = crate::forward::start(self, op)?;
+                let started = crate::call::start(self, op)?;
                 let (tx, rx) = oneshot::channel();
                 tokio::spawn(async move {
                     let _ = tx.send(started.finish().await.map(drop));
@@ -290,7 +290,7 @@ impl Router {
             Route::Local(p) => self.partitions.history(p, channel, since, limit).await,
             Route::Remote { .. } => {
                 let op = Op::History { channel: channel.into(), since, limit };
-                crate::forward::call(self, op).await?.into_history(channel)
+                crate::call::call(self, op).await?.into_history(channel)
             }
         }
     }
@@ -328,7 +328,7 @@ enum Pending {
     /// The owner here answers once the message is durable.
     Local(oneshot::Receiver<Result<PublishOk, OpError>>),
     /// Sent to the owner over its link; follows redirects until answered.
-    Remote(crate::forward::Started),
+    Remote(crate::call::Started),
 }
 
 impl Publishing {

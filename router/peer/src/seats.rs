@@ -128,9 +128,7 @@ impl Drop for ClusterSeat {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for _ in 0..REGISTER_ATTEMPTS {
-                    if let Ok(Ok(_)) =
-                        tokio::time::timeout(SEAT_DEADLINE, crate::forward::call(&node, op.clone())).await
-                    {
+                    if let Ok(Ok(_)) = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&node, op.clone())).await {
                         return;
                     }
                     tokio::time::sleep(SEAT_DEADLINE).await;
@@ -160,7 +158,7 @@ impl Router {
             max: u32::try_from(max).unwrap_or(u32::MAX),
             force: false,
         };
-        let why = match tokio::time::timeout(SEAT_DEADLINE, crate::forward::call(self, op)).await {
+        let why = match tokio::time::timeout(SEAT_DEADLINE, crate::call::call(self, op)).await {
             Ok(Ok(Answer::Seated(true))) => return Seating::Granted(self.hold_seat(user, conn)),
             Ok(Ok(Answer::Seated(false))) => return Seating::Full,
             Ok(Ok(other)) => format!("unexpected answer {other:?}"),
@@ -184,7 +182,7 @@ impl Router {
                     max: u32::MAX,
                     force: true,
                 };
-                if let Ok(Ok(_)) = tokio::time::timeout(SEAT_DEADLINE, crate::forward::call(&node, op)).await {
+                if let Ok(Ok(_)) = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&node, op)).await {
                     return;
                 }
             }
@@ -247,7 +245,7 @@ impl Router {
                 }
                 let op =
                     Op::Seat { key: key(&user), user, node: node.node_id.clone(), conn, max: u32::MAX, force: true };
-                let _ = tokio::time::timeout(SEAT_DEADLINE, crate::forward::call(&node, op)).await;
+                let _ = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&node, op)).await;
             }
         });
     }

@@ -26,6 +26,7 @@ use crate::router::{Route, Router};
 use switchyard_core::outbox::{flush_lent, Delivery, Outbox, Pushed};
 use switchyard_core::owner::{grant_from, Grant, Start};
 use switchyard_proto::protocol::{self, close, ErrorCode, OpError};
+use switchyard_proto::refusal::Refusal;
 
 /// How long a local subscribe waits for its upstream to be live.
 const READY_WAIT: Duration = Duration::from_secs(5);
@@ -191,7 +192,7 @@ impl Upstreams {
             Start::Consumer(c) => Some(c.clone()),
             _ => None,
         };
-        let info = match crate::forward::call(node, Op::Info { channel: up.channel.to_string(), consumer }).await? {
+        let info = match crate::call::call(node, Op::Info { channel: up.channel.to_string(), consumer }).await? {
             Answer::Info(info) => info,
             _ => return Err(OpError::internal("peer answered info with another answer")),
         };
@@ -417,7 +418,7 @@ async fn register(node: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Recei
     let (their_epoch, top) = match pending.wait(REQUEST_TIMEOUT).await {
         Ok(Answer::Subscribed { epoch, top }) => (epoch, top),
         Ok(_) => return Err(Failed::Retry("peer answered subscribe with another answer".into())),
-        Err(WireError { redirect: Some((_, e)), .. }) => {
+        Err(WireError { refusal: Some(Refusal::Redirect { epoch: e, .. }), .. }) => {
             node.wait_for_epoch(e.max(epoch + 1)).await;
             return Err(Failed::Retry("redirected".into()));
         }

@@ -9,10 +9,24 @@ use serde_json::value::RawValue;
 use switchyard_core::owner::PublishRequest;
 use switchyard_core::{HistoryPage, OwnedMessage};
 use switchyard_proto::protocol::{ErrorCode, OpError, PublishOk};
+use switchyard_proto::refusal::Refusal;
 use switchyard_store::StoredMessage;
 
 /// Header that carries the cluster secret on the `/peer` upgrade.
 pub const SECRET_HEADER: &str = "x-switchyard-cluster-secret";
+
+/// Header by which a dialing node says which version of this wire it reads. A node that
+/// sends none predates typed refusals: its replies carry errors in the old shape
+/// ([`WireError::legacy`]).
+pub const WIRE_HEADER: &str = "x-switchyard-peer-wire";
+
+/// This version of the peer wire: 2 adds typed refusals to errors.
+pub const WIRE_VERSION: u32 = 2;
+
+/// Whether a dialer that sent `header` (the value of [`WIRE_HEADER`]) reads refusals.
+pub fn reads_refusals(header: Option<&[u8]>) -> bool {
+    header.and_then(|h| std::str::from_utf8(h).ok()).and_then(|v| v.trim().parse::<u32>().ok()).is_some_and(|v| v >= 2)
+}
 
 /// One frame on a peer link.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -328,27 +342,115 @@ pub struct Chunk {
     pub next: Option<(String, u64)>,
 }
 
-/// A failed answer: a protocol error, or a redirect to the partition's current owner.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A failed answer: a protocol error, with the [`Refusal`] the caller acts on, if any.
+///
+/// On the wire it is `code`, `message`, the redirect `(owner, map epoch)` as an option
+/// (exactly the previous version's shape), then, only when there is a refusal other than
+/// a redirect, its tag and its fields as bytes. A [`WireError`] is always the last thing
+/// in its frame, so a peer that knows nothing of refusals sees none when there is none,
+/// and a peer decodes an error without refusal bytes (an older peer's) as one with no
+/// refusal. A tag it does not know decodes to [`Refusal::Other`]: the error's code still
+/// says what the client is told.
+#[derive(Debug, Clone, PartialEq)]
 pub struct WireError {
     /// Protocol error code (`unavailable`, `bad_request`, ...).
     pub code: String,
     /// Human-readable message.
     pub message: String,
-    /// Set when the receiver does not own the partition: `(owner, its map epoch)`.
-    pub redirect: Option<(String, u64)>,
+    /// Why, where the receiver acts on it.
+    pub refusal: Option<Refusal>,
 }
 
 impl WireError {
-    /// From a protocol error.
+    /// From a protocol error (keeping its refusal).
     pub fn op(e: &OpError) -> Self {
-        Self { code: e.code.as_str().to_string(), message: e.message.clone(), redirect: None }
+        Self { code: e.code.as_str().to_string(), message: e.message.clone(), refusal: e.refusal.clone() }
     }
 
-    /// Back to a protocol error.
+    /// Back to a protocol error (with the refusal).
     pub fn to_op(&self) -> OpError {
         let code = ErrorCode::ALL.iter().copied().find(|c| c.as_str() == self.code).unwrap_or(ErrorCode::Internal);
-        OpError::new(code, self.message.clone())
+        OpError { code, message: self.message.clone(), refusal: self.refusal.clone() }
+    }
+
+    /// The owner and map epoch of a redirect.
+    pub fn redirect(&self) -> Option<(&str, u64)> {
+        match &self.refusal {
+            Some(Refusal::Redirect { owner, epoch }) => Some((owner, *epoch)),
+            _ => None,
+        }
+    }
+
+    /// This error as a peer that predates refusals reads it: the redirect only.
+    pub(crate) fn legacy(mut self) -> Self {
+        if !matches!(self.refusal, Some(Refusal::Redirect { .. })) {
+            self.refusal = None;
+        }
+        self
+    }
+}
+
+impl Serialize for WireError {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let redirect = self.redirect().map(|(owner, epoch)| (owner, epoch));
+        let extra = match &self.refusal {
+            None | Some(Refusal::Redirect { .. }) => None,
+            Some(Refusal::Resync { from }) => Some((Refusal::Resync { from: *from }.tag(), encode_fields(from))),
+            Some(r) => Some((r.tag(), Vec::new())),
+        };
+        let mut st = s.serialize_struct("WireError", 3 + usize::from(extra.is_some()))?;
+        st.serialize_field("code", &self.code)?;
+        st.serialize_field("message", &self.message)?;
+        st.serialize_field("redirect", &redirect)?;
+        if let Some(extra) = &extra {
+            st.serialize_field("refusal", extra)?;
+        }
+        st.end()
+    }
+}
+
+/// A refusal's fields as the bytes after its tag.
+fn encode_fields<T: Serialize>(fields: &T) -> Vec<u8> {
+    postcard::to_stdvec(fields).expect("refusal fields serialize")
+}
+
+impl<'de> Deserialize<'de> for WireError {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = WireError;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a peer error")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<WireError, A::Error> {
+                use serde::de::Error as _;
+                let code: String = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let message: String = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(1, &self))?;
+                let redirect: Option<(String, u64)> =
+                    seq.next_element()?.ok_or_else(|| A::Error::invalid_length(2, &self))?;
+                // The error ends its frame: no bytes left here is an error without a
+                // refusal (an older peer's), not a broken frame.
+                let extra: Option<(u32, Vec<u8>)> = seq.next_element().ok().flatten();
+                let refusal = match (redirect, extra) {
+                    (Some((owner, epoch)), _) => Some(Refusal::Redirect { owner, epoch }),
+                    (None, Some((tag, fields))) => Some(decode_refusal(tag, &fields)),
+                    (None, None) => None,
+                };
+                Ok(WireError { code, message, refusal })
+            }
+        }
+        d.deserialize_struct("WireError", &["code", "message", "redirect", "refusal"], Visit)
+    }
+}
+
+/// The refusal of `tag` with its field bytes; one this version does not know, or whose
+/// fields do not decode, is [`Refusal::Other`].
+fn decode_refusal(tag: u32, fields: &[u8]) -> Refusal {
+    let from = postcard::from_bytes::<u64>(fields).ok();
+    match Refusal::from_tag(tag, from, None) {
+        Refusal::Redirect { .. } => Refusal::Other(tag),
+        r => r,
     }
 }
 
@@ -426,12 +528,23 @@ pub(crate) fn encode_request(id: u64, epoch: u64, op: &Op) -> Vec<u8> {
     postcard::to_stdvec(&RequestRef::Request { id, epoch, op }).expect("peer frames serialize")
 }
 
+/// Why bytes from a peer are not a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not a frame of this version.
+    #[error("bad peer frame: {0}")]
+    Bad(#[from] postcard::Error),
+    /// A frame followed by bytes that belong to none.
+    #[error("{0} trailing bytes after a peer frame")]
+    Trailing(usize),
+}
+
 /// Decodes a frame; trailing bytes are an error.
-pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, String> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
     match postcard::take_from_bytes::<Frame>(bytes) {
         Ok((f, [])) => Ok(f),
-        Ok((_, rest)) => Err(format!("{} trailing bytes", rest.len())),
-        Err(e) => Err(e.to_string()),
+        Ok((_, rest)) => Err(DecodeError::Trailing(rest.len())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -474,8 +587,28 @@ mod tests {
                 result: Err(WireError {
                     code: "unavailable".into(),
                     message: "m".into(),
-                    redirect: Some(("n2".into(), 4)),
+                    refusal: Some(Refusal::Redirect { owner: "n2".into(), epoch: 4 }),
                 }),
+            },
+            Frame::Reply {
+                id: 9,
+                result: Err(WireError {
+                    code: "unavailable".into(),
+                    message: "m".into(),
+                    refusal: Some(Refusal::Resync { from: 12 }),
+                }),
+            },
+            Frame::Reply {
+                id: 10,
+                result: Err(WireError {
+                    code: "unavailable".into(),
+                    message: "m".into(),
+                    refusal: Some(Refusal::NotAdopted),
+                }),
+            },
+            Frame::Reply {
+                id: 11,
+                result: Err(WireError { code: "internal".into(), message: "m".into(), refusal: None }),
             },
         ];
         for f in frames {
@@ -487,6 +620,50 @@ mod tests {
         assert!(decode(&extra).is_err());
         let e = WireError::op(&OpError::new(ErrorCode::Forbidden, "no"));
         assert_eq!(e.to_op().code, ErrorCode::Forbidden);
+    }
+
+    /// The previous version's error: code, message and redirect, nothing after.
+    #[derive(Serialize)]
+    enum OldFrame {
+        #[allow(dead_code)]
+        Request,
+        Reply {
+            id: u64,
+            result: Result<(), (String, String, Option<(String, u64)>)>,
+        },
+    }
+
+    #[test]
+    fn errors_stay_readable_across_one_version_step() {
+        // An older peer's error (no refusal bytes) decodes, its redirect kept.
+        let old = postcard::to_stdvec(&OldFrame::Reply {
+            id: 5,
+            result: Err(("unavailable".into(), "not the owner".into(), Some(("n2".into(), 9)))),
+        })
+        .unwrap();
+        let Frame::Reply { id: 5, result: Err(e) } = decode(&old).unwrap() else { panic!("not a reply") };
+        assert_eq!(e.refusal, Some(Refusal::Redirect { owner: "n2".into(), epoch: 9 }));
+        let old = postcard::to_stdvec(&OldFrame::Reply { id: 6, result: Err(("internal".into(), "x".into(), None)) });
+        let Frame::Reply { result: Err(e), .. } = decode(&old.unwrap()).unwrap() else { panic!("not a reply") };
+        assert_eq!((e.code.as_str(), e.refusal), ("internal", None));
+
+        // What this version sends an older peer (`legacy`) is byte for byte the old shape.
+        let e = WireError { code: "unavailable".into(), message: "m".into(), refusal: Some(Refusal::NotAdopted) };
+        let ours = encode(&Frame::Reply { id: 7, result: Err(e.legacy()) });
+        let theirs =
+            postcard::to_stdvec(&OldFrame::Reply { id: 7, result: Err(("unavailable".into(), "m".into(), None)) })
+                .unwrap();
+        assert_eq!(ours, theirs);
+
+        // A newer peer's refusal this version does not know (tag 200, with fields)
+        // decodes to a generic one; the code still says what the client is told.
+        let mut newer =
+            postcard::to_stdvec(&OldFrame::Reply { id: 8, result: Err(("unavailable".into(), "m".into(), None)) })
+                .unwrap();
+        newer.extend(postcard::to_stdvec(&(200u32, vec![1u8, 2, 3])).unwrap());
+        let Frame::Reply { result: Err(e), .. } = decode(&newer).unwrap() else { panic!("not a reply") };
+        assert_eq!(e.refusal, Some(Refusal::Other(200)));
+        assert_eq!(e.to_op().code, ErrorCode::Unavailable);
     }
 
     proptest::proptest! {

@@ -2,12 +2,14 @@
 //!
 //! Module map: [`protocol`] (frames in and out, error codes, the serialize-once [`Text`]),
 //! [`channel`] (names and namespaces), [`partition`] (channel → partition hashing, the
-//! partition map and the member list the cluster publishes). This crate must never do I/O,
+//! partition map and the member list the cluster publishes), [`refusal`] (the typed reasons
+//! a node refuses an operation for, which other layers act on). This crate must never do I/O,
 //! spawn tasks or depend on tokio: it is plain data and pure functions.
 
 pub mod channel;
 pub mod partition;
 pub mod protocol;
+pub mod refusal;
 mod text;
 
 pub use text::{ws_text_head, Text};

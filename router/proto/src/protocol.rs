@@ -106,12 +106,31 @@ pub struct OpError {
     pub code: ErrorCode,
     /// Human-readable text.
     pub message: String,
+    /// Why, where another layer acts on the reason (never sent to a client).
+    #[serde(skip)]
+    pub refusal: Option<crate::refusal::Refusal>,
 }
 
 impl OpError {
     /// An error with `code` and `message`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), refusal: None }
+    }
+
+    /// An `unavailable` error with the `refusal` its receiver acts on.
+    pub fn refused(refusal: crate::refusal::Refusal, message: impl Into<String>) -> Self {
+        Self { code: ErrorCode::Unavailable, message: message.into(), refusal: Some(refusal) }
+    }
+
+    /// This error, carrying `refusal` as well.
+    pub fn with_refusal(mut self, refusal: crate::refusal::Refusal) -> Self {
+        self.refusal = Some(refusal);
+        self
+    }
+
+    /// Whether the refusal is `r`'s kind (fields aside).
+    pub fn is(&self, r: &crate::refusal::Refusal) -> bool {
+        self.refusal.as_ref().is_some_and(|own| own.tag() == r.tag())
     }
 
     /// A `bad_request`.

@@ -370,6 +370,9 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|p| p.trim() == SUBPROTOCOL));
     let max = node.config.limits.max_frame_bytes;
+    // A dialing node that predates typed refusals gets errors in the shape it reads.
+    let refusals =
+        switchyard_peer::wire::reads_refusals(headers.get(switchyard_peer::wire::WIRE_HEADER).map(|v| v.as_bytes()));
     tokio::spawn(async move {
         let _alive = alive;
         match hyper::upgrade::on(req).await {
@@ -406,7 +409,7 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
                         let config = switchyard_peer::wire::ws_config();
                         let ws =
                             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                        Box::pin(switchyard_peer::serve(node.router.clone(), ws, "peer".into())).await
+                        Box::pin(switchyard_peer::serve(node.router.clone(), ws, "peer".into(), refusals)).await
                     }
                 }
             }

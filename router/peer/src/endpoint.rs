@@ -1,0 +1,151 @@
+//! The `/peer` endpoint: the owner's side of a link another node dialed.
+//!
+//! It owns one accepted link's loop: reading requests (at most [`IN_FLIGHT`] at once,
+//! beyond which the peer's frames wait in TCP), handing each to the [`dispatch`](crate::dispatch)er
+//! in the order the link carried it, writing the replies back in completion order, and
+//! turning the owners' deliveries for the gateway's upstream subscriptions into push
+//! frames, one per burst. When the link ends, its upstream subscriptions end with it. It
+//! must never run an operation itself, and never let a slow gateway hold the owners up:
+//! a link too slow for its pushes is closed (the gateway reconnects and catches up).
+
+use std::sync::Arc;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::call::REQUEST_TIMEOUT;
+use crate::dispatch::{self, Incoming, LinkSubs};
+use crate::router::Router;
+use crate::wire::{self, Frame, WireError};
+
+/// Requests one incoming link runs at once; beyond that it stops reading (backpressure).
+const IN_FLIGHT: usize = 1024;
+
+/// Pushes queued for one incoming link's upstream subscriptions before it counts as too
+/// slow and is closed (the gateway reconnects and catches up).
+const PUSH_QUEUE: usize = 65_536;
+/// The same bound in bytes.
+const PUSH_BYTES: usize = 256 << 20;
+
+/// Serves one incoming link: runs each request (if this node owns the channel; otherwise
+/// answers with a redirect) and writes the replies back, in completion order, together
+/// with the pushes of the upstream subscriptions registered on it.
+#[tracing::instrument(name = "peer_link", skip_all, fields(peer = %peer, side = "accepted"))]
+///
+/// `refusals`: whether the dialer reads typed refusals (see [`wire::reads_refusals`]);
+/// an older one gets errors in the shape it knows.
+pub async fn serve<S>(node: Arc<Router>, ws: WebSocketStream<S>, peer: String, refusals: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut replies) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        while let Some(bytes) = replies.recv().await {
+            if sink.send(Message::Binary(bytes.into())).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (outbox, inbox) = switchyard_core::outbox::outbox(PUSH_QUEUE, PUSH_BYTES);
+    let subs: LinkSubs = Arc::default();
+    let pusher = tokio::spawn(push_loop(node.clone(), inbox, subs.clone(), tx.clone()));
+    let link = Incoming { outbox: outbox.clone(), subs: subs.clone() };
+    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut shutdown = node.shutdown.clone();
+    let slow = outbox.slow_signal.notified();
+    tokio::pin!(slow);
+    slow.as_mut().enable();
+    tracing::info!("peer link accepted");
+    loop {
+        // At most IN_FLIGHT requests run; beyond that the peer's frames wait in TCP.
+        let permit = permits.clone().acquire_owned().await.expect("semaphore open");
+        if outbox.is_slow() {
+            tracing::warn!("peer link too slow for its pushes; closing it");
+            break;
+        }
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            _ = shutdown.changed() => break,
+            _ = &mut slow => continue,
+        };
+        let (id, epoch, op) = match msg {
+            Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
+                Ok(Frame::Request { id, epoch, op }) => (id, epoch, op),
+                Ok(Frame::Reply { .. } | Frame::Pushes(_)) | Err(_) => {
+                    tracing::warn!("bad frame on a peer link; closing it");
+                    break;
+                }
+            },
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(_)) => continue,
+        };
+        // Writes enter the owner's mailbox here, in the order the link carried them;
+        // only the wait for durability runs concurrently.
+        let begun = dispatch::begin(&node, Some(&link), epoch, op).await;
+        let (node, tx) = (node.clone(), tx.clone());
+        tokio::spawn(async move {
+            let mut result = begun.finish(&node).await;
+            if !refusals {
+                result = result.map_err(WireError::legacy);
+            }
+            let _ = tx.send(wire::encode(&Frame::Reply { id, result })).await;
+            drop(permit);
+        });
+    }
+    // The link's upstream subscriptions end with it: the gateway resubscribes.
+    pusher.abort();
+    let left: Vec<(u64, (u64, String))> = subs.lock().expect("link subs").drain().collect();
+    node.metrics.peer_subscriptions.sub(left.len() as i64);
+    for (local, (_, channel)) in left {
+        node.unsubscribe(&channel, local).await;
+    }
+    drop(tx);
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, writer).await;
+    tracing::info!("peer link closed");
+}
+
+/// Push text carried by one frame at most; a larger burst goes out in several frames.
+const PUSH_FRAME_BYTES: usize = 1 << 20;
+
+/// Turns the owners' deliveries for this link's upstream subscriptions into push frames:
+/// everything queued at a wake-up goes out together, one frame per burst.
+async fn push_loop(
+    node: Arc<Router>,
+    mut inbox: switchyard_core::outbox::Inbox,
+    subs: LinkSubs,
+    tx: mpsc::Sender<Vec<u8>>,
+) {
+    loop {
+        let burst = inbox.recv_all().await;
+        if burst.is_empty() {
+            return; // the link is too slow for its pushes: it is closing
+        }
+        let (mut pushes, mut bytes) = (Vec::new(), 0);
+        for d in burst {
+            let remote = {
+                let mut subs = subs.lock().expect("link subs");
+                let remote = subs.get(&d.sub).map(|(r, _)| *r);
+                if d.end && subs.remove(&d.sub).is_some() {
+                    node.metrics.peer_subscriptions.dec();
+                }
+                remote
+            };
+            let Some(sub) = remote else { continue };
+            bytes += d.frame.len();
+            pushes.push(wire::Push { sub, offset: d.offset, frame: d.frame.as_str().to_owned(), end: d.end });
+            // A large burst goes out frame by frame, never copied whole.
+            if bytes >= PUSH_FRAME_BYTES {
+                if tx.send(wire::encode(&Frame::Pushes(std::mem::take(&mut pushes)))).await.is_err() {
+                    return;
+                }
+                bytes = 0;
+            }
+        }
+        if !pushes.is_empty() && tx.send(wire::encode(&Frame::Pushes(pushes))).await.is_err() {
+            return;
+        }
+    }
+}
