@@ -2,7 +2,7 @@
 //!
 //! It owns starting `/usr/bin/etcd` on free loopback ports with a temporary data dir,
 //! stopping and restarting it on the same ports and data (the "etcd down" tests), reading
-//! keys through `etcdctl` (exactly what the README tells operators to run), and the config
+//! keys through `etcdctl` (exactly what docs/cluster.md tells operators to run), and the config
 //! text of a cluster-mode node. It must never leave a process behind: the server is killed
 //! when the value is dropped, and dies with the test process (PR_SET_PDEATHSIG).
 

@@ -1,10 +1,10 @@
 //! Bad input: malformed frames and commands, invalid channel names, oversized frames and
 //! invalid config files.
 //!
-//! It owns PROTOCOL.md's "How the server handles bad input": each bad frame gets the
+//! It owns docs/protocol.md's "How the server handles bad input": each bad frame gets the
 //! specified error code, the reply's `id` is the command's id or null when the frame has no
 //! usable id, and the connection then keeps working (except after an oversized frame,
-//! which is closed with 1009). It also owns CONTRACT.md's rule that an unknown config key
+//! which is closed with 1009). It also owns docs/configuration.md's rule that an unknown config key
 //! makes the router exit with status 2 naming the key.
 
 use serde_json::{json, Value};

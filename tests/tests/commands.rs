@@ -1,6 +1,6 @@
 //! Every client command and every `subscribe` `from` form, over one real router.
 //!
-//! It owns the happy-path contract of PROTOCOL.md: reply shapes, offsets that start at 1
+//! It owns the happy-path contract of docs/protocol.md: reply shapes, offsets that start at 1
 //! and rise by exactly 1, idempotent publishes, history paging, and recovery success and
 //! failure. Bad input lives in `bad_input.rs`, durability in `durable.rs`.
 
@@ -262,7 +262,7 @@ async fn history_limit_is_capped_at_1000() -> anyhow::Result<()> {
     let node = Node::start("");
     let mut c = node.client().await;
     c.publish_many("room:cap", (1..=1100).map(|i| json!(i))).await?;
-    // PROTOCOL.md: "limit? (default 100, max 1000)". Either a capped page or a refusal.
+    // docs/protocol.md: "limit? (default 100, max 1000)". Either a capped page or a refusal.
     let reply = c.cmd("history", json!({ "channel": "room:cap", "limit": 5000 })).await?;
     match reply_ok(reply.clone()) {
         Ok(ok) => assert_eq!(parse_history(&ok)?.offsets(), (1..=1000).collect::<Vec<_>>()),
@@ -288,7 +288,7 @@ async fn too_many_subscriptions_get_limit_exceeded() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn null_data_is_a_valid_payload() -> anyhow::Result<()> {
-    // PROTOCOL.md: `data` is any JSON, and CONTRACT.md's tombstones are keyed messages with
+    // docs/protocol.md: `data` is any JSON, and docs/configuration.md's tombstones are keyed messages with
     // `data: null`; an explicit null must not be taken for a missing field.
     let node = Node::start("");
     let mut c = node.client().await;

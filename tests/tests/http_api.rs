@@ -1,6 +1,6 @@
 //! The HTTP API on the WebSocket port: health, metrics, cluster, publish and history.
 //!
-//! It owns CONTRACT.md's HTTP section: status codes and body shapes, that HTTP publishes
+//! It owns docs/operating.md's HTTP API section: status codes and body shapes, that HTTP publishes
 //! join the same stream WebSocket clients see, and that every documented metric name is
 //! exported.
 
@@ -96,7 +96,7 @@ async fn cluster_shows_standalone_with_64_partitions() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every metric family CONTRACT.md names.
+/// Every metric family docs/operating.md names.
 const METRICS: &[&str] = &[
     "switchyard_connections",
     "switchyard_connections_total",
@@ -151,7 +151,7 @@ async fn metrics_export_the_documented_names() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http_publish_accepts_null_data() -> anyhow::Result<()> {
-    // `data` is any JSON; a keyed null is a compaction tombstone (CONTRACT.md).
+    // `data` is any JSON; a keyed null is a compaction tombstone (docs/configuration.md).
     let node = Node::start("");
     let (status, answer) =
         post_json(&node, "/api/v1/publish", &json!({ "channel": "room:tomb", "data": null, "key": "k" })).await?;

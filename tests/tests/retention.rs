@@ -1,7 +1,7 @@
 //! Retention by count, age and bytes, and keyed compaction, as seen through `history`.
 //!
 //! It owns the observable effect of the background maintenance configured per namespace
-//! (CONTRACT.md): what is left is always a set of messages with their original offsets,
+//! (docs/configuration.md): what is left is always a set of messages with their original offsets,
 //! the channel's top offset and epoch never move back, and publishing goes on from the top.
 //! Every check polls `history` with a deadline; maintenance runs every 100 ms here.
 

@@ -1,6 +1,6 @@
 //! Graceful shutdown under load: SIGTERM while publishers are busy.
 //!
-//! It owns CONTRACT.md's SIGTERM promise: every client gets close code 4100, the process
+//! It owns docs/operating.md's shutdown promise: every client gets close code 4100, the process
 //! exits 0, and every publish that was acknowledged before the shutdown is in history
 //! after a restart. Publishes answered with an error during the shutdown must use
 //! `unavailable` (retry); publishes never answered may or may not be stored.

@@ -1,7 +1,7 @@
 //! The etcd key layout under `/switchyard/<cluster>/` and the JSON records stored there.
 //!
 //! It owns every key name and value shape the cluster writes or reads, so that what
-//! `etcdctl get --prefix /switchyard/<cluster>/` prints is defined in one place (the README
+//! `etcdctl get --prefix /switchyard/<cluster>/` prints is defined in one place (docs/cluster.md
 //! documents the same shapes). It must never talk to etcd: callers do the I/O.
 
 use std::collections::BTreeMap;

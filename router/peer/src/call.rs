@@ -26,8 +26,8 @@ const RETRY_BUDGET: Duration = Duration::from_secs(10);
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs `op` where the current map puts its channel, following redirects.
-pub(crate) async fn call(node: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
-    start(node, op)?.finish().await
+pub(crate) async fn call(router: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
+    start(router, op)?.finish().await
 }
 
 /// An operation under way: run here, or sent to its owner and waiting for the reply.
@@ -40,44 +40,44 @@ pub(crate) enum Started {
 
 /// Routes `op` and, for a remote owner, queues it on the link at once: operations started
 /// in order by one caller reach the owner in that order.
-pub(crate) fn start(node: &Arc<Router>, op: Op) -> Result<Started, OpError> {
-    let (owner, epoch) = match node.locate(op.channel())? {
-        Route::Local(_) => return Ok(Started::Local(node.clone(), op)),
+pub(crate) fn start(router: &Arc<Router>, op: Op) -> Result<Started, OpError> {
+    let (owner, epoch) = match router.locate(op.channel())? {
+        Route::Local(_) => return Ok(Started::Local(router.clone(), op)),
         Route::Remote { owner, epoch } => (owner, epoch),
     };
-    let Some(links) = &node.peers else {
-        return Err(node.route(op.channel()).expect_err("remote channel"));
+    let Some(links) = router.links() else {
+        return Err(router.route(op.channel()).expect_err("remote channel"));
     };
     let pending = links.send(&owner, epoch, &op).map_err(|e| e.to_op())?;
-    Ok(Started::Remote(node.clone(), op, owner, epoch, pending))
+    Ok(Started::Remote(router.clone(), op, owner, epoch, pending))
 }
 
 impl Started {
     /// Waits for the outcome, following redirects while the partition moves.
     pub(crate) async fn finish(self) -> Result<Answer, OpError> {
-        let (node, op, mut owner, mut epoch, mut pending) = match self {
-            Started::Local(node, op) => return crate::dispatch::run_here(&node, op).await,
-            Started::Remote(node, op, owner, epoch, pending) => (node, op, owner, epoch, pending),
+        let (router, op, mut owner, mut epoch, mut pending) = match self {
+            Started::Local(router, op) => return crate::dispatch::run_here(&router, op).await,
+            Started::Remote(router, op, owner, epoch, pending) => (router, op, owner, epoch, pending),
         };
         let name = op.name();
         let began = std::time::Instant::now();
         for _ in 0..ATTEMPTS {
             match pending.wait(REQUEST_TIMEOUT).await {
                 Ok(answer) => {
-                    node.metrics.peer_forwarded.with_label_values(&[name, "ok"]).inc();
+                    router.metrics().peer_forwarded.with_label_values(&[name, "ok"]).inc();
                     return Ok(answer);
                 }
                 Err(WireError { refusal: Some(Refusal::Redirect { owner: to, epoch: their_epoch }), .. })
                     if began.elapsed() < RETRY_BUDGET =>
                 {
-                    node.metrics.peer_redirects.inc();
+                    router.metrics().peer_redirects.inc();
                     tracing::debug!(channel = op.channel(), from = %owner, to = %to, their_epoch, "redirected");
                     if to == owner {
                         // The owner is still taking the partition over: ask again shortly.
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     } else {
                         // Wait (bounded) for our map to catch up with the owner's, then retry.
-                        node.wait_for_epoch(their_epoch.max(epoch + 1)).await;
+                        router.wait_for_epoch(their_epoch.max(epoch + 1)).await;
                     }
                 }
                 // The link dropped with the request in flight. A keyed publish is
@@ -88,16 +88,16 @@ impl Started {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {
-                    node.metrics.peer_forwarded.with_label_values(&[name, "error"]).inc();
+                    router.metrics().peer_forwarded.with_label_values(&[name, "error"]).inc();
                     return Err(e.to_op());
                 }
             }
-            match start(&node, op.clone())? {
-                Started::Local(node, op) => return crate::dispatch::run_here(&node, op).await,
+            match start(&router, op.clone())? {
+                Started::Local(router, op) => return crate::dispatch::run_here(&router, op).await,
                 Started::Remote(_, _, o, e, p) => (owner, epoch, pending) = (o, e, p),
             }
         }
-        node.metrics.peer_forwarded.with_label_values(&[name, "error"]).inc();
+        router.metrics().peer_forwarded.with_label_values(&[name, "error"]).inc();
         Err(OpError::new(ErrorCode::Unavailable, format!("partition still moving after {ATTEMPTS} attempts")))
     }
 }

@@ -36,7 +36,7 @@ const PUSH_BYTES: usize = 256 << 20;
 ///
 /// `refusals`: whether the dialer reads typed refusals (see [`wire::reads_refusals`]);
 /// an older one gets errors in the shape it knows.
-pub async fn serve<S>(node: Arc<Router>, ws: WebSocketStream<S>, peer: String, refusals: bool)
+pub async fn serve<S>(router: Arc<Router>, ws: WebSocketStream<S>, peer: String, refusals: bool)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -51,10 +51,10 @@ where
     });
     let (outbox, inbox) = switchyard_core::outbox::outbox(PUSH_QUEUE, PUSH_BYTES);
     let subs: LinkSubs = Arc::default();
-    let pusher = tokio::spawn(push_loop(node.clone(), inbox, subs.clone(), tx.clone()));
+    let pusher = tokio::spawn(push_loop(router.clone(), inbox, subs.clone(), tx.clone()));
     let link = Incoming { outbox: outbox.clone(), subs: subs.clone() };
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut shutdown = node.shutdown.clone();
+    let mut shutdown = router.shutdown_signal();
     let slow = outbox.slow_signal.notified();
     tokio::pin!(slow);
     slow.as_mut().enable();
@@ -84,10 +84,10 @@ where
         };
         // Writes enter the owner's mailbox here, in the order the link carried them;
         // only the wait for durability runs concurrently.
-        let begun = dispatch::begin(&node, Some(&link), epoch, op).await;
-        let (node, tx) = (node.clone(), tx.clone());
+        let begun = dispatch::begin(&router, Some(&link), epoch, op).await;
+        let (router, tx) = (router.clone(), tx.clone());
         tokio::spawn(async move {
-            let mut result = begun.finish(&node).await;
+            let mut result = begun.finish(&router).await;
             if !refusals {
                 result = result.map_err(WireError::legacy);
             }
@@ -98,9 +98,9 @@ where
     // The link's upstream subscriptions end with it: the gateway resubscribes.
     pusher.abort();
     let left: Vec<(u64, (u64, String))> = subs.lock().expect("link subs").drain().collect();
-    node.metrics.peer_subscriptions.sub(left.len() as i64);
+    router.metrics().peer_subscriptions.sub(left.len() as i64);
     for (local, (_, channel)) in left {
-        node.unsubscribe(&channel, local).await;
+        router.unsubscribe(&channel, local).await;
     }
     drop(tx);
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, writer).await;
@@ -113,7 +113,7 @@ const PUSH_FRAME_BYTES: usize = 1 << 20;
 /// Turns the owners' deliveries for this link's upstream subscriptions into push frames:
 /// everything queued at a wake-up goes out together, one frame per burst.
 async fn push_loop(
-    node: Arc<Router>,
+    router: Arc<Router>,
     mut inbox: switchyard_core::outbox::Inbox,
     subs: LinkSubs,
     tx: mpsc::Sender<Vec<u8>>,
@@ -129,7 +129,7 @@ async fn push_loop(
                 let mut subs = subs.lock().expect("link subs");
                 let remote = subs.get(&d.sub).map(|(r, _)| *r);
                 if d.end && subs.remove(&d.sub).is_some() {
-                    node.metrics.peer_subscriptions.dec();
+                    router.metrics().peer_subscriptions.dec();
                 }
                 remote
             };

@@ -39,40 +39,40 @@ fn not_adopted() -> OpError {
 /// Called with a new map before it is installed: for every partition it moves here that
 /// was not adopted yet, closes the partition's mailbox (so nothing routed by the new map
 /// runs on stale state) and starts pulling it from its old owner.
-pub(crate) fn before_install(node: &Arc<Router>, new: &PartitionMap) {
-    let me = node.node_id.as_str();
+pub(crate) fn before_install(router: &Arc<Router>, new: &PartitionMap) {
+    let me = router.id();
     for p in 0..new.partitions() {
         if new.owner(p) != Some(me) {
             continue;
         }
         // No move record: the first map gave it here; what the store holds is current.
         let Some(moved) = new.moved_from(p) else { continue };
-        if moved.from == me || node.partitions.store.adopted(p).ok().flatten() == Some(moved.epoch) {
+        if moved.from == me || router.partitions().store.adopted(p).ok().flatten() == Some(moved.epoch) {
             continue;
         }
         {
             // One adoption of a partition at a time: a newer move while one runs is picked
             // up by the next map install after it ends (the map is re-read below).
-            let mut adopting = node.partitions.handovers.adopting.lock().expect("handovers");
+            let mut adopting = router.partitions().handovers.adopting.lock().expect("handovers");
             if adopting.contains_key(&p) {
                 continue;
             }
             adopting.insert(p, moved.epoch);
         }
         let (done, rx) = oneshot::channel();
-        node.partitions.adopt(p, rx);
-        tokio::spawn(adopt(node.clone(), p, moved.from.clone(), moved.epoch, new.epoch, done));
+        router.partitions().adopt(p, rx);
+        tokio::spawn(adopt(router.clone(), p, moved.from.clone(), moved.epoch, new.epoch, done));
     }
 }
 
 /// Called after a new map is installed: seals every partition this node owned in `before`
 /// and no longer owns, so its subscribers follow it and its writes go to the new owner.
-pub(crate) fn after_install(node: &Arc<Router>, before: &PartitionMap) {
-    let after = node.map();
+pub(crate) fn after_install(router: &Arc<Router>, before: &PartitionMap) {
+    let after = router.map();
     if after.epoch == before.epoch {
         return;
     }
-    let me = node.node_id.as_str();
+    let me = router.id();
     for p in 0..before.partitions() {
         if before.owner(p) == Some(me) && after.owner(p) != Some(me) {
             let now = after.owner(p).unwrap_or_default();
@@ -80,12 +80,12 @@ pub(crate) fn after_install(node: &Arc<Router>, before: &PartitionMap) {
             // This copy waits to be pulled only when the map moved the partition from here;
             // a follower promoted elsewhere (a failover) pulls nothing.
             let promoted = !after.replicas.is_empty() && after.moved_from(p).is_none_or(|m| m.from != me);
-            if node.peers.is_some() && !promoted {
+            if router.links().is_some() && !promoted {
                 let moved_at = after.moved_from(p).map_or(after.epoch, |m| m.epoch);
-                node.partitions.handovers.sealed.lock().expect("handovers").insert(p, moved_at);
+                router.partitions().handovers.sealed.lock().expect("handovers").insert(p, moved_at);
             }
             // Never wait here (this runs in the etcd watch loop): a held mailbox takes it later.
-            node.partitions.seal_later(p, reason);
+            router.partitions().seal_later(p, reason);
         }
     }
 }
@@ -93,18 +93,18 @@ pub(crate) fn after_install(node: &Arc<Router>, before: &PartitionMap) {
 /// Forwards writes that reached a sealed partition (they raced the seal) to wherever the
 /// map now puts their channel, and answers them from there.
 pub(crate) async fn forward_sealed(
-    node: std::sync::Weak<Router>,
+    router: std::sync::Weak<Router>,
     mut writes: tokio::sync::mpsc::UnboundedReceiver<Forward>,
 ) {
     while let Some(write) = writes.recv().await {
-        let Some(node) = node.upgrade() else { return };
+        let Some(router) = router.upgrade() else { return };
         tokio::spawn(async move {
             let sealed = || OpError::refused(Refusal::Sealed, switchyard_core::owner::SEALED);
             match write {
                 Forward::Publish(req, reply) => {
                     // Only ever onwards: a partition still local here would come back sealed.
-                    let result = match node.locate(&req.channel) {
-                        Ok(crate::router::Route::Remote { .. }) => match node.publish(req).await {
+                    let result = match router.locate(&req.channel) {
+                        Ok(crate::router::Route::Remote { .. }) => match router.publish(req).await {
                             Ok(publishing) => publishing.acked().await,
                             Err(e) => Err(e),
                         },
@@ -113,9 +113,9 @@ pub(crate) async fn forward_sealed(
                     let _ = reply.send(result);
                 }
                 Forward::Commit { channel, consumer, offset, reply } => {
-                    let result = match node.locate(&channel) {
+                    let result = match router.locate(&channel) {
                         Ok(crate::router::Route::Remote { .. }) => {
-                            match node.commit(&channel, consumer, offset).await {
+                            match router.commit(&channel, consumer, offset).await {
                                 Ok(rx) => rx.await.unwrap_or_else(|_| Err(sealed())),
                                 Err(e) => Err(e),
                             }
@@ -131,17 +131,17 @@ pub(crate) async fn forward_sealed(
 
 /// Pulls partition `p` from `from` into the store, then opens its mailbox.
 #[tracing::instrument(name = "handover", skip_all, fields(partition = p, %from, moved_at))]
-async fn adopt(node: Arc<Router>, p: PartitionId, from: String, moved_at: u64, map: u64, done: oneshot::Sender<()>) {
+async fn adopt(router: Arc<Router>, p: PartitionId, from: String, moved_at: u64, map: u64, done: oneshot::Sender<()>) {
     let started = Instant::now();
     // No follower apply or snapshot may write the partition meanwhile.
-    let applying = node.partitions.replication.part(p).apply_lock.lock().await;
-    let outcome = pull_all(&node, p, &from, moved_at, map).await;
+    let applying = router.partitions().replication.part(p).apply_lock.lock().await;
+    let outcome = pull_all(&router, p, &from, moved_at, map).await;
     let result = match outcome {
         Ok(Pulled::Moved(messages)) => {
-            node.metrics.handover_messages.inc_by(messages);
-            node.partitions.handovers.incomplete.lock().expect("handovers").remove(&p);
+            router.metrics().handover_messages.inc_by(messages);
+            router.partitions().handovers.incomplete.lock().expect("handovers").remove(&p);
             tracing::info!(messages, elapsed = ?started.elapsed(), "partition handed over");
-            tokio::spawn(confirm(node.clone(), p, from, moved_at));
+            tokio::spawn(confirm(router.clone(), p, from, moved_at));
             "ok"
         }
         Ok(Pulled::KeptOwn) => {
@@ -149,39 +149,39 @@ async fn adopt(node: Arc<Router>, p: PartitionId, from: String, moved_at: u64, m
             "kept"
         }
         Ok(Pulled::Abandoned) => {
-            node.partitions.handovers.incomplete.lock().expect("handovers").insert(p);
+            router.partitions().handovers.incomplete.lock().expect("handovers").insert(p);
             tracing::info!("partition moved back to its source mid-handover; adoption abandoned");
             "abandoned"
         }
         Err(why) => {
             tracing::warn!(%why, "no handover; starting the partition from what this node has (new epochs)");
-            if let Err(e) = start_fresh(&node, p, moved_at).await {
+            if let Err(e) = start_fresh(&router, p, moved_at).await {
                 tracing::error!(error = %e, "clearing a partition failed");
             }
-            node.partitions.handovers.incomplete.lock().expect("handovers").remove(&p);
-            node.partitions.handovers.release(p);
+            router.partitions().handovers.incomplete.lock().expect("handovers").remove(&p);
+            router.partitions().handovers.release(p);
             "lost"
         }
     };
-    node.metrics.handovers.with_label_values(&[result]).inc();
-    node.metrics.handover_seconds.observe(started.elapsed().as_secs_f64());
-    node.partitions.handovers.adopting.lock().expect("handovers").remove(&p);
+    router.metrics().handovers.with_label_values(&[result]).inc();
+    router.metrics().handover_seconds.observe(started.elapsed().as_secs_f64());
+    router.partitions().handovers.adopting.lock().expect("handovers").remove(&p);
     drop(applying);
     let _ = done.send(());
 }
 
 /// Tells the old owner its copy can go, until it answers (or leaves, or the deadline).
-async fn confirm(node: Arc<Router>, p: PartitionId, from: String, moved_at: u64) {
-    let Some(links) = node.peers.clone() else { return };
+async fn confirm(router: Arc<Router>, p: PartitionId, from: String, moved_at: u64) {
+    let Some(links) = router.links().cloned() else { return };
     let deadline = Instant::now() + HANDOVER_DEADLINE;
     while Instant::now() < deadline {
-        let epoch = node.map().epoch;
+        let epoch = router.map().epoch;
         if let Ok(pending) = links.send(&from, epoch, &Op::Pulled { partition: p, moved_at }) {
             if pending.wait(PULL_TIMEOUT).await.is_ok() {
                 return;
             }
         }
-        if !node.members().contains_key(&from) {
+        if !router.members().contains_key(&from) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -202,9 +202,9 @@ enum Pulled {
 
 /// Without the old owner, this node's copy of `p` (if any) is stale: clear it, so every
 /// channel restarts under a new epoch and recovering clients learn they missed messages.
-async fn start_fresh(node: &Router, p: PartitionId, moved_at: u64) -> Result<(), switchyard_store::StoreError> {
-    node.partitions.store.clear_partition(p).await?;
-    let mut batch = node.partitions.store.batch();
+async fn start_fresh(router: &Router, p: PartitionId, moved_at: u64) -> Result<(), switchyard_store::StoreError> {
+    router.partitions().store.clear_partition(p).await?;
+    let mut batch = router.partitions().store.batch();
     batch.put_adopted(p, moved_at);
     batch.write(true).await
 }
@@ -240,30 +240,30 @@ enum PullError {
 /// Copies partition `p` from `from`; returns the number of messages moved.
 /// `map` is the epoch of the map that gave `p` here (this runs before it is installed).
 async fn pull_all(
-    node: &Arc<Router>,
+    router: &Arc<Router>,
     p: PartitionId,
     from: &str,
     moved_at: u64,
     map: u64,
 ) -> Result<Pulled, PullError> {
-    let links = node.peers.as_ref().ok_or(PullError::NoLinks)?;
+    let links = router.links().ok_or(PullError::NoLinks)?;
     let mut deadline = Instant::now() + HANDOVER_DEADLINE;
     let alive = |n: &Router| n.members().contains_key(from);
-    if !alive(node) {
+    if !alive(router) {
         return Err(PullError::Gone(from.to_string()));
     }
     let mut cursor = None;
     let mut cleared = false;
     let mut moved = 0u64;
     loop {
-        let now = node.map();
+        let now = router.map();
         if now.epoch > map && now.owner(p) == Some(from) {
             // Moved back to its source before the pull ended: leave the store alone (the
             // queued seal closes it again); the source still has everything.
             return Ok(Pulled::Abandoned);
         }
         let op = Op::Pull { partition: p, moved_at, cursor: cursor.clone() };
-        let answer = match links.send(from, node.map().epoch, &op) {
+        let answer = match links.send(from, router.map().epoch, &op) {
             Ok(pending) => pending.wait(PULL_TIMEOUT).await,
             Err(e) => Err(e),
         };
@@ -271,17 +271,17 @@ async fn pull_all(
             Ok(Answer::Chunk(c)) => c,
             Ok(_) => return Err(PullError::WrongAnswer),
             Err(WireError { refusal: Some(Refusal::NotAdopted), .. }) if !cleared => {
-                if node.partitions.handovers.release(p) {
+                if router.partitions().handovers.release(p) {
                     // This node handed the partition out and it never arrived anywhere:
                     // its own copy is complete.
-                    let mut batch = node.partitions.store.batch();
+                    let mut batch = router.partitions().store.batch();
                     batch.put_adopted(p, moved_at);
                     batch.write(true).await?;
                     return Ok(Pulled::KeptOwn);
                 }
                 // The old owner is itself still adopting it (a chained move): wait for it,
                 // without counting against the deadline while it is alive.
-                if !alive(node) {
+                if !alive(router) {
                     return Err(PullError::LeftAdopting(from.to_string()));
                 }
                 deadline = Instant::now() + HANDOVER_DEADLINE;
@@ -289,7 +289,7 @@ async fn pull_all(
                 continue;
             }
             Err(e) => {
-                if Instant::now() > deadline || !alive(node) {
+                if Instant::now() > deadline || !alive(router) {
                     return Err(PullError::Failed { from: from.to_string(), message: e.message });
                 }
                 tracing::debug!(partition = p, %from, error = %e.message, "pull failed; retrying");
@@ -299,12 +299,12 @@ async fn pull_all(
         };
         if !cleared {
             // A stale copy from an earlier ownership goes before the first chunk lands.
-            node.partitions.store.clear_partition(p).await?;
+            router.partitions().store.clear_partition(p).await?;
             cleared = true;
         }
         moved += chunk.messages.len() as u64;
         let next = chunk.next.clone();
-        let mut batch = node.partitions.store.batch();
+        let mut batch = router.partitions().store.batch();
         chunks::stage(&mut batch, p, &chunk);
         if next.is_none() {
             batch.put_adopted(p, moved_at);
@@ -314,7 +314,7 @@ async fn pull_all(
         match next {
             Some(c) => cursor = Some(c),
             None => {
-                node.partitions.handovers.release(p);
+                router.partitions().handovers.release(p);
                 return Ok(Pulled::Moved(moved));
             }
         }
@@ -324,52 +324,52 @@ async fn pull_all(
 /// The old owner's side of a pull: seals `p` (once every write it accepted is durable)
 /// and reads the next chunk from its store.
 pub(crate) async fn serve_pull(
-    node: &Arc<Router>,
+    router: &Arc<Router>,
     p: PartitionId,
     moved_at: u64,
     cursor: Option<(String, u64)>,
 ) -> Result<Answer, OpError> {
-    if p >= node.partitions.count() {
+    if p >= router.partitions().count() {
         return Err(OpError::bad_request(format!("no partition {p}")));
     }
-    if node.map().epoch < moved_at {
-        node.wait_for_epoch(moved_at).await;
+    if router.map().epoch < moved_at {
+        router.wait_for_epoch(moved_at).await;
     }
-    let map = node.map();
+    let map = router.map();
     if map.epoch < moved_at {
         return Err(OpError::new(ErrorCode::Unavailable, format!("map epoch {moved_at} not seen here yet")));
     }
-    let h = &node.partitions.handovers;
+    let h = &router.partitions().handovers;
     if h.is_adopting(p) || h.incomplete.lock().expect("handovers").contains(&p) {
         return Err(not_adopted());
     }
-    if map.owner(p) == Some(node.node_id.as_str()) {
+    if map.owner(p) == Some(router.id()) {
         return Err(OpError::new(ErrorCode::Unavailable, format!("partition {p} is owned here")));
     }
     if cursor.is_none() {
-        node.partitions.handovers.sealed.lock().expect("handovers").insert(p, moved_at);
+        router.partitions().handovers.sealed.lock().expect("handovers").insert(p, moved_at);
         let reason = format!("partition moved (map epoch {moved_at}); subscribe again");
-        node.partitions.seal(p, reason).await?;
+        router.partitions().seal(p, reason).await?;
     }
-    chunks::read_blocking(&node.partitions.store, p, cursor, None).await.map(Answer::Chunk)
+    chunks::read_blocking(&router.partitions().store, p, cursor, None).await.map(Answer::Chunk)
 }
 
 /// The new owner has `p` durably: drop the copy here, unless the partition came back.
-pub(crate) async fn serve_pulled(node: &Arc<Router>, p: PartitionId, moved_at: u64) -> Result<(), OpError> {
-    let mine = node.map().owner(p) == Some(node.node_id.as_str());
+pub(crate) async fn serve_pulled(router: &Arc<Router>, p: PartitionId, moved_at: u64) -> Result<(), OpError> {
+    let mine = router.map().owner(p) == Some(router.id());
     // Only the confirmation of the move that sealed the copy here may drop it (a late one
     // from an older move must not).
-    let sealed = node.partitions.handovers.sealed.lock().expect("handovers").get(&p) == Some(&moved_at);
+    let sealed = router.partitions().handovers.sealed.lock().expect("handovers").get(&p) == Some(&moved_at);
     if !sealed {
         return Ok(());
     }
     // A follower's copy belongs to replication now (it resyncs from the new leader).
-    let _applying = node.partitions.replication.part(p).apply_lock.lock().await;
-    let following = node.partitions.replication.is_following(p);
-    if !mine && !following && !node.partitions.handovers.is_adopting(p) {
-        node.partitions.store.clear_partition(p).await.map_err(|e| OpError::internal(e.to_string()))?;
+    let _applying = router.partitions().replication.part(p).apply_lock.lock().await;
+    let following = router.partitions().replication.is_following(p);
+    if !mine && !following && !router.partitions().handovers.is_adopting(p) {
+        router.partitions().store.clear_partition(p).await.map_err(|e| OpError::internal(e.to_string()))?;
     }
-    node.partitions.handovers.release(p);
+    router.partitions().handovers.release(p);
     tracing::info!(partition = p, moved_at, "partition taken by its new owner; local copy dropped");
     Ok(())
 }

@@ -68,15 +68,15 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// Every outgoing link of a node, created on first use.
 pub(crate) struct Links {
-    node: Weak<Router>,
+    router: Weak<Router>,
     dial: Arc<Dial>,
     links: ArcSwap<HashMap<String, Arc<Link>>>,
 }
 
 impl Links {
     /// Links of `node`, authenticated with `secret`.
-    pub(crate) fn new(node: Weak<Router>, dial: Dial) -> Arc<Self> {
-        Arc::new(Self { node, dial: Arc::new(dial), links: ArcSwap::from_pointee(HashMap::new()) })
+    pub(crate) fn new(router: Weak<Router>, dial: Dial) -> Arc<Self> {
+        Arc::new(Self { router, dial: Arc::new(dial), links: ArcSwap::from_pointee(HashMap::new()) })
     }
 
     /// The link to `peer`, created (and its connection task started) on first use.
@@ -105,7 +105,7 @@ impl Links {
             map
         });
         if let Some((link, rx)) = created {
-            tokio::spawn(run(self.node.clone(), self.dial.clone(), link, rx));
+            tokio::spawn(run(self.router.clone(), self.dial.clone(), link, rx));
         }
         self.links.load().get(peer).cloned().expect("link just inserted")
     }
@@ -231,15 +231,15 @@ pub(crate) enum LinkError {
 
 /// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
 #[tracing::instrument(name = "peer_link", skip_all, fields(peer = %link.peer, side = "dialed"))]
-async fn run(node: Weak<Router>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
+async fn run(router: Weak<Router>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let Some(n) = node.upgrade() else { return };
-        if *n.shutdown.borrow() {
+        let Some(n) = router.upgrade() else { return };
+        if n.shutting_down() {
             return;
         }
         let url = n.members().get(&link.peer).map(|m| m.peer_url.clone());
-        let metrics = n.metrics.clone();
+        let metrics = n.metrics().clone();
         drop(n);
         let result = match url {
             Some(url) => pump(&url, &dial, &link, &mut rx, &metrics).await,
@@ -253,7 +253,7 @@ async fn run(node: Weak<Router>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
         link.down.send_modify(|n| *n += 1);
         // While waiting to reconnect, requests queued for a peer that left the cluster fail
         // at once: their callers re-route by the map that replaces it (a failover).
-        let Some(mut members) = node.upgrade().map(|n| n.member_changes()) else { return };
+        let Some(mut members) = router.upgrade().map(|n| n.member_changes()) else { return };
         let wake = tokio::time::Instant::now() + backoff;
         loop {
             tokio::select! {

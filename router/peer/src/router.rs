@@ -53,27 +53,28 @@ pub struct Settings {
 }
 
 /// Routes every operation to its partition's owner, here or on a peer.
+///
+/// Its fields are private: the other modules of this crate, and other crates, reach what
+/// they need through the accessors below, which hand out shared references only.
 pub struct Router {
     /// This node's id.
-    pub node_id: String,
+    node_id: String,
     /// The partitions of this node.
-    pub partitions: Arc<Partitions>,
+    partitions: Arc<Partitions>,
     /// Metrics.
-    pub metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     /// Who owns which partition (written by the cluster; static in standalone mode).
     map: watch::Receiver<Arc<PartitionMap>>,
     /// Live members (empty in standalone mode): where peers and owners are reached.
     members: watch::Receiver<Arc<Members>>,
     /// Outgoing peer links (cluster mode with `cluster.secret` set).
-    pub(crate) peers: Option<Arc<Links>>,
+    peers: Option<Arc<Links>>,
     /// Upstream subscriptions to remote channels (with `peers`).
-    pub(crate) upstreams: Option<Arc<Upstreams>>,
+    upstreams: Option<Arc<Upstreams>>,
     /// Flips to true when the node starts shutting down.
-    pub(crate) shutdown: watch::Receiver<bool>,
-    /// Seats held here as the holder of users' `seats:<user>` keys.
-    pub(crate) seat_table: crate::seats::SeatTable,
-    /// This node's connections that hold a seat elsewhere (or here): connection → user.
-    pub(crate) seats_mine: std::sync::Mutex<std::collections::HashMap<u64, String>>,
+    shutdown: watch::Receiver<bool>,
+    /// The cluster-wide session cap's state on this node.
+    seats: crate::seats::Seats,
 }
 
 impl Router {
@@ -109,10 +110,49 @@ impl Router {
                 map,
                 members,
                 shutdown,
-                seat_table: Default::default(),
-                seats_mine: Default::default(),
+                seats: Default::default(),
             }
         })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The partitions of this node (the core layer).
+    pub fn partitions(&self) -> &Arc<Partitions> {
+        &self.partitions
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The outgoing peer links, when peer links are on.
+    pub(crate) fn links(&self) -> Option<&Arc<Links>> {
+        self.peers.as_ref()
+    }
+
+    /// The upstream subscriptions to remote channels, when peer links are on.
+    pub(crate) fn upstreams(&self) -> Option<&Arc<Upstreams>> {
+        self.upstreams.as_ref()
+    }
+
+    /// True once the node has started shutting down.
+    pub(crate) fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// A receiver that changes when the node starts shutting down.
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+
+    /// The cluster-wide session cap's state on this node.
+    pub(crate) fn seats(&self) -> &crate::seats::Seats {
+        &self.seats
     }
 
     /// Called by the cluster with a new map before it is installed: partitions moving here
@@ -128,7 +168,7 @@ impl Router {
         crate::handover::after_install(self, before);
         crate::replica::after_install(self);
         self.after_install_seats(before);
-        self.partitions.handovers.installed(epoch);
+        self.partitions().handovers.installed(epoch);
     }
 
     /// Forwards the writes that reach a sealed partition to its new owner, until the
@@ -139,7 +179,7 @@ impl Router {
 
     /// True when peer links are on (cluster mode with a secret).
     pub fn peers_enabled(&self) -> bool {
-        self.peers.is_some()
+        self.links().is_some()
     }
 
     /// The current partition map.
@@ -164,7 +204,7 @@ impl Router {
 
     /// A process-unique id for a client or subscription.
     pub fn next_id(&self) -> u64 {
-        self.partitions.next_id()
+        self.partitions().next_id()
     }
 
     /// Waits (at most a second) until the installed map has reached `epoch`.
@@ -175,10 +215,10 @@ impl Router {
 
     /// What the map says about `channel`, whether or not peer links are on.
     pub(crate) fn locate(&self, channel: &str) -> Result<Route, OpError> {
-        let p = self.partitions.partition(channel);
+        let p = self.partitions().partition(channel);
         let map = self.map.borrow();
         match map.owner(p) {
-            Some(owner) if owner == self.node_id => Ok(Route::Local(p)),
+            Some(owner) if owner == self.id() => Ok(Route::Local(p)),
             Some(owner) => Ok(Route::Remote { owner: owner.to_string(), epoch: map.epoch }),
             None => Err(OpError::new(ErrorCode::Unavailable, "no partition map yet: the cluster is still forming")),
         }
@@ -188,7 +228,9 @@ impl Router {
     /// links a remote channel is an `unavailable` error naming the owner.
     pub fn route(&self, channel: &str) -> Result<Route, OpError> {
         match self.locate(channel)? {
-            Route::Remote { owner, epoch } if self.peers.is_none() => Err(self.owned_elsewhere(channel, &owner, epoch)),
+            Route::Remote { owner, epoch } if self.links().is_none() => {
+                Err(self.owned_elsewhere(channel, &owner, epoch))
+            }
             route => Ok(route),
         }
     }
@@ -203,7 +245,7 @@ impl Router {
     }
 
     fn owned_elsewhere(&self, channel: &str, owner: &str, epoch: u64) -> OpError {
-        let p = self.partitions.partition(channel);
+        let p = self.partitions().partition(channel);
         let url = self.members.borrow().get(owner).map(|m| format!(" at {}", m.url)).unwrap_or_default();
         OpError::new(
             ErrorCode::Unavailable,
@@ -216,7 +258,7 @@ impl Router {
     /// keep their order. [`Publishing::acked`] then waits for durability.
     pub async fn publish(self: &Arc<Self>, req: PublishRequest) -> Result<Publishing, OpError> {
         match self.route(&req.channel)? {
-            Route::Local(p) => Ok(Publishing(Pending::Local(self.partitions.publish(p, req).await?))),
+            Route::Local(p) => Ok(Publishing(Pending::Local(self.partitions().publish(p, req).await?))),
             Route::Remote { .. } => Ok(Publishing(Pending::Remote(crate::call::start(self, Op::publish(&req))?))),
         }
     }
@@ -235,7 +277,7 @@ impl Router {
         outbox: Arc<Outbox>,
         start: Start,
     ) -> Result<oneshot::Receiver<Result<Grant, OpError>>, OpError> {
-        match (self.route(channel)?, &self.upstreams) {
+        match (self.route(channel)?, self.upstreams()) {
             (Route::Remote { .. }, Some(ups)) => {
                 let (reply, rx) = oneshot::channel();
                 let (router, ups, channel) = (self.clone(), ups.clone(), channel.to_string());
@@ -249,7 +291,7 @@ impl Router {
                     Route::Local(p) => p,
                     Route::Remote { .. } => unreachable!("remote routes exist only with peer links"),
                 };
-                self.partitions.subscribe(p, channel, sub, outbox, start).await
+                self.partitions().subscribe(p, channel, sub, outbox, start).await
             }
         }
     }
@@ -257,10 +299,10 @@ impl Router {
     /// Forgets a subscription: on the channel's upstream if it is one, else at the
     /// partition's owner here (which still holds it even if the map moved the channel).
     pub async fn unsubscribe(&self, channel: &str, sub: u64) {
-        if self.upstreams.as_ref().is_some_and(|u| u.unsubscribe(channel, sub)) {
+        if self.upstreams().is_some_and(|u| u.unsubscribe(channel, sub)) {
             return;
         }
-        self.partitions.unsubscribe(channel, sub).await;
+        self.partitions().unsubscribe(channel, sub).await;
     }
 
     /// Commits wherever the channel's owner is; the receiver yields once it is durable.
@@ -271,7 +313,7 @@ impl Router {
         offset: u64,
     ) -> Result<oneshot::Receiver<Result<(), OpError>>, OpError> {
         match self.route(channel)? {
-            Route::Local(p) => self.partitions.commit(p, channel, consumer, offset).await,
+            Route::Local(p) => self.partitions().commit(p, channel, consumer, offset).await,
             Route::Remote { .. } => {
                 let op = Op::Commit { channel: channel.into(), consumer, offset };
                 let started = crate::call::start(self, op)?;
@@ -287,7 +329,7 @@ impl Router {
     /// A history page from wherever the channel's owner is.
     pub async fn history(self: &Arc<Self>, channel: &str, since: u64, limit: u32) -> Result<HistoryPage, OpError> {
         match self.route(channel)? {
-            Route::Local(p) => self.partitions.history(p, channel, since, limit).await,
+            Route::Local(p) => self.partitions().history(p, channel, since, limit).await,
             Route::Remote { .. } => {
                 let op = Op::History { channel: channel.into(), since, limit };
                 crate::call::call(self, op).await?.into_history(channel)
@@ -307,7 +349,7 @@ impl Router {
         limit: usize,
     ) -> Result<(Vec<OwnedMessage>, u64), OpError> {
         match self.route(channel)? {
-            Route::Local(_) => self.partitions.catch_up(channel, epoch, after, upto, limit),
+            Route::Local(_) => self.partitions().catch_up(channel, epoch, after, upto, limit),
             Route::Remote { .. } => {
                 let mut page = self.history(channel, after, limit as u32).await?;
                 if *page.epoch != **epoch {

@@ -30,6 +30,15 @@ fn key(user: &str) -> String {
     format!("seats:{user}")
 }
 
+/// This node's side of the cluster-wide session cap.
+#[derive(Default)]
+pub(crate) struct Seats {
+    /// Seats held here as the holder of users' `seats:<user>` keys.
+    pub(crate) table: SeatTable,
+    /// This node's connections that hold a seat elsewhere (or here): connection → user.
+    pub(crate) mine: Mutex<HashMap<u64, String>>,
+}
+
 /// The seats held here, by user: `(node, connection)`.
 #[derive(Default)]
 pub(crate) struct SeatTable {
@@ -109,26 +118,27 @@ pub enum Seating {
 
 /// A seat held at the user's seat holder; dropping it gives the seat back.
 pub struct ClusterSeat {
-    node: Arc<Router>,
+    router: Arc<Router>,
     user: String,
     conn: u64,
 }
 
 impl Drop for ClusterSeat {
     fn drop(&mut self) {
-        self.node.seats_mine.lock().expect("own seats").remove(&self.conn);
+        self.router.seats().mine.lock().expect("own seats").remove(&self.conn);
         let op = Op::Unseat {
             key: key(&self.user),
             user: self.user.clone(),
-            node: self.node.node_id.clone(),
+            node: self.router.id().to_string(),
             conn: self.conn,
         };
-        let node = self.node.clone();
+        let router = self.router.clone();
         // Retried like a registration; a seat never given back goes with its node's membership.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for _ in 0..REGISTER_ATTEMPTS {
-                    if let Ok(Ok(_)) = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&node, op.clone())).await {
+                    if let Ok(Ok(_)) = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&router, op.clone())).await
+                    {
                         return;
                     }
                     tokio::time::sleep(SEAT_DEADLINE).await;
@@ -139,21 +149,21 @@ impl Drop for ClusterSeat {
 }
 
 /// Whether `node` is this node or a live member.
-fn liveness(node: &Router) -> impl Fn(&str) -> bool {
-    let (me, members) = (node.node_id.clone(), node.members());
+fn liveness(router: &Router) -> impl Fn(&str) -> bool {
+    let (me, members) = (router.id().to_string(), router.members());
     move |n: &str| n == me || members.contains_key(n)
 }
 
 impl Router {
     /// Asks the user's seat holder for a seat for connection `conn` under `max`.
     pub async fn take_seat(self: &Arc<Self>, user: &str, conn: u64, max: usize) -> Seating {
-        if self.peers.is_none() {
+        if self.links().is_none() {
             return Seating::NotClustered;
         }
         let op = Op::Seat {
             key: key(user),
             user: user.to_string(),
-            node: self.node_id.clone(),
+            node: self.id().to_string(),
             conn,
             max: u32::try_from(max).unwrap_or(u32::MAX),
             force: false,
@@ -166,23 +176,23 @@ impl Router {
             Err(_) => format!("no answer within {SEAT_DEADLINE:?}"),
         };
         let seat = self.hold_seat(user, conn);
-        let (node, user) = (self.clone(), user.to_string());
+        let (router, user) = (self.clone(), user.to_string());
         tokio::spawn(async move {
             // Until the holder has it, the user's count there is one short.
             for _ in 0..REGISTER_ATTEMPTS {
                 tokio::time::sleep(SEAT_DEADLINE).await;
-                if !node.seats_mine.lock().expect("own seats").contains_key(&conn) {
+                if !router.seats().mine.lock().expect("own seats").contains_key(&conn) {
                     return;
                 }
                 let op = Op::Seat {
                     key: key(&user),
                     user: user.clone(),
-                    node: node.node_id.clone(),
+                    node: router.id().to_string(),
                     conn,
                     max: u32::MAX,
                     force: true,
                 };
-                if let Ok(Ok(_)) = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&node, op)).await {
+                if let Ok(Ok(_)) = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&router, op)).await {
                     return;
                 }
             }
@@ -191,8 +201,8 @@ impl Router {
     }
 
     fn hold_seat(self: &Arc<Self>, user: &str, conn: u64) -> ClusterSeat {
-        self.seats_mine.lock().expect("own seats").insert(conn, user.to_string());
-        ClusterSeat { node: self.clone(), user: user.to_string(), conn }
+        self.seats().mine.lock().expect("own seats").insert(conn, user.to_string());
+        ClusterSeat { router: self.clone(), user: user.to_string(), conn }
     }
 
     /// Runs a seat operation here, as the holder of its key.
@@ -200,15 +210,15 @@ impl Router {
         let live = liveness(self);
         let answer = match op {
             Op::Seat { user, node, conn, max, force, .. } => {
-                Answer::Seated(self.seat_table.take(&live, &user, &node, conn, max as usize, force))
+                Answer::Seated(self.seats().table.take(&live, &user, &node, conn, max as usize, force))
             }
             Op::Unseat { user, node, conn, .. } => {
-                self.seat_table.give(&user, &node, conn);
+                self.seats().table.give(&user, &node, conn);
                 Answer::Done
             }
             _ => unreachable!("only seat operations come here"),
         };
-        self.metrics.seats_held.set(self.seat_table.sweep(&live) as i64);
+        self.metrics().seats_held.set(self.seats().table.sweep(&live) as i64);
         answer
     }
 
@@ -218,12 +228,13 @@ impl Router {
     pub(crate) fn after_install_seats(self: &Arc<Self>, before: &PartitionMap) {
         let live = liveness(self);
         let now = self.map();
-        let me = self.node_id.as_str();
+        let me = self.id();
         let holder = |user: &str| now.owner(switchyard_proto::partition::partition_of(&key(user), now.partitions()));
-        self.seat_table.keep_only(&|user| holder(user) == Some(me));
-        self.metrics.seats_held.set(self.seat_table.sweep(&live) as i64);
+        self.seats().table.keep_only(&|user| holder(user) == Some(me));
+        self.metrics().seats_held.set(self.seats().table.sweep(&live) as i64);
         let moved: Vec<(u64, String)> = self
-            .seats_mine
+            .seats()
+            .mine
             .lock()
             .expect("own seats")
             .iter()
@@ -236,16 +247,16 @@ impl Router {
         if moved.is_empty() {
             return;
         }
-        let node = self.clone();
+        let router = self.clone();
         tokio::spawn(async move {
             for (conn, user) in moved {
                 // A connection that ended meanwhile has given its seat back already.
-                if !node.seats_mine.lock().expect("own seats").contains_key(&conn) {
+                if !router.seats().mine.lock().expect("own seats").contains_key(&conn) {
                     continue;
                 }
                 let op =
-                    Op::Seat { key: key(&user), user, node: node.node_id.clone(), conn, max: u32::MAX, force: true };
-                let _ = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&node, op)).await;
+                    Op::Seat { key: key(&user), user, node: router.id().to_string(), conn, max: u32::MAX, force: true };
+                let _ = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&router, op)).await;
             }
         });
     }
@@ -253,13 +264,13 @@ impl Router {
 
 /// Drops the seats of nodes that leave, at each membership change, until the router goes.
 pub(crate) async fn sweep_on_leave(
-    node: std::sync::Weak<Router>,
+    router: std::sync::Weak<Router>,
     mut members: tokio::sync::watch::Receiver<Arc<Members>>,
 ) {
     while members.changed().await.is_ok() {
-        let Some(node) = node.upgrade() else { return };
-        let live = liveness(&node);
-        node.metrics.seats_held.set(node.seat_table.sweep(&live) as i64);
+        let Some(router) = router.upgrade() else { return };
+        let live = liveness(&router);
+        router.metrics().seats_held.set(router.seats().table.sweep(&live) as i64);
     }
 }
 

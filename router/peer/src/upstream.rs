@@ -39,7 +39,7 @@ const CATCH_UP_PAGE: u32 = 1000;
 
 /// Every upstream subscription of a node, by channel.
 pub(crate) struct Upstreams {
-    node: Weak<Router>,
+    router: Weak<Router>,
     map: Mutex<HashMap<Arc<str>, Arc<Upstream>>>,
 }
 
@@ -123,8 +123,8 @@ impl Inner {
 
 impl Upstreams {
     /// No upstreams yet.
-    pub(crate) fn new(node: Weak<Router>) -> Self {
-        Self { node, map: Mutex::new(HashMap::new()) }
+    pub(crate) fn new(router: Weak<Router>) -> Self {
+        Self { router, map: Mutex::new(HashMap::new()) }
     }
 
     /// Grants local subscription `sub` of a remote channel, registering the channel's
@@ -132,14 +132,14 @@ impl Upstreams {
     /// `outbox` as they arrive from the owner.
     pub(crate) async fn subscribe(
         &self,
-        node: &Arc<Router>,
+        router: &Arc<Router>,
         channel: &str,
         sub: u64,
         outbox: Arc<Outbox>,
         start: Start,
     ) -> Result<Grant, OpError> {
         let up = self.join(channel, sub);
-        let result = self.grant(node, &up, sub, outbox, start).await;
+        let result = self.grant(router, &up, sub, outbox, start).await;
         let mut g = up.inner.lock().expect("upstream");
         g.joining -= 1;
         g.joining_subs.retain(|s| *s != sub);
@@ -173,16 +173,16 @@ impl Upstreams {
         map.insert(up.channel.clone(), up.clone());
         let n = map.len();
         drop(map);
-        if let Some(node) = self.node.upgrade() {
-            node.metrics.peer_upstreams.set(n as i64);
+        if let Some(router) = self.router.upgrade() {
+            router.metrics().peer_upstreams.set(n as i64);
         }
-        tokio::spawn(maintain(self.node.clone(), up.clone()));
+        tokio::spawn(maintain(self.router.clone(), up.clone()));
         up
     }
 
     async fn grant(
         &self,
-        node: &Arc<Router>,
+        router: &Arc<Router>,
         up: &Arc<Upstream>,
         sub: u64,
         outbox: Arc<Outbox>,
@@ -192,7 +192,7 @@ impl Upstreams {
             Start::Consumer(c) => Some(c.clone()),
             _ => None,
         };
-        let info = match crate::call::call(node, Op::Info { channel: up.channel.to_string(), consumer }).await? {
+        let info = match crate::call::call(router, Op::Info { channel: up.channel.to_string(), consumer }).await? {
             Answer::Info(info) => info,
             _ => return Err(OpError::internal("peer answered info with another answer")),
         };
@@ -259,8 +259,8 @@ impl Upstreams {
         }
         let n = map.len();
         drop(map);
-        if let Some(node) = self.node.upgrade() {
-            node.metrics.peer_upstreams.set(n as i64);
+        if let Some(router) = self.router.upgrade() {
+            router.metrics().peer_upstreams.set(n as i64);
         }
         up.inner.lock().expect("upstream").closed = true;
         up.changes.send_modify(|n| *n += 1);
@@ -310,13 +310,13 @@ impl Upstream {
 }
 
 /// Keeps `up` registered at the channel's owner until nobody needs it.
-async fn maintain(node: Weak<Router>, up: Arc<Upstream>) {
+async fn maintain(router: Weak<Router>, up: Arc<Upstream>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         if up.inner.lock().expect("upstream").closed {
             break;
         }
-        let Some(n) = node.upgrade() else { return };
+        let Some(n) = router.upgrade() else { return };
         match register(&n, &up).await {
             Ok(mut downs) => {
                 backoff = Duration::from_millis(50);
@@ -330,7 +330,7 @@ async fn maintain(node: Weak<Router>, up: Arc<Upstream>) {
                         g.idle()
                     };
                     if idle {
-                        if let Some(ups) = node.upgrade().and_then(|n| n.upstreams.clone()) {
+                        if let Some(ups) = router.upgrade().and_then(|n| n.upstreams().cloned()) {
                             ups.close(&up);
                         }
                         continue;
@@ -348,7 +348,7 @@ async fn maintain(node: Weak<Router>, up: Arc<Upstream>) {
             Err(Failed::End(reason)) => {
                 tracing::info!(channel = %up.channel, %reason, "upstream subscription ended");
                 up.end_locals(&reason);
-                if let Some(ups) = &n.upstreams {
+                if let Some(ups) = n.upstreams() {
                     ups.close(&up);
                 }
                 break;
@@ -368,7 +368,7 @@ async fn maintain(node: Weak<Router>, up: Arc<Upstream>) {
     let reg = up.inner.lock().expect("upstream").reg.take();
     if let Some((sub, link)) = reg {
         link.unregister(sub);
-        if let Some(n) = node.upgrade() {
+        if let Some(n) = router.upgrade() {
             let epoch = n.map().epoch;
             if let Ok(p) = link.send(epoch, &Op::Unsubscribe { channel: up.channel.to_string(), sub }) {
                 let _ = p.wait(REQUEST_TIMEOUT).await;
@@ -379,20 +379,20 @@ async fn maintain(node: Weak<Router>, up: Arc<Upstream>) {
 
 /// Registers `up` at the owner the map names and catches it up to the registration point.
 /// Returns the link's drop signal, subscribed before the registration was sent.
-async fn register(node: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Receiver<u64>, Failed> {
-    let links = node.peers.as_ref().ok_or_else(|| Failed::End("peer links are off".into()))?;
-    let (owner, epoch) = match node.locate(&up.channel).map_err(|e| Failed::Retry(e.message))? {
+async fn register(router: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Receiver<u64>, Failed> {
+    let links = router.links().ok_or_else(|| Failed::End("peer links are off".into()))?;
+    let (owner, epoch) = match router.locate(&up.channel).map_err(|e| Failed::Retry(e.message))? {
         Route::Local(_) => {
             return Err(Failed::End(format!(
                 "partition moved to node {} (map epoch {}); subscribe again",
-                node.node_id,
-                node.map().epoch
+                router.id(),
+                router.map().epoch
             )))
         }
         Route::Remote { owner, epoch } => (owner, epoch),
     };
     let link = links.link(&owner);
-    let sub = node.next_id();
+    let sub = router.next_id();
     {
         let mut g = up.inner.lock().expect("upstream");
         if let Some((old, old_link)) = g.reg.take() {
@@ -419,7 +419,7 @@ async fn register(node: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Recei
         Ok(Answer::Subscribed { epoch, top }) => (epoch, top),
         Ok(_) => return Err(Failed::Retry("peer answered subscribe with another answer".into())),
         Err(WireError { refusal: Some(Refusal::Redirect { epoch: e, .. }), .. }) => {
-            node.wait_for_epoch(e.max(epoch + 1)).await;
+            router.wait_for_epoch(e.max(epoch + 1)).await;
             return Err(Failed::Retry("redirected".into()));
         }
         Err(e) => return Err(Failed::Retry(e.message)),
@@ -470,7 +470,7 @@ async fn register(node: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Recei
                 last = g.last.max(page.messages.last().map_or(last, |m| m.offset.min(top)));
                 g.last = last;
                 drop(g);
-                flush_lent(&mut lent, &node.metrics);
+                flush_lent(&mut lent, &router.metrics());
             }
         }
     }
@@ -483,7 +483,7 @@ async fn register(node: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Recei
         g.deliver(*offset, frame, &mut lent);
     }
     drop(g);
-    flush_lent(&mut lent, &node.metrics);
+    flush_lent(&mut lent, &router.metrics());
     up.changes.send_modify(|n| *n += 1);
     Ok(downs)
 }

@@ -1,6 +1,6 @@
 //! Client protocol v1: command parsing, reply and push encoding, error and close codes.
 //!
-//! It owns the wire format of `PROTOCOL.md`: every field name, error code and close code the
+//! It owns the wire format of `docs/protocol.md`: every field name, error code and close code the
 //! router sends is spelled here and nowhere else. It must never do I/O or touch router state:
 //! it turns text into [`Command`]s and values into frame bytes.
 
@@ -424,7 +424,7 @@ pub fn parse_http_publish(body: &str) -> Result<Publish, OpError> {
 
 // === encoding ===
 
-/// One message as it is pushed and listed (`PROTOCOL.md`, "Pushes").
+/// One message as it is pushed and listed (`docs/protocol.md`, "Pushes").
 #[derive(Serialize)]
 pub struct MessageView<'a> {
     /// `"message"` for a push; absent in a `history` list.

@@ -167,7 +167,7 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
         (&Method::GET, "/healthz") => {
             if *node.shutdown.borrow() {
                 json_response(503, Bytes::from_static(br#"{"status":"shutting_down"}"#))
-            } else if node.router.partitions.store.has_failed() {
+            } else if node.router.partitions().store.has_failed() {
                 json_response(503, Bytes::from_static(br#"{"status":"store_failed"}"#))
             } else {
                 json_response(200, Bytes::from_static(br#"{"status":"ok"}"#))

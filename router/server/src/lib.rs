@@ -113,7 +113,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     .await;
     if drained.is_err() {
         tracing::warn!(?timeout, "shutdown timed out; syncing the store and exiting");
-        let _ = node.router.partitions.store.close();
+        let _ = node.router.partitions().store.close();
     }
     tracing::info!("stopped");
     Ok(())
@@ -151,7 +151,7 @@ async fn drain(node: &Arc<Node>) {
     }
     let me = node.config.node_id.clone();
     let router = &node.router;
-    let handovers = &router.partitions.handovers;
+    let handovers = &router.partitions().handovers;
     let started = tokio::time::Instant::now();
     let (mut maps, mut members) = (router.map_changes(), router.member_changes());
     let done = async {

@@ -171,7 +171,7 @@ impl Node {
         if let Some(cluster) = &self.cluster {
             cluster.stopped(self.config.cluster.etcd_timeout * 2).await;
         }
-        self.router.partitions.close().await;
+        self.router.partitions().close().await;
     }
 }
 

@@ -1,7 +1,7 @@
 // The error classes the SDK throws or emits.
 //
 // It owns their names and fields. `SwitchyardError.code` is either a server error code
-// from PROTOCOL.md (`bad_request`, `forbidden`, `unavailable`, ...) or one of the client's
+// from docs/protocol.md (`bad_request`, `forbidden`, `unavailable`, ...) or one of the client's
 // own: `disconnected` (the connection ended before the reply), `timeout` (a request's
 // deadline passed), `cancelled` (unsubscribe() or disconnect() called while waiting),
 // `unsubscribed` (the server ended a subscription for good), `epoch_changed` (history

@@ -1,7 +1,7 @@
-// The wire types of Switchyard client protocol v1 (shared/design/PROTOCOL.md).
+// The wire types of Switchyard client protocol v1 (docs/protocol.md).
 //
 // It owns the TypeScript shapes of replies and pushes as the client reads them. It must
-// never hold behaviour, and its field names must never drift from PROTOCOL.md: they are a
+// never hold behaviour, and its field names must never drift from docs/protocol.md: they are a
 // contract. Unknown fields are allowed by the protocol and simply not typed here.
 
 /** Where a channel's stream stands: the last offset seen under an epoch. */
@@ -62,7 +62,7 @@ export interface UnsubscribedPush {
   reason: string;
 }
 
-/** Close codes from PROTOCOL.md that the client acts on. */
+/** Close codes from docs/protocol.md that the client acts on. */
 export const CLOSE_UNAUTHORIZED = 4001;
 export const CLOSE_SLOW_CONSUMER = 4008;
 export const CLOSE_SHUTTING_DOWN = 4100;
