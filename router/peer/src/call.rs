@@ -15,7 +15,7 @@ use switchyard_proto::protocol::{ErrorCode, OpError};
 use switchyard_proto::refusal::Refusal;
 
 use crate::link;
-use crate::router::{Route, Router};
+use crate::node::{Node, Route};
 use crate::wire::{Answer, Op, WireError};
 
 /// How many times a forwarded operation follows a redirect before giving up.
@@ -26,58 +26,58 @@ const RETRY_BUDGET: Duration = Duration::from_secs(10);
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs `op` where the current map puts its channel, following redirects.
-pub(crate) async fn call(router: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
-    start(router, op)?.finish().await
+pub(crate) async fn call(node: &Arc<Node>, op: Op) -> Result<Answer, OpError> {
+    start(node, op)?.finish().await
 }
 
 /// An operation under way: run here, or sent to its owner and waiting for the reply.
 pub(crate) enum Started {
     /// This node owns the channel.
-    Local(Arc<Router>, Op),
+    Local(Arc<Node>, Op),
     /// Queued on the owner's link.
-    Remote(Arc<Router>, Op, String, u64, link::Pending),
+    Remote(Arc<Node>, Op, String, u64, link::Pending),
 }
 
 /// Routes `op` and, for a remote owner, queues it on the link at once: operations started
 /// in order by one caller reach the owner in that order.
-pub(crate) fn start(router: &Arc<Router>, op: Op) -> Result<Started, OpError> {
-    let (owner, epoch) = match router.locate(op.channel())? {
-        Route::Local(_) => return Ok(Started::Local(router.clone(), op)),
+pub(crate) fn start(node: &Arc<Node>, op: Op) -> Result<Started, OpError> {
+    let (owner, epoch) = match node.locate(op.channel())? {
+        Route::Local(_) => return Ok(Started::Local(node.clone(), op)),
         Route::Remote { owner, epoch } => (owner, epoch),
     };
-    let Some(links) = router.links() else {
-        return Err(router.route(op.channel()).expect_err("remote channel"));
+    let Some(links) = node.links() else {
+        return Err(node.route(op.channel()).expect_err("remote channel"));
     };
     let pending = links.send(&owner, epoch, &op).map_err(|e| e.to_op())?;
-    Ok(Started::Remote(router.clone(), op, owner, epoch, pending))
+    Ok(Started::Remote(node.clone(), op, owner, epoch, pending))
 }
 
 impl Started {
     /// Waits for the outcome, following redirects while the partition moves.
     pub(crate) async fn finish(self) -> Result<Answer, OpError> {
-        let (router, op, mut owner, mut epoch, mut pending) = match self {
-            Started::Local(router, op) => return crate::dispatch::run_here(&router, op).await,
-            Started::Remote(router, op, owner, epoch, pending) => (router, op, owner, epoch, pending),
+        let (node, op, mut owner, mut epoch, mut pending) = match self {
+            Started::Local(node, op) => return crate::dispatch::run_here(&node, op).await,
+            Started::Remote(node, op, owner, epoch, pending) => (node, op, owner, epoch, pending),
         };
         let name = op.name();
-        let began = std::time::Instant::now();
+        let began = tokio::time::Instant::now();
         for _ in 0..ATTEMPTS {
             match pending.wait(REQUEST_TIMEOUT).await {
                 Ok(answer) => {
-                    router.metrics().peer_forwarded.with_label_values(&[name, "ok"]).inc();
+                    node.metrics().peer_forwarded.with_label_values(&[name, "ok"]).inc();
                     return Ok(answer);
                 }
                 Err(WireError { refusal: Some(Refusal::Redirect { owner: to, epoch: their_epoch }), .. })
                     if began.elapsed() < RETRY_BUDGET =>
                 {
-                    router.metrics().peer_redirects.inc();
+                    node.metrics().peer_redirects.inc();
                     tracing::debug!(channel = op.channel(), from = %owner, to = %to, their_epoch, "redirected");
                     if to == owner {
                         // The owner is still taking the partition over: ask again shortly.
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     } else {
                         // Wait (bounded) for our map to catch up with the owner's, then retry.
-                        router.wait_for_epoch(their_epoch.max(epoch + 1)).await;
+                        node.wait_for_epoch(their_epoch.max(epoch + 1)).await;
                     }
                 }
                 // The link dropped with the request in flight. A keyed publish is
@@ -88,16 +88,16 @@ impl Started {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {
-                    router.metrics().peer_forwarded.with_label_values(&[name, "error"]).inc();
+                    node.metrics().peer_forwarded.with_label_values(&[name, "error"]).inc();
                     return Err(e.to_op());
                 }
             }
-            match start(&router, op.clone())? {
-                Started::Local(router, op) => return crate::dispatch::run_here(&router, op).await,
+            match start(&node, op.clone())? {
+                Started::Local(node, op) => return crate::dispatch::run_here(&node, op).await,
                 Started::Remote(_, _, o, e, p) => (owner, epoch, pending) = (o, e, p),
             }
         }
-        router.metrics().peer_forwarded.with_label_values(&[name, "error"]).inc();
+        node.metrics().peer_forwarded.with_label_values(&[name, "error"]).inc();
         Err(OpError::new(ErrorCode::Unavailable, format!("partition still moving after {ATTEMPTS} attempts")))
     }
 }

@@ -18,7 +18,7 @@ use switchyard_proto::partition::PartitionId;
 use switchyard_proto::protocol::{ErrorCode, OpError, StartFrom};
 use switchyard_proto::refusal::Refusal;
 
-use crate::router::{Route, Router};
+use crate::node::{Node, Route};
 use crate::wire::{self, Answer, Op, WireError};
 
 /// Bytes (payload, keys, ids) one history reply carries over a link at most (fewer messages then).
@@ -29,9 +29,9 @@ const HISTORY_REPLY_BYTES: usize = 8 << 20;
 pub(crate) type LinkSubs = Arc<std::sync::Mutex<HashMap<u64, (u64, String)>>>;
 
 /// Runs `op` on this node, which owned its channel when the caller routed it.
-pub(crate) async fn run_here(router: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
-    let epoch = router.map().epoch;
-    begin(router, None, epoch, op).await.finish(router).await.map_err(|e| e.to_op())
+pub(crate) async fn run_here(node: &Arc<Node>, op: Op) -> Result<Answer, OpError> {
+    let epoch = node.map().epoch;
+    begin(node, None, epoch, op).await.finish(node).await.map_err(|e| e.to_op())
 }
 
 /// One incoming link's state that requests touch.
@@ -55,9 +55,9 @@ pub(crate) enum Begun {
 
 /// Accepts `op` (from `link`, or run here when None) as its owner: a write is in the
 /// owner's mailbox when this returns; [`Begun::finish`] waits for the outcome.
-pub(crate) async fn begin(router: &Arc<Router>, link: Option<&Incoming>, epoch: u64, op: Op) -> Begun {
+pub(crate) async fn begin(node: &Arc<Node>, link: Option<&Incoming>, epoch: u64, op: Op) -> Begun {
     let err = |e: OpError| Begun::Done(Err(WireError::op(&e)));
-    let Some(link) = link else { return begin_here(router, epoch, op).await };
+    let Some(link) = link else { return begin_here(node, epoch, op).await };
     match op {
         Op::Pull { partition, moved_at, cursor } => return Begun::Pull(partition, moved_at, cursor),
         Op::Pulled { partition, moved_at } => return Begun::Pulled(partition, moved_at),
@@ -72,29 +72,29 @@ pub(crate) async fn begin(router: &Arc<Router>, link: Option<&Incoming>, epoch: 
                 })
             };
             if let Some(local) = local {
-                router.metrics().peer_subscriptions.dec();
-                router.unsubscribe(&channel, local).await;
+                node.metrics().peer_subscriptions.dec();
+                node.partitions().unsubscribe(&channel, local).await;
             }
             return Begun::Done(Ok(Answer::Done));
         }
         _ => {}
     }
-    let p = match router.locate(op.channel()) {
+    let p = match node.locate(op.channel()) {
         Err(e) => return err(e),
         Ok(Route::Remote { owner, epoch: ours }) => return redirect(owner, ours, epoch),
         // Taking the partition over: answer at once (the gateway asks again shortly)
         // rather than park the request, which would hold up the whole link.
-        Ok(Route::Local(p)) if router.partitions().handovers.is_adopting(p) => {
-            return redirect(router.id().to_string(), router.map().epoch, epoch);
+        Ok(Route::Local(p)) if node.partitions().handovers.is_adopting(p) => {
+            return redirect(node.id().to_string(), node.map().epoch, epoch);
         }
         Ok(Route::Local(p)) => p,
     };
     match op {
         Op::Subscribe { channel, sub } => {
-            let local = router.next_id();
+            let local = node.next_id();
             link.subs.lock().expect("link subs").insert(local, (sub, channel.clone()));
             let start = Start::From(StartFrom::Latest);
-            match router.partitions().subscribe(p, &channel, local, link.outbox.clone(), start).await {
+            match node.partitions().subscribe(p, &channel, local, link.outbox.clone(), start).await {
                 Ok(rx) => Begun::Subscribed(link.subs.clone(), local, rx),
                 Err(e) => {
                     link.subs.lock().expect("link subs").remove(&local);
@@ -110,13 +110,13 @@ pub(crate) async fn begin(router: &Arc<Router>, link: Option<&Incoming>, epoch: 
         | Op::EpochEnd { .. } => {
             unreachable!("handled above")
         }
-        op => run_owned(router, p, op).await,
+        op => run_owned(node, p, op).await,
     }
 }
 
 /// Accepts a client operation (publish, commit, history, info, seat) for partition `p`,
 /// owned here.
-async fn run_owned(router: &Arc<Router>, p: PartitionId, op: Op) -> Begun {
+async fn run_owned(node: &Arc<Node>, p: PartitionId, op: Op) -> Begun {
     let err = |e: OpError| Begun::Done(Err(WireError::op(&e)));
     match op {
         Op::Publish { channel, data, key, idempotency_key, from } => {
@@ -125,20 +125,24 @@ async fn run_owned(router: &Arc<Router>, p: PartitionId, op: Op) -> Begun {
                 Err(e) => return err(OpError::bad_request(format!("data is not JSON: {e}"))),
             };
             let name = channel.clone();
-            match router.partitions().publish(p, PublishRequest { channel, data, key, idempotency_key, from }).await {
+            match node.partitions().publish(p, PublishRequest { channel, data, key, idempotency_key, from }).await {
                 Ok(rx) => Begun::Published(name, rx),
                 Err(e) => err(e),
             }
         }
         Op::Commit { channel, consumer, offset } => {
-            match router.partitions().commit(p, &channel, consumer, offset).await {
+            match node.partitions().commit(p, &channel, consumer, offset).await {
                 Ok(rx) => Begun::Committed(channel, rx),
                 Err(e) => err(e),
             }
         }
         Op::History { channel, since, limit } => Begun::History(p, channel, since, limit),
         Op::Info { channel, consumer } => Begun::Info(p, channel, consumer),
-        op @ (Op::Seat { .. } | Op::Unseat { .. }) => Begun::Done(Ok(router.serve_seat(op))),
+        op @ (Op::Seat { .. } | Op::Unseat { .. }) => {
+            let (answer, held) = crate::seat_table::serve(node.seats(), &node.liveness(), op);
+            node.metrics().seats_held.set(held as i64);
+            Begun::Done(Ok(answer))
+        }
         Op::Subscribe { .. }
         | Op::Unsubscribe { .. }
         | Op::Pull { .. }
@@ -154,8 +158,8 @@ async fn run_owned(router: &Arc<Router>, p: PartitionId, op: Op) -> Begun {
 /// An operation the calling side runs here because the map put its channel here: the
 /// client operations only, in the owner's mailbox like a link's (no adoption check: a
 /// held mailbox makes them wait instead).
-async fn begin_here(router: &Arc<Router>, epoch: u64, op: Op) -> Begun {
-    let p = match router.locate(op.channel()) {
+async fn begin_here(node: &Arc<Node>, epoch: u64, op: Op) -> Begun {
+    let p = match node.locate(op.channel()) {
         Err(e) => return Begun::Done(Err(WireError::op(&e))),
         Ok(Route::Remote { owner, epoch: ours }) => return redirect(owner, ours, epoch),
         Ok(Route::Local(p)) => p,
@@ -166,7 +170,7 @@ async fn begin_here(router: &Arc<Router>, epoch: u64, op: Op) -> Begun {
         | Op::History { .. }
         | Op::Info { .. }
         | Op::Seat { .. }
-        | Op::Unseat { .. } => run_owned(router, p, op).await,
+        | Op::Unseat { .. } => run_owned(node, p, op).await,
         Op::Subscribe { .. }
         | Op::Unsubscribe { .. }
         | Op::Pull { .. }
@@ -190,23 +194,23 @@ fn redirect(owner: String, ours: u64, theirs: u64) -> Begun {
 
 impl Begun {
     /// Waits for the outcome of an accepted operation.
-    pub(crate) async fn finish(self, router: &Arc<Router>) -> Result<Answer, WireError> {
+    pub(crate) async fn finish(self, node: &Arc<Node>) -> Result<Answer, WireError> {
         let gone = || WireError::op(&OpError::new(ErrorCode::Unavailable, "owner stopped"));
         let result = match self {
             Begun::Done(r) => return r,
             Begun::Published(channel, rx) => {
-                let ok = rx.await.map_err(|_| gone())?.map_err(|e| sealed(router, &channel, &e))?;
+                let ok = rx.await.map_err(|_| gone())?.map_err(|e| sealed(node, &channel, &e))?;
                 return Ok(Answer::Published { offset: ok.offset, epoch: ok.epoch.to_string() });
             }
             Begun::Committed(channel, rx) => {
-                rx.await.map_err(|_| gone())?.map_err(|e| sealed(router, &channel, &e))?;
+                rx.await.map_err(|_| gone())?.map_err(|e| sealed(node, &channel, &e))?;
                 return Ok(Answer::Committed);
             }
             Begun::Subscribed(subs, local, rx) => {
                 let granted = rx.await.unwrap_or_else(|_| Err(OpError::new(ErrorCode::Unavailable, "owner stopped")));
                 match granted {
                     Ok(g) => {
-                        router.metrics().peer_subscriptions.inc();
+                        node.metrics().peer_subscriptions.inc();
                         Ok(Answer::Subscribed { epoch: g.epoch.to_string(), top: g.top })
                     }
                     Err(e) => {
@@ -216,7 +220,7 @@ impl Begun {
                 }
             }
             Begun::History(p, channel, since, limit) => {
-                router.partitions().history(p, &channel, since, limit).await.map(|mut page| {
+                node.partitions().history(p, &channel, since, limit).await.map(|mut page| {
                     // Keep the reply well inside the link's frame limit; the reader pages on.
                     let mut bytes = 0;
                     let keep = page
@@ -232,7 +236,7 @@ impl Begun {
                     Answer::history(page)
                 })
             }
-            Begun::Info(p, channel, consumer) => router.partitions().info(p, &channel, consumer).await.map(|f| {
+            Begun::Info(p, channel, consumer) => node.partitions().info(p, &channel, consumer).await.map(|f| {
                 Answer::Info(wire::ChannelInfo {
                     epoch: f.epoch.to_string(),
                     top: f.top,
@@ -240,11 +244,9 @@ impl Begun {
                     committed: f.committed,
                 })
             }),
-            Begun::Pull(p, moved_at, cursor) => crate::handover::serve_pull(router, p, moved_at, cursor).await,
-            Begun::Pulled(p, moved_at) => {
-                crate::handover::serve_pulled(router, p, moved_at).await.map(|()| Answer::Done)
-            }
-            Begun::Replica(op) => crate::replica::serve(router, op).await,
+            Begun::Pull(p, moved_at, cursor) => crate::handover::serve_pull(node, p, moved_at, cursor).await,
+            Begun::Pulled(p, moved_at) => crate::handover::serve_pulled(node, p, moved_at).await.map(|()| Answer::Done),
+            Begun::Replica(op) => crate::replica::serve(node, op).await,
         };
         result.map_err(|e| WireError::op(&e))
     }
@@ -252,10 +254,10 @@ impl Begun {
 
 /// A write that met a sealed partition was not stored: the gateway is sent on to the
 /// owner the map now names, and retries there.
-fn sealed(router: &Router, channel: &str, e: &OpError) -> WireError {
-    let map = router.map();
-    match map.owner(router.partitions().partition(channel)) {
-        Some(owner) if e.refusal == Some(Refusal::Sealed) && owner != router.id() => {
+fn sealed(node: &Node, channel: &str, e: &OpError) -> WireError {
+    let map = node.map();
+    match map.owner(node.partitions().partition(channel)) {
+        Some(owner) if e.refusal == Some(Refusal::Sealed) && owner != node.id() => {
             WireError::op(&e.clone().with_refusal(Refusal::Redirect { owner: owner.to_string(), epoch: map.epoch }))
         }
         _ => WireError::op(e),

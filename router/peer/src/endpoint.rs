@@ -17,6 +17,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::call::REQUEST_TIMEOUT;
 use crate::dispatch::{self, Incoming, LinkSubs};
+use crate::node::Node;
 use crate::router::Router;
 use crate::wire::{self, Frame, WireError};
 
@@ -40,6 +41,8 @@ pub async fn serve<S>(router: Arc<Router>, ws: WebSocketStream<S>, peer: String,
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let node = router.node().clone();
+    drop(router);
     let (mut sink, mut stream) = ws.split();
     let (tx, mut replies) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
@@ -51,10 +54,10 @@ where
     });
     let (outbox, inbox) = switchyard_core::outbox::outbox(PUSH_QUEUE, PUSH_BYTES);
     let subs: LinkSubs = Arc::default();
-    let pusher = tokio::spawn(push_loop(router.clone(), inbox, subs.clone(), tx.clone()));
+    let pusher = tokio::spawn(push_loop(node.clone(), inbox, subs.clone(), tx.clone()));
     let link = Incoming { outbox: outbox.clone(), subs: subs.clone() };
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut shutdown = router.shutdown_signal();
+    let mut shutdown = node.shutdown_signal();
     let slow = outbox.slow_signal.notified();
     tokio::pin!(slow);
     slow.as_mut().enable();
@@ -84,10 +87,10 @@ where
         };
         // Writes enter the owner's mailbox here, in the order the link carried them;
         // only the wait for durability runs concurrently.
-        let begun = dispatch::begin(&router, Some(&link), epoch, op).await;
-        let (router, tx) = (router.clone(), tx.clone());
+        let begun = dispatch::begin(&node, Some(&link), epoch, op).await;
+        let (node, tx) = (node.clone(), tx.clone());
         tokio::spawn(async move {
-            let mut result = begun.finish(&router).await;
+            let mut result = begun.finish(&node).await;
             if !refusals {
                 result = result.map_err(WireError::legacy);
             }
@@ -98,9 +101,9 @@ where
     // The link's upstream subscriptions end with it: the gateway resubscribes.
     pusher.abort();
     let left: Vec<(u64, (u64, String))> = subs.lock().expect("link subs").drain().collect();
-    router.metrics().peer_subscriptions.sub(left.len() as i64);
+    node.metrics().peer_subscriptions.sub(left.len() as i64);
     for (local, (_, channel)) in left {
-        router.unsubscribe(&channel, local).await;
+        node.partitions().unsubscribe(&channel, local).await;
     }
     drop(tx);
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, writer).await;
@@ -113,7 +116,7 @@ const PUSH_FRAME_BYTES: usize = 1 << 20;
 /// Turns the owners' deliveries for this link's upstream subscriptions into push frames:
 /// everything queued at a wake-up goes out together, one frame per burst.
 async fn push_loop(
-    router: Arc<Router>,
+    node: Arc<Node>,
     mut inbox: switchyard_core::outbox::Inbox,
     subs: LinkSubs,
     tx: mpsc::Sender<Vec<u8>>,
@@ -129,7 +132,7 @@ async fn push_loop(
                 let mut subs = subs.lock().expect("link subs");
                 let remote = subs.get(&d.sub).map(|(r, _)| *r);
                 if d.end && subs.remove(&d.sub).is_some() {
-                    router.metrics().peer_subscriptions.dec();
+                    node.metrics().peer_subscriptions.dec();
                 }
                 remote
             };

@@ -12,14 +12,14 @@
 //! everything here happens once per partition move.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::chunks;
-use crate::router::Router;
+use crate::node::Node;
 use crate::wire::{Answer, Op, WireError};
-use switchyard_core::owner::Forward;
 use switchyard_proto::partition::{PartitionId, PartitionMap};
 use switchyard_proto::protocol::{ErrorCode, OpError};
 use switchyard_proto::refusal::Refusal;
@@ -39,40 +39,40 @@ fn not_adopted() -> OpError {
 /// Called with a new map before it is installed: for every partition it moves here that
 /// was not adopted yet, closes the partition's mailbox (so nothing routed by the new map
 /// runs on stale state) and starts pulling it from its old owner.
-pub(crate) fn before_install(router: &Arc<Router>, new: &PartitionMap) {
-    let me = router.id();
+pub(crate) fn before_install(node: &Arc<Node>, new: &PartitionMap) {
+    let me = node.id();
     for p in 0..new.partitions() {
         if new.owner(p) != Some(me) {
             continue;
         }
         // No move record: the first map gave it here; what the store holds is current.
         let Some(moved) = new.moved_from(p) else { continue };
-        if moved.from == me || router.partitions().store.adopted(p).ok().flatten() == Some(moved.epoch) {
+        if moved.from == me || node.partitions().store.adopted(p).ok().flatten() == Some(moved.epoch) {
             continue;
         }
         {
             // One adoption of a partition at a time: a newer move while one runs is picked
             // up by the next map install after it ends (the map is re-read below).
-            let mut adopting = router.partitions().handovers.adopting.lock().expect("handovers");
+            let mut adopting = node.partitions().handovers.adopting.lock().expect("handovers");
             if adopting.contains_key(&p) {
                 continue;
             }
             adopting.insert(p, moved.epoch);
         }
         let (done, rx) = oneshot::channel();
-        router.partitions().adopt(p, rx);
-        tokio::spawn(adopt(router.clone(), p, moved.from.clone(), moved.epoch, new.epoch, done));
+        node.partitions().adopt(p, rx);
+        tokio::spawn(adopt(node.clone(), p, moved.from.clone(), moved.epoch, new.epoch, done));
     }
 }
 
 /// Called after a new map is installed: seals every partition this node owned in `before`
 /// and no longer owns, so its subscribers follow it and its writes go to the new owner.
-pub(crate) fn after_install(router: &Arc<Router>, before: &PartitionMap) {
-    let after = router.map();
+pub(crate) fn after_install(node: &Arc<Node>, before: &PartitionMap) {
+    let after = node.map();
     if after.epoch == before.epoch {
         return;
     }
-    let me = router.id();
+    let me = node.id();
     for p in 0..before.partitions() {
         if before.owner(p) == Some(me) && after.owner(p) != Some(me) {
             let now = after.owner(p).unwrap_or_default();
@@ -80,68 +80,29 @@ pub(crate) fn after_install(router: &Arc<Router>, before: &PartitionMap) {
             // This copy waits to be pulled only when the map moved the partition from here;
             // a follower promoted elsewhere (a failover) pulls nothing.
             let promoted = !after.replicas.is_empty() && after.moved_from(p).is_none_or(|m| m.from != me);
-            if router.links().is_some() && !promoted {
+            if node.links().is_some() && !promoted {
                 let moved_at = after.moved_from(p).map_or(after.epoch, |m| m.epoch);
-                router.partitions().handovers.sealed.lock().expect("handovers").insert(p, moved_at);
+                node.partitions().handovers.sealed.lock().expect("handovers").insert(p, moved_at);
             }
             // Never wait here (this runs in the etcd watch loop): a held mailbox takes it later.
-            router.partitions().seal_later(p, reason);
+            node.partitions().seal_later(p, reason);
         }
-    }
-}
-
-/// Forwards writes that reached a sealed partition (they raced the seal) to wherever the
-/// map now puts their channel, and answers them from there.
-pub(crate) async fn forward_sealed(
-    router: std::sync::Weak<Router>,
-    mut writes: tokio::sync::mpsc::UnboundedReceiver<Forward>,
-) {
-    while let Some(write) = writes.recv().await {
-        let Some(router) = router.upgrade() else { return };
-        tokio::spawn(async move {
-            let sealed = || OpError::refused(Refusal::Sealed, switchyard_core::owner::SEALED);
-            match write {
-                Forward::Publish(req, reply) => {
-                    // Only ever onwards: a partition still local here would come back sealed.
-                    let result = match router.locate(&req.channel) {
-                        Ok(crate::router::Route::Remote { .. }) => match router.publish(req).await {
-                            Ok(publishing) => publishing.acked().await,
-                            Err(e) => Err(e),
-                        },
-                        _ => Err(sealed()),
-                    };
-                    let _ = reply.send(result);
-                }
-                Forward::Commit { channel, consumer, offset, reply } => {
-                    let result = match router.locate(&channel) {
-                        Ok(crate::router::Route::Remote { .. }) => {
-                            match router.commit(&channel, consumer, offset).await {
-                                Ok(rx) => rx.await.unwrap_or_else(|_| Err(sealed())),
-                                Err(e) => Err(e),
-                            }
-                        }
-                        _ => Err(sealed()),
-                    };
-                    let _ = reply.send(result);
-                }
-            }
-        });
     }
 }
 
 /// Pulls partition `p` from `from` into the store, then opens its mailbox.
 #[tracing::instrument(name = "handover", skip_all, fields(partition = p, %from, moved_at))]
-async fn adopt(router: Arc<Router>, p: PartitionId, from: String, moved_at: u64, map: u64, done: oneshot::Sender<()>) {
+async fn adopt(node: Arc<Node>, p: PartitionId, from: String, moved_at: u64, map: u64, done: oneshot::Sender<()>) {
     let started = Instant::now();
     // No follower apply or snapshot may write the partition meanwhile.
-    let applying = router.partitions().replication.part(p).apply_lock.lock().await;
-    let outcome = pull_all(&router, p, &from, moved_at, map).await;
+    let applying = node.partitions().replication.part(p).apply_lock.lock().await;
+    let outcome = pull_all(&node, p, &from, moved_at, map).await;
     let result = match outcome {
         Ok(Pulled::Moved(messages)) => {
-            router.metrics().handover_messages.inc_by(messages);
-            router.partitions().handovers.incomplete.lock().expect("handovers").remove(&p);
+            node.metrics().handover_messages.inc_by(messages);
+            node.partitions().handovers.incomplete.lock().expect("handovers").remove(&p);
             tracing::info!(messages, elapsed = ?started.elapsed(), "partition handed over");
-            tokio::spawn(confirm(router.clone(), p, from, moved_at));
+            tokio::spawn(confirm(node.clone(), p, from, moved_at));
             "ok"
         }
         Ok(Pulled::KeptOwn) => {
@@ -149,39 +110,39 @@ async fn adopt(router: Arc<Router>, p: PartitionId, from: String, moved_at: u64,
             "kept"
         }
         Ok(Pulled::Abandoned) => {
-            router.partitions().handovers.incomplete.lock().expect("handovers").insert(p);
+            node.partitions().handovers.incomplete.lock().expect("handovers").insert(p);
             tracing::info!("partition moved back to its source mid-handover; adoption abandoned");
             "abandoned"
         }
         Err(why) => {
             tracing::warn!(%why, "no handover; starting the partition from what this node has (new epochs)");
-            if let Err(e) = start_fresh(&router, p, moved_at).await {
+            if let Err(e) = start_fresh(&node, p, moved_at).await {
                 tracing::error!(error = %e, "clearing a partition failed");
             }
-            router.partitions().handovers.incomplete.lock().expect("handovers").remove(&p);
-            router.partitions().handovers.release(p);
+            node.partitions().handovers.incomplete.lock().expect("handovers").remove(&p);
+            node.partitions().handovers.release(p);
             "lost"
         }
     };
-    router.metrics().handovers.with_label_values(&[result]).inc();
-    router.metrics().handover_seconds.observe(started.elapsed().as_secs_f64());
-    router.partitions().handovers.adopting.lock().expect("handovers").remove(&p);
+    node.metrics().handovers.with_label_values(&[result]).inc();
+    node.metrics().handover_seconds.observe(started.elapsed().as_secs_f64());
+    node.partitions().handovers.adopting.lock().expect("handovers").remove(&p);
     drop(applying);
     let _ = done.send(());
 }
 
 /// Tells the old owner its copy can go, until it answers (or leaves, or the deadline).
-async fn confirm(router: Arc<Router>, p: PartitionId, from: String, moved_at: u64) {
-    let Some(links) = router.links().cloned() else { return };
+async fn confirm(node: Arc<Node>, p: PartitionId, from: String, moved_at: u64) {
+    let Some(links) = node.links().cloned() else { return };
     let deadline = Instant::now() + HANDOVER_DEADLINE;
     while Instant::now() < deadline {
-        let epoch = router.map().epoch;
+        let epoch = node.map().epoch;
         if let Ok(pending) = links.send(&from, epoch, &Op::Pulled { partition: p, moved_at }) {
             if pending.wait(PULL_TIMEOUT).await.is_ok() {
                 return;
             }
         }
-        if !router.members().contains_key(&from) {
+        if !node.members().contains_key(&from) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -202,9 +163,9 @@ enum Pulled {
 
 /// Without the old owner, this node's copy of `p` (if any) is stale: clear it, so every
 /// channel restarts under a new epoch and recovering clients learn they missed messages.
-async fn start_fresh(router: &Router, p: PartitionId, moved_at: u64) -> Result<(), switchyard_store::StoreError> {
-    router.partitions().store.clear_partition(p).await?;
-    let mut batch = router.partitions().store.batch();
+async fn start_fresh(node: &Node, p: PartitionId, moved_at: u64) -> Result<(), switchyard_store::StoreError> {
+    node.partitions().store.clear_partition(p).await?;
+    let mut batch = node.partitions().store.batch();
     batch.put_adopted(p, moved_at);
     batch.write(true).await
 }
@@ -239,31 +200,25 @@ enum PullError {
 
 /// Copies partition `p` from `from`; returns the number of messages moved.
 /// `map` is the epoch of the map that gave `p` here (this runs before it is installed).
-async fn pull_all(
-    router: &Arc<Router>,
-    p: PartitionId,
-    from: &str,
-    moved_at: u64,
-    map: u64,
-) -> Result<Pulled, PullError> {
-    let links = router.links().ok_or(PullError::NoLinks)?;
+async fn pull_all(node: &Arc<Node>, p: PartitionId, from: &str, moved_at: u64, map: u64) -> Result<Pulled, PullError> {
+    let links = node.links().ok_or(PullError::NoLinks)?;
     let mut deadline = Instant::now() + HANDOVER_DEADLINE;
-    let alive = |n: &Router| n.members().contains_key(from);
-    if !alive(router) {
+    let alive = |n: &Node| n.members().contains_key(from);
+    if !alive(node) {
         return Err(PullError::Gone(from.to_string()));
     }
     let mut cursor = None;
     let mut cleared = false;
     let mut moved = 0u64;
     loop {
-        let now = router.map();
+        let now = node.map();
         if now.epoch > map && now.owner(p) == Some(from) {
             // Moved back to its source before the pull ended: leave the store alone (the
             // queued seal closes it again); the source still has everything.
             return Ok(Pulled::Abandoned);
         }
         let op = Op::Pull { partition: p, moved_at, cursor: cursor.clone() };
-        let answer = match links.send(from, router.map().epoch, &op) {
+        let answer = match links.send(from, node.map().epoch, &op) {
             Ok(pending) => pending.wait(PULL_TIMEOUT).await,
             Err(e) => Err(e),
         };
@@ -271,17 +226,17 @@ async fn pull_all(
             Ok(Answer::Chunk(c)) => c,
             Ok(_) => return Err(PullError::WrongAnswer),
             Err(WireError { refusal: Some(Refusal::NotAdopted), .. }) if !cleared => {
-                if router.partitions().handovers.release(p) {
+                if node.partitions().handovers.release(p) {
                     // This node handed the partition out and it never arrived anywhere:
                     // its own copy is complete.
-                    let mut batch = router.partitions().store.batch();
+                    let mut batch = node.partitions().store.batch();
                     batch.put_adopted(p, moved_at);
                     batch.write(true).await?;
                     return Ok(Pulled::KeptOwn);
                 }
                 // The old owner is itself still adopting it (a chained move): wait for it,
                 // without counting against the deadline while it is alive.
-                if !alive(router) {
+                if !alive(node) {
                     return Err(PullError::LeftAdopting(from.to_string()));
                 }
                 deadline = Instant::now() + HANDOVER_DEADLINE;
@@ -289,7 +244,7 @@ async fn pull_all(
                 continue;
             }
             Err(e) => {
-                if Instant::now() > deadline || !alive(router) {
+                if Instant::now() > deadline || !alive(node) {
                     return Err(PullError::Failed { from: from.to_string(), message: e.message });
                 }
                 tracing::debug!(partition = p, %from, error = %e.message, "pull failed; retrying");
@@ -299,12 +254,12 @@ async fn pull_all(
         };
         if !cleared {
             // A stale copy from an earlier ownership goes before the first chunk lands.
-            router.partitions().store.clear_partition(p).await?;
+            node.partitions().store.clear_partition(p).await?;
             cleared = true;
         }
         moved += chunk.messages.len() as u64;
         let next = chunk.next.clone();
-        let mut batch = router.partitions().store.batch();
+        let mut batch = node.partitions().store.batch();
         chunks::stage(&mut batch, p, &chunk);
         if next.is_none() {
             batch.put_adopted(p, moved_at);
@@ -314,7 +269,7 @@ async fn pull_all(
         match next {
             Some(c) => cursor = Some(c),
             None => {
-                router.partitions().handovers.release(p);
+                node.partitions().handovers.release(p);
                 return Ok(Pulled::Moved(moved));
             }
         }
@@ -324,52 +279,52 @@ async fn pull_all(
 /// The old owner's side of a pull: seals `p` (once every write it accepted is durable)
 /// and reads the next chunk from its store.
 pub(crate) async fn serve_pull(
-    router: &Arc<Router>,
+    node: &Arc<Node>,
     p: PartitionId,
     moved_at: u64,
     cursor: Option<(String, u64)>,
 ) -> Result<Answer, OpError> {
-    if p >= router.partitions().count() {
+    if p >= node.partitions().count() {
         return Err(OpError::bad_request(format!("no partition {p}")));
     }
-    if router.map().epoch < moved_at {
-        router.wait_for_epoch(moved_at).await;
+    if node.map().epoch < moved_at {
+        node.wait_for_epoch(moved_at).await;
     }
-    let map = router.map();
+    let map = node.map();
     if map.epoch < moved_at {
         return Err(OpError::new(ErrorCode::Unavailable, format!("map epoch {moved_at} not seen here yet")));
     }
-    let h = &router.partitions().handovers;
+    let h = &node.partitions().handovers;
     if h.is_adopting(p) || h.incomplete.lock().expect("handovers").contains(&p) {
         return Err(not_adopted());
     }
-    if map.owner(p) == Some(router.id()) {
+    if map.owner(p) == Some(node.id()) {
         return Err(OpError::new(ErrorCode::Unavailable, format!("partition {p} is owned here")));
     }
     if cursor.is_none() {
-        router.partitions().handovers.sealed.lock().expect("handovers").insert(p, moved_at);
+        node.partitions().handovers.sealed.lock().expect("handovers").insert(p, moved_at);
         let reason = format!("partition moved (map epoch {moved_at}); subscribe again");
-        router.partitions().seal(p, reason).await?;
+        node.partitions().seal(p, reason).await?;
     }
-    chunks::read_blocking(&router.partitions().store, p, cursor, None).await.map(Answer::Chunk)
+    chunks::read_blocking(&node.partitions().store, p, cursor, None).await.map(Answer::Chunk)
 }
 
 /// The new owner has `p` durably: drop the copy here, unless the partition came back.
-pub(crate) async fn serve_pulled(router: &Arc<Router>, p: PartitionId, moved_at: u64) -> Result<(), OpError> {
-    let mine = router.map().owner(p) == Some(router.id());
+pub(crate) async fn serve_pulled(node: &Arc<Node>, p: PartitionId, moved_at: u64) -> Result<(), OpError> {
+    let mine = node.map().owner(p) == Some(node.id());
     // Only the confirmation of the move that sealed the copy here may drop it (a late one
     // from an older move must not).
-    let sealed = router.partitions().handovers.sealed.lock().expect("handovers").get(&p) == Some(&moved_at);
+    let sealed = node.partitions().handovers.sealed.lock().expect("handovers").get(&p) == Some(&moved_at);
     if !sealed {
         return Ok(());
     }
     // A follower's copy belongs to replication now (it resyncs from the new leader).
-    let _applying = router.partitions().replication.part(p).apply_lock.lock().await;
-    let following = router.partitions().replication.is_following(p);
-    if !mine && !following && !router.partitions().handovers.is_adopting(p) {
-        router.partitions().store.clear_partition(p).await.map_err(|e| OpError::internal(e.to_string()))?;
+    let _applying = node.partitions().replication.part(p).apply_lock.lock().await;
+    let following = node.partitions().replication.is_following(p);
+    if !mine && !following && !node.partitions().handovers.is_adopting(p) {
+        node.partitions().store.clear_partition(p).await.map_err(|e| OpError::internal(e.to_string()))?;
     }
-    router.partitions().handovers.release(p);
+    node.partitions().handovers.release(p);
     tracing::info!(partition = p, moved_at, "partition taken by its new owner; local copy dropped");
     Ok(())
 }

@@ -18,9 +18,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::upstream::Upstream;
-use super::wire::{self, Answer, Frame, Op, WireError};
-use crate::router::Router;
+use crate::wire::{self, Answer, Frame, Op, WireError};
+use switchyard_core::outbox::Outbox;
+use switchyard_metrics::Metrics;
+use switchyard_proto::partition::Members;
 use switchyard_proto::protocol::OpError;
 use switchyard_proto::refusal::Refusal;
 
@@ -47,7 +48,7 @@ pub(crate) struct Link {
     next_id: AtomicU64,
     /// Upstream subscriptions whose pushes arrive on this link, by their id. Read for
     /// every push (lock-free), replaced when one is added or removed.
-    subs: ArcSwap<HashMap<u64, Arc<Upstream>>>,
+    subs: ArcSwap<HashMap<u64, Arc<dyn PushTarget>>>,
     /// Bumped every time the connection drops: upstreams on it must resubscribe.
     down: watch::Sender<u64>,
 }
@@ -66,17 +67,42 @@ pub(crate) struct Dial {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
+/// What the links read of their node: where peers are, whether it is shutting down, and
+/// the metrics they count in.
+pub(crate) struct LinkEnv {
+    /// The member list (each member's peer URL).
+    pub(crate) members: watch::Receiver<Arc<Members>>,
+    /// Flips to true when the node starts shutting down.
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// The node's metrics.
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// Where a link hands the pushes that arrive for one upstream subscription.
+pub(crate) trait PushTarget: Send + Sync {
+    /// A push for subscription `sub`; outboxes lent to this burst go in `lent`, flushed
+    /// once per frame.
+    fn on_push(&self, sub: u64, offset: u64, frame: String, end: bool, lent: &mut Vec<Arc<Outbox>>);
+}
+
 /// Every outgoing link of a node, created on first use.
 pub(crate) struct Links {
-    router: Weak<Router>,
+    /// Itself, for the connection tasks: they stop once the links are dropped.
+    me: Weak<Links>,
+    env: LinkEnv,
     dial: Arc<Dial>,
     links: ArcSwap<HashMap<String, Arc<Link>>>,
 }
 
 impl Links {
-    /// Links of `node`, authenticated with `secret`.
-    pub(crate) fn new(router: Weak<Router>, dial: Dial) -> Arc<Self> {
-        Arc::new(Self { router, dial: Arc::new(dial), links: ArcSwap::from_pointee(HashMap::new()) })
+    /// The links of a node, dialed as `dial` says.
+    pub(crate) fn new(env: LinkEnv, dial: Dial) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            env,
+            dial: Arc::new(dial),
+            links: ArcSwap::from_pointee(HashMap::new()),
+        })
     }
 
     /// The link to `peer`, created (and its connection task started) on first use.
@@ -105,7 +131,7 @@ impl Links {
             map
         });
         if let Some((link, rx)) = created {
-            tokio::spawn(run(self.router.clone(), self.dial.clone(), link, rx));
+            tokio::spawn(run(self.me.clone(), self.dial.clone(), link, rx));
         }
         self.links.load().get(peer).cloned().expect("link just inserted")
     }
@@ -161,7 +187,7 @@ impl Drop for Pending {
 
 impl Link {
     /// Routes pushes tagged `sub` to `upstream`.
-    pub(crate) fn register(&self, sub: u64, upstream: Arc<Upstream>) {
+    pub(crate) fn register(&self, sub: u64, upstream: Arc<dyn PushTarget>) {
         self.subs.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.insert(sub, upstream.clone());
@@ -231,15 +257,15 @@ pub(crate) enum LinkError {
 
 /// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
 #[tracing::instrument(name = "peer_link", skip_all, fields(peer = %link.peer, side = "dialed"))]
-async fn run(router: Weak<Router>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
+async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let Some(n) = router.upgrade() else { return };
-        if n.shutting_down() {
+        let Some(n) = links.upgrade() else { return };
+        if *n.env.shutdown.borrow() {
             return;
         }
-        let url = n.members().get(&link.peer).map(|m| m.peer_url.clone());
-        let metrics = n.metrics().clone();
+        let url = n.env.members.borrow().get(&link.peer).map(|m| m.peer_url.clone());
+        let metrics = n.env.metrics.clone();
         drop(n);
         let result = match url {
             Some(url) => pump(&url, &dial, &link, &mut rx, &metrics).await,
@@ -253,7 +279,7 @@ async fn run(router: Weak<Router>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mps
         link.down.send_modify(|n| *n += 1);
         // While waiting to reconnect, requests queued for a peer that left the cluster fail
         // at once: their callers re-route by the map that replaces it (a failover).
-        let Some(mut members) = router.upgrade().map(|n| n.member_changes()) else { return };
+        let Some(mut members) = links.upgrade().map(|n| n.env.members.clone()) else { return };
         let wake = tokio::time::Instant::now() + backoff;
         loop {
             tokio::select! {

@@ -23,7 +23,7 @@ use switchyard_proto::refusal::Refusal;
 use switchyard_store::ReplLogMeta;
 use tokio::sync::oneshot;
 
-use crate::router::Router;
+use crate::node::Node;
 use crate::wire::{Answer, Op};
 
 /// How long a leader holds a fetch that found nothing new.
@@ -36,8 +36,8 @@ const FETCH_BYTES: usize = 4 << 20;
 const ISR_CHECK: Duration = Duration::from_millis(200);
 
 /// The role the map `m` gives this node for `p`.
-fn role(router: &Router, m: &PartitionMap, p: PartitionId) -> Role {
-    let me = router.id();
+fn role(node: &Node, m: &PartitionMap, p: PartitionId) -> Role {
+    let me = node.id();
     if m.replicas.is_empty() {
         return Role::None;
     }
@@ -55,9 +55,9 @@ fn role(router: &Router, m: &PartitionMap, p: PartitionId) -> Role {
 /// follower loop stops applying), and a promoted follower's owner reloads the store once
 /// the last apply is done. Handovers (a move from a live leader) are started by the
 /// handover module.
-pub(crate) fn before_install(router: &Arc<Router>, new: &PartitionMap) {
-    let me = router.id();
-    let old = router.map();
+pub(crate) fn before_install(node: &Arc<Node>, new: &PartitionMap) {
+    let me = node.id();
+    let old = node.map();
     for p in 0..new.partitions() {
         if new.owner(p) != Some(me) || old.owner(p) == Some(me) {
             continue;
@@ -67,15 +67,15 @@ pub(crate) fn before_install(router: &Arc<Router>, new: &PartitionMap) {
             // (no follower may snapshot the partition before it has arrived here).
             continue;
         }
-        let was_following = router.partitions().replication.is_following(p);
-        router.partitions().replication.set_role(p, role(router, new, p));
+        let was_following = node.partitions().replication.is_following(p);
+        node.partitions().replication.set_role(p, role(node, new, p));
         if was_following {
             // Promoted: serve exactly what was replicated (same channel epochs).
             let (done, rx) = oneshot::channel();
-            router.partitions().adopt(p, rx);
-            let router = router.clone();
+            node.partitions().adopt(p, rx);
+            let node = node.clone();
             tokio::spawn(async move {
-                let _applied = router.partitions().replication.part(p).apply_lock.lock().await;
+                let _applied = node.partitions().replication.part(p).apply_lock.lock().await;
                 tracing::info!(partition = p, "promoted to leader; serving the replicated copy");
                 let _ = done.send(());
             });
@@ -85,33 +85,33 @@ pub(crate) fn before_install(router: &Arc<Router>, new: &PartitionMap) {
 
 /// After a map install: every partition's role, and a follower loop for each partition
 /// followed here.
-pub(crate) fn after_install(router: &Arc<Router>) {
-    let map = router.map();
-    let repl = &router.partitions().replication;
+pub(crate) fn after_install(node: &Arc<Node>) {
+    let map = node.map();
+    let repl = &node.partitions().replication;
     let mut started = Vec::new();
     for p in 0..map.partitions() {
-        let role = role(router, &map, p);
+        let role = role(node, &map, p);
         let follow = matches!(role, Role::Follower { .. });
         repl.set_role(p, role);
         if follow && !repl.part(p).follower_running.swap(true, Ordering::AcqRel) {
-            tokio::spawn(follow_loop(router.clone(), p));
+            tokio::spawn(follow_loop(node.clone(), p));
         }
         if repl.leadership_unrecorded(p) {
             started.push(p);
         }
     }
     if !started.is_empty() {
-        tokio::spawn(record_leadership_starts(router.clone(), started));
+        tokio::spawn(record_leadership_starts(node.clone(), started));
     }
-    router.metrics().under_replicated_partitions.set(repl.under_replicated() as i64);
+    node.metrics().under_replicated_partitions.set(repl.under_replicated() as i64);
 }
 
 /// Stores, in one write, the leader-epoch history of each partition in `parts` whose
 /// leadership here started and wrote nothing yet (see `Replication::leadership_start`).
 /// A partition whose apply lock is busy (a follower step still ending, the owner writing)
 /// is skipped: its first batch records the history, or the next map install retries.
-async fn record_leadership_starts(router: Arc<Router>, parts: Vec<PartitionId>) {
-    let (repl, store) = (&router.partitions().replication, &router.partitions().store);
+async fn record_leadership_starts(node: Arc<Node>, parts: Vec<PartitionId>) {
+    let (repl, store) = (&node.partitions().replication, &node.partitions().store);
     let mut held = Vec::new();
     let mut batch = store.batch();
     for p in parts {
@@ -129,24 +129,24 @@ async fn record_leadership_starts(router: Arc<Router>, parts: Vec<PartitionId>) 
 }
 
 /// Runs the leader's ISR checks (and the replication gauges) until shutdown.
-pub(crate) async fn isr_checks(router: std::sync::Weak<Router>) {
+pub(crate) async fn isr_checks(node: std::sync::Weak<Node>) {
     loop {
         tokio::time::sleep(ISR_CHECK).await;
-        let Some(router) = router.upgrade() else { return };
-        if router.shutting_down() {
+        let Some(node) = node.upgrade() else { return };
+        if node.shutting_down() {
             return;
         }
-        let repl = &router.partitions().replication;
+        let repl = &node.partitions().replication;
         let now = Instant::now();
         let mut lag = 0;
-        for p in 0..router.partitions().count() {
+        for p in 0..node.partitions().count() {
             if let Some(change) = repl.isr_check(p, now) {
                 repl.ask(change);
             }
             lag = lag.max(repl.lag(p).unwrap_or(0));
         }
-        router.metrics().replica_lag_batches.set(lag as i64);
-        router.metrics().under_replicated_partitions.set(repl.under_replicated() as i64);
+        node.metrics().replica_lag_batches.set(lag as i64);
+        node.metrics().under_replicated_partitions.set(repl.under_replicated() as i64);
     }
 }
 
@@ -161,21 +161,21 @@ fn fetch_error(e: FetchError) -> OpError {
 }
 
 /// The leader's side of [`Op::Fetch`], [`Op::Snapshot`] and [`Op::EpochEnd`].
-pub(crate) async fn serve(router: &Arc<Router>, op: Op) -> Result<Answer, OpError> {
-    let repl = &router.partitions().replication;
+pub(crate) async fn serve(node: &Arc<Node>, op: Op) -> Result<Answer, OpError> {
+    let repl = &node.partitions().replication;
     match op {
         Op::Fetch { partition: p, leader_epoch, follower, from } => {
-            if p >= router.partitions().count() {
+            if p >= node.partitions().count() {
                 return Err(OpError::bad_request(format!("no partition {p}")));
             }
-            if router.partitions().handovers.is_adopting(p) {
+            if node.partitions().handovers.is_adopting(p) {
                 return Err(OpError::refused(Refusal::NotAdopted, "partition still being adopted here"));
             }
             let mut first = true;
             loop {
                 match repl.fetch(p, &follower, leader_epoch, from, FETCH_BYTES).map_err(fetch_error)? {
                     Err(start) => {
-                        let store = &router.partitions().store;
+                        let store = &node.partitions().store;
                         let history = repl.leader_history(p, || store.repl_meta(p).ok().flatten()).unwrap_or_default();
                         return Ok(Answer::SnapshotAt(start, history));
                     }
@@ -188,25 +188,25 @@ pub(crate) async fn serve(router: &Arc<Router>, op: Op) -> Result<Answer, OpErro
             }
         }
         Op::EpochEnd { partition: p, leader_epoch, last_epoch } => {
-            if p >= router.partitions().count() {
+            if p >= node.partitions().count() {
                 return Err(OpError::bad_request(format!("no partition {p}")));
             }
-            if router.partitions().handovers.is_adopting(p) {
+            if node.partitions().handovers.is_adopting(p) {
                 return Err(OpError::refused(Refusal::NotAdopted, "partition still being adopted here"));
             }
-            let store = &router.partitions().store;
+            let store = &node.partitions().store;
             repl.epoch_end(p, leader_epoch, last_epoch, || store.repl_meta(p).ok().flatten())
                 .map(Answer::EpochEnd)
                 .map_err(fetch_error)
         }
         Op::Snapshot { partition: p, leader_epoch, cursor, channels } => {
-            if p >= router.partitions().count() {
+            if p >= node.partitions().count() {
                 return Err(OpError::bad_request(format!("no partition {p}")));
             }
-            if repl.leader_epoch(p) != Some(leader_epoch) || router.partitions().handovers.is_adopting(p) {
+            if repl.leader_epoch(p) != Some(leader_epoch) || node.partitions().handovers.is_adopting(p) {
                 return Err(OpError::refused(Refusal::NotLeader, "not the leader under that leader epoch"));
             }
-            crate::chunks::read_blocking(&router.partitions().store, p, cursor, channels).await.map(Answer::Chunk)
+            crate::chunks::read_blocking(&node.partitions().store, p, cursor, channels).await.map(Answer::Chunk)
         }
         _ => Err(OpError::internal("not a replication op")),
     }
@@ -223,15 +223,15 @@ enum Step {
 }
 
 /// Follows `p` while the map says so: snapshot first, then fetch and apply.
-#[tracing::instrument(name = "follow", skip(router))]
-async fn follow_loop(router: Arc<Router>, p: PartitionId) {
-    let running = &router.partitions().replication.part(p).follower_running;
+#[tracing::instrument(name = "follow", skip(node))]
+async fn follow_loop(node: Arc<Node>, p: PartitionId) {
+    let running = &node.partitions().replication.part(p).follower_running;
     loop {
-        if router.shutting_down() {
+        if node.shutting_down() {
             running.store(false, Ordering::Release);
             return;
         }
-        let step = follow_step(&router, p).await;
+        let step = follow_step(&node, p).await;
         match step {
             Step::Again => {}
             Step::Later => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -239,7 +239,7 @@ async fn follow_loop(router: Arc<Router>, p: PartitionId) {
                 // A map that made this node a follower again meanwhile found this loop
                 // still running and started none: keep going.
                 running.store(false, Ordering::Release);
-                if router.partitions().replication.is_following(p) && !running.swap(true, Ordering::AcqRel) {
+                if node.partitions().replication.is_following(p) && !running.swap(true, Ordering::AcqRel) {
                     continue;
                 }
                 break;
@@ -248,33 +248,33 @@ async fn follow_loop(router: Arc<Router>, p: PartitionId) {
     }
     // No longer a replica, nor the leader: the copy here is dropped (unless a handover
     // took it over in between).
-    let repl = &router.partitions().replication;
+    let repl = &node.partitions().replication;
     let _applying = repl.part(p).apply_lock.lock().await;
-    let map = router.map();
-    let me = router.id();
+    let map = node.map();
+    let me = node.id();
     if !repl.is_following(p) && map.owner(p) != Some(me) && !map.followers(p).iter().any(|f| f == me) {
-        let sealed_here = router.partitions().handovers.sealed.lock().expect("handovers").contains_key(&p);
+        let sealed_here = node.partitions().handovers.sealed.lock().expect("handovers").contains_key(&p);
         if !sealed_here {
-            if let Err(e) = router.partitions().store.clear_partition(p).await {
+            if let Err(e) = node.partitions().store.clear_partition(p).await {
                 tracing::warn!(partition = p, error = %e, "dropping a replica copy failed");
             }
         }
     }
 }
 
-async fn follow_step(router: &Arc<Router>, p: PartitionId) -> Step {
-    let map = router.map();
-    let repl = &router.partitions().replication;
-    let Some(leader_epoch) = (match role(router, &map, p) {
+async fn follow_step(node: &Arc<Node>, p: PartitionId) -> Step {
+    let map = node.map();
+    let repl = &node.partitions().replication;
+    let Some(leader_epoch) = (match role(node, &map, p) {
         Role::Follower { leader_epoch } if repl.is_following(p) => Some(leader_epoch),
         _ => None,
     }) else {
         return Step::Done;
     };
     let Some(leader) = map.owner(p).map(str::to_string) else { return Step::Later };
-    let Some(links) = router.links().cloned() else { return Step::Done };
+    let Some(links) = node.links().cloned() else { return Step::Done };
     if repl.must_reconcile(p, leader_epoch) {
-        return match reconcile(router, p, &leader, leader_epoch).await {
+        return match reconcile(node, p, &leader, leader_epoch).await {
             Ok(()) => Step::Again,
             Err(e) => {
                 tracing::warn!(partition = p, %leader, error = %e, "reconciling with the leader failed; retrying");
@@ -283,7 +283,7 @@ async fn follow_step(router: &Arc<Router>, p: PartitionId) -> Step {
         };
     }
     let from = repl.position(p, leader_epoch);
-    let op = Op::Fetch { partition: p, leader_epoch, follower: router.id().to_string(), from };
+    let op = Op::Fetch { partition: p, leader_epoch, follower: node.id().to_string(), from };
     let answer = match links.send(&leader, map.epoch, &op) {
         Ok(pending) => pending.wait(FETCH_TIMEOUT + LONG_POLL).await,
         Err(e) => Err(e),
@@ -294,7 +294,7 @@ async fn follow_step(router: &Arc<Router>, p: PartitionId) -> Step {
             if batches.is_empty() {
                 return Step::Again;
             }
-            match apply(router, p, leader_epoch, from, &batches).await {
+            match apply(node, p, leader_epoch, from, &batches).await {
                 Ok(()) => Step::Again,
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "applying replicated batches failed");
@@ -303,7 +303,7 @@ async fn follow_step(router: &Arc<Router>, p: PartitionId) -> Step {
             }
         }
         Ok(Answer::SnapshotAt(start, history)) => {
-            match snapshot(router, p, &leader, leader_epoch, start, history).await {
+            match snapshot(node, p, &leader, leader_epoch, start, history).await {
                 Ok(()) => Step::Again,
                 Err(e) => {
                     tracing::warn!(partition = p, %leader, error = %e, "replica snapshot failed; retrying");
@@ -366,18 +366,18 @@ impl From<crate::wire::WireError> for FollowError {
 
 /// Applies consecutive batches from seq `from`, durably, then records the new position.
 async fn apply(
-    router: &Router,
+    node: &Node,
     p: PartitionId,
     leader_epoch: u64,
     from: u64,
     batches: &[(u64, bytes::Bytes)],
 ) -> Result<(), FollowError> {
-    let repl = &router.partitions().replication;
+    let repl = &node.partitions().replication;
     let _applying = repl.part(p).apply_lock.lock().await;
     if repl.position(p, leader_epoch) != Some(from) {
         return Ok(());
     }
-    let store = &router.partitions().store;
+    let store = &node.partitions().store;
     let own = store.repl_meta(p)?.unwrap_or_default();
     // Every batch fetched from this leader was written under its leader epoch.
     let mut meta = ReplLogMeta { leo: from, epochs: with_epoch(own.epochs, leader_epoch, from) };
@@ -403,31 +403,31 @@ async fn apply(
 /// copy holds the leader's log below `start`, so it inherits the leader's leader-epoch
 /// `history` up to there.
 async fn snapshot(
-    router: &Router,
+    node: &Node,
     p: PartitionId,
     leader: &str,
     leader_epoch: u64,
     start: u64,
     history: Vec<(u64, u64)>,
 ) -> Result<(), FollowError> {
-    let repl = &router.partitions().replication;
+    let repl = &node.partitions().replication;
     let _applying = repl.part(p).apply_lock.lock().await;
     if !repl.is_following(p) || repl.position(p, leader_epoch).is_some() {
         return Ok(());
     }
     // The copy here is the source of a handover still under way (this node led the
     // partition until the last move): it must stay until the new leader has it.
-    if router.partitions().handovers.sealed.lock().expect("handovers").contains_key(&p) {
+    if node.partitions().handovers.sealed.lock().expect("handovers").contains_key(&p) {
         return Err(FollowError::HandingOver);
     }
     let started = Instant::now();
-    router.partitions().store.clear_partition(p).await?;
+    node.partitions().store.clear_partition(p).await?;
     // From here on the batches from `start` are this leader's.
     let inherited = history.into_iter().filter(|(_, s)| *s <= start).collect();
     let meta = ReplLogMeta { leo: start, epochs: with_epoch(inherited, leader_epoch, start) };
-    let messages = copy_channels(router, p, leader, leader_epoch, None, &meta).await?;
+    let messages = copy_channels(node, p, leader, leader_epoch, None, &meta).await?;
     repl.set_position(p, leader_epoch, start, &[]);
-    router.metrics().replica_snapshots.inc();
+    node.metrics().replica_snapshots.inc();
     tracing::info!(partition = p, %leader, messages, elapsed = ?started.elapsed(), "replica snapshot taken");
     Ok(())
 }
@@ -437,23 +437,23 @@ async fn snapshot(
 /// stores `meta` and is fsync'd. Returns the messages copied. The caller holds the apply
 /// lock.
 async fn copy_channels(
-    router: &Router,
+    node: &Node,
     p: PartitionId,
     leader: &str,
     leader_epoch: u64,
     only: Option<Vec<String>>,
     meta: &ReplLogMeta,
 ) -> Result<usize, FollowError> {
-    let links = router.links().cloned().ok_or(FollowError::NoLinks)?;
-    let repl = &router.partitions().replication;
-    let store = &router.partitions().store;
+    let links = node.links().cloned().ok_or(FollowError::NoLinks)?;
+    let repl = &node.partitions().replication;
+    let store = &node.partitions().store;
     let (mut cursor, mut messages, mut first) = (None, 0usize, true);
     loop {
         if !repl.is_following(p) || repl.position(p, leader_epoch).is_some() {
             return Err(FollowError::RoleChanged);
         }
         let op = Op::Snapshot { partition: p, leader_epoch, cursor: cursor.clone(), channels: only.clone() };
-        let chunk = match links.send(leader, router.map().epoch, &op)?.wait(FETCH_TIMEOUT).await {
+        let chunk = match links.send(leader, node.map().epoch, &op)?.wait(FETCH_TIMEOUT).await {
             Ok(Answer::Chunk(c)) => c,
             Ok(_) => return Err(FollowError::WrongAnswer("a snapshot")),
             Err(e) => return Err(e.into()),
@@ -487,16 +487,16 @@ async fn copy_channels(
 /// and the leader's batches from the truncation point are then re-applied over it, which
 /// leaves the channel exactly as the leader has it). A replica with no usable position,
 /// or a tail older than the touched-channel window, takes a full snapshot instead.
-async fn reconcile(router: &Router, p: PartitionId, leader: &str, leader_epoch: u64) -> Result<(), FollowError> {
-    let links = router.links().cloned().ok_or(FollowError::NoLinks)?;
-    let repl = &router.partitions().replication;
-    let store = &router.partitions().store;
+async fn reconcile(node: &Node, p: PartitionId, leader: &str, leader_epoch: u64) -> Result<(), FollowError> {
+    let links = node.links().cloned().ok_or(FollowError::NoLinks)?;
+    let repl = &node.partitions().replication;
+    let store = &node.partitions().store;
     let _applying = repl.part(p).apply_lock.lock().await;
     if !repl.must_reconcile(p, leader_epoch) {
         return Ok(());
     }
     // The copy here is the source of a handover still under way: it stays as it is.
-    if router.partitions().handovers.sealed.lock().expect("handovers").contains_key(&p) {
+    if node.partitions().handovers.sealed.lock().expect("handovers").contains_key(&p) {
         return Err(FollowError::HandingOver);
     }
     let own = store.repl_meta(p)?;
@@ -506,7 +506,7 @@ async fn reconcile(router: &Router, p: PartitionId, leader: &str, leader_epoch: 
     };
     let last_epoch = own.epochs.last().map_or(0, |e| e.0);
     let op = Op::EpochEnd { partition: p, leader_epoch, last_epoch };
-    let answer = match links.send(leader, router.map().epoch, &op)?.wait(FETCH_TIMEOUT).await {
+    let answer = match links.send(leader, node.map().epoch, &op)?.wait(FETCH_TIMEOUT).await {
         Ok(Answer::EpochEnd(a)) => a,
         Ok(_) => return Err(FollowError::WrongAnswer("an epoch-end request")),
         Err(e) => return Err(e.into()),
@@ -531,9 +531,8 @@ async fn reconcile(router: &Router, p: PartitionId, leader: &str, leader_epoch: 
         let kept = own.epochs.iter().copied().filter(|(_, start)| *start < to).collect();
         let meta = ReplLogMeta { leo: to, epochs: with_epoch(kept, leader_epoch, to) };
         let channels = touched.len();
-        let messages =
-            copy_channels(router, p, leader, leader_epoch, Some(touched.into_iter().collect()), &meta).await?;
-        router.metrics().replica_truncations.inc();
+        let messages = copy_channels(node, p, leader, leader_epoch, Some(touched.into_iter().collect()), &meta).await?;
+        node.metrics().replica_truncations.inc();
         tracing::info!(
             partition = p,
             %leader,

@@ -20,9 +20,9 @@ use std::time::Duration;
 use switchyard_proto::Text;
 use tokio::sync::{watch, Notify};
 
-use super::link::Link;
-use super::wire::{Answer, ChannelInfo, Op, WireError};
-use crate::router::{Route, Router};
+use crate::link::{Link, PushTarget};
+use crate::node::{Node, Route};
+use crate::wire::{Answer, ChannelInfo, Op, WireError};
 use switchyard_core::outbox::{flush_lent, Delivery, Outbox, Pushed};
 use switchyard_core::owner::{grant_from, Grant, Start};
 use switchyard_proto::protocol::{self, close, ErrorCode, OpError};
@@ -39,7 +39,9 @@ const CATCH_UP_PAGE: u32 = 1000;
 
 /// Every upstream subscription of a node, by channel.
 pub(crate) struct Upstreams {
-    router: Weak<Router>,
+    /// Itself, for the maintaining tasks (which close their upstream here).
+    me: Weak<Upstreams>,
+    node: Weak<Node>,
     map: Mutex<HashMap<Arc<str>, Arc<Upstream>>>,
 }
 
@@ -123,8 +125,8 @@ impl Inner {
 
 impl Upstreams {
     /// No upstreams yet.
-    pub(crate) fn new(router: Weak<Router>) -> Self {
-        Self { router, map: Mutex::new(HashMap::new()) }
+    pub(crate) fn new(node: Weak<Node>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self { me: me.clone(), node, map: Mutex::new(HashMap::new()) })
     }
 
     /// Grants local subscription `sub` of a remote channel, registering the channel's
@@ -132,14 +134,14 @@ impl Upstreams {
     /// `outbox` as they arrive from the owner.
     pub(crate) async fn subscribe(
         &self,
-        router: &Arc<Router>,
+        node: &Arc<Node>,
         channel: &str,
         sub: u64,
         outbox: Arc<Outbox>,
         start: Start,
     ) -> Result<Grant, OpError> {
         let up = self.join(channel, sub);
-        let result = self.grant(router, &up, sub, outbox, start).await;
+        let result = self.grant(node, &up, sub, outbox, start).await;
         let mut g = up.inner.lock().expect("upstream");
         g.joining -= 1;
         g.joining_subs.retain(|s| *s != sub);
@@ -173,16 +175,16 @@ impl Upstreams {
         map.insert(up.channel.clone(), up.clone());
         let n = map.len();
         drop(map);
-        if let Some(router) = self.router.upgrade() {
-            router.metrics().peer_upstreams.set(n as i64);
+        if let Some(node) = self.node.upgrade() {
+            node.metrics().peer_upstreams.set(n as i64);
         }
-        tokio::spawn(maintain(self.router.clone(), up.clone()));
+        tokio::spawn(maintain(self.me.clone(), self.node.clone(), up.clone()));
         up
     }
 
     async fn grant(
         &self,
-        router: &Arc<Router>,
+        node: &Arc<Node>,
         up: &Arc<Upstream>,
         sub: u64,
         outbox: Arc<Outbox>,
@@ -192,7 +194,7 @@ impl Upstreams {
             Start::Consumer(c) => Some(c.clone()),
             _ => None,
         };
-        let info = match crate::call::call(router, Op::Info { channel: up.channel.to_string(), consumer }).await? {
+        let info = match crate::call::call(node, Op::Info { channel: up.channel.to_string(), consumer }).await? {
             Answer::Info(info) => info,
             _ => return Err(OpError::internal("peer answered info with another answer")),
         };
@@ -259,8 +261,8 @@ impl Upstreams {
         }
         let n = map.len();
         drop(map);
-        if let Some(router) = self.router.upgrade() {
-            router.metrics().peer_upstreams.set(n as i64);
+        if let Some(node) = self.node.upgrade() {
+            node.metrics().peer_upstreams.set(n as i64);
         }
         up.inner.lock().expect("upstream").closed = true;
         up.changes.send_modify(|n| *n += 1);
@@ -268,10 +270,10 @@ impl Upstreams {
     }
 }
 
-impl Upstream {
+impl PushTarget for Upstream {
     /// A push from the owner (called by the link reader, which flushes `lent` after the
     /// frame's last push).
-    pub(crate) fn on_push(&self, sub: u64, offset: u64, frame: String, end: bool, lent: &mut Vec<Arc<Outbox>>) {
+    fn on_push(&self, sub: u64, offset: u64, frame: String, end: bool, lent: &mut Vec<Arc<Outbox>>) {
         let mut g = self.inner.lock().expect("upstream");
         if g.reg.as_ref().map(|r| r.0) != Some(sub) || g.closed {
             return;
@@ -296,7 +298,9 @@ impl Upstream {
         self.changes.send_modify(|n| *n += 1);
         self.wake.notify_one();
     }
+}
 
+impl Upstream {
     /// Ends every local subscription with an `unsubscribed` push.
     fn end_locals(&self, reason: &str) {
         let push = protocol::unsubscribed_push(&self.channel, close::SHUTTING_DOWN, reason);
@@ -310,13 +314,13 @@ impl Upstream {
 }
 
 /// Keeps `up` registered at the channel's owner until nobody needs it.
-async fn maintain(router: Weak<Router>, up: Arc<Upstream>) {
+async fn maintain(ups: Weak<Upstreams>, node: Weak<Node>, up: Arc<Upstream>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         if up.inner.lock().expect("upstream").closed {
             break;
         }
-        let Some(n) = router.upgrade() else { return };
+        let Some(n) = node.upgrade() else { return };
         match register(&n, &up).await {
             Ok(mut downs) => {
                 backoff = Duration::from_millis(50);
@@ -330,7 +334,7 @@ async fn maintain(router: Weak<Router>, up: Arc<Upstream>) {
                         g.idle()
                     };
                     if idle {
-                        if let Some(ups) = router.upgrade().and_then(|n| n.upstreams().cloned()) {
+                        if let Some(ups) = ups.upgrade() {
                             ups.close(&up);
                         }
                         continue;
@@ -348,7 +352,7 @@ async fn maintain(router: Weak<Router>, up: Arc<Upstream>) {
             Err(Failed::End(reason)) => {
                 tracing::info!(channel = %up.channel, %reason, "upstream subscription ended");
                 up.end_locals(&reason);
-                if let Some(ups) = n.upstreams() {
+                if let Some(ups) = ups.upgrade() {
                     ups.close(&up);
                 }
                 break;
@@ -368,7 +372,7 @@ async fn maintain(router: Weak<Router>, up: Arc<Upstream>) {
     let reg = up.inner.lock().expect("upstream").reg.take();
     if let Some((sub, link)) = reg {
         link.unregister(sub);
-        if let Some(n) = router.upgrade() {
+        if let Some(n) = node.upgrade() {
             let epoch = n.map().epoch;
             if let Ok(p) = link.send(epoch, &Op::Unsubscribe { channel: up.channel.to_string(), sub }) {
                 let _ = p.wait(REQUEST_TIMEOUT).await;
@@ -379,20 +383,20 @@ async fn maintain(router: Weak<Router>, up: Arc<Upstream>) {
 
 /// Registers `up` at the owner the map names and catches it up to the registration point.
 /// Returns the link's drop signal, subscribed before the registration was sent.
-async fn register(router: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Receiver<u64>, Failed> {
-    let links = router.links().ok_or_else(|| Failed::End("peer links are off".into()))?;
-    let (owner, epoch) = match router.locate(&up.channel).map_err(|e| Failed::Retry(e.message))? {
+async fn register(node: &Arc<Node>, up: &Arc<Upstream>) -> Result<watch::Receiver<u64>, Failed> {
+    let links = node.links().ok_or_else(|| Failed::End("peer links are off".into()))?;
+    let (owner, epoch) = match node.locate(&up.channel).map_err(|e| Failed::Retry(e.message))? {
         Route::Local(_) => {
             return Err(Failed::End(format!(
                 "partition moved to node {} (map epoch {}); subscribe again",
-                router.id(),
-                router.map().epoch
+                node.id(),
+                node.map().epoch
             )))
         }
         Route::Remote { owner, epoch } => (owner, epoch),
     };
     let link = links.link(&owner);
-    let sub = router.next_id();
+    let sub = node.next_id();
     {
         let mut g = up.inner.lock().expect("upstream");
         if let Some((old, old_link)) = g.reg.take() {
@@ -419,7 +423,7 @@ async fn register(router: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Rec
         Ok(Answer::Subscribed { epoch, top }) => (epoch, top),
         Ok(_) => return Err(Failed::Retry("peer answered subscribe with another answer".into())),
         Err(WireError { refusal: Some(Refusal::Redirect { epoch: e, .. }), .. }) => {
-            router.wait_for_epoch(e.max(epoch + 1)).await;
+            node.wait_for_epoch(e.max(epoch + 1)).await;
             return Err(Failed::Retry("redirected".into()));
         }
         Err(e) => return Err(Failed::Retry(e.message)),
@@ -470,7 +474,7 @@ async fn register(router: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Rec
                 last = g.last.max(page.messages.last().map_or(last, |m| m.offset.min(top)));
                 g.last = last;
                 drop(g);
-                flush_lent(&mut lent, &router.metrics());
+                flush_lent(&mut lent, &node.metrics());
             }
         }
     }
@@ -483,7 +487,7 @@ async fn register(router: &Arc<Router>, up: &Arc<Upstream>) -> Result<watch::Rec
         g.deliver(*offset, frame, &mut lent);
     }
     drop(g);
-    flush_lent(&mut lent, &router.metrics());
+    flush_lent(&mut lent, &node.metrics());
     up.changes.send_modify(|n| *n += 1);
     Ok(downs)
 }
