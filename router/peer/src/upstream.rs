@@ -474,7 +474,7 @@ async fn register(node: &Arc<Node>, up: &Arc<Upstream>) -> Result<watch::Receive
                 last = g.last.max(page.messages.last().map_or(last, |m| m.offset.min(top)));
                 g.last = last;
                 drop(g);
-                flush_lent(&mut lent, &node.metrics());
+                flush_lent(&mut lent, node.metrics());
             }
         }
     }
@@ -487,7 +487,7 @@ async fn register(node: &Arc<Node>, up: &Arc<Upstream>) -> Result<watch::Receive
         g.deliver(*offset, frame, &mut lent);
     }
     drop(g);
-    flush_lent(&mut lent, &node.metrics());
+    flush_lent(&mut lent, node.metrics());
     up.changes.send_modify(|n| *n += 1);
     Ok(downs)
 }

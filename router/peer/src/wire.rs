@@ -393,7 +393,7 @@ impl WireError {
 impl Serialize for WireError {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
-        let redirect = self.redirect().map(|(owner, epoch)| (owner, epoch));
+        let redirect = self.redirect();
         let extra = match &self.refusal {
             None | Some(Refusal::Redirect { .. }) => None,
             Some(Refusal::Resync { from }) => Some((Refusal::Resync { from: *from }.tag(), encode_fields(from))),
@@ -623,13 +623,16 @@ mod tests {
     }
 
     /// The previous version's error: code, message and redirect, nothing after.
+    type OldError = (String, String, Option<(String, u64)>);
+
+    /// The previous version's frames, as far as a reply goes.
     #[derive(Serialize)]
     enum OldFrame {
         #[allow(dead_code)]
         Request,
         Reply {
             id: u64,
-            result: Result<(), (String, String, Option<(String, u64)>)>,
+            result: Result<(), OldError>,
         },
     }
 
