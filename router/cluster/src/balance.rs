@@ -90,6 +90,17 @@ pub fn builtin(input: &BalanceInput) -> Result<BalanceDecision, String> {
     switchyard_sdk::balance::even_spread(input, input.max_moves)
 }
 
+/// Why a round has no decision at all (not even the built-in's).
+#[derive(Debug, thiserror::Error)]
+pub enum BalanceError {
+    /// The built-in even spread has no answer (no live nodes).
+    #[error("built-in balancer: {0}")]
+    Builtin(String),
+    /// The built-in's answer failed validation.
+    #[error(transparent)]
+    Invalid(#[from] switchyard_core::policy::PolicyError),
+}
+
 /// One round's decision: the owners, the followers when the plugin placed them (None: the
 /// built-in [`crate::replicas::place`] places them), and the policy that decided.
 #[derive(Debug)]
@@ -109,7 +120,7 @@ pub fn decide(
     binding: Option<&PluginBinding>,
     input: &BalanceInput,
     replicas: &ReplicaInput,
-) -> Result<Decided, String> {
+) -> Result<Decided, BalanceError> {
     if let Some(b) = binding {
         match plugins.balance(&b.plugin, &b.params.to_string(), input, replicas) {
             Ok(plan) => {
@@ -118,8 +129,8 @@ pub fn decide(
             Err(why) => tracing::warn!(plugin = %b.plugin, %why, "balancer plugin gave no decision; built-in used"),
         }
     }
-    let d = builtin(input)?;
-    validate_balance(BUILTIN, input, &d).map_err(|e| e.to_string())?;
+    let d = builtin(input).map_err(BalanceError::Builtin)?;
+    validate_balance(BUILTIN, input, &d)?;
     Ok(Decided { decision: d, followers: None, policy: BUILTIN.to_string() })
 }
 

@@ -184,7 +184,7 @@ impl Leader<'_> {
         }
         let shown = balance::replica_input(current.as_ref(), &input, replicas);
         let balance::Decided { mut decision, followers: given, policy } =
-            balance::decide(node.balancer.as_ref(), binding, &input, &shown).map_err(Error::Deposed)?;
+            balance::decide(node.balancer.as_ref(), binding, &input, &shown)?;
         // Partitions with no live in-sync replica stay on their departed leader.
         for (p, owner) in &failovers.waiting {
             decision.owners[*p as usize] = owner.clone();

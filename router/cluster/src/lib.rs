@@ -97,6 +97,10 @@ pub enum Error {
     /// The node id is taken by another live process.
     #[error("{0}")]
     Conflict(String),
+    /// A leader round has no balance decision (no live nodes): it steps down like a
+    /// deposed leader.
+    #[error("deposed: {0}")]
+    NoDecision(#[from] balance::BalanceError),
 }
 
 /// Runs an etcd request with the session's deadline.
