@@ -102,14 +102,7 @@ pub(crate) async fn begin(node: &Arc<Node>, link: Option<&Incoming>, epoch: u64,
                 }
             }
         }
-        Op::Unsubscribe { .. }
-        | Op::Pull { .. }
-        | Op::Pulled { .. }
-        | Op::Fetch { .. }
-        | Op::Snapshot { .. }
-        | Op::EpochEnd { .. } => {
-            unreachable!("handled above")
-        }
+        // The rest; the operations between nodes were answered above.
         op => run_owned(node, p, op).await,
     }
 }
@@ -143,15 +136,8 @@ async fn run_owned(node: &Arc<Node>, p: PartitionId, op: Op) -> Begun {
             node.metrics().seats_held.set(held as i64);
             Begun::Done(Ok(answer))
         }
-        Op::Subscribe { .. }
-        | Op::Unsubscribe { .. }
-        | Op::Pull { .. }
-        | Op::Pulled { .. }
-        | Op::Fetch { .. }
-        | Op::Snapshot { .. }
-        | Op::EpochEnd { .. } => {
-            Begun::Done(Err(WireError::op(&OpError::internal(format!("{} is not a client operation", op.name())))))
-        }
+        // Only client operations come here (`Op::is_client`).
+        op => Begun::Done(Err(WireError::op(&OpError::internal(format!("{} is not a client operation", op.name()))))),
     }
 }
 
@@ -159,27 +145,13 @@ async fn run_owned(node: &Arc<Node>, p: PartitionId, op: Op) -> Begun {
 /// client operations only, in the owner's mailbox like a link's (no adoption check: a
 /// held mailbox makes them wait instead).
 async fn begin_here(node: &Arc<Node>, epoch: u64, op: Op) -> Begun {
-    let p = match node.locate(op.channel()) {
-        Err(e) => return Begun::Done(Err(WireError::op(&e))),
-        Ok(Route::Remote { owner, epoch: ours }) => return redirect(owner, ours, epoch),
-        Ok(Route::Local(p)) => p,
-    };
-    match op {
-        Op::Publish { .. }
-        | Op::Commit { .. }
-        | Op::History { .. }
-        | Op::Info { .. }
-        | Op::Seat { .. }
-        | Op::Unseat { .. } => run_owned(node, p, op).await,
-        Op::Subscribe { .. }
-        | Op::Unsubscribe { .. }
-        | Op::Pull { .. }
-        | Op::Pulled { .. }
-        | Op::Fetch { .. }
-        | Op::Snapshot { .. }
-        | Op::EpochEnd { .. } => {
-            Begun::Done(Err(WireError::op(&OpError::internal(format!("{} is not run locally", op.name())))))
-        }
+    if !op.is_client() {
+        return Begun::Done(Err(WireError::op(&OpError::internal(format!("{} is not run locally", op.name())))));
+    }
+    match node.locate(op.channel()) {
+        Err(e) => Begun::Done(Err(WireError::op(&e))),
+        Ok(Route::Remote { owner, epoch: ours }) => redirect(owner, ours, epoch),
+        Ok(Route::Local(p)) => run_owned(node, p, op).await,
     }
 }
 

@@ -237,6 +237,21 @@ impl Op {
         }
     }
 
+    /// Whether it is a client operation (publish, commit, history, info, a seat), which a
+    /// node runs for a channel's owner, rather than one between nodes about partitions
+    /// or upstream subscriptions.
+    pub fn is_client(&self) -> bool {
+        matches!(
+            self,
+            Op::Publish { .. }
+                | Op::Commit { .. }
+                | Op::History { .. }
+                | Op::Info { .. }
+                | Op::Seat { .. }
+                | Op::Unseat { .. }
+        )
+    }
+
     /// Whether sending it twice has the effect of sending it once: a publish with an
     /// idempotency key, a commit, a read.
     pub fn retry_safe(&self) -> bool {
