@@ -94,7 +94,7 @@ impl RetentionPolicy for PluginRetention {
     }
 
     fn decide(&self, input: &RetentionInput) -> Result<RetentionDecision, PolicyError> {
-        let check = |d: &RetentionDecision| validate_retention(&self.plugin, input, d).map_err(|e| e.to_string());
+        let check = |d: &RetentionDecision| validate_retention(&self.plugin, input, d);
         match self.registry.call(&self.plugin, &self.binding, Kind::Retention, &self.params, input, check) {
             Ok(d) => Ok(d),
             Err(why) => self.fall_back(input, &why),
@@ -122,9 +122,7 @@ impl PluginRetention {
         inputs: &[RetentionInput],
         payloads: Option<&Arc<dyn Payloads>>,
     ) -> Vec<Result<RetentionDecision, PolicyError>> {
-        let check = |i: &RetentionInput, d: &RetentionDecision| {
-            validate_retention(&self.plugin, i, d).map_err(|e| e.to_string())
-        };
+        let check = |i: &RetentionInput, d: &RetentionDecision| validate_retention(&self.plugin, i, d);
         let (plugin, binding, params) = (&self.plugin, &self.binding, &self.params);
         let mut out = Vec::with_capacity(inputs.len());
         for range in batches(inputs, |i| i.oldest.len()) {
@@ -155,7 +153,7 @@ impl CompactionPolicy for PluginCompaction {
     }
 
     fn decide(&self, input: &CompactionInput) -> Result<CompactionDecision, PolicyError> {
-        let check = |d: &CompactionDecision| validate_compaction(&self.plugin, input, d).map_err(|e| e.to_string());
+        let check = |d: &CompactionDecision| validate_compaction(&self.plugin, input, d);
         match self.registry.call(&self.plugin, &self.binding, Kind::Compaction, &self.params, input, check) {
             Ok(d) => Ok(d),
             Err(why) => {
@@ -186,9 +184,7 @@ impl PluginCompaction {
         inputs: &[CompactionInput],
         payloads: Option<&Arc<dyn Payloads>>,
     ) -> Vec<Result<CompactionDecision, PolicyError>> {
-        let check = |i: &CompactionInput, d: &CompactionDecision| {
-            validate_compaction(&self.plugin, i, d).map_err(|e| e.to_string())
-        };
+        let check = |i: &CompactionInput, d: &CompactionDecision| validate_compaction(&self.plugin, i, d);
         let (plugin, binding, params) = (&self.plugin, &self.binding, &self.params);
         let mut out = Vec::with_capacity(inputs.len());
         for range in batches(inputs, |i| i.window.len()) {
@@ -217,11 +213,9 @@ impl BalancePlugins for Registry {
         // Invalid followers make the whole answer invalid (one failure of the binding): the
         // round falls back to the built-in owners and followers, as for any bad answer.
         let check = |plan: &BalancePlan| {
-            validate_balance(plugin, input, &plan.decision).map_err(|e| e.to_string())?;
+            validate_balance(plugin, input, &plan.decision)?;
             match &plan.followers {
-                Some(f) => {
-                    validate_followers(plugin, input, replicas, &plan.decision.owners, f).map_err(|e| e.to_string())
-                }
+                Some(f) => validate_followers(plugin, input, replicas, &plan.decision.owners, f),
                 None => Ok(()),
             }
         };

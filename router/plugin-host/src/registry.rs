@@ -17,8 +17,14 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::host::{CallError, CallLimits, Compiled, Host, Kind, PolicyInput};
-use switchyard_core::policy::Payloads;
+use switchyard_core::policy::{Payloads, PolicyError};
 use switchyard_metrics::Metrics;
+
+/// A decision the caller's check refused, as the call's failure (its text goes to the log,
+/// the listing's `last_error` and the `invalid_output` count).
+fn invalid(e: PolicyError) -> CallError {
+    CallError::Invalid(e.to_string())
+}
 
 /// Quarantine rules.
 #[derive(Debug, Clone, Copy)]
@@ -50,28 +56,51 @@ const MAX_PLUGIN_FILE: u64 = 64 * 1024 * 1024;
 /// wait for it longer).
 const COMPILE_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Why a plugin file was not read (the rescan skips it, logging this).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PluginFileError {
+    /// The path is a symlink (opened with `O_NOFOLLOW`).
+    #[error("a symlink (plugin files must be regular files)")]
+    Symlink,
+    /// Opening failed otherwise.
+    #[error("cannot open: {0}")]
+    Open(std::io::Error),
+    /// `fstat` on the opened descriptor failed.
+    #[error("cannot stat: {0}")]
+    Stat(std::io::Error),
+    /// A FIFO, device or directory.
+    #[error("not a regular file (a FIFO, device or directory)")]
+    NotRegular,
+    /// Reading failed.
+    #[error("cannot read: {0}")]
+    Read(std::io::Error),
+    /// Longer than [`MAX_PLUGIN_FILE`].
+    #[error("over {} bytes", MAX_PLUGIN_FILE)]
+    TooLarge,
+}
+
 /// Reads a plugin file safely: opened without following a symlink and without blocking (a
 /// FIFO), checked to be a regular file on the opened descriptor (so nothing can be swapped
 /// in between the check and the read), and read through a hard cap of
 /// [`MAX_PLUGIN_FILE`] bytes.
-pub(crate) fn read_plugin_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+pub(crate) fn read_plugin_file(path: &std::path::Path) -> Result<Vec<u8>, PluginFileError> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let file =
         std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
             |e| match e.raw_os_error() {
-                Some(libc::ELOOP) => "a symlink (plugin files must be regular files)".to_string(),
-                _ => format!("cannot open: {e}"),
+                Some(libc::ELOOP) => PluginFileError::Symlink,
+                _ => PluginFileError::Open(e),
             },
         )?;
-    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    let meta = file.metadata().map_err(PluginFileError::Stat)?;
     if !meta.file_type().is_file() {
-        return Err("not a regular file (a FIFO, device or directory)".into());
+        return Err(PluginFileError::NotRegular);
     }
     let mut bytes = Vec::with_capacity(meta.len().min(MAX_PLUGIN_FILE) as usize);
-    file.take(MAX_PLUGIN_FILE + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read: {e}"))?;
+    file.take(MAX_PLUGIN_FILE + 1).read_to_end(&mut bytes).map_err(PluginFileError::Read)?;
     if bytes.len() as u64 > MAX_PLUGIN_FILE {
-        return Err(format!("over {MAX_PLUGIN_FILE} bytes"));
+        return Err(PluginFileError::TooLarge);
     }
     Ok(bytes)
 }
@@ -243,7 +272,7 @@ impl Registry {
         kind: Kind,
         params: &str,
         input: &I,
-        check: impl FnOnce(&I::Output) -> Result<(), String>,
+        check: impl FnOnce(&I::Output) -> Result<(), PolicyError>,
     ) -> Outcome<I::Output> {
         self.call_one(name, binding, kind, params, input, None, check)
     }
@@ -258,14 +287,14 @@ impl Registry {
         params: &str,
         input: &I,
         payloads: Option<&Arc<dyn Payloads>>,
-        check: impl FnOnce(&I::Output) -> Result<(), String>,
+        check: impl FnOnce(&I::Output) -> Result<(), PolicyError>,
     ) -> Outcome<I::Output> {
         let (entry, compiled) = self.ready(name, binding, kind)?;
         self.counted(&entry, binding, kind, || {
             self.host
                 .call_many_with::<I>(&entry.name, &compiled, kind, params, &[input], self.limits, payloads)
                 .and_then(|mut ds| ds.pop().ok_or_else(|| CallError::Garbage("no answer".into())))
-                .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid))
+                .and_then(|d| check(&d).map(|()| d).map_err(invalid))
         })
         .map_err(Fallback::Failed)
     }
@@ -280,14 +309,14 @@ impl Registry {
         params: &str,
         input: &switchyard_sdk::BalanceInput,
         replicas: &switchyard_sdk::ReplicaInput,
-        check: impl FnOnce(&switchyard_sdk::BalancePlan) -> Result<(), String>,
+        check: impl FnOnce(&switchyard_sdk::BalancePlan) -> Result<(), PolicyError>,
     ) -> Outcome<switchyard_sdk::BalancePlan> {
         let kind = Kind::Balance;
         let (entry, compiled) = self.ready(name, binding, kind)?;
         self.counted(&entry, binding, kind, || {
             self.host
                 .balance(&entry.name, &compiled, params, input, replicas, self.limits)
-                .and_then(|d| check(&d).map(|()| d).map_err(CallError::Invalid))
+                .and_then(|d| check(&d).map(|()| d).map_err(invalid))
         })
         .map_err(Fallback::Failed)
     }
@@ -320,7 +349,7 @@ impl Registry {
         kind: Kind,
         params: &str,
         inputs: &[&I],
-        check: impl Fn(&I, &I::Output) -> Result<(), String>,
+        check: impl Fn(&I, &I::Output) -> Result<(), PolicyError>,
     ) -> Vec<Outcome<I::Output>> {
         self.call_many_with(name, binding, kind, params, inputs, None, check)
     }
@@ -336,7 +365,7 @@ impl Registry {
         params: &str,
         inputs: &[&I],
         payloads: Option<&Arc<dyn Payloads>>,
-        check: impl Fn(&I, &I::Output) -> Result<(), String>,
+        check: impl Fn(&I, &I::Output) -> Result<(), PolicyError>,
     ) -> Vec<Outcome<I::Output>> {
         let all = |why: Fallback| inputs.iter().map(|_| Err(why.clone())).collect();
         let (entry, compiled) = match self.ready(name, binding, kind) {
@@ -583,7 +612,7 @@ mod tests {
         r.rescan();
         let input = RetentionInput { channel: "c".into(), stats: ChannelStats::default(), oldest: vec![], now_ms: 0 };
         let out = r.call::<RetentionInput>("p", "ns/retention", Kind::Retention, "{}", &input, |_| {
-            Err("above the top".into())
+            Err(PolicyError::Invalid { policy: "p".into(), message: "above the top".into() })
         });
         assert!(matches!(out, Err(Fallback::Failed(CallError::Invalid(_)))));
         assert_eq!(r.metrics.plugin_failures.with_label_values(&["p", "retention", "invalid_output"]).get(), 1);
@@ -600,8 +629,8 @@ mod tests {
         let fifo = dir.path().join("fifo.wasm");
         let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
         assert!(made.success(), "mkfifo");
-        assert!(read_plugin_file(&fifo).unwrap_err().contains("not a regular file"));
-        assert!(read_plugin_file(&dir.path().join("linked.wasm")).unwrap_err().contains("symlink"));
+        assert!(read_plugin_file(&fifo).unwrap_err().to_string().contains("not a regular file"));
+        assert!(read_plugin_file(&dir.path().join("linked.wasm")).unwrap_err().to_string().contains("symlink"));
         let r = registry(dir.path());
         r.rescan();
         let names: Vec<String> = r.list().into_iter().map(|p| p.name).collect();

@@ -28,24 +28,50 @@ pub fn default_sdk() -> Option<PathBuf> {
     dir.join("Cargo.toml").is_file().then(|| dir.canonicalize().unwrap_or(dir))
 }
 
+/// Why `switchyard plugin new` wrote nothing (or stopped part way); the CLI prints it.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaffoldError {
+    /// The package name is not lowercase letters, digits and `-`, starting with a letter.
+    #[error("invalid plugin name {0:?}: use lowercase letters, digits and '-', starting with a letter")]
+    InvalidName(String),
+    /// No `Cargo.toml` in the SDK directory.
+    #[error("no switchyard-sdk crate at {} (give --sdk DIR)", .0.display())]
+    NoSdk(PathBuf),
+    /// The target directory exists but cannot be listed.
+    #[error("{0}")]
+    UnreadableDir(std::io::Error),
+    /// The target directory exists and holds something.
+    #[error("{} exists and is not empty", .0.display())]
+    NotEmpty(PathBuf),
+    /// The SDK path cannot be written into `Cargo.toml`.
+    #[error("the SDK path is not UTF-8")]
+    SdkNotUtf8,
+    /// Resolving the SDK path, creating a directory or writing a file failed.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
 /// Writes the crate; returns the files written.
-pub fn create(args: &NewArgs<'_>) -> Result<Vec<PathBuf>, String> {
+pub fn create(args: &NewArgs<'_>) -> Result<Vec<PathBuf>, ScaffoldError> {
     let name = args.name;
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if !valid {
-        return Err(format!(
-            "invalid plugin name {name:?}: use lowercase letters, digits and '-', starting with a letter"
-        ));
+        return Err(ScaffoldError::InvalidName(name.to_string()));
     }
     if !args.sdk.join("Cargo.toml").is_file() {
-        return Err(format!("no switchyard-sdk crate at {} (give --sdk DIR)", args.sdk.display()));
+        return Err(ScaffoldError::NoSdk(args.sdk.to_path_buf()));
     }
-    if args.dir.exists() && std::fs::read_dir(args.dir).map_err(|e| e.to_string())?.next().is_some() {
-        return Err(format!("{} exists and is not empty", args.dir.display()));
+    if args.dir.exists() && std::fs::read_dir(args.dir).map_err(ScaffoldError::UnreadableDir)?.next().is_some() {
+        return Err(ScaffoldError::NotEmpty(args.dir.to_path_buf()));
     }
-    let sdk = args.sdk.canonicalize().map_err(|e| format!("{}: {e}", args.sdk.display()))?;
-    let sdk = sdk.to_str().ok_or("the SDK path is not UTF-8")?.replace('\\', "\\\\").replace('"', "\\\"");
+    let sdk = args.sdk.canonicalize().map_err(io_at(args.sdk))?;
+    let sdk = sdk.to_str().ok_or(ScaffoldError::SdkNotUtf8)?.replace('\\', "\\\\").replace('"', "\\\"");
     let files = [
         ("Cargo.toml", cargo_toml(name, args.kind, &sdk)),
         (".cargo/config.toml", CARGO_CONFIG.to_string()),
@@ -57,12 +83,17 @@ pub fn create(args: &NewArgs<'_>) -> Result<Vec<PathBuf>, String> {
     for (rel, text) in files {
         let path = args.dir.join(rel);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(io_at(parent))?;
         }
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, text).map_err(io_at(&path))?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// An I/O failure at `path`.
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> ScaffoldError + '_ {
+    move |source| ScaffoldError::Io { path: path.to_path_buf(), source }
 }
 
 const CARGO_CONFIG: &str = r#"# wasm32 builds: a 128 KiB stack instead of rustc's 1 MiB (the host's fixed cost per
@@ -342,7 +373,7 @@ mod tests {
         assert!(create(&args("9lives", &x)).is_err());
         let files = create(&args("my-policy", &p)).unwrap();
         assert_eq!(files.len(), 5);
-        assert!(create(&args("my-policy", &p)).unwrap_err().contains("not empty"));
+        assert!(create(&args("my-policy", &p)).unwrap_err().to_string().contains("not empty"));
         let toml = std::fs::read_to_string(dir.path().join("p/Cargo.toml")).unwrap();
         assert!(toml.contains("name = \"my-policy\"") && toml.contains("[workspace]"), "{toml}");
     }

@@ -8,31 +8,21 @@
 //! - The WAT plugin `tests/plugins/wat/keep-last.wat` (a second guest language) loads and
 //!   agrees with the Rust `keep-last`.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
 use switchyard_core::policy::{CompactionPolicy, KeyedCompaction, LimitsRetention, RetentionPolicy};
 use switchyard_metrics::Metrics;
-use switchyard_plugin_host::bound::PluginCompaction;
 use switchyard_plugin_host::host::{CallError, CallLimits, Compiled, Host, Kind};
-use switchyard_plugin_host::registry::{Fallback, QuarantineRules, Registry};
+use switchyard_plugin_host::registry::{Fallback, Registry};
 use switchyard_sdk::{
     ChannelStats, CompactionDecision, CompactionInput, MessageMeta, RetentionDecision, RetentionInput,
 };
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A built module; panics saying how to build it when missing (as the e2e tests do).
-fn built(path: &str) -> Vec<u8> {
-    let path = repo().join(path);
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!("{} is not readable ({e}): build the plugins first with scripts/build-plugins.sh", path.display())
-    })
-}
+use common::{bound_compaction, built, registry_in, repo, small_limits};
 
 fn limits() -> CallLimits {
     CallLimits { timeout: Duration::from_millis(500), max_memory: 32 << 20 }
@@ -155,22 +145,14 @@ proptest! {
 /// Data at 64: a bitmap answer of 3 bits (wrong for a 5-message window); at 128: a valid
 /// answer for 5 messages removing the first; at 192: the same keeping all.
 fn v2_module(body: &str) -> Vec<u8> {
-    wat::parse_str(format!(
-        r#"(module
-            (import "switchyard" "key" (func $key (param i32 i32 i32) (result i32)))
-            (memory (export "memory") 1)
-            (global $bump (mut i32) (i32.const 4096))
-            (data (i32.const 64) "\00\00\00\00\01\00\00\00\00\00\00\00\03\00\00\00\18\00\00\00\01\00\00\00\01")
-            (data (i32.const 128) "\00\00\00\00\01\00\00\00\00\00\00\00\05\00\00\00\18\00\00\00\01\00\00\00\01")
-            (data (i32.const 192) "\00\00\00\00\01\00\00\00\00\00\00\00\05\00\00\00\18\00\00\00\01\00\00\00\00")
-            (func (export "switchyard_abi_v2"))
-            (func (export "switchyard_alloc") (param $n i32) (result i32)
-              (local $p i32) (local.set $p (global.get $bump))
-              (global.set $bump (i32.and (i32.add (i32.add (local.get $p) (local.get $n)) (i32.const 7)) (i32.const -8)))
-              (local.get $p))
-            (func (export "switchyard_compaction") (param $p i32) (param $l i32) (result i64) {body}))"#
-    ))
-    .expect("valid wat")
+    common::v2_module(
+        r#"(import "switchyard" "key" (func $key (param i32 i32 i32) (result i32)))"#,
+        r#"(data (i32.const 64) "\00\00\00\00\01\00\00\00\00\00\00\00\03\00\00\00\18\00\00\00\01\00\00\00\01")
+           (data (i32.const 128) "\00\00\00\00\01\00\00\00\00\00\00\00\05\00\00\00\18\00\00\00\01\00\00\00\01")
+           (data (i32.const 192) "\00\00\00\00\01\00\00\00\00\00\00\00\05\00\00\00\18\00\00\00\01\00\00\00\00")"#,
+        "switchyard_compaction",
+        body,
+    )
 }
 
 /// `(ptr << 32) | len` of 25 output bytes at `ptr`.
@@ -187,8 +169,7 @@ fn call_v2(bytes: &[u8]) -> Result<CompactionDecision, CallError> {
     let host = Host::new(None).unwrap();
     let compiled = load(&host, bytes);
     assert_eq!(compiled.abi, 2);
-    let limits = CallLimits { timeout: Duration::from_millis(50), max_memory: 2 << 20 };
-    host.call(&Arc::from("h"), &compiled, Kind::Compaction, "{}", &window5(), limits)
+    host.call(&Arc::from("h"), &compiled, Kind::Compaction, "{}", &window5(), small_limits())
 }
 
 /// What each hostile body does, and the failure reason it must give.
@@ -259,27 +240,9 @@ fn the_key_import_reads_keys_by_index() {
 #[test]
 fn hostile_v2_modules_fall_back_and_are_quarantined() {
     for (what, body, reason) in hostile_cases() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("h.wasm"), v2_module(&body)).unwrap();
-        let metrics = Arc::new(Metrics::new());
-        let rules = QuarantineRules {
-            after: 2,
-            min: Duration::from_secs(60),
-            max: Duration::from_secs(120),
-            healthy_reset: Duration::from_secs(600),
-        };
-        let limits = CallLimits { timeout: Duration::from_millis(50), max_memory: 2 << 20 };
-        let registry =
-            Registry::new(Host::new(None).unwrap(), dir.path().to_path_buf(), limits, rules, metrics.clone());
-        registry.rescan();
+        let (_dir, registry, metrics) = registry_in(&[("h", &v2_module(&body))], small_limits());
         let builtin = KeyedCompaction { window_ms: None, tombstone_delay_ms: 0 };
-        let bound = PluginCompaction {
-            registry: registry.clone(),
-            plugin: "h".into(),
-            binding: "kv/compaction".into(),
-            params: "{}".into(),
-            fallback: Arc::new(builtin.clone()),
-        };
+        let bound = bound_compaction(&registry, "h", &builtin);
         let input = window5();
         let expected = builtin.decide(&input).unwrap();
         for round in 0..3 {
@@ -341,21 +304,8 @@ fn channels(count: usize) -> Vec<RetentionInput> {
         .collect()
 }
 
-fn registry_with(files: &[(&str, Vec<u8>)]) -> (tempfile::TempDir, Arc<Registry>, Arc<Metrics>) {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, bytes) in files {
-        std::fs::write(dir.path().join(format!("{name}.wasm")), bytes).unwrap();
-    }
-    let metrics = Arc::new(Metrics::new());
-    let rules = QuarantineRules {
-        after: 2,
-        min: Duration::from_secs(60),
-        max: Duration::from_secs(120),
-        healthy_reset: Duration::from_secs(600),
-    };
-    let registry = Registry::new(Host::new(None).unwrap(), dir.path().to_path_buf(), limits(), rules, metrics.clone());
-    registry.rescan();
-    (dir, registry, metrics)
+fn registry_with(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Arc<Registry>, Arc<Metrics>) {
+    registry_in(files, limits())
 }
 
 /// A v2 plugin decides all the channels of a round in one call, exactly as it decides
@@ -363,8 +313,8 @@ fn registry_with(files: &[(&str, Vec<u8>)]) -> (tempfile::TempDir, Arc<Registry>
 #[test]
 fn a_round_of_channels_is_one_call_of_a_v2_plugin() {
     let (_dir, registry, metrics) = registry_with(&[
-        ("v2", built("plugins/dist/keep-last.wasm")),
-        ("v1", built("tests/plugins/dist/keep-last-v1.wasm")),
+        ("v2", &built("plugins/dist/keep-last.wasm")),
+        ("v1", &built("tests/plugins/dist/keep-last-v1.wasm")),
     ]);
     let inputs = channels(40);
     let bound = |plugin: &str| switchyard_plugin_host::bound::PluginRetention {
@@ -388,15 +338,9 @@ fn a_round_of_channels_is_one_call_of_a_v2_plugin() {
 /// channel of the batch gets the built-in decision.
 #[test]
 fn a_failed_batch_falls_back_for_every_channel() {
-    let (_dir, registry, metrics) = registry_with(&[("h", v2_module(&out(64)))]);
+    let (_dir, registry, metrics) = registry_with(&[("h", &v2_module(&out(64)))]);
     let builtin = KeyedCompaction { window_ms: None, tombstone_delay_ms: 0 };
-    let bound = PluginCompaction {
-        registry: registry.clone(),
-        plugin: "h".into(),
-        binding: "kv/compaction".into(),
-        params: "{}".into(),
-        fallback: Arc::new(builtin.clone()),
-    };
+    let bound = bound_compaction(&registry, "h", &builtin);
     let inputs = vec![window5(), window5(), window5()];
     let got: Vec<CompactionDecision> = bound.decide_many(&inputs).into_iter().map(Result::unwrap).collect();
     assert_eq!(got, vec![builtin.decide(&inputs[0]).unwrap(); 3]);

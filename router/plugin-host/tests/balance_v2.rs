@@ -9,7 +9,8 @@
 //! - Hostile v2 balancers (hand-written WAT) fail with the right reason, give no decision
 //!   (the leader falls back to the built-in) and are quarantined, as v1 modules are.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,21 +18,11 @@ use proptest::prelude::*;
 use switchyard_core::policy::{validate_balance, validate_followers, BalancePlugins};
 use switchyard_metrics::Metrics;
 use switchyard_plugin_host::host::{CallError, CallLimits, Compiled, Host};
-use switchyard_plugin_host::registry::{QuarantineRules, Registry};
+use switchyard_plugin_host::registry::Registry;
 use switchyard_sdk::balance::{place_followers, NONE};
 use switchyard_sdk::{BalanceInput, BalancePlan, NodeInfo, PartitionInfo, ReplicaInput};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A built module; panics saying how to build it when missing (as the e2e tests do).
-fn built(path: &str) -> Vec<u8> {
-    let path = repo().join(path);
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!("{} is not readable ({e}): build the plugins first with scripts/build-plugins.sh", path.display())
-    })
-}
+use common::{built, registry_in, small_limits};
 
 fn limits() -> CallLimits {
     CallLimits { timeout: Duration::from_millis(500), max_memory: 32 << 20 }
@@ -216,26 +207,17 @@ fn words(w: &[u32]) -> String {
 /// 64: a valid answer for [`hostile_input`] (owners 0, 1, 0); at 128: an owner out of
 /// range; at 192: a follower that is its owner; at 256: four moves.
 fn balance_module(body: &str) -> Vec<u8> {
-    wat::parse_str(format!(
-        r#"(module
-            (memory (export "memory") 1)
-            (global $bump (mut i32) (i32.const 4096))
-            (data (i32.const 64) "{}")
-            (data (i32.const 128) "{}")
-            (data (i32.const 192) "{}")
-            (data (i32.const 256) "{}")
-            (func (export "switchyard_abi_v2"))
-            (func (export "switchyard_alloc") (param $n i32) (result i32)
-              (local $p i32) (local.set $p (global.get $bump))
-              (global.set $bump (i32.and (i32.add (i32.add (local.get $p) (local.get $n)) (i32.const 7)) (i32.const -8)))
-              (local.get $p))
-            (func (export "switchyard_balance") (param $p i32) (param $l i32) (result i64) {body}))"#,
+    let data = format!(
+        r#"(data (i32.const 64) "{}")
+           (data (i32.const 128) "{}")
+           (data (i32.const 192) "{}")
+           (data (i32.const 256) "{}")"#,
         words(&[0, 3, 0, 0, 0, 1, 0]),
         words(&[0, 3, 0, 0, 0, 5, 0]),
         words(&[0, 3, 1, 0, 0, 1, 0, 0, 0, 1]),
         words(&[0, 3, 0, 0, 1, 0, 0]),
-    ))
-    .expect("valid wat")
+    );
+    common::v2_module("", &data, "switchyard_balance", body)
 }
 
 /// `(ptr << 32) | len`.
@@ -275,7 +257,7 @@ fn hostile_cases() -> Vec<(&'static str, String, &'static str)> {
 fn hostile_v2_balancers_fail_with_the_right_reason() {
     let host = Host::new(None).unwrap();
     let (inp, shown) = hostile_input();
-    let small = CallLimits { timeout: Duration::from_millis(50), max_memory: 2 << 20 };
+    let small = small_limits();
     let good = host.load(&balance_module(&out(64, 28))).unwrap();
     let plan = host.balance(&Arc::from("h"), &good, "{}", &inp, &shown, small).unwrap();
     assert_eq!((plan.decision.owners, plan.followers), (vec!["a".into(), "b".into(), "a".into()], None));
@@ -289,19 +271,7 @@ fn hostile_v2_balancers_fail_with_the_right_reason() {
 }
 
 fn registry_with(name: &str, bytes: &[u8]) -> (tempfile::TempDir, Arc<Registry>, Arc<Metrics>) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join(format!("{name}.wasm")), bytes).unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let rules = QuarantineRules {
-        after: 2,
-        min: Duration::from_secs(60),
-        max: Duration::from_secs(120),
-        healthy_reset: Duration::from_secs(600),
-    };
-    let small = CallLimits { timeout: Duration::from_millis(50), max_memory: 2 << 20 };
-    let registry = Registry::new(Host::new(None).unwrap(), dir.path().to_path_buf(), small, rules, metrics.clone());
-    registry.rescan();
-    (dir, registry, metrics)
+    registry_in(&[(name, bytes)], small_limits())
 }
 
 /// Through the registry (the leader's `BalancePlugins`), a hostile v2 balancer gives no

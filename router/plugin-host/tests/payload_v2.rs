@@ -11,22 +11,20 @@
 //! in-memory stand-in for the store (the store-backed one is tested in switchyard-core's
 //! maintenance module). It must never depend on timing beyond the call deadline.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_core::policy::{CompactionPolicy, KeyedCompaction, Payloads};
 use switchyard_metrics::Metrics;
-use switchyard_plugin_host::bound::PluginCompaction;
 use switchyard_plugin_host::host::{CallError, CallLimits, Compiled, Host, Kind};
-use switchyard_plugin_host::registry::{Fallback, QuarantineRules, Registry};
+use switchyard_plugin_host::registry::{Fallback, Registry};
 use switchyard_sdk::{CompactionDecision, CompactionInput, MessageMeta};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::{bound_compaction as bound, built, registry_in, repo};
 
 fn limits() -> CallLimits {
     CallLimits { timeout: Duration::from_millis(500), max_memory: 2 << 20 }
@@ -77,14 +75,6 @@ fn window(stored: &Stored, channel: &str, payloads: &[Option<&str>]) -> Compacti
     CompactionInput { channel: channel.into(), window, now_ms: 5_000 }
 }
 
-/// A built module; panics saying how to build it when missing.
-fn built(path: &str) -> Vec<u8> {
-    let path = repo().join(path);
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!("{} is not readable ({e}): build the plugins first with scripts/build-plugins.sh", path.display())
-    })
-}
-
 fn drop_marked() -> Vec<u8> {
     let text = std::fs::read_to_string(repo().join("tests/plugins/wat/drop-marked.wat")).unwrap();
     wat::parse_str(&text).expect("valid wat")
@@ -130,21 +120,13 @@ fn a_guest_decides_on_payloads_read_by_index() {
 /// entry point. Data at 128: an answer for 3 messages removing the first; at 192: the same
 /// keeping all.
 fn payload_module(body: &str) -> Vec<u8> {
-    wat::parse_str(format!(
-        r#"(module
-            (import "switchyard" "payload" (func $payload (param i32 i32 i32) (result i32)))
-            (memory (export "memory") 1)
-            (global $bump (mut i32) (i32.const 4096))
-            (data (i32.const 128) "\00\00\00\00\01\00\00\00\00\00\00\00\03\00\00\00\18\00\00\00\01\00\00\00\01")
-            (data (i32.const 192) "\00\00\00\00\01\00\00\00\00\00\00\00\03\00\00\00\18\00\00\00\01\00\00\00\00")
-            (func (export "switchyard_abi_v2"))
-            (func (export "switchyard_alloc") (param $n i32) (result i32)
-              (local $p i32) (local.set $p (global.get $bump))
-              (global.set $bump (i32.and (i32.add (i32.add (local.get $p) (local.get $n)) (i32.const 7)) (i32.const -8)))
-              (local.get $p))
-            (func (export "switchyard_compaction") (param $p i32) (param $l i32) (result i64) {body}))"#
-    ))
-    .expect("valid wat")
+    common::v2_module(
+        r#"(import "switchyard" "payload" (func $payload (param i32 i32 i32) (result i32)))"#,
+        r#"(data (i32.const 128) "\00\00\00\00\01\00\00\00\00\00\00\00\03\00\00\00\18\00\00\00\01\00\00\00\01")
+           (data (i32.const 192) "\00\00\00\00\01\00\00\00\00\00\00\00\03\00\00\00\18\00\00\00\01\00\00\00\00")"#,
+        "switchyard_compaction",
+        body,
+    )
 }
 
 /// `(ptr << 32) | len` of the 25 answer bytes at `ptr`.
@@ -246,28 +228,7 @@ fn hostile_payload_reads_are_out_of_bounds() {
 }
 
 fn registry_with(name: &str, bytes: &[u8]) -> (tempfile::TempDir, Arc<Registry>, Arc<Metrics>) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join(format!("{name}.wasm")), bytes).unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let rules = QuarantineRules {
-        after: 2,
-        min: Duration::from_secs(60),
-        max: Duration::from_secs(120),
-        healthy_reset: Duration::from_secs(600),
-    };
-    let registry = Registry::new(Host::new(None).unwrap(), dir.path().to_path_buf(), limits(), rules, metrics.clone());
-    registry.rescan();
-    (dir, registry, metrics)
-}
-
-fn bound(registry: &Arc<Registry>, plugin: &str, builtin: &KeyedCompaction) -> PluginCompaction {
-    PluginCompaction {
-        registry: registry.clone(),
-        plugin: plugin.into(),
-        binding: "kv/compaction".into(),
-        params: "{}".into(),
-        fallback: Arc::new(builtin.clone()),
-    }
+    registry_in(&[(name, bytes)], limits())
 }
 
 /// Through the registry and the bound policy: `decide_many_with` gives the guest the
