@@ -59,9 +59,10 @@ pub enum StoreError {
     /// The writer thread is gone (the process is stopping).
     #[error("store: writer stopped")]
     WriterGone,
-    /// fsync failed; the message names the cause.
+    /// The log writer's commit or fsync failed; every batch of its group gets the same
+    /// cause (and fjall refuses all writes after it).
     #[error("store: sync failed: {0}")]
-    Sync(String),
+    Sync(Arc<fjall::Error>),
 }
 
 /// Per-channel metadata, rewritten in the same batch as the messages it describes.
@@ -124,6 +125,23 @@ impl StoredMessage {
     }
 }
 
+/// What retention and compaction see of one stored message: [`Store::read_metas`]. The
+/// plugin SDK shows policies the same fields as its own `MessageMeta`; the store does not
+/// depend on the SDK, and whoever hands these to a policy converts them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageMeta {
+    /// Offset of the message in its channel.
+    pub offset: u64,
+    /// Accept time, ms since the Unix epoch ([`StoredMessage::ts`]).
+    pub ts: u64,
+    /// Stored size in bytes: the length of the encoded [`StoredMessage`].
+    pub size: u32,
+    /// Compaction key, if any.
+    pub key: Option<String>,
+    /// True for a `null` payload ([`StoredMessage::is_tombstone`]).
+    pub tombstone: bool,
+}
+
 /// The store: one fjall database with five keyspaces.
 pub struct Store {
     db: Database,
@@ -148,7 +166,7 @@ struct WriteJob {
     batch: WriteBatch,
     /// Whether the writes must be fsync'd (under the policy) before the answer.
     durable: bool,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), Arc<fjall::Error>>>,
 }
 
 fn channel_prefix(partition: PartitionId, channel: &str) -> Vec<u8> {
@@ -506,8 +524,8 @@ impl Store {
         from: u64,
         upto: u64,
         limit: usize,
-    ) -> Result<Vec<switchyard_sdk::MessageMeta>, StoreError> {
-        self.scan(p, channel, (from, upto), limit, |offset, size, m| switchyard_sdk::MessageMeta {
+    ) -> Result<Vec<MessageMeta>, StoreError> {
+        self.scan(p, channel, (from, upto), limit, |offset, size, m| MessageMeta {
             offset,
             ts: m.ts,
             size,
@@ -649,7 +667,7 @@ fn commit_group(
     let mut answers: Vec<_> = group
         .into_iter()
         .map(|WriteJob { batch, durable, done }| {
-            let r = batch.commit().map_err(|e| e.to_string());
+            let r = batch.commit().map_err(Arc::new);
             must_sync |= durable && r.is_ok();
             (done, durable, r)
         })
@@ -657,7 +675,7 @@ fn commit_group(
     if must_sync && policy != FsyncPolicy::Never {
         // Flushes the journal's buffer, then fsyncs.
         let started = Instant::now();
-        let synced = db.persist(PersistMode::SyncData).map_err(|e| e.to_string());
+        let synced = db.persist(PersistMode::SyncData).map_err(Arc::new);
         metrics.store_sync_seconds.observe(started.elapsed().as_secs_f64());
         metrics.store_syncs.inc();
         if let Err(e) = &synced {
@@ -669,7 +687,7 @@ fn commit_group(
     } else if let Err(e) = db.persist(PersistMode::Buffer) {
         // One write of the journal's buffer to the OS for the whole group: what is
         // answered survives a crash of the process.
-        let e = e.to_string();
+        let e = Arc::new(e);
         tracing::error!(error = %e, batches = answers.len(), "store write failed");
         for (_, _, r) in answers.iter_mut() {
             *r = Err(e.clone());
@@ -812,6 +830,43 @@ mod tests {
         assert_eq!(store.consumer_offset(3, "room:1", "svc").unwrap(), Some(4));
         assert_eq!(store.consumer_offset(3, "room:1", "other").unwrap(), None);
         assert_eq!(store.read_messages(3, "room:10", 0, 10, 10).unwrap().len(), 1);
+    }
+
+    /// The bytes the store writes, pinned: keys (partition, channel, NUL, offset, all
+    /// big-endian) and postcard values. A change here breaks every existing data directory.
+    #[tokio::test]
+    async fn the_on_disk_encoding_is_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
+        let message =
+            StoredMessage { ts: 300, key: Some("k".into()), from: None, idem: Some("i".into()), data: "null".into() };
+        let meta = ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 };
+        let position = ReplLogMeta { leo: 14, epochs: vec![(1, 10)] };
+        let mut b = store.batch();
+        assert_eq!(b.put_message(3, "c", 2, &message), 14, "the stored size is the encoded length");
+        b.put_meta(3, "c", &meta);
+        b.put_consumer(3, "c", "svc", 4);
+        b.put_repl_batch(3, 7, &["c"], &position);
+        b.put_adopted(3, 9);
+        b.write(true).await.unwrap();
+
+        let raw = |ks: &Keyspace, key: &[u8]| ks.get(key).unwrap().map(|v| v.to_vec());
+        let message_key = [&[0, 0, 0, 3][..], b"c\0", &2u64.to_be_bytes()].concat();
+        assert_eq!(message_key, super::message_key(3, "c", 2));
+        assert_eq!(
+            raw(&store.messages, &message_key),
+            Some(vec![0xac, 0x02, 1, 1, b'k', 0, 1, 1, b'i', 4, b'n', b'u', b'l', b'l'])
+        );
+        assert_eq!(raw(&store.meta, &[0, 0, 0, 3, b'c', 0]), Some(vec![1, b'E', 5, 1, 5, 50]));
+        assert_eq!(raw(&store.consumers, &[0, 0, 0, 3, b'c', 0, b's', b'v', b'c']), Some(4u64.to_be_bytes().to_vec()));
+        assert_eq!(raw(&store.replog, &[0, 0, 0, 3, 0]), Some(vec![14, 1, 1, 10]));
+        let touched_key = [&[0, 0, 0, 3, 1][..], &7u64.to_be_bytes()].concat();
+        assert_eq!(raw(&store.replog, &touched_key), Some(vec![1, 1, b'c']));
+        assert_eq!(raw(&store.adopted, &[0, 0, 0, 3]), Some(9u64.to_be_bytes().to_vec()));
+
+        // What policies are shown is derived from those bytes.
+        let metas = store.read_metas(3, "c", 1, 5, 10).unwrap();
+        assert_eq!(metas, vec![MessageMeta { offset: 2, ts: 300, size: 14, key: Some("k".into()), tombstone: true }]);
     }
 
     /// A replica's position is stored with its batches; the channels a run of batches
