@@ -401,9 +401,8 @@ mod tests {
     //! Payloads a round's policies read, on a real store.
 
     use super::*;
-    use crate::test_support::{eventually, request, start};
     use crate::policy::{Bound, PolicyError};
-    use switchyard_metrics::Metrics;
+    use crate::test_support::{eventually, request, start};
     use switchyard_sdk::RetentionDecision;
 
     async fn publish_all(parts: &Partitions, channel: &str, payloads: &[&str]) {
@@ -430,8 +429,20 @@ mod tests {
             shown,
             vec![
                 switchyard_sdk::MessageMeta { offset: 1, ts: 1_001, size: 41, key: None, tombstone: false },
-                switchyard_sdk::MessageMeta { offset: 2, ts: 1_002, size: 42, key: Some("short".into()), tombstone: true },
-                switchyard_sdk::MessageMeta { offset: 3, ts: 1_003, size: 43, key: Some(expected_long), tombstone: false },
+                switchyard_sdk::MessageMeta {
+                    offset: 2,
+                    ts: 1_002,
+                    size: 42,
+                    key: Some("short".into()),
+                    tombstone: true
+                },
+                switchyard_sdk::MessageMeta {
+                    offset: 3,
+                    ts: 1_003,
+                    size: 43,
+                    key: Some(expected_long),
+                    tombstone: false
+                },
             ]
         );
         let at_limit = "k".repeat(POLICY_KEY_MAX);

@@ -76,7 +76,6 @@ impl ChannelState {
     }
 }
 
-
 impl Owner {
     pub(super) fn channel(&mut self, name: &str, work: &mut Work) -> &mut ChannelState {
         self.channel_in(name, None, work)

@@ -25,7 +25,7 @@ pub enum ReplOp {
 }
 
 /// Most leader-epoch history entries a replica keeps (older epochs: a snapshot instead).
-const MAX_EPOCHS: usize = 64;
+pub(super) const MAX_EPOCHS: usize = 64;
 
 impl ReplOp {
     fn channel(&self) -> &str {

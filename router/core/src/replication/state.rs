@@ -14,7 +14,7 @@ use bytes::Bytes;
 /// How long a leader keeps batches for a follower that stopped fetching (a dead node kept
 /// in the replica list): it catches up from them if it returns within this time; after
 /// it, its batches go and it will take a snapshot. Bounds the memory a dead node pins.
-const SILENT_PIN: Duration = Duration::from_secs(60);
+pub(super) const SILENT_PIN: Duration = Duration::from_secs(60);
 
 /// A follower's position under the leader it follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

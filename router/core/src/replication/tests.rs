@@ -2,6 +2,8 @@
 //! network, no clock but `Instant`s the tests pass in (one test ages a follower through
 //! the state behind the lock). Test code only: nothing here may be used by the crate.
 
+use super::log::MAX_EPOCHS;
+use super::state::SILENT_PIN;
 use super::*;
 
 fn leader(r: &Replication, followers: &[&str], isr: &[&str], epoch: u64) {
