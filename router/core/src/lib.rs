@@ -21,5 +21,7 @@ pub mod owner;
 pub mod partitions;
 pub mod policy;
 pub mod replication;
+#[cfg(test)]
+mod test_support;
 
 pub use partitions::{HistoryPage, OwnedMessage, Partitions};

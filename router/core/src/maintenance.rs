@@ -102,13 +102,22 @@ struct Memory {
 /// policy call of its namespace heavy (keys may be as long as a frame).
 const POLICY_KEY_MAX: usize = 256;
 
-/// Replaces over-long keys with `#xxh3:<hex>` (distinct keys stay distinct).
-fn shorten_keys(metas: &mut [switchyard_sdk::MessageMeta]) {
-    for m in metas {
-        if let Some(k) = m.key.as_mut().filter(|k| k.len() > POLICY_KEY_MAX) {
-            *k = format!("#xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(k.as_bytes()));
-        }
-    }
+/// What a policy is shown of stored messages: the store's metadata as the SDK's type, with
+/// over-long keys replaced by `#xxh3:<hex>` (distinct keys stay distinct).
+fn policy_metas(metas: impl IntoIterator<Item = switchyard_store::MessageMeta>) -> Vec<switchyard_sdk::MessageMeta> {
+    metas
+        .into_iter()
+        .map(|m| {
+            let key = m.key.map(|k| {
+                if k.len() > POLICY_KEY_MAX {
+                    format!("#xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(k.as_bytes()))
+                } else {
+                    k
+                }
+            });
+            switchyard_sdk::MessageMeta { offset: m.offset, ts: m.ts, size: m.size, key, tombstone: m.tombstone }
+        })
+        .collect()
 }
 
 /// The payloads of one partition's messages, read from the store when a policy asks (the
@@ -290,7 +299,7 @@ fn retention_input(
     if !policy.needs_round(stats, oldest_ts, now) {
         return None;
     }
-    let mut oldest = match tokio::task::block_in_place(|| {
+    let oldest = match tokio::task::block_in_place(|| {
         node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, RETENTION_SHOWN)
     }) {
         Ok(m) => m,
@@ -299,7 +308,7 @@ fn retention_input(
             return None;
         }
     };
-    shorten_keys(&mut oldest);
+    let oldest = policy_metas(oldest);
     Some(RetentionInput { channel: snap.channel.to_string(), stats: stats.clone(), oldest, now_ms: now })
 }
 
@@ -346,8 +355,7 @@ fn compaction_input(
         }
     };
     // The oldest keyed messages, as many as the policy takes in one round.
-    let mut window: Vec<_> = metas.into_iter().filter(|m| m.key.is_some()).take(policy.max_window()).collect();
-    shorten_keys(&mut window);
+    let window = policy_metas(metas.into_iter().filter(|m| m.key.is_some()).take(policy.max_window()));
     Some(CompactionInput { channel: snap.channel.to_string(), window, now_ms: now_ms() })
 }
 
@@ -393,48 +401,52 @@ mod tests {
     //! Payloads a round's policies read, on a real store.
 
     use super::*;
-    use crate::owner::PublishRequest;
-    use crate::partitions::Settings as PartitionSettings;
     use crate::policy::{Bound, PolicyError};
-    use switchyard_metrics::Metrics;
+    use crate::test_support::{eventually, request, start};
     use switchyard_sdk::RetentionDecision;
-
-    fn start(dir: &std::path::Path) -> Arc<Partitions> {
-        let metrics = Arc::new(Metrics::new());
-        let store = switchyard_store::Store::open(dir, switchyard_store::FsyncPolicy::Batch, metrics.clone()).unwrap();
-        let settings = PartitionSettings {
-            partitions: 4,
-            idempotency_window: Duration::from_secs(60),
-            forward_sealed: false,
-            max_reply_bytes: 1 << 20,
-            idempotency_max_keys: 100_000,
-            idempotency_max_bytes: 16 << 20,
-            replica_lag_timeout: Duration::from_secs(2),
-        };
-        Partitions::start(store, metrics, settings).unwrap().0
-    }
 
     async fn publish_all(parts: &Partitions, channel: &str, payloads: &[&str]) {
         let p = parts.partition(channel);
         for data in payloads {
-            let req = PublishRequest {
-                channel: channel.into(),
-                data: serde_json::value::RawValue::from_string(data.to_string()).unwrap(),
-                key: None,
-                idempotency_key: None,
-                from: None,
-            };
-            parts.publish(p, req).await.unwrap().await.unwrap().unwrap();
+            parts.publish(p, request(channel, data, None)).await.unwrap().await.unwrap().unwrap();
         }
     }
 
-    /// Polls `done` until it holds (a trim is acknowledged before its batch is written).
-    async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !done().await {
-            assert!(tokio::time::Instant::now() < deadline, "{what}: not within 10 s");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    /// A policy sees every field the store read, and a short hash for an over-long key.
+    #[test]
+    fn policies_see_the_stored_metadata_with_long_keys_shortened() {
+        let stored = |offset: u64, key: Option<String>| switchyard_store::MessageMeta {
+            offset,
+            ts: 1_000 + offset,
+            size: 40 + offset as u32,
+            key,
+            tombstone: offset == 2,
+        };
+        let long = "k".repeat(POLICY_KEY_MAX + 1);
+        let shown = policy_metas([stored(1, None), stored(2, Some("short".into())), stored(3, Some(long.clone()))]);
+        let expected_long = format!("#xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(long.as_bytes()));
+        assert_eq!(
+            shown,
+            vec![
+                switchyard_sdk::MessageMeta { offset: 1, ts: 1_001, size: 41, key: None, tombstone: false },
+                switchyard_sdk::MessageMeta {
+                    offset: 2,
+                    ts: 1_002,
+                    size: 42,
+                    key: Some("short".into()),
+                    tombstone: true
+                },
+                switchyard_sdk::MessageMeta {
+                    offset: 3,
+                    ts: 1_003,
+                    size: 43,
+                    key: Some(expected_long),
+                    tombstone: false
+                },
+            ]
+        );
+        let at_limit = "k".repeat(POLICY_KEY_MAX);
+        assert_eq!(policy_metas([stored(4, Some(at_limit.clone()))])[0].key, Some(at_limit));
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -416,32 +416,8 @@ mod tests {
 
     use super::*;
     use crate::outbox::{outbox, Inbox};
+    use crate::test_support::{request as req, start};
     use switchyard_proto::protocol::StartFrom;
-
-    fn start(dir: &std::path::Path) -> Arc<Partitions> {
-        let metrics = Arc::new(Metrics::new());
-        let store = Store::open(dir, switchyard_store::FsyncPolicy::Batch, metrics.clone()).unwrap();
-        let settings = Settings {
-            partitions: 4,
-            idempotency_window: Duration::from_secs(60),
-            forward_sealed: false,
-            max_reply_bytes: 1 << 20,
-            idempotency_max_keys: 100_000,
-            idempotency_max_bytes: 16 << 20,
-            replica_lag_timeout: Duration::from_secs(2),
-        };
-        Partitions::start(store, metrics, settings).unwrap().0
-    }
-
-    fn req(channel: &str, data: &str, idem: Option<&str>) -> PublishRequest {
-        PublishRequest {
-            channel: channel.into(),
-            data: RawValue::from_string(data.into()).unwrap(),
-            key: None,
-            idempotency_key: idem.map(String::from),
-            from: None,
-        }
-    }
 
     async fn publish(parts: &Partitions, channel: &str, data: &str, idem: Option<&str>) -> PublishOk {
         let p = parts.partition(channel);

@@ -59,9 +59,10 @@ pub enum StoreError {
     /// The writer thread is gone (the process is stopping).
     #[error("store: writer stopped")]
     WriterGone,
-    /// fsync failed; the message names the cause.
+    /// The log writer's commit or fsync failed; every batch of its group gets the same
+    /// cause (and fjall refuses all writes after it).
     #[error("store: sync failed: {0}")]
-    Sync(String),
+    Sync(Arc<fjall::Error>),
 }
 
 /// Per-channel metadata, rewritten in the same batch as the messages it describes.
@@ -124,6 +125,23 @@ impl StoredMessage {
     }
 }
 
+/// What retention and compaction see of one stored message: [`Store::read_metas`]. The
+/// plugin SDK shows policies the same fields as its own `MessageMeta`; the store does not
+/// depend on the SDK, and whoever hands these to a policy converts them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageMeta {
+    /// Offset of the message in its channel.
+    pub offset: u64,
+    /// Accept time, ms since the Unix epoch ([`StoredMessage::ts`]).
+    pub ts: u64,
+    /// Stored size in bytes: the length of the encoded [`StoredMessage`].
+    pub size: u32,
+    /// Compaction key, if any.
+    pub key: Option<String>,
+    /// True for a `null` payload ([`StoredMessage::is_tombstone`]).
+    pub tombstone: bool,
+}
+
 /// The store: one fjall database with five keyspaces.
 pub struct Store {
     db: Database,
@@ -148,7 +166,7 @@ struct WriteJob {
     batch: WriteBatch,
     /// Whether the writes must be fsync'd (under the policy) before the answer.
     durable: bool,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), Arc<fjall::Error>>>,
 }
 
 fn channel_prefix(partition: PartitionId, channel: &str) -> Vec<u8> {
@@ -506,8 +524,8 @@ impl Store {
         from: u64,
         upto: u64,
         limit: usize,
-    ) -> Result<Vec<switchyard_sdk::MessageMeta>, StoreError> {
-        self.scan(p, channel, (from, upto), limit, |offset, size, m| switchyard_sdk::MessageMeta {
+    ) -> Result<Vec<MessageMeta>, StoreError> {
+        self.scan(p, channel, (from, upto), limit, |offset, size, m| MessageMeta {
             offset,
             ts: m.ts,
             size,
@@ -649,7 +667,7 @@ fn commit_group(
     let mut answers: Vec<_> = group
         .into_iter()
         .map(|WriteJob { batch, durable, done }| {
-            let r = batch.commit().map_err(|e| e.to_string());
+            let r = batch.commit().map_err(Arc::new);
             must_sync |= durable && r.is_ok();
             (done, durable, r)
         })
@@ -657,7 +675,7 @@ fn commit_group(
     if must_sync && policy != FsyncPolicy::Never {
         // Flushes the journal's buffer, then fsyncs.
         let started = Instant::now();
-        let synced = db.persist(PersistMode::SyncData).map_err(|e| e.to_string());
+        let synced = db.persist(PersistMode::SyncData).map_err(Arc::new);
         metrics.store_sync_seconds.observe(started.elapsed().as_secs_f64());
         metrics.store_syncs.inc();
         if let Err(e) = &synced {
@@ -669,7 +687,7 @@ fn commit_group(
     } else if let Err(e) = db.persist(PersistMode::Buffer) {
         // One write of the journal's buffer to the OS for the whole group: what is
         // answered survives a crash of the process.
-        let e = e.to_string();
+        let e = Arc::new(e);
         tracing::error!(error = %e, batches = answers.len(), "store write failed");
         for (_, _, r) in answers.iter_mut() {
             *r = Err(e.clone());
@@ -684,171 +702,4 @@ fn commit_group(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(i: u64) -> StoredMessage {
-        StoredMessage { ts: i, key: None, from: None, idem: None, data: format!("{{\"i\":{i}}}") }
-    }
-
-    fn one_message(store: &Store, p: PartitionId, offset: u64) -> Batch<'_> {
-        let mut b = store.batch();
-        b.put_message(p, "room:1", offset, &msg(offset));
-        b
-    }
-
-    /// Batches written in one pass of the runtime reach the writer together: one fsync,
-    /// even when the pass is long enough for the writer to have synced the first alone.
-    #[tokio::test]
-    async fn batches_of_one_runtime_pass_share_one_fsync() {
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::new());
-        let store = Store::open(dir.path(), FsyncPolicy::Batch, metrics.clone()).unwrap();
-        let writers: Vec<_> = (1..=4)
-            .map(|p| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    // A busy pass: each task computes for a while before it writes.
-                    let until = std::time::Instant::now() + std::time::Duration::from_millis(20);
-                    while std::time::Instant::now() < until {
-                        std::hint::spin_loop();
-                    }
-                    one_message(&store, p, 1).write(true).await
-                })
-            })
-            .collect();
-        for w in writers {
-            w.await.unwrap().unwrap();
-        }
-        assert_eq!(metrics.store_syncs.get(), 1, "four batches of one pass, one group fsync");
-        for p in 1..=4 {
-            assert_eq!(store.read_messages(p, "room:1", 0, u64::MAX, 10).unwrap().len(), 1);
-        }
-    }
-
-    /// A round whose first writer is held up (its worker busy with a long synchronous
-    /// step) is handed over by a batch from another thread once it is older than
-    /// `ROUND_WAIT`.
-    #[tokio::test]
-    async fn a_held_up_round_is_handed_over_by_a_later_batch() {
-        use std::future::Future;
-        use std::task::Poll;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
-        let mut first = Box::pin(one_message(&store, 1, 1).write(true));
-        let polled = std::future::poll_fn(|cx| Poll::Ready(first.as_mut().poll(cx))).await;
-        assert!(polled.is_pending(), "the first batch waits for the end of the pass");
-        // The first writer is never polled again; the round only grows older.
-        let opened = std::time::Instant::now();
-        while opened.elapsed() < ROUND_WAIT {
-            std::hint::spin_loop();
-        }
-        let other = store.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            runtime.block_on(one_message(&other, 2, 1).write(true))
-        })
-        .join()
-        .unwrap()
-        .unwrap();
-        assert_eq!(store.read_messages(1, "room:1", 0, u64::MAX, 10).unwrap().len(), 1, "the first batch too");
-        first.await.unwrap();
-    }
-
-    /// The batch that opened a round hands the round over even when its writer stops
-    /// waiting: the batches that joined it are still committed and answered.
-    #[tokio::test]
-    async fn a_dropped_first_writer_still_hands_its_round_over() {
-        use std::future::Future;
-        use std::task::Poll;
-        async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
-            std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut *f).poll(cx))).await
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
-        let mut first = Box::pin(one_message(&store, 1, 1).write(true));
-        assert!(poll_once(&mut first).await.is_pending(), "the first batch waits for the end of the pass");
-        let mut second = Box::pin(one_message(&store, 2, 1).write(true));
-        assert!(poll_once(&mut second).await.is_pending(), "the second joins the round");
-        drop(first);
-        second.await.unwrap();
-        for p in 1..=2 {
-            assert_eq!(store.read_messages(p, "room:1", 0, u64::MAX, 10).unwrap().len(), 1, "partition {p}");
-        }
-    }
-
-    #[tokio::test]
-    async fn writes_read_back_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
-            let mut b = store.batch();
-            for i in 1..=5 {
-                b.put_message(3, "room:1", i, &msg(i));
-            }
-            b.put_message(3, "room:10", 1, &msg(99));
-            b.put_meta(3, "room:1", &ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 });
-            b.put_consumer(3, "room:1", "svc", 4);
-            b.write(true).await.unwrap();
-            let got = store.read_messages(3, "room:1", 1, 4, 100).unwrap();
-            assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![2, 3, 4]);
-            assert_eq!(got[0].1, msg(2));
-            let mut b = store.batch();
-            b.put_message(3, "room:1", 6, &StoredMessage { idem: Some("k6".into()), ..msg(6) });
-            b.write(true).await.unwrap();
-            let keys = store.recent_idempotency_keys(3, "room:1", 6, 4, 100).unwrap();
-            assert_eq!(keys, vec![(6, 6, "k6".to_string())], "stops at the first message older than the cutoff");
-            assert!(store.read_messages(3, "room:1", u64::MAX, u64::MAX, 10).unwrap().is_empty());
-            let metas = store.read_metas(3, "room:1", 1, 5, 100).unwrap();
-            assert_eq!(metas.len(), 5);
-            store.close().unwrap();
-        }
-        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
-        let all = store.all_channels().unwrap();
-        assert_eq!(
-            all,
-            vec![(3, "room:1".to_string(), ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 })]
-        );
-        assert_eq!(store.consumer_offset(3, "room:1", "svc").unwrap(), Some(4));
-        assert_eq!(store.consumer_offset(3, "room:1", "other").unwrap(), None);
-        assert_eq!(store.read_messages(3, "room:10", 0, 10, 10).unwrap().len(), 1);
-    }
-
-    /// A replica's position is stored with its batches; the channels a run of batches
-    /// touched read back only when every record of the run is there; clearing a channel
-    /// or a partition removes what they hold.
-    #[tokio::test]
-    async fn replication_positions_and_touched_channels() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
-        assert_eq!(store.repl_meta(2).unwrap(), None);
-        let mut b = store.batch();
-        for seq in 10..14 {
-            let meta = ReplLogMeta { leo: seq + 1, epochs: vec![(1, 10)] };
-            let name = format!("c{}", seq % 2);
-            b.put_repl_batch(2, seq, &[name.as_str(), "all"], &meta);
-        }
-        b.put_message(2, "c0", 1, &msg(1));
-        b.put_meta(2, "c0", &ChannelMeta { epoch: "E".into(), top: 1, first: 1, count: 1, bytes: 10 });
-        b.put_consumer(2, "c0", "svc", 1);
-        b.put_message(2, "c1", 1, &msg(1));
-        b.write(true).await.unwrap();
-        assert_eq!(store.repl_meta(2).unwrap(), Some(ReplLogMeta { leo: 14, epochs: vec![(1, 10)] }));
-        let names = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<_>>());
-        assert_eq!(store.repl_touched(2, 12, 14).unwrap(), names(&["all", "c0", "c1"]));
-        assert_eq!(store.repl_touched(2, 13, 14).unwrap(), names(&["all", "c1"]));
-        assert_eq!(store.repl_touched(2, 14, 14).unwrap(), names(&[]));
-        assert_eq!(store.repl_touched(2, 8, 14).unwrap(), None, "records 8 and 9 are missing");
-        assert_eq!(store.repl_touched(2, 12, 16).unwrap(), None, "records 14 and 15 are missing");
-        let mut b = store.batch();
-        b.clear_channel(2, "c0").unwrap();
-        b.write(true).await.unwrap();
-        assert_eq!(store.channel_meta(2, "c0").unwrap(), None);
-        assert!(store.read_messages(2, "c0", 0, 10, 10).unwrap().is_empty());
-        assert_eq!(store.consumer_offset(2, "c0", "svc").unwrap(), None);
-        assert_eq!(store.read_messages(2, "c1", 0, 10, 10).unwrap().len(), 1);
-        store.clear_partition(2).await.unwrap();
-        assert_eq!(store.repl_meta(2).unwrap(), None);
-        assert_eq!(store.repl_touched(2, 13, 14).unwrap(), None);
-    }
-}
+mod tests;
