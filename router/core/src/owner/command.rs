@@ -168,7 +168,7 @@ pub enum TrimReason {
 }
 
 /// A command for a partition owner.
-pub enum OwnerCommand {
+pub(crate) enum OwnerCommand {
     /// Store and fan out a message.
     Publish(PublishRequest, oneshot::Sender<Result<PublishOk, OpError>>),
     /// Register a subscriber.

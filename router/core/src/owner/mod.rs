@@ -37,9 +37,8 @@ mod tests;
 
 use batch::Work;
 use channel::ChannelState;
-pub use command::{
-    grant_from, ChannelView, Facts, Forward, Grant, OwnerCommand, PublishRequest, Snapshot, Start, TrimReason, SEALED,
-};
+pub(crate) use command::OwnerCommand;
+pub use command::{grant_from, ChannelView, Facts, Forward, Grant, PublishRequest, Snapshot, Start, TrimReason, SEALED};
 
 /// Most commands folded into one batch.
 const MAX_BATCH: usize = 1024;
@@ -62,7 +61,7 @@ fn is_epoch_like(epoch: &str) -> bool {
 }
 
 /// The owner task of one partition.
-pub struct Owner {
+pub(crate) struct Owner {
     partition: PartitionId,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
@@ -89,7 +88,7 @@ pub struct Owner {
 }
 
 /// What flows into an owner, and out of it when it is sealed.
-pub struct Mailbox {
+pub(crate) struct Mailbox {
     /// Commands, in arrival order.
     pub commands: mpsc::Receiver<OwnerCommand>,
     /// Adoptions: each holds the mailbox until its handed-over state is in the store.
@@ -102,7 +101,7 @@ pub struct Mailbox {
 
 impl Owner {
     /// An owner for `partition`, loaded with the channels the store holds for it.
-    pub fn new(
+    pub(crate) fn new(
         partition: PartitionId,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
@@ -167,7 +166,7 @@ impl Owner {
     }
 
     /// Runs until every sender is gone, finishing the batch in hand.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let one_publish_per_batch = self.store.policy() == switchyard_store::FsyncPolicy::Always;
         let store = self.store.clone();
         loop {
