@@ -6,8 +6,7 @@
 //! reconnect), `forward` (running an operation at its owner, and the `/peer` endpoint's
 //! side of a link), `upstream` (one subscription per remote channel per gateway),
 //! `handover` (moving a partition's state when the map moves it), [`seats`] (the
-//! cluster-wide per-user session cap), [`ws`] (the text-frame
-//! conversion shared with the server). It must never import etcd-client or read etcd: the
+//! cluster-wide per-user session cap). It must never import etcd-client or read etcd: the
 //! map and the member list arrive on `watch` channels, and every remote call has a deadline.
 
 mod forward;
@@ -18,7 +17,6 @@ pub mod router;
 pub mod seats;
 mod upstream;
 pub mod wire;
-pub mod ws;
 
 pub use forward::serve;
 pub use router::{Route, Router, Settings};

@@ -7,7 +7,8 @@
 //! `session` (one WebSocket client), `socket` (a client's socket: the frames queued for it,
 //! written without copying, and whether it may be read), `poll` (HTTP long-poll), `web` (the demo page and its
 //! token endpoint), `policies` (namespace bindings to policies), `tls` (the listener's
-//! certificate). It must never route a
+//! certificate), `ws` (a [`Text`](switchyard_proto::Text) frame as a WebSocket text
+//! payload). It must never route a
 //! message itself (the peer layer's `Router` does) nor hold protocol state beyond one
 //! connection.
 
@@ -20,6 +21,7 @@ mod session;
 mod socket;
 mod tls;
 mod web;
+mod ws;
 
 use std::path::Path;
 use std::sync::Arc;
