@@ -178,6 +178,7 @@ fn ready(frame: Text) -> BoxFuture<'static, Output> {
     futures_util::future::ready(Output::Frame(frame)).boxed()
 }
 
+/// The next frame from the client. The read side is polled only when the socket may have
 /// bytes: a wake-up for pushes alone does not go through tungstenite's read path.
 async fn next_frame<S>(ws: &mut WebSocketStream<Socket<S>>) -> Option<Result<Message, WsError>>
 where
