@@ -31,7 +31,6 @@ mod seat_table;
 pub mod seats;
 mod upstream;
 pub mod wire;
-pub mod ws;
 
 pub use endpoint::serve;
 pub use node::Route;

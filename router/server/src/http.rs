@@ -1,7 +1,8 @@
 //! The one HTTP listener: WebSocket upgrades on `/ws`, the HTTP API, metrics and health.
 //!
 //! It owns accepting TCP connections (TCP_NODELAY on each), routing HTTP requests, the
-//! WebSocket handshake and handing upgraded sockets to [`crate::session`]. It must never
+//! WebSocket handshake with its cap on client connections (a slot per connection, held
+//! until it ends) and handing upgraded sockets to [`crate::session`]. It must never
 //! hold protocol state itself: every operation goes through [`Node`].
 
 use std::convert::Infallible;
@@ -357,13 +358,23 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
     if *node.shutdown.borrow() {
         return error_response(&OpError::new(ErrorCode::Unavailable, "node shutting down"));
     }
-    let max_connections = node.config.limits.max_connections;
-    if matches!(who, Peer::Client) && node.metrics.connections.get() >= max_connections as i64 {
-        let e = OpError::new(ErrorCode::Unavailable, format!("limits.max_connections ({max_connections}) reached"));
-        let mut response = error_response(&e);
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return response;
-    }
+    // A client's slot under `limits.max_connections`, held by its task until the connection
+    // ends. Taken here, before the upgrade is answered: simultaneous upgrades cannot all
+    // slip under the cap, as they could when the check read the connections gauge.
+    let slot = match who {
+        Peer::Client => match node.connection_slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                let max_connections = node.config.limits.max_connections;
+                let e =
+                    OpError::new(ErrorCode::Unavailable, format!("limits.max_connections ({max_connections}) reached"));
+                let mut response = error_response(&e);
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
+            }
+        },
+        Peer::Node => None,
+    };
     let accept = derive_accept_key(key.as_bytes());
     let offers_subprotocol = headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
@@ -375,6 +386,7 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
         switchyard_peer::wire::reads_refusals(headers.get(switchyard_peer::wire::WIRE_HEADER).map(|v| v.as_bytes()));
     tokio::spawn(async move {
         let _alive = alive;
+        let _slot = slot;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 // tungstenite's own limit is a backstop far above ours; frames between the
@@ -427,4 +439,98 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
         resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    //! The listener against a real node on a loopback port.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// Many clients upgrading at the same moment: exactly `max_connections` get in, every
+    /// other one gets 503 with `Retry-After`, and the connections gauge never passes the
+    /// cap. (When the cap was a check of the gauge, which a session raises only once it
+    /// runs, this let 4 of 64 in past a cap of 3.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn simultaneous_upgrades_never_pass_max_connections() {
+        const CAP: usize = 3;
+        const CLIENTS: usize = 64;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config =
+            Config { data_dir: dir.path().join("data"), plugins_dir: dir.path().join("plugins"), ..Config::default() };
+        config.limits.max_connections = CAP;
+        config.validate().unwrap();
+        let node = Node::start(config, None).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (alive, _alive_rx) = mpsc::channel(1);
+        tokio::spawn(serve(node.clone(), listener, alive, None));
+
+        // The most connections the gauge shows at any moment of the storm.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = tokio::spawn({
+            let (node, done) = (node.clone(), done.clone());
+            async move {
+                let mut most = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    most = most.max(node.metrics.connections.get());
+                    tokio::task::yield_now().await;
+                }
+                most
+            }
+        });
+        // Every client connects first; then, from a thread of their own, all send their
+        // upgrade within microseconds, so the server holds many upgrades at once.
+        let answers = tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let request = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                           Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+            let mut clients: Vec<_> = (0..CLIENTS).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+            for c in &mut clients {
+                c.write_all(request.as_bytes()).unwrap();
+            }
+            // Each answer's head (the 101 has no body; a 503's body is not needed).
+            clients
+                .into_iter()
+                .map(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        assert_eq!(c.read(&mut byte).unwrap(), 1, "the server closed before answering");
+                        head.push(byte[0]);
+                    }
+                    (String::from_utf8(head).unwrap().to_ascii_lowercase(), c)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        let mut admitted = Vec::new();
+        for (head, socket) in answers {
+            if head.starts_with("http/1.1 101") {
+                admitted.push(socket);
+            } else {
+                assert!(head.starts_with("http/1.1 503") && head.contains("retry-after: 1"), "{head}");
+            }
+        }
+        // The admitted stay open: no slot was given back, so no refused client was let in late.
+        assert_eq!(admitted.len(), CAP, "upgrades answered with 101");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while node.metrics.connections.get() != CAP as i64 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("every admitted session running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(sampler.await.unwrap(), CAP as i64, "the most connections the gauge showed");
+        assert_eq!(node.metrics.connections.get(), CAP as i64, "connections gauge");
+        drop(admitted);
+        node.shutdown();
+    }
 }

@@ -7,7 +7,8 @@
 //! `session` (one WebSocket client), `socket` (a client's socket: the frames queued for it,
 //! written without copying, and whether it may be read), `poll` (HTTP long-poll), `web` (the demo page and its
 //! token endpoint), `policies` (namespace bindings to policies), `tls` (the listener's
-//! certificate). It must never route a
+//! certificate), `ws` (a [`Text`](switchyard_proto::Text) frame as a WebSocket text
+//! payload). It must never route a
 //! message itself (the peer layer's `Router` does) nor hold protocol state beyond one
 //! connection.
 
@@ -20,6 +21,7 @@ mod session;
 mod socket;
 mod tls;
 mod web;
+mod ws;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,6 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError, Overrides};
 use crate::node::Node;
+pub use crate::tls::TlsError;
 
 /// Why a node could not run.
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +48,12 @@ pub enum ServerError {
     /// The store (or the data or plugin folder) cannot be opened.
     #[error(transparent)]
     Store(#[from] switchyard_store::StoreError),
-    /// The `[tls]` certificate or key cannot be used.
+    /// The `[tls]` certificate or key cannot be used (exit status 2).
     #[error("tls: {0}")]
-    Tls(String),
+    Tls(#[from] TlsError),
+    /// `cluster.peer_ca_file` cannot be used (exit status 2).
+    #[error("tls: cluster.peer_ca_file: {0}")]
+    PeerTls(#[source] TlsError),
     /// etcd holds a cluster this node cannot join as configured (exit status 2).
     #[error("{0}")]
     Fatal(String),
@@ -58,7 +64,7 @@ impl ServerError {
     /// otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ServerError::Fatal(_) | ServerError::Tls(_) => 2,
+            ServerError::Fatal(_) | ServerError::Tls(_) | ServerError::PeerTls(_) => 2,
             _ => 1,
         }
     }
@@ -68,13 +74,11 @@ impl ServerError {
 /// every client with 4100 after its in-flight replies, drain the owners, sync the store.
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let tls = match &config.tls {
-        Some(t) => Some(tls::acceptor(&t.cert_file, &t.key_file).map_err(ServerError::Tls)?),
+        Some(t) => Some(tls::acceptor(&t.cert_file, &t.key_file)?),
         None => None,
     };
     let peer_tls = match &config.cluster.peer_ca_file {
-        Some(ca) if config.cluster.enabled() => {
-            Some(tls::peer_client(ca).map_err(|e| ServerError::Tls(format!("cluster.peer_ca_file: {e}")))?)
-        }
+        Some(ca) if config.cluster.enabled() => Some(tls::peer_client(ca).map_err(ServerError::PeerTls)?),
         _ => None,
     };
     let listener =
@@ -228,6 +232,15 @@ fn spawn_reload_on_sighup(node: Arc<Node>) {
     });
 }
 
+/// Why `switchyard token` could not mint a token; printed as is.
+#[derive(Debug, thiserror::Error)]
+enum TokenError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Mint(#[from] switchyard_access::auth::AuthError),
+}
+
 /// The `switchyard token` command: prints a token on stdout; errors go to stderr with exit
 /// status 2.
 pub fn token_command(
@@ -236,9 +249,9 @@ pub fn token_command(
     ttl: Duration,
     channels: Option<Vec<String>>,
 ) -> std::process::ExitCode {
-    let minted = Config::load(Some(config), Default::default()).map_err(|e| e.to_string()).and_then(|c| {
-        switchyard_access::auth::mint_from_config(&c.auth, user, ttl, channels).map_err(|e| e.to_string())
-    });
+    let minted = Config::load(Some(config), Default::default())
+        .map_err(TokenError::from)
+        .and_then(|c| Ok(switchyard_access::auth::mint_from_config(&c.auth, user, ttl, channels)?));
     match minted {
         Ok(token) => {
             println!("{token}");

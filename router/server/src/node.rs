@@ -1,7 +1,8 @@
 //! One running node as the server layer wires it together.
 //!
 //! It owns startup in dependency order (store, partitions, plugin host, router, cluster,
-//! maintenance), the shutdown signal every task watches, and the [`Hooks`] through which
+//! maintenance), the shutdown signal every task watches, the client connection slots
+//! (`limits.max_connections`), and the [`Hooks`] through which
 //! the cluster's map and dynamic-config changes reach the router and the policies. It must
 //! never route a message itself (the router does) nor talk to etcd (the cluster does).
 
@@ -18,7 +19,7 @@ use switchyard_plugin_host::host::{CallLimits, Host};
 use switchyard_plugin_host::registry::{QuarantineRules, Registry};
 use switchyard_proto::partition::{Members, PartitionMap};
 use switchyard_store::{Store, StoreError};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::Config;
 
@@ -38,6 +39,11 @@ pub(crate) struct Node {
     pub cluster: Option<Arc<switchyard_cluster::State>>,
     /// Flips to true when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// One permit per client WebSocket connection, `limits.max_connections` in all. A
+    /// connection takes its permit before its upgrade is answered and holds it until it
+    /// ends, so no number of simultaneous upgrades gets past the cap.
+    /// (`metrics.connections` counts the same connections, for metrics only.)
+    pub connection_slots: Arc<Semaphore>,
     shutdown_tx: watch::Sender<bool>,
 }
 
@@ -157,7 +163,18 @@ impl Node {
             switchyard_cluster::spawn(&state, context);
             state
         });
-        Ok(Arc::new(Self { config, metrics, router, access, plugins, cluster, shutdown, shutdown_tx }))
+        let connection_slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        Ok(Arc::new(Self {
+            config,
+            metrics,
+            router,
+            access,
+            plugins,
+            cluster,
+            shutdown,
+            shutdown_tx,
+            connection_slots,
+        }))
     }
 
     /// Tells the listener and every session to stop.

@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// The payload of a text frame, sharing `text`'s bytes (no copy, no check).
 #[allow(unsafe_code)]
-pub fn text(text: Text) -> Utf8Bytes {
+pub(crate) fn text(text: Text) -> Utf8Bytes {
     // SAFETY: a `Text` is only built from a `String` or a `&str` (see its constructors),
     // so its bytes are valid UTF-8, which is all `from_bytes_unchecked` requires.
     unsafe { Utf8Bytes::from_bytes_unchecked(text.into_bytes()) }

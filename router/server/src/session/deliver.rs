@@ -1,0 +1,172 @@
+//! Delivering: subscribe replies, catch-up from the store, and the owners' pushes.
+//!
+//! It owns each subscription's phase: pending (live messages held, bounded like the
+//! outbox) until its reply and catch-up are written, then live, where a push is written
+//! only past the last offset delivered, so there is no gap and no duplicate. It must never
+//! write a subscription's message before its subscribe reply, nor go live over a hole: a
+//! catch-up that finds one ends the subscription with `unsubscribed`.
+
+use switchyard_core::outbox::Delivery;
+use switchyard_core::owner::Grant;
+use switchyard_proto::protocol::{self, close, SubscribeOk};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Output, Phase, Session, Stop, Sub};
+
+/// Catch-up is read from the store in pages of this many messages.
+const CATCH_UP_PAGE: usize = 256;
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // === delivering ===
+
+    pub(super) async fn on_output(&mut self, out: Output) -> Result<(), Stop> {
+        match out {
+            Output::Frame(frame) => self.write(frame).await,
+            Output::Subscribed { id, sub, channel, result } => match result {
+                Err(e) => {
+                    if self.remove_sub(sub).is_some() {
+                        self.by_channel.remove(&channel);
+                        self.node.metrics.subscriptions.dec();
+                    }
+                    let frame = self.reply_error(Some(id), &e);
+                    self.write(frame).await
+                }
+                Ok(grant) => {
+                    let ok = SubscribeOk {
+                        channel: channel.clone(),
+                        epoch: grant.epoch.to_string(),
+                        offset: grant.offset,
+                        recovered: grant.recovered,
+                    };
+                    self.write(protocol::ok_reply(id, &ok)).await?;
+                    if self.subs.contains_key(&sub) {
+                        // Catch-up's future is the largest of the loop's: boxed, idle
+                        // sessions do not carry its size.
+                        Box::pin(self.go_live(sub, &channel, &grant)).await?;
+                    }
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Pushes the catch-up range from the store, then the live messages held meanwhile.
+    /// If retention trims part of the range before it is read (or a read fails), the
+    /// subscription ends with an `unsubscribed` push instead of going live over a hole:
+    /// the client subscribes again and recovery tells it what was lost.
+    async fn go_live(&mut self, sub: u64, channel: &str, grant: &Grant) -> Result<(), Stop> {
+        if let Some(mut after) = grant.catch_up_after {
+            while after < grant.top {
+                let (page, first) =
+                    match self.node.router.catch_up(channel, &grant.epoch, after, grant.top, CATCH_UP_PAGE).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            tracing::warn!(channel, error = %e, "catch-up read failed");
+                            return self.end_subscription(sub, channel, "catch-up read failed; subscribe again").await;
+                        }
+                    };
+                let next = page.first().map_or(grant.top + 1, |m| m.offset);
+                // Retention (not compaction) removed messages just above `after`.
+                if next > after + 1 && first > after + 1 {
+                    let reason = "history trimmed during catch-up; subscribe again to recover";
+                    return self.end_subscription(sub, channel, reason).await;
+                }
+                let Some(last) = page.last() else { break };
+                after = last.offset;
+                for m in &page {
+                    let frame = protocol::to_frame(&m.view(Some("message")));
+                    self.push_message(frame).await?;
+                }
+            }
+        }
+        let held = match self.subs.get_mut(&sub) {
+            Some(s) => std::mem::replace(&mut s.phase, Phase::Live { delivered: grant.live_after }),
+            None => return Ok(()),
+        };
+        if let Phase::Pending(held) = held {
+            for d in held {
+                self.held_bytes -= d.frame.len();
+                self.deliver(d).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a subscription, and the live messages it held while catching up.
+    pub(super) fn remove_sub(&mut self, sub: u64) -> Option<Sub> {
+        let s = self.subs.remove(&sub)?;
+        if let Phase::Pending(held) = &s.phase {
+            self.held_bytes -= held.iter().map(|d| d.frame.len()).sum::<usize>();
+        }
+        Some(s)
+    }
+
+    /// Ends one subscription from the server side with an `unsubscribed` push.
+    async fn end_subscription(&mut self, sub: u64, channel: &str, reason: &str) -> Result<(), Stop> {
+        if self.remove_sub(sub).is_some() {
+            self.by_channel.remove(channel);
+            self.node.metrics.subscriptions.dec();
+            self.node.router.unsubscribe(channel, sub).await;
+        }
+        self.write(protocol::unsubscribed_push(channel, close::SLOW_CONSUMER, reason)).await
+    }
+
+    /// Writes a wake-up's pushes, then, at the end of the runtime pass, what the owners
+    /// queued meanwhile, and flushes once.
+    pub(super) async fn on_pushes(&mut self, batch: std::collections::VecDeque<Delivery>) -> Result<(), Stop> {
+        self.on_deliveries(batch).await?;
+        tokio::task::yield_now().await;
+        self.uncork().await
+    }
+
+    /// Writes everything the owners queued since the last wake-up; the loop flushes once
+    /// after it.
+    pub(super) async fn on_deliveries(&mut self, mut batch: std::collections::VecDeque<Delivery>) -> Result<(), Stop> {
+        while let Some(d) = batch.pop_front() {
+            self.deliver(d).await?;
+        }
+        self.inbox.recycle(batch);
+        Ok(())
+    }
+
+    pub(super) async fn deliver(&mut self, d: Delivery) -> Result<(), Stop> {
+        if d.end {
+            // The owner ended it (its partition moved): it has forgotten the subscription.
+            // Before the subscribe reply is written, the end waits behind it with the held
+            // messages: the client never sees a subscription end before it began.
+            if let Some(Sub { phase: Phase::Pending(held), .. }) = self.subs.get_mut(&d.sub) {
+                self.held_bytes += d.frame.len();
+                held.push(d);
+                return Ok(());
+            }
+            let Some(sub) = self.remove_sub(d.sub) else { return Ok(()) };
+            self.by_channel.remove(&sub.channel);
+            self.node.metrics.subscriptions.dec();
+            return self.write(d.frame).await;
+        }
+        let Some(sub) = self.subs.get_mut(&d.sub) else { return Ok(()) };
+        match &mut sub.phase {
+            Phase::Pending(held) => {
+                // Held messages left the outbox's accounting: bound them by the same limits.
+                let limits = &self.node.config.limits;
+                if held.len() >= limits.outbound_queue_messages
+                    || self.held_bytes + d.frame.len() > limits.outbound_queue_bytes
+                {
+                    return Err(Stop::Slow);
+                }
+                self.held_bytes += d.frame.len();
+                held.push(d)
+            }
+            Phase::Live { delivered } => {
+                if d.offset > *delivered {
+                    *delivered = d.offset;
+                    self.push_message(d.frame).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,280 @@
+//! Reading: the client's frames, the heartbeat, and each command through the gate to the
+//! router.
+//!
+//! It owns turning a frame into a command or an error reply, the gate's verdicts (the
+//! refusals that end the connection), the cluster-wide seat, and queuing each command's
+//! reply future behind the ones before it. It must never write a reply itself: every reply
+//! is queued, so replies leave in the order the commands came.
+
+use bytes::Bytes;
+use futures_util::{FutureExt, SinkExt};
+use switchyard_access::gate::Refusal;
+use switchyard_access::user_sessions::Beat;
+use switchyard_core::owner::{PublishRequest, Start};
+use switchyard_peer::seats::Seating;
+use switchyard_proto::protocol::{self, close, Command, Empty, ErrorCode, OpError};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use super::write::until_stopped;
+use super::{ready, Output, Phase, Session, Stop, Sub};
+
+fn owner_gone() -> OpError {
+    OpError::new(ErrorCode::Unavailable, "partition owner stopped")
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // === reading ===
+
+    pub(super) async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), Stop> {
+        let max = self.node.config.limits.max_frame_bytes;
+        match frame {
+            None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => Err(Stop::Gone),
+            Some(Err(WsError::Capacity(_))) => Err(Stop::TooLarge),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "websocket protocol error");
+                Err(Stop::Gone)
+            }
+            Some(Ok(Message::Text(text))) if text.len() > max => Err(Stop::TooLarge),
+            Some(Ok(Message::Text(text))) => match protocol::parse_command(&text) {
+                // Boxed: a command's await states (a forwarded publish, a seat asked of
+                // another node, a subscription) live only while it runs, not in every idle
+                // session's future.
+                Ok((id, cmd)) => Box::pin(self.dispatch(id, cmd)).await,
+                Err(rejected) => {
+                    let frame = self.reply_error(rejected.id, &rejected.error);
+                    self.queue(ready(frame));
+                    Ok(())
+                }
+            },
+            Some(Ok(Message::Binary(data))) if data.len() > max => Err(Stop::TooLarge),
+            Some(Ok(Message::Binary(_))) => {
+                let frame =
+                    self.reply_error(None, &OpError::bad_request("binary frames are not supported; send JSON text"));
+                self.queue(ready(frame));
+                Ok(())
+            }
+            Some(Ok(Message::Close(_))) => Err(Stop::ClosedByPeer),
+            Some(Ok(Message::Ping(_))) => {
+                self.unflushed = true; // let the automatic pong out
+                Ok(())
+            }
+            Some(Ok(Message::Pong(_))) => {
+                self.heartbeat.on_pong();
+                let next = self.heartbeat.deadline(&self.node.access.live().sessions);
+                self.beat.as_mut().reset(next);
+                Ok(())
+            }
+            Some(Ok(Message::Frame(_))) => Ok(()),
+        }
+    }
+
+    /// The heartbeat's deadline passed: ping, or give up on a peer that did not answer.
+    pub(super) async fn on_beat(&mut self) -> Result<(), Stop> {
+        let live = self.node.access.live();
+        let beat = self.heartbeat.on_deadline(&live.sessions, Instant::now());
+        self.beat.as_mut().reset(self.heartbeat.deadline(&live.sessions));
+        match beat {
+            Beat::Wait => Ok(()),
+            // Reading is paused at the reply budget, so its pong may be waiting unread: the
+            // writes' deadline (`write_timeout`) judges this client instead.
+            Beat::Dead if self.reading_paused() => {
+                self.heartbeat.on_pong();
+                Ok(())
+            }
+            Beat::Dead => Err(Stop::Unresponsive),
+            Beat::Ping => {
+                self.unflushed = true;
+                let fut = self.ws.feed(Message::Ping(Bytes::new()));
+                until_stopped(fut, &self.outbox, &mut self.shutdown, self.node.config.limits.write_timeout).await
+            }
+        }
+    }
+
+    /// Under the cluster-wide cap: asks the user's seat holder for a seat (the gate already
+    /// took one under the same cap on this node). A full cap ends the connection with 4009;
+    /// a holder that does not answer in time leaves the per-node cap in force.
+    async fn take_cluster_seat(&mut self, id: u64, user: &str) -> Result<(), Stop> {
+        let max = self.node.access.live().sessions.max_per_user;
+        match self.node.router.take_seat(user, self.id, max).await {
+            Seating::Granted(seat) => self.cluster_seat = Some(seat),
+            Seating::NotClustered => {}
+            Seating::Full => {
+                let error = OpError::new(
+                    ErrorCode::LimitExceeded,
+                    format!("user {user} already holds {max} connections in the cluster"),
+                );
+                return self.refuse(
+                    id,
+                    Err(Refusal { error, code: close::TOO_MANY_SESSIONS, reason: "too many sessions for this user" }),
+                );
+            }
+            Seating::Unreachable { why, seat } => {
+                self.node.metrics.seat_fallbacks.inc();
+                tracing::warn!(user, why, "seat holder unreachable: the per-node session cap applies");
+                self.cluster_seat = Some(seat);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues an error reply; when the gate also ends the connection, says so.
+    fn refuse(&mut self, id: u64, refused: Result<OpError, Refusal>) -> Result<(), Stop> {
+        match refused {
+            Ok(error) => {
+                self.queue_result::<Empty>(id, Err(error));
+                Ok(())
+            }
+            Err(refusal) => {
+                self.queue_result::<Empty>(id, Err(refusal.error.clone()));
+                Err(refusal.into())
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, id: u64, cmd: Command) -> Result<(), Stop> {
+        let node = self.node.clone();
+        if let Err(e) = self.gate.admit(&node.access, &cmd) {
+            self.queue_result::<Empty>(id, Err(e));
+            return Ok(());
+        }
+        match cmd {
+            Command::Connect { name, token, batch } => {
+                if let Some(name) = name {
+                    tracing::debug!(name, "client named itself");
+                }
+                if let Err(refused) = self.gate.connect(&node.access, token.as_deref()) {
+                    return self.refuse(id, refused);
+                }
+                if let Some(user) = self.gate.user().cloned() {
+                    self.take_cluster_seat(id, &user).await?;
+                }
+                self.auth_deadline = self.gate.deadline(&node.access);
+                if let Some(at) = self.auth_deadline {
+                    self.auth_timer.as_mut().reset(at);
+                }
+                self.pack = batch;
+                let mut ok = serde_json::json!({"client": self.id.to_string(), "node": node.config.node_id, "version": protocol::VERSION});
+                if batch {
+                    ok["batch"] = serde_json::json!(true);
+                }
+                if let Some(user) = self.gate.user() {
+                    ok["user"] = serde_json::json!(user);
+                }
+                self.queue_result(id, Ok(ok));
+            }
+            Command::Refresh { token } => match self.gate.refresh(&node.access, &token) {
+                Ok(()) => {
+                    // The expiry close now waits for the new token's expiry.
+                    self.auth_deadline = self.gate.deadline(&node.access);
+                    if let Some(at) = self.auth_deadline {
+                        self.auth_timer.as_mut().reset(at);
+                    }
+                    self.queue_result(id, Ok(Empty {}));
+                }
+                Err(e) => self.queue_result::<Empty>(id, Err(e)),
+            },
+            Command::Ping => self.queue_result(id, Ok(Empty {})),
+            Command::Subscribe { channel, from, consumer } => self.subscribe(id, channel, from, consumer).await,
+            Command::Unsubscribe { channel } => {
+                if let Some(sub) = self.by_channel.remove(&channel) {
+                    self.remove_sub(sub);
+                    node.metrics.subscriptions.dec();
+                    node.router.unsubscribe(&channel, sub).await;
+                }
+                self.queue_result(id, Ok(Empty {}));
+            }
+            Command::Publish(p) => {
+                if let Err(refused) = self.gate.take_publish(&node.access, Instant::now()) {
+                    return self.refuse(id, refused);
+                }
+                if let Err(e) = node.config.check_keys(p.key.as_deref(), p.idempotency_key.as_deref()) {
+                    return self.refuse(id, Ok(e));
+                }
+                let req = PublishRequest {
+                    channel: p.channel,
+                    data: p.data,
+                    key: p.key,
+                    idempotency_key: p.idempotency_key.map(|k| self.scoped(k)),
+                    from: self.gate.user().map(|u| u.to_string()),
+                };
+                match node.router.publish(req).await {
+                    Ok(publishing) => {
+                        let metrics = node.metrics.clone();
+                        self.queue(
+                            async move {
+                                let result = publishing.acked().await;
+                                if let Err(e) = &result {
+                                    metrics.protocol_errors.with_label_values(&[e.code.as_str()]).inc();
+                                }
+                                Output::Frame(protocol::reply(id, &result))
+                            }
+                            .boxed(),
+                        );
+                    }
+                    Err(e) => self.queue_result::<Empty>(id, Err(e)),
+                }
+            }
+            Command::History { channel, since, limit } => {
+                // Wherever the owner is; the read starts when the future is first polled,
+                // after every command this connection sent before it. It may hold a full
+                // page until written.
+                let page = node.config.limits.max_reply_bytes;
+                self.queue_sized(
+                    async move { Output::Frame(protocol::reply(id, &node.router.history(&channel, since, limit).await)) }
+                        .boxed(),
+                    page,
+                )
+            }
+            Command::Commit { channel, consumer, offset } => {
+                match node.router.commit(&channel, self.scoped(consumer), offset).await {
+                    Ok(rx) => self.queue(
+                        async move {
+                            let result = rx.await.unwrap_or_else(|_| Err(owner_gone())).map(|()| Empty {});
+                            Output::Frame(protocol::reply(id, &result))
+                        }
+                        .boxed(),
+                    ),
+                    Err(e) => self.queue_result::<Empty>(id, Err(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, id: u64, channel: String, from: protocol::StartFrom, consumer: Option<String>) {
+        if self.by_channel.contains_key(&channel) {
+            return self.queue_result::<Empty>(id, Err(OpError::bad_request("already subscribed to this channel")));
+        }
+        if self.subs.len() >= self.node.config.limits.max_subscriptions {
+            return self.queue_result::<Empty>(
+                id,
+                Err(OpError::new(ErrorCode::LimitExceeded, "too many subscriptions on this connection")),
+            );
+        }
+        let sub = self.node.router.next_id();
+        let start = match consumer {
+            Some(c) => Start::Consumer(self.scoped(c)),
+            None => Start::From(from),
+        };
+        match self.node.router.subscribe(&channel, sub, self.outbox.clone(), start).await {
+            Ok(rx) => {
+                self.subs.insert(sub, Sub { channel: channel.clone(), phase: Phase::Pending(Vec::new()) });
+                self.by_channel.insert(channel.clone(), sub);
+                self.node.metrics.subscriptions.inc();
+                self.queue(
+                    async move {
+                        let result = rx.await.unwrap_or_else(|_| Err(owner_gone()));
+                        Output::Subscribed { id, sub, channel, result }
+                    }
+                    .boxed(),
+                );
+            }
+            Err(e) => self.queue_result::<Empty>(id, Err(e)),
+        }
+    }
+}
