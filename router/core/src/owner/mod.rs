@@ -38,7 +38,9 @@ mod tests;
 use batch::Work;
 use channel::ChannelState;
 pub(crate) use command::OwnerCommand;
-pub use command::{grant_from, ChannelView, Facts, Forward, Grant, PublishRequest, Snapshot, Start, TrimReason, SEALED};
+pub use command::{
+    grant_from, ChannelView, Facts, Forward, Grant, PublishRequest, Snapshot, Start, TrimReason, SEALED,
+};
 
 /// Most commands folded into one batch.
 const MAX_BATCH: usize = 1024;
