@@ -8,7 +8,7 @@
 //! start under the default move budget.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use switchyard_cluster::balance::{builtin, input, BUILTIN};
 use switchyard_cluster::keys::{LoadRecord, NodeRecord};

@@ -78,8 +78,8 @@ fn main() -> Result<()> {
 
 /// Microseconds since the first call; every timestamp of this process uses the same base.
 fn now_us() -> u64 {
-    static BASE: OnceLock<std::time::Instant> = OnceLock::new();
-    BASE.get_or_init(std::time::Instant::now).elapsed().as_micros() as u64
+    static BASE: OnceLock<tokio::time::Instant> = OnceLock::new();
+    BASE.get_or_init(tokio::time::Instant::now).elapsed().as_micros() as u64
 }
 
 fn start(etcd: &Etcd, cluster: &str, id: &str) -> Node {

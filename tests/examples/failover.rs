@@ -7,7 +7,8 @@
 //! (uses `target/debug/switchyard` unless SWITCHYARD_BIN is set; lease TTL 2 s, round 1 s,
 //! P = 64).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use switchyard_tests::etcd::{cluster_view, node_config, wait_converged, Etcd};
 use switchyard_tests::serde_json::Value;

@@ -300,15 +300,18 @@ fn serve_command(dir: &Path) -> Result<Command> {
 }
 
 /// Polls `child` until it exits (returns its status) or `timeout` passes (returns None).
-fn wait_child(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
-    let deadline = std::time::Instant::now() + timeout;
+/// It blocks its thread: call it from a synchronous test, or off the runtime.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(Some(status));
         }
-        if std::time::Instant::now() >= deadline {
+        if tokio::time::Instant::now() >= deadline {
             return Ok(None);
         }
+        // A synchronous helper: it never runs on a runtime worker.
+        #[allow(clippy::disallowed_methods)]
         std::thread::sleep(POLL_EVERY);
     }
 }

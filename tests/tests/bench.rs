@@ -3,11 +3,11 @@
 //! subscriber of its channel, no errors). No test here asserts a speed.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use switchyard_tests::serde_json::{self, Value};
-use switchyard_tests::{router_bin, Node};
+use switchyard_tests::{router_bin, wait_child, Node};
 
 /// Runs `switchyard bench ARGS`, killing it after a deadline; returns its stdout.
 fn bench(args: &[&str]) -> Result<String> {
@@ -21,17 +21,10 @@ fn bench(args: &[&str]) -> Result<String> {
         .stdin(Stdio::null())
         .spawn()
         .context("spawning switchyard bench")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("bench {args:?} did not finish within 60s; stderr:\n{}", std::fs::read_to_string(&err_path)?);
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = wait_child(&mut child, Duration::from_secs(60))? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("bench {args:?} did not finish within 60s; stderr:\n{}", std::fs::read_to_string(&err_path)?);
     };
     let stdout = std::fs::read_to_string(&out_path)?;
     let stderr = std::fs::read_to_string(&err_path)?;

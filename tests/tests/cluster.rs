@@ -3,7 +3,8 @@
 //!
 //! Every test starts its own etcd on free ports and uses lease TTL 2 s and a 1 s round.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use anyhow::Result;
 use switchyard_proto::partition::partition_of;

@@ -575,7 +575,7 @@ async fn a_killed_leader_loses_no_acknowledged_message_and_keeps_the_epoch() -> 
     let mut c = n1.client().await;
     let epoch = c.history(&channel, None, Some(1)).await?.epoch;
 
-    let killed = std::time::Instant::now();
+    let killed = tokio::time::Instant::now();
     n2.kill9();
     // The first acknowledged write after the kill (one probe, retried with its key).
     let probe = json!({"channel": channel, "data": {"n": "probe"}, "idempotency_key": "probe"});

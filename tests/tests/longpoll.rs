@@ -2,7 +2,8 @@
 //! published while it waits and an empty list at its timeout, with the token and the
 //! channel's subscribe rule applied; publish and history need the API key when one is set.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use serde_json::{json, Value};
 use switchyard_tests::auth::*;

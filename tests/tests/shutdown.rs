@@ -153,7 +153,7 @@ async fn sigterm_with_a_stuck_client_still_exits_0_within_shutdown_timeout() -> 
     let (acked, epoch) = publisher.publish_many("load:stuck", (0..1000).map(|i| json!({ "i": i, "pad": pad }))).await?;
     drop(publisher);
 
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     node.sigterm();
     let status = tokio::task::block_in_place(|| node.wait_exit(DEADLINE));
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM");

@@ -6,7 +6,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use anyhow::{bail, Result};
 use hdrhistogram::Histogram;
@@ -308,7 +309,7 @@ pub(crate) async fn fanout(a: &BenchArgs, load: Load) -> Result<Report> {
         if begin.is_none() {
             wake = wake.min(a.warmup);
         }
-        tokio::time::sleep_until((start + wake).into()).await;
+        tokio::time::sleep_until(start + wake).await;
         if pubs.iter().all(|p| p.is_finished()) {
             warnings.push("every publisher stopped early".to_string());
             break;

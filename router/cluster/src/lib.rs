@@ -24,7 +24,8 @@ pub use settings::{ClusterConfig, Settings};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 use etcd_client::{

@@ -14,7 +14,8 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use switchyard_core::replication::{apply_ops, touched, truncation_point, with_epoch, FetchError, ReplOp, Role};
 use switchyard_proto::partition::{PartitionId, PartitionMap};

@@ -11,7 +11,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use serde::Serialize;
 use switchyard_sdk::{

@@ -262,7 +262,7 @@ fn hostile_v2_balancers_fail_with_the_right_reason() {
     let plan = host.balance(&Arc::from("h"), &good, "{}", &inp, &shown, small).unwrap();
     assert_eq!((plan.decision.owners, plan.followers), (vec!["a".into(), "b".into(), "a".into()], None));
     for (what, body, reason) in hostile_cases() {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let compiled = host.load(&balance_module(&body)).unwrap();
         let err = host.balance(&Arc::from("h"), &compiled, "{}", &inp, &shown, small).expect_err(what);
         assert_eq!(err.reason(), reason, "{what}: {err}");

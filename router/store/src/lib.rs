@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch as WriteBatch, PersistMode};
 use serde::{Deserialize, Serialize};

@@ -26,8 +26,8 @@ async fn batches_of_one_runtime_pass_share_one_fsync() {
             let store = store.clone();
             tokio::spawn(async move {
                 // A busy pass: each task computes for a while before it writes.
-                let until = std::time::Instant::now() + std::time::Duration::from_millis(20);
-                while std::time::Instant::now() < until {
+                let until = tokio::time::Instant::now() + std::time::Duration::from_millis(20);
+                while tokio::time::Instant::now() < until {
                     std::hint::spin_loop();
                 }
                 one_message(&store, p, 1).write(true).await
@@ -56,7 +56,7 @@ async fn a_held_up_round_is_handed_over_by_a_later_batch() {
     let polled = std::future::poll_fn(|cx| Poll::Ready(first.as_mut().poll(cx))).await;
     assert!(polled.is_pending(), "the first batch waits for the end of the pass");
     // The first writer is never polled again; the round only grows older.
-    let opened = std::time::Instant::now();
+    let opened = tokio::time::Instant::now();
     while opened.elapsed() < ROUND_WAIT {
         std::hint::spin_loop();
     }

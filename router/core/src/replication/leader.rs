@@ -6,7 +6,8 @@
 //! history is read through the `load` closures callers pass), and never change the ISR
 //! itself: it asks, and only an installed map changes the set.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use switchyard_proto::partition::PartitionId;

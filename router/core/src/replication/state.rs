@@ -7,7 +7,8 @@
 //! the job of the [`super::Replication`] methods that use it.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 

@@ -119,6 +119,8 @@ impl Ticker {
             if self.calls.load(Ordering::Acquire) == 0 {
                 continue;
             }
+            // The ticker is an OS thread of its own, never a runtime worker.
+            #[allow(clippy::disallowed_methods)]
             std::thread::sleep(TICK);
             match engine.upgrade() {
                 Some(engine) => engine.increment_epoch(),

@@ -115,13 +115,13 @@ pub(super) const LOG_LINES_PER_SECOND: u32 = 20;
 /// node's log even though each call stays under its own line cap).
 #[derive(Default)]
 pub(super) struct LogBudget {
-    windows: std::sync::Mutex<std::collections::HashMap<Arc<str>, (std::time::Instant, u32, u64)>>,
+    windows: std::sync::Mutex<std::collections::HashMap<Arc<str>, (tokio::time::Instant, u32, u64)>>,
 }
 
 impl LogBudget {
     /// True when `plugin` may log one more line now.
     pub(super) fn admit(&self, plugin: &Arc<str>) -> bool {
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         let mut windows = self.windows.lock().expect("log budget");
         let w = windows.entry(plugin.clone()).or_insert((now, 0, 0));
         if now.duration_since(w.0) >= Duration::from_secs(1) {
