@@ -102,7 +102,8 @@ fn parse_query(query: &str) -> Result<Query, OpError> {
 /// reply's `epoch` and `offset`.
 pub(crate) async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> Result<HistoryPage, OpError> {
     let q = parse_query(query)?;
-    let who = node.access.http_identity(crate::http::header(headers, AUTHORIZATION), q.token.as_deref())?;
+    let bearer = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let who = node.access.http_identity(bearer, q.token.as_deref())?;
     if let (true, Some(who)) = (node.access.enforced(), &who) {
         rules::check(node.access.rules.rule_of(&q.channel), Action::Subscribe, &q.channel, who)?;
     }
