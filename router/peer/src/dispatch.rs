@@ -6,8 +6,9 @@
 //! later, a read, a handover or replication request, a seat. It answers a request for a
 //! partition this node does not own, or is still adopting, with a
 //! [`Refusal::Redirect`], and turns an owner's [`Refusal::Sealed`] into a redirect to the
-//! new owner. Requests from a link ([`begin`] with the link) and operations the calling
-//! side runs here ([`run_here`]) take the same path. It must never wait on etcd, and never
+//! new owner. Requests from a link ([`begin`]) and operations the calling side runs here
+//! ([`run_here`]: client operations only, refused as a client of this node would be if
+//! the map moved the channel meanwhile) share the owner's side ([`Begun::finish`]). It must never wait on etcd, and never
 //! hold a lock across an await.
 
 use std::collections::HashMap;
@@ -30,8 +31,7 @@ pub(crate) type LinkSubs = Arc<std::sync::Mutex<HashMap<u64, (u64, String)>>>;
 
 /// Runs `op` on this node, which owned its channel when the caller routed it.
 pub(crate) async fn run_here(node: &Arc<Node>, op: Op) -> Result<Answer, OpError> {
-    let epoch = node.map().epoch;
-    begin(node, None, epoch, op).await.finish(node).await.map_err(|e| e.to_op())
+    begin_here(node, op).await.finish(node).await.map_err(|e| e.to_op())
 }
 
 /// One incoming link's state that requests touch.
@@ -45,7 +45,14 @@ pub(crate) enum Begun {
     Published(String, tokio::sync::oneshot::Receiver<Result<switchyard_proto::protocol::PublishOk, OpError>>),
     Committed(String, tokio::sync::oneshot::Receiver<Result<(), OpError>>),
     Subscribed(LinkSubs, u64, tokio::sync::oneshot::Receiver<Result<switchyard_core::owner::Grant, OpError>>),
-    History(PartitionId, String, u64, u32),
+    /// A history read; `capped` keeps a link's reply inside its frame limit.
+    History {
+        p: PartitionId,
+        channel: String,
+        since: u64,
+        limit: u32,
+        capped: bool,
+    },
     Info(PartitionId, String, Option<String>),
     Pull(u32, u64, Option<(String, u64)>),
     Pulled(u32, u64),
@@ -53,11 +60,10 @@ pub(crate) enum Begun {
     Done(Result<Answer, WireError>),
 }
 
-/// Accepts `op` (from `link`, or run here when None) as its owner: a write is in the
-/// owner's mailbox when this returns; [`Begun::finish`] waits for the outcome.
-pub(crate) async fn begin(node: &Arc<Node>, link: Option<&Incoming>, epoch: u64, op: Op) -> Begun {
+/// Accepts `op` from `link` as its owner: a write is in the owner's mailbox when this
+/// returns; [`Begun::finish`] waits for the outcome.
+pub(crate) async fn begin(node: &Arc<Node>, link: &Incoming, epoch: u64, op: Op) -> Begun {
     let err = |e: OpError| Begun::Done(Err(WireError::op(&e)));
-    let Some(link) = link else { return begin_here(node, epoch, op).await };
     match op {
         Op::Pull { partition, moved_at, cursor } => return Begun::Pull(partition, moved_at, cursor),
         Op::Pulled { partition, moved_at } => return Begun::Pulled(partition, moved_at),
@@ -103,13 +109,13 @@ pub(crate) async fn begin(node: &Arc<Node>, link: Option<&Incoming>, epoch: u64,
             }
         }
         // The rest; the operations between nodes were answered above.
-        op => run_owned(node, p, op).await,
+        op => run_owned(node, p, op, true).await,
     }
 }
 
 /// Accepts a client operation (publish, commit, history, info, seat) for partition `p`,
-/// owned here.
-async fn run_owned(node: &Arc<Node>, p: PartitionId, op: Op) -> Begun {
+/// owned here, from a link or run here.
+async fn run_owned(node: &Arc<Node>, p: PartitionId, op: Op, from_link: bool) -> Begun {
     let err = |e: OpError| Begun::Done(Err(WireError::op(&e)));
     match op {
         Op::Publish { channel, data, key, idempotency_key, from } => {
@@ -129,13 +135,9 @@ async fn run_owned(node: &Arc<Node>, p: PartitionId, op: Op) -> Begun {
                 Err(e) => err(e),
             }
         }
-        Op::History { channel, since, limit } => Begun::History(p, channel, since, limit),
+        Op::History { channel, since, limit } => Begun::History { p, channel, since, limit, capped: from_link },
         Op::Info { channel, consumer } => Begun::Info(p, channel, consumer),
-        op @ (Op::Seat { .. } | Op::Unseat { .. }) => {
-            let (answer, held) = crate::seat_table::serve(node.seats(), &node.liveness(), op);
-            node.metrics().seats_held.set(held as i64);
-            Begun::Done(Ok(answer))
-        }
+        op @ (Op::Seat { .. } | Op::Unseat { .. }) => serve_seat(node, op),
         // Only client operations come here (`Op::is_client`).
         op => Begun::Done(Err(WireError::op(&OpError::internal(format!("{} is not a client operation", op.name()))))),
     }
@@ -144,15 +146,26 @@ async fn run_owned(node: &Arc<Node>, p: PartitionId, op: Op) -> Begun {
 /// An operation the calling side runs here because the map put its channel here: the
 /// client operations only, in the owner's mailbox like a link's (no adoption check: a
 /// held mailbox makes them wait instead).
-async fn begin_here(node: &Arc<Node>, epoch: u64, op: Op) -> Begun {
+async fn begin_here(node: &Arc<Node>, op: Op) -> Begun {
     if !op.is_client() {
         return Begun::Done(Err(WireError::op(&OpError::internal(format!("{} is not run locally", op.name())))));
     }
-    match node.locate(op.channel()) {
-        Err(e) => Begun::Done(Err(WireError::op(&e))),
-        Ok(Route::Remote { owner, epoch: ours }) => redirect(owner, ours, epoch),
-        Ok(Route::Local(p)) => run_owned(node, p, op).await,
+    if matches!(op, Op::Seat { .. } | Op::Unseat { .. }) {
+        return serve_seat(node, op);
     }
+    // The map may have moved the channel since the caller routed it: `unavailable`
+    // naming the owner, as for a client of this node.
+    match node.local(op.channel()) {
+        Err(e) => Begun::Done(Err(WireError::op(&e))),
+        Ok(p) => run_owned(node, p, op, false).await,
+    }
+}
+
+/// Runs a seat operation here, as the holder of its key.
+fn serve_seat(node: &Node, op: Op) -> Begun {
+    let (answer, held) = crate::seat_table::serve(node.seats(), &node.liveness(), op);
+    node.metrics().seats_held.set(held as i64);
+    Begun::Done(Ok(answer))
 }
 
 /// "Not the owner": the owner by this node's map `ours`, for a sender that routed by `theirs`.
@@ -191,8 +204,11 @@ impl Begun {
                     }
                 }
             }
-            Begun::History(p, channel, since, limit) => {
+            Begun::History { p, channel, since, limit, capped } => {
                 node.partitions().history(p, &channel, since, limit).await.map(|mut page| {
+                    if !capped {
+                        return Answer::history(page);
+                    }
                     // Keep the reply well inside the link's frame limit; the reader pages on.
                     let mut bytes = 0;
                     let keep = page

@@ -41,8 +41,9 @@ pub async fn serve<S>(router: Arc<Router>, ws: WebSocketStream<S>, peer: String,
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // The router stays alive while the link runs (writes that race a seal are forwarded
+    // by its task); the link's work reads the node.
     let node = router.node().clone();
-    drop(router);
     let (mut sink, mut stream) = ws.split();
     let (tx, mut replies) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
@@ -87,7 +88,7 @@ where
         };
         // Writes enter the owner's mailbox here, in the order the link carried them;
         // only the wait for durability runs concurrently.
-        let begun = dispatch::begin(&node, Some(&link), epoch, op).await;
+        let begun = dispatch::begin(&node, &link, epoch, op).await;
         let (node, tx) = (node.clone(), tx.clone());
         tokio::spawn(async move {
             let mut result = begun.finish(&node).await;

@@ -33,7 +33,7 @@ const HANDOVER_DEADLINE: Duration = Duration::from_secs(30);
 /// The error a node answers a pull with when its copy of the partition is not
 /// authoritative: it is still adopting it, or gave an adoption up half-way.
 fn not_adopted() -> OpError {
-    OpError::refused(Refusal::NotAdopted, "partition not adopted here (yet)")
+    OpError::refused(Refusal::NotAdopted, crate::wire::LEGACY_NOT_ADOPTED)
 }
 
 /// Called with a new map before it is installed: for every partition it moves here that

@@ -298,9 +298,14 @@ async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
     }
 }
 
+/// A connected link, and whether the acceptor reads and sends typed refusals (it answers
+/// the upgrade with [`wire::WIRE_HEADER`]; an older one does not, and its errors go
+/// through [`wire::from_legacy`]).
+type Connected = (tokio_tungstenite::WebSocketStream<Box<dyn Io>>, bool);
+
 /// Connects to `url` (`http://` or `https://`) and upgrades to the `/peer` WebSocket,
 /// sending the secret only over TLS unless plaintext peers are allowed.
-async fn connect(url: &str, dial: &Dial) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, LinkError> {
+async fn connect(url: &str, dial: &Dial) -> Result<Connected, LinkError> {
     let tls = url.starts_with("https://");
     if !tls && !dial.allow_plaintext {
         return Err(LinkError::Plaintext(url.to_string()));
@@ -323,8 +328,9 @@ async fn connect(url: &str, dial: &Dial) -> Result<tokio_tungstenite::WebSocketS
     } else {
         Box::new(tcp)
     };
-    let (ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(wire::ws_config())).await?;
-    Ok(ws)
+    let (ws, response) = tokio_tungstenite::client_async_with_config(req, io, Some(wire::ws_config())).await?;
+    let refusals = wire::reads_refusals(response.headers().get(wire::WIRE_HEADER).map(|v| v.as_bytes()));
+    Ok((ws, refusals))
 }
 
 async fn pump(
@@ -334,12 +340,12 @@ async fn pump(
     rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
     metrics: &switchyard_metrics::Metrics,
 ) -> Result<(), LinkError> {
-    let ws =
+    let (ws, refusals) =
         tokio::time::timeout(Duration::from_secs(2), connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
     let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
     metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
     metrics.peer_connects.with_label_values(&[&link.peer]).inc();
-    tracing::info!(%ws_url, "peer link up");
+    tracing::info!(%ws_url, refusals, "peer link up");
     let (mut sink, mut stream) = ws.split();
     loop {
         tokio::select! {
@@ -353,7 +359,10 @@ async fn pump(
             }
             msg = stream.next() => match msg {
                 Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
-                    Ok(Frame::Reply { id, result }) => {
+                    Ok(Frame::Reply { id, mut result }) => {
+                        if !refusals {
+                            result = result.map_err(wire::from_legacy);
+                        }
                         if let Some(w) = link.pending.lock().expect("pending").remove(&id) {
                             let _ = w.send(result);
                         }

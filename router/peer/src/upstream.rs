@@ -320,6 +320,10 @@ async fn maintain(ups: Weak<Upstreams>, node: Weak<Node>, up: Arc<Upstream>) {
         if up.inner.lock().expect("upstream").closed {
             break;
         }
+        // The upstreams go with the router: so does their upkeep.
+        if ups.strong_count() == 0 {
+            return;
+        }
         let Some(n) = node.upgrade() else { return };
         match register(&n, &up).await {
             Ok(mut downs) => {
@@ -334,8 +338,9 @@ async fn maintain(ups: Weak<Upstreams>, node: Weak<Node>, up: Arc<Upstream>) {
                         g.idle()
                     };
                     if idle {
-                        if let Some(ups) = ups.upgrade() {
-                            ups.close(&up);
+                        match ups.upgrade() {
+                            Some(ups) => ups.close(&up),
+                            None => return,
                         }
                         continue;
                     }

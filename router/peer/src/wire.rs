@@ -360,12 +360,14 @@ pub struct Chunk {
 /// A failed answer: a protocol error, with the [`Refusal`] the caller acts on, if any.
 ///
 /// On the wire it is `code`, `message`, the redirect `(owner, map epoch)` as an option
-/// (exactly the previous version's shape), then, only when there is a refusal other than
-/// a redirect, its tag and its fields as bytes. A [`WireError`] is always the last thing
-/// in its frame, so a peer that knows nothing of refusals sees none when there is none,
-/// and a peer decodes an error without refusal bytes (an older peer's) as one with no
-/// refusal. A tag it does not know decodes to [`Refusal::Other`]: the error's code still
-/// says what the client is told.
+/// (exactly the previous version's shape). A refusal other than a redirect follows the
+/// whole reply frame as a suffix, its tag and its fields as bytes ([`encode`], [`decode`]),
+/// so an error without one is byte for byte the previous version's, and an older peer's
+/// error decodes with no refusal. A tag this version does not know decodes to
+/// [`Refusal::Other`]: the error's code still says what the client is told. A dialer that
+/// reads refusals says so with [`WIRE_HEADER`], and the acceptor answers with it too: an
+/// older dialer gets [`WireError::legacy`], and an older acceptor's errors go through
+/// [`from_legacy`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct WireError {
     /// Protocol error code (`unavailable`, `bad_request`, ...).
@@ -406,57 +408,36 @@ impl WireError {
 }
 
 impl Serialize for WireError {
+    /// The previous version's shape: code, message, redirect. The refusal's suffix is
+    /// written by [`encode`], after the frame.
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct as _;
-        let redirect = self.redirect();
-        let extra = match &self.refusal {
-            None | Some(Refusal::Redirect { .. }) => None,
-            Some(Refusal::Resync { from }) => Some((Refusal::Resync { from: *from }.tag(), encode_fields(from))),
-            Some(r) => Some((r.tag(), Vec::new())),
-        };
-        let mut st = s.serialize_struct("WireError", 3 + usize::from(extra.is_some()))?;
-        st.serialize_field("code", &self.code)?;
-        st.serialize_field("message", &self.message)?;
-        st.serialize_field("redirect", &redirect)?;
-        if let Some(extra) = &extra {
-            st.serialize_field("refusal", extra)?;
-        }
-        st.end()
+        (&self.code, &self.message, self.redirect()).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for WireError {
+    /// The previous version's shape; [`decode`] adds the refusal from the frame's suffix.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (code, message, redirect) = <(String, String, Option<(String, u64)>)>::deserialize(d)?;
+        let refusal = redirect.map(|(owner, epoch)| Refusal::Redirect { owner, epoch });
+        Ok(WireError { code, message, refusal })
+    }
+}
+
+/// The suffix after a reply frame whose error has a refusal other than a redirect: its tag
+/// and its fields as bytes.
+fn refusal_suffix(frame: &Frame) -> Option<(u32, Vec<u8>)> {
+    let Frame::Reply { result: Err(e), .. } = frame else { return None };
+    match e.refusal.as_ref()? {
+        Refusal::Redirect { .. } => None,
+        Refusal::Resync { from } => Some((e.refusal.as_ref()?.tag(), encode_fields(from))),
+        r => Some((r.tag(), Vec::new())),
     }
 }
 
 /// A refusal's fields as the bytes after its tag.
 fn encode_fields<T: Serialize>(fields: &T) -> Vec<u8> {
     postcard::to_stdvec(fields).expect("refusal fields serialize")
-}
-
-impl<'de> Deserialize<'de> for WireError {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = WireError;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a peer error")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<WireError, A::Error> {
-                use serde::de::Error as _;
-                let code: String = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
-                let message: String = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(1, &self))?;
-                let redirect: Option<(String, u64)> =
-                    seq.next_element()?.ok_or_else(|| A::Error::invalid_length(2, &self))?;
-                // The error ends its frame: no bytes left here is an error without a
-                // refusal (an older peer's), not a broken frame.
-                let extra: Option<(u32, Vec<u8>)> = seq.next_element().ok().flatten();
-                let refusal = match (redirect, extra) {
-                    (Some((owner, epoch)), _) => Some(Refusal::Redirect { owner, epoch }),
-                    (None, Some((tag, fields))) => Some(decode_refusal(tag, &fields)),
-                    (None, None) => None,
-                };
-                Ok(WireError { code, message, refusal })
-            }
-        }
-        d.deserialize_struct("WireError", &["code", "message", "redirect", "refusal"], Visit)
-    }
 }
 
 /// The refusal of `tag` with its field bytes; one this version does not know, or whose
@@ -467,6 +448,31 @@ fn decode_refusal(tag: u32, fields: &[u8]) -> Refusal {
         Refusal::Redirect { .. } => Refusal::Other(tag),
         r => r,
     }
+}
+
+/// The messages of the previous version's errors that its peers acted on, and the refusal
+/// each meant. Only [`from_legacy`] reads them, for replies from an acceptor that
+/// predates refusals (it sends no [`WIRE_HEADER`]); remove with that version.
+pub(crate) const LEGACY_NOT_ADOPTED: &str = "partition not adopted here (yet)";
+const LEGACY_SEALED: &str = switchyard_core::owner::SEALED;
+
+/// An error from an acceptor that predates refusals, with the refusal its message meant
+/// to the version that sent it (a rolling upgrade: the two versions must keep acting on
+/// the same outcomes, or a new owner would give up on an old one that is adopting, and a
+/// new follower would never take the snapshot an old leader asks for).
+pub(crate) fn from_legacy(mut e: WireError) -> WireError {
+    if e.refusal.is_some() {
+        return e;
+    }
+    let resync = e.message.strip_prefix("position ").and_then(|m| m.strip_suffix(" is outside the log; resync"));
+    e.refusal = if e.message == LEGACY_NOT_ADOPTED {
+        Some(Refusal::NotAdopted)
+    } else if e.message == LEGACY_SEALED {
+        Some(Refusal::Sealed)
+    } else {
+        resync.and_then(|n| n.parse().ok()).map(|from| Refusal::Resync { from })
+    };
+    e
 }
 
 impl Answer {
@@ -526,8 +532,16 @@ pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig 
 }
 
 /// Encodes a frame.
+///
+/// A reply whose error carries a refusal other than a redirect is followed by the
+/// refusal's suffix (see [`WireError`]); every other frame is exactly as the previous
+/// version wrote it.
 pub(crate) fn encode(frame: &Frame) -> Vec<u8> {
-    postcard::to_stdvec(frame).expect("peer frames serialize")
+    let mut bytes = postcard::to_stdvec(frame).expect("peer frames serialize");
+    if let Some(suffix) = refusal_suffix(frame) {
+        bytes.extend(postcard::to_stdvec(&suffix).expect("refusal suffix serializes"));
+    }
+    bytes
 }
 
 /// [`Frame::Request`] by reference, for encoding without a copy of the op (which the
@@ -554,12 +568,24 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
-/// Decodes a frame; trailing bytes are an error.
+/// Decodes a frame. Bytes after it are an error, but for the refusal suffix of a reply
+/// whose error has no redirect, which must be exactly one `(tag, fields)`.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
-    match postcard::take_from_bytes::<Frame>(bytes) {
-        Ok((f, [])) => Ok(f),
-        Ok((_, rest)) => Err(DecodeError::Trailing(rest.len())),
-        Err(e) => Err(e.into()),
+    let (mut frame, rest) = postcard::take_from_bytes::<Frame>(bytes)?;
+    if rest.is_empty() {
+        return Ok(frame);
+    }
+    let Frame::Reply { result: Err(e), .. } = &mut frame else { return Err(DecodeError::Trailing(rest.len())) };
+    if e.refusal.is_some() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    match postcard::take_from_bytes::<(u32, Vec<u8>)>(rest) {
+        Ok(((tag, fields), [])) => {
+            e.refusal = Some(decode_refusal(tag, &fields));
+            Ok(frame)
+        }
+        Ok((_, more)) => Err(DecodeError::Trailing(more.len())),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -682,6 +708,40 @@ mod tests {
         let Frame::Reply { result: Err(e), .. } = decode(&newer).unwrap() else { panic!("not a reply") };
         assert_eq!(e.refusal, Some(Refusal::Other(200)));
         assert_eq!(e.to_op().code, ErrorCode::Unavailable);
+
+        // A suffix that is cut short, a stray byte, or a suffix after a redirect or after
+        // a successful reply is a broken frame, never an error without a refusal.
+        let plain = postcard::to_stdvec(&OldFrame::Reply { id: 9, result: Err(("internal".into(), "m".into(), None)) })
+            .unwrap();
+        let with = |tail: &[u8]| [plain.as_slice(), tail].concat();
+        assert!(decode(&with(&[0x02])).is_err(), "a tag without its field bytes");
+        assert!(decode(&with(&[0x03, 0x05, 0x01])).is_err(), "fields shorter than their length");
+        assert!(decode(&with(&[0x02, 0x00, 0x00])).is_err(), "a byte after the suffix");
+        let redirected = postcard::to_stdvec(&OldFrame::Reply {
+            id: 9,
+            result: Err(("unavailable".into(), "m".into(), Some(("n2".into(), 3)))),
+        })
+        .unwrap();
+        assert!(decode(&[redirected.as_slice(), &[0x02, 0x00]].concat()).is_err(), "a suffix after a redirect");
+        let ok = encode(&Frame::Reply { id: 1, result: Ok(Answer::Committed) });
+        assert!(decode(&[ok.as_slice(), &[0x02, 0x00]].concat()).is_err(), "a suffix after an answer");
+    }
+
+    /// An acceptor of the previous version names its refusals only in its messages: the
+    /// link maps the ones its peers acted on, and nothing else.
+    #[test]
+    fn an_older_acceptors_errors_keep_their_meaning() {
+        let old = |message: &str| WireError { code: "unavailable".into(), message: message.into(), refusal: None };
+        assert_eq!(from_legacy(old("partition not adopted here (yet)")).refusal, Some(Refusal::NotAdopted));
+        assert_eq!(from_legacy(old(switchyard_core::owner::SEALED)).refusal, Some(Refusal::Sealed));
+        // This version still words them the same, for older dialers (`WireError::legacy`).
+        let resync = switchyard_core::replication::FetchError::Resync(17).to_string();
+        assert_eq!(from_legacy(old(&resync)).refusal, Some(Refusal::Resync { from: 17 }));
+        assert_eq!(from_legacy(old("in the ISR: leave it before a resync")).refusal, None);
+        assert_eq!(from_legacy(old("owner stopped")).refusal, None);
+        let redirect = Some(Refusal::Redirect { owner: "n2".into(), epoch: 4 });
+        let e = WireError { refusal: redirect.clone(), ..old("not the owner") };
+        assert_eq!(from_legacy(e).refusal, redirect);
     }
 
     proptest::proptest! {

@@ -381,6 +381,7 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|p| p.trim() == SUBPROTOCOL));
     let max = node.config.limits.max_frame_bytes;
+    let peer_link = matches!(who, Peer::Node);
     // A dialing node that predates typed refusals gets errors in the shape it reads.
     let refusals =
         switchyard_peer::wire::reads_refusals(headers.get(switchyard_peer::wire::WIRE_HEADER).map(|v| v.as_bytes()));
@@ -437,6 +438,11 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
         .expect("valid response");
     if offers_subprotocol {
         resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    }
+    if peer_link {
+        // The dialing node learns that this one reads and sends typed refusals.
+        resp.headers_mut()
+            .insert(switchyard_peer::wire::WIRE_HEADER, HeaderValue::from(switchyard_peer::wire::WIRE_VERSION));
     }
     resp
 }
