@@ -80,101 +80,91 @@ impl Drop for ClusterSeat {
 
 /// Asks the user's seat holder for a seat for connection `conn` under `max`.
 pub(crate) async fn take(node: &Arc<Node>, user: &str, conn: u64, max: usize) -> Seating {
-    node.take_seat(user, conn, max).await
+    if node.links().is_none() {
+        return Seating::NotClustered;
+    }
+    let op = Op::Seat {
+        key: key(user),
+        user: user.to_string(),
+        node: node.id().to_string(),
+        conn,
+        max: u32::try_from(max).unwrap_or(u32::MAX),
+        force: false,
+    };
+    let why = match tokio::time::timeout(SEAT_DEADLINE, crate::call::call(node, op)).await {
+        Ok(Ok(Answer::Seated(true))) => return Seating::Granted(hold(node, user, conn)),
+        Ok(Ok(Answer::Seated(false))) => return Seating::Full,
+        Ok(Ok(other)) => format!("unexpected answer {other:?}"),
+        Ok(Err(e)) => e.message,
+        Err(_) => format!("no answer within {SEAT_DEADLINE:?}"),
+    };
+    let seat = hold(node, user, conn);
+    let (node, user) = (node.clone(), user.to_string());
+    tokio::spawn(async move {
+        // Until the holder has it, the user's count there is one short.
+        for _ in 0..REGISTER_ATTEMPTS {
+            tokio::time::sleep(SEAT_DEADLINE).await;
+            if !node.seats().mine.lock().expect("own seats").contains_key(&conn) {
+                return;
+            }
+            let op = Op::Seat {
+                key: key(&user),
+                user: user.clone(),
+                node: node.id().to_string(),
+                conn,
+                max: u32::MAX,
+                force: true,
+            };
+            if let Ok(Ok(_)) = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&node, op)).await {
+                return;
+            }
+        }
+    });
+    Seating::Unreachable { why, seat }
+}
+
+/// A seat this node's connection `conn` holds: given back when dropped.
+fn hold(node: &Arc<Node>, user: &str, conn: u64) -> ClusterSeat {
+    node.seats().mine.lock().expect("own seats").insert(conn, user.to_string());
+    ClusterSeat { node: node.clone(), user: user.to_string(), conn }
 }
 
 /// After a map install: this node's seats whose key moved to another holder are
 /// registered with it (over the cap if need be: they were granted), and seats of nodes
 /// that left are dropped here.
 pub(crate) fn after_install(node: &Arc<Node>, before: &PartitionMap) {
-    node.after_install_seats(before);
-}
-
-impl Node {
-    async fn take_seat(self: &Arc<Self>, user: &str, conn: u64, max: usize) -> Seating {
-        if self.links().is_none() {
-            return Seating::NotClustered;
-        }
-        let op = Op::Seat {
-            key: key(user),
-            user: user.to_string(),
-            node: self.id().to_string(),
-            conn,
-            max: u32::try_from(max).unwrap_or(u32::MAX),
-            force: false,
-        };
-        let why = match tokio::time::timeout(SEAT_DEADLINE, crate::call::call(self, op)).await {
-            Ok(Ok(Answer::Seated(true))) => return Seating::Granted(self.hold_seat(user, conn)),
-            Ok(Ok(Answer::Seated(false))) => return Seating::Full,
-            Ok(Ok(other)) => format!("unexpected answer {other:?}"),
-            Ok(Err(e)) => e.message,
-            Err(_) => format!("no answer within {SEAT_DEADLINE:?}"),
-        };
-        let seat = self.hold_seat(user, conn);
-        let (node, user) = (self.clone(), user.to_string());
-        tokio::spawn(async move {
-            // Until the holder has it, the user's count there is one short.
-            for _ in 0..REGISTER_ATTEMPTS {
-                tokio::time::sleep(SEAT_DEADLINE).await;
-                if !node.seats().mine.lock().expect("own seats").contains_key(&conn) {
-                    return;
-                }
-                let op = Op::Seat {
-                    key: key(&user),
-                    user: user.clone(),
-                    node: node.id().to_string(),
-                    conn,
-                    max: u32::MAX,
-                    force: true,
-                };
-                if let Ok(Ok(_)) = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&node, op)).await {
-                    return;
-                }
+    let live = node.liveness();
+    let now = node.map();
+    let me = node.id();
+    let holder = |user: &str| now.owner(switchyard_proto::partition::partition_of(&key(user), now.partitions()));
+    node.seats().table.keep_only(&|user| holder(user) == Some(me));
+    node.metrics().seats_held.set(node.seats().table.sweep(&live) as i64);
+    let moved: Vec<(u64, String)> = node
+        .seats()
+        .mine
+        .lock()
+        .expect("own seats")
+        .iter()
+        .filter(|(_, user)| {
+            let p = switchyard_proto::partition::partition_of(&key(user), now.partitions());
+            before.owner(p) != now.owner(p)
+        })
+        .map(|(c, u)| (*c, u.clone()))
+        .collect();
+    if moved.is_empty() {
+        return;
+    }
+    let node = node.clone();
+    tokio::spawn(async move {
+        for (conn, user) in moved {
+            // A connection that ended meanwhile has given its seat back already.
+            if !node.seats().mine.lock().expect("own seats").contains_key(&conn) {
+                continue;
             }
-        });
-        Seating::Unreachable { why, seat }
-    }
-
-    fn hold_seat(self: &Arc<Self>, user: &str, conn: u64) -> ClusterSeat {
-        self.seats().mine.lock().expect("own seats").insert(conn, user.to_string());
-        ClusterSeat { node: self.clone(), user: user.to_string(), conn }
-    }
-
-    fn after_install_seats(self: &Arc<Self>, before: &PartitionMap) {
-        let live = self.liveness();
-        let now = self.map();
-        let me = self.id();
-        let holder = |user: &str| now.owner(switchyard_proto::partition::partition_of(&key(user), now.partitions()));
-        self.seats().table.keep_only(&|user| holder(user) == Some(me));
-        self.metrics().seats_held.set(self.seats().table.sweep(&live) as i64);
-        let moved: Vec<(u64, String)> = self
-            .seats()
-            .mine
-            .lock()
-            .expect("own seats")
-            .iter()
-            .filter(|(_, user)| {
-                let p = switchyard_proto::partition::partition_of(&key(user), now.partitions());
-                before.owner(p) != now.owner(p)
-            })
-            .map(|(c, u)| (*c, u.clone()))
-            .collect();
-        if moved.is_empty() {
-            return;
+            let op = Op::Seat { key: key(&user), user, node: node.id().to_string(), conn, max: u32::MAX, force: true };
+            let _ = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&node, op)).await;
         }
-        let node = self.clone();
-        tokio::spawn(async move {
-            for (conn, user) in moved {
-                // A connection that ended meanwhile has given its seat back already.
-                if !node.seats().mine.lock().expect("own seats").contains_key(&conn) {
-                    continue;
-                }
-                let op =
-                    Op::Seat { key: key(&user), user, node: node.id().to_string(), conn, max: u32::MAX, force: true };
-                let _ = tokio::time::timeout(SEAT_DEADLINE, crate::call::call(&node, op)).await;
-            }
-        });
-    }
+    });
 }
 
 /// Drops the seats of nodes that leave, at each membership change, until the node goes.

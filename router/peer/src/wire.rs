@@ -428,10 +428,11 @@ impl<'de> Deserialize<'de> for WireError {
 /// and its fields as bytes.
 fn refusal_suffix(frame: &Frame) -> Option<(u32, Vec<u8>)> {
     let Frame::Reply { result: Err(e), .. } = frame else { return None };
-    match e.refusal.as_ref()? {
+    let r = e.refusal.as_ref()?;
+    match r {
         Refusal::Redirect { .. } => None,
-        Refusal::Resync { from } => Some((e.refusal.as_ref()?.tag(), encode_fields(from))),
-        r => Some((r.tag(), Vec::new())),
+        Refusal::Resync { from } => Some((r.tag(), encode_fields(from))),
+        _ => Some((r.tag(), Vec::new())),
     }
 }
 
@@ -440,14 +441,9 @@ fn encode_fields<T: Serialize>(fields: &T) -> Vec<u8> {
     postcard::to_stdvec(fields).expect("refusal fields serialize")
 }
 
-/// The refusal of `tag` with its field bytes; one this version does not know, or whose
-/// fields do not decode, is [`Refusal::Other`].
+/// The refusal of `tag` with its field bytes ([`Refusal::from_tag`]).
 fn decode_refusal(tag: u32, fields: &[u8]) -> Refusal {
-    let from = postcard::from_bytes::<u64>(fields).ok();
-    match Refusal::from_tag(tag, from, None) {
-        Refusal::Redirect { .. } => Refusal::Other(tag),
-        r => r,
-    }
+    Refusal::from_tag(tag, postcard::from_bytes::<u64>(fields).ok())
 }
 
 /// The messages of the previous version's errors that its peers acted on, and the refusal

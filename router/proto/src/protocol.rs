@@ -128,11 +128,6 @@ impl OpError {
         self
     }
 
-    /// Whether the refusal is `r`'s kind (fields aside).
-    pub fn is(&self, r: &crate::refusal::Refusal) -> bool {
-        self.refusal.as_ref().is_some_and(|own| own.tag() == r.tag())
-    }
-
     /// A `bad_request`.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)

@@ -59,18 +59,18 @@ impl Refusal {
         }
     }
 
-    /// The refusal of `tag` whose fields are `Resync`'s `from` or `Redirect`'s pair when
-    /// it has them; an unknown tag is [`Refusal::Other`].
-    pub fn from_tag(tag: u32, from: Option<u64>, redirect: Option<(String, u64)>) -> Self {
-        match (tag, from, redirect) {
-            (1, _, _) => Self::Sealed,
-            (2, _, _) => Self::NotAdopted,
-            (3, Some(from), _) => Self::Resync { from },
-            (4, _, _) => Self::NotLeader,
-            (5, _, Some((owner, epoch))) => Self::Redirect { owner, epoch },
-            (6, _, _) => Self::Unavailable,
-            (7, _, _) => Self::Lost,
-            (tag, _, _) => Self::Other(tag),
+    /// The refusal of `tag` as it follows a peer's reply, with `Resync`'s `from` when its
+    /// field bytes gave one. An unknown tag, a known one without the fields it needs, and
+    /// a redirect (which travels in its own field, never as a tag) are [`Refusal::Other`].
+    pub fn from_tag(tag: u32, from: Option<u64>) -> Self {
+        match (tag, from) {
+            (1, _) => Self::Sealed,
+            (2, _) => Self::NotAdopted,
+            (3, Some(from)) => Self::Resync { from },
+            (4, _) => Self::NotLeader,
+            (6, _) => Self::Unavailable,
+            (7, _) => Self::Lost,
+            (tag, _) => Self::Other(tag),
         }
     }
 }
@@ -91,15 +91,18 @@ mod tests {
             Refusal::Lost,
         ];
         for r in all {
-            let (from, redirect) = match &r {
-                Refusal::Resync { from } => (Some(*from), None),
-                Refusal::Redirect { owner, epoch } => (None, Some((owner.clone(), *epoch))),
-                _ => (None, None),
+            let from = match &r {
+                Refusal::Resync { from } => Some(*from),
+                _ => None,
             };
-            assert_eq!(Refusal::from_tag(r.tag(), from, redirect), r);
+            let back = Refusal::from_tag(r.tag(), from);
+            match r {
+                Refusal::Redirect { .. } => assert_eq!(back, Refusal::Other(5), "a redirect is never a tag"),
+                r => assert_eq!(back, r),
+            }
         }
-        assert_eq!(Refusal::from_tag(99, None, None), Refusal::Other(99));
+        assert_eq!(Refusal::from_tag(99, None), Refusal::Other(99));
         // A known tag without the fields it needs is not guessed at.
-        assert_eq!(Refusal::from_tag(3, None, None), Refusal::Other(3));
+        assert_eq!(Refusal::from_tag(3, None), Refusal::Other(3));
     }
 }
