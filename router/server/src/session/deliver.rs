@@ -6,7 +6,7 @@
 //! write a subscription's message before its subscribe reply, nor go live over a hole: a
 //! catch-up that finds one ends the subscription with `unsubscribed`.
 
-use switchyard_core::outbox::Delivery;
+use switchyard_core::outbox::{Delivery, Kind};
 use switchyard_core::owner::Grant;
 use switchyard_proto::protocol::{self, close, SubscribeOk};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -133,7 +133,7 @@ where
     }
 
     pub(super) async fn deliver(&mut self, d: Delivery) -> Result<(), Stop> {
-        if d.end {
+        if d.kind == Kind::End {
             // The owner ended it (its partition moved): it has forgotten the subscription.
             // Before the subscribe reply is written, the end waits behind it with the held
             // messages: the client never sees a subscription end before it began.
@@ -148,6 +148,13 @@ where
             return self.write(d.frame).await;
         }
         let Some(sub) = self.subs.get_mut(&d.sub) else { return Ok(()) };
+        if d.kind == Kind::Event {
+            // Presence news carries no offset: only a live subscription shows it.
+            return match sub.phase {
+                Phase::Live { .. } => self.push_message(d.frame).await,
+                Phase::Pending(_) => Ok(()),
+            };
+        }
         match &mut sub.phase {
             Phase::Pending(held) => {
                 // Held messages left the outbox's accounting: bound them by the same limits.

@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 
 use super::*;
 use crate::config::Config;
+use switchyard_core::outbox::Kind;
 
 type Client = WebSocketStream<DuplexStream>;
 
@@ -60,7 +61,7 @@ async fn an_end_before_the_subscribe_reply_comes_after_it() {
     session.subs.insert(7, Sub { channel: "room:1".into(), phase: Phase::Pending(Vec::new()) });
     session.by_channel.insert("room:1".into(), 7);
     let end = protocol::unsubscribed_push("room:1", protocol::close::SHUTTING_DOWN, "partition moved");
-    session.deliver(Delivery { sub: 7, offset: 0, frame: end, end: true }).await.unwrap();
+    session.deliver(Delivery { sub: 7, offset: 0, frame: end, kind: Kind::End }).await.unwrap();
     assert!(session.subs.contains_key(&7), "the subscription lives until its reply is out");
     let grant = Grant { epoch: "E".into(), offset: 0, top: 0, recovered: None, catch_up_after: None, live_after: 0 };
     let reply = Output::Subscribed { id: 3, sub: 7, channel: "room:1".into(), result: Ok(grant) };
