@@ -30,6 +30,10 @@ const QUEUE: usize = 4096;
 
 type Waiter = oneshot::Sender<Result<Answer, WireError>>;
 
+/// A request waiting for the link: its id, its encoded frame, and the lowest wire version
+/// of an acceptor that reads it ([`Op::wire_needs`]).
+type Queued = (u64, Vec<u8>, u32);
+
 /// How the message of an error for a request whose reply never came ends: the owner may
 /// or may not have run it (for people: the caller acts on [`Refusal::Lost`]).
 const OUTCOME_UNKNOWN: &str = "outcome unknown";
@@ -40,10 +44,19 @@ fn lost(message: String) -> WireError {
     WireError::op(&OpError::refused(Refusal::Lost, message))
 }
 
+/// The answer to a request the acceptor's wire `version` would misread: it was not sent.
+fn too_old(peer: &str, version: u32) -> WireError {
+    let message = format!(
+        "{peer} runs an older version (peer wire {version}) that cannot read history backwards; \
+         try again after the upgrade"
+    );
+    WireError::op(&OpError::new(switchyard_proto::protocol::ErrorCode::Unavailable, message))
+}
+
 /// One peer link.
 pub(crate) struct Link {
     peer: String,
-    tx: mpsc::Sender<(u64, Vec<u8>)>,
+    tx: mpsc::Sender<Queued>,
     pending: Mutex<HashMap<u64, Waiter>>,
     next_id: AtomicU64,
     /// Upstream subscriptions whose pushes arrive on this link, by their id. Read for
@@ -151,7 +164,7 @@ impl Link {
         let (tx, rx) = oneshot::channel();
         link.pending.lock().expect("pending").insert(id, tx);
         let bytes = wire::encode_request(id, epoch, op);
-        if link.tx.try_send((id, bytes)).is_err() {
+        if link.tx.try_send((id, bytes, op.wire_needs())).is_err() {
             link.pending.lock().expect("pending").remove(&id);
             return Err(WireError::op(&OpError::refused(Refusal::Unavailable, format!("peer link to {peer} is full"))));
         }
@@ -257,7 +270,7 @@ pub(crate) enum LinkError {
 
 /// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
 #[tracing::instrument(name = "peer_link", skip_all, fields(peer = %link.peer, side = "dialed"))]
-async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
+async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<Queued>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(n) = links.upgrade() else { return };
@@ -298,10 +311,10 @@ async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
     }
 }
 
-/// A connected link, and whether the acceptor reads and sends typed refusals (it answers
-/// the upgrade with [`wire::WIRE_HEADER`]; an older one does not, and its errors go
+/// A connected link, and the wire version the acceptor speaks (it answers the upgrade
+/// with [`wire::WIRE_HEADER`]; one that predates refusals does not, and its errors go
 /// through [`wire::from_legacy`]).
-type Connected = (tokio_tungstenite::WebSocketStream<Box<dyn Io>>, bool);
+type Connected = (tokio_tungstenite::WebSocketStream<Box<dyn Io>>, u32);
 
 /// Connects to `url` (`http://` or `https://`) and upgrades to the `/peer` WebSocket,
 /// sending the secret only over TLS unless plaintext peers are allowed.
@@ -329,30 +342,39 @@ async fn connect(url: &str, dial: &Dial) -> Result<Connected, LinkError> {
         Box::new(tcp)
     };
     let (ws, response) = tokio_tungstenite::client_async_with_config(req, io, Some(wire::ws_config())).await?;
-    let refusals = wire::reads_refusals(response.headers().get(wire::WIRE_HEADER).map(|v| v.as_bytes()));
-    Ok((ws, refusals))
+    let version = wire::wire_version(response.headers().get(wire::WIRE_HEADER).map(|v| v.as_bytes()));
+    Ok((ws, version))
 }
 
 async fn pump(
     url: &str,
     dial: &Dial,
     link: &Link,
-    rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
+    rx: &mut mpsc::Receiver<Queued>,
     metrics: &switchyard_metrics::Metrics,
 ) -> Result<(), LinkError> {
-    let (ws, refusals) =
+    let (ws, version) =
         tokio::time::timeout(Duration::from_secs(2), connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
+    let refusals = version >= 2;
     let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
     metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
     metrics.peer_connects.with_label_values(&[&link.peer]).inc();
-    tracing::info!(%ws_url, refusals, "peer link up");
+    tracing::info!(%ws_url, version, "peer link up");
     let (mut sink, mut stream) = ws.split();
     loop {
         tokio::select! {
             out = rx.recv() => {
-                let Some((id, bytes)) = out else { return Ok(()) };
+                let Some((id, bytes, needs)) = out else { return Ok(()) };
                 // A request whose caller gave up is not sent.
                 if !link.pending.lock().expect("pending").contains_key(&id) {
+                    continue;
+                }
+                // Nor one an older acceptor would misread (a rolling upgrade): its caller
+                // is told, and nothing ran.
+                if needs > version {
+                    if let Some(w) = link.pending.lock().expect("pending").remove(&id) {
+                        let _ = w.send(Err(too_old(&link.peer, version)));
+                    }
                     continue;
                 }
                 sink.send(Message::Binary(bytes.into())).await?;

@@ -11,6 +11,7 @@ use futures_util::{FutureExt, SinkExt};
 use switchyard_access::gate::Refusal;
 use switchyard_access::user_sessions::Beat;
 use switchyard_core::owner::{PublishRequest, Start};
+use switchyard_core::HistoryQuery;
 use switchyard_peer::seats::Seating;
 use switchyard_proto::protocol::{self, close, Command, Empty, ErrorCode, OpError};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -219,14 +220,14 @@ where
                     Err(e) => self.queue_result::<Empty>(id, Err(e)),
                 }
             }
-            Command::History { channel, since, limit } => {
+            Command::History { channel, since, before, limit, reverse } => {
                 // Wherever the owner is; the read starts when the future is first polled,
                 // after every command this connection sent before it. It may hold a full
                 // page until written.
                 let page = node.config.limits.max_reply_bytes;
+                let q = HistoryQuery { since, before, limit, reverse };
                 self.queue_sized(
-                    async move { Output::Frame(protocol::reply(id, &node.router.history(&channel, since, limit).await)) }
-                        .boxed(),
+                    async move { Output::Frame(protocol::reply(id, &node.router.history(&channel, q).await)) }.boxed(),
                     page,
                 )
             }
