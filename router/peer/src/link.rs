@@ -3,7 +3,9 @@
 //! It owns the connection to each peer's `/peer` endpoint (authenticated by the cluster
 //! secret), the bounded queue of requests waiting for the link, the table of requests
 //! waiting for their reply, and the routing of pushes that arrive on it to their upstream
-//! subscriptions (noticing each drop, so those resubscribe). It must never block a caller on a full queue or a dead peer:
+//! subscriptions (noticing each drop, so those resubscribe). It answers a request that the
+//! acceptor's wire version cannot read (`Op::wire_needs`) itself, without sending it. It
+//! must never block a caller on a full queue or a dead peer:
 //! a full queue is `unavailable` at once, and every request has a deadline.
 
 use std::collections::HashMap;
@@ -407,5 +409,91 @@ async fn pump(
                 Some(Err(e)) => return Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A link to a fake acceptor that speaks an older wire: what it may and may not be sent.
+
+    use super::*;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    /// An acceptor on a loopback port that answers the upgrade with `x-switchyard-peer-wire:
+    /// version` and every request it reads (as that version would) with an empty history
+    /// page, counting the requests.
+    async fn acceptor(version: u32) -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(AtomicU64::new(0));
+        let counted = seen.clone();
+        tokio::spawn(async move {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            // The callback's shape (an error response as the Err) is tungstenite's.
+            #[allow(clippy::result_large_err)]
+            let answer = |_: &Request, mut resp: Response| {
+                resp.headers_mut().insert(wire::WIRE_HEADER, HeaderValue::from(version));
+                Ok(resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, answer).await else { return };
+            while let Some(Ok(msg)) = ws.next().await {
+                let Message::Binary(b) = msg else { continue };
+                // An older acceptor reads no suffix after a request: it closes the link on
+                // trailing bytes.
+                let id = match (version, postcard::take_from_bytes::<Frame>(&b)) {
+                    (3.., _) => match wire::decode(&b) {
+                        Ok(Frame::Request { id, .. }) => id,
+                        _ => return,
+                    },
+                    (_, Ok((Frame::Request { id, .. }, []))) => id,
+                    _ => return,
+                };
+                counted.fetch_add(1, Ordering::Relaxed);
+                let page = Answer::History { epoch: "E".into(), offset: 3, first: 1, messages: Vec::new() };
+                let reply = wire::encode(&Frame::Reply { id, result: Ok(page) });
+                if ws.send(Message::Binary(reply.into())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        (url, seen)
+    }
+
+    fn dial(peer_url: String) -> Arc<Links> {
+        let member = switchyard_proto::partition::Member { url: peer_url.clone(), peer_url, draining: false };
+        let members = Arc::new(Members::from([("old".to_string(), member)]));
+        let env = LinkEnv {
+            members: watch::channel(members).1,
+            shutdown: watch::channel(false).1,
+            metrics: Arc::new(Metrics::new()),
+        };
+        Links::new(env, Dial { secret: "s3cret-s3cret".into(), tls: None, allow_plaintext: true })
+    }
+
+    /// A backward history read is never sent to an acceptor of wire 2 (it would find
+    /// trailing bytes and drop the link): its caller gets `unavailable` at once, and the
+    /// link goes on carrying forward reads. A wire 3 acceptor gets both.
+    #[tokio::test]
+    async fn backward_reads_go_only_to_a_wire_3_acceptor() {
+        use switchyard_core::HistoryQuery;
+        let forward = Op::history("room:1", HistoryQuery::forward(0, 10));
+        let backward = Op::history("room:1", HistoryQuery::backward(Some(3), 10));
+
+        let (url, seen) = acceptor(2).await;
+        let links = dial(url);
+        let e = links.send("old", 1, &backward).unwrap().wait(Duration::from_secs(10)).await.unwrap_err();
+        assert_eq!(e.code, "unavailable", "{e:?}");
+        assert!(e.message.contains("older version") && e.refusal.is_none(), "{e:?}");
+        let page = links.send("old", 1, &forward).unwrap().wait(Duration::from_secs(10)).await.unwrap();
+        assert!(matches!(page, Answer::History { offset: 3, .. }));
+        assert_eq!(seen.load(Ordering::Relaxed), 1, "only the forward read went out");
+
+        let (url, seen) = acceptor(3).await;
+        let links = dial(url);
+        for op in [&backward, &forward] {
+            let page = links.send("old", 1, op).unwrap().wait(Duration::from_secs(10)).await.unwrap();
+            assert!(matches!(page, Answer::History { offset: 3, .. }));
+        }
+        assert_eq!(seen.load(Ordering::Relaxed), 2);
     }
 }
