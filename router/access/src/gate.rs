@@ -108,6 +108,11 @@ impl Gate {
         Ok(())
     }
 
+    /// The token's `info` claim as JSON text, if any.
+    pub fn info(&self) -> Option<&Arc<str>> {
+        self.identity.as_ref().and_then(|i| i.info.as_ref())
+    }
+
     /// True once `connect` succeeded.
     pub fn is_connected(&self) -> bool {
         self.connected
@@ -217,7 +222,7 @@ mod tests {
     }
 
     fn token(exp: u64) -> String {
-        let claims = Claims { sub: "alice".into(), exp, channels: None };
+        let claims = Claims { sub: "alice".into(), exp, channels: None, info: None };
         jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
             &claims,
