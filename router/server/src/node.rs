@@ -44,6 +44,9 @@ pub(crate) struct Node {
     /// ends, so no number of simultaneous upgrades gets past the cap.
     /// (`metrics.connections` counts the same connections, for metrics only.)
     pub connection_slots: Arc<Semaphore>,
+    /// Begins every client id this process hands out: the node id and a random tag of this
+    /// run, so ids are unique across the cluster and across restarts.
+    pub client_prefix: String,
     shutdown_tx: watch::Sender<bool>,
 }
 
@@ -164,6 +167,7 @@ impl Node {
             state
         });
         let connection_slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        let client_prefix = format!("{}-{}", config.node_id, switchyard_core::owner::new_epoch());
         Ok(Arc::new(Self {
             config,
             metrics,
@@ -174,6 +178,7 @@ impl Node {
             shutdown,
             shutdown_tx,
             connection_slots,
+            client_prefix,
         }))
     }
 

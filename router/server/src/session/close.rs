@@ -66,6 +66,11 @@ where
                 .await;
                 return;
             }
+            // Centrifugo's clients are told why (3012, reconnect), within the close deadline.
+            Stop::Unresponsive if self.dialect == Dialect::Centrifugo => {
+                tracing::info!("closing a connection that stopped answering pings");
+                (switchyard_proto::centrifugo::close::NO_PONG, "no pong")
+            }
             Stop::Unresponsive => {
                 // Nobody reads this socket: no last words, just drop it (and its resources).
                 tracing::info!("closing a connection that stopped answering pings");

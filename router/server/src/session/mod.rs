@@ -272,6 +272,12 @@ where
         }
     }
 
+    /// This connection's id, unique in the cluster (the `client` of `connect` and of
+    /// presence).
+    fn client_id(&self) -> String {
+        format!("{}-{}", self.node.client_prefix, self.id)
+    }
+
     async fn serve(&mut self) -> Stop {
         // The shutdown signal is registered once, not on every wake-up of the loop. A slow
         // connection ends `recv_all`'s wait.

@@ -190,7 +190,7 @@ where
                     self.queue(ready(frame));
                     return Ok(());
                 }
-                let mut ok = serde_json::json!({"client": self.id.to_string(), "node": node.config.node_id, "version": protocol::VERSION});
+                let mut ok = serde_json::json!({"client": self.client_id(), "node": node.config.node_id, "version": protocol::VERSION});
                 if batch {
                     ok["batch"] = serde_json::json!(true);
                 }
