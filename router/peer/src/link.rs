@@ -7,7 +7,7 @@
 //! a full queue is `unavailable` at once, and every request has a deadline.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -43,7 +43,12 @@ fn lost(message: String) -> WireError {
 /// One peer link.
 pub(crate) struct Link {
     peer: String,
-    tx: mpsc::Sender<(u64, Vec<u8>)>,
+    /// Requests for the connection: id, encoded frame, and the wire version the acceptor
+    /// must read for it ([`Op::min_wire`]).
+    tx: mpsc::Sender<(u64, Vec<u8>, u32)>,
+    /// The wire version the acceptor named when the link last came up (`u32::MAX` before
+    /// it ever did): an op it does not know is refused here, never sent.
+    acceptor_wire: AtomicU32,
     pending: Mutex<HashMap<u64, Waiter>>,
     next_id: AtomicU64,
     /// Upstream subscriptions whose pushes arrive on this link, by their id. Read for
@@ -83,6 +88,10 @@ pub(crate) trait PushTarget: Send + Sync {
     /// A push for subscription `sub`; outboxes lent to this burst go in `lent`, flushed
     /// once per frame.
     fn on_push(&self, sub: u64, offset: u64, frame: String, end: bool, lent: &mut Vec<Arc<Outbox>>);
+
+    /// Presence news (a native `join` or `leave` push) for subscription `sub`: it has no
+    /// offset.
+    fn on_event(&self, sub: u64, frame: String, lent: &mut Vec<Arc<Outbox>>);
 }
 
 /// Every outgoing link of a node, created on first use.
@@ -120,6 +129,7 @@ impl Links {
                 let link = Arc::new(Link {
                     peer: peer.to_string(),
                     tx,
+                    acceptor_wire: AtomicU32::new(u32::MAX),
                     pending: Mutex::new(HashMap::new()),
                     next_id: AtomicU64::new(1),
                     subs: ArcSwap::from_pointee(HashMap::new()),
@@ -147,16 +157,28 @@ impl Link {
     /// Queues `op` on this link; see [`Links::send`].
     pub(crate) fn send(self: &Arc<Self>, epoch: u64, op: &Op) -> Result<Pending, WireError> {
         let (link, peer) = (self.clone(), &self.peer);
+        let need = op.min_wire();
+        if need > self.acceptor_wire.load(Ordering::Relaxed) {
+            return Err(too_old(peer, op));
+        }
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         link.pending.lock().expect("pending").insert(id, tx);
         let bytes = wire::encode_request(id, epoch, op);
-        if link.tx.try_send((id, bytes)).is_err() {
+        if link.tx.try_send((id, bytes, need)).is_err() {
             link.pending.lock().expect("pending").remove(&id);
             return Err(WireError::op(&OpError::refused(Refusal::Unavailable, format!("peer link to {peer} is full"))));
         }
         Ok(Pending { link, id, rx })
     }
+}
+
+/// The error of an op the peer's version does not know (a rolling upgrade): `unavailable`.
+fn too_old(peer: &str, op: &Op) -> WireError {
+    WireError::op(&OpError::new(
+        switchyard_proto::protocol::ErrorCode::Unavailable,
+        format!("node {peer} runs an older version without `{}`", op.name()),
+    ))
 }
 
 /// A request on a link, waiting for its reply. Dropped unanswered (its caller gave up or
@@ -257,7 +279,7 @@ pub(crate) enum LinkError {
 
 /// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
 #[tracing::instrument(name = "peer_link", skip_all, fields(peer = %link.peer, side = "dialed"))]
-async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
+async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>, u32)>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(n) = links.upgrade() else { return };
@@ -298,10 +320,9 @@ async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
     }
 }
 
-/// A connected link, and whether the acceptor reads and sends typed refusals (it answers
-/// the upgrade with [`wire::WIRE_HEADER`]; an older one does not, and its errors go
-/// through [`wire::from_legacy`]).
-type Connected = (tokio_tungstenite::WebSocketStream<Box<dyn Io>>, bool);
+/// A connected link, and the wire version the acceptor named in its answer to the upgrade
+/// ([`wire::WIRE_HEADER`]; 0 without: its errors go through [`wire::from_legacy`]).
+type Connected = (tokio_tungstenite::WebSocketStream<Box<dyn Io>>, u32);
 
 /// Connects to `url` (`http://` or `https://`) and upgrades to the `/peer` WebSocket,
 /// sending the secret only over TLS unless plaintext peers are allowed.
@@ -329,19 +350,21 @@ async fn connect(url: &str, dial: &Dial) -> Result<Connected, LinkError> {
         Box::new(tcp)
     };
     let (ws, response) = tokio_tungstenite::client_async_with_config(req, io, Some(wire::ws_config())).await?;
-    let refusals = wire::reads_refusals(response.headers().get(wire::WIRE_HEADER).map(|v| v.as_bytes()));
-    Ok((ws, refusals))
+    let version = wire::wire_version(response.headers().get(wire::WIRE_HEADER).map(|v| v.as_bytes()));
+    Ok((ws, version))
 }
 
 async fn pump(
     url: &str,
     dial: &Dial,
     link: &Link,
-    rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
+    rx: &mut mpsc::Receiver<(u64, Vec<u8>, u32)>,
     metrics: &switchyard_metrics::Metrics,
 ) -> Result<(), LinkError> {
-    let (ws, refusals) =
+    let (ws, version) =
         tokio::time::timeout(Duration::from_secs(2), connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
+    link.acceptor_wire.store(version, Ordering::Relaxed);
+    let refusals = version >= 2;
     let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
     metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
     metrics.peer_connects.with_label_values(&[&link.peer]).inc();
@@ -350,8 +373,18 @@ async fn pump(
     loop {
         tokio::select! {
             out = rx.recv() => {
-                let Some((id, bytes)) = out else { return Ok(()) };
-                // A request whose caller gave up is not sent.
+                let Some((id, bytes, need)) = out else { return Ok(()) };
+                // A request whose caller gave up is not sent; one the acceptor's version
+                // does not know is refused here (queued before the link came up).
+                if need > version {
+                    if let Some(w) = link.pending.lock().expect("pending").remove(&id) {
+                        let _ = w.send(Err(WireError::op(&OpError::new(
+                            switchyard_proto::protocol::ErrorCode::Unavailable,
+                            format!("node {} runs an older version without this operation", link.peer),
+                        ))));
+                    }
+                    continue;
+                }
                 if !link.pending.lock().expect("pending").contains_key(&id) {
                     continue;
                 }
@@ -377,6 +410,16 @@ async fn pump(
                         }
                         switchyard_core::outbox::flush_lent(&mut lent, metrics);
                     }
+                    Ok(Frame::Events(events)) => {
+                        let subs = link.subs.load();
+                        let mut lent = Vec::new();
+                        for e in events {
+                            if let Some(up) = subs.get(&e.sub) {
+                                up.on_event(e.sub, e.frame, &mut lent);
+                            }
+                        }
+                        switchyard_core::outbox::flush_lent(&mut lent, metrics);
+                    }
                     Ok(Frame::Request { .. }) => return Err(LinkError::Unexpected),
                     Err(e) => return Err(e.into()),
                 },
@@ -385,5 +428,36 @@ async fn pump(
                 Some(Err(e)) => return Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link to an acceptor of the previous wire version refuses presence ops with
+    /// `unavailable` at once (never sends them: the old acceptor would close the link on a
+    /// frame it cannot read); other ops are queued as before.
+    #[tokio::test]
+    async fn an_older_acceptor_is_never_sent_a_presence_op() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let link = Arc::new(Link {
+            peer: "old".into(),
+            tx,
+            acceptor_wire: AtomicU32::new(2),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            subs: ArcSwap::from_pointee(HashMap::new()),
+            down: watch::channel(0).0,
+        });
+        let Err(e) = link.send(1, &Op::PresenceStats { channel: "room:1".into() }) else { panic!("sent") };
+        assert_eq!(e.to_op().code, switchyard_proto::protocol::ErrorCode::Unavailable);
+        assert!(link.pending.lock().unwrap().is_empty());
+        let _pending = link.send(1, &Op::History { channel: "room:1".into(), since: 0, limit: 1 }).unwrap();
+        assert_eq!(rx.try_recv().unwrap().2, 0);
+        // Before the link ever came up the version is unknown: queued, checked at send.
+        link.acceptor_wire.store(u32::MAX, Ordering::Relaxed);
+        let _pending = link.send(1, &Op::Presence { channel: "room:1".into() }).unwrap();
+        assert_eq!(rx.try_recv().unwrap().2, crate::wire::PRESENCE_WIRE);
     }
 }

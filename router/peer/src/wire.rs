@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 
 use switchyard_core::owner::PublishRequest;
 use switchyard_core::{HistoryPage, OwnedMessage};
+use switchyard_proto::presence::{PresenceEntry, PresenceStats};
 use switchyard_proto::protocol::{ErrorCode, OpError, PublishOk};
 use switchyard_proto::refusal::Refusal;
 use switchyard_store::StoredMessage;
@@ -20,12 +21,26 @@ pub const SECRET_HEADER: &str = "x-switchyard-cluster-secret";
 /// ([`WireError::legacy`]).
 pub const WIRE_HEADER: &str = "x-switchyard-peer-wire";
 
-/// This version of the peer wire: 2 adds typed refusals to errors.
-pub const WIRE_VERSION: u32 = 2;
+/// This version of the peer wire: 2 adds typed refusals to errors; 3 adds presence (the
+/// ops [`Op::Join`], [`Op::Leave`], [`Op::Presence`], [`Op::PresenceStats`], their answers,
+/// and [`Frame::Events`]), which a node sends only to a peer that names version 3 or later
+/// in [`WIRE_HEADER`]: an older acceptor is never sent a presence op (the caller gets
+/// `unavailable`), an older dialer is never sent an event (its clients see no join or
+/// leave pushes). From version 3 on, an acceptor answers a request whose op it does not
+/// know with an `unavailable` error instead of closing the link ([`decode_request_id`]).
+pub const WIRE_VERSION: u32 = 3;
+
+/// The first version of the wire with presence.
+pub const PRESENCE_WIRE: u32 = 3;
+
+/// The wire version a peer named in `header` (the value of [`WIRE_HEADER`]); 0 without one.
+pub fn wire_version(header: Option<&[u8]>) -> u32 {
+    header.and_then(|h| std::str::from_utf8(h).ok()).and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(0)
+}
 
 /// Whether a dialer that sent `header` (the value of [`WIRE_HEADER`]) reads refusals.
 pub fn reads_refusals(header: Option<&[u8]>) -> bool {
-    header.and_then(|h| std::str::from_utf8(h).ok()).and_then(|v| v.trim().parse::<u32>().ok()).is_some_and(|v| v >= 2)
+    wire_version(header) >= 2
 }
 
 /// One frame on a peer link.
@@ -50,6 +65,56 @@ pub enum Frame {
     /// Owner → gateway: the messages for upstream subscriptions that one wake-up of the
     /// link's pusher found, in order (one frame per burst, not per message).
     Pushes(Vec<Push>),
+    /// Owner → gateway (wire 3 and later only): presence news for upstream subscriptions,
+    /// in order. They carry no offset and never touch a subscription's offset continuity.
+    Events(Vec<Event>),
+}
+
+/// Presence news for an upstream subscription: the native `join` or `leave` push, which the
+/// gateway renders in each local subscriber's dialect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The gateway's id for the upstream subscription.
+    pub sub: u64,
+    /// The native push frame (JSON text).
+    pub frame: String,
+}
+
+/// A presence entry on the wire (its info as JSON text: postcard cannot carry a raw value).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireEntry {
+    /// Client id.
+    pub client: String,
+    /// User.
+    pub user: String,
+    /// Connection info (JSON text).
+    pub conn_info: Option<String>,
+    /// Channel info (JSON text).
+    pub chan_info: Option<String>,
+}
+
+impl From<&PresenceEntry> for WireEntry {
+    fn from(e: &PresenceEntry) -> Self {
+        WireEntry {
+            client: e.client.clone(),
+            user: e.user.clone(),
+            conn_info: e.conn_info.as_ref().map(|r| r.get().to_string()),
+            chan_info: e.chan_info.as_ref().map(|r| r.get().to_string()),
+        }
+    }
+}
+
+impl WireEntry {
+    /// Back to an entry; info that is not JSON is dropped.
+    pub fn into_entry(self) -> PresenceEntry {
+        let raw = |s: Option<String>| s.and_then(|s| RawValue::from_string(s).ok());
+        PresenceEntry {
+            client: self.client,
+            user: self.user,
+            conn_info: raw(self.conn_info),
+            chan_info: raw(self.chan_info),
+        }
+    }
 }
 
 /// A message for an upstream subscription, as the owner serialized it for its own clients
@@ -201,6 +266,34 @@ pub enum Op {
         /// The connection's id on that node.
         conn: u64,
     },
+    /// Presence (wire 3): record a client of `node` in the channel's presence.
+    Join {
+        /// Channel.
+        channel: String,
+        /// The node the client is connected to.
+        node: String,
+        /// The entry.
+        entry: WireEntry,
+        /// Push `join` if the client is new (false when re-announcing after a move).
+        announce: bool,
+    },
+    /// Presence (wire 3): forget a client.
+    Leave {
+        /// Channel.
+        channel: String,
+        /// The client's id.
+        client: String,
+    },
+    /// Presence (wire 3): the channel's presence list.
+    Presence {
+        /// Channel.
+        channel: String,
+    },
+    /// Presence (wire 3): the channel's presence counts.
+    PresenceStats {
+        /// Channel.
+        channel: String,
+    },
 }
 
 impl Op {
@@ -212,7 +305,11 @@ impl Op {
             | Op::Commit { channel, .. }
             | Op::Subscribe { channel, .. }
             | Op::Unsubscribe { channel, .. }
-            | Op::Info { channel, .. } => channel,
+            | Op::Info { channel, .. }
+            | Op::Join { channel, .. }
+            | Op::Leave { channel, .. }
+            | Op::Presence { channel }
+            | Op::PresenceStats { channel } => channel,
             Op::Seat { key, .. } | Op::Unseat { key, .. } => key,
             Op::Pull { .. } | Op::Pulled { .. } | Op::Fetch { .. } | Op::Snapshot { .. } | Op::EpochEnd { .. } => "",
         }
@@ -234,6 +331,18 @@ impl Op {
             Op::Fetch { .. } => "fetch",
             Op::Snapshot { .. } => "snapshot",
             Op::EpochEnd { .. } => "epoch_end",
+            Op::Join { .. } => "join",
+            Op::Leave { .. } => "leave",
+            Op::Presence { .. } => "presence",
+            Op::PresenceStats { .. } => "presence_stats",
+        }
+    }
+
+    /// The first wire version whose acceptors know this op.
+    pub fn min_wire(&self) -> u32 {
+        match self {
+            Op::Join { .. } | Op::Leave { .. } | Op::Presence { .. } | Op::PresenceStats { .. } => PRESENCE_WIRE,
+            _ => 0,
         }
     }
 
@@ -249,6 +358,10 @@ impl Op {
                 | Op::Info { .. }
                 | Op::Seat { .. }
                 | Op::Unseat { .. }
+                | Op::Join { .. }
+                | Op::Leave { .. }
+                | Op::Presence { .. }
+                | Op::PresenceStats { .. }
         )
     }
 
@@ -259,6 +372,9 @@ impl Op {
             Op::Publish { idempotency_key, .. } => idempotency_key.is_some(),
             // Seats are keyed by (node, connection): asking twice holds one seat.
             Op::Commit { .. } | Op::History { .. } | Op::Info { .. } | Op::Seat { .. } | Op::Unseat { .. } => true,
+            // A join is keyed by client id (a repeat replaces), a leave of a gone client does
+            // nothing, and reads are reads.
+            Op::Join { .. } | Op::Leave { .. } | Op::Presence { .. } | Op::PresenceStats { .. } => true,
             Op::Subscribe { .. }
             | Op::Unsubscribe { .. }
             | Op::Pull { .. }
@@ -325,8 +441,12 @@ pub enum Answer {
     EpochEnd(Option<(u64, u64)>),
     /// Whether a seat was granted.
     Seated(bool),
-    /// Nothing to say (unsubscribe, pulled, unseat).
+    /// Nothing to say (unsubscribe, pulled, unseat, join, leave).
     Done,
+    /// A channel's presence list (wire 3).
+    Presence(Vec<WireEntry>),
+    /// A channel's presence counts (wire 3).
+    PresenceStats(PresenceStats),
 }
 
 /// What a gateway needs to know about a channel to grant a local subscription.
@@ -513,6 +633,16 @@ impl Answer {
             Answer::Published { offset, epoch } => Ok(PublishOk { offset, epoch: epoch.into() }),
             _ => Err(OpError::internal("peer answered publish with another answer")),
         }
+    }
+}
+
+/// The id of a request whose op this version does not know (a newer peer's), so that it
+/// can be answered with an error rather than the link closed: a `Frame::Request` is its
+/// variant index 0, its id and its epoch, then the op's variant index.
+pub(crate) fn decode_request_id(bytes: &[u8]) -> Option<u64> {
+    match postcard::take_from_bytes::<(u32, u64, u64)>(bytes) {
+        Ok(((0, id, _), _)) => Some(id),
+        _ => None,
     }
 }
 
@@ -738,6 +868,53 @@ mod tests {
         let redirect = Some(Refusal::Redirect { owner: "n2".into(), epoch: 4 });
         let e = WireError { refusal: redirect.clone(), ..old("not the owner") };
         assert_eq!(from_legacy(e).refusal, redirect);
+    }
+
+    /// Presence (wire 3) round trips; a request whose op this version does not know still
+    /// yields its id (answered with an error, the link kept); frames of the previous
+    /// version encode as before.
+    #[test]
+    fn presence_crosses_the_wire_and_unknown_ops_are_answered() {
+        let entry = WireEntry {
+            client: "7".into(),
+            user: "alice".into(),
+            conn_info: Some("{\"a\":1}".into()),
+            chan_info: None,
+        };
+        let frames = [
+            Frame::Request {
+                id: 1,
+                epoch: 2,
+                op: Op::Join { channel: "room:1".into(), node: "n1".into(), entry: entry.clone(), announce: false },
+            },
+            Frame::Request { id: 2, epoch: 2, op: Op::Leave { channel: "room:1".into(), client: "7".into() } },
+            Frame::Request { id: 3, epoch: 2, op: Op::PresenceStats { channel: "room:1".into() } },
+            Frame::Reply { id: 3, result: Ok(Answer::Presence(vec![entry.clone()])) },
+            Frame::Reply { id: 4, result: Ok(Answer::PresenceStats(PresenceStats { num_clients: 3, num_users: 2 })) },
+            Frame::Events(vec![Event { sub: 9, frame: "{\"push\":\"join\"}".into() }]),
+        ];
+        for f in frames {
+            assert_eq!(decode(&encode(&f)).unwrap(), f);
+        }
+        assert_eq!(entry.clone().into_entry().conn_info.unwrap().get(), "{\"a\":1}");
+        assert_eq!(WireEntry::from(&entry.into_entry()).client, "7");
+        assert_eq!(Op::Presence { channel: "x".into() }.min_wire(), PRESENCE_WIRE);
+        assert_eq!(Op::History { channel: "x".into(), since: 0, limit: 1 }.min_wire(), 0);
+
+        // A newer peer's op (variant 200, with fields): not a frame here, but its id is read.
+        let mut newer = postcard::to_stdvec(&(0u32, 41u64, 5u64, 200u32)).unwrap();
+        newer.extend_from_slice(&[3, 1, 2, 3]);
+        assert!(decode(&newer).is_err());
+        assert_eq!(decode_request_id(&newer), Some(41));
+        let reply = encode(&Frame::Reply { id: 41, result: Ok(Answer::Done) });
+        assert_eq!(decode_request_id(&reply), None, "only requests are answered so");
+
+        // What the previous version sends and reads is unchanged: a push frame, a request.
+        let push = Frame::Pushes(vec![Push { sub: 1, offset: 2, frame: "{}".into(), end: false }]);
+        assert_eq!(encode(&push), postcard::to_stdvec(&(2u32, vec![(1u64, 2u64, "{}", false)])).unwrap());
+        assert_eq!(wire_version(Some(b"3")), 3);
+        assert_eq!(wire_version(None), 0);
+        assert!(reads_refusals(Some(b"2")) && !reads_refusals(None));
     }
 
     proptest::proptest! {
