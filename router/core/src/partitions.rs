@@ -416,11 +416,13 @@ impl Partitions {
         .await?
     }
 
-    /// Forgets `client` in `channel`'s presence at `p`'s owner (a `leave` push follows).
-    pub async fn leave(&self, p: PartitionId, channel: &str, client: &str) -> Result<(), OpError> {
+    /// Forgets `client` (connected to node `origin`) in `channel`'s presence at `p`'s owner
+    /// (a `leave` push follows).
+    pub async fn leave(&self, p: PartitionId, channel: &str, origin: Arc<str>, client: &str) -> Result<(), OpError> {
         self.ask(p, |reply| {
             OwnerCommand::Presence(PresenceCommand::Leave {
                 channel: channel.to_string(),
+                origin,
                 client: client.to_string(),
                 reply: Some(reply),
             })
@@ -713,7 +715,7 @@ mod tests {
         let (_, _o2, mut second) = subscribe(&parts, ch, Start::From(StartFrom::Latest)).await;
         let (_, _o3, _third) = subscribe(&parts, ch, Start::From(StartFrom::Latest)).await;
         join("5", "dave", &n1).await.unwrap();
-        parts.leave(p, ch, "5").await.unwrap();
+        parts.leave(p, ch, n1.clone(), "5").await.unwrap();
         assert!(inbox.try_recv().is_none() && second.try_recv().is_none(), "no pushes above the threshold");
 
         // A channel with presence and no subscriber is not idle: it is not evicted.
@@ -727,7 +729,7 @@ mod tests {
             parts.snapshot(q).await.unwrap();
         }
         assert_eq!(parts.presence_stats(q, ghost).await.unwrap().num_clients, 1, "kept while present");
-        parts.leave(q, ghost, "9").await.unwrap();
+        parts.leave(q, ghost, n1.clone(), "9").await.unwrap();
         assert!(parts.snapshot(q).await.unwrap().iter().all(|s| &*s.channel != ghost), "evicted once empty");
 
         // A seal clears presence (memory only); the sealed owner refuses presence.

@@ -245,7 +245,9 @@ impl Begun {
                         .join(p, &channel, origin.into(), entry.into_entry(), announce)
                         .await
                         .map(|()| Answer::Done),
-                    Op::Leave { channel, client } => parts.leave(p, &channel, &client).await.map(|()| Answer::Done),
+                    Op::Leave { channel, node: origin, client } => {
+                        parts.leave(p, &channel, origin.into(), &client).await.map(|()| Answer::Done)
+                    }
                     Op::Presence { channel } => parts
                         .presence(p, &channel)
                         .await

@@ -79,7 +79,7 @@ pub(crate) async fn join(
 /// effort (an owner that is gone has forgotten it, a node that left takes it along).
 pub(crate) async fn leave(node: &Arc<Node>, reg: &Announced, channel: &str, client: &str) {
     reg.remove(channel, client);
-    let op = Op::Leave { channel: channel.to_string(), client: client.to_string() };
+    let op = Op::Leave { channel: channel.to_string(), node: node.id().to_string(), client: client.to_string() };
     if let Err(e) = crate::call::call(node, op).await {
         tracing::debug!(channel, client, error = %e, "presence leave failed");
     }

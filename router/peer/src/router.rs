@@ -4,7 +4,7 @@
 //! and nothing in this crate depends on this module. It wires the parts together (the
 //! node's routing state, the links, the upstream subscriptions, the replication and seat
 //! tasks), offers the client operations (publish, subscribe, commit, history, catch-up,
-//! a seat), each routed once by [`Node::locate`](crate::node::Node) to the owner here
+//! a seat, presence), each routed once by [`Node::locate`](crate::node::Node) to the owner here
 //! (the core layer's [`Partitions`]) or elsewhere (forwarded over a peer link, or refused
 //! naming the owner when peer links are off), and hands map installs to handover,
 //! replication and seats. It must never wait on etcd, never parse client frames and never

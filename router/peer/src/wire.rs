@@ -277,10 +277,12 @@ pub enum Op {
         /// Push `join` if the client is new (false when re-announcing after a move).
         announce: bool,
     },
-    /// Presence (wire 3): forget a client.
+    /// Presence (wire 3): forget a client of `node`.
     Leave {
         /// Channel.
         channel: String,
+        /// The node the client is connected to.
+        node: String,
         /// The client's id.
         client: String,
     },
@@ -887,7 +889,11 @@ mod tests {
                 epoch: 2,
                 op: Op::Join { channel: "room:1".into(), node: "n1".into(), entry: entry.clone(), announce: false },
             },
-            Frame::Request { id: 2, epoch: 2, op: Op::Leave { channel: "room:1".into(), client: "7".into() } },
+            Frame::Request {
+                id: 2,
+                epoch: 2,
+                op: Op::Leave { channel: "room:1".into(), node: "n1".into(), client: "7".into() },
+            },
             Frame::Request { id: 3, epoch: 2, op: Op::PresenceStats { channel: "room:1".into() } },
             Frame::Reply { id: 3, result: Ok(Answer::Presence(vec![entry.clone()])) },
             Frame::Reply { id: 4, result: Ok(Answer::PresenceStats(PresenceStats { num_clients: 3, num_users: 2 })) },

@@ -71,6 +71,8 @@ pub(crate) enum PresenceCommand {
     Leave {
         /// Channel.
         channel: String,
+        /// The node the client is connected to.
+        origin: Arc<str>,
         /// The client's id.
         client: String,
         /// Answer.
@@ -120,10 +122,12 @@ impl PresenceCommand {
     }
 }
 
-/// One channel's presence: client id → (origin node, entry), and clients per user.
+/// One channel's presence: (origin node, client id) → entry, and clients per user. Client
+/// ids are a connection's id on its node, so the node is part of the key: two nodes'
+/// connections never count as one.
 #[derive(Default)]
 pub(crate) struct Presence {
-    clients: HashMap<String, (Arc<str>, PresenceEntry)>,
+    clients: HashMap<(Arc<str>, String), PresenceEntry>,
     users: HashMap<String, u32>,
 }
 
@@ -131,26 +135,26 @@ impl Presence {
     /// Records `entry` from `origin`; true if the client is new (a repeated join replaces
     /// the entry's info and is not new).
     pub(crate) fn join(&mut self, origin: Arc<str>, entry: PresenceEntry) -> bool {
-        match self.clients.get_mut(&entry.client) {
+        match self.clients.get_mut(&(origin.clone(), entry.client.clone())) {
             Some(held) => {
-                if held.1.user != entry.user {
-                    Self::uncount(&mut self.users, &held.1.user);
+                if held.user != entry.user {
+                    Self::uncount(&mut self.users, &held.user);
                     *self.users.entry(entry.user.clone()).or_default() += 1;
                 }
-                *held = (origin, entry);
+                *held = entry;
                 false
             }
             None => {
                 *self.users.entry(entry.user.clone()).or_default() += 1;
-                self.clients.insert(entry.client.clone(), (origin, entry));
+                self.clients.insert((origin, entry.client.clone()), entry);
                 true
             }
         }
     }
 
-    /// Forgets `client`; its entry if it was here.
-    pub(crate) fn leave(&mut self, client: &str) -> Option<PresenceEntry> {
-        let (_, entry) = self.clients.remove(client)?;
+    /// Forgets `client` of `origin`; its entry if it was here.
+    pub(crate) fn leave(&mut self, origin: &Arc<str>, client: &str) -> Option<PresenceEntry> {
+        let entry = self.clients.remove(&(origin.clone(), client.to_string()))?;
         Self::uncount(&mut self.users, &entry.user);
         Some(entry)
     }
@@ -166,9 +170,9 @@ impl Presence {
 
     /// Forgets every client connected to `node`; their entries.
     pub(crate) fn drop_origin(&mut self, node: &str) -> Vec<PresenceEntry> {
-        let gone: Vec<String> =
-            self.clients.iter().filter(|(_, (origin, _))| &**origin == node).map(|(c, _)| c.clone()).collect();
-        gone.iter().filter_map(|c| self.leave(c)).collect()
+        let gone: Vec<(Arc<str>, String)> =
+            self.clients.keys().filter(|(origin, _)| &**origin == node).cloned().collect();
+        gone.iter().filter_map(|(origin, c)| self.leave(origin, c)).collect()
     }
 
     /// The counts, in O(1).
@@ -178,7 +182,7 @@ impl Presence {
 
     /// Every entry.
     pub(crate) fn list(&self) -> Vec<PresenceEntry> {
-        self.clients.values().map(|(_, e)| e.clone()).collect()
+        self.clients.values().cloned().collect()
     }
 
     /// Number of clients.
@@ -204,9 +208,9 @@ impl Owner {
                 }
                 let _ = reply.send(Ok(()));
             }
-            PresenceCommand::Leave { channel, client, reply } => {
+            PresenceCommand::Leave { channel, origin, client, reply } => {
                 let left = self.channels.get_mut(channel.as_str()).and_then(|ch| {
-                    let left = ch.presence.as_mut()?.leave(&client);
+                    let left = ch.presence.as_mut()?.leave(&origin, &client);
                     if ch.presence.as_ref().is_some_and(|p| p.is_empty()) {
                         ch.presence = None;
                     }
@@ -300,8 +304,10 @@ mod tests {
         assert_eq!(p.stats(), PresenceStats { num_clients: 3, num_users: 2 });
         assert!(!p.join(n1.clone(), entry("2", "carol")), "a replaced entry moves its user count");
         assert_eq!(p.stats(), PresenceStats { num_clients: 3, num_users: 3 });
-        assert_eq!(p.leave("1").map(|e| e.user), Some("alice".to_string()));
-        assert_eq!(p.leave("1"), None);
+        assert!(p.join("n2".into(), entry("1", "dave")), "another node's client 1 is another client");
+        assert_eq!(p.leave(&"n2".into(), "1").map(|e| e.user), Some("dave".to_string()));
+        assert_eq!(p.leave(&n1, "1").map(|e| e.user), Some("alice".to_string()));
+        assert_eq!(p.leave(&n1, "1"), None);
         assert_eq!(p.stats(), PresenceStats { num_clients: 2, num_users: 2 });
         let gone = p.drop_origin("n2");
         assert_eq!(gone.iter().map(|e| e.client.as_str()).collect::<Vec<_>>(), vec!["3"]);
@@ -328,7 +334,7 @@ mod tests {
         assert!(each < std::time::Duration::from_micros(100), "presence_stats took {each:?}");
         let started = tokio::time::Instant::now();
         assert!(!p.join(origin.clone(), entry("5", "u5")));
-        p.leave("6");
+        p.leave(&origin, "6");
         assert!(started.elapsed() < std::time::Duration::from_millis(1), "a join and a leave are O(1)");
     }
 }

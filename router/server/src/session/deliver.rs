@@ -43,6 +43,7 @@ where
                     };
                     self.write(protocol::ok_reply(id, &ok)).await?;
                     if self.subs.contains_key(&sub) {
+                        self.join_presence(&channel);
                         // Catch-up's future is the largest of the loop's: boxed, idle
                         // sessions do not carry its size.
                         Box::pin(self.go_live(sub, &channel, &grant)).await?;
@@ -110,6 +111,7 @@ where
             self.by_channel.remove(channel);
             self.node.metrics.subscriptions.dec();
             self.node.router.unsubscribe(channel, sub).await;
+            self.leave_presence(channel);
         }
         self.write(protocol::unsubscribed_push(channel, close::SLOW_CONSUMER, reason)).await
     }
@@ -145,6 +147,7 @@ where
             let Some(sub) = self.remove_sub(d.sub) else { return Ok(()) };
             self.by_channel.remove(&sub.channel);
             self.node.metrics.subscriptions.dec();
+            self.leave_presence(&sub.channel);
             return self.write(d.frame).await;
         }
         let Some(sub) = self.subs.get_mut(&d.sub) else { return Ok(()) };

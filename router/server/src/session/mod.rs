@@ -16,8 +16,8 @@
 //! Its parts, each adding methods to the one `Session`: this file holds the session's state
 //! and its loop; `direct` lends the socket's write side to the owners and takes it back,
 //! `write` queues frames and replies and flushes them, `read` takes the client's frames and
-//! commands, `deliver` writes subscribe replies, catch-up and pushes, and `close` writes the
-//! last words. None of them holds state of its own.
+//! commands, `deliver` writes subscribe replies, catch-up and pushes, `presence` joins and
+//! leaves channels' presence, and `close` writes the last words. None of them holds state of its own.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -48,6 +48,7 @@ use switchyard_proto::protocol::OpError;
 mod close;
 mod deliver;
 mod direct;
+mod presence;
 mod read;
 #[cfg(test)]
 mod tests;
@@ -172,6 +173,8 @@ struct Session<S> {
     /// Fires at the gate's deadline (connect timeout, then token expiry), if any.
     auth_timer: Pin<Box<Sleep>>,
     auth_deadline: Option<Instant>,
+    /// The channels whose presence this session joined, and the task that tells the owners.
+    presence: presence::Presence,
 }
 
 fn ready(frame: Text) -> BoxFuture<'static, Output> {
@@ -246,6 +249,7 @@ where
             delivered_bytes: 0,
             sink,
             lent: false,
+            presence: presence::Presence::default(),
         }
     }
 

@@ -185,6 +185,7 @@ where
                     self.remove_sub(sub);
                     node.metrics.subscriptions.dec();
                     node.router.unsubscribe(&channel, sub).await;
+                    self.leave_presence(&channel);
                 }
                 self.queue_result(id, Ok(Empty {}));
             }
@@ -230,6 +231,8 @@ where
                     page,
                 )
             }
+            Command::Presence { channel } => self.presence_reply(id, channel, true),
+            Command::PresenceStats { channel } => self.presence_reply(id, channel, false),
             Command::Commit { channel, consumer, offset } => {
                 match node.router.commit(&channel, self.scoped(consumer), offset).await {
                     Ok(rx) => self.queue(
