@@ -31,7 +31,7 @@ pub(crate) fn start(dir: &Path) -> Arc<Partitions> {
         presence: Arc::new(crate::owner::PresenceLimits {
             join_leave: true,
             max_list: 3,
-            join_leave_max_subscribers: 2,
+            join_leave_max_subscribers: 4,
         }),
     };
     Partitions::start(store, metrics, settings).unwrap().0

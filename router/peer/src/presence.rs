@@ -67,7 +67,7 @@ pub(crate) async fn join(
     let op = Op::Join {
         channel: channel.to_string(),
         node: node.id().to_string(),
-        entry: WireEntry::from(&entry),
+        entry: Box::new(WireEntry::from(&entry)),
         announce: true,
     };
     // Registered first: if the owner cannot be reached now, the next move announces it.
@@ -120,7 +120,7 @@ pub(crate) fn after_install(node: &Arc<Node>, reg: &Arc<Announced>, before: &Par
             let op = Op::Join {
                 channel: channel.clone(),
                 node: node.id().to_string(),
-                entry: (&entry).into(),
+                entry: Box::new((&entry).into()),
                 announce: false,
             };
             if let Err(e) = crate::call::call(&node, op).await {

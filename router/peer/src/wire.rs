@@ -272,8 +272,8 @@ pub enum Op {
         channel: String,
         /// The node the client is connected to.
         node: String,
-        /// The entry.
-        entry: WireEntry,
+        /// The entry (boxed: it would double the size of every op).
+        entry: Box<WireEntry>,
         /// Push `join` if the client is new (false when re-announcing after a move).
         announce: bool,
     },
@@ -887,7 +887,12 @@ mod tests {
             Frame::Request {
                 id: 1,
                 epoch: 2,
-                op: Op::Join { channel: "room:1".into(), node: "n1".into(), entry: entry.clone(), announce: false },
+                op: Op::Join {
+                    channel: "room:1".into(),
+                    node: "n1".into(),
+                    entry: Box::new(entry.clone()),
+                    announce: false,
+                },
             },
             Frame::Request {
                 id: 2,

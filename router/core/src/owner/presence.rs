@@ -261,12 +261,15 @@ impl Owner {
     }
 
     /// Pushes a join or leave to every subscriber of `channel`, when its namespace sends
-    /// them and the channel has at most `join_leave_max_subscribers` subscribers. Each
-    /// dialect's frame is rendered once.
+    /// them and the channel has at most `join_leave_max_subscribers` subscribers (here, or
+    /// clients in its presence, whichever is more). Each dialect's frame is rendered once.
     fn announce(&mut self, channel: &str, change: Change, entry: &PresenceEntry) {
         let limits = self.presence_settings.limits(channel);
         let Some(ch) = self.channels.get_mut(channel) else { return };
-        if !limits.join_leave || ch.subscribers.is_empty() || ch.subscribers.len() > limits.join_leave_max_subscribers {
+        // A gateway's upstream is one subscriber here for all of its clients: the channel's
+        // presence counts them all.
+        let audience = ch.subscribers.len().max(ch.presence.as_ref().map_or(0, |p| p.len()));
+        if !limits.join_leave || ch.subscribers.is_empty() || audience > limits.join_leave_max_subscribers {
             return;
         }
         let mut frames = presence::Pushes::new(channel, change, entry);
