@@ -174,7 +174,11 @@ impl Gate {
             Command::Connect { .. } | Command::Refresh { .. } | Command::Ping | Command::Unsubscribe { .. } => {
                 return Ok(())
             }
-            Command::Subscribe { channel, .. } | Command::Commit { channel, .. } => (Action::Subscribe, channel),
+            // Who may subscribe may see who else is subscribed.
+            Command::Subscribe { channel, .. }
+            | Command::Commit { channel, .. }
+            | Command::Presence { channel }
+            | Command::PresenceStats { channel } => (Action::Subscribe, channel),
             Command::Publish(p) => (Action::Publish, &p.channel),
             Command::History { channel, .. } => (Action::History, channel),
         };

@@ -107,6 +107,7 @@ impl Node {
             idempotency_max_keys: config.publish.idempotency_max_keys,
             idempotency_max_bytes: config.publish.idempotency_max_bytes,
             replica_lag_timeout: config.cluster.replica_lag_timeout,
+            presence: Arc::new(crate::policies::PresenceConfig(config.clone())),
         };
         let (partitions, sealed_writes) = Partitions::start(store, metrics.clone(), settings)?;
         if config.cluster.enabled() && secret.is_some() {

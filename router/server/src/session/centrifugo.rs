@@ -149,10 +149,8 @@ where
                 self.queue(ready(dialect::cf_error(to, cf::code::NOT_AVAILABLE, message)));
                 return Ok(());
             }
-            CfCommand::Presence { .. } | CfCommand::PresenceStats { .. } => {
-                self.queue(ready(dialect::cf_error(to, cf::code::NOT_AVAILABLE, "presence is not available")));
-                return Ok(());
-            }
+            CfCommand::Presence { channel } => Command::Presence { channel },
+            CfCommand::PresenceStats { channel } => Command::PresenceStats { channel },
             // An asynchronous message has no reply to carry an error: Centrifugo closes.
             CfCommand::Send => return Err(Stop::Protocol { code: cf::close::NOT_AVAILABLE, reason: "not available" }),
         };

@@ -54,6 +54,7 @@ where
             self.node.router.unsubscribe(&s.channel, sub).await;
             self.node.metrics.subscriptions.dec();
         }
+        self.leave_all_presence();
         let (code, reason) = match stop {
             Stop::Gone => return,
             Stop::ClosedByPeer => {

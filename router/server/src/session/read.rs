@@ -220,6 +220,7 @@ where
                     self.remove_sub(sub);
                     node.metrics.subscriptions.dec();
                     node.router.unsubscribe(&channel, sub).await;
+                    self.leave_presence(&channel);
                 }
                 self.queue_result(to, Ok(Empty {}));
             }
@@ -275,6 +276,8 @@ where
                     page,
                 )
             }
+            Command::Presence { channel } => self.presence_reply(to, channel, true),
+            Command::PresenceStats { channel } => self.presence_reply(to, channel, false),
             Command::Commit { channel, consumer, offset } => {
                 match node.router.commit(&channel, self.scoped(consumer), offset).await {
                     Ok(rx) => self.queue(
