@@ -366,3 +366,61 @@ async fn the_server_pings_with_empty_commands_and_expects_them_back() -> Result<
     assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
     Ok(())
 }
+
+/// Presence through Centrifugo's methods: a map by client id (the token's `info` as
+/// `conn_info`), stats, join and leave pushes between a Centrifugo and a native client, the
+/// list bound answered 106 while the stats still answer, and 108 where a namespace has no
+/// presence.
+#[tokio::test]
+async fn presence_is_shared_with_native_clients_and_bounded() -> Result<()> {
+    let config = "[namespaces.room]\nrule = \"public\"\npresence = true\njoin_leave = true\npresence_max_list = 3\n\
+                  [namespaces.quiet]\nrule = \"public\"\n";
+    let node = Node::start(&jwt_config("", config));
+    let alice = switchyard_tests::auth::sign(
+        jsonwebtoken::Algorithm::HS256,
+        &jsonwebtoken::EncodingKey::from_secret(switchyard_tests::auth::SECRET.as_bytes()),
+        &json!({"sub": "alice", "exp": switchyard_tests::auth::now_secs() + 60, "info": {"name": "Alice"}}),
+    );
+    let (mut cf, connected) = Cf::connect(&node, Some(&alice)).await?;
+    let me = connected["client"].as_str().context("client")?.to_string();
+    cf.call("subscribe", json!({"channel": "room:p"})).await?;
+    let joined = cf.next_push("join").await?;
+    assert_eq!(joined["info"]["client"], json!(me), "a subscriber sees its own join: {joined}");
+
+    let mut bob = switchyard_tests::auth::connect_as(&node, "bob").await?;
+    bob.subscribe("room:p", json!({})).await?;
+    let joined = cf.next_push("join").await?;
+    assert_eq!(joined["info"]["user"], json!("bob"), "{joined}");
+    let bob_id = joined["info"]["client"].clone();
+
+    let listed = cf.call("presence", json!({"channel": "room:p"})).await?;
+    let map = listed["presence"]["presence"].as_object().context("a map")?;
+    assert_eq!(map.len(), 2, "{listed}");
+    assert_eq!(map[&me]["conn_info"], json!({"name": "Alice"}), "{listed}");
+    assert_eq!(map[&me]["user"], json!("alice"));
+    let stats = cf.call("presence_stats", json!({"channel": "room:p"})).await?;
+    assert_eq!(stats["presence_stats"], json!({"num_clients": 2, "num_users": 2}), "{stats}");
+    let native = bob.ok("presence", json!({"channel": "room:p"})).await?;
+    assert_eq!(native["clients"].as_array().map(Vec::len), Some(2), "{native}");
+
+    bob.ok("unsubscribe", json!({"channel": "room:p"})).await?;
+    let left = cf.next_push("leave").await?;
+    assert_eq!(left["info"]["client"], bob_id, "{left}");
+
+    // Past `presence_max_list`: 106, and the stats still answer.
+    let mut others = Vec::new();
+    for user in ["carol", "dave", "erin"] {
+        let mut c = switchyard_tests::auth::connect_as(&node, user).await?;
+        c.subscribe("room:p", json!({})).await?;
+        others.push(c);
+    }
+    wait_until("four clients in presence", DEADLINE, async || {
+        let stats = cf.call("presence_stats", json!({"channel": "room:p"})).await?;
+        Ok(stats["presence_stats"]["num_clients"] == json!(4))
+    })
+    .await?;
+    assert_eq!(code(&cf.call("presence", json!({"channel": "room:p"})).await?), 106);
+    assert_eq!(code(&cf.call("presence", json!({"channel": "quiet:1"})).await?), 108);
+    assert_eq!(code(&cf.call("presence_stats", json!({"channel": "quiet:1"})).await?), 108);
+    Ok(())
+}
