@@ -48,13 +48,16 @@ run(async (step) => {
               await new Promise((r) => setTimeout(r, 25));
             }
           };
+          const fail = (what) => (e) => {
+            throw new Error(`${what}: ${e && e.message ? e.message : JSON.stringify(e)}; log ${JSON.stringify(log)}`);
+          };
           c.connect();
           sub.subscribe();
-          await sub.ready(10000);
-          for (let i = 1; i <= 3; i++) await sub.publish({ i, from: 'chromium' });
+          await sub.ready(10000).catch(fail('subscribe'));
+          for (let i = 1; i <= 3; i++) await sub.publish({ i, from: 'chromium' }).catch(fail(`publish ${i}`));
           await wait('3 publications', () => pubs.length >= 3);
-          const h = await sub.history({ limit: 10 });
-          const r = await sub.history({ limit: 10, reverse: true });
+          const h = await sub.history({ limit: 10 }).catch(fail('history'));
+          const r = await sub.history({ limit: 10, reverse: true }).catch(fail('reverse history'));
           c.disconnect();
           return {
             client: c.state,

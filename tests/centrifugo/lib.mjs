@@ -120,17 +120,27 @@ export async function run(main) {
     console.log(`FAIL ${current}: the script ran out of time`);
     dump();
     process.exit(1);
-  }, Number(process.env.SCENARIO_TIMEOUT_MS || 150_000));
+  }, Number(process.env.SCENARIO_TIMEOUT_MS || 140_000));
   hardStop.unref();
   try {
     await main(step);
     console.log(`centrifugo: ${passed} passed, 0 failed`);
     process.exit(0);
   } catch (e) {
-    console.log(`FAIL ${current}: ${e && e.stack ? e.stack : e}`);
+    console.log(`FAIL ${current}: ${errorText(e)}`);
     dump();
     console.log(`centrifugo: ${passed} passed, 1 failed`);
     process.exit(1);
+  }
+}
+
+/** An Error's stack, or the JSON of what the SDK rejected with (`{code, message}`). */
+export function errorText(e) {
+  if (e && e.stack) return e.stack;
+  try {
+    return `rejected with ${JSON.stringify(e)}`;
+  } catch {
+    return String(e);
   }
 }
 

@@ -116,7 +116,7 @@ class ClientLog(ClientEventHandler):
         self.disconnected.append((ctx.code, ctx.reason))
 
     async def on_error(self, ctx):
-        self.errors.append((ctx.code, repr(ctx.error)))
+        self.errors.append((ctx.code, repr(ctx.error)[:300]))
 
 
 class SubLog(SubscriptionEventHandler):
@@ -351,7 +351,7 @@ async def main():
 
     scenario = {"basic": basic, "refresh": refresh, "presence": presence}[mode]
     try:
-        await asyncio.wait_for(scenario(step, url, secret), 150)
+        await asyncio.wait_for(scenario(step, url, secret), 140)
     except BaseException as e:  # noqa: BLE001 - everything is a failure of the step
         print(f"FAIL {current[0]}: {''.join(traceback.format_exception(e))}", flush=True)
         for name, fn in DESCRIBE.items():

@@ -4,12 +4,13 @@
 //! `ws`), `scenarios.py` driving `centrifuge-python` (in `tests/centrifugo/.venv`), or
 //! `browser.mjs` driving centrifuge's browser bundle in headless Chromium.
 //!
-//! A single-router test puts a TCP proxy of its own in front of the router, so the client's
-//! URL stays the same while the test cuts the network (the proxy drops every connection
-//! and refuses new ones until restored), kills -9 and restarts the router on the same data
-//! dir, or replaces it with a router on a fresh data dir (a new epoch). A script asks for
-//! those with a stdout line `@@VERB ARGS...` and reads `@@ok JSON` or `@@err MESSAGE` on
-//! stdin (see [`Single::act`] and [`Cluster::act`]); it ends with
+//! A single-router test also runs a TCP proxy of its own in front of the router, through
+//! which the scenarios that need it connect: the test cuts the network there (every
+//! connection dropped, new ones refused until restored) and counts connection attempts.
+//! It kills -9 and restarts the router on the same data dir and port, or replaces it with
+//! a router on a fresh data dir (a new epoch) on the same port. A script asks for those
+//! with a stdout line `@@VERB ARGS...` and reads `@@ok JSON` or `@@err MESSAGE` on stdin
+//! (see [`Single::act`] and [`Cluster::act`]); it ends with
 //! `centrifugo: N passed, 0 failed`.
 //!
 //! Needs `node` and `tests/centrifugo/node_modules` (`npm ci --prefix tests/centrifugo`),
@@ -83,9 +84,7 @@ fn missing(needs: Needs) -> Vec<String> {
             missing.push("tests/centrifugo/node_modules (npm ci --prefix tests/centrifugo)".into());
         }
     }
-    if needs == Needs::Python
-        && !works(std::process::Command::new(venv_python()).args(["-c", "import centrifuge"]))
-    {
+    if needs == Needs::Python && !works(std::process::Command::new(venv_python()).args(["-c", "import centrifuge"])) {
         missing.push("tests/centrifugo/.venv with centrifuge-python (scripts/setup.sh --centrifugo)".into());
     }
     if needs == Needs::Browser {
@@ -238,7 +237,8 @@ async fn run_script(
             let _ = stdin.flush().await;
         }
     };
-    let status = if ended { tokio::time::timeout_at(deadline, child.wait()).await.ok().and_then(Result::ok) } else { None };
+    let status =
+        if ended { tokio::time::timeout_at(deadline, child.wait()).await.ok().and_then(Result::ok) } else { None };
     let status = match status {
         Some(status) => status,
         None => {
@@ -247,7 +247,8 @@ async fn run_script(
             panic!("{script} did not finish within {SCRIPT_DEADLINE:?}:\n{out}\n{}", err.unwrap_or_default());
         }
     };
-    let err = tokio::time::timeout(Duration::from_secs(10), err_task).await.ok().and_then(Result::ok).unwrap_or_default();
+    let err =
+        tokio::time::timeout(Duration::from_secs(10), err_task).await.ok().and_then(Result::ok).unwrap_or_default();
     println!("{script}: {:.1} s", started.elapsed().as_secs_f64());
     Run { status, out, err }
 }
@@ -256,7 +257,10 @@ async fn run_script(
 fn check(run: &Run, script: &str, steps: usize) {
     let Run { status, out, err } = run;
     assert!(status.success(), "{script} failed ({status}):\n{out}\n{err}");
-    assert!(out.contains(&format!("centrifugo: {steps} passed, 0 failed")), "unexpected {script} output:\n{out}\n{err}");
+    assert!(
+        out.contains(&format!("centrifugo: {steps} passed, 0 failed")),
+        "unexpected {script} output:\n{out}\n{err}"
+    );
 }
 
 async fn node_script(script: &str, args: &[String], act: impl AsyncFnMut(&str) -> Result<Value>) -> Run {
@@ -301,8 +305,9 @@ impl Single {
     /// What a script may ask:
     /// - `cut`, `restore`: the proxy drops every connection and refuses new ones / accepts again;
     /// - `publish CHANNEL FROM COUNT`: native publishes of `{"i": FROM..}`, straight to the router;
-    /// - `kill9-restart`: kill -9, start again on the same config and data dir;
-    /// - `fresh-router`: a router on a fresh data dir (a new epoch) replaces this one;
+    /// - `kill9-restart`: kill -9, start again on the same config, data dir and port;
+    /// - `fresh-router`: kill -9, and a router on a fresh data dir (a new epoch) takes the
+    ///   same port;
     /// - `connections`: `{"accepted": N}`, TCP connections the proxy accepted so far.
     async fn act(&mut self, request: &str) -> Result<Value> {
         let (verb, args) = words(request);
@@ -314,17 +319,14 @@ impl Single {
                 return publish_native(&self.node, channel, arg(&args, 1, request)?, arg(&args, 2, request)?).await;
             }
             "kill9-restart" => {
-                tokio::task::block_in_place(|| {
-                    self.node.kill9();
-                    self.node.restart();
-                });
+                tokio::task::block_in_place(|| self.node.kill9_restart_same_port());
                 self.proxy.retarget(self.node.addr());
             }
             "fresh-router" => {
-                let fresh = tokio::task::block_in_place(|| Node::try_start(&self.config))?;
-                self.proxy.retarget(fresh.addr());
-                let mut old = std::mem::replace(&mut self.node, fresh);
-                tokio::task::block_in_place(|| old.kill9());
+                let addr = self.node.addr();
+                tokio::task::block_in_place(|| self.node.kill9());
+                self.node = tokio::task::block_in_place(|| Node::try_start_on(&self.config, addr))?;
+                self.proxy.retarget(self.node.addr());
             }
             "connections" => return Ok(json!({ "accepted": self.proxy.accepted.load(Ordering::SeqCst) })),
             other => bail!("unknown request {other:?}"),
@@ -337,10 +339,13 @@ fn config(extra: &str) -> String {
     jwt_config("", &format!("{ROOM}{extra}"))
 }
 
-/// Runs a Node scenario against one router behind a proxy: `node SCRIPT PROXY_URL SECRET EXTRA...`.
-async fn single_node_scenario(script: &str, config: &str, extra: &[&str], steps: usize) {
+/// Runs a Node scenario against one router: `node SCRIPT URL SECRET EXTRA...`, where URL
+/// goes through the proxy (`via_proxy`, for scenarios that cut the network) or straight to
+/// the router.
+async fn single_node_scenario(script: &str, via_proxy: bool, config: &str, extra: &[&str], steps: usize) {
     let mut single = Single::start(config).await;
-    let mut args = vec![single.proxy.url(), SECRET.to_string()];
+    let url = if via_proxy { single.proxy.url() } else { format!("ws://{}{ENDPOINT}", single.node.addr()) };
+    let mut args = vec![url, SECRET.to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
     let run = node_script(script, &args, async |request| single.act(request).await).await;
     check(&run, script, steps);
@@ -353,7 +358,7 @@ async fn js_connect_subscribe_publish_history() {
     if !can_run("js_connect_subscribe_publish_history", Needs::Node) {
         return;
     }
-    single_node_scenario("basic.mjs", &config(""), &[], 8).await;
+    single_node_scenario("basic.mjs", false, &config(""), &[], 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,7 +366,7 @@ async fn js_recovers_after_a_network_cut_and_a_reconnect() {
     if !can_run("js_recovers_after_a_network_cut_and_a_reconnect", Needs::Node) {
         return;
     }
-    single_node_scenario("recovery.mjs", &config(""), &[], 4).await;
+    single_node_scenario("recovery.mjs", true, &config(""), &[], 4).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,7 +374,7 @@ async fn js_recovers_5000_missed_publications() {
     if !can_run("js_recovers_5000_missed_publications", Needs::Node) {
         return;
     }
-    single_node_scenario("missed.mjs", &config(""), &["5000"], 2).await;
+    single_node_scenario("missed.mjs", true, &config(""), &["5000"], 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,7 +382,7 @@ async fn js_recovers_across_kill9_and_not_across_a_new_epoch() {
     if !can_run("js_recovers_across_kill9_and_not_across_a_new_epoch", Needs::Node) {
         return;
     }
-    single_node_scenario("restart.mjs", &config(""), &[], 3).await;
+    single_node_scenario("restart.mjs", false, &config(""), &[], 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,7 +390,7 @@ async fn js_refreshes_expiring_tokens_without_reconnecting() {
     if !can_run("js_refreshes_expiring_tokens_without_reconnecting", Needs::Node) {
         return;
     }
-    single_node_scenario("token.mjs", &config(""), &["refresh"], 3).await;
+    single_node_scenario("token.mjs", true, &config(""), &["refresh"], 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,7 +398,7 @@ async fn js_stops_for_good_on_a_forged_token() {
     if !can_run("js_stops_for_good_on_a_forged_token", Needs::Node) {
         return;
     }
-    single_node_scenario("token.mjs", &config(""), &["forged"], 2).await;
+    single_node_scenario("token.mjs", true, &config(""), &["forged"], 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,7 +406,7 @@ async fn js_presence_and_join_leave() {
     if !can_run("js_presence_and_join_leave", Needs::Node) {
         return;
     }
-    single_node_scenario("presence.mjs", &config(PRESENCE_KEYS), &[], 4).await;
+    single_node_scenario("presence.mjs", false, &config(PRESENCE_KEYS), &[], 4).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,7 +500,7 @@ async fn browser_bundle_in_headless_chromium() {
     if !can_run("browser_bundle_in_headless_chromium", Needs::Browser) {
         return;
     }
-    single_node_scenario("browser.mjs", &config(""), &[], 2).await;
+    single_node_scenario("browser.mjs", false, &config(""), &[], 2).await;
 }
 
 // === The Python client (centrifuge-python) ===
@@ -529,4 +534,45 @@ async fn python_presence_and_join_leave() {
         return;
     }
     python_scenario("presence", &config(PRESENCE_KEYS), 3).await;
+}
+
+// === The harness itself (no SDK needed) ===
+
+/// What the scenarios ask of [`Single`]: native publishes, a kill -9 and restart on the
+/// same data dir and port (history kept, same epoch), a fresh router on the same port (a
+/// new epoch), and a cut proxy that refuses connections until restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_restarts_routers_on_the_same_port_and_cuts_the_network() -> Result<()> {
+    let mut single = Single::start(&config("")).await;
+    let addr = single.node.addr();
+    let published = single.act("publish room:h 1 3").await?;
+    assert_eq!(published["last"], 3, "{published}");
+    let epoch = published["epoch"].clone();
+
+    single.act("kill9-restart").await?;
+    assert_eq!(single.node.addr(), addr, "restarted on another port");
+    let h = connect_as(&single.node, "checker").await?.history("room:h", None, Some(10)).await?;
+    assert_eq!((h.offsets(), json!(h.epoch)), (vec![1, 2, 3], epoch.clone()), "history after kill -9");
+
+    single.act("fresh-router").await?;
+    assert_eq!(single.node.addr(), addr, "the fresh router is on another port");
+    let h = connect_as(&single.node, "checker").await?.history("room:h", None, Some(10)).await?;
+    assert!(h.messages.is_empty() && json!(h.epoch) != epoch, "a fresh data dir has no history and a new epoch: {h:?}");
+
+    // Through the proxy: a connection works; cut, it is refused (closed at once); restored, it works.
+    let through = async |proxy: &Proxy| -> Result<bool> {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await?;
+        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", proxy.addr).as_bytes())
+            .await?;
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply)).await?;
+        Ok(reply.starts_with(b"HTTP/1.1 200"))
+    };
+    assert!(through(&single.proxy).await?, "the proxy forwards");
+    assert_eq!(single.act("cut").await?["router"], addr.to_string());
+    assert!(!through(&single.proxy).await?, "a cut proxy refuses");
+    single.act("restore").await?;
+    assert!(through(&single.proxy).await?, "a restored proxy forwards");
+    assert_eq!(single.act("connections").await?["accepted"], 3);
+    Ok(())
 }
