@@ -108,6 +108,19 @@ impl Gate {
         Ok(())
     }
 
+    /// True once `connect` succeeded.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// How long the connection's token has left before its `exp`: None without a token, or
+    /// when that is beyond [`MAX_TOKEN_WAIT`].
+    pub fn token_ttl(&self) -> Option<Duration> {
+        let id = self.identity.as_ref()?;
+        let left = Duration::from_secs(id.exp.saturating_sub(crate::auth::now_secs()));
+        (left < MAX_TOKEN_WAIT).then_some(left)
+    }
+
     /// Gives the seat under the per-user cap back (the connection is ending), so the user
     /// may reconnect at once even while this socket's close is still being written.
     pub fn release_seat(&mut self) {

@@ -24,7 +24,7 @@ use std::task::Poll;
 
 use bytes::{Buf, BytesMut};
 use futures_util::task::AtomicWaker;
-use switchyard_proto::Text;
+use switchyard_proto::{Dialect, Text};
 use tokio::sync::Notify;
 
 /// One message for one subscription of the connection.
@@ -34,11 +34,23 @@ pub struct Delivery {
     pub sub: u64,
     /// Message offset.
     pub offset: u64,
-    /// The shared, serialize-once push frame.
+    /// The shared, serialize-once push frame, in the connection's [`Dialect`].
     pub frame: Text,
-    /// True when `frame` is an `unsubscribed` push that ends the subscription (the owner
-    /// has already forgotten it).
-    pub end: bool,
+    /// What the frame is.
+    pub kind: Kind,
+}
+
+/// What a [`Delivery`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A message at `offset`: written once per subscription and offset, in order.
+    Message,
+    /// An `unsubscribed` push that ends the subscription (the owner has already forgotten
+    /// it). A session that speaks another dialect writes its own form of it.
+    End,
+    /// A push about the channel that carries no offset (presence: a join or a leave),
+    /// written only while the subscription is live.
+    Event,
 }
 
 /// What is queued: the deliveries and their frame bytes. An empty queue holds at most the
@@ -104,6 +116,8 @@ pub struct Outbox {
     ready: AtomicWaker,
     max_messages: usize,
     max_bytes: usize,
+    /// The protocol the connection speaks: pushers frame for it.
+    dialect: Dialect,
     slow: AtomicBool,
     /// The inbox is gone: pushes are refused and owners forget the subscriber.
     closed: AtomicBool,
@@ -123,18 +137,52 @@ pub struct Inbox {
 /// a connection that once took a burst holds two such rooms, about 450 bytes, while idle.
 const SPARE_SLOTS: usize = 4;
 
-/// A new queue bounded by `max_messages` and `max_bytes`.
+/// A new queue bounded by `max_messages` and `max_bytes`, for a connection that speaks the
+/// native protocol.
 pub fn outbox(max_messages: usize, max_bytes: usize) -> (Arc<Outbox>, Inbox) {
+    outbox_in(Dialect::Native, max_messages, max_bytes)
+}
+
+/// A new queue bounded by `max_messages` and `max_bytes`, for a connection that speaks
+/// `dialect`.
+pub fn outbox_in(dialect: Dialect, max_messages: usize, max_bytes: usize) -> (Arc<Outbox>, Inbox) {
     let outbox = Arc::new(Outbox {
         queue: Mutex::default(),
         ready: AtomicWaker::new(),
         max_messages,
         max_bytes,
+        dialect,
         slow: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         slow_signal: Notify::new(),
     });
     (outbox.clone(), Inbox { outbox, spare: VecDeque::new() })
+}
+
+/// One message's push frame in each [`Dialect`], each framed once however many subscribers
+/// take it: the native frame its owner serialized, the others from it on first need.
+pub struct Frames<'a> {
+    native: &'a Text,
+    centrifugo: Option<Option<Text>>,
+}
+
+impl<'a> Frames<'a> {
+    /// The frames of the message whose native push frame is `native`.
+    pub fn new(native: &'a Text) -> Self {
+        Self { native, centrifugo: None }
+    }
+
+    /// The frame for a connection that speaks `dialect`; None when `native` is not a
+    /// message push (a peer's garbage), which no dialect can then carry.
+    pub fn get(&mut self, dialect: Dialect) -> Option<Text> {
+        match dialect {
+            Dialect::Native => Some(self.native.clone()),
+            Dialect::Centrifugo => self
+                .centrifugo
+                .get_or_insert_with(|| switchyard_proto::centrifugo::pub_from_native(self.native.as_str()))
+                .clone(),
+        }
+    }
 }
 
 /// What happened to a push.
@@ -177,7 +225,7 @@ impl Outbox {
         let was_empty = {
             let mut q = self.queue.lock().expect("outbox queue");
             match q.direct.as_deref_mut() {
-                Some(lent) if lent.on && direct && !d.end => return self.frame_direct(lent, d),
+                Some(lent) if lent.on && direct && d.kind != Kind::End => return self.frame_direct(lent, d),
                 Some(lent) if lent.on => {
                     // The session must see this one: the socket goes back with it.
                     lent.on = false;
@@ -210,14 +258,16 @@ impl Outbox {
             // Not a live subscription of this connection any more.
             return Pushed::Queued;
         };
-        if d.offset <= *delivered {
+        if d.kind == Kind::Message && d.offset <= *delivered {
             return Pushed::Queued;
         }
         let (head, head_len) = switchyard_proto::ws_text_head(d.frame.len());
         if lent.frames as usize >= self.max_messages || lent.out.len() + head_len + d.frame.len() > self.max_bytes {
             return self.overflowed();
         }
-        *delivered = d.offset;
+        if d.kind == Kind::Message {
+            *delivered = d.offset;
+        }
         let first = lent.out.is_empty();
         lent.out.extend_from_slice(&head[..head_len]);
         lent.out.extend_from_slice(&d.frame);
@@ -275,6 +325,11 @@ impl Outbox {
 }
 
 impl Outbox {
+    /// The protocol the connection speaks.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
     /// True once the connection overflowed.
     pub fn is_slow(&self) -> bool {
         self.slow.load(Ordering::SeqCst)
@@ -402,7 +457,7 @@ mod tests {
     use super::*;
 
     fn d(n: usize) -> Delivery {
-        Delivery { sub: 1, offset: 1, frame: Text::from("x".repeat(n)), end: false }
+        Delivery { sub: 1, offset: 1, frame: Text::from("x".repeat(n)), kind: Kind::Message }
     }
 
     #[test]
@@ -525,7 +580,7 @@ mod tests {
     }
 
     fn at(sub: u64, offset: u64, text: &str) -> Delivery {
-        Delivery { sub, offset, frame: Text::from(text), end: false }
+        Delivery { sub, offset, frame: Text::from(text), kind: Kind::Message }
     }
 
     /// A text frame as the session's socket writes it.

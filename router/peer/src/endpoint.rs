@@ -20,6 +20,7 @@ use crate::dispatch::{self, Incoming, LinkSubs};
 use crate::node::Node;
 use crate::router::Router;
 use crate::wire::{self, Frame, WireError};
+use switchyard_core::outbox::Kind;
 
 /// Requests one incoming link runs at once; beyond that it stops reading (backpressure).
 const IN_FLIGHT: usize = 1024;
@@ -132,14 +133,19 @@ async fn push_loop(
             let remote = {
                 let mut subs = subs.lock().expect("link subs");
                 let remote = subs.get(&d.sub).map(|(r, _)| *r);
-                if d.end && subs.remove(&d.sub).is_some() {
+                if d.kind == Kind::End && subs.remove(&d.sub).is_some() {
                     node.metrics().peer_subscriptions.dec();
                 }
                 remote
             };
             let Some(sub) = remote else { continue };
             bytes += d.frame.len();
-            pushes.push(wire::Push { sub, offset: d.offset, frame: d.frame.as_str().to_owned(), end: d.end });
+            pushes.push(wire::Push {
+                sub,
+                offset: d.offset,
+                frame: d.frame.as_str().to_owned(),
+                end: d.kind == Kind::End,
+            });
             // A large burst goes out frame by frame, never copied whole.
             if bytes >= PUSH_FRAME_BYTES {
                 if tx.send(wire::encode(&Frame::Pushes(std::mem::take(&mut pushes)))).await.is_err() {

@@ -23,7 +23,7 @@ use tokio::sync::{watch, Notify};
 use crate::link::{Link, PushTarget};
 use crate::node::{Node, Route};
 use crate::wire::{Answer, ChannelInfo, Op, WireError};
-use switchyard_core::outbox::{flush_lent, Delivery, Outbox, Pushed};
+use switchyard_core::outbox::{flush_lent, Delivery, Frames, Kind, Outbox, Pushed};
 use switchyard_core::owner::{grant_from, Grant, Start};
 use switchyard_proto::protocol::{self, close, ErrorCode, OpError};
 use switchyard_proto::refusal::Refusal;
@@ -109,8 +109,10 @@ impl Inner {
             return;
         }
         // A closed outbox is a session (or long poll) that went away without unsubscribing.
+        let mut frames = Frames::new(frame);
         self.locals.retain(|(sub, outbox)| {
-            match outbox.push_direct(Delivery { sub: *sub, offset, frame: frame.clone(), end: false }) {
+            let Some(frame) = frames.get(outbox.dialect()) else { return true };
+            match outbox.push_direct(Delivery { sub: *sub, offset, frame, kind: Kind::Message }) {
                 Pushed::Closed => false,
                 Pushed::Direct => {
                     lent.push(outbox.clone());
@@ -308,7 +310,7 @@ impl Upstream {
         let mut g = self.inner.lock().expect("upstream");
         let last = g.last;
         for (sub, outbox) in g.locals.drain(..) {
-            outbox.push(Delivery { sub, offset: last, frame: frame.clone(), end: true });
+            outbox.push(Delivery { sub, offset: last, frame: frame.clone(), kind: Kind::End });
         }
     }
 }

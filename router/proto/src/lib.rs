@@ -6,6 +6,7 @@
 //! a node refuses an operation for, which other layers act on). This crate must never do I/O,
 //! spawn tasks or depend on tokio: it is plain data and pure functions.
 
+pub mod centrifugo;
 pub mod channel;
 pub mod partition;
 pub mod protocol;
@@ -13,3 +14,14 @@ pub mod refusal;
 mod text;
 
 pub use text::{ws_text_head, Text};
+
+/// Which client protocol a connection speaks: what its frames look like on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    /// Switchyard's own protocol at `/ws` (`docs/protocol.md`).
+    #[default]
+    Native,
+    /// Centrifugo's client protocol v2 in JSON at `/connection/websocket`
+    /// (`docs/centrifugo.md`).
+    Centrifugo,
+}

@@ -24,6 +24,7 @@ use crate::node::Node;
 use crate::socket::{SharedTcp, Socket};
 use switchyard_core::owner::PublishRequest;
 use switchyard_proto::protocol::{self, ErrorCode, OpError};
+use switchyard_proto::Dialect;
 
 /// The subprotocol the server offers.
 pub(crate) const SUBPROTOCOL: &str = "switchyard.v1";
@@ -160,7 +161,8 @@ fn result_response<T: serde::Serialize>(result: Result<T, OpError>) -> Response<
 async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>) -> Response<Body> {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/ws") => upgrade(node, req, alive, Peer::Client),
+        (&Method::GET, "/ws") => upgrade(node, req, alive, Peer::Client(Dialect::Native)),
+        (&Method::GET, "/connection/websocket") => upgrade(node, req, alive, Peer::Client(Dialect::Centrifugo)),
         (&Method::GET, "/peer") => match peer_auth(&node, &req) {
             Ok(()) => upgrade(node, req, alive, Peer::Node),
             Err(e) => error_response(&e),
@@ -327,9 +329,10 @@ async fn history(node: Arc<Node>, channel: &str, query: &str) -> Response<Body> 
     result_response(page.await)
 }
 
-/// Who is upgrading: a client (`/ws`) or another node's peer link (`/peer`).
+/// Who is upgrading: a client (`/ws`, or Centrifugo's `/connection/websocket`) or another
+/// node's peer link (`/peer`).
 enum Peer {
-    Client,
+    Client(Dialect),
     Node,
 }
 
@@ -362,7 +365,7 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
     // ends. Taken here, before the upgrade is answered: simultaneous upgrades cannot all
     // slip under the cap, as they could when the check read the connections gauge.
     let slot = match who {
-        Peer::Client => match node.connection_slots.clone().try_acquire_owned() {
+        Peer::Client(_) => match node.connection_slots.clone().try_acquire_owned() {
             Ok(slot) => Some(slot),
             Err(_) => {
                 let max_connections = node.config.limits.max_connections;
@@ -396,7 +399,7 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
                 // Each side's future is allocated at its own size: the task itself stays
                 // small, whichever side is larger (an idle client costs its session only).
                 match who {
-                    Peer::Client => {
+                    Peer::Client(dialect) => {
                         let config = WebSocketConfig::default()
                             .read_buffer_size(READ_BUFFER)
                             .write_buffer_size(WRITE_BUFFER)
@@ -409,12 +412,12 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
                                 let (io, sink) = SharedTcp::new(parts.io.into_inner(), parts.read_buf);
                                 let socket = Socket::with_sink(io, sink);
                                 let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(config)).await;
-                                Box::pin(crate::session::run(node, ws)).await
+                                Box::pin(crate::session::run(node, ws, dialect)).await
                             }
                             Err(upgraded) => {
                                 let socket = Socket::new(TokioIo::new(upgraded));
                                 let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(config)).await;
-                                Box::pin(crate::session::run(node, ws)).await
+                                Box::pin(crate::session::run(node, ws, dialect)).await
                             }
                         }
                     }

@@ -17,7 +17,7 @@ use switchyard_store::ChannelMeta;
 use super::batch::Work;
 use super::channel::Subscriber;
 use super::{grant_from, new_epoch, now_ms, ChannelView, Facts, Grant, Owner, OwnerCommand, Snapshot, Start};
-use crate::outbox::{Delivery, Pushed};
+use crate::outbox::{Delivery, Frames, Kind, Pushed};
 
 impl Owner {
     /// Releases the parked batches the high watermark passed, in order; fails them all if
@@ -110,8 +110,10 @@ impl Owner {
         let to_flush = &mut self.to_flush;
         for (name, offset, frame) in fanout {
             let Some(ch) = self.channels.get_mut(name) else { continue };
+            let mut frames = Frames::new(frame);
             ch.subscribers.retain(|s| {
-                let d = Delivery { sub: s.sub, offset: *offset, frame: frame.clone(), end: false };
+                let Some(frame) = frames.get(s.outbox.dialect()) else { return true };
+                let d = Delivery { sub: s.sub, offset: *offset, frame, kind: Kind::Message };
                 match s.outbox.push_direct(d) {
                     Pushed::Closed => false,
                     Pushed::Direct => {
@@ -154,7 +156,12 @@ impl Owner {
                     );
                     let frame = push;
                     for s in ch.subscribers.drain(..) {
-                        s.outbox.push(Delivery { sub: s.sub, offset: ch.durable, frame: frame.clone(), end: true });
+                        s.outbox.push(Delivery {
+                            sub: s.sub,
+                            offset: ch.durable,
+                            frame: frame.clone(),
+                            kind: Kind::End,
+                        });
                     }
                 }
                 // The store keeps the state for the handover; memory is freed now.

@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use switchyard_proto::protocol::{self, close, ErrorCode, OpError, SubscribeOk};
-use switchyard_proto::Text;
+use switchyard_proto::{Dialect, Text};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use super::dialect;
 use super::{Output, Session, Stop};
 use crate::socket::Socket;
 use crate::ws::text;
@@ -75,18 +76,24 @@ where
                 tracing::info!(limit = ?self.node.config.limits.write_timeout, "closing a connection that stopped reading");
                 return;
             }
-            Stop::Refused { code, reason } => (code, reason),
+            Stop::Protocol { code, reason } => (code, reason),
+            Stop::Refused { code, reason } => dialect::close_code(self.dialect, code, reason),
             Stop::Slow => {
                 self.node.metrics.slow_consumer_disconnects.inc();
                 tracing::info!("slow consumer disconnected");
-                (close::SLOW_CONSUMER, "slow consumer")
+                dialect::close_code(self.dialect, close::SLOW_CONSUMER, "slow consumer")
             }
-            Stop::Shutdown => (close::SHUTTING_DOWN, "node shutting down"),
-            Stop::TooLarge => (close::TOO_BIG, "frame too large"),
+            Stop::Shutdown => dialect::close_code(self.dialect, close::SHUTTING_DOWN, "node shutting down"),
+            Stop::TooLarge => dialect::close_code(self.dialect, close::TOO_BIG, "frame too large"),
         };
+        let native = self.dialect == Dialect::Native;
         let too_large =
             OpError::new(ErrorCode::TooLarge, format!("frame over {} bytes", self.node.config.limits.max_frame_bytes));
-        let too_large = (code == close::TOO_BIG).then(|| self.reply_error(None, &too_large));
+        let too_large = (native && code == close::TOO_BIG).then(|| self.reply_error(None, &too_large));
+        // Centrifugo's clients read the close frame's code and reason; the native protocol
+        // also says it in a `disconnect` push first.
+        let disconnect = native.then(|| too_large.unwrap_or_else(|| protocol::disconnect_push(code, reason)));
+        let dialect = self.dialect;
         let packed = std::mem::take(&mut self.packed);
         let (ws, pending) = (&mut self.ws, &mut self.pending);
         // Every last write shares one deadline, so a peer that stopped reading cannot hold us.
@@ -100,20 +107,31 @@ where
             while let Ok(Some(out)) = tokio::time::timeout_at(wait, pending.next()).await {
                 let frame = match out {
                     Output::Frame(frame) => frame,
-                    Output::Subscribed { id, channel, result, .. } => protocol::reply(
-                        id,
-                        &result.map(|g| SubscribeOk {
-                            channel,
-                            epoch: g.epoch.to_string(),
-                            offset: g.offset,
-                            recovered: g.recovered,
-                        }),
-                    ),
+                    Output::Subscribed { to, channel, result, .. } => match dialect {
+                        Dialect::Native => protocol::reply(
+                            to.id,
+                            &result.map(|g| SubscribeOk {
+                                channel,
+                                epoch: g.epoch.to_string(),
+                                offset: g.offset,
+                                recovered: g.recovered,
+                            }),
+                        ),
+                        Dialect::Centrifugo => match &result {
+                            Ok(g) => switchyard_proto::centrifugo::reply(
+                                to.id as u32,
+                                "subscribe",
+                                &dialect::CfSubscribed::new(&g.epoch, g.offset, g.recovered, &[]),
+                            ),
+                            Err(e) => dialect::error(dialect, Some(to.id), e),
+                        },
+                    },
                 };
                 ws.feed(Message::Text(text(frame))).await?;
             }
-            let last = too_large.unwrap_or_else(|| protocol::disconnect_push(code, reason));
-            ws.feed(Message::Text(text(last))).await?;
+            if let Some(last) = disconnect {
+                ws.feed(Message::Text(text(last))).await?;
+            }
             let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
             let _ = ws.send(Message::Close(Some(frame))).await;
             drain(ws).await.map_err(WsError::Io)

@@ -6,11 +6,15 @@
 //! write a subscription's message before its subscribe reply, nor go live over a hole: a
 //! catch-up that finds one ends the subscription with `unsubscribed`.
 
-use switchyard_core::outbox::Delivery;
+use switchyard_core::outbox::{Delivery, Kind};
 use switchyard_core::owner::Grant;
-use switchyard_proto::protocol::{self, close, SubscribeOk};
+use switchyard_core::partitions::OwnedMessage;
+use switchyard_proto::centrifugo as cf;
+use switchyard_proto::protocol::{self, SubscribeOk};
+use switchyard_proto::Dialect;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::dialect::{self, To};
 use super::{Output, Phase, Session, Stop, Sub};
 
 /// Catch-up is read from the store in pages of this many messages.
@@ -25,27 +29,41 @@ where
     pub(super) async fn on_output(&mut self, out: Output) -> Result<(), Stop> {
         match out {
             Output::Frame(frame) => self.write(frame).await,
-            Output::Subscribed { id, sub, channel, result } => match result {
+            Output::Subscribed { to, sub, channel, result, reject_unrecovered } => match result {
                 Err(e) => {
-                    if self.remove_sub(sub).is_some() {
-                        self.by_channel.remove(&channel);
-                        self.node.metrics.subscriptions.dec();
-                    }
-                    let frame = self.reply_error(Some(id), &e);
+                    self.forget_sub(sub, &channel);
+                    let frame = self.reply_error(Some(to.id), &e);
                     self.write(frame).await
                 }
+                Ok(grant) if reject_unrecovered && grant.recovered == Some(false) => {
+                    // Centrifugo's flag: the client would rather know than start over.
+                    if self.forget_sub(sub, &channel) {
+                        self.node.router.unsubscribe(&channel, sub).await;
+                    }
+                    self.write(dialect::cf_error(to, cf::code::UNRECOVERABLE_POSITION, "unrecoverable position")).await
+                }
                 Ok(grant) => {
-                    let ok = SubscribeOk {
-                        channel: channel.clone(),
-                        epoch: grant.epoch.to_string(),
-                        offset: grant.offset,
-                        recovered: grant.recovered,
-                    };
-                    self.write(protocol::ok_reply(id, &ok)).await?;
+                    // A native reply goes first; Centrifugo's carries the first recovered
+                    // messages, so it is written with the first catch-up page.
+                    let mut reply = None;
+                    match self.dialect {
+                        Dialect::Native => {
+                            let ok = SubscribeOk {
+                                channel: channel.clone(),
+                                epoch: grant.epoch.to_string(),
+                                offset: grant.offset,
+                                recovered: grant.recovered,
+                            };
+                            self.write(protocol::ok_reply(to.id, &ok)).await?;
+                        }
+                        Dialect::Centrifugo => reply = Some(to),
+                    }
                     if self.subs.contains_key(&sub) {
                         // Catch-up's future is the largest of the loop's: boxed, idle
                         // sessions do not carry its size.
-                        Box::pin(self.go_live(sub, &channel, &grant)).await?;
+                        Box::pin(self.go_live(sub, &channel, &grant, reply)).await?;
+                    } else {
+                        self.write_subscribed(&mut reply, &grant, &[]).await?;
                     }
                     Ok(())
                 }
@@ -53,11 +71,36 @@ where
         }
     }
 
+    /// Forgets a subscription the session still holds; true if it did.
+    fn forget_sub(&mut self, sub: u64, channel: &str) -> bool {
+        if self.remove_sub(sub).is_none() {
+            return false;
+        }
+        self.by_channel.remove(channel);
+        self.node.metrics.subscriptions.dec();
+        true
+    }
+
+    /// Writes Centrifugo's subscribe reply, if it is still owed, with `page` as its
+    /// recovered publications.
+    async fn write_subscribed(
+        &mut self,
+        reply: &mut Option<To>,
+        grant: &Grant,
+        page: &[OwnedMessage],
+    ) -> Result<(), Stop> {
+        let Some(to) = reply.take() else { return Ok(()) };
+        let result = dialect::CfSubscribed::new(&grant.epoch, grant.offset, grant.recovered, page);
+        self.delivered += page.len() as u64;
+        self.write(cf::reply(to.id as u32, "subscribe", &result)).await
+    }
+
     /// Pushes the catch-up range from the store, then the live messages held meanwhile.
     /// If retention trims part of the range before it is read (or a read fails), the
     /// subscription ends with an `unsubscribed` push instead of going live over a hole:
-    /// the client subscribes again and recovery tells it what was lost.
-    async fn go_live(&mut self, sub: u64, channel: &str, grant: &Grant) -> Result<(), Stop> {
+    /// the client subscribes again and recovery tells it what was lost. A Centrifugo
+    /// subscribe reply still owed (`reply`) carries the first page.
+    async fn go_live(&mut self, sub: u64, channel: &str, grant: &Grant, mut reply: Option<To>) -> Result<(), Stop> {
         if let Some(mut after) = grant.catch_up_after {
             while after < grant.top {
                 let (page, first) =
@@ -65,23 +108,30 @@ where
                         Ok(page) => page,
                         Err(e) => {
                             tracing::warn!(channel, error = %e, "catch-up read failed");
+                            self.write_subscribed(&mut reply, grant, &[]).await?;
                             return self.end_subscription(sub, channel, "catch-up read failed; subscribe again").await;
                         }
                     };
                 let next = page.first().map_or(grant.top + 1, |m| m.offset);
                 // Retention (not compaction) removed messages just above `after`.
                 if next > after + 1 && first > after + 1 {
+                    self.write_subscribed(&mut reply, grant, &[]).await?;
                     let reason = "history trimmed during catch-up; subscribe again to recover";
                     return self.end_subscription(sub, channel, reason).await;
                 }
                 let Some(last) = page.last() else { break };
                 after = last.offset;
+                if reply.is_some() {
+                    self.write_subscribed(&mut reply, grant, &page).await?;
+                    continue;
+                }
                 for m in &page {
-                    let frame = protocol::to_frame(&m.view(Some("message")));
+                    let frame = dialect::message(self.dialect, m);
                     self.push_message(frame).await?;
                 }
             }
         }
+        self.write_subscribed(&mut reply, grant, &[]).await?;
         let held = match self.subs.get_mut(&sub) {
             Some(s) => std::mem::replace(&mut s.phase, Phase::Live { delivered: grant.live_after }),
             None => return Ok(()),
@@ -106,12 +156,10 @@ where
 
     /// Ends one subscription from the server side with an `unsubscribed` push.
     async fn end_subscription(&mut self, sub: u64, channel: &str, reason: &str) -> Result<(), Stop> {
-        if self.remove_sub(sub).is_some() {
-            self.by_channel.remove(channel);
-            self.node.metrics.subscriptions.dec();
+        if self.forget_sub(sub, channel) {
             self.node.router.unsubscribe(channel, sub).await;
         }
-        self.write(protocol::unsubscribed_push(channel, close::SLOW_CONSUMER, reason)).await
+        self.write(dialect::resubscribe(self.dialect, channel, reason)).await
     }
 
     /// Writes a wake-up's pushes, then, at the end of the runtime pass, what the owners
@@ -133,7 +181,7 @@ where
     }
 
     pub(super) async fn deliver(&mut self, d: Delivery) -> Result<(), Stop> {
-        if d.end {
+        if d.kind == Kind::End {
             // The owner ended it (its partition moved): it has forgotten the subscription.
             // Before the subscribe reply is written, the end waits behind it with the held
             // messages: the client never sees a subscription end before it began.
@@ -145,9 +193,23 @@ where
             let Some(sub) = self.remove_sub(d.sub) else { return Ok(()) };
             self.by_channel.remove(&sub.channel);
             self.node.metrics.subscriptions.dec();
-            return self.write(d.frame).await;
+            return match self.dialect {
+                Dialect::Native => self.write(d.frame).await,
+                // The owner framed the native push: this client reads its own form of it.
+                Dialect::Centrifugo => {
+                    self.write(dialect::resubscribe(self.dialect, &sub.channel, "the channel moved; subscribe again"))
+                        .await
+                }
+            };
         }
         let Some(sub) = self.subs.get_mut(&d.sub) else { return Ok(()) };
+        if d.kind == Kind::Event {
+            // Presence news carries no offset: only a live subscription shows it.
+            return match sub.phase {
+                Phase::Live { .. } => self.push_message(d.frame).await,
+                Phase::Pending(_) => Ok(()),
+            };
+        }
         match &mut sub.phase {
             Phase::Pending(held) => {
                 // Held messages left the outbox's accounting: bound them by the same limits.

@@ -16,8 +16,10 @@
 //! Its parts, each adding methods to the one `Session`: this file holds the session's state
 //! and its loop; `direct` lends the socket's write side to the owners and takes it back,
 //! `write` queues frames and replies and flushes them, `read` takes the client's frames and
-//! commands, `deliver` writes subscribe replies, catch-up and pushes, and `close` writes the
-//! last words. None of them holds state of its own.
+//! commands, `centrifugo` takes a Centrifugo client's frames and turns its commands into the
+//! same ones, `dialect` frames replies, pushes and closes for the client's protocol,
+//! `deliver` writes subscribe replies, catch-up and pushes, and `close` writes the last
+//! words. None of them holds state of its own.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
-use switchyard_proto::Text;
+use switchyard_proto::{Dialect, Text};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -38,15 +40,18 @@ use xxhash_rust::xxh3::Xxh3DefaultBuilder as Xxh3Builder;
 
 use crate::node::Node;
 use crate::socket::Socket;
+use dialect::To;
 use switchyard_access::gate::{Gate, Refusal};
 use switchyard_access::user_sessions::Heartbeat;
-use switchyard_core::outbox::{outbox, Delivery, DirectSink, Inbox, Outbox};
+use switchyard_core::outbox::{outbox_in, Delivery, DirectSink, Inbox, Outbox};
 use switchyard_core::owner::Grant;
 use switchyard_peer::seats::ClusterSeat;
 use switchyard_proto::protocol::OpError;
 
+mod centrifugo;
 mod close;
 mod deliver;
+mod dialect;
 mod direct;
 mod read;
 #[cfg(test)]
@@ -76,6 +81,14 @@ enum Stop {
     },
     /// The peer did not answer a ping in time.
     Unresponsive,
+    /// A Centrifugo frame that is not the protocol (3501), or `send`, which has no reply
+    /// to carry an error (3508): the close says why.
+    Protocol {
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: &'static str,
+    },
     /// The socket accepted no bytes for `limits.write_timeout`.
     WriteTimeout,
 }
@@ -89,7 +102,14 @@ impl From<Refusal> for Stop {
 /// A finished command, ready to write in order.
 enum Output {
     Frame(Text),
-    Subscribed { id: u64, sub: u64, channel: String, result: Result<Grant, OpError> },
+    Subscribed {
+        to: To,
+        sub: u64,
+        channel: String,
+        result: Result<Grant, OpError>,
+        /// Centrifugo: answer 112 instead of `recovered: false`.
+        reject_unrecovered: bool,
+    },
 }
 
 enum Phase {
@@ -104,21 +124,21 @@ struct Sub {
     phase: Phase,
 }
 
-/// Serves one upgraded WebSocket until it closes.
-pub(crate) async fn run<S>(node: Arc<Node>, ws: WebSocketStream<Socket<S>>)
+/// Serves one upgraded WebSocket that speaks `dialect` until it closes.
+pub(crate) async fn run<S>(node: Arc<Node>, ws: WebSocketStream<Socket<S>>, dialect: Dialect)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = node.router.next_id();
     // Every log line of this connection carries `client{id}`.
-    serve(node, ws, id).instrument(tracing::info_span!("client", id)).await;
+    serve(node, ws, id, dialect).instrument(tracing::info_span!("client", id)).await;
 }
 
-async fn serve<S>(node: Arc<Node>, ws: WebSocketStream<Socket<S>>, id: u64)
+async fn serve<S>(node: Arc<Node>, ws: WebSocketStream<Socket<S>>, id: u64, dialect: Dialect)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut session = Session::new(node.clone(), ws, id);
+    let mut session = Session::new(node.clone(), ws, id, dialect);
     node.metrics.connections.inc();
     node.metrics.connections_total.inc();
     let stop = session.serve().await;
@@ -131,6 +151,8 @@ where
 struct Session<S> {
     node: Arc<Node>,
     id: u64,
+    /// The protocol the client speaks.
+    dialect: Dialect,
     ws: WebSocketStream<Socket<S>>,
     outbox: Arc<Outbox>,
     inbox: Inbox,
@@ -210,9 +232,9 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    fn new(node: Arc<Node>, ws: WebSocketStream<Socket<S>>, id: u64) -> Self {
+    fn new(node: Arc<Node>, ws: WebSocketStream<Socket<S>>, id: u64, dialect: Dialect) -> Self {
         let limits = &node.config.limits;
-        let (outbox, inbox) = outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
+        let (outbox, inbox) = outbox_in(dialect, limits.outbound_queue_messages, limits.outbound_queue_bytes);
         let now = Instant::now();
         let gate = Gate::new(now);
         let heartbeat = Heartbeat::new(now);
@@ -226,6 +248,7 @@ where
             cluster_seat: None,
             heartbeat,
             id,
+            dialect,
             shutdown: node.shutdown.clone(),
             node: node.clone(),
             ws,
@@ -302,8 +325,10 @@ where
                 _ = &mut self.auth_timer, if self.auth_deadline.is_some() => {
                     self.take_socket_back();
                     let refusal = self.gate.deadline_refusal();
-                    let frame = self.reply_error(None, &refusal.error);
-                    self.queue(ready(frame));
+                    if self.dialect == Dialect::Native {
+                        let frame = self.reply_error(None, &refusal.error);
+                        self.queue(ready(frame));
+                    }
                     Err(refusal.into())
                 }
                 _ = &mut shutdown => Err(Stop::Shutdown),

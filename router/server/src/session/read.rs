@@ -17,8 +17,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use super::dialect::{self, To};
 use super::write::until_stopped;
 use super::{ready, Output, Phase, Session, Stop, Sub};
+use switchyard_proto::centrifugo as cf;
+use switchyard_proto::{Dialect, Text};
 
 fn owner_gone() -> OpError {
     OpError::new(ErrorCode::Unavailable, "partition owner stopped")
@@ -40,11 +43,12 @@ where
                 Err(Stop::Gone)
             }
             Some(Ok(Message::Text(text))) if text.len() > max => Err(Stop::TooLarge),
+            Some(Ok(Message::Text(text))) if self.dialect == Dialect::Centrifugo => self.on_cf_text(&text).await,
             Some(Ok(Message::Text(text))) => match protocol::parse_command(&text) {
                 // Boxed: a command's await states (a forwarded publish, a seat asked of
                 // another node, a subscription) live only while it runs, not in every idle
                 // session's future.
-                Ok((id, cmd)) => Box::pin(self.dispatch(id, cmd)).await,
+                Ok((id, cmd)) => Box::pin(self.dispatch(To::native(id), cmd)).await,
                 Err(rejected) => {
                     let frame = self.reply_error(rejected.id, &rejected.error);
                     self.queue(ready(frame));
@@ -52,6 +56,10 @@ where
                 }
             },
             Some(Ok(Message::Binary(data))) if data.len() > max => Err(Stop::TooLarge),
+            Some(Ok(Message::Binary(_))) if self.dialect == Dialect::Centrifugo => Err(Stop::Protocol {
+                code: cf::close::BAD_REQUEST,
+                reason: "binary frames are not supported; send JSON",
+            }),
             Some(Ok(Message::Binary(_))) => {
                 let frame =
                     self.reply_error(None, &OpError::bad_request("binary frames are not supported; send JSON text"));
@@ -87,6 +95,15 @@ where
                 Ok(())
             }
             Beat::Dead => Err(Stop::Unresponsive),
+            // Centrifugo's clients expect pings only once connected.
+            Beat::Ping if self.dialect == Dialect::Centrifugo && !self.gate.is_connected() => {
+                self.heartbeat.on_pong();
+                Ok(())
+            }
+            Beat::Ping if self.dialect == Dialect::Centrifugo => {
+                // Centrifugo's clients ping at the protocol level: `{}`, answered by `{}`.
+                self.write(Text::from(cf::PING)).await
+            }
             Beat::Ping => {
                 self.unflushed = true;
                 let fut = self.ws.feed(Message::Ping(Bytes::new()));
@@ -98,7 +115,7 @@ where
     /// Under the cluster-wide cap: asks the user's seat holder for a seat (the gate already
     /// took one under the same cap on this node). A full cap ends the connection with 4009;
     /// a holder that does not answer in time leaves the per-node cap in force.
-    async fn take_cluster_seat(&mut self, id: u64, user: &str) -> Result<(), Stop> {
+    async fn take_cluster_seat(&mut self, to: To, user: &str) -> Result<(), Stop> {
         let max = self.node.access.live().sessions.max_per_user;
         match self.node.router.take_seat(user, self.id, max).await {
             Seating::Granted(seat) => self.cluster_seat = Some(seat),
@@ -109,7 +126,7 @@ where
                     format!("user {user} already holds {max} connections in the cluster"),
                 );
                 return self.refuse(
-                    id,
+                    to,
                     Err(Refusal { error, code: close::TOO_MANY_SESSIONS, reason: "too many sessions for this user" }),
                 );
             }
@@ -123,23 +140,32 @@ where
     }
 
     /// Queues an error reply; when the gate also ends the connection, says so.
-    fn refuse(&mut self, id: u64, refused: Result<OpError, Refusal>) -> Result<(), Stop> {
+    pub(super) fn refuse(&mut self, to: To, refused: Result<OpError, Refusal>) -> Result<(), Stop> {
         match refused {
             Ok(error) => {
-                self.queue_result::<Empty>(id, Err(error));
+                self.queue_result::<Empty>(to, Err(error));
                 Ok(())
             }
             Err(refusal) => {
-                self.queue_result::<Empty>(id, Err(refusal.error.clone()));
+                self.queue_result::<Empty>(to, Err(refusal.error.clone()));
                 Err(refusal.into())
             }
         }
     }
 
-    async fn dispatch(&mut self, id: u64, cmd: Command) -> Result<(), Stop> {
+    /// Runs one command, whichever protocol it came in: its reply is queued in the
+    /// connection's dialect.
+    pub(super) async fn dispatch(&mut self, to: To, cmd: Command) -> Result<(), Stop> {
+        self.dispatch_as(to, cmd, false).await
+    }
+
+    /// [`Session::dispatch`]; `reject_unrecovered` (Centrifugo's subscribe flag) makes a
+    /// recovery that cannot continue exactly an error.
+    pub(super) async fn dispatch_as(&mut self, to: To, cmd: Command, reject_unrecovered: bool) -> Result<(), Stop> {
         let node = self.node.clone();
+        let dialect = self.dialect;
         if let Err(e) = self.gate.admit(&node.access, &cmd) {
-            self.queue_result::<Empty>(id, Err(e));
+            self.queue_result::<Empty>(to, Err(e));
             return Ok(());
         }
         match cmd {
@@ -148,16 +174,21 @@ where
                     tracing::debug!(name, "client named itself");
                 }
                 if let Err(refused) = self.gate.connect(&node.access, token.as_deref()) {
-                    return self.refuse(id, refused);
+                    return self.refuse_connect(to, refused);
                 }
                 if let Some(user) = self.gate.user().cloned() {
-                    self.take_cluster_seat(id, &user).await?;
+                    self.take_cluster_seat(to, &user).await?;
                 }
                 self.auth_deadline = self.gate.deadline(&node.access);
                 if let Some(at) = self.auth_deadline {
                     self.auth_timer.as_mut().reset(at);
                 }
                 self.pack = batch;
+                if dialect == Dialect::Centrifugo {
+                    let frame = cf::reply(to.id as u32, to.method, &self.cf_connected());
+                    self.queue(ready(frame));
+                    return Ok(());
+                }
                 let mut ok = serde_json::json!({"client": self.id.to_string(), "node": node.config.node_id, "version": protocol::VERSION});
                 if batch {
                     ok["batch"] = serde_json::json!(true);
@@ -165,7 +196,7 @@ where
                 if let Some(user) = self.gate.user() {
                     ok["user"] = serde_json::json!(user);
                 }
-                self.queue_result(id, Ok(ok));
+                self.queue_result(to, Ok(ok));
             }
             Command::Refresh { token } => match self.gate.refresh(&node.access, &token) {
                 Ok(()) => {
@@ -174,26 +205,29 @@ where
                     if let Some(at) = self.auth_deadline {
                         self.auth_timer.as_mut().reset(at);
                     }
-                    self.queue_result(id, Ok(Empty {}));
+                    let refreshed = self.cf_refreshed();
+                    self.queue_answer(to, Ok(Empty {}), |_| refreshed);
                 }
-                Err(e) => self.queue_result::<Empty>(id, Err(e)),
+                Err(e) => self.queue_result::<Empty>(to, Err(e)),
             },
-            Command::Ping => self.queue_result(id, Ok(Empty {})),
-            Command::Subscribe { channel, from, consumer } => self.subscribe(id, channel, from, consumer).await,
+            Command::Ping => self.queue_result(to, Ok(Empty {})),
+            Command::Subscribe { channel, from, consumer } => {
+                self.subscribe(to, channel, from, consumer, reject_unrecovered).await
+            }
             Command::Unsubscribe { channel } => {
                 if let Some(sub) = self.by_channel.remove(&channel) {
                     self.remove_sub(sub);
                     node.metrics.subscriptions.dec();
                     node.router.unsubscribe(&channel, sub).await;
                 }
-                self.queue_result(id, Ok(Empty {}));
+                self.queue_result(to, Ok(Empty {}));
             }
             Command::Publish(p) => {
                 if let Err(refused) = self.gate.take_publish(&node.access, Instant::now()) {
-                    return self.refuse(id, refused);
+                    return self.refuse(to, refused);
                 }
                 if let Err(e) = node.config.check_keys(p.key.as_deref(), p.idempotency_key.as_deref()) {
-                    return self.refuse(id, Ok(e));
+                    return self.refuse(to, Ok(e));
                 }
                 let req = PublishRequest {
                     channel: p.channel,
@@ -211,12 +245,12 @@ where
                                 if let Err(e) = &result {
                                     metrics.protocol_errors.with_label_values(&[e.code.as_str()]).inc();
                                 }
-                                Output::Frame(protocol::reply(id, &result))
+                                Output::Frame(dialect::published(dialect, to, &result))
                             }
                             .boxed(),
                         );
                     }
-                    Err(e) => self.queue_result::<Empty>(id, Err(e)),
+                    Err(e) => self.queue_result::<Empty>(to, Err(e)),
                 }
             }
             Command::History { channel, since, limit } => {
@@ -225,8 +259,17 @@ where
                 // page until written.
                 let page = node.config.limits.max_reply_bytes;
                 self.queue_sized(
-                    async move { Output::Frame(protocol::reply(id, &node.router.history(&channel, since, limit).await)) }
-                        .boxed(),
+                    async move {
+                        let result = node.router.history(&channel, since, limit).await;
+                        let frame = match (dialect, &result) {
+                            (Dialect::Centrifugo, Ok(page)) => {
+                                cf::reply(to.id as u32, to.method, &dialect::CfHistory::new(page))
+                            }
+                            _ => dialect::empty(dialect, to, &result),
+                        };
+                        Output::Frame(frame)
+                    }
+                    .boxed(),
                     page,
                 )
             }
@@ -235,24 +278,36 @@ where
                     Ok(rx) => self.queue(
                         async move {
                             let result = rx.await.unwrap_or_else(|_| Err(owner_gone())).map(|()| Empty {});
-                            Output::Frame(protocol::reply(id, &result))
+                            // Centrifugo: `commit` is an `rpc` method; its result has no data.
+                            Output::Frame(dialect::empty(dialect, to, &result))
                         }
                         .boxed(),
                     ),
-                    Err(e) => self.queue_result::<Empty>(id, Err(e)),
+                    Err(e) => self.queue_result::<Empty>(to, Err(e)),
                 }
             }
         }
         Ok(())
     }
 
-    async fn subscribe(&mut self, id: u64, channel: String, from: protocol::StartFrom, consumer: Option<String>) {
+    async fn subscribe(
+        &mut self,
+        to: To,
+        channel: String,
+        from: protocol::StartFrom,
+        consumer: Option<String>,
+        reject_unrecovered: bool,
+    ) {
         if self.by_channel.contains_key(&channel) {
-            return self.queue_result::<Empty>(id, Err(OpError::bad_request("already subscribed to this channel")));
+            let e = OpError::bad_request("already subscribed to this channel");
+            if self.dialect == Dialect::Centrifugo {
+                return self.queue(ready(dialect::cf_error(to, cf::code::ALREADY_SUBSCRIBED, &e.message)));
+            }
+            return self.queue_result::<Empty>(to, Err(e));
         }
         if self.subs.len() >= self.node.config.limits.max_subscriptions {
             return self.queue_result::<Empty>(
-                id,
+                to,
                 Err(OpError::new(ErrorCode::LimitExceeded, "too many subscriptions on this connection")),
             );
         }
@@ -269,12 +324,12 @@ where
                 self.queue(
                     async move {
                         let result = rx.await.unwrap_or_else(|_| Err(owner_gone()));
-                        Output::Subscribed { id, sub, channel, result }
+                        Output::Subscribed { to, sub, channel, result, reject_unrecovered }
                     }
                     .boxed(),
                 );
             }
-            Err(e) => self.queue_result::<Empty>(id, Err(e)),
+            Err(e) => self.queue_result::<Empty>(to, Err(e)),
         }
     }
 }

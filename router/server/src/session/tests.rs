@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 
 use super::*;
 use crate::config::Config;
+use switchyard_core::outbox::Kind;
 
 type Client = WebSocketStream<DuplexStream>;
 
@@ -27,7 +28,7 @@ async fn connect(node: &Arc<Node>) -> Client {
     let node = node.clone();
     tokio::spawn(async move {
         let ws = WebSocketStream::from_raw_socket(Socket::new(server), Role::Server, None).await;
-        run(node, ws).await;
+        run(node, ws, Dialect::Native).await;
     });
     WebSocketStream::from_raw_socket(client, Role::Client, None).await
 }
@@ -56,14 +57,20 @@ async fn an_end_before_the_subscribe_reply_comes_after_it() {
     let (client, server) = tokio::io::duplex(1 << 16);
     let server = WebSocketStream::from_raw_socket(Socket::new(server), Role::Server, None).await;
     let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
-    let mut session = Session::new(node.clone(), server, 1);
+    let mut session = Session::new(node.clone(), server, 1, Dialect::Native);
     session.subs.insert(7, Sub { channel: "room:1".into(), phase: Phase::Pending(Vec::new()) });
     session.by_channel.insert("room:1".into(), 7);
     let end = protocol::unsubscribed_push("room:1", protocol::close::SHUTTING_DOWN, "partition moved");
-    session.deliver(Delivery { sub: 7, offset: 0, frame: end, end: true }).await.unwrap();
+    session.deliver(Delivery { sub: 7, offset: 0, frame: end, kind: Kind::End }).await.unwrap();
     assert!(session.subs.contains_key(&7), "the subscription lives until its reply is out");
     let grant = Grant { epoch: "E".into(), offset: 0, top: 0, recovered: None, catch_up_after: None, live_after: 0 };
-    let reply = Output::Subscribed { id: 3, sub: 7, channel: "room:1".into(), result: Ok(grant) };
+    let reply = Output::Subscribed {
+        to: To::native(3),
+        sub: 7,
+        channel: "room:1".into(),
+        result: Ok(grant),
+        reject_unrecovered: false,
+    };
     session.on_output(reply).await.unwrap();
     session.flush().await.unwrap();
     assert!(session.subs.is_empty() && session.held_bytes == 0);
@@ -107,7 +114,7 @@ async fn a_lent_tcp_socket_delivers_every_push_once_and_in_order() {
         let (stream, _) = listener.accept().await.unwrap();
         let (io, sink) = crate::socket::SharedTcp::new(stream, Bytes::new());
         let ws = WebSocketStream::from_raw_socket(Socket::with_sink(io, sink), Role::Server, None).await;
-        run(server_node, ws).await;
+        run(server_node, ws, Dialect::Native).await;
     });
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut sub = WebSocketStream::from_raw_socket(stream, Role::Client, None).await;

@@ -15,6 +15,7 @@ use switchyard_proto::Text;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
+use super::dialect::{self, To};
 use super::{ready, stopping, Output, Session, Stop};
 
 /// What a reply that carries no messages (an ack, an error, a subscribe grant) is counted
@@ -143,7 +144,7 @@ where
 
     pub(super) fn reply_error(&self, id: Option<u64>, error: &OpError) -> Text {
         self.node.metrics.protocol_errors.with_label_values(&[error.code.as_str()]).inc();
-        protocol::error_reply(id, error)
+        dialect::error(self.dialect, id, error)
     }
 
     /// True while replies waiting to be written hold the connection's byte budget: no
@@ -175,10 +176,21 @@ where
         }
     }
 
-    pub(super) fn queue_result<T: serde::Serialize>(&mut self, id: u64, result: Result<T, OpError>) {
+    /// Queues a reply whose Centrifugo form is empty (`{}`), or an error.
+    pub(super) fn queue_result<T: serde::Serialize>(&mut self, to: To, result: Result<T, OpError>) {
+        self.queue_answer(to, result, |_| protocol::Empty {});
+    }
+
+    /// Queues a reply: the native body as it is, or its Centrifugo form, or an error.
+    pub(super) fn queue_answer<T: serde::Serialize, C: serde::Serialize>(
+        &mut self,
+        to: To,
+        result: Result<T, OpError>,
+        centrifugo: impl FnOnce(&T) -> C,
+    ) {
         let frame = match &result {
-            Ok(ok) => protocol::ok_reply(id, ok),
-            Err(e) => self.reply_error(Some(id), e),
+            Ok(_) => dialect::answer(self.dialect, to, &result, centrifugo),
+            Err(e) => self.reply_error(Some(to.id), e),
         };
         self.queue(ready(frame));
     }
