@@ -517,7 +517,7 @@ async fn python_connect_subscribe_publish_history_recover() {
     if !can_run("python_connect_subscribe_publish_history_recover", Needs::Python) {
         return;
     }
-    python_scenario("basic", &config(""), 6).await;
+    python_scenario("basic", &config(""), 7).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
