@@ -27,8 +27,8 @@ run(async (step) => {
 
   await step('kill -9 and restart on the same data: reconnect by itself, recover all', async () => {
     const before = c.log.connecting;
-    await ask('kill9-restart');
-    await ask('publish', CHANNEL, 6, 5);
+    // The test publishes 6..10 as soon as the router is back, before the client is.
+    await ask('kill9-restart', CHANNEL, 6, 5);
     await subscribed(sub, 2);
     check(c.log.connecting > before, 'the client never reconnected');
     const ctx = sub.rec.subscribed[1];
@@ -36,6 +36,7 @@ run(async (step) => {
     check(ctx.streamPosition?.epoch === epoch, `epoch changed across a restart on the same data: ${epoch} -> ${ctx.streamPosition?.epoch}`);
     await until('10 publications', () => sub.rec.pubs.length >= 10);
     exactlyOnceInOrder(sub.rec.pubs, range(1, 10), 'after the restart');
+    console.log(`     resubscribed with recovered publications in the reply: ${ctx.hasRecoveredPublications}`);
     const h = await sub.history({ limit: 100 });
     exactlyOnceInOrder(h.publications, range(1, 10), 'history after the restart');
   });

@@ -305,7 +305,8 @@ impl Single {
     /// What a script may ask:
     /// - `cut`, `restore`: the proxy drops every connection and refuses new ones / accepts again;
     /// - `publish CHANNEL FROM COUNT`: native publishes of `{"i": FROM..}`, straight to the router;
-    /// - `kill9-restart`: kill -9, start again on the same config, data dir and port;
+    /// - `kill9-restart [CHANNEL FROM COUNT]`: kill -9, start again on the same config, data
+    ///   dir and port, and publish as `publish` does at once;
     /// - `fresh-router`: kill -9, and a router on a fresh data dir (a new epoch) takes the
     ///   same port;
     /// - `connections`: `{"accepted": N}`, TCP connections the proxy accepted so far.
@@ -321,6 +322,10 @@ impl Single {
             "kill9-restart" => {
                 tokio::task::block_in_place(|| self.node.kill9_restart_same_port());
                 self.proxy.retarget(self.node.addr());
+                if let Some(channel) = args.first() {
+                    // At once, before a reconnecting client (100 ms backoff at least) is back.
+                    return publish_native(&self.node, channel, arg(&args, 1, request)?, arg(&args, 2, request)?).await;
+                }
             }
             "fresh-router" => {
                 let addr = self.node.addr();
