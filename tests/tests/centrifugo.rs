@@ -278,6 +278,26 @@ async fn native_and_centrifugo_clients_share_channels_offsets_and_epochs() -> Re
     let pushed = native.next_messages("room:mixed", 2).await?;
     assert_eq!(offsets(&pushed), vec![offset, offset + 1]);
     assert_eq!(pushed[1]["data"], json!({"from": "centrifugo"}));
+
+    // History in both directions, and the position alone.
+    let listed = |reply: &Value| -> Vec<u64> {
+        let list = reply["history"]["publications"].as_array().cloned().unwrap_or_default();
+        list.iter().filter_map(|p| p["offset"].as_u64()).collect()
+    };
+    let newest = cf.call("history", json!({"channel": "room:mixed", "limit": 10, "reverse": true})).await?;
+    assert_eq!(listed(&newest), vec![offset + 1, offset], "{newest}");
+    let forward = cf.call("history", json!({"channel": "room:mixed", "limit": 10, "reverse": false})).await?;
+    assert_eq!(listed(&forward), vec![offset, offset + 1], "{forward}");
+    let since = json!({"offset": offset + 1, "epoch": epoch});
+    let older =
+        cf.call("history", json!({"channel": "room:mixed", "limit": 10, "reverse": true, "since": since})).await?;
+    assert_eq!(listed(&older), vec![offset], "reverse from a position: older ones only");
+    let position = cf.call("history", json!({"channel": "room:mixed", "limit": 0})).await?;
+    assert_eq!(listed(&position), Vec::<u64>::new(), "{position}");
+    assert_eq!(
+        (position["history"]["offset"].as_u64(), &position["history"]["epoch"]),
+        (Some(offset + 1), &json!(epoch))
+    );
     Ok(())
 }
 

@@ -24,4 +24,4 @@ pub mod replication;
 #[cfg(test)]
 mod test_support;
 
-pub use partitions::{HistoryPage, OwnedMessage, Partitions};
+pub use partitions::{HistoryPage, HistoryQuery, OwnedMessage, Partitions};

@@ -508,7 +508,7 @@ mod tests {
         let p = parts.partition("room:1");
         round(&parts, p, &policies, Duration::from_secs(60), &mut Memory::default()).await;
         eventually("dropped below the marked message", async || {
-            let page = parts.history(p, "room:1", 0, 10).await.unwrap();
+            let page = parts.history(p, "room:1", crate::HistoryQuery::forward(0, 10)).await.unwrap();
             let stored = parts.store.read_metas(p, "room:1", 1, 4, 10).unwrap();
             page.messages.iter().map(|m| m.offset).collect::<Vec<_>>() == vec![3, 4] && stored.len() == 2
         })

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use switchyard_metrics::Metrics;
 use switchyard_proto::partition::{partition_of, PartitionId};
-use switchyard_proto::protocol::{ErrorCode, MessageView, OpError, PublishOk};
+use switchyard_proto::protocol::{ErrorCode, MessageView, OpError, PublishOk, HISTORY_DEFAULT_LIMIT};
 use switchyard_store::{ChannelMeta, Store, StoreError, StoredMessage};
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,8 +38,54 @@ pub struct HistoryPage {
     /// from compaction).
     #[serde(skip)]
     pub first: u64,
-    /// Messages, oldest first.
+    /// Messages, in the order the query asked for: oldest first, or newest first with
+    /// [`HistoryQuery::reverse`]. Empty for `limit` 0 (a position-only read).
     pub messages: Vec<OwnedMessage>,
+}
+
+/// What a history read asks for: which offsets, how many, and in which order.
+///
+/// A page holds messages with `since < offset < before` (`before` None: up to the
+/// channel's top), at most `limit` of them: the oldest of that range, oldest first, or
+/// with `reverse` the newest of it, newest first. Forward readers page on with `since` =
+/// the last offset received, backward readers with `before` = the last offset received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Exclusive lower bound (0: from the first retained message).
+    pub since: u64,
+    /// Exclusive upper bound; None reads up to the channel's top.
+    pub before: Option<u64>,
+    /// Most messages in the page; 0 reads only the position (epoch and top).
+    pub limit: u32,
+    /// Newest first, from the top of the range down.
+    pub reverse: bool,
+}
+
+impl HistoryQuery {
+    /// Messages after `since`, oldest first: a forward page (what catch-up reads).
+    pub fn forward(since: u64, limit: u32) -> Self {
+        Self { since, before: None, limit, reverse: false }
+    }
+
+    /// The newest messages below `before` (None: the newest of the channel), newest first.
+    pub fn backward(before: Option<u64>, limit: u32) -> Self {
+        Self { since: 0, before, limit, reverse: true }
+    }
+
+    /// The inclusive upper offset this query reads up to on a channel whose top is `top`.
+    fn upto(&self, top: u64) -> u64 {
+        match self.before {
+            Some(b) => top.min(b.saturating_sub(1)),
+            None => top,
+        }
+    }
+}
+
+impl Default for HistoryQuery {
+    /// The protocol's defaults: from the start, oldest first, 100 messages.
+    fn default() -> Self {
+        Self::forward(0, HISTORY_DEFAULT_LIMIT)
+    }
 }
 
 /// A stored message read back, in the protocol's message shape.
@@ -314,33 +360,40 @@ impl Partitions {
         self.ask(p, |tx| OwnerCommand::View(channel.to_string(), tx)).await
     }
 
-    /// A history page: messages with offset > `since`, oldest first, at most `limit`.
-    pub async fn history(&self, p: PartitionId, channel: &str, since: u64, limit: u32) -> Result<HistoryPage, OpError> {
+    /// A history page (see [`HistoryQuery`]), with the channel's epoch and top as they were
+    /// when it was read.
+    pub async fn history(&self, p: PartitionId, channel: &str, q: HistoryQuery) -> Result<HistoryPage, OpError> {
         let view = self.view(p, channel).await?;
-        let messages = self.read(channel, &view.epoch, since, view.top, limit as usize)?;
+        let messages = self.read(channel, &view.epoch, (q.since, q.upto(view.top)), q.limit as usize, q.reverse)?;
         Ok(HistoryPage { epoch: view.epoch.to_string(), offset: view.top, first: view.first, messages })
     }
 
     /// Reads stored messages `after < offset <= upto`, at most `limit`, and at most
     /// `max_reply_bytes` of them (counting keys and ids, never fewer than one message): a
-    /// short page is legal, and the reader pages on from its last offset.
+    /// short page is legal, and the reader pages on from its last offset. Oldest first, or
+    /// with `reverse` newest first (the newest of the range).
     pub fn read(
         &self,
         channel: &str,
         epoch: &Arc<str>,
-        after: u64,
-        upto: u64,
+        (after, upto): (u64, u64),
         limit: usize,
+        reverse: bool,
     ) -> Result<Vec<OwnedMessage>, OpError> {
         /// Messages read from the store at a time, so a page stops near its byte budget.
         const STEP: usize = 64;
         let name: Arc<str> = channel.into();
         let p = self.partition(channel);
-        let (mut out, mut bytes, mut from) = (Vec::new(), 0usize, after);
-        while out.len() < limit {
+        // The part of the range not read yet: it shrinks from the end the page starts at.
+        let (mut out, mut bytes, mut after, mut upto) = (Vec::new(), 0usize, after, upto);
+        while out.len() < limit && after < upto {
             let want = (limit - out.len()).min(STEP);
-            let rows =
-                self.store.read_messages(p, channel, from, upto, want).map_err(|e| OpError::internal(e.to_string()))?;
+            let rows = if reverse {
+                self.store.read_messages_rev(p, channel, after, upto, want)
+            } else {
+                self.store.read_messages(p, channel, after, upto, want)
+            };
+            let rows = rows.map_err(|e| OpError::internal(e.to_string()))?;
             let last_step = rows.len() < want;
             for (offset, mut msg) in rows {
                 // The payload moves into the checked RawValue; `view` reads it from there.
@@ -351,7 +404,11 @@ impl Partitions {
                 if bytes > self.max_reply_bytes && !out.is_empty() {
                     return Ok(out);
                 }
-                from = offset;
+                if reverse {
+                    upto = offset.saturating_sub(1);
+                } else {
+                    after = offset;
+                }
                 out.push(m);
             }
             if last_step {
@@ -376,7 +433,7 @@ impl Partitions {
         if self.handovers.is_adopting(p) {
             return Err(moving());
         }
-        let messages = self.read(channel, epoch, after, upto, limit)?;
+        let messages = self.read(channel, epoch, (after, upto), limit, false)?;
         // Read the metadata after the messages: a partition adopted (or restarted) in
         // between shows here as a busy partition or another epoch.
         match self.store.channel_meta(p, channel) {
@@ -452,7 +509,7 @@ mod tests {
             assert_eq!((v["push"].as_str(), v["offset"].as_u64()), (Some("message"), Some(offset)));
         }
         assert!(inbox.try_recv().is_none(), "nothing pushed twice");
-        let page = parts.history(parts.partition("room:1"), "room:1", 1, 10).await.unwrap();
+        let page = parts.history(parts.partition("room:1"), "room:1", HistoryQuery::forward(1, 10)).await.unwrap();
         assert_eq!(page.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(page.offset, 3);
     }
@@ -498,7 +555,7 @@ mod tests {
         assert_eq!((again.offset, &again.epoch), (first.offset, &first.epoch));
         let other = publish(&parts, "room:2", "{\"a\":3}", Some("k2")).await;
         assert_eq!(other.offset, 2);
-        let page = parts.history(parts.partition("room:2"), "room:2", 0, 10).await.unwrap();
+        let page = parts.history(parts.partition("room:2"), "room:2", HistoryQuery::forward(0, 10)).await.unwrap();
         let data: Vec<_> = page.messages.iter().map(|m| m.data.get().to_string()).collect();
         assert_eq!(data, vec!["{\"a\":1}", "{\"a\":3}"]);
     }
@@ -583,7 +640,7 @@ mod tests {
         let p = parts.partition("big:1");
         let (mut since, mut seen, mut pages) = (0, Vec::new(), 0);
         loop {
-            let page = parts.history(p, "big:1", since, 1000).await.unwrap();
+            let page = parts.history(p, "big:1", HistoryQuery::forward(since, 1000)).await.unwrap();
             assert_eq!(page.offset, 30, "a short page still names the channel top");
             let bytes: usize = page.messages.iter().map(OwnedMessage::encoded_len).sum();
             assert!(bytes <= 1 << 20, "a page of {bytes} bytes");
@@ -596,6 +653,78 @@ mod tests {
         assert!(pages >= 3, "{pages} pages");
     }
 
+    /// Backward pages: the newest first, paged with `before` to the start with no gap and
+    /// no repeat, each within the byte budget (never fewer than one message).
+    #[tokio::test]
+    async fn a_reverse_page_stops_at_the_byte_budget_and_pages_back_to_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let payload = format!("\"{}\"", "x".repeat(100_000));
+        for _ in 0..30 {
+            publish(&parts, "big:2", &payload, None).await;
+        }
+        let p = parts.partition("big:2");
+        let (mut before, mut seen, mut pages) = (None, Vec::new(), 0);
+        loop {
+            let page = parts.history(p, "big:2", HistoryQuery::backward(before, 1000)).await.unwrap();
+            assert_eq!(page.offset, 30, "a short page still names the channel top");
+            let bytes: usize = page.messages.iter().map(OwnedMessage::encoded_len).sum();
+            assert!(bytes <= 1 << 20, "a page of {bytes} bytes");
+            let Some(last) = page.messages.last() else { break };
+            before = Some(last.offset);
+            seen.extend(page.messages.iter().map(|m| m.offset));
+            pages += 1;
+        }
+        assert_eq!(seen, (1..=30).rev().collect::<Vec<_>>());
+        assert!(pages >= 3, "{pages} pages");
+
+        // A single message over the budget still comes back, alone, in either direction.
+        let huge = format!("\"{}\"", "y".repeat(1_200_000));
+        publish(&parts, "big:2", &huge, None).await;
+        let page = parts.history(p, "big:2", HistoryQuery::backward(None, 10)).await.unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![31]);
+        let page = parts.history(p, "big:2", HistoryQuery::forward(30, 10)).await.unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![31]);
+    }
+
+    /// The range `since < offset < before` in both orders, and `limit` 0 for the position.
+    #[tokio::test]
+    async fn history_queries_read_their_range_in_either_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        for i in 1..=10 {
+            publish(&parts, "room:9", &i.to_string(), None).await;
+        }
+        let p = parts.partition("room:9");
+        let offsets = |q: HistoryQuery| {
+            let parts = &parts;
+            async move {
+                let page = parts.history(p, "room:9", q).await.unwrap();
+                assert_eq!(page.offset, 10);
+                page.messages.iter().map(|m| m.offset).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(offsets(HistoryQuery::backward(None, 3)).await, vec![10, 9, 8]);
+        assert_eq!(offsets(HistoryQuery::backward(Some(8), 3)).await, vec![7, 6, 5]);
+        assert_eq!(offsets(HistoryQuery::backward(Some(3), 100)).await, vec![2, 1]);
+        assert_eq!(offsets(HistoryQuery::backward(Some(1), 100)).await, Vec::<u64>::new());
+        assert_eq!(offsets(HistoryQuery::backward(Some(0), 100)).await, Vec::<u64>::new());
+        assert_eq!(offsets(HistoryQuery::backward(Some(500), 2)).await, vec![10, 9], "`before` above the top");
+        let between = HistoryQuery { since: 4, before: Some(8), limit: 100, reverse: true };
+        assert_eq!(offsets(between).await, vec![7, 6, 5]);
+        assert_eq!(offsets(HistoryQuery { reverse: false, ..between }).await, vec![5, 6, 7]);
+        assert_eq!(offsets(HistoryQuery { limit: 2, ..between }).await, vec![7, 6]);
+        assert_eq!(offsets(HistoryQuery::forward(7, 100)).await, vec![8, 9, 10]);
+        assert_eq!(offsets(HistoryQuery::forward(10, 100)).await, Vec::<u64>::new());
+        let page = parts.history(p, "room:9", HistoryQuery { limit: 0, ..HistoryQuery::default() }).await.unwrap();
+        assert!(page.messages.is_empty(), "limit 0 reads the position only");
+        assert_eq!((page.offset, page.first), (10, 1));
+        let grant = parts.view(p, "room:9").await.unwrap();
+        assert_eq!(page.epoch, grant.epoch.to_string());
+        let page = parts.history(p, "room:9", HistoryQuery::backward(None, 0)).await.unwrap();
+        assert!(page.messages.is_empty() && page.offset == 10);
+    }
+
     /// Reads are free: history, subscribe and unsubscribe of a channel that never sees a
     /// message write nothing to the store and leave no state behind; the first publish
     /// creates it.
@@ -604,7 +733,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let parts = start(dir.path());
         let p = parts.partition("ghost:1");
-        let page = parts.history(p, "ghost:1", 0, 100).await.unwrap();
+        let page = parts.history(p, "ghost:1", HistoryQuery::default()).await.unwrap();
         assert!(page.messages.is_empty() && page.offset == 0);
         let (grant, _out, _inbox) = subscribe(&parts, "ghost:1", Start::From(StartFrom::Latest)).await;
         assert_eq!(grant.top, 0);

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use switchyard_core::owner::{PublishRequest, Start};
+use switchyard_core::HistoryQuery;
 use switchyard_proto::partition::PartitionId;
 use switchyard_proto::protocol::{ErrorCode, OpError, StartFrom};
 use switchyard_proto::refusal::Refusal;
@@ -49,8 +50,7 @@ pub(crate) enum Begun {
     History {
         p: PartitionId,
         channel: String,
-        since: u64,
-        limit: u32,
+        q: HistoryQuery,
         capped: bool,
     },
     Info(PartitionId, String, Option<String>),
@@ -135,7 +135,9 @@ async fn run_owned(node: &Arc<Node>, p: PartitionId, op: Op, from_link: bool) ->
                 Err(e) => err(e),
             }
         }
-        Op::History { channel, since, limit } => Begun::History { p, channel, since, limit, capped: from_link },
+        Op::History { channel, since, limit, before, reverse } => {
+            Begun::History { p, channel, q: HistoryQuery { since, before, limit, reverse }, capped: from_link }
+        }
         Op::Info { channel, consumer } => Begun::Info(p, channel, consumer),
         op @ (Op::Seat { .. } | Op::Unseat { .. }) => serve_seat(node, op),
         // Only client operations come here (`Op::is_client`).
@@ -204,12 +206,13 @@ impl Begun {
                     }
                 }
             }
-            Begun::History { p, channel, since, limit, capped } => {
-                node.partitions().history(p, &channel, since, limit).await.map(|mut page| {
+            Begun::History { p, channel, q, capped } => {
+                node.partitions().history(p, &channel, q).await.map(|mut page| {
                     if !capped {
                         return Answer::history(page);
                     }
-                    // Keep the reply well inside the link's frame limit; the reader pages on.
+                    // Keep the reply well inside the link's frame limit; the reader pages on
+                    // (either way: the page keeps its first messages).
                     let mut bytes = 0;
                     let keep = page
                         .messages

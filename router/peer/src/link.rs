@@ -3,7 +3,9 @@
 //! It owns the connection to each peer's `/peer` endpoint (authenticated by the cluster
 //! secret), the bounded queue of requests waiting for the link, the table of requests
 //! waiting for their reply, and the routing of pushes that arrive on it to their upstream
-//! subscriptions (noticing each drop, so those resubscribe). It must never block a caller on a full queue or a dead peer:
+//! subscriptions (noticing each drop, so those resubscribe). It answers a request that the
+//! acceptor's wire version cannot read (`Op::wire_needs`) itself, without sending it. It
+//! must never block a caller on a full queue or a dead peer:
 //! a full queue is `unavailable` at once, and every request has a deadline.
 
 use std::collections::HashMap;
@@ -30,6 +32,10 @@ const QUEUE: usize = 4096;
 
 type Waiter = oneshot::Sender<Result<Answer, WireError>>;
 
+/// A request waiting for the link: its id, its encoded frame, and the lowest wire version
+/// of an acceptor that reads it ([`Op::wire_needs`]).
+type Queued = (u64, Vec<u8>, u32);
+
 /// How the message of an error for a request whose reply never came ends: the owner may
 /// or may not have run it (for people: the caller acts on [`Refusal::Lost`]).
 const OUTCOME_UNKNOWN: &str = "outcome unknown";
@@ -40,10 +46,19 @@ fn lost(message: String) -> WireError {
     WireError::op(&OpError::refused(Refusal::Lost, message))
 }
 
+/// The answer to a request the acceptor's wire `version` would misread: it was not sent.
+fn too_old(peer: &str, version: u32) -> WireError {
+    let message = format!(
+        "{peer} runs an older version (peer wire {version}) that cannot read history backwards; \
+         try again after the upgrade"
+    );
+    WireError::op(&OpError::new(switchyard_proto::protocol::ErrorCode::Unavailable, message))
+}
+
 /// One peer link.
 pub(crate) struct Link {
     peer: String,
-    tx: mpsc::Sender<(u64, Vec<u8>)>,
+    tx: mpsc::Sender<Queued>,
     pending: Mutex<HashMap<u64, Waiter>>,
     next_id: AtomicU64,
     /// Upstream subscriptions whose pushes arrive on this link, by their id. Read for
@@ -151,7 +166,7 @@ impl Link {
         let (tx, rx) = oneshot::channel();
         link.pending.lock().expect("pending").insert(id, tx);
         let bytes = wire::encode_request(id, epoch, op);
-        if link.tx.try_send((id, bytes)).is_err() {
+        if link.tx.try_send((id, bytes, op.wire_needs())).is_err() {
             link.pending.lock().expect("pending").remove(&id);
             return Err(WireError::op(&OpError::refused(Refusal::Unavailable, format!("peer link to {peer} is full"))));
         }
@@ -257,7 +272,7 @@ pub(crate) enum LinkError {
 
 /// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
 #[tracing::instrument(name = "peer_link", skip_all, fields(peer = %link.peer, side = "dialed"))]
-async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
+async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc::Receiver<Queued>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(n) = links.upgrade() else { return };
@@ -298,10 +313,10 @@ async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
     }
 }
 
-/// A connected link, and whether the acceptor reads and sends typed refusals (it answers
-/// the upgrade with [`wire::WIRE_HEADER`]; an older one does not, and its errors go
+/// A connected link, and the wire version the acceptor speaks (it answers the upgrade
+/// with [`wire::WIRE_HEADER`]; one that predates refusals does not, and its errors go
 /// through [`wire::from_legacy`]).
-type Connected = (tokio_tungstenite::WebSocketStream<Box<dyn Io>>, bool);
+type Connected = (tokio_tungstenite::WebSocketStream<Box<dyn Io>>, u32);
 
 /// Connects to `url` (`http://` or `https://`) and upgrades to the `/peer` WebSocket,
 /// sending the secret only over TLS unless plaintext peers are allowed.
@@ -329,30 +344,39 @@ async fn connect(url: &str, dial: &Dial) -> Result<Connected, LinkError> {
         Box::new(tcp)
     };
     let (ws, response) = tokio_tungstenite::client_async_with_config(req, io, Some(wire::ws_config())).await?;
-    let refusals = wire::reads_refusals(response.headers().get(wire::WIRE_HEADER).map(|v| v.as_bytes()));
-    Ok((ws, refusals))
+    let version = wire::wire_version(response.headers().get(wire::WIRE_HEADER).map(|v| v.as_bytes()));
+    Ok((ws, version))
 }
 
 async fn pump(
     url: &str,
     dial: &Dial,
     link: &Link,
-    rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
+    rx: &mut mpsc::Receiver<Queued>,
     metrics: &switchyard_metrics::Metrics,
 ) -> Result<(), LinkError> {
-    let (ws, refusals) =
+    let (ws, version) =
         tokio::time::timeout(Duration::from_secs(2), connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
+    let refusals = version >= 2;
     let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
     metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
     metrics.peer_connects.with_label_values(&[&link.peer]).inc();
-    tracing::info!(%ws_url, refusals, "peer link up");
+    tracing::info!(%ws_url, version, "peer link up");
     let (mut sink, mut stream) = ws.split();
     loop {
         tokio::select! {
             out = rx.recv() => {
-                let Some((id, bytes)) = out else { return Ok(()) };
+                let Some((id, bytes, needs)) = out else { return Ok(()) };
                 // A request whose caller gave up is not sent.
                 if !link.pending.lock().expect("pending").contains_key(&id) {
+                    continue;
+                }
+                // Nor one an older acceptor would misread (a rolling upgrade): its caller
+                // is told, and nothing ran.
+                if needs > version {
+                    if let Some(w) = link.pending.lock().expect("pending").remove(&id) {
+                        let _ = w.send(Err(too_old(&link.peer, version)));
+                    }
                     continue;
                 }
                 sink.send(Message::Binary(bytes.into())).await?;
@@ -385,5 +409,91 @@ async fn pump(
                 Some(Err(e)) => return Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A link to a fake acceptor that speaks an older wire: what it may and may not be sent.
+
+    use super::*;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    /// An acceptor on a loopback port that answers the upgrade with `x-switchyard-peer-wire:
+    /// version` and every request it reads (as that version would) with an empty history
+    /// page, counting the requests.
+    async fn acceptor(version: u32) -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(AtomicU64::new(0));
+        let counted = seen.clone();
+        tokio::spawn(async move {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            // The callback's shape (an error response as the Err) is tungstenite's.
+            #[allow(clippy::result_large_err)]
+            let answer = |_: &Request, mut resp: Response| {
+                resp.headers_mut().insert(wire::WIRE_HEADER, HeaderValue::from(version));
+                Ok(resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, answer).await else { return };
+            while let Some(Ok(msg)) = ws.next().await {
+                let Message::Binary(b) = msg else { continue };
+                // An older acceptor reads no suffix after a request: it closes the link on
+                // trailing bytes.
+                let id = match (version, postcard::take_from_bytes::<Frame>(&b)) {
+                    (3.., _) => match wire::decode(&b) {
+                        Ok(Frame::Request { id, .. }) => id,
+                        _ => return,
+                    },
+                    (_, Ok((Frame::Request { id, .. }, []))) => id,
+                    _ => return,
+                };
+                counted.fetch_add(1, Ordering::Relaxed);
+                let page = Answer::History { epoch: "E".into(), offset: 3, first: 1, messages: Vec::new() };
+                let reply = wire::encode(&Frame::Reply { id, result: Ok(page) });
+                if ws.send(Message::Binary(reply.into())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        (url, seen)
+    }
+
+    fn dial(peer_url: String) -> Arc<Links> {
+        let member = switchyard_proto::partition::Member { url: peer_url.clone(), peer_url, draining: false };
+        let members = Arc::new(Members::from([("old".to_string(), member)]));
+        let env = LinkEnv {
+            members: watch::channel(members).1,
+            shutdown: watch::channel(false).1,
+            metrics: Arc::new(Metrics::new()),
+        };
+        Links::new(env, Dial { secret: "s3cret-s3cret".into(), tls: None, allow_plaintext: true })
+    }
+
+    /// A backward history read is never sent to an acceptor of wire 2 (it would find
+    /// trailing bytes and drop the link): its caller gets `unavailable` at once, and the
+    /// link goes on carrying forward reads. A wire 3 acceptor gets both.
+    #[tokio::test]
+    async fn backward_reads_go_only_to_a_wire_3_acceptor() {
+        use switchyard_core::HistoryQuery;
+        let forward = Op::history("room:1", HistoryQuery::forward(0, 10));
+        let backward = Op::history("room:1", HistoryQuery::backward(Some(3), 10));
+
+        let (url, seen) = acceptor(2).await;
+        let links = dial(url);
+        let e = links.send("old", 1, &backward).unwrap().wait(Duration::from_secs(10)).await.unwrap_err();
+        assert_eq!(e.code, "unavailable", "{e:?}");
+        assert!(e.message.contains("older version") && e.refusal.is_none(), "{e:?}");
+        let page = links.send("old", 1, &forward).unwrap().wait(Duration::from_secs(10)).await.unwrap();
+        assert!(matches!(page, Answer::History { offset: 3, .. }));
+        assert_eq!(seen.load(Ordering::Relaxed), 1, "only the forward read went out");
+
+        let (url, seen) = acceptor(3).await;
+        let links = dial(url);
+        for op in [&backward, &forward] {
+            let page = links.send("old", 1, op).unwrap().wait(Duration::from_secs(10)).await.unwrap();
+            assert!(matches!(page, Answer::History { offset: 3, .. }));
+        }
+        assert_eq!(seen.load(Ordering::Relaxed), 2);
     }
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 
 use switchyard_core::outbox::Outbox;
 use switchyard_core::owner::{Forward, Grant, PublishRequest, Start};
-use switchyard_core::{HistoryPage, OwnedMessage, Partitions};
+use switchyard_core::{HistoryPage, HistoryQuery, OwnedMessage, Partitions};
 use switchyard_metrics::Metrics;
 use switchyard_proto::partition::{Members, PartitionId, PartitionMap};
 use switchyard_proto::protocol::{ErrorCode, OpError, PublishOk};
@@ -241,14 +241,13 @@ impl Router {
         }
     }
 
-    /// A history page from wherever the channel's owner is.
-    pub async fn history(self: &Arc<Self>, channel: &str, since: u64, limit: u32) -> Result<HistoryPage, OpError> {
+    /// A history page (see [`HistoryQuery`]: a range, a limit, an order) from wherever
+    /// the channel's owner is. A backward read whose owner runs a version too old for it
+    /// (a rolling upgrade) gets `unavailable`.
+    pub async fn history(self: &Arc<Self>, channel: &str, q: HistoryQuery) -> Result<HistoryPage, OpError> {
         match self.node.route(channel)? {
-            Route::Local(p) => self.node.partitions().history(p, channel, since, limit).await,
-            Route::Remote { .. } => {
-                let op = Op::History { channel: channel.into(), since, limit };
-                crate::call::call(&self.node, op).await?.into_history(channel)
-            }
+            Route::Local(p) => self.node.partitions().history(p, channel, q).await,
+            Route::Remote { .. } => crate::call::call(&self.node, Op::history(channel, q)).await?.into_history(channel),
         }
     }
 
@@ -266,7 +265,7 @@ impl Router {
         match self.node.route(channel)? {
             Route::Local(_) => self.node.partitions().catch_up(channel, epoch, after, upto, limit),
             Route::Remote { .. } => {
-                let mut page = self.history(channel, after, limit as u32).await?;
+                let mut page = self.history(channel, HistoryQuery::forward(after, limit as u32)).await?;
                 if *page.epoch != **epoch {
                     return Err(OpError::new(ErrorCode::Unavailable, "the channel restarted under a new epoch"));
                 }

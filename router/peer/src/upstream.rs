@@ -25,6 +25,7 @@ use crate::node::{Node, Route};
 use crate::wire::{Answer, ChannelInfo, Op, WireError};
 use switchyard_core::outbox::{flush_lent, Delivery, Frames, Kind, Outbox, Pushed};
 use switchyard_core::owner::{grant_from, Grant, Start};
+use switchyard_core::HistoryQuery;
 use switchyard_proto::protocol::{self, close, ErrorCode, OpError};
 use switchyard_proto::refusal::Refusal;
 
@@ -456,7 +457,7 @@ async fn register(node: &Arc<Node>, up: &Arc<Upstream>) -> Result<watch::Receive
         Some(e) => {
             // Catch up on what the local subscribers missed while the upstream was down.
             while last < top {
-                let op = Op::History { channel: up.channel.to_string(), since: last, limit: CATCH_UP_PAGE };
+                let op = Op::history(&up.channel, HistoryQuery::forward(last, CATCH_UP_PAGE));
                 let pending = link.send(epoch, &op).map_err(|e| Failed::Retry(e.message))?;
                 let page = pending.wait(REQUEST_TIMEOUT).await.map_err(|e| Failed::Retry(e.message))?;
                 let page = page.into_history(&up.channel).map_err(|e| Failed::Retry(e.message))?;

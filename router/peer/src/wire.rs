@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use switchyard_core::owner::PublishRequest;
-use switchyard_core::{HistoryPage, OwnedMessage};
+use switchyard_core::{HistoryPage, HistoryQuery, OwnedMessage};
 use switchyard_proto::protocol::{ErrorCode, OpError, PublishOk};
 use switchyard_proto::refusal::Refusal;
 use switchyard_store::StoredMessage;
@@ -20,12 +20,19 @@ pub const SECRET_HEADER: &str = "x-switchyard-cluster-secret";
 /// ([`WireError::legacy`]).
 pub const WIRE_HEADER: &str = "x-switchyard-peer-wire";
 
-/// This version of the peer wire: 2 adds typed refusals to errors.
-pub const WIRE_VERSION: u32 = 2;
+/// This version of the peer wire: 2 adds typed refusals to errors, 3 backward history
+/// reads (a [`Op::History`] request's suffix, [`HistoryRange`]).
+pub const WIRE_VERSION: u32 = 3;
+
+/// The wire version a peer that sent `header` (the value of [`WIRE_HEADER`]) speaks: 1
+/// when it sent none (it predates the header).
+pub fn wire_version(header: Option<&[u8]>) -> u32 {
+    header.and_then(|h| std::str::from_utf8(h).ok()).and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(1)
+}
 
 /// Whether a dialer that sent `header` (the value of [`WIRE_HEADER`]) reads refusals.
 pub fn reads_refusals(header: Option<&[u8]>) -> bool {
-    header.and_then(|h| std::str::from_utf8(h).ok()).and_then(|v| v.trim().parse::<u32>().ok()).is_some_and(|v| v >= 2)
+    wire_version(header) >= 2
 }
 
 /// One frame on a peer link.
@@ -83,6 +90,11 @@ pub enum Op {
         from: Option<String>,
     },
     /// `history`.
+    ///
+    /// `before` and `reverse` are not part of the op's own encoding (which is the previous
+    /// version's, byte for byte): a backward read carries them as a [`HistoryRange`] after
+    /// the request frame, and is sent only to a peer of wire version 3 or later
+    /// ([`Op::wire_needs`]).
     History {
         /// Channel.
         channel: String,
@@ -90,6 +102,12 @@ pub enum Op {
         since: u64,
         /// At most this many.
         limit: u32,
+        /// Messages before this offset (exclusive); None: up to the top.
+        #[serde(skip)]
+        before: Option<u64>,
+        /// Newest first.
+        #[serde(skip)]
+        reverse: bool,
     },
     /// `commit`.
     Commit {
@@ -269,6 +287,23 @@ impl Op {
         }
     }
 
+    /// The op of a history read.
+    pub fn history(channel: &str, q: HistoryQuery) -> Self {
+        let HistoryQuery { since, before, limit, reverse } = q;
+        Op::History { channel: channel.to_string(), since, limit, before, reverse }
+    }
+
+    /// The lowest wire version of a peer that reads this op as meant: 3 for a history read
+    /// with a [`HistoryRange`] suffix, 1 for the rest. A link refuses to send an op to an
+    /// acceptor of a lower version (a rolling upgrade), rather than have it read wrongly.
+    pub fn wire_needs(&self) -> u32 {
+        if history_range(self).is_some() {
+            3
+        } else {
+            1
+        }
+    }
+
     /// The op of a publish.
     pub fn publish(req: &PublishRequest) -> Self {
         Op::Publish {
@@ -436,6 +471,25 @@ fn refusal_suffix(frame: &Frame) -> Option<(u32, Vec<u8>)> {
     }
 }
 
+/// The suffix after a request frame whose op is a history read with an upper bound or
+/// newest first (wire version 3): the fields its op's encoding leaves out. A forward read
+/// has none, so it is byte for byte the previous version's request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRange {
+    /// Exclusive upper offset; None: up to the top.
+    pub before: Option<u64>,
+    /// Newest first.
+    pub reverse: bool,
+}
+
+/// The [`HistoryRange`] suffix `op` needs, if any.
+fn history_range(op: &Op) -> Option<HistoryRange> {
+    match *op {
+        Op::History { before, reverse, .. } if before.is_some() || reverse => Some(HistoryRange { before, reverse }),
+        _ => None,
+    }
+}
+
 /// A refusal's fields as the bytes after its tag.
 fn encode_fields<T: Serialize>(fields: &T) -> Vec<u8> {
     postcard::to_stdvec(fields).expect("refusal fields serialize")
@@ -537,7 +591,17 @@ pub(crate) fn encode(frame: &Frame) -> Vec<u8> {
     if let Some(suffix) = refusal_suffix(frame) {
         bytes.extend(postcard::to_stdvec(&suffix).expect("refusal suffix serializes"));
     }
+    if let Frame::Request { op, .. } = frame {
+        push_range(&mut bytes, op);
+    }
     bytes
+}
+
+/// Appends the [`HistoryRange`] suffix of a request for `op`, if it has one.
+fn push_range(bytes: &mut Vec<u8>, op: &Op) {
+    if let Some(range) = history_range(op) {
+        bytes.extend(postcard::to_stdvec(&range).expect("history range serializes"));
+    }
 }
 
 /// [`Frame::Request`] by reference, for encoding without a copy of the op (which the
@@ -550,7 +614,9 @@ enum RequestRef<'a> {
 
 /// Encodes `Frame::Request { id, epoch, op }` from a borrowed op.
 pub(crate) fn encode_request(id: u64, epoch: u64, op: &Op) -> Vec<u8> {
-    postcard::to_stdvec(&RequestRef::Request { id, epoch, op }).expect("peer frames serialize")
+    let mut bytes = postcard::to_stdvec(&RequestRef::Request { id, epoch, op }).expect("peer frames serialize");
+    push_range(&mut bytes, op);
+    bytes
 }
 
 /// Why bytes from a peer are not a frame.
@@ -565,11 +631,21 @@ pub enum DecodeError {
 }
 
 /// Decodes a frame. Bytes after it are an error, but for the refusal suffix of a reply
-/// whose error has no redirect, which must be exactly one `(tag, fields)`.
+/// whose error has no redirect, which must be exactly one `(tag, fields)`, and the
+/// [`HistoryRange`] of a history request, which must be exactly one.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
     let (mut frame, rest) = postcard::take_from_bytes::<Frame>(bytes)?;
     if rest.is_empty() {
         return Ok(frame);
+    }
+    if let Frame::Request { op: Op::History { before, reverse, .. }, .. } = &mut frame {
+        return match postcard::take_from_bytes::<HistoryRange>(rest)? {
+            (range, []) => {
+                (*before, *reverse) = (range.before, range.reverse);
+                Ok(frame)
+            }
+            (_, more) => Err(DecodeError::Trailing(more.len())),
+        };
     }
     let Frame::Reply { result: Err(e), .. } = &mut frame else { return Err(DecodeError::Trailing(rest.len())) };
     if e.refusal.is_some() {
@@ -723,6 +799,82 @@ mod tests {
         assert!(decode(&[ok.as_slice(), &[0x02, 0x00]].concat()).is_err(), "a suffix after an answer");
     }
 
+    /// The previous version's ops, as far as a history read goes.
+    #[derive(Serialize, Deserialize)]
+    enum OldOp {
+        #[allow(dead_code)]
+        Publish {
+            channel: String,
+            data: String,
+            key: Option<String>,
+            idempotency_key: Option<String>,
+            from: Option<String>,
+        },
+        History {
+            channel: String,
+            since: u64,
+            limit: u32,
+        },
+    }
+
+    /// The previous version's request frame.
+    #[derive(Serialize, Deserialize)]
+    enum OldRequest {
+        Request { id: u64, epoch: u64, op: OldOp },
+    }
+
+    #[test]
+    fn history_requests_stay_readable_across_one_version_step() {
+        let old = |since, limit| OldRequest::Request {
+            id: 4,
+            epoch: 2,
+            op: OldOp::History { channel: "room:1".into(), since, limit },
+        };
+        // An older gateway's history request decodes as a forward read.
+        let bytes = postcard::to_stdvec(&old(7, 50)).unwrap();
+        let want = Op::History { channel: "room:1".into(), since: 7, limit: 50, before: None, reverse: false };
+        assert_eq!(decode(&bytes).unwrap(), Frame::Request { id: 4, epoch: 2, op: want.clone() });
+
+        // A forward read (catch-up, paging on) is byte for byte the old request, so an
+        // older owner reads it; it needs no newer peer.
+        assert_eq!(encode_request(4, 2, &want), bytes);
+        assert_eq!(want.wire_needs(), 1);
+        let q = HistoryQuery { since: 7, before: None, limit: 50, reverse: false };
+        assert_eq!(Op::history("room:1", q), want);
+
+        // A backward read is the old request and its range after it: an older owner would
+        // find trailing bytes, so links send it only to wire 3 peers.
+        let back = Op::history("room:1", HistoryQuery { since: 0, before: Some(40), limit: 0, reverse: true });
+        assert_eq!(back.wire_needs(), 3);
+        assert!(WIRE_VERSION >= back.wire_needs());
+        let ours = encode_request(4, 2, &back);
+        let (head, rest) = postcard::take_from_bytes::<OldRequest>(&ours).unwrap();
+        assert!(matches!(head, OldRequest::Request { op: OldOp::History { since: 0, limit: 0, .. }, .. }));
+        assert_eq!(
+            postcard::from_bytes::<HistoryRange>(rest).unwrap(),
+            HistoryRange { before: Some(40), reverse: true }
+        );
+        assert_eq!(decode(&ours).unwrap(), Frame::Request { id: 4, epoch: 2, op: back });
+
+        // A range that is cut short, or followed by a stray byte, is a broken frame; so is
+        // a range after a request that is no history read.
+        assert!(decode(&ours[..ours.len() - 1]).is_err(), "a range cut short");
+        assert!(decode(&[ours.as_slice(), &[0]].concat()).is_err(), "a byte after the range");
+        let commit = encode(&Frame::Request {
+            id: 1,
+            epoch: 1,
+            op: Op::Commit { channel: "c".into(), consumer: "w".into(), offset: 1 },
+        });
+        assert!(decode(&[commit.as_slice(), &[0x01, 0x05, 0x01]].concat()).is_err(), "a range after a commit");
+
+        // The version a peer says it speaks.
+        assert_eq!(wire_version(None), 1);
+        assert_eq!(wire_version(Some(b"2")), 2);
+        assert_eq!(wire_version(Some(b" 3 ")), 3);
+        assert_eq!(wire_version(Some(b"x")), 1);
+        assert!(reads_refusals(Some(b"3")) && reads_refusals(Some(b"2")) && !reads_refusals(None));
+    }
+
     /// An acceptor of the previous version names its refusals only in its messages: the
     /// link maps the ones its peers acted on, and nothing else.
     #[test]
@@ -749,9 +901,19 @@ mod tests {
 
         /// Every request frame survives an encode/decode round trip.
         #[test]
-        fn requests_round_trip(id in 0u64.., epoch in 0u64.., channel in "[a-z:0-9]{1,30}", since in 0u64.., limit in 0u32..) {
-            let frame = Frame::Request { id, epoch, op: Op::History { channel, since, limit } };
-            proptest::prop_assert_eq!(decode(&encode(&frame)).unwrap(), frame);
+        fn requests_round_trip(
+            id in 0u64..,
+            epoch in 0u64..,
+            channel in "[a-z:0-9]{1,30}",
+            since in 0u64..,
+            limit in 0u32..,
+            before in proptest::option::of(0u64..),
+            reverse in proptest::bool::ANY,
+        ) {
+            let op = Op::History { channel, since, limit, before, reverse };
+            let frame = Frame::Request { id, epoch, op: op.clone() };
+            proptest::prop_assert_eq!(decode(&encode(&frame)).unwrap(), frame.clone());
+            proptest::prop_assert_eq!(encode_request(id, epoch, &op), encode(&frame));
         }
     }
 }

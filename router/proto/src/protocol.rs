@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 
 /// The protocol version reported by `connect`.
 pub const VERSION: &str = "1";
-/// Default and maximum `limit` of a `history` page.
+/// Default `limit` of a `history` page.
 pub const HISTORY_DEFAULT_LIMIT: u32 = 100;
 /// Largest `history` page.
 pub const HISTORY_MAX_LIMIT: u32 = 1000;
@@ -197,8 +197,12 @@ pub enum Command {
         channel: String,
         /// Exclusive lower offset.
         since: u64,
-        /// Page size, 1..=1000.
+        /// Exclusive upper offset (only with `reverse`): pages backwards from there.
+        before: Option<u64>,
+        /// Page size, 0..=1000; 0 asks for the position (epoch and top) only.
         limit: u32,
+        /// Newest first.
+        reverse: bool,
     },
     /// `commit`.
     Commit {
@@ -268,6 +272,10 @@ struct RawFrame<'a> {
     since: Option<&'a RawValue>,
     #[serde(borrow, default)]
     limit: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    before: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reverse: Option<&'a RawValue>,
     #[serde(borrow, default)]
     offset: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -391,10 +399,12 @@ fn command(f: &RawFrame<'_>) -> Result<Command, OpError> {
             let channel = channel_field(f.channel)?;
             let since = field(f.since, "since", "an unsigned integer")?.unwrap_or(0);
             let limit: u32 = field(f.limit, "limit", "an unsigned integer")?.unwrap_or(HISTORY_DEFAULT_LIMIT);
-            if limit == 0 {
-                return Err(OpError::bad_request("field `limit` must be at least 1"));
+            let reverse = field(f.reverse, "reverse", "a boolean")?.unwrap_or(false);
+            let before = field(f.before, "before", "an unsigned integer")?;
+            if before.is_some() && !reverse {
+                return Err(OpError::bad_request("field `before` pages backwards and needs `reverse: true`"));
             }
-            Command::History { channel, since, limit: limit.min(HISTORY_MAX_LIMIT) }
+            Command::History { channel, since, before, limit: limit.min(HISTORY_MAX_LIMIT), reverse }
         }
         "commit" => Command::Commit {
             channel: channel_field(f.channel)?,
@@ -577,7 +587,18 @@ mod tests {
         let (_, c) = parse_command(r#"{"id":3,"op":"publish","channel":"x","data":null,"key":"k"}"#).unwrap();
         assert!(matches!(c, Command::Publish(p) if p.data.get() == "null"));
         let (_, c) = parse_command(r#"{"id":4,"op":"history","channel":"x","since":5,"limit":5000}"#).unwrap();
-        assert_eq!(c, Command::History { channel: "x".into(), since: 5, limit: 1000 });
+        assert_eq!(c, Command::History { channel: "x".into(), since: 5, before: None, limit: 1000, reverse: false });
+        let (_, c) = parse_command(r#"{"id":4,"op":"history","channel":"x"}"#).unwrap();
+        assert_eq!(c, Command::History { channel: "x".into(), since: 0, before: None, limit: 100, reverse: false });
+        let (_, c) = parse_command(r#"{"id":4,"op":"history","channel":"x","limit":0}"#).unwrap();
+        assert!(matches!(c, Command::History { limit: 0, reverse: false, .. }), "limit 0 asks for the position");
+        let (_, c) =
+            parse_command(r#"{"id":4,"op":"history","channel":"x","reverse":true,"before":7,"limit":3}"#).unwrap();
+        assert_eq!(c, Command::History { channel: "x".into(), since: 0, before: Some(7), limit: 3, reverse: true });
+        let (_, c) = parse_command(r#"{"id":4,"op":"history","channel":"x","reverse":true,"before":null}"#).unwrap();
+        assert!(matches!(c, Command::History { before: None, reverse: true, .. }));
+        let (_, c) = parse_command(r#"{"id":4,"op":"history","channel":"x","reverse":false}"#).unwrap();
+        assert!(matches!(c, Command::History { before: None, reverse: false, .. }));
         let (_, c) = parse_command(r#"{"id":5,"op":"commit","channel":"x","consumer":"c","offset":9}"#).unwrap();
         assert_eq!(c, Command::Commit { channel: "x".into(), consumer: "c".into(), offset: 9 });
         assert_eq!(parse_command(r#"{"id":6,"op":"ping"}"#).unwrap().1, Command::Ping);
@@ -610,6 +631,11 @@ mod tests {
             r#"{"id":9,"op":"subscribe","channel":"x","from":true}"#,
             r#"{"id":9,"op":"subscribe","channel":"x","from":"middle"}"#,
             r#"{"id":9,"op":"history","channel":"x","limit":"x"}"#,
+            r#"{"id":9,"op":"history","channel":"x","limit":-1}"#,
+            r#"{"id":9,"op":"history","channel":"x","before":5}"#,
+            r#"{"id":9,"op":"history","channel":"x","before":5,"reverse":false}"#,
+            r#"{"id":9,"op":"history","channel":"x","reverse":"yes"}"#,
+            r#"{"id":9,"op":"history","channel":"x","reverse":true,"before":-1}"#,
             r#"{"id":9,"op":"publish","channel":"x"}"#,
             r#"{"id":9,"op":"publish","channel":"x","data":1,"key":3}"#,
             r#"{"id":9,"op":"commit","channel":"x","offset":1}"#,

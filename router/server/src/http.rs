@@ -23,6 +23,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::node::Node;
 use crate::socket::{SharedTcp, Socket};
 use switchyard_core::owner::PublishRequest;
+use switchyard_core::HistoryQuery;
 use switchyard_proto::protocol::{self, ErrorCode, OpError};
 use switchyard_proto::Dialect;
 
@@ -314,18 +315,39 @@ fn query_u64(query: &str, name: &str) -> Result<Option<u64>, OpError> {
     Ok(None)
 }
 
+/// A `true`/`false` query parameter.
+fn query_bool(query: &str, name: &str) -> Result<Option<bool>, OpError> {
+    for pair in query.split('&') {
+        if let Some((k, v)) = pair.split_once('=') {
+            if k == name && !v.is_empty() {
+                return v
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| OpError::bad_request(format!("`{name}` must be true or false")));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The query of `GET /api/v1/channels/{channel}/history`: the `history` op's fields, with
+/// its defaults, cap and rule (`before` only with `reverse=true`).
+fn history_query(query: &str) -> Result<HistoryQuery, OpError> {
+    let since = query_u64(query, "since")?.unwrap_or(0);
+    let limit = query_u64(query, "limit")?.unwrap_or(protocol::HISTORY_DEFAULT_LIMIT as u64);
+    let reverse = query_bool(query, "reverse")?.unwrap_or(false);
+    let before = query_u64(query, "before")?;
+    if before.is_some() && !reverse {
+        return Err(OpError::bad_request("`before` pages backwards and needs `reverse=true`"));
+    }
+    Ok(HistoryQuery { since, before, limit: limit.min(protocol::HISTORY_MAX_LIMIT as u64) as u32, reverse })
+}
+
 async fn history(node: Arc<Node>, channel: &str, query: &str) -> Response<Body> {
     if !switchyard_proto::channel::is_valid_name(channel) {
         return error_response(&OpError::bad_request("invalid channel name"));
     }
-    let page = async {
-        let since = query_u64(query, "since")?.unwrap_or(0);
-        let limit = query_u64(query, "limit")?.unwrap_or(protocol::HISTORY_DEFAULT_LIMIT as u64);
-        if limit == 0 {
-            return Err(OpError::bad_request("`limit` must be at least 1"));
-        }
-        node.router.history(channel, since, limit.min(protocol::HISTORY_MAX_LIMIT as u64) as u32).await
-    };
+    let page = async { node.router.history(channel, history_query(query)?).await };
     result_response(page.await)
 }
 
@@ -541,5 +563,19 @@ mod tests {
         assert_eq!(node.metrics.connections.get(), CAP as i64, "connections gauge");
         drop(admitted);
         node.shutdown();
+    }
+
+    /// The history endpoint's query: the op's defaults and cap, `limit=0`, and `before`
+    /// only with `reverse=true`.
+    #[test]
+    fn history_queries_follow_the_op() {
+        assert_eq!(history_query("").unwrap(), HistoryQuery::default());
+        assert_eq!(history_query("since=5&limit=5000").unwrap(), HistoryQuery::forward(5, 1000));
+        assert_eq!(history_query("limit=0").unwrap().limit, 0);
+        assert_eq!(history_query("reverse=true&before=9&limit=3").unwrap(), HistoryQuery::backward(Some(9), 3));
+        assert_eq!(history_query("reverse=true").unwrap(), HistoryQuery::backward(None, 100));
+        for bad in ["before=9", "reverse=false&before=9", "reverse=yes", "reverse=true&before=-1", "limit=-1"] {
+            assert_eq!(history_query(bad).unwrap_err().code, ErrorCode::BadRequest, "{bad}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use hyper::header::{HeaderMap, AUTHORIZATION};
 use crate::node::Node;
 use switchyard_access::rules::{self, Action};
 use switchyard_core::owner::Start;
-use switchyard_core::HistoryPage;
+use switchyard_core::{HistoryPage, HistoryQuery};
 use switchyard_proto::protocol::{ErrorCode, OpError, StartFrom, HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT};
 
 /// Default wait when `timeout` is absent.
@@ -107,7 +107,7 @@ pub(crate) async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> R
     if let (true, Some(who)) = (node.access.enforced(), &who) {
         rules::check(node.access.rules.rule_of(&q.channel), Action::Subscribe, &q.channel, who)?;
     }
-    let page = node.router.history(&q.channel, q.since, q.limit).await?;
+    let page = node.router.history(&q.channel, HistoryQuery::forward(q.since, q.limit)).await?;
     if !page.messages.is_empty() || page.offset != q.since || q.timeout.is_zero() {
         return Ok(page);
     }
@@ -134,7 +134,7 @@ pub(crate) async fn poll(node: Arc<Node>, headers: &HeaderMap, query: &str) -> R
                     _ = async { while inbox.recv().await.offset <= q.since {} } => {}
                 }
             }
-            node.router.history(&q.channel, q.since, q.limit).await
+            node.router.history(&q.channel, HistoryQuery::forward(q.since, q.limit)).await
         }
         Err(e) => Err(e),
     }

@@ -210,18 +210,20 @@ function channel(name: string, kind: Kind, title?: string): Channel {
 }
 
 /**
- * Subscribes to a channel from SHOWN messages below its top, so the subscription delivers
- * that history and then live messages in one ordered stream. From then on the SDK keeps it
- * up: every resubscribe recovers from the last message delivered.
+ * Opens a channel on its newest page (the newest SHOWN messages, read backwards), then
+ * subscribes from the top that page was read at, so live messages follow it with no gap.
+ * From then on the SDK keeps it up: every resubscribe recovers from the last message
+ * delivered.
  */
 async function open(ch: Channel): Promise<void> {
   const client = state.client;
   if (!client) return;
   try {
-    const top = await client.history(ch.name, { limit: 1 });
+    const newest = await client.history(ch.name, { reverse: true, limit: SHOWN });
     if (state.client !== client) return;
+    for (const m of newest.messages) onMessage(ch, m, false);
     const sub = client.subscription(ch.name, {
-      from: Math.max(0, top.offset - SHOWN),
+      from: newest.offset,
       getState: (info) => reload(ch, info),
     });
     ch.sub = sub;
@@ -251,9 +253,9 @@ async function open(ch: Channel): Promise<void> {
 async function reload(ch: Channel, info: RecoveryFailed): Promise<void> {
   ch.msgs.clear();
   ch.epoch = info.epoch;
-  const since = Math.max(0, info.offset - SHOWN);
-  if (info.offset > since && state.client) {
-    const page = await state.client.history(ch.name, { since, limit: info.offset - since });
+  if (info.offset > 0 && state.client) {
+    // The newest SHOWN up to the position the subscription resumes from.
+    const page = await state.client.history(ch.name, { reverse: true, before: info.offset + 1, limit: SHOWN });
     if (page.epoch === info.epoch) for (const m of page.messages) onMessage(ch, m, false);
   }
   render();
@@ -263,8 +265,8 @@ async function loadOlder(ch: Channel): Promise<void> {
   const client = state.client;
   const lowest = Math.min(...ch.msgs.keys());
   if (!client || !Number.isFinite(lowest) || lowest <= 1) return;
-  const since = Math.max(0, lowest - 1 - SHOWN);
-  const page = await client.history(ch.name, { since, limit: lowest - 1 - since });
+  // The SHOWN messages just below the oldest one shown, whatever gaps retention left.
+  const page = await client.history(ch.name, { reverse: true, before: lowest, limit: SHOWN });
   if (page.epoch !== ch.epoch) return;
   for (const m of page.messages) onMessage(ch, m, false);
   render();

@@ -437,18 +437,25 @@
       const ok = await this.queue.request("publish", fields, opts.timeoutMs ?? this.opts.publishTimeoutMs);
       return ok;
     }
-    /** One page of history: messages with offset above `since`, and the channel's top offset. */
+    /**
+     * One page of history and the channel's top offset: messages with `since < offset <
+     * before`, oldest first, or with `reverse` newest first (the newest of the range).
+     */
     async history(channel2, opts = {}) {
       const fields = { channel: channel2 };
       if (opts.since !== void 0) fields.since = opts.since;
+      if (opts.before !== void 0) fields.before = opts.before;
       if (opts.limit !== void 0) fields.limit = opts.limit;
+      if (opts.reverse !== void 0) fields.reverse = opts.reverse;
       const ok = await this.queue.request("history", fields, this.opts.requestTimeoutMs);
       return ok;
     }
     /**
      * Pages through history from `since` up to the top offset of the first page (a short
-     * page is legal: it pages on from its last offset). Yields the first page always, then
-     * every further page. Throws `epoch_changed` if the channel's epoch changes meanwhile.
+     * page is legal: it pages on from its last offset). With `reverse`, pages backwards
+     * instead, newest first, from `before` (or the top) down to `since`, each page asking
+     * `before` its last offset. Yields the first page always, then every further page.
+     * Throws `epoch_changed` if the channel's epoch changes meanwhile.
      */
     async *historyPages(channel2, opts = {}) {
       const first = await this.history(channel2, opts);
@@ -456,8 +463,14 @@
       let page = first;
       for (; ; ) {
         const last = page.messages[page.messages.length - 1];
-        if (!last || last.offset >= first.offset) return;
-        page = await this.history(channel2, { ...opts, since: last.offset });
+        if (!last) return;
+        if (opts.reverse) {
+          if (last.offset <= (opts.since ?? 0) + 1) return;
+          page = await this.history(channel2, { ...opts, before: last.offset });
+        } else {
+          if (last.offset >= first.offset) return;
+          page = await this.history(channel2, { ...opts, since: last.offset });
+        }
         if (page.epoch !== first.epoch) {
           throw new SwitchyardError("epoch_changed", `${channel2}: epoch ${first.epoch} became ${page.epoch} while paging`);
         }
@@ -465,7 +478,10 @@
         yield page;
       }
     }
-    /** Every message above `since` up to the top at the first page, in offset order. */
+    /**
+     * Every message above `since` up to the top at the first page, in offset order (with
+     * `reverse`: below `before`, newest first).
+     */
     async historyAll(channel2, opts = {}) {
       let result;
       const messages = [];
@@ -1159,10 +1175,11 @@
     const client = state.client;
     if (!client) return;
     try {
-      const top = await client.history(ch.name, { limit: 1 });
+      const newest = await client.history(ch.name, { reverse: true, limit: SHOWN });
       if (state.client !== client) return;
+      for (const m of newest.messages) onMessage(ch, m, false);
       const sub = client.subscription(ch.name, {
-        from: Math.max(0, top.offset - SHOWN),
+        from: newest.offset,
         getState: (info) => reload(ch, info)
       });
       ch.sub = sub;
@@ -1190,9 +1207,8 @@
   async function reload(ch, info) {
     ch.msgs.clear();
     ch.epoch = info.epoch;
-    const since = Math.max(0, info.offset - SHOWN);
-    if (info.offset > since && state.client) {
-      const page = await state.client.history(ch.name, { since, limit: info.offset - since });
+    if (info.offset > 0 && state.client) {
+      const page = await state.client.history(ch.name, { reverse: true, before: info.offset + 1, limit: SHOWN });
       if (page.epoch === info.epoch) for (const m of page.messages) onMessage(ch, m, false);
     }
     render();
@@ -1201,8 +1217,7 @@
     const client = state.client;
     const lowest = Math.min(...ch.msgs.keys());
     if (!client || !Number.isFinite(lowest) || lowest <= 1) return;
-    const since = Math.max(0, lowest - 1 - SHOWN);
-    const page = await client.history(ch.name, { since, limit: lowest - 1 - since });
+    const page = await client.history(ch.name, { reverse: true, before: lowest, limit: SHOWN });
     if (page.epoch !== ch.epoch) return;
     for (const m of page.messages) onMessage(ch, m, false);
     render();

@@ -449,26 +449,28 @@ impl Store {
     }
 
     /// Decodes up to `limit` messages of `channel` with offsets in `from..=upto`, oldest
-    /// first, each as `f(offset, stored size, message)`.
+    /// first (newest first when `newest_first`), each as `f(offset, stored size, message)`.
     fn scan<T>(
         &self,
         p: PartitionId,
         channel: &str,
         (from, upto): (u64, u64),
-        limit: usize,
+        (limit, newest_first): (usize, bool),
         mut f: impl FnMut(u64, u32, StoredMessage) -> T,
     ) -> Result<Vec<T>, StoreError> {
-        if from > upto {
+        if from > upto || limit == 0 {
             return Ok(Vec::new());
         }
-        self.messages
-            .range(message_key(p, channel, from)..=message_key(p, channel, upto))
-            .take(limit)
-            .map(|guard| {
-                let (k, v) = guard.into_inner()?;
-                Ok(f(offset_of_key(&k), v.len() as u32, postcard::from_bytes(&v)?))
-            })
-            .collect()
+        let range = self.messages.range(message_key(p, channel, from)..=message_key(p, channel, upto));
+        let decode = |guard: fjall::Guard| {
+            let (k, v) = guard.into_inner()?;
+            Ok(f(offset_of_key(&k), v.len() as u32, postcard::from_bytes(&v)?))
+        };
+        if newest_first {
+            range.rev().take(limit).map(decode).collect()
+        } else {
+            range.take(limit).map(decode).collect()
+        }
     }
 
     /// Up to `limit` messages with `after < offset <= upto`, oldest first.
@@ -480,7 +482,20 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
-        self.scan(p, channel, (after.saturating_add(1), upto), limit, |offset, _, m| (offset, m))
+        self.scan(p, channel, (after.saturating_add(1), upto), (limit, false), |offset, _, m| (offset, m))
+    }
+
+    /// Up to `limit` messages with `after < offset <= upto`, newest first: the newest
+    /// `limit` of the range (a backward history page).
+    pub fn read_messages_rev(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        self.scan(p, channel, (after.saturating_add(1), upto), (limit, true), |offset, _, m| (offset, m))
     }
 
     /// `(offset, ts, idempotency key)` of the newest messages back to the first one older
@@ -525,7 +540,7 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<MessageMeta>, StoreError> {
-        self.scan(p, channel, (from, upto), limit, |offset, size, m| MessageMeta {
+        self.scan(p, channel, (from, upto), (limit, false), |offset, size, m| MessageMeta {
             offset,
             ts: m.ts,
             size,

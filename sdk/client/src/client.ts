@@ -66,8 +66,18 @@ export interface PublishOptions {
 export interface HistoryOptions {
   /** Messages with offset above this (default 0: from the start). */
   since?: number;
-  /** At most this many per page (server default 100, max 1000). */
+  /**
+   * Messages with offset below this (exclusive): pages backwards. Only with `reverse`
+   * (the server answers `bad_request` otherwise); default: from the channel's top.
+   */
+  before?: number;
+  /**
+   * At most this many per page (server default 100, max 1000). 0 returns no messages,
+   * only the position (`epoch` and the top `offset`).
+   */
   limit?: number;
+  /** Newest first: the newest messages of the range instead of the oldest. */
+  reverse?: boolean;
 }
 
 export type ClientEvents = {
@@ -195,19 +205,26 @@ export class Switchyard extends Emitter<ClientEvents> {
     return ok as unknown as PublishResult;
   }
 
-  /** One page of history: messages with offset above `since`, and the channel's top offset. */
+  /**
+   * One page of history and the channel's top offset: messages with `since < offset <
+   * before`, oldest first, or with `reverse` newest first (the newest of the range).
+   */
   async history(channel: string, opts: HistoryOptions = {}): Promise<HistoryPage> {
     const fields: Record<string, unknown> = { channel };
     if (opts.since !== undefined) fields.since = opts.since;
+    if (opts.before !== undefined) fields.before = opts.before;
     if (opts.limit !== undefined) fields.limit = opts.limit;
+    if (opts.reverse !== undefined) fields.reverse = opts.reverse;
     const ok = await this.queue.request('history', fields, this.opts.requestTimeoutMs);
     return ok as unknown as HistoryPage;
   }
 
   /**
    * Pages through history from `since` up to the top offset of the first page (a short
-   * page is legal: it pages on from its last offset). Yields the first page always, then
-   * every further page. Throws `epoch_changed` if the channel's epoch changes meanwhile.
+   * page is legal: it pages on from its last offset). With `reverse`, pages backwards
+   * instead, newest first, from `before` (or the top) down to `since`, each page asking
+   * `before` its last offset. Yields the first page always, then every further page.
+   * Throws `epoch_changed` if the channel's epoch changes meanwhile.
    */
   async *historyPages(channel: string, opts: HistoryOptions = {}): AsyncGenerator<HistoryPage> {
     const first = await this.history(channel, opts);
@@ -215,8 +232,14 @@ export class Switchyard extends Emitter<ClientEvents> {
     let page = first;
     for (;;) {
       const last = page.messages[page.messages.length - 1];
-      if (!last || last.offset >= first.offset) return;
-      page = await this.history(channel, { ...opts, since: last.offset });
+      if (!last) return;
+      if (opts.reverse) {
+        if (last.offset <= (opts.since ?? 0) + 1) return;
+        page = await this.history(channel, { ...opts, before: last.offset });
+      } else {
+        if (last.offset >= first.offset) return;
+        page = await this.history(channel, { ...opts, since: last.offset });
+      }
       if (page.epoch !== first.epoch) {
         throw new SwitchyardError('epoch_changed', `${channel}: epoch ${first.epoch} became ${page.epoch} while paging`);
       }
@@ -225,7 +248,10 @@ export class Switchyard extends Emitter<ClientEvents> {
     }
   }
 
-  /** Every message above `since` up to the top at the first page, in offset order. */
+  /**
+   * Every message above `since` up to the top at the first page, in offset order (with
+   * `reverse`: below `before`, newest first).
+   */
   async historyAll(channel: string, opts: HistoryOptions = {}): Promise<HistoryPage> {
     let result: HistoryPage | undefined;
     const messages: Message[] = [];

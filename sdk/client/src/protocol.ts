@@ -48,7 +48,10 @@ export interface PublishResult {
   epoch: string;
 }
 
-/** The `ok` of `history`: messages above `since`, and the channel's current top. */
+/**
+ * The `ok` of `history`: the page's messages (oldest first, or newest first when asked
+ * with `reverse`; none for `limit: 0`), the channel's epoch and its current top.
+ */
 export interface HistoryPage {
   epoch: string;
   offset: number;

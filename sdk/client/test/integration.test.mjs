@@ -1,7 +1,8 @@
 // Integration tests against real switchyard routers started here (standalone mode):
-// recovery across a restart, recoveryFailed after the data is wiped, publishes resent
-// across a crash, token refresh, refused refresh and UnauthorizedError. Every process is
-// killed in `after`; every wait is a poll with a deadline.
+// recovery across a restart, recoveryFailed after the data is wiped, backward history
+// (reverse, before, limit 0), publishes resent across a crash, token refresh, refused
+// refresh and UnauthorizedError. Every process is killed in `after`; every wait is a
+// poll with a deadline.
 
 import { test, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
@@ -58,6 +59,28 @@ test('a restart on the same data dir: every offset exactly once, recovered: true
   assert.deepEqual(subscribed.map((s) => s.recovered), [false, true]);
   const all = await publisher.historyAll('chat:restart', { limit: 7 });
   assert.deepEqual(all.messages.map((m) => m.data.i), range(1, 40), 'stored once each, in order');
+});
+
+test('history backwards: reverse, before, limit 0 and before without reverse', { timeout: 60000 }, async () => {
+  const node = await Node.start();
+  const c = client([node.url]);
+  await c.connect();
+  for (const i of range(1, 25)) await c.publish('chat:back', { i });
+
+  const newest = await c.history('chat:back', { reverse: true, limit: 10 });
+  assert.deepEqual(newest.messages.map((m) => m.offset), range(16, 25).reverse(), 'the newest 10, newest first');
+  assert.equal(newest.offset, 25);
+  const older = await c.history('chat:back', { reverse: true, before: 16, limit: 10 });
+  assert.deepEqual(older.messages.map((m) => m.offset), range(6, 15).reverse());
+
+  const back = await c.historyAll('chat:back', { reverse: true, limit: 7 });
+  assert.deepEqual(back.messages.map((m) => m.data.i), range(1, 25).reverse(), 'every message once, newest first');
+  const fwd = await c.historyAll('chat:back', { limit: 7 });
+  assert.deepEqual(fwd.messages.map((m) => m.data.i), range(1, 25), 'forward paging is unchanged');
+
+  const pos = await c.history('chat:back', { limit: 0 });
+  assert.deepEqual(pos, { epoch: newest.epoch, offset: 25, messages: [] }, 'limit 0: the position only');
+  await assert.rejects(c.history('chat:back', { before: 10 }), (e) => e.code === 'bad_request');
 });
 
 test('a wiped data dir: recoveryFailed, getState, then the new epoch', { timeout: 60000 }, async () => {

@@ -252,6 +252,36 @@ test('history paging: a short page pages on from its last offset up to the first
   assert.equal(result.offset, 5);
 });
 
+test('history paging backwards: reverse pages ask before their last offset, down to the start', async () => {
+  const c = client();
+  c.connect();
+  const { ws } = await serve(0);
+  const all = c.historyAll('chat:x', { limit: 2, reverse: true });
+  const page = (before, offsets) => {
+    const cmd = ws.lastSent('history');
+    assert.equal(cmd.before, before);
+    assert.equal(cmd.reverse, true);
+    ws.frame({ id: cmd.id, ok: { epoch: 'E', offset: 6, messages: offsets.map((o) => ({ ...msg(o, 'E'), push: undefined })) } });
+  };
+  await waitFor('page 1', () => ws.lastSent('history'));
+  page(undefined, [6, 5]);
+  await waitFor('page 2', () => ws.lastSent('history').before === 5);
+  page(5, [4, 2]); // 3 compacted away
+  await waitFor('page 3', () => ws.lastSent('history').before === 2);
+  page(2, [1]); // offset 1: nothing can be below it, so no further page is asked for
+  const result = await all;
+  assert.deepEqual(result.messages.map((m) => m.offset), [6, 5, 4, 2, 1]);
+  assert.equal(result.offset, 6);
+
+  // limit 0: the position only, one request, the fields sent as given.
+  const pos = c.history('chat:x', { limit: 0 });
+  await waitFor('position', () => ws.lastSent('history').limit === 0);
+  const cmd = ws.lastSent('history');
+  assert.equal(cmd.reverse, undefined);
+  ws.frame({ id: cmd.id, ok: { epoch: 'E', offset: 6, messages: [] } });
+  assert.deepEqual(await pos, { epoch: 'E', offset: 6, messages: [] });
+});
+
 test('tokens: refresh is sent before expiry; UnauthorizedError stops the client for good', async () => {
   let n = 0;
   const c = client(['ws://a/ws'], {

@@ -11,6 +11,7 @@
 
 use futures_util::FutureExt;
 use serde::Serialize;
+use switchyard_core::HistoryQuery;
 use switchyard_proto::centrifugo::{self as cf, CfCommand, StreamPosition};
 use switchyard_proto::protocol::{self, Command, OpError, Publish, StartFrom, HISTORY_MAX_LIMIT};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -165,9 +166,8 @@ where
     ) -> Result<(), Stop> {
         let node = self.node.clone();
         let limit = if limit < 0 { HISTORY_MAX_LIMIT } else { (limit as u32).min(HISTORY_MAX_LIMIT) };
-        let after = since.as_ref().map_or(0, |s| s.offset);
         // The rules see the same command a native `history` is.
-        let check = Command::History { channel: channel.clone(), since: after, limit: limit.max(1) };
+        let check = Command::History { channel: channel.clone(), since: 0, before: None, limit, reverse };
         if let Err(e) = self.gate.admit(&node.access, &check) {
             self.queue_result::<protocol::Empty>(to, Err(e));
             return Ok(());
@@ -256,14 +256,15 @@ async fn cf_history_page(
     since: Option<StreamPosition>,
     reverse: bool,
 ) -> Result<switchyard_core::partitions::HistoryPage, HistoryError> {
-    let after = since.as_ref().map_or(0, |s| s.offset);
-    let _ = reverse;
-    let mut page = node.router.history(channel, after, limit.max(1)).await.map_err(HistoryError::Op)?;
+    // `since` is exclusive either way: after it going forward, before it going back.
+    let q = match (&since, reverse) {
+        (Some(s), true) => HistoryQuery { since: 0, before: Some(s.offset), limit, reverse },
+        (Some(s), false) => HistoryQuery { since: s.offset, before: None, limit, reverse },
+        (None, _) => HistoryQuery { since: 0, before: None, limit, reverse },
+    };
+    let page = node.router.history(channel, q).await.map_err(HistoryError::Op)?;
     if since.is_some_and(|s| !s.epoch.is_empty() && s.epoch != page.epoch) {
         return Err(HistoryError::Unrecoverable);
-    }
-    if limit == 0 {
-        page.messages.clear();
     }
     Ok(page)
 }

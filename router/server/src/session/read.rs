@@ -11,6 +11,7 @@ use futures_util::{FutureExt, SinkExt};
 use switchyard_access::gate::Refusal;
 use switchyard_access::user_sessions::Beat;
 use switchyard_core::owner::{PublishRequest, Start};
+use switchyard_core::HistoryQuery;
 use switchyard_peer::seats::Seating;
 use switchyard_proto::protocol::{self, close, Command, Empty, ErrorCode, OpError};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -253,14 +254,15 @@ where
                     Err(e) => self.queue_result::<Empty>(to, Err(e)),
                 }
             }
-            Command::History { channel, since, limit } => {
+            Command::History { channel, since, before, limit, reverse } => {
                 // Wherever the owner is; the read starts when the future is first polled,
                 // after every command this connection sent before it. It may hold a full
                 // page until written.
                 let page = node.config.limits.max_reply_bytes;
+                let q = HistoryQuery { since, before, limit, reverse };
                 self.queue_sized(
                     async move {
-                        let result = node.router.history(&channel, since, limit).await;
+                        let result = node.router.history(&channel, q).await;
                         let frame = match (dialect, &result) {
                             (Dialect::Centrifugo, Ok(page)) => {
                                 cf::reply(to.id as u32, to.method, &dialect::CfHistory::new(page))
