@@ -2,7 +2,7 @@
 
 Run by tests/tests/centrifugo_sdk.rs with the venv's python:
 
-    .venv/bin/python scenarios.py URL SECRET basic|refresh|presence
+    .venv/bin/python scenarios.py URL SECRET basic|refresh|presence|pings
 
 It talks to the Rust test as the Node scenarios do (lib.mjs): a line `@@VERB ARGS...`
 asks it to act (cut or restore the proxy, publish natively), and it answers `@@ok JSON`
@@ -358,6 +358,36 @@ async def presence(step, url, secret):
     await b.disconnect()
 
 
+async def pings(step, url, secret):
+    # The router pings every 2 s (sessions.ping_interval); the SDK allows 1.5 s past that
+    # and resets its timer on `{}` only, not on publications.
+    seconds = 8
+    c = client("alice", url, token=token(secret, "alice"), max_server_ping_delay=1.5)
+    sub = subscription("sub", c, "room:py-pings", recoverable=True)
+
+    async def connect():
+        await c.connect()
+        await sub.subscribe()
+        await subscribed(sub)
+        expect(c._ping_interval == 2, f"ping interval {c._ping_interval}")
+
+    await step("connect: the reply advertises a 2 s ping", connect)
+
+    async def flow():
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            await sub.publish({"i": i})
+            await asyncio.sleep(0.2)
+        await until(f"{i} publications", lambda: len(sub.log.pubs) >= i)
+        exactly_once_in_order(sub.log.pubs, range(1, i + 1), "publications")
+        expect(c.log.connecting == 1, f"reconnected: {c.log.connecting} connecting events")
+
+    await step(f"publish every 200 ms for {seconds} s: no reconnect", flow)
+    await c.disconnect()
+
+
 async def main():
     global _answers
     url, secret, mode = sys.argv[1:4]
@@ -373,7 +403,7 @@ async def main():
         passed[0] += 1
         print(f"ok   {name} ({int((time.monotonic() - started) * 1000)} ms)", flush=True)
 
-    scenario = {"basic": basic, "refresh": refresh, "presence": presence}[mode]
+    scenario = {"basic": basic, "refresh": refresh, "presence": presence, "pings": pings}[mode]
     try:
         await asyncio.wait_for(scenario(step, url, secret), 140)
     except BaseException as e:  # noqa: BLE001 - everything is a failure of the step

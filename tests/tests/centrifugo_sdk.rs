@@ -406,6 +406,18 @@ async fn js_stops_for_good_on_a_forged_token() {
     single_node_scenario("token.mjs", true, &config(""), &["forged"], 2).await;
 }
 
+/// `[sessions]` with a 2 s ping, for the scenarios that check the SDKs stay connected on
+/// the server's `{}` pings alone.
+const FAST_PINGS: &str = "[sessions]\nping_interval = \"2s\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_stays_connected_on_server_pings() {
+    if !can_run("js_stays_connected_on_server_pings", Needs::Node) {
+        return;
+    }
+    single_node_scenario("pings.mjs", false, &format!("{}{FAST_PINGS}", config("")), &[], 2).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_presence_and_join_leave() {
     if !can_run("js_presence_and_join_leave", Needs::Node) {
@@ -531,6 +543,14 @@ async fn python_refreshes_expiring_tokens() {
         return;
     }
     python_scenario("refresh", &config(""), 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_stays_connected_on_server_pings_while_publications_flow() {
+    if !can_run("python_stays_connected_on_server_pings_while_publications_flow", Needs::Python) {
+        return;
+    }
+    python_scenario("pings", &format!("{}{FAST_PINGS}", config("")), 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
