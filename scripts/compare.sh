@@ -16,6 +16,8 @@
 #   FANOUT_INFLIGHT [64]  FIXED_RATE (publishes/s for fanout-fixed) [2000]
 #   LAT_SUBSCRIBERS [100] LAT_RATE [1000]   CONN_COUNT [10000] CONN_CHANNELS [1000]
 #   COMPARE_FSYNC_NEVER=0  skip the third column (Switchyard with fsync = "never")
+#   COMPARE_CENTRIFUGO=1   add a column: Switchyard through Centrifugo's protocol
+#                          (`switchyard bench --protocol centrifugo`, /connection/websocket)
 #   BENCH_CONFIG     a router config file for the Switchyard columns
 #   BENCH_NO_BUILD=1 skip cargo build; SWITCHYARD_BIN router binary
 set -euo pipefail
@@ -36,6 +38,7 @@ LAT_RATE="${LAT_RATE:-1000}"
 CONN_COUNT="${CONN_COUNT:-10000}"
 CONN_CHANNELS="${CONN_CHANNELS:-1000}"
 WITH_NEVER="${COMPARE_FSYNC_NEVER:-1}"
+WITH_CF="${COMPARE_CENTRIFUGO:-0}"
 
 log() { echo "[compare] $*" >&2; }
 
@@ -101,19 +104,22 @@ scenario_args() { # scenario_args NAME URL: the bench arguments of a scenario
 
 columns=(switchyard nats)
 [ "$WITH_NEVER" = 1 ] && columns+=(switchyard-never)
+[ "$WITH_CF" = 1 ] && columns+=(switchyard-centrifugo)
 
 for sc in $SCENARIOS; do
     for col in "${columns[@]}"; do
         case "$col" in
-            switchyard) start_switchyard; target=switchyard ;;
-            switchyard-never) start_switchyard never; target=switchyard ;;
-            nats) start_nats; target=nats ;;
+            switchyard) start_switchyard; target=switchyard; protocol=native ;;
+            switchyard-never) start_switchyard never; target=switchyard; protocol=native ;;
+            switchyard-centrifugo) start_switchyard; target=switchyard; protocol=centrifugo ;;
+            nats) start_nats; target=nats; protocol=native ;;
         esac
         # shellcheck disable=SC2207
         args=($(scenario_args "$sc" "$url"))
-        log "=== $sc / $col (pid $server_pid): switchyard bench ${args[*]} --target $target"
+        log "=== $sc / $col (pid $server_pid): switchyard bench ${args[*]} --target $target --protocol $protocol"
         status=0
-        "${client_pin[@]}" "$server_bin" bench "${args[@]}" --target "$target" --server-pid "$server_pid" --json \
+        "${client_pin[@]}" "$server_bin" bench "${args[@]}" --target "$target" --protocol "$protocol" \
+            --server-pid "$server_pid" --json \
             >>"$out_dir/$col.jsonl" 2> >(tee "$out_dir/$sc-$col.log" >&2) || status=$?
         [ "$status" = 0 ] || log "WARNING: $sc / $col exited $status (counts did not add up, or it failed): see $out_dir/$sc-$col.log"
         if ! kill -0 "$server_pid" 2>/dev/null; then
@@ -125,6 +131,7 @@ done
 
 table_args=(--column "Switchyard=$out_dir/switchyard.jsonl" --column "nats-server=$out_dir/nats.jsonl")
 [ "$WITH_NEVER" = 1 ] && table_args+=(--column "Switchyard fsync=never=$out_dir/switchyard-never.jsonl")
+[ "$WITH_CF" = 1 ] && table_args+=(--column "Switchyard via Centrifugo protocol=$out_dir/switchyard-centrifugo.jsonl")
 {
     echo "Switchyard vs nats-server $("$nats_bin" --version 2>&1 | head -n1) over WebSocket on 127.0.0.1," \
         "$(date -u +%FT%TZ), $(nproc --all) CPUs, load at start $bench_load; servers on CPU 0, generator on CPU 1."

@@ -357,7 +357,12 @@ async fn the_server_pings_with_empty_commands_and_expects_them_back() -> Result<
     // Stop answering: the server gives up within the timeout.
     let (mut silent, _) = Cf::connect(&node, None).await?;
     let started = Instant::now();
-    while silent.frame(Instant::now() + Duration::from_secs(10)).await?.is_ok() {}
+    let end = loop {
+        if let Err(end) = silent.frame(Instant::now() + Duration::from_secs(10)).await? {
+            break end;
+        }
+    };
+    assert_eq!(end, End::Closed(3012, "no pong".into()), "a reconnect code, with its reason");
     assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
     Ok(())
 }

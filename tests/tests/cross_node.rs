@@ -168,8 +168,8 @@ async fn a_garbage_peer_frame_closes_that_link_only() -> Result<()> {
     req.headers_mut().insert("x-switchyard-cluster-secret", SECRET.parse()?);
     let (mut ws, resp) = tokio_tungstenite::connect_async(req).await?;
     // The acceptor says which peer wire it speaks (2: errors carry typed refusals; 3:
-    // backward history reads), so a dialer knows whether to read an older node's errors
-    // by their messages, and which requests it may send.
+    // backward history reads and presence), so a dialer knows whether to read an older
+    // node's errors by their messages, and which requests it may send.
     let wire = resp.headers().get("x-switchyard-peer-wire").and_then(|v| v.to_str().ok());
     assert_eq!(wire, Some("3"), "{:?}", resp.headers());
     ws.send(Message::Binary(vec![0xff, 0x13, 0x37, 0x00, 0xff].into())).await?;

@@ -213,7 +213,14 @@ pub struct Claims {
     /// `*` matches every channel starting with the part before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<Vec<String>>,
+    /// Information about the connection that presence and Centrifugo's publications show
+    /// to others (Centrifugo's `info` claim): any JSON, at most [`MAX_INFO_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
 }
+
+/// Largest `info` claim, as JSON text.
+pub const MAX_INFO_BYTES: usize = 4096;
 
 /// Who a connection is, once its token was verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +231,8 @@ pub struct Identity {
     pub channels: Option<Arc<[String]>>,
     /// The token's `exp`, seconds since the Unix epoch.
     pub exp: u64,
+    /// The token's `info` claim as JSON text (None: no claim).
+    pub info: Option<Arc<str>>,
 }
 
 impl Identity {
@@ -316,7 +325,17 @@ impl Verifier {
         if !is_valid_user_id(&claims.sub) {
             return Err(AuthError::BadSubject);
         }
-        Ok(Identity { user: claims.sub.into(), channels: claims.channels.map(Arc::from), exp: claims.exp })
+        let info = match claims.info.filter(|v| !v.is_null()) {
+            Some(v) => {
+                let text = v.to_string();
+                if text.len() > MAX_INFO_BYTES {
+                    return Err(AuthError::Malformed(format!("claim `info` is over {MAX_INFO_BYTES} bytes")));
+                }
+                Some(Arc::from(text))
+            }
+            None => None,
+        };
+        Ok(Identity { user: claims.sub.into(), channels: claims.channels.map(Arc::from), exp: claims.exp, info })
     }
 
     /// Mints a dev token (HS256) when dev tokens are allowed (see [`AuthConfig::dev_tokens`]).
@@ -358,7 +377,7 @@ pub fn mint_hs256(
     if !is_valid_user_id(user) {
         return Err(AuthError::BadSubject);
     }
-    let claims = Claims { sub: user.to_string(), exp: now_secs() + ttl.as_secs(), channels };
+    let claims = Claims { sub: user.to_string(), exp: now_secs() + ttl.as_secs(), channels, info: None };
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
         .map_err(|e| AuthError::Mint(e.to_string()))
 }
@@ -398,7 +417,7 @@ mod tests {
         assert_eq!(v.verify("garbage").unwrap_err(), AuthError::Malformed("InvalidToken".into()));
         let other = mint_hs256(b"another-secret-of-16-bytes", "alice", Duration::from_secs(60), None).unwrap();
         assert_eq!(v.verify(&other).unwrap_err(), AuthError::BadSignature);
-        let claims = Claims { sub: "alice".into(), exp: now_secs() - 10, channels: None };
+        let claims = Claims { sub: "alice".into(), exp: now_secs() - 10, channels: None, info: None };
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &claims,

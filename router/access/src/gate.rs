@@ -108,6 +108,11 @@ impl Gate {
         Ok(())
     }
 
+    /// The token's `info` claim as JSON text, if any.
+    pub fn info(&self) -> Option<&Arc<str>> {
+        self.identity.as_ref().and_then(|i| i.info.as_ref())
+    }
+
     /// True once `connect` succeeded.
     pub fn is_connected(&self) -> bool {
         self.connected
@@ -169,7 +174,11 @@ impl Gate {
             Command::Connect { .. } | Command::Refresh { .. } | Command::Ping | Command::Unsubscribe { .. } => {
                 return Ok(())
             }
-            Command::Subscribe { channel, .. } | Command::Commit { channel, .. } => (Action::Subscribe, channel),
+            // Who may subscribe may see who else is subscribed.
+            Command::Subscribe { channel, .. }
+            | Command::Commit { channel, .. }
+            | Command::Presence { channel }
+            | Command::PresenceStats { channel } => (Action::Subscribe, channel),
             Command::Publish(p) => (Action::Publish, &p.channel),
             Command::History { channel, .. } => (Action::History, channel),
         };
@@ -217,7 +226,7 @@ mod tests {
     }
 
     fn token(exp: u64) -> String {
-        let claims = Claims { sub: "alice".into(), exp, channels: None };
+        let claims = Claims { sub: "alice".into(), exp, channels: None, info: None };
         jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
             &claims,

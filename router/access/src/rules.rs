@@ -141,6 +141,7 @@ mod tests {
             user: user.into(),
             channels: channels.map(|c| c.iter().map(|s| s.to_string()).collect::<Vec<_>>().into()),
             exp: 0,
+            info: None,
         }
     }
 

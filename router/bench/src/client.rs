@@ -69,6 +69,9 @@ pub enum Target {
     Switchyard,
     /// nats-server over its WebSocket listener (NATS core protocol).
     Nats,
+    /// A Switchyard node through Centrifugo's client protocol at `/connection/websocket`
+    /// (`--protocol centrifugo`).
+    Centrifugo,
 }
 
 impl Target {
@@ -77,13 +80,14 @@ impl Target {
         match self {
             Target::Switchyard => "switchyard",
             Target::Nats => "nats",
+            Target::Centrifugo => "switchyard-centrifugo",
         }
     }
 
     /// The channel (Switchyard) or subject (NATS) for channel number `i`.
     pub fn channel(self, prefix: &str, i: usize) -> String {
         match self {
-            Target::Switchyard => format!("{prefix}:{i}"),
+            Target::Switchyard | Target::Centrifugo => format!("{prefix}:{i}"),
             Target::Nats => nats::subject(&format!("{prefix}:{i}")),
         }
     }
@@ -144,7 +148,43 @@ async fn open(target: Target, url: &str, read_buffer: Option<usize>, extra: &str
             .await
             .map_err(|_| anyhow!("NATS handshake with {url} took over {SETUP_TIMEOUT:?}"))??;
     }
+    if target == Target::Centrifugo {
+        // As centrifuge-js does: `connect` and the subscribe (`extra`) in one frame.
+        let mut frame = r#"{"id":1,"connect":{}}"#.to_string();
+        if !extra.is_empty() {
+            frame.push('\n');
+            frame.push_str(extra);
+        }
+        ws.send(Message::text(frame)).await?;
+        let last = if extra.is_empty() { 1 } else { 2 };
+        tokio::time::timeout(SETUP_TIMEOUT, wait_reply(&mut ws, last))
+            .await
+            .map_err(|_| anyhow!("no Centrifugo reply from {url} within {SETUP_TIMEOUT:?}"))??;
+    }
     Ok(Conn { ws, parser })
+}
+
+/// Reads Centrifugo replies until the one with `id`; fails on an error reply or a close.
+async fn wait_reply(ws: &mut Ws, id: u64) -> Result<()> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                for line in t.as_str().split('\n') {
+                    let v: serde_json::Value = serde_json::from_str(line)?;
+                    if let Some(e) = v.get("error") {
+                        bail!("Centrifugo command {} failed: {e}", v["id"]);
+                    }
+                    if v.get("id").and_then(serde_json::Value::as_u64) == Some(id) {
+                        return Ok(());
+                    }
+                }
+            }
+            Some(Ok(Message::Close(f))) => bail!("closed by server: {f:?}"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("connection ended"),
+        }
+    }
 }
 
 /// Waits for `INFO`, sends `CONNECT`, `extra` and `PING`, and waits for the `PONG`.
@@ -184,6 +224,10 @@ async fn nats_handshake(ws: &mut Ws, parser: &mut nats::Parser, extra: &str) -> 
 pub(crate) async fn subscribe(target: Target, url: &str, channel: &str, read_buffer: Option<usize>) -> Result<Conn> {
     match target {
         Target::Nats => open(target, url, read_buffer, &nats::sub_line(channel, 1)).await,
+        Target::Centrifugo => {
+            let sub = json!({"id": 2, "subscribe": {"channel": channel}}).to_string();
+            open(target, url, read_buffer, &sub).await
+        }
         Target::Switchyard => {
             let mut conn = open(target, url, read_buffer, "").await?;
             if PACKED.load(std::sync::atomic::Ordering::Relaxed) {
@@ -263,6 +307,21 @@ pub(crate) async fn read_deliveries(
                     }
                 }
             }
+            Some(Ok(Message::Text(t))) if target == Target::Centrifugo => {
+                let mut pong = false;
+                for b in t.as_bytes().split(|&c| c == b'\n') {
+                    if b == b"{}" {
+                        pong = true;
+                    } else if contains(b, b"\"pub\":") {
+                        on_msg(b);
+                    } else if contains(b, b"\"unsubscribe\":") || contains(b, b"\"disconnect\":") {
+                        return Err(format!("server pushed {}", String::from_utf8_lossy(b)));
+                    }
+                }
+                if pong {
+                    ws.send(Message::text("{}")).await.map_err(|e| e.to_string())?;
+                }
+            }
             Some(Ok(Message::Text(t))) => {
                 parser.push(t.as_bytes());
                 pending = true;
@@ -326,13 +385,16 @@ impl Template {
                 format!("{{\"id\":{blank},\"op\":\"publish\",\"channel\":{},\"data\":", json!(channel)),
                 "}".to_string(),
             ),
+            Target::Centrifugo => {
+                (format!("{{\"id\":{blank},\"publish\":{{\"channel\":{},\"data\":", json!(channel)), "}}".to_string())
+            }
             Target::Nats => (nats::pub_header(channel, data.len()), "\r\n".to_string()),
         };
         let bytes = format!("{prefix}{data}{suffix}").into_bytes();
         let t_at = prefix.len() + "{\"t\":".len();
         let s_at = t_at + FIELD + ",\"s\":".len();
         let mut seq_at = vec![s_at];
-        if target == Target::Switchyard {
+        if matches!(target, Target::Switchyard | Target::Centrifugo) {
             seq_at.push("{\"id\":".len());
         }
         let mut t = Template { bytes, seq_at, t_at };
@@ -441,6 +503,20 @@ impl Publisher {
                         }
                         unacked.reply(error, &stats, &permits);
                     }
+                    Ok(Message::Text(t)) if target == Target::Centrifugo => {
+                        for b in t.as_bytes().split(|&c| c == b'\n') {
+                            if b == b"{}" {
+                                // The server's ping: answered with the next batch.
+                                owed.store(true, Relaxed);
+                                continue;
+                            }
+                            let error = contains(b, b"\"error\"");
+                            if error && stats.errors.load(Relaxed) < 5 {
+                                eprintln!("[bench] publish error: {}", String::from_utf8_lossy(b));
+                            }
+                            unacked.reply(error, &stats, &permits);
+                        }
+                    }
                     Ok(Message::Binary(b)) if target == Target::Nats => {
                         parser.push(&b);
                         loop {
@@ -483,7 +559,7 @@ impl Publisher {
     /// expects `n` replies for it (queued before any publish goes out, so no reply can
     /// come before its batch is known).
     pub(crate) fn begin_batch(&mut self, n: u64) {
-        if self.target == Target::Switchyard && self.flow == Flow::Batch && n > 0 {
+        if self.target != Target::Nats && self.flow == Flow::Batch && n > 0 {
             let _ = self.queue.send((Instant::now(), n));
         }
     }
@@ -491,7 +567,7 @@ impl Publisher {
     /// Queues one publish frame (from [`Template::build`]) without flushing.
     pub(crate) async fn feed(&mut self, frame: Vec<u8>) -> Result<()> {
         match self.target {
-            Target::Switchyard => {
+            Target::Switchyard | Target::Centrifugo => {
                 if self.flow == Flow::Each {
                     let _ = self.queue.send((Instant::now(), 1));
                 }
@@ -508,6 +584,9 @@ impl Publisher {
 
     /// Ends a batch: NATS sends the `PING` that acknowledges it. Then flushes.
     pub(crate) async fn end_batch(&mut self) -> Result<()> {
+        if self.target == Target::Centrifugo && self.pong_owed.swap(false, Relaxed) {
+            self.sink.feed(Message::text("{}")).await?;
+        }
         if self.target == Target::Nats {
             if self.pong_owed.swap(false, Relaxed) {
                 self.sink.feed(Message::binary(nats::PONG)).await?;
@@ -590,6 +669,17 @@ mod tests {
             assert_eq!(v["data"]["s"].as_u64(), Some(seq));
             assert_eq!(extract_timestamp(&frame), Some(ts));
         }
+    }
+
+    #[test]
+    fn centrifugo_template_is_a_publish_command() {
+        let t = Template::new(Target::Centrifugo, "bench:3", 100);
+        let frame = t.build(7, 1_763_800_000_123_456);
+        let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(v["id"].as_u64(), Some(7));
+        assert_eq!(v["publish"]["channel"], "bench:3");
+        assert_eq!(v["publish"]["data"]["s"].as_u64(), Some(7));
+        assert_eq!(extract_timestamp(&frame), Some(1_763_800_000_123_456));
     }
 
     #[test]

@@ -42,6 +42,15 @@ pub enum Scenario {
     Table,
 }
 
+/// The client protocol spoken to a Switchyard node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// Switchyard's own protocol.
+    Native,
+    /// Centrifugo's client protocol v2 (JSON).
+    Centrifugo,
+}
+
 /// Flags of `switchyard bench`; a flag a scenario does not use is ignored.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -51,6 +60,10 @@ pub struct BenchArgs {
     /// Which server protocol to speak.
     #[arg(long, value_enum, default_value = "switchyard")]
     pub target: Target,
+    /// Against Switchyard: its own protocol (`native`, at `/ws`) or Centrifugo's
+    /// (`centrifugo`, at `/connection/websocket`; a `--url` ending in `/ws` is pointed there).
+    #[arg(long, value_enum, default_value = "native")]
+    pub protocol: Protocol,
     /// Server URL: Switchyard `ws://HOST:PORT/ws`, nats-server `ws://HOST:WSPORT`.
     #[arg(long, default_value = "ws://127.0.0.1:8000/ws")]
     pub url: String,
@@ -190,7 +203,21 @@ pub fn main(args: BenchArgs) -> ExitCode {
     }
 }
 
-fn run_main(args: BenchArgs) -> Result<bool> {
+fn run_main(mut args: BenchArgs) -> Result<bool> {
+    if args.protocol == Protocol::Centrifugo {
+        if args.target != Target::Switchyard {
+            bail!("--protocol centrifugo needs --target switchyard");
+        }
+        args.target = Target::Centrifugo;
+        let point = |url: &mut String| {
+            if let Some(base) = url.strip_suffix("/ws") {
+                *url = format!("{base}/connection/websocket");
+            }
+        };
+        point(&mut args.url);
+        args.pub_url.iter_mut().for_each(point);
+        args.sub_urls.iter_mut().for_each(point);
+    }
     if args.scenario == Scenario::Table {
         print!("{}", table(&args.column)?);
         return Ok(true);

@@ -413,7 +413,7 @@ pub(crate) async fn fanout(a: &BenchArgs, load: Load) -> Result<Report> {
             publishers,
             inflight: a.inflight,
             flow: match (target, a.flow) {
-                (Target::Switchyard, Flow::Each) => "each".into(),
+                (Target::Switchyard | Target::Centrifugo, Flow::Each) => "each".into(),
                 _ => "batch".into(),
             },
             rate: load.rate,

@@ -179,7 +179,13 @@ impl<'a> Frames<'a> {
             Dialect::Native => Some(self.native.clone()),
             Dialect::Centrifugo => self
                 .centrifugo
-                .get_or_insert_with(|| switchyard_proto::centrifugo::pub_from_native(self.native.as_str()))
+                .get_or_insert_with(|| {
+                    let framed = switchyard_proto::centrifugo::pub_from_native(self.native.as_str());
+                    if framed.is_none() {
+                        tracing::warn!("a push is not a message push: Centrifugo clients do not get it");
+                    }
+                    framed
+                })
                 .clone(),
         }
     }

@@ -3,7 +3,7 @@
 //! It owns startup (recover every channel from the store and start one owner per partition),
 //! the owners' mailboxes, the adoption queue that holds a partition's mailbox during a
 //! handover, and the operations a node runs on a partition it owns: publish, commit, view,
-//! history, catch-up reads, subscribe and unsubscribe. It must never decide whether this node
+//! history, catch-up reads, subscribe and unsubscribe, presence. It must never decide whether this node
 //! owns a channel (the router does, from the map) and never hold a lock across an await.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +21,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::handovers::Handovers;
 use crate::idempotency::Budget;
 use crate::outbox::Outbox;
-use crate::owner::{ChannelView, Facts, Forward, Grant, Mailbox, Owner, OwnerCommand, PublishRequest, Start};
+use crate::owner::{
+    ChannelView, Facts, Forward, Grant, Mailbox, Owner, OwnerCommand, PresenceCommand, PresenceSettings,
+    PublishRequest, Start,
+};
 use crate::replication::Replication;
+use switchyard_proto::presence::{PresenceEntry, PresenceStats};
 
 /// Capacity of each owner's mailbox; a full mailbox makes senders wait (backpressure).
 const OWNER_MAILBOX: usize = 8192;
@@ -149,6 +153,8 @@ pub struct Settings {
     pub idempotency_max_bytes: usize,
     /// How long an in-sync follower may lag before its leader asks it out of the ISR.
     pub replica_lag_timeout: Duration,
+    /// The presence limits of each namespace.
+    pub presence: Arc<dyn PresenceSettings>,
 }
 
 /// Every partition owner of this node, and the operations on a partition it owns.
@@ -223,6 +229,7 @@ impl Partitions {
                     adoptions: adopt_rx,
                     forward: settings.forward_sealed.then(|| forward_tx.clone()),
                     replication: replication.clone(),
+                    presence: settings.presence.clone(),
                 },
             );
             tasks.push(tokio::spawn(owner.run()));
@@ -441,6 +448,64 @@ impl Partitions {
             Ok(Some(meta)) if *meta.epoch == **epoch => Ok((messages, meta.first)),
             Ok(Some(_)) => Err(OpError::new(ErrorCode::Unavailable, "the channel restarted under a new epoch")),
             _ => Ok((messages, u64::MAX)),
+        }
+    }
+
+    /// Records `entry` (a client connected to node `origin`) in `channel`'s presence at
+    /// `p`'s owner; a new client is announced with a `join` push when `announce`.
+    pub async fn join(
+        &self,
+        p: PartitionId,
+        channel: &str,
+        origin: Arc<str>,
+        entry: PresenceEntry,
+        announce: bool,
+    ) -> Result<(), OpError> {
+        self.ask(p, |reply| {
+            OwnerCommand::Presence(PresenceCommand::Join {
+                channel: channel.to_string(),
+                origin,
+                entry,
+                announce,
+                reply,
+            })
+        })
+        .await?
+    }
+
+    /// Forgets `client` (connected to node `origin`) in `channel`'s presence at `p`'s owner
+    /// (a `leave` push follows).
+    pub async fn leave(&self, p: PartitionId, channel: &str, origin: Arc<str>, client: &str) -> Result<(), OpError> {
+        self.ask(p, |reply| {
+            OwnerCommand::Presence(PresenceCommand::Leave {
+                channel: channel.to_string(),
+                origin,
+                client: client.to_string(),
+                reply: Some(reply),
+            })
+        })
+        .await?
+    }
+
+    /// Every client in `channel`'s presence (`limit_exceeded` past the namespace's
+    /// `presence_max_list`).
+    pub async fn presence(&self, p: PartitionId, channel: &str) -> Result<Vec<PresenceEntry>, OpError> {
+        self.ask(p, |reply| OwnerCommand::Presence(PresenceCommand::List { channel: channel.to_string(), reply }))
+            .await?
+    }
+
+    /// The counts of `channel`'s presence.
+    pub async fn presence_stats(&self, p: PartitionId, channel: &str) -> Result<PresenceStats, OpError> {
+        self.ask(p, |reply| OwnerCommand::Presence(PresenceCommand::Stats { channel: channel.to_string(), reply }))
+            .await?
+    }
+
+    /// Every owner forgets the presence of clients connected to `node` (it left the
+    /// cluster), without waiting.
+    pub fn drop_presence_of(&self, node: &str) {
+        let node: Arc<str> = node.into();
+        for p in 0..self.partitions {
+            self.hold(p, OwnerCommand::Presence(PresenceCommand::DropOrigin { node: node.clone() }));
         }
     }
 
@@ -723,6 +788,87 @@ mod tests {
         assert_eq!(page.epoch, grant.epoch.to_string());
         let page = parts.history(p, "room:9", HistoryQuery::backward(None, 0)).await.unwrap();
         assert!(page.messages.is_empty() && page.offset == 10);
+    }
+
+    /// Presence at the owner (limits in `test_support`: join and leave on, a list of at most
+    /// 3, pushes while at most 4 subscribers or clients): a repeated join replaces and pushes nothing,
+    /// the list is bounded while the stats still answer, pushes stop above the threshold,
+    /// a node's clients go with it, a channel with presence is not evicted, a seal clears it.
+    #[tokio::test]
+    async fn presence_joins_leaves_bounds_and_forgets() {
+        use switchyard_proto::presence::{PresenceEntry, PresenceStats};
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let ch = "room:p";
+        let p = parts.partition(ch);
+        let (_, _out, mut inbox) = subscribe(&parts, ch, Start::From(StartFrom::Latest)).await;
+        let n1: Arc<str> = "n1".into();
+        let join = |client: &str, user: &str, node: &Arc<str>| {
+            parts.join(p, ch, node.clone(), PresenceEntry::new(client, user), true)
+        };
+        join("1", "alice", &n1).await.unwrap();
+        let d = inbox.recv().await;
+        assert_eq!((d.kind, d.offset), (crate::outbox::Kind::Event, 0));
+        let v: serde_json::Value = serde_json::from_slice(&d.frame).unwrap();
+        assert_eq!((v["push"].as_str(), v["info"]["client"].as_str()), (Some("join"), Some("1")));
+        join("1", "alice", &n1).await.unwrap();
+        let n2: Arc<str> = "n2".into();
+        join("2", "alice", &n2).await.unwrap();
+        let d = inbox.recv().await;
+        let v: serde_json::Value = serde_json::from_slice(&d.frame).unwrap();
+        assert_eq!(v["info"]["client"].as_str(), Some("2"), "the repeated join pushed nothing");
+        assert_eq!(parts.presence_stats(p, ch).await.unwrap(), PresenceStats { num_clients: 2, num_users: 1 });
+        join("3", "bob", &n2).await.unwrap();
+        inbox.recv().await;
+        assert_eq!(parts.presence(p, ch).await.unwrap().len(), 3);
+        join("4", "carol", &n1).await.unwrap();
+        inbox.recv().await;
+        let err = parts.presence(p, ch).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded);
+        assert!(err.message.contains("over 3 clients"), "{}", err.message);
+        assert_eq!(parts.presence_stats(p, ch).await.unwrap(), PresenceStats { num_clients: 4, num_users: 3 });
+
+        // Node n2 leaves: its two clients go, with leave pushes.
+        parts.drop_presence_of("n2");
+        let mut left = Vec::new();
+        for _ in 0..2 {
+            let v: serde_json::Value = serde_json::from_slice(&inbox.recv().await.frame).unwrap();
+            assert_eq!(v["push"].as_str(), Some("leave"));
+            left.push(v["info"]["client"].as_str().unwrap().to_string());
+        }
+        left.sort();
+        assert_eq!(left, ["2", "3"]);
+        assert_eq!(parts.presence_stats(p, ch).await.unwrap(), PresenceStats { num_clients: 2, num_users: 2 });
+
+        // Above 4 subscribers: no join or leave pushes (the storm rule).
+        let (_, _o2, mut second) = subscribe(&parts, ch, Start::From(StartFrom::Latest)).await;
+        let mut more = Vec::new();
+        for _ in 0..3 {
+            more.push(subscribe(&parts, ch, Start::From(StartFrom::Latest)).await);
+        }
+        join("5", "dave", &n1).await.unwrap();
+        parts.leave(p, ch, n1.clone(), "5").await.unwrap();
+        assert!(inbox.try_recv().is_none() && second.try_recv().is_none(), "no pushes above the threshold");
+
+        // A channel with presence and no subscriber is not idle: it is not evicted.
+        let ghost = "ghost:p";
+        let q = parts.partition(ghost);
+        let (_, _og, _ig) = subscribe(&parts, ghost, Start::From(StartFrom::Latest)).await;
+        let sub = parts.next_id() - 1;
+        parts.join(q, ghost, n1.clone(), PresenceEntry::new("9", ""), true).await.unwrap();
+        parts.unsubscribe(ghost, sub).await;
+        for _ in 0..2 {
+            parts.snapshot(q).await.unwrap();
+        }
+        assert_eq!(parts.presence_stats(q, ghost).await.unwrap().num_clients, 1, "kept while present");
+        parts.leave(q, ghost, n1.clone(), "9").await.unwrap();
+        assert!(parts.snapshot(q).await.unwrap().iter().all(|s| &*s.channel != ghost), "evicted once empty");
+
+        // A seal clears presence (memory only); the sealed owner refuses presence.
+        parts.seal(p, "moved".into()).await.unwrap();
+        let refused = parts.presence_stats(p, ch).await.unwrap_err();
+        assert_eq!(refused.refusal, Some(switchyard_proto::refusal::Refusal::Sealed));
+        assert!(parts.store.channel_meta(p, ch).unwrap().is_none(), "presence never reaches the store");
     }
 
     /// Reads are free: history, subscribe and unsubscribe of a channel that never sees a

@@ -28,6 +28,11 @@ pub(crate) fn start(dir: &Path) -> Arc<Partitions> {
         idempotency_max_keys: 100_000,
         idempotency_max_bytes: 16 << 20,
         replica_lag_timeout: Duration::from_secs(2),
+        presence: Arc::new(crate::owner::PresenceLimits {
+            join_leave: true,
+            max_list: 3,
+            join_leave_max_subscribers: 4,
+        }),
     };
     Partitions::start(store, metrics, settings).unwrap().0
 }

@@ -54,6 +54,8 @@ pub(crate) enum Begun {
         capped: bool,
     },
     Info(PartitionId, String, Option<String>),
+    /// A presence operation (join, leave, list, stats) at the owner here.
+    Presence(PartitionId, Op),
     Pull(u32, u64, Option<(String, u64)>),
     Pulled(u32, u64),
     Replica(Op),
@@ -140,6 +142,9 @@ async fn run_owned(node: &Arc<Node>, p: PartitionId, op: Op, from_link: bool) ->
         }
         Op::Info { channel, consumer } => Begun::Info(p, channel, consumer),
         op @ (Op::Seat { .. } | Op::Unseat { .. }) => serve_seat(node, op),
+        op @ (Op::Join { .. } | Op::Leave { .. } | Op::Presence { .. } | Op::PresenceStats { .. }) => {
+            Begun::Presence(p, op)
+        }
         // Only client operations come here (`Op::is_client`).
         op => Begun::Done(Err(WireError::op(&OpError::internal(format!("{} is not a client operation", op.name()))))),
     }
@@ -235,6 +240,27 @@ impl Begun {
                     committed: f.committed,
                 })
             }),
+            Begun::Presence(p, op) => {
+                let parts = node.partitions();
+                let channel = op.channel().to_string();
+                let answer = match op {
+                    Op::Join { channel, node: origin, entry, announce } => parts
+                        .join(p, &channel, origin.into(), entry.into_entry(), announce)
+                        .await
+                        .map(|()| Answer::Done),
+                    Op::Leave { channel, node: origin, client } => {
+                        parts.leave(p, &channel, origin.into(), &client).await.map(|()| Answer::Done)
+                    }
+                    Op::Presence { channel } => parts
+                        .presence(p, &channel)
+                        .await
+                        .map(|list| Answer::Presence(list.iter().map(wire::WireEntry::from).collect())),
+                    Op::PresenceStats { channel } => parts.presence_stats(p, &channel).await.map(Answer::PresenceStats),
+                    _ => unreachable!("only presence operations come here"),
+                };
+                // A sealed owner sends the caller on to the new one.
+                return answer.map_err(|e| sealed(node, &channel, &e));
+            }
             Begun::Pull(p, moved_at, cursor) => crate::handover::serve_pull(node, p, moved_at, cursor).await,
             Begun::Pulled(p, moved_at) => crate::handover::serve_pulled(node, p, moved_at).await.map(|()| Answer::Done),
             Begun::Replica(op) => crate::replica::serve(node, op).await,

@@ -36,15 +36,17 @@ const PUSH_BYTES: usize = 256 << 20;
 /// with the pushes of the upstream subscriptions registered on it.
 #[tracing::instrument(name = "peer_link", skip_all, fields(peer = %peer, side = "accepted"))]
 ///
-/// `refusals`: whether the dialer reads typed refusals (see [`wire::reads_refusals`]);
-/// an older one gets errors in the shape it knows.
-pub async fn serve<S>(router: Arc<Router>, ws: WebSocketStream<S>, peer: String, refusals: bool)
+/// `wire`: the wire version the dialer named ([`wire::wire_version`]): one that predates
+/// typed refusals gets errors in the shape it knows, one that predates presence gets no
+/// presence events.
+pub async fn serve<S>(router: Arc<Router>, ws: WebSocketStream<S>, peer: String, wire: u32)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     // The router stays alive while the link runs (writes that race a seal are forwarded
     // by its task); the link's work reads the node.
     let node = router.node().clone();
+    let refusals = wire >= 2;
     let (mut sink, mut stream) = ws.split();
     let (tx, mut replies) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
@@ -56,7 +58,8 @@ where
     });
     let (outbox, inbox) = switchyard_core::outbox::outbox(PUSH_QUEUE, PUSH_BYTES);
     let subs: LinkSubs = Arc::default();
-    let pusher = tokio::spawn(push_loop(node.clone(), inbox, subs.clone(), tx.clone()));
+    let events = wire >= wire::PRESENCE_WIRE;
+    let pusher = tokio::spawn(push_loop(node.clone(), inbox, subs.clone(), tx.clone(), events));
     let link = Incoming { outbox: outbox.clone(), subs: subs.clone() };
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut shutdown = node.shutdown_signal();
@@ -79,7 +82,21 @@ where
         let (id, epoch, op) = match msg {
             Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
                 Ok(Frame::Request { id, epoch, op }) => (id, epoch, op),
-                Ok(Frame::Reply { .. } | Frame::Pushes(_)) | Err(_) => {
+                // A newer dialer's op this version does not know: an error, not a closed link.
+                Err(_) if wire::decode_request_id(&b).is_some() => {
+                    let id = wire::decode_request_id(&b).expect("checked");
+                    let e = switchyard_proto::protocol::OpError::new(
+                        switchyard_proto::protocol::ErrorCode::Unavailable,
+                        "unknown peer operation: this node runs an older version",
+                    );
+                    let mut result = Err(WireError::op(&e));
+                    if !refusals {
+                        result = result.map_err(WireError::legacy);
+                    }
+                    let _ = tx.send(wire::encode(&Frame::Reply { id, result })).await;
+                    continue;
+                }
+                Ok(Frame::Reply { .. } | Frame::Pushes(_) | Frame::Events(_)) | Err(_) => {
                     tracing::warn!("bad frame on a peer link; closing it");
                     break;
                 }
@@ -122,6 +139,7 @@ async fn push_loop(
     mut inbox: switchyard_core::outbox::Inbox,
     subs: LinkSubs,
     tx: mpsc::Sender<Vec<u8>>,
+    events: bool,
 ) {
     loop {
         let burst = inbox.recv_all().await;
@@ -129,7 +147,27 @@ async fn push_loop(
             return; // the link is too slow for its pushes: it is closing
         }
         let (mut pushes, mut bytes) = (Vec::new(), 0);
+        let mut news: Vec<wire::Event> = Vec::new();
         for d in burst {
+            if d.kind == Kind::Event {
+                // Presence news, for a dialer that reads it, in order with the messages:
+                // the pushes before it go out first.
+                let Some(sub) = events.then(|| subs.lock().expect("link subs").get(&d.sub).map(|(r, _)| *r)).flatten()
+                else {
+                    continue;
+                };
+                if !pushes.is_empty() {
+                    if tx.send(wire::encode(&Frame::Pushes(std::mem::take(&mut pushes)))).await.is_err() {
+                        return;
+                    }
+                    bytes = 0;
+                }
+                news.push(wire::Event { sub, frame: d.frame.as_str().to_owned() });
+                continue;
+            }
+            if !news.is_empty() && tx.send(wire::encode(&Frame::Events(std::mem::take(&mut news)))).await.is_err() {
+                return;
+            }
             let remote = {
                 let mut subs = subs.lock().expect("link subs");
                 let remote = subs.get(&d.sub).map(|(r, _)| *r);
@@ -155,6 +193,9 @@ async fn push_loop(
             }
         }
         if !pushes.is_empty() && tx.send(wire::encode(&Frame::Pushes(pushes))).await.is_err() {
+            return;
+        }
+        if !news.is_empty() && tx.send(wire::encode(&Frame::Events(news))).await.is_err() {
             return;
         }
     }

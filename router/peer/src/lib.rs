@@ -5,7 +5,8 @@
 //! - [`router`]: the facade the server and the cluster hold; wires the parts together.
 //! - `endpoint`: the `/peer` endpoint, the owner's side of an accepted link ([`serve`]).
 //! - `upstream`: a gateway's one subscription per remote channel; `seats`: asking a
-//!   user's seat holder for a seat.
+//!   user's seat holder for a seat; `presence`: presence at the owner, the presence this
+//!   node announced, and dropping the presence of nodes that left.
 //! - `call`: running an operation where the map puts it, following typed refusals.
 //! - `dispatch`: the one dispatcher of operations run as the owner, leader or holder.
 //! - `handover`: moving a partition's state when the map moves it; `replica`: followers
@@ -25,6 +26,7 @@ mod endpoint;
 mod handover;
 mod link;
 mod node;
+mod presence;
 mod replica;
 pub mod router;
 mod seat_table;

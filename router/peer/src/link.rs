@@ -4,12 +4,12 @@
 //! secret), the bounded queue of requests waiting for the link, the table of requests
 //! waiting for their reply, and the routing of pushes that arrive on it to their upstream
 //! subscriptions (noticing each drop, so those resubscribe). It answers a request that the
-//! acceptor's wire version cannot read (`Op::wire_needs`) itself, without sending it. It
+//! acceptor's wire version cannot read (`Op::min_wire`) itself, without sending it. It
 //! must never block a caller on a full queue or a dead peer:
 //! a full queue is `unavailable` at once, and every request has a deadline.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ const QUEUE: usize = 4096;
 type Waiter = oneshot::Sender<Result<Answer, WireError>>;
 
 /// A request waiting for the link: its id, its encoded frame, and the lowest wire version
-/// of an acceptor that reads it ([`Op::wire_needs`]).
+/// of an acceptor that reads it ([`Op::min_wire`]).
 type Queued = (u64, Vec<u8>, u32);
 
 /// How the message of an error for a request whose reply never came ends: the owner may
@@ -49,8 +49,8 @@ fn lost(message: String) -> WireError {
 /// The answer to a request the acceptor's wire `version` would misread: it was not sent.
 fn too_old(peer: &str, version: u32) -> WireError {
     let message = format!(
-        "{peer} runs an older version (peer wire {version}) that cannot read history backwards; \
-         try again after the upgrade"
+        "node {peer} runs an older version (peer wire {version}) without this operation (presence, or \
+         history read backwards); try again after the upgrade"
     );
     WireError::op(&OpError::new(switchyard_proto::protocol::ErrorCode::Unavailable, message))
 }
@@ -58,7 +58,12 @@ fn too_old(peer: &str, version: u32) -> WireError {
 /// One peer link.
 pub(crate) struct Link {
     peer: String,
+    /// Requests for the connection: id, encoded frame, and the wire version the acceptor
+    /// must read for it ([`Op::min_wire`]).
     tx: mpsc::Sender<Queued>,
+    /// The wire version the acceptor named when the link last came up (`u32::MAX` before
+    /// it ever did): an op it does not know is refused here, never sent.
+    acceptor_wire: AtomicU32,
     pending: Mutex<HashMap<u64, Waiter>>,
     next_id: AtomicU64,
     /// Upstream subscriptions whose pushes arrive on this link, by their id. Read for
@@ -98,6 +103,10 @@ pub(crate) trait PushTarget: Send + Sync {
     /// A push for subscription `sub`; outboxes lent to this burst go in `lent`, flushed
     /// once per frame.
     fn on_push(&self, sub: u64, offset: u64, frame: String, end: bool, lent: &mut Vec<Arc<Outbox>>);
+
+    /// Presence news (a native `join` or `leave` push) for subscription `sub`: it has no
+    /// offset.
+    fn on_event(&self, sub: u64, frame: String, lent: &mut Vec<Arc<Outbox>>);
 }
 
 /// Every outgoing link of a node, created on first use.
@@ -135,6 +144,7 @@ impl Links {
                 let link = Arc::new(Link {
                     peer: peer.to_string(),
                     tx,
+                    acceptor_wire: AtomicU32::new(u32::MAX),
                     pending: Mutex::new(HashMap::new()),
                     next_id: AtomicU64::new(1),
                     subs: ArcSwap::from_pointee(HashMap::new()),
@@ -162,11 +172,16 @@ impl Link {
     /// Queues `op` on this link; see [`Links::send`].
     pub(crate) fn send(self: &Arc<Self>, epoch: u64, op: &Op) -> Result<Pending, WireError> {
         let (link, peer) = (self.clone(), &self.peer);
+        let need = op.min_wire();
+        let known = self.acceptor_wire.load(Ordering::Relaxed);
+        if need > known {
+            return Err(too_old(peer, known));
+        }
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         link.pending.lock().expect("pending").insert(id, tx);
         let bytes = wire::encode_request(id, epoch, op);
-        if link.tx.try_send((id, bytes, op.wire_needs())).is_err() {
+        if link.tx.try_send((id, bytes, need)).is_err() {
             link.pending.lock().expect("pending").remove(&id);
             return Err(WireError::op(&OpError::refused(Refusal::Unavailable, format!("peer link to {peer} is full"))));
         }
@@ -313,9 +328,8 @@ async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
     }
 }
 
-/// A connected link, and the wire version the acceptor speaks (it answers the upgrade
-/// with [`wire::WIRE_HEADER`]; one that predates refusals does not, and its errors go
-/// through [`wire::from_legacy`]).
+/// A connected link, and the wire version the acceptor named in its answer to the upgrade
+/// ([`wire::WIRE_HEADER`]; 0 without: its errors go through [`wire::from_legacy`]).
 type Connected = (tokio_tungstenite::WebSocketStream<Box<dyn Io>>, u32);
 
 /// Connects to `url` (`http://` or `https://`) and upgrades to the `/peer` WebSocket,
@@ -357,6 +371,7 @@ async fn pump(
 ) -> Result<(), LinkError> {
     let (ws, version) =
         tokio::time::timeout(Duration::from_secs(2), connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
+    link.acceptor_wire.store(version, Ordering::Relaxed);
     let refusals = version >= 2;
     let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
     metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
@@ -366,14 +381,14 @@ async fn pump(
     loop {
         tokio::select! {
             out = rx.recv() => {
-                let Some((id, bytes, needs)) = out else { return Ok(()) };
+                let Some((id, bytes, need)) = out else { return Ok(()) };
                 // A request whose caller gave up is not sent.
                 if !link.pending.lock().expect("pending").contains_key(&id) {
                     continue;
                 }
-                // Nor one an older acceptor would misread (a rolling upgrade): its caller
-                // is told, and nothing ran.
-                if needs > version {
+                // Nor one an older acceptor would misread or not know (a rolling upgrade,
+                // queued before the link came up): its caller is told, and nothing ran.
+                if need > version {
                     if let Some(w) = link.pending.lock().expect("pending").remove(&id) {
                         let _ = w.send(Err(too_old(&link.peer, version)));
                     }
@@ -397,6 +412,16 @@ async fn pump(
                         for p in pushes {
                             if let Some(up) = subs.get(&p.sub) {
                                 up.on_push(p.sub, p.offset, p.frame, p.end, &mut lent);
+                            }
+                        }
+                        switchyard_core::outbox::flush_lent(&mut lent, metrics);
+                    }
+                    Ok(Frame::Events(events)) => {
+                        let subs = link.subs.load();
+                        let mut lent = Vec::new();
+                        for e in events {
+                            if let Some(up) = subs.get(&e.sub) {
+                                up.on_event(e.sub, e.frame, &mut lent);
                             }
                         }
                         switchyard_core::outbox::flush_lent(&mut lent, metrics);
@@ -495,5 +520,31 @@ mod tests {
             assert!(matches!(page, Answer::History { offset: 3, .. }));
         }
         assert_eq!(seen.load(Ordering::Relaxed), 2);
+    }
+
+    /// A link to an acceptor of the previous wire version refuses presence ops with
+    /// `unavailable` at once (never sends them: the old acceptor would close the link on a
+    /// frame it cannot read); other ops are queued as before.
+    #[tokio::test]
+    async fn an_older_acceptor_is_never_sent_a_presence_op() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let link = Arc::new(Link {
+            peer: "old".into(),
+            tx,
+            acceptor_wire: AtomicU32::new(2),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            subs: ArcSwap::from_pointee(HashMap::new()),
+            down: watch::channel(0).0,
+        });
+        let Err(e) = link.send(1, &Op::PresenceStats { channel: "room:1".into() }) else { panic!("sent") };
+        assert_eq!(e.to_op().code, switchyard_proto::protocol::ErrorCode::Unavailable);
+        assert!(link.pending.lock().unwrap().is_empty());
+        let _pending = link.send(1, &Op::history("room:1", switchyard_core::HistoryQuery::forward(0, 1))).unwrap();
+        assert_eq!(rx.try_recv().unwrap().2, 0);
+        // Before the link ever came up the version is unknown: queued, checked at send.
+        link.acceptor_wire.store(u32::MAX, Ordering::Relaxed);
+        let _pending = link.send(1, &Op::Presence { channel: "room:1".into() }).unwrap();
+        assert_eq!(rx.try_recv().unwrap().2, crate::wire::PRESENCE_WIRE);
     }
 }

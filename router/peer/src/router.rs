@@ -4,7 +4,7 @@
 //! and nothing in this crate depends on this module. It wires the parts together (the
 //! node's routing state, the links, the upstream subscriptions, the replication and seat
 //! tasks), offers the client operations (publish, subscribe, commit, history, catch-up,
-//! a seat), each routed once by [`Node::locate`](crate::node::Node) to the owner here
+//! a seat, presence), each routed once by [`Node::locate`](crate::node::Node) to the owner here
 //! (the core layer's [`Partitions`]) or elsewhere (forwarded over a peer link, or refused
 //! naming the owner when peer links are off), and hands map installs to handover,
 //! replication and seats. It must never wait on etcd, never parse client frames and never
@@ -23,9 +23,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::link::{Dial, LinkEnv, Links};
 use crate::node::{Node, Route};
+use crate::presence::Announced;
 use crate::seats::Seating;
 use crate::upstream::Upstreams;
 use crate::wire::Op;
+use switchyard_proto::presence::{PresenceEntry, PresenceStats};
 
 /// What the router needs besides the partitions.
 pub struct Settings {
@@ -46,6 +48,8 @@ pub struct Router {
     node: Arc<Node>,
     /// Upstream subscriptions to remote channels (with peer links).
     upstreams: Option<Arc<Upstreams>>,
+    /// The presence this node's sessions announced (re-announced when a channel moves).
+    announced: Arc<Announced>,
 }
 
 impl Router {
@@ -68,10 +72,11 @@ impl Router {
         // The tasks hold the node weakly: dropping the router stops them.
         if peers {
             tokio::spawn(crate::replica::isr_checks(Arc::downgrade(&node)));
+            tokio::spawn(crate::presence::drop_on_leave(Arc::downgrade(&node), members.clone()));
             tokio::spawn(crate::seats::sweep_on_leave(Arc::downgrade(&node), members));
         }
         let upstreams = peers.then(|| Upstreams::new(Arc::downgrade(&node)));
-        Arc::new(Self { node, upstreams })
+        Arc::new(Self { node, upstreams, announced: Arc::default() })
     }
 
     /// The routing state, for the `/peer` endpoint.
@@ -154,7 +159,33 @@ impl Router {
         crate::handover::after_install(&self.node, before);
         crate::replica::after_install(&self.node);
         crate::seats::after_install(&self.node, before);
+        crate::presence::after_install(&self.node, &self.announced, before);
         self.node.partitions().handovers.installed(epoch);
+    }
+
+    /// Records `entry` in `channel`'s presence at its owner (a `join` push to the
+    /// channel's subscribers if the client is new and the namespace sends them), and in
+    /// this node's registry, from which it is announced again if the channel moves.
+    pub async fn join(&self, channel: &str, entry: PresenceEntry) -> Result<(), OpError> {
+        crate::presence::join(&self.node, &self.announced, channel, entry).await
+    }
+
+    /// Forgets `client` in `channel`'s presence (a `leave` push) and in this node's
+    /// registry. Best effort: an owner that cannot be reached forgets it when it restarts
+    /// or this node leaves.
+    pub async fn leave(&self, channel: &str, client: &str) {
+        crate::presence::leave(&self.node, &self.announced, channel, client).await
+    }
+
+    /// Every client in `channel`'s presence, from its owner (`limit_exceeded` past the
+    /// namespace's `presence_max_list`; `unavailable` from an owner that predates presence).
+    pub async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, OpError> {
+        crate::presence::list(&self.node, channel).await
+    }
+
+    /// The counts of `channel`'s presence, from its owner.
+    pub async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, OpError> {
+        crate::presence::stats(&self.node, channel).await
     }
 
     /// Forwards the writes that reach a sealed partition to its new owner, until the

@@ -4,7 +4,8 @@
 //! It owns, per channel owned by another node, the registration at the owner (pushes
 //! arrive on the peer link tagged with the upstream's id), the last offset fanned out, and
 //! the local fan-out: the owner's serialized push frame is turned into shared bytes once
-//! and queued, by reference, to every local subscriber's outbox. When the link drops or the
+//! and queued, by reference, to every local subscriber's outbox (presence news too, in each
+//! subscriber's dialect, outside the offset order). When the link drops or the
 //! owner ends the subscription (its partition moved), one task per upstream resubscribes
 //! at whatever node the map names and catches up from the last offset it delivered, so
 //! local subscribers see no gap and no duplicate. If the channel restarted under a new
@@ -17,7 +18,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use switchyard_proto::Text;
+use switchyard_proto::presence;
+use switchyard_proto::{Dialect, Text};
 use tokio::sync::{watch, Notify};
 
 use crate::link::{Link, PushTarget};
@@ -300,6 +302,41 @@ impl PushTarget for Upstream {
         drop(g);
         self.changes.send_modify(|n| *n += 1);
         self.wake.notify_one();
+    }
+
+    /// Presence news from the owner: fanned out to the local subscribers in their dialects
+    /// (each rendered once) while the upstream is live. It carries no offset, so it never
+    /// moves `last` nor counts as a gap.
+    fn on_event(&self, sub: u64, frame: String, lent: &mut Vec<Arc<Outbox>>) {
+        let mut g = self.inner.lock().expect("upstream");
+        if g.reg.as_ref().map(|r| r.0) != Some(sub) || g.closed || !g.live {
+            return;
+        }
+        let native = Text::from(frame);
+        let mut centrifugo: Option<Option<Text>> = None;
+        g.locals.retain(|(sub, outbox)| {
+            let frame = match outbox.dialect() {
+                Dialect::Native => native.clone(),
+                Dialect::Centrifugo => match centrifugo
+                    .get_or_insert_with(|| {
+                        let (channel, change, entry) = presence::parse_native_push(native.as_str())?;
+                        Some(presence::push(Dialect::Centrifugo, &channel, change, &entry))
+                    })
+                    .clone()
+                {
+                    Some(f) => f,
+                    None => return true,
+                },
+            };
+            match outbox.push_direct(Delivery { sub: *sub, offset: 0, frame, kind: Kind::Event }) {
+                Pushed::Closed => false,
+                Pushed::Direct => {
+                    lent.push(outbox.clone());
+                    true
+                }
+                Pushed::Queued | Pushed::Slow => true,
+            }
+        });
     }
 }
 

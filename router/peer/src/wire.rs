@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 
 use switchyard_core::owner::PublishRequest;
 use switchyard_core::{HistoryPage, HistoryQuery, OwnedMessage};
+use switchyard_proto::presence::{PresenceEntry, PresenceStats};
 use switchyard_proto::protocol::{ErrorCode, OpError, PublishOk};
 use switchyard_proto::refusal::Refusal;
 use switchyard_store::StoredMessage;
@@ -20,9 +21,18 @@ pub const SECRET_HEADER: &str = "x-switchyard-cluster-secret";
 /// ([`WireError::legacy`]).
 pub const WIRE_HEADER: &str = "x-switchyard-peer-wire";
 
-/// This version of the peer wire: 2 adds typed refusals to errors, 3 backward history
-/// reads (a [`Op::History`] request's suffix, [`HistoryRange`]).
+/// This version of the peer wire: 2 adds typed refusals to errors; 3 adds backward history
+/// reads (a [`Op::History`] request's suffix, [`HistoryRange`]) and presence (the ops
+/// [`Op::Join`], [`Op::Leave`], [`Op::Presence`], [`Op::PresenceStats`], their answers, and
+/// [`Frame::Events`]). A node sends such a request only to a peer that names version 3 or
+/// later in [`WIRE_HEADER`] ([`Op::min_wire`]): an older acceptor is never sent one (the
+/// caller gets `unavailable`), an older dialer is never sent an event (its clients see no
+/// join or leave pushes). From version 3 on, an acceptor answers a request whose op it does
+/// not know with an `unavailable` error instead of closing the link ([`decode_request_id`]).
 pub const WIRE_VERSION: u32 = 3;
+
+/// The first version of the wire with presence and backward history reads.
+pub const PRESENCE_WIRE: u32 = 3;
 
 /// The wire version a peer that sent `header` (the value of [`WIRE_HEADER`]) speaks: 1
 /// when it sent none (it predates the header).
@@ -57,6 +67,56 @@ pub enum Frame {
     /// Owner → gateway: the messages for upstream subscriptions that one wake-up of the
     /// link's pusher found, in order (one frame per burst, not per message).
     Pushes(Vec<Push>),
+    /// Owner → gateway (wire 3 and later only): presence news for upstream subscriptions,
+    /// in order. They carry no offset and never touch a subscription's offset continuity.
+    Events(Vec<Event>),
+}
+
+/// Presence news for an upstream subscription: the native `join` or `leave` push, which the
+/// gateway renders in each local subscriber's dialect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The gateway's id for the upstream subscription.
+    pub sub: u64,
+    /// The native push frame (JSON text).
+    pub frame: String,
+}
+
+/// A presence entry on the wire (its info as JSON text: postcard cannot carry a raw value).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireEntry {
+    /// Client id.
+    pub client: String,
+    /// User.
+    pub user: String,
+    /// Connection info (JSON text).
+    pub conn_info: Option<String>,
+    /// Channel info (JSON text).
+    pub chan_info: Option<String>,
+}
+
+impl From<&PresenceEntry> for WireEntry {
+    fn from(e: &PresenceEntry) -> Self {
+        WireEntry {
+            client: e.client.clone(),
+            user: e.user.clone(),
+            conn_info: e.conn_info.as_ref().map(|r| r.get().to_string()),
+            chan_info: e.chan_info.as_ref().map(|r| r.get().to_string()),
+        }
+    }
+}
+
+impl WireEntry {
+    /// Back to an entry; info that is not JSON is dropped.
+    pub fn into_entry(self) -> PresenceEntry {
+        let raw = |s: Option<String>| s.and_then(|s| RawValue::from_string(s).ok());
+        PresenceEntry {
+            client: self.client,
+            user: self.user,
+            conn_info: raw(self.conn_info),
+            chan_info: raw(self.chan_info),
+        }
+    }
 }
 
 /// A message for an upstream subscription, as the owner serialized it for its own clients
@@ -94,7 +154,7 @@ pub enum Op {
     /// `before` and `reverse` are not part of the op's own encoding (which is the previous
     /// version's, byte for byte): a backward read carries them as a [`HistoryRange`] after
     /// the request frame, and is sent only to a peer of wire version 3 or later
-    /// ([`Op::wire_needs`]).
+    /// ([`Op::min_wire`]).
     History {
         /// Channel.
         channel: String,
@@ -219,6 +279,36 @@ pub enum Op {
         /// The connection's id on that node.
         conn: u64,
     },
+    /// Presence (wire 3): record a client of `node` in the channel's presence.
+    Join {
+        /// Channel.
+        channel: String,
+        /// The node the client is connected to.
+        node: String,
+        /// The entry (boxed: it would double the size of every op).
+        entry: Box<WireEntry>,
+        /// Push `join` if the client is new (false when re-announcing after a move).
+        announce: bool,
+    },
+    /// Presence (wire 3): forget a client of `node`.
+    Leave {
+        /// Channel.
+        channel: String,
+        /// The node the client is connected to.
+        node: String,
+        /// The client's id.
+        client: String,
+    },
+    /// Presence (wire 3): the channel's presence list.
+    Presence {
+        /// Channel.
+        channel: String,
+    },
+    /// Presence (wire 3): the channel's presence counts.
+    PresenceStats {
+        /// Channel.
+        channel: String,
+    },
 }
 
 impl Op {
@@ -230,7 +320,11 @@ impl Op {
             | Op::Commit { channel, .. }
             | Op::Subscribe { channel, .. }
             | Op::Unsubscribe { channel, .. }
-            | Op::Info { channel, .. } => channel,
+            | Op::Info { channel, .. }
+            | Op::Join { channel, .. }
+            | Op::Leave { channel, .. }
+            | Op::Presence { channel }
+            | Op::PresenceStats { channel } => channel,
             Op::Seat { key, .. } | Op::Unseat { key, .. } => key,
             Op::Pull { .. } | Op::Pulled { .. } | Op::Fetch { .. } | Op::Snapshot { .. } | Op::EpochEnd { .. } => "",
         }
@@ -252,6 +346,21 @@ impl Op {
             Op::Fetch { .. } => "fetch",
             Op::Snapshot { .. } => "snapshot",
             Op::EpochEnd { .. } => "epoch_end",
+            Op::Join { .. } => "join",
+            Op::Leave { .. } => "leave",
+            Op::Presence { .. } => "presence",
+            Op::PresenceStats { .. } => "presence_stats",
+        }
+    }
+
+    /// The first wire version whose acceptors read this op as meant: presence ops and a
+    /// history read with a [`HistoryRange`] suffix need 3. A link refuses to send an op to
+    /// an acceptor of a lower version (a rolling upgrade), rather than have it misread.
+    pub fn min_wire(&self) -> u32 {
+        match self {
+            Op::Join { .. } | Op::Leave { .. } | Op::Presence { .. } | Op::PresenceStats { .. } => PRESENCE_WIRE,
+            _ if history_range(self).is_some() => PRESENCE_WIRE,
+            _ => 0,
         }
     }
 
@@ -267,6 +376,10 @@ impl Op {
                 | Op::Info { .. }
                 | Op::Seat { .. }
                 | Op::Unseat { .. }
+                | Op::Join { .. }
+                | Op::Leave { .. }
+                | Op::Presence { .. }
+                | Op::PresenceStats { .. }
         )
     }
 
@@ -277,6 +390,9 @@ impl Op {
             Op::Publish { idempotency_key, .. } => idempotency_key.is_some(),
             // Seats are keyed by (node, connection): asking twice holds one seat.
             Op::Commit { .. } | Op::History { .. } | Op::Info { .. } | Op::Seat { .. } | Op::Unseat { .. } => true,
+            // A join is keyed by client id (a repeat replaces), a leave of a gone client does
+            // nothing, and reads are reads.
+            Op::Join { .. } | Op::Leave { .. } | Op::Presence { .. } | Op::PresenceStats { .. } => true,
             Op::Subscribe { .. }
             | Op::Unsubscribe { .. }
             | Op::Pull { .. }
@@ -291,17 +407,6 @@ impl Op {
     pub fn history(channel: &str, q: HistoryQuery) -> Self {
         let HistoryQuery { since, before, limit, reverse } = q;
         Op::History { channel: channel.to_string(), since, limit, before, reverse }
-    }
-
-    /// The lowest wire version of a peer that reads this op as meant: 3 for a history read
-    /// with a [`HistoryRange`] suffix, 1 for the rest. A link refuses to send an op to an
-    /// acceptor of a lower version (a rolling upgrade), rather than have it read wrongly.
-    pub fn wire_needs(&self) -> u32 {
-        if history_range(self).is_some() {
-            3
-        } else {
-            1
-        }
     }
 
     /// The op of a publish.
@@ -360,8 +465,12 @@ pub enum Answer {
     EpochEnd(Option<(u64, u64)>),
     /// Whether a seat was granted.
     Seated(bool),
-    /// Nothing to say (unsubscribe, pulled, unseat).
+    /// Nothing to say (unsubscribe, pulled, unseat, join, leave).
     Done,
+    /// A channel's presence list (wire 3).
+    Presence(Vec<WireEntry>),
+    /// A channel's presence counts (wire 3).
+    PresenceStats(PresenceStats),
 }
 
 /// What a gateway needs to know about a channel to grant a local subscription.
@@ -567,6 +676,16 @@ impl Answer {
             Answer::Published { offset, epoch } => Ok(PublishOk { offset, epoch: epoch.into() }),
             _ => Err(OpError::internal("peer answered publish with another answer")),
         }
+    }
+}
+
+/// The id of a request whose op this version does not know (a newer peer's), so that it
+/// can be answered with an error rather than the link closed: a `Frame::Request` is its
+/// variant index 0, its id and its epoch, then the op's variant index.
+pub(crate) fn decode_request_id(bytes: &[u8]) -> Option<u64> {
+    match postcard::take_from_bytes::<(u32, u64, u64)>(bytes) {
+        Ok(((0, id, _), _)) => Some(id),
+        _ => None,
     }
 }
 
@@ -838,15 +957,15 @@ mod tests {
         // A forward read (catch-up, paging on) is byte for byte the old request, so an
         // older owner reads it; it needs no newer peer.
         assert_eq!(encode_request(4, 2, &want), bytes);
-        assert_eq!(want.wire_needs(), 1);
+        assert_eq!(want.min_wire(), 0);
         let q = HistoryQuery { since: 7, before: None, limit: 50, reverse: false };
         assert_eq!(Op::history("room:1", q), want);
 
         // A backward read is the old request and its range after it: an older owner would
         // find trailing bytes, so links send it only to wire 3 peers.
         let back = Op::history("room:1", HistoryQuery { since: 0, before: Some(40), limit: 0, reverse: true });
-        assert_eq!(back.wire_needs(), 3);
-        assert!(WIRE_VERSION >= back.wire_needs());
+        assert_eq!(back.min_wire(), 3);
+        assert!(WIRE_VERSION >= back.min_wire());
         let ours = encode_request(4, 2, &back);
         let (head, rest) = postcard::take_from_bytes::<OldRequest>(&ours).unwrap();
         assert!(matches!(head, OldRequest::Request { op: OldOp::History { since: 0, limit: 0, .. }, .. }));
@@ -890,6 +1009,62 @@ mod tests {
         let redirect = Some(Refusal::Redirect { owner: "n2".into(), epoch: 4 });
         let e = WireError { refusal: redirect.clone(), ..old("not the owner") };
         assert_eq!(from_legacy(e).refusal, redirect);
+    }
+
+    /// Presence (wire 3) round trips; a request whose op this version does not know still
+    /// yields its id (answered with an error, the link kept); frames of the previous
+    /// version encode as before.
+    #[test]
+    fn presence_crosses_the_wire_and_unknown_ops_are_answered() {
+        let entry = WireEntry {
+            client: "7".into(),
+            user: "alice".into(),
+            conn_info: Some("{\"a\":1}".into()),
+            chan_info: None,
+        };
+        let frames = [
+            Frame::Request {
+                id: 1,
+                epoch: 2,
+                op: Op::Join {
+                    channel: "room:1".into(),
+                    node: "n1".into(),
+                    entry: Box::new(entry.clone()),
+                    announce: false,
+                },
+            },
+            Frame::Request {
+                id: 2,
+                epoch: 2,
+                op: Op::Leave { channel: "room:1".into(), node: "n1".into(), client: "7".into() },
+            },
+            Frame::Request { id: 3, epoch: 2, op: Op::PresenceStats { channel: "room:1".into() } },
+            Frame::Reply { id: 3, result: Ok(Answer::Presence(vec![entry.clone()])) },
+            Frame::Reply { id: 4, result: Ok(Answer::PresenceStats(PresenceStats { num_clients: 3, num_users: 2 })) },
+            Frame::Events(vec![Event { sub: 9, frame: "{\"push\":\"join\"}".into() }]),
+        ];
+        for f in frames {
+            assert_eq!(decode(&encode(&f)).unwrap(), f);
+        }
+        assert_eq!(entry.clone().into_entry().conn_info.unwrap().get(), "{\"a\":1}");
+        assert_eq!(WireEntry::from(&entry.into_entry()).client, "7");
+        assert_eq!(Op::Presence { channel: "x".into() }.min_wire(), PRESENCE_WIRE);
+        assert_eq!(Op::history("x", HistoryQuery::forward(0, 1)).min_wire(), 0);
+
+        // A newer peer's op (variant 200, with fields): not a frame here, but its id is read.
+        let mut newer = postcard::to_stdvec(&(0u32, 41u64, 5u64, 200u32)).unwrap();
+        newer.extend_from_slice(&[3, 1, 2, 3]);
+        assert!(decode(&newer).is_err());
+        assert_eq!(decode_request_id(&newer), Some(41));
+        let reply = encode(&Frame::Reply { id: 41, result: Ok(Answer::Done) });
+        assert_eq!(decode_request_id(&reply), None, "only requests are answered so");
+
+        // What the previous version sends and reads is unchanged: a push frame, a request.
+        let push = Frame::Pushes(vec![Push { sub: 1, offset: 2, frame: "{}".into(), end: false }]);
+        assert_eq!(encode(&push), postcard::to_stdvec(&(2u32, vec![(1u64, 2u64, "{}", false)])).unwrap());
+        assert_eq!(wire_version(Some(b"3")), 3);
+        assert_eq!(wire_version(None), 1, "a peer without the header predates it");
+        assert!(reads_refusals(Some(b"2")) && !reads_refusals(None));
     }
 
     proptest::proptest! {

@@ -7,6 +7,8 @@
 //! into frame bytes; which code a router condition becomes is the session's choice, made with
 //! the constants here.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -124,6 +126,9 @@ pub enum CfCommand {
         flag: i64,
         /// `data.consumer`: a durable consumer to subscribe as.
         consumer: Option<String>,
+        /// A feature asked for that this server does not offer (a tag filter, a map or
+        /// shared-poll subscription, delta compression): answered 108, never ignored.
+        unsupported: Option<&'static str>,
     },
     /// `unsubscribe`.
     Unsubscribe {
@@ -302,6 +307,11 @@ struct SubscribeReq<'a> {
     flag: i64,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tf: Option<&'a RawValue>,
+    #[serde(rename = "type")]
+    kind: i64,
+    delta: String,
 }
 
 #[derive(Deserialize)]
@@ -434,6 +444,15 @@ fn command(method: &str, req: &RawValue) -> Result<CfCommand, CfError> {
                     return Err(CfError::bad_request("invalid consumer name: 1-255 characters of [A-Za-z0-9_:.@-]"));
                 }
             }
+            let unsupported = if r.tf.is_some_and(|f| f.get() != "null") {
+                Some("a publication filter (`tf`)")
+            } else if r.kind != 0 {
+                Some("a map or shared-poll subscription (`type`)")
+            } else if !r.delta.is_empty() {
+                Some("delta compression")
+            } else {
+                None
+            };
             CfCommand::Subscribe {
                 channel: channel(r.channel)?,
                 recover: r.recover,
@@ -441,6 +460,7 @@ fn command(method: &str, req: &RawValue) -> Result<CfCommand, CfError> {
                 epoch: r.epoch,
                 flag: r.flag,
                 consumer,
+                unsupported,
             }
         }
         "unsubscribe" => CfCommand::Unsubscribe { channel: channel(body::<ChannelReq>(req, method)?.channel)? },
@@ -610,21 +630,21 @@ pub fn pub_from_native(native: &str) -> Option<Text> {
     #[derive(Deserialize)]
     struct Native<'a> {
         #[serde(borrow)]
-        channel: &'a str,
+        channel: Cow<'a, str>,
         offset: u64,
         #[serde(default)]
         ts: u64,
+        // Keys may hold characters JSON escapes: borrowed when they do not.
         #[serde(borrow, default)]
-        key: Option<&'a str>,
+        key: Option<Cow<'a, str>>,
         #[serde(borrow, default)]
-        from: Option<&'a str>,
+        from: Option<Cow<'a, str>>,
         #[serde(borrow)]
         data: &'a RawValue,
     }
-    // Channel names, keys and user ids are plain ASCII (no escapes), so borrowing works;
-    // anything else is refused rather than guessed.
     let m: Native<'_> = serde_json::from_str(native).ok()?;
-    Some(pub_push(m.channel, &Publication::new(m.data, m.offset, m.ts, m.from, m.key)))
+    let publication = Publication::new(m.data, m.offset, m.ts, m.from.as_deref(), m.key.as_deref());
+    Some(pub_push(&m.channel, &publication))
 }
 
 /// A frame is one line: a line break in a raw payload's whitespace would split a packed
@@ -671,7 +691,8 @@ mod tests {
                     offset: 7,
                     epoch: "E".into(),
                     flag: 1,
-                    consumer: None
+                    consumer: None,
+                    unsupported: None
                 }
             )
         ));
@@ -745,6 +766,15 @@ mod tests {
             r#"{"push":{"channel":"c","pub":{"data":{"t": 1},"offset":2,"info":{"user":"al","client":""},"tags":{"key":"k"},"time":3}}}"#
         );
         assert!(pub_from_native("{\"push\":\"disconnect\"}").is_none());
+        let escaped =
+            r#"{"push":"message","channel":"c","offset":3,"epoch":"E","ts":4,"key":"a\"b\\c\u00e9","data":1}"#;
+        let frame = pub_from_native(escaped).expect("a key with escapes");
+        let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+        assert_eq!(v["push"]["pub"]["tags"]["key"], "a\"b\\cé");
+        let (_, c) = parse(r#"{"id":9,"subscribe":{"channel":"c","tf":{"op":"eq"}}}"#);
+        assert!(matches!(c, CfCommand::Subscribe { unsupported: Some(_), .. }));
+        let (_, c) = parse(r#"{"id":9,"subscribe":{"channel":"c","delta":"fossil"}}"#);
+        assert!(matches!(c, CfCommand::Subscribe { unsupported: Some(_), .. }));
         assert_eq!(
             unsubscribe_push("c", unsubscribe::INSUFFICIENT_STATE, "moved").as_str(),
             r#"{"push":{"channel":"c","unsubscribe":{"code":2500,"reason":"moved"}}}"#

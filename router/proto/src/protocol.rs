@@ -215,6 +215,16 @@ pub enum Command {
     },
     /// `ping`.
     Ping,
+    /// `presence`: who is subscribed to the channel.
+    Presence {
+        /// Channel.
+        channel: String,
+    },
+    /// `presence_stats`: how many clients and users are subscribed to the channel.
+    PresenceStats {
+        /// Channel.
+        channel: String,
+    },
 }
 
 /// A publish request, from the WebSocket or the HTTP API.
@@ -413,6 +423,8 @@ fn command(f: &RawFrame<'_>) -> Result<Command, OpError> {
             offset: required(f.offset, "offset", "an unsigned integer")?,
         },
         "ping" => Command::Ping,
+        "presence" => Command::Presence { channel: channel_field(f.channel)? },
+        "presence_stats" => Command::PresenceStats { channel: channel_field(f.channel)? },
         "refresh" => Command::Refresh { token: required(f.token, "token", "a string")? },
         other => {
             let shown: String = other.chars().take(64).collect();
@@ -607,6 +619,15 @@ mod tests {
             Command::Refresh { token: "t".into() }
         );
         assert!(parse_command(r#"{"id":9,"op":"refresh"}"#).is_err(), "a refresh needs its token");
+        assert_eq!(
+            parse_command(r#"{"id":10,"op":"presence","channel":"x"}"#).unwrap().1,
+            Command::Presence { channel: "x".into() }
+        );
+        assert_eq!(
+            parse_command(r#"{"id":11,"op":"presence_stats","channel":"x"}"#).unwrap().1,
+            Command::PresenceStats { channel: "x".into() }
+        );
+        assert!(parse_command(r#"{"id":12,"op":"presence"}"#).is_err(), "presence needs its channel");
         assert!(matches!(parse_command(r#"{"id":7,"op":"connect","name":"n"}"#).unwrap().1, Command::Connect { .. }));
     }
 

@@ -228,6 +228,16 @@ pub struct NamespaceConfig {
     /// Absent: `user` for the `user` namespace, `dialog` for `dialog`, else `defaults.rule`,
     /// else `allowlist`.
     pub rule: Option<Rule>,
+    /// Subscriptions join the channel's presence (`presence`, `presence_stats`). Default false.
+    pub presence: bool,
+    /// Subscribers get `join` and `leave` pushes; requires `presence`. Default false.
+    pub join_leave: bool,
+    /// Most clients a `presence` reply lists; past it the request gets `limit_exceeded`
+    /// (`presence_stats` still answers). Default 1000.
+    pub presence_max_list: usize,
+    /// No `join`/`leave` pushes while a channel has more subscribers than this (each join
+    /// would cost a push per subscriber: the rule against storms). Default 1000.
+    pub join_leave_max_subscribers: usize,
 }
 
 /// Keyed compaction: keep the latest value per key.
@@ -321,6 +331,10 @@ impl Default for NamespaceConfig {
             compaction: None,
             retention: None,
             rule: None,
+            presence: false,
+            join_leave: false,
+            presence_max_list: 1000,
+            join_leave_max_subscribers: 1000,
         }
     }
 }
@@ -493,6 +507,12 @@ impl Config {
             }
             if let Some(b) = &ns.retention {
                 check_binding(&format!("{path}.retention"), &b.plugin, &b.params)?;
+            }
+            if ns.join_leave && !ns.presence {
+                return invalid(&format!("{path}.join_leave"), "requires presence = true in the same namespace");
+            }
+            if ns.presence_max_list == 0 {
+                return invalid(&format!("{path}.presence_max_list"), "must be at least 1");
             }
         }
         if let Some(b) = &self.balancer {
@@ -738,6 +758,8 @@ mod tests {
             ("[namespaces.x]\ncompaction = { window = \"0s\" }", "namespaces.x.compaction.window"),
             ("[namespaces.x]\nretention = { plugin = \"a/b\" }", "namespaces.x.retention.plugin"),
             ("[namespaces.x]\nretention = { plugin = \"k\", params = 3 }", "namespaces.x.retention.params"),
+            ("[namespaces.x]\njoin_leave = true", "namespaces.x.join_leave"),
+            ("[defaults]\npresence = true\npresence_max_list = 0", "defaults.presence_max_list"),
             ("[plugins]\ncall_timeout = \"0s\"", "plugins.call_timeout"),
             ("[cluster]\netcd = [\"http://x:1\"]\nlease_ttl = \"1s\"", "cluster.lease_ttl"),
             ("[cluster]\netcd = [\"http://x:1\"]\nname = \"a/b\"", "cluster.name"),

@@ -407,9 +407,10 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
         .is_some_and(|v| v.split(',').any(|p| p.trim() == SUBPROTOCOL));
     let max = node.config.limits.max_frame_bytes;
     let peer_link = matches!(who, Peer::Node);
-    // A dialing node that predates typed refusals gets errors in the shape it reads.
-    let refusals =
-        switchyard_peer::wire::reads_refusals(headers.get(switchyard_peer::wire::WIRE_HEADER).map(|v| v.as_bytes()));
+    // A dialing node that predates typed refusals gets errors in the shape it reads, one
+    // that predates presence no presence events.
+    let wire =
+        switchyard_peer::wire::wire_version(headers.get(switchyard_peer::wire::WIRE_HEADER).map(|v| v.as_bytes()));
     tokio::spawn(async move {
         let _alive = alive;
         let _slot = slot;
@@ -447,7 +448,7 @@ fn upgrade(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>, who
                         let config = switchyard_peer::wire::ws_config();
                         let ws =
                             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                        Box::pin(switchyard_peer::serve(node.router.clone(), ws, "peer".into(), refusals)).await
+                        Box::pin(switchyard_peer::serve(node.router.clone(), ws, "peer".into(), wire)).await
                     }
                 }
             }

@@ -44,6 +44,9 @@ pub(crate) struct Node {
     /// ends, so no number of simultaneous upgrades gets past the cap.
     /// (`metrics.connections` counts the same connections, for metrics only.)
     pub connection_slots: Arc<Semaphore>,
+    /// Begins every client id this process hands out: the node id and a random tag of this
+    /// run, so ids are unique across the cluster and across restarts.
+    pub client_prefix: String,
     shutdown_tx: watch::Sender<bool>,
 }
 
@@ -104,6 +107,7 @@ impl Node {
             idempotency_max_keys: config.publish.idempotency_max_keys,
             idempotency_max_bytes: config.publish.idempotency_max_bytes,
             replica_lag_timeout: config.cluster.replica_lag_timeout,
+            presence: Arc::new(crate::policies::PresenceConfig(config.clone())),
         };
         let (partitions, sealed_writes) = Partitions::start(store, metrics.clone(), settings)?;
         if config.cluster.enabled() && secret.is_some() {
@@ -164,6 +168,7 @@ impl Node {
             state
         });
         let connection_slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        let client_prefix = format!("{}-{}", config.node_id, switchyard_core::owner::new_epoch());
         Ok(Arc::new(Self {
             config,
             metrics,
@@ -174,6 +179,7 @@ impl Node {
             shutdown,
             shutdown_tx,
             connection_slots,
+            client_prefix,
         }))
     }
 

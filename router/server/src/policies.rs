@@ -1,8 +1,10 @@
-//! Binding the config file's namespaces to retention and compaction policies.
+//! Binding the config file's namespaces to retention and compaction policies, and to the
+//! presence limits.
 //!
 //! It owns turning each namespace's settings (limits, compaction, plugin bindings) into the
 //! core layer's [`Policies`], with plugins from the plugin host and the built-ins as their
-//! fallbacks. It must never run a policy: maintenance does, in the core layer.
+//! fallbacks, and its presence settings into the core layer's [`PresenceLimits`]. It must
+//! never run a policy: maintenance does, in the core layer.
 
 use std::sync::Arc;
 
@@ -13,6 +15,21 @@ use switchyard_plugin_host::bound::{PluginCompaction, PluginRetention};
 use switchyard_plugin_host::registry::Registry;
 
 use crate::config::{Config, NamespaceConfig};
+use switchyard_core::owner::{PresenceLimits, PresenceSettings};
+
+/// The presence limits of each namespace, as the owners read them.
+pub(crate) struct PresenceConfig(pub(crate) Arc<Config>);
+
+impl PresenceSettings for PresenceConfig {
+    fn limits(&self, channel: &str) -> PresenceLimits {
+        let ns = self.0.namespace(channel);
+        PresenceLimits {
+            join_leave: ns.presence && ns.join_leave,
+            max_list: ns.presence_max_list,
+            join_leave_max_subscribers: ns.join_leave_max_subscribers,
+        }
+    }
+}
 
 /// The bindings of every namespace of `config`, with plugins from `plugins`.
 pub(crate) fn from_config(config: &Config, plugins: &Arc<Registry>) -> Policies {

@@ -251,6 +251,11 @@
       if (this.held) this.held.push(msg);
       else this.deliver(msg);
     }
+    /** @internal A `join` or `leave` push for this channel. */
+    onPresence(push) {
+      if (this.current !== "subscribed") return;
+      this.emit(push.push, push.info);
+    }
     /** @internal An `unsubscribed` push for this channel. */
     onUnsubscribed(push) {
       if (!this.wanted) return;
@@ -437,6 +442,16 @@
       const ok = await this.queue.request("publish", fields, opts.timeoutMs ?? this.opts.publishTimeoutMs);
       return ok;
     }
+    /** Every client in the channel's presence (`limit_exceeded` past the namespace's `presence_max_list`). */
+    async presence(channel2) {
+      const ok = await this.queue.request("presence", { channel: channel2 }, this.opts.requestTimeoutMs);
+      return ok.clients;
+    }
+    /** How many clients and distinct users are in the channel's presence. */
+    async presenceStats(channel2) {
+      const ok = await this.queue.request("presence_stats", { channel: channel2 }, this.opts.requestTimeoutMs);
+      return ok;
+    }
     /**
      * One page of history and the channel's top offset: messages with `since < offset <
      * before`, oldest first, or with `reverse` newest first (the newest of the range).
@@ -616,6 +631,10 @@
           return;
         case "unsubscribed":
           this.subs.get(m.channel)?.onUnsubscribed(m);
+          return;
+        case "join":
+        case "leave":
+          this.subs.get(m.channel)?.onPresence(m);
           return;
         case "disconnect":
           conn.serverReason = { code: Number(m.code), reason: String(m.reason ?? "") };

@@ -15,7 +15,16 @@ import { RequestQueue } from './requests.js';
 import type { RequestHost } from './requests.js';
 import { parseFrame } from './frames.js';
 import { refreshDelayMs, tokenExpiryMs } from './jwt.js';
-import type { ConnectInfo, HistoryPage, Message, PublishResult, UnsubscribedPush } from './protocol.js';
+import type {
+  ConnectInfo,
+  HistoryPage,
+  Message,
+  PresenceEntry,
+  PresencePush,
+  PresenceStats,
+  PublishResult,
+  UnsubscribedPush,
+} from './protocol.js';
 import { OPEN, resolveWebSocket } from './socket.js';
 import type { WebSocketConstructor, WebSocketLike } from './socket.js';
 import { Subscription } from './subscription.js';
@@ -203,6 +212,18 @@ export class Switchyard extends Emitter<ClientEvents> {
     if (opts.key !== undefined) fields.key = opts.key;
     const ok = await this.queue.request('publish', fields, opts.timeoutMs ?? this.opts.publishTimeoutMs);
     return ok as unknown as PublishResult;
+  }
+
+  /** Every client in the channel's presence (`limit_exceeded` past the namespace's `presence_max_list`). */
+  async presence(channel: string): Promise<PresenceEntry[]> {
+    const ok = await this.queue.request('presence', { channel }, this.opts.requestTimeoutMs);
+    return (ok as unknown as { clients: PresenceEntry[] }).clients;
+  }
+
+  /** How many clients and distinct users are in the channel's presence. */
+  async presenceStats(channel: string): Promise<PresenceStats> {
+    const ok = await this.queue.request('presence_stats', { channel }, this.opts.requestTimeoutMs);
+    return ok as unknown as PresenceStats;
   }
 
   /**
@@ -395,6 +416,10 @@ export class Switchyard extends Emitter<ClientEvents> {
         return;
       case 'unsubscribed':
         this.subs.get(m.channel as string)?.onUnsubscribed(m as unknown as UnsubscribedPush);
+        return;
+      case 'join':
+      case 'leave':
+        this.subs.get(m.channel as string)?.onPresence(m as unknown as PresencePush);
         return;
       case 'disconnect':
         conn.serverReason = { code: Number(m.code), reason: String(m.reason ?? '') };

@@ -9,7 +9,18 @@ export type { ClientEvents, ClientOptions, ClientState, HistoryOptions, PublishO
 export { Subscription } from './subscription.js';
 export type { RecoveryFailed, Subscribed, SubscriptionEvents, SubscriptionOptions, SubscriptionState } from './subscription.js';
 export { SwitchyardError, UnauthorizedError } from './errors.js';
-export type { ConnectInfo, From, HistoryPage, Message, Position, PublishResult, SubscribeReply } from './protocol.js';
+export type {
+  ConnectInfo,
+  From,
+  HistoryPage,
+  Message,
+  Position,
+  PresenceEntry,
+  PresencePush,
+  PresenceStats,
+  PublishResult,
+  SubscribeReply,
+} from './protocol.js';
 export type { WebSocketConstructor, WebSocketLike } from './socket.js';
 export { Emitter } from './events.js';
 export type { Listener } from './events.js';

@@ -58,6 +58,27 @@ export interface HistoryPage {
   messages: Message[];
 }
 
+/** One client in a channel's presence. */
+export interface PresenceEntry {
+  client: string;
+  user: string;
+  conn_info?: unknown;
+  chan_info?: unknown;
+}
+
+/** The `ok` of `presence_stats`. */
+export interface PresenceStats {
+  num_clients: number;
+  num_users: number;
+}
+
+/** `{"push":"join"|"leave","channel":c,"info":{...}}`: a client joined or left a channel's presence. */
+export interface PresencePush {
+  push: 'join' | 'leave';
+  channel: string;
+  info: PresenceEntry;
+}
+
 /** `{"push":"unsubscribed",...}`: the server ended one subscription. */
 export interface UnsubscribedPush {
   channel: string;

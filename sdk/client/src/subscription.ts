@@ -11,7 +11,7 @@
 import { Emitter } from './events.js';
 import { SwitchyardError } from './errors.js';
 import { CLOSE_SHUTTING_DOWN, CLOSE_SLOW_CONSUMER } from './protocol.js';
-import type { From, Message, Position, SubscribeReply, UnsubscribedPush } from './protocol.js';
+import type { From, Message, Position, PresenceEntry, PresencePush, SubscribeReply, UnsubscribedPush } from './protocol.js';
 
 export type SubscriptionState = 'unsubscribed' | 'subscribing' | 'subscribed';
 
@@ -50,6 +50,10 @@ export type SubscriptionEvents = {
   subscribed: Subscribed;
   recoveryFailed: RecoveryFailed;
   unsubscribed: { code?: number; reason: string };
+  /** A client joined the channel's presence (namespaces with `join_leave`). */
+  join: PresenceEntry;
+  /** A client left the channel's presence. */
+  leave: PresenceEntry;
   error: Error;
 };
 
@@ -141,6 +145,12 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     if (this.current !== 'subscribed') return; // a stale subscription's push: recovery covers it
     if (this.held) this.held.push(msg);
     else this.deliver(msg);
+  }
+
+  /** @internal A `join` or `leave` push for this channel. */
+  onPresence(push: PresencePush): void {
+    if (this.current !== 'subscribed') return;
+    this.emit(push.push, push.info);
   }
 
   /** @internal An `unsubscribed` push for this channel. */

@@ -215,3 +215,27 @@ test('a refused refresh is an error event; UnauthorizedError ends the client', {
   assert.equal(ends[0].reconnect, false);
   assert.ok(ends[0].error instanceof UnauthorizedError);
 });
+
+test('presence: two clients see each other, join and leave events, stats', { timeout: 60000 }, async () => {
+  const node = await Node.start({ config: '[namespaces.chat]\npresence = true\njoin_leave = true\n' });
+  const urls = [node.url];
+  const a = client(urls);
+  const b = client(urls);
+  const connected = (c) => new Promise((resolve) => c.on('connected', resolve));
+  const [infoA, infoB] = await Promise.all([connected(a), connected(b), a.connect(), b.connect()]);
+  const joins = [];
+  const leaves = [];
+  const subA = a.subscription('chat:presence');
+  subA.on('join', (e) => joins.push(e.client));
+  subA.on('leave', (e) => leaves.push(e.client));
+  await subA.subscribe();
+  const subB = b.subscription('chat:presence');
+  await subB.subscribe();
+  await waitFor('both joins', () => joins.includes(infoA.client) && joins.includes(infoB.client));
+  const present = (await a.presence('chat:presence')).map((e) => e.client).sort();
+  assert.deepEqual(present, [infoA.client, infoB.client].sort());
+  assert.deepEqual(await b.presenceStats('chat:presence'), { num_clients: 2, num_users: 1 });
+  subB.unsubscribe();
+  await waitFor('the leave', () => leaves.includes(infoB.client));
+  assert.deepEqual(await a.presenceStats('chat:presence'), { num_clients: 1, num_users: 1 });
+});

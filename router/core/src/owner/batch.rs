@@ -148,6 +148,7 @@ impl Owner {
                 }
             }
             OwnerCommand::Unsubscribe { .. } => {}
+            OwnerCommand::Presence(cmd) => cmd.refuse(sealed()),
         }
     }
 

@@ -40,6 +40,8 @@ pub(super) struct ChannelState {
     pub(super) subscribers: Vec<Subscriber>,
     pub(super) idempotency: Option<Window>,
     pub(super) consumers: HashMap<String, u64>,
+    /// Who is subscribed, cluster-wide (None while nobody is): memory only.
+    pub(super) presence: Option<Box<super::presence::Presence>>,
     /// Metadata must be written with the current batch.
     pub(super) dirty: bool,
     /// Used since the last maintenance snapshot; an idle channel sheds its caches.
@@ -60,6 +62,7 @@ impl ChannelState {
             subscribers: Vec::new(),
             idempotency: None,
             consumers: HashMap::new(),
+            presence: None,
             dirty: false,
             touched: false,
         }
@@ -99,6 +102,7 @@ impl Owner {
                 subscribers: Vec::new(),
                 idempotency: Some(Window::new(self.idempotency_budget.clone())),
                 consumers: HashMap::new(),
+                presence: None,
                 dirty: false,
                 touched: true,
             };
@@ -135,10 +139,14 @@ impl Owner {
     }
 
     /// Forgets a channel that holds nothing worth keeping in memory: never written (no
-    /// message, no committed consumer) and nobody subscribed.
+    /// message, no committed consumer), nobody subscribed and nobody present.
     pub(super) fn evict_if_idle(&mut self, channel: &str) {
         let idle = self.channels.get(channel).is_some_and(|ch| {
-            ch.top == 0 && !ch.dirty && ch.subscribers.is_empty() && ch.consumers.values().all(|o| *o == 0)
+            ch.top == 0
+                && !ch.dirty
+                && ch.subscribers.is_empty()
+                && ch.presence.is_none()
+                && ch.consumers.values().all(|o| *o == 0)
         });
         if idle {
             self.channels.remove(channel);
@@ -154,7 +162,12 @@ impl Owner {
     pub(super) fn shed_idle(&mut self) {
         let before = self.channels.len();
         self.channels.retain(|_, ch| {
-            if std::mem::take(&mut ch.touched) || !ch.subscribers.is_empty() || ch.dirty || ch.durable != ch.top {
+            if std::mem::take(&mut ch.touched)
+                || !ch.subscribers.is_empty()
+                || ch.presence.is_some()
+                || ch.dirty
+                || ch.durable != ch.top
+            {
                 return true;
             }
             if ch.top == 0 && ch.consumers.values().all(|o| *o == 0) {

@@ -219,6 +219,8 @@ pub(crate) enum OwnerCommand {
         /// Answer.
         reply: oneshot::Sender<Result<Facts, OpError>>,
     },
+    /// A presence change or read (memory only: never written to the store).
+    Presence(super::PresenceCommand),
     /// Remove messages (maintenance).
     Trim {
         /// Channel.

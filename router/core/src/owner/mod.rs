@@ -1,8 +1,8 @@
 //! The owner of one partition: a single task that assigns offsets, appends to the store,
 //! fans messages out and answers every question about its channels.
 //!
-//! It owns the in-memory state of its channels (epoch, offsets, subscribers, the idempotency
-//! window, committed consumer offsets) and is its only writer, so no lock guards it. Commands
+//! It owns the in-memory state of its channels (epoch, offsets, subscribers, presence, the
+//! idempotency window, committed consumer offsets) and is its only writer, so no lock guards it. Commands
 //! that arrive together form one batch: one store commit and one (group) fsync, after which
 //! publishes are acknowledged and fanned out, and only then are reads answered, so a client
 //! always reads its own acknowledged writes. It must never wait on anything but the store
@@ -12,7 +12,8 @@
 //!
 //! The owner is split by what each part owns: `command` holds what other tasks send it
 //! and what it answers; `channel` its per-channel state; `batch` the way one batch of
-//! commands is written to the store; `release` what happens once a batch is durable. This
+//! commands is written to the store; `release` what happens once a batch is durable;
+//! `presence` who is subscribed (memory only) and the join and leave pushes. This
 //! file holds the task itself: its mailbox, adoptions and the batching loop.
 
 use std::collections::{HashMap, VecDeque};
@@ -31,6 +32,7 @@ use switchyard_store::{ChannelMeta, Store};
 mod batch;
 mod channel;
 mod command;
+pub(crate) mod presence;
 mod release;
 #[cfg(test)]
 mod tests;
@@ -41,6 +43,8 @@ pub(crate) use command::OwnerCommand;
 pub use command::{
     grant_from, ChannelView, Facts, Forward, Grant, PublishRequest, Snapshot, Start, TrimReason, SEALED,
 };
+pub(crate) use presence::PresenceCommand;
+pub use presence::{PresenceLimits, PresenceSettings};
 
 /// Most commands folded into one batch.
 const MAX_BATCH: usize = 1024;
@@ -87,6 +91,8 @@ pub(crate) struct Owner {
     parked: VecDeque<(u64, u64, Work)>,
     /// Connections whose lent sockets this owner framed pushes into since its last flush.
     to_flush: Vec<Arc<Outbox>>,
+    /// The presence limits of each channel's namespace.
+    presence_settings: Arc<dyn PresenceSettings>,
 }
 
 /// What flows into an owner, and out of it when it is sealed.
@@ -99,6 +105,8 @@ pub(crate) struct Mailbox {
     pub forward: Option<mpsc::UnboundedSender<Forward>>,
     /// Replication state: the high watermark that releases a leader's batches.
     pub replication: Arc<Replication>,
+    /// The presence limits of each channel's namespace (read for every presence change).
+    pub presence: Arc<dyn PresenceSettings>,
 }
 
 impl Owner {
@@ -112,7 +120,7 @@ impl Owner {
         recovered: Vec<(String, ChannelMeta)>,
         mailbox: Mailbox,
     ) -> Self {
-        let Mailbox { commands: rx, adoptions, forward, replication } = mailbox;
+        let Mailbox { commands: rx, adoptions, forward, replication, presence } = mailbox;
         let channels: HashMap<Arc<str>, ChannelState> = recovered
             .into_iter()
             .map(|(name, m)| {
@@ -136,6 +144,7 @@ impl Owner {
             replication,
             parked: VecDeque::new(),
             to_flush: Vec::new(),
+            presence_settings: presence,
         }
     }
 

@@ -38,8 +38,8 @@ impl Owner {
     }
 
     /// The leadership ended before the ISR had these batches: their writers get
-    /// `unavailable` (a retry with the same idempotency key is safe), and seals and
-    /// unsubscribes among their reads still run.
+    /// `unavailable` (a retry with the same idempotency key is safe), and seals,
+    /// unsubscribes and presence commands (memory only) among their reads still run.
     pub(super) fn fail_parked(&mut self) {
         let err = OpError::new(
             switchyard_proto::protocol::ErrorCode::Unavailable,
@@ -53,7 +53,8 @@ impl Owner {
                 let _ = reply.send(Err(err.clone()));
             }
             for cmd in work.after {
-                if matches!(cmd, OwnerCommand::Seal(..) | OwnerCommand::Unsubscribe { .. }) {
+                if matches!(cmd, OwnerCommand::Seal(..) | OwnerCommand::Unsubscribe { .. } | OwnerCommand::Presence(_))
+                {
                     self.answer(cmd);
                 }
             }
@@ -164,7 +165,8 @@ impl Owner {
                         });
                     }
                 }
-                // The store keeps the state for the handover; memory is freed now.
+                // The store keeps the state for the handover; memory (presence with it: the
+                // gateways announce it again to the new owner) is freed now.
                 self.channels.clear();
                 self.sealed = true;
                 self.metrics.partition_channels.with_label_values(&[&self.partition.to_string()]).set(0);
@@ -226,6 +228,7 @@ impl Owner {
                     .collect();
                 let _ = reply.send(snaps);
             }
+            OwnerCommand::Presence(cmd) => self.presence(cmd),
             OwnerCommand::Publish(..) | OwnerCommand::Commit { .. } | OwnerCommand::Trim { .. } => {
                 unreachable!("writes are handled in the batch")
             }

@@ -31,6 +31,7 @@ async fn a_sealed_owner_hands_writes_on_and_an_adoption_reloads_the_store() {
             adoptions: adopt_rx,
             forward: Some(fwd_tx),
             replication: crate::replication::Replication::new(8, Duration::from_secs(2), 1 << 20),
+            presence: Arc::new(PresenceLimits::default()),
         },
     );
     tokio::spawn(owner.run());

@@ -103,7 +103,12 @@ where
                 }
                 Command::Connect { token, name, batch: false }
             }
-            CfCommand::Subscribe { channel, recover, offset, epoch, flag, consumer } => {
+            CfCommand::Subscribe { unsupported: Some(what), .. } => {
+                let message = format!("{what} is not available");
+                self.queue(ready(dialect::cf_error(to, cf::code::NOT_AVAILABLE, &message)));
+                return Ok(());
+            }
+            CfCommand::Subscribe { channel, recover, offset, epoch, flag, consumer, unsupported: None } => {
                 let from = if recover { StartFrom::Recover { offset, epoch } } else { StartFrom::Latest };
                 let reject_unrecovered = flag & cf::FLAG_REJECT_UNRECOVERED != 0;
                 return self.dispatch_as(to, Command::Subscribe { channel, from, consumer }, reject_unrecovered).await;
@@ -144,10 +149,8 @@ where
                 self.queue(ready(dialect::cf_error(to, cf::code::NOT_AVAILABLE, message)));
                 return Ok(());
             }
-            CfCommand::Presence { .. } | CfCommand::PresenceStats { .. } => {
-                self.queue(ready(dialect::cf_error(to, cf::code::NOT_AVAILABLE, "presence is not available")));
-                return Ok(());
-            }
+            CfCommand::Presence { channel } => Command::Presence { channel },
+            CfCommand::PresenceStats { channel } => Command::PresenceStats { channel },
             // An asynchronous message has no reply to carry an error: Centrifugo closes.
             CfCommand::Send => return Err(Stop::Protocol { code: cf::close::NOT_AVAILABLE, reason: "not available" }),
         };
@@ -200,7 +203,7 @@ where
         let ping = self.node.access.live().sessions.ping_interval;
         let ttl = self.gate.token_ttl();
         Connected {
-            client: self.id.to_string(),
+            client: self.client_id(),
             version: VERSION,
             expires: ttl.is_some(),
             ttl: ttl.map_or(0, |t| t.as_secs().max(1)),
@@ -215,7 +218,7 @@ where
     pub(super) fn cf_refreshed(&self) -> Refreshed {
         let ttl = self.gate.token_ttl();
         Refreshed {
-            client: self.id.to_string(),
+            client: self.client_id(),
             version: VERSION,
             expires: ttl.is_some(),
             ttl: ttl.map_or(0, |t| t.as_secs().max(1)),

@@ -54,6 +54,7 @@ where
             self.node.router.unsubscribe(&s.channel, sub).await;
             self.node.metrics.subscriptions.dec();
         }
+        self.leave_all_presence();
         let (code, reason) = match stop {
             Stop::Gone => return,
             Stop::ClosedByPeer => {
@@ -65,6 +66,11 @@ where
                 })
                 .await;
                 return;
+            }
+            // Centrifugo's clients are told why (3012, reconnect), within the close deadline.
+            Stop::Unresponsive if self.dialect == Dialect::Centrifugo => {
+                tracing::info!("closing a connection that stopped answering pings");
+                (switchyard_proto::centrifugo::close::NO_PONG, "no pong")
             }
             Stop::Unresponsive => {
                 // Nobody reads this socket: no last words, just drop it (and its resources).

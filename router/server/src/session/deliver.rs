@@ -59,6 +59,7 @@ where
                         Dialect::Centrifugo => reply = Some(to),
                     }
                     if self.subs.contains_key(&sub) {
+                        self.join_presence(&channel);
                         // Catch-up's future is the largest of the loop's: boxed, idle
                         // sessions do not carry its size.
                         Box::pin(self.go_live(sub, &channel, &grant, reply)).await?;
@@ -158,6 +159,7 @@ where
     async fn end_subscription(&mut self, sub: u64, channel: &str, reason: &str) -> Result<(), Stop> {
         if self.forget_sub(sub, channel) {
             self.node.router.unsubscribe(channel, sub).await;
+            self.leave_presence(channel);
         }
         self.write(dialect::resubscribe(self.dialect, channel, reason)).await
     }
@@ -193,6 +195,7 @@ where
             let Some(sub) = self.remove_sub(d.sub) else { return Ok(()) };
             self.by_channel.remove(&sub.channel);
             self.node.metrics.subscriptions.dec();
+            self.leave_presence(&sub.channel);
             return match self.dialect {
                 Dialect::Native => self.write(d.frame).await,
                 // The owner framed the native push: this client reads its own form of it.

@@ -18,8 +18,9 @@
 //! `write` queues frames and replies and flushes them, `read` takes the client's frames and
 //! commands, `centrifugo` takes a Centrifugo client's frames and turns its commands into the
 //! same ones, `dialect` frames replies, pushes and closes for the client's protocol,
-//! `deliver` writes subscribe replies, catch-up and pushes, and `close` writes the last
-//! words. None of them holds state of its own.
+//! `deliver` writes subscribe replies, catch-up and pushes, `presence` joins and leaves
+//! channels' presence, and `close` writes the last words. None of them holds state of its
+//! own.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -53,6 +54,7 @@ mod close;
 mod deliver;
 mod dialect;
 mod direct;
+mod presence;
 mod read;
 #[cfg(test)]
 mod tests;
@@ -194,6 +196,8 @@ struct Session<S> {
     /// Fires at the gate's deadline (connect timeout, then token expiry), if any.
     auth_timer: Pin<Box<Sleep>>,
     auth_deadline: Option<Instant>,
+    /// The channels whose presence this session joined, and the task that tells the owners.
+    presence: presence::Presence,
 }
 
 fn ready(frame: Text) -> BoxFuture<'static, Output> {
@@ -269,7 +273,14 @@ where
             delivered_bytes: 0,
             sink,
             lent: false,
+            presence: presence::Presence::default(),
         }
+    }
+
+    /// This connection's id, unique in the cluster (the `client` of `connect` and of
+    /// presence).
+    fn client_id(&self) -> String {
+        format!("{}-{}", self.node.client_prefix, self.id)
     }
 
     async fn serve(&mut self) -> Stop {

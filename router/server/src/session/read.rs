@@ -190,7 +190,7 @@ where
                     self.queue(ready(frame));
                     return Ok(());
                 }
-                let mut ok = serde_json::json!({"client": self.id.to_string(), "node": node.config.node_id, "version": protocol::VERSION});
+                let mut ok = serde_json::json!({"client": self.client_id(), "node": node.config.node_id, "version": protocol::VERSION});
                 if batch {
                     ok["batch"] = serde_json::json!(true);
                 }
@@ -220,6 +220,7 @@ where
                     self.remove_sub(sub);
                     node.metrics.subscriptions.dec();
                     node.router.unsubscribe(&channel, sub).await;
+                    self.leave_presence(&channel);
                 }
                 self.queue_result(to, Ok(Empty {}));
             }
@@ -275,6 +276,8 @@ where
                     page,
                 )
             }
+            Command::Presence { channel } => self.presence_reply(to, channel, true),
+            Command::PresenceStats { channel } => self.presence_reply(to, channel, false),
             Command::Commit { channel, consumer, offset } => {
                 match node.router.commit(&channel, self.scoped(consumer), offset).await {
                     Ok(rx) => self.queue(
