@@ -4,8 +4,10 @@
 #               plugins, start one standalone node on $(LISTEN)
 #   make test   install what is missing (chromium/node/npm too), build plugins and
 #               the workspace, check fmt and clippy (-D warnings), run every test,
-#               the browser test and the client SDK tests (scripts/test-sdk.sh) included
-#               (SWITCHYARD_SKIP_BROWSER=1: no browser install, npm ci nor browser test)
+#               the browser test, the Centrifugo SDK tests (centrifuge-js, -python) and
+#               the client SDK tests (scripts/test-sdk.sh) included
+#               (SWITCHYARD_SKIP_BROWSER=1: no browser/venv install, npm ci nor browser
+#               and Centrifugo SDK tests)
 #   make bench  build release, run the bench scenarios against Switchyard and
 #               nats-server (installed if missing), print one comparison table
 #   make fuzz   the long run of the fuzz-style property targets (FUZZ_CASES each)
@@ -29,7 +31,7 @@ TEST_ARGS   ?=
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,15p' Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	scripts/setup.sh
@@ -54,13 +56,15 @@ run:
 	exec target/release/switchyard serve --config "$(CONFIG)" --listen "$(LISTEN)" --data-dir "$(DATA_DIR)" --plugins-dir "$(PLUGINS_DIR)"
 
 test:
-	scripts/setup.sh --browser
+	scripts/setup.sh --browser --centrifugo
 	scripts/build-plugins.sh
 	if [ "$${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ]; then \
 	    echo "[test] skip: npm ci and the browser test (SWITCHYARD_SKIP_BROWSER=1)"; \
 	else \
 	    echo "[test] npm ci (tests/browser: playwright-core for the chat page test)"; \
 	    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error; \
+	    echo "[test] npm ci (tests/centrifugo: the centrifuge SDK for the Centrifugo SDK tests)"; \
+	    npm ci --prefix tests/centrifugo --no-audit --no-fund --loglevel=error; \
 	fi
 	if [ "$${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ] && ! command -v npm >/dev/null; then \
 	    echo "[test] skip: the chat page bundle check (no npm, SWITCHYARD_SKIP_BROWSER=1)"; \

@@ -7,6 +7,9 @@
 #   etcdctl   <- etcd-client
 #   chromium  <- chromium           (the chat page's browser test, headless;
 #   node, npm <- nodejs npm          only with --browser, as `make test` asks)
+#   python3, venv <- python3 python3-venv  (only with --centrifugo, as `make test`
+#                asks: tests/centrifugo/.venv gets tests/centrifugo/requirements.txt,
+#                the pinned centrifuge-python SDK the Centrifugo SDK tests drive)
 #   wasm32    <- rustc-web cargo-web rust-web-src  (plugins are built with
 #                -Zbuild-std; skipped when rustup already has the
 #                wasm32-unknown-unknown target)
@@ -17,8 +20,9 @@
 # Environment:
 #   SWITCHYARD_SKIP_WASM=1   do not install the wasm toolchain
 #   SWITCHYARD_SKIP_ETCD=1   do not install etcd
-#   SWITCHYARD_SKIP_BROWSER=1 do not install chromium/node/npm even with --browser
-#                            (`make test` then skips `npm ci` and the browser test)
+#   SWITCHYARD_SKIP_BROWSER=1 do not install chromium/node/npm even with --browser,
+#                            nor the Python venv with --centrifugo (`make test` then
+#                            skips `npm ci`, the browser and the Centrifugo SDK tests)
 #   SWITCHYARD_WITH_NATS=1   also install nats-server (the benchmark peer); same as
 #                            passing --bench. `make test` never needs it.
 set -euo pipefail
@@ -28,15 +32,18 @@ log() { echo "[setup] $*"; }
 
 WITH_NATS="${SWITCHYARD_WITH_NATS:-0}"
 WITH_BROWSER=0
+WITH_CENTRIFUGO=0
 for arg in "$@"; do
     case "$arg" in
         --bench) WITH_NATS=1 ;;
         --browser) WITH_BROWSER=1 ;;
-        *) log "unknown argument: $arg (known: --bench, --browser)"; exit 2 ;;
+        --centrifugo) WITH_CENTRIFUGO=1 ;;
+        *) log "unknown argument: $arg (known: --bench, --browser, --centrifugo)"; exit 2 ;;
     esac
 done
 if [ "${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ]; then
     WITH_BROWSER=0
+    WITH_CENTRIFUGO=0
 fi
 
 start=$(date +%s)
@@ -110,6 +117,14 @@ if [ "$WITH_NATS" = 1 ]; then
     want_cmd nats-server nats-server
 fi
 
+if [ "$WITH_CENTRIFUGO" = 1 ]; then
+    want_cmd python3 python3
+    # Debian's python3 has no venv module (nor ensurepip) without python3-venv.
+    if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        want_pkg python3-venv
+    fi
+fi
+
 if [ "${SWITCHYARD_SKIP_WASM:-0}" = 1 ]; then
     log "skip: wasm toolchain (SWITCHYARD_SKIP_WASM=1)"
 elif command -v rustup >/dev/null 2>&1 \
@@ -122,7 +137,28 @@ else
     want_pkg rust-web-src
 fi
 
+# tests/centrifugo/.venv with the pinned requirements, (re)made when requirements.txt
+# changed since the last install (its copy is kept inside the venv).
+centrifugo_venv() {
+    [ "$WITH_CENTRIFUGO" = 1 ] || return 0
+    local dir venv req
+    dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/centrifugo"
+    venv="$dir/.venv"
+    req="$dir/requirements.txt"
+    if [ -x "$venv/bin/python" ] && cmp -s "$req" "$venv/requirements.installed"; then
+        log "ok: $venv ($(grep -m1 '^centrifuge-python' "$req"))"
+        return 0
+    fi
+    log "python venv $venv <- $req"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$req"
+    cp "$req" "$venv/requirements.installed"
+    log "now: $("$venv/bin/python" -m pip freeze --disable-pip-version-check | tr '\n' ' ')"
+}
+
 if [ ${#missing[@]} -eq 0 ]; then
+    centrifugo_venv
     log "nothing to install ($(( $(date +%s) - start ))s)"
     exit 0
 fi
@@ -160,4 +196,5 @@ for c in protoc etcd etcdctl nats-server chromium node npm; do
 done
 if [ -x /usr/bin/rustc ]; then log "now: Debian rustc: $(/usr/bin/rustc --version)"; fi
 log "cargo on PATH: $(command -v cargo || echo none)"
+centrifugo_venv
 log "done in $(( $(date +%s) - start ))s"

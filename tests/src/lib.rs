@@ -108,11 +108,17 @@ impl Node {
 
     /// Like [`Node::start`], returning the failure instead of panicking.
     pub fn try_start(config_toml: &str) -> Result<Node> {
+        Self::try_start_on(config_toml, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Like [`Node::try_start`], listening on `addr` (a port another router just left,
+    /// for tests that replace a router behind the same address).
+    pub fn try_start_on(config_toml: &str, addr: SocketAddr) -> Result<Node> {
         let dir = tempfile::Builder::new().prefix("switchyard-e2e-").tempdir()?;
         std::fs::write(dir.path().join(CONFIG_FILE), config_toml)?;
         std::fs::create_dir_all(dir.path().join("data"))?;
-        let mut node = Node { dir, child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
-        node.spawn()?;
+        let mut node = Node { dir, child: None, addr };
+        node.spawn_on(addr)?;
         Ok(node)
     }
 
@@ -150,11 +156,17 @@ impl Node {
         Ok(OpenOptions::new().create(true).append(true).open(self.dir.path().join(name))?)
     }
 
-    /// Spawns the process and waits for its listening line; stdout keeps being drained
-    /// into a log file by a background thread so the child never blocks on it.
+    /// Spawns the process on a free port and waits for its listening line.
     fn spawn(&mut self) -> Result<()> {
+        self.spawn_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Spawns the process listening on `listen` and waits for its listening line; stdout
+    /// keeps being drained into a log file by a background thread so the child never
+    /// blocks on it.
+    fn spawn_on(&mut self, listen: SocketAddr) -> Result<()> {
         ensure!(self.child.is_none(), "node is already running");
-        let mut child = serve_command(self.dir.path())?
+        let mut child = serve_command(self.dir.path(), listen)?
             .stdout(Stdio::piped())
             .stderr(self.log_file(STDERR_FILE)?)
             .spawn()
@@ -206,6 +218,14 @@ impl Node {
             assert!(status.success(), "router exited with {status} on SIGTERM before restart");
         }
         self.spawn().unwrap_or_else(|e| panic!("restarting the router: {e:#}"));
+    }
+
+    /// SIGKILLs the process if it runs, and starts it again on the same config, data dir
+    /// and port (clients reconnect to the address they had).
+    pub fn kill9_restart_same_port(&mut self) {
+        self.kill9();
+        let addr = self.addr;
+        self.spawn_on(addr).unwrap_or_else(|e| panic!("restarting the router on {addr}: {e:#}"));
     }
 
     /// SIGKILLs the process and reaps it.
@@ -267,10 +287,11 @@ impl Drop for Node {
     }
 }
 
-/// `switchyard serve` on the config file and data dir inside `dir`, port 0, stdin closed.
+/// `switchyard serve` on the config file and data dir inside `dir`, on `listen` (port 0:
+/// a free one), stdin closed.
 /// The child gets SIGKILL if the thread that spawned it dies (e.g. a test run killed by a
 /// timeout), so no router outlives its test.
-fn serve_command(dir: &Path) -> Result<Command> {
+fn serve_command(dir: &Path, listen: SocketAddr) -> Result<Command> {
     use std::os::unix::process::CommandExt as _;
     let bin = router_bin();
     ensure!(
@@ -282,7 +303,8 @@ fn serve_command(dir: &Path) -> Result<Command> {
     cmd.arg("serve")
         .arg("--config")
         .arg(dir.join(CONFIG_FILE))
-        .args(["--listen", "127.0.0.1:0"])
+        .arg("--listen")
+        .arg(listen.to_string())
         .arg("--data-dir")
         .arg(dir.join("data"))
         .env("NO_COLOR", "1")
@@ -322,7 +344,7 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> std::io::Result<Optio
 pub fn run_expecting_exit(config_toml: &str) -> Result<(ExitStatus, String)> {
     let dir = tempfile::Builder::new().prefix("switchyard-e2e-").tempdir()?;
     std::fs::write(dir.path().join(CONFIG_FILE), config_toml)?;
-    let mut child = serve_command(dir.path())?
+    let mut child = serve_command(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)))?
         .stdout(File::create(dir.path().join(STDOUT_FILE))?)
         .stderr(File::create(dir.path().join(STDERR_FILE))?)
         .spawn()
