@@ -60,6 +60,10 @@ mod read;
 mod tests;
 mod write;
 
+/// How long a connected Centrifugo client may run on an expired token while it refreshes
+/// (Centrifugo's own default for the same grace).
+const CF_EXPIRED_GRACE: std::time::Duration = std::time::Duration::from_secs(25);
+
 /// Why a session ends.
 #[derive(Debug)]
 enum Stop {
@@ -274,6 +278,18 @@ where
             sink,
             lent: false,
             presence: presence::Presence::default(),
+        }
+    }
+
+    /// When the connection is closed for want of a valid token: the gate's deadline, and
+    /// for a connected Centrifugo client [`CF_EXPIRED_GRACE`] later. Its SDKs refresh when
+    /// the `ttl` runs out, not before (as Centrifugo's own grace,
+    /// `client_expired_close_delay`, allows), and `ttl` is whole seconds.
+    fn token_deadline(&self) -> Option<Instant> {
+        let at = self.gate.deadline(&self.node.access)?;
+        match self.dialect {
+            Dialect::Centrifugo if self.gate.is_connected() => Some(at + CF_EXPIRED_GRACE),
+            _ => Some(at),
         }
     }
 

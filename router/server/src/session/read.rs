@@ -180,7 +180,7 @@ where
                 if let Some(user) = self.gate.user().cloned() {
                     self.take_cluster_seat(to, &user).await?;
                 }
-                self.auth_deadline = self.gate.deadline(&node.access);
+                self.auth_deadline = self.token_deadline();
                 if let Some(at) = self.auth_deadline {
                     self.auth_timer.as_mut().reset(at);
                 }
@@ -202,7 +202,7 @@ where
             Command::Refresh { token } => match self.gate.refresh(&node.access, &token) {
                 Ok(()) => {
                     // The expiry close now waits for the new token's expiry.
-                    self.auth_deadline = self.gate.deadline(&node.access);
+                    self.auth_deadline = self.token_deadline();
                     if let Some(at) = self.auth_deadline {
                         self.auth_timer.as_mut().reset(at);
                     }
