@@ -91,6 +91,22 @@ const STDOUT_FILE: &str = "stdout.log";
 /// How many lines of stderr a dropped node prints (shown by libtest only on failure).
 const STDERR_TAIL_LINES: usize = 60;
 
+/// False (after saying why) when a test that drives outside tools (`node`, Chromium, the
+/// Centrifugo SDKs) cannot run here because of `missing`; it fails instead when `CI` or
+/// `SWITCHYARD_REQUIRE_BROWSER` is set (as under `make test`, which installs them).
+pub fn can_run_with(test: &str, what: &str, missing: &[String]) -> bool {
+    if missing.is_empty() {
+        return true;
+    }
+    let required = ["CI", "SWITCHYARD_REQUIRE_BROWSER"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty() && s != "0" && s != "false"));
+    let missing = missing.join(", ");
+    assert!(!required, "{what} cannot run, missing: {missing} (run `make test`, which installs them)");
+    eprintln!("SKIPPED {test}: missing {missing}; `make test` installs them");
+    false
+}
+
 /// The router binary: `SWITCHYARD_BIN`, else `<workspace>/target/debug/switchyard`.
 pub fn router_bin() -> PathBuf {
     match std::env::var_os("SWITCHYARD_BIN") {

@@ -55,17 +55,7 @@ fn missing() -> Vec<String> {
 
 /// False (after saying why) when the browser tests cannot run here and need not.
 fn can_run(test: &str) -> bool {
-    let missing = missing();
-    if missing.is_empty() {
-        return true;
-    }
-    let required = ["CI", "SWITCHYARD_REQUIRE_BROWSER"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty() && s != "0" && s != "false"));
-    let what = missing.join(", ");
-    assert!(!required, "the browser test cannot run, missing: {what} (run `make test`, which installs them)");
-    eprintln!("SKIPPED {test}: missing {what}; `make test` installs them");
-    false
+    can_run_with(test, "the browser test", &missing())
 }
 
 /// What a script printed and how it ended.

@@ -301,33 +301,25 @@ async fn publish(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     result_response(node.router.publish_and_wait(req).await)
 }
 
-fn query_u64(query: &str, name: &str) -> Result<Option<u64>, OpError> {
+/// The query parameter `name` parsed as a `T` (`what` names the type in the error), if
+/// given.
+fn query_param<T: std::str::FromStr>(query: &str, name: &str, what: &str) -> Result<Option<T>, OpError> {
     for pair in query.split('&') {
         if let Some((k, v)) = pair.split_once('=') {
             if k == name && !v.is_empty() {
-                return v
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| OpError::bad_request(format!("`{name}` must be an unsigned integer")));
+                return v.parse().map(Some).map_err(|_| OpError::bad_request(format!("`{name}` must be {what}")));
             }
         }
     }
     Ok(None)
 }
 
-/// A `true`/`false` query parameter.
+fn query_u64(query: &str, name: &str) -> Result<Option<u64>, OpError> {
+    query_param(query, name, "an unsigned integer")
+}
+
 fn query_bool(query: &str, name: &str) -> Result<Option<bool>, OpError> {
-    for pair in query.split('&') {
-        if let Some((k, v)) = pair.split_once('=') {
-            if k == name && !v.is_empty() {
-                return v
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| OpError::bad_request(format!("`{name}` must be true or false")));
-            }
-        }
-    }
-    Ok(None)
+    query_param(query, name, "true or false")
 }
 
 /// The query of `GET /api/v1/channels/{channel}/history`: the `history` op's fields, with

@@ -22,15 +22,11 @@ use super::{ready, Output, Session, Stop};
 /// The server version a Centrifugo client is told.
 const VERSION: &str = concat!("switchyard ", env!("CARGO_PKG_VERSION"));
 
-/// Centrifugo's `connect` result.
+/// Centrifugo's `connect` result: the `refresh` result's fields and the ping schedule.
 #[derive(Serialize)]
 pub(super) struct Connected {
-    client: String,
-    version: &'static str,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    expires: bool,
-    #[serde(skip_serializing_if = "is_zero")]
-    ttl: u64,
+    #[serde(flatten)]
+    token: Refreshed,
     #[serde(skip_serializing_if = "is_zero")]
     ping: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -198,15 +194,11 @@ where
     }
 
     /// Centrifugo's `connect` result: the client id, the token's time left (the client
-    /// refreshes before it runs out), and the ping schedule the session keeps.
+    /// refreshes when it runs out), and the ping schedule the session keeps.
     pub(super) fn cf_connected(&self) -> Connected {
         let ping = self.node.access.live().sessions.ping_interval;
-        let ttl = self.gate.token_ttl();
         Connected {
-            client: self.client_id(),
-            version: VERSION,
-            expires: ttl.is_some(),
-            ttl: ttl.map_or(0, |t| t.as_secs().max(1)),
+            token: self.cf_refreshed(),
             // Whole seconds, rounded up: pings come at least this often.
             ping: if ping.is_zero() { 0 } else { ping.as_secs_f64().ceil() as u64 },
             pong: !ping.is_zero(),
@@ -214,7 +206,7 @@ where
         }
     }
 
-    /// Centrifugo's `refresh` result.
+    /// Centrifugo's `refresh` result: the client id and the token's time left.
     pub(super) fn cf_refreshed(&self) -> Refreshed {
         let ttl = self.gate.token_ttl();
         Refreshed {
