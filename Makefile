@@ -65,6 +65,9 @@ test:
 	    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error; \
 	    echo "[test] npm ci (tests/centrifugo: the centrifuge SDK for the Centrifugo SDK tests)"; \
 	    npm ci --prefix tests/centrifugo --no-audit --no-fund --loglevel=error; \
+	    echo "[test] npm ci and build (sdk/client: @switchyard/client for the mixed-room test)"; \
+	    npm ci --prefix sdk/client --no-audit --no-fund --loglevel=error; \
+	    npm run --prefix sdk/client --silent build; \
 	fi
 	if [ "$${SWITCHYARD_SKIP_BROWSER:-0}" = 1 ] && ! command -v npm >/dev/null; then \
 	    echo "[test] skip: the chat page bundle check (no npm, SWITCHYARD_SKIP_BROWSER=1)"; \

@@ -68,6 +68,8 @@ enum Needs {
     Node,
     Python,
     Browser,
+    /// Node and the built `@switchyard/client` (`sdk/client/dist`, `sdk/client/node_modules`).
+    Sdk,
 }
 
 /// What is missing to run a scenario, if anything.
@@ -86,6 +88,9 @@ fn missing(needs: Needs) -> Vec<String> {
     }
     if needs == Needs::Python && !works(std::process::Command::new(venv_python()).args(["-c", "import centrifuge"])) {
         missing.push("tests/centrifugo/.venv with centrifuge-python (scripts/setup.sh --centrifugo)".into());
+    }
+    if needs == Needs::Sdk && !centrifugo_dir().join("../../sdk/client/dist/index.js").exists() {
+        missing.push("sdk/client/dist (npm ci --prefix sdk/client && npm run build --prefix sdk/client)".into());
     }
     if needs == Needs::Browser {
         let chromium = std::env::var_os("CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into());
@@ -425,6 +430,20 @@ async fn js_and_native_clients_share_a_room() {
     let args = vec![single.proxy.url(), single.node.addr().to_string(), SECRET.to_string()];
     let run = node_script("mixed.mjs", &args, async |request| single.act(request).await).await;
     check(&run, "mixed.mjs", 3);
+}
+
+/// A centrifuge client and an `@switchyard/client` client in one room with presence: each
+/// other's messages with the same offsets, both in presence, each other's join and leave.
+#[tokio::test]
+async fn js_and_switchyard_sdk_clients_share_messages_and_presence() {
+    if !can_run("js_and_switchyard_sdk_clients_share_messages_and_presence", Needs::Sdk) {
+        return;
+    }
+    let mut single = Single::start(&config(PRESENCE_KEYS)).await;
+    let url = format!("ws://{}{ENDPOINT}", single.node.addr());
+    let args = vec![url, single.node.addr().to_string(), SECRET.to_string()];
+    let run = node_script("mixed_sdk.mjs", &args, async |request| single.act(request).await).await;
+    check(&run, "mixed_sdk.mjs", 3);
 }
 
 // === A 3-node cluster ===
