@@ -424,3 +424,43 @@ async fn presence_is_shared_with_native_clients_and_bounded() -> Result<()> {
     assert_eq!(code(&cf.call("presence_stats", json!({"channel": "quiet:1"})).await?), 108);
     Ok(())
 }
+
+/// Switchyard's extras through Centrifugo's own fields: a durable consumer named in
+/// `subscribe`'s `data`, `commit` as an `rpc` method, and a message key in `tags`.
+#[tokio::test]
+async fn a_durable_consumer_and_keys_ride_on_subscribe_data_rpc_and_tags() -> Result<()> {
+    let node = Node::start(OPEN);
+    let mut native = Client::connect(&node).await;
+    native.ok("connect", json!({})).await?;
+    for n in 1..=3 {
+        native.ok("publish", json!({"channel": "room:durable", "data": {"n": n}, "key": format!("k{n}")})).await?;
+    }
+    let (mut cf, _) = Cf::connect(&node, None).await?;
+    let consumer = json!({"channel": "room:durable", "data": {"consumer": "phone"}});
+    let reply = cf.call("subscribe", consumer.clone()).await?;
+    let mut got: Vec<u64> = reply["subscribe"]["publications"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|p| p["offset"].as_u64()).collect())
+        .unwrap_or_default();
+    while got.len() < 3 {
+        let publication = cf.next_push("pub").await?;
+        got.push(publication["offset"].as_u64().context("offset")?);
+        assert!(publication["tags"]["key"].as_str().is_some_and(|k| k.starts_with('k')), "{publication}");
+    }
+    assert_eq!(got, vec![1, 2, 3], "a new consumer starts at the beginning");
+    let committed = cf
+        .call("rpc", json!({"method": "commit", "data": {"channel": "room:durable", "consumer": "phone", "offset": 2}}))
+        .await?;
+    assert!(committed.get("rpc").is_some(), "{committed}");
+    cf.call("unsubscribe", json!({"channel": "room:durable"})).await?;
+    let again = cf.call("subscribe", consumer).await?;
+    let mut after: Vec<u64> = again["subscribe"]["publications"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|p| p["offset"].as_u64()).collect())
+        .unwrap_or_default();
+    if after.is_empty() {
+        after.push(cf.next_push("pub").await?["offset"].as_u64().context("offset")?);
+    }
+    assert_eq!(after, vec![3], "the consumer resumes after its committed offset");
+    Ok(())
+}
