@@ -18,6 +18,8 @@
 #   COMPARE_FSYNC_NEVER=0  skip the third column (Switchyard with fsync = "never")
 #   COMPARE_CENTRIFUGO=1   add a column: Switchyard through Centrifugo's protocol
 #                          (`switchyard bench --protocol centrifugo`, /connection/websocket)
+#   COMPARE_ROTATE=N       run the columns rotated by N places (the table keeps its
+#                          order), so repeated runs do not always measure one column last
 #   BENCH_CONFIG     a router config file for the Switchyard columns
 #   BENCH_NO_BUILD=1 skip cargo build; SWITCHYARD_BIN router binary
 set -euo pipefail
@@ -105,9 +107,12 @@ scenario_args() { # scenario_args NAME URL: the bench arguments of a scenario
 columns=(switchyard nats)
 [ "$WITH_NEVER" = 1 ] && columns+=(switchyard-never)
 [ "$WITH_CF" = 1 ] && columns+=(switchyard-centrifugo)
+rotate="${COMPARE_ROTATE:-0}"
+run_order=()
+for i in "${!columns[@]}"; do run_order+=("${columns[$(( (i + rotate) % ${#columns[@]} ))]}"); done
 
 for sc in $SCENARIOS; do
-    for col in "${columns[@]}"; do
+    for col in "${run_order[@]}"; do
         case "$col" in
             switchyard) start_switchyard; target=switchyard; protocol=native ;;
             switchyard-never) start_switchyard never; target=switchyard; protocol=native ;;
