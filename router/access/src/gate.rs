@@ -32,11 +32,15 @@ pub struct Refusal {
     pub code: u16,
     /// The close reason.
     pub reason: &'static str,
+    /// The token expired: the same client may come back with a new one (protocols that
+    /// tell a client to refresh and one to stop apart act on it).
+    pub expired: bool,
 }
 
 fn unauthorized(e: AuthError) -> Refusal {
-    let reason = if e == AuthError::Expired { "token expired" } else { "unauthorized" };
-    Refusal { error: OpError::new(ErrorCode::Unauthorized, e.to_string()), code: close::UNAUTHORIZED, reason }
+    let expired = e == AuthError::Expired;
+    let reason = if expired { "token expired" } else { "unauthorized" };
+    Refusal { error: OpError::new(ErrorCode::Unauthorized, e.to_string()), code: close::UNAUTHORIZED, reason, expired }
 }
 
 /// Admission state of one connection.
@@ -81,6 +85,7 @@ impl Gate {
                     ),
                     code: close::TOO_MANY_SESSIONS,
                     reason: "too many sessions for this user",
+                    expired: false,
                 })
             })?;
             self._seat = Some(seat);
@@ -157,6 +162,7 @@ impl Gate {
                 error: OpError::new(ErrorCode::Unauthorized, "no `connect` with a valid token in time"),
                 code: close::UNAUTHORIZED,
                 reason: "unauthorized",
+                expired: false,
             }
         }
     }
@@ -201,9 +207,12 @@ impl Gate {
         match self.bucket.take(&live.rate_limit, now) {
             Verdict::Allowed => Ok(()),
             Verdict::Limited => Err(Ok(limited())),
-            Verdict::Close => {
-                Err(Err(Refusal { error: limited(), code: close::RATE_LIMITED, reason: "rate limited too long" }))
-            }
+            Verdict::Close => Err(Err(Refusal {
+                error: limited(),
+                code: close::RATE_LIMITED,
+                reason: "rate limited too long",
+                expired: false,
+            })),
         }
     }
 }

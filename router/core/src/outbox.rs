@@ -159,30 +159,37 @@ pub fn outbox_in(dialect: Dialect, max_messages: usize, max_bytes: usize) -> (Ar
     (outbox.clone(), Inbox { outbox, spare: VecDeque::new() })
 }
 
-/// One message's push frame in each [`Dialect`], each framed once however many subscribers
-/// take it: the native frame its owner serialized, the others from it on first need.
+/// One push's frame in each [`Dialect`], each framed once however many subscribers take
+/// it: the native frame its owner serialized, the others from it on first need.
 pub struct Frames<'a> {
     native: &'a Text,
+    /// Turns the native frame into Centrifugo's; None for a frame it cannot read.
+    to_centrifugo: fn(&str) -> Option<Text>,
     centrifugo: Option<Option<Text>>,
 }
 
 impl<'a> Frames<'a> {
     /// The frames of the message whose native push frame is `native`.
     pub fn new(native: &'a Text) -> Self {
-        Self { native, centrifugo: None }
+        Self { native, to_centrifugo: switchyard_proto::centrifugo::pub_from_native, centrifugo: None }
     }
 
-    /// The frame for a connection that speaks `dialect`; None when `native` is not a
-    /// message push (a peer's garbage), which no dialect can then carry.
+    /// The frames of the presence news (a join or a leave) whose native push is `native`.
+    pub fn presence(native: &'a Text) -> Self {
+        Self { native, to_centrifugo: switchyard_proto::presence::centrifugo_from_native, centrifugo: None }
+    }
+
+    /// The frame for a connection that speaks `dialect`; None when `native` is not the push
+    /// it should be (a peer's garbage), which no dialect can then carry.
     pub fn get(&mut self, dialect: Dialect) -> Option<Text> {
         match dialect {
             Dialect::Native => Some(self.native.clone()),
             Dialect::Centrifugo => self
                 .centrifugo
                 .get_or_insert_with(|| {
-                    let framed = switchyard_proto::centrifugo::pub_from_native(self.native.as_str());
+                    let framed = (self.to_centrifugo)(self.native.as_str());
                     if framed.is_none() {
-                        tracing::warn!("a push is not a message push: Centrifugo clients do not get it");
+                        tracing::warn!("a push that cannot be framed for Centrifugo clients: they do not get it");
                     }
                     framed
                 })
@@ -331,6 +338,20 @@ impl Outbox {
 }
 
 impl Outbox {
+    /// [`Outbox::push_direct`] for a fan-out pass: a lent socket that now owes a flush is
+    /// added to `lent`, which the pass flushes once at its end ([`flush_lent`]). False when
+    /// the connection is gone and its subscriber can be forgotten.
+    pub fn fan_out(self: &Arc<Self>, d: Delivery, lent: &mut Vec<Arc<Outbox>>) -> bool {
+        match self.push_direct(d) {
+            Pushed::Closed => false,
+            Pushed::Direct => {
+                lent.push(self.clone());
+                true
+            }
+            Pushed::Queued | Pushed::Slow => true,
+        }
+    }
+
     /// The protocol the connection speaks.
     pub fn dialect(&self) -> Dialect {
         self.dialect

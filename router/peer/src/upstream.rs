@@ -18,14 +18,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use switchyard_proto::presence;
-use switchyard_proto::{Dialect, Text};
+use switchyard_proto::Text;
 use tokio::sync::{watch, Notify};
 
 use crate::link::{Link, PushTarget};
 use crate::node::{Node, Route};
 use crate::wire::{Answer, ChannelInfo, Op, WireError};
-use switchyard_core::outbox::{flush_lent, Delivery, Frames, Kind, Outbox, Pushed};
+use switchyard_core::outbox::{flush_lent, Delivery, Frames, Kind, Outbox};
 use switchyard_core::owner::{grant_from, Grant, Start};
 use switchyard_core::HistoryQuery;
 use switchyard_proto::protocol::{self, close, ErrorCode, OpError};
@@ -115,14 +114,7 @@ impl Inner {
         let mut frames = Frames::new(frame);
         self.locals.retain(|(sub, outbox)| {
             let Some(frame) = frames.get(outbox.dialect()) else { return true };
-            match outbox.push_direct(Delivery { sub: *sub, offset, frame, kind: Kind::Message }) {
-                Pushed::Closed => false,
-                Pushed::Direct => {
-                    lent.push(outbox.clone());
-                    true
-                }
-                Pushed::Queued | Pushed::Slow => true,
-            }
+            outbox.fan_out(Delivery { sub: *sub, offset, frame, kind: Kind::Message }, lent)
         });
         self.last = offset;
     }
@@ -313,29 +305,10 @@ impl PushTarget for Upstream {
             return;
         }
         let native = Text::from(frame);
-        let mut centrifugo: Option<Option<Text>> = None;
+        let mut frames = Frames::presence(&native);
         g.locals.retain(|(sub, outbox)| {
-            let frame = match outbox.dialect() {
-                Dialect::Native => native.clone(),
-                Dialect::Centrifugo => match centrifugo
-                    .get_or_insert_with(|| {
-                        let (channel, change, entry) = presence::parse_native_push(native.as_str())?;
-                        Some(presence::push(Dialect::Centrifugo, &channel, change, &entry))
-                    })
-                    .clone()
-                {
-                    Some(f) => f,
-                    None => return true,
-                },
-            };
-            match outbox.push_direct(Delivery { sub: *sub, offset: 0, frame, kind: Kind::Event }) {
-                Pushed::Closed => false,
-                Pushed::Direct => {
-                    lent.push(outbox.clone());
-                    true
-                }
-                Pushed::Queued | Pushed::Slow => true,
-            }
+            let Some(frame) = frames.get(outbox.dialect()) else { return true };
+            outbox.fan_out(Delivery { sub: *sub, offset: 0, frame, kind: Kind::Event }, lent)
         });
     }
 }

@@ -149,6 +149,12 @@ pub fn parse_native_push(frame: &str) -> Option<(String, Change, PresenceEntry)>
     Some((p.channel, change, p.info))
 }
 
+/// Centrifugo's form of a native join or leave push; None for any other frame.
+pub fn centrifugo_from_native(frame: &str) -> Option<Text> {
+    let (channel, change, entry) = parse_native_push(frame)?;
+    Some(push(Dialect::Centrifugo, &channel, change, &entry))
+}
+
 /// The error of a `presence` request on a channel with more than `max` clients.
 pub fn list_too_long(max: usize) -> OpError {
     OpError::new(ErrorCode::LimitExceeded, format!("presence list over {max} clients: use presence_stats"))

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::batch::Work;
 use super::Owner;
-use crate::outbox::{Delivery, Kind, Pushed};
+use crate::outbox::{Delivery, Kind};
 
 /// A namespace's presence limits, as the owner applies them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,14 +276,7 @@ impl Owner {
         let to_flush = &mut self.to_flush;
         ch.subscribers.retain(|s| {
             let frame = frames.get(s.outbox.dialect());
-            match s.outbox.push_direct(Delivery { sub: s.sub, offset: 0, frame, kind: Kind::Event }) {
-                Pushed::Closed => false,
-                Pushed::Direct => {
-                    to_flush.push(s.outbox.clone());
-                    true
-                }
-                Pushed::Queued | Pushed::Slow => true,
-            }
+            s.outbox.fan_out(Delivery { sub: s.sub, offset: 0, frame, kind: Kind::Event }, to_flush)
         });
     }
 }

@@ -17,7 +17,7 @@ use switchyard_store::ChannelMeta;
 use super::batch::Work;
 use super::channel::Subscriber;
 use super::{grant_from, new_epoch, now_ms, ChannelView, Facts, Grant, Owner, OwnerCommand, Snapshot, Start};
-use crate::outbox::{Delivery, Frames, Kind, Pushed};
+use crate::outbox::{Delivery, Frames, Kind};
 
 impl Owner {
     /// Releases the parked batches the high watermark passed, in order; fails them all if
@@ -114,15 +114,7 @@ impl Owner {
             let mut frames = Frames::new(frame);
             ch.subscribers.retain(|s| {
                 let Some(frame) = frames.get(s.outbox.dialect()) else { return true };
-                let d = Delivery { sub: s.sub, offset: *offset, frame, kind: Kind::Message };
-                match s.outbox.push_direct(d) {
-                    Pushed::Closed => false,
-                    Pushed::Direct => {
-                        to_flush.push(s.outbox.clone());
-                        true
-                    }
-                    Pushed::Queued | Pushed::Slow => true,
-                }
+                s.outbox.fan_out(Delivery { sub: s.sub, offset: *offset, frame, kind: Kind::Message }, to_flush)
             });
         }
     }

@@ -225,9 +225,7 @@ where
         refused: Result<OpError, switchyard_access::gate::Refusal>,
     ) -> Result<(), Stop> {
         match refused {
-            Err(refusal)
-                if self.dialect == switchyard_proto::Dialect::Centrifugo && refusal.reason == "token expired" =>
-            {
+            Err(refusal) if self.dialect == switchyard_proto::Dialect::Centrifugo && refusal.expired => {
                 self.node.metrics.protocol_errors.with_label_values(&[refusal.error.code.as_str()]).inc();
                 self.queue(ready(dialect::cf_error(to, cf::code::TOKEN_EXPIRED, "token expired")));
                 Err(refusal.into())

@@ -83,14 +83,14 @@ where
                 return;
             }
             Stop::Protocol { code, reason } => (code, reason),
-            Stop::Refused { code, reason } => dialect::close_code(self.dialect, code, reason),
+            Stop::Refused { code, reason, expired } => dialect::close_code(self.dialect, code, reason, expired),
             Stop::Slow => {
                 self.node.metrics.slow_consumer_disconnects.inc();
                 tracing::info!("slow consumer disconnected");
-                dialect::close_code(self.dialect, close::SLOW_CONSUMER, "slow consumer")
+                dialect::close_code(self.dialect, close::SLOW_CONSUMER, "slow consumer", false)
             }
-            Stop::Shutdown => dialect::close_code(self.dialect, close::SHUTTING_DOWN, "node shutting down"),
-            Stop::TooLarge => dialect::close_code(self.dialect, close::TOO_BIG, "frame too large"),
+            Stop::Shutdown => dialect::close_code(self.dialect, close::SHUTTING_DOWN, "node shutting down", false),
+            Stop::TooLarge => dialect::close_code(self.dialect, close::TOO_BIG, "frame too large", false),
         };
         let native = self.dialect == Dialect::Native;
         let too_large =

@@ -10,7 +10,7 @@
 use serde::Serialize;
 use switchyard_core::partitions::{HistoryPage, OwnedMessage};
 use switchyard_proto::centrifugo::{self as cf, CfError, Publication};
-use switchyard_proto::protocol::{self, close, Empty, OpError, PublishOk};
+use switchyard_proto::protocol::{self, close, Empty, OpError};
 use switchyard_proto::{Dialect, Text};
 
 /// Where a reply goes: the command's id, and (Centrifugo) its method, which keys the reply.
@@ -45,11 +45,6 @@ pub(super) fn answer<T: Serialize, C: Serialize>(
 /// An answer whose Centrifugo form is empty (`{}`).
 pub(super) fn empty<T: Serialize>(dialect: Dialect, to: To, result: &Result<T, OpError>) -> Text {
     answer(dialect, to, result, |_| Empty {})
-}
-
-/// A publish's acknowledgement: `{offset, epoch}`, or Centrifugo's empty `publish`.
-pub(super) fn published(dialect: Dialect, to: To, result: &Result<PublishOk, OpError>) -> Text {
-    empty(dialect, to, result)
 }
 
 /// An error reply; `id` None only in the native protocol (a frame with no usable id).
@@ -137,14 +132,15 @@ fn is_zero(n: &u64) -> bool {
 }
 
 /// The close code and reason a connection ends with, from the native ones the session
-/// decides on: Centrifugo's equivalent, in the range that tells its clients the same thing
-/// (reconnect, or stop).
-pub(super) fn close_code(dialect: Dialect, code: u16, reason: &'static str) -> (u16, &'static str) {
+/// decides on (`expired`: the token ran out, so the client may come back with a new one):
+/// Centrifugo's equivalent, in the range that tells its clients the same thing (reconnect,
+/// or stop).
+pub(super) fn close_code(dialect: Dialect, code: u16, reason: &'static str, expired: bool) -> (u16, &'static str) {
     if dialect == Dialect::Native {
         return (code, reason);
     }
     match code {
-        close::UNAUTHORIZED if reason == "token expired" => (cf::close::EXPIRED, "connection expired"),
+        close::UNAUTHORIZED if expired => (cf::close::EXPIRED, "connection expired"),
         close::UNAUTHORIZED => (cf::close::INVALID_TOKEN, "invalid token"),
         close::SLOW_CONSUMER => (cf::close::SLOW, "slow"),
         close::TOO_MANY_SESSIONS => (cf::close::CONNECTION_LIMIT, "connection limit"),

@@ -84,6 +84,8 @@ enum Stop {
         code: u16,
         /// Close reason.
         reason: &'static str,
+        /// The token expired (the client may come back with a new one).
+        expired: bool,
     },
     /// The peer did not answer a ping in time.
     Unresponsive,
@@ -101,7 +103,7 @@ enum Stop {
 
 impl From<Refusal> for Stop {
     fn from(r: Refusal) -> Self {
-        Stop::Refused { code: r.code, reason: r.reason }
+        Stop::Refused { code: r.code, reason: r.reason, expired: r.expired }
     }
 }
 

@@ -128,7 +128,12 @@ where
                 );
                 return self.refuse(
                     to,
-                    Err(Refusal { error, code: close::TOO_MANY_SESSIONS, reason: "too many sessions for this user" }),
+                    Err(Refusal {
+                        error,
+                        code: close::TOO_MANY_SESSIONS,
+                        reason: "too many sessions for this user",
+                        expired: false,
+                    }),
                 );
             }
             Seating::Unreachable { why, seat } => {
@@ -247,7 +252,7 @@ where
                                 if let Err(e) = &result {
                                     metrics.protocol_errors.with_label_values(&[e.code.as_str()]).inc();
                                 }
-                                Output::Frame(dialect::published(dialect, to, &result))
+                                Output::Frame(dialect::empty(dialect, to, &result))
                             }
                             .boxed(),
                         );
@@ -263,14 +268,9 @@ where
                 let q = HistoryQuery { since, before, limit, reverse };
                 self.queue_sized(
                     async move {
-                        let result = node.router.history(&channel, q).await;
-                        let frame = match (dialect, &result) {
-                            (Dialect::Centrifugo, Ok(page)) => {
-                                cf::reply(to.id as u32, to.method, &dialect::CfHistory::new(page))
-                            }
-                            _ => dialect::empty(dialect, to, &result),
-                        };
-                        Output::Frame(frame)
+                        // Only native clients come here: Centrifugo's history has its own
+                        // position rules (`Session::cf_history`).
+                        Output::Frame(protocol::reply(to.id, &node.router.history(&channel, q).await))
                     }
                     .boxed(),
                     page,
