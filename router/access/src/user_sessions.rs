@@ -128,19 +128,38 @@ pub struct Heartbeat {
 /// When pings are off, the deadline is this far away (and re-read at each wake).
 const IDLE: Duration = Duration::from_secs(3600);
 
+/// Heartbeat deadlines fall on a process-wide tick of 1/25 of the ping interval (at most
+/// 1 s): the sessions whose pings fall due in the same tick wake in one timer pass, so
+/// 100,000 idle connections cost a few worker wake-ups per second rather than one per
+/// ping. A ping goes out at most one tick late.
+const TICKS_PER_INTERVAL: u32 = 25;
+const MAX_TICK: Duration = Duration::from_secs(1);
+
+/// `exact` rounded up to the next tick of the grid that `ping_interval` sets.
+fn on_tick(exact: Instant, ping_interval: Duration) -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let tick = (ping_interval / TICKS_PER_INTERVAL).clamp(Duration::from_millis(1), MAX_TICK).as_nanos();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    let since = exact.saturating_duration_since(origin).as_nanos();
+    let rounded = since.div_ceil(tick) * tick;
+    origin + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX))
+}
+
 impl Heartbeat {
     /// A schedule whose first ping is one interval from `now`.
     pub fn new(now: Instant) -> Self {
         Self { last_ping: now, outstanding: None }
     }
 
-    /// When the session must wake up for the heartbeat.
+    /// When the session must wake up for the heartbeat: on the shared tick (see
+    /// [`on_tick`]) at or after the exact time.
     pub fn deadline(&self, s: &SessionsConfig) -> Instant {
-        match self.outstanding {
+        let exact = match self.outstanding {
             Some(sent) => sent + s.ping_timeout,
             None if s.ping_interval.is_zero() => self.last_ping + IDLE,
             None => self.last_ping + s.ping_interval,
-        }
+        };
+        on_tick(exact, s.ping_interval)
     }
 
     /// Called at (or after) the deadline.
@@ -191,15 +210,25 @@ mod tests {
             ping_timeout: Duration::from_secs(5),
             ..Default::default()
         };
+        // Deadlines fall on the 400 ms tick (10 s / 25) at or after the exact time.
+        let tick = Duration::from_millis(400);
+        let near = |d: Instant, exact: Instant| assert!(d >= exact && d < exact + tick, "{d:?} vs {exact:?}");
         let t0 = Instant::now();
         let mut h = Heartbeat::new(t0);
-        assert_eq!(h.deadline(&s), t0 + Duration::from_secs(10));
+        near(h.deadline(&s), t0 + Duration::from_secs(10));
         assert_eq!(h.on_deadline(&s, t0 + Duration::from_secs(1)), Beat::Wait);
-        assert_eq!(h.on_deadline(&s, t0 + Duration::from_secs(10)), Beat::Ping);
-        assert_eq!(h.deadline(&s), t0 + Duration::from_secs(15));
+        let ping = h.deadline(&s);
+        assert_eq!(h.on_deadline(&s, ping), Beat::Ping);
+        near(h.deadline(&s), ping + Duration::from_secs(5));
         h.on_pong();
-        assert_eq!(h.on_deadline(&s, t0 + Duration::from_secs(20)), Beat::Ping);
-        assert_eq!(h.on_deadline(&s, t0 + Duration::from_secs(25)), Beat::Dead);
+        let ping = h.deadline(&s);
+        near(ping, t0 + Duration::from_secs(20));
+        assert_eq!(h.on_deadline(&s, ping), Beat::Ping);
+        assert_eq!(h.on_deadline(&s, ping + Duration::from_secs(6)), Beat::Dead);
+        // Sessions whose exact deadlines differ within a tick wake at the same instant.
+        let (a, b) = (Heartbeat::new(t0), Heartbeat::new(t0 + Duration::from_millis(1)));
+        let (da, db) = (a.deadline(&s), b.deadline(&s));
+        assert!(da == db || db - da == tick, "{da:?} {db:?}");
         let off = SessionsConfig { ping_interval: Duration::ZERO, ..s };
         let mut h = Heartbeat::new(t0);
         assert_eq!(h.on_deadline(&off, t0 + IDLE), Beat::Wait);

@@ -43,6 +43,34 @@ pub(crate) type Ws = WebSocketStream<Box<dyn Io>>;
 /// How `wss://` servers are verified (set once from `--tls-ca`).
 static TLS: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
 
+/// Loopback source addresses connections are spread over (set once from
+/// `--source-addrs`): one source address has about 28,000 ephemeral ports toward one
+/// server port, so 100,000 connections need several.
+static SOURCES: std::sync::OnceLock<Vec<std::net::IpAddr>> = std::sync::OnceLock::new();
+/// The next source address, round robin.
+static NEXT_SOURCE: AtomicU64 = AtomicU64::new(0);
+
+/// Spreads later connections over `n` loopback source addresses, 127.0.0.1 up.
+pub(crate) fn spread_sources(n: u8) {
+    let all = (0..n.max(1)).map(|i| std::net::IpAddr::from([127, 0, 0, 1 + i])).collect();
+    let _ = SOURCES.set(all);
+}
+
+/// A TCP connection to `addr`, from the next source address if several are set.
+async fn tcp_connect(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let Some(sources) = SOURCES.get().filter(|s| s.len() > 1) else {
+        return TcpStream::connect((host, port)).await;
+    };
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .find(|a| a.is_ipv4())
+        .ok_or_else(|| std::io::Error::other("no IPv4 address to connect from a loopback source to"))?;
+    let source = sources[NEXT_SOURCE.fetch_add(1, Relaxed) as usize % sources.len()];
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    socket.connect(addr).await
+}
+
 /// Switchyard subscribers ask for packed pushes (set once from `--batch`).
 pub(crate) static PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -119,7 +147,7 @@ pub(crate) async fn connect(url: &str, read_buffer: Option<usize>) -> Result<Ws>
     let tls = url.starts_with("wss://");
     let host = req.uri().host().context("URL without a host")?.trim_matches(['[', ']']).to_string();
     let port = req.uri().port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port)).await.with_context(|| format!("connect {url}"))?;
+    let tcp = tcp_connect(&host, port).await.with_context(|| format!("connect {url}"))?;
     tcp.set_nodelay(true)?;
     let io: Box<dyn Io> = if tls {
         let tls_config = TLS.get().context("a wss:// URL needs --tls-ca")?.clone();

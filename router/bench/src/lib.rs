@@ -121,6 +121,16 @@ pub struct BenchArgs {
     /// connections: wait this long after the last connect before reading the server's RSS.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
+    /// connections: after the RSS reading, measure the server's CPU over this long with
+    /// every connection idle (heartbeats only); 0 skips it. Longer than the server's ping
+    /// interval (25 s by default) to count every connection's heartbeat.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub idle_window: Duration,
+    /// Spread connections over this many loopback source addresses (127.0.0.1 up; the
+    /// server must be on loopback): each has about 28,000 ephemeral ports toward one
+    /// server port. 0 picks one per 20,000 connections.
+    #[arg(long, default_value_t = 0)]
+    pub source_addrs: u8,
     /// Connections opened concurrently while setting up.
     #[arg(long, default_value_t = 64)]
     pub connect_concurrency: usize,
@@ -226,8 +236,19 @@ fn run_main(mut args: BenchArgs) -> Result<bool> {
         client::trust(ca)?;
     }
     client::PACKED.store(args.batch, std::sync::atomic::Ordering::Relaxed);
-    if let Some((old, new)) = sys::raise_nofile_limit() {
-        eprintln!("[bench] RLIMIT_NOFILE raised {old} -> {new}");
+    let files_before = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|l| l.0).unwrap_or(0);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(now) if now > files_before => eprintln!("[bench] RLIMIT_NOFILE raised {files_before} -> {now}"),
+        Ok(_) => {}
+        Err(e) => eprintln!("[bench] RLIMIT_NOFILE: {e}"),
+    }
+    let sources = match args.source_addrs {
+        0 => u8::try_from(args.count.div_ceil(20_000)).unwrap_or(u8::MAX),
+        n => n,
+    };
+    if sources > 1 {
+        eprintln!("[bench] connecting from {sources} loopback source addresses");
+        client::spread_sources(sources);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report: Report = runtime.block_on(async {

@@ -109,6 +109,15 @@ pub(crate) struct ConnReport {
     pub server_rss_after_kib: Option<u64>,
     pub server_rss_per_connection_kib: Option<f64>,
     pub generator_rss_kib: Option<u64>,
+    /// Length of the idle window (`--idle-window`), if measured.
+    #[serde(default)]
+    pub idle_window_s: Option<f64>,
+    /// Server CPU while every connection idled, in % of one core.
+    #[serde(default)]
+    pub server_idle_cpu_percent: Option<f64>,
+    /// Server RSS at the end of the idle window.
+    #[serde(default)]
+    pub server_rss_after_idle_kib: Option<u64>,
 }
 
 /// One run against one target: what `--json` prints.
@@ -180,6 +189,10 @@ impl Report {
             if let Some(g) = c.generator_rss_kib {
                 let _ = writeln!(s, "generator RSS:      {g} KiB");
             }
+            if let (Some(w), Some(cpu)) = (c.idle_window_s, c.server_idle_cpu_percent) {
+                let rss = c.server_rss_after_idle_kib.map_or("n/a".into(), |k| format!("{k} KiB"));
+                let _ = writeln!(s, "server idle CPU:    {cpu:.2}% of a core over {w:.0}s (RSS after: {rss})");
+            }
         } else {
             let _ = writeln!(
                 s,
@@ -231,6 +244,7 @@ impl Report {
                 (Metric::Rate("connect rate"), Some(c.connects_per_s)),
                 (Metric::Kib("server RSS per connection"), c.server_rss_per_connection_kib),
                 (Metric::Mib("server RSS after"), c.server_rss_after_kib.map(|k| k as f64)),
+                (Metric::Percent("server idle CPU"), c.server_idle_cpu_percent),
             ];
         }
         let lat = |f: fn(&LatencySummary) -> u64| self.latency.as_ref().map(|l| f(l) as f64);

@@ -486,6 +486,10 @@ pub(crate) async fn connections(a: &BenchArgs) -> Result<Report> {
     tokio::time::sleep(a.settle).await;
     let rss_after = a.server_pid.and_then(sys::proc_rss_kib);
     let generator_rss = sys::self_rss_kib();
+    let idle = match a.server_pid {
+        Some(pid) if !a.idle_window.is_zero() => idle_cpu(&label, pid, a.idle_window).await,
+        _ => None,
+    };
 
     // verify: one publish per channel reaches every connection
     let stats = AckStats::new();
@@ -541,7 +545,29 @@ pub(crate) async fn connections(a: &BenchArgs) -> Result<Report> {
             server_rss_after_kib: rss_after,
             server_rss_per_connection_kib: per_conn,
             generator_rss_kib: generator_rss,
+            idle_window_s: idle.map(|_| a.idle_window.as_secs_f64()),
+            server_idle_cpu_percent: idle.map(|i| i.0),
+            server_rss_after_idle_kib: idle.and_then(|i| i.1),
         }),
         ..Report::default()
     })
+}
+
+/// The server's CPU over `window` while every connection idles, as a percentage of one
+/// core, and its RSS at the end; progress every 10 s.
+async fn idle_cpu(label: &str, pid: u32, window: Duration) -> Option<(f64, Option<u64>)> {
+    let cpu0 = sys::proc_cpu_secs(pid)?;
+    let t0 = Instant::now();
+    eprintln!("[{label}] measuring server CPU over {window:?} of idle connections");
+    while t0.elapsed() < window {
+        tokio::time::sleep((window - t0.elapsed()).min(Duration::from_secs(10))).await;
+        let so_far = sys::proc_cpu_secs(pid)? - cpu0;
+        eprintln!(
+            "[{label}]   {:>4.0}s: {:.2}% of a core",
+            t0.elapsed().as_secs_f64(),
+            100.0 * so_far / t0.elapsed().as_secs_f64()
+        );
+    }
+    let cpu = sys::proc_cpu_secs(pid)? - cpu0;
+    Some((100.0 * cpu / t0.elapsed().as_secs_f64(), sys::proc_rss_kib(pid)))
 }

@@ -62,23 +62,6 @@ pub(crate) fn self_cpu_secs() -> f64 {
     }
 }
 
-/// Raises the soft open-file limit to the hard one; returns (old, new) when it changed.
-#[allow(unsafe_code)]
-pub(crate) fn raise_nofile_limit() -> Option<(u64, u64)> {
-    // SAFETY: plain libc calls on a stack value.
-    unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let old = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                return Some((old, lim.rlim_max));
-            }
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -106,11 +106,48 @@ pub(crate) fn read_plugin_file(path: &std::path::Path) -> Result<Vec<u8>, Plugin
     Ok(bytes)
 }
 
+/// What a file's metadata said when it was last read: a rescan that finds the same stamp
+/// skips reading and hashing the file (the periodic rescan of an unchanged folder then
+/// costs a `stat` per file, not a read and a sha256 of every byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+/// A stamp is trusted only once the file's last change is this much older than the stamp
+/// (as git does with "racy" index entries): a rewrite within the file system's timestamp
+/// granularity of the moment it was read would otherwise leave the stamp unchanged.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl FileStamp {
+    /// The stamp of `path` (not following a symlink), if it can be trusted to skip a read.
+    fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::symlink_metadata(path).ok()?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos() as i128;
+        let stamp = Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        };
+        (m.file_type().is_file() && now - stamp.ctime_ns.max(stamp.mtime_ns) > RACY.as_nanos() as i128).then_some(stamp)
+    }
+}
+
 /// One plugin file and what became of it.
 pub struct Entry {
     name: Arc<str>,
     /// sha256 of the file as last read (valid or not).
     file_sha256: String,
+    /// The file's metadata when it was read, if old enough to be trusted (rescans only).
+    file_stamp: Mutex<Option<FileStamp>>,
     /// The version that serves calls, if any was ever valid.
     active: Option<Arc<Compiled>>,
     calls: AtomicU64,
@@ -210,6 +247,13 @@ impl Registry {
             else {
                 continue;
             };
+            let stamp = FileStamp::of(&path);
+            if let Some(old) =
+                current.get(stem).filter(|o| stamp.is_some() && *o.file_stamp.lock().expect("stamp") == stamp)
+            {
+                next.insert(stem.to_string(), old.clone());
+                continue;
+            }
             let bytes = match read_plugin_file(&path) {
                 Ok(bytes) => bytes,
                 Err(why) => {
@@ -220,10 +264,14 @@ impl Registry {
             let sha = crate::host_sha256(&bytes);
             let old = current.get(stem);
             if let Some(old) = old.filter(|o| o.file_sha256 == sha) {
+                // Same bytes: the same entry, now with a stamp that lets the next rescan skip it.
+                *old.file_stamp.lock().expect("stamp") = stamp;
                 next.insert(stem.to_string(), old.clone());
                 continue;
             }
-            next.insert(stem.to_string(), Arc::new(self.load_entry(stem, &bytes, sha, old.map(|o| o.as_ref()))));
+            let entry = self.load_entry(stem, &bytes, sha, old.map(|o| o.as_ref()));
+            *entry.file_stamp.lock().expect("stamp") = stamp;
+            next.insert(stem.to_string(), Arc::new(entry));
         }
         for name in current.keys().filter(|n| !next.contains_key(*n)) {
             tracing::info!(plugin = %name, "plugin file removed; its bindings use the built-in policy");
@@ -255,6 +303,7 @@ impl Registry {
         Entry {
             name: name.into(),
             file_sha256: sha,
+            file_stamp: Mutex::new(None),
             active,
             calls: AtomicU64::new(carry(|e| &e.calls)),
             failures: AtomicU64::new(carry(|e| &e.failures)),
@@ -637,5 +686,35 @@ mod tests {
         let names: Vec<String> = r.list().into_iter().map(|p| p.name).collect();
         assert_eq!(names, vec!["good".to_string()], "only the regular file is a plugin");
         assert!(call(&r, "good").is_ok());
+    }
+
+    /// A rescan trusts a file's stamp only once its last change is older than [`RACY`]:
+    /// a fresh file has none, an old one does, and a rewrite changes it or makes it racy
+    /// again, so the changed file is read on the next rescan.
+    #[test]
+    fn only_settled_files_are_skipped_by_their_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.wasm");
+        std::fs::write(&file, module("", GOOD)).unwrap();
+        assert_eq!(FileStamp::of(&file), None, "just written: racy");
+        let deadline = Instant::now() + RACY * 3;
+        let stamp = loop {
+            if let Some(s) = FileStamp::of(&file) {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the stamp never settled");
+            // A plain #[test] thread, no runtime: polling the condition, with a deadline.
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let r = registry(dir.path());
+        r.rescan();
+        assert_eq!(*r.plugins.load().get("p").unwrap().file_stamp.lock().unwrap(), Some(stamp));
+        // Same length, other bytes: the rewrite is seen (its stamp is racy, so it is read).
+        let len = std::fs::metadata(&file).unwrap().len() as usize;
+        std::fs::write(&file, vec![b'x'; len]).unwrap();
+        assert_ne!(FileStamp::of(&file), Some(stamp));
+        r.rescan();
+        assert!(state(&r, "p").1.is_some(), "the corrupted rewrite was read and refused");
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod config;
 mod http;
+mod listen;
 mod node;
 mod policies;
 mod poll;
@@ -27,7 +28,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError, Overrides};
@@ -81,8 +81,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         Some(ca) if config.cluster.enabled() => Some(tls::peer_client(ca).map_err(ServerError::PeerTls)?),
         _ => None,
     };
-    let listener =
-        TcpListener::bind(config.listen).await.map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    listen::raise_open_files(config.limits.max_connections);
+    let listener = listen::bind(config.listen).map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     // With port 0 the real port is known only now; the cluster advertises it.
     let mut config = config;
