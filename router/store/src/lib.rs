@@ -59,6 +59,12 @@ pub enum StoreError {
     /// The writer thread is gone (the process is stopping).
     #[error("store: writer stopped")]
     WriterGone,
+    /// The read pool is closed (the process is stopping).
+    #[error("store: read pool closed")]
+    ReadPoolGone,
+    /// A read on the pool panicked or was cancelled by the runtime shutting down.
+    #[error("store: read failed: {0}")]
+    ReadPanicked(String),
     /// The log writer's commit or fsync failed; every batch of its group gets the same
     /// cause (and fjall refuses all writes after it).
     #[error("store: sync failed: {0}")]
@@ -159,6 +165,11 @@ pub struct Store {
     round: Round,
     /// Set when a write or fsync failed: fjall refuses all writes after that.
     failed: Arc<std::sync::atomic::AtomicBool>,
+    /// Permits of the read pool: how many reads run at once on tokio's blocking threads.
+    reads: Arc<tokio::sync::Semaphore>,
+    /// Channels whose reads are held (fault injection for tests).
+    #[cfg(any(test, feature = "fault-hooks"))]
+    holds: Arc<hooks::Holds>,
 }
 
 /// A batch on its way to the log writer.
@@ -384,8 +395,19 @@ impl Drop for Handover<'_> {
 }
 
 impl Store {
-    /// Opens (or creates) the store under `dir` and starts its syncer thread.
+    /// Opens (or creates) the store under `dir` and starts its syncer thread, with the
+    /// default read pool ([`default_read_threads`]).
     pub fn open(dir: &Path, policy: FsyncPolicy, metrics: Arc<Metrics>) -> Result<Arc<Self>, StoreError> {
+        Self::open_with_readers(dir, policy, metrics, default_read_threads())
+    }
+
+    /// [`Store::open`] with a read pool of `read_threads` concurrent reads (at least one).
+    pub fn open_with_readers(
+        dir: &Path,
+        policy: FsyncPolicy,
+        metrics: Arc<Metrics>,
+        read_threads: usize,
+    ) -> Result<Arc<Self>, StoreError> {
         let db = Database::builder(dir).open()?;
         let meta = db.keyspace("channels", KeyspaceCreateOptions::default)?;
         let messages = db.keyspace("messages", KeyspaceCreateOptions::default)?;
@@ -411,6 +433,9 @@ impl Store {
             writer,
             round: Round::default(),
             failed,
+            reads: Arc::new(tokio::sync::Semaphore::new(read_threads.max(1))),
+            #[cfg(any(test, feature = "fault-hooks"))]
+            holds: Arc::default(),
         }))
     }
 
@@ -431,127 +456,57 @@ impl Store {
         Batch { store: self, inner: self.db.batch().durability(None) }
     }
 
+    /// Runs `f` with a [`Reader`] on the read pool and returns what it returns: the only
+    /// way to read the store once the node serves. At most the pool's size of reads run at
+    /// once, each on one of tokio's blocking threads (never on a runtime worker); the
+    /// others wait for a permit here, in arrival order, as parked tasks. A read whose
+    /// caller stops waiting still runs to its end (and keeps its permit until then), so
+    /// `f` should read one bounded page, not loop without end.
+    pub async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Reader<'_>) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let permit = self.reads.clone().acquire_owned().await.map_err(|_| StoreError::ReadPoolGone)?;
+        let store = self.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let out = f(store.reader());
+            drop(permit);
+            out
+        });
+        task.await.map_err(|e| StoreError::ReadPanicked(e.to_string()))
+    }
+
+    /// The synchronous reads, for start-up only: recovery in `Partitions::start`, before
+    /// the node serves and before any owner runs. Everything later reads through
+    /// [`Store::read`].
+    pub fn startup_reader(&self) -> Reader<'_> {
+        self.reader()
+    }
+
+    pub(crate) fn reader(&self) -> Reader<'_> {
+        Reader { store: self }
+    }
+
+    /// Holds every read of `channel` (they wait inside the read pool) until the returned
+    /// guard is dropped: fault injection for tests, compiled only with the `fault-hooks`
+    /// feature.
+    #[cfg(any(test, feature = "fault-hooks"))]
+    pub fn hold_reads(&self, channel: &str) -> hooks::ReadHold {
+        hooks::ReadHold::new(self.holds.clone(), channel)
+    }
+
+    /// Waits while reads of `channel` are held (a no-op without the `fault-hooks` feature).
+    #[inline]
+    fn read_gate(&self, channel: &str) {
+        #[cfg(any(test, feature = "fault-hooks"))]
+        self.holds.wait(channel);
+        let _ = channel;
+    }
+
     /// Flushes and fsyncs everything. Used on shutdown; the writer thread ends with the store.
     pub fn close(&self) -> Result<(), StoreError> {
         Ok(self.db.persist(PersistMode::SyncAll)?)
-    }
-
-    /// Every channel's metadata, for recovery at startup.
-    pub fn all_channels(&self) -> Result<Vec<(PartitionId, String, ChannelMeta)>, StoreError> {
-        let mut out = Vec::new();
-        for guard in self.meta.iter() {
-            let (k, v) = guard.into_inner()?;
-            let p = PartitionId::from_be_bytes(k[..4].try_into().expect("meta keys start with a partition"));
-            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
-            out.push((p, name, postcard::from_bytes(&v)?));
-        }
-        Ok(out)
-    }
-
-    /// Decodes up to `limit` messages of `channel` with offsets in `from..=upto`, oldest
-    /// first (newest first when `newest_first`), each as `f(offset, stored size, message)`.
-    fn scan<T>(
-        &self,
-        p: PartitionId,
-        channel: &str,
-        (from, upto): (u64, u64),
-        (limit, newest_first): (usize, bool),
-        mut f: impl FnMut(u64, u32, StoredMessage) -> T,
-    ) -> Result<Vec<T>, StoreError> {
-        if from > upto || limit == 0 {
-            return Ok(Vec::new());
-        }
-        let range = self.messages.range(message_key(p, channel, from)..=message_key(p, channel, upto));
-        let decode = |guard: fjall::Guard| {
-            let (k, v) = guard.into_inner()?;
-            Ok(f(offset_of_key(&k), v.len() as u32, postcard::from_bytes(&v)?))
-        };
-        if newest_first {
-            range.rev().take(limit).map(decode).collect()
-        } else {
-            range.take(limit).map(decode).collect()
-        }
-    }
-
-    /// Up to `limit` messages with `after < offset <= upto`, oldest first.
-    pub fn read_messages(
-        &self,
-        p: PartitionId,
-        channel: &str,
-        after: u64,
-        upto: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
-        self.scan(p, channel, (after.saturating_add(1), upto), (limit, false), |offset, _, m| (offset, m))
-    }
-
-    /// Up to `limit` messages with `after < offset <= upto`, newest first: the newest
-    /// `limit` of the range (a backward history page).
-    pub fn read_messages_rev(
-        &self,
-        p: PartitionId,
-        channel: &str,
-        after: u64,
-        upto: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
-        self.scan(p, channel, (after.saturating_add(1), upto), (limit, true), |offset, _, m| (offset, m))
-    }
-
-    /// `(offset, ts, idempotency key)` of the newest messages back to the first one older
-    /// than `cutoff_ms` (at most `limit`), newest first. Payloads are not decoded.
-    pub fn recent_idempotency_keys(
-        &self,
-        p: PartitionId,
-        channel: &str,
-        upto: u64,
-        cutoff_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, u64, String)>, StoreError> {
-        /// The leading fields of a [`StoredMessage`]; postcard stops before the payload.
-        #[derive(Deserialize)]
-        struct Head {
-            ts: u64,
-            _key: Option<String>,
-            _from: Option<String>,
-            idem: Option<String>,
-        }
-        let mut out = Vec::new();
-        let range = self.messages.range(message_key(p, channel, 0)..=message_key(p, channel, upto));
-        for guard in range.rev().take(limit) {
-            let (k, v) = guard.into_inner()?;
-            let (head, _) = postcard::take_from_bytes::<Head>(&v)?;
-            if head.ts < cutoff_ms {
-                break;
-            }
-            if let Some(key) = head.idem {
-                out.push((offset_of_key(&k), head.ts, key));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Policy metadata of up to `limit` messages with `from <= offset <= upto`, oldest first.
-    pub fn read_metas(
-        &self,
-        p: PartitionId,
-        channel: &str,
-        from: u64,
-        upto: u64,
-        limit: usize,
-    ) -> Result<Vec<MessageMeta>, StoreError> {
-        self.scan(p, channel, (from, upto), (limit, false), |offset, size, m| MessageMeta {
-            offset,
-            ts: m.ts,
-            size,
-            tombstone: m.is_tombstone(),
-            key: m.key,
-        })
-    }
-
-    /// The stored metadata of one channel.
-    pub fn channel_meta(&self, p: PartitionId, channel: &str) -> Result<Option<ChannelMeta>, StoreError> {
-        Ok(self.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?)
     }
 
     /// Removes everything stored for partition `p`, in batches of bounded size so other
@@ -569,41 +524,6 @@ impl Store {
                 return Ok(());
             }
         }
-    }
-
-    /// Up to `limit` channels stored for partition `p` with names at or above `from` (from
-    /// the first when None), in name order.
-    pub fn partition_channels(
-        &self,
-        p: PartitionId,
-        from: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, ChannelMeta)>, StoreError> {
-        let mut out = Vec::new();
-        let start = match from {
-            Some(name) => channel_prefix(p, name),
-            None => p.to_be_bytes().to_vec(),
-        };
-        // P is at most a few thousand, so p + 1 never overflows.
-        let end = (p + 1).to_be_bytes().to_vec();
-        for guard in self.meta.range(start..end).take(limit) {
-            let (k, v) = guard.into_inner()?;
-            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
-            out.push((name, postcard::from_bytes(&v)?));
-        }
-        Ok(out)
-    }
-
-    /// Every consumer offset committed on `channel`.
-    pub fn consumers_of(&self, p: PartitionId, channel: &str) -> Result<Vec<(String, u64)>, StoreError> {
-        let prefix = channel_prefix(p, channel);
-        let mut out = Vec::new();
-        for guard in self.consumers.prefix(&prefix) {
-            let (k, v) = guard.into_inner()?;
-            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            out.push((name, u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))));
-        }
-        Ok(out)
     }
 
     /// This replica's replication position and leader-epoch history of `p` (None when it
@@ -642,11 +562,182 @@ impl Store {
         Ok(self.adopted.get(p.to_be_bytes())?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte epochs"))))
     }
 
+}
+
+// === impl Reader ===
+
+/// The synchronous reads of the store. A `Reader` exists only inside a read the pool
+/// runs ([`Store::read`]) or at start-up ([`Store::startup_reader`]): these calls may
+/// scan many keys and touch the disk, so they never run on an async runtime worker.
+#[derive(Clone, Copy)]
+pub struct Reader<'a> {
+    store: &'a Store,
+}
+
+impl Reader<'_> {
+    /// Every channel's metadata, for recovery at startup.
+    pub fn all_channels(self) -> Result<Vec<(PartitionId, String, ChannelMeta)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.store.meta.iter() {
+            let (k, v) = guard.into_inner()?;
+            let p = PartitionId::from_be_bytes(k[..4].try_into().expect("meta keys start with a partition"));
+            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
+            out.push((p, name, postcard::from_bytes(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Decodes up to `limit` messages of `channel` with offsets in `from..=upto`, oldest
+    /// first (newest first when `newest_first`), each as `f(offset, stored size, message)`.
+    fn scan<T>(
+        self,
+        p: PartitionId,
+        channel: &str,
+        (from, upto): (u64, u64),
+        (limit, newest_first): (usize, bool),
+        mut f: impl FnMut(u64, u32, StoredMessage) -> T,
+    ) -> Result<Vec<T>, StoreError> {
+        self.store.read_gate(channel);
+        if from > upto || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let range = self.store.messages.range(message_key(p, channel, from)..=message_key(p, channel, upto));
+        let decode = |guard: fjall::Guard| {
+            let (k, v) = guard.into_inner()?;
+            Ok(f(offset_of_key(&k), v.len() as u32, postcard::from_bytes(&v)?))
+        };
+        if newest_first {
+            range.rev().take(limit).map(decode).collect()
+        } else {
+            range.take(limit).map(decode).collect()
+        }
+    }
+
+    /// Up to `limit` messages with `after < offset <= upto`, oldest first.
+    pub fn read_messages(
+        self,
+        p: PartitionId,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        self.scan(p, channel, (after.saturating_add(1), upto), (limit, false), |offset, _, m| (offset, m))
+    }
+
+    /// Up to `limit` messages with `after < offset <= upto`, newest first: the newest
+    /// `limit` of the range (a backward history page).
+    pub fn read_messages_rev(
+        self,
+        p: PartitionId,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        self.scan(p, channel, (after.saturating_add(1), upto), (limit, true), |offset, _, m| (offset, m))
+    }
+
+    /// `(offset, ts, idempotency key)` of the newest messages back to the first one older
+    /// than `cutoff_ms` (at most `limit`), newest first. Payloads are not decoded.
+    pub fn recent_idempotency_keys(
+        self,
+        p: PartitionId,
+        channel: &str,
+        upto: u64,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, String)>, StoreError> {
+        /// The leading fields of a [`StoredMessage`]; postcard stops before the payload.
+        #[derive(Deserialize)]
+        struct Head {
+            ts: u64,
+            _key: Option<String>,
+            _from: Option<String>,
+            idem: Option<String>,
+        }
+        self.store.read_gate(channel);
+        let mut out = Vec::new();
+        let range = self.store.messages.range(message_key(p, channel, 0)..=message_key(p, channel, upto));
+        for guard in range.rev().take(limit) {
+            let (k, v) = guard.into_inner()?;
+            let (head, _) = postcard::take_from_bytes::<Head>(&v)?;
+            if head.ts < cutoff_ms {
+                break;
+            }
+            if let Some(key) = head.idem {
+                out.push((offset_of_key(&k), head.ts, key));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Policy metadata of up to `limit` messages with `from <= offset <= upto`, oldest first.
+    pub fn read_metas(
+        self,
+        p: PartitionId,
+        channel: &str,
+        from: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<MessageMeta>, StoreError> {
+        self.scan(p, channel, (from, upto), (limit, false), |offset, size, m| MessageMeta {
+            offset,
+            ts: m.ts,
+            size,
+            tombstone: m.is_tombstone(),
+            key: m.key,
+        })
+    }
+
+    /// The stored metadata of one channel.
+    pub fn channel_meta(self, p: PartitionId, channel: &str) -> Result<Option<ChannelMeta>, StoreError> {
+        self.store.read_gate(channel);
+        Ok(self.store.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?)
+    }
+
+    /// Up to `limit` channels stored for partition `p` with names at or above `from` (from
+    /// the first when None), in name order.
+    pub fn partition_channels(
+        self,
+        p: PartitionId,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, ChannelMeta)>, StoreError> {
+        let mut out = Vec::new();
+        let start = match from {
+            Some(name) => channel_prefix(p, name),
+            None => p.to_be_bytes().to_vec(),
+        };
+        // P is at most a few thousand, so p + 1 never overflows.
+        let end = (p + 1).to_be_bytes().to_vec();
+        for guard in self.store.meta.range(start..end).take(limit) {
+            let (k, v) = guard.into_inner()?;
+            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
+            out.push((name, postcard::from_bytes(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every consumer offset committed on `channel`.
+    pub fn consumers_of(self, p: PartitionId, channel: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.store.read_gate(channel);
+        let prefix = channel_prefix(p, channel);
+        let mut out = Vec::new();
+        for guard in self.store.consumers.prefix(&prefix) {
+            let (k, v) = guard.into_inner()?;
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((name, u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))));
+        }
+        Ok(out)
+    }
+
     /// A consumer's committed offset.
-    pub fn consumer_offset(&self, p: PartitionId, channel: &str, consumer: &str) -> Result<Option<u64>, StoreError> {
+    pub fn consumer_offset(self, p: PartitionId, channel: &str, consumer: &str) -> Result<Option<u64>, StoreError> {
+        self.store.read_gate(channel);
         let mut k = channel_prefix(p, channel);
         k.extend_from_slice(consumer.as_bytes());
-        Ok(self.consumers.get(k)?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))))
+        Ok(self.store.consumers.get(k)?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))))
     }
 }
 
@@ -715,6 +806,16 @@ fn commit_group(
         let _ = done.send(r);
     }
 }
+
+/// The default size of the read pool: twice the cores, at least 4 (`store_read_threads`).
+/// Reads mostly decode what the page cache holds, so more would only queue for the same
+/// cores, while a few spare permits let a read waiting on the disk overlap the others.
+pub fn default_read_threads() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| (2 * n.get()).max(4))
+}
+
+#[cfg(any(test, feature = "fault-hooks"))]
+pub mod hooks;
 
 #[cfg(test)]
 mod tests;
