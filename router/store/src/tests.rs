@@ -147,6 +147,7 @@ async fn reverse_reads_take_the_newest_of_the_range_newest_first() {
     b.write(true).await.unwrap();
     let offsets = |after, upto, limit| {
         store
+            .reader()
             .read_messages_rev(3, "room:1", after, upto, limit)
             .unwrap()
             .into_iter()
@@ -250,4 +251,37 @@ async fn replication_positions_and_touched_channels() {
     store.clear_partition(2).await.unwrap();
     assert_eq!(store.repl_meta(2).unwrap(), None);
     assert_eq!(store.repl_touched(2, 13, 14).unwrap(), None);
+}
+
+/// Reads run on the pool, never on the calling thread, and at most the pool's size at
+/// once: with one permit, a read held by the fault hook keeps a second read (of another
+/// channel) waiting for its turn, while the runtime stays free; released, both answer.
+#[tokio::test]
+async fn reads_take_turns_on_the_pool_off_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with_readers(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new()), 1).unwrap();
+    one_message(&store, 1, 1).write(true).await.unwrap();
+    let caller = std::thread::current().id();
+    let ran_on = store.read(|_| std::thread::current().id()).await.unwrap();
+    assert_ne!(ran_on, caller, "a read runs on a blocking thread");
+    let hold = store.hold_reads("room:1");
+    let held = tokio::spawn({
+        let store = store.clone();
+        async move { store.read(|r| r.read_messages(1, "room:1", 0, 10, 10)).await }
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while hold.waiting() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the read reached the hook");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut second = tokio::spawn({
+        let store = store.clone();
+        async move { store.read(|r| r.channel_meta(1, "room:2")).await }
+    });
+    // The runtime is free (this task runs), and the second read waits for the permit.
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(200), &mut second).await;
+    assert!(waited.is_err(), "one permit: the second read waits its turn");
+    drop(hold);
+    assert_eq!(held.await.unwrap().unwrap().unwrap().len(), 1);
+    assert_eq!(second.await.unwrap().unwrap().unwrap(), None);
 }
