@@ -8,9 +8,14 @@
 //! commits itself. Batches written during one pass of the async runtime reach the writer
 //! together, at the end of the pass ([`Round`]), so one burst of publishes across many
 //! partitions becomes one commit group instead of a first tiny group and the rest, and the
-//! journal's buffer goes to the OS once per group (fjall would write it once per batch). It
-//! must never decide offsets or policy: partition owners write, and the store only makes
-//! their batches durable and reads them back.
+//! journal's buffer goes to the OS once per group (fjall would write it once per batch).
+//!
+//! It also owns the read pool: once the node serves, every read runs through
+//! [`Store::read`] on a few OS threads of its own at a lower CPU priority, never on an
+//! async runtime worker (the synchronous [`Reader`] is handed out only there, and at
+//! start-up through [`Store::startup_reader`]). It must never decide offsets or policy:
+//! partition owners write, and the store only makes their batches durable and reads them
+//! back.
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
@@ -165,11 +170,60 @@ pub struct Store {
     round: Round,
     /// Set when a write or fsync failed: fjall refuses all writes after that.
     failed: Arc<std::sync::atomic::AtomicBool>,
-    /// Permits of the read pool: how many reads run at once on tokio's blocking threads.
-    reads: Arc<tokio::sync::Semaphore>,
+    /// The read pool's queue ([`Store::read`]).
+    reads: std_mpsc::Sender<ReadJob>,
     /// Channels whose reads are held (fault injection for tests).
     #[cfg(any(test, feature = "fault-hooks"))]
     holds: Arc<hooks::Holds>,
+}
+
+/// A read on its way to the read pool: runs the caller's closure and answers it.
+type ReadJob = Box<dyn FnOnce() + Send>;
+
+/// How much lower than the rest of the process the read threads run (nice value added).
+/// CFS then gives a runnable routing thread about ten times a read thread's share of a
+/// busy core, and a read thread what routing leaves.
+#[cfg(target_os = "linux")]
+const READ_NICE: libc::c_int = 10;
+
+/// Starts `n` read threads sharing one queue; they end when the queue's sender (the
+/// store) is dropped.
+fn start_read_pool(n: usize) -> std_mpsc::Sender<ReadJob> {
+    let (tx, rx) = std_mpsc::channel::<ReadJob>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    for i in 0..n {
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("store-read-{i}"))
+            .spawn(move || {
+                lower_priority();
+                loop {
+                    // The lock is held only to take the next job, never while it runs.
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            })
+            .expect("spawn store read thread");
+    }
+    tx
+}
+
+/// Lowers the calling thread's CPU priority by [`READ_NICE`] (Linux: the nice value is
+/// per thread). Lowering needs no privilege; a failure only leaves the priority as it was.
+#[allow(unsafe_code)]
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if libc::setpriority(libc::PRIO_PROCESS, tid, now + READ_NICE) != 0 {
+            tracing::debug!("could not lower the priority of a store read thread");
+        }
+    }
 }
 
 /// A batch on its way to the log writer.
@@ -433,7 +487,7 @@ impl Store {
             writer,
             round: Round::default(),
             failed,
-            reads: Arc::new(tokio::sync::Semaphore::new(read_threads.max(1))),
+            reads: start_read_pool(read_threads.max(1)),
             #[cfg(any(test, feature = "fault-hooks"))]
             holds: Arc::default(),
         }))
@@ -457,24 +511,27 @@ impl Store {
     }
 
     /// Runs `f` with a [`Reader`] on the read pool and returns what it returns: the only
-    /// way to read the store once the node serves. At most the pool's size of reads run at
-    /// once, each on one of tokio's blocking threads (never on a runtime worker); the
-    /// others wait for a permit here, in arrival order, as parked tasks. A read whose
-    /// caller stops waiting still runs to its end (and keeps its permit until then), so
-    /// `f` should read one bounded page, not loop without end.
+    /// way to read the store once the node serves. The pool is `read_threads` OS threads
+    /// of their own (never a runtime worker), each at a lower CPU priority than the rest
+    /// of the process, so reads take only the CPU that routing leaves; reads queue for
+    /// them in arrival order. A read whose caller stopped waiting before a thread took it
+    /// is skipped; one already running runs to its end, so `f` should read one bounded
+    /// page, not loop without end.
     pub async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(Reader<'_>) -> T + Send + 'static,
         T: Send + 'static,
     {
-        let permit = self.reads.clone().acquire_owned().await.map_err(|_| StoreError::ReadPoolGone)?;
+        let (tx, rx) = oneshot::channel();
         let store = self.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let out = f(store.reader());
-            drop(permit);
-            out
+        let job: ReadJob = Box::new(move || {
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tx.send(f(store.reader()));
         });
-        task.await.map_err(|e| StoreError::ReadPanicked(e.to_string()))
+        self.reads.send(job).map_err(|_| StoreError::ReadPoolGone)?;
+        rx.await.map_err(|_| StoreError::ReadPanicked("the read did not answer".into()))
     }
 
     /// The synchronous reads, for start-up only: recovery in `Partitions::start`, before
@@ -809,7 +866,7 @@ fn commit_group(
 
 /// The default size of the read pool: twice the cores, at least 4 (`store_read_threads`).
 /// Reads mostly decode what the page cache holds, so more would only queue for the same
-/// cores, while a few spare permits let a read waiting on the disk overlap the others.
+/// cores, while a few spare threads let a read waiting on the disk overlap the others.
 pub fn default_read_threads() -> usize {
     std::thread::available_parallelism().map_or(4, |n| (2 * n.get()).max(4))
 }

@@ -253,17 +253,23 @@ async fn replication_positions_and_touched_channels() {
     assert_eq!(store.repl_touched(2, 13, 14).unwrap(), None);
 }
 
-/// Reads run on the pool, never on the calling thread, and at most the pool's size at
-/// once: with one permit, a read held by the fault hook keeps a second read (of another
+/// Reads run on the pool's own threads at a lower priority, never on the calling thread,
+/// and at most the pool's size at once: with one permit, a read held by the fault hook keeps a second read (of another
 /// channel) waiting for its turn, while the runtime stays free; released, both answer.
 #[tokio::test]
 async fn reads_take_turns_on_the_pool_off_the_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_with_readers(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new()), 1).unwrap();
     one_message(&store, 1, 1).write(true).await.unwrap();
-    let caller = std::thread::current().id();
-    let ran_on = store.read(|_| std::thread::current().id()).await.unwrap();
-    assert_ne!(ran_on, caller, "a read runs on a blocking thread");
+    let ran_on = store.read(|_| std::thread::current().name().map(String::from)).await.unwrap();
+    assert_eq!(ran_on.as_deref(), Some("store-read-0"), "a read runs on the pool's thread");
+    // The nice value is field 19 of /proc/thread-self/stat (16th after the command name).
+    let nice = || {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        stat.rsplit_once(") ").unwrap().1.split(' ').nth(16).unwrap().parse::<i64>().unwrap()
+    };
+    let (mine, reads) = (nice(), store.read(move |_| nice()).await.unwrap());
+    assert_eq!(reads, mine + i64::from(READ_NICE), "reads run at a lower priority");
     let hold = store.hold_reads("room:1");
     let held = tokio::spawn({
         let store = store.clone();
