@@ -534,6 +534,17 @@ impl Store {
         rx.await.map_err(|_| StoreError::ReadPanicked("the read did not answer".into()))
     }
 
+    /// Runs `f` on the read pool like a read ([`Store::read`]): for the CPU-heavy part of
+    /// answering a read (encoding a large page), which then waits behind routing as the
+    /// read itself did.
+    pub async fn off_worker<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.read(move |_| f()).await
+    }
+
     /// The synchronous reads, for start-up only: recovery in `Partitions::start`, before
     /// the node serves and before any owner runs. Everything later reads through
     /// [`Store::read`].
