@@ -418,7 +418,8 @@ impl Partitions {
     /// when it was read.
     pub async fn history(&self, p: PartitionId, channel: &str, q: HistoryQuery) -> Result<HistoryPage, OpError> {
         let view = self.view(p, channel).await?;
-        let messages = self.read(channel, &view.epoch, (q.since, q.upto(view.top)), q.limit as usize, q.reverse).await?;
+        let messages =
+            self.read(channel, &view.epoch, (q.since, q.upto(view.top)), q.limit as usize, q.reverse).await?;
         Ok(HistoryPage { epoch: view.epoch.to_string(), offset: view.top, first: view.first, messages })
     }
 
@@ -435,7 +436,8 @@ impl Partitions {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<OwnedMessage>, OpError> {
-        let (name, epoch, p, max_bytes) = (Arc::<str>::from(channel), epoch.clone(), self.partition(channel), self.max_reply_bytes);
+        let (name, epoch, p, max_bytes) =
+            (Arc::<str>::from(channel), epoch.clone(), self.partition(channel), self.max_reply_bytes);
         self.store
             .read(move |r| read_page(r, p, (name, epoch), range, (limit, max_bytes), reverse))
             .await
@@ -919,7 +921,10 @@ mod tests {
         parts.seal(p, "moved".into()).await.unwrap();
         let refused = parts.presence_stats(p, ch).await.unwrap_err();
         assert_eq!(refused.refusal, Some(switchyard_proto::refusal::Refusal::Sealed));
-        assert!(parts.store.startup_reader().channel_meta(p, ch).unwrap().is_none(), "presence never reaches the store");
+        assert!(
+            parts.store.startup_reader().channel_meta(p, ch).unwrap().is_none(),
+            "presence never reaches the store"
+        );
     }
 
     /// Reads are free: history, subscribe and unsubscribe of a channel that never sees a

@@ -629,7 +629,6 @@ impl Store {
     pub fn adopted(&self, p: PartitionId) -> Result<Option<u64>, StoreError> {
         Ok(self.adopted.get(p.to_be_bytes())?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte epochs"))))
     }
-
 }
 
 // === impl Reader ===

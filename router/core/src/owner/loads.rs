@@ -120,7 +120,9 @@ impl Loads {
                                     window.insert(&key, offset, ts);
                                 }
                             }
-                            Err(e) => tracing::warn!(channel = %name, error = %e, "could not rebuild idempotency window"),
+                            Err(e) => {
+                                tracing::warn!(channel = %name, error = %e, "could not rebuild idempotency window")
+                            }
                         }
                         window
                     });

@@ -104,7 +104,8 @@ fn spawn_owner(
 async fn stored_keyed(store: &Store, channel: &str, n: u64) -> ChannelMeta {
     let mut b = store.batch();
     for i in 1..=n {
-        let m = StoredMessage { ts: now_ms(), key: None, from: None, idem: Some(format!("k{i}")), data: format!("{i}") };
+        let m =
+            StoredMessage { ts: now_ms(), key: None, from: None, idem: Some(format!("k{i}")), data: format!("{i}") };
         b.put_message(3, channel, i, &m);
     }
     let meta = ChannelMeta { epoch: "E".into(), top: n, first: 1, count: n, bytes: n };
