@@ -211,7 +211,8 @@ async fn read_loop(mut ws: Ws, channel: String, counts: Arc<Counts>, mut stop: w
         tokio::select! {
             _ = stop.changed() => return,
             page = page => match page {
-                Ok(t) if !t.as_str().contains("\"error\"") => {
+                // `{"id":1,"error":…` or `{"id":1,"result":…`: only the head is looked at.
+                Ok(t) if !t.as_bytes()[..t.len().min(24)].windows(7).any(|w| w == b"\"error\"") => {
                     counts.pages.fetch_add(1, Relaxed);
                     counts.bytes.fetch_add(t.len() as u64, Relaxed);
                 }
