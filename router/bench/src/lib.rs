@@ -13,6 +13,7 @@
 
 mod client;
 mod nats;
+mod readers;
 mod report;
 mod run;
 mod sys;
@@ -38,6 +39,8 @@ pub enum Scenario {
     Connections,
     /// Publishers on --pub-url, subscribers spread over --sub-urls.
     Cluster,
+    /// Live latency (10 channels, 1,000 publishes/s) while --readers clients page history of other channels.
+    Readers,
     /// Print the comparison table from JSON-lines files (--column NAME=FILE, repeated).
     Table,
 }
@@ -142,6 +145,15 @@ pub struct BenchArgs {
     /// self-signed certificate).
     #[arg(long)]
     pub tls_ca: Option<std::path::PathBuf>,
+    /// readers: history reader connections, each paging one history channel without pause.
+    #[arg(long, default_value_t = 500)]
+    pub readers: usize,
+    /// readers: channels the readers page (filled with 1,000 messages each).
+    #[arg(long, default_value_t = 10)]
+    pub history_channels: usize,
+    /// readers: payload bytes of each history message.
+    #[arg(long, default_value_t = 1024)]
+    pub history_payload: usize,
     /// Switchyard subscribers connect with `batch: true`, so the server may pack several
     /// pushes into one frame (JSON lines).
     #[arg(long)]
@@ -197,6 +209,7 @@ pub(crate) fn scenario_name(s: Scenario) -> &'static str {
         Scenario::Latency => "latency",
         Scenario::Connections => "connections",
         Scenario::Cluster => "cluster",
+        Scenario::Readers => "readers",
         Scenario::Table => "table",
     }
 }
@@ -254,6 +267,7 @@ fn run_main(mut args: BenchArgs) -> Result<bool> {
     let report: Report = runtime.block_on(async {
         match args.scenario {
             Scenario::Connections => run::connections(&args).await,
+            Scenario::Readers => readers::run(&args).await,
             _ => run::fanout(&args, args.load()?).await,
         }
     })?;

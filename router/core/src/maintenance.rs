@@ -132,7 +132,10 @@ pub(crate) struct StorePayloads {
 impl Payloads for StorePayloads {
     fn payload(&self, channel: &str, offset: u64) -> Option<String> {
         let after = offset.checked_sub(1)?;
-        match self.store.read_messages(self.partition, channel, after, offset, 1) {
+        // Policies decide inside `block_in_place`, so this thread may wait for the pool.
+        let (p, name) = (self.partition, channel.to_string());
+        let read = self.store.read(move |r| r.read_messages(p, &name, after, offset, 1));
+        match tokio::runtime::Handle::current().block_on(read).and_then(|read| read) {
             Ok(found) => found.into_iter().find(|(o, _)| *o == offset).map(|(_, m)| m.data),
             Err(e) => {
                 tracing::debug!(channel, offset, error = %e, "policy payload read failed");
@@ -175,7 +178,7 @@ async fn round(node: &Partitions, p: PartitionId, policies: &Policies, idle_rech
                 .get(&snap.channel)
                 .is_some_and(|(stats, at)| *stats == snap.stats && at.elapsed() < idle_recheck);
             if snap.stats.count > 0 && !(policy.skips_idle_channels() && recently) {
-                if let Some(input) = retention_input(node, p, snap, policy.as_ref(), &mut memory.oldest_ts) {
+                if let Some(input) = retention_input(node, p, snap, policy.as_ref(), &mut memory.oldest_ts).await {
                     held += input.oldest.len();
                     group(&mut retentions, policy, (index, input));
                 }
@@ -200,7 +203,7 @@ async fn round(node: &Partitions, p: PartitionId, policies: &Policies, idle_rech
             if snap.keyed_generation > 0
                 && last.is_none_or(|(generation, pending)| generation != snap.keyed_generation || pending)
             {
-                match compaction_input(node, p, snap, policy.as_ref()) {
+                match compaction_input(node, p, snap, policy.as_ref()).await {
                     Some(input) => {
                         held += input.window.len();
                         group(&mut compactions, policy, (index, input));
@@ -264,7 +267,7 @@ async fn decide_compaction(
 }
 
 /// The timestamp of a channel's oldest retained message, read only when `first` moved.
-fn oldest_ts(
+async fn oldest_ts(
     node: &Partitions,
     p: PartitionId,
     snap: &Snapshot,
@@ -276,17 +279,16 @@ fn oldest_ts(
             return Some(ts);
         }
     }
-    let oldest = tokio::task::block_in_place(|| {
-        node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, 1)
-    });
-    let ts = oldest.ok()?.first()?.ts;
+    let (channel, first, last) = (snap.channel.clone(), stats.first_offset, stats.last_offset);
+    let oldest = node.store.read(move |r| r.read_metas(p, &channel, first, last, 1)).await;
+    let ts = oldest.ok()?.ok()?.first()?.ts;
     cache.insert(snap.channel.clone(), (stats.first_offset, ts));
     Some(ts)
 }
 
 /// The retention input of a channel that needs a round, or None (nothing to do, or the
 /// metadata cannot be read).
-fn retention_input(
+async fn retention_input(
     node: &Partitions,
     p: PartitionId,
     snap: &Snapshot,
@@ -295,13 +297,13 @@ fn retention_input(
 ) -> Option<RetentionInput> {
     let stats = &snap.stats;
     let now = now_ms();
-    let oldest_ts = oldest_ts(node, p, snap, cache)?;
+    let oldest_ts = oldest_ts(node, p, snap, cache).await?;
     if !policy.needs_round(stats, oldest_ts, now) {
         return None;
     }
-    let oldest = match tokio::task::block_in_place(|| {
-        node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, RETENTION_SHOWN)
-    }) {
+    let (channel, first, last) = (snap.channel.clone(), stats.first_offset, stats.last_offset);
+    let oldest = node.store.read(move |r| r.read_metas(p, &channel, first, last, RETENTION_SHOWN)).await;
+    let oldest = match oldest.and_then(|read| read) {
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(channel = %snap.channel, error = %e, "retention: cannot read metadata");
@@ -338,16 +340,16 @@ async fn apply_retention(
 }
 
 /// The compaction input of a channel, or None when its metadata cannot be read.
-fn compaction_input(
+async fn compaction_input(
     node: &Partitions,
     p: PartitionId,
     snap: &Snapshot,
     policy: &dyn CompactionPolicy,
 ) -> Option<CompactionInput> {
     let stats = &snap.stats;
-    let metas = match tokio::task::block_in_place(|| {
-        node.store.read_metas(p, &snap.channel, stats.first_offset, stats.last_offset, COMPACTION_SCAN_MAX)
-    }) {
+    let (channel, first, last) = (snap.channel.clone(), stats.first_offset, stats.last_offset);
+    let metas = node.store.read(move |r| r.read_metas(p, &channel, first, last, COMPACTION_SCAN_MAX)).await;
+    let metas = match metas.and_then(|read| read) {
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(channel = %snap.channel, error = %e, "compaction: cannot read metadata");
@@ -449,6 +451,11 @@ mod tests {
         assert_eq!(policy_metas([stored(4, Some(at_limit.clone()))])[0].key, Some(at_limit));
     }
 
+    /// A policy's payload read, as policies make it: inside `block_in_place`.
+    fn read_payload(source: &Arc<dyn Payloads>, channel: &str, offset: u64) -> Option<String> {
+        tokio::task::block_in_place(|| source.payload(channel, offset))
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn payloads_are_read_from_the_store_until_removed() {
         let dir = tempfile::tempdir().unwrap();
@@ -456,16 +463,16 @@ mod tests {
         publish_all(&parts, "room:1", &["1", r#""DROP""#, r#"{"n":3}"#]).await;
         let p = parts.partition("room:1");
         let source = payloads(&parts, p);
-        assert_eq!(source.payload("room:1", 2).as_deref(), Some(r#""DROP""#));
-        assert_eq!(source.payload("room:1", 3).as_deref(), Some(r#"{"n":3}"#));
+        assert_eq!(read_payload(&source, "room:1", 2).as_deref(), Some(r#""DROP""#));
+        assert_eq!(read_payload(&source, "room:1", 3).as_deref(), Some(r#"{"n":3}"#));
         for (channel, offset) in [("room:1", 0), ("room:1", 4), ("room:2", 1)] {
-            assert_eq!(source.payload(channel, offset), None, "{channel} {offset}");
+            assert_eq!(read_payload(&source, channel, offset), None, "{channel} {offset}");
         }
-        let metas = parts.store.read_metas(p, "room:1", 1, 3, 10).unwrap();
+        let metas = parts.store.startup_reader().read_metas(p, "room:1", 1, 3, 10).unwrap();
         let drops = metas.iter().take(2).map(|m| (m.offset, m.size)).collect();
         trim(&parts, p, Arc::from("room:1"), Some(3), drops, TrimReason::Retention).await;
-        eventually("removed by retention", async || source.payload("room:1", 2).is_none()).await;
-        assert_eq!(source.payload("room:1", 3).as_deref(), Some(r#"{"n":3}"#));
+        eventually("removed by retention", async || read_payload(&source, "room:1", 2).is_none()).await;
+        assert_eq!(read_payload(&source, "room:1", 3).as_deref(), Some(r#"{"n":3}"#));
     }
 
     /// Drops everything up to the newest shown message whose payload says `DROP`.
@@ -509,7 +516,7 @@ mod tests {
         round(&parts, p, &policies, Duration::from_secs(60), &mut Memory::default()).await;
         eventually("dropped below the marked message", async || {
             let page = parts.history(p, "room:1", crate::HistoryQuery::forward(0, 10)).await.unwrap();
-            let stored = parts.store.read_metas(p, "room:1", 1, 4, 10).unwrap();
+            let stored = parts.store.startup_reader().read_metas(p, "room:1", 1, 4, 10).unwrap();
             page.messages.iter().map(|m| m.offset).collect::<Vec<_>>() == vec![3, 4] && stored.len() == 2
         })
         .await;

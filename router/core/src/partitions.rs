@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use switchyard_metrics::Metrics;
 use switchyard_proto::partition::{partition_of, PartitionId};
 use switchyard_proto::protocol::{ErrorCode, MessageView, OpError, PublishOk, HISTORY_DEFAULT_LIMIT};
-use switchyard_store::{ChannelMeta, Store, StoreError, StoredMessage};
+use switchyard_store::{ChannelMeta, Reader, Store, StoreError, StoredMessage};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::handovers::Handovers;
@@ -182,6 +182,53 @@ fn stopped() -> OpError {
     OpError::new(ErrorCode::Unavailable, "owner stopped")
 }
 
+/// One page of [`Partitions::read`], on the read pool: stored messages `after < offset
+/// <= upto` of `name` (under `epoch`), at most `limit` and at most `max_bytes` of them
+/// (never fewer than one), each payload checked as JSON.
+fn read_page(
+    r: Reader<'_>,
+    p: PartitionId,
+    (name, epoch): (Arc<str>, Arc<str>),
+    (after, upto): (u64, u64),
+    (limit, max_bytes): (usize, usize),
+    reverse: bool,
+) -> Result<Vec<OwnedMessage>, OpError> {
+    /// Messages read from the store at a time, so a page stops near its byte budget.
+    const STEP: usize = 64;
+    // The part of the range not read yet: it shrinks from the end the page starts at.
+    let (mut out, mut bytes, mut after, mut upto) = (Vec::new(), 0usize, after, upto);
+    while out.len() < limit && after < upto {
+        let want = (limit - out.len()).min(STEP);
+        let rows = if reverse {
+            r.read_messages_rev(p, &name, after, upto, want)
+        } else {
+            r.read_messages(p, &name, after, upto, want)
+        };
+        let rows = rows.map_err(|e| OpError::internal(e.to_string()))?;
+        let last_step = rows.len() < want;
+        for (offset, mut msg) in rows {
+            // The payload moves into the checked RawValue; `view` reads it from there.
+            let data = RawValue::from_string(std::mem::take(&mut msg.data))
+                .map_err(|e| OpError::internal(format!("stored payload: {e}")))?;
+            let m = OwnedMessage { channel: name.clone(), epoch: epoch.clone(), offset, msg, data };
+            bytes += m.encoded_len();
+            if bytes > max_bytes && !out.is_empty() {
+                return Ok(out);
+            }
+            if reverse {
+                upto = offset.saturating_sub(1);
+            } else {
+                after = offset;
+            }
+            out.push(m);
+        }
+        if last_step {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 impl Partitions {
     /// Recovers every channel from `store` and starts one owner per partition. With
     /// `forward_sealed`, the receiver yields the writes that reached a sealed partition.
@@ -193,7 +240,7 @@ impl Partitions {
         let p = settings.partitions;
         let mut recovered: Vec<Vec<(String, ChannelMeta)>> = (0..p).map(|_| Vec::new()).collect();
         let mut total = 0usize;
-        for (partition, name, meta) in store.all_channels()? {
+        for (partition, name, meta) in store.startup_reader().all_channels()? {
             // The stored partition is recomputed: a different P would move channels.
             let now = partition_of(&name, p);
             if now != partition {
@@ -371,63 +418,35 @@ impl Partitions {
     /// when it was read.
     pub async fn history(&self, p: PartitionId, channel: &str, q: HistoryQuery) -> Result<HistoryPage, OpError> {
         let view = self.view(p, channel).await?;
-        let messages = self.read(channel, &view.epoch, (q.since, q.upto(view.top)), q.limit as usize, q.reverse)?;
+        let messages =
+            self.read(channel, &view.epoch, (q.since, q.upto(view.top)), q.limit as usize, q.reverse).await?;
         Ok(HistoryPage { epoch: view.epoch.to_string(), offset: view.top, first: view.first, messages })
     }
 
     /// Reads stored messages `after < offset <= upto`, at most `limit`, and at most
     /// `max_reply_bytes` of them (counting keys and ids, never fewer than one message): a
     /// short page is legal, and the reader pages on from its last offset. Oldest first, or
-    /// with `reverse` newest first (the newest of the range).
-    pub fn read(
+    /// with `reverse` newest first (the newest of the range). The whole page is read and
+    /// its payloads checked on the store's read pool, never on this task's worker.
+    pub async fn read(
         &self,
         channel: &str,
         epoch: &Arc<str>,
-        (after, upto): (u64, u64),
+        range: (u64, u64),
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<OwnedMessage>, OpError> {
-        /// Messages read from the store at a time, so a page stops near its byte budget.
-        const STEP: usize = 64;
-        let name: Arc<str> = channel.into();
-        let p = self.partition(channel);
-        // The part of the range not read yet: it shrinks from the end the page starts at.
-        let (mut out, mut bytes, mut after, mut upto) = (Vec::new(), 0usize, after, upto);
-        while out.len() < limit && after < upto {
-            let want = (limit - out.len()).min(STEP);
-            let rows = if reverse {
-                self.store.read_messages_rev(p, channel, after, upto, want)
-            } else {
-                self.store.read_messages(p, channel, after, upto, want)
-            };
-            let rows = rows.map_err(|e| OpError::internal(e.to_string()))?;
-            let last_step = rows.len() < want;
-            for (offset, mut msg) in rows {
-                // The payload moves into the checked RawValue; `view` reads it from there.
-                let data = RawValue::from_string(std::mem::take(&mut msg.data))
-                    .map_err(|e| OpError::internal(format!("stored payload: {e}")))?;
-                let m = OwnedMessage { channel: name.clone(), epoch: epoch.clone(), offset, msg, data };
-                bytes += m.encoded_len();
-                if bytes > self.max_reply_bytes && !out.is_empty() {
-                    return Ok(out);
-                }
-                if reverse {
-                    upto = offset.saturating_sub(1);
-                } else {
-                    after = offset;
-                }
-                out.push(m);
-            }
-            if last_step {
-                break;
-            }
-        }
-        Ok(out)
+        let (name, epoch, p, max_bytes) =
+            (Arc::<str>::from(channel), epoch.clone(), self.partition(channel), self.max_reply_bytes);
+        self.store
+            .read(move |r| read_page(r, p, (name, epoch), range, (limit, max_bytes), reverse))
+            .await
+            .map_err(|e| OpError::internal(e.to_string()))?
     }
 
     /// Catch-up for a subscription on a channel owned here: stored messages
     /// `after < offset <= upto` of `epoch` (at most `limit`) and the first retained offset.
-    pub fn catch_up(
+    pub async fn catch_up(
         &self,
         channel: &str,
         epoch: &Arc<str>,
@@ -440,13 +459,15 @@ impl Partitions {
         if self.handovers.is_adopting(p) {
             return Err(moving());
         }
-        let messages = self.read(channel, epoch, (after, upto), limit, false)?;
+        let messages = self.read(channel, epoch, (after, upto), limit, false).await?;
         // Read the metadata after the messages: a partition adopted (or restarted) in
         // between shows here as a busy partition or another epoch.
-        match self.store.channel_meta(p, channel) {
+        let name = channel.to_string();
+        let meta = self.store.read(move |r| r.channel_meta(p, &name)).await;
+        match meta {
             _ if self.handovers.is_adopting(p) => Err(moving()),
-            Ok(Some(meta)) if *meta.epoch == **epoch => Ok((messages, meta.first)),
-            Ok(Some(_)) => Err(OpError::new(ErrorCode::Unavailable, "the channel restarted under a new epoch")),
+            Ok(Ok(Some(meta))) if *meta.epoch == **epoch => Ok((messages, meta.first)),
+            Ok(Ok(Some(_))) => Err(OpError::new(ErrorCode::Unavailable, "the channel restarted under a new epoch")),
             _ => Ok((messages, u64::MAX)),
         }
     }
@@ -554,6 +575,38 @@ mod tests {
         (grant, out, inbox)
     }
 
+    /// A history read stuck in the store (held by the fault hook) holds up neither the
+    /// runtime nor the owner: on a single-threaded runtime, a publish to another channel
+    /// of the same partition is acknowledged and delivered while it waits, and the read
+    /// answers correctly once released.
+    #[tokio::test]
+    async fn a_held_store_read_holds_up_no_live_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        for data in ["1", "2", "3"] {
+            publish(&parts, "hist:1", data, None).await;
+        }
+        let p = parts.partition("hist:1");
+        let live = (0..).map(|i| format!("live:{i}")).find(|c| parts.partition(c) == p).unwrap();
+        let (_grant, _out, mut inbox) = subscribe(&parts, &live, Start::From(StartFrom::Latest)).await;
+        let hold = parts.store.hold_reads("hist:1");
+        let reader = {
+            let parts = parts.clone();
+            tokio::spawn(async move { parts.history(p, "hist:1", HistoryQuery::forward(0, 10)).await })
+        };
+        crate::test_support::eventually("the history read waits in the store", async || hold.waiting() == 1).await;
+        let deadline = Duration::from_secs(5);
+        let ok = tokio::time::timeout(deadline, publish(&parts, &live, "7", None)).await.expect("acknowledged");
+        let d = tokio::time::timeout(deadline, inbox.recv()).await.expect("delivered");
+        assert_eq!((ok.offset, d.offset), (1, 1));
+        assert!(!reader.is_finished(), "the read is still held");
+        drop(hold);
+        let page = tokio::time::timeout(deadline, reader).await.expect("answered once released").unwrap().unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(page.messages.iter().map(|m| m.data.get()).collect::<Vec<_>>(), vec!["1", "2", "3"]);
+        assert_eq!(page.offset, 3);
+    }
+
     #[tokio::test]
     async fn offsets_rise_by_one_and_each_message_is_pushed_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -636,7 +689,7 @@ mod tests {
         let exact = Start::From(StartFrom::Recover { offset: 1, epoch: epoch.clone() });
         let (grant, _, _) = subscribe(&parts, "room:3", exact).await;
         assert_eq!((grant.recovered, grant.catch_up_after, grant.top), (Some(true), Some(1), 3));
-        let (msgs, first) = parts.catch_up("room:3", &grant.epoch, 1, grant.top, 10).unwrap();
+        let (msgs, first) = parts.catch_up("room:3", &grant.epoch, 1, grant.top, 10).await.unwrap();
         assert_eq!(msgs.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(first, 1);
         let stale = Start::From(StartFrom::Recover { offset: 1, epoch: "not-it".into() });
@@ -868,7 +921,10 @@ mod tests {
         parts.seal(p, "moved".into()).await.unwrap();
         let refused = parts.presence_stats(p, ch).await.unwrap_err();
         assert_eq!(refused.refusal, Some(switchyard_proto::refusal::Refusal::Sealed));
-        assert!(parts.store.channel_meta(p, ch).unwrap().is_none(), "presence never reaches the store");
+        assert!(
+            parts.store.startup_reader().channel_meta(p, ch).unwrap().is_none(),
+            "presence never reaches the store"
+        );
     }
 
     /// Reads are free: history, subscribe and unsubscribe of a channel that never sees a
@@ -886,8 +942,8 @@ mod tests {
         let sub = parts.next_id() - 1;
         parts.unsubscribe("ghost:1", sub).await;
         assert!(parts.snapshot(p).await.unwrap().iter().all(|s| &*s.channel != "ghost:1"), "evicted");
-        assert!(parts.store.channel_meta(p, "ghost:1").unwrap().is_none(), "nothing stored");
-        assert!(parts.store.all_channels().unwrap().is_empty());
+        assert!(parts.store.startup_reader().channel_meta(p, "ghost:1").unwrap().is_none(), "nothing stored");
+        assert!(parts.store.startup_reader().all_channels().unwrap().is_empty());
 
         // A client that saw the empty channel under an epoch recovers exactly from offset 0.
         let seen = page.epoch.clone();
@@ -897,6 +953,6 @@ mod tests {
         // The first publish stores the channel, under that same epoch.
         let ok = publish(&parts, "ghost:1", "1", None).await;
         assert_eq!((ok.offset, &*ok.epoch), (1, seen.as_str()));
-        assert!(parts.store.channel_meta(p, "ghost:1").unwrap().is_some());
+        assert!(parts.store.startup_reader().channel_meta(p, "ghost:1").unwrap().is_some());
     }
 }

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub store_sync_seconds: Histogram,
     /// Group fsyncs performed.
     pub store_syncs: IntCounter,
+    /// Store reads a partition owner started for a channel's parked commands (idempotency
+    /// windows, consumer offsets).
+    pub store_loads: IntCounter,
     /// Channels held per partition.
     pub partition_channels: IntGaugeVec,
     /// Messages removed by retention.
@@ -161,6 +164,10 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             store_syncs: counter("switchyard_store_syncs_total", "Group fsyncs performed"),
+            store_loads: counter(
+                "switchyard_owner_store_loads_total",
+                "Store reads an owner parked a channel's commands behind",
+            ),
             partition_channels: reg(
                 &registry,
                 IntGaugeVec::new(Opts::new("switchyard_partition_channels", "Channels per partition"), &["partition"])

@@ -4,8 +4,8 @@
 //! read from a store in `(channel, offset)` order in chunks that stay far below the peer
 //! frame limit ([`read`]), and added to a store batch on the receiving side ([`stage`]).
 //! A handover pull and a replica snapshot both move partitions this way. It must never
-//! touch the network or the owners: it reads and stages store rows only, and callers run
-//! [`read`] off the runtime's workers (`spawn_blocking`).
+//! touch the network or the owners: it reads and stages store rows only, and [`read`] runs
+//! on the store's read pool ([`read_blocking`]), never on a runtime worker.
 
 use switchyard_proto::partition::PartitionId;
 
@@ -20,15 +20,15 @@ const CHUNK_BYTES: usize = 4 << 20;
 /// Channels whose metadata one chunk carries.
 const CHUNK_CHANNELS: usize = 1000;
 
-/// [`read`] on a blocking thread, never a runtime worker: a chunk is many store reads.
+/// [`read`] on the store's read pool, never a runtime worker: a chunk is many store reads.
 pub(crate) async fn read_blocking(
     store: &std::sync::Arc<switchyard_store::Store>,
     p: PartitionId,
     cursor: Option<(String, u64)>,
     only: Option<Vec<String>>,
 ) -> Result<Chunk, OpError> {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || read(&store, p, cursor, only.as_deref()))
+    store
+        .read(move |r| read(r, p, cursor, only.as_deref()))
         .await
         .map_err(|e| OpError::internal(e.to_string()))?
         .map_err(|e| OpError::internal(e.to_string()))
@@ -52,7 +52,7 @@ pub(crate) fn stage(batch: &mut switchyard_store::Batch<'_>, p: PartitionId, chu
 /// channel's metadata and its messages up to `offset` were sent. With `only` (sorted),
 /// just those of the named channels the store holds.
 pub(crate) fn read(
-    store: &switchyard_store::Store,
+    store: switchyard_store::Reader<'_>,
     p: PartitionId,
     cursor: Option<(String, u64)>,
     only: Option<&[String]>,
@@ -135,7 +135,7 @@ mod tests {
     fn pull(store: &Store, p: PartitionId) -> (Vec<Chunk>, usize) {
         let (mut cursor, mut chunks) = (None, Vec::new());
         loop {
-            let c = read(store, p, cursor.clone(), None).unwrap();
+            let c = read(store.startup_reader(), p, cursor.clone(), None).unwrap();
             cursor = c.next.clone();
             chunks.push(c);
             if cursor.is_none() {
@@ -215,8 +215,8 @@ mod tests {
 
         // Clearing removes exactly the partition.
         store.clear_partition(4).await.unwrap();
-        assert!(store.partition_channels(4, None, usize::MAX).unwrap().is_empty());
-        assert_eq!(store.partition_channels(5, None, usize::MAX).unwrap().len(), 1);
-        assert!(store.read_messages(4, "big", 0, 5000, 10).unwrap().is_empty());
+        assert!(store.startup_reader().partition_channels(4, None, usize::MAX).unwrap().is_empty());
+        assert_eq!(store.startup_reader().partition_channels(5, None, usize::MAX).unwrap().len(), 1);
+        assert!(store.startup_reader().read_messages(4, "big", 0, 5000, 10).unwrap().is_empty());
     }
 }

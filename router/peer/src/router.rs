@@ -294,7 +294,7 @@ impl Router {
         limit: usize,
     ) -> Result<(Vec<OwnedMessage>, u64), OpError> {
         match self.node.route(channel)? {
-            Route::Local(_) => self.node.partitions().catch_up(channel, epoch, after, upto, limit),
+            Route::Local(_) => self.node.partitions().catch_up(channel, epoch, after, upto, limit).await,
             Route::Remote { .. } => {
                 let mut page = self.history(channel, HistoryQuery::forward(after, limit as u32)).await?;
                 if *page.epoch != **epoch {

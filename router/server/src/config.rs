@@ -68,6 +68,9 @@ pub struct Config {
     pub partitions: u32,
     /// Store sync policy. Default `batch` (group commit).
     pub fsync: FsyncPolicy,
+    /// Store reads (history, catch-up, owner loads, handover chunks) that run at once on
+    /// blocking threads; more wait their turn. Default (absent): twice the cores, at least 4.
+    pub store_read_threads: Option<usize>,
     /// How long a graceful shutdown may take before the process exits anyway. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -273,6 +276,7 @@ impl Default for Config {
             node_id: "standalone".into(),
             partitions: 64,
             fsync: FsyncPolicy::Batch,
+            store_read_threads: None,
             shutdown_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             publish: PublishConfig::default(),
@@ -450,6 +454,9 @@ impl Config {
         }
         if self.shutdown_timeout.is_zero() {
             return invalid("shutdown_timeout", "must be greater than zero");
+        }
+        if self.store_read_threads.is_some_and(|n| n == 0 || n > 1024) {
+            return invalid("store_read_threads", "must be between 1 and 1024");
         }
         let l = &self.limits;
         if l.max_frame_bytes < 256 || l.max_frame_bytes > 16 * 1024 * 1024 {
@@ -768,6 +775,9 @@ mod tests {
             ("[cluster]\netcd = [\"http://x:1\"]\nreplicas = 0", "cluster.replicas"),
             ("[cluster]\netcd = [\"http://x:1\"]\nreplica_lag_timeout = \"1ms\"", "cluster.replica_lag_timeout"),
             ("[cluster]\netcd = [\"http://x:1\"]\nreplicas = -1", "replicas"),
+            ("store_read_threads = 0", "store_read_threads"),
+            ("store_read_threads = 1025", "store_read_threads"),
+            ("store_read_threads = -1", "store_read_threads"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");

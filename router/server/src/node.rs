@@ -94,7 +94,8 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|source| StoreError::DataDir { path: config.data_dir.clone(), source })?;
-        let store = Store::open(&config.data_dir, config.fsync, metrics.clone())?;
+        let read_threads = config.store_read_threads.unwrap_or_else(switchyard_store::default_read_threads);
+        let store = Store::open_with_readers(&config.data_dir, config.fsync, metrics.clone(), read_threads)?;
         tracing::info!(data_dir = %config.data_dir.display(), "store opened");
         // Writes that reach a sealed partition are forwarded to its new owner (cluster mode
         // with peer links only).

@@ -8,9 +8,14 @@
 //! commits itself. Batches written during one pass of the async runtime reach the writer
 //! together, at the end of the pass ([`Round`]), so one burst of publishes across many
 //! partitions becomes one commit group instead of a first tiny group and the rest, and the
-//! journal's buffer goes to the OS once per group (fjall would write it once per batch). It
-//! must never decide offsets or policy: partition owners write, and the store only makes
-//! their batches durable and reads them back.
+//! journal's buffer goes to the OS once per group (fjall would write it once per batch).
+//!
+//! It also owns the read pool: once the node serves, every read runs through
+//! [`Store::read`] on a few OS threads of its own at a lower CPU priority, never on an
+//! async runtime worker (the synchronous [`Reader`] is handed out only there, and at
+//! start-up through [`Store::startup_reader`]). It must never decide offsets or policy:
+//! partition owners write, and the store only makes their batches durable and reads them
+//! back.
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
@@ -59,6 +64,12 @@ pub enum StoreError {
     /// The writer thread is gone (the process is stopping).
     #[error("store: writer stopped")]
     WriterGone,
+    /// The read pool is closed (the process is stopping).
+    #[error("store: read pool closed")]
+    ReadPoolGone,
+    /// A read on the pool panicked or was cancelled by the runtime shutting down.
+    #[error("store: read failed: {0}")]
+    ReadPanicked(String),
     /// The log writer's commit or fsync failed; every batch of its group gets the same
     /// cause (and fjall refuses all writes after it).
     #[error("store: sync failed: {0}")]
@@ -159,6 +170,60 @@ pub struct Store {
     round: Round,
     /// Set when a write or fsync failed: fjall refuses all writes after that.
     failed: Arc<std::sync::atomic::AtomicBool>,
+    /// The read pool's queue ([`Store::read`]).
+    reads: std_mpsc::Sender<ReadJob>,
+    /// Channels whose reads are held (fault injection for tests).
+    #[cfg(any(test, feature = "fault-hooks"))]
+    holds: Arc<hooks::Holds>,
+}
+
+/// A read on its way to the read pool: runs the caller's closure and answers it.
+type ReadJob = Box<dyn FnOnce() + Send>;
+
+/// How much lower than the rest of the process the read threads run (nice value added).
+/// CFS then gives a runnable routing thread about ten times a read thread's share of a
+/// busy core, and a read thread what routing leaves.
+#[cfg(target_os = "linux")]
+const READ_NICE: libc::c_int = 10;
+
+/// Starts `n` read threads sharing one queue; they end when the queue's sender (the
+/// store) is dropped.
+fn start_read_pool(n: usize) -> std_mpsc::Sender<ReadJob> {
+    let (tx, rx) = std_mpsc::channel::<ReadJob>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    for i in 0..n {
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("store-read-{i}"))
+            .spawn(move || {
+                lower_priority();
+                loop {
+                    // The lock is held only to take the next job, never while it runs.
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            })
+            .expect("spawn store read thread");
+    }
+    tx
+}
+
+/// Lowers the calling thread's CPU priority by [`READ_NICE`] (Linux: the nice value is
+/// per thread). Lowering needs no privilege; a failure only leaves the priority as it was.
+#[allow(unsafe_code)]
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if libc::setpriority(libc::PRIO_PROCESS, tid, now + READ_NICE) != 0 {
+            tracing::debug!("could not lower the priority of a store read thread");
+        }
+    }
 }
 
 /// A batch on its way to the log writer.
@@ -384,8 +449,19 @@ impl Drop for Handover<'_> {
 }
 
 impl Store {
-    /// Opens (or creates) the store under `dir` and starts its syncer thread.
+    /// Opens (or creates) the store under `dir` and starts its syncer thread, with the
+    /// default read pool ([`default_read_threads`]).
     pub fn open(dir: &Path, policy: FsyncPolicy, metrics: Arc<Metrics>) -> Result<Arc<Self>, StoreError> {
+        Self::open_with_readers(dir, policy, metrics, default_read_threads())
+    }
+
+    /// [`Store::open`] with a read pool of `read_threads` concurrent reads (at least one).
+    pub fn open_with_readers(
+        dir: &Path,
+        policy: FsyncPolicy,
+        metrics: Arc<Metrics>,
+        read_threads: usize,
+    ) -> Result<Arc<Self>, StoreError> {
         let db = Database::builder(dir).open()?;
         let meta = db.keyspace("channels", KeyspaceCreateOptions::default)?;
         let messages = db.keyspace("messages", KeyspaceCreateOptions::default)?;
@@ -411,6 +487,9 @@ impl Store {
             writer,
             round: Round::default(),
             failed,
+            reads: start_read_pool(read_threads.max(1)),
+            #[cfg(any(test, feature = "fault-hooks"))]
+            holds: Arc::default(),
         }))
     }
 
@@ -431,127 +510,71 @@ impl Store {
         Batch { store: self, inner: self.db.batch().durability(None) }
     }
 
+    /// Runs `f` with a [`Reader`] on the read pool and returns what it returns: the only
+    /// way to read the store once the node serves. The pool is `read_threads` OS threads
+    /// of their own (never a runtime worker), each at a lower CPU priority than the rest
+    /// of the process, so reads take only the CPU that routing leaves; reads queue for
+    /// them in arrival order. A read whose caller stopped waiting before a thread took it
+    /// is skipped; one already running runs to its end, so `f` should read one bounded
+    /// page, not loop without end.
+    pub async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Reader<'_>) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let store = self.clone();
+        let job: ReadJob = Box::new(move || {
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tx.send(f(store.reader()));
+        });
+        self.reads.send(job).map_err(|_| StoreError::ReadPoolGone)?;
+        rx.await.map_err(|_| StoreError::ReadPanicked("the read did not answer".into()))
+    }
+
+    /// Runs `f` on the read pool like a read ([`Store::read`]): for the CPU-heavy part of
+    /// answering a read (encoding a large page), which then waits behind routing as the
+    /// read itself did.
+    pub async fn off_worker<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.read(move |_| f()).await
+    }
+
+    /// The synchronous reads, for start-up only: recovery in `Partitions::start`, before
+    /// the node serves and before any owner runs. Everything later reads through
+    /// [`Store::read`].
+    pub fn startup_reader(&self) -> Reader<'_> {
+        self.reader()
+    }
+
+    pub(crate) fn reader(&self) -> Reader<'_> {
+        Reader { store: self }
+    }
+
+    /// Holds every read of `channel` (they wait inside the read pool) until the returned
+    /// guard is dropped: fault injection for tests, compiled only with the `fault-hooks`
+    /// feature.
+    #[cfg(any(test, feature = "fault-hooks"))]
+    pub fn hold_reads(&self, channel: &str) -> hooks::ReadHold {
+        hooks::ReadHold::new(self.holds.clone(), channel)
+    }
+
+    /// Waits while reads of `channel` are held (a no-op without the `fault-hooks` feature).
+    #[inline]
+    fn read_gate(&self, channel: &str) {
+        #[cfg(any(test, feature = "fault-hooks"))]
+        self.holds.wait(channel);
+        let _ = channel;
+    }
+
     /// Flushes and fsyncs everything. Used on shutdown; the writer thread ends with the store.
     pub fn close(&self) -> Result<(), StoreError> {
         Ok(self.db.persist(PersistMode::SyncAll)?)
-    }
-
-    /// Every channel's metadata, for recovery at startup.
-    pub fn all_channels(&self) -> Result<Vec<(PartitionId, String, ChannelMeta)>, StoreError> {
-        let mut out = Vec::new();
-        for guard in self.meta.iter() {
-            let (k, v) = guard.into_inner()?;
-            let p = PartitionId::from_be_bytes(k[..4].try_into().expect("meta keys start with a partition"));
-            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
-            out.push((p, name, postcard::from_bytes(&v)?));
-        }
-        Ok(out)
-    }
-
-    /// Decodes up to `limit` messages of `channel` with offsets in `from..=upto`, oldest
-    /// first (newest first when `newest_first`), each as `f(offset, stored size, message)`.
-    fn scan<T>(
-        &self,
-        p: PartitionId,
-        channel: &str,
-        (from, upto): (u64, u64),
-        (limit, newest_first): (usize, bool),
-        mut f: impl FnMut(u64, u32, StoredMessage) -> T,
-    ) -> Result<Vec<T>, StoreError> {
-        if from > upto || limit == 0 {
-            return Ok(Vec::new());
-        }
-        let range = self.messages.range(message_key(p, channel, from)..=message_key(p, channel, upto));
-        let decode = |guard: fjall::Guard| {
-            let (k, v) = guard.into_inner()?;
-            Ok(f(offset_of_key(&k), v.len() as u32, postcard::from_bytes(&v)?))
-        };
-        if newest_first {
-            range.rev().take(limit).map(decode).collect()
-        } else {
-            range.take(limit).map(decode).collect()
-        }
-    }
-
-    /// Up to `limit` messages with `after < offset <= upto`, oldest first.
-    pub fn read_messages(
-        &self,
-        p: PartitionId,
-        channel: &str,
-        after: u64,
-        upto: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
-        self.scan(p, channel, (after.saturating_add(1), upto), (limit, false), |offset, _, m| (offset, m))
-    }
-
-    /// Up to `limit` messages with `after < offset <= upto`, newest first: the newest
-    /// `limit` of the range (a backward history page).
-    pub fn read_messages_rev(
-        &self,
-        p: PartitionId,
-        channel: &str,
-        after: u64,
-        upto: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
-        self.scan(p, channel, (after.saturating_add(1), upto), (limit, true), |offset, _, m| (offset, m))
-    }
-
-    /// `(offset, ts, idempotency key)` of the newest messages back to the first one older
-    /// than `cutoff_ms` (at most `limit`), newest first. Payloads are not decoded.
-    pub fn recent_idempotency_keys(
-        &self,
-        p: PartitionId,
-        channel: &str,
-        upto: u64,
-        cutoff_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, u64, String)>, StoreError> {
-        /// The leading fields of a [`StoredMessage`]; postcard stops before the payload.
-        #[derive(Deserialize)]
-        struct Head {
-            ts: u64,
-            _key: Option<String>,
-            _from: Option<String>,
-            idem: Option<String>,
-        }
-        let mut out = Vec::new();
-        let range = self.messages.range(message_key(p, channel, 0)..=message_key(p, channel, upto));
-        for guard in range.rev().take(limit) {
-            let (k, v) = guard.into_inner()?;
-            let (head, _) = postcard::take_from_bytes::<Head>(&v)?;
-            if head.ts < cutoff_ms {
-                break;
-            }
-            if let Some(key) = head.idem {
-                out.push((offset_of_key(&k), head.ts, key));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Policy metadata of up to `limit` messages with `from <= offset <= upto`, oldest first.
-    pub fn read_metas(
-        &self,
-        p: PartitionId,
-        channel: &str,
-        from: u64,
-        upto: u64,
-        limit: usize,
-    ) -> Result<Vec<MessageMeta>, StoreError> {
-        self.scan(p, channel, (from, upto), (limit, false), |offset, size, m| MessageMeta {
-            offset,
-            ts: m.ts,
-            size,
-            tombstone: m.is_tombstone(),
-            key: m.key,
-        })
-    }
-
-    /// The stored metadata of one channel.
-    pub fn channel_meta(&self, p: PartitionId, channel: &str) -> Result<Option<ChannelMeta>, StoreError> {
-        Ok(self.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?)
     }
 
     /// Removes everything stored for partition `p`, in batches of bounded size so other
@@ -569,41 +592,6 @@ impl Store {
                 return Ok(());
             }
         }
-    }
-
-    /// Up to `limit` channels stored for partition `p` with names at or above `from` (from
-    /// the first when None), in name order.
-    pub fn partition_channels(
-        &self,
-        p: PartitionId,
-        from: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, ChannelMeta)>, StoreError> {
-        let mut out = Vec::new();
-        let start = match from {
-            Some(name) => channel_prefix(p, name),
-            None => p.to_be_bytes().to_vec(),
-        };
-        // P is at most a few thousand, so p + 1 never overflows.
-        let end = (p + 1).to_be_bytes().to_vec();
-        for guard in self.meta.range(start..end).take(limit) {
-            let (k, v) = guard.into_inner()?;
-            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
-            out.push((name, postcard::from_bytes(&v)?));
-        }
-        Ok(out)
-    }
-
-    /// Every consumer offset committed on `channel`.
-    pub fn consumers_of(&self, p: PartitionId, channel: &str) -> Result<Vec<(String, u64)>, StoreError> {
-        let prefix = channel_prefix(p, channel);
-        let mut out = Vec::new();
-        for guard in self.consumers.prefix(&prefix) {
-            let (k, v) = guard.into_inner()?;
-            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            out.push((name, u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))));
-        }
-        Ok(out)
     }
 
     /// This replica's replication position and leader-epoch history of `p` (None when it
@@ -641,12 +629,182 @@ impl Store {
     pub fn adopted(&self, p: PartitionId) -> Result<Option<u64>, StoreError> {
         Ok(self.adopted.get(p.to_be_bytes())?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte epochs"))))
     }
+}
+
+// === impl Reader ===
+
+/// The synchronous reads of the store. A `Reader` exists only inside a read the pool
+/// runs ([`Store::read`]) or at start-up ([`Store::startup_reader`]): these calls may
+/// scan many keys and touch the disk, so they never run on an async runtime worker.
+#[derive(Clone, Copy)]
+pub struct Reader<'a> {
+    store: &'a Store,
+}
+
+impl Reader<'_> {
+    /// Every channel's metadata, for recovery at startup.
+    pub fn all_channels(self) -> Result<Vec<(PartitionId, String, ChannelMeta)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.store.meta.iter() {
+            let (k, v) = guard.into_inner()?;
+            let p = PartitionId::from_be_bytes(k[..4].try_into().expect("meta keys start with a partition"));
+            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
+            out.push((p, name, postcard::from_bytes(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Decodes up to `limit` messages of `channel` with offsets in `from..=upto`, oldest
+    /// first (newest first when `newest_first`), each as `f(offset, stored size, message)`.
+    fn scan<T>(
+        self,
+        p: PartitionId,
+        channel: &str,
+        (from, upto): (u64, u64),
+        (limit, newest_first): (usize, bool),
+        mut f: impl FnMut(u64, u32, StoredMessage) -> T,
+    ) -> Result<Vec<T>, StoreError> {
+        self.store.read_gate(channel);
+        if from > upto || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let range = self.store.messages.range(message_key(p, channel, from)..=message_key(p, channel, upto));
+        let decode = |guard: fjall::Guard| {
+            let (k, v) = guard.into_inner()?;
+            Ok(f(offset_of_key(&k), v.len() as u32, postcard::from_bytes(&v)?))
+        };
+        if newest_first {
+            range.rev().take(limit).map(decode).collect()
+        } else {
+            range.take(limit).map(decode).collect()
+        }
+    }
+
+    /// Up to `limit` messages with `after < offset <= upto`, oldest first.
+    pub fn read_messages(
+        self,
+        p: PartitionId,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        self.scan(p, channel, (after.saturating_add(1), upto), (limit, false), |offset, _, m| (offset, m))
+    }
+
+    /// Up to `limit` messages with `after < offset <= upto`, newest first: the newest
+    /// `limit` of the range (a backward history page).
+    pub fn read_messages_rev(
+        self,
+        p: PartitionId,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        self.scan(p, channel, (after.saturating_add(1), upto), (limit, true), |offset, _, m| (offset, m))
+    }
+
+    /// `(offset, ts, idempotency key)` of the newest messages back to the first one older
+    /// than `cutoff_ms` (at most `limit`), newest first. Payloads are not decoded.
+    pub fn recent_idempotency_keys(
+        self,
+        p: PartitionId,
+        channel: &str,
+        upto: u64,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, String)>, StoreError> {
+        /// The leading fields of a [`StoredMessage`]; postcard stops before the payload.
+        #[derive(Deserialize)]
+        struct Head {
+            ts: u64,
+            _key: Option<String>,
+            _from: Option<String>,
+            idem: Option<String>,
+        }
+        self.store.read_gate(channel);
+        let mut out = Vec::new();
+        let range = self.store.messages.range(message_key(p, channel, 0)..=message_key(p, channel, upto));
+        for guard in range.rev().take(limit) {
+            let (k, v) = guard.into_inner()?;
+            let (head, _) = postcard::take_from_bytes::<Head>(&v)?;
+            if head.ts < cutoff_ms {
+                break;
+            }
+            if let Some(key) = head.idem {
+                out.push((offset_of_key(&k), head.ts, key));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Policy metadata of up to `limit` messages with `from <= offset <= upto`, oldest first.
+    pub fn read_metas(
+        self,
+        p: PartitionId,
+        channel: &str,
+        from: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<MessageMeta>, StoreError> {
+        self.scan(p, channel, (from, upto), (limit, false), |offset, size, m| MessageMeta {
+            offset,
+            ts: m.ts,
+            size,
+            tombstone: m.is_tombstone(),
+            key: m.key,
+        })
+    }
+
+    /// The stored metadata of one channel.
+    pub fn channel_meta(self, p: PartitionId, channel: &str) -> Result<Option<ChannelMeta>, StoreError> {
+        self.store.read_gate(channel);
+        Ok(self.store.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?)
+    }
+
+    /// Up to `limit` channels stored for partition `p` with names at or above `from` (from
+    /// the first when None), in name order.
+    pub fn partition_channels(
+        self,
+        p: PartitionId,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, ChannelMeta)>, StoreError> {
+        let mut out = Vec::new();
+        let start = match from {
+            Some(name) => channel_prefix(p, name),
+            None => p.to_be_bytes().to_vec(),
+        };
+        // P is at most a few thousand, so p + 1 never overflows.
+        let end = (p + 1).to_be_bytes().to_vec();
+        for guard in self.store.meta.range(start..end).take(limit) {
+            let (k, v) = guard.into_inner()?;
+            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
+            out.push((name, postcard::from_bytes(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every consumer offset committed on `channel`.
+    pub fn consumers_of(self, p: PartitionId, channel: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.store.read_gate(channel);
+        let prefix = channel_prefix(p, channel);
+        let mut out = Vec::new();
+        for guard in self.store.consumers.prefix(&prefix) {
+            let (k, v) = guard.into_inner()?;
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((name, u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))));
+        }
+        Ok(out)
+    }
 
     /// A consumer's committed offset.
-    pub fn consumer_offset(&self, p: PartitionId, channel: &str, consumer: &str) -> Result<Option<u64>, StoreError> {
+    pub fn consumer_offset(self, p: PartitionId, channel: &str, consumer: &str) -> Result<Option<u64>, StoreError> {
+        self.store.read_gate(channel);
         let mut k = channel_prefix(p, channel);
         k.extend_from_slice(consumer.as_bytes());
-        Ok(self.consumers.get(k)?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))))
+        Ok(self.store.consumers.get(k)?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))))
     }
 }
 
@@ -715,6 +873,16 @@ fn commit_group(
         let _ = done.send(r);
     }
 }
+
+/// The default size of the read pool: twice the cores, at least 4 (`store_read_threads`).
+/// Reads mostly decode what the page cache holds, so more would only queue for the same
+/// cores, while a few spare threads let a read waiting on the disk overlap the others.
+pub fn default_read_threads() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| (2 * n.get()).max(4))
+}
+
+#[cfg(any(test, feature = "fault-hooks"))]
+pub mod hooks;
 
 #[cfg(test)]
 mod tests;

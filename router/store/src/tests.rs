@@ -39,7 +39,7 @@ async fn batches_of_one_runtime_pass_share_one_fsync() {
     }
     assert_eq!(metrics.store_syncs.get(), 1, "four batches of one pass, one group fsync");
     for p in 1..=4 {
-        assert_eq!(store.read_messages(p, "room:1", 0, u64::MAX, 10).unwrap().len(), 1);
+        assert_eq!(store.reader().read_messages(p, "room:1", 0, u64::MAX, 10).unwrap().len(), 1);
     }
 }
 
@@ -68,7 +68,7 @@ async fn a_held_up_round_is_handed_over_by_a_later_batch() {
     .join()
     .unwrap()
     .unwrap();
-    assert_eq!(store.read_messages(1, "room:1", 0, u64::MAX, 10).unwrap().len(), 1, "the first batch too");
+    assert_eq!(store.reader().read_messages(1, "room:1", 0, u64::MAX, 10).unwrap().len(), 1, "the first batch too");
     first.await.unwrap();
 }
 
@@ -90,7 +90,7 @@ async fn a_dropped_first_writer_still_hands_its_round_over() {
     drop(first);
     second.await.unwrap();
     for p in 1..=2 {
-        assert_eq!(store.read_messages(p, "room:1", 0, u64::MAX, 10).unwrap().len(), 1, "partition {p}");
+        assert_eq!(store.reader().read_messages(p, "room:1", 0, u64::MAX, 10).unwrap().len(), 1, "partition {p}");
     }
 }
 
@@ -107,28 +107,28 @@ async fn writes_read_back_and_survive_reopen() {
         b.put_meta(3, "room:1", &ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 });
         b.put_consumer(3, "room:1", "svc", 4);
         b.write(true).await.unwrap();
-        let got = store.read_messages(3, "room:1", 1, 4, 100).unwrap();
+        let got = store.reader().read_messages(3, "room:1", 1, 4, 100).unwrap();
         assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![2, 3, 4]);
         assert_eq!(got[0].1, msg(2));
         let mut b = store.batch();
         b.put_message(3, "room:1", 6, &StoredMessage { idem: Some("k6".into()), ..msg(6) });
         b.write(true).await.unwrap();
-        let keys = store.recent_idempotency_keys(3, "room:1", 6, 4, 100).unwrap();
+        let keys = store.reader().recent_idempotency_keys(3, "room:1", 6, 4, 100).unwrap();
         assert_eq!(keys, vec![(6, 6, "k6".to_string())], "stops at the first message older than the cutoff");
-        assert!(store.read_messages(3, "room:1", u64::MAX, u64::MAX, 10).unwrap().is_empty());
-        let metas = store.read_metas(3, "room:1", 1, 5, 100).unwrap();
+        assert!(store.reader().read_messages(3, "room:1", u64::MAX, u64::MAX, 10).unwrap().is_empty());
+        let metas = store.reader().read_metas(3, "room:1", 1, 5, 100).unwrap();
         assert_eq!(metas.len(), 5);
         store.close().unwrap();
     }
     let store = Store::open(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new())).unwrap();
-    let all = store.all_channels().unwrap();
+    let all = store.reader().all_channels().unwrap();
     assert_eq!(
         all,
         vec![(3, "room:1".to_string(), ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 })]
     );
-    assert_eq!(store.consumer_offset(3, "room:1", "svc").unwrap(), Some(4));
-    assert_eq!(store.consumer_offset(3, "room:1", "other").unwrap(), None);
-    assert_eq!(store.read_messages(3, "room:10", 0, 10, 10).unwrap().len(), 1);
+    assert_eq!(store.reader().consumer_offset(3, "room:1", "svc").unwrap(), Some(4));
+    assert_eq!(store.reader().consumer_offset(3, "room:1", "other").unwrap(), None);
+    assert_eq!(store.reader().read_messages(3, "room:10", 0, 10, 10).unwrap().len(), 1);
 }
 
 /// A backward read returns the newest `limit` messages of `after < offset <= upto`,
@@ -147,6 +147,7 @@ async fn reverse_reads_take_the_newest_of_the_range_newest_first() {
     b.write(true).await.unwrap();
     let offsets = |after, upto, limit| {
         store
+            .reader()
             .read_messages_rev(3, "room:1", after, upto, limit)
             .unwrap()
             .into_iter()
@@ -161,7 +162,7 @@ async fn reverse_reads_take_the_newest_of_the_range_newest_first() {
     assert_eq!(offsets(5, 5, 10), Vec::<u64>::new(), "an empty range");
     assert_eq!(offsets(7, 3, 10), Vec::<u64>::new(), "a range upside down");
     assert_eq!(offsets(u64::MAX, u64::MAX, 10), Vec::<u64>::new());
-    let got = store.read_messages_rev(3, "room:1", 0, 3, 1).unwrap();
+    let got = store.reader().read_messages_rev(3, "room:1", 0, 3, 1).unwrap();
     assert_eq!(got, vec![(3, msg(3))], "messages decode as written");
     // Paging backwards from the top by the last offset seen visits each message once.
     let (mut upto, mut seen) = (u64::MAX, Vec::new());
@@ -173,7 +174,7 @@ async fn reverse_reads_take_the_newest_of_the_range_newest_first() {
     }
     assert_eq!(seen, vec![9, 8, 5, 3, 2, 1]);
     // The forward read is unchanged beside it.
-    let fwd = store.read_messages(3, "room:1", 2, 8, 2).unwrap();
+    let fwd = store.reader().read_messages(3, "room:1", 2, 8, 2).unwrap();
     assert_eq!(fwd.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![3, 5]);
 }
 
@@ -210,7 +211,7 @@ async fn the_on_disk_encoding_is_pinned() {
     assert_eq!(raw(&store.adopted, &[0, 0, 0, 3]), Some(9u64.to_be_bytes().to_vec()));
 
     // What policies are shown is derived from those bytes.
-    let metas = store.read_metas(3, "c", 1, 5, 10).unwrap();
+    let metas = store.reader().read_metas(3, "c", 1, 5, 10).unwrap();
     assert_eq!(metas, vec![MessageMeta { offset: 2, ts: 300, size: 14, key: Some("k".into()), tombstone: true }]);
 }
 
@@ -243,11 +244,50 @@ async fn replication_positions_and_touched_channels() {
     let mut b = store.batch();
     b.clear_channel(2, "c0").unwrap();
     b.write(true).await.unwrap();
-    assert_eq!(store.channel_meta(2, "c0").unwrap(), None);
-    assert!(store.read_messages(2, "c0", 0, 10, 10).unwrap().is_empty());
-    assert_eq!(store.consumer_offset(2, "c0", "svc").unwrap(), None);
-    assert_eq!(store.read_messages(2, "c1", 0, 10, 10).unwrap().len(), 1);
+    assert_eq!(store.reader().channel_meta(2, "c0").unwrap(), None);
+    assert!(store.reader().read_messages(2, "c0", 0, 10, 10).unwrap().is_empty());
+    assert_eq!(store.reader().consumer_offset(2, "c0", "svc").unwrap(), None);
+    assert_eq!(store.reader().read_messages(2, "c1", 0, 10, 10).unwrap().len(), 1);
     store.clear_partition(2).await.unwrap();
     assert_eq!(store.repl_meta(2).unwrap(), None);
     assert_eq!(store.repl_touched(2, 13, 14).unwrap(), None);
+}
+
+/// Reads run on the pool's own threads at a lower priority, never on the calling thread,
+/// and at most the pool's size at once: with one permit, a read held by the fault hook keeps a second read (of another
+/// channel) waiting for its turn, while the runtime stays free; released, both answer.
+#[tokio::test]
+async fn reads_take_turns_on_the_pool_off_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with_readers(dir.path(), FsyncPolicy::Batch, Arc::new(Metrics::new()), 1).unwrap();
+    one_message(&store, 1, 1).write(true).await.unwrap();
+    let ran_on = store.read(|_| std::thread::current().name().map(String::from)).await.unwrap();
+    assert_eq!(ran_on.as_deref(), Some("store-read-0"), "a read runs on the pool's thread");
+    // The nice value is field 19 of /proc/thread-self/stat (16th after the command name).
+    let nice = || {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        stat.rsplit_once(") ").unwrap().1.split(' ').nth(16).unwrap().parse::<i64>().unwrap()
+    };
+    let (mine, reads) = (nice(), store.read(move |_| nice()).await.unwrap());
+    assert_eq!(reads, mine + i64::from(READ_NICE), "reads run at a lower priority");
+    let hold = store.hold_reads("room:1");
+    let held = tokio::spawn({
+        let store = store.clone();
+        async move { store.read(|r| r.read_messages(1, "room:1", 0, 10, 10)).await }
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while hold.waiting() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the read reached the hook");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut second = tokio::spawn({
+        let store = store.clone();
+        async move { store.read(|r| r.channel_meta(1, "room:2")).await }
+    });
+    // The runtime is free (this task runs), and the second read waits for the permit.
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(200), &mut second).await;
+    assert!(waited.is_err(), "one permit: the second read waits its turn");
+    drop(hold);
+    assert_eq!(held.await.unwrap().unwrap().unwrap().len(), 1);
+    assert_eq!(second.await.unwrap().unwrap().unwrap(), None);
 }

@@ -15,8 +15,9 @@ use switchyard_proto::Text;
 use switchyard_store::{ChannelMeta, StoredMessage};
 use tokio::sync::{mpsc, oneshot};
 
-use super::channel::{load_idempotency, ChannelState};
+use super::channel::ChannelState;
 use super::{is_epoch_like, now_ms, Forward, Owner, OwnerCommand, PublishRequest, Start, TrimReason, SEALED};
+use crate::idempotency::Window;
 use crate::replication::ReplOp;
 
 pub(super) type Ack<T> = (oneshot::Sender<Result<T, OpError>>, Result<T, OpError>);
@@ -61,6 +62,8 @@ impl Owner {
         if self.sealed || self.replication.written_elsewhere(self.partition) {
             return self.refuse_sealed(cmd, work);
         }
+        // A command whose channel waits for a store read is parked until it is done.
+        let Some(cmd) = self.gate(cmd) else { return };
         match cmd {
             OwnerCommand::Publish(req, reply) => {
                 let result = self.publish(req, batch, work);
@@ -105,7 +108,7 @@ impl Owner {
 
     /// A sealed partition stores nothing: writes are handed on to be forwarded to the new
     /// owner (or get [`SEALED`]), registrations get [`SEALED`].
-    fn refuse_sealed(&mut self, cmd: OwnerCommand, work: &mut Work) {
+    pub(super) fn refuse_sealed(&mut self, cmd: OwnerCommand, work: &mut Work) {
         let sealed = || OpError::refused(switchyard_proto::refusal::Refusal::Sealed, SEALED);
         match cmd {
             OwnerCommand::Publish(req, reply) => match &self.forward {
@@ -161,22 +164,12 @@ impl Owner {
         let now = now_ms();
         let window_ms = self.idempotency_window.as_millis() as u64;
         let partition = self.partition;
-        let store = self.store.clone();
         let metrics = self.metrics.clone();
         let budget = self.idempotency_budget.clone();
         let ch = self.channel(&req.channel, work);
         if let Some(key) = &req.idempotency_key {
-            let window = match &mut ch.idempotency {
-                Some(w) => w,
-                slot => slot.insert(load_idempotency(
-                    &store,
-                    budget,
-                    partition,
-                    &ch.name,
-                    ch.top,
-                    now.saturating_sub(window_ms),
-                )),
-            };
+            // `gate` loaded a recovered channel's window before letting this publish run.
+            let window = ch.idempotency.get_or_insert_with(|| Window::new(budget));
             window.expire(now.saturating_sub(window_ms));
             if let Some(offset) = window.get(key) {
                 metrics.publish_duplicates.inc();

@@ -3,23 +3,22 @@
 //! a channel's state is created on first use, and how idle channels shed it again.
 //!
 //! It owns the lifecycle of that state in memory only: it must never write the store
-//! (a new channel reaches the store with its first write, in `batch`), and it reads the
-//! store only to fill caches (consumer offsets, an idempotency window after a restart).
+//! (a new channel reaches the store with its first write, in `batch`), and never read it
+//! either: caches (consumer offsets, an idempotency window after a restart) are filled by
+//! loads on the store's read pool (`loads`), which [`Owner::gate`] starts and
+//! [`Owner::loaded`] applies.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use switchyard_proto::partition::PartitionId;
 use switchyard_proto::protocol::OpError;
-use switchyard_store::{ChannelMeta, Store};
+use switchyard_store::ChannelMeta;
 
 use super::batch::Work;
-use super::{new_epoch, Owner};
-use crate::idempotency::{Budget, Window};
+use super::loads::{Loaded, Need};
+use super::{new_epoch, now_ms, Owner, OwnerCommand, Start};
+use crate::idempotency::Window;
 use crate::outbox::Outbox;
-
-/// Most stored messages scanned to rebuild a channel's idempotency window after a restart.
-const IDEMPOTENCY_SCAN_MAX: usize = 100_000;
 
 pub(super) struct Subscriber {
     pub(super) sub: u64,
@@ -123,19 +122,80 @@ impl Owner {
         ch
     }
 
+    /// A consumer's committed offset from the cache, which [`Owner::gate`] filled before
+    /// the command that asks could run.
     pub(super) fn consumer_offset(&mut self, channel: &str, consumer: &str, work: &mut Work) -> Result<u64, OpError> {
-        let partition = self.partition;
-        let store = self.store.clone();
         let ch = self.channel(channel, work);
-        if let Some(&o) = ch.consumers.get(consumer) {
-            return Ok(o);
+        ch.consumers.get(consumer).copied().ok_or_else(|| OpError::internal("consumer offset not loaded"))
+    }
+
+    /// What `cmd` needs read from the store before it can run, if anything: the window of
+    /// a recovered channel for a keyed publish, or an uncached consumer offset.
+    fn need(&self, cmd: &OwnerCommand) -> Option<Need> {
+        let ch = self.channels.get(cmd.channel()?);
+        let consumer = |name: &String| {
+            (!ch.is_some_and(|ch| ch.consumers.contains_key(name))).then(|| Need::Consumer(name.clone()))
+        };
+        match cmd {
+            OwnerCommand::Publish(req, _) if req.idempotency_key.is_some() => {
+                let ch = ch.filter(|ch| ch.idempotency.is_none())?;
+                let cutoff_ms = now_ms().saturating_sub(self.idempotency_window.as_millis() as u64);
+                Some(Need::Idempotency { top: ch.top, cutoff_ms })
+            }
+            OwnerCommand::Commit { consumer: name, .. } => consumer(name),
+            OwnerCommand::Info { consumer: Some(name), .. } => consumer(name),
+            OwnerCommand::Subscribe { start: Start::Consumer(name), .. } => consumer(name),
+            _ => None,
         }
-        let o = store
-            .consumer_offset(partition, channel, consumer)
-            .map_err(|e| OpError::internal(e.to_string()))?
-            .unwrap_or(0);
-        ch.consumers.insert(consumer.to_string(), o);
-        Ok(o)
+    }
+
+    /// Lets `cmd` through, or parks it: behind a load of its channel already in flight, or
+    /// behind one it starts now because it needs the store. Never waits.
+    pub(super) fn gate(&mut self, cmd: OwnerCommand) -> Option<OwnerCommand> {
+        let Some(channel) = cmd.channel() else { return Some(cmd) };
+        if self.loads.is_loading(channel) {
+            let channel = channel.to_string();
+            self.loads.park(&channel, cmd);
+            return None;
+        }
+        let Some(need) = self.need(&cmd) else { return Some(cmd) };
+        let channel: Arc<str> = channel.into();
+        self.metrics.store_loads.inc();
+        let budget = self.idempotency_budget.clone();
+        self.loads.start(&self.store, (self.partition, channel), need, budget, cmd);
+        None
+    }
+
+    /// Applies a finished load and queues the commands parked behind it to run next, in
+    /// their order; a stale load (its channel was sealed or adopted since) is dropped.
+    pub(super) fn loaded(&mut self, done: super::loads::Done) {
+        let Some((channel, loaded, parked)) = self.loads.finish(done) else { return };
+        // A channel with no state here (never written) gets it, as its command would have
+        // created it.
+        let ch = self.channel(&channel, &mut Work::default());
+        match loaded {
+            Loaded::Idempotency(window) => {
+                if ch.idempotency.is_none() {
+                    ch.idempotency = Some(window);
+                }
+            }
+            Loaded::Consumer(name, Ok(offset)) => {
+                ch.consumers.entry(name).or_insert(offset);
+            }
+            Loaded::Consumer(name, Err(e)) => {
+                tracing::warn!(channel = %channel, consumer = %name, error = %e, "reading a consumer offset failed");
+                let err = OpError::internal("reading the consumer offset failed");
+                let mut ready = std::collections::VecDeque::new();
+                for cmd in parked {
+                    if let Some(cmd) = refuse(cmd, &err) {
+                        ready.push_back(cmd);
+                    }
+                }
+                self.ready.extend(ready);
+                return;
+            }
+        }
+        self.ready.extend(parked);
     }
 
     /// Forgets a channel that holds nothing worth keeping in memory: never written (no
@@ -161,8 +221,11 @@ impl Owner {
     /// window that expiry emptied, both of which are read back from the store on demand.
     pub(super) fn shed_idle(&mut self) {
         let before = self.channels.len();
+        let loads = &self.loads;
+        let loading = |name: &str| loads.is_loading(name);
         self.channels.retain(|_, ch| {
             if std::mem::take(&mut ch.touched)
+                || loading(&ch.name)
                 || !ch.subscribers.is_empty()
                 || ch.presence.is_some()
                 || ch.dirty
@@ -189,22 +252,20 @@ impl Owner {
     }
 }
 
-pub(super) fn load_idempotency(
-    store: &Store,
-    budget: Arc<Budget>,
-    partition: PartitionId,
-    channel: &str,
-    top: u64,
-    cutoff_ms: u64,
-) -> Window {
-    let mut window = Window::new(budget);
-    match store.recent_idempotency_keys(partition, channel, top, cutoff_ms, IDEMPOTENCY_SCAN_MAX) {
-        Ok(keys) => {
-            for (offset, ts, key) in keys.into_iter().rev() {
-                window.insert(&key, offset, ts);
-            }
+/// Answers `cmd` with `err` when it waits for an answer; a command that must run anyway
+/// (an unsubscribe: memory only) is handed back.
+fn refuse(cmd: OwnerCommand, err: &OpError) -> Option<OwnerCommand> {
+    match cmd {
+        OwnerCommand::Publish(_, reply) => drop(reply.send(Err(err.clone()))),
+        OwnerCommand::Commit { reply, .. } => drop(reply.send(Err(err.clone()))),
+        OwnerCommand::Subscribe { reply, .. } => drop(reply.send(Err(err.clone()))),
+        OwnerCommand::Info { reply, .. } => drop(reply.send(Err(err.clone()))),
+        OwnerCommand::Trim { reply, .. } => drop(reply.send(())),
+        // Dropping the reply tells the reader the owner could not answer.
+        OwnerCommand::View(..) | OwnerCommand::Snapshot(_) => {}
+        cmd @ (OwnerCommand::Unsubscribe { .. } | OwnerCommand::Seal(..) | OwnerCommand::Presence(_)) => {
+            return Some(cmd)
         }
-        Err(e) => tracing::warn!(channel, error = %e, "could not rebuild idempotency window"),
     }
-    window
+    None
 }

@@ -235,3 +235,21 @@ pub(crate) enum OwnerCommand {
         reply: oneshot::Sender<()>,
     },
 }
+
+impl OwnerCommand {
+    /// The channel a command is about, for the commands that wait behind a load of it
+    /// (presence commands are memory only and never wait; seals and snapshots are about
+    /// the whole partition).
+    pub(super) fn channel(&self) -> Option<&str> {
+        match self {
+            Self::Publish(req, _) => Some(&req.channel),
+            Self::Subscribe { channel, .. }
+            | Self::Unsubscribe { channel, .. }
+            | Self::View(channel, _)
+            | Self::Commit { channel, .. }
+            | Self::Info { channel, .. } => Some(channel),
+            Self::Trim { channel, .. } => Some(channel),
+            Self::Snapshot(_) | Self::Seal(..) | Self::Presence(_) => None,
+        }
+    }
+}

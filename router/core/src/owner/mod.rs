@@ -32,6 +32,7 @@ use switchyard_store::{ChannelMeta, Store};
 mod batch;
 mod channel;
 mod command;
+mod loads;
 pub(crate) mod presence;
 mod release;
 #[cfg(test)]
@@ -93,6 +94,13 @@ pub(crate) struct Owner {
     to_flush: Vec<Arc<Outbox>>,
     /// The presence limits of each channel's namespace.
     presence_settings: Arc<dyn PresenceSettings>,
+    /// Store reads in flight (idempotency windows, consumer offsets) and the commands of
+    /// their channels parked behind them.
+    loads: loads::Loads,
+    /// Commands to run before the mailbox's: those parked behind a load that finished.
+    ready: VecDeque<OwnerCommand>,
+    /// The mailbox closed while loads were in flight: the owner stops once they are done.
+    closed: bool,
 }
 
 /// What flows into an owner, and out of it when it is sealed.
@@ -145,6 +153,9 @@ impl Owner {
             parked: VecDeque::new(),
             to_flush: Vec::new(),
             presence_settings: presence,
+            loads: loads::Loads::new(),
+            ready: VecDeque::new(),
+            closed: false,
         }
     }
 
@@ -159,7 +170,12 @@ impl Owner {
             }
         }
         self.channels.clear();
-        match self.store.partition_channels(self.partition, None, usize::MAX) {
+        // What waited for a load of the old state runs again against the adopted one.
+        let parked = self.loads.take_all();
+        self.ready.extend(parked);
+        let p = self.partition;
+        let read = self.store.read(move |r| r.partition_channels(p, None, usize::MAX)).await;
+        match read.and_then(|read| read) {
             Ok(list) => {
                 for (name, m) in list {
                     let name: Arc<str> = name.into();
@@ -176,7 +192,7 @@ impl Owner {
         tracing::info!(partition = self.partition, channels = self.channels.len(), "partition adopted");
     }
 
-    /// Runs until every sender is gone, finishing the batch in hand.
+    /// Runs until every sender is gone and every load is done, finishing the batch in hand.
     pub(crate) async fn run(mut self) {
         let one_publish_per_batch = self.store.policy() == switchyard_store::FsyncPolicy::Always;
         let store = self.store.clone();
@@ -185,20 +201,33 @@ impl Owner {
             // the `send`s to the end of the runtime pass, a cork, halved the fan-out rate:
             // the deferred owners ran only once the worker had nothing else to do.)
             crate::outbox::flush_lent(&mut self.to_flush, &self.metrics);
-            let cmd = tokio::select! {
-                biased;
-                Some(done) = self.adoptions.recv() => {
-                    self.fail_parked();
-                    self.adopt(done).await;
-                    continue;
-                }
-                Ok(()) = self.hw.changed(), if !self.parked.is_empty() => {
-                    self.release_parked();
-                    continue;
-                }
-                cmd = self.rx.recv() => match cmd {
-                    Some(cmd) => cmd,
-                    None => break,
+            if self.closed && self.ready.is_empty() && self.loads.is_idle() {
+                break;
+            }
+            let cmd = match self.ready.pop_front() {
+                Some(cmd) => cmd,
+                None => tokio::select! {
+                    biased;
+                    Some(done) = self.adoptions.recv() => {
+                        self.fail_parked();
+                        self.adopt(done).await;
+                        continue;
+                    }
+                    Ok(()) = self.hw.changed(), if !self.parked.is_empty() => {
+                        self.release_parked();
+                        continue;
+                    }
+                    Some(done) = self.loads.done.recv() => {
+                        self.loaded(done);
+                        continue;
+                    }
+                    cmd = self.rx.recv(), if !self.closed => match cmd {
+                        Some(cmd) => cmd,
+                        None => {
+                            self.closed = true;
+                            continue;
+                        }
+                    },
                 },
             };
             let mut batch = store.batch();
@@ -213,10 +242,15 @@ impl Owner {
                     adopt = Some(done);
                     break;
                 }
-                match self.rx.try_recv() {
-                    Ok(cmd) => self.handle(cmd, &mut batch, &mut work),
-                    Err(_) => break,
-                }
+                let next = match self.ready.pop_front() {
+                    Some(cmd) => cmd,
+                    None if self.closed => break,
+                    None => match self.rx.try_recv() {
+                        Ok(cmd) => cmd,
+                        Err(_) => break,
+                    },
+                };
+                self.handle(next, &mut batch, &mut work);
             }
             self.finish(batch, work).await;
             if let Some(done) = adopt {

@@ -161,6 +161,10 @@ impl Owner {
                 // gateways announce it again to the new owner) is freed now.
                 self.channels.clear();
                 self.sealed = true;
+                // Commands parked behind a load are handed on (or refused) like any write
+                // that reaches the sealed partition; the loads' results become stale.
+                let parked = self.loads.take_all();
+                self.ready.extend(parked);
                 self.metrics.partition_channels.with_label_values(&[&self.partition.to_string()]).set(0);
                 tracing::info!(partition = self.partition, "partition sealed");
                 if let Some(r) = reply {
