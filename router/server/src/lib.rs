@@ -17,6 +17,7 @@ mod http;
 mod node;
 mod policies;
 mod poll;
+mod recovery;
 mod session;
 mod socket;
 mod tls;

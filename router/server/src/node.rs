@@ -44,6 +44,8 @@ pub(crate) struct Node {
     /// ends, so no number of simultaneous upgrades gets past the cap.
     /// (`metrics.connections` counts the same connections, for metrics only.)
     pub connection_slots: Arc<Semaphore>,
+    /// The bound on catch-ups in progress (`limits.recovery_concurrency`).
+    pub recoveries: crate::recovery::Admission,
     /// Begins every client id this process hands out: the node id and a random tag of this
     /// run, so ids are unique across the cluster and across restarts.
     pub client_prefix: String,
@@ -179,6 +181,7 @@ impl Node {
             shutdown,
             shutdown_tx,
             connection_slots,
+            recoveries: crate::recovery::Admission::new(config.limits.recovery_concurrency),
             client_prefix,
         }))
     }
