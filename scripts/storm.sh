@@ -13,6 +13,8 @@
 #   STORM_PARTITIONS [64]     partitions of the cluster
 #   STORM_JSON      [0]       1: one JSON line on stdout
 #   BENCH_NO_BUILD  [0]       1: use the binary already built (SWITCHYARD_BIN or target/release)
+#   STORM_SERVER_BIN [the same] run the nodes from another binary (e.g. an older build, for a
+#                             before/after comparison); the bench is always SWITCHYARD_BIN's
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -32,6 +34,8 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
 fi
 bin="${SWITCHYARD_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/switchyard}"
 [ -x "$bin" ] || { log "ERROR: $bin not built"; exit 1; }
+server_bin="${STORM_SERVER_BIN:-$bin}"
+[ -x "$server_bin" ] || { log "ERROR: $server_bin not found"; exit 1; }
 etcd_bin="${SWITCHYARD_ETCD_BIN:-$(command -v etcd || echo /usr/bin/etcd)}"
 [ -x "$etcd_bin" ] || { log "ERROR: etcd not found (scripts/setup.sh installs it)"; exit 1; }
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -84,7 +88,7 @@ secret = "storm-bench-secret-0123456789"
 lease_ttl = "2s"
 coordination_interval = "1s"
 TOML
-    RUST_LOG="${RUST_LOG:-warn}" "$bin" serve --config "$dir/config.toml" --listen 127.0.0.1:0 \
+    RUST_LOG="${RUST_LOG:-warn}" "$server_bin" serve --config "$dir/config.toml" --listen 127.0.0.1:0 \
         --data-dir "$dir/data" --plugins-dir "$dir/plugins" >"$dir/stdout" 2>"$dir/stderr" &
     pid=$!
     pids+=("$pid"); node_pids+=("$pid")

@@ -170,6 +170,7 @@ impl Node {
             state
         });
         let connection_slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        let recoveries = crate::recovery::Admission::new(config.limits.recovery_concurrency);
         let client_prefix = format!("{}-{}", config.node_id, switchyard_core::owner::new_epoch());
         Ok(Arc::new(Self {
             config,
@@ -181,7 +182,7 @@ impl Node {
             shutdown,
             shutdown_tx,
             connection_slots,
-            recoveries: crate::recovery::Admission::new(config.limits.recovery_concurrency),
+            recoveries,
             client_prefix,
         }))
     }
