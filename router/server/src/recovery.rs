@@ -62,7 +62,7 @@ mod tests {
         assert_eq!(json["code"], "unavailable");
         assert_eq!(json["retry_after_ms"], 200);
         drop(first);
-        a.admit().expect("a released permit admits the next");
+        let _next = a.admit().expect("a released permit admits the next");
     }
 
     #[test]
