@@ -48,7 +48,8 @@ async fn a_killed_nodes_clients_all_recover_without_gaps_or_duplicates() -> Resu
     };
     let stdout = std::fs::read_to_string(&out_path)?;
     let stderr = std::fs::read_to_string(&err_path)?;
-    let line = stdout.lines().find(|l| !l.trim().is_empty()).with_context(|| format!("no report; stderr:\n{stderr}"))?;
+    let line =
+        stdout.lines().find(|l| !l.trim().is_empty()).with_context(|| format!("no report; stderr:\n{stderr}"))?;
     let r: Value = serde_json::from_str(line).with_context(|| format!("parsing {line}"))?;
     let n = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));
 

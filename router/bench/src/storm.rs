@@ -285,9 +285,7 @@ async fn run(args: &BenchArgs) -> Result<StormReport> {
     let _ = publisher.await;
     let drain = Instant::now() + DRAIN;
     let behind = loop {
-        let behind = (0..n)
-            .filter(|i| shared.last[*i].load(Relaxed) < acked[i % channels].load(Relaxed))
-            .count();
+        let behind = (0..n).filter(|i| shared.last[*i].load(Relaxed) < acked[i % channels].load(Relaxed)).count();
         if behind == 0 || Instant::now() >= drain {
             break behind;
         }
@@ -557,7 +555,8 @@ async fn publish(
             while owed >= 1.0 {
                 owed -= 1.0;
                 let c = (next as usize) % channels;
-                let cmd = json!({"id": next, "op": "publish", "channel": format!("{prefix}:storm:{c}"), "data": {"n": next}});
+                let cmd =
+                    json!({"id": next, "op": "publish", "channel": format!("{prefix}:storm:{c}"), "data": {"n": next}});
                 next += 1;
                 if tx.feed(Message::text(cmd.to_string())).await.is_err() {
                     failed = true;

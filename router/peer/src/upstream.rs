@@ -424,10 +424,10 @@ async fn maintain(ups: Weak<Upstreams>, node: Weak<Node>, up: Arc<Upstream>) {
                 let moved = maps.borrow_and_update().owner(partition) != tried.as_deref();
                 let moved = moved
                     || tokio::select! {
-                    _ = tokio::time::sleep(backoff) => false,
-                    _ = up.wake.notified() => false,
-                    moved = owner_changes(&mut maps, partition, tried) => moved,
-                };
+                        _ = tokio::time::sleep(backoff) => false,
+                        _ = up.wake.notified() => false,
+                        moved = owner_changes(&mut maps, partition, tried) => moved,
+                    };
                 backoff = if moved { Duration::from_millis(50) } else { (backoff * 2).min(Duration::from_secs(1)) };
             }
         }

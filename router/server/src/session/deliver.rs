@@ -6,8 +6,8 @@
 //! write a subscription's message before its subscribe reply, nor go live over a hole: a
 //! catch-up that finds one ends the subscription with `unsubscribed`.
 
-use switchyard_core::outbox::{Delivery, Kind};
 use futures_util::FutureExt;
+use switchyard_core::outbox::{Delivery, Kind};
 use switchyard_core::owner::{Grant, Start};
 use switchyard_core::partitions::OwnedMessage;
 use switchyard_proto::centrifugo as cf;
@@ -16,9 +16,9 @@ use switchyard_proto::Dialect;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::dialect::{self, To};
+use super::{Output, Phase, Session, Stop, Sub};
 use crate::node::Node;
 use crate::recovery::Admitted;
-use super::{Output, Phase, Session, Stop, Sub};
 
 /// Catch-up is read from the store in pages of this many messages.
 const CATCH_UP_PAGE: usize = 256;
@@ -158,7 +158,9 @@ where
             Ok(rx) => {
                 self.queue(
                     async move {
-                        let result = rx.await.unwrap_or_else(|_| Err(OpError::new(ErrorCode::Unavailable, "partition owner stopped")));
+                        let result = rx
+                            .await
+                            .unwrap_or_else(|_| Err(OpError::new(ErrorCode::Unavailable, "partition owner stopped")));
                         Output::Moved { sub, channel, result }
                     }
                     .boxed(),
@@ -213,15 +215,14 @@ where
                     Some(page) => page,
                     None => self.node.router.catch_up(channel, &grant.epoch, after, grant.top, CATCH_UP_PAGE).await,
                 };
-                let (page, first) =
-                    match read {
-                        Ok(page) => page,
-                        Err(e) => {
-                            tracing::warn!(channel, error = %e, "catch-up read failed");
-                            self.write_subscribed(&mut reply, grant, &[]).await?;
-                            return self.end_subscription(sub, channel, "catch-up read failed; subscribe again").await;
-                        }
-                    };
+                let (page, first) = match read {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(channel, error = %e, "catch-up read failed");
+                        self.write_subscribed(&mut reply, grant, &[]).await?;
+                        return self.end_subscription(sub, channel, "catch-up read failed; subscribe again").await;
+                    }
+                };
                 let next = page.first().map_or(grant.top + 1, |m| m.offset);
                 // Retention (not compaction) removed messages just above `after`.
                 if next > after + 1 && first > after + 1 {

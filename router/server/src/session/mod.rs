@@ -123,7 +123,11 @@ enum Output {
     /// The grant of a subscription moved from a gateway's upstream to the owner on this
     /// node ([`Kind::Moved`](switchyard_core::outbox::Kind)): nothing is owed to the client
     /// but the messages it missed.
-    Moved { sub: u64, channel: String, result: Result<Grant, OpError> },
+    Moved {
+        sub: u64,
+        channel: String,
+        result: Result<Grant, OpError>,
+    },
 }
 
 enum Phase {

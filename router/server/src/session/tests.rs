@@ -336,7 +336,8 @@ async fn a_recovery_over_the_catch_up_bound_is_refused_with_a_retry_hint() {
     let node = node(dir.path(), |c| c.limits.recovery_concurrency = 0);
     let epoch = two_messages(&node, "room:1").await;
     let mut ws = connect(&node).await;
-    send(&mut ws, json!({"id": 1, "op": "subscribe", "channel": "room:1", "from": {"offset": 1, "epoch": epoch}})).await;
+    send(&mut ws, json!({"id": 1, "op": "subscribe", "channel": "room:1", "from": {"offset": 1, "epoch": epoch}}))
+        .await;
     let refused = next(&mut ws).await;
     assert_eq!(refused["id"], 1, "{refused}");
     assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
@@ -344,7 +345,8 @@ async fn a_recovery_over_the_catch_up_bound_is_refused_with_a_retry_hint() {
     assert_eq!(node.metrics.recovery_refusals.get(), 1);
     // Not subscribed: a recovery at the top needs no read and is granted, with no message
     // of the refused attempt before or after it.
-    send(&mut ws, json!({"id": 2, "op": "subscribe", "channel": "room:1", "from": {"offset": 2, "epoch": epoch}})).await;
+    send(&mut ws, json!({"id": 2, "op": "subscribe", "channel": "room:1", "from": {"offset": 2, "epoch": epoch}}))
+        .await;
     let ok = next(&mut ws).await;
     assert_eq!((ok["id"].as_u64(), ok["ok"]["recovered"].as_bool()), (Some(2), Some(true)), "{ok}");
     send(&mut ws, json!({"id": 3, "op": "ping"})).await;
