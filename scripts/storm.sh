@@ -64,16 +64,28 @@ free_port() {
     log "ERROR: no free port found"; return 1
 }
 
-cport="$(free_port)"; pport="$(free_port)"
-while [ "$pport" = "$cport" ]; do pport="$(free_port)"; done
-log "etcd on 127.0.0.1:$cport"
-"$etcd_bin" --name storm --data-dir "$tmp/etcd" \
-    --listen-client-urls "http://127.0.0.1:$cport" --advertise-client-urls "http://127.0.0.1:$cport" \
-    --listen-peer-urls "http://127.0.0.1:$pport" --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
-    --initial-cluster "storm=http://127.0.0.1:$pport" >"$tmp/etcd.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 150); do port_free "$cport" || break; sleep 0.1; done
-port_free "$cport" && { log "ERROR: etcd did not listen"; cat "$tmp/etcd.log" >&2; exit 1; }
+# A free port can be taken between probing and binding: a few tries on other ports.
+for attempt in 1 2 3 4; do
+    cport="$(free_port)"; pport="$(free_port)"
+    while [ "$pport" = "$cport" ]; do pport="$(free_port)"; done
+    log "etcd on 127.0.0.1:$cport"
+    "$etcd_bin" --name storm --data-dir "$tmp/etcd" \
+        --listen-client-urls "http://127.0.0.1:$cport" --advertise-client-urls "http://127.0.0.1:$cport" \
+        --listen-peer-urls "http://127.0.0.1:$pport" --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
+        --initial-cluster "storm=http://127.0.0.1:$pport" >"$tmp/etcd.log" 2>&1 &
+    etcd_pid=$!
+    pids+=("$etcd_pid")
+    for _ in $(seq 1 150); do
+        port_free "$cport" || break
+        kill -0 "$etcd_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    port_free "$cport" || break
+    log "etcd did not listen (try $attempt):"; tail -3 "$tmp/etcd.log" >&2
+    kill "$etcd_pid" 2>/dev/null || true; wait "$etcd_pid" 2>/dev/null || true
+    rm -rf "$tmp/etcd"
+    [ "$attempt" = 4 ] && { log "ERROR: etcd did not start"; exit 1; }
+done
 
 urls=(); node_pids=()
 for n in 1 2 3; do
