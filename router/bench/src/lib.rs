@@ -2,20 +2,23 @@
 //! nats-server over its WebSocket listener. This module owns the command line
 //! ([`BenchArgs`]), the per-scenario defaults and the dispatch; the scenarios live in
 //! `run`, the wire in `client` and `nats`, figures and tables in `report`, and process
-//! readings in `sys`. It must never start or stop servers (scripts/compare.sh does), and it
-//! never connects anywhere but the URLs it is given.
+//! readings in `sys`. It must never start servers (scripts/compare.sh and scripts/storm.sh
+//! do) and never stops one, except the `--kill-pid` that `storm` is given; it never
+//! connects anywhere but the URLs it is given.
 //!
 //! Scenarios: `fanout` (R channels × M subscribers, P publishers, fixed rate or as fast as
 //! acknowledged), `latency` (fanout at a fixed low rate), `cluster` (publishers on one
 //! node, subscribers spread over others), `connections` (N idle subscribed connections:
-//! server memory per connection and connect rate), and `table` (prints the comparison
-//! table from JSON-lines files of earlier runs).
+//! server memory per connection and connect rate), `storm` (one node killed under N
+//! subscribed clients: reconnect and recovery times, gaps, CPU per recovery; in `storm`),
+//! and `table` (prints the comparison table from JSON-lines files of earlier runs).
 
 mod client;
 mod nats;
 mod readers;
 mod report;
 mod run;
+mod storm;
 mod sys;
 
 use std::path::PathBuf;
@@ -43,6 +46,8 @@ pub enum Scenario {
     Readers,
     /// Print the comparison table from JSON-lines files (--column NAME=FILE, repeated).
     Table,
+    /// --count clients (--subscribers per channel) over --sub-urls, one node killed (--kill-pid): recovery.
+    Storm,
 }
 
 /// The client protocol spoken to a Switchyard node.
@@ -158,6 +163,9 @@ pub struct BenchArgs {
     /// pushes into one frame (JSON lines).
     #[arg(long)]
     pub batch: bool,
+    /// The storm scenario's own flags.
+    #[command(flatten)]
+    pub storm: storm::StormArgs,
 }
 
 /// The resolved load of a fanout-like run.
@@ -211,6 +219,7 @@ pub(crate) fn scenario_name(s: Scenario) -> &'static str {
         Scenario::Cluster => "cluster",
         Scenario::Readers => "readers",
         Scenario::Table => "table",
+        Scenario::Storm => "storm",
     }
 }
 
@@ -262,6 +271,9 @@ fn run_main(mut args: BenchArgs) -> Result<bool> {
     if sources > 1 {
         eprintln!("[bench] connecting from {sources} loopback source addresses");
         client::spread_sources(sources);
+    }
+    if args.scenario == Scenario::Storm {
+        return storm::main(&args);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report: Report = runtime.block_on(async {

@@ -51,6 +51,11 @@ pub enum Kind {
     /// A push about the channel that carries no offset (presence: a join or a leave),
     /// written only while the subscription is live.
     Event,
+    /// Not for the client: the gateway subscription's channel moved onto this very node, so
+    /// the session subscribes at the owner here, recovering from its last delivered offset
+    /// in the channel epoch `frame` holds (it has already been forgotten upstream).
+    /// Consumers that cannot switch treat it like [`Kind::End`].
+    Moved,
 }
 
 /// What is queued: the deliveries and their frame bytes. An empty queue holds at most the
@@ -238,7 +243,9 @@ impl Outbox {
         let was_empty = {
             let mut q = self.queue.lock().expect("outbox queue");
             match q.direct.as_deref_mut() {
-                Some(lent) if lent.on && direct && d.kind != Kind::End => return self.frame_direct(lent, d),
+                Some(lent) if lent.on && direct && matches!(d.kind, Kind::Message | Kind::Event) => {
+                    return self.frame_direct(lent, d)
+                }
                 Some(lent) if lent.on => {
                     // The session must see this one: the socket goes back with it.
                     lent.on = false;

@@ -104,6 +104,12 @@ pub struct Metrics {
     pub peer_connects: IntCounterVec,
     /// Upstream subscriptions this node (as a gateway) holds to channels owned elsewhere.
     pub peer_upstreams: IntGauge,
+    /// Gateway subscriptions handed to the owner here when the map moved their channel onto
+    /// this node (instead of telling the clients to subscribe again).
+    pub peer_upstream_handoffs: IntCounter,
+    /// Subscribes with a recovery position refused because this node's catch-up admission
+    /// (`limits.recovery_*`) was full.
+    pub recovery_refusals: IntCounter,
     /// Upstream subscriptions other nodes hold here (as owner): one per channel per gateway.
     pub peer_subscriptions: IntGauge,
     /// Partition handovers this node received, by result (`ok`, or `lost`: started afresh).
@@ -289,6 +295,14 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             peer_upstreams: gauge("switchyard_peer_upstreams", "Upstream subscriptions held to remote channels"),
+            peer_upstream_handoffs: counter(
+                "switchyard_peer_upstream_handoffs_total",
+                "Gateway subscriptions handed to the owner here when their channel moved onto this node",
+            ),
+            recovery_refusals: counter(
+                "switchyard_recovery_refusals_total",
+                "Recovering subscribes refused: the node's catch-up admission was full",
+            ),
             peer_subscriptions: gauge(
                 "switchyard_peer_subscriptions",
                 "Upstream subscriptions other nodes hold on channels owned here",

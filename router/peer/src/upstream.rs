@@ -8,7 +8,11 @@
 //! subscriber's dialect, outside the offset order). When the link drops or the
 //! owner ends the subscription (its partition moved), one task per upstream resubscribes
 //! at whatever node the map names and catches up from the last offset it delivered, so
-//! local subscribers see no gap and no duplicate. If the channel restarted under a new
+//! local subscribers see no gap and no duplicate. A retry waits out a backoff, except that
+//! a new map naming another owner wakes it at once. When the map moves the channel onto
+//! this very node, the local subscribers are handed over to the owner here (a
+//! [`Kind::Moved`] to each session, which recovers there from the last offset it wrote)
+//! instead of being told to subscribe again. If the channel restarted under a new
 //! epoch (the owner died without handing over), or its history was trimmed past the gap,
 //! the local subscriptions end with `unsubscribed` and the clients recover. It must never
 //! block a session or the link reader: pushes only take the upstream's own short lock and
@@ -89,6 +93,9 @@ enum Failed {
     Retry(String),
     /// The local subscriptions must end with this reason.
     End(String),
+    /// The map moved the channel onto this node: hand the local subscriptions over to the
+    /// owner here.
+    Local,
 }
 
 impl Inner {
@@ -314,6 +321,21 @@ impl PushTarget for Upstream {
 }
 
 impl Upstream {
+    /// Hands every local subscription over to the owner on this node: each session gets a
+    /// [`Kind::Moved`] carrying the channel epoch it was granted under, and subscribes here
+    /// recovering from the last offset it wrote (no gap, no duplicate; a changed epoch ends
+    /// it the usual way). Returns how many were handed over.
+    fn move_locals(&self) -> usize {
+        let mut g = self.inner.lock().expect("upstream");
+        let (last, Some(epoch)) = (g.last, g.epoch.clone()) else { return 0 };
+        let frame = Text::from(&*epoch);
+        let n = g.locals.len();
+        for (sub, outbox) in g.locals.drain(..) {
+            outbox.push(Delivery { sub, offset: last, frame: frame.clone(), kind: Kind::Moved });
+        }
+        n
+    }
+
     /// Ends every local subscription with an `unsubscribed` push.
     fn end_locals(&self, reason: &str) {
         let push = protocol::unsubscribed_push(&self.channel, close::SHUTTING_DOWN, reason);
@@ -329,6 +351,11 @@ impl Upstream {
 /// Keeps `up` registered at the channel's owner until nobody needs it.
 async fn maintain(ups: Weak<Upstreams>, node: Weak<Node>, up: Arc<Upstream>) {
     let mut backoff = Duration::from_millis(50);
+    // The owner each attempt was aimed at: a map naming another one ends the backoff.
+    let (mut maps, partition) = match node.upgrade() {
+        Some(n) => (n.map_changes(), n.partitions().partition(&up.channel)),
+        None => return,
+    };
     loop {
         if up.inner.lock().expect("upstream").closed {
             break;
@@ -338,7 +365,14 @@ async fn maintain(ups: Weak<Upstreams>, node: Weak<Node>, up: Arc<Upstream>) {
             return;
         }
         let Some(n) = node.upgrade() else { return };
-        match register(&n, &up).await {
+        let tried = maps.borrow_and_update().owner(partition).map(str::to_owned);
+        // An attempt still waiting on an owner the map no longer names is given up at once
+        // (a dead owner's link may hold it until the request deadline).
+        let attempt = tokio::select! {
+            r = register(&n, &up) => r,
+            _ = owner_changes(&mut maps, partition, tried.clone()) => Err(Failed::Retry("the map named another owner".into())),
+        };
+        match attempt {
             Ok(mut downs) => {
                 backoff = Duration::from_millis(50);
                 drop(n);
@@ -375,14 +409,26 @@ async fn maintain(ups: Weak<Upstreams>, node: Weak<Node>, up: Arc<Upstream>) {
                 }
                 break;
             }
+            Err(Failed::Local) => {
+                let moved = up.move_locals();
+                tracing::info!(channel = %up.channel, moved, "channel moved here: local subscriptions handed to its owner");
+                n.metrics().peer_upstream_handoffs.inc_by(moved as u64);
+                if let Some(ups) = ups.upgrade() {
+                    ups.close(&up);
+                }
+                break;
+            }
             Err(Failed::Retry(why)) => {
                 tracing::debug!(channel = %up.channel, %why, "upstream subscription failed; retrying");
                 drop(n);
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = up.wake.notified() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                let moved = maps.borrow_and_update().owner(partition) != tried.as_deref();
+                let moved = moved
+                    || tokio::select! {
+                        _ = tokio::time::sleep(backoff) => false,
+                        _ = up.wake.notified() => false,
+                        moved = owner_changes(&mut maps, partition, tried) => moved,
+                    };
+                backoff = if moved { Duration::from_millis(50) } else { (backoff * 2).min(Duration::from_secs(1)) };
             }
         }
     }
@@ -399,18 +445,29 @@ async fn maintain(ups: Weak<Upstreams>, node: Weak<Node>, up: Arc<Upstream>) {
     }
 }
 
+/// Resolves (true) once an installed map names an owner of `partition` other than `tried`;
+/// pending forever if the maps stop coming (the node is going away).
+async fn owner_changes(
+    maps: &mut watch::Receiver<Arc<switchyard_proto::partition::PartitionMap>>,
+    partition: switchyard_proto::partition::PartitionId,
+    tried: Option<String>,
+) -> bool {
+    loop {
+        if maps.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if maps.borrow_and_update().owner(partition) != tried.as_deref() {
+            return true;
+        }
+    }
+}
+
 /// Registers `up` at the owner the map names and catches it up to the registration point.
 /// Returns the link's drop signal, subscribed before the registration was sent.
 async fn register(node: &Arc<Node>, up: &Arc<Upstream>) -> Result<watch::Receiver<u64>, Failed> {
     let links = node.links().ok_or_else(|| Failed::End("peer links are off".into()))?;
     let (owner, epoch) = match node.locate(&up.channel).map_err(|e| Failed::Retry(e.message))? {
-        Route::Local(_) => {
-            return Err(Failed::End(format!(
-                "partition moved to node {} (map epoch {}); subscribe again",
-                node.id(),
-                node.map().epoch
-            )))
-        }
+        Route::Local(_) => return Err(Failed::Local),
         Route::Remote { owner, epoch } => (owner, epoch),
     };
     let link = links.link(&owner);

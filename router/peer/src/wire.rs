@@ -531,7 +531,7 @@ impl WireError {
     /// Back to a protocol error (with the refusal).
     pub fn to_op(&self) -> OpError {
         let code = ErrorCode::ALL.iter().copied().find(|c| c.as_str() == self.code).unwrap_or(ErrorCode::Internal);
-        OpError { code, message: self.message.clone(), refusal: self.refusal.clone() }
+        OpError { code, message: self.message.clone(), refusal: self.refusal.clone(), retry_after_ms: None }
     }
 
     /// The owner and map epoch of a redirect.

@@ -109,22 +109,32 @@ pub struct OpError {
     /// Why, where another layer acts on the reason (never sent to a client).
     #[serde(skip)]
     pub refusal: Option<crate::refusal::Refusal>,
+    /// A hint, in milliseconds, of how long to wait before retrying (an `unavailable`
+    /// refusal under load); omitted when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl OpError {
     /// An error with `code` and `message`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), refusal: None }
+        Self { code, message: message.into(), refusal: None, retry_after_ms: None }
     }
 
     /// An `unavailable` error with the `refusal` its receiver acts on.
     pub fn refused(refusal: crate::refusal::Refusal, message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::Unavailable, message: message.into(), refusal: Some(refusal) }
+        Self { code: ErrorCode::Unavailable, message: message.into(), refusal: Some(refusal), retry_after_ms: None }
     }
 
     /// This error, carrying `refusal` as well.
     pub fn with_refusal(mut self, refusal: crate::refusal::Refusal) -> Self {
         self.refusal = Some(refusal);
+        self
+    }
+
+    /// This error, with a hint to retry after `ms` milliseconds.
+    pub fn retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
         self
     }
 

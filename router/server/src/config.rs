@@ -182,6 +182,10 @@ pub struct Limits {
     /// closed and its memory freed. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Most catch-ups (a subscribe with a recovery position whose grant needs a store
+    /// read) in progress on this node at once; beyond it the subscribe is refused with
+    /// `unavailable` and `retry_after_ms`. 0 refuses every such subscribe. Default 1024.
+    pub recovery_concurrency: usize,
 }
 
 /// Publishing behaviour.
@@ -306,6 +310,7 @@ impl Default for Limits {
             max_reply_bytes: 8 * 1024 * 1024,
             max_connections: 65_536,
             write_timeout: Duration::from_secs(30),
+            recovery_concurrency: 1024,
         }
     }
 }

@@ -18,6 +18,7 @@ mod listen;
 mod node;
 mod policies;
 mod poll;
+mod recovery;
 mod session;
 mod socket;
 mod tls;

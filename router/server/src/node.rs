@@ -44,6 +44,8 @@ pub(crate) struct Node {
     /// ends, so no number of simultaneous upgrades gets past the cap.
     /// (`metrics.connections` counts the same connections, for metrics only.)
     pub connection_slots: Arc<Semaphore>,
+    /// The bound on catch-ups in progress (`limits.recovery_concurrency`).
+    pub recoveries: crate::recovery::Admission,
     /// Begins every client id this process hands out: the node id and a random tag of this
     /// run, so ids are unique across the cluster and across restarts.
     pub client_prefix: String,
@@ -169,6 +171,7 @@ impl Node {
             state
         });
         let connection_slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        let recoveries = crate::recovery::Admission::new(config.limits.recovery_concurrency);
         let client_prefix = format!("{}-{}", config.node_id, switchyard_core::owner::new_epoch());
         Ok(Arc::new(Self {
             config,
@@ -180,6 +183,7 @@ impl Node {
             shutdown,
             shutdown_tx,
             connection_slots,
+            recoveries,
             client_prefix,
         }))
     }

@@ -113,6 +113,7 @@ where
             while let Ok(Some(out)) = tokio::time::timeout_at(wait, pending.next()).await {
                 let frame = match out {
                     Output::Frame(frame) => frame,
+                    Output::Moved { .. } => continue,
                     Output::Subscribed { to, channel, result, .. } => match dialect {
                         Dialect::Native => protocol::reply(
                             to.id,

@@ -117,6 +117,16 @@ enum Output {
         result: Result<Grant, OpError>,
         /// Centrifugo: answer 112 instead of `recovered: false`.
         reject_unrecovered: bool,
+        /// The catch-up, started as soon as the grant arrived.
+        ahead: deliver::Ahead,
+    },
+    /// The grant of a subscription moved from a gateway's upstream to the owner on this
+    /// node ([`Kind::Moved`](switchyard_core::outbox::Kind)): nothing is owed to the client
+    /// but the messages it missed.
+    Moved {
+        sub: u64,
+        channel: String,
+        result: Result<Grant, OpError>,
     },
 }
 

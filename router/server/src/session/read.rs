@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::dialect::{self, To};
 use super::write::until_stopped;
-use super::{ready, Output, Phase, Session, Stop, Sub};
+use super::{deliver, ready, Output, Phase, Session, Stop, Sub};
 use switchyard_proto::centrifugo as cf;
 use switchyard_proto::{Dialect, Text};
 
@@ -322,18 +322,30 @@ where
             Some(c) => Start::Consumer(self.scoped(c)),
             None => Start::From(from),
         };
+        // A start that may need a catch-up reserves a page's worth of the reply budget: its
+        // first page is read ahead, while it waits for its turn to be written.
+        let reserve = match &start {
+            Start::From(protocol::StartFrom::Latest) | Start::LatestAt(_) => None,
+            _ => Some(deliver::AHEAD_RESERVE),
+        };
         match self.node.router.subscribe(&channel, sub, self.outbox.clone(), start).await {
             Ok(rx) => {
                 self.subs.insert(sub, Sub { channel: channel.clone(), phase: Phase::Pending(Vec::new()) });
                 self.by_channel.insert(channel.clone(), sub);
                 self.node.metrics.subscriptions.inc();
-                self.queue(
-                    async move {
-                        let result = rx.await.unwrap_or_else(|_| Err(owner_gone()));
-                        Output::Subscribed { to, sub, channel, result, reject_unrecovered }
-                    }
-                    .boxed(),
-                );
+                let node = self.node.clone();
+                let fut = async move {
+                    let result = rx.await.unwrap_or_else(|_| Err(owner_gone()));
+                    // Admission and the first catch-up page, concurrently with the other
+                    // subscribes in flight; the session writes them in order.
+                    let ahead = deliver::ahead(&node, &channel, &result).await;
+                    Output::Subscribed { to, sub, channel, result, reject_unrecovered, ahead }
+                }
+                .boxed();
+                match reserve {
+                    Some(bytes) => self.queue_sized(fut, bytes),
+                    None => self.queue(fut),
+                }
             }
             Err(e) => self.queue_result::<Empty>(to, Err(e)),
         }

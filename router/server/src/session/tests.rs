@@ -70,6 +70,7 @@ async fn an_end_before_the_subscribe_reply_comes_after_it() {
         channel: "room:1".into(),
         result: Ok(grant),
         reject_unrecovered: false,
+        ahead: super::deliver::Ahead::None,
     };
     session.on_output(reply).await.unwrap();
     session.flush().await.unwrap();
@@ -301,4 +302,178 @@ async fn a_client_close_is_answered_with_a_close_frame() {
     ws.close(None).await.unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("an answer in time");
     assert!(matches!(answer, Some(Ok(Message::Close(_)))), "{answer:?}");
+}
+
+/// A client connected in `dialect`.
+async fn connect_as(node: &Arc<Node>, dialect: Dialect) -> Client {
+    let (client, server) = tokio::io::duplex(1 << 16);
+    let node = node.clone();
+    tokio::spawn(async move {
+        let ws = WebSocketStream::from_raw_socket(Socket::new(server), Role::Server, None).await;
+        run(node, ws, dialect).await;
+    });
+    WebSocketStream::from_raw_socket(client, Role::Client, None).await
+}
+
+/// Publishes two messages to `channel` and returns their epoch.
+async fn two_messages(node: &Arc<Node>, channel: &str) -> String {
+    let mut ws = connect(node).await;
+    let mut epoch = String::new();
+    for id in 1..=2 {
+        send(&mut ws, json!({"id": id, "op": "publish", "channel": channel, "data": {"n": id}})).await;
+        let ack = next(&mut ws).await;
+        epoch = ack["ok"]["epoch"].as_str().unwrap_or_else(|| panic!("{ack}")).to_string();
+    }
+    epoch
+}
+
+/// A recovery that needs a store read, past the node's catch-up bound, is refused at once
+/// with `unavailable` and a retry hint, and nothing of the subscription is pushed; the
+/// connection stays usable and the same channel can be subscribed again.
+#[tokio::test]
+async fn a_recovery_over_the_catch_up_bound_is_refused_with_a_retry_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), |c| c.limits.recovery_concurrency = 0);
+    let epoch = two_messages(&node, "room:1").await;
+    let mut ws = connect(&node).await;
+    send(&mut ws, json!({"id": 1, "op": "subscribe", "channel": "room:1", "from": {"offset": 1, "epoch": epoch}}))
+        .await;
+    let refused = next(&mut ws).await;
+    assert_eq!(refused["id"], 1, "{refused}");
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    assert_eq!(refused["error"]["retry_after_ms"], crate::recovery::RETRY_AFTER.as_millis() as u64, "{refused}");
+    assert_eq!(node.metrics.recovery_refusals.get(), 1);
+    // Not subscribed: a recovery at the top needs no read and is granted, with no message
+    // of the refused attempt before or after it.
+    send(&mut ws, json!({"id": 2, "op": "subscribe", "channel": "room:1", "from": {"offset": 2, "epoch": epoch}}))
+        .await;
+    let ok = next(&mut ws).await;
+    assert_eq!((ok["id"].as_u64(), ok["ok"]["recovered"].as_bool()), (Some(2), Some(true)), "{ok}");
+    send(&mut ws, json!({"id": 3, "op": "ping"})).await;
+    let pong = next(&mut ws).await;
+    assert_eq!(pong["id"], 3, "nothing pushed for the refused subscribe: {pong}");
+}
+
+/// Centrifugo's clients get the refusal as a temporary error (code 100), which their SDKs
+/// retry with backoff.
+#[tokio::test]
+async fn a_centrifugo_recovery_over_the_bound_is_a_temporary_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), |c| c.limits.recovery_concurrency = 0);
+    let epoch = two_messages(&node, "room:1").await;
+    let mut ws = connect_as(&node, Dialect::Centrifugo).await;
+    ws.send(Message::text(r#"{"id":1,"connect":{}}"#)).await.unwrap();
+    assert_eq!(next(&mut ws).await["id"], 1);
+    let sub = json!({"id": 2, "subscribe": {"channel": "room:1", "recover": true, "offset": 1, "epoch": epoch}});
+    send(&mut ws, sub).await;
+    let refused = next(&mut ws).await;
+    assert_eq!(refused["id"], 2, "{refused}");
+    assert_eq!(refused["error"]["code"], 100, "{refused}");
+    assert_eq!(refused["error"]["temporary"], true, "{refused}");
+}
+
+/// With room under the bound the same recovery is granted and catches up exactly, and
+/// the permit is given back once the subscription is live.
+#[tokio::test]
+async fn a_recovery_under_the_bound_catches_up_and_frees_its_permit() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), |c| c.limits.recovery_concurrency = 1);
+    let epoch = two_messages(&node, "room:1").await;
+    for round in 0..2 {
+        let mut ws = connect(&node).await;
+        let from = json!({"offset": 0, "epoch": epoch});
+        send(&mut ws, json!({"id": 1, "op": "subscribe", "channel": "room:1", "from": from})).await;
+        let ok = next(&mut ws).await;
+        assert_eq!(ok["ok"]["recovered"], true, "round {round}: {ok}");
+        for offset in 1..=2 {
+            let m = next(&mut ws).await;
+            assert_eq!((m["push"].as_str(), m["offset"].as_u64()), (Some("message"), Some(offset)), "{m}");
+        }
+    }
+    assert!(node.recoveries.admit().is_ok(), "the permit came back");
+    assert_eq!(node.metrics.recovery_refusals.get(), 0);
+}
+
+/// Several recovering subscribes sent at once on one connection: each reply comes before
+/// its own messages, every message comes once and in order, with the catch-ups read ahead
+/// concurrently.
+#[tokio::test]
+async fn pipelined_recoveries_keep_each_subscriptions_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), |_| {});
+    let mut epochs = Vec::new();
+    for c in 0..8 {
+        epochs.push(two_messages(&node, &format!("room:{c}")).await);
+    }
+    let mut ws = connect(&node).await;
+    for (c, epoch) in epochs.iter().enumerate() {
+        let from = json!({"offset": 0, "epoch": epoch});
+        send(&mut ws, json!({"id": c + 1, "op": "subscribe", "channel": format!("room:{c}"), "from": from})).await;
+    }
+    let mut replied = std::collections::HashSet::new();
+    let mut last = std::collections::HashMap::new();
+    while last.values().filter(|o| **o == 2).count() < 8 {
+        let v = next(&mut ws).await;
+        if let Some(id) = v["id"].as_u64() {
+            assert_eq!(v["ok"]["recovered"], true, "{v}");
+            replied.insert(format!("room:{}", id - 1));
+            continue;
+        }
+        let channel = v["channel"].as_str().unwrap().to_string();
+        assert!(replied.contains(&channel), "a message before its reply: {v}");
+        let offset = v["offset"].as_u64().unwrap();
+        let prev = last.insert(channel, offset).unwrap_or(0);
+        assert_eq!(offset, prev + 1, "{v}");
+    }
+}
+
+/// A session whose gateway subscription (here: sub 7 on room:1, live at offset 1) is
+/// handed over by a [`Kind::Moved`] to the owner on its own node.
+async fn moved_session(
+    epoch_of_sub: Option<&str>,
+) -> (tempfile::TempDir, Arc<Node>, Session<DuplexStream>, Client, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), |_| {});
+    let epoch = two_messages(&node, "room:1").await;
+    let (client, server) = tokio::io::duplex(1 << 16);
+    let server = WebSocketStream::from_raw_socket(Socket::new(server), Role::Server, None).await;
+    let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+    let mut session = Session::new(node.clone(), server, 1, Dialect::Native);
+    session.subs.insert(7, Sub { channel: "room:1".into(), phase: Phase::Live { delivered: 1 } });
+    session.by_channel.insert("room:1".into(), 7);
+    let frame = Text::from(epoch_of_sub.unwrap_or(&epoch));
+    session.deliver(Delivery { sub: 7, offset: 1, frame, kind: Kind::Moved }).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(5), session.pending.next()).await.unwrap().unwrap();
+    session.on_output(out).await.unwrap();
+    session.flush().await.unwrap();
+    (dir, node, session, client, epoch)
+}
+
+/// The channel moved onto the session's node under the same epoch: the session recovers
+/// at the owner here from the last offset it wrote. The client sees the next message and
+/// then live ones, no reply, no `unsubscribed`, no duplicate.
+#[tokio::test]
+async fn a_subscription_moved_onto_its_own_node_continues_without_a_gap() {
+    let (_dir, node, mut session, mut client, epoch) = moved_session(None).await;
+    let m = next(&mut client).await;
+    assert_eq!((m["push"].as_str(), m["offset"].as_u64()), (Some("message"), Some(2)), "{m}");
+    assert!(matches!(session.subs.get(&7).map(|s| &s.phase), Some(Phase::Live { delivered: 2 })));
+    // A live message from the owner here reaches the session's outbox and is written.
+    let mut publisher = connect(&node).await;
+    send(&mut publisher, json!({"id": 1, "op": "publish", "channel": "room:1", "data": {"n": 3}})).await;
+    assert_eq!(next(&mut publisher).await["ok"]["epoch"], epoch);
+    let batch = tokio::time::timeout(Duration::from_secs(5), session.inbox.recv_all()).await.unwrap();
+    session.on_deliveries(batch).await.unwrap();
+    session.flush().await.unwrap();
+    let m = next(&mut client).await;
+    assert_eq!((m["push"].as_str(), m["offset"].as_u64()), (Some("message"), Some(3)), "{m}");
+}
+
+/// Under another epoch (the channel restarted) the subscription ends the usual way.
+#[tokio::test]
+async fn a_subscription_moved_under_another_epoch_ends_with_unsubscribed() {
+    let (_dir, _node, session, mut client, _epoch) = moved_session(Some("Other1")).await;
+    let m = next(&mut client).await;
+    assert_eq!(m["push"], "unsubscribed", "{m}");
+    assert!(session.subs.is_empty());
 }
