@@ -1,6 +1,7 @@
-# Shared by scripts/bench.sh and scripts/compare.sh (sourced, not run): build the
-# release binary, pin CPUs, raise the open-file limit, and start/stop a fresh Switchyard
-# node. The caller defines `root` and `log` first. Sets: server_bin, server_pin,
+# Shared by scripts/bench.sh, compare.sh, storm.sh and bench-replication.sh (sourced, not
+# run): build the release binary, pin CPUs, raise the open-file limit, pick free ports,
+# wait for a node to listen, and start/stop a fresh Switchyard node. The caller defines
+# `root` and `log` first. Sets: server_bin, server_pin,
 # client_pin, server_pid, url, tmp, bench_load (the load average at the start).
 
 bench_prepare() {
@@ -28,6 +29,32 @@ bench_prepare() {
     server_pid=""; tmp=""; url=""
     trap stop_server EXIT
     trap 'exit 130' INT TERM
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# A free loopback port below the kernel's ephemeral range (32768+), which a generator's
+# thousands of connections fill: a port free to connect to there may still be taken for bind.
+free_port() {
+    local p
+    for _ in $(seq 1 200); do
+        p=$(( 10000 + RANDOM % 20000 ))
+        if port_free "$p"; then echo "$p"; return 0; fi
+    done
+    log "ERROR: no free port found"; return 1
+}
+
+# listening_addr PID STDOUT STDERR NAME: prints the address node PID announces on STDOUT,
+# within 30 s; fails (with the node's STDERR) if it exits or says nothing.
+listening_addr() {
+    local addr
+    for _ in $(seq 1 300); do
+        addr="$(sed -n 's/^switchyard listening on //p' "$2" | head -n1)"
+        if [ -n "$addr" ]; then echo "$addr"; return 0; fi
+        kill -0 "$1" 2>/dev/null || { log "ERROR: $4 exited before listening:"; cat "$3" >&2; return 1; }
+        sleep 0.1
+    done
+    log "ERROR: $4 did not print its address within 30s"; cat "$3" >&2; return 1
 }
 
 stop_server() {
@@ -62,14 +89,8 @@ start_switchyard() { # start_switchyard [never]: a fresh node (BENCH_CONFIG appl
     RUST_LOG="${RUST_LOG:-warn}" "${server_pin[@]}" "$server_bin" serve "${config[@]}" --listen 127.0.0.1:0 \
         --data-dir "$tmp/data" --plugins-dir "$plugins" >"$tmp/stdout" 2>"$tmp/stderr" &
     server_pid=$!
-    local addr=""
-    for _ in $(seq 1 300); do
-        addr="$(sed -n 's/^switchyard listening on //p' "$tmp/stdout" | head -n1)"
-        [ -n "$addr" ] && break
-        kill -0 "$server_pid" 2>/dev/null || { log "ERROR: router exited before listening:"; cat "$tmp/stderr" >&2; exit 1; }
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { log "ERROR: router did not print its address within 30s"; cat "$tmp/stderr" >&2; exit 1; }
+    local addr
+    addr="$(listening_addr "$server_pid" "$tmp/stdout" "$tmp/stderr" router)" || exit 1
     url="ws://$addr/ws"
     log "router pid $server_pid listening on $addr (data dir $tmp/data)"
 }

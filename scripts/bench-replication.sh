@@ -27,8 +27,8 @@ work="$(mktemp -d /tmp/switchyard-repl.XXXXXX)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() { local p; for _ in $(seq 1 200); do p=$(( 10000 + RANDOM % 20000 )); port_free "$p" && { echo "$p"; return; }; done; exit 1; }
+# shellcheck source=scripts/bench-lib.sh
+source "$root/scripts/bench-lib.sh"  # port_free, free_port
 
 start_etcd() { # start_etcd NAME: sets cport
     cport="$(free_port)"; local pport; pport="$(free_port)"

@@ -54,17 +54,6 @@ source "$root/scripts/bench-lib.sh"
 bench_prepare
 out_dir="$root/target/bench/compare-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out_dir"
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        # Below the kernel's ephemeral range (32768+), which the generator's 10,000
-        # connections fill: a port free to connect to there may still be taken for bind.
-        p=$(( 10000 + RANDOM % 20000 ))
-        if port_free "$p"; then echo "$p"; return 0; fi
-    done
-    log "ERROR: no free port found"; return 1
-}
 
 start_nats() { # sets server_pid, url
     tmp="$(mktemp -d /tmp/nats-compare.XXXXXX)"

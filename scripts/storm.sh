@@ -54,15 +54,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 20000))
-        if port_free "$p"; then echo "$p"; return 0; fi
-    done
-    log "ERROR: no free port found"; return 1
-}
+# shellcheck source=scripts/bench-lib.sh
+source "$root/scripts/bench-lib.sh"  # free_port, listening_addr
 
 # A free port can be taken between probing and binding: a few tries on other ports.
 for attempt in 1 2 3 4; do
@@ -104,14 +97,7 @@ TOML
         --data-dir "$dir/data" --plugins-dir "$dir/plugins" >"$dir/stdout" 2>"$dir/stderr" &
     pid=$!
     pids+=("$pid"); node_pids+=("$pid")
-    addr=""
-    for _ in $(seq 1 300); do
-        addr="$(sed -n 's/^switchyard listening on //p' "$dir/stdout" | head -n1)"
-        [ -n "$addr" ] && break
-        kill -0 "$pid" 2>/dev/null || { log "ERROR: node n$n exited:"; cat "$dir/stderr" >&2; exit 1; }
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { log "ERROR: node n$n did not listen within 30s"; exit 1; }
+    addr="$(listening_addr "$pid" "$dir/stdout" "$dir/stderr" "node n$n")" || exit 1
     urls+=("ws://$addr/ws")
     log "node n$n pid $pid on $addr"
 done

@@ -17,25 +17,7 @@ async fn a_sealed_owner_hands_writes_on_and_an_adoption_reloads_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(dir.path(), switchyard_store::FsyncPolicy::Batch, metrics.clone()).unwrap();
-    let (tx, rx) = mpsc::channel(16);
-    let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
-    let (fwd_tx, mut fwd_rx) = mpsc::unbounded_channel();
-    let owner = Owner::new(
-        3,
-        store.clone(),
-        metrics,
-        Duration::from_secs(60),
-        Budget::new(1000, 1 << 20),
-        Vec::new(),
-        Mailbox {
-            commands: rx,
-            adoptions: adopt_rx,
-            forward: Some(fwd_tx),
-            replication: crate::replication::Replication::new(8, Duration::from_secs(2), 1 << 20),
-            presence: Arc::new(PresenceLimits::default()),
-        },
-    );
-    tokio::spawn(owner.run());
+    let (tx, adopt_tx, mut fwd_rx) = spawn_owner(&store, &metrics, Vec::new());
 
     let (cmd, ack) = publish("room:1", "1");
     tx.send(cmd).await.unwrap();
