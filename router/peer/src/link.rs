@@ -4,11 +4,15 @@
 //! secret), the bounded queue of requests waiting for the link, the table of requests
 //! waiting for their reply, and the routing of pushes that arrive on it to their upstream
 //! subscriptions (noticing each drop, so those resubscribe). It answers a request that the
-//! acceptor's wire version cannot read (`Op::min_wire`) itself, without sending it. It
-//! must never block a caller on a full queue or a dead peer:
+//! acceptor's wire version cannot read (`Op::min_wire`) itself, without sending it. A
+//! connected link pings its peer every [`PING_EVERY`] and counts as down once nothing
+//! arrived for [`SILENCE`] (a peer cut off by the network never closes the socket); the
+//! set of peers whose link is up is published for the cluster's reachability reports.
+//! It must never block a caller on a full queue or a dead peer:
 //! a full queue is `unavailable` at once, and every request has a deadline.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -29,6 +33,16 @@ use switchyard_proto::refusal::Refusal;
 
 /// Requests that may wait for one link before callers get `unavailable`.
 const QUEUE: usize = 4096;
+/// How often a connected link pings its peer.
+pub(crate) const PING_EVERY: Duration = Duration::from_millis(250);
+/// How long a connected link may hear nothing (no reply, push or pong) before it counts
+/// as down and reconnects.
+pub(crate) const SILENCE: Duration = Duration::from_secs(1);
+/// Deadline of one connect (TCP, TLS, upgrade).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The peers whose link is up, as [`Links::reachable`] publishes it.
+pub type Reachable = Arc<BTreeSet<String>>;
 
 type Waiter = oneshot::Sender<Result<Answer, WireError>>;
 
@@ -42,7 +56,7 @@ const OUTCOME_UNKNOWN: &str = "outcome unknown";
 
 /// An error made here because the link failed before the reply came (the owner may or
 /// may not have run the request), as opposed to an answer from the owner.
-fn lost(message: String) -> WireError {
+pub(crate) fn lost(message: String) -> WireError {
     WireError::op(&OpError::refused(Refusal::Lost, message))
 }
 
@@ -81,6 +95,9 @@ pub(crate) struct Dial {
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
     /// Whether the secret may cross a plaintext link.
     pub(crate) allow_plaintext: bool,
+    /// The local address links are dialed from (this node's listening address, when it is
+    /// a specific one): peer traffic leaves from the address peers know the node by.
+    pub(crate) bind: Option<IpAddr>,
 }
 
 /// Any byte stream a link runs over (plain TCP or TLS).
@@ -116,6 +133,8 @@ pub(crate) struct Links {
     env: LinkEnv,
     dial: Arc<Dial>,
     links: ArcSwap<HashMap<String, Arc<Link>>>,
+    /// The peers whose link is up now.
+    reachable: watch::Sender<Reachable>,
 }
 
 impl Links {
@@ -126,7 +145,30 @@ impl Links {
             env,
             dial: Arc::new(dial),
             links: ArcSwap::from_pointee(HashMap::new()),
+            reachable: watch::Sender::new(Arc::default()),
         })
+    }
+
+    /// The peers whose link is up, changing whenever a link comes up or goes down.
+    pub(crate) fn reachable(&self) -> watch::Receiver<Reachable> {
+        self.reachable.subscribe()
+    }
+
+    /// Records that the link to `peer` is `up` (or not).
+    fn set_reachable(&self, peer: &str, up: bool) {
+        self.reachable.send_if_modified(|set| {
+            if set.contains(peer) == up {
+                return false;
+            }
+            let mut next = BTreeSet::clone(set);
+            if up {
+                next.insert(peer.to_string());
+            } else {
+                next.remove(peer);
+            }
+            *set = Arc::new(next);
+            true
+        });
     }
 
     /// The link to `peer`, created (and its connection task started) on first use.
@@ -283,6 +325,9 @@ pub(crate) enum LinkError {
     /// The peer closed the link.
     #[error("closed")]
     Closed,
+    /// Nothing arrived for [`SILENCE`] (not even a pong): the peer is cut off or stuck.
+    #[error("no frame from the peer for {0:?}")]
+    Silent(Duration),
 }
 
 /// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
@@ -298,10 +343,13 @@ async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
         let metrics = n.env.metrics.clone();
         drop(n);
         let result = match url {
-            Some(url) => pump(&url, &dial, &link, &mut rx, &metrics).await,
+            Some(url) => pump(&url, &dial, &links, &link, &mut rx, &metrics).await,
             None => Err(LinkError::NoAddress(link.peer.clone())),
         };
         metrics.peer_link_up.with_label_values(&[&link.peer]).set(0);
+        if let Some(n) = links.upgrade() {
+            n.set_reachable(&link.peer, false);
+        }
         if let Err(e) = result {
             tracing::debug!(error = %e, "peer link down");
         }
@@ -348,7 +396,7 @@ async fn connect(url: &str, dial: &Dial) -> Result<Connected, LinkError> {
     let host = req.uri().host().ok_or_else(|| LinkError::Request("peer URL has no host".into()))?;
     let host = host.trim_matches(['[', ']']).to_string();
     let port = req.uri().port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let tcp = dial_tcp(&host, port, dial.bind).await?;
     tcp.set_nodelay(true)?;
     let io: Box<dyn Io> = if tls {
         let config = dial.tls.clone().ok_or(LinkError::NoCa)?;
@@ -362,24 +410,70 @@ async fn connect(url: &str, dial: &Dial) -> Result<Connected, LinkError> {
     Ok((ws, version))
 }
 
+/// A TCP connection to `host:port`, from `bind` when set (and of the peer address's
+/// family, and loopback exactly when the peer's address is).
+async fn dial_tcp(host: &str, port: u16, bind: Option<IpAddr>) -> Result<tokio::net::TcpStream, std::io::Error> {
+    let Some(local) = bind else { return tokio::net::TcpStream::connect((host, port)).await };
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        // A loopback address cannot reach another host, nor the other way round.
+        let fits = local.is_loopback() == addr.ip().is_loopback();
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) if fits && local.is_ipv4() => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) if fits && local.is_ipv6() => tokio::net::TcpSocket::new_v6()?,
+            _ => {
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Some(e),
+                }
+                continue;
+            }
+        };
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "peer host has no address")))
+}
+
 async fn pump(
     url: &str,
     dial: &Dial,
+    links: &Weak<Links>,
     link: &Link,
     rx: &mut mpsc::Receiver<Queued>,
     metrics: &switchyard_metrics::Metrics,
 ) -> Result<(), LinkError> {
     let (ws, version) =
-        tokio::time::timeout(Duration::from_secs(2), connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
+        tokio::time::timeout(CONNECT_TIMEOUT, connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
     link.acceptor_wire.store(version, Ordering::Relaxed);
     let refusals = version >= 2;
     let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
     metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
     metrics.peer_connects.with_label_values(&[&link.peer]).inc();
     tracing::info!(%ws_url, version, "peer link up");
+    if let Some(n) = links.upgrade() {
+        n.set_reachable(&link.peer, true);
+    }
     let (mut sink, mut stream) = ws.split();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            _ = ping.tick() => {
+                if heard.elapsed() >= SILENCE {
+                    return Err(LinkError::Silent(heard.elapsed()));
+                }
+                // A send stuck on a full socket buffer is itself a sign of a dead peer:
+                // bounded, so the silence check runs on the next tick.
+                match tokio::time::timeout(PING_EVERY, sink.send(Message::Ping(Default::default()))).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(LinkError::Silent(heard.elapsed())),
+                }
+            }
             out = rx.recv() => {
                 let Some((id, bytes, need)) = out else { return Ok(()) };
                 // A request whose caller gave up is not sent.
@@ -394,9 +488,13 @@ async fn pump(
                     }
                     continue;
                 }
-                sink.send(Message::Binary(bytes.into())).await?;
+                // Bounded like a ping: a peer that stopped reading is a dead link.
+                match tokio::time::timeout(SILENCE * 2, sink.send(Message::Binary(bytes.into()))).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(LinkError::Silent(heard.elapsed())),
+                }
             }
-            msg = stream.next() => match msg {
+            msg = stream.next() => match msg.inspect(|_| heard = tokio::time::Instant::now()) {
                 Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
                     Ok(Frame::Reply { id, mut result }) => {
                         if !refusals {
@@ -492,7 +590,7 @@ mod tests {
             shutdown: watch::channel(false).1,
             metrics: Arc::new(Metrics::new()),
         };
-        Links::new(env, Dial { secret: "s3cret-s3cret".into(), tls: None, allow_plaintext: true })
+        Links::new(env, Dial { secret: "s3cret-s3cret".into(), tls: None, allow_plaintext: true, bind: None })
     }
 
     /// A backward history read is never sent to an acceptor of wire 2 (it would find
