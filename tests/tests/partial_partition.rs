@@ -344,7 +344,12 @@ async fn check_history(node: &Node, channel: &str, acked: &[Acked]) -> Result<()
         ensure!(at.insert(data.clone(), offset).is_none(), "{channel}: {data} is in history twice");
     }
     for a in acked {
-        ensure!(a.epoch == history.epoch, "{channel}: acknowledged under epoch {}, history has {}", a.epoch, history.epoch);
+        ensure!(
+            a.epoch == history.epoch,
+            "{channel}: acknowledged under epoch {}, history has {}",
+            a.epoch,
+            history.epoch
+        );
         match at.get(&a.data) {
             Some(o) if *o == a.offset => {}
             Some(o) => bail!("{channel}: {} acknowledged at offset {} is at {o}", a.data, a.offset),
@@ -466,5 +471,8 @@ fn the_drop_program_checks_what_it_is_given() {
         "8,40 0 0 12,21 0 5 2048,32 0 0 26,21 0 3 2130772483,32 0 0 30,21 0 1 2130772483,6 0 0 2,6 0 0 4294967295"
     );
     // Destination only: fewer checks, the jumps still land on the last instruction.
-    assert_eq!(drop_program(None, Some(a)), "6,40 0 0 12,21 0 3 2048,32 0 0 30,21 0 1 2130772483,6 0 0 2,6 0 0 4294967295");
+    assert_eq!(
+        drop_program(None, Some(a)),
+        "6,40 0 0 12,21 0 3 2048,32 0 0 30,21 0 1 2130772483,6 0 0 2,6 0 0 4294967295"
+    );
 }

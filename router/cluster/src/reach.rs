@@ -23,7 +23,12 @@ use crate::{timed, Context, Error, State};
 /// Writes `reach/<id>` under `lease` now and whenever the set of reachable peers changes.
 /// Without peer links there is nothing to report: it waits forever (the session's other
 /// tasks end it).
-pub(crate) async fn report(node: &Arc<Context>, state: &Arc<State>, mut client: Client, lease: i64) -> Result<(), Error> {
+pub(crate) async fn report(
+    node: &Arc<Context>,
+    state: &Arc<State>,
+    mut client: Client,
+    lease: i64,
+) -> Result<(), Error> {
     let Some(mut reach) = node.reach.clone() else { return std::future::pending().await };
     let key = state.keys.reach(&state.node_id);
     loop {

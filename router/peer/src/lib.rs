@@ -37,6 +37,6 @@ mod upstream;
 pub mod wire;
 
 pub use endpoint::serve;
-pub use node::Route;
 pub use link::Reachable;
+pub use node::Route;
 pub use router::{Router, Settings};
