@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use switchyard_proto::partition::partition_of;
-use switchyard_tests::etcd::{node_config, wait_converged, Etcd};
+use switchyard_tests::etcd::{cluster_view, node_config, wait_converged, Etcd};
 use switchyard_tests::serde_json::{json, Value};
 use switchyard_tests::*;
 use tokio::sync::watch;
@@ -427,6 +427,15 @@ async fn a_node_cut_from_its_peers_loses_its_partitions_and_nothing_acknowledged
         return Ok(());
     }
     let c = Cluster::start(0, "pp").await?;
+    // Every node reports reaching the two others (GET /api/v1/cluster shows the reports).
+    wait_until("every node reports reaching the two others", DEADLINE, async || {
+        let v = cluster_view(&c.nodes[0]).await?;
+        Ok(c.ids.iter().all(|id| v["reach"][id]["reachable"].as_array().is_some_and(|r| r.len() == 2)))
+    })
+    .await?;
+    // Bad reports are ignored: an unreadable one, and one from a node that is not a member.
+    c.etcd.put("/switchyard/pp/reach/ghost", "not json")?;
+    c.etcd.put("/switchyard/pp/reach/phantom", r#"{"reachable": []}"#)?;
     // A node that does not lead the cluster (the leader's own case is in the figures).
     let leader = c.leader()?;
     let victim = (0..3).find(|i| c.ids[*i] != leader).expect("a follower node");

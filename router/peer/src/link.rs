@@ -342,8 +342,9 @@ async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
         let url = n.env.members.borrow().get(&link.peer).map(|m| m.peer_url.clone());
         let metrics = n.env.metrics.clone();
         drop(n);
+        let mut up_since = None;
         let result = match url {
-            Some(url) => pump(&url, &dial, &links, &link, &mut rx, &metrics).await,
+            Some(url) => pump(&url, &dial, &links, &link, &mut rx, &metrics, &mut up_since).await,
             None => Err(LinkError::NoAddress(link.peer.clone())),
         };
         metrics.peer_link_up.with_label_values(&[&link.peer]).set(0);
@@ -358,6 +359,11 @@ async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
         // While waiting to reconnect, requests queued for a peer that left the cluster fail
         // at once: their callers re-route by the map that replaces it (a failover).
         let Some(mut members) = links.upgrade().map(|n| n.env.members.clone()) else { return };
+        // A link that stayed up a while starts its reconnects afresh: a peer back from a
+        // cut or a restart is linked again within tens of milliseconds.
+        if up_since.is_some_and(|t: tokio::time::Instant| t.elapsed() >= SILENCE) {
+            backoff = Duration::from_millis(50);
+        }
         let wake = tokio::time::Instant::now() + backoff;
         loop {
             tokio::select! {
@@ -445,9 +451,11 @@ async fn pump(
     link: &Link,
     rx: &mut mpsc::Receiver<Queued>,
     metrics: &switchyard_metrics::Metrics,
+    up_since: &mut Option<tokio::time::Instant>,
 ) -> Result<(), LinkError> {
     let (ws, version) =
         tokio::time::timeout(CONNECT_TIMEOUT, connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
+    *up_since = Some(tokio::time::Instant::now());
     link.acceptor_wire.store(version, Ordering::Relaxed);
     let refusals = version >= 2;
     let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
