@@ -7,7 +7,8 @@
 //! their load, their reachability reports and the current map, leave out the nodes most
 //! others cannot reach (damped by [`reach::Tracker`]; their partitions fail over to in-sync
 //! followers exactly as a departed member's do, and never uncleanly; a leader cut off
-//! from its peers but not from etcd leads on and gives its own partitions away), balance (draining members get nothing and lose what they
+//! from its peers but not from etcd leads on and gives its own partitions away), balance
+//! (draining members get nothing and lose what they
 //! hold; with every member draining the map stays), validate, and publish `epoch + 1`, with
 //! the move record of every partition whose owner changed ([`next_moved`]), in a
 //! transaction fenced on the leader key's create revision and the map's mod revision. It
