@@ -5,9 +5,11 @@
 //! waiting for their reply, and the routing of pushes that arrive on it to their upstream
 //! subscriptions (noticing each drop, so those resubscribe). It answers a request that the
 //! acceptor's wire version cannot read (`Op::min_wire`) itself, without sending it. A
-//! connected link pings its peer every [`PING_EVERY`] and counts as down once nothing
-//! arrived for [`SILENCE`] (a peer cut off by the network never closes the socket); the
-//! set of peers whose link is up is published for the cluster's reachability reports.
+//! connected link pings its peer every [`PING_EVERY`], and its socket gives up on data the
+//! peer's kernel has not acknowledged for [`SILENCE`] (`TCP_USER_TIMEOUT`): a peer cut off
+//! by the network (which never closes the socket) takes its link down within about that
+//! long, while a peer that is only busy (its kernel still acknowledges) keeps it. The set
+//! of peers whose link is up is published for the cluster's reachability reports.
 //! It must never block a caller on a full queue or a dead peer:
 //! a full queue is `unavailable` at once, and every request has a deadline.
 
@@ -35,8 +37,8 @@ use switchyard_proto::refusal::Refusal;
 const QUEUE: usize = 4096;
 /// How often a connected link pings its peer.
 pub(crate) const PING_EVERY: Duration = Duration::from_millis(250);
-/// How long a connected link may hear nothing (no reply, push or pong) before it counts
-/// as down and reconnects.
+/// How long data sent on a link may stay unacknowledged by the peer's kernel before the
+/// link counts as down and reconnects (the socket's `TCP_USER_TIMEOUT`).
 pub(crate) const SILENCE: Duration = Duration::from_secs(1);
 /// Deadline of one connect (TCP, TLS, upgrade).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -325,9 +327,6 @@ pub(crate) enum LinkError {
     /// The peer closed the link.
     #[error("closed")]
     Closed,
-    /// Nothing arrived for [`SILENCE`] (not even a pong): the peer is cut off or stuck.
-    #[error("no frame from the peer for {0:?}")]
-    Silent(Duration),
 }
 
 /// Keeps one link connected while the node lives: connect, pump, reconnect with backoff.
@@ -404,6 +403,7 @@ async fn connect(url: &str, dial: &Dial) -> Result<Connected, LinkError> {
     let port = req.uri().port_u16().unwrap_or(if tls { 443 } else { 80 });
     let tcp = dial_tcp(&host, port, dial.bind).await?;
     tcp.set_nodelay(true)?;
+    socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(SILENCE))?;
     let io: Box<dyn Io> = if tls {
         let config = dial.tls.clone().ok_or(LinkError::NoCa)?;
         let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| LinkError::Request(e.to_string()))?;
@@ -466,22 +466,12 @@ async fn pump(
         n.set_reachable(&link.peer, true);
     }
     let (mut sink, mut stream) = ws.split();
+    // The pings keep data in flight, so a cut shows as unacknowledged data within SILENCE.
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = ping.tick() => {
-                if heard.elapsed() >= SILENCE {
-                    return Err(LinkError::Silent(heard.elapsed()));
-                }
-                // A send stuck on a full socket buffer is itself a sign of a dead peer:
-                // bounded, so the silence check runs on the next tick.
-                match tokio::time::timeout(PING_EVERY, sink.send(Message::Ping(Default::default()))).await {
-                    Ok(r) => r?,
-                    Err(_) => return Err(LinkError::Silent(heard.elapsed())),
-                }
-            }
+            _ = ping.tick() => sink.send(Message::Ping(Default::default())).await?,
             out = rx.recv() => {
                 let Some((id, bytes, need)) = out else { return Ok(()) };
                 // A request whose caller gave up is not sent.
@@ -496,13 +486,9 @@ async fn pump(
                     }
                     continue;
                 }
-                // Bounded like a ping: a peer that stopped reading is a dead link.
-                match tokio::time::timeout(SILENCE * 2, sink.send(Message::Binary(bytes.into()))).await {
-                    Ok(r) => r?,
-                    Err(_) => return Err(LinkError::Silent(heard.elapsed())),
-                }
+                sink.send(Message::Binary(bytes.into())).await?;
             }
-            msg = stream.next() => match msg.inspect(|_| heard = tokio::time::Instant::now()) {
+            msg = stream.next() => match msg {
                 Some(Ok(Message::Binary(b))) => match wire::decode(&b) {
                     Ok(Frame::Reply { id, mut result }) => {
                         if !refusals {
