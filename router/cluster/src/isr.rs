@@ -72,6 +72,7 @@ pub(crate) async fn run(node: Arc<Context>, state: Arc<State>, mut changes: mpsc
                         tracing::info!(partition = change.partition, "ISR change refused (fenced or stale)");
                         continue;
                     }
+                    node.partitions.replication.isr_written(change.partition, change.leader_epoch, &change.isr);
                     let m = &node.metrics;
                     if change.expand {
                         m.isr_expands.inc()
