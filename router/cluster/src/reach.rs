@@ -87,6 +87,10 @@ struct Track {
     cut: bool,
     /// Since when the majority rule has said the opposite of `cut`, if it does.
     flipping: Option<Instant>,
+    /// Not cut off before this: a node that (re)joins during the term gets `up_after` for
+    /// the others' links to it to come up and their reports to say so (until then their
+    /// reports still describe the node that left).
+    not_before: Instant,
 }
 
 /// The leader's damped view of [`unreachable`]: a node is cut off once the rule has held
@@ -98,28 +102,32 @@ pub struct Tracker {
     down_after: Duration,
     up_after: Duration,
     nodes: BTreeMap<String, Track>,
+    /// Whether a round was observed: the nodes live at the first one get no grace.
+    started: bool,
 }
 
 impl Tracker {
     /// A tracker with these delays.
     pub fn new(down_after: Duration, up_after: Duration) -> Self {
-        Self { down_after, up_after, nodes: BTreeMap::new() }
+        Self { down_after, up_after, nodes: BTreeMap::new(), started: false }
     }
 
     /// Takes the rule's answer `now` (`unreachable` among `live`) and returns the nodes
-    /// that count as cut off. Nodes no longer live are forgotten.
+    /// that count as cut off. Nodes no longer live are forgotten; one that joins after the
+    /// first round cannot be cut off for `up_after`.
     pub fn observe(&mut self, now: Instant, live: &BTreeSet<&str>, unreachable: &BTreeSet<String>) -> BTreeSet<String> {
         self.nodes.retain(|id, _| live.contains(id.as_str()));
+        let not_before = if self.started { now + self.up_after } else { now };
+        self.started = true;
         for id in live {
             let bad = unreachable.contains(*id);
-            let t = self.nodes.entry(id.to_string()).or_insert(Track { cut: false, flipping: None });
+            let t = self.nodes.entry(id.to_string()).or_insert(Track { cut: false, flipping: None, not_before });
             if bad == t.cut {
                 t.flipping = None;
                 continue;
             }
             let since = *t.flipping.get_or_insert(now);
-            let wait = if t.cut { self.up_after } else { self.down_after };
-            if now.duration_since(since) >= wait {
+            if now >= due(t, since, self.down_after, self.up_after) {
                 t.cut = bad;
                 t.flipping = None;
                 if bad {
@@ -140,10 +148,16 @@ impl Tracker {
     /// When the next pending change falls due, if one is pending: the leader runs a round
     /// then.
     pub fn next_change(&self) -> Option<Instant> {
-        self.nodes
-            .values()
-            .filter_map(|t| t.flipping.map(|s| s + if t.cut { self.up_after } else { self.down_after }))
-            .min()
+        self.nodes.values().filter_map(|t| t.flipping.map(|s| due(t, s, self.down_after, self.up_after))).min()
+    }
+}
+
+/// When `t`'s flip, pending since `since`, takes effect.
+fn due(t: &Track, since: Instant, down_after: Duration, up_after: Duration) -> Instant {
+    if t.cut {
+        since + up_after
+    } else {
+        (since + down_after).max(t.not_before)
     }
 }
 
@@ -238,11 +252,16 @@ mod tests {
         assert_eq!(t.observe(t3, &l, &none), set(&["a"]));
         assert_eq!(t.observe(t3 + up - Duration::from_millis(1), &l, &none), set(&["a"]));
         assert!(t.observe(t3 + up, &l, &none).is_empty());
-        // A node that leaves is forgotten: if it returns it starts reachable.
+        // A node that leaves is forgotten: if it returns it starts reachable, and the
+        // others' reports (still about the node that left) cannot cut it off for up_after.
         assert_eq!(t.observe(t3 + up, &l, &bad), BTreeSet::new());
         let later = t3 + up + down;
         assert_eq!(t.observe(later, &l, &bad), set(&["a"]));
         assert!(t.observe(later, &live(&["b", "c"]), &none).is_empty());
         assert!(t.observe(later, &l, &bad).is_empty());
+        assert!(t.observe(later + down, &l, &bad).is_empty(), "a returning node has a grace");
+        assert_eq!(t.next_change(), Some(later + up));
+        assert!(t.observe(later + up - Duration::from_millis(1), &l, &bad).is_empty());
+        assert_eq!(t.observe(later + up, &l, &bad), set(&["a"]));
     }
 }
