@@ -55,6 +55,9 @@ pub struct Metrics {
     pub plugin_failures: IntCounterVec,
     /// 1 while this node is the cluster leader.
     pub cluster_is_leader: IntGauge,
+    /// Members the leader counts as cut off (most others cannot reach them), as of its
+    /// last round (0 on other nodes).
+    pub cluster_unreachable_nodes: IntGauge,
     /// 1 while the node's etcd session (lease and watches) is up.
     pub cluster_etcd_up: IntGauge,
     /// Epoch of the partition map this node routes by.
@@ -200,6 +203,10 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             cluster_is_leader: gauge("switchyard_cluster_is_leader", "1 while this node is the cluster leader"),
+            cluster_unreachable_nodes: gauge(
+                "switchyard_cluster_unreachable_nodes",
+                "Members the leader counts as cut off from most of the others (leader only)",
+            ),
             cluster_etcd_up: gauge("switchyard_cluster_etcd_up", "1 while the etcd session is up"),
             cluster_map_epoch: gauge("switchyard_cluster_map_epoch", "Epoch of the partition map in use"),
             cluster_owned_partitions: gauge("switchyard_cluster_owned_partitions", "Partitions this node owns"),
