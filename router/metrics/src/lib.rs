@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Of `messages_delivered`, the pushes partition owners framed straight into a socket
     /// its session had lent them (the direct path), with no session wake-up.
     pub messages_delivered_direct: IntCounter,
+    /// Catch-up pages cut from a store read another client's catch-up made (a shared read).
+    pub catch_up_shared_pages: IntCounter,
     /// Publishes answered from the idempotency window instead of being stored again.
     pub publish_duplicates: IntCounter,
     /// Idempotency keys not remembered because the node's key budget was spent.
@@ -150,6 +152,10 @@ impl Metrics {
             messages_delivered_direct: counter(
                 "switchyard_messages_delivered_direct_total",
                 "Message pushes written by partition owners into sockets lent by their sessions",
+            ),
+            catch_up_shared_pages: counter(
+                "switchyard_catch_up_shared_pages_total",
+                "Catch-up pages cut from a store read shared with another client's catch-up",
             ),
             publish_duplicates: counter(
                 "switchyard_publish_duplicates_total",
