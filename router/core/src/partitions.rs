@@ -1079,9 +1079,12 @@ mod tests {
             let (after, got) = client.unwrap();
             assert_eq!(got, all[after as usize..], "client from {after}");
         }
-        // Blocks (0, 256], (256, 512] and (512, 600], each read once for 40 clients.
-        assert_eq!(parts.reads.load(Ordering::Relaxed) - before, 3, "one store read per block");
-        assert!(parts.metrics.catch_up_shared_pages.get() >= 40 * 3 - 3, "shared pages are counted");
+        // Blocks (0, 256], (256, 512] and (512, 600], each read once for 40 clients (twice
+        // at most, if a client on a starved machine came after a page's 2 s): unshared,
+        // 120 reads.
+        let reads = parts.reads.load(Ordering::Relaxed) - before;
+        assert!((3..=6).contains(&reads), "{reads} store reads for 3 blocks and 40 clients");
+        assert!(parts.metrics.catch_up_shared_pages.get() >= 40 * 3 - reads, "shared pages are counted");
     }
 
     /// A shared page cut short by the byte budget never leaves a client past its end with
