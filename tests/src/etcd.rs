@@ -22,6 +22,9 @@ pub struct Etcd {
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
+    /// Loopback addresses it also serves clients on (same port), for tests that cut one
+    /// node's etcd traffic by address.
+    also_on: Vec<std::net::Ipv4Addr>,
 }
 
 fn free_port() -> Result<u16> {
@@ -36,8 +39,15 @@ fn etcd_bin() -> PathBuf {
 impl Etcd {
     /// Starts etcd on free ports and waits until it answers.
     pub async fn start() -> Etcd {
+        Self::start_also_on(&[]).await
+    }
+
+    /// Like [`Etcd::start`], also serving clients on each of the loopback addresses `also`
+    /// (at the same port; see [`Etcd::endpoint_on`]).
+    pub async fn start_also_on(also: &[std::net::Ipv4Addr]) -> Etcd {
+        assert!(also.iter().all(|ip| ip.is_loopback()), "etcd serves loopback addresses only");
         let dir = tempfile::Builder::new().prefix("switchyard-etcd-").tempdir().expect("temp dir");
-        let mut etcd = Etcd { dir, child: None, client_port: 0, peer_port: 0 };
+        let mut etcd = Etcd { dir, child: None, client_port: 0, peer_port: 0, also_on: also.to_vec() };
         // A free port can be taken between probing and binding: try a few pairs.
         for attempt in 0.. {
             etcd.client_port = free_port().expect("free port");
@@ -54,6 +64,9 @@ impl Etcd {
     async fn spawn(&mut self) -> Result<()> {
         use std::os::unix::process::CommandExt as _;
         let client = self.endpoint();
+        let listen: Vec<String> =
+            std::iter::once(client.clone()).chain(self.also_on.iter().map(|ip| self.endpoint_on(*ip))).collect();
+        let listen = listen.join(",");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log"))?;
         let mut cmd = Command::new(etcd_bin());
@@ -61,7 +74,7 @@ impl Etcd {
             .arg("test")
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-client-urls", &listen, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
             .stdin(Stdio::null())
@@ -93,6 +106,12 @@ impl Etcd {
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// `http://IP:PORT`: the client port on one of the addresses given to
+    /// [`Etcd::start_also_on`].
+    pub fn endpoint_on(&self, ip: std::net::Ipv4Addr) -> String {
+        format!("http://{ip}:{}", self.client_port)
     }
 
     /// etcd's own log.

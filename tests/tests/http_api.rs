@@ -108,6 +108,7 @@ const METRICS: &[&str] = &[
     "switchyard_publish_duplicates_total",
     "switchyard_slow_consumer_disconnects_total",
     "switchyard_store_sync_seconds",
+    "switchyard_catch_up_shared_pages_total",
     "switchyard_partition_channels",
     "switchyard_retention_removed_total",
     "switchyard_compaction_removed_total",

@@ -5,7 +5,11 @@
 //! writes them (all that are queued, in one write) into `partition-map`, each only if the record still names this node as the
 //! partition's leader under the same leader epoch, and only if the key was not written
 //! since it was read (its mod revision). A change that cannot be written is dropped: the
-//! leader's high watermark keeps counting the old set, and it asks again later. It must
+//! leader's high watermark keeps counting the old set, and it asks again later. A shrink
+//! asked while most members report this node unreachable ([`State::cut_off`]) is dropped
+//! the same way: its followers are not behind, it is cut off, and an ISR of itself alone
+//! would let it acknowledge what no follower holds while the leader moves its partitions
+//! to those followers. It must
 //! never change anything but one partition's ISR (and the map epoch, so every node
 //! installs it).
 
@@ -40,7 +44,20 @@ pub(crate) async fn run(node: Arc<Context>, state: Arc<State>, mut changes: mpsc
         while let Ok(c) = changes.try_recv() {
             batch.insert(c.partition, c);
         }
-        let batch: Vec<IsrChange> = batch.into_values().collect();
+        let cut_off = state.cut_off();
+        let batch: Vec<IsrChange> = batch
+            .into_values()
+            .filter(|c| {
+                let keep = c.expand || !cut_off;
+                if !keep {
+                    tracing::warn!(partition = c.partition, isr = ?c.isr, "most members cannot reach this node: ISR shrink not written");
+                }
+                keep
+            })
+            .collect();
+        if batch.is_empty() {
+            continue;
+        }
         if client.is_none() {
             client = connect(&state.config).await.ok();
         }
@@ -55,6 +72,7 @@ pub(crate) async fn run(node: Arc<Context>, state: Arc<State>, mut changes: mpsc
                         tracing::info!(partition = change.partition, "ISR change refused (fenced or stale)");
                         continue;
                     }
+                    node.partitions.replication.isr_written(change.partition, change.leader_epoch, &change.isr);
                     let m = &node.metrics;
                     if change.expand {
                         m.isr_expands.inc()

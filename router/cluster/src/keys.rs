@@ -77,6 +77,16 @@ impl Keys {
         format!("{}load/{id}", self.root)
     }
 
+    /// `reach/` prefix.
+    pub fn reaches(&self) -> String {
+        format!("{}reach/", self.root)
+    }
+
+    /// `reach/<id>`.
+    pub fn reach(&self, id: &str) -> String {
+        format!("{}reach/{id}", self.root)
+    }
+
     /// `config`.
     pub fn config(&self) -> String {
         format!("{}config", self.root)
@@ -107,6 +117,17 @@ pub struct NodeRecord {
     /// leader gives it no partitions and moves the ones it has to the other members.
     #[serde(default)]
     pub draining: bool,
+}
+
+/// `reach/<id>`: the peers a node's links reach (under its lease), rewritten when the set
+/// changes. The leader moves leadership away from a node most others cannot reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReachRecord {
+    /// Ids of the members whose peer link from this node is up, sorted.
+    pub reachable: Vec<String>,
+    /// When the set last changed.
+    #[serde(default)]
+    pub since: String,
 }
 
 /// `leader`: who leads and since when (under the leader's lease).

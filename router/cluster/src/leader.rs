@@ -4,7 +4,11 @@
 //! keepalive keeps running while it waits), the check before every leader action that the
 //! leader key still exists with its create revision (the term), stepping down by the node's
 //! own clock when the lease was not renewed in time, and each round: read the live nodes,
-//! their load and the current map, balance (draining members get nothing and lose what they
+//! their load, their reachability reports and the current map, leave out the nodes most
+//! others cannot reach (damped by [`reach::Tracker`]; their partitions fail over to in-sync
+//! followers exactly as a departed member's do, and never uncleanly; a leader cut off
+//! from its peers but not from etcd leads on and gives its own partitions away), balance
+//! (draining members get nothing and lose what they
 //! hold; with every member draining the map stays), validate, and publish `epoch + 1`, with
 //! the move record of every partition whose owner changed ([`next_moved`]), in a
 //! transaction fenced on the leader key's create revision and the map's mod revision. It
@@ -17,7 +21,7 @@ use std::time::SystemTime;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
 use super::keys::{self, LeaderRecord, LoadRecord, MapRecord, Moved, NodeRecord};
-use super::{balance, moves, replicas, timed, Error, LeaseClock, State};
+use super::{balance, moves, reach, replicas, timed, Error, LeaseClock, State};
 use crate::Context;
 
 /// The leadership this node holds: the election key and its create revision.
@@ -62,7 +66,8 @@ pub(super) async fn run(
     tracing::info!(term = me.term, "elected leader");
     node.metrics.cluster_is_leader.set(1);
     state.update(|v| v.is_leader = true);
-    let result = Leader { node, state, kv: &mut kv, me: &me, clock: &clock }.lead().await;
+    let tracker = reach::Tracker::new(state.config.unreachable_after, state.config.reachable_after);
+    let result = Leader { node, state, kv: &mut kv, me: &me, clock: &clock, tracker }.lead().await;
     node.metrics.cluster_is_leader.set(0);
     state.update(|v| v.is_leader = false);
     tracing::warn!(term = me.term, "stepped down");
@@ -86,6 +91,8 @@ struct Leader<'a> {
     kv: &'a mut Client,
     me: &'a Leadership,
     clock: &'a LeaseClock,
+    /// Which nodes count as cut off, this term.
+    tracker: reach::Tracker,
 }
 
 impl Leader<'_> {
@@ -97,8 +104,11 @@ impl Leader<'_> {
             self.round().await?;
             let interval =
                 self.state.dynamic().coordination_interval.unwrap_or(self.state.config.coordination_interval);
+            // A node about to be cut off or restored gets its round when that falls due.
+            let next = tokio::time::Instant::now() + interval;
+            let next = self.tracker.next_change().map_or(next, |due| due.min(next));
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep_until(next) => {}
                 _ = self.state.membership.notified() => {}
                 _ = dynamic.changed() => {}
             }
@@ -128,7 +138,9 @@ impl Leader<'_> {
             same
         });
         let loads: BTreeMap<String, LoadRecord> =
-            records(timed("list loads", t, kv.get(state.keys.loads(), prefix)).await?.kvs());
+            records(timed("list loads", t, kv.get(state.keys.loads(), prefix.clone())).await?.kvs());
+        let reports: BTreeMap<String, keys::ReachRecord> =
+            records(timed("list reach", t, kv.get(state.keys.reaches(), prefix)).await?.kvs());
         let resp = timed("get map", t, kv.get(state.keys.map(), None)).await?;
         let (mut current, map_rev) = match resp.kvs().first() {
             Some(k) => (serde_json::from_slice::<MapRecord>(k.value()).ok(), k.mod_revision()),
@@ -156,6 +168,17 @@ impl Leader<'_> {
         if !nodes.contains_key(&state.node_id) {
             return Err(Error::Deposed("this node's own record is gone (lease expired)".into()));
         }
+        // Nodes most others cannot reach lead nothing and hold no replica: from here on
+        // the round treats them as departed (this leader too, if it is one of them: it
+        // can still write etcd, so it leads on and gives its own partitions away).
+        let live: std::collections::BTreeSet<&str> = nodes.keys().map(String::as_str).collect();
+        let mut cut = self.tracker.observe(tokio::time::Instant::now(), &live, &reach::unreachable(&live, &reports));
+        if state.config.replicas <= 1 {
+            // Unreplicated partitions have no follower to take over: they stay.
+            cut.clear();
+        }
+        node.metrics.cluster_unreachable_nodes.set(cut.len() as i64);
+        nodes.retain(|id, _| !cut.contains(id));
         let dynamic = state.dynamic();
         let max_moves = dynamic.max_moves.unwrap_or(state.config.max_moves);
         let binding = dynamic.balancer.as_ref().or(node.settings.balancer.as_ref());
@@ -163,10 +186,22 @@ impl Leader<'_> {
         // (which the balancer then sees as its owner), or waits for one.
         let replicas = state.config.replicas.max(1) as usize;
         let alive: std::collections::BTreeSet<&str> = nodes.keys().map(String::as_str).collect();
-        let failovers = match (&current, replicas > 1) {
+        let mut failovers = match (&current, replicas > 1) {
             (Some(m), true) => replicas::failovers(m, &alive, state.config.unclean_failover),
             _ => replicas::Failovers::default(),
         };
+        // A cut-off node still holds what it acknowledged: its partitions with no in-sync
+        // follower wait for it, whatever `unclean_failover` says.
+        if let Some(m) = &current {
+            failovers.unclean.retain(|p| {
+                let owner = &m.owners[*p as usize];
+                let keep = !cut.contains(owner);
+                if !keep {
+                    failovers.waiting.insert(*p, owner.clone());
+                }
+                keep
+            });
+        }
         let effective: Option<Vec<String>> = current.as_ref().map(|m| {
             let mut o = m.owners.clone();
             for (p, n) in &failovers.promoted {

@@ -3,7 +3,8 @@
 //! It owns the node's etcd session: connect with backoff, a lease kept alive every TTL/3
 //! (re-used after a reconnect while etcd still holds it, re-granted when lost), the
 //! `nodes/<id>` record under that lease (rewritten with `draining: true` by [`drain`] when
-//! the node shuts down, and kept so across sessions), one prefix watch that keeps [`ClusterView`]
+//! the node shuts down, and kept so across sessions), the `reach/<id>` report of the
+//! peers its links reach (`reach.rs`), one prefix watch that keeps [`ClusterView`]
 //! and the node's in-memory partition map current, the load reporter and the election/leader
 //! loop (`leader.rs`). When anything in a session fails, the whole session is torn down and
 //! re-created, so watches and keepalives never silently stop. It must never be on the
@@ -16,6 +17,7 @@ pub mod keys;
 pub mod leader;
 mod load;
 pub mod moves;
+pub mod reach;
 pub mod replicas;
 mod settings;
 
@@ -72,6 +74,9 @@ pub struct Context {
     pub balancer: Arc<dyn BalancePlugins>,
     /// Turns true when the node shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// The peers this node's links reach now (None without peer links: no `reach/<id>`
+    /// report, and the node counts as reaching everyone).
+    pub reach: Option<watch::Receiver<Arc<std::collections::BTreeSet<String>>>>,
 }
 
 /// Why an etcd session ended.
@@ -138,6 +143,8 @@ pub struct ClusterView {
     pub nodes: BTreeMap<String, NodeRecord>,
     /// The current leader record.
     pub leader: Option<LeaderRecord>,
+    /// Every member's last reachability report, by id.
+    pub reach: BTreeMap<String, keys::ReachRecord>,
     /// The last map seen.
     pub map: Option<MapRecord>,
     /// The dynamic config in force (last valid value of the `config` key).
@@ -248,6 +255,15 @@ impl State {
             f(&mut v);
             v
         });
+    }
+
+    /// True when, by the reports this node last saw, most other members cannot reach it
+    /// (the majority rule of [`reach::unreachable`], undamped). A partition leader cut off
+    /// like that does not shrink its ISR: its followers are not behind, it is.
+    pub fn cut_off(&self) -> bool {
+        let view = self.view.load();
+        let live: std::collections::BTreeSet<&str> = view.nodes.keys().map(String::as_str).collect();
+        reach::unreachable(&live, &view.reach).contains(&self.node_id)
     }
 
     /// True once [`drain`] was called.
@@ -448,6 +464,7 @@ async fn session(node: &Arc<Context>, state: &Arc<State>, lease_slot: &mut Optio
         r = &mut keeper => r.unwrap_or(Err(Error::StreamEnded("keepalive task"))),
         r = watch_loop(node, state, watch) => r,
         r = load::report(node, state, client.clone(), lease) => r,
+        r = reach::report(node, state, client.clone(), lease) => r,
         r = leader::run(node, state, client.clone(), lease, clock) => r,
         _ = stopping(&mut shutdown) => {
             // Revoking deletes the node, election, leader and load keys at once.
@@ -615,8 +632,13 @@ async fn watch_loop(
         }
         // Any event under `nodes/`: a join or leave, and also a record rewritten in place (a
         // member that turned draining), so the leader re-balances at once.
-        let membership_changed =
-            resp.events().iter().any(|e| e.kv().is_some_and(|kv| kv.key().starts_with(state.keys.nodes().as_bytes())));
+        // A changed reachability report too: the leader may have a node to cut off or restore.
+        let (nodes_prefix, reach_prefix) = (state.keys.nodes(), state.keys.reaches());
+        let membership_changed = resp.events().iter().any(|e| {
+            e.kv().is_some_and(|kv| {
+                kv.key().starts_with(nodes_prefix.as_bytes()) || kv.key().starts_with(reach_prefix.as_bytes())
+            })
+        });
         // A map change while a move waits on its followers: maybe the ISR it waits for.
         let map_changed =
             resp.events().iter().any(|e| e.kv().is_some_and(|kv| kv.key() == state.keys.map().as_bytes()));
@@ -662,6 +684,17 @@ fn apply(
                 view.nodes.insert(id.to_string(), rec);
             }
             Err(e) => tracing::warn!(key, error = %e, "ignoring an unreadable node record"),
+        }
+    } else if let Some(id) = key.strip_prefix(&keys.reaches()) {
+        if !put {
+            view.reach.remove(id);
+            return Ok(());
+        }
+        match serde_json::from_slice::<keys::ReachRecord>(kv.value()) {
+            Ok(rec) => {
+                view.reach.insert(id.to_string(), rec);
+            }
+            Err(e) => tracing::warn!(key, error = %e, "ignoring an unreadable reach record"),
         }
     } else if key == keys.leader() {
         view.leader = if put { serde_json::from_slice(kv.value()).ok() } else { None };

@@ -49,6 +49,14 @@ pub struct ClusterConfig {
     /// the ISR (acknowledgements wait for it until then). Default 2 s.
     #[serde(with = "humantime_serde")]
     pub replica_lag_timeout: Duration,
+    /// How long most members must report this node's peer links down before the leader
+    /// moves leadership of its partitions to in-sync followers. Default 500 ms.
+    #[serde(with = "humantime_serde")]
+    pub unreachable_after: Duration,
+    /// How long a node cut off that way must be reachable again before it may lead
+    /// partitions again. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub reachable_after: Duration,
     /// When a partition's leader dies with no live in-sync follower: false (the default)
     /// keeps the partition unavailable until an in-sync replica returns; true gives it to
     /// another node at once, under new channel epochs (acknowledged messages the other
@@ -78,6 +86,8 @@ impl Default for ClusterConfig {
             secret_file: None,
             replicas: 2,
             replica_lag_timeout: Duration::from_secs(2),
+            unreachable_after: Duration::from_millis(500),
+            reachable_after: Duration::from_secs(5),
             unclean_failover: false,
             peer_ca_file: None,
             allow_plaintext_peers: true,

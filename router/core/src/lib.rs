@@ -21,6 +21,7 @@ pub mod owner;
 pub mod partitions;
 pub mod policy;
 pub mod replication;
+mod shared_reads;
 #[cfg(test)]
 mod test_support;
 

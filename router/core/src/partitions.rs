@@ -26,10 +26,20 @@ use crate::owner::{
     PublishRequest, Start,
 };
 use crate::replication::Replication;
+use crate::shared_reads::SharedReads;
 use switchyard_proto::presence::{PresenceEntry, PresenceStats};
 
 /// Capacity of each owner's mailbox; a full mailbox makes senders wait (backpressure).
 const OWNER_MAILBOX: usize = 8192;
+
+/// Offsets in one shared catch-up block (a session's catch-up page).
+const SHARED_BLOCK: u64 = 256;
+/// How long a shared catch-up page is handed out after it was read.
+const SHARED_TTL: Duration = Duration::from_secs(2);
+/// Most shared catch-up reads kept (finished or in flight).
+const SHARED_MAX_ENTRIES: usize = 4096;
+/// Most bytes of finished shared catch-up pages kept.
+const SHARED_MAX_BYTES: usize = 32 << 20;
 
 /// A page of history, ready to serialize as a `history` reply.
 #[derive(Debug, Serialize)]
@@ -93,7 +103,7 @@ impl Default for HistoryQuery {
 }
 
 /// A stored message read back, in the protocol's message shape.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct OwnedMessage {
     /// Channel.
     pub channel: Arc<str>,
@@ -175,6 +185,11 @@ pub struct Partitions {
     adoptions: Vec<mpsc::UnboundedSender<oneshot::Receiver<()>>>,
     next_id: AtomicU64,
     owner_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Catch-up pages shared between clients recovering the same channel.
+    shared: SharedReads,
+    /// Store reads made through [`Partitions::read`] (tests count them).
+    #[cfg(test)]
+    reads: AtomicU64,
 }
 
 /// The owner stopped before it answered.
@@ -294,6 +309,9 @@ impl Partitions {
             adoptions,
             next_id: AtomicU64::new(1),
             owner_tasks: std::sync::Mutex::new(tasks),
+            shared: SharedReads::new(SHARED_TTL, SHARED_MAX_ENTRIES, SHARED_MAX_BYTES),
+            #[cfg(test)]
+            reads: AtomicU64::new(0),
         });
         Ok((this, settings.forward_sealed.then_some(forward_rx)))
     }
@@ -438,6 +456,8 @@ impl Partitions {
     ) -> Result<Vec<OwnedMessage>, OpError> {
         let (name, epoch, p, max_bytes) =
             (Arc::<str>::from(channel), epoch.clone(), self.partition(channel), self.max_reply_bytes);
+        #[cfg(test)]
+        self.reads.fetch_add(1, Ordering::Relaxed);
         self.store
             .read(move |r| read_page(r, p, (name, epoch), range, (limit, max_bytes), reverse))
             .await
@@ -459,7 +479,7 @@ impl Partitions {
         if self.handovers.is_adopting(p) {
             return Err(moving());
         }
-        let messages = self.read(channel, epoch, (after, upto), limit, false).await?;
+        let messages = self.shared_page(channel, epoch, (after, upto), limit).await?;
         // Read the metadata after the messages: a partition adopted (or restarted) in
         // between shows here as a busy partition or another epoch.
         let name = channel.to_string();
@@ -470,6 +490,53 @@ impl Partitions {
             Ok(Ok(Some(_))) => Err(OpError::new(ErrorCode::Unavailable, "the channel restarted under a new epoch")),
             _ => Ok((messages, u64::MAX)),
         }
+    }
+
+    /// A catch-up page (`after < offset <= upto`, at most `limit`, oldest first) cut from a
+    /// read shared with other clients: the block of [`SHARED_BLOCK`] offsets holding
+    /// `after + 1` (capped at `upto`, which is part of the key) is read once and each
+    /// client takes its messages past `after`. The page is a prefix of what an unshared
+    /// read returns (it may be shorter). When the block holds nothing past `after` (its
+    /// read was cut by the byte budget, or the range has holes), the rest of the block is
+    /// read shared from `after`, and failing that, unshared up to `upto`: the page is
+    /// never empty while messages remain.
+    async fn shared_page(
+        &self,
+        channel: &str,
+        epoch: &Arc<str>,
+        (after, upto): (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<OwnedMessage>, OpError> {
+        if after >= upto || limit == 0 {
+            return self.read(channel, epoch, (after, upto), limit, false).await;
+        }
+        let block = after / SHARED_BLOCK * SHARED_BLOCK;
+        let end = (block + SHARED_BLOCK).min(upto);
+        let name: Arc<str> = channel.into();
+        let mut start = block;
+        loop {
+            let key = (name.clone(), epoch.clone(), start, end);
+            let read = || async {
+                let page = self.read(channel, epoch, (start, end), (end - start) as usize, false).await?;
+                Ok(Arc::new(page))
+            };
+            let (page, shared) = self.shared.get(key, read).await?;
+            let mine: Vec<OwnedMessage> = page.iter().filter(|m| m.offset > after).take(limit).cloned().collect();
+            if !mine.is_empty() {
+                if shared {
+                    self.metrics.catch_up_shared_pages.inc();
+                }
+                return Ok(mine);
+            }
+            // Nothing past `after` in this read: a page cut short (by the byte budget) is
+            // continued from `after` once, shared with the clients that followed it.
+            let cut = page.last().is_some_and(|m| m.offset < end);
+            if start == after || !cut {
+                break;
+            }
+            start = after;
+        }
+        self.read(channel, epoch, (after, upto), limit, false).await
     }
 
     /// Records `entry` (a client connected to node `origin`) in `channel`'s presence at
@@ -954,5 +1021,97 @@ mod tests {
         let ok = publish(&parts, "ghost:1", "1", None).await;
         assert_eq!((ok.offset, &*ok.epoch), (1, seen.as_str()));
         assert!(parts.store.startup_reader().channel_meta(p, "ghost:1").unwrap().is_some());
+    }
+
+    /// Pages every catch-up of `channel` from `after` up to `upto`, as a session does
+    /// (pages of 256, continuing from the last offset received), returning what it got.
+    async fn catch_up_all(
+        parts: &Partitions,
+        channel: &str,
+        epoch: &Arc<str>,
+        mut after: u64,
+        upto: u64,
+    ) -> Vec<(u64, String)> {
+        let mut got = Vec::new();
+        while after < upto {
+            let (page, _) = parts.catch_up(channel, epoch, after, upto, 256).await.unwrap();
+            assert!(!page.is_empty(), "an empty page after {after} while messages remain up to {upto}");
+            for m in &page {
+                assert!(m.offset > after && m.offset <= upto, "offset {} outside ({after}, {upto}]", m.offset);
+                got.push((m.offset, m.data.get().to_string()));
+                after = m.offset;
+            }
+        }
+        got
+    }
+
+    /// Many clients recovering one channel from nearby offsets get exactly what an unshared
+    /// read gives them, no gap and no duplicate, and the store reads each block once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_catch_ups_share_one_read_per_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let ch = "cu:shared";
+        let p = parts.partition(ch);
+        let publishes: Vec<_> = (1..=600).map(|i| parts.publish(p, req(ch, &format!("{{\"n\":{i}}}"), None))).collect();
+        let mut acks = Vec::new();
+        for pending in futures_util::future::join_all(publishes).await {
+            acks.push(pending.unwrap());
+        }
+        let mut epoch = String::new();
+        for ack in futures_util::future::join_all(acks).await {
+            epoch = ack.unwrap().unwrap().epoch.to_string();
+        }
+        let epoch: Arc<str> = epoch.into();
+        let top = parts.view(p, ch).await.unwrap().top;
+        assert_eq!(top, 600);
+        let unshared = parts.read(ch, &epoch, (0, top), 1000, false).await.unwrap();
+        let all: Vec<(u64, String)> = unshared.iter().map(|m| (m.offset, m.data.get().to_string())).collect();
+        assert_eq!(all.len(), 600);
+        let before = parts.reads.load(Ordering::Relaxed);
+        let clients: Vec<_> = (0..40u64)
+            .map(|i| {
+                let (parts, epoch) = (parts.clone(), epoch.clone());
+                tokio::spawn(async move { (i * 3, catch_up_all(&parts, ch, &epoch, i * 3, top).await) })
+            })
+            .collect();
+        for client in futures_util::future::join_all(clients).await {
+            let (after, got) = client.unwrap();
+            assert_eq!(got, all[after as usize..], "client from {after}");
+        }
+        // Blocks (0, 256], (256, 512] and (512, 600], each read once for 40 clients (twice
+        // at most, if a client on a starved machine came after a page's 2 s): unshared,
+        // 120 reads.
+        let reads = parts.reads.load(Ordering::Relaxed) - before;
+        assert!((3..=6).contains(&reads), "{reads} store reads for 3 blocks and 40 clients");
+        assert!(parts.metrics.catch_up_shared_pages.get() >= 40 * 3 - reads, "shared pages are counted");
+    }
+
+    /// A shared page cut short by the byte budget never leaves a client past its end with
+    /// an empty page while messages remain: it reads on from its own offset.
+    #[tokio::test]
+    async fn a_page_cut_by_the_byte_budget_gives_no_client_an_empty_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = start(dir.path());
+        let ch = "cu:big";
+        // About 300 KB each: a 1 MiB reply holds three of them.
+        let big = format!("\"{}\"", "x".repeat(300_000));
+        let mut epoch = String::new();
+        for _ in 0..10 {
+            epoch = publish(&parts, ch, &big, None).await.epoch.to_string();
+        }
+        let epoch: Arc<str> = epoch.into();
+        let (first, _) = parts.catch_up(ch, &epoch, 0, 10, 256).await.unwrap();
+        assert_eq!(first.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![1, 2, 3], "cut by the budget");
+        for after in [3, 5, 9] {
+            let (page, _) = parts.catch_up(ch, &epoch, after, 10, 256).await.unwrap();
+            assert_eq!(page.first().map(|m| m.offset), Some(after + 1), "the page from {after} starts right after it");
+        }
+        for after in 0..10 {
+            let got = catch_up_all(&parts, ch, &epoch, after, 10).await;
+            assert_eq!(got.iter().map(|m| m.0).collect::<Vec<_>>(), (after + 1..=10).collect::<Vec<_>>());
+        }
+        // Nothing past the top: an empty page, as an unshared read gives.
+        assert!(parts.catch_up(ch, &epoch, 10, 10, 256).await.unwrap().0.is_empty());
     }
 }

@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Of `messages_delivered`, the pushes partition owners framed straight into a socket
     /// its session had lent them (the direct path), with no session wake-up.
     pub messages_delivered_direct: IntCounter,
+    /// Catch-up pages cut from a store read another client's catch-up made (a shared read).
+    pub catch_up_shared_pages: IntCounter,
     /// Publishes answered from the idempotency window instead of being stored again.
     pub publish_duplicates: IntCounter,
     /// Idempotency keys not remembered because the node's key budget was spent.
@@ -55,6 +57,9 @@ pub struct Metrics {
     pub plugin_failures: IntCounterVec,
     /// 1 while this node is the cluster leader.
     pub cluster_is_leader: IntGauge,
+    /// Members the leader counts as cut off (most others cannot reach them), as of its
+    /// last round (0 on other nodes).
+    pub cluster_unreachable_nodes: IntGauge,
     /// 1 while the node's etcd session (lease and watches) is up.
     pub cluster_etcd_up: IntGauge,
     /// Epoch of the partition map this node routes by.
@@ -148,6 +153,10 @@ impl Metrics {
                 "switchyard_messages_delivered_direct_total",
                 "Message pushes written by partition owners into sockets lent by their sessions",
             ),
+            catch_up_shared_pages: counter(
+                "switchyard_catch_up_shared_pages_total",
+                "Catch-up pages cut from a store read shared with another client's catch-up",
+            ),
             publish_duplicates: counter(
                 "switchyard_publish_duplicates_total",
                 "Publishes answered from the idempotency window",
@@ -200,6 +209,10 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             cluster_is_leader: gauge("switchyard_cluster_is_leader", "1 while this node is the cluster leader"),
+            cluster_unreachable_nodes: gauge(
+                "switchyard_cluster_unreachable_nodes",
+                "Members the leader counts as cut off from most of the others (leader only)",
+            ),
             cluster_etcd_up: gauge("switchyard_cluster_etcd_up", "1 while the etcd session is up"),
             cluster_map_epoch: gauge("switchyard_cluster_map_epoch", "Epoch of the partition map in use"),
             cluster_owned_partitions: gauge("switchyard_cluster_owned_partitions", "Partitions this node owns"),

@@ -4,7 +4,10 @@
 //! It owns [`start`] (route, and for a remote owner queue the request on its link at once,
 //! so one caller's operations reach the owner in order) and [`Started::finish`] (wait for
 //! the reply, following redirects while the partition moves and re-sending a lost request
-//! only when sending it twice has the effect of sending it once). It decides on typed
+//! only when sending it twice has the effect of sending it once). A request still waiting
+//! on a peer whose link is down when the map moves its channel to another owner stops
+//! waiting at once (its outcome is unknown, as if the link had dropped): a caller never
+//! waits out the request deadline on an owner the cluster already replaced. It decides on typed
 //! [`Refusal`]s only, never on an error's text. It must never wait on etcd: routing reads
 //! the in-memory map, and every remote call has a deadline.
 
@@ -52,6 +55,28 @@ pub(crate) fn start(node: &Arc<Node>, op: Op) -> Result<Started, OpError> {
     Ok(Started::Remote(node.clone(), op, owner, epoch, pending))
 }
 
+/// Resolves once the map names another owner than `owner` for `channel`'s partition while
+/// the link to `owner` is down (never, if the map's or the links' sender is gone). With
+/// the link up the old owner answers, or redirects, as in any planned move.
+async fn moved_off(node: &Node, channel: &str, owner: &str) {
+    let p = node.partitions().partition(channel);
+    let mut map = node.map_changes();
+    let Some(mut up) = node.links().map(|l| l.reachable()) else { return std::future::pending().await };
+    loop {
+        let moved = map.borrow_and_update().owner(p).is_some_and(|o| o != owner);
+        if moved && !up.borrow_and_update().contains(owner) {
+            return;
+        }
+        let changed = tokio::select! {
+            r = map.changed() => r,
+            r = up.changed() => r,
+        };
+        if changed.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 impl Started {
     /// Waits for the outcome, following redirects while the partition moves.
     pub(crate) async fn finish(self) -> Result<Answer, OpError> {
@@ -62,7 +87,15 @@ impl Started {
         let name = op.name();
         let began = tokio::time::Instant::now();
         for _ in 0..ATTEMPTS {
-            match pending.wait(REQUEST_TIMEOUT).await {
+            let outcome = tokio::select! {
+                biased;
+                r = pending.wait(REQUEST_TIMEOUT) => r,
+                _ = moved_off(&node, op.channel(), &owner) => Err(link::lost(format!(
+                    "the map moved {} away from {owner} while the request waited; outcome unknown",
+                    op.channel()
+                ))),
+            };
+            match outcome {
                 Ok(answer) => {
                     node.metrics().peer_forwarded.with_label_values(&[name, "ok"]).inc();
                     return Ok(answer);

@@ -14,7 +14,8 @@
 //! - `node`: the routing state every part reads, and the routing decision.
 //! - `chunks` (a partition's stored state in bounded pieces), `seat_table` (the cap's
 //!   arithmetic), `link` (outgoing links, one per peer, with reconnect), [`wire`] (the
-//!   binary frames of a peer link, typed refusals included).
+//!   binary frames of a peer link, typed refusals included), `reach` (a link to every
+//!   member, and the set of peers whose link is up).
 //!
 //! It must never import etcd-client or read etcd: the map and the member list arrive on
 //! `watch` channels, and every remote call has a deadline.
@@ -27,6 +28,7 @@ mod handover;
 mod link;
 mod node;
 mod presence;
+mod reach;
 mod replica;
 pub mod router;
 mod seat_table;
@@ -35,5 +37,6 @@ mod upstream;
 pub mod wire;
 
 pub use endpoint::serve;
+pub use link::Reachable;
 pub use node::Route;
 pub use router::{Router, Settings};

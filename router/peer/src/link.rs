@@ -4,11 +4,17 @@
 //! secret), the bounded queue of requests waiting for the link, the table of requests
 //! waiting for their reply, and the routing of pushes that arrive on it to their upstream
 //! subscriptions (noticing each drop, so those resubscribe). It answers a request that the
-//! acceptor's wire version cannot read (`Op::min_wire`) itself, without sending it. It
-//! must never block a caller on a full queue or a dead peer:
+//! acceptor's wire version cannot read (`Op::min_wire`) itself, without sending it. A
+//! connected link pings its peer every [`PING_EVERY`], and its socket gives up on data the
+//! peer's kernel has not acknowledged for [`SILENCE`] (`TCP_USER_TIMEOUT`): a peer cut off
+//! by the network (which never closes the socket) takes its link down within about that
+//! long, while a peer that is only busy (its kernel still acknowledges) keeps it. The set
+//! of peers whose link is up is published for the cluster's reachability reports.
+//! It must never block a caller on a full queue or a dead peer:
 //! a full queue is `unavailable` at once, and every request has a deadline.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -29,6 +35,16 @@ use switchyard_proto::refusal::Refusal;
 
 /// Requests that may wait for one link before callers get `unavailable`.
 const QUEUE: usize = 4096;
+/// How often a connected link pings its peer.
+pub(crate) const PING_EVERY: Duration = Duration::from_millis(250);
+/// How long data sent on a link may stay unacknowledged by the peer's kernel before the
+/// link counts as down and reconnects (the socket's `TCP_USER_TIMEOUT`).
+pub(crate) const SILENCE: Duration = Duration::from_secs(1);
+/// Deadline of one connect (TCP, TLS, upgrade).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The peers whose link is up, as [`Links::reachable`] publishes it.
+pub type Reachable = Arc<BTreeSet<String>>;
 
 type Waiter = oneshot::Sender<Result<Answer, WireError>>;
 
@@ -42,7 +58,7 @@ const OUTCOME_UNKNOWN: &str = "outcome unknown";
 
 /// An error made here because the link failed before the reply came (the owner may or
 /// may not have run the request), as opposed to an answer from the owner.
-fn lost(message: String) -> WireError {
+pub(crate) fn lost(message: String) -> WireError {
     WireError::op(&OpError::refused(Refusal::Lost, message))
 }
 
@@ -81,6 +97,9 @@ pub(crate) struct Dial {
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
     /// Whether the secret may cross a plaintext link.
     pub(crate) allow_plaintext: bool,
+    /// The local address links are dialed from (this node's listening address, when it is
+    /// a specific one): peer traffic leaves from the address peers know the node by.
+    pub(crate) bind: Option<IpAddr>,
 }
 
 /// Any byte stream a link runs over (plain TCP or TLS).
@@ -116,6 +135,8 @@ pub(crate) struct Links {
     env: LinkEnv,
     dial: Arc<Dial>,
     links: ArcSwap<HashMap<String, Arc<Link>>>,
+    /// The peers whose link is up now.
+    reachable: watch::Sender<Reachable>,
 }
 
 impl Links {
@@ -126,7 +147,30 @@ impl Links {
             env,
             dial: Arc::new(dial),
             links: ArcSwap::from_pointee(HashMap::new()),
+            reachable: watch::Sender::new(Arc::default()),
         })
+    }
+
+    /// The peers whose link is up, changing whenever a link comes up or goes down.
+    pub(crate) fn reachable(&self) -> watch::Receiver<Reachable> {
+        self.reachable.subscribe()
+    }
+
+    /// Records that the link to `peer` is `up` (or not).
+    fn set_reachable(&self, peer: &str, up: bool) {
+        self.reachable.send_if_modified(|set| {
+            if set.contains(peer) == up {
+                return false;
+            }
+            let mut next = BTreeSet::clone(set);
+            if up {
+                next.insert(peer.to_string());
+            } else {
+                next.remove(peer);
+            }
+            *set = Arc::new(next);
+            true
+        });
     }
 
     /// The link to `peer`, created (and its connection task started) on first use.
@@ -297,11 +341,15 @@ async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
         let url = n.env.members.borrow().get(&link.peer).map(|m| m.peer_url.clone());
         let metrics = n.env.metrics.clone();
         drop(n);
+        let mut up_since = None;
         let result = match url {
-            Some(url) => pump(&url, &dial, &link, &mut rx, &metrics).await,
+            Some(url) => pump(&url, &dial, &links, &link, &mut rx, &metrics, &mut up_since).await,
             None => Err(LinkError::NoAddress(link.peer.clone())),
         };
         metrics.peer_link_up.with_label_values(&[&link.peer]).set(0);
+        if let Some(n) = links.upgrade() {
+            n.set_reachable(&link.peer, false);
+        }
         if let Err(e) = result {
             tracing::debug!(error = %e, "peer link down");
         }
@@ -310,6 +358,11 @@ async fn run(links: Weak<Links>, dial: Arc<Dial>, link: Arc<Link>, mut rx: mpsc:
         // While waiting to reconnect, requests queued for a peer that left the cluster fail
         // at once: their callers re-route by the map that replaces it (a failover).
         let Some(mut members) = links.upgrade().map(|n| n.env.members.clone()) else { return };
+        // A link that stayed up a while starts its reconnects afresh: a peer back from a
+        // cut or a restart is linked again within tens of milliseconds.
+        if up_since.is_some_and(|t: tokio::time::Instant| t.elapsed() >= SILENCE) {
+            backoff = Duration::from_millis(50);
+        }
         let wake = tokio::time::Instant::now() + backoff;
         loop {
             tokio::select! {
@@ -348,8 +401,9 @@ async fn connect(url: &str, dial: &Dial) -> Result<Connected, LinkError> {
     let host = req.uri().host().ok_or_else(|| LinkError::Request("peer URL has no host".into()))?;
     let host = host.trim_matches(['[', ']']).to_string();
     let port = req.uri().port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let tcp = dial_tcp(&host, port, dial.bind).await?;
     tcp.set_nodelay(true)?;
+    socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(SILENCE))?;
     let io: Box<dyn Io> = if tls {
         let config = dial.tls.clone().ok_or(LinkError::NoCa)?;
         let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| LinkError::Request(e.to_string()))?;
@@ -362,24 +416,62 @@ async fn connect(url: &str, dial: &Dial) -> Result<Connected, LinkError> {
     Ok((ws, version))
 }
 
+/// A TCP connection to `host:port`, from `bind` when set (and of the peer address's
+/// family, and loopback exactly when the peer's address is).
+async fn dial_tcp(host: &str, port: u16, bind: Option<IpAddr>) -> Result<tokio::net::TcpStream, std::io::Error> {
+    let Some(local) = bind else { return tokio::net::TcpStream::connect((host, port)).await };
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        // A loopback address cannot reach another host, nor the other way round.
+        let fits = local.is_loopback() == addr.ip().is_loopback();
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) if fits && local.is_ipv4() => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) if fits && local.is_ipv6() => tokio::net::TcpSocket::new_v6()?,
+            _ => {
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Some(e),
+                }
+                continue;
+            }
+        };
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "peer host has no address")))
+}
+
 async fn pump(
     url: &str,
     dial: &Dial,
+    links: &Weak<Links>,
     link: &Link,
     rx: &mut mpsc::Receiver<Queued>,
     metrics: &switchyard_metrics::Metrics,
+    up_since: &mut Option<tokio::time::Instant>,
 ) -> Result<(), LinkError> {
     let (ws, version) =
-        tokio::time::timeout(Duration::from_secs(2), connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
+        tokio::time::timeout(CONNECT_TIMEOUT, connect(url, dial)).await.map_err(|_| LinkError::Timeout)??;
+    *up_since = Some(tokio::time::Instant::now());
     link.acceptor_wire.store(version, Ordering::Relaxed);
     let refusals = version >= 2;
     let ws_url = format!("{}/peer", url.replacen("http", "ws", 1));
     metrics.peer_link_up.with_label_values(&[&link.peer]).set(1);
     metrics.peer_connects.with_label_values(&[&link.peer]).inc();
     tracing::info!(%ws_url, version, "peer link up");
+    if let Some(n) = links.upgrade() {
+        n.set_reachable(&link.peer, true);
+    }
     let (mut sink, mut stream) = ws.split();
+    // The pings keep data in flight, so a cut shows as unacknowledged data within SILENCE.
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = ping.tick() => sink.send(Message::Ping(Default::default())).await?,
             out = rx.recv() => {
                 let Some((id, bytes, need)) = out else { return Ok(()) };
                 // A request whose caller gave up is not sent.
@@ -492,7 +584,7 @@ mod tests {
             shutdown: watch::channel(false).1,
             metrics: Arc::new(Metrics::new()),
         };
-        Links::new(env, Dial { secret: "s3cret-s3cret".into(), tls: None, allow_plaintext: true })
+        Links::new(env, Dial { secret: "s3cret-s3cret".into(), tls: None, allow_plaintext: true, bind: None })
     }
 
     /// A backward history read is never sent to an acceptor of wire 2 (it would find

@@ -40,6 +40,8 @@ pub struct Settings {
     pub peer_tls: Option<Arc<rustls::ClientConfig>>,
     /// Whether the secret may cross a plaintext (`http://`) link.
     pub allow_plaintext_peers: bool,
+    /// The local address peer links are dialed from (None: the system's choice).
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// Routes every operation to its partition's owner, here or on a peer.
@@ -64,7 +66,12 @@ impl Router {
         let links = settings.secret.map(|secret| {
             let env =
                 LinkEnv { members: members.clone(), shutdown: shutdown.clone(), metrics: partitions.metrics.clone() };
-            let dial = Dial { secret, tls: settings.peer_tls.clone(), allow_plaintext: settings.allow_plaintext_peers };
+            let dial = Dial {
+                secret,
+                tls: settings.peer_tls.clone(),
+                allow_plaintext: settings.allow_plaintext_peers,
+                bind: settings.bind,
+            };
             Links::new(env, dial)
         });
         let peers = links.is_some();
@@ -73,6 +80,7 @@ impl Router {
         if peers {
             tokio::spawn(crate::replica::isr_checks(Arc::downgrade(&node)));
             tokio::spawn(crate::presence::drop_on_leave(Arc::downgrade(&node), members.clone()));
+            tokio::spawn(crate::reach::dial_members(Arc::downgrade(&node), members.clone()));
             tokio::spawn(crate::seats::sweep_on_leave(Arc::downgrade(&node), members));
         }
         let upstreams = peers.then(|| Upstreams::new(Arc::downgrade(&node)));
@@ -102,6 +110,12 @@ impl Router {
     /// True when peer links are on (cluster mode with a secret).
     pub fn peers_enabled(&self) -> bool {
         self.node.peers_enabled()
+    }
+
+    /// The peers whose link is up, changing as links come up and go down (None without
+    /// peer links).
+    pub fn reachable(&self) -> Option<watch::Receiver<crate::Reachable>> {
+        self.node.links().map(|l| l.reachable())
     }
 
     /// The current partition map.

@@ -571,6 +571,12 @@ impl Config {
         if c.replica_lag_timeout < std::time::Duration::from_millis(100) {
             return invalid("cluster.replica_lag_timeout", "must be at least 100ms");
         }
+        if c.reachable_after < c.unreachable_after {
+            return invalid(
+                "cluster.reachable_after",
+                "must be at least cluster.unreachable_after (a flapping link must not move leadership back and forth)",
+            );
+        }
         if c.secret.is_some() {
             let plaintext = !self.advertise_url().starts_with("https://");
             if plaintext && !c.allow_plaintext_peers {
@@ -779,6 +785,10 @@ mod tests {
             ("[cluster]\netcd = [\"http://x:1\"]\nadvertise = \"x:1\"", "cluster.advertise"),
             ("[cluster]\netcd = [\"http://x:1\"]\nreplicas = 0", "cluster.replicas"),
             ("[cluster]\netcd = [\"http://x:1\"]\nreplica_lag_timeout = \"1ms\"", "cluster.replica_lag_timeout"),
+            (
+                "[cluster]\netcd = [\"http://x:1\"]\nunreachable_after = \"3s\"\nreachable_after = \"1s\"",
+                "cluster.reachable_after",
+            ),
             ("[cluster]\netcd = [\"http://x:1\"]\nreplicas = -1", "replicas"),
             ("store_read_threads = 0", "store_read_threads"),
             ("store_read_threads = 1025", "store_read_threads"),

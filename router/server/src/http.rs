@@ -262,6 +262,7 @@ fn cluster(node: &Node) -> serde_json::Value {
         "isr": map.isr,
         "leader_epochs": map.leader_epochs,
         "loads": *state.loads(),
+        "reach": view.reach,
         "config": view.config,
         "last_error": view.last_error,
     })

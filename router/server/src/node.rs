@@ -131,6 +131,9 @@ impl Node {
                 secret,
                 peer_tls,
                 allow_plaintext_peers: config.cluster.allow_plaintext_peers,
+                // Peer links leave from the address this node listens on, when it is a
+                // specific one (operators filter and trace peer traffic by it).
+                bind: Some(config.listen.ip()).filter(|ip| !ip.is_unspecified()),
             },
             partitions.clone(),
             map_rx,
@@ -166,6 +169,7 @@ impl Node {
                 hooks: Arc::new(hooks),
                 balancer: plugins.clone(),
                 shutdown: shutdown.clone(),
+                reach: router.reachable(),
             };
             switchyard_cluster::spawn(&state, context);
             state

@@ -188,7 +188,10 @@ impl Replication {
             return None;
         }
         let lag = self.lag_timeout;
+        // The set the high watermark counts: the installed ISR and the followers an
+        // expansion asked for that may already be in etcd's.
         let mut isr = l.isr.clone();
+        isr.extend(l.widened.iter().filter(|f| !l.isr.contains(f)).cloned());
         let before = isr.len();
         let fetching = |pos: &FollowerPos| now.saturating_duration_since(pos.fetched_at) <= lag;
         isr.retain(|f| {
@@ -203,6 +206,7 @@ impl Replication {
         for (f, pos) in &l.followers {
             if !isr.contains(f) && !shrink && !pos.resyncing && fetching(pos) && pos.acked >= l.next_seq {
                 isr.push(f.clone());
+                l.widened.push(f.clone());
                 expand = true;
             }
         }
@@ -212,7 +216,19 @@ impl Replication {
         l.asked = Some(now);
         let mut full = vec![l.me.clone()];
         full.extend(isr);
+        l.last_asked = full.clone();
         Some(IsrChange { partition: p, leader_epoch: l.leader_epoch, isr: full, expand })
+    }
+
+    /// The cluster layer's report that etcd's map now holds `isr` (leader first) as the
+    /// ISR of `p` under `leader_epoch`: followers an expansion added that it does not list
+    /// no longer hold back the high watermark (etcd cannot fail over to them).
+    pub fn isr_written(&self, p: PartitionId, leader_epoch: u64, isr: &[String]) {
+        let mut st = self.state(p);
+        let Some(l) = st.leading.as_mut().filter(|l| l.leader_epoch == leader_epoch) else { return };
+        let last = &l.last_asked;
+        l.widened.retain(|f| isr.contains(f) || last.contains(f));
+        self.publish_hw(p, &st);
     }
 
     /// Queues an ISR change for the cluster layer.

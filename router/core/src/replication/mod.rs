@@ -269,6 +269,8 @@ impl Replication {
                         records,
                         bytes,
                         asked: None,
+                        widened: Vec::new(),
+                        last_asked: Vec::new(),
                     });
                 }
                 let l = st.leading.as_mut().expect("set above");
@@ -285,6 +287,8 @@ impl Replication {
                     });
                 }
                 l.isr = isr.into_iter().filter(|f| l.followers.contains_key(f)).collect();
+                let (isr_now, followers_now) = (&l.isr, &l.followers);
+                l.widened.retain(|f| !isr_now.contains(f) && followers_now.contains_key(f));
                 l.asked = None;
                 if l.followers.is_empty() {
                     l.records.clear();

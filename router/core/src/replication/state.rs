@@ -59,11 +59,24 @@ pub(super) struct Leading {
     /// When an ISR change was last asked for (since the last map install): asked again
     /// after `ASK_AGAIN` if no map brought it (the write failed or was refused).
     pub(super) asked: Option<Instant>,
+    /// Followers an asked ISR expansion added that the installed ISR does not list yet.
+    /// The high watermark counts them too: etcd may list them (and fail a partition over
+    /// to one of them) before this node installs that map, so nothing may be acknowledged
+    /// that they do not hold (Kafka's KIP-497 "maximal ISR"). Dropped once the installed
+    /// ISR lists them, or once etcd is known to hold an ISR without them.
+    pub(super) widened: Vec<String>,
+    /// The ISR last asked for: a report that etcd holds an older one (still in the
+    /// queue when this one was asked) must not release what this one adds.
+    pub(super) last_asked: Vec<String>,
 }
 
 impl Leading {
     pub(super) fn hw(&self) -> u64 {
-        self.isr.iter().map(|f| self.followers.get(f).map_or(self.base_seq, |p| p.acked)).fold(self.next_seq, u64::min)
+        self.isr
+            .iter()
+            .chain(self.widened.iter())
+            .map(|f| self.followers.get(f).map_or(self.base_seq, |p| p.acked))
+            .fold(self.next_seq, u64::min)
     }
 
     /// Drops batches every follower has, and the oldest ones beyond the byte cap (followers

@@ -62,6 +62,45 @@ fn isr_shrinks_on_lag_and_expands_on_catch_up() {
     assert_eq!(change.isr, vec!["a".to_string(), "c".to_string()]);
 }
 
+/// From the moment a leader asks to take a follower into the ISR, the high watermark
+/// waits for that follower too: etcd may list it, and fail over to it, before this node
+/// installs the map that says so. Etcd holding an ISR without it releases it again.
+#[test]
+fn an_asked_expansion_holds_the_watermark_before_its_map_installs() {
+    let r = Replication::new(1, Duration::from_secs(2), 1 << 20);
+    leader(&r, &["b", "c"], &["b"], 1);
+    let hw = r.hw_changes(0);
+    r.fetch(0, "c", 1, Some(0), 1 << 20).unwrap().unwrap();
+    let change = r.isr_check(0, Instant::now()).unwrap();
+    assert!(change.expand);
+    assert_eq!(change.isr, vec!["a".to_string(), "b".to_string(), "c".to_string()]);
+    let seq = r.append(0, Bytes::from_static(b"x"));
+    r.fetch(0, "b", 1, Some(seq + 1), 1 << 20).unwrap().unwrap();
+    assert_eq!(*hw.borrow(), seq, "c may already be in etcd's ISR: not acknowledged without it");
+    r.fetch(0, "c", 1, Some(seq + 1), 1 << 20).unwrap().unwrap();
+    assert_eq!(*hw.borrow(), seq + 1);
+    // The same with the map installed in between, and then etcd dropping c again.
+    leader(&r, &["b", "c"], &["b", "c"], 1);
+    let seq = r.append(0, Bytes::from_static(b"y"));
+    r.fetch(0, "b", 1, Some(seq + 1), 1 << 20).unwrap().unwrap();
+    assert_eq!(*hw.borrow(), seq);
+    leader(&r, &["b", "c"], &["b"], 1);
+    assert_eq!(*hw.borrow(), seq + 1, "installed without c, and c was not asked in again");
+    // An expansion asked: an older ISR reported written does not release c (the
+    // expansion may still be written after it); a later shrink that drops c does.
+    r.fetch(0, "c", 1, Some(seq + 1), 1 << 20).unwrap().unwrap();
+    assert!(r.isr_check(0, Instant::now()).is_some_and(|c| c.expand));
+    let seq = r.append(0, Bytes::from_static(b"z"));
+    r.fetch(0, "b", 1, Some(seq + 1), 1 << 20).unwrap().unwrap();
+    assert_eq!(*hw.borrow(), seq);
+    r.isr_written(0, 1, &["a".to_string(), "b".to_string()]);
+    assert_eq!(*hw.borrow(), seq, "an older ISR reported: c may still come in");
+    let shrink = r.isr_check(0, Instant::now() + Duration::from_secs(3)).expect("c lags: asked out");
+    assert!(!shrink.expand && !shrink.isr.contains(&"c".to_string()));
+    r.isr_written(0, 1, &shrink.isr);
+    assert_eq!(*hw.borrow(), seq + 1, "etcd holds an ISR without c");
+}
+
 /// A follower that stopped fetching (a dead node) leaves the ISR even when no write
 /// left it behind, and is not asked back in until it fetches again.
 #[test]
