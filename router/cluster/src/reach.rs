@@ -87,9 +87,9 @@ struct Track {
     cut: bool,
     /// Since when the majority rule has said the opposite of `cut`, if it does.
     flipping: Option<Instant>,
-    /// Not cut off before this: a node that (re)joins during the term gets `up_after` for
-    /// the others' links to it to come up and their reports to say so (until then their
-    /// reports still describe the node that left).
+    /// Not cut off before this: a node that rejoins during the term gets `up_after` for
+    /// the others' links to it to come back (they may be in their reconnect backoff) and
+    /// their reports to say so; until then their reports still describe the node that left.
     not_before: Instant,
 }
 
@@ -102,25 +102,31 @@ pub struct Tracker {
     down_after: Duration,
     up_after: Duration,
     nodes: BTreeMap<String, Track>,
-    /// Whether a round was observed: the nodes live at the first one get no grace.
-    started: bool,
+    /// Nodes that left during the term: if one comes back, it gets the grace above.
+    departed: BTreeSet<String>,
 }
 
 impl Tracker {
     /// A tracker with these delays.
     pub fn new(down_after: Duration, up_after: Duration) -> Self {
-        Self { down_after, up_after, nodes: BTreeMap::new(), started: false }
+        Self { down_after, up_after, nodes: BTreeMap::new(), departed: BTreeSet::new() }
     }
 
     /// Takes the rule's answer `now` (`unreachable` among `live`) and returns the nodes
-    /// that count as cut off. Nodes no longer live are forgotten; one that joins after the
-    /// first round cannot be cut off for `up_after`.
+    /// that count as cut off. Nodes no longer live are forgotten; one that comes back in the
+    /// same term cannot be cut off for `up_after`.
     pub fn observe(&mut self, now: Instant, live: &BTreeSet<&str>, unreachable: &BTreeSet<String>) -> BTreeSet<String> {
-        self.nodes.retain(|id, _| live.contains(id.as_str()));
-        let not_before = if self.started { now + self.up_after } else { now };
-        self.started = true;
+        let departed = &mut self.departed;
+        self.nodes.retain(|id, _| {
+            let stays = live.contains(id.as_str());
+            if !stays {
+                departed.insert(id.clone());
+            }
+            stays
+        });
         for id in live {
             let bad = unreachable.contains(*id);
+            let not_before = if self.departed.contains(*id) { now + self.up_after } else { now };
             let t = self.nodes.entry(id.to_string()).or_insert(Track { cut: false, flipping: None, not_before });
             if bad == t.cut {
                 t.flipping = None;
@@ -263,5 +269,10 @@ mod tests {
         assert_eq!(t.next_change(), Some(later + up));
         assert!(t.observe(later + up - Duration::from_millis(1), &l, &bad).is_empty());
         assert_eq!(t.observe(later + up, &l, &bad), set(&["a"]));
+        // A node that joins for the first time mid-term has no grace.
+        let (l4, t4) = (live(&["a", "b", "c", "d"]), later + up);
+        let d = set(&["d"]);
+        assert_eq!(t.observe(t4, &l4, &d), set(&["a"]), "a is still cut: restoring takes up_after");
+        assert_eq!(t.observe(t4 + down, &l4, &d), set(&["a", "d"]));
     }
 }
