@@ -192,6 +192,24 @@ pub struct Partitions {
     reads: AtomicU64,
 }
 
+/// A page read in steps can straddle a retention pass: its first messages read before the
+/// trim, the rest after. Cuts `page` (messages after `after`) before its first hole that
+/// retention explains (the first retained offset, `first`, lies past the hole's start), so
+/// the reader meets the hole at the start of its next page, where it is detected, and never
+/// receives a message across it. A hole at the very start is left for the reader to see.
+fn cut_at_trim(mut page: Vec<OwnedMessage>, after: u64, first: u64) -> Vec<OwnedMessage> {
+    let mut prev = after;
+    let hole = page.iter().position(|m| {
+        let trimmed = m.offset > prev + 1 && first > prev + 1;
+        prev = m.offset;
+        trimmed
+    });
+    if let Some(i) = hole.filter(|&i| i > 0) {
+        page.truncate(i);
+    }
+    page
+}
+
 /// The owner stopped before it answered.
 fn stopped() -> OpError {
     OpError::new(ErrorCode::Unavailable, "owner stopped")
@@ -486,7 +504,7 @@ impl Partitions {
         let meta = self.store.read(move |r| r.channel_meta(p, &name)).await;
         match meta {
             _ if self.handovers.is_adopting(p) => Err(moving()),
-            Ok(Ok(Some(meta))) if *meta.epoch == **epoch => Ok((messages, meta.first)),
+            Ok(Ok(Some(meta))) if *meta.epoch == **epoch => Ok((cut_at_trim(messages, after, meta.first), meta.first)),
             Ok(Ok(Some(_))) => Err(OpError::new(ErrorCode::Unavailable, "the channel restarted under a new epoch")),
             _ => Ok((messages, u64::MAX)),
         }
@@ -625,6 +643,34 @@ mod tests {
     //! The owner's contract through the [`Partitions`] handle, on a real fsync'd store.
 
     use super::*;
+
+    /// A page with a hole that retention explains is cut before it; a compaction hole
+    /// (below the first retained offset) is kept; a hole at the start is left for the reader.
+    #[test]
+    fn a_page_is_cut_before_a_hole_retention_made() {
+        let page = |offsets: &[u64]| -> Vec<OwnedMessage> {
+            offsets
+                .iter()
+                .map(|&offset| OwnedMessage {
+                    channel: "c".into(),
+                    epoch: "e".into(),
+                    offset,
+                    msg: switchyard_store::StoredMessage {
+                        ts: 0,
+                        key: None,
+                        from: None,
+                        idem: None,
+                        data: String::new(),
+                    },
+                    data: RawValue::from_string("1".into()).unwrap(),
+                })
+                .collect()
+        };
+        let offsets = |p: Vec<OwnedMessage>| p.iter().map(|m| m.offset).collect::<Vec<_>>();
+        assert_eq!(offsets(cut_at_trim(page(&[1, 2, 3, 7, 8]), 0, 7)), vec![1, 2, 3]);
+        assert_eq!(offsets(cut_at_trim(page(&[1, 2, 3, 7, 8]), 0, 1)), vec![1, 2, 3, 7, 8], "compaction");
+        assert_eq!(offsets(cut_at_trim(page(&[7, 8]), 3, 7)), vec![7, 8], "hole at the start");
+    }
     use crate::outbox::{outbox, Inbox};
     use crate::test_support::{request as req, start};
     use switchyard_proto::protocol::StartFrom;
