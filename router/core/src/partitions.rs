@@ -237,7 +237,7 @@ fn read_page(
         } else {
             r.read_messages(p, &name, after, upto, want)
         };
-        let rows = rows.map_err(|e| OpError::internal(e.to_string()))?;
+        let rows = rows.map_err(|e| e.to_op_error())?;
         let last_step = rows.len() < want;
         for (offset, mut msg) in rows {
             // The payload moves into the checked RawValue; `view` reads it from there.
@@ -479,7 +479,7 @@ impl Partitions {
         self.store
             .read(move |r| read_page(r, p, (name, epoch), range, (limit, max_bytes), reverse))
             .await
-            .map_err(|e| OpError::internal(e.to_string()))?
+            .map_err(|e| e.to_op_error())?
     }
 
     /// Catch-up for a subscription on a channel owned here: stored messages

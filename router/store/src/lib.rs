@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 
 use switchyard_metrics::Metrics;
 use switchyard_proto::partition::PartitionId;
+use switchyard_proto::protocol::{ErrorCode, OpError};
 
 /// How eagerly the store syncs acknowledged writes to disk (`fsync` in the config file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -74,6 +75,39 @@ pub enum StoreError {
     /// cause (and fjall refuses all writes after it).
     #[error("store: sync failed: {0}")]
     Sync(Arc<fjall::Error>),
+    /// The filesystem's free space is below the configured reserve: writes are refused
+    /// before the store could run out of space (and fjall poison itself on ENOSPC).
+    #[error("store: free space {free} bytes is below the reserve of {reserve} bytes")]
+    NoSpace {
+        /// Bytes free for the node's user when last checked.
+        free: u64,
+        /// The reserve in bytes.
+        reserve: u64,
+    },
+}
+
+impl StoreError {
+    /// What a client is told: always `unavailable` (retry, perhaps on another node) with a
+    /// message that names the cause in our words and never a library's internal text (that
+    /// goes to the log).
+    pub fn to_op_error(&self) -> OpError {
+        let message = match self {
+            StoreError::NoSpace { .. } => {
+                "this node's disk is below its free-space reserve: writes are refused until space is freed; retry, perhaps on another node"
+            }
+            StoreError::Sync(_) => "this node cannot write to its disk; retry on another node",
+            StoreError::Fjall(_) | StoreError::Decode(_) | StoreError::ReadPanicked(_) => {
+                "this node cannot read this data from its disk; retry, perhaps on another node"
+            }
+            StoreError::WriterGone | StoreError::ReadPoolGone => "node shutting down; retry on another node",
+            StoreError::DataDir { .. } => "this node's data directory is unusable; retry on another node",
+        };
+        let err = OpError::new(ErrorCode::Unavailable, message);
+        match self {
+            StoreError::NoSpace { .. } => err.retry_after(1_000),
+            _ => err,
+        }
+    }
 }
 
 /// Per-channel metadata, rewritten in the same batch as the messages it describes.

@@ -312,7 +312,7 @@ impl Owner {
             _ if batch.is_empty() => Ok(()),
             _ => batch.write(work.needs_sync).await.map_err(|e| {
                 tracing::error!(partition = self.partition, error = %e, "store write failed; batch rejected");
-                OpError::internal("store write failed")
+                e.to_op_error()
             }),
         };
         if let Err(err) = stored {

@@ -369,6 +369,6 @@ async fn history_reply(
     }
     match store.off_worker(move || protocol::reply(id, &page)).await {
         Ok(frame) => frame,
-        Err(e) => protocol::reply::<Empty>(id, &Err(OpError::internal(e.to_string()))),
+        Err(e) => protocol::reply::<Empty>(id, &Err(e.to_op_error())),
     }
 }
