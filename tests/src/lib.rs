@@ -32,6 +32,7 @@ pub use serde_json;
 
 pub mod auth;
 pub mod etcd;
+pub mod writers;
 
 /// How long any single condition may take before a test gives up. Generous, because a
 /// loaded CI machine is slow; tests finish long before it when things work.

@@ -16,28 +16,24 @@
 //!     SWITCHYARD_BIN=$CARGO_TARGET_DIR/debug/switchyard PARTITION_RUNS=5 \
 //!       cargo test -p switchyard-tests --test partial_partition partition_figures -- --ignored --nocapture
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use switchyard_proto::partition::partition_of;
 use switchyard_tests::etcd::{cluster_view, node_config, wait_converged, Etcd};
 use switchyard_tests::serde_json::{json, Value};
+use switchyard_tests::writers::{channels_led_by, check_history, Writer};
 use switchyard_tests::*;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 const P: u32 = 6;
 const SECRET: &str = "correct-horse-battery-staple";
 /// The goal of issue #33 for both kinds of cut.
 const GOAL: Duration = Duration::from_secs(3);
-/// How long one publish attempt may take before the writer gives up on it (and its
-/// connection) and tries again.
-const ATTEMPT: Duration = Duration::from_millis(500);
 
 // === The cut ===
 
@@ -230,135 +226,6 @@ impl Cluster {
     }
 }
 
-/// One channel in each partition `owner` leads.
-fn channels_led_by(map: &Value, owner: &str) -> Vec<String> {
-    (0..P)
-        .filter(|p| map["owners"][*p as usize] == json!(owner))
-        .map(|p| (0..).map(|i| format!("cut:{i}")).find(|c| partition_of(c, P) == p).expect("a channel"))
-        .collect()
-}
-
-// === Writers ===
-
-/// One acknowledged publish.
-#[derive(Debug, Clone)]
-struct Acked {
-    data: String,
-    offset: u64,
-    epoch: String,
-    sent: Instant,
-    at: Instant,
-}
-
-/// Publishes to one channel through one node, one at a time, each with its own data;
-/// an attempt that fails or takes longer than [`ATTEMPT`] is abandoned (its outcome is
-/// unknown: it may still land, and is never retried with the same data).
-struct Writer {
-    channel: String,
-    acked: Arc<Mutex<Vec<Acked>>>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Writer {
-    fn start(addr: SocketAddr, channel: String, tag: String) -> Writer {
-        let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
-        let (stop, stopped) = watch::channel(false);
-        let (ch, out) = (channel.clone(), acked.clone());
-        let task = tokio::spawn(async move {
-            let mut client: Option<Client> = None;
-            for n in 0.. {
-                if *stopped.borrow() {
-                    return;
-                }
-                if client.is_none() {
-                    client = tokio::time::timeout(ATTEMPT, Client::connect_to(addr)).await.ok().and_then(Result::ok);
-                }
-                let Some(c) = client.as_mut() else {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                };
-                let data = format!("{tag}-{n}");
-                let sent = Instant::now();
-                let attempt = async {
-                    let id = c.send_cmd("publish", json!({ "channel": ch, "data": data })).await?;
-                    reply_ok(c.wait_reply(id).await?)
-                };
-                match tokio::time::timeout(ATTEMPT, attempt).await {
-                    Ok(Ok(ok)) => {
-                        let (Some(offset), Some(epoch)) = (ok["offset"].as_u64(), ok["epoch"].as_str()) else {
-                            continue;
-                        };
-                        let a = Acked { data, offset, epoch: epoch.into(), sent, at: Instant::now() };
-                        out.lock().unwrap().push(a);
-                    }
-                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
-                    Err(_) => client = None,
-                }
-            }
-        });
-        Writer { channel, acked, stop, task }
-    }
-
-    fn count(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// Waits for `n` more acknowledgements.
-    async fn progress(&self, n: usize) -> Result<()> {
-        let want = self.count() + n;
-        wait_until(&format!("{n} publishes to {} acknowledged", self.channel), DEADLINE, async || {
-            Ok(self.count() >= want)
-        })
-        .await
-    }
-
-    /// From `t`, how long until a publish sent after `t` was acknowledged.
-    fn back_after(&self, t: Instant) -> Option<Duration> {
-        self.acked.lock().unwrap().iter().find(|a| a.sent >= t).map(|a| a.at - t)
-    }
-
-    async fn finish(self) -> Vec<Acked> {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-        Arc::try_unwrap(self.acked).map(|m| m.into_inner().unwrap()).unwrap_or_default()
-    }
-}
-
-/// Every acknowledged publish is in history exactly once, at its offset, under one epoch;
-/// history is contiguous and holds no data twice (an abandoned attempt may be there once).
-async fn check_history(node: &Node, channel: &str, acked: &[Acked]) -> Result<()> {
-    let history = poll_for("history", DEADLINE, async || {
-        let Ok(mut c) = Client::connect_to(node.addr()).await else { return Ok(None) };
-        Ok(c.history_all(channel).await.ok())
-    })
-    .await?;
-    let offsets = history.offsets();
-    if let Some(first) = offsets.first() {
-        assert_contiguous(&offsets, *first)?;
-    }
-    let mut at: BTreeMap<String, u64> = BTreeMap::new();
-    for m in &history.messages {
-        let data = m["data"].as_str().unwrap_or_default().to_string();
-        let offset = m["offset"].as_u64().unwrap_or_default();
-        ensure!(at.insert(data.clone(), offset).is_none(), "{channel}: {data} is in history twice");
-    }
-    for a in acked {
-        ensure!(
-            a.epoch == history.epoch,
-            "{channel}: acknowledged under epoch {}, history has {}",
-            a.epoch,
-            history.epoch
-        );
-        match at.get(&a.data) {
-            Some(o) if *o == a.offset => {}
-            Some(o) => bail!("{channel}: {} acknowledged at offset {} is at {o}", a.data, a.offset),
-            None => bail!("{channel}: {} acknowledged at offset {} is not in history (lost)", a.data, a.offset),
-        }
-    }
-    Ok(())
-}
-
 /// One cut: writers through the two other nodes to channels the `victim` leads, the cut
 /// (from etcd too with `etcd`), the wait until those channels have other leaders and take
 /// publishes again, the heal, and the history check. Returns the worst time, over the
@@ -366,7 +233,7 @@ async fn check_history(node: &Node, channel: &str, acked: &[Acked]) -> Result<()
 async fn cut_once(c: &Cluster, victim: usize, etcd: bool) -> Result<Duration> {
     let vid = c.ids[victim].clone();
     let map = c.map()?;
-    let channels = channels_led_by(&map, &vid);
+    let channels = channels_led_by(&map, &vid, P, "cut");
     ensure!(!channels.is_empty(), "{vid} leads nothing: {map}");
     let gateways: Vec<usize> = (0..3).filter(|j| *j != victim).collect();
     let writers: Vec<Writer> = channels

@@ -128,6 +128,30 @@ pub struct ReachRecord {
     /// When the set last changed.
     #[serde(default)]
     pub since: String,
+    /// Whether this node's store can write: the leader moves leadership and replicas away
+    /// from a node that cannot, like from one most others cannot reach.
+    #[serde(default)]
+    pub store: StoreState,
+}
+
+/// A node's store as its `reach/<id>` report says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreState {
+    /// Writes work (also what a report without the field means).
+    #[default]
+    Ok,
+    /// Free space is below the reserve: writes are refused until it is back.
+    NoSpace,
+    /// A write failed; the node is stopping.
+    Failed,
+}
+
+impl StoreState {
+    /// True when the node can take writes.
+    pub fn writable(self) -> bool {
+        self == StoreState::Ok
+    }
 }
 
 /// `leader`: who leads and since when (under the leader's lease).

@@ -172,7 +172,12 @@ impl Leader<'_> {
         // the round treats them as departed (this leader too, if it is one of them: it
         // can still write etcd, so it leads on and gives its own partitions away).
         let live: std::collections::BTreeSet<&str> = nodes.keys().map(String::as_str).collect();
-        let mut cut = self.tracker.observe(tokio::time::Instant::now(), &live, &reach::unreachable(&live, &reports));
+        // A node whose store cannot write (below its free-space reserve, or failed) is
+        // treated like one most others cannot reach: it leads nothing and holds no replica
+        // until it can write again and `reachable_after` has passed.
+        let mut away = reach::unreachable(&live, &reports);
+        away.extend(reach::unwritable(&live, &reports));
+        let mut cut = self.tracker.observe(tokio::time::Instant::now(), &live, &away);
         if state.config.replicas <= 1 {
             // Unreplicated partitions have no follower to take over: they stay.
             cut.clear();

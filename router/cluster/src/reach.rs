@@ -17,12 +17,14 @@ use std::time::{Duration, SystemTime};
 use etcd_client::{Client, PutOptions};
 use tokio::time::Instant;
 
-use crate::keys::{self, ReachRecord};
+use switchyard_store::Health;
+
+use crate::keys::{self, ReachRecord, StoreState};
 use crate::{timed, Context, Error, State};
 
-/// Writes `reach/<id>` under `lease` now and whenever the set of reachable peers changes.
-/// Without peer links there is nothing to report: it waits forever (the session's other
-/// tasks end it).
+/// Writes `reach/<id>` under `lease` now and whenever the set of reachable peers or the
+/// store's health changes. Without peer links there is nothing to report (and no replica
+/// to move to): it waits forever (the session's other tasks end it).
 pub(crate) async fn report(
     node: &Arc<Context>,
     state: &Arc<State>,
@@ -30,18 +32,38 @@ pub(crate) async fn report(
     lease: i64,
 ) -> Result<(), Error> {
     let Some(mut reach) = node.reach.clone() else { return std::future::pending().await };
+    let mut health = node.partitions.store.health();
     let key = state.keys.reach(&state.node_id);
     loop {
         let reachable: Vec<String> = reach.borrow_and_update().iter().cloned().collect();
-        let record = ReachRecord { reachable, since: keys::timestamp(SystemTime::now()) };
+        let store = match *health.borrow_and_update() {
+            Health::Ok => StoreState::Ok,
+            Health::NoSpace => StoreState::NoSpace,
+            Health::Failed => StoreState::Failed,
+        };
+        let record = ReachRecord { reachable, since: keys::timestamp(SystemTime::now()), store };
         let json = serde_json::to_string_pretty(&record).expect("reach record serializes");
         let put = client.put(key.clone(), json, Some(PutOptions::new().with_lease(lease)));
         timed("write reach", state.config.etcd_timeout, put).await?;
-        tracing::debug!(reachable = ?record.reachable, "reachability reported");
-        if reach.changed().await.is_err() {
+        tracing::debug!(reachable = ?record.reachable, store = ?record.store, "reachability reported");
+        let changed = tokio::select! {
+            r = reach.changed() => r.is_ok(),
+            r = health.changed() => r.is_ok(),
+        };
+        if !changed {
             return std::future::pending().await;
         }
     }
+}
+
+/// The live nodes whose own report says their store cannot write. Unlike reachability,
+/// this needs no majority: a node knows its own disk.
+pub fn unwritable(live: &BTreeSet<&str>, reports: &BTreeMap<String, ReachRecord>) -> BTreeSet<String> {
+    reports
+        .iter()
+        .filter(|(id, r)| live.contains(id.as_str()) && !r.store.writable())
+        .map(|(id, _)| id.clone())
+        .collect()
 }
 
 /// The live nodes that a majority of the other live nodes report unreachable right now.
@@ -137,7 +159,7 @@ impl Tracker {
                 t.cut = bad;
                 t.flipping = None;
                 if bad {
-                    tracing::warn!(node = %id, "most members cannot reach this node: moving its partition leadership away");
+                    tracing::warn!(node = %id, "most members cannot reach this node, or its store cannot write: moving its partition leadership and replicas away");
                 } else {
                     tracing::info!(node = %id, "node reachable again");
                 }
@@ -179,7 +201,7 @@ mod tests {
         r.iter()
             .map(|(id, reach)| {
                 let reachable = reach.iter().map(|s| s.to_string()).collect();
-                (id.to_string(), ReachRecord { reachable, since: String::new() })
+                (id.to_string(), ReachRecord { reachable, since: String::new(), store: StoreState::Ok })
             })
             .collect()
     }

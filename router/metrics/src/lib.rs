@@ -43,6 +43,16 @@ pub struct Metrics {
     /// Store reads a partition owner started for a channel's parked commands (idempotency
     /// windows, consumer offsets).
     pub store_loads: IntCounter,
+    /// Bytes free for the node on the data directory's filesystem, as last checked.
+    pub store_free_bytes: IntGauge,
+    /// The free-space reserve in bytes (`[store] reserve_bytes`/`reserve_percent`).
+    pub store_reserve_bytes: IntGauge,
+    /// 1 while free space is below the reserve and writes are refused.
+    pub store_space_low: IntGauge,
+    /// Write batches refused because free space was below the reserve.
+    pub store_space_refusals: IntCounter,
+    /// 1 once a write or fsync failed (the node stops and exits).
+    pub store_failed: IntGauge,
     /// Channels held per partition.
     pub partition_channels: IntGaugeVec,
     /// Messages removed by retention.
@@ -183,6 +193,14 @@ impl Metrics {
                 "switchyard_owner_store_loads_total",
                 "Store reads an owner parked a channel's commands behind",
             ),
+            store_free_bytes: gauge("switchyard_store_free_bytes", "Bytes free on the data directory's filesystem"),
+            store_reserve_bytes: gauge("switchyard_store_reserve_bytes", "The free-space reserve in bytes"),
+            store_space_low: gauge("switchyard_store_space_low", "1 while free space is below the reserve"),
+            store_space_refusals: counter(
+                "switchyard_store_space_refusals_total",
+                "Write batches refused because free space was below the reserve",
+            ),
+            store_failed: gauge("switchyard_store_failed", "1 once a store write or fsync failed"),
             partition_channels: reg(
                 &registry,
                 IntGaugeVec::new(Opts::new("switchyard_partition_channels", "Channels per partition"), &["partition"])

@@ -71,6 +71,9 @@ pub struct Config {
     /// Store reads (history, catch-up, owner loads, handover chunks) that run at once on
     /// blocking threads; more wait their turn. Default (absent): twice the cores, at least 4.
     pub store_read_threads: Option<usize>,
+    /// The free-space reserve (`[store]`): below it, writes that store data are refused
+    /// with `unavailable` until space is freed. Default: the larger of 256 MiB and 1%.
+    pub store: switchyard_store::Reserve,
     /// How long a graceful shutdown may take before the process exits anyway. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -281,6 +284,7 @@ impl Default for Config {
             partitions: 64,
             fsync: FsyncPolicy::Batch,
             store_read_threads: None,
+            store: switchyard_store::Reserve::default(),
             shutdown_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             publish: PublishConfig::default(),
@@ -459,6 +463,9 @@ impl Config {
         }
         if self.shutdown_timeout.is_zero() {
             return invalid("shutdown_timeout", "must be greater than zero");
+        }
+        if !(0.0..=50.0).contains(&self.store.reserve_percent) {
+            return invalid("store.reserve_percent", "must be between 0 and 50");
         }
         if self.store_read_threads.is_some_and(|n| n == 0 || n > 1024) {
             return invalid("store_read_threads", "must be between 1 and 1024");
@@ -791,6 +798,8 @@ mod tests {
             ),
             ("[cluster]\netcd = [\"http://x:1\"]\nreplicas = -1", "replicas"),
             ("store_read_threads = 0", "store_read_threads"),
+            ("[store]\nreserve_percent = 60", "store.reserve_percent"),
+            ("[store]\nreserve_bytes = -1", "reserve_bytes"),
             ("store_read_threads = 1025", "store_read_threads"),
             ("store_read_threads = -1", "store_read_threads"),
         ] {

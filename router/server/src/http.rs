@@ -26,6 +26,7 @@ use switchyard_core::owner::PublishRequest;
 use switchyard_core::HistoryQuery;
 use switchyard_proto::protocol::{self, ErrorCode, OpError};
 use switchyard_proto::Dialect;
+use switchyard_store::Health;
 
 /// The subprotocol the server offers.
 pub(crate) const SUBPROTOCOL: &str = "switchyard.v1";
@@ -159,6 +160,22 @@ fn result_response<T: serde::Serialize>(result: Result<T, OpError>) -> Response<
     }
 }
 
+/// `/healthz` of a node that is not shutting down, by its store's health. A store below
+/// its free-space reserve still serves reads; in a cluster the node also routes publishes
+/// to the nodes that took its partitions over, so it stays in rotation (200, with the
+/// store's state in the body); standalone it can take no write at all (503, like etcd's
+/// `NOSPACE` alarm). A failed store is 503 everywhere: the node is about to exit.
+fn health_response(node: &Node) -> Response<Body> {
+    match *node.router.partitions().store.health().borrow() {
+        Health::Ok => json_response(200, Bytes::from_static(br#"{"status":"ok"}"#)),
+        Health::NoSpace if node.cluster.is_some() => {
+            json_response(200, Bytes::from_static(br#"{"status":"ok","store":"no_space"}"#))
+        }
+        Health::NoSpace => json_response(503, Bytes::from_static(br#"{"status":"store_no_space"}"#)),
+        Health::Failed => json_response(503, Bytes::from_static(br#"{"status":"store_failed"}"#)),
+    }
+}
+
 async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>) -> Response<Body> {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
@@ -171,10 +188,8 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
         (&Method::GET, "/healthz") => {
             if *node.shutdown.borrow() {
                 json_response(503, Bytes::from_static(br#"{"status":"shutting_down"}"#))
-            } else if node.router.partitions().store.has_failed() {
-                json_response(503, Bytes::from_static(br#"{"status":"store_failed"}"#))
             } else {
-                json_response(200, Bytes::from_static(br#"{"status":"ok"}"#))
+                health_response(&node)
             }
         }
         (&Method::GET, "/metrics") => Response::builder()

@@ -58,14 +58,19 @@ pub enum ServerError {
     /// etcd holds a cluster this node cannot join as configured (exit status 2).
     #[error("{0}")]
     Fatal(String),
+    /// A store write or fsync failed while serving (exit status 3): the node stopped so
+    /// that a restart recovers the store from the journal on disk.
+    #[error("the store failed a write or fsync (the cause is logged above); stopped so that a restart recovers it from its journal on disk")]
+    StoreFailed,
 }
 
 impl ServerError {
-    /// The process exit status this error calls for: 2 for a configuration mismatch, 1
-    /// otherwise.
+    /// The process exit status this error calls for: 2 for a configuration mismatch, 3
+    /// for a store that failed while serving, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             ServerError::Fatal(_) | ServerError::Tls(_) | ServerError::PeerTls(_) => 2,
+            ServerError::StoreFailed => 3,
             _ => 1,
         }
     }
@@ -105,9 +110,25 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     let server = tokio::spawn(http::serve(node.clone(), listener, alive_tx, tls));
     spawn_reload_on_sighup(node.clone());
-    if wait_for_signal().await == Signal::Terminate {
-        drain(&node).await;
-    }
+    // A store that failed a write refuses every write from then on (fjall is poisoned, and
+    // after a failed fsync the page cache no longer says what is on disk): reopening it
+    // in-process would mean recovering every partition from the journal again, which is
+    // exactly a restart. So the node stops at once, without a drain (it can take no handover
+    // write), revokes its lease so a cluster moves its partitions now, and exits with 3 for
+    // the supervisor (`Restart=on-failure`) to start it again.
+    let mut health = node.router.partitions().store.health();
+    let store_failed = tokio::select! {
+        signal = wait_for_signal() => {
+            if signal == Signal::Terminate {
+                drain(&node).await;
+            }
+            false
+        }
+        _ = health.wait_for(|h| *h == switchyard_store::Health::Failed) => {
+            tracing::error!("the store failed a write: refusing everything and stopping so that a restart recovers it");
+            true
+        }
+    };
     tracing::info!("shutting down");
     node.shutdown();
     let drained = tokio::time::timeout(timeout, async {
@@ -121,6 +142,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         let _ = node.router.partitions().store.close();
     }
     tracing::info!("stopped");
+    if store_failed {
+        return Err(ServerError::StoreFailed);
+    }
     Ok(())
 }
 

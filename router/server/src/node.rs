@@ -99,6 +99,7 @@ impl Node {
         let read_threads = config.store_read_threads.unwrap_or_else(switchyard_store::default_read_threads);
         let store = Store::open_with_readers(&config.data_dir, config.fsync, metrics.clone(), read_threads)?;
         tracing::info!(data_dir = %config.data_dir.display(), "store opened");
+        store.guard_space(config.store);
         // Writes that reach a sealed partition are forwarded to its new owner (cluster mode
         // with peer links only).
         let secret = config.cluster.secret.clone().filter(|_| config.cluster.enabled());

@@ -199,11 +199,14 @@ pub struct Store {
     /// Per partition: the map epoch of the move by which this node last adopted it.
     adopted: Keyspace,
     policy: FsyncPolicy,
+    metrics: Arc<Metrics>,
     writer: std_mpsc::Sender<Vec<WriteJob>>,
     /// The batches written during the current runtime pass, not yet handed to the writer.
     round: Round,
-    /// Set when a write or fsync failed: fjall refuses all writes after that.
-    failed: Arc<std::sync::atomic::AtomicBool>,
+    /// The data directory.
+    dir: std::path::PathBuf,
+    /// The store's health and the free-space reserve's flag the writer reads.
+    space: Arc<space::Space>,
     /// The read pool's queue ([`Store::read`]).
     reads: std_mpsc::Sender<ReadJob>,
     /// Channels whose reads are held (fault injection for tests).
@@ -265,7 +268,10 @@ struct WriteJob {
     batch: WriteBatch,
     /// Whether the writes must be fsync'd (under the policy) before the answer.
     durable: bool,
-    done: oneshot::Sender<Result<(), Arc<fjall::Error>>>,
+    /// Whether the batch stores data (a message or consumer offset): refused below the
+    /// free-space reserve. Batches that only remove or rewrite metadata pass.
+    grows: bool,
+    done: oneshot::Sender<Result<(), StoreError>>,
 }
 
 fn channel_prefix(partition: PartitionId, channel: &str) -> Vec<u8> {
@@ -304,6 +310,8 @@ fn offset_of_key(key: &[u8]) -> u64 {
 pub struct Batch<'a> {
     store: &'a Store,
     inner: WriteBatch,
+    /// Stores data ([`WriteJob::grows`]).
+    grows: bool,
 }
 
 impl Batch<'_> {
@@ -311,6 +319,7 @@ impl Batch<'_> {
     pub fn put_message(&mut self, p: PartitionId, channel: &str, offset: u64, msg: &StoredMessage) -> u32 {
         let value = postcard::to_stdvec(msg).expect("messages always encode");
         let size = value.len() as u32;
+        self.grows = true;
         self.inner.insert(&self.store.messages, message_key(p, channel, offset), value);
         size
     }
@@ -330,6 +339,7 @@ impl Batch<'_> {
     pub fn put_consumer(&mut self, p: PartitionId, channel: &str, consumer: &str, offset: u64) {
         let mut k = channel_prefix(p, channel);
         k.extend_from_slice(consumer.as_bytes());
+        self.grows = true;
         self.inner.insert(&self.store.consumers, k, offset.to_be_bytes().to_vec());
     }
 
@@ -401,11 +411,15 @@ impl Batch<'_> {
 
     /// Hands the batch to the log writer and waits until it is committed and, when `durable`,
     /// fsync'd as the policy says (`batch`: the next group fsync; `always`: its own fsync;
-    /// `never`: written to the OS only).
+    /// `never`: written to the OS only). A batch that stores data is refused with
+    /// [`StoreError::NoSpace`] while free space is below the reserve.
     pub async fn write(self, durable: bool) -> Result<(), StoreError> {
-        let (done, rx) = oneshot::channel();
         let store = self.store;
-        let job = WriteJob { batch: self.inner, durable, done };
+        if let Some(refused) = self.grows.then(|| no_space(&store.space, &store.metrics)).flatten() {
+            return Err(refused);
+        }
+        let (done, rx) = oneshot::channel();
+        let job = WriteJob { batch: self.inner, durable, grows: self.grows, done };
         if store.policy == FsyncPolicy::Always {
             // Every batch gets its own fsync: nothing to gather.
             store.writer.send(vec![job]).map_err(|_| StoreError::WriterGone)?;
@@ -417,7 +431,7 @@ impl Batch<'_> {
             tokio::task::yield_now().await;
             drop(handover);
         }
-        rx.await.map_err(|_| StoreError::WriterGone)?.map_err(StoreError::Sync)
+        rx.await.map_err(|_| StoreError::WriterGone)?
     }
 }
 
@@ -504,11 +518,12 @@ impl Store {
         let replog = db.keyspace("replog", KeyspaceCreateOptions::default)?;
         let (writer, jobs) = std_mpsc::channel::<Vec<WriteJob>>();
         let writer_db = db.clone();
-        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer_failed = failed.clone();
+        let space = Arc::new(space::Space::new());
+        let writer_space = space.clone();
+        let writer_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(writer_db, jobs, policy, metrics, writer_failed))
+            .spawn(move || write_loop(writer_db, jobs, policy, writer_metrics, writer_space))
             .expect("spawn store writer thread");
         Ok(Arc::new(Self {
             db,
@@ -520,7 +535,9 @@ impl Store {
             policy,
             writer,
             round: Round::default(),
-            failed,
+            dir: dir.to_path_buf(),
+            space,
+            metrics,
             reads: start_read_pool(read_threads.max(1)),
             #[cfg(any(test, feature = "fault-hooks"))]
             holds: Arc::default(),
@@ -529,7 +546,19 @@ impl Store {
 
     /// True once a write or fsync failed; the node can no longer store anything.
     pub fn has_failed(&self) -> bool {
-        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+        self.space.is_failed()
+    }
+
+    /// The store's health now and every change to it: below the free-space reserve (writes
+    /// refused, back by themselves), or failed (for good).
+    pub fn health(&self) -> tokio::sync::watch::Receiver<Health> {
+        self.space.health()
+    }
+
+    /// Starts checking the data directory's free space against `reserve` (a first check
+    /// runs before this returns); until it is called nothing is refused for space.
+    pub fn guard_space(&self, reserve: Reserve) {
+        space::watch_space(&self.dir, reserve, &self.space, self.metrics.clone());
     }
 
     /// The configured fsync policy.
@@ -541,7 +570,7 @@ impl Store {
     pub fn batch(&self) -> Batch<'_> {
         // No flush of the journal's buffer per batch: the writer flushes once per group
         // (see `commit_group`), before any of the group's batches is answered.
-        Batch { store: self, inner: self.db.batch().durability(None) }
+        Batch { store: self, inner: self.db.batch().durability(None), grows: false }
     }
 
     /// Runs `f` with a [`Reader`] on the read pool and returns what it returns: the only
@@ -849,9 +878,9 @@ fn write_loop(
     jobs: std_mpsc::Receiver<Vec<WriteJob>>,
     policy: FsyncPolicy,
     metrics: Arc<Metrics>,
-    failed: Arc<std::sync::atomic::AtomicBool>,
+    space: Arc<space::Space>,
 ) {
-    let commit = |group: Vec<WriteJob>| commit_group(&db, group, policy, &metrics, &failed);
+    let commit = |group: Vec<WriteJob>| commit_group(&db, group, policy, &metrics, &space);
     while let Ok(mut group) = jobs.recv() {
         if policy == FsyncPolicy::Always {
             group.into_iter().for_each(|job| commit(vec![job]));
@@ -862,23 +891,34 @@ fn write_loop(
     }
 }
 
+/// The refusal of a batch that stores data, while free space is below the reserve.
+fn no_space(space: &space::Space, metrics: &Metrics) -> Option<StoreError> {
+    let (free, reserve) = space.refused()?;
+    metrics.store_space_refusals.inc();
+    Some(StoreError::NoSpace { free, reserve })
+}
+
 /// Commits `group`, fsyncs once if any of it must be durable, and answers every batch.
-fn commit_group(
-    db: &Database,
-    group: Vec<WriteJob>,
-    policy: FsyncPolicy,
-    metrics: &Metrics,
-    failed: &std::sync::atomic::AtomicBool,
-) {
+/// A batch that stores data is refused, uncommitted, while free space is below the reserve
+/// (it may have been queued before the state changed).
+fn commit_group(db: &Database, group: Vec<WriteJob>, policy: FsyncPolicy, metrics: &Metrics, space: &space::Space) {
     let mut must_sync = false;
+    let mut refused = Vec::new();
     let mut answers: Vec<_> = group
         .into_iter()
-        .map(|WriteJob { batch, durable, done }| {
+        .filter_map(|WriteJob { batch, durable, grows, done }| {
+            if let Some(e) = grows.then(|| no_space(space, metrics)).flatten() {
+                refused.push((done, e));
+                return None;
+            }
             let r = batch.commit().map_err(Arc::new);
             must_sync |= durable && r.is_ok();
-            (done, durable, r)
+            Some((done, durable, r))
         })
         .collect();
+    for (done, e) in refused {
+        let _ = done.send(Err(e));
+    }
     if must_sync && policy != FsyncPolicy::Never {
         // Flushes the journal's buffer, then fsyncs.
         let started = Instant::now();
@@ -886,7 +926,6 @@ fn commit_group(
         metrics.store_sync_seconds.observe(started.elapsed().as_secs_f64());
         metrics.store_syncs.inc();
         if let Err(e) = &synced {
-            tracing::error!(error = %e, batches = answers.len(), "store fsync failed");
             for (_, _, r) in answers.iter_mut().filter(|(_, durable, _)| *durable) {
                 *r = Err(e.clone());
             }
@@ -895,16 +934,24 @@ fn commit_group(
         // One write of the journal's buffer to the OS for the whole group: what is
         // answered survives a crash of the process.
         let e = Arc::new(e);
-        tracing::error!(error = %e, batches = answers.len(), "store write failed");
         for (_, _, r) in answers.iter_mut() {
             *r = Err(e.clone());
         }
     }
-    for (done, _, r) in answers {
-        if r.is_err() {
-            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failed = answers.iter().filter(|(_, _, r)| r.is_err()).count();
+    if let Some(e) = answers.iter().find_map(|(_, _, r)| r.as_ref().err()) {
+        // Logged once, at the failure: every later write fails the same way until the
+        // node restarts.
+        if space.is_failed() {
+            tracing::debug!(error = %e, batches = failed, "store write refused: the store has failed");
+        } else {
+            tracing::error!(error = %e, batches = failed, "store write or fsync failed: the store refuses every write from now on");
+            space.fail();
+            metrics.store_failed.set(1);
         }
-        let _ = done.send(r);
+    }
+    for (done, _, r) in answers {
+        let _ = done.send(r.map_err(StoreError::Sync));
     }
 }
 
@@ -917,6 +964,8 @@ pub fn default_read_threads() -> usize {
 
 #[cfg(any(test, feature = "fault-hooks"))]
 pub mod hooks;
+mod space;
+pub use space::{Health, Reserve, CHECK_EVERY};
 
 #[cfg(test)]
 mod tests;

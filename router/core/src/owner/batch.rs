@@ -311,7 +311,9 @@ impl Owner {
             )),
             _ if batch.is_empty() => Ok(()),
             _ => batch.write(work.needs_sync).await.map_err(|e| {
-                tracing::error!(partition = self.partition, error = %e, "store write failed; batch rejected");
+                // The store logs the cause once (the reserve's state change, or the first
+                // failed write), not once per batch.
+                tracing::debug!(partition = self.partition, error = %e, "store write refused; batch rejected");
                 e.to_op_error()
             }),
         };
