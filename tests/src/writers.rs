@@ -149,4 +149,3 @@ pub async fn check_history(node: &Node, channel: &str, acked: &[Acked]) -> Resul
     }
     Ok(())
 }
-

@@ -147,7 +147,10 @@ pub(crate) fn watch_space(dir: &Path, reserve: Reserve, space: &Arc<Space>, metr
 
 fn run(dir: PathBuf, reserve: Reserve, space: Weak<Space>, metrics: Arc<Metrics>) {
     loop {
-        #[allow(clippy::disallowed_methods, reason = "a dedicated OS thread paced by its own period, never a runtime worker")]
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a dedicated OS thread paced by its own period, never a runtime worker"
+        )]
         std::thread::sleep(CHECK_EVERY);
         let Some(space) = space.upgrade() else { return };
         check(&dir, &reserve, &space, &metrics);
