@@ -372,6 +372,11 @@ impl Trio {
     /// Stops the writers; checks each channel's unavailability from `since` against the
     /// goal and that every acknowledged message is in history (read through n1).
     async fn finish(self, since: Instant) -> Result<(Vec<Node>, Mount)> {
+        // Errors a node repeats are logged once or rate-limited, not once per request.
+        let stderr = self.nodes[2].stderr();
+        let loud: Vec<&str> = stderr.lines().filter(|l| l.contains(" ERROR ") || l.contains(" WARN ")).collect();
+        eprintln!("{}: n3 logged {} WARN/ERROR lines", self.name, loud.len());
+        ensure!(loud.len() <= 40, "n3 logged {} WARN/ERROR lines:\n{}", loud.len(), loud.join("\n"));
         let mut all = Vec::new();
         for w in self.writers {
             let ch = w.channel.clone();
