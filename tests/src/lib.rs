@@ -815,7 +815,7 @@ impl HttpResponse {
             .with_context(|| format!("response body is not JSON (status {}): {}", self.status, self.body))
     }
 
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }

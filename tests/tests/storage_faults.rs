@@ -249,6 +249,11 @@ async fn a_full_disk_refuses_writes_then_resumes_without_a_restart() -> Result<(
     ensure!(metric(&node, "switchyard_store_failed").await? == 0.0, "the store failed: the reserve did not hold");
     // Reads still work.
     check_acked(&node, &acked).await?;
+    // HTTP publishers get 503 with a Retry-After.
+    let body = json!({ "channel": "disk:http", "data": "x" });
+    let r = http(node.addr(), "POST", "/api/v1/publish", Some(&body)).await?;
+    ensure!(r.status == 503 && r.header("retry-after") == Some("1"), "HTTP publish while full: {r:?}");
+    ensure!(r.json()?["error"]["code"] == "unavailable", "HTTP publish while full: {}", r.body);
 
     // kill -9 while full. Recovery may flush the journal into (compressed) tables and free
     // a little: the filler takes it back, and the node refuses again.
@@ -296,8 +301,8 @@ async fn a_full_disk_refuses_writes_then_resumes_without_a_restart() -> Result<(
     let errors = stderr.lines().filter(|l| l.contains("ERROR")).count();
     ensure!(errors == 0, "{errors} ERROR lines: the reserve is a state, logged once:\n{stderr}");
     ensure!(stderr.matches("free space is below the reserve").count() >= 1, "no log line for the state change");
-    drop(node);
     drop(disk);
+    drop(node);
     Ok(())
 }
 
@@ -308,10 +313,11 @@ const P: u32 = 6;
 /// Three nodes on real etcd (replicas = 2), n3's data on `mount`, every partition in
 /// sync, and writers through n1 and n2 to one channel in each partition n3 leads.
 struct Trio {
+    /// Unmounted first (lazily), so the nodes' temporary directories can go after it.
+    disk: Mount,
     etcd: Etcd,
     name: String,
     nodes: Vec<Node>,
-    disk: Mount,
     writers: Vec<Writer>,
 }
 
@@ -343,7 +349,7 @@ impl Trio {
         for w in &writers {
             w.progress(20).await?;
         }
-        Ok(Trio { etcd, name: name.into(), nodes, disk, writers })
+        Ok(Trio { disk, etcd, name: name.into(), nodes, writers })
     }
 
     /// Waits until the map names n3 nowhere (owner, replica or ISR); returns how long
@@ -421,8 +427,8 @@ async fn a_node_with_a_full_disk_gives_up_its_partitions() -> Result<()> {
     })
     .await?;
     let (nodes, disk) = trio.finish(filled).await?;
-    drop(nodes);
     drop(disk);
+    drop(nodes);
     Ok(())
 }
 
@@ -441,8 +447,8 @@ async fn a_node_whose_filesystem_fails_hands_its_partitions_over() -> Result<()>
     ensure!(status.code() == Some(3), "n3 exit status {status}, want 3");
     trio.wait_n3_gone(broke).await?;
     let (nodes, disk) = trio.finish(broke).await?;
-    drop(nodes);
     drop(disk);
+    drop(nodes);
     Ok(())
 }
 
@@ -474,7 +480,7 @@ async fn a_filesystem_that_turns_read_only_stops_the_node_and_loses_nothing() ->
     disk.repair_and_remount()?;
     node.restart();
     check_history(&node, "ro:a", &acked).await?;
-    drop(node);
     drop(disk);
+    drop(node);
     Ok(())
 }

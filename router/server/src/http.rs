@@ -149,8 +149,14 @@ fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), OpError> {
     node.access.check_api_key(header(headers, header::AUTHORIZATION), header(headers, "x-api-key"))
 }
 
+/// An error as JSON with its status; a retry hint (`retry_after_ms`) also becomes a
+/// `Retry-After` header, in whole seconds rounded up.
 fn error_response(e: &OpError) -> Response<Body> {
-    json_response(e.code.http_status(), protocol::to_frame(&serde_json::json!({ "error": e })))
+    let mut response = json_response(e.code.http_status(), protocol::to_frame(&serde_json::json!({ "error": e })));
+    if let Some(ms) = e.retry_after_ms {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
+    }
+    response
 }
 
 fn result_response<T: serde::Serialize>(result: Result<T, OpError>) -> Response<Body> {
