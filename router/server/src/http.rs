@@ -173,6 +173,12 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
                 json_response(503, Bytes::from_static(br#"{"status":"shutting_down"}"#))
             } else if node.router.partitions().store.has_failed() {
                 json_response(503, Bytes::from_static(br#"{"status":"store_failed"}"#))
+            } else if node.router.partitions().store.has_damage() {
+                // Still serving: only reads of the damaged data fail (like a Kafka broker
+                // with one offline log, not a dead node), so a load balancer keeps it.
+                let damaged: Vec<_> = node.router.partitions().store.damaged().into_iter().map(|(p, _)| p).collect();
+                let body = serde_json::json!({ "status": "ok", "store": "damaged", "damaged_partitions": damaged });
+                json_response(200, protocol::to_frame(&body))
             } else {
                 json_response(200, Bytes::from_static(br#"{"status":"ok"}"#))
             }

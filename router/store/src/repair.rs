@@ -119,6 +119,9 @@ pub struct Report {
     pub tables_checked: u64,
     /// Where [`repair`] put the damaged files (None when nothing was damaged).
     pub moved_to: Option<PathBuf>,
+    /// [`check`] only: a running node holds the store's lock, so the journal's last batch
+    /// may be in flight (a cut last batch is then not damage).
+    pub in_use: bool,
 }
 
 impl Report {
@@ -142,6 +145,57 @@ impl Report {
         let mut out: Vec<u64> = self.damage.iter().flat_map(|d| d.dropped_seqnos.iter().copied()).collect();
         out.extend(self.later.iter().flat_map(|l| l.seqnos.iter().copied()));
         out
+    }
+}
+
+impl std::fmt::Display for Report {
+    /// What an operator reads from `switchyard store check|repair`: one line per finding.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.in_use {
+            writeln!(f, "note: a running node has this store open; a cut last batch may be a write in flight")?;
+        }
+        writeln!(f, "journal: {} file(s), {} whole batch(es) kept", self.journals.len(), self.kept_batches)?;
+        match &self.damage {
+            None => writeln!(f, "journal: intact")?,
+            Some(d) => {
+                writeln!(
+                    f,
+                    "journal: DAMAGED {} at byte {}: {}; batches after byte {} are dropped: {} batch(es), {} bytes in this file",
+                    d.file.display(),
+                    d.at,
+                    d.fault,
+                    d.at,
+                    d.dropped_batches,
+                    d.dropped_bytes
+                )?;
+                for l in &self.later {
+                    writeln!(
+                        f,
+                        "journal: later file {} is dropped whole: {} batch(es), {} bytes",
+                        l.file.display(),
+                        l.batches,
+                        l.bytes
+                    )?;
+                }
+                writeln!(
+                    f,
+                    "journal: dropped in all: {} batch(es), {} bytes, seqnos {:?}",
+                    self.dropped_batches(),
+                    self.dropped_bytes(),
+                    self.dropped_seqnos()
+                )?;
+            }
+        }
+        if let Some(to) = &self.moved_to {
+            writeln!(f, "journal: repaired; the damaged file(s) are kept in {}", to.display())?;
+        }
+        if self.tables_checked > 0 || !self.tables.is_empty() {
+            writeln!(f, "tables: {} file(s) read, {} damaged", self.tables_checked, self.tables.len())?;
+        }
+        for t in &self.tables {
+            writeln!(f, "tables: DAMAGED {} at byte {}: {}", t.file.display(), t.at, t.what)?;
+        }
+        Ok(())
     }
 }
 
@@ -454,7 +508,9 @@ fn table_files(dir: &Path) -> Result<Vec<PathBuf>, RepairError> {
 /// Reads the data directory without writing anything: the journals' first damage and
 /// what repairing it would drop, and every table file's blocks against their checksums.
 pub fn check(dir: &Path) -> Result<Report, RepairError> {
+    let in_use = matches!(lock(dir), Err(e) if e.source.kind() == io::ErrorKind::WouldBlock);
     let mut report = scan_journals(dir)?;
+    report.in_use = in_use;
     for file in table_files(dir)? {
         let buf = fs::read(&file).map_err(io_err("cannot read table", &file))?;
         report.tables_checked += 1;
@@ -484,6 +540,7 @@ fn damaged_dir(dir: &Path) -> PathBuf {
 /// later journal file there too. A clean directory is not written at all. Tables are not
 /// read here (that is [`check`]; a damaged table is found by the reads that hit it).
 pub fn repair(dir: &Path) -> Result<Report, RepairError> {
+    let _lock = lock(dir)?;
     let mut report = scan_journals(dir)?;
     let Some(damage) = &report.damage else {
         return Ok(report);
@@ -505,6 +562,26 @@ pub fn repair(dir: &Path) -> Result<Report, RepairError> {
     fsync_dir(dir)?;
     report.moved_to = Some(aside);
     Ok(report)
+}
+
+/// Takes the lock fjall takes on the store (`<dir>/lock`), so a repair never runs under a
+/// node that has the store open; None when there is no store yet.
+fn lock(dir: &Path) -> Result<Option<fs::File>, RepairError> {
+    let path = dir.join("lock");
+    let file = match fs::OpenOptions::new().read(true).write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("cannot open the store's lock file", &path)(e)),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Err(RepairError {
+            what: "a running node holds the store's lock",
+            path,
+            source: io::Error::from(io::ErrorKind::WouldBlock),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(io_err("cannot lock", &path)(e)),
+    }
 }
 
 fn fsync(path: &Path) -> Result<(), RepairError> {
