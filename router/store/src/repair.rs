@@ -16,6 +16,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
@@ -72,7 +73,7 @@ pub struct JournalDamage {
     /// Batches dropped: the damaged one (when anything of it was readable) and every
     /// whole batch recognised after it in this file.
     pub dropped_batches: u64,
-    /// Bytes dropped: from `at` to the last non-zero byte of the file.
+    /// Bytes dropped: from `at` to the end of a cut file, else to its last non-zero byte.
     pub dropped_bytes: u64,
     /// The seqnos of the dropped batches whose start could be read (oldest first).
     pub dropped_seqnos: Vec<u64>,
@@ -381,6 +382,36 @@ fn journal_files(dir: &Path) -> Result<Vec<PathBuf>, RepairError> {
     Ok(files.into_iter().map(|(_, p)| p).collect())
 }
 
+/// One whole batch of a journal file, where it lies: for tools and tests that damage or
+/// inspect a journal on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchAt {
+    /// Offset of its Start entry.
+    pub at: u64,
+    /// Offset just past its End entry.
+    pub end: u64,
+    /// Its seqno.
+    pub seqno: u64,
+}
+
+/// The journal files of `dir`, oldest first, each with its whole batches up to the first
+/// damage or the end.
+pub fn journal_batches(dir: &Path) -> Result<Vec<(PathBuf, Vec<BatchAt>)>, RepairError> {
+    let mut out = Vec::new();
+    for file in journal_files(dir)? {
+        let buf = fs::read(&file).map_err(io_err("cannot read journal", &file))?;
+        let mut batches = Vec::new();
+        let mut p = 0;
+        while p < buf.len() && buf[p] == TAG_START {
+            let Ok(b) = parse_batch(&buf, p) else { break };
+            batches.push(BatchAt { at: p as u64, end: b.end as u64, seqno: b.seqno });
+            p = b.end;
+        }
+        out.push((file, batches));
+    }
+    Ok(out)
+}
+
 /// Reads every journal file of `dir` and finds the first damage; nothing is written.
 fn scan_journals(dir: &Path) -> Result<Report, RepairError> {
     let files = journal_files(dir)?;
@@ -421,7 +452,10 @@ fn scan_journals(dir: &Path) -> Result<Report, RepairError> {
                 fault,
                 kept_batches: scan.good,
                 dropped_batches: damaged_batch + scan.after.len() as u64,
-                dropped_bytes: (scan.data_end - scan.good_end) as u64,
+                // A cut file's last bytes are the cut batch's, zeros or not; otherwise the
+                // zeros after the last data are fjall's pre-allocation.
+                dropped_bytes: if fault == BatchFault::Cut { buf.len() - scan.good_end } else { scan.data_end - scan.good_end }
+                    as u64,
                 dropped_seqnos,
             });
         }
@@ -508,6 +542,8 @@ fn table_files(dir: &Path) -> Result<Vec<PathBuf>, RepairError> {
 /// Reads the data directory without writing anything: the journals' first damage and
 /// what repairing it would drop, and every table file's blocks against their checksums.
 pub fn check(dir: &Path) -> Result<Report, RepairError> {
+    // A mistyped directory is an error, not an intact store.
+    fs::read_dir(dir).map_err(io_err("cannot read the data directory", dir))?;
     let in_use = matches!(lock(dir), Err(e) if e.source.kind() == io::ErrorKind::WouldBlock);
     let mut report = scan_journals(dir)?;
     report.in_use = in_use;
@@ -573,15 +609,21 @@ fn lock(dir: &Path) -> Result<Option<fs::File>, RepairError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("cannot open the store's lock file", &path)(e)),
     };
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(fs::TryLockError::WouldBlock) => Err(RepairError {
-            what: "a running node holds the store's lock",
-            path,
-            source: io::Error::from(io::ErrorKind::WouldBlock),
-        }),
-        Err(fs::TryLockError::Error(e)) => Err(io_err("cannot lock", &path)(e)),
+    // As fjall does: a store closed a moment ago (its last threads ending) may still hold
+    // the lock for a few milliseconds, so try three times, 100 ms apart.
+    for attempt in 1..=3 {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(fs::TryLockError::WouldBlock) if attempt < 3 => std::thread::sleep(Duration::from_millis(100)),
+            Err(fs::TryLockError::WouldBlock) => break,
+            Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &path)(e)),
+        }
     }
+    Err(RepairError {
+        what: "a running node holds the store's lock",
+        path,
+        source: io::Error::from(io::ErrorKind::WouldBlock),
+    })
 }
 
 fn fsync(path: &Path) -> Result<(), RepairError> {

@@ -75,6 +75,7 @@ fn an_empty_or_missing_directory_is_clean() {
     let dir = tempfile::tempdir().unwrap();
     assert!(repair(&dir.path().join("none")).unwrap().is_clean());
     assert!(check(dir.path()).unwrap().is_clean());
+    assert!(check(&dir.path().join("none")).is_err(), "check names a missing directory");
 }
 
 #[test]
