@@ -668,7 +668,12 @@ impl Store {
     }
 
     /// Notes a failed read in the damage record; passes the result on unchanged.
-    fn seen<T>(&self, p: Option<PartitionId>, channel: Option<&str>, r: Result<T, StoreError>) -> Result<T, StoreError> {
+    fn seen<T>(
+        &self,
+        p: Option<PartitionId>,
+        channel: Option<&str>,
+        r: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         if let Err(e) = &r {
             self.damage.note(p, channel, e);
         }
@@ -706,7 +711,10 @@ impl Store {
     /// The map epoch of the move by which this node last adopted partition `p`.
     pub fn adopted(&self, p: PartitionId) -> Result<Option<u64>, StoreError> {
         let r = (|| {
-            Ok(self.adopted.get(p.to_be_bytes())?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte epochs"))))
+            Ok(self
+                .adopted
+                .get(p.to_be_bytes())?
+                .map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte epochs"))))
         })();
         self.seen(Some(p), None, r)
     }
@@ -848,7 +856,8 @@ impl Reader<'_> {
     /// The stored metadata of one channel.
     pub fn channel_meta(self, p: PartitionId, channel: &str) -> Result<Option<ChannelMeta>, StoreError> {
         self.store.read_gate(channel);
-        let r = (|| Ok(self.store.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?))();
+        let r =
+            (|| Ok(self.store.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?))();
         self.store.seen(Some(p), Some(channel), r)
     }
 

@@ -454,8 +454,11 @@ fn scan_journals(dir: &Path) -> Result<Report, RepairError> {
                 dropped_batches: damaged_batch + scan.after.len() as u64,
                 // A cut file's last bytes are the cut batch's, zeros or not; otherwise the
                 // zeros after the last data are fjall's pre-allocation.
-                dropped_bytes: if fault == BatchFault::Cut { buf.len() - scan.good_end } else { scan.data_end - scan.good_end }
-                    as u64,
+                dropped_bytes: if fault == BatchFault::Cut {
+                    buf.len() - scan.good_end
+                } else {
+                    scan.data_end - scan.good_end
+                } as u64,
                 dropped_seqnos,
             });
         }
@@ -602,6 +605,9 @@ pub fn repair(dir: &Path) -> Result<Report, RepairError> {
 
 /// Takes the lock fjall takes on the store (`<dir>/lock`), so a repair never runs under a
 /// node that has the store open; None when there is no store yet.
+// Start-up only (before the node serves, like fjall's own open, which sleeps the same way)
+// or the CLI: never on a runtime worker that routes.
+#[allow(clippy::disallowed_methods)]
 fn lock(dir: &Path) -> Result<Option<fs::File>, RepairError> {
     let path = dir.join("lock");
     let file = match fs::OpenOptions::new().read(true).write(true).open(&path) {

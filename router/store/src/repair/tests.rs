@@ -89,7 +89,10 @@ fn a_flipped_byte_in_the_last_batch_drops_only_that_batch() {
     flip(&file, offsets[29] + 13 + 40);
     let checked = check(dir.path()).unwrap();
     let damage = checked.damage.clone().expect("check finds the damage");
-    assert_eq!((damage.fault, damage.at, damage.kept_batches, damage.dropped_batches), (BatchFault::Checksum, offsets[29] as u64, 29, 1));
+    assert_eq!(
+        (damage.fault, damage.at, damage.kept_batches, damage.dropped_batches),
+        (BatchFault::Checksum, offsets[29] as u64, 29, 1)
+    );
     assert!(!dir.path().join(DAMAGED_DIR).exists(), "check writes nothing");
     let damaged_bytes = fs::read(&file).unwrap();
     let repaired = repair(dir.path()).unwrap();
@@ -117,7 +120,10 @@ fn a_cut_journal_drops_the_cut_batch_and_says_so() {
     fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(cut as u64).unwrap();
     let report = repair(dir.path()).unwrap();
     let damage = report.damage.expect("damage");
-    assert_eq!((damage.fault, damage.kept_batches, damage.dropped_batches, damage.dropped_bytes), (BatchFault::Cut, 9, 1, 50));
+    assert_eq!(
+        (damage.fault, damage.kept_batches, damage.dropped_batches, damage.dropped_bytes),
+        (BatchFault::Cut, 9, 1, 50)
+    );
     assert_eq!(keys(dir.path()), 9);
 }
 
@@ -130,7 +136,11 @@ fn damage_in_the_middle_drops_every_batch_from_it_on() {
     flip(&file, offsets[10] + 13 + 30);
     let report = repair(dir.path()).unwrap();
     let damage = report.damage.clone().expect("damage");
-    assert_eq!((damage.kept_batches, damage.dropped_batches), (10, 30), "the damaged batch and the 29 intact ones after it");
+    assert_eq!(
+        (damage.kept_batches, damage.dropped_batches),
+        (10, 30),
+        "the damaged batch and the 29 intact ones after it"
+    );
     assert_eq!(report.dropped_seqnos().len(), 30);
     assert!(report.dropped_seqnos().windows(2).all(|w| w[0] < w[1]), "seqnos oldest first");
     assert_eq!(keys(dir.path()), 10);
