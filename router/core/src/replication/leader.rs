@@ -141,6 +141,31 @@ impl Replication {
             pos.acked = next;
             return Ok(Err(next));
         };
+        if from > next && in_isr && !pos.resyncing {
+            // Under one leader epoch an in-sync follower only holds what this leader wrote:
+            // this replica lost part of its log (a journal repair at start-up dropped
+            // batches). A resync would wipe the only complete copy; the follower keeps it
+            // and this replica stops writing the partition.
+            if !l.lost_tail {
+                l.lost_tail = true;
+                tracing::error!(
+                    partition = p,
+                    follower,
+                    follower_from = from,
+                    leader_next = next,
+                    "this replica lost batches an in-sync follower holds: it stops writing the partition; the follower keeps its copy (move the leadership to it)"
+                );
+            }
+            return Err(FetchError::LeaderBehind(from, next));
+        }
+        if from < pos.acked && in_isr {
+            // Below what it acknowledged: the follower lost batches (a journal repair on
+            // its start dropped them). Out of the ISR before it fetches them again (or
+            // takes a snapshot, when the log no longer reaches back), so the high
+            // watermark never counts a copy that no longer holds it.
+            pos.resyncing = true;
+            return Err(FetchError::Regressed(from, pos.acked));
+        }
         if from < l.base_seq || from > next {
             pos.resyncing = true;
             return Err(FetchError::Resync(from));

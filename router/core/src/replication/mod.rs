@@ -101,6 +101,14 @@ pub enum FetchError {
     /// The follower asked for a snapshot while counted in the ISR: it must leave it first.
     #[error("in the ISR: leave it before a resync")]
     InIsr,
+    /// The follower lost batches it had acknowledged (fetched from below its own earlier
+    /// position): it leaves the ISR before it fetches them again.
+    #[error("position {0} is below what this follower acknowledged ({1}); leave the ISR first")]
+    Regressed(u64, u64),
+    /// An in-sync follower holds batches this leader lost (its log ends at {1}, the
+    /// follower asked from {0}): the follower keeps its copy and waits for a new leader.
+    #[error("the leader's log ends at {1}, below the in-sync follower's position {0}: the leader lost batches")]
+    LeaderBehind(u64, u64),
 }
 
 /// A fetch answer: encoded batches from `from` on, in order.
@@ -213,7 +221,14 @@ impl Replication {
     /// replicates it on other nodes only ([`Role::Outside`]).
     pub fn written_elsewhere(&self, p: PartitionId) -> bool {
         let st = self.state(p);
-        st.following.is_some() || st.outside
+        st.following.is_some() || st.outside || st.leading.as_ref().is_some_and(|l| l.lost_tail)
+    }
+
+    /// True when this node leads `p` but an in-sync follower showed that this replica lost
+    /// batches it had written (see [`FetchError::LeaderBehind`]): it must not lead `p`
+    /// (writes are refused here) until a new map gives the partition to that follower.
+    pub fn lost_tail(&self, p: PartitionId) -> bool {
+        self.state(p).leading.as_ref().is_some_and(|l| l.lost_tail)
     }
 
     /// The leader epoch this node leads `p` under.
@@ -271,6 +286,7 @@ impl Replication {
                         asked: None,
                         widened: Vec::new(),
                         last_asked: Vec::new(),
+                        lost_tail: false,
                     });
                 }
                 let l = st.leading.as_mut().expect("set above");

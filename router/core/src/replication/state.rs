@@ -68,6 +68,10 @@ pub(super) struct Leading {
     /// The ISR last asked for: a report that etcd holds an older one (still in the
     /// queue when this one was asked) must not release what this one adds.
     pub(super) last_asked: Vec<String>,
+    /// An in-sync follower fetched from beyond this leader's log end under this leader
+    /// epoch: this replica lost batches it had written (a journal repair at start-up
+    /// dropped them). It stops writing the partition; the follower keeps its copy.
+    pub(super) lost_tail: bool,
 }
 
 impl Leading {
