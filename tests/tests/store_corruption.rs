@@ -350,7 +350,11 @@ mod cluster {
         })
         .await?;
         let history = nodes[f].client().await.history_all(&channel).await?;
-        assert_eq!(history.offsets(), (1..=N).collect::<Vec<_>>(), "every acknowledged message, from the leader's copy");
+        assert_eq!(
+            history.offsets(),
+            (1..=N).collect::<Vec<_>>(),
+            "every acknowledged message, from the leader's copy"
+        );
         let log = nodes[f].stderr();
         let how = log
             .lines()
