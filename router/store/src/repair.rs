@@ -399,7 +399,7 @@ pub struct BatchAt {
 pub fn journal_batches(dir: &Path) -> Result<Vec<(PathBuf, Vec<BatchAt>)>, RepairError> {
     let mut out = Vec::new();
     for file in journal_files(dir)? {
-        let buf = fs::read(&file).map_err(io_err("cannot read journal", &file))?;
+        let (buf, _) = read_journal(&file).map_err(io_err("cannot read journal", &file))?;
         let mut batches = Vec::new();
         let mut p = 0;
         while p < buf.len() && buf[p] == TAG_START {
@@ -412,12 +412,43 @@ pub fn journal_batches(dir: &Path) -> Result<Vec<(PathBuf, Vec<BatchAt>)>, Repai
     Ok(out)
 }
 
+/// Zero bytes at the end of a cut journal that still count as the cut batch's: fewer than
+/// this after the last non-zero byte means the file ends at its data (fjall pre-allocates
+/// 64 MiB, so a journal that was not cut ends in far more zeros).
+const CUT_SLACK: u64 = 4096;
+
+/// A journal file's bytes up to its last non-zero byte (fjall pre-allocates journals with
+/// zeros; those are found from the end and never read into memory), and the file's length.
+fn read_journal(path: &Path) -> io::Result<(Vec<u8>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    const STEP: u64 = 1 << 20;
+    let mut file = fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut chunk = vec![0u8; STEP as usize];
+    while end > 0 {
+        let start = end.saturating_sub(STEP);
+        let part = &mut chunk[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(part)?;
+        if let Some(i) = part.iter().rposition(|&b| b != 0) {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    let mut data = vec![0u8; end as usize];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut data)?;
+    Ok((data, len))
+}
+
 /// Reads every journal file of `dir` and finds the first damage; nothing is written.
 fn scan_journals(dir: &Path) -> Result<Report, RepairError> {
     let files = journal_files(dir)?;
     let mut report = Report { journals: files.clone(), ..Report::default() };
     for file in &files {
-        let buf = fs::read(file).map_err(io_err("cannot read journal", file))?;
+        let (buf, file_len) = read_journal(file).map_err(io_err("cannot read journal", file))?;
         let scan = scan_journal(&buf);
         if report.damage.is_some() {
             // After the damaged file: dropped whole.
@@ -452,13 +483,14 @@ fn scan_journals(dir: &Path) -> Result<Report, RepairError> {
                 fault,
                 kept_batches: scan.good,
                 dropped_batches: damaged_batch + scan.after.len() as u64,
-                // A cut file's last bytes are the cut batch's, zeros or not; otherwise the
-                // zeros after the last data are fjall's pre-allocation.
-                dropped_bytes: if fault == BatchFault::Cut {
-                    buf.len() - scan.good_end
+                // A file cut short ends (nearly) at its data: its last bytes are the cut
+                // batch's, zeros or not. Otherwise the zeros after the data are fjall's
+                // pre-allocation, not dropped data.
+                dropped_bytes: if fault == BatchFault::Cut && file_len - (scan.data_end as u64) < CUT_SLACK {
+                    file_len - scan.good_end as u64
                 } else {
-                    scan.data_end - scan.good_end
-                } as u64,
+                    (scan.data_end - scan.good_end) as u64
+                },
                 dropped_seqnos,
             });
         }
