@@ -208,6 +208,11 @@ async fn a_damaged_table_answers_unavailable_and_shows_in_healthz() -> Result<()
     for leak in ["fjall", "checksum", "lsm", "block", "store:"] {
         assert!(!message.contains(leak), "the client sees library text ({leak}): {message}");
     }
+    // A keyed publish needs the channel's idempotency window, read from the damaged
+    // messages: refused with `unavailable` rather than stored without deduplication.
+    let keyed = c.cmd("publish", json!({ "channel": big, "data": "k", "idempotency_key": "k1" })).await?;
+    assert_eq!(error_code(&keyed)?, "unavailable", "{keyed}");
+    assert!(!keyed["error"]["message"].as_str().unwrap_or_default().contains("fjall"), "{keyed}");
     // Other channels keep serving, reads and writes.
     assert_eq!(c.history_all(&small).await?.offsets(), vec![1, 2, 3, 4, 5]);
     assert_eq!(c.publish(&small, json!(6)).await?.0, 6);
