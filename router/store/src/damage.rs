@@ -28,12 +28,12 @@ pub(crate) struct Damage {
     any: AtomicBool,
     /// Per damaged partition, the first few channels whose reads failed.
     partitions: Mutex<BTreeMap<PartitionId, BTreeSet<String>>>,
-    /// Limits the ERROR lines.
+    /// Limits the ERROR lines, so a client retrying a damaged read cannot flood the log.
     log: LogLimit,
+    /// Where the failed reads and the damaged partitions are counted.
     metrics: Arc<Metrics>,
 }
 
-/// What a failed read tells the record.
 impl Damage {
     pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         Self { any: AtomicBool::new(false), partitions: Mutex::default(), log: LogLimit::new(LOG_EVERY), metrics }

@@ -16,6 +16,10 @@
 //! start-up through [`Store::startup_reader`]). It must never decide offsets or policy:
 //! partition owners write, and the store only makes their batches durable and reads them
 //! back.
+//!
+//! Before fjall opens, [`repair::repair`] checks the journal and cuts it at the first
+//! damaged batch (fjall would refuse a bad checksum, or drop a cut tail silently), and a
+//! read that fails on bad bytes is recorded ([`Store::damaged`]) and logged, rate-limited.
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
