@@ -291,6 +291,11 @@ impl Partitions {
         let budget = Budget::new(settings.idempotency_max_keys, settings.idempotency_max_bytes);
         // The leader keeps at most this many bytes of batches for lagging followers.
         let replication = Replication::new(p, settings.replica_lag_timeout, 16 << 20);
+        if store.journal_repair().is_some() {
+            // Acknowledged batches may be gone from this replica's logs: lead nothing
+            // before an in-sync follower shows a log is not behind.
+            replication.suspect_logs();
+        }
         for partition in 0..p {
             replication.load(partition, store.repl_meta(partition)?.as_ref());
         }

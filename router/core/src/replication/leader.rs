@@ -158,6 +158,16 @@ impl Replication {
             }
             return Err(FetchError::LeaderBehind(from, next));
         }
+        let confirmed = in_isr && l.unconfirmed && !l.lost_tail;
+        if confirmed {
+            // An in-sync follower is not ahead of this log: it holds what was acknowledged.
+            l.unconfirmed = false;
+            tracing::info!(
+                partition = p,
+                follower,
+                "log confirmed by an in-sync follower after a journal repair; writing again"
+            );
+        }
         if from < pos.acked && in_isr {
             // Below what it acknowledged: the follower lost batches (a journal repair on
             // its start dropped them). Out of the ISR before it fetches them again (or
@@ -187,6 +197,9 @@ impl Replication {
             out.batches.push((*seq, b.clone()));
         }
         l.trim(max, Instant::now());
+        if confirmed {
+            st.suspect = false;
+        }
         self.publish_hw(p, &st);
         Ok(Ok(out))
     }

@@ -221,7 +221,17 @@ impl Replication {
     /// replicates it on other nodes only ([`Role::Outside`]).
     pub fn written_elsewhere(&self, p: PartitionId) -> bool {
         let st = self.state(p);
-        st.following.is_some() || st.outside || st.leading.as_ref().is_some_and(|l| l.lost_tail)
+        st.following.is_some() || st.outside || st.leading.as_ref().is_some_and(|l| l.lost_tail || l.unconfirmed)
+    }
+
+    /// Start-up repair dropped journal batches, so the stored log of any partition may be
+    /// shorter than what this replica acknowledged: each partition it leads writes nothing
+    /// until an in-sync follower's fetch shows its log is not behind (see
+    /// [`FetchError::LeaderBehind`]).
+    pub fn suspect_logs(&self) {
+        for p in 0..self.parts.len() {
+            self.state(p as PartitionId).suspect = true;
+        }
     }
 
     /// True when this node leads `p` but an in-sync follower showed that this replica lost
@@ -287,6 +297,7 @@ impl Replication {
                         widened: Vec::new(),
                         last_asked: Vec::new(),
                         lost_tail: false,
+                        unconfirmed: st.suspect,
                     });
                 }
                 let l = st.leading.as_mut().expect("set above");
@@ -303,6 +314,10 @@ impl Replication {
                     });
                 }
                 l.isr = isr.into_iter().filter(|f| l.followers.contains_key(f)).collect();
+                if l.isr.is_empty() {
+                    // No in-sync follower to be behind: this log is the only copy.
+                    l.unconfirmed = false;
+                }
                 let (isr_now, followers_now) = (&l.isr, &l.followers);
                 l.widened.retain(|f| !isr_now.contains(f) && followers_now.contains_key(f));
                 l.asked = None;

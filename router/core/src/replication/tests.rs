@@ -298,3 +298,23 @@ fn a_leader_behind_an_in_sync_follower_keeps_the_follower_and_stops_writing() {
     leader(&r, &["b"], &["b"], 2);
     assert!(!r.lost_tail(0));
 }
+
+/// After a journal repair (`suspect_logs`), a leader with in-sync followers writes nothing
+/// until one of them fetches from within its log; with no in-sync follower its log is the
+/// only copy and it writes at once.
+#[test]
+fn a_repaired_leader_writes_only_once_an_in_sync_follower_confirms_its_log() {
+    let r = Replication::new(2, Duration::from_secs(2), 1 << 20);
+    r.suspect_logs();
+    leader(&r, &["b"], &["b"], 1);
+    assert!(r.written_elsewhere(0), "unconfirmed: nothing is written");
+    r.fetch(0, "b", 1, Some(0), 1 << 20).unwrap().unwrap();
+    assert!(!r.written_elsewhere(0), "the in-sync follower is not ahead: writing again");
+    // Another leadership later is not suspect any more.
+    leader(&r, &["b"], &["b"], 2);
+    assert!(!r.written_elsewhere(0));
+    // Partition 1: no in-sync follower, nothing to wait for.
+    let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect();
+    r.set_role(1, Role::Leader { me: "a".into(), leader_epoch: 1, followers: v(&["b"]), isr: v(&[]) });
+    assert!(!r.written_elsewhere(1));
+}
