@@ -354,7 +354,15 @@ mod cluster {
             Ok(m["owners"][p] == json!(follower))
         })
         .await?;
-        let history = nodes[f].client().await.history_all(&channel).await?;
+        // The promotion reloads the partition: history answers once it is served.
+        let mut c = nodes[f].client().await;
+        let mut history = None;
+        wait_until("the promoted follower serves history", DEADLINE, async || {
+            history = c.history_all(&channel).await.ok();
+            Ok(history.is_some())
+        })
+        .await?;
+        let history = history.context("history")?;
         assert_eq!(
             history.offsets(),
             (1..=N).collect::<Vec<_>>(),
