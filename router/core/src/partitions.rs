@@ -273,7 +273,13 @@ impl Partitions {
         let p = settings.partitions;
         let mut recovered: Vec<Vec<(String, ChannelMeta)>> = (0..p).map(|_| Vec::new()).collect();
         let mut total = 0usize;
-        for (partition, name, meta) in store.startup_reader().all_channels()? {
+        let stored = store.startup_reader().all_channels().inspect_err(|e| {
+            tracing::error!(
+                error = %e,
+                "reading the channels' metadata at start-up failed: a table is damaged or unreadable (`switchyard store check DATA_DIR` shows where); see docs/operating.md, Damaged data"
+            )
+        })?;
+        for (partition, name, meta) in stored {
             // The stored partition is recomputed: a different P would move channels.
             let now = partition_of(&name, p);
             if now != partition {
@@ -291,6 +297,11 @@ impl Partitions {
         let budget = Budget::new(settings.idempotency_max_keys, settings.idempotency_max_bytes);
         // The leader keeps at most this many bytes of batches for lagging followers.
         let replication = Replication::new(p, settings.replica_lag_timeout, 16 << 20);
+        if store.journal_repair().is_some() {
+            // Acknowledged batches may be gone from this replica's logs: lead nothing
+            // before an in-sync follower shows a log is not behind.
+            replication.suspect_logs();
+        }
         for partition in 0..p {
             replication.load(partition, store.repl_meta(partition)?.as_ref());
         }

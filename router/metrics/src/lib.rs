@@ -40,6 +40,14 @@ pub struct Metrics {
     pub store_sync_seconds: Histogram,
     /// Group fsyncs performed.
     pub store_syncs: IntCounter,
+    /// Journal batches start-up repair dropped (from the first damaged one on).
+    pub store_journal_dropped_batches: IntCounter,
+    /// Journal bytes start-up repair dropped.
+    pub store_journal_dropped_bytes: IntCounter,
+    /// Store reads that failed on damaged or unreadable data.
+    pub store_read_errors: IntCounter,
+    /// Partitions a read found damaged data in since start.
+    pub store_damaged_partitions: IntGauge,
     /// Store reads a partition owner started for a channel's parked commands (idempotency
     /// windows, consumer offsets).
     pub store_loads: IntCounter,
@@ -189,6 +197,22 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             store_syncs: counter("switchyard_store_syncs_total", "Group fsyncs performed"),
+            store_journal_dropped_batches: counter(
+                "switchyard_store_journal_dropped_batches_total",
+                "Journal batches start-up repair dropped (the first damaged one and all after it)",
+            ),
+            store_journal_dropped_bytes: counter(
+                "switchyard_store_journal_dropped_bytes_total",
+                "Journal bytes start-up repair dropped",
+            ),
+            store_read_errors: counter(
+                "switchyard_store_read_errors_total",
+                "Store reads that failed on damaged or unreadable data",
+            ),
+            store_damaged_partitions: gauge(
+                "switchyard_store_damaged_partitions",
+                "Partitions a store read found damaged data in since start",
+            ),
             store_loads: counter(
                 "switchyard_owner_store_loads_total",
                 "Store reads an owner parked a channel's commands behind",

@@ -157,7 +157,9 @@ fn fetch_error(e: FetchError) -> OpError {
         FetchError::NotReplica(..) => OpError::new(ErrorCode::Forbidden, e.to_string()),
         FetchError::Resync(from) => OpError::refused(Refusal::Resync { from }, e.to_string()),
         FetchError::NotLeader(..) => OpError::refused(Refusal::NotLeader, e.to_string()),
-        FetchError::InIsr => OpError::refused(Refusal::Unavailable, e.to_string()),
+        FetchError::InIsr | FetchError::Regressed(..) | FetchError::LeaderBehind(..) => {
+            OpError::refused(Refusal::Unavailable, e.to_string())
+        }
     }
 }
 

@@ -173,6 +173,13 @@ fn result_response<T: serde::Serialize>(result: Result<T, OpError>) -> Response<
 /// `NOSPACE` alarm). A failed store is 503 everywhere: the node is about to exit.
 fn health_response(node: &Node) -> Response<Body> {
     match *node.router.partitions().store.health().borrow() {
+        Health::Ok if node.router.partitions().store.has_damage() => {
+            // Still serving: only reads of the damaged data fail (like a Kafka broker with
+            // one offline log, not a dead node), so a load balancer keeps it.
+            let damaged: Vec<_> = node.router.partitions().store.damaged().into_iter().map(|(p, _)| p).collect();
+            let body = serde_json::json!({ "status": "ok", "store": "damaged", "damaged_partitions": damaged });
+            json_response(200, protocol::to_frame(&body))
+        }
         Health::Ok => json_response(200, Bytes::from_static(br#"{"status":"ok"}"#)),
         Health::NoSpace if node.cluster.is_some() => {
             json_response(200, Bytes::from_static(br#"{"status":"ok","store":"no_space"}"#))

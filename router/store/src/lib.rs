@@ -16,6 +16,10 @@
 //! start-up through [`Store::startup_reader`]). It must never decide offsets or policy:
 //! partition owners write, and the store only makes their batches durable and reads them
 //! back.
+//!
+//! Before fjall opens, [`repair::repair`] checks the journal and cuts it at the first
+//! damaged batch (fjall would refuse a bad checksum, or drop a cut tail silently), and a
+//! read that fails on bad bytes is recorded ([`Store::damaged`]) and logged, rate-limited.
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
@@ -62,6 +66,9 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The journal could not be read or repaired before opening ([`repair::repair`]).
+    #[error("store: journal repair: {0}")]
+    Repair(#[from] repair::RepairError),
     /// The writer thread is gone (the process is stopping).
     #[error("store: writer stopped")]
     WriterGone,
@@ -100,7 +107,9 @@ impl StoreError {
                 "this node cannot read this data from its disk; retry, perhaps on another node"
             }
             StoreError::WriterGone | StoreError::ReadPoolGone => "node shutting down; retry on another node",
-            StoreError::DataDir { .. } => "this node's data directory is unusable; retry on another node",
+            StoreError::DataDir { .. } | StoreError::Repair(_) => {
+                "this node's data directory is unusable; retry on another node"
+            }
         };
         let err = OpError::new(ErrorCode::Unavailable, message);
         match self {
@@ -212,6 +221,10 @@ pub struct Store {
     /// Channels whose reads are held (fault injection for tests).
     #[cfg(any(test, feature = "fault-hooks"))]
     holds: Arc<hooks::Holds>,
+    /// Partitions whose reads met damaged data ([`Store::damaged`]).
+    damage: damage::Damage,
+    /// What start-up repair dropped from the journal (None when it was intact).
+    repaired: Option<repair::Report>,
 }
 
 /// A read on its way to the read pool: runs the caller's closure and answers it.
@@ -510,6 +523,7 @@ impl Store {
         metrics: Arc<Metrics>,
         read_threads: usize,
     ) -> Result<Arc<Self>, StoreError> {
+        let repaired = repair_journal(dir, &metrics)?;
         let db = Database::builder(dir).open()?;
         let meta = db.keyspace("channels", KeyspaceCreateOptions::default)?;
         let messages = db.keyspace("messages", KeyspaceCreateOptions::default)?;
@@ -521,6 +535,7 @@ impl Store {
         let space = Arc::new(space::Space::new());
         let writer_space = space.clone();
         let writer_metrics = metrics.clone();
+        let damage = damage::Damage::new(metrics.clone());
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || write_loop(writer_db, jobs, policy, writer_metrics, writer_space))
@@ -541,7 +556,28 @@ impl Store {
             reads: start_read_pool(read_threads.max(1)),
             #[cfg(any(test, feature = "fault-hooks"))]
             holds: Arc::default(),
+            damage,
+            repaired,
         }))
+    }
+
+    /// The partitions whose reads met damaged or unreadable data since the store opened,
+    /// each with the first few channels seen failing (empty while none did).
+    pub fn damaged(&self) -> Vec<(PartitionId, Vec<String>)> {
+        if !self.damage.any() {
+            return Vec::new();
+        }
+        self.damage.partitions()
+    }
+
+    /// True once any read met damaged data (a cheap check for `/healthz`).
+    pub fn has_damage(&self) -> bool {
+        self.damage.any()
+    }
+
+    /// What start-up repair dropped from a damaged journal (None when it was intact).
+    pub fn journal_repair(&self) -> Option<&repair::Report> {
+        self.repaired.as_ref()
     }
 
     /// True once a write or fsync failed; the node can no longer store anything.
@@ -660,7 +696,21 @@ impl Store {
     /// This replica's replication position and leader-epoch history of `p` (None when it
     /// holds no replicated copy: never replicated, or cleared since).
     pub fn repl_meta(&self, p: PartitionId) -> Result<Option<ReplLogMeta>, StoreError> {
-        Ok(self.replog.get(replog_meta_key(p))?.map(|v| postcard::from_bytes(&v)).transpose()?)
+        let r = (|| Ok(self.replog.get(replog_meta_key(p))?.map(|v| postcard::from_bytes(&v)).transpose()?))();
+        self.seen(Some(p), None, r)
+    }
+
+    /// Notes a failed read in the damage record; passes the result on unchanged.
+    fn seen<T>(
+        &self,
+        p: Option<PartitionId>,
+        channel: Option<&str>,
+        r: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if let Err(e) = &r {
+            self.damage.note(p, channel, e);
+        }
+        r
     }
 
     /// The channels touched by replicated batches `from..to` of `p`; None when a record is
@@ -671,26 +721,35 @@ impl Store {
         from: u64,
         to: u64,
     ) -> Result<Option<std::collections::BTreeSet<String>>, StoreError> {
-        let mut out = std::collections::BTreeSet::new();
-        let mut next = from;
-        if from >= to {
-            return Ok(Some(out));
-        }
-        for guard in self.replog.range(replog_touched_key(p, from)..replog_touched_key(p, to)) {
-            let (k, v) = guard.into_inner()?;
-            let seq = offset_of_key(&k);
-            if seq != next {
-                return Ok(None);
+        let r = (|| {
+            let mut out = std::collections::BTreeSet::new();
+            let mut next = from;
+            if from >= to {
+                return Ok(Some(out));
             }
-            next += 1;
-            out.extend(postcard::from_bytes::<Vec<String>>(&v)?);
-        }
-        Ok((next == to).then_some(out))
+            for guard in self.replog.range(replog_touched_key(p, from)..replog_touched_key(p, to)) {
+                let (k, v) = guard.into_inner()?;
+                let seq = offset_of_key(&k);
+                if seq != next {
+                    return Ok(None);
+                }
+                next += 1;
+                out.extend(postcard::from_bytes::<Vec<String>>(&v)?);
+            }
+            Ok((next == to).then_some(out))
+        })();
+        self.seen(Some(p), None, r)
     }
 
     /// The map epoch of the move by which this node last adopted partition `p`.
     pub fn adopted(&self, p: PartitionId) -> Result<Option<u64>, StoreError> {
-        Ok(self.adopted.get(p.to_be_bytes())?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte epochs"))))
+        let r = (|| {
+            Ok(self
+                .adopted
+                .get(p.to_be_bytes())?
+                .map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte epochs"))))
+        })();
+        self.seen(Some(p), None, r)
     }
 }
 
@@ -707,14 +766,17 @@ pub struct Reader<'a> {
 impl Reader<'_> {
     /// Every channel's metadata, for recovery at startup.
     pub fn all_channels(self) -> Result<Vec<(PartitionId, String, ChannelMeta)>, StoreError> {
-        let mut out = Vec::new();
-        for guard in self.store.meta.iter() {
-            let (k, v) = guard.into_inner()?;
-            let p = PartitionId::from_be_bytes(k[..4].try_into().expect("meta keys start with a partition"));
-            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
-            out.push((p, name, postcard::from_bytes(&v)?));
-        }
-        Ok(out)
+        let r = (|| {
+            let mut out = Vec::new();
+            for guard in self.store.meta.iter() {
+                let (k, v) = guard.into_inner()?;
+                let p = PartitionId::from_be_bytes(k[..4].try_into().expect("meta keys start with a partition"));
+                let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
+                out.push((p, name, postcard::from_bytes(&v)?));
+            }
+            Ok(out)
+        })();
+        self.store.seen(None, None, r)
     }
 
     /// Decodes up to `limit` messages of `channel` with offsets in `from..=upto`, oldest
@@ -736,11 +798,12 @@ impl Reader<'_> {
             let (k, v) = guard.into_inner()?;
             Ok(f(offset_of_key(&k), v.len() as u32, postcard::from_bytes(&v)?))
         };
-        if newest_first {
+        let r = if newest_first {
             range.rev().take(limit).map(decode).collect()
         } else {
             range.take(limit).map(decode).collect()
-        }
+        };
+        self.store.seen(Some(p), Some(channel), r)
     }
 
     /// Up to `limit` messages with `after < offset <= upto`, oldest first.
@@ -787,19 +850,22 @@ impl Reader<'_> {
             idem: Option<String>,
         }
         self.store.read_gate(channel);
-        let mut out = Vec::new();
-        let range = self.store.messages.range(message_key(p, channel, 0)..=message_key(p, channel, upto));
-        for guard in range.rev().take(limit) {
-            let (k, v) = guard.into_inner()?;
-            let (head, _) = postcard::take_from_bytes::<Head>(&v)?;
-            if head.ts < cutoff_ms {
-                break;
+        let r = (|| {
+            let mut out = Vec::new();
+            let range = self.store.messages.range(message_key(p, channel, 0)..=message_key(p, channel, upto));
+            for guard in range.rev().take(limit) {
+                let (k, v) = guard.into_inner()?;
+                let (head, _) = postcard::take_from_bytes::<Head>(&v)?;
+                if head.ts < cutoff_ms {
+                    break;
+                }
+                if let Some(key) = head.idem {
+                    out.push((offset_of_key(&k), head.ts, key));
+                }
             }
-            if let Some(key) = head.idem {
-                out.push((offset_of_key(&k), head.ts, key));
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })();
+        self.store.seen(Some(p), Some(channel), r)
     }
 
     /// Policy metadata of up to `limit` messages with `from <= offset <= upto`, oldest first.
@@ -823,7 +889,9 @@ impl Reader<'_> {
     /// The stored metadata of one channel.
     pub fn channel_meta(self, p: PartitionId, channel: &str) -> Result<Option<ChannelMeta>, StoreError> {
         self.store.read_gate(channel);
-        Ok(self.store.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?)
+        let r =
+            (|| Ok(self.store.meta.get(channel_prefix(p, channel))?.map(|v| postcard::from_bytes(&v)).transpose()?))();
+        self.store.seen(Some(p), Some(channel), r)
     }
 
     /// Up to `limit` channels stored for partition `p` with names at or above `from` (from
@@ -834,32 +902,38 @@ impl Reader<'_> {
         from: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, ChannelMeta)>, StoreError> {
-        let mut out = Vec::new();
         let start = match from {
             Some(name) => channel_prefix(p, name),
             None => p.to_be_bytes().to_vec(),
         };
         // P is at most a few thousand, so p + 1 never overflows.
         let end = (p + 1).to_be_bytes().to_vec();
-        for guard in self.store.meta.range(start..end).take(limit) {
-            let (k, v) = guard.into_inner()?;
-            let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
-            out.push((name, postcard::from_bytes(&v)?));
-        }
-        Ok(out)
+        let r = (|| {
+            let mut out = Vec::new();
+            for guard in self.store.meta.range(start..end).take(limit) {
+                let (k, v) = guard.into_inner()?;
+                let name = String::from_utf8_lossy(&k[4..k.len() - 1]).into_owned();
+                out.push((name, postcard::from_bytes(&v)?));
+            }
+            Ok(out)
+        })();
+        self.store.seen(Some(p), None, r)
     }
 
     /// Every consumer offset committed on `channel`.
     pub fn consumers_of(self, p: PartitionId, channel: &str) -> Result<Vec<(String, u64)>, StoreError> {
         self.store.read_gate(channel);
         let prefix = channel_prefix(p, channel);
-        let mut out = Vec::new();
-        for guard in self.store.consumers.prefix(&prefix) {
-            let (k, v) = guard.into_inner()?;
-            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            out.push((name, u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))));
-        }
-        Ok(out)
+        let r = (|| {
+            let mut out = Vec::new();
+            for guard in self.store.consumers.prefix(&prefix) {
+                let (k, v) = guard.into_inner()?;
+                let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                out.push((name, u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))));
+            }
+            Ok(out)
+        })();
+        self.store.seen(Some(p), Some(channel), r)
     }
 
     /// A consumer's committed offset.
@@ -867,7 +941,10 @@ impl Reader<'_> {
         self.store.read_gate(channel);
         let mut k = channel_prefix(p, channel);
         k.extend_from_slice(consumer.as_bytes());
-        Ok(self.store.consumers.get(k)?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))))
+        let r = (|| {
+            Ok(self.store.consumers.get(k)?.map(|v| u64::from_be_bytes(v[..8].try_into().expect("8-byte offsets"))))
+        })();
+        self.store.seen(Some(p), Some(channel), r)
     }
 }
 
@@ -961,6 +1038,35 @@ fn commit_group(db: &Database, group: Vec<WriteJob>, policy: FsyncPolicy, metric
 pub fn default_read_threads() -> usize {
     std::thread::available_parallelism().map_or(4, |n| (2 * n.get()).max(4))
 }
+
+/// Runs start-up repair on `dir`'s journal ([`repair::repair`]) and says at ERROR what it
+/// dropped; None when the journal was intact (it is then not written at all).
+fn repair_journal(dir: &Path, metrics: &Metrics) -> Result<Option<repair::Report>, StoreError> {
+    let report = repair::repair(dir)?;
+    let Some(damage) = &report.damage else {
+        return Ok(None);
+    };
+    let (batches, bytes, seqnos) = (report.dropped_batches(), report.dropped_bytes(), report.dropped_seqnos());
+    metrics.store_journal_dropped_batches.inc_by(batches);
+    metrics.store_journal_dropped_bytes.inc_by(bytes);
+    tracing::error!(
+        journal = %damage.file.display(),
+        at = damage.at,
+        fault = %damage.fault,
+        kept_batches = report.kept_batches,
+        dropped_batches = batches,
+        dropped_bytes = bytes,
+        dropped_seqnos = ?seqnos,
+        later_journals = report.later.len(),
+        moved_to = %report.moved_to.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
+        "store journal damaged: kept every batch before the damage, dropped {batches} batch(es) ({bytes} bytes) from it on; the damaged files are kept in the directory named by moved_to"
+    );
+    Ok(Some(report))
+}
+
+mod damage;
+pub mod log_limit;
+pub mod repair;
 
 #[cfg(any(test, feature = "fault-hooks"))]
 pub mod hooks;

@@ -72,6 +72,60 @@ enum Cmd {
         #[command(subcommand)]
         command: PluginCmd,
     },
+    /// Data directory tools: find and repair damaged data.
+    Store {
+        #[command(subcommand)]
+        command: StoreCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Read-only: find damaged journal batches and table blocks and say what a repair
+    /// would drop. Exit status 0 when intact, 1 when damage is found, 2 when the directory
+    /// cannot be read.
+    Check {
+        /// The node's data directory (`data_dir`).
+        dir: PathBuf,
+    },
+    /// What start-up does to a damaged journal: keep every batch before the first damaged
+    /// one, move the damaged file(s) into DIR/damaged/<time>/, cut the journal there; then
+    /// check the tables. Refused while a node has the store open. Exit status 0 when the
+    /// directory is intact afterwards, 1 when damaged tables remain, 2 on an error.
+    Repair {
+        /// The node's data directory (`data_dir`).
+        dir: PathBuf,
+    },
+}
+
+/// `switchyard store check|repair`: prints the report; the exit status says whether damage
+/// is (still) there.
+fn store_command(command: StoreCmd) -> std::process::ExitCode {
+    use switchyard_store::repair;
+    let result = match &command {
+        StoreCmd::Check { dir } => repair::check(dir),
+        // The repair mends the journal; the check after it reads the tables (which only a
+        // replica, or the operator, can mend).
+        StoreCmd::Repair { dir } => repair::repair(dir).and_then(|mut done| {
+            let after = repair::check(dir)?;
+            (done.tables_checked, done.tables) = (after.tables_checked, after.tables);
+            Ok(done)
+        }),
+    };
+    match result {
+        Ok(report) => {
+            print!("{report}");
+            let damaged = match command {
+                StoreCmd::Check { .. } => !report.is_clean(),
+                StoreCmd::Repair { .. } => !report.tables.is_empty(),
+            };
+            std::process::ExitCode::from(u8::from(damaged))
+        }
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -147,6 +201,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Token { user, ttl, channels, config } => {
             return switchyard_server::token_command(&config, &user, ttl.into(), channels);
         }
+        Cmd::Store { command } => return store_command(command),
         Cmd::Plugin { command: PluginCmd::New { name, kind, dir, sdk } } => {
             use switchyard_plugin_host::{host::Kind, scaffold};
             let kind = match kind.as_str() {

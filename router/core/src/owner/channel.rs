@@ -174,7 +174,7 @@ impl Owner {
         // created it.
         let ch = self.channel(&channel, &mut Work::default());
         match loaded {
-            Loaded::Idempotency(window) => {
+            Loaded::Idempotency(Ok(window)) => {
                 if ch.idempotency.is_none() {
                     ch.idempotency = Some(window);
                 }
@@ -182,9 +182,9 @@ impl Owner {
             Loaded::Consumer(name, Ok(offset)) => {
                 ch.consumers.entry(name).or_insert(offset);
             }
-            Loaded::Consumer(name, Err(e)) => {
-                tracing::warn!(channel = %channel, consumer = %name, error = %e, "reading a consumer offset failed");
-                let err = OpError::internal("reading the consumer offset failed");
+            // The store logged the failed read and flagged the damage; the parked commands
+            // get `unavailable` (the next one tries the read again).
+            Loaded::Idempotency(Err(err)) | Loaded::Consumer(_, Err(err)) => {
                 let mut ready = std::collections::VecDeque::new();
                 for cmd in parked {
                     if let Some(cmd) = refuse(cmd, &err) {

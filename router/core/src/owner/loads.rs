@@ -19,6 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use switchyard_proto::partition::PartitionId;
+use switchyard_proto::protocol::OpError;
 use switchyard_store::Store;
 use tokio::sync::mpsc;
 
@@ -44,10 +45,12 @@ pub(super) enum Need {
 
 /// What a load read.
 pub(super) enum Loaded {
-    /// The rebuilt window (empty when the read failed: it was logged).
-    Idempotency(Window),
-    /// The consumer's committed offset (0 when none), or the read's error.
-    Consumer(String, Result<u64, String>),
+    /// The rebuilt window, or what to answer the parked publishes when the read failed
+    /// (damaged data: without the window a repeat could be stored twice).
+    Idempotency(Result<Window, OpError>),
+    /// The consumer's committed offset (0 when none), or what to answer when the read
+    /// failed.
+    Consumer(String, Result<u64, OpError>),
 }
 
 /// A finished load, on its way back to the owner.
@@ -112,19 +115,14 @@ impl Loads {
             let loaded = match need {
                 Need::Idempotency { top, cutoff_ms } => {
                     let read = store.read(move |r| {
+                        // A failed read is logged (rate-limited) and flagged by the store.
                         let keys = r.recent_idempotency_keys(partition, &name, top, cutoff_ms, IDEMPOTENCY_SCAN_MAX);
                         let mut window = Window::new(budget);
-                        match keys {
-                            Ok(keys) => {
-                                for (offset, ts, key) in keys.into_iter().rev() {
-                                    window.insert(&key, offset, ts);
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(channel = %name, error = %e, "could not rebuild idempotency window")
-                            }
+                        let keys = keys.map_err(|e| e.to_op_error())?;
+                        for (offset, ts, key) in keys.into_iter().rev() {
+                            window.insert(&key, offset, ts);
                         }
-                        window
+                        Ok(window)
                     });
                     match read.await {
                         Ok(window) => Loaded::Idempotency(window),
@@ -140,8 +138,7 @@ impl Loads {
                     let read = store.read(move |r| r.consumer_offset(partition, &name, &c)).await;
                     let offset = match read {
                         Ok(Ok(o)) => Ok(o.unwrap_or(0)),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(e) => Err(e.to_string()),
+                        Ok(Err(e)) | Err(e) => Err(e.to_op_error()),
                     };
                     Loaded::Consumer(consumer, offset)
                 }

@@ -175,16 +175,23 @@ impl Owner {
         self.ready.extend(parked);
         let p = self.partition;
         let read = self.store.read(move |r| r.partition_channels(p, None, usize::MAX)).await;
-        match read.and_then(|read| read) {
+        let readable = match read.and_then(|read| read) {
             Ok(list) => {
                 for (name, m) in list {
                     let name: Arc<str> = name.into();
                     self.channels.insert(name.clone(), ChannelState::recovered(name, m));
                 }
+                true
             }
-            Err(e) => tracing::error!(partition = self.partition, error = %e, "reading an adopted partition failed"),
-        }
-        self.sealed = false;
+            Err(e) => {
+                // Served with no channels, the partition would restart every channel at
+                // offset 1 over what the store still holds: it stays sealed (writes are
+                // handed on or refused) until another adoption reads it.
+                tracing::error!(partition = self.partition, error = %e, "reading an adopted partition failed: it stays sealed and stores nothing");
+                false
+            }
+        };
+        self.sealed = !readable;
         self.metrics
             .partition_channels
             .with_label_values(&[&self.partition.to_string()])

@@ -214,3 +214,46 @@ async fn a_seal_hands_parked_writes_on_and_a_stale_load_is_ignored() {
     assert_eq!(retry.offset, 2, "deduplicated by the new load");
     assert_eq!(metrics.store_loads.get(), 2);
 }
+
+/// An adoption whose read of the partition's channels hits a damaged table does not serve
+/// the partition empty (every channel would restart at offset 1 over its stored data): it
+/// stays sealed, and a write is handed on instead of stored.
+#[tokio::test]
+async fn an_adoption_that_cannot_read_the_store_stays_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    {
+        let store = Store::open(dir.path(), switchyard_store::FsyncPolicy::Batch, metrics.clone()).unwrap();
+        let mut b = store.batch();
+        for i in 0..200 {
+            let meta = ChannelMeta { epoch: "E".into(), top: 5, first: 1, count: 5, bytes: 50 };
+            b.put_meta(3, &format!("room:{i:04}"), &meta);
+        }
+        b.write(true).await.unwrap();
+        store.close().unwrap();
+    }
+    // Flush the channels into a table, then flip a byte inside its first data block.
+    let table = {
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let ks = db.keyspace("channels", fjall::KeyspaceCreateOptions::default).unwrap();
+        ks.rotate_memtable_and_wait().unwrap();
+        let tables = ks.path().join("tables");
+        std::fs::read_dir(tables).unwrap().next().unwrap().unwrap().path()
+    };
+    let mut bytes = std::fs::read(&table).unwrap();
+    bytes[100] ^= 0x5a;
+    std::fs::write(&table, bytes).unwrap();
+
+    let store = Store::open(dir.path(), switchyard_store::FsyncPolicy::Batch, metrics.clone()).unwrap();
+    let (tx, adopt_tx, mut fwd_rx) = spawn_owner(&store, &metrics, Vec::new());
+    let (filled, rx) = oneshot::channel();
+    adopt_tx.send(rx).unwrap();
+    filled.send(()).unwrap();
+    let (cmd, _ack) = publish("room:0001", "1");
+    tx.send(cmd).await.unwrap();
+    match fwd_rx.recv().await.unwrap() {
+        Forward::Publish(req, _) => assert_eq!(req.data.get(), "1", "handed on, not stored at offset 1"),
+        Forward::Commit { .. } => panic!("expected the publish"),
+    }
+    assert_eq!(store.damaged().first().map(|(p, _)| *p), Some(3), "the failed read is recorded");
+}

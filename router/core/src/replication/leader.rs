@@ -141,6 +141,41 @@ impl Replication {
             pos.acked = next;
             return Ok(Err(next));
         };
+        if from > next && in_isr && !pos.resyncing {
+            // Under one leader epoch an in-sync follower only holds what this leader wrote:
+            // this replica lost part of its log (a journal repair at start-up dropped
+            // batches). A resync would wipe the only complete copy; the follower keeps it
+            // and this replica stops writing the partition.
+            if !l.lost_tail {
+                l.lost_tail = true;
+                tracing::error!(
+                    partition = p,
+                    follower,
+                    follower_from = from,
+                    leader_next = next,
+                    "this replica lost batches an in-sync follower holds: it stops writing the partition; the follower keeps its copy (move the leadership to it)"
+                );
+            }
+            return Err(FetchError::LeaderBehind(from, next));
+        }
+        let confirmed = in_isr && l.unconfirmed && !l.lost_tail;
+        if confirmed {
+            // An in-sync follower is not ahead of this log: it holds what was acknowledged.
+            l.unconfirmed = false;
+            tracing::info!(
+                partition = p,
+                follower,
+                "log confirmed by an in-sync follower after a journal repair; writing again"
+            );
+        }
+        if from < pos.acked && in_isr {
+            // Below what it acknowledged: the follower lost batches (a journal repair on
+            // its start dropped them). Out of the ISR before it fetches them again (or
+            // takes a snapshot, when the log no longer reaches back), so the high
+            // watermark never counts a copy that no longer holds it.
+            pos.resyncing = true;
+            return Err(FetchError::Regressed(from, pos.acked));
+        }
         if from < l.base_seq || from > next {
             pos.resyncing = true;
             return Err(FetchError::Resync(from));
@@ -162,6 +197,9 @@ impl Replication {
             out.batches.push((*seq, b.clone()));
         }
         l.trim(max, Instant::now());
+        if confirmed {
+            st.suspect = false;
+        }
         self.publish_hw(p, &st);
         Ok(Ok(out))
     }

@@ -101,6 +101,14 @@ pub enum FetchError {
     /// The follower asked for a snapshot while counted in the ISR: it must leave it first.
     #[error("in the ISR: leave it before a resync")]
     InIsr,
+    /// The follower lost batches it had acknowledged (fetched from below its own earlier
+    /// position): it leaves the ISR before it fetches them again.
+    #[error("position {0} is below what this follower acknowledged ({1}); leave the ISR first")]
+    Regressed(u64, u64),
+    /// An in-sync follower holds batches this leader lost (its log ends at {1}, the
+    /// follower asked from {0}): the follower keeps its copy and waits for a new leader.
+    #[error("the leader's log ends at {1}, below the in-sync follower's position {0}: the leader lost batches")]
+    LeaderBehind(u64, u64),
 }
 
 /// A fetch answer: encoded batches from `from` on, in order.
@@ -213,7 +221,24 @@ impl Replication {
     /// replicates it on other nodes only ([`Role::Outside`]).
     pub fn written_elsewhere(&self, p: PartitionId) -> bool {
         let st = self.state(p);
-        st.following.is_some() || st.outside
+        st.following.is_some() || st.outside || st.leading.as_ref().is_some_and(|l| l.lost_tail || l.unconfirmed)
+    }
+
+    /// Start-up repair dropped journal batches, so the stored log of any partition may be
+    /// shorter than what this replica acknowledged: each partition it leads writes nothing
+    /// until an in-sync follower's fetch shows its log is not behind (see
+    /// [`FetchError::LeaderBehind`]).
+    pub fn suspect_logs(&self) {
+        for p in 0..self.parts.len() {
+            self.state(p as PartitionId).suspect = true;
+        }
+    }
+
+    /// True when this node leads `p` but an in-sync follower showed that this replica lost
+    /// batches it had written (see [`FetchError::LeaderBehind`]): it must not lead `p`
+    /// (writes are refused here) until a new map gives the partition to that follower.
+    pub fn lost_tail(&self, p: PartitionId) -> bool {
+        self.state(p).leading.as_ref().is_some_and(|l| l.lost_tail)
     }
 
     /// The leader epoch this node leads `p` under.
@@ -271,6 +296,8 @@ impl Replication {
                         asked: None,
                         widened: Vec::new(),
                         last_asked: Vec::new(),
+                        lost_tail: false,
+                        unconfirmed: st.suspect,
                     });
                 }
                 let l = st.leading.as_mut().expect("set above");
@@ -287,6 +314,10 @@ impl Replication {
                     });
                 }
                 l.isr = isr.into_iter().filter(|f| l.followers.contains_key(f)).collect();
+                if l.isr.is_empty() {
+                    // No in-sync follower to be behind: this log is the only copy.
+                    l.unconfirmed = false;
+                }
                 let (isr_now, followers_now) = (&l.isr, &l.followers);
                 l.widened.retain(|f| !isr_now.contains(f) && followers_now.contains_key(f));
                 l.asked = None;

@@ -68,6 +68,14 @@ pub(super) struct Leading {
     /// The ISR last asked for: a report that etcd holds an older one (still in the
     /// queue when this one was asked) must not release what this one adds.
     pub(super) last_asked: Vec<String>,
+    /// An in-sync follower fetched from beyond this leader's log end under this leader
+    /// epoch: this replica lost batches it had written (a journal repair at start-up
+    /// dropped them). It stops writing the partition; the follower keeps its copy.
+    pub(super) lost_tail: bool,
+    /// Led from a log start-up repair may have shortened, with in-sync followers: nothing
+    /// is written until one of them fetches from within this log (it is then not behind)
+    /// or the ISR holds no follower (this log is the only copy).
+    pub(super) unconfirmed: bool,
 }
 
 impl Leading {
@@ -119,4 +127,8 @@ pub(super) struct LogState {
     /// `seq_counter`), so that, promoted, it can serve in-sync followers a little behind it.
     pub(super) tail: VecDeque<(u64, Bytes)>,
     pub(super) tail_bytes: usize,
+    /// Start-up repair dropped journal batches: this replica's log may be shorter than
+    /// what it acknowledged. Leading, it writes nothing until an in-sync follower's fetch
+    /// shows its log is not behind ([`Leading::unconfirmed`]).
+    pub(super) suspect: bool,
 }

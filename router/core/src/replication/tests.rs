@@ -257,3 +257,64 @@ fn a_new_leadership_continues_the_seq_space() {
     assert!(t > s);
     assert_eq!(*r.hw_changes(0).borrow(), t + 1, "no in-sync follower: acknowledged at once");
 }
+
+/// A follower that lost batches it had acknowledged (a journal repair dropped them on its
+/// start) fetches from below its earlier position: it leaves the ISR before it fetches
+/// them again, and the high watermark never goes back.
+#[test]
+fn a_follower_that_lost_acknowledged_batches_leaves_the_isr_first() {
+    let r = Replication::new(1, Duration::from_secs(2), 1 << 20);
+    // c, outside the ISR and behind, keeps the log from s[0].
+    leader(&r, &["b", "c"], &["b"], 1);
+    let hw = r.hw_changes(0);
+    let s: Vec<u64> = (0..4).map(|i| r.append(0, Bytes::from(vec![i as u8]))).collect();
+    r.fetch(0, "c", 1, Some(s[0]), 1 << 20).unwrap().unwrap();
+    r.fetch(0, "b", 1, Some(s[3] + 1), 1 << 20).unwrap().unwrap();
+    assert_eq!(*hw.borrow(), s[3] + 1);
+    assert_eq!(r.fetch(0, "b", 1, Some(s[2]), 1 << 20), Err(FetchError::Regressed(s[2], s[3] + 1)));
+    assert_eq!(*hw.borrow(), s[3] + 1, "the watermark never goes back");
+    let change = r.isr_check(0, Instant::now()).expect("asks the follower out");
+    assert_eq!(change.isr, vec!["a".to_string()]);
+    // Once the map has it out of the ISR it fetches the lost batches again.
+    leader(&r, &["b", "c"], &[], 1);
+    let got = r.fetch(0, "b", 1, Some(s[2]), 1 << 20).unwrap().unwrap();
+    assert_eq!(got.batches.iter().map(|b| b.0).collect::<Vec<_>>(), vec![s[2], s[3]]);
+}
+
+/// A leader whose log is shorter than an in-sync follower's under its own leader epoch
+/// lost batches (a journal repair on its start dropped them): the follower is not told to
+/// resync (that would wipe the only complete copy) and the leader stops writing.
+#[test]
+fn a_leader_behind_an_in_sync_follower_keeps_the_follower_and_stops_writing() {
+    let r = Replication::new(1, Duration::from_secs(2), 1 << 20);
+    leader(&r, &["b", "c"], &["b"], 1);
+    let next = r.append(0, Bytes::from_static(b"x")) + 1;
+    assert!(!r.written_elsewhere(0));
+    assert_eq!(r.fetch(0, "b", 1, Some(next + 3), 1 << 20), Err(FetchError::LeaderBehind(next + 3, next)));
+    assert!(r.lost_tail(0) && r.written_elsewhere(0), "the owner refuses writes");
+    // A follower outside the ISR that is ahead is still divergent: resync as before.
+    assert!(matches!(r.fetch(0, "c", 1, Some(next + 3), 10), Err(FetchError::Resync(_))));
+    // A new map (another leader epoch, here or elsewhere) starts afresh.
+    leader(&r, &["b"], &["b"], 2);
+    assert!(!r.lost_tail(0));
+}
+
+/// After a journal repair (`suspect_logs`), a leader with in-sync followers writes nothing
+/// until one of them fetches from within its log; with no in-sync follower its log is the
+/// only copy and it writes at once.
+#[test]
+fn a_repaired_leader_writes_only_once_an_in_sync_follower_confirms_its_log() {
+    let r = Replication::new(2, Duration::from_secs(2), 1 << 20);
+    r.suspect_logs();
+    leader(&r, &["b"], &["b"], 1);
+    assert!(r.written_elsewhere(0), "unconfirmed: nothing is written");
+    r.fetch(0, "b", 1, Some(0), 1 << 20).unwrap().unwrap();
+    assert!(!r.written_elsewhere(0), "the in-sync follower is not ahead: writing again");
+    // Another leadership later is not suspect any more.
+    leader(&r, &["b"], &["b"], 2);
+    assert!(!r.written_elsewhere(0));
+    // Partition 1: no in-sync follower, nothing to wait for.
+    let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect();
+    r.set_role(1, Role::Leader { me: "a".into(), leader_epoch: 1, followers: v(&["b"]), isr: v(&[]) });
+    assert!(!r.written_elsewhere(1));
+}
