@@ -145,6 +145,9 @@ pub enum StoreState {
     NoSpace,
     /// A write failed; the node is stopping.
     Failed,
+    /// It leads a partition whose log lost batches an in-sync follower holds (a journal
+    /// repair at start-up dropped them): the leadership must move to that follower.
+    LostTail,
 }
 
 impl StoreState {

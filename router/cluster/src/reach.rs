@@ -22,6 +22,9 @@ use switchyard_store::Health;
 use crate::keys::{self, ReachRecord, StoreState};
 use crate::{timed, Context, Error, State};
 
+/// How often the report looks for a partition this node leads with a lost log tail.
+const LOST_TAIL_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Writes `reach/<id>` under `lease` now and whenever the set of reachable peers or the
 /// store's health changes. Without peer links there is nothing to report (and no replica
 /// to move to): it waits forever (the session's other tasks end it).
@@ -34,21 +37,34 @@ pub(crate) async fn report(
     let Some(mut reach) = node.reach.clone() else { return std::future::pending().await };
     let mut health = node.partitions.store.health();
     let key = state.keys.reach(&state.node_id);
+    // A lost log tail is found by a follower's fetch, without a wake-up of its own: it is
+    // looked at on a short tick (a scan of P small locks).
+    let mut tick = tokio::time::interval(LOST_TAIL_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let store_state = |health: &mut tokio::sync::watch::Receiver<Health>| match *health.borrow_and_update() {
+        Health::NoSpace => StoreState::NoSpace,
+        Health::Failed => StoreState::Failed,
+        Health::Ok if node.partitions.replication.any_lost_tail() => StoreState::LostTail,
+        Health::Ok => StoreState::Ok,
+    };
     loop {
         let reachable: Vec<String> = reach.borrow_and_update().iter().cloned().collect();
-        let store = match *health.borrow_and_update() {
-            Health::Ok => StoreState::Ok,
-            Health::NoSpace => StoreState::NoSpace,
-            Health::Failed => StoreState::Failed,
-        };
+        let store = store_state(&mut health);
         let record = ReachRecord { reachable, since: keys::timestamp(SystemTime::now()), store };
         let json = serde_json::to_string_pretty(&record).expect("reach record serializes");
         let put = client.put(key.clone(), json, Some(PutOptions::new().with_lease(lease)));
         timed("write reach", state.config.etcd_timeout, put).await?;
         tracing::debug!(reachable = ?record.reachable, store = ?record.store, "reachability reported");
-        let changed = tokio::select! {
-            r = reach.changed() => r.is_ok(),
-            r = health.changed() => r.is_ok(),
+        let changed = loop {
+            tokio::select! {
+                r = reach.changed() => break r.is_ok(),
+                r = health.changed() => break r.is_ok(),
+                _ = tick.tick() => {
+                    if store_state(&mut health) != store {
+                        break true;
+                    }
+                }
+            }
         };
         if !changed {
             return std::future::pending().await;
@@ -246,6 +262,32 @@ mod tests {
         // Every node alone: nobody is credible, nobody is cut off.
         let r = reports(&[("a", &[]), ("b", &[]), ("c", &[]), ("d", &[]), ("e", &[])]);
         assert!(unreachable(&l, &r).is_empty());
+    }
+
+    /// A node whose own report says its store cannot take writes (or that it lost a log
+    /// tail) is taken off without any majority; a report without the field, or of a node
+    /// that is not live, takes nobody off.
+    #[test]
+    fn a_node_that_cannot_write_is_taken_off_on_its_own_word() {
+        let l = live(&["a", "b", "c"]);
+        let mut r = reports(&[("a", &["b", "c"]), ("b", &["a", "c"]), ("c", &["a", "b"])]);
+        assert!(unwritable(&l, &r).is_empty());
+        for (state, taken) in [
+            (StoreState::NoSpace, true),
+            (StoreState::Failed, true),
+            (StoreState::LostTail, true),
+            (StoreState::Ok, false),
+        ] {
+            r.get_mut("b").unwrap().store = state;
+            assert_eq!(unwritable(&l, &r) == set(&["b"]), taken, "{state:?}");
+        }
+        r.get_mut("b").unwrap().store = StoreState::NoSpace;
+        assert!(unwritable(&live(&["a", "c"]), &r).is_empty(), "only live nodes");
+        // Two live nodes: unlike reachability, no majority is needed.
+        assert_eq!(unwritable(&live(&["a", "b"]), &r), set(&["b"]));
+        // An older node's report has no `store` field: it can write.
+        let old: ReachRecord = serde_json::from_str(r#"{"reachable":["a"],"since":""}"#).unwrap();
+        assert_eq!(old.store, StoreState::Ok);
     }
 
     /// Cut off only after `down_after` of continuous reports, restored only after

@@ -241,6 +241,13 @@ impl Replication {
         self.state(p).leading.as_ref().is_some_and(|l| l.lost_tail)
     }
 
+    /// True when this node leads any partition whose log it lost part of ([`Self::lost_tail`]):
+    /// the node reports it (`reach/<id>`), and the cluster leader moves its leadership to
+    /// the in-sync followers that hold the whole log.
+    pub fn any_lost_tail(&self) -> bool {
+        (0..self.parts.len()).any(|p| self.lost_tail(p as PartitionId))
+    }
+
     /// The leader epoch this node leads `p` under.
     pub fn leader_epoch(&self, p: PartitionId) -> Option<u64> {
         self.state(p).leading.as_ref().map(|l| l.leader_epoch)
