@@ -231,3 +231,17 @@ pub async fn wait_converged(etcd: &Etcd, cluster: &str, nodes: &[&Node], live: &
     result.with_context(|| format!("last map seen: {last}"))?;
     Ok(last)
 }
+
+/// Waits until etcd's map lists `want` in-sync replicas for partition `p`; returns the map.
+pub async fn wait_in_sync(etcd: &Etcd, cluster: &str, p: usize, want: usize) -> Result<Value> {
+    let mut last = Value::Null;
+    wait_until("the ISR fills", DEADLINE, async || {
+        let Some(map) = etcd.map(cluster)? else { return Ok(false) };
+        let n = map["isr"][p].as_array().map_or(0, Vec::len);
+        last = map;
+        Ok(n >= want)
+    })
+    .await
+    .with_context(|| format!("last map: {last}"))?;
+    Ok(last)
+}

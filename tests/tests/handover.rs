@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use switchyard_proto::partition::partition_of;
-use switchyard_tests::etcd::{cluster_view, node_config, wait_converged, Etcd};
+use switchyard_tests::etcd::{cluster_view, node_config, wait_converged, wait_in_sync, Etcd};
 use switchyard_tests::serde_json::{json, Value};
 use switchyard_tests::*;
 use tokio::sync::watch;
@@ -539,20 +539,6 @@ async fn a_crashed_owner_gives_every_client_a_definite_answer() -> Result<()> {
     }
     eprintln!("crash: {errors} publish attempts failed (definite errors) before {new_owner} took over");
     Ok(())
-}
-
-/// Waits until etcd's map lists `want` in-sync replicas for partition `p`; returns the map.
-async fn wait_in_sync(etcd: &Etcd, cluster: &str, p: usize, want: usize) -> Result<Value> {
-    let mut last = Value::Null;
-    wait_until("the ISR fills", DEADLINE, async || {
-        let Some(map) = etcd.map(cluster)? else { return Ok(false) };
-        let n = map["isr"][p].as_array().map_or(0, Vec::len);
-        last = map;
-        Ok(n >= want)
-    })
-    .await
-    .with_context(|| format!("last map: {last}"))?;
-    Ok(last)
 }
 
 /// Replication (issue #13): `kill -9` of a partition's leader under load loses no

@@ -271,7 +271,7 @@ async fn store_check_on_a_clean_directory_finds_nothing() -> Result<()> {
 
 mod cluster {
     use super::*;
-    use switchyard_tests::etcd::{node_config, wait_converged, Etcd};
+    use switchyard_tests::etcd::{node_config, wait_converged, wait_in_sync, Etcd};
 
     const P: u32 = 16;
 
@@ -288,19 +288,6 @@ mod cluster {
             .map(|i| format!("rc:{i}"))
             .find(|c| map["owners"][partition_of(c, P) as usize] == owner)
             .expect("a channel")
-    }
-
-    async fn in_sync(etcd: &Etcd, cluster: &str, p: usize, want: usize) -> Result<Value> {
-        let mut last = Value::Null;
-        wait_until("the ISR fills", DEADLINE, async || {
-            let Some(map) = etcd.map(cluster)? else { return Ok(false) };
-            let n = map["isr"][p].as_array().map_or(0, Vec::len);
-            last = map;
-            Ok(n >= want)
-        })
-        .await
-        .with_context(|| format!("last map: {last}"))?;
-        Ok(last)
     }
 
     /// Damages the last batch of `node`'s journal (it must hold the tag `tag`); returns
@@ -325,7 +312,7 @@ mod cluster {
         let map = wait_converged(&etcd, "cf", &[&nodes[0], &nodes[1], &nodes[2]], &["n1", "n2", "n3"]).await?;
         let channel = channel_led_by(&map, "n2");
         let p = partition_of(&channel, P) as usize;
-        let map = in_sync(&etcd, "cf", p, 2).await?;
+        let map = wait_in_sync(&etcd, "cf", p, 2).await?;
         let follower = map["isr"][p][1].as_str().context("a follower")?.to_string();
         let f = follower.trim_start_matches('n').parse::<usize>()? - 1;
         let mut c = nodes[1].client().await;
@@ -389,7 +376,7 @@ mod cluster {
         let map = wait_converged(&etcd, "cl", &[&nodes[0], &nodes[1], &nodes[2]], &["n1", "n2", "n3"]).await?;
         let channel = channel_led_by(&map, "n2");
         let p = partition_of(&channel, P) as usize;
-        let map = in_sync(&etcd, "cl", p, 2).await?;
+        let map = wait_in_sync(&etcd, "cl", p, 2).await?;
         let follower = map["isr"][p][1].as_str().context("a follower")?.to_string();
         let mut c = nodes[1].client().await;
         publish_n(&mut c, &channel, N).await?;
