@@ -333,7 +333,9 @@ impl Trio {
         }
         let disk = move_onto(&mut nodes[2], mount)?;
         wait_converged(&etcd, name, &nodes.iter().collect::<Vec<_>>(), &ids).await?;
-        let in_sync = |m: &Value| (0..P as usize).all(|p| m["isr"][p].as_array().is_some_and(|i| i.len() == 2));
+        // Settled: two replicas per partition, both in sync (no move in flight).
+        let two = |v: &Value| v.as_array().is_some_and(|a| a.len() == 2);
+        let in_sync = |m: &Value| (0..P as usize).all(|p| two(&m["isr"][p]) && two(&m["replicas"][p]));
         wait_until("every partition in sync on two nodes", DEADLINE * 2, async || {
             Ok(etcd.map(name)?.is_some_and(|m| in_sync(&m)))
         })
@@ -412,9 +414,13 @@ async fn a_node_with_a_full_disk_gives_up_its_partitions() -> Result<()> {
         return Ok(());
     }
     let trio = Trio::start("full", |at| Mount::tmpfs(at, 64)).await?;
-    let filled = Instant::now();
+    // The map is timed from the moment the disk is full (the fill itself, about 50 MB
+    // with an fsync per 256 KiB, takes a while on a busy machine); the channels'
+    // unavailability from the start of the fill.
+    let filling = Instant::now();
     let filler = trio.disk.fill(RESERVE / 2)?;
-    trio.wait_n3_gone(filled).await?;
+    eprintln!("full: the fill took {:?}", filling.elapsed());
+    trio.wait_n3_gone(Instant::now()).await?;
     let (status, body) = health(&trio.nodes[2]).await?;
     ensure!(status == 200 && body["store"] == "no_space", "a full cluster node stays in rotation: {status} {body}");
 
@@ -426,7 +432,7 @@ async fn a_node_with_a_full_disk_gives_up_its_partitions() -> Result<()> {
         Ok(trio.etcd.map(&trio.name)?.is_some_and(|m| back(&m)))
     })
     .await?;
-    let (nodes, disk) = trio.finish(filled).await?;
+    let (nodes, disk) = trio.finish(filling).await?;
     drop(disk);
     drop(nodes);
     Ok(())
@@ -443,9 +449,10 @@ async fn a_node_whose_filesystem_fails_hands_its_partitions_over() -> Result<()>
     let mut trio = Trio::start("failed", |at| Mount::ext4(at, 128)).await?;
     trio.disk.trigger_error()?;
     let broke = Instant::now();
-    let status = tokio::task::block_in_place(|| trio.nodes[2].wait_exit(DEADLINE));
-    ensure!(status.code() == Some(3), "n3 exit status {status}, want 3");
     trio.wait_n3_gone(broke).await?;
+    let status = tokio::task::block_in_place(|| trio.nodes[2].wait_exit(DEADLINE));
+    eprintln!("failed: n3 exited {:?} after the fault: {status}", broke.elapsed());
+    ensure!(status.code() == Some(3), "n3 exit status {status}, want 3");
     let (nodes, disk) = trio.finish(broke).await?;
     drop(disk);
     drop(nodes);

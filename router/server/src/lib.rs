@@ -131,6 +131,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     };
     tracing::info!("shutting down");
     node.shutdown();
+    // A failed store has nothing left to drain into: a short bound, so the supervisor's
+    // restart comes soon (the lease is revoked at once either way).
+    let timeout = if store_failed { timeout.min(FAILED_STORE_SHUTDOWN) } else { timeout };
     let drained = tokio::time::timeout(timeout, async {
         let _ = server.await;
         while alive_rx.recv().await.is_some() {}
@@ -163,6 +166,9 @@ async fn wait_for_signal() -> Signal {
         _ = int.recv() => Signal::Interrupt,
     }
 }
+
+/// The longest a node whose store failed waits for its connections to close.
+const FAILED_STORE_SHUTDOWN: Duration = Duration::from_secs(2);
 
 /// How long a draining node waits for its partitions to be moved and handed over.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
