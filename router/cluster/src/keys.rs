@@ -148,6 +148,10 @@ pub enum StoreState {
     /// It leads a partition whose log lost batches an in-sync follower holds (a journal
     /// repair at start-up dropped them): the leadership must move to that follower.
     LostTail,
+    /// A read met damaged data in its store (a bad table block): its partitions are served
+    /// from healthy replicas until an operator rebuilds its data (like a Kafka broker whose
+    /// log directory went offline).
+    Damaged,
 }
 
 impl StoreState {

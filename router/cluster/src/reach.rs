@@ -37,14 +37,16 @@ pub(crate) async fn report(
     let Some(mut reach) = node.reach.clone() else { return std::future::pending().await };
     let mut health = node.partitions.store.health();
     let key = state.keys.reach(&state.node_id);
-    // A lost log tail is found by a follower's fetch, without a wake-up of its own: it is
-    // looked at on a short tick (a scan of P small locks).
+    // A lost log tail (found by a follower's fetch) and damaged data (found by a read)
+    // come without a wake-up of their own: they are looked at on a short tick (a scan of
+    // P small locks and one flag).
     let mut tick = tokio::time::interval(LOST_TAIL_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let store_state = |health: &mut tokio::sync::watch::Receiver<Health>| match *health.borrow_and_update() {
         Health::NoSpace => StoreState::NoSpace,
         Health::Failed => StoreState::Failed,
         Health::Ok if node.partitions.replication.any_lost_tail() => StoreState::LostTail,
+        Health::Ok if node.partitions.store.has_damage() => StoreState::Damaged,
         Health::Ok => StoreState::Ok,
     };
     loop {
@@ -276,6 +278,7 @@ mod tests {
             (StoreState::NoSpace, true),
             (StoreState::Failed, true),
             (StoreState::LostTail, true),
+            (StoreState::Damaged, true),
             (StoreState::Ok, false),
         ] {
             r.get_mut("b").unwrap().store = state;
