@@ -228,8 +228,11 @@ impl Leader<'_> {
             balance::decide(node.balancer.as_ref(), binding, &input, &shown)?;
         // Operators' move requests (`moves/<p>`) steer their partitions to the node asked
         // for; finished and void ones are deleted. The move itself is a replica move below.
-        let asked: BTreeMap<String, move_requests::MoveRequest> =
-            records(timed("list move requests", t, kv.get(state.keys.moves(), Some(GetOptions::new().with_prefix()))).await?.kvs());
+        let asked: BTreeMap<String, move_requests::MoveRequest> = records(
+            timed("list move requests", t, kv.get(state.keys.moves(), Some(GetOptions::new().with_prefix())))
+                .await?
+                .kvs(),
+        );
         if !asked.is_empty() {
             let eligible: std::collections::BTreeSet<&str> = input.nodes.iter().map(|n| n.id.as_str()).collect();
             let steer = move_requests::steer(&asked, state.partitions, current.as_ref(), &eligible);

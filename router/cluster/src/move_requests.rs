@@ -159,10 +159,7 @@ mod tests {
         .collect();
         let s = steer(&requests, 3, Some(&current), &eligible);
         assert_eq!(s.owners, [(0, "b".to_string())].into_iter().collect());
-        assert_eq!(
-            s.finished,
-            vec![(1, "done"), (2, "the node left, drains or is cut off"), (9, "no such partition")]
-        );
+        assert_eq!(s.finished, vec![(1, "done"), (2, "the node left, drains or is cut off"), (9, "no such partition")]);
         // Without a map yet, a request to an eligible node steers.
         let s = steer(&requests, 3, None, &eligible);
         assert_eq!(s.owners.len(), 2);
