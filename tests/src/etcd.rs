@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
-use crate::{get_json, wait_until, Node, DEADLINE};
+use crate::{wait_until, Node, DEADLINE};
 
 /// One etcd server.
 pub struct Etcd {
