@@ -206,7 +206,7 @@ async fn every_command_against_a_three_node_cluster() -> Result<()> {
     for (path, method) in [
         ("/api/v1/cluster", "GET"),
         ("/api/v1/plugins", "GET"),
-        ("/api/v1/channels/room:1", "GET"),
+        ("/api/v1/channels/room:1/info", "GET"),
         ("/api/v1/drain", "POST"),
         ("/api/v1/move", "POST"),
     ] {

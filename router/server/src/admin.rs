@@ -164,12 +164,12 @@ pub(crate) fn guarded(node: &Node, headers: &HeaderMap, ok: impl FnOnce() -> Res
     }
 }
 
-/// The `{channel}` of `GET /api/v1/channels/{channel}` (channel facts).
+/// The `{channel}` of `GET /api/v1/channels/{channel}/info` (channel facts).
 pub(crate) fn info_channel(path: &str) -> Option<&str> {
-    path.strip_prefix("/api/v1/channels/").filter(|c| !c.is_empty() && !c.contains('/'))
+    path.strip_prefix("/api/v1/channels/")?.strip_suffix("/info").filter(|c| !c.is_empty() && !c.contains('/'))
 }
 
-/// `GET /api/v1/channels/{channel}`.
+/// `GET /api/v1/channels/{channel}/info`.
 pub(crate) async fn channel(node: Arc<Node>, headers: &HeaderMap, name: &str) -> Response<Body> {
     if let Err(e) = allowed(&node, headers) {
         return e.response();
@@ -372,8 +372,10 @@ mod tests {
 
     #[test]
     fn info_paths() {
-        assert_eq!(info_channel("/api/v1/channels/room:1"), Some("room:1"));
+        assert_eq!(info_channel("/api/v1/channels/room:1/info"), Some("room:1"));
+        assert_eq!(info_channel("/api/v1/channels/room:1"), None);
         assert_eq!(info_channel("/api/v1/channels/room:1/history"), None);
-        assert_eq!(info_channel("/api/v1/channels/"), None);
+        assert_eq!(info_channel("/api/v1/channels//info"), None);
+        assert_eq!(info_channel("/api/v1/channels/a/b/info"), None);
     }
 }

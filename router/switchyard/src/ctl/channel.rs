@@ -1,6 +1,6 @@
 //! `ctl channel NAME`: one channel's placement and facts.
 //!
-//! It owns asking any node for the channel (`GET /api/v1/channels/NAME`: its partition,
+//! It owns asking any node for the channel (`GET /api/v1/channels/NAME/info`: its partition,
 //! leader and replicas from the map), then its partition's leader for the facts only the
 //! leader has (offsets, retained messages and bytes, policies, presence, durable consumers
 //! and their lag), and printing them. It must never change anything.
@@ -16,7 +16,7 @@ pub(crate) async fn run(client: &mut Client, json: bool, name: &str) -> Result<(
     if !switchyard_proto::channel::is_valid_name(name) {
         return Err(CtlError::Usage(format!("invalid channel name {name:?}: 1-255 characters of [A-Za-z0-9_:.@-]")));
     }
-    let path = format!("/api/v1/channels/{name}");
+    let path = format!("/api/v1/channels/{name}/info");
     let first = client.call(hyper::Method::GET, &path, None).await?.body;
     let facts = if first.get("local").and_then(Value::as_bool) == Some(true) {
         first
