@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
-use crate::{get_json, wait_until, Node, DEADLINE};
+use crate::{wait_until, Node, DEADLINE};
 
 /// One etcd server.
 pub struct Etcd {
@@ -199,11 +199,18 @@ pub fn node_config(etcd: &Etcd, cluster: &str, id: &str, partitions: u32, extra:
     )
 }
 
-/// `/api/v1/cluster` of a node.
+/// `/api/v1/cluster` of a node, sent with the admin token [`crate::ADMIN_TOKEN`] (which a
+/// node without `[admin] token` ignores; nodes in `jwt` mode without dev tokens need it).
 pub async fn cluster_view(node: &Node) -> Result<Value> {
-    let (status, v) = get_json(node, "/api/v1/cluster").await?;
-    anyhow::ensure!(status == 200, "/api/v1/cluster answered {status}");
-    Ok(v)
+    let bearer = format!("Bearer {}", crate::ADMIN_TOKEN);
+    let r = tokio::time::timeout(
+        crate::DEADLINE,
+        crate::http_request(node.addr(), "GET", "/api/v1/cluster", &[("Authorization", &bearer)], None),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("GET /api/v1/cluster timed out"))??;
+    anyhow::ensure!(r.status == 200, "/api/v1/cluster answered {}", r.status);
+    r.json()
 }
 
 /// Waits until every node routes by the same map epoch, that map is etcd's, and its

@@ -108,6 +108,15 @@ pub fn can_run_with(test: &str, what: &str, missing: &[String]) -> bool {
     false
 }
 
+/// The admin token of test nodes that set one (`[admin] token`, see [`admin_section`]);
+/// [`etcd::cluster_view`] always sends it.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// An `[admin]` section with [`ADMIN_TOKEN`].
+pub fn admin_section() -> String {
+    format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n")
+}
+
 /// The router binary: `SWITCHYARD_BIN`, else `<workspace>/target/debug/switchyard`.
 pub fn router_bin() -> PathBuf {
     match std::env::var_os("SWITCHYARD_BIN") {

@@ -465,7 +465,7 @@ impl Cluster {
         let nodes: Vec<Node> = ["n1", "n2", "n3"]
             .iter()
             .map(|id| {
-                let base = node_config(&etcd, "cf", id, P, &jwt_config("", ROOM));
+                let base = node_config(&etcd, "cf", id, P, &jwt_config("", &format!("{ROOM}{}", admin_section())));
                 Node::start(&format!("{base}secret = \"{CLUSTER_SECRET}\"\n"))
             })
             .collect();

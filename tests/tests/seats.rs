@@ -16,7 +16,7 @@ fn start(etcd: &Etcd, cluster: &str, id: &str) -> Node {
     let config = format!(
         "{}secret = \"seats-secret-0123456789\"\n{}",
         node_config(etcd, cluster, id, P, ""),
-        jwt_config("", "[sessions]\nmax_per_user = 2\n")
+        jwt_config("", &format!("[sessions]\nmax_per_user = 2\n{}", switchyard_tests::admin_section()))
     );
     Node::start(&config)
 }

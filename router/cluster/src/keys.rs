@@ -87,6 +87,16 @@ impl Keys {
         format!("{}reach/{id}", self.root)
     }
 
+    /// `moves/` prefix: operators' move requests (see `move_requests.rs`).
+    pub fn moves(&self) -> String {
+        format!("{}moves/", self.root)
+    }
+
+    /// `moves/<partition>`.
+    pub fn move_request(&self, partition: u32) -> String {
+        format!("{}moves/{partition}", self.root)
+    }
+
     /// `config`.
     pub fn config(&self) -> String {
         format!("{}config", self.root)

@@ -9,7 +9,8 @@
 //! followers exactly as a departed member's do, and never uncleanly; a leader cut off
 //! from its peers but not from etcd leads on and gives its own partitions away), balance
 //! (draining members get nothing and lose what they
-//! hold; with every member draining the map stays), validate, and publish `epoch + 1`, with
+//! hold; with every member draining the map stays), validate, steer the partitions that
+//! operators asked to move (`moves/<p>`, [`move_requests`]), and publish `epoch + 1`, with
 //! the move record of every partition whose owner changed ([`next_moved`]), in a
 //! transaction fenced on the leader key's create revision and the map's mod revision. It
 //! must never write the map outside that transaction: a deposed leader's write must fail.
@@ -21,7 +22,7 @@ use std::time::SystemTime;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
 use super::keys::{self, LeaderRecord, LoadRecord, MapRecord, Moved, NodeRecord};
-use super::{balance, moves, reach, replicas, timed, Error, LeaseClock, State};
+use super::{balance, move_requests, moves, reach, replicas, timed, Error, LeaseClock, State};
 use crate::Context;
 
 /// The leadership this node holds: the election key and its create revision.
@@ -225,6 +226,21 @@ impl Leader<'_> {
         let shown = balance::replica_input(current.as_ref(), &input, replicas);
         let balance::Decided { mut decision, followers: given, policy } =
             balance::decide(node.balancer.as_ref(), binding, &input, &shown)?;
+        // Operators' move requests (`moves/<p>`) steer their partitions to the node asked
+        // for; finished and void ones are deleted. The move itself is a replica move below.
+        let asked: BTreeMap<String, move_requests::MoveRequest> = records(
+            timed("list move requests", t, kv.get(state.keys.moves(), Some(GetOptions::new().with_prefix())))
+                .await?
+                .kvs(),
+        );
+        if !asked.is_empty() {
+            let eligible: std::collections::BTreeSet<&str> = input.nodes.iter().map(|n| n.id.as_str()).collect();
+            let steer = move_requests::steer(&asked, state.partitions, current.as_ref(), &eligible);
+            move_requests::delete(kv, state, &steer.finished).await;
+            for (p, to) in steer.owners {
+                decision.owners[p as usize] = to;
+            }
+        }
         // Partitions with no live in-sync replica stay on their departed leader.
         for (p, owner) in &failovers.waiting {
             decision.owners[*p as usize] = owner.clone();

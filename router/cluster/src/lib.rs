@@ -16,6 +16,7 @@ mod isr;
 pub mod keys;
 pub mod leader;
 mod load;
+pub mod move_requests;
 pub mod moves;
 pub mod reach;
 pub mod replicas;

@@ -3,7 +3,7 @@
 //! It owns how a config file, `SWITCHYARD_*` environment variables and command-line flags
 //! merge into one [`Config`], and the [`Config::validate`] check that runs before anything
 //! binds. It must never open sockets or files other than the config file itself and the
-//! key files its `[auth]` section names.
+//! key files its `[auth]`, `[admin]` and `[cluster]` sections name.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -96,6 +96,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Client authentication (`[auth]`): JWT verification, API key, dev tokens.
     pub auth: AuthConfig,
+    /// The admin API's token (`[admin]`): `switchyard ctl`, the cluster view, the plugin list.
+    pub admin: crate::admin::AdminConfig,
     /// Per-user connection cap and server pings (`[sessions]`; reloadable).
     pub sessions: SessionsConfig,
     /// Per-connection publish rate limit (`[rate_limit]`; reloadable).
@@ -295,6 +297,7 @@ impl Default for Config {
             balancer: None,
             cluster: ClusterConfig::default(),
             auth: Default::default(),
+            admin: Default::default(),
             sessions: Default::default(),
             rate_limit: Default::default(),
             tls: None,
@@ -407,6 +410,7 @@ impl Config {
                 let mut config = Self::from_toml(&text, path)?;
                 let base = path.parent().unwrap_or(Path::new("."));
                 config.auth.load_files(base)?;
+                config.admin.load_file(base)?;
                 config.read_secret_file(base)?;
                 if let Some(tls) = &mut config.tls {
                     tls.cert_file = base.join(&tls.cert_file);
@@ -560,6 +564,7 @@ impl Config {
             return invalid("defaults.rule", "must be \"public\" or \"allowlist\" (user and dialog need a namespace)");
         }
         self.auth.validate()?;
+        self.admin.validate()?;
         self.sessions.validate()?;
         self.rate_limit.validate()?;
         Ok(())

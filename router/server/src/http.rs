@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::admin;
 use crate::node::Node;
 use crate::socket::{SharedTcp, Socket};
 use switchyard_core::owner::PublishRequest;
@@ -209,11 +210,17 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(node.metrics.render())))
             .expect("valid response"),
-        (&Method::GET, "/api/v1/cluster") => json_response(200, protocol::to_frame(&cluster(&node))),
-        (&Method::GET, "/api/v1/plugins") => json_response(
-            200,
-            protocol::to_frame(&serde_json::json!({ "dir": node.plugins.dir(), "plugins": node.plugins.list() })),
-        ),
+        (&Method::GET, "/api/v1/cluster") => {
+            admin::guarded(&node, req.headers(), || json_response(200, protocol::to_frame(&cluster(&node))))
+        }
+        (&Method::GET, "/api/v1/plugins") => admin::guarded(&node, req.headers(), || {
+            json_response(
+                200,
+                protocol::to_frame(&serde_json::json!({ "dir": node.plugins.dir(), "plugins": node.plugins.list() })),
+            )
+        }),
+        (&Method::POST, "/api/v1/drain") => admin::drain(node, req).await,
+        (&Method::POST, "/api/v1/move") => admin::move_partition(node, req).await,
         (&Method::POST, "/api/v1/publish") => publish(node, req).await,
         (&Method::GET, p) if history_channel(p).is_some() => {
             let channel = history_channel(p).expect("matched above");
@@ -221,6 +228,10 @@ async fn route(node: Arc<Node>, req: Request<Incoming>, alive: mpsc::Sender<()>)
                 return error_response(&e);
             }
             history(node, channel, req.uri().query().unwrap_or("")).await
+        }
+        (&Method::GET, p) if admin::info_channel(p).is_some() => {
+            let channel = admin::info_channel(p).expect("matched above");
+            admin::channel(node.clone(), req.headers(), channel).await
         }
         (&Method::GET, "/api/v1/poll") => {
             let query = req.uri().query().unwrap_or("").to_string();
@@ -259,7 +270,8 @@ fn cluster(node: &Node) -> serde_json::Value {
             "leader": node.config.node_id,
             "epoch": map.epoch,
             "partitions": map.partitions(),
-            "nodes": [{"id": node.config.node_id, "url": format!("http://{}", node.config.listen), "state": "serving"}],
+            "nodes": [{"id": node.config.node_id, "url": format!("http://{}", node.config.listen), "state": "serving",
+                "version": env!("CARGO_PKG_VERSION"), "partitions": map.partitions()}],
             "owners": map.owners,
         });
     };

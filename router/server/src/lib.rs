@@ -1,7 +1,7 @@
 //! The server layer: the config file, the sockets, and `run()`, which wires every layer
 //! into one running node.
 //!
-//! Module map: [`config`] (the whole config tree: loading, merging, validation; the only
+//! Module map: [`admin`] (the admin token and the endpoints `switchyard ctl` uses), [`config`] (the whole config tree: loading, merging, validation; the only
 //! module that knows the file), `node` (startup in dependency order and the cluster's
 //! hooks), `http` (the HTTP API, health, metrics and the WebSocket and `/peer` upgrades),
 //! `session` (one WebSocket client), `socket` (a client's socket: the frames queued for it,
@@ -12,6 +12,7 @@
 //! message itself (the peer layer's `Router` does) nor hold protocol state beyond one
 //! connection.
 
+pub mod admin;
 pub mod config;
 mod http;
 mod listen;

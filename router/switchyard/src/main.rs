@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+mod ctl;
+
 use clap::{Parser, Subcommand};
 use switchyard_server::config::{Config, Overrides};
 
@@ -67,6 +69,8 @@ enum Cmd {
         #[arg(long, env = "SWITCHYARD_CONFIG")]
         config: PathBuf,
     },
+    /// Operate a running cluster through any node's admin API (status, map, channel, drain, move).
+    Ctl(Box<ctl::Args>),
     /// Policy plugin tools.
     Plugin {
         #[command(subcommand)]
@@ -198,6 +202,7 @@ fn main() -> std::process::ExitCode {
             },
         ),
         Cmd::Bench(args) => return switchyard_bench::main(*args),
+        Cmd::Ctl(args) => return ctl::main(*args),
         Cmd::Token { user, ttl, channels, config } => {
             return switchyard_server::token_command(&config, &user, ttl.into(), channels);
         }
