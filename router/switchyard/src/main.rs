@@ -55,20 +55,7 @@ enum Cmd {
     /// Switchyard or nats-server (`--target nats`); `table` compares saved `--json` runs.
     Bench(Box<switchyard_bench::BenchArgs>),
     /// Print a token for a user, signed with the config's `auth.hs256_secret` (development).
-    Token {
-        /// The user id (`sub`).
-        #[arg(long)]
-        user: String,
-        /// Lifetime, e.g. `1h`, `30m`, `7d`.
-        #[arg(long, default_value = "1h")]
-        ttl: humantime::Duration,
-        /// Comma-separated `channels` allow-list claim (`prefix*` entries match by prefix).
-        #[arg(long, value_delimiter = ',')]
-        channels: Option<Vec<String>>,
-        /// TOML config file holding `[auth] hs256_secret` (or `hs256_secret_file`).
-        #[arg(long, env = "SWITCHYARD_CONFIG")]
-        config: PathBuf,
-    },
+    Token(ctl::TokenArgs),
     /// Operate a running cluster through any node's admin API (status, map, channel, drain, move).
     Ctl(Box<ctl::Args>),
     /// Policy plugin tools.
@@ -203,9 +190,7 @@ fn main() -> std::process::ExitCode {
         ),
         Cmd::Bench(args) => return switchyard_bench::main(*args),
         Cmd::Ctl(args) => return ctl::main(*args),
-        Cmd::Token { user, ttl, channels, config } => {
-            return switchyard_server::token_command(&config, &user, ttl.into(), channels);
-        }
+        Cmd::Token(args) => return args.run(),
         Cmd::Store { command } => return store_command(command),
         Cmd::Plugin { command: PluginCmd::New { name, kind, dir, sdk } } => {
             use switchyard_plugin_host::{host::Kind, scaffold};

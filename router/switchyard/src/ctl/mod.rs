@@ -104,20 +104,7 @@ enum Command {
     },
     /// Print a client token for a user (as `switchyard token`), signed with the config's
     /// `auth.hs256_secret` (development).
-    Token {
-        /// The user id (`sub`).
-        #[arg(long)]
-        user: String,
-        /// Lifetime, e.g. `1h`, `30m`, `7d`.
-        #[arg(long, default_value = "1h")]
-        ttl: humantime::Duration,
-        /// Comma-separated `channels` allow-list claim (`prefix*` entries match by prefix).
-        #[arg(long, value_delimiter = ',')]
-        channels: Option<Vec<String>>,
-        /// TOML config file holding `[auth] hs256_secret` (or `hs256_secret_file`).
-        #[arg(long, env = "SWITCHYARD_CONFIG")]
-        config: PathBuf,
-    },
+    Token(TokenArgs),
 }
 
 #[derive(Subcommand)]
@@ -134,9 +121,7 @@ enum ConfigCmd {
 pub(crate) fn main(args: Args) -> ExitCode {
     match args.command {
         Command::Config { command: ConfigCmd::Check { file } } => return config_check(&file, args.json),
-        Command::Token { user, ttl, channels, config } => {
-            return switchyard_server::token_command(&config, &user, ttl.into(), channels);
-        }
+        Command::Token(args) => return args.run(),
         _ => {}
     }
     let token = match admin_token(args.token_file.as_deref()) {
@@ -162,7 +147,7 @@ pub(crate) fn main(args: Args) -> ExitCode {
             Command::Move { partition, to, wait, wait_timeout } => {
                 moves::move_partition(&mut client, json, partition, &to, wait.then(|| wait_timeout.into())).await
             }
-            Command::Config { .. } | Command::Token { .. } => unreachable!("handled above"),
+            Command::Config { .. } | Command::Token(_) => unreachable!("handled above"),
         }
     });
     match result {
@@ -208,5 +193,29 @@ fn config_check(file: &std::path::Path, json: bool) -> ExitCode {
             }
             ExitCode::from(2)
         }
+    }
+}
+
+/// `token` (as `switchyard token` and `switchyard ctl token`).
+#[derive(clap::Args)]
+pub(crate) struct TokenArgs {
+    /// The user id (`sub`).
+    #[arg(long)]
+    user: String,
+    /// Lifetime, e.g. `1h`, `30m`, `7d`.
+    #[arg(long, default_value = "1h")]
+    ttl: humantime::Duration,
+    /// Comma-separated `channels` allow-list claim (`prefix*` entries match by prefix).
+    #[arg(long, value_delimiter = ',')]
+    channels: Option<Vec<String>>,
+    /// TOML config file holding `[auth] hs256_secret` (or `hs256_secret_file`).
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    config: PathBuf,
+}
+
+impl TokenArgs {
+    /// Prints the token.
+    pub(crate) fn run(self) -> std::process::ExitCode {
+        switchyard_server::token_command(&self.config, &self.user, self.ttl.into(), self.channels)
     }
 }
