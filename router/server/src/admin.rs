@@ -131,21 +131,16 @@ fn json(status: u16, value: &impl serde::Serialize) -> Response<Body> {
 }
 
 /// True when `given` equals `want`, in time independent of where they differ and of their
-/// lengths (both are hashed first).
+/// lengths (both are hashed first, then compared in constant time).
 fn same_secret(given: &[u8], want: &[u8]) -> bool {
-    let (a, b) = (Sha256::digest(given), Sha256::digest(want));
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    switchyard_access::constant_time_eq(&Sha256::digest(given), &Sha256::digest(want))
 }
 
 /// Whether a request with these headers may call the admin API.
 pub(crate) fn allowed(node: &Node, headers: &HeaderMap) -> Result<(), AdminError> {
     match node.config.admin.token.as_deref() {
         Some(want) => {
-            let given = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-                .map(str::trim);
+            let given = switchyard_access::bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
             match given {
                 Some(t) if same_secret(t.as_bytes(), want.as_bytes()) => Ok(()),
                 _ => Err(AdminError::Unauthorized),

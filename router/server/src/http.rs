@@ -173,11 +173,12 @@ fn result_response<T: serde::Serialize>(result: Result<T, OpError>) -> Response<
 /// store's state in the body); standalone it can take no write at all (503, like etcd's
 /// `NOSPACE` alarm). A failed store is 503 everywhere: the node is about to exit.
 fn health_response(node: &Node) -> Response<Body> {
-    match *node.router.partitions().store.health().borrow() {
-        Health::Ok if node.router.partitions().store.has_damage() => {
+    let store = &node.router.partitions().store;
+    match *store.health().borrow() {
+        Health::Ok if store.has_damage() => {
             // Still serving: only reads of the damaged data fail (like a Kafka broker with
             // one offline log, not a dead node), so a load balancer keeps it.
-            let damaged: Vec<_> = node.router.partitions().store.damaged().into_iter().map(|(p, _)| p).collect();
+            let damaged: Vec<_> = store.damaged().into_iter().map(|(p, _)| p).collect();
             let body = serde_json::json!({ "status": "ok", "store": "damaged", "damaged_partitions": damaged });
             json_response(200, protocol::to_frame(&body))
         }
@@ -397,9 +398,7 @@ fn peer_auth(node: &Node, req: &Request<Incoming>) -> Result<(), OpError> {
         return Err(OpError::new(ErrorCode::Forbidden, "peer links are off (no cluster.secret)"));
     };
     let given = req.headers().get(switchyard_peer::wire::SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
-    let same =
-        given.len() == secret.len() && given.iter().zip(secret.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if same {
+    if switchyard_access::constant_time_eq(given, secret.as_bytes()) {
         Ok(())
     } else {
         Err(OpError::new(ErrorCode::Unauthorized, "bad cluster secret"))

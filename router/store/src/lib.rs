@@ -580,11 +580,6 @@ impl Store {
         self.repaired.as_ref()
     }
 
-    /// True once a write or fsync failed; the node can no longer store anything.
-    pub fn has_failed(&self) -> bool {
-        self.space.is_failed()
-    }
-
     /// The store's health now and every change to it: below the free-space reserve (writes
     /// refused, back by themselves), or failed (for good).
     pub fn health(&self) -> tokio::sync::watch::Receiver<Health> {
